@@ -1,0 +1,1 @@
+"""Triton kernels for the DiT hot path (installed as ``lightx2v_engine.kernels``)."""
