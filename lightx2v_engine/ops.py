@@ -1,0 +1,231 @@
+"""The DiT's hot ops, behind one small layer.
+
+Every function here has a plain-PyTorch reference implementation (``*_ref``). On CUDA tensors the fast
+kernels of ``lightx2v_engine.kernels`` are used when importable; ``set_backend("torch")`` forces the
+references everywhere (the "plain PyTorch reference path" of the benchmarks). The model file only calls
+the functions below, so kernels plug in here without touching it.
+
+Shapes (batch-first, heads split last): x [B, L, C]; q/k/v [B, L, H, D]; modulation slices [B, 1, C]
+(strided views of the [B, 6, C] modulation, never copied); RoPE tables cos/sin [L, D/2] fp32.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+_BACKEND = "auto"  # "auto": kernels on CUDA when available; "torch": references only
+
+
+def set_backend(name: str) -> None:
+    """Selects the op implementations: "auto" (kernels on CUDA) or "torch" (references everywhere)."""
+    global _BACKEND
+    if name not in ("auto", "torch"):
+        raise ValueError(f"ops backend must be 'auto' or 'torch', got {name!r}")
+    _BACKEND = name
+
+
+def get_backend() -> str:
+    return _BACKEND
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels():
+    """Imports the Triton kernels once; returns None (with the reason kept) when unavailable."""
+    try:
+        from lightx2v_engine import kernels
+        return kernels
+    except Exception as e:  # recorded, not hidden: see kernel_status()
+        _kernels.reason = f"{type(e).__name__}: {e}"
+        return None
+
+
+def kernel_status() -> str:
+    k = _kernels()
+    return "available" if k is not None else f"unavailable ({getattr(_kernels, 'reason', '?')})"
+
+
+def _fast(t: torch.Tensor, name: str):
+    """The kernel module when `t` is on CUDA, the backend is "auto" and the kernel `name` exists."""
+    if _BACKEND != "auto" or not t.is_cuda:
+        return None
+    k = _kernels()
+    if k is None or not hasattr(k, name):
+        return None
+    return k
+
+
+# ----------------------------------------------------------------------------------------------------
+# adaLN modulation
+# ----------------------------------------------------------------------------------------------------
+
+def modulate_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6,
+                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y = LayerNorm(x; no affine, eps) * (1 + scale) + shift, computed in fp32.
+
+    x [B, L, C] (fp32 residual or bf16); shift, scale [B, 1, C] fp32 (views); returns [B, L, C] out_dtype.
+    """
+    out_dtype = out_dtype or x.dtype
+    xf = x.float()
+    y = F.layer_norm(xf, (xf.shape[-1],), eps=eps) * (1 + scale.float()) + shift.float()
+    return y.to(out_dtype)
+
+
+def modulate(x, shift, scale, eps: float = 1e-6, out_dtype=None):
+    k = _fast(x, "modulate")
+    if k is not None:
+        return k.modulate(x, shift, scale, eps, out_dtype or x.dtype)
+    return modulate_ref(x, shift, scale, eps, out_dtype)
+
+
+def gate_residual_modulate_ref(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
+                               scale: torch.Tensor, eps: float = 1e-6, out_dtype: torch.dtype | None = None):
+    """x' = x + gate * y (in x's dtype, fp32 math); returns (x', modulate(x', shift, scale)).
+
+    x [B, L, C] residual; y [B, L, C] branch output (bf16); gate/shift/scale [B, 1, C] fp32 views.
+    """
+    x_new = (x.float() + y.float() * gate.float()).to(x.dtype)
+    return x_new, modulate_ref(x_new, shift, scale, eps, out_dtype or y.dtype)
+
+
+def gate_residual_modulate(x, y, gate, shift, scale, eps: float = 1e-6, out_dtype=None):
+    k = _fast(x, "gate_residual_modulate")
+    if k is not None:
+        return k.gate_residual_modulate(x, y, gate, shift, scale, eps, out_dtype or y.dtype)
+    return gate_residual_modulate_ref(x, y, gate, shift, scale, eps, out_dtype)
+
+
+def gate_residual_ref(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x + gate * y in fp32 math, returned in x's dtype. Shapes as gate_residual_modulate."""
+    return (x.float() + y.float() * gate.float()).to(x.dtype)
+
+
+def gate_residual(x, y, gate):
+    return gate_residual_ref(x, y, gate)
+
+
+# ----------------------------------------------------------------------------------------------------
+# RMSNorm, RoPE, attention
+# ----------------------------------------------------------------------------------------------------
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Wan's RMSNorm: (x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype) * weight, returned in x's dtype.
+
+    x [..., C]; weight [C] (fp32).
+    """
+    xf = x.float()
+    n = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return (n.float() * weight.float()).to(x.dtype)
+
+
+def rms_norm(x, weight, eps: float = 1e-6):
+    return rms_norm_ref(x, weight, eps)
+
+
+@dataclass(frozen=True)
+class Rope:
+    """3D RoPE tables for one latent grid: cos/sin [L, D/2] fp32, one angle per interleaved pair.
+
+    grid = (F, Hp, Wp) patch grid; L = F * Hp * Wp, tokens in (f, h, w) row-major order.
+    """
+    cos: torch.Tensor
+    sin: torch.Tensor
+    grid: tuple[int, int, int]
+
+
+def rope_frequencies(head_dim: int = 128, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-axis inverse frequencies (float64): f gets d - 4*(d//6) dims, h and w get 2*(d//6) each.
+
+    For d = 128: 22 pairs rotated by f * theta^(-2j/44), 21 by h * theta^(-2j/42), 21 by w * theta^(-2j/42).
+    """
+    d_h = 2 * (head_dim // 6)
+    d_f = head_dim - 2 * d_h
+
+    def inv(dim):
+        return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+
+    return inv(d_f), inv(d_h), inv(d_h)
+
+
+def rope_tables(grid: tuple[int, int, int], head_dim: int = 128, device=None, theta: float = 10000.0) -> Rope:
+    """Builds the RoPE tables for `grid` (computed in float64, stored fp32). Done once per shape."""
+    f, h, w = grid
+    inv_f, inv_h, inv_w = rope_frequencies(head_dim, theta)
+    af = torch.outer(torch.arange(f, dtype=torch.float64), inv_f)  # [F, 22]
+    ah = torch.outer(torch.arange(h, dtype=torch.float64), inv_h)  # [Hp, 21]
+    aw = torch.outer(torch.arange(w, dtype=torch.float64), inv_w)  # [Wp, 21]
+    ang = torch.cat([
+        af[:, None, None, :].expand(f, h, w, -1),
+        ah[None, :, None, :].expand(f, h, w, -1),
+        aw[None, None, :, :].expand(f, h, w, -1),
+    ], dim=-1).reshape(f * h * w, head_dim // 2)
+    return Rope(cos=ang.cos().float().to(device), sin=ang.sin().float().to(device), grid=(f, h, w))
+
+
+def apply_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates interleaved pairs (x[2i], x[2i+1]) by the angle of pair i, in fp32.
+
+    x [B, L, H, D]; cos/sin [L, D/2] fp32; returns [B, L, H, D] in x's dtype.
+    """
+    xf = x.float().unflatten(-1, (-1, 2))
+    re, im = xf[..., 0], xf[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.stack([re * c - im * s, re * s + im * c], dim=-1).flatten(-2)
+    return out.to(x.dtype)
+
+
+def qk_norm_rope_ref(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, rope: Rope,
+                     num_heads: int, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm q and k over the full width C with their weights, split heads, apply 3D RoPE.
+
+    q, k [B, L, C] (run dtype); wq, wk [C] fp32; returns q, k [B, L, H, C/H] in the run dtype.
+    """
+    qn = rms_norm_ref(q, wq, eps).unflatten(-1, (num_heads, -1))
+    kn = rms_norm_ref(k, wk, eps).unflatten(-1, (num_heads, -1))
+    return apply_rope_ref(qn, rope.cos, rope.sin), apply_rope_ref(kn, rope.cos, rope.sin)
+
+
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Non-causal softmax(q k^T / sqrt(D)) v through SDPA. q [B, Lq, H, D]; k, v [B, Lk, H, D]."""
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       scale=1.0 / math.sqrt(q.shape[-1]))
+    return o.transpose(1, 2)
+
+
+def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor,
+                   rope: Rope, num_heads: int, eps: float = 1e-6) -> torch.Tensor:
+    """softmax(rope(rms(q)) rope(rms(k))^T / sqrt(D)) v.
+
+    q, k, v [B, L, C] projections (run dtype); returns [B, L, C]. A kernel may fuse the RoPE into the
+    attention prologue; the reference runs qk_norm_rope then SDPA.
+    """
+    kern = _fast(q, "self_attention")
+    if kern is not None:
+        return kern.self_attention(q, k, v, wq, wk, rope.cos, rope.sin, num_heads, eps)
+    kern = _fast(q, "qk_norm_rope")
+    if kern is not None:
+        qh, kh = kern.qk_norm_rope(q, k, wq, wk, rope.cos, rope.sin, num_heads, eps)
+    else:
+        qh, kh = qk_norm_rope_ref(q, k, wq, wk, rope, num_heads, eps)
+    vh = v.unflatten(-1, (num_heads, -1))
+    return attention(qh, kh, vh).flatten(-2)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Non-causal attention, q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D]."""
+    kern = _fast(q, "attention")
+    if kern is not None:
+        return kern.attention(q, k, v)
+    return attention_ref(q, k, v)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Linear
+# ----------------------------------------------------------------------------------------------------
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x W^T + b in x's dtype (weights are stored in the run dtype)."""
+    return F.linear(x, weight, bias)
