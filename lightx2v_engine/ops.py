@@ -17,14 +17,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-_BACKEND = "auto"  # "auto": kernels on CUDA when available; "torch": references only
+_BACKEND = "auto"
+_BACKENDS = ("auto", "torch", "kernels")
 
 
 def set_backend(name: str) -> None:
-    """Selects the op implementations: "auto" (kernels on CUDA) or "torch" (references everywhere)."""
+    """Selects the op implementations.
+
+    "auto": kernels on CUDA tensors when importable, references elsewhere (default);
+    "torch": references everywhere (the plain-PyTorch path);
+    "kernels": kernels on every device (CPU through TRITON_INTERPRET=1; for tests).
+    """
     global _BACKEND
-    if name not in ("auto", "torch"):
-        raise ValueError(f"ops backend must be 'auto' or 'torch', got {name!r}")
+    if name not in _BACKENDS:
+        raise ValueError(f"ops backend must be one of {_BACKENDS}, got {name!r}")
     _BACKEND = name
 
 
@@ -50,12 +56,14 @@ def kernel_status() -> str:
 
 def _fast(t: torch.Tensor, name: str):
     """The kernel module when `t` is on CUDA, the backend is "auto" and the kernel `name` exists."""
-    if _BACKEND != "auto" or not t.is_cuda:
+    if _BACKEND == "torch" or (_BACKEND == "auto" and not t.is_cuda):
         return None
     k = _kernels()
-    if k is None or not hasattr(k, name):
+    if k is None:
+        if _BACKEND == "kernels":
+            raise RuntimeError(f"ops backend 'kernels' requested but kernels are {kernel_status()}")
         return None
-    return k
+    return k if hasattr(k, name) else None
 
 
 # ----------------------------------------------------------------------------------------------------
