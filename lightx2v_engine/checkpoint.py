@@ -1,0 +1,172 @@
+"""Reading checkpoint files: safetensors (single or sharded with an index), and torch ``.pt``/``.pth``.
+
+Safetensors are read with plain file reads straight into each tensor's final buffer (no mmap, no second
+copy), converting dtype one tensor at a time, so host memory peaks near the size of what is kept.
+Corrupt or truncated files give an error naming the file and what is wrong.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt, or does not fit the model."""
+
+
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """Returns (header without __metadata__, data start offset). Raises CheckpointError if corrupt."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: corrupt safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8 or n > 100_000_000:
+            raise CheckpointError(f"{path}: corrupt safetensors file (header length {n} exceeds file size {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    start = 8 + n
+    for key, info in header.items():
+        b, e = info["data_offsets"]
+        if info["dtype"] not in _ST_DTYPES:
+            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}")
+        if e > size - start or b > e:
+            raise CheckpointError(f"{path}: truncated or corrupt file: tensor {key!r} needs bytes {b}..{e} of the "
+                                  f"data section, which has {size - start}")
+    return header, start
+
+
+def iter_safetensors(path: Path, keys: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (key, CPU tensor) in file order, each read directly into a freshly allocated tensor."""
+    header, start = read_safetensors_header(path)
+    items = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+    with open(path, "rb", buffering=0) as f:
+        for key, info in items:
+            if keys is not None and key not in keys:
+                continue
+            b, e = info["data_offsets"]
+            dtype, shape = _ST_DTYPES[info["dtype"]], info["shape"]
+            t = torch.empty(shape, dtype=dtype)
+            nbytes = t.numel() * t.element_size()
+            if nbytes != e - b:
+                raise CheckpointError(f"{path}: tensor {key!r} has {e - b} bytes, shape {shape} {info['dtype']} "
+                                      f"needs {nbytes}")
+            f.seek(start + b)
+            buf = memoryview(t.view(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b"")
+            got = 0
+            while got < nbytes:
+                n = f.readinto(buf[got:])
+                if not n:
+                    raise CheckpointError(f"{path}: truncated file while reading {key!r}")
+                got += n
+            yield key, t
+
+
+def safetensors_keys(path: Path) -> list[str]:
+    return list(read_safetensors_header(path)[0])
+
+
+def iter_torch_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (key, tensor) of a torch-saved state dict (mmap'd, weights only). Nested 'state_dict'/'model'
+    containers (as training code saves them) are unwrapped."""
+    try:
+        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read torch checkpoint ({type(e).__name__}: {e})") from None
+    for wrapper in ("state_dict", "model", "generator", "generator_ema"):
+        if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict) and not any(
+                isinstance(v, torch.Tensor) for v in obj.values()):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a state dict, got {type(obj).__name__}")
+    for k, v in obj.items():
+        if isinstance(v, torch.Tensor):
+            yield k, v
+
+
+def resolve_files(path: Path) -> list[Path]:
+    """A checkpoint given as a file, a folder of shards (with an index) or a folder of .safetensors files."""
+    if path.is_file():
+        if path.name.endswith(".index.json"):
+            return _index_shards(path)
+        return [path]
+    if path.is_dir():
+        indexes = sorted(path.glob("*.safetensors.index.json"))
+        if indexes:
+            return _index_shards(indexes[0])
+        files = sorted(path.glob("*.safetensors"))
+        if files:
+            return files
+        files = sorted(list(path.glob("*.pt")) + list(path.glob("*.pth")))
+        if files:
+            return files
+        raise FileNotFoundError(f"{path}: folder holds no .safetensors/.pt/.pth checkpoint files")
+    raise FileNotFoundError(f"checkpoint not found: {path}")
+
+
+def _index_shards(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"{index}: corrupt shard index ({e})") from None
+    shards = sorted({index.parent / name for name in weight_map.values()})
+    missing = [str(s) for s in shards if not s.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{index}: shard files missing: {missing}")
+    return shards
+
+
+def iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    for path in files:
+        if path.suffix == ".safetensors":
+            for k, t in iter_safetensors(path):
+                yield k, t, path
+        elif path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+            for k, t in iter_torch_file(path):
+                yield k, t, path
+        else:
+            raise CheckpointError(f"{path}: unsupported checkpoint format {path.suffix!r} "
+                                  "(expected .safetensors, .pt or .pth)")
+
+
+def load_state_dict(files: list[Path], rename: Callable[[str], str] = lambda k: k,
+                    dtype_of: Callable[[str, torch.Tensor], torch.dtype | None] = lambda k, t: None,
+                    device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+    """Reads every tensor, renames its key, casts it to dtype_of(new_key) (None keeps it) and moves it to
+    `device`, one tensor at a time. Returns (state dict, key -> source file). Duplicate keys are an error."""
+    sd: dict[str, torch.Tensor] = {}
+    origin: dict[str, Path] = {}
+    for key, t, path in iter_checkpoint(files):
+        name = rename(key)
+        if name in sd:
+            raise CheckpointError(f"key {name!r} appears twice (in {origin[name]} and {path})")
+        dt = dtype_of(name, t)
+        if dt is not None and t.is_floating_point() and t.dtype != dt:
+            t = t.to(dt)
+        sd[name] = t.to(device) if str(device) != "cpu" else t
+        origin[name] = path
+    return sd, origin
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process (Linux), for memory tests and logs."""
+    with open(f"/proc/{os.getpid()}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0

@@ -1,0 +1,355 @@
+"""Configs: frozen dataclasses, parsed once at the edge.
+
+- ``ModelConfig``: the DiT's hyper-parameters (named presets, or a model folder's ``config.json``).
+- ``RunConfig``: a LightX2V JSON config (same keys), validated; keys we implement are mapped, keys we
+  accept but do not act on give one warning naming them, anything else is an error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Wan2.1 DiT hyper-parameters (wan21.md §1)."""
+    name: str
+    model_type: str  # "t2v" or "i2v"
+    dim: int
+    ffn_dim: int
+    num_heads: int
+    num_layers: int
+    in_dim: int = 16
+    out_dim: int = 16
+    text_dim: int = 4096
+    text_len: int = 512
+    freq_dim: int = 256
+    image_dim: int = 1280       # CLIP width (I2V)
+    image_tokens: int = 257     # CLIP tokens prepended to the text context (I2V)
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def is_i2v(self) -> bool:
+        return self.model_type == "i2v"
+
+    def __post_init__(self):
+        if self.model_type not in ("t2v", "i2v"):
+            raise ValueError(f"model_type must be 't2v' or 'i2v', got {self.model_type!r}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not a multiple of num_heads {self.num_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
+        expected_in = 36 if self.is_i2v else 16
+        if self.in_dim != expected_in and self.name != "custom":
+            raise ValueError(f"{self.name}: in_dim {self.in_dim} does not fit model_type "
+                             f"{self.model_type!r} (expected {expected_in})")
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "wan2.1-t2v-1.3b": ModelConfig("wan2.1-t2v-1.3b", "t2v", 1536, 8960, 12, 30),
+    "wan2.1-t2v-14b": ModelConfig("wan2.1-t2v-14b", "t2v", 5120, 13824, 40, 40),
+    "wan2.1-i2v-14b-480p": ModelConfig("wan2.1-i2v-14b-480p", "i2v", 5120, 13824, 40, 40, in_dim=36),
+    "wan2.1-i2v-14b-720p": ModelConfig("wan2.1-i2v-14b-720p", "i2v", 5120, 13824, 40, 40, in_dim=36),
+    # Tiny graphs with the same structure, for tests and CPU demos (pair with the tiny T5/CLIP/VAE).
+    "tiny": ModelConfig("tiny", "t2v", 256, 512, 2, 2, text_dim=64, image_dim=64),
+    "tiny-i2v": ModelConfig("tiny-i2v", "i2v", 256, 512, 2, 2, in_dim=36, text_dim=64, image_dim=64),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}") from None
+
+
+def model_config_from_json(path: str | Path, preset_hint: str | None = None) -> ModelConfig:
+    """Reads a model folder's ``config.json`` (Wan's keys, or diffusers' transformer keys) and returns the
+    matching ModelConfig: a known preset when the numbers match one, else a custom config."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"model config not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if "num_attention_heads" in raw:  # diffusers WanTransformer3DModel config
+        heads = int(raw["num_attention_heads"])
+        vals = dict(dim=heads * int(raw.get("attention_head_dim", 128)), ffn_dim=int(raw["ffn_dim"]),
+                    num_heads=heads, num_layers=int(raw["num_layers"]), in_dim=int(raw.get("in_channels", 16)),
+                    out_dim=int(raw.get("out_channels", 16)), text_dim=int(raw.get("text_dim", 4096)),
+                    freq_dim=int(raw.get("freq_dim", 256)), eps=float(raw.get("eps", 1e-6)),
+                    image_dim=int(raw.get("image_dim") or 1280))
+        vals["model_type"] = "i2v" if raw.get("image_dim") else "t2v"
+    else:
+        missing = [k for k in ("dim", "ffn_dim", "num_heads", "num_layers") if k not in raw]
+        if missing:
+            raise ValueError(f"{path}: missing keys {missing} (expected Wan's config.json keys)")
+        vals = dict(dim=int(raw["dim"]), ffn_dim=int(raw["ffn_dim"]), num_heads=int(raw["num_heads"]),
+                    num_layers=int(raw["num_layers"]), in_dim=int(raw.get("in_dim", 16)),
+                    out_dim=int(raw.get("out_dim", 16)), text_dim=int(raw.get("text_dim", 4096)),
+                    freq_dim=int(raw.get("freq_dim", 256)), eps=float(raw.get("eps", 1e-6)),
+                    text_len=int(raw.get("text_len", 512)))
+        mt = raw.get("model_type", "i2v" if vals["in_dim"] == 36 else "t2v")
+        if mt == "flf2v":
+            raise ValueError(f"{path}: model_type 'flf2v' is not supported (t2v and i2v are)")
+        vals["model_type"] = mt
+    candidates = [p for p in PRESETS.values()
+                  if all(getattr(p, k) == v for k, v in vals.items() if k in ("dim", "ffn_dim", "num_heads",
+                                                                             "num_layers", "in_dim", "model_type"))]
+    if candidates:
+        if preset_hint and any(c.name == preset_hint for c in candidates):
+            base = PRESETS[preset_hint]
+        else:
+            base = candidates[0]
+        return dataclasses.replace(base, **{k: v for k, v in vals.items() if k in ("text_dim", "eps", "freq_dim")})
+    return ModelConfig(name="custom", **vals)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Run (LightX2V JSON)
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LoraSpec:
+    path: str
+    strength: float = 1.0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run's settings, from LightX2V's JSON keys (plus a few of ours, marked)."""
+    infer_steps: int = 4
+    denoising_step_list: tuple[int, ...] | None = (1000, 750, 500, 250)
+    sample_shift: float = 5.0
+    enable_cfg: bool = False
+    sample_guide_scale: float = 5.0
+    target_video_length: int = 81
+    target_height: int = 480
+    target_width: int = 832
+    text_len: int = 512
+    seed: int = 42
+    fps: int = 16
+    lora_configs: tuple[LoraSpec, ...] = ()
+    dit_original_ckpt: str | None = None
+    dit_quantized: bool = False
+    dit_quantized_ckpt: str | None = None
+    dit_quant_scheme: str | None = None
+    t5_cpu_offload: bool = False
+    clip_cpu_offload: bool = False
+    vae_cpu_offload: bool = False
+    # ours
+    sampler: str = "distill"            # "distill" (4-step) or "unipc" (the many-step baseline)
+    distill_update: str = "deterministic"  # "deterministic" (LightX2V) or "renoise" (Self-Forcing)
+    dtype: str = "bf16"                 # "bf16" or "fp32"
+    use_cuda_graph: bool = True
+    vae_dtype: str = "bf16"             # VAE decode precision on CUDA
+    lora_strict: bool = True            # unmatched LoRA keys are an error (False: a warning)
+    ignored_keys: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def num_latent_frames(self) -> int:
+        return (self.target_video_length - 1) // 4 + 1
+
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        return (16, self.num_latent_frames, self.target_height // 8, self.target_width // 8)
+
+
+# Keys mapped onto RunConfig fields (LightX2V name -> field). Same name unless noted.
+_MAPPED = {f.name for f in dataclasses.fields(RunConfig)} - {"ignored_keys"}
+
+# Keys LightX2V configs carry that this engine accepts but does not act on (one warning names them).
+_ACCEPTED_IGNORED = {
+    "attention_type", "self_attn_1_type", "cross_attn_1_type", "cross_attn_2_type", "attn_type",
+    "cpu_offload", "offload_granularity", "offload_ratio", "lazy_load", "num_disk_workers", "unload_modules",
+    "parallel", "seq_parallel", "cfg_parallel", "feature_caching", "teacache_thresh", "use_ret_steps",
+    "use_tiling_vae", "use_lightvae", "use_tae", "use_stream_vae", "vae_path", "tae_path",
+    "t5_quantized", "t5_quant_scheme", "t5_quantized_ckpt", "clip_quantized", "clip_quant_scheme",
+    "clip_quantized_ckpt", "enable_dynamic_cfg", "cfg_scale", "rope_type", "modulate_type", "rms_norm_type",
+    "layer_norm_type", "use_compile", "compile_shapes", "model_cls", "task", "mm_config", "scheduler_type",
+    "return_result_tensor", "vae_stride", "patch_size", "num_channels_latents", "sample_solver",
+    "lora_dynamic_apply", "use_prompt_enhancer", "sf_config", "clean_cuda_cache", "rotary_chunk",
+    "rotary_chunk_size", "audio_sr", "boundary", "boundary_step_index", "changing_resolution",
+    "resolution_rate", "enable_cfg_parallel", "infer_dtype", "sensitive_layer_dtype", "cpu_offload_activations",
+}
+
+_CHOICES = {
+    "sampler": ("distill", "unipc"),
+    "distill_update": ("deterministic", "renoise"),
+    "dtype": ("bf16", "fp32"),
+    "vae_dtype": ("bf16", "fp32"),
+}
+
+
+def _err(key: str, value: Any, why: str) -> ValueError:
+    return ValueError(f"config key {key!r} = {value!r}: {why}")
+
+
+def _as(key: str, value: Any, typ: type):
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise _err(key, value, "expected true/false")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise _err(key, value, "expected an integer")
+        return int(value)
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise _err(key, value, "expected a finite number")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise _err(key, value, "expected a string")
+        return value
+    raise TypeError(typ)
+
+
+_TYPES = {
+    "infer_steps": int, "sample_shift": float, "enable_cfg": bool, "sample_guide_scale": float,
+    "target_video_length": int, "target_height": int, "target_width": int, "text_len": int, "seed": int,
+    "fps": int, "dit_quantized": bool, "t5_cpu_offload": bool, "clip_cpu_offload": bool,
+    "vae_cpu_offload": bool, "sampler": str, "distill_update": str, "dtype": str, "use_cuda_graph": bool,
+    "vae_dtype": str, "lora_strict": bool,
+}
+
+
+def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, source: str = "config",
+                     warn: bool = True) -> RunConfig:
+    """Validates a LightX2V-style dict and returns a RunConfig.
+
+    `model_cls` ("wan2.1" or "wan2.1_distill") picks the sampler when the config does not:
+    "wan2.1" without a ``denoising_step_list`` runs the many-step UniPC baseline.
+    """
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+    vals: dict[str, Any] = {}
+    ignored, unknown = [], []
+    for key, value in raw.items():
+        if key in _MAPPED:
+            vals[key] = value
+        elif key in _ACCEPTED_IGNORED:
+            ignored.append(key)
+        else:
+            unknown.append(key)
+    if unknown:
+        known = sorted(_MAPPED | _ACCEPTED_IGNORED)
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, known, n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(f"{source}: unknown config key(s): {', '.join(hints)}")
+
+    out: dict[str, Any] = {}
+    for key, typ in _TYPES.items():
+        if key in vals and vals[key] is not None:
+            out[key] = _as(key, vals[key], typ)
+    for key in ("dit_original_ckpt", "dit_quantized_ckpt", "dit_quant_scheme"):
+        if vals.get(key) is not None:
+            out[key] = _as(key, vals[key], str)
+    for key, choices in _CHOICES.items():
+        if key in out and out[key] not in choices:
+            raise _err(key, out[key], f"expected one of {list(choices)}")
+
+    steps_given = "denoising_step_list" in vals
+    if steps_given and vals["denoising_step_list"] is not None:
+        lst = vals["denoising_step_list"]
+        if not isinstance(lst, (list, tuple)) or not lst:
+            raise _err("denoising_step_list", lst, "expected a non-empty list of integers")
+        steps = tuple(_as("denoising_step_list", s, int) for s in lst)
+        if any(not 0 < s <= 1000 for s in steps):
+            raise _err("denoising_step_list", list(lst), "every step must lie in (0, 1000]")
+        if any(a <= b for a, b in zip(steps, steps[1:])):
+            raise _err("denoising_step_list", list(lst), "steps must be strictly decreasing")
+        out["denoising_step_list"] = steps
+    elif steps_given:
+        out["denoising_step_list"] = None
+
+    if "sampler" not in out:
+        has_list = steps_given and vals["denoising_step_list"] is not None
+        out["sampler"] = "unipc" if (model_cls == "wan2.1" and not has_list) else "distill"
+    if out["sampler"] == "distill":
+        lst = out.get("denoising_step_list", RunConfig.denoising_step_list)
+        if lst is None:
+            raise _err("denoising_step_list", None, "the distill sampler needs a step list")
+        n = out.get("infer_steps", len(lst))
+        if n != len(lst):
+            raise _err("infer_steps", n, f"must equal len(denoising_step_list) = {len(lst)}")
+        out["infer_steps"] = n
+    else:
+        out.setdefault("infer_steps", 50)
+        if "enable_cfg" not in out:
+            out["enable_cfg"] = True
+
+    if out.get("infer_steps", 1) < 1:
+        raise _err("infer_steps", out["infer_steps"], "must be >= 1")
+    if out.get("sample_shift", 1.0) <= 0:
+        raise _err("sample_shift", out["sample_shift"], "must be > 0")
+    for key in ("target_height", "target_width"):
+        if key in out and (out[key] <= 0 or out[key] % 16):
+            raise _err(key, out[key], "must be a positive multiple of 16")
+    if "target_video_length" in out:
+        t = out["target_video_length"]
+        if t < 1 or (t - 1) % 4:
+            raise _err("target_video_length", t, "frame count must be 4k+1 (1, 5, ..., 81)")
+    if "text_len" in out and not 1 <= out["text_len"] <= 512:
+        raise _err("text_len", out["text_len"], "must lie in [1, 512]")
+    if "fps" in out and out["fps"] <= 0:
+        raise _err("fps", out["fps"], "must be > 0")
+    if out.get("dit_quantized") and out.get("dit_quant_scheme") is None:
+        raise _err("dit_quant_scheme", None, "required when dit_quantized is true")
+
+    if "lora_configs" in vals and vals["lora_configs"] is not None:
+        loras = vals["lora_configs"]
+        if not isinstance(loras, (list, tuple)):
+            raise _err("lora_configs", loras, "expected a list of {path, strength}")
+        specs = []
+        for i, item in enumerate(loras):
+            if not isinstance(item, dict) or "path" not in item:
+                raise _err(f"lora_configs[{i}]", item, "expected an object with 'path' (and 'strength')")
+            extra = set(item) - {"path", "strength", "name"}
+            if extra:
+                raise _err(f"lora_configs[{i}]", item, f"unknown keys {sorted(extra)}")
+            specs.append(LoraSpec(_as(f"lora_configs[{i}].path", item["path"], str),
+                                  _as(f"lora_configs[{i}].strength", item.get("strength", 1.0), float)))
+        out["lora_configs"] = tuple(specs)
+
+    if ignored and warn:
+        warnings.warn(f"{source}: accepted but not acted on by lightx2v-engine: {', '.join(sorted(ignored))}",
+                      stacklevel=2)
+    return RunConfig(**out, ignored_keys=tuple(sorted(ignored)))
+
+
+def load_run_config(path: str | Path | None, overrides: dict[str, Any] | None = None, *,
+                    model_cls: str | None = None) -> RunConfig:
+    """Reads a LightX2V JSON config file (or none), applies `overrides` (same keys), validates once."""
+    raw: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config file not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a JSON object")
+    raw = {**raw, **(overrides or {})}
+    return parse_run_config(raw, model_cls=model_cls, source=source)

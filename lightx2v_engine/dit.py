@@ -1,0 +1,251 @@
+"""Wan2.1 DiT (T2V and I2V), wan21.md §1.
+
+Module and parameter names are Wan's checkpoint keys, so ``state_dict()`` is the original layout.
+Precision follows the official code: the residual stream, time embedding/projection, modulation adds,
+gated residual adds, norms and the head are fp32; linears, attention, patch and text embeddings run in
+the run dtype (bf16 by default). Hot ops go through ``lightx2v_engine.ops``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lightx2v_engine import ops
+from lightx2v_engine.config import ModelConfig
+
+# Parameters that stay fp32 whatever the run dtype (the official fp32 regions, plus every norm).
+FP32_PREFIXES = ("time_embedding.", "time_projection.", "head.")
+FP32_SUBSTRINGS = ("modulation", "norm_q", "norm_k", "norm3", "img_emb.proj.0.", "img_emb.proj.4.")
+
+
+def param_dtype(key: str, run_dtype: torch.dtype) -> torch.dtype:
+    """The storage dtype of parameter `key` when the model runs in `run_dtype`."""
+    if key.startswith(FP32_PREFIXES) or any(s in key for s in FP32_SUBSTRINGS):
+        return torch.float32
+    return run_dtype
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int = 256) -> torch.Tensor:
+    """[cos, sin] of t * 10000^(-i/(dim/2)), i < dim/2, computed in float64. t [B] -> [B, dim] fp32."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    ang = t.to(torch.float64)[:, None] * freqs[None, :]
+    return torch.cat([torch.cos(ang), torch.sin(ang)], dim=1).float()
+
+
+class RMSNorm(nn.Module):
+    """Wan's RMSNorm over the full width: weight only, eps 1e-6."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads, self.eps = num_heads, eps
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+
+    def forward(self, h: torch.Tensor, rope: ops.Rope) -> torch.Tensor:
+        """h [B, L, C] modulated input (run dtype) -> [B, L, C]."""
+        a = ops.self_attention(self.q(h), self.k(h), self.v(h), self.norm_q.weight, self.norm_k.weight, rope,
+                               self.num_heads, self.eps)
+        return self.o(a)
+
+
+class CrossAttention(nn.Module):
+    """Ungated cross-attention to the text context; I2V adds an image-token attention sharing q."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float, i2v: bool):
+        super().__init__()
+        self.num_heads, self.eps = num_heads, eps
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+        if i2v:
+            self.k_img, self.v_img = nn.Linear(dim, dim), nn.Linear(dim, dim)
+            self.norm_k_img = RMSNorm(dim, eps)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        return t.unflatten(-1, (self.num_heads, -1))
+
+    def forward(self, h: torch.Tensor, text: torch.Tensor, img: torch.Tensor | None) -> torch.Tensor:
+        """h [B, L, C]; text [B, Lt, C]; img [B, Li, C] or None -> [B, L, C]."""
+        q = self._heads(self.norm_q(self.q(h)))
+        out = ops.attention(q, self._heads(self.norm_k(self.k(text))), self._heads(self.v(text)))
+        if img is not None:
+            out = out + ops.attention(q, self._heads(self.norm_k_img(self.k_img(img))), self._heads(self.v_img(img)))
+        return self.o(out.flatten(-2))
+
+
+class WanBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.dim
+        self.eps = cfg.eps
+        self.modulation = nn.Parameter(torch.randn(1, 6, d) / d ** 0.5)
+        self.self_attn = SelfAttention(d, cfg.num_heads, cfg.eps)
+        self.norm3 = nn.LayerNorm(d, eps=cfg.eps, elementwise_affine=True)
+        self.cross_attn = CrossAttention(d, cfg.num_heads, cfg.eps, cfg.is_i2v)
+        self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, mod: torch.Tensor, text: torch.Tensor,
+                img: torch.Tensor | None, rope: ops.Rope, ones: torch.Tensor):
+        """One block, with the last gated residual add left to the caller for fusion.
+
+        x [B, L, C] fp32 residual; h = modulate(x, shift1, scale1) [B, L, C] run dtype (computed by the
+        caller, fused with the previous block's last residual add); mod [B, 6, C] fp32 = modulation + e0.
+        Returns (x, y, gate2): the caller applies x + gate2 * y.
+        """
+        _, _, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=1)
+        x = ops.gate_residual(x, self.self_attn(h, rope), gate1)
+        n3 = F.layer_norm(x.float(), (x.shape[-1],), self.norm3.weight.float(), self.norm3.bias.float(), self.eps)
+        ca = self.cross_attn(n3.to(h.dtype), text, img)
+        x, h2 = ops.gate_residual_modulate(x, ca, ones, shift2, scale2, self.eps, out_dtype=h.dtype)
+        return x, self.ffn(h2), gate2
+
+
+class MLPProj(nn.Module):
+    """img_emb: LN(1280, eps 1e-5), Linear, GELU(erf), Linear(1280 -> C), LN(C, eps 1e-5)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.proj = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, in_dim), nn.GELU(),
+                                  nn.Linear(in_dim, out_dim), nn.LayerNorm(out_dim))
+
+    def forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        ln0, fc1, act, fc2, ln4 = self.proj
+        h = F.layer_norm(x.float(), ln0.normalized_shape, ln0.weight.float(), ln0.bias.float(), ln0.eps)
+        h = fc2(act(fc1(h.to(dtype))))
+        h = F.layer_norm(h.float(), ln4.normalized_shape, ln4.weight.float(), ln4.bias.float(), ln4.eps)
+        return h.to(dtype)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim ** 0.5)
+        self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
+
+
+class WanDiT(nn.Module):
+    """The Wan2.1 diffusion transformer; forward(x, t, context[, clip_fea, y]) -> velocity."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        if cfg.is_i2v:
+            self.img_emb = MLPProj(cfg.image_dim, d)
+        self._rope_cache: dict[tuple, ops.Rope] = {}
+        self._ones_cache: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def run_dtype(self) -> torch.dtype:
+        return self.text_embedding[0].weight.dtype
+
+    def rope(self, grid: tuple[int, int, int], device: torch.device) -> ops.Rope:
+        """RoPE tables for a patch grid, computed once per (grid, device)."""
+        key = (grid, str(device))
+        if key not in self._rope_cache:
+            self._rope_cache[key] = ops.rope_tables(grid, self.cfg.head_dim, device=device)
+        return self._rope_cache[key]
+
+    def _ones(self, batch: int, device: torch.device) -> torch.Tensor:
+        key = (batch, str(device))
+        if key not in self._ones_cache:
+            self._ones_cache[key] = torch.ones(batch, 1, self.cfg.dim, device=device)
+        return self._ones_cache[key]
+
+    def check_inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                     clip_fea: torch.Tensor | None, y: torch.Tensor | None) -> None:
+        """Shape checks with errors that name the tensor, its shape and the expected one (host-side only)."""
+        cfg = self.cfg
+        if x.dim() != 5:
+            raise ValueError(f"x must be [B, C, F, H, W], got shape {tuple(x.shape)}")
+        b, c, f, h, w = x.shape
+        if cfg.is_i2v and (clip_fea is None or y is None):
+            raise ValueError(f"{cfg.name} is an I2V model: clip_fea and y are required")
+        c_total = c + (y.shape[1] if y is not None else 0)
+        if c_total != cfg.in_dim:
+            raise ValueError(f"input channels (x {c} + y {c_total - c}) = {c_total}, model {cfg.name} expects {cfg.in_dim}")
+        pt, ph, pw = cfg.patch_size
+        if f % pt or h % ph or w % pw:
+            raise ValueError(f"latent size F={f} H={h} W={w} is not divisible by the patch size {cfg.patch_size}")
+        if t.shape != (b,):
+            raise ValueError(f"t must have shape [{b}], got {tuple(t.shape)}")
+        if context.dim() != 3 or context.shape[0] != b or context.shape[2] != cfg.text_dim:
+            raise ValueError(f"context must be [{b}, Lt, {cfg.text_dim}], got {tuple(context.shape)}")
+        if cfg.is_i2v:
+            if clip_fea.shape[0] != b or clip_fea.shape[2] != cfg.image_dim:
+                raise ValueError(f"clip_fea must be [{b}, 257, {cfg.image_dim}], got {tuple(clip_fea.shape)}")
+            if y.shape[0] != b or y.shape[2:] != x.shape[2:]:
+                raise ValueError(f"y must be [{b}, 20, {f}, {h}, {w}], got {tuple(y.shape)}")
+        elif clip_fea is not None or y is not None:
+            raise ValueError(f"{cfg.name} is a T2V model: clip_fea/y must not be given")
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                clip_fea: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, 16, F, H, W] latents; t [B] timesteps (float); context [B, Lt, text_dim] T5 features
+        (zero rows beyond the prompt, Lt = 512); I2V: clip_fea [B, 257, 1280], y [B, 20, F, H, W].
+        Returns the flow velocity [B, 16, F, H, W] fp32."""
+        self.check_inputs(x, t, context, clip_fea, y)
+        cfg, dt = self.cfg, self.run_dtype
+        if y is not None:
+            x = torch.cat([x, y.to(x.dtype)], dim=1)
+        b, _, f, h, w = x.shape
+        pt, ph, pw = cfg.patch_size
+        grid = (f // pt, h // ph, w // pw)
+        tokens = self.patch_embedding(x.to(dt)).flatten(2).transpose(1, 2)  # [B, L, C]
+        x = tokens.float()  # fp32 residual stream
+
+        e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim))          # [B, C] fp32
+        e0 = self.time_projection(e).unflatten(1, (6, cfg.dim))                 # [B, 6, C] fp32
+        text = self.text_embedding(context.to(dt))                              # [B, Lt, C]
+        img = self.img_emb(clip_fea, dt) if cfg.is_i2v else None
+        rope = self.rope(grid, x.device)
+        ones = self._ones(b, x.device)
+
+        y_prev = gate_prev = None
+        for block in self.blocks:
+            mod = block.modulation.float() + e0
+            shift1, scale1 = mod[:, 0:1], mod[:, 1:2]
+            if y_prev is None:
+                hmod = ops.modulate(x, shift1, scale1, cfg.eps, out_dtype=dt)
+            else:
+                x, hmod = ops.gate_residual_modulate(x, y_prev, gate_prev, shift1, scale1, cfg.eps, out_dtype=dt)
+            x, y_prev, gate_prev = block(x, hmod, mod, text, img, rope, ones)
+
+        hm = self.head.modulation.float() + e[:, None, :]
+        shift, scale = hm[:, 0:1], hm[:, 1:2]
+        x, hmod = ops.gate_residual_modulate(x, y_prev, gate_prev, shift, scale, cfg.eps, out_dtype=torch.float32)
+        out = F.linear(hmod, self.head.head.weight.float(), self.head.head.bias.float())  # [B, L, 64] fp32
+        return self.unpatchify(out, grid)
+
+    def unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """[B, L, pt*ph*pw*c] with (pt, ph, pw, c) order, c fastest -> [B, c, F*pt, H*ph, W*pw]."""
+        b = out.shape[0]
+        f, h, w = grid
+        pt, ph, pw = self.cfg.patch_size
+        c = self.cfg.out_dim
+        out = out.view(b, f, h, w, pt, ph, pw, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return out.reshape(b, c, f * pt, h * ph, w * pw)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

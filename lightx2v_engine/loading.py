@@ -1,0 +1,157 @@
+"""Building the DiT: on the `meta` device, then weights assigned from a checkpoint (or random init).
+
+Checkpoint sources, in the order searched (lightx2v.md §2):
+  1. ``dit_original_ckpt`` (a file or folder; relative paths also tried under the model folder);
+  2. distilled checkpoints: ``{model_path}/distill_models/distill_model.{safetensors,pt}``,
+     ``{model_path}/distill_model.{safetensors,pt}`` (only for the distill model class);
+  3. the Wan model folder: ``diffusion_pytorch_model.safetensors`` or shards with their index;
+  4. the diffusers layout: ``{model_path}/transformer/`` with diffusers names.
+Keys may carry ``model.``, ``diffusion_model.`` or ``model.diffusion_model.`` prefixes.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from lightx2v_engine.checkpoint import CheckpointError, load_state_dict, resolve_files
+from lightx2v_engine.config import ModelConfig
+from lightx2v_engine.dit import WanDiT, param_dtype
+from lightx2v_engine.keymap import diffusers_to_wan, is_diffusers_layout, strip_prefix
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+def find_dit_checkpoint(model_path: str | Path | None, dit_original_ckpt: str | None = None,
+                        distill: bool = True) -> list[Path]:
+    """The checkpoint files of the DiT, or FileNotFoundError naming every place searched."""
+    tried: list[str] = []
+    mp = Path(model_path) if model_path is not None else None
+
+    def attempt(p: Path) -> list[Path] | None:
+        tried.append(str(p))
+        if p.exists():
+            return resolve_files(p)
+        return None
+
+    if dit_original_ckpt:
+        for cand in [Path(dit_original_ckpt)] + ([mp / dit_original_ckpt] if mp is not None else []):
+            found = attempt(cand)
+            if found:
+                return found
+        raise FileNotFoundError(f"dit_original_ckpt not found; searched: {tried}")
+    if mp is None:
+        raise FileNotFoundError("no model_path and no dit_original_ckpt given")
+    if distill:
+        for cand in (mp / "distill_models" / "distill_model.safetensors", mp / "distill_models" / "distill_model.pt",
+                     mp / "distill_model.safetensors", mp / "distill_model.pt"):
+            found = attempt(cand)
+            if found:
+                return found
+    index = mp / "diffusion_pytorch_model.safetensors.index.json"
+    for cand in (index, mp / "diffusion_pytorch_model.safetensors"):
+        found = attempt(cand)
+        if found:
+            return found
+    tried.append(str(mp / "*.safetensors"))
+    files = sorted(mp.glob("*.safetensors")) if mp.is_dir() else []
+    if files:
+        return files
+    found = attempt(mp / "transformer")
+    if found:
+        return found
+    raise FileNotFoundError(f"no DiT checkpoint found; searched: {tried}")
+
+
+def normalize_keys(keys: list[str]):
+    """Returns a rename function: strips the DiT prefixes and maps diffusers names to Wan's."""
+    stripped = [strip_prefix(k) for k in keys]
+    if is_diffusers_layout(stripped):
+        return lambda k: diffusers_to_wan(strip_prefix(k))
+    return strip_prefix
+
+
+def _checkpoint_keys(files: list[Path]) -> list[str]:
+    from lightx2v_engine.checkpoint import safetensors_keys, iter_torch_file
+    keys: list[str] = []
+    for f in files:
+        keys += safetensors_keys(f) if f.suffix == ".safetensors" else [k for k, _ in iter_torch_file(f)]
+    return keys
+
+
+def build_dit(cfg: ModelConfig, files: list[Path] | None = None, *, dtype: torch.dtype = torch.bfloat16,
+              device: torch.device | str = "cpu") -> WanDiT:
+    """Builds the DiT on `meta` and assigns the checkpoint's tensors (or random weights when files is None).
+
+    Weights are stored in `dtype` except the fp32 regions (dit.param_dtype). Missing, unexpected or
+    mis-shaped keys raise CheckpointError naming them; nothing partially loaded is returned.
+    """
+    with torch.device("meta"):
+        model = WanDiT(cfg)
+    expected = {k: v for k, v in model.state_dict().items()}
+    if files is None:
+        sd = random_state_dict(model, dtype, device)
+        origin = {}
+    else:
+        try:
+            rename = normalize_keys(_checkpoint_keys(files))
+            sd, origin = load_state_dict(files, rename=rename, dtype_of=lambda k, t: param_dtype(k, dtype), device=device)
+        except KeyError as e:
+            raise CheckpointError(f"{files[0]}: {e.args[0]}") from None
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    where = ", ".join(sorted({str(p) for p in origin.values()})) or "random init"
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s) {missing[:12]}{' ...' if len(missing) > 12 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} key(s) {unexpected[:12]}{' ...' if len(unexpected) > 12 else ''}")
+        raise CheckpointError(f"{where}: checkpoint does not fit {cfg.name} (dim {cfg.dim}, {cfg.num_layers} layers, "
+                              f"{cfg.model_type}): " + "; ".join(parts))
+    for k, v in expected.items():
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"{origin.get(k, where)}: tensor {k!r} has shape {tuple(sd[k].shape)}, "
+                                  f"{cfg.name} expects {tuple(v.shape)}")
+    model.load_state_dict(sd, assign=True, strict=True)
+    return model.eval().requires_grad_(False)
+
+
+def random_state_dict(model: WanDiT, dtype: torch.dtype, device, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights of realistic scale for the model's own keys (for benchmarks and the tiny preset):
+    Linear/Conv weights ~ U(+-1/sqrt(fan_in)) like nn.Linear's init, biases small, norms 1, modulation
+    ~ N(0, 1/dim). Generated directly on `device`."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    sd = {}
+    for k, p in model.state_dict().items():
+        dt = param_dtype(k, dtype)
+        t = torch.empty(p.shape, dtype=torch.float32, device=device)
+        if "norm" in k and k.endswith(".weight") or k.endswith("proj.0.weight") or k.endswith("proj.4.weight"):
+            t.fill_(1.0)
+        elif k.endswith(".bias"):
+            t.uniform_(-0.02, 0.02, generator=g) if "norm" not in k else t.zero_()
+        elif k.endswith("modulation"):
+            t.normal_(0.0, p.shape[-1] ** -0.5, generator=g)
+        else:
+            fan_in = p[0].numel() if p.dim() > 1 else p.numel()
+            bound = fan_in ** -0.5
+            t.uniform_(-bound, bound, generator=g)
+        sd[k] = t.to(dt)
+    return sd
+
+
+def load_dit(cfg: ModelConfig, model_path: str | Path | None, *, dit_original_ckpt: str | None = None,
+             distill: bool = True, dtype: str | torch.dtype = "bf16", device="cpu",
+             lora_specs=(), lora_strict: bool = True) -> WanDiT:
+    """Finds the checkpoint, builds the DiT and merges the LoRAs (in order, fp32 math, cast back)."""
+    from lightx2v_engine.lora import apply_loras_
+    dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    files = find_dit_checkpoint(model_path, dit_original_ckpt, distill)
+    log.info("DiT weights: %s", ", ".join(map(str, files)))
+    model = build_dit(cfg, files, dtype=dt, device=device)
+    if lora_specs:
+        apply_loras_(model, lora_specs, strict=lora_strict, search_dirs=[model_path] if model_path else [])
+    return model

@@ -1,0 +1,163 @@
+"""LoRA merge at load time (LightX2V's offline merge, lightx2v.md §2).
+
+W += strength * (alpha / rank) * (up @ down)   for lora_up/lora_down and lora_B/lora_A pairs
+                                                (rank = down.shape[0]; alpha = rank when absent)
+``.diff`` adds to ``.weight``, ``.diff_b`` to ``.bias``, ``.diff_m`` to ``.modulation`` (times strength).
+Keys may carry ``diffusion_model.``, ``model.``, ``unet.`` or ``transformer.`` prefixes; diffusers-named
+targets are mapped to Wan's names. The merge is computed in fp32 and cast back to the weight's dtype.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+
+from lightx2v_engine.checkpoint import CheckpointError, iter_checkpoint
+from lightx2v_engine.keymap import diffusers_to_wan
+
+log = logging.getLogger(__name__)
+
+LORA_PREFIXES = ("diffusion_model.", "model.", "unet.", "transformer.", "base_model.model.")
+_PAIRS = ((".lora_up.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_A.weight"),
+          (".lora.up.weight", ".lora.down.weight"))
+_DIFFS = ((".diff_b", ".bias"), (".diff_m", ".modulation"), (".diff", ".weight"))
+
+
+class LoraKeyError(ValueError):
+    """LoRA keys that match no weight of the model."""
+
+
+def _strip(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for p in LORA_PREFIXES:
+            if key.startswith(p):
+                key, changed = key[len(p):], True
+    return key
+
+
+def _target(base: str, suffix: str, params: dict) -> str | None:
+    """The model parameter name for a LoRA module `base` + `suffix`, trying Wan then diffusers names."""
+    name = base + suffix
+    if name in params:
+        return name
+    try:
+        wan = diffusers_to_wan(base + suffix)
+    except KeyError:
+        return None
+    return wan if wan in params else None
+
+
+def read_lora(path: str | Path) -> dict[str, torch.Tensor]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"LoRA file not found: {p}")
+    return {_strip(k): t for k, t, _ in iter_checkpoint([p])}
+
+
+def plan_lora(lora: dict[str, torch.Tensor], params: dict[str, torch.Tensor], source: str = "lora"):
+    """Pairs LoRA tensors with model parameters. Returns (updates, unmatched keys), where each update is
+    (param name, kind, tensors): kind "lowrank" with (up, down, alpha or None), or "diff" with (delta,)."""
+    used: set[str] = set()
+    updates = []
+    unmatched = []
+    for key in sorted(lora):
+        for up_sfx, down_sfx in _PAIRS:
+            if key.endswith(up_sfx):
+                base = key[: -len(up_sfx)]
+                down_key = base + down_sfx
+                if down_key not in lora:
+                    raise LoraKeyError(f"{source}: {key!r} has no matching {down_key!r}")
+                alpha_key = base + ".alpha"
+                target = _target(base, ".weight", params)
+                group = [key, down_key] + ([alpha_key] if alpha_key in lora else [])
+                if target is None:
+                    unmatched.extend(group)
+                else:
+                    updates.append((target, "lowrank", (lora[key], lora[down_key], lora.get(alpha_key))))
+                used.update(group)
+                break
+        else:
+            for diff_sfx, param_sfx in _DIFFS:
+                if key.endswith(diff_sfx):
+                    base = key[: -len(diff_sfx)]
+                    target = _target(base, param_sfx, params)
+                    if target is None:
+                        unmatched.append(key)
+                    else:
+                        updates.append((target, "diff", (lora[key],)))
+                    used.add(key)
+                    break
+    unmatched.extend(k for k in lora if k not in used)  # orphan down/alpha keys, unknown suffixes
+    return updates, sorted(set(unmatched))
+
+
+@torch.no_grad()
+def merge_lora_(model: torch.nn.Module, lora: dict[str, torch.Tensor], strength: float = 1.0,
+                source: str = "lora", strict: bool = True) -> int:
+    """Merges one LoRA into the model's weights in place. Returns the number of merged tensors.
+
+    Unmatched LoRA keys raise LoraKeyError listing them (strict) or warn. Shapes are checked before any
+    weight is touched, so a failing LoRA leaves the model unchanged.
+    """
+    params = dict(model.named_parameters())
+    updates, unmatched = plan_lora(lora, params, source)
+    if unmatched:
+        msg = f"{source}: {len(unmatched)} LoRA key(s) match no model weight: {unmatched[:20]}" + (
+            " ..." if len(unmatched) > 20 else "")
+        if strict:
+            raise LoraKeyError(msg)
+        warnings.warn(msg, stacklevel=2)
+    deltas = []
+    for target, kind, ts in updates:
+        w = params[target]
+        if kind == "lowrank":
+            up, down, alpha = ts
+            rank = down.shape[0]
+            if up.dim() != 2 or down.dim() != 2 or up.shape[1] != rank or (up.shape[0], down.shape[1]) != tuple(w.shape):
+                raise LoraKeyError(f"{source}: LoRA for {target!r}: up {tuple(up.shape)} @ down {tuple(down.shape)} "
+                                   f"does not give the weight's shape {tuple(w.shape)}")
+            scale = float(alpha) / rank if alpha is not None else 1.0
+            deltas.append((w, kind, (up, down), strength * scale))
+        else:
+            (d,) = ts
+            if d.numel() != w.numel():
+                raise LoraKeyError(f"{source}: diff for {target!r} has shape {tuple(d.shape)}, weight {tuple(w.shape)}")
+            deltas.append((w, kind, (d,), strength))
+    for w, kind, ts, s in deltas:
+        dev = w.device
+        if kind == "lowrank":
+            up, down = (t.to(dev, torch.float32) for t in ts)
+            w.copy_((w.float() + s * (up @ down)).to(w.dtype))
+        else:
+            w.copy_((w.float() + s * ts[0].to(dev, torch.float32).reshape(w.shape)).to(w.dtype))
+    log.info("%s: merged %d tensors (strength %g)", source, len(deltas), strength)
+    return len(deltas)
+
+
+def apply_loras_(model: torch.nn.Module, specs, strict: bool = True, search_dirs=()) -> int:
+    """Merges every LoRA of `specs` (LoraSpec list) in order. Returns the total number of merged tensors."""
+    total = 0
+    for spec in specs:
+        path = _find(spec.path, search_dirs)
+        total += merge_lora_(model, read_lora(path), spec.strength, source=str(path), strict=strict)
+    return total
+
+
+def _find(path: str, search_dirs) -> Path:
+    p = Path(path)
+    tried = [p]
+    if p.is_file():
+        return p
+    for d in search_dirs:
+        cand = Path(d) / path
+        tried.append(cand)
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(f"LoRA file not found: {path} (searched {[str(t) for t in tried]})")
+
+
+__all__ = ["merge_lora_", "apply_loras_", "read_lora", "plan_lora", "LoraKeyError", "CheckpointError"]

@@ -1,0 +1,65 @@
+"""Tiny DiT fixtures shared by tests: diffusers reference models with random weights and their Wan-layout
+state dicts."""
+from __future__ import annotations
+
+import torch
+
+from lightx2v_engine.config import ModelConfig
+from lightx2v_engine.keymap import diffusers_to_wan
+
+TINY_T2V = ModelConfig("custom", "t2v", dim=64, ffn_dim=96, num_heads=2, num_layers=2, in_dim=16, text_dim=32)
+TINY_I2V = ModelConfig("custom", "i2v", dim=64, ffn_dim=96, num_heads=2, num_layers=2, in_dim=36, text_dim=32,
+                       image_dim=48)
+
+
+def diffusers_model(cfg: ModelConfig, seed: int = 0):
+    """A diffusers WanTransformer3DModel of `cfg`'s shape with every parameter random (norms included)."""
+    from diffusers import WanTransformer3DModel
+    kw = dict(patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+              in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
+              ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+              eps=cfg.eps)
+    if cfg.is_i2v:
+        kw.update(image_dim=cfg.image_dim, added_kv_proj_dim=cfg.dim)
+    torch.manual_seed(seed)
+    model = WanTransformer3DModel(**kw).float().eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            elif p.dim() >= 2 and "scale_shift_table" not in name:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) * fan_in ** -0.5)
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def wan_state_dict(diff_model) -> dict[str, torch.Tensor]:
+    return {diffusers_to_wan(k): v.detach().clone().contiguous() for k, v in diff_model.state_dict().items()}
+
+
+def inputs(cfg: ModelConfig, f: int = 3, h: int = 6, w: int = 10, text_rows: int = 7, text_len: int = 512,
+           seed: int = 0, batch: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 16, f, h, w, generator=g)
+    t = torch.tensor([937.5] * batch)
+    ctx = torch.zeros(batch, text_len, cfg.text_dim)
+    ctx[:, :text_rows] = torch.randn(batch, text_rows, cfg.text_dim, generator=g)
+    clip = y = None
+    if cfg.is_i2v:
+        clip = torch.randn(batch, 257, cfg.image_dim, generator=g)
+        y = torch.randn(batch, 20, f, h, w, generator=g)
+    return x, t, ctx, clip, y
+
+
+def diffusers_forward(model, x, t, ctx, clip, y):
+    hs = torch.cat([x, y], dim=1) if y is not None else x
+    with torch.no_grad():
+        return model(hidden_states=hs, timestep=t, encoder_hidden_states=ctx, encoder_hidden_states_image=clip,
+                     return_dict=False)[0]
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
