@@ -1,1 +1,46 @@
-"""Triton kernels for the DiT hot path (installed as ``lightx2v_engine.kernels``)."""
+"""Triton kernels for the DiT hot path (installed as ``lightx2v_engine.kernels``).
+
+Every public function is a ``torch.library`` custom op (namespace ``lightx2v``) with a fake implementation,
+so it traces under ``torch.compile(fullgraph=True)`` and launches on the current stream (CUDA-graph safe).
+Importing this package raises ImportError when triton is not installed.
+"""
+import os
+
+try:
+    import triton  # noqa: F401
+except ImportError as e:  # one clear reason; lightx2v_engine.ops records it and falls back to references
+    raise ImportError(f"lightx2v_engine.kernels needs triton ({e})") from e
+
+
+def _fix_interpreter_index() -> None:
+    """triton 3.6's CPU interpreter turns scalar tensors into Python ints with int(1-element array), which
+    numpy >= 2.4 refuses ("only 0-dimensional arrays ..."): every loop with a runtime bound fails. Patch
+    the interpreter's tensor.__index__ to read the single element instead (TRITON_INTERPRET=1 only)."""
+    import numpy as np
+    try:
+        int(np.zeros(1, dtype=np.int32))
+        return
+    except TypeError:
+        pass
+    from triton.runtime import interpreter
+    if getattr(interpreter._patch_lang_tensor, "_lx2v_fixed", False):
+        return
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._lx2v_fixed = True
+    interpreter._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    _fix_interpreter_index()
+
+from .attention import ATTN_IMPLS, attention, attention_impl, self_attention, set_attention_impl  # noqa: E402
+from .modulate import gate_residual_modulate, modulate  # noqa: E402
+from .qk_norm_rope import qk_norm_rope  # noqa: E402
+
+__all__ = ["modulate", "gate_residual_modulate", "qk_norm_rope", "attention", "self_attention",
+           "attention_impl", "set_attention_impl", "ATTN_IMPLS"]

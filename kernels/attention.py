@@ -1,0 +1,319 @@
+"""Non-causal flash attention forward (Hopper-oriented Triton) and the fused self-attention op.
+
+o = softmax(q k^T / sqrt(D)) v, online softmax over key blocks in the exp2 domain (log2(e) folded into the
+scale), fp32 accumulation. q [B, Lq, H, D], k/v [B, Lk, H, D] read through their strides (views of
+[B, L, C] projections are fine); the ragged last key block is the only masked one.
+
+Implementation policy (module level): env var ``LX2V_ATTN`` in ``ATTN_IMPLS`` picks the backend of
+``attention``/``self_attention`` ("triton" default, or PyTorch SDPA with cuDNN / FA2 kernels);
+``LX2V_ATTN_CONFIG`` picks one of ``ATTN_CONFIGS`` for the Triton kernel. ``set_attention_impl`` changes
+both at run time (the ops are opaque to torch.compile, so the choice is read at every call).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from lightx2v_engine.ops import attention_ref
+
+from .qk_norm_rope import launch_qk_norm_rope, qk_norm_rope_ref, _check as _check_qk
+
+__all__ = ["attention", "self_attention", "attention_ref", "self_attention_ref", "attention_triton",
+           "ATTN_IMPLS", "ATTN_CONFIGS", "AttnConfig", "attention_impl", "set_attention_impl"]
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class AttnConfig:
+    """One launch configuration of the Triton attention kernel."""
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    tma: bool  # on-device TMA descriptors (tl.make_tensor_descriptor), sm90+
+    warp_specialize: bool = False  # Triton's automatic warp specialisation of the key loop (TMA only)
+
+
+# Candidate configs for the GPU benchmark (benchmarks/bench_kernels.py times each). "ptr_256x64_w8_s3" is
+# the plain FA2-style config that measured 467 TFLOP/s at 12 heads, L=32760 on an H100.
+ATTN_CONFIGS: dict[str, AttnConfig] = {
+    "ptr_256x64_w8_s3": AttnConfig(256, 64, 8, 3, tma=False),
+    "ptr_128x128_w8_s2": AttnConfig(128, 128, 8, 2, tma=False),
+    "tma_256x64_w8_s3": AttnConfig(256, 64, 8, 3, tma=True),
+    "tma_128x128_w8_s2": AttnConfig(128, 128, 8, 2, tma=True),
+    # sm90 warp specialisation needs 4 warps per partition (Triton keeps 8-warp loops unspecialised)
+    "tma_128x128_w4_s2_ws": AttnConfig(128, 128, 4, 2, tma=True, warp_specialize=True),
+    "tma_128x64_w4_s3_ws": AttnConfig(128, 64, 4, 3, tma=True, warp_specialize=True),
+}
+DEFAULT_ATTN_CONFIG = "ptr_256x64_w8_s3"
+ATTN_IMPLS = ("triton", "sdpa_cudnn", "sdpa_flash")
+
+
+def _env_impl() -> str:
+    impl = os.environ.get("LX2V_ATTN", "triton")
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f"kernels/attention.py: LX2V_ATTN must be one of {ATTN_IMPLS}, got {impl!r}")
+    return impl
+
+
+def _env_config() -> str:
+    name = os.environ.get("LX2V_ATTN_CONFIG", DEFAULT_ATTN_CONFIG)
+    if name not in ATTN_CONFIGS:
+        raise ValueError(f"kernels/attention.py: LX2V_ATTN_CONFIG must be one of {list(ATTN_CONFIGS)}, got {name!r}")
+    return name
+
+
+_IMPL = _env_impl()
+_CONFIG = _env_config()
+
+
+def set_attention_impl(impl: str | None = None, config: str | None = None) -> None:
+    """Sets the attention backend (one of ATTN_IMPLS) and/or the Triton config name (a key of ATTN_CONFIGS)."""
+    global _IMPL, _CONFIG
+    if impl is not None:
+        if impl not in ATTN_IMPLS:
+            raise ValueError(f"attention impl must be one of {ATTN_IMPLS}, got {impl!r}")
+        _IMPL = impl
+    if config is not None:
+        if config not in ATTN_CONFIGS:
+            raise ValueError(f"attention config must be one of {list(ATTN_CONFIGS)}, got {config!r}")
+        _CONFIG = config
+
+
+def attention_impl() -> tuple[str, str]:
+    """The current (backend, triton config name)."""
+    return _IMPL, _CONFIG
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernel
+# ----------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O,
+                     stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
+                     stride_vb, stride_vl, stride_vh, stride_ob, stride_ol, stride_oh,
+                     H, Lq, Lk, n_full, qk_scale,
+                     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr):
+    """One (query block, batch*head): o = softmax(q k^T * scale) v, scale = log2(e)/sqrt(D) on exp2.
+
+    n_full = Lk rounded down to BLOCK_N (keys handled by the unmasked loop).
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    o_base = O + b * stride_ob + h * stride_oh
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_D)
+
+    if USE_TMA:
+        # per-(b, h) 2D descriptors: rows past Lq / Lk read as zeros and are not written
+        desc_q = tl.make_tensor_descriptor(q_base, shape=[Lq, HEAD_D], strides=[stride_ql, 1],
+                                           block_shape=[BLOCK_M, HEAD_D])
+        desc_k = tl.make_tensor_descriptor(k_base, shape=[Lk, HEAD_D], strides=[stride_kl, 1],
+                                           block_shape=[BLOCK_N, HEAD_D])
+        desc_v = tl.make_tensor_descriptor(v_base, shape=[Lk, HEAD_D], strides=[stride_vl, 1],
+                                           block_shape=[BLOCK_N, HEAD_D])
+        desc_o = tl.make_tensor_descriptor(o_base, shape=[Lq, HEAD_D], strides=[stride_ol, 1],
+                                           block_shape=[BLOCK_M, HEAD_D])
+        q = desc_q.load([start_m, 0])
+    else:
+        q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :], mask=offs_m[:, None] < Lq, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
+
+    # full key blocks: no masks in the steady-state loop
+    for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WARP_SPEC):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        if USE_TMA:
+            k = desc_k.load([start_n, 0])
+            v = desc_v.load([start_n, 0])
+        else:
+            k = tl.load(k_base + (start_n + offs_n)[:, None] * stride_kl + offs_d[None, :])
+            v = tl.load(v_base + (start_n + offs_n)[:, None] * stride_vl + offs_d[None, :])
+        qk = tl.dot(q, k.T)
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_ij
+
+    # ragged last key block (Lk % BLOCK_N keys): scores of missing keys are -inf, their v rows zero
+    if n_full < Lk:
+        kv_mask = (n_full + offs_n) < Lk
+        if USE_TMA:
+            k = desc_k.load([n_full, 0])
+            v = desc_v.load([n_full, 0])
+        else:
+            k = tl.load(k_base + (n_full + offs_n)[:, None] * stride_kl + offs_d[None, :],
+                        mask=kv_mask[:, None], other=0.0)
+            v = tl.load(v_base + (n_full + offs_n)[:, None] * stride_vl + offs_d[None, :],
+                        mask=kv_mask[:, None], other=0.0)
+        qk = tl.dot(q, k.T)
+        s = tl.where(kv_mask[None, :], qk * qk_scale, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_ij[:, None])
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_ij
+
+    out = (acc / l_i[:, None]).to(O.dtype.element_ty)
+    if USE_TMA:
+        desc_o.store([start_m, 0], out)
+    else:
+        tl.store(o_base + offs_m[:, None] * stride_ol + offs_d[None, :], out, mask=offs_m[:, None] < Lq)
+
+
+def _tma_alloc(size: int, alignment: int, stream) -> torch.Tensor:
+    # global scratch for on-device TMA descriptors, from the caching allocator (CUDA-graph safe)
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _tma_ok(*ts: torch.Tensor) -> bool:
+    """TMA needs 16-byte aligned bases and 16-byte multiples for every non-unit stride."""
+    for t in ts:
+        esz = t.element_size()
+        if t.data_ptr() % 16 or any((s * esz) % 16 for s in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _check_qkv(q, k, v):
+    where = "kernels/attention.py"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"{where}: q, k, v must be [B, L, H, D], got {list(q.shape)}, {list(k.shape)}, "
+                         f"{list(v.shape)}")
+    B, Lq, H, D = q.shape
+    if k.shape[0] != B or k.shape[2:] != (H, D) or v.shape != k.shape:
+        raise ValueError(f"{where}: k, v must be [B={B}, Lk, H={H}, D={D}] and equal, got {list(k.shape)}, "
+                         f"{list(v.shape)}")
+    if D not in (16, 32, 64, 128, 256):
+        raise ValueError(f"{where}: head dim D must be a power of two in [16, 256], got {D}")
+    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"{where}: q, k, v must all be fp16 or bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: str | AttnConfig | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """Launches the Triton kernel with `config` (name or AttnConfig; default the module's) into `out`
+    (allocated contiguous [B, Lq, H, D] when None). Not a custom op: benchmarks and tests call it."""
+    cfg = ATTN_CONFIGS[config or _CONFIG] if not isinstance(config, AttnConfig) else config
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    if out is None:
+        out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    if Lk == 0:
+        return out.zero_()
+    # the CPU interpreter also runs the TMA path (descriptor loads with zero padding), for tests
+    use_tma = cfg.tma and _tma_ok(q, k, v, out) and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    if use_tma and q.is_cuda:
+        triton.set_allocator(_tma_alloc)
+    grid = (triton.cdiv(Lq, cfg.block_m), B * H)
+    _attn_fwd_kernel[grid](
+        q, k, v, out,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        H, Lq, Lk, (Lk // cfg.block_n) * cfg.block_n, LOG2E / math.sqrt(D),
+        HEAD_D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=use_tma,
+        WARP_SPEC=cfg.warp_specialize and use_tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+def _sdpa(q, k, v, impl: str) -> torch.Tensor:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backend = SDPBackend.CUDNN_ATTENTION if impl == "sdpa_cudnn" else SDPBackend.FLASH_ATTENTION
+    with sdpa_kernel([backend]):
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           scale=1.0 / math.sqrt(q.shape[-1]))
+    return o.transpose(1, 2).contiguous()
+
+
+def _attention_any(q, k, v, impl: str) -> torch.Tensor:
+    if impl == "triton":
+        return attention_triton(q, k, v)
+    return _sdpa(q, k, v, impl)
+
+
+@torch.library.custom_op("lightx2v::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return _attention_any(q, k, v, _IMPL)
+
+
+@_attention_op.register_fake
+def _(q, k, v):
+    return q.new_empty(q.shape)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Non-causal softmax(q k^T / sqrt(D)) v.
+
+    q [B, Lq, H, D], k/v [B, Lk, H, D] (fp16/bf16, any strides with a unit last stride); returns a
+    contiguous [B, Lq, H, D] in q's dtype. Backend per LX2V_ATTN / set_attention_impl.
+    """
+    _check_qkv(q, k, v)
+    return _attention_op(q, k, v)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Self-attention: q/k RMSNorm + RoPE + attention
+# ----------------------------------------------------------------------------------------------------
+
+def self_attention_ref(q, k, v, wq, wk, cos, sin, num_heads: int, eps: float = 1e-6) -> torch.Tensor:
+    """Reference: qk_norm_rope_ref then attention_ref; q, k, v [B, L, C] -> [B, L, C]."""
+    qh, kh = qk_norm_rope_ref(q, k, wq, wk, cos, sin, num_heads, eps)
+    return attention_ref(qh, kh, v.unflatten(-1, (num_heads, -1))).flatten(-2)
+
+
+@torch.library.custom_op("lightx2v::self_attention", mutates_args=())
+def _self_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor,
+                       cos: torch.Tensor, sin: torch.Tensor, num_heads: int, eps: float) -> torch.Tensor:
+    B, L, C = q.shape
+    shape = (B, L, num_heads, C // num_heads)
+    qh = torch.empty(shape, dtype=q.dtype, device=q.device)
+    kh = torch.empty(shape, dtype=k.dtype, device=k.device)
+    if q.numel():
+        launch_qk_norm_rope(q, k, wq, wk, cos, sin, num_heads, eps, qh, kh)
+    return _attention_any(qh, kh, v.unflatten(-1, (num_heads, -1)), _IMPL).flatten(-2)
+
+
+@_self_attention_op.register_fake
+def _(q, k, v, wq, wk, cos, sin, num_heads, eps):
+    return q.new_empty(q.shape)
+
+
+def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor,
+                   cos: torch.Tensor, sin: torch.Tensor, num_heads: int, eps: float = 1e-6) -> torch.Tensor:
+    """softmax(rope(rms(q) wq) rope(rms(k) wk)^T / sqrt(D)) v with heads split from C.
+
+    q, k, v [B, L, C] projections (run dtype, unit stride on C); wq, wk [C] fp32; cos, sin [L, D/2] fp32.
+    Returns a contiguous [B, L, C]. One norm+RoPE pass (RMS spans all heads, so it cannot live in the
+    attention prologue without a second read of q/k) writing [B, L, H, D] that the attention reads.
+    """
+    _check_qk(q, k, wq, wk, cos, sin, num_heads)
+    if v.shape != q.shape or v.stride(-1) != 1:
+        raise ValueError(f"kernels/attention.py: v must be [B, L, C] = {list(q.shape)} with unit last stride, "
+                         f"got {list(v.shape)} strides {v.stride()}")
+    return _self_attention_op(q, k, v, wq, wk, cos, sin, int(num_heads), float(eps))

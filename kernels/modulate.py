@@ -1,0 +1,140 @@
+"""Fused adaLN modulation: LayerNorm(x) * (1 + scale) + shift, and its gated-residual variant.
+
+Both are one read of each input row and one write of each output row (memory-bound); the modulation
+vectors shift/scale/gate are [B, 1, C] strided views of the [B, 6, C] modulation tensor and are read
+through their strides, never copied.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lightx2v_engine.ops import gate_residual_modulate_ref, modulate_ref
+
+__all__ = ["modulate", "gate_residual_modulate", "modulate_ref", "gate_residual_modulate_ref"]
+
+
+@triton.jit
+def _modulate_kernel(X, Y, GATE, SHIFT, SCALE, XOUT, OUT,
+                     L, C, stride_xb, stride_xl, stride_yb, stride_yl,
+                     stride_gb, stride_gc, stride_shb, stride_shc, stride_scb, stride_scc,
+                     stride_xob, stride_xol, stride_ob, stride_ol, eps,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One token row: [x' = x + gate * y;] out = LN(x') * (1 + scale) + shift (fp32 math)."""
+    row = tl.program_id(0)
+    b = (row // L).to(tl.int64)
+    l = (row % L).to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    mask = cols < C
+    x = tl.load(X + b * stride_xb + l * stride_xl + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        y = tl.load(Y + b * stride_yb + l * stride_yl + cols, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(GATE + b * stride_gb + cols * stride_gc, mask=mask, other=0.0).to(tl.float32)
+        x = (x.to(tl.float32) + y * g).to(XOUT.dtype.element_ty)
+        # x' is stored in x's dtype and the norm reads the stored (rounded) value, as the reference does
+        tl.store(XOUT + b * stride_xob + l * stride_xol + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    mean = tl.sum(xf, axis=0) / C
+    xc = tl.where(mask, xf - mean, 0.0)
+    var = tl.sum(xc * xc, axis=0) / C
+    rstd = 1.0 / tl.sqrt(var + eps)
+    sh = tl.load(SHIFT + b * stride_shb + cols * stride_shc, mask=mask, other=0.0).to(tl.float32)
+    sc = tl.load(SCALE + b * stride_scb + cols * stride_scc, mask=mask, other=0.0).to(tl.float32)
+    out = xc * rstd * (1.0 + sc) + sh
+    tl.store(OUT + b * stride_ob + l * stride_ol + cols, out.to(OUT.dtype.element_ty), mask=mask)
+
+
+def _check_vec(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    B, _, C = x.shape
+    if t.dim() != 3 or t.shape[0] != B or t.shape[1] != 1 or t.shape[2] != C:
+        raise ValueError(f"kernels/modulate.py: {name} must be [B, 1, C] = [{B}, 1, {C}], got {list(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"kernels/modulate.py: {name} is on {t.device}, x on {x.device}")
+
+
+def _check_x(name: str, x: torch.Tensor) -> None:
+    if x.dim() != 3:
+        raise ValueError(f"kernels/modulate.py: {name} must be [B, L, C], got {list(x.shape)}")
+    if x.stride(-1) != 1:
+        raise ValueError(f"kernels/modulate.py: {name} must have unit stride on C, got strides {x.stride()}")
+
+
+def _launch_cfg(C: int) -> tuple[int, int]:
+    block = triton.next_power_of_2(C)
+    # ~8-16 elements per thread keeps the row in registers without spilling
+    warps = max(1, min(16, block // 512))
+    return block, warps
+
+
+def _launch(x, y, gate, shift, scale, x_out, out, eps, has_residual):
+    B, L, C = x.shape
+    block, warps = _launch_cfg(C)
+    yy = y if has_residual else x
+    gg = gate if has_residual else shift
+    xo = x_out if has_residual else out
+    _modulate_kernel[(B * L,)](
+        x, yy, gg, shift, scale, xo, out,
+        L, C, x.stride(0), x.stride(1), yy.stride(0), yy.stride(1),
+        gg.stride(0), gg.stride(2), shift.stride(0), shift.stride(2), scale.stride(0), scale.stride(2),
+        xo.stride(0), xo.stride(1), out.stride(0), out.stride(1), eps,
+        HAS_RESIDUAL=has_residual, BLOCK_C=block, num_warps=warps)
+
+
+@torch.library.custom_op("lightx2v::modulate", mutates_args=())
+def _modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    if x.numel():
+        _launch(x, None, None, shift, scale, None, out, eps, False)
+    return out
+
+
+@_modulate_op.register_fake
+def _(x, shift, scale, eps, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype)
+
+
+@torch.library.custom_op("lightx2v::gate_residual_modulate", mutates_args=())
+def _gate_residual_modulate_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
+                               scale: torch.Tensor, eps: float,
+                               out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    x_new = torch.empty_like(x, memory_format=torch.contiguous_format)
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    if x.numel():
+        _launch(x, y, gate, shift, scale, x_new, out, eps, True)
+    return x_new, out
+
+
+@_gate_residual_modulate_op.register_fake
+def _(x, y, gate, shift, scale, eps, out_dtype):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape, dtype=out_dtype)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6,
+             out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y = LayerNorm(x; no affine, eps) * (1 + scale) + shift in fp32 math.
+
+    x [B, L, C] fp32/bf16 with unit stride on C; shift, scale [B, 1, C] (any strides, e.g. chunk(6) views);
+    returns a new [B, L, C] tensor in out_dtype (default x.dtype).
+    """
+    _check_x("x", x)
+    _check_vec("shift", shift, x)
+    _check_vec("scale", scale, x)
+    return _modulate_op(x, shift, scale, float(eps), out_dtype or x.dtype)
+
+
+def gate_residual_modulate(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
+                           scale: torch.Tensor, eps: float = 1e-6,
+                           out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x' = x + gate * y (fp32 math, stored in x's dtype); returns (x', modulate(x', shift, scale)).
+
+    x [B, L, C] residual; y [B, L, C] branch output; gate/shift/scale [B, 1, C] views. One pass, new tensors.
+    """
+    _check_x("x", x)
+    _check_x("y", y)
+    if y.shape != x.shape:
+        raise ValueError(f"kernels/modulate.py: y must have x's shape {list(x.shape)}, got {list(y.shape)}")
+    for name, t in (("gate", gate), ("shift", shift), ("scale", scale)):
+        _check_vec(name, t, x)
+    return _gate_residual_modulate_op(x, y, gate, shift, scale, float(eps), out_dtype or y.dtype)

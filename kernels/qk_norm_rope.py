@@ -1,0 +1,115 @@
+"""Fused q/k RMSNorm (over the full width C) + 3D RoPE on interleaved pairs, one pass per token row.
+
+Reads q and k once, writes them once, already split into heads: [B, L, C] -> [B, L, H, D] (the output is
+contiguous, i.e. the same memory as [B, L, C]; the attention kernel reads it through its strides).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lightx2v_engine.ops import Rope, qk_norm_rope_ref as _qk_norm_rope_ref_rope
+
+__all__ = ["qk_norm_rope", "qk_norm_rope_ref"]
+
+
+def qk_norm_rope_ref(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, num_heads: int, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference with this module's signature (tables instead of a Rope): see ops.qk_norm_rope_ref."""
+    return _qk_norm_rope_ref_rope(q, k, wq, wk, Rope(cos=cos, sin=sin, grid=(0, 0, 0)), num_heads, eps)
+
+
+@triton.jit
+def _rms_rope_row(X, W, COS, SIN, OUT, x_off, o_off, l, C, stride_cl, eps,
+                  HALF_D: tl.constexpr, BLOCK_C: tl.constexpr):
+    cols = tl.arange(0, BLOCK_C)
+    mask = cols < C
+    x = tl.load(X + x_off + cols, mask=mask, other=0.0)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / C + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    # Wan's RMSNorm rounds twice to the run dtype: after the normalisation and after the weight
+    n = ((xf * rstd).to(x.dtype).to(tl.float32) * w).to(x.dtype).to(tl.float32)
+    re, im = tl.split(tl.reshape(n, [BLOCK_C // 2, 2]))
+    pair = tl.arange(0, BLOCK_C // 2)
+    pmask = pair < C // 2
+    j = pair % HALF_D
+    c = tl.load(COS + l * stride_cl + j, mask=pmask, other=1.0)
+    s = tl.load(SIN + l * stride_cl + j, mask=pmask, other=0.0)
+    out = tl.reshape(tl.join(re * c - im * s, re * s + im * c), [BLOCK_C])
+    tl.store(OUT + o_off + cols, out.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _qk_norm_rope_kernel(Q, K, WQ, WK, COS, SIN, QO, KO, L, C,
+                         stride_qb, stride_ql, stride_kb, stride_kl, stride_cl, eps,
+                         HALF_D: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One token: q, k -> rope(rms(q) * wq), rope(rms(k) * wk); outputs contiguous [B, L, C]."""
+    row = tl.program_id(0)
+    b = (row // L).to(tl.int64)
+    l = (row % L).to(tl.int64)
+    o_off = row.to(tl.int64) * C
+    _rms_rope_row(Q, WQ, COS, SIN, QO, b * stride_qb + l * stride_ql, o_off, l, C, stride_cl, eps, HALF_D, BLOCK_C)
+    _rms_rope_row(K, WK, COS, SIN, KO, b * stride_kb + l * stride_kl, o_off, l, C, stride_cl, eps, HALF_D, BLOCK_C)
+
+
+def _check(q, k, wq, wk, cos, sin, num_heads):
+    where = "kernels/qk_norm_rope.py"
+    if q.dim() != 3 or k.shape != q.shape:
+        raise ValueError(f"{where}: q, k must both be [B, L, C], got {list(q.shape)} and {list(k.shape)}")
+    B, L, C = q.shape
+    if C % num_heads or (C // num_heads) % 2:
+        raise ValueError(f"{where}: C={C} must split into {num_heads} heads of even size")
+    D = C // num_heads
+    if q.stride(-1) != 1 or k.stride(-1) != 1:
+        raise ValueError(f"{where}: q, k need unit stride on C, got {q.stride()} / {k.stride()}")
+    for name, w in (("wq", wq), ("wk", wk)):
+        if w.shape != (C,) or w.stride(0) != 1:
+            raise ValueError(f"{where}: {name} must be a contiguous [{C}], got {list(w.shape)}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.shape != (L, D // 2) or t.dtype != torch.float32 or t.stride(1) != 1:
+            raise ValueError(f"{where}: {name} must be fp32 [L, D/2] = [{L}, {D // 2}] with unit last stride, "
+                             f"got {t.dtype} {list(t.shape)}")
+    if cos.stride() != sin.stride():
+        raise ValueError(f"{where}: cos and sin must have the same strides, got {cos.stride()} / {sin.stride()}")
+
+
+def launch_qk_norm_rope(q, k, wq, wk, cos, sin, num_heads, eps, qo, ko):
+    """Writes the normalised, rotated q/k into the contiguous [B, L, C] buffers qo/ko (no allocation)."""
+    B, L, C = q.shape
+    block = triton.next_power_of_2(C)
+    _qk_norm_rope_kernel[(B * L,)](
+        q, k, wq, wk, cos, sin, qo, ko, L, C,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), eps,
+        HALF_D=C // num_heads // 2, BLOCK_C=block, num_warps=max(1, min(16, block // 512)))
+
+
+@torch.library.custom_op("lightx2v::qk_norm_rope", mutates_args=())
+def _qk_norm_rope_op(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, num_heads: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    B, L, C = q.shape
+    qo = torch.empty((B, L, num_heads, C // num_heads), dtype=q.dtype, device=q.device)
+    ko = torch.empty((B, L, num_heads, C // num_heads), dtype=k.dtype, device=k.device)
+    if q.numel():
+        launch_qk_norm_rope(q, k, wq, wk, cos, sin, num_heads, eps, qo, ko)
+    return qo, ko
+
+
+@_qk_norm_rope_op.register_fake
+def _(q, k, wq, wk, cos, sin, num_heads, eps):
+    B, L, C = q.shape
+    shape = (B, L, num_heads, C // num_heads)
+    return q.new_empty(shape), k.new_empty(shape)
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor, num_heads: int, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """q' = rope(rms(q) * wq), k' = rope(rms(k) * wk), RMS over the full width C.
+
+    q, k [B, L, C] (run dtype, unit stride on C); wq, wk [C] fp32; cos, sin [L, D/2] fp32 per-token tables
+    (ops.rope_tables). Pair i of each head, (x[2i], x[2i+1]), is rotated by angle i. Returns contiguous
+    [B, L, H, D] tensors in the input dtype.
+    """
+    _check(q, k, wq, wk, cos, sin, num_heads)
+    return _qk_norm_rope_op(q, k, wq, wk, cos, sin, int(num_heads), float(eps))
