@@ -1,0 +1,219 @@
+"""Video output: decoded video -> uint8 frames -> H.264 mp4 (atomic), plus latent dumps.
+
+Every writer here is atomic: it writes a temp file in the target directory and `os.replace`s it into place,
+so `path` either holds a complete file or is untouched (on failure the temp file is removed).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+Frames = np.ndarray | torch.Tensor
+
+
+def video_to_uint8(video: torch.Tensor) -> torch.Tensor:
+    """[3, T, H, W] or [1, 3, T, H, W] float in [-1, 1] -> uint8 [T, H, W, 3] (on the input's device).
+
+    round(clamp((x + 1) / 2, 0, 1) * 255), computed in fp32.
+    """
+    if not isinstance(video, torch.Tensor):
+        raise TypeError(f"video must be a torch.Tensor, got {type(video).__name__}")
+    if video.dim() == 5:
+        if video.shape[0] != 1:
+            raise ValueError(f"batched video must have batch size 1, got shape {tuple(video.shape)}")
+        video = video[0]
+    if video.dim() != 4 or video.shape[0] != 3:
+        raise ValueError(f"video must be [3, T, H, W] or [1, 3, T, H, W], got shape {tuple(video.shape)}")
+    if not video.is_floating_point():
+        raise ValueError(f"video must be a float tensor in [-1, 1], got dtype {video.dtype}")
+    x = ((video.float() + 1.0) * 0.5).clamp_(0.0, 1.0).mul_(255.0).round_()
+    return x.to(torch.uint8).permute(1, 2, 3, 0).contiguous()
+
+
+def _to_numpy_frame(f: Frames) -> np.ndarray:
+    if isinstance(f, torch.Tensor):
+        f = f.detach().cpu().numpy()
+    return np.asarray(f)
+
+
+def _check_frame(f: np.ndarray, hw: tuple[int, int] | None, what: str) -> None:
+    if f.dtype != np.uint8:
+        raise ValueError(f"{what} must be uint8 (use video_to_uint8), got dtype {f.dtype}")
+    if f.ndim != 3 or f.shape[2] != 3:
+        raise ValueError(f"{what} must be [H, W, 3] RGB, got shape {f.shape}")
+    if hw is not None and f.shape[:2] != hw:
+        raise ValueError(f"{what} has size {f.shape[:2]}, expected {hw} like the first frame")
+
+
+def _frame_stream(frames: Frames | Iterable[Frames]) -> tuple[tuple[int, int], Iterator[np.ndarray]]:
+    """Validates the first frame (or the whole array) eagerly; returns (H, W) and an iterator of frames."""
+    if isinstance(frames, (np.ndarray, torch.Tensor)):
+        arr = _to_numpy_frame(frames)
+        if arr.ndim != 4 or arr.shape[-1] != 3:
+            raise ValueError(f"frames must be uint8 [T, H, W, 3], got shape {arr.shape}")
+        if arr.dtype != np.uint8:
+            raise ValueError(f"frames must be uint8 [T, H, W, 3] (use video_to_uint8), got dtype {arr.dtype}")
+        if arr.shape[0] == 0:
+            raise ValueError("frames must contain at least one frame, got T = 0")
+        it: Iterator[np.ndarray] = iter(arr)
+    else:
+        it = (_to_numpy_frame(f) for f in frames)
+    try:
+        first = next(it)
+    except StopIteration:
+        raise ValueError("frames must contain at least one frame, got none") from None
+    _check_frame(first, None, "frame 0")
+    h, w = first.shape[:2]
+    if h % 2 or w % 2:
+        raise ValueError(f"H.264 yuv420p needs even frame height and width, got {h}x{w} (H x W)")
+
+    def chain() -> Iterator[np.ndarray]:
+        yield first
+        for i, f in enumerate(it, start=1):
+            _check_frame(f, (h, w), f"frame {i}")
+            yield f
+
+    return (h, w), chain()
+
+
+@contextmanager
+def _atomic_path(path: str | os.PathLike, suffix: str) -> Iterator[Path]:
+    """Yields a temp path next to `path`; on success moves it to `path`, on any failure deletes it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600; give the final file normal permissions
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def _ffmpeg_exe() -> str:
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def save_mp4(
+    frames: Frames | Iterable[Frames],
+    path: str | os.PathLike,
+    fps: float = 16,
+    crf: int = 18,
+    preset: str = "medium",
+) -> Path:
+    """Encodes uint8 RGB frames [T, H, W, 3] (numpy/torch, or an iterable of [H, W, 3]) as H.264 yuv420p mp4.
+
+    crf: x264 constant rate factor (0 lossless .. 51 worst; 18 ~ visually lossless). H and W must be even.
+    Atomic: nothing is created at `path` unless the whole encode succeeds. Parent directories are created.
+    Returns the path.
+    """
+    if not (isinstance(crf, int) and 0 <= crf <= 51):
+        raise ValueError(f"crf must be an integer in [0, 51], got {crf!r}")
+    if not (isinstance(fps, (int, float, Fraction)) and fps > 0):
+        raise ValueError(f"fps must be > 0, got {fps!r}")
+    (h, w), stream = _frame_stream(frames)
+    fps_arg = str(Fraction(fps).limit_denominator(100000))
+    with _atomic_path(path, ".mp4") as tmp, tempfile.TemporaryFile() as err:
+        cmd = [
+            _ffmpeg_exe(), "-nostdin", "-y", "-loglevel", "error",
+            "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", fps_arg, "-i", "pipe:0",
+            "-an", "-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
+            "-movflags", "+faststart", "-f", "mp4", str(tmp),
+        ]
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            for f in stream:
+                proc.stdin.write(np.ascontiguousarray(f).tobytes())
+            proc.stdin.close()
+            rc = proc.wait()
+        except BrokenPipeError:
+            rc = proc.wait()
+            rc = rc if rc != 0 else -1
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            if proc.stdin and not proc.stdin.closed:
+                try:
+                    proc.stdin.close()
+                except BrokenPipeError:
+                    pass
+        if rc != 0:
+            err.seek(0)
+            msg = err.read().decode(errors="replace").strip()
+            raise RuntimeError(f"ffmpeg failed writing {path} (exit code {rc}): {msg}")
+    return Path(path)
+
+
+def read_mp4(path: str | os.PathLike) -> np.ndarray:
+    """Decodes a video file to uint8 RGB frames [T, H, W, 3] (numpy)."""
+    import imageio_ffmpeg
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"video file not found: {path}")
+    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+    meta = next(reader)
+    w, h = meta["size"]
+    frames = [np.frombuffer(b, dtype=np.uint8).reshape(h, w, 3) for b in reader]
+    if not frames:
+        raise ValueError(f"no frames decoded from {path}")
+    return np.stack(frames)
+
+
+def save_latents(latents: torch.Tensor, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
+    """Saves a latent tensor to a safetensors file (key "latents"), atomically.
+
+    `metadata` values are stored JSON-encoded (anything json.dumps accepts) and restored by `load_latents`.
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(latents, torch.Tensor):
+        raise TypeError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
+    meta = {}
+    for k, v in (metadata or {}).items():
+        if not isinstance(k, str):
+            raise ValueError(f"metadata keys must be str, got {k!r}")
+        meta[k] = json.dumps(v)
+    with _atomic_path(path, ".safetensors") as tmp:
+        save_file({"latents": latents.detach().contiguous().cpu()}, str(tmp), metadata=meta)
+    return Path(path)
+
+
+def load_latents(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Loads (latents, metadata) written by `save_latents`."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"latents file not found: {path}")
+    with safe_open(str(path), framework="pt") as f:
+        if "latents" not in f.keys():
+            raise ValueError(f"{path} has no 'latents' tensor (keys: {list(f.keys())})")
+        latents = f.get_tensor("latents")
+        raw = f.metadata() or {}
+    meta: dict[str, Any] = {}
+    for k, v in raw.items():
+        try:
+            meta[k] = json.loads(v)
+        except json.JSONDecodeError:
+            meta[k] = v
+    return latents, meta

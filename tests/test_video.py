@@ -1,0 +1,183 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from lightx2v_engine.video import load_latents, read_mp4, save_latents, save_mp4, video_to_uint8
+
+
+def _smooth_video(t=9, h=64, w=96):
+    """A smooth moving gradient, uint8 [T, H, W, 3], not constant in any axis."""
+    tt = np.linspace(0, 1, t)[:, None, None]
+    yy = np.linspace(0, 1, h)[None, :, None]
+    xx = np.linspace(0, 1, w)[None, None, :]
+    r = 0.6 * xx + 0.4 * tt + 0 * yy
+    g = 0.8 * yy + 0.2 * np.sin(np.pi * tt) + 0 * xx
+    b = (1 - xx) * (0.3 + 0.5 * tt) + 0.2 * yy
+    return (np.stack([r, g, b], -1) * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def _files(d):
+    return sorted(os.listdir(d))
+
+
+# ---------------------------------------------------------------- conversion
+
+def test_video_to_uint8_values_and_layout():
+    v = torch.tensor([-1.5, -1.0, -0.5, 0.0, 0.002, 0.5, 1.0, 2.0]).view(1, 1, 1, 8).expand(3, 2, 1, 8).clone()
+    v[1] *= -1
+    out = video_to_uint8(v)
+    assert out.shape == (2, 1, 8, 3) and out.dtype == torch.uint8
+    # round((x + 1) / 2 * 255) with clamping: -0.5 -> 63.75 -> 64, 0 -> 127.5 -> 128 (half to even),
+    # 0.002 -> 127.755 -> 128, 0.5 -> 191.25 -> 191
+    assert out[0, 0, :, 0].tolist() == [0, 0, 64, 128, 128, 191, 255, 255]
+    assert out[1, 0, :, 1].tolist() == [255, 255, 191, 128, 127, 64, 0, 0]
+    # layout: [3, T, H, W] -> [T, H, W, 3]
+    x = torch.rand(3, 4, 5, 6, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    u = video_to_uint8(x[None])
+    assert u.shape == (4, 5, 6, 3)
+    ref = ((x.permute(1, 2, 3, 0).double() + 1) / 2 * 255).round().clamp(0, 255)
+    assert torch.equal(u, ref.to(torch.uint8))
+    ub = video_to_uint8(x.to(torch.bfloat16))
+    assert ub.shape == u.shape and ub.dtype == torch.uint8
+    assert (ub.int() - u.int()).abs().max() <= 1  # bf16 input rounding only
+
+
+def test_video_to_uint8_bad():
+    with pytest.raises(ValueError, match="shape"):
+        video_to_uint8(torch.zeros(4, 2, 8, 8))
+    with pytest.raises(ValueError, match="batch size 1"):
+        video_to_uint8(torch.zeros(2, 3, 2, 8, 8))
+    with pytest.raises(ValueError, match="float"):
+        video_to_uint8(torch.zeros(3, 2, 8, 8, dtype=torch.uint8))
+
+
+# ---------------------------------------------------------------- mp4 round trip
+
+@pytest.mark.parametrize("as_torch", [False, True])
+def test_mp4_round_trip(tmp_path, as_torch):
+    frames = _smooth_video()
+    path = tmp_path / "sub" / "dir" / "out.mp4"  # parent dirs are created
+    src = torch.from_numpy(frames) if as_torch else frames
+    assert save_mp4(src, path, fps=16) == path
+    assert path.is_file() and path.stat().st_size > 0
+    assert _files(path.parent) == ["out.mp4"]  # no temp files left behind
+    back = read_mp4(path)
+    assert back.shape == frames.shape and back.dtype == np.uint8
+    diff = np.abs(back.astype(np.int16) - frames.astype(np.int16))
+    assert diff.mean() < 3.0, diff.mean()
+    assert np.percentile(diff, 99) <= 12
+    assert back.std() > 20  # not a constant video
+    # frames differ over time in the decoded video too
+    assert np.abs(back[-1].astype(int) - back[0].astype(int)).mean() > 10
+
+
+def test_mp4_iterable_and_crf(tmp_path):
+    frames = _smooth_video(t=5, h=32, w=48)
+    p1, p2 = tmp_path / "a.mp4", tmp_path / "b.mp4"
+    save_mp4((torch.from_numpy(f) for f in frames), p1, fps=24, crf=0)
+    save_mp4(frames, p2, fps=24, crf=40)
+    e1 = np.abs(read_mp4(p1).astype(int) - frames).mean()
+    e2 = np.abs(read_mp4(p2).astype(int) - frames).mean()
+    assert e1 < e2  # crf 0 is (near) lossless up to the yuv420p chroma subsampling
+    assert read_mp4(p1).shape == frames.shape
+
+
+def test_mp4_replaces_existing_file(tmp_path):
+    path = tmp_path / "v.mp4"
+    path.write_bytes(b"old")
+    save_mp4(_smooth_video(t=1, h=16, w=16), path)
+    assert read_mp4(path).shape == (1, 16, 16, 3)
+
+
+# ---------------------------------------------------------------- atomicity and errors
+
+@pytest.mark.parametrize("bad,match", [
+    (np.zeros((3, 16, 16, 3), dtype=np.float32), "uint8"),
+    (np.zeros((16, 16, 3), dtype=np.uint8), "shape"),
+    (np.zeros((3, 16, 16, 4), dtype=np.uint8), "shape"),
+    (np.zeros((0, 16, 16, 3), dtype=np.uint8), "at least one"),
+    (np.zeros((3, 15, 16, 3), dtype=np.uint8), "even"),
+    (np.zeros((3, 16, 17, 3), dtype=np.uint8), "even"),
+    ([], "at least one"),
+])
+def test_mp4_bad_frames_leave_no_file(tmp_path, bad, match):
+    path = tmp_path / "x.mp4"
+    with pytest.raises(ValueError, match=match):
+        save_mp4(bad, path)
+    assert _files(tmp_path) == []
+
+
+def test_mp4_odd_size_error_names_size(tmp_path):
+    with pytest.raises(ValueError, match="15x16"):
+        save_mp4(np.zeros((2, 15, 16, 3), dtype=np.uint8), tmp_path / "o.mp4")
+
+
+def test_mp4_exception_midway_leaves_no_file(tmp_path):
+    frames = _smooth_video(t=6, h=32, w=32)
+
+    def gen():
+        yield frames[0]
+        yield frames[1]
+        raise RuntimeError("decoder crashed")
+
+    path = tmp_path / "mid.mp4"
+    with pytest.raises(RuntimeError, match="decoder crashed"):
+        save_mp4(gen(), path)
+    assert _files(tmp_path) == []
+    # a frame of the wrong size mid-way
+    with pytest.raises(ValueError, match="frame 2"):
+        save_mp4([frames[0], frames[1], frames[2, :16]], path)
+    assert _files(tmp_path) == []
+    # an existing file is left untouched by a failing write
+    path.write_bytes(b"previous")
+    with pytest.raises(RuntimeError):
+        save_mp4(gen(), path)
+    assert path.read_bytes() == b"previous"
+    assert _files(tmp_path) == ["mid.mp4"]
+
+
+def test_mp4_bad_params(tmp_path):
+    f = _smooth_video(t=1, h=16, w=16)
+    with pytest.raises(ValueError, match="crf"):
+        save_mp4(f, tmp_path / "a.mp4", crf=60)
+    with pytest.raises(ValueError, match="fps"):
+        save_mp4(f, tmp_path / "a.mp4", fps=0)
+    assert _files(tmp_path) == []
+
+
+def test_ffmpeg_failure_leaves_no_file(tmp_path):
+    # an invalid x264 preset makes ffmpeg itself fail
+    with pytest.raises(RuntimeError, match="ffmpeg failed"):
+        save_mp4(_smooth_video(t=2, h=16, w=16), tmp_path / "f.mp4", preset="no-such-preset")
+    assert _files(tmp_path) == []
+
+
+def test_read_mp4_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.mp4"):
+        read_mp4(tmp_path / "missing.mp4")
+
+
+# ---------------------------------------------------------------- latents
+
+def test_latents_round_trip(tmp_path):
+    lat = torch.randn(16, 3, 4, 6, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    meta = {"seed": 42, "prompt": "a cat", "timesteps": [1000.0, 937.5], "shift": 5.0}
+    path = tmp_path / "d" / "lat.safetensors"
+    save_latents(lat, path, meta)
+    back, m = load_latents(path)
+    assert back.dtype == torch.bfloat16 and torch.equal(back, lat)
+    assert m == meta
+    assert _files(path.parent) == ["lat.safetensors"]
+
+
+def test_latents_failures_leave_no_file(tmp_path):
+    path = tmp_path / "lat.safetensors"
+    with pytest.raises(TypeError):
+        save_latents(torch.zeros(2), path, {"bad": object()})  # not JSON-serialisable
+    with pytest.raises(TypeError):
+        save_latents(np.zeros(2), path)
+    assert _files(tmp_path) == []
+    with pytest.raises(FileNotFoundError, match="lat.safetensors"):
+        load_latents(path)
