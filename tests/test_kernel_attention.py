@@ -1,0 +1,163 @@
+"""Flash-attention kernel (kernels/attention.py) vs fp32 references.
+
+Rule: max |kernel - fp32 ref| <= 2 * max |PyTorch SDPA in the run dtype - fp32 ref| + atol. On the CPU
+interpreter the inputs are fp16: its tl.dot on bf16 operands is not usable (the GPU runs bf16, tested
+under the gpu marker).
+"""
+import pytest
+import torch
+
+from lightx2v_engine import ops
+from lightx2v_engine.kernels import attention, self_attention, set_attention_impl
+from lightx2v_engine.kernels.attention import ATTN_CONFIGS, attention_impl, attention_triton, self_attention_ref
+from lightx2v_engine.ops import attention_ref, rope_tables
+
+
+def _assert_rule(out, q, k, v, atol=1e-4):
+    ref32 = attention_ref(q.float(), k.float(), v.float())
+    base = (attention_ref(q, k, v).float() - ref32).abs().max().item()
+    err = (out.float() - ref32).abs().max().item()
+    assert err <= 2 * base + atol, f"kernel err {err:.3e} > 2 x SDPA {q.dtype} err {base:.3e} + {atol}"
+
+
+def _qkv(B, Lq, Lk, H, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    mk = lambda L: torch.randn(B, L, H, 128, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    return mk(Lq), mk(Lk) * 1.5, mk(Lk)
+
+
+@pytest.mark.parametrize("config", list(ATTN_CONFIGS))
+@pytest.mark.parametrize("B, Lq, Lk", [(1, 77, 77), (2, 77, 33)])
+def test_attention_configs(config, B, Lq, Lk):
+    q, k, v = _qkv(B, Lq, Lk, 3, torch.float16, "cpu")
+    out = attention_triton(q, k, v, config)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    _assert_rule(out, q, k, v)
+
+
+@pytest.mark.parametrize("config", ["ptr_128x128_w8_s2", "tma_128x128_w8_s2"])
+def test_attention_strided_views_cross(config):
+    """q from unflatten of a fused [B, L, 3C] projection (row stride 3C); cross-attention k/v, Lk = 257."""
+    torch.manual_seed(0)
+    B, L, H = 1, 100, 2
+    qkv = torch.randn(B, L, 3 * H * 128).half()
+    q = qkv[..., : H * 128].unflatten(-1, (H, 128))
+    kv = torch.randn(B, 257, 2 * H * 128).half()
+    k, v = (t.unflatten(-1, (H, 128)) for t in kv.split(H * 128, dim=-1))
+    assert not q.is_contiguous() and not k.is_contiguous()
+    out = attention_triton(q, k, v, config)
+    _assert_rule(out, q, k, v)
+
+
+def test_attention_public_op_and_policy():
+    q, k, v = _qkv(1, 40, 19, 2, torch.float16, "cpu")
+    assert attention_impl()[0] == "triton"
+    _assert_rule(attention(q, k, v), q, k, v)
+    try:
+        set_attention_impl("sdpa_flash")  # PyTorch's flash kernel exists on CPU too
+        _assert_rule(attention(q, k, v), q, k, v)
+    finally:
+        set_attention_impl("triton")
+    with pytest.raises(ValueError, match="attention impl must be one of"):
+        set_attention_impl("cudnn")
+    with pytest.raises(ValueError, match="config must be one of"):
+        set_attention_impl(config="nope")
+
+
+def test_attention_bad_inputs_raise():
+    q, k, v = _qkv(1, 8, 8, 1, torch.float16, "cpu")
+    with pytest.raises(ValueError, match="fp16 or bf16"):
+        attention(q.float(), k.float(), v.float())
+    with pytest.raises(ValueError, match="must be"):
+        attention(q, k[:, :, :, :64], v)
+
+
+def _self_attn_inputs(B, grid, H, dtype, device):
+    torch.manual_seed(0)
+    L, C = grid[0] * grid[1] * grid[2], H * 128
+    q, k, v = (torch.randn(B, L, C, device=device).to(dtype) for _ in range(3))
+    wq, wk = torch.rand(C, device=device) + 0.5, torch.rand(C, device=device) + 0.5
+    rope = rope_tables(grid, 128, device=device)
+    return q, k, v, wq, wk, rope
+
+
+def test_self_attention():
+    q, k, v, wq, wk, rope = _self_attn_inputs(2, (3, 5, 7), 3, torch.float16, "cpu")
+    out = self_attention(q, k, v, wq, wk, rope.cos, rope.sin, 3, 1e-6)
+    assert out.shape == q.shape and out.is_contiguous()
+    ref32 = self_attention_ref(q.float(), k.float(), v.float(), wq, wk, rope.cos, rope.sin, 3)
+    base = (self_attention_ref(q, k, v, wq, wk, rope.cos, rope.sin, 3).float() - ref32).abs().max().item()
+    err = (out.float() - ref32).abs().max().item()
+    assert err <= 2 * base + 1e-4, (err, base)
+
+
+def test_ops_dispatch_to_kernels():
+    """lightx2v_engine.ops with backend "kernels" runs these kernels and matches its references."""
+    q, k, v, wq, wk, rope = _self_attn_inputs(1, (2, 3, 5), 2, torch.float16, "cpu")
+    want = ops.self_attention(q, k, v, wq, wk, rope, 2)  # backend "auto" on CPU: references
+    try:
+        ops.set_backend("kernels")
+        got = ops.self_attention(q, k, v, wq, wk, rope, 2)
+    finally:
+        ops.set_backend("auto")
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
+
+
+def test_opcheck_and_compile():
+    q, k, v = _qkv(1, 20, 9, 2, torch.float16, "cpu")
+    torch.library.opcheck(torch.ops.lightx2v.attention.default, (q, k, v),
+                          test_utils=("test_schema", "test_faketensor"))
+    qs, ks, vs, wq, wk, rope = _self_attn_inputs(1, (1, 2, 3), 2, torch.float16, "cpu")
+    torch.library.opcheck(torch.ops.lightx2v.self_attention.default, (qs, ks, vs, wq, wk, rope.cos, rope.sin, 2, 1e-6),
+                          test_utils=("test_schema", "test_faketensor"))
+
+    def f(q, k, v, qs, ks, vs):
+        return attention(q, k, v) * 2, self_attention(qs, ks, vs, wq, wk, rope.cos, rope.sin, 2)
+
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v, qs, ks, vs)
+    want = f(q, k, v, qs, ks, vs)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU: real shapes, bf16
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", list(ATTN_CONFIGS))
+@pytest.mark.parametrize("H, Lq, Lk", [(12, 32760, 32760), (12, 32760, 512), (40, 32760, 257)])
+def test_attention_gpu_real_shapes(config, H, Lq, Lk):
+    q, k, v = _qkv(1, Lq, Lk, H, torch.bfloat16, "cuda")
+    out = attention_triton(q, k, v, config)
+    _assert_rule(out, q, k, v, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["triton", "sdpa_cudnn", "sdpa_flash"])
+def test_self_attention_gpu_real_shape(impl):
+    q, k, v, wq, wk, rope = _self_attn_inputs(1, (21, 30, 52), 12, torch.bfloat16, "cuda")
+    try:
+        set_attention_impl(impl)
+        out = self_attention(q, k, v, wq, wk, rope.cos, rope.sin, 12)
+    finally:
+        set_attention_impl("triton")
+    ref32 = self_attention_ref(q.float(), k.float(), v.float(), wq, wk, rope.cos, rope.sin, 12)
+    base = (self_attention_ref(q, k, v, wq, wk, rope.cos, rope.sin, 12).float() - ref32).abs().max().item()
+    assert (out.float() - ref32).abs().max().item() <= 2 * base + 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", ["ptr_256x64_w8_s3", "tma_128x128_w8_s2"])
+def test_attention_cuda_graph_capture(config):
+    q, k, v = _qkv(1, 1000, 300, 2, torch.bfloat16, "cuda")
+    try:
+        set_attention_impl(config=config)
+        want = attention(q, k, v)  # warm-up compiles outside the capture
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = attention(q, k, v)
+        g.replay()
+        torch.cuda.synchronize()
+    finally:
+        set_attention_impl(config="ptr_256x64_w8_s3")
+    assert torch.equal(out, want)

@@ -1,0 +1,98 @@
+"""Fused q/k RMSNorm + 3D RoPE kernel (kernels/qk_norm_rope.py) vs fp32 references.
+
+Rule: max |kernel - fp32 ref| <= FACTOR * max |PyTorch run-dtype ref - fp32 ref| + atol, FACTOR 2. The CPU
+interpreter casts fp32 -> bf16 by truncation instead of round-to-nearest, and Wan's norm+RoPE rounds three
+times (norm, weight, output), each losing up to a full ulp instead of half: bf16 on CPU gets FACTOR 4
+(fp16 casts are exact in the interpreter and keep FACTOR 2).
+"""
+import pytest
+import torch
+
+from lightx2v_engine.kernels import qk_norm_rope
+from lightx2v_engine.kernels.qk_norm_rope import qk_norm_rope_ref
+from lightx2v_engine.ops import rope_tables
+
+EPS = 1e-6
+
+
+def _rope_complex(x, cos, sin):
+    """Independent RoPE: interleaved pairs as complex numbers times e^{i angle}. x [B, L, H, D] fp32."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    rot = torch.complex(cos, sin)[None, :, None, :]
+    return torch.view_as_real(xc * rot).flatten(-2)
+
+
+def _inputs(B, grid, H, dtype, device, fused_qkv=False):
+    torch.manual_seed(0)
+    L = grid[0] * grid[1] * grid[2]
+    C = H * 128
+    if fused_qkv:  # q, k as column slices of one [B, L, 3C] projection: row stride 3C
+        qkv = (torch.randn(B, L, 3 * C, device=device) * 2).to(dtype)
+        q, k, _ = qkv.split(C, dim=-1)
+    else:
+        q = (torch.randn(B, L, C, device=device) * 2).to(dtype)
+        k = (torch.randn(B, L, C, device=device) + 0.3).to(dtype)
+    wq = torch.rand(C, device=device) + 0.5
+    wk = torch.rand(C, device=device) + 0.5
+    rope = rope_tables(grid, 128, device=device)
+    return q, k, wq, wk, rope.cos, rope.sin
+
+
+def _run(B, grid, H, dtype, device, fused_qkv=False):
+    q, k, wq, wk, cos, sin = _inputs(B, grid, H, dtype, device, fused_qkv)
+    qh, kh = qk_norm_rope(q, k, wq, wk, cos, sin, H, EPS)
+    L, C = q.shape[1], q.shape[2]
+    assert qh.shape == (B, L, H, C // H) and qh.dtype == dtype and qh.is_contiguous()
+    factor = 4.0 if (dtype == torch.bfloat16 and device == "cpu") else 2.0
+    q32, k32 = qk_norm_rope_ref(q.float(), k.float(), wq, wk, cos, sin, H, EPS)
+    ql, kl = qk_norm_rope_ref(q, k, wq, wk, cos, sin, H, EPS)
+    for got, ref32, lowp in ((qh, q32, ql), (kh, k32, kl)):
+        err = (got.float() - ref32).abs().max().item()
+        base = (lowp.float() - ref32).abs().max().item()
+        assert err <= factor * base + 1e-3, f"err {err:.3e} vs torch {dtype} err {base:.3e}"
+    return q, k, wq, wk, cos, sin, qh, kh
+
+
+@pytest.mark.parametrize("B", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_qk_norm_rope(B, dtype):
+    _run(B, (3, 5, 7), 3, dtype, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_qk_norm_rope_strided_views(dtype):
+    _run(2, (2, 3, 4), 2, dtype, "cpu", fused_qkv=True)
+
+
+def test_qk_norm_rope_fp32_matches_independent_rope():
+    """fp32 end to end: RMSNorm then complex-number RoPE on the (f, h, w) tables, to fp32 rounding."""
+    q, k, wq, wk, cos, sin = _inputs(1, (3, 5, 7), 3, torch.float32, "cpu")
+    qh, kh = qk_norm_rope(q, k, wq, wk, cos, sin, 3, EPS)
+    for x, w, got in ((q, wq, qh), (k, wk, kh)):
+        n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS) * w
+        want = _rope_complex(n.unflatten(-1, (3, 128)), cos, sin)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_bad_tables_raise():
+    q, k, wq, wk, cos, sin = _inputs(1, (1, 2, 3), 1, torch.bfloat16, "cpu")
+    with pytest.raises(ValueError, match="cos must be fp32"):
+        qk_norm_rope(q, k, wq, wk, cos[:, :32], sin, 1)
+    with pytest.raises(ValueError, match="heads"):
+        qk_norm_rope(q, k, wq, wk, cos, sin, 3)
+
+
+def test_opcheck_and_compile():
+    q, k, wq, wk, cos, sin = _inputs(1, (1, 2, 3), 2, torch.bfloat16, "cpu")
+    torch.library.opcheck(torch.ops.lightx2v.qk_norm_rope.default, (q, k, wq, wk, cos, sin, 2, EPS),
+                          test_utils=("test_schema", "test_faketensor"))
+    f = torch.compile(lambda *a: qk_norm_rope(*a, 2, EPS), backend="aot_eager", fullgraph=True)
+    got = f(q, k, wq, wk, cos, sin)
+    want = qk_norm_rope(q, k, wq, wk, cos, sin, 2, EPS)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("H", [12, 40])
+def test_qk_norm_rope_gpu_real_shapes(H):
+    _run(1, (21, 30, 52), H, torch.bfloat16, "cuda")
