@@ -1,0 +1,502 @@
+"""Wan2.1 VAE: causal 3D conv autoencoder, stride 4x8x8, 16 latent channels (`Wan2.1_VAE.pth`).
+
+Our module's ``state_dict()`` keys are Wan's own (``encoder.downsamples.N.residual.2.weight`` ...), so the
+official checkpoint loads without renaming.
+
+Streaming. Every causal conv sees the whole video as one stream with 2 zero frames in front; the video is
+processed in chunks (encode: 1, 4, 4, ... pixel frames -> 1 latent each; decode: 1 latent -> 1, then 4
+frames) and each conv keeps its last 2 input frames (the feature cache) between chunks. Exceptions, as in
+Wan: the temporal downsampler (`time_conv`, k=3, stride 2, no padding) passes the first chunk through and
+later sees [last frame of the previous chunk, chunk]; the temporal upsampler's `time_conv` (C -> 2C,
+causal, its cache starting from zeros) is skipped on the first chunk, otherwise its two output halves
+become frames 2t and 2t+1.
+
+Hot path (performance.md: ~70% of a plain decode is memory-bound glue). Each k=3 causal conv owns no
+concatenation: a scratch buffer [B, C, 2+T, H, W] (shared by all convs of that shape) gets the 2 cached
+frames copied in and the fused RMSNorm+SiLU of the input written straight into its tail; the conv runs
+with only spatial padding (cuDNN pads internally); the last 2 frames are copied out as the new cache.
+Nearest x2 upsampling and the temporal interleave are one strided copy; the 2D resample convs run as
+(1,3,3) Conv3d on the 5D tensor (no per-frame permutes). On CUDA activations and Conv3d weights use
+channels_last_3d and RMSNorm+SiLU is one Triton kernel (`kernels/vae_norm.py`); decoded chunks are
+clamped straight into a preallocated fp32 output.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+WAN21_LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                     0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+WAN21_LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+                    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+NORM_EPS = 1e-12  # F.normalize's eps: x / max(||x||, eps)
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temperal_downsample: tuple[bool, ...] = (False, True, True)
+
+    def __post_init__(self):
+        if self.z_dim != len(WAN21_LATENT_MEAN):
+            raise ValueError(f"VAEConfig.z_dim must be {len(WAN21_LATENT_MEAN)} (the Wan2.1 latent mean/std), "
+                             f"got {self.z_dim}")
+        if len(self.temperal_downsample) != len(self.dim_mult) - 1:
+            raise ValueError(f"VAEConfig: temperal_downsample needs len(dim_mult) - 1 = {len(self.dim_mult) - 1} "
+                             f"entries, got {len(self.temperal_downsample)}")
+
+    @classmethod
+    def wan21(cls) -> "VAEConfig":
+        return cls()
+
+    @classmethod
+    def tiny(cls, dim: int = 8) -> "VAEConfig":
+        """Same structure (strides 4x8x8, z 16) with base width `dim`: for tests and random-weight runs."""
+        return cls(dim=dim)
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, torch.Tensor], source: str = "state dict") -> "VAEConfig":
+        """Base width from encoder.conv1.weight [dim, 3, 3, 3, 3], z_dim from conv2.weight [z, z, 1, 1, 1]."""
+        for key in ("encoder.conv1.weight", "conv2.weight"):
+            if key not in sd:
+                raise KeyError(f"{source}: missing key {key!r}; not a Wan2.1 VAE checkpoint?")
+        return cls(dim=int(sd["encoder.conv1.weight"].shape[0]), z_dim=int(sd["conv2.weight"].shape[0]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RMSNorm (+SiLU) over channels
+
+
+def rms_norm_act_ref(x: torch.Tensor, gamma: torch.Tensor, silu: bool, out: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+    """y = act(x / max(||x||_2 over dim 1, 1e-12) * sqrt(C) * gamma), act = SiLU or identity; x [B, C, ...].
+
+    Norm and scale in fp32; three elementwise passes, written into `out` (any strides) when given.
+    """
+    c = x.shape[1]
+    r = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
+    r = r.clamp_min_(NORM_EPS).reciprocal_().mul_(math.sqrt(c))
+    if out is None:
+        out = torch.empty_like(x)
+    torch.mul(x, r, out=out)
+    out.mul_(gamma.reshape((c,) + (1,) * (x.dim() - 2)))
+    if silu:
+        F.silu(out, inplace=True)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _norm_kernel():
+    """The Triton RMSNorm+SiLU launcher, or None (reason kept in `_norm_kernel.reason`)."""
+    try:
+        from lightx2v_engine.kernels.vae_norm import rms_norm_act
+        return rms_norm_act
+    except Exception as e:  # recorded, not hidden: see norm_kernel_status()
+        _norm_kernel.reason = f"{type(e).__name__}: {e}"
+        return None
+
+
+_USE_KERNEL = True
+
+
+def set_norm_kernel(enabled: bool) -> None:
+    """Use the Triton RMSNorm+SiLU kernel on CUDA (default) or force the PyTorch reference."""
+    global _USE_KERNEL
+    _USE_KERNEL = enabled
+
+
+def norm_kernel_status() -> str:
+    k = _norm_kernel()
+    return "available" if k is not None else f"unavailable ({getattr(_norm_kernel, 'reason', '?')})"
+
+
+def rms_norm_act(x: torch.Tensor, gamma: torch.Tensor, silu: bool, out: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """rms_norm_act_ref, fused into one pass by the Triton kernel on CUDA when the layout allows."""
+    if x.is_cuda and _USE_KERNEL:
+        k = _norm_kernel()
+        if k is not None:
+            y = k(x, gamma, silu, out)
+            if y is not None:  # None: layout not supported by the kernel
+                return y
+    return rms_norm_act_ref(x, gamma, silu, out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Modules (parameter names follow wan/modules/vae.py)
+
+
+class CausalConv3d(nn.Conv3d):
+    """Conv3d with `pad_t` frames of past context (zeros or the cache) and 'same' spatial padding.
+
+    Called through `_causal_conv` (streaming) or directly on a full clip with zero time padding.
+    """
+
+    def __init__(self, cin: int, cout: int, kernel: int | tuple[int, int, int],
+                 stride: int | tuple[int, int, int] = 1, pad_t: int | None = None):
+        super().__init__(cin, cout, kernel, stride=stride, padding=0)
+        kt, kh, kw = self.kernel_size
+        self.pad_t = kt - 1 if pad_t is None else pad_t
+        self.pad_hw = (kh // 2, kw // 2)
+
+
+class RMSNorm(nn.Module):
+    """x / ||x||_C * sqrt(C) * gamma; gamma [C, 1, 1, 1] (video) or [C, 1, 1] (images, in attention)."""
+
+    def __init__(self, dim: int, images: bool = False):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones((dim, 1, 1) if images else (dim, 1, 1, 1)))
+
+
+class _Stream:
+    """State of one encode/decode call: per-conv caches (last `pad_t` input frames) and scratch buffers."""
+
+    def __init__(self, memory_format: torch.memory_format):
+        self.fmt = memory_format
+        self.first = True
+        self.cache: dict[nn.Module, torch.Tensor] = {}
+        self.scratch: dict[tuple, torch.Tensor] = {}
+
+    def buffer(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        key = (shape, like.dtype)
+        buf = self.scratch.get(key)
+        if buf is None:
+            buf = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=self.fmt)
+            self.scratch[key] = buf
+        return buf
+
+
+def _causal_conv(conv: CausalConv3d, x: torch.Tensor, st: _Stream, norm: RMSNorm | None = None) -> torch.Tensor:
+    """conv([cache | act(x)]), act = SiLU(RMSNorm(x)) when `norm` is given; updates the cache. x [B, C, T, H, W]."""
+    p = conv.pad_t
+    if p == 0:
+        if norm is not None:
+            x = rms_norm_act(x, norm.gamma, True)
+        return F.conv3d(x, conv.weight, conv.bias, conv.stride, (0,) + conv.pad_hw)
+    b, c, t, h, w = x.shape
+    buf = st.buffer((b, c, p + t, h, w), x)
+    prev = st.cache.get(conv)
+    if prev is None:
+        buf[:, :, :p].zero_()
+    else:
+        buf[:, :, :p].copy_(prev)
+    if norm is None:
+        buf[:, :, p:].copy_(x)
+    else:
+        rms_norm_act(x, norm.gamma, True, out=buf[:, :, p:])
+    y = F.conv3d(buf, conv.weight, conv.bias, conv.stride, (0,) + conv.pad_hw)
+    if prev is None:
+        st.cache[conv] = buf[:, :, -p:].clone(memory_format=st.fmt)
+    else:
+        prev.copy_(buf[:, :, -p:])
+    return y
+
+
+class ResidualBlock(nn.Module):
+    """x -> conv(SiLU(RMS(conv(SiLU(RMS(x)))))) + shortcut(x); 3x3x3 causal convs, 1x1x1 shortcut if C changes."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.residual = nn.Sequential(RMSNorm(cin), nn.SiLU(), CausalConv3d(cin, cout, 3),
+                                      RMSNorm(cout), nn.SiLU(), nn.Identity(), CausalConv3d(cout, cout, 3))
+        self.shortcut = CausalConv3d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, st: _Stream) -> torch.Tensor:
+        r = self.residual
+        h = x if isinstance(self.shortcut, nn.Identity) else _causal_conv(self.shortcut, x, st)
+        y = _causal_conv(r[2], x, st, norm=r[0])
+        y = _causal_conv(r[6], y, st, norm=r[3])
+        return y.add_(h)
+
+
+class AttentionBlock(nn.Module):
+    """Per-frame single-head self-attention over the H*W positions (head dim C), residual."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = RMSNorm(dim, images=True)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor, st: _Stream) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        y = rms_norm_act(x, self.norm.gamma, False)
+        y = y.permute(0, 2, 3, 4, 1).reshape(b * t, 1, h * w, c)  # free for channels_last_3d
+        qkv = F.linear(y, self.to_qkv.weight.view(3 * c, c), self.to_qkv.bias)
+        q, k, v = qkv.chunk(3, dim=-1)
+        o = F.scaled_dot_product_attention(q, k, v)
+        o = F.linear(o, self.proj.weight.view(c, c), self.proj.bias)
+        return torch.add(x, o.view(b, t, h, w, c).permute(0, 4, 1, 2, 3))
+
+
+class Resample(nn.Module):
+    """Spatial x2 down/up-sampling (Conv2d as `resample.1`), optionally with the temporal `time_conv`.
+
+    downsample: zero pad right/bottom by 1, Conv2d k3 s2 (C -> C); 3d: then time_conv k=(3,1,1) stride 2.
+    upsample: 3d: time_conv (C -> 2C, causal) interleaved into 2T frames; nearest x2; Conv2d k3 (C -> C/2).
+    """
+
+    def __init__(self, dim: int, mode: str):
+        super().__init__()
+        self.mode = mode
+        if mode.startswith("up"):
+            self.resample = nn.Sequential(nn.Identity(), nn.Conv2d(dim, dim // 2, 3, padding=1))
+            if mode == "upsample3d":
+                self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1))
+        elif mode.startswith("down"):
+            self.resample = nn.Sequential(nn.Identity(), nn.Conv2d(dim, dim, 3, stride=2))
+            if mode == "downsample3d":
+                self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1), pad_t=0)
+        else:
+            raise ValueError(f"Resample mode must be up/downsample2d/3d, got {mode!r}")
+
+    def forward(self, x: torch.Tensor, st: _Stream) -> torch.Tensor:
+        conv = self.resample[1]
+        w5 = conv.weight.unsqueeze(2)  # Conv2d weight as a (1,3,3) Conv3d: runs on the 5D tensor per frame
+        if self.mode.startswith("up"):
+            if self.mode == "upsample3d" and not st.first:
+                x = _upsample2x(_causal_conv(self.time_conv, x, st), 2, st.fmt)
+            else:
+                x = _upsample2x(x, 1, st.fmt)
+            return F.conv3d(x, w5, conv.bias, padding=(0, 1, 1))
+        x = F.conv3d(F.pad(x, (0, 1, 0, 1)), w5, conv.bias, stride=(1, 2, 2))
+        if self.mode == "downsample3d":
+            prev = st.cache.get(self.time_conv)
+            st.cache[self.time_conv] = x[:, :, -1:].clone(memory_format=st.fmt)
+            if not st.first:
+                x = F.conv3d(torch.cat([prev, x], dim=2), self.time_conv.weight, self.time_conv.bias,
+                             stride=(2, 1, 1))
+        return x
+
+
+def _upsample2x(y: torch.Tensor, s: int, fmt: torch.memory_format) -> torch.Tensor:
+    """[B, s*C, T, H, W] -> [B, C, s*T, 2H, 2W]: out[:, c, s*t+i, 2h+a, 2w+b] = y[:, i*C + c, t, h, w].
+
+    The temporal interleave of the upsampler's time_conv halves and nearest x2 in one strided copy.
+    """
+    b, sc, t, h, w = y.shape
+    c = sc // s
+    out = torch.empty((b, c, s * t, 2 * h, 2 * w), dtype=y.dtype, device=y.device, memory_format=fmt)
+    src = y.view(b, s, c, t, h, 1, w, 1).permute(0, 2, 3, 1, 4, 5, 6, 7)
+    out.view(b, c, t, s, h, 2, w, 2).copy_(src.expand(b, c, t, s, h, 2, w, 2))
+    return out
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        dims = [cfg.dim * m for m in (1,) + tuple(cfg.dim_mult)]
+        self.conv1 = CausalConv3d(3, dims[0], 3)
+        layers: list[nn.Module] = []
+        for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(cfg.num_res_blocks):
+                layers.append(ResidualBlock(cin, cout))
+                cin = cout
+            if i != len(cfg.dim_mult) - 1:
+                layers.append(Resample(cout, "downsample3d" if cfg.temperal_downsample[i] else "downsample2d"))
+        self.downsamples = nn.ModuleList(layers)
+        c = dims[-1]
+        self.middle = nn.ModuleList([ResidualBlock(c, c), AttentionBlock(c), ResidualBlock(c, c)])
+        self.head = nn.Sequential(RMSNorm(c), nn.SiLU(), CausalConv3d(c, cfg.z_dim * 2, 3))
+
+    def forward(self, x: torch.Tensor, st: _Stream) -> torch.Tensor:
+        """One chunk [B, 3, T, H, W] (T = 1 first, then 4) -> [B, 2z, 1, H/8, W/8]."""
+        x = _causal_conv(self.conv1, x, st)
+        for layer in self.downsamples:
+            x = layer(x, st)
+        for layer in self.middle:
+            x = layer(x, st)
+        return _causal_conv(self.head[2], x, st, norm=self.head[0])
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        mult = tuple(cfg.dim_mult)
+        dims = [cfg.dim * m for m in (mult[-1],) + mult[::-1]]
+        temperal_upsample = tuple(cfg.temperal_downsample)[::-1]
+        self.conv1 = CausalConv3d(cfg.z_dim, dims[0], 3)
+        c = dims[0]
+        self.middle = nn.ModuleList([ResidualBlock(c, c), AttentionBlock(c), ResidualBlock(c, c)])
+        layers: list[nn.Module] = []
+        for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
+            if i > 0:
+                cin = cin // 2  # the previous upsampler halved the channels
+            for _ in range(cfg.num_res_blocks + 1):
+                layers.append(ResidualBlock(cin, cout))
+                cin = cout
+            if i != len(mult) - 1:
+                layers.append(Resample(cout, "upsample3d" if temperal_upsample[i] else "upsample2d"))
+        self.upsamples = nn.ModuleList(layers)
+        self.head = nn.Sequential(RMSNorm(dims[-1]), nn.SiLU(), CausalConv3d(dims[-1], 3, 3))
+
+    def forward(self, x: torch.Tensor, st: _Stream) -> torch.Tensor:
+        """One latent [B, z, 1, h, w] -> [B, 3, 1 (first) or 4, 8h, 8w] (unclamped)."""
+        x = _causal_conv(self.conv1, x, st)
+        for layer in self.middle:
+            x = layer(x, st)
+        for layer in self.upsamples:
+            x = layer(x, st)
+        return _causal_conv(self.head[2], x, st, norm=self.head[0])
+
+
+class WanVAE(nn.Module):
+    """Wan2.1 VAE. encode: video [B, 3, 1+4k, H, W] in [-1, 1] -> normalized latents [B, 16, 1+k, H/8, W/8];
+    decode: the reverse, clamped to [-1, 1]. Both return fp32; the convs run in the parameters' dtype."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.conv1 = CausalConv3d(cfg.z_dim * 2, cfg.z_dim * 2, 1)
+        self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
+        self.decoder = Decoder(cfg)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv2.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.conv2.weight.device
+
+    def _fmt(self) -> torch.memory_format:
+        return torch.channels_last_3d if self.device.type == "cuda" else torch.contiguous_format
+
+    def _mean_std(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, self.cfg.z_dim, 1, 1, 1)
+        mean = torch.tensor(WAN21_LATENT_MEAN, dtype=torch.float32, device=device).view(shape)
+        std = torch.tensor(WAN21_LATENT_STD, dtype=torch.float32, device=device).view(shape)
+        return mean, std
+
+    def use_channels_last(self) -> "WanVAE":
+        """Stores every 5D conv weight channels_last_3d (what cuDNN's fast NDHWC kernels want)."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d):
+                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last_3d)
+        return self
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """video [B, 3, T, H, W] in [-1, 1], T = 1+4k, H, W multiples of 8 -> z = (mu - mean) / std,
+        fp32 [B, 16, 1+k, H/8, W/8]. Pixel chunks 1, 4, 4, ... give one latent each."""
+        if video.dim() != 5 or video.shape[1] != 3:
+            raise ValueError(f"WanVAE.encode expects video [B, 3, T, H, W], got {tuple(video.shape)}")
+        b, _, t, h, w = video.shape
+        if t % 4 != 1:
+            raise ValueError(f"WanVAE.encode: frame count T={t} must be 1 + 4k (e.g. 81)")
+        if h % 8 or w % 8:
+            raise ValueError(f"WanVAE.encode: height {h} and width {w} must be multiples of 8")
+        n = (t - 1) // 4 + 1
+        z = self.cfg.z_dim
+        out = torch.empty((b, z, n, h // 8, w // 8), dtype=torch.float32, device=self.device)
+        mean, std = self._mean_std(self.device)
+        st = _Stream(self._fmt())
+        for i in range(n):
+            st.first = i == 0
+            chunk = video[:, :, :1] if i == 0 else video[:, :, 1 + 4 * (i - 1):1 + 4 * i]
+            chunk = chunk.to(device=self.device, dtype=self.dtype).contiguous(memory_format=st.fmt)
+            x = self.encoder(chunk, st)
+            mu = F.conv3d(x, self.conv1.weight[:z], self.conv1.bias[:z])  # only mu of (mu, logvar)
+            torch.div(mu.float().sub_(mean), std, out=out[:, :, i:i + 1])
+            if i == 0:
+                st.scratch.clear()  # first-chunk shapes (T=1) are not reused
+        return out
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z [B, 16, F, h, w] (normalized latents) -> video fp32 [B, 3, 1+4(F-1), 8h, 8w] in [-1, 1].
+        Latents go through the decoder one at a time (1, then 4 frames each) into a preallocated output."""
+        if z.dim() != 5 or z.shape[1] != self.cfg.z_dim:
+            raise ValueError(f"WanVAE.decode expects latents [B, {self.cfg.z_dim}, F, h, w], got {tuple(z.shape)}")
+        b, _, n, h, w = z.shape
+        mean, std = self._mean_std(self.device)
+        x = z.to(device=self.device, dtype=torch.float32) * std + mean
+        x = F.conv3d(x.to(self.dtype), self.conv2.weight, self.conv2.bias)
+        st = _Stream(self._fmt())
+        x = x.contiguous(memory_format=st.fmt)
+        out = torch.empty((b, 3, 1 + 4 * (n - 1), 8 * h, 8 * w), dtype=torch.float32, device=self.device)
+        t0 = 0
+        for i in range(n):
+            st.first = i == 0
+            y = self.decoder(x[:, :, i:i + 1], st)
+            t1 = t0 + y.shape[2]
+            out[:, :, t0:t1].copy_(y.clamp_(-1.0, 1.0))
+            t0 = t1
+            del y
+            if i == 0:
+                st.scratch.clear()
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Construction
+
+
+def _expected_shapes(cfg: VAEConfig) -> dict[str, torch.Size]:
+    with torch.device("meta"):
+        return {k: v.shape for k, v in WanVAE(cfg).state_dict().items()}
+
+
+def load_vae(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> WanVAE:
+    """Loads `Wan2.1_VAE.pth` (or a .safetensors with the same keys): meta build, mmap load, key and shape
+    validation, assign-load in `dtype` on `device` (channels_last_3d conv weights on CUDA)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"VAE checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        sd = load_file(str(path))
+    else:
+        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: expected a state dict of tensors, got {type(sd).__name__}")
+    cfg = VAEConfig.from_state_dict(sd, str(path))
+    expected = _expected_shapes(cfg)
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise KeyError(f"{path}: not a Wan2.1 VAE state dict (dim {cfg.dim}, z_dim {cfg.z_dim}): "
+                       f"{len(missing)} missing keys {missing[:20]}, {len(unexpected)} unexpected keys "
+                       f"{unexpected[:20]}")
+    for k, shape in expected.items():
+        if sd[k].shape != shape:
+            raise ValueError(f"{path}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(shape)}")
+    with torch.device("meta"):
+        model = WanVAE(cfg)
+    model.load_state_dict({k: sd[k].to(device=device, dtype=dtype) for k in expected}, assign=True, strict=True)
+    model.eval()
+    if model.device.type == "cuda":
+        model.use_channels_last()
+    return model
+
+
+def random_vae(cfg: VAEConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               seed: int = 0) -> WanVAE:
+    """Deterministic random weights built on `device`: conv weights N(0, 1/fan_in), biases N(0, 0.02^2),
+    RMSNorm gammas 1 (activations stay O(1) through the residual stacks)."""
+    with torch.device("meta"):
+        model = WanVAE(cfg)
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.02, generator=gen)
+            else:
+                p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=gen)
+    model.to(dtype=dtype).eval()
+    if model.device.type == "cuda":
+        model.use_channels_last()
+    return model

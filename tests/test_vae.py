@@ -1,0 +1,189 @@
+"""Wan2.1 VAE against diffusers' AutoencoderKLWan (independent implementation) with random tiny weights."""
+import re
+
+import pytest
+import torch
+
+from lightx2v_engine.vae import (WAN21_LATENT_MEAN, WAN21_LATENT_STD, VAEConfig, WanVAE, _expected_shapes,
+                                 load_vae, random_vae, rms_norm_act_ref)
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import AutoencoderKLWan  # noqa: E402
+
+BASE_DIM = 16
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _wan_key(k: str) -> str:
+    """diffusers AutoencoderKLWan key -> Wan2.1_VAE.pth key (num_res_blocks 2: 3 resnets + 1 upsampler per stage)."""
+    k = re.sub(r"^(encoder|decoder)\.conv_in\.", r"\1.conv1.", k)
+    k = re.sub(r"^(encoder|decoder)\.norm_out\.", r"\1.head.0.", k)
+    k = re.sub(r"^(encoder|decoder)\.conv_out\.", r"\1.head.2.", k)
+    k = re.sub(r"^quant_conv\.", "conv1.", k)
+    k = re.sub(r"^post_quant_conv\.", "conv2.", k)
+    k = k.replace("mid_block.resnets.0.", "middle.0.").replace("mid_block.attentions.0.", "middle.1.")
+    k = k.replace("mid_block.resnets.1.", "middle.2.")
+    k = re.sub(r"^encoder\.down_blocks\.(\d+)\.", r"encoder.downsamples.\1.", k)
+    k = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.",
+               lambda m: f"decoder.upsamples.{4 * int(m[1]) + int(m[2])}.", k)
+    k = re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.upsamples.{4 * int(m[1]) + 3}.", k)
+    for a, b in (("norm1.", "residual.0."), ("conv1.", "residual.2."), ("norm2.", "residual.3."),
+                 ("conv2.", "residual.6."), ("conv_shortcut.", "shortcut.")):
+        k = re.sub(rf"^((?:encoder|decoder)\.(?:downsamples|upsamples|middle)\.\d+\.){re.escape(a)}", rf"\g<1>{b}", k)
+    return k
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(diffusers model, our model loaded from a Wan-layout .pth, path) sharing random weights."""
+    torch.manual_seed(0)
+    ref = AutoencoderKLWan(base_dim=BASE_DIM, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                           temperal_downsample=[False, True, True]).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # every tensor random (gammas and biases too), so each one matters
+        for name, p in ref.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+    sd = {_wan_key(k): v.clone() for k, v in ref.state_dict().items()}
+    path = tmp_path_factory.mktemp("vae") / "Wan2.1_VAE_tiny.pth"
+    torch.save(sd, path)
+    return ref, load_vae(path), path
+
+
+def _mean_std():
+    return (torch.tensor(WAN21_LATENT_MEAN).view(1, 16, 1, 1, 1), torch.tensor(WAN21_LATENT_STD).view(1, 16, 1, 1, 1))
+
+
+def test_config_from_checkpoint(pair):
+    _, ours, _ = pair
+    assert ours.cfg == VAEConfig(dim=BASE_DIM, z_dim=16)
+    assert ours.dtype == torch.float32
+
+
+def test_encode_matches_diffusers(pair):
+    ref, ours, _ = pair
+    x = torch.rand(1, 3, 9, 32, 48, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    mean, std = _mean_std()
+    with torch.no_grad():
+        want = (ref.encode(x).latent_dist.mean - mean) / std
+    got = ours.encode(x)
+    assert got.shape == (1, 16, 3, 4, 6) and got.dtype == torch.float32
+    assert _rel(got, want) <= 1e-4, _rel(got, want)
+
+
+def test_decode_matches_diffusers(pair):
+    ref, ours, _ = pair
+    z = torch.randn(1, 16, 3, 4, 6, generator=torch.Generator().manual_seed(3))
+    mean, std = _mean_std()
+    with torch.no_grad():
+        want = ref.decode(z * std + mean).sample
+    got = ours.decode(z)
+    assert got.shape == (1, 3, 9, 32, 48) and got.dtype == torch.float32
+    assert got.abs().max() <= 1.0
+    assert (want.abs() < 1).float().mean() > 0.5  # the comparison is not all clamp
+    assert _rel(got, want) <= 1e-4, _rel(got, want)
+
+
+def test_single_frame_and_batch(pair):
+    """T=1 (image) encode/decode and batch 2 against diffusers (first-chunk paths, batch strides)."""
+    ref, ours, _ = pair
+    x = torch.rand(2, 3, 5, 16, 24, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    mean, std = _mean_std()
+    with torch.no_grad():
+        want = (ref.encode(x).latent_dist.mean - mean) / std
+        img_want = (ref.encode(x[:1, :, :1]).latent_dist.mean - mean) / std
+        dec_want = ref.decode(want[:, :, :1] * std + mean).sample
+    assert _rel(ours.encode(x), want) <= 1e-4
+    assert _rel(ours.encode(x[:1, :, :1]), img_want) <= 1e-4
+    assert _rel(ours.decode(want[:, :, :1]), dec_want) <= 1e-4
+
+
+def test_bf16_close_to_fp32(pair):
+    _, ours, path = pair
+    ours16 = load_vae(path, dtype=torch.bfloat16)
+    assert ours16.dtype == torch.bfloat16
+    z = torch.randn(1, 16, 2, 4, 6, generator=torch.Generator().manual_seed(5))
+    got = ours16.decode(z)
+    assert got.dtype == torch.float32
+    assert _rel(got, ours.decode(z)) <= 3e-2
+    x = torch.rand(1, 3, 5, 32, 48, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    assert _rel(ours16.encode(x), ours.encode(x)) <= 3e-2
+
+
+def test_rms_norm_act_ref_matches_definition():
+    x = torch.randn(2, 24, 3, 5, 7, dtype=torch.float64)
+    gamma = torch.randn(24, 1, 1, 1, dtype=torch.float64)
+    want = torch.nn.functional.silu(torch.nn.functional.normalize(x, dim=1) * 24 ** 0.5 * gamma)
+    out = torch.empty(2, 24, 5, 5, 7, dtype=torch.float64)[:, :, 2:]  # strided destination (scratch tail)
+    got = rms_norm_act_ref(x, gamma, True, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_full_size_layout_matches_wan_checkpoint():
+    """194 tensors, 126.9M parameters, and diffusers' full-size keys map onto ours with equal shapes."""
+    shapes = _expected_shapes(VAEConfig.wan21())
+    assert len(shapes) == 194
+    assert abs(sum(s.numel() for s in shapes.values()) - 126.9e6) < 0.1e6
+    with torch.device("meta"):
+        ref = AutoencoderKLWan()
+    ref_shapes = {_wan_key(k): v.shape for k, v in ref.state_dict().items()}
+    assert ref_shapes == shapes
+    assert shapes["encoder.downsamples.5.time_conv.weight"] == (192, 192, 3, 1, 1)
+    assert shapes["decoder.upsamples.3.time_conv.weight"] == (768, 384, 3, 1, 1)
+    assert shapes["decoder.upsamples.11.resample.1.weight"] == (96, 192, 3, 3)
+
+
+def test_frame_count_must_be_1_plus_4k(pair):
+    _, ours, _ = pair
+    with pytest.raises(ValueError, match="T=8"):
+        ours.encode(torch.zeros(1, 3, 8, 16, 16))
+    with pytest.raises(ValueError, match="multiples of 8"):
+        ours.encode(torch.zeros(1, 3, 5, 20, 16))
+
+
+def test_missing_keys_named(pair, tmp_path):
+    _, ours, _ = pair
+    sd = dict(ours.state_dict())
+    del sd["decoder.upsamples.7.time_conv.weight"]
+    sd["decoder.extra.weight"] = torch.zeros(1)
+    bad = tmp_path / "bad.pth"
+    torch.save(sd, bad)
+    with pytest.raises(KeyError, match=r"decoder\.upsamples\.7\.time_conv\.weight") as e:
+        load_vae(bad)
+    assert "decoder.extra.weight" in str(e.value) and "bad.pth" in str(e.value)
+    sd = dict(ours.state_dict())
+    sd["encoder.head.0.gamma"] = torch.ones(5, 1, 1, 1)
+    torch.save(sd, bad)
+    with pytest.raises(ValueError, match=r"encoder\.head\.0\.gamma has shape \(5, 1, 1, 1\)"):
+        load_vae(bad)
+
+
+def test_missing_file_names_path(tmp_path):
+    p = tmp_path / "nowhere" / "Wan2.1_VAE.pth"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(p))):
+        load_vae(p)
+
+
+def test_random_vae_deterministic_and_sane():
+    cfg = VAEConfig.tiny()
+    a, b = random_vae(cfg, seed=3), random_vae(cfg, seed=3)
+    assert isinstance(a, WanVAE) and a.cfg.dim == 8
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    assert not torch.equal(random_vae(cfg, seed=4).conv2.weight, a.conv2.weight)
+    z = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(7))
+    video = a.decode(z)
+    assert video.shape == (1, 3, 5, 32, 32) and torch.isfinite(video).all()
+    assert video.std() > 0.05 and (video.abs() < 1).float().mean() > 0.2
+    latents = a.encode(video)
+    assert latents.shape == (1, 16, 2, 4, 4) and torch.isfinite(latents).all()
+    bf = random_vae(cfg, dtype=torch.bfloat16, seed=3)
+    assert bf.dtype == torch.bfloat16 and _rel(bf.decode(z), video) < 5e-2
