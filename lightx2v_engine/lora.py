@@ -55,12 +55,17 @@ def read_lora(path: str | Path) -> dict[str, torch.Tensor]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"LoRA file not found: {p}")
-    return {_strip(k): t for k, t, _ in iter_checkpoint([p])}
+    return {k: t for k, t, _ in iter_checkpoint([p])}
 
 
 def plan_lora(lora: dict[str, torch.Tensor], params: dict[str, torch.Tensor], source: str = "lora"):
     """Pairs LoRA tensors with model parameters. Returns (updates, unmatched keys), where each update is
-    (param name, kind, tensors): kind "lowrank" with (up, down, alpha or None), or "diff" with (delta,)."""
+    (param name, kind, tensors): kind "lowrank" with (up, down, alpha or None), or "diff" with (delta,).
+    Unmatched keys are reported with their prefixes stripped."""
+    stripped = {_strip(k): v for k, v in lora.items()}
+    if len(stripped) != len(lora):
+        raise LoraKeyError(f"{source}: keys collide once their prefixes {LORA_PREFIXES} are stripped")
+    lora = stripped
     used: set[str] = set()
     updates = []
     unmatched = []

@@ -1,0 +1,161 @@
+"""LoRA merge: against an independently computed expectation and against diffusers' own LoRA loading."""
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lightx2v_engine import ops
+from lightx2v_engine.config import LoraSpec
+from lightx2v_engine.loading import build_dit, load_dit
+from lightx2v_engine.lora import LoraKeyError, merge_lora_
+
+from dit_fixtures import TINY_I2V, TINY_T2V, diffusers_forward, diffusers_model, inputs, rel_l2, wan_state_dict
+
+RANK = 4
+
+
+@pytest.fixture(autouse=True)
+def torch_backend():
+    ops.set_backend("torch")
+    yield
+    ops.set_backend("auto")
+
+
+def make_lora(sd, targets, seed=0, alpha=8.0, prefix="diffusion_model.", style=("lora_up", "lora_down")):
+    g = torch.Generator().manual_seed(seed)
+    lora = {}
+    for t in targets:
+        out_f, in_f = sd[t + ".weight"].shape
+        up, down = style
+        lora[f"{prefix}{t}.{up}.weight"] = torch.randn(out_f, RANK, generator=g) * 0.1
+        lora[f"{prefix}{t}.{down}.weight"] = torch.randn(RANK, in_f, generator=g) * 0.1
+        if alpha is not None:
+            lora[f"{prefix}{t}.alpha"] = torch.tensor(alpha)
+    return lora
+
+
+LINEARS = ["blocks.0.self_attn.q", "blocks.1.cross_attn.o", "blocks.0.ffn.0", "blocks.1.ffn.2", "text_embedding.2",
+           "time_projection.1", "head.head"]
+
+
+def expected_after(sd, loras_with_strength):
+    """Independent arithmetic on the plain state dict, in float64."""
+    out = {k: v.double().clone() for k, v in sd.items()}
+    for lora, s in loras_with_strength:
+        for k, v in lora.items():
+            k = k.removeprefix("diffusion_model.")
+            for up_s, down_s in ((".lora_up.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_A.weight")):
+                if k.endswith(up_s):
+                    base = k[: -len(up_s)]
+                    down = lora["diffusion_model." + base + down_s].double()
+                    a = lora.get("diffusion_model." + base + ".alpha")
+                    scale = (a.item() / down.shape[0]) if a is not None else 1.0
+                    out[base + ".weight"] += s * scale * v.double() @ down
+            if k.endswith(".diff_b"):
+                out[k[: -len(".diff_b")] + ".bias"] += s * v.double()
+            elif k.endswith(".diff_m"):
+                out[k[: -len(".diff_m")] + ".modulation"] += s * v.double()
+            elif k.endswith(".diff"):
+                out[k[: -len(".diff")] + ".weight"] += s * v.double()
+    return out
+
+
+def test_merge_matches_expectation_several_loras(tmp_path):
+    sd = wan_state_dict(diffusers_model(TINY_T2V))
+    save_file(sd, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    l1 = make_lora(sd, LINEARS, seed=1, alpha=8.0)
+    l1["diffusion_model.blocks.0.self_attn.q.diff_b"] = torch.randn(64) * 0.1
+    l1["diffusion_model.blocks.1.diff_m"] = torch.randn(1, 6, 64) * 0.1
+    l1["diffusion_model.blocks.0.norm3.diff"] = torch.randn(64) * 0.1
+    l2 = make_lora(sd, LINEARS[:3], seed=2, alpha=None, style=("lora_B", "lora_A"))
+    save_file(l1, str(tmp_path / "l1.safetensors"))
+    save_file(l2, str(tmp_path / "l2.safetensors"))
+    model = load_dit(TINY_T2V, tmp_path, dtype="fp32",
+                     lora_specs=[LoraSpec(str(tmp_path / "l1.safetensors"), 0.7), LoraSpec("l2.safetensors", -1.3)])
+    exp = expected_after(sd, [(l1, 0.7), (l2, -1.3)])
+    got = model.state_dict()
+    changed = 0
+    for k, v in exp.items():
+        assert torch.allclose(got[k].double(), v, atol=1e-6, rtol=1e-6), k
+        changed += not torch.equal(sd[k], got[k])
+    assert changed == len(LINEARS) + 3
+
+
+def test_merge_in_bf16_is_done_in_fp32_then_cast():
+    sd = wan_state_dict(diffusers_model(TINY_T2V))
+    model = build_dit(TINY_T2V, None, dtype=torch.bfloat16)
+    model.load_state_dict({k: v.to(p.dtype) for (k, v), p in zip(sd.items(), [model.state_dict()[k] for k in sd])})
+    before = model.blocks[0].ffn[0].weight.detach().clone()
+    lora = make_lora(sd, ["blocks.0.ffn.0"], alpha=4.0)
+    merge_lora_(model, lora, strength=1.0)
+    up, down = lora["diffusion_model.blocks.0.ffn.0.lora_up.weight"], lora["diffusion_model.blocks.0.ffn.0.lora_down.weight"]
+    exp = (before.float() + (4.0 / RANK) * up @ down).to(torch.bfloat16)
+    assert model.blocks[0].ffn[0].weight.dtype == torch.bfloat16
+    assert torch.equal(model.blocks[0].ffn[0].weight, exp)
+
+
+def test_unmatched_keys_error_lists_them_and_changes_nothing():
+    sd = wan_state_dict(diffusers_model(TINY_T2V))
+    model = build_dit(TINY_T2V, None, dtype=torch.float32)
+    model.load_state_dict(sd)
+    lora = make_lora(sd, ["blocks.0.self_attn.q"])
+    lora["diffusion_model.blocks.7.self_attn.q.lora_up.weight"] = torch.zeros(64, RANK)
+    lora["diffusion_model.blocks.7.self_attn.q.lora_down.weight"] = torch.zeros(RANK, 64)
+    lora["diffusion_model.something.diff"] = torch.zeros(3)
+    with pytest.raises(LoraKeyError) as e:
+        merge_lora_(model, lora, source="my_lora.safetensors")
+    assert "blocks.7.self_attn.q.lora_up.weight" in str(e.value) and "something.diff" in str(e.value)
+    assert "my_lora.safetensors" in str(e.value)
+    assert torch.equal(model.blocks[0].self_attn.q.weight, sd["blocks.0.self_attn.q.weight"])
+    with pytest.warns(UserWarning, match="match no model weight"):
+        n = merge_lora_(model, lora, strict=False)
+    assert n == 1
+
+
+def test_shape_mismatch_is_named():
+    sd = wan_state_dict(diffusers_model(TINY_T2V))
+    model = build_dit(TINY_T2V, None, dtype=torch.float32)
+    lora = {"blocks.0.ffn.0.lora_up.weight": torch.zeros(64, RANK), "blocks.0.ffn.0.lora_down.weight": torch.zeros(RANK, 64)}
+    with pytest.raises(LoraKeyError, match=r"blocks\.0\.ffn\.0\.weight.*\(96, 64\)"):
+        merge_lora_(model, lora)
+    assert sd  # model untouched path covered above
+
+
+def test_missing_lora_file_names_places(tmp_path):
+    sd = wan_state_dict(diffusers_model(TINY_T2V))
+    save_file(sd, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        load_dit(TINY_T2V, tmp_path, lora_specs=[LoraSpec("nope.safetensors", 1.0)])
+
+
+@pytest.mark.parametrize("cfg", [TINY_T2V, TINY_I2V], ids=["t2v", "i2v"])
+def test_against_diffusers_lora_loading(cfg):
+    """diffusers converts a LightX2V-format LoRA (diffusion_model.* lora_down/up + alpha, diff_b) itself and runs
+    it through PEFT; our merged model must produce the same output."""
+    pytest.importorskip("peft", reason="peft is a test extra")
+    from diffusers.loaders import WanLoraLoaderMixin
+    ref = diffusers_model(cfg)
+    sd = wan_state_dict(ref)
+    targets = ["blocks.0.self_attn.q", "blocks.0.self_attn.v", "blocks.1.cross_attn.k", "blocks.0.ffn.0", "blocks.1.ffn.2"]
+    if cfg.is_i2v:
+        targets += ["blocks.0.cross_attn.k_img", "blocks.1.cross_attn.v_img"]
+    lora = make_lora(sd, targets, seed=3, alpha=2.0)
+    lora["diffusion_model.blocks.1.self_attn.o.diff_b"] = torch.randn(64) * 0.1
+
+    ours = build_dit(cfg, None, dtype=torch.float32)
+    ours.load_state_dict(sd)
+    merge_lora_(ours, {k: v.clone() for k, v in lora.items()})
+
+    converted = WanLoraLoaderMixin.lora_state_dict({k: v.clone() for k, v in lora.items()})
+    if isinstance(converted, tuple):
+        converted = converted[0]
+    WanLoraLoaderMixin.load_lora_into_transformer(converted, transformer=ref)
+    x, t, ctx, clip, y = inputs(cfg, text_len=512)  # diffusers' I2V attention assumes 512 text rows
+    with torch.no_grad():
+        a = ours(x, t, ctx, clip, y)
+    b = diffusers_forward(ref, x, t, ctx, clip, y)
+    base = build_dit(cfg, None, dtype=torch.float32)
+    base.load_state_dict(sd)
+    with torch.no_grad():
+        c = base(x, t, ctx, clip, y)
+    assert rel_l2(c, b) > 1e-3  # the LoRA does change the output
+    assert rel_l2(a, b) <= 1e-4
