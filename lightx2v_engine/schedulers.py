@@ -229,7 +229,7 @@ class UniPCSampler:
                     c["c_rho_t"] = 0.5
                 else:
                     r = (lam[i - 2] - lam[i - 1]) / h
-                    g1 = e / hh - 1           # h*phi_2 / h analogue, the b-vector recursion of UniPC
+                    g1 = e / hh - 1  # UniPC b-vector recursion: g_k = g_{k-1} / hh - 1/k!
                     b0 = g1 / e
                     g2 = g1 / hh - 0.5
                     b1 = g2 * 2 / e
