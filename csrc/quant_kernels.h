@@ -1,0 +1,42 @@
+// Torch-free 8-bit activation quantization kernels: pointers, sizes, strides and a stream in, an error code out.
+//
+// Per-token (per-row) dynamic quantization of x [rows, cols] (bf16 or fp16, unit column stride):
+//   amax_r  = max(max_j |x[r, j]|, kAmaxMin)
+//   inv_r   = QMAX / amax_r                    (IEEE-rounded division)
+//   q[r, j] = cvt(x[r, j] * inv_r)             fp8 e4m3: round-to-nearest-even, saturated to +-448
+//                                              int8: round-half-even, clamped to +-127
+//   scale_r = amax_r / QMAX                    so that x ~= q * scale_r
+// with QMAX = 448 (fp8 e4m3) or 127 (int8). The PyTorch reference is lightx2v_engine.quant.per_token_quant_ref.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace lx2v {
+
+constexpr float kFp8E4m3Max = 448.0f;
+constexpr float kInt8Max = 127.0f;
+// Rows whose |x| max is below this are treated as having this max (avoids 0 * inf; the row quantizes to ~0).
+constexpr float kAmaxMin = 1e-12f;
+
+enum class InDType : int { kBF16 = 0, kFP16 = 1 };
+enum class QuantDType : int { kFP8E4M3 = 0, kINT8 = 1 };
+
+struct PerTokenQuantParams {
+  const void* x;         // [rows, cols], element (r, j) at x + r * x_row_stride + j
+  int64_t x_row_stride;  // in elements
+  void* q;               // [rows, cols] 1-byte elements, (r, j) at q + r * q_row_stride + j
+  int64_t q_row_stride;  // in elements
+  float* scale;          // [rows], contiguous
+  int64_t rows;
+  int64_t cols;
+  InDType in_dtype;
+  QuantDType out_dtype;
+};
+
+// Launches on `stream`; returns the launch error (cudaSuccess when nothing went wrong). rows == 0 is a no-op;
+// cols == 0 writes scale_r = kAmaxMin / QMAX.
+cudaError_t per_token_quant(const PerTokenQuantParams& p, cudaStream_t stream);
+
+}  // namespace lx2v

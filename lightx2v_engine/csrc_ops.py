@@ -1,0 +1,88 @@
+"""The one place that imports the compiled extension ``lightx2v_engine._C`` (sources in ``csrc/``).
+
+The extension registers its ops in the ``lightx2v_C`` namespace (``torch.ops.lightx2v_C.*``, CUDA only);
+this module adds their fake (meta) implementations so that ``torch.compile`` can trace them, and records
+why the extension is missing when it is (``csrc_status()``). A missing extension is normal for a
+pure-Python install (CPU torch, ``LX2V_SKIP_CUDA_BUILD=1``); an extension that exists but fails to load
+(ABI mismatch, missing symbol) is reported with a warning, never silently ignored.
+
+Ops:
+  per_token_quant_fp8(x [M, K] bf16/fp16) -> (q [M, K] float8_e4m3fn, scale [M, 1] fp32)
+  per_token_quant_int8(x [M, K] bf16/fp16) -> (q [M, K] int8, scale [M, 1] fp32)
+with x ~= q * scale (formula in lightx2v_engine.quant.per_token_quant_ref).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+
+import torch
+
+_EXTENSION = "lightx2v_engine._C"
+_STATUS: str | None = None
+_AVAILABLE = False
+
+
+def _load() -> None:
+    global _STATUS, _AVAILABLE
+    try:
+        importlib.import_module(_EXTENSION)
+    except ModuleNotFoundError as e:
+        if e.name != _EXTENSION:  # the extension exists but imports something that is missing
+            _STATUS = f"unavailable: {_EXTENSION} failed to import: {type(e).__name__}: {e}"
+            warnings.warn(f"lightx2v_engine: {_STATUS}", RuntimeWarning, stacklevel=2)
+        else:
+            _STATUS = (f"unavailable: {_EXTENSION} is not built (pure-Python install; build it with a CUDA "
+                       f"torch and nvcc: pip install --no-build-isolation -e .)")
+        return
+    except ImportError as e:  # built but not loadable (undefined symbol, torch/CUDA ABI mismatch)
+        _STATUS = f"unavailable: {_EXTENSION} is built but failed to load: {e}"
+        warnings.warn(f"lightx2v_engine: {_STATUS}", RuntimeWarning, stacklevel=2)
+        return
+    missing = [n for n in ("per_token_quant_fp8", "per_token_quant_int8") if not hasattr(torch.ops.lightx2v_C, n)]
+    if missing:
+        _STATUS = f"unavailable: {_EXTENSION} loaded but does not register {missing} (stale build?)"
+        warnings.warn(f"lightx2v_engine: {_STATUS}", RuntimeWarning, stacklevel=2)
+        return
+
+    @torch.library.register_fake("lightx2v_C::per_token_quant_fp8")
+    def _per_token_quant_fp8_fake(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty((x.shape[0], 1), dtype=torch.float32)
+
+    @torch.library.register_fake("lightx2v_C::per_token_quant_int8")
+    def _per_token_quant_int8_fake(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0], 1), dtype=torch.float32)
+
+    _STATUS = "available"
+    _AVAILABLE = True
+
+
+if os.environ.get("LX2V_DISABLE_CSRC", "0") == "1":
+    _STATUS = "unavailable: disabled by LX2V_DISABLE_CSRC=1"
+else:
+    _load()
+
+
+def csrc_available() -> bool:
+    """True when torch.ops.lightx2v_C ops are registered and usable on CUDA tensors."""
+    return _AVAILABLE
+
+
+def csrc_status() -> str:
+    """"available", or "unavailable: <reason>"."""
+    return _STATUS or "unavailable: not loaded"
+
+
+def per_token_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CUDA kernel: x [M, K] bf16/fp16 (unit stride along K) -> (q [M, K] fp8 e4m3, scale [M, 1] fp32)."""
+    if not _AVAILABLE:
+        raise RuntimeError(f"per_token_quant_fp8: lightx2v_engine._C is {csrc_status()}")
+    return torch.ops.lightx2v_C.per_token_quant_fp8(x)
+
+
+def per_token_quant_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CUDA kernel: x [M, K] bf16/fp16 (unit stride along K) -> (q [M, K] int8, scale [M, 1] fp32)."""
+    if not _AVAILABLE:
+        raise RuntimeError(f"per_token_quant_int8: lightx2v_engine._C is {csrc_status()}")
+    return torch.ops.lightx2v_C.per_token_quant_int8(x)

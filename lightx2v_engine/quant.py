@@ -1,0 +1,266 @@
+"""8-bit (fp8 e4m3 / int8) linear layers, as a module swap (gpt-fast style).
+
+Format (identical to LightX2V's ``dit_quantized_ckpt``): for each quantized linear
+  ``<name>.weight``       [N, K] torch.float8_e4m3fn or torch.int8
+  ``<name>.weight_scale`` [N, 1] fp32, per output channel: W ~= weight * weight_scale
+                          (fp8: amax/448, int8: amax/127)
+  ``<name>.bias``         [N] run dtype (bf16)
+Quantized modules: the 2-D linears under ``blocks.<i>.self_attn``, ``blocks.<i>.cross_attn`` and
+``blocks.<i>.ffn`` (LightX2V quantizes exactly those whose key's third component is one of the three).
+
+Forward: x [..., K] is quantized per token (per row of the flattened [M, K]) on the fly,
+x ~= xq * sx with sx [M, 1], then y = (xq @ weight^T) * sx * weight_scale^T + bias, accumulated in fp32.
+CUDA: the csrc kernel (or torch ops) for the quantization, then ``torch._scaled_mm`` (fp8, rowwise scales,
+bias fused, fast accumulation) or ``torch._int_mm`` + a scale/bias epilogue (int8).
+CPU: ``quant_linear_ref``, the same math in fp32.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from lightx2v_engine import csrc_ops
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+INT8_MAX = 127.0  # symmetric int8 range [-127, 127]
+AMAX_MIN = 1e-12  # per-row / per-channel amax floor; must equal kAmaxMin in csrc/quant_kernels.h
+
+SCHEMES = ("fp8", "int8")
+# LightX2V `dit_quant_scheme` names that this engine runs, mapped to the 8-bit format they store.
+_SCHEME_ALIASES = {
+    "fp8": "fp8", "int8": "int8",
+    "fp8-sgl": "fp8", "fp8-vllm": "fp8", "fp8-torchao": "fp8", "fp8-triton": "fp8", "fp8-q8f": "fp8",
+    "int8-sgl": "int8", "int8-vllm": "int8", "int8-torchao": "int8", "int8-triton": "int8", "int8-q8f": "int8",
+}
+_QDTYPE = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
+_QMAX = {"fp8": FP8_MAX, "int8": INT8_MAX}
+
+QUANTIZED_GROUPS = ("self_attn", "cross_attn", "ffn")
+
+
+def parse_quant_scheme(name: str) -> str:
+    """Maps a scheme name ("fp8", "int8" or a LightX2V name such as "fp8-sgl") to "fp8" or "int8"."""
+    scheme = _SCHEME_ALIASES.get(name.strip().lower()) if isinstance(name, str) else None
+    if scheme is None:
+        raise ValueError(f"unsupported quantization scheme {name!r}; supported: {sorted(_SCHEME_ALIASES)}")
+    return scheme
+
+
+def scheme_of_dtype(dtype: torch.dtype) -> str:
+    """The scheme stored with 8-bit weights of `dtype`."""
+    for scheme, qdtype in _QDTYPE.items():
+        if dtype == qdtype:
+            return scheme
+    raise ValueError(f"quantized weights must be float8_e4m3fn or int8, got {dtype}")
+
+
+def _to_qdtype(v: torch.Tensor, scheme: str) -> torch.Tensor:
+    """v (fp32, already scaled) -> fp8 e4m3 (round-to-nearest-even, saturated) or int8 (round-half-even)."""
+    qmax = _QMAX[scheme]
+    if scheme == "fp8":
+        # torch's fp32 -> e4m3fn cast maps overflow to NaN; saturate first as the CUDA cvt.satfinite does
+        return v.clamp(-qmax, qmax).to(torch.float8_e4m3fn)
+    return v.round().clamp(-qmax, qmax).to(torch.int8)
+
+
+def quantize_weight(w: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric quantization of a linear weight.
+
+    w [N, K] (any float dtype) -> (wq [N, K] fp8 e4m3 / int8, scale [N, 1] fp32) with
+    scale = max(amax_row, 1e-12) / QMAX, wq = cvt(w / scale), QMAX = 448 (fp8) or 127 (int8).
+    """
+    scheme = parse_quant_scheme(scheme)
+    if w.dim() != 2:
+        raise ValueError(f"quantize_weight expects a 2-D [out, in] weight, got shape {tuple(w.shape)}")
+    wf = w.float()
+    amax = wf.abs().amax(dim=1, keepdim=True).clamp_min(AMAX_MIN)
+    scale = amax / torch.full_like(amax, _QMAX[scheme])
+    return _to_qdtype(wf / scale, scheme), scale
+
+
+def dequantize_weight(wq: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """wq [N, K] fp8/int8, scale [N, 1] -> fp32 [N, K] = wq * scale."""
+    return wq.float() * scale.float().reshape(-1, 1)
+
+
+def per_token_quant_ref(x: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row dynamic quantization, the reference of the csrc kernels (bit-exact with them).
+
+    x [M, K] -> (q [M, K] fp8 e4m3 / int8, scale [M, 1] fp32):
+    amax = max(max_j |x|, 1e-12); inv = QMAX / amax; q = cvt(x * inv); scale = amax / QMAX.
+    """
+    scheme = parse_quant_scheme(scheme)
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(AMAX_MIN)
+    qmax = torch.full_like(amax, _QMAX[scheme])
+    # tensor / tensor divisions: IEEE-rounded like the kernel's __fdiv_rn (scalar division may use a reciprocal)
+    return _to_qdtype(xf * (qmax / amax), scheme), amax / qmax
+
+
+def per_token_quant(x: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row dynamic quantization of x [M, K]: the csrc kernel for CUDA bf16/fp16 inputs when built,
+    otherwise per_token_quant_ref (also capturable in a CUDA graph)."""
+    scheme = parse_quant_scheme(scheme)
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and csrc_ops.csrc_available():
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        if scheme == "fp8":
+            return csrc_ops.per_token_quant_fp8(x)
+        return csrc_ops.per_token_quant_int8(x)
+    return per_token_quant_ref(x, scheme)
+
+
+def quant_linear_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    """Reference W8A8 linear in fp32: y = (xq @ wq^T) * sx * sw^T + b, returned in x's dtype.
+
+    x [M, K]; weight [N, K] fp8/int8; weight_scale [N, 1]; bias [N] or None; xq, sx = per_token_quant_ref(x).
+    """
+    scheme = scheme_of_dtype(weight.dtype)
+    xq, sx = per_token_quant_ref(x, scheme)
+    acc = xq.float() @ weight.float().t()
+    y = acc * sx * weight_scale.float().reshape(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def _int_mm_scaled(xq: torch.Tensor, sx: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                   bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    m = xq.shape[0]
+    if m <= 16:  # torch._int_mm needs more than 16 rows
+        xq = torch.cat([xq, xq.new_zeros(32 - m, xq.shape[1])])
+    acc = torch._int_mm(xq, weight.t())[:m]
+    y = acc.float() * sx * weight_scale.reshape(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+def quant_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """W8A8 linear with per-token activation and per-channel weight scales, y [M, N] in x's dtype.
+
+    x [M, K] (bf16 on CUDA); weight [N, K] fp8 e4m3 / int8; weight_scale [N, 1] fp32; bias [N] or None.
+    CUDA: fused quantization kernel + torch._scaled_mm (fp8) / torch._int_mm (int8); else quant_linear_ref.
+    """
+    scheme = scheme_of_dtype(weight.dtype)
+    n, k = weight.shape
+    # cuBLASLt 8-bit GEMMs need K and N multiples of 16 (fp8) / 8 (int8); other shapes use the reference
+    align = 16 if scheme == "fp8" else 8
+    if not x.is_cuda or k % align or n % align:
+        return quant_linear_ref(x, weight, weight_scale, bias)
+    xq, sx = per_token_quant(x, scheme)
+    if scheme == "int8":
+        return _int_mm_scaled(xq, sx, weight, weight_scale, bias, x.dtype)
+    if bias is not None and bias.dtype != torch.bfloat16:
+        bias = bias.to(torch.bfloat16)  # rowwise-scaled fp8 GEMMs take a bf16 bias and produce bf16
+    y = torch._scaled_mm(xq, weight.t(), scale_a=sx, scale_b=weight_scale.reshape(1, -1), bias=bias,
+                         out_dtype=torch.bfloat16, use_fast_accum=True)
+    return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
+
+
+class QuantLinear(nn.Module):
+    """Drop-in for nn.Linear with 8-bit weights: y = x W^T + b with W ~= weight * weight_scale.
+
+    Buffers (LightX2V key names): weight [out, in] fp8 e4m3 / int8, weight_scale [out, 1] fp32, bias [out]
+    (run dtype) or None. x [..., in] -> y [..., out] in x's dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, scheme: str = "fp8",
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.scheme = parse_quant_scheme(scheme)
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=_QDTYPE[self.scheme], device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, 1, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme: str) -> "QuantLinear":
+        """Quantizes `linear`'s current weight (per output channel); the bias is kept in its dtype."""
+        w = linear.weight.detach()
+        bias = linear.bias
+        q = cls(linear.in_features, linear.out_features, bias is not None, scheme, device=w.device,
+                dtype=bias.dtype if bias is not None else w.dtype)
+        q.weight, q.weight_scale = quantize_weight(w, q.scheme)
+        if bias is not None:
+            q.bias = bias.detach().clone()
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"QuantLinear: expected input [..., {self.in_features}], got {tuple(x.shape)}")
+        y = quant_linear(x.reshape(-1, self.in_features), self.weight, self.weight_scale, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Checkpoints may store the scale as [out] or in bf16 (LightX2V's loader forces fp32), and the bias
+        # in another float dtype: normalise before nn.Module's loader (which keeps dtypes under assign=True).
+        wkey, skey, bkey = prefix + "weight", prefix + "weight_scale", prefix + "bias"
+        if wkey in state_dict and state_dict[wkey].dtype != self.weight.dtype:
+            error_msgs.append(f"{wkey}: expected {self.weight.dtype} (scheme {self.scheme}) with shape "
+                              f"{tuple(self.weight.shape)}, got {state_dict[wkey].dtype} {tuple(state_dict[wkey].shape)}")
+            state_dict = {k: v for k, v in state_dict.items() if k != wkey}
+        if skey in state_dict:
+            s = state_dict[skey]
+            if s.dim() == 1 and s.shape[0] == self.out_features:
+                s = s.reshape(-1, 1)
+            state_dict[skey] = s.to(torch.float32)
+        if bkey in state_dict and self.bias is not None and state_dict[bkey].dtype != self.bias.dtype:
+            state_dict[bkey] = state_dict[bkey].to(self.bias.dtype)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, scheme={self.scheme}")
+
+
+def is_quantized_linear_name(name: str) -> bool:
+    """True for module names LightX2V quantizes: blocks.<i>.{self_attn,cross_attn,ffn}.<...>."""
+    parts = name.split(".")
+    if len(parts) < 4 or parts[0] != "blocks" or not parts[1].isdigit() or parts[2] not in QUANTIZED_GROUPS:
+        return False
+    return not any(p == "ca" or "audio" in p for p in parts)
+
+
+def _quantizable_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and m.weight.dim() == 2 and is_quantized_linear_name(name)]
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def quantize_dit_(model: nn.Module, scheme: str) -> list[str]:
+    """Replaces the DiT's quantizable nn.Linear modules by QuantLinear holding their quantized current
+    weights (the bf16 weights are released). Returns the swapped module names."""
+    scheme = parse_quant_scheme(scheme)
+    names = []
+    for name, lin in _quantizable_linears(model):
+        if lin.weight.is_meta:
+            raise ValueError(f"quantize_dit_: {name}.weight is on the meta device; load weights first "
+                             f"or use swap_to_quant_linear_ for a quantized checkpoint")
+        _replace(model, name, QuantLinear.from_linear(lin, scheme))
+        names.append(name)
+    return names
+
+
+def swap_to_quant_linear_(model: nn.Module, scheme: str, device: torch.device | str | None = None) -> list[str]:
+    """Replaces the DiT's quantizable nn.Linear modules by empty QuantLinear (on `device`, default the
+    linear's own device, e.g. meta) ready for ``model.load_state_dict(quantized_sd, assign=True)``.
+    The bias keeps the linear's dtype. Returns the swapped module names."""
+    scheme = parse_quant_scheme(scheme)
+    names = []
+    for name, lin in _quantizable_linears(model):
+        dev = device if device is not None else lin.weight.device
+        dtype = lin.bias.dtype if lin.bias is not None else lin.weight.dtype
+        _replace(model, name, QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, scheme,
+                                          device=dev, dtype=dtype))
+        names.append(name)
+    return names

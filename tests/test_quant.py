@@ -1,0 +1,443 @@
+"""8-bit linears (lightx2v_engine.quant) and the csrc quantization kernels (lightx2v_engine._C).
+
+CPU tests check the references against independent computations (an exhaustive nearest-fp8 search, fp32
+nn.Linear); GPU tests check the CUDA paths against those references.
+"""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lightx2v_engine import csrc_ops, quant
+
+SCHEMES = ["fp8", "int8"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------
+
+def _fp8_table() -> torch.Tensor:
+    """All finite float8_e4m3fn values (codes 0..255 minus the two NaNs), sorted, as float64."""
+    v = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).double()
+    return torch.unique(v[~v.isnan()])
+
+
+def _round_fp8_exhaustive(v: torch.Tensor) -> torch.Tensor:
+    """Independent RNE-with-saturation to e4m3: nearest table value; on a tie, the even (mantissa LSB 0) one."""
+    table = _fp8_table()
+    vd = v.double().clamp(-448, 448).reshape(-1, 1)
+    d = (vd - table.reshape(1, -1)).abs()
+    best = d.min(dim=1, keepdim=True).values
+    cand = d == best
+    codes = table.to(torch.float8_e4m3fn).view(torch.uint8).int()
+    even = (codes & 1) == 0
+    # two candidates only on exact ties; prefer the even code there
+    pick = torch.where(cand.sum(1, keepdim=True) > 1, cand & even.reshape(1, -1), cand)
+    return table[pick.int().argmax(dim=1)].reshape(v.shape)
+
+
+def _rows_with_spread(m: int, k: int, dtype=torch.bfloat16, seed: int = 0) -> torch.Tensor:
+    """Gaussian rows whose magnitudes span 4 decades, plus one all-zero row."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * 10 ** (torch.rand(m, 1, generator=g) * 4 - 2)
+    x[m // 2] = 0
+    return x.to(dtype)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+class _Attn(nn.Module):
+    def __init__(self, c: int, image: bool = False):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(c, c) for _ in range(4))
+        self.norm_q = nn.RMSNorm(c, eps=1e-6)
+        self.norm_k = nn.RMSNorm(c, eps=1e-6)
+        if image:
+            self.k_img, self.v_img = nn.Linear(c, c), nn.Linear(c, c)
+
+
+class _Block(nn.Module):
+    def __init__(self, c: int, ffn: int):
+        super().__init__()
+        self.modulation = nn.Parameter(torch.randn(1, 6, c) / c ** 0.5)
+        self.norm3 = nn.LayerNorm(c)
+        self.self_attn = _Attn(c)
+        self.cross_attn = _Attn(c, image=True)
+        self.ffn = nn.Sequential(nn.Linear(c, ffn), nn.GELU(approximate="tanh"), nn.Linear(ffn, c))
+
+    def forward(self, x, ctx):
+        n = self.norm3(x)
+        a = F.scaled_dot_product_attention(self.self_attn.norm_q(self.self_attn.q(n)), self.self_attn.norm_k(self.self_attn.k(n)),
+                                           self.self_attn.v(n))
+        x = x + self.self_attn.o(a)
+        c = self.cross_attn
+        x = x + c.o(F.scaled_dot_product_attention(c.q(x), c.k(ctx), c.v(ctx))
+                    + F.scaled_dot_product_attention(c.q(x), c.k_img(ctx), c.v_img(ctx)))
+        return x + self.ffn(x)
+
+
+class _TinyDiT(nn.Module):
+    """Stand-in with Wan's module names: blocks.N.{self_attn,cross_attn,ffn} plus unquantized linears."""
+
+    def __init__(self, c: int = 64, ffn: int = 96, depth: int = 2):
+        super().__init__()
+        self.text_embedding = nn.Sequential(nn.Linear(32, c), nn.GELU(approximate="tanh"), nn.Linear(c, c))
+        self.blocks = nn.ModuleList(_Block(c, ffn) for _ in range(depth))
+        self.head = nn.Module()
+        self.head.head = nn.Linear(c, 16)
+
+    def forward(self, x, text):
+        ctx = self.text_embedding(text)
+        for b in self.blocks:
+            x = b(x, ctx)
+        return self.head.head(x)
+
+
+def _expected_quantized_names(depth: int = 2) -> set:
+    names = set()
+    for i in range(depth):
+        names |= {f"blocks.{i}.self_attn.{p}" for p in "qkvo"}
+        names |= {f"blocks.{i}.cross_attn.{p}" for p in ("q", "k", "v", "o", "k_img", "v_img")}
+        names |= {f"blocks.{i}.ffn.0", f"blocks.{i}.ffn.2"}
+    return names
+
+
+# ----------------------------------------------------------------------------------------------------
+# schemes
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,expected", [
+    ("fp8", "fp8"), ("int8", "int8"), ("fp8-sgl", "fp8"), ("fp8-vllm", "fp8"), ("fp8-torchao", "fp8"),
+    ("fp8-triton", "fp8"), ("fp8-q8f", "fp8"), ("int8-sgl", "int8"), ("int8-vllm", "int8"),
+    ("int8-torchao", "int8"), ("int8-triton", "int8"), ("int8-q8f", "int8"),
+])
+def test_parse_quant_scheme(name, expected):
+    assert quant.parse_quant_scheme(name) == expected
+
+
+@pytest.mark.parametrize("bad", ["nvfp4", "fp8-b128-deepgemm", "Default", "", "int4-g128-marlin"])
+def test_parse_quant_scheme_rejects(bad):
+    with pytest.raises(ValueError) as e:
+        quant.parse_quant_scheme(bad)
+    assert repr(bad) in str(e.value) and "fp8-sgl" in str(e.value) and "int8-q8f" in str(e.value)
+    with pytest.raises(ValueError):
+        quant.quantize_weight(torch.randn(4, 8), bad)
+
+
+# ----------------------------------------------------------------------------------------------------
+# weight and activation quantization references
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantize_weight_error_bound(scheme):
+    w = _rows_with_spread(37, 91, torch.float32, seed=1)
+    wq, scale = quant.quantize_weight(w, scheme)
+    assert wq.dtype == {"fp8": torch.float8_e4m3fn, "int8": torch.int8}[scheme]
+    assert scale.shape == (37, 1) and scale.dtype == torch.float32
+    qmax = 448.0 if scheme == "fp8" else 127.0
+    amax = w.abs().amax(1, keepdim=True).clamp_min(1e-12).double()
+    torch.testing.assert_close(scale.double(), amax / qmax, rtol=1e-7, atol=0)
+    err = (quant.dequantize_weight(wq, scale).double() - w.double()).abs()
+    if scheme == "fp8":
+        # half an e4m3 ulp: 2^-4 relative for normals, 2^-10 * scale absolute in the subnormal range
+        bound = torch.maximum(w.double().abs() * 2.0 ** -4, scale.double() * 2.0 ** -10)
+    else:
+        bound = scale.double() / 2
+    assert (err <= bound * (1 + 1e-6) + 1e-30).all(), (err / bound).max()
+    # the largest element of each nonzero row maps to +-QMAX exactly
+    top = wq.float().abs().amax(1)
+    nonzero = w.abs().amax(1) > 0
+    assert torch.equal(top[nonzero], torch.full_like(top[nonzero], qmax))
+    assert (wq.float()[~nonzero] == 0).all()
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_per_token_quant_ref_independent(scheme, dtype):
+    x = _rows_with_spread(19, 72, dtype, seed=2)
+    q, s = quant.per_token_quant_ref(x, scheme)
+    assert q.shape == x.shape and s.shape == (19, 1) and s.dtype == torch.float32
+    qmax = 448.0 if scheme == "fp8" else 127.0
+    amax = x.float().abs().amax(1, keepdim=True).clamp_min(1e-12)
+    torch.testing.assert_close(s.double(), amax.double() / qmax, rtol=1e-7, atol=0)
+    v = x.double() * (qmax / amax.double())
+    if scheme == "fp8":
+        expected = _round_fp8_exhaustive(v)
+    else:
+        expected = torch.round(v).clamp(-127, 127)  # round half to even
+    # the reference scales by an fp32 reciprocal: a value within 1 fp32 ulp of a rounding boundary may
+    # round the other way, so allow at most one neighbouring code on a tiny fraction of elements
+    diff = q.double() != expected
+    assert diff.double().mean() < 2e-3, diff.sum()
+    gap = (q.double() - expected).abs()
+    one_code = expected.abs() * 2.0 ** -3 + 2.0 ** -9 if scheme == "fp8" else torch.ones_like(gap)
+    assert (gap <= one_code).all()
+    assert not q.float().isnan().any()
+    assert (q.float()[9] == 0).all()  # the zero row
+
+
+def test_fp8_cast_saturates_and_rounds_to_even():
+    v = torch.tensor([448.0, 460.0, 1e6, -1e6, 0.0, 1.0625, 1.1875, 2.0 ** -9, 2.0 ** -10, 2.0 ** -11])
+    q = quant._to_qdtype(v, "fp8").float()
+    # 1.0625 is halfway between 1.0 and 1.125 -> 1.0 (even); 1.1875 between 1.125 and 1.25 -> 1.25 (even);
+    # 2^-9 is the smallest subnormal; 2^-10 is halfway between 0 and 2^-9 -> 0; 2^-11 -> 0
+    expected = torch.tensor([448.0, 448.0, 448.0, -448.0, 0.0, 1.0, 1.25, 2.0 ** -9, 0.0, 0.0])
+    assert torch.equal(q, expected)
+    assert torch.equal(q, _round_fp8_exhaustive(v).float())
+
+
+# ----------------------------------------------------------------------------------------------------
+# QuantLinear on the CPU reference path
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scheme,bound", [("fp8", 0.05), ("int8", 0.015)])
+@pytest.mark.parametrize("k,n", [(96, 80), (200, 48)])
+def test_quant_linear_vs_fp32_linear(scheme, bound, k, n):
+    torch.manual_seed(0)
+    lin = nn.Linear(k, n)
+    x = torch.randn(2, 37, k).to(torch.bfloat16)
+    ref = F.linear(x.float(), lin.weight, lin.bias)
+    q = quant.QuantLinear.from_linear(lin, scheme)
+    y = q(x)
+    assert y.shape == (2, 37, n) and y.dtype == torch.bfloat16
+    err = _rel(y, ref)
+    assert err < bound, err
+    # the same bound catches wrong scales (one row in three off by 25%)
+    q.weight_scale[::3] *= 1.25
+    assert _rel(q(x), ref) > 2 * bound
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quant_linear_ref_matches_float64_dequantized_math(scheme):
+    torch.manual_seed(1)
+    x = torch.randn(23, 40).to(torch.bfloat16)
+    wq, ws = quant.quantize_weight(torch.randn(24, 40), scheme)
+    bias = torch.randn(24).to(torch.bfloat16)
+    y = quant.quant_linear_ref(x, wq, ws, bias)
+    xq, xs = quant.per_token_quant_ref(x, scheme)
+    expected = (xq.double() * xs.double()) @ (wq.double() * ws.double()).t() + bias.double()
+    torch.testing.assert_close(y.double(), expected.to(torch.bfloat16).double(), rtol=2 ** -7, atol=1e-5)
+
+
+@pytest.mark.parametrize("m", [3, 16, 17, 40])
+def test_int_mm_epilogue_matches_reference(m):
+    """The int8 GEMM + epilogue used on CUDA (torch._int_mm also runs on the CPU), incl. the M <= 16 padding."""
+    torch.manual_seed(2)
+    x = torch.randn(m, 64).to(torch.bfloat16)
+    wq, ws = quant.quantize_weight(torch.randn(48, 64), "int8")
+    bias = torch.randn(48).to(torch.bfloat16)
+    xq, xs = quant.per_token_quant_ref(x, "int8")
+    y = quant._int_mm_scaled(xq, xs, wq, ws, bias, torch.bfloat16)
+    assert y.shape == (m, 48)
+    torch.testing.assert_close(y, quant.quant_linear_ref(x, wq, ws, bias), rtol=0, atol=0)
+
+
+def test_quant_linear_rejects_wrong_width():
+    q = quant.QuantLinear.from_linear(nn.Linear(16, 8), "fp8")
+    with pytest.raises(ValueError, match=r"\[\.\.\., 16\]"):
+        q(torch.randn(3, 15))
+
+
+# ----------------------------------------------------------------------------------------------------
+# module swap and LightX2V checkpoint loading
+# ----------------------------------------------------------------------------------------------------
+
+def test_is_quantized_linear_name():
+    assert quant.is_quantized_linear_name("blocks.0.self_attn.q")
+    assert quant.is_quantized_linear_name("blocks.39.ffn.2")
+    assert quant.is_quantized_linear_name("blocks.3.cross_attn.k_img")
+    for name in ("head.head", "text_embedding.0", "blocks.0.modulation", "blocks.0.self_attn",
+                 "blocks.x.ffn.0", "blocks.0.audio_ffn.0", "model.blocks.0.ffn.0"):
+        assert not quant.is_quantized_linear_name(name), name
+
+
+@pytest.mark.parametrize("scheme,bound", [("fp8", 0.06), ("int8", 0.02)])
+def test_quantize_dit_swaps_exactly_the_lightx2v_linears(scheme, bound):
+    torch.manual_seed(3)
+    model = _TinyDiT()
+    x, text = torch.randn(1, 20, 64), torch.randn(1, 12, 32)
+    with torch.no_grad():
+        ref = model(x, text)
+        names = quant.quantize_dit_(model, scheme)
+        assert set(names) == _expected_quantized_names()
+        for name, m in model.named_modules():
+            assert isinstance(m, quant.QuantLinear) == (name in names), name
+        assert isinstance(model.head.head, nn.Linear) and isinstance(model.text_embedding[0], nn.Linear)
+        qdtype = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}[scheme]
+        for name in names:
+            m = model.get_submodule(name)
+            assert m.weight.dtype == qdtype and m.weight_scale.shape == (m.out_features, 1), name
+            assert [k for k, _ in m.named_parameters()] == [], name  # the float weights are gone
+        y = model(x, text)
+    assert _rel(y, ref) < bound
+
+
+def _lightx2v_quantized_state_dict(model: nn.Module, scheme: str) -> dict:
+    """What LightX2V's converter writes: quantized linears -> weight (fp8/int8) + weight_scale [out, 1]
+    (here in bf16, the converter's source dtype), everything else bf16."""
+    sd = {}
+    for k, v in model.state_dict().items():
+        module = k.rsplit(".", 1)[0]
+        if k.endswith(".weight") and v.dim() == 2 and quant.is_quantized_linear_name(module):
+            wq, s = quant.quantize_weight(v, scheme)
+            sd[k], sd[k + "_scale"] = wq, s.to(torch.bfloat16)
+        else:
+            sd[k] = v.to(torch.bfloat16)
+    return sd
+
+
+@pytest.mark.parametrize("scheme_name", ["fp8-sgl", "int8-vllm"])
+def test_swap_and_load_lightx2v_quantized_checkpoint(scheme_name):
+    torch.manual_seed(4)
+    src = _TinyDiT()
+    sd = _lightx2v_quantized_state_dict(src, quant.parse_quant_scheme(scheme_name))
+    assert sd["blocks.0.self_attn.q.weight_scale"].shape == (64, 1)
+    with torch.device("meta"):
+        model = _TinyDiT().to(torch.bfloat16)
+    names = quant.swap_to_quant_linear_(model, scheme_name)
+    assert set(names) == _expected_quantized_names()
+    assert model.blocks[0].self_attn.q.weight.is_meta
+    model.load_state_dict(sd, strict=True, assign=True)
+    q = model.blocks[1].ffn[2]
+    assert isinstance(q, quant.QuantLinear) and q.weight.dtype == sd["blocks.1.ffn.2.weight"].dtype
+    assert q.weight_scale.dtype == torch.float32 and q.weight_scale.shape == (64, 1)
+    assert torch.equal(q.weight_scale, sd["blocks.1.ffn.2.weight_scale"].float())
+    assert q.bias.dtype == torch.bfloat16
+    assert not any(t.is_meta for t in model.state_dict().values())
+    # the loaded model computes what a bf16 copy of the source, quantized in place, computes
+    x, text = torch.randn(1, 20, 64).to(torch.bfloat16), torch.randn(1, 12, 32).to(torch.bfloat16)
+    with torch.no_grad():
+        y = model(x, text)
+        ref = src.to(torch.bfloat16)
+        ref_y = ref(x, text)
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    assert _rel(y, ref_y) < 0.08
+
+
+def test_load_rejects_unquantized_weight_into_quant_linear():
+    torch.manual_seed(5)
+    src = _TinyDiT()
+    sd = {k: v.to(torch.bfloat16) for k, v in src.state_dict().items()}
+    model = _TinyDiT()
+    quant.swap_to_quant_linear_(model, "fp8", device="cpu")
+    with pytest.raises(RuntimeError, match=r"blocks\.0\.self_attn\.q\.weight: expected torch\.float8_e4m3fn"):
+        model.load_state_dict(sd, strict=False, assign=True)
+
+
+def test_quantize_dit_rejects_meta_weights():
+    with torch.device("meta"):
+        model = _TinyDiT()
+    with pytest.raises(ValueError, match="meta"):
+        quant.quantize_dit_(model, "fp8")
+
+
+def test_csrc_status_is_explained():
+    status = csrc_ops.csrc_status()
+    assert status == "available" or status.startswith("unavailable: ")
+    if not csrc_ops.csrc_available():
+        with pytest.raises(RuntimeError, match="lightx2v_engine._C"):
+            csrc_ops.per_token_quant_fp8(torch.randn(2, 8))
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU: csrc kernels, cuBLASLt 8-bit GEMMs, CUDA graphs
+# ----------------------------------------------------------------------------------------------------
+
+def _assert_quant_equal(q, s, q_ref, s_ref, scheme):
+    assert q.dtype == q_ref.dtype and q.shape == q_ref.shape and s.shape == s_ref.shape
+    torch.testing.assert_close(s, s_ref, rtol=0, atol=0)
+    a, b = q.float(), q_ref.float()
+    mism = a != b
+    # the kernel and the reference perform the same IEEE operations: they must agree bit for bit
+    assert mism.sum().item() == 0, (scheme, mism.nonzero()[:8].tolist(), a[mism][:8].tolist(), b[mism][:8].tolist())
+
+
+def _quant_case(case: str, m: int, k: int, dtype) -> torch.Tensor:
+    g = torch.Generator(device="cuda").manual_seed(m * 7 + k)
+    width = {"contiguous": k, "row_strided": 2 * k, "misaligned": k + 1}[case]
+    x = torch.randn(m, width, device="cuda", generator=g) * (10 ** (torch.rand(m, 1, device="cuda", generator=g) * 4 - 2))
+    if m > 2:
+        x[m // 2] = 0
+    x = x.to(dtype)
+    if case == "row_strided":  # a column slice of a wider tensor: 16-byte aligned rows, row stride 2K
+        return x[:, :k]
+    if case == "misaligned":  # rows start 2 bytes off a 16-byte boundary -> scalar kernel
+        return x[:, 1:]
+    return x
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k,case", [
+    (32760, 1536, "contiguous"), (257, 5120, "contiguous"), (33, 8960, "contiguous"), (7, 13824, "contiguous"),
+    (5, 512, "contiguous"), (3, 4096, "contiguous"), (9, 16384, "contiguous"),  # warp / block configs
+    (2, 72000, "contiguous"),  # > 65536 columns -> scalar kernel
+    (11, 40, "contiguous"), (6, 1001, "contiguous"),  # K % 8 != 0 -> scalar kernel
+    (17, 1536, "row_strided"), (17, 1536, "misaligned"), (1, 1536, "contiguous"), (0, 1536, "contiguous"),
+])
+def test_csrc_per_token_quant_matches_reference(scheme, dtype, m, k, case):
+    assert csrc_ops.csrc_available(), csrc_ops.csrc_status()
+    x = _quant_case(case, m, k, dtype)
+    op = csrc_ops.per_token_quant_fp8 if scheme == "fp8" else csrc_ops.per_token_quant_int8
+    q, s = op(x)
+    q_ref, s_ref = quant.per_token_quant_ref(x, scheme)
+    _assert_quant_equal(q, s, q_ref, s_ref, scheme)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_csrc_op_registration_and_fake(scheme):
+    assert csrc_ops.csrc_available(), csrc_ops.csrc_status()
+    op = torch.ops.lightx2v_C.per_token_quant_fp8 if scheme == "fp8" else torch.ops.lightx2v_C.per_token_quant_int8
+    x = torch.randn(37, 1536, device="cuda", dtype=torch.bfloat16)
+    torch.library.opcheck(op, (x,), test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(RuntimeError, match="bfloat16 or float16"):
+        op(x.float())
+    with pytest.raises(RuntimeError, match="2-D"):
+        op(x.reshape(37, 2, 768))
+    with pytest.raises(RuntimeError, match="unit stride"):
+        op(x.t())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quant_linear_cuda_matches_reference(scheme):
+    torch.manual_seed(6)
+    m, k, n = 32760, 1536, 1536
+    lin = nn.Linear(k, n, device="cuda")
+    x = torch.randn(1, m, k, device="cuda").to(torch.bfloat16)
+    q = quant.QuantLinear.from_linear(lin, scheme)
+    y = q(x)
+    assert y.shape == (1, m, n) and y.dtype == torch.bfloat16
+    ref = quant.quant_linear_ref(x[0], q.weight, q.weight_scale, q.bias)
+    # same quantized operands: only accumulation order / fast accumulation and the bf16 output differ
+    err = _rel(y[0], ref)
+    assert err < 1e-2, err
+    full = F.linear(x[0].float(), lin.weight, lin.bias)
+    assert _rel(y[0], full) < (0.05 if scheme == "fp8" else 0.015)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quant_linear_cuda_graph_capture(scheme):
+    torch.manual_seed(7)
+    q = quant.QuantLinear.from_linear(nn.Linear(1536, 8960, device="cuda"), scheme)
+    static_x = torch.randn(2, 300, 1536, device="cuda").to(torch.bfloat16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            q(static_x)  # warm-up (cuBLASLt workspace, autotuning) outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = q(static_x)
+    new_x = torch.randn_like(static_x, dtype=torch.float32).to(torch.bfloat16)
+    static_x.copy_(new_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_y, q(new_x))
