@@ -63,7 +63,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=8", "diffusers==0.42.1", "transformers==5.23.0"],
+        "test": ["pytest>=8", "diffusers==0.42.1", "transformers==5.23.0", "peft==0.21.2"],
     },
     entry_points={"console_scripts": ["lightx2v-infer=lightx2v_engine.infer:main"]},
     ext_modules=ext_modules,
