@@ -1,0 +1,103 @@
+"""LightX2V JSON configs: shipped files parse, keys map, bad values are named."""
+import json
+from pathlib import Path
+
+import pytest
+
+from lightx2v_engine.config import (PRESETS, LoraSpec, RunConfig, get_preset, load_run_config, model_config_from_json,
+                                    parse_run_config)
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.json"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_parse(path):
+    with pytest.warns(UserWarning) if "distill" in str(path) else _nothing():
+        cfg = load_run_config(path, model_cls="wan2.1_distill" if "distill" in str(path) else "wan2.1")
+    assert isinstance(cfg, RunConfig)
+    if "distill" in str(path):
+        assert cfg.sampler == "distill" and cfg.infer_steps == 4
+        assert cfg.denoising_step_list == (1000, 750, 500, 250)
+        assert cfg.latent_shape() == (16, 21, 60, 104)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def test_mapped_and_ignored_keys_warn_once_naming_them():
+    raw = {"infer_steps": 4, "denoising_step_list": [1000, 750, 500, 250], "sample_shift": 5,
+           "self_attn_1_type": "flash_attn3", "cpu_offload": False, "offload_granularity": "model",
+           "lora_configs": [{"path": "a.safetensors", "strength": 0.5}], "seed": 7, "t5_cpu_offload": True}
+    with pytest.warns(UserWarning) as rec:
+        cfg = parse_run_config(raw)
+    assert len(rec) == 1
+    msg = str(rec[0].message)
+    assert "self_attn_1_type" in msg and "cpu_offload" in msg and "offload_granularity" in msg
+    assert cfg.lora_configs == (LoraSpec("a.safetensors", 0.5),)
+    assert cfg.seed == 7 and cfg.t5_cpu_offload
+
+
+@pytest.mark.parametrize("raw,key", [
+    ({"target_height": 470}, "target_height"),
+    ({"target_width": 833}, "target_width"),
+    ({"target_video_length": 80}, "target_video_length"),
+    ({"denoising_step_list": [1000, 750, 750, 250]}, "denoising_step_list"),
+    ({"denoising_step_list": [250, 500, 750, 1000]}, "denoising_step_list"),
+    ({"denoising_step_list": [1001, 750, 500, 250]}, "denoising_step_list"),
+    ({"denoising_step_list": [1000, 750, 500, 0]}, "denoising_step_list"),
+    ({"infer_steps": 5, "denoising_step_list": [1000, 750, 500, 250]}, "infer_steps"),
+    ({"sample_shift": -1}, "sample_shift"),
+    ({"enable_cfg": "yes"}, "enable_cfg"),
+    ({"seed": 1.5}, "seed"),
+    ({"lora_configs": [{"strength": 1.0}]}, "lora_configs[0]"),
+    ({"dit_quantized": True}, "dit_quant_scheme"),
+    ({"sampler": "euler"}, "sampler"),
+])
+def test_bad_values_name_key_and_value(raw, key):
+    with pytest.raises(ValueError) as e:
+        parse_run_config(raw)
+    assert repr(key) in str(e.value) or key in str(e.value)
+
+
+def test_unknown_key_is_an_error_with_suggestion():
+    with pytest.raises(ValueError, match=r"'target_heigth' \(did you mean 'target_height'\?\)"):
+        parse_run_config({"target_heigth": 480})
+
+
+def test_sampler_choice_follows_model_cls():
+    assert parse_run_config({}, model_cls="wan2.1_distill").sampler == "distill"
+    base = parse_run_config({}, model_cls="wan2.1")
+    assert base.sampler == "unipc" and base.infer_steps == 50 and base.enable_cfg
+    assert parse_run_config({"denoising_step_list": [1000, 500]}, model_cls="wan2.1").infer_steps == 2
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        load_run_config(tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json"):
+        load_run_config(tmp_path / "bad.json")
+
+
+def test_model_config_json_identifies_presets(tmp_path):
+    wan = {"_class_name": "WanModel", "dim": 5120, "eps": 1e-06, "ffn_dim": 13824, "freq_dim": 256, "in_dim": 36,
+           "model_type": "i2v", "num_heads": 40, "num_layers": 40, "out_dim": 16, "text_len": 512}
+    (tmp_path / "config.json").write_text(json.dumps(wan))
+    assert model_config_from_json(tmp_path / "config.json", "wan2.1-i2v-14b-720p").name == "wan2.1-i2v-14b-720p"
+    assert model_config_from_json(tmp_path / "config.json").name.startswith("wan2.1-i2v-14b")
+    diff = {"num_attention_heads": 12, "attention_head_dim": 128, "ffn_dim": 8960, "num_layers": 30, "in_channels": 16}
+    (tmp_path / "d.json").write_text(json.dumps(diff))
+    assert model_config_from_json(tmp_path / "d.json") == PRESETS["wan2.1-t2v-1.3b"]
+    odd = dict(wan, num_layers=3)
+    (tmp_path / "o.json").write_text(json.dumps(odd))
+    assert model_config_from_json(tmp_path / "o.json").num_layers == 3
+    (tmp_path / "m.json").write_text(json.dumps({"dim": 4}))
+    with pytest.raises(ValueError, match="missing keys"):
+        model_config_from_json(tmp_path / "m.json")
+    with pytest.raises(ValueError, match="unknown model preset"):
+        get_preset("wan2.2")
