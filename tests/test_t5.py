@@ -133,6 +133,22 @@ def test_tokenizer(tok_dir):
     assert ids[0].tolist() == [2, 1, 0]
 
 
+def test_tokenizer_matches_transformers(tok_dir):
+    """Same ids/mask as transformers' T5TokenizerFast (what Wan's AutoTokenizer gives) on cleaned text."""
+    from transformers import T5TokenizerFast
+
+    path = os.path.join(tok_dir, "google", "umt5-xxl", "tokenizer.json")
+    hf = T5TokenizerFast(tokenizer_file=path)
+    tok = load_tokenizer(tok_dir)
+    prompts = ["a dog", "a b c d e f g h i j k", "", "the  cat &amp;amp; dog\n", "zebra dog " * 3]
+    for text_len in (1, 2, 6, 12):
+        ids, mask = tok(prompts, text_len)
+        ref = hf([clean_text(p) for p in prompts], padding="max_length", truncation=True, max_length=text_len,
+                 add_special_tokens=True, return_tensors="pt")
+        assert torch.equal(ids, ref.input_ids), text_len
+        assert torch.equal(mask, ref.attention_mask), text_len
+
+
 def test_clean_text():
     assert clean_text("  a &amp;amp; b \n\t c  ") == "a & b c"
 
