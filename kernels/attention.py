@@ -39,18 +39,19 @@ class AttnConfig:
     num_stages: int
     tma: bool  # on-device TMA descriptors (tl.make_tensor_descriptor), sm90+
     warp_specialize: bool = False  # Triton's automatic warp specialisation of the key loop (TMA only)
+    pipe_qk: bool = False  # software-pipelined q k^T (next block's scores issued before this softmax)
 
 
 # Candidate configs for the GPU benchmark (benchmarks/bench_kernels.py times each). "ptr_256x64_w8_s3" is
 # the plain FA2-style config that measured 467 TFLOP/s at 12 heads, L=32760 on an H100.
 ATTN_CONFIGS: dict[str, AttnConfig] = {
     "ptr_256x64_w8_s3": AttnConfig(256, 64, 8, 3, tma=False),
-    "ptr_128x128_w8_s2": AttnConfig(128, 128, 8, 2, tma=False),
     "tma_256x64_w8_s3": AttnConfig(256, 64, 8, 3, tma=True),
     "tma_128x128_w8_s2": AttnConfig(128, 128, 8, 2, tma=True),
-    # sm90 warp specialisation needs 4 warps per partition (Triton keeps 8-warp loops unspecialised)
+    "tma_pipe_128x64_w8_s3": AttnConfig(128, 64, 8, 3, tma=True, pipe_qk=True),
+    "tma_pipe_128x128_w8_s2": AttnConfig(128, 128, 8, 2, tma=True, pipe_qk=True),
+    # sm90 warp specialisation needs 4 warps per partition (Triton leaves 8-warp loops unspecialised)
     "tma_128x128_w4_s2_ws": AttnConfig(128, 128, 4, 2, tma=True, warp_specialize=True),
-    "tma_128x64_w4_s3_ws": AttnConfig(128, 64, 4, 3, tma=True, warp_specialize=True),
 }
 DEFAULT_ATTN_CONFIG = "ptr_256x64_w8_s3"
 ATTN_IMPLS = ("triton", "sdpa_cudnn", "sdpa_flash")
@@ -97,15 +98,37 @@ def attention_impl() -> tuple[str, str]:
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _load_tile(desc, base, row, stride_row, offs_r, offs_d, USE_TMA: tl.constexpr):
+    """Rows [row, row + len(offs_r)) of a [L, D] operand (full tile: no mask)."""
+    if USE_TMA:
+        return desc.load([row, 0])
+    else:
+        return tl.load(base + (row + offs_r)[:, None] * stride_row + offs_d[None, :])
+
+
+@triton.jit
+def _softmax_step(qk, v, m_i, l_i, acc, qk_scale):
+    """Online-softmax update with one key block: qk [BM, BN] raw scores, v [BN, D]."""
+    m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_ij[:, None])  # one FMA per score: log2(e)/sqrt(D) folded in
+    alpha = tl.math.exp2(m_i - m_ij)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    return m_ij, l_i, acc
+
+
+@triton.jit
 def _attn_fwd_kernel(Q, K, V, O,
                      stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
                      stride_vb, stride_vl, stride_vh, stride_ob, stride_ol, stride_oh,
                      H, Lq, Lk, n_full, qk_scale,
                      HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr):
+                     USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, PIPE_QK: tl.constexpr):
     """One (query block, batch*head): o = softmax(q k^T * scale) v, scale = log2(e)/sqrt(D) on exp2.
 
-    n_full = Lk rounded down to BLOCK_N (keys handled by the unmasked loop).
+    n_full = Lk rounded down to BLOCK_N (keys handled by the unmasked loop). PIPE_QK issues the q k^T of
+    block j+1 before the softmax of block j (FA3's intra-warpgroup overlap, written as software pipelining).
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -132,6 +155,8 @@ def _attn_fwd_kernel(Q, K, V, O,
                                            block_shape=[BLOCK_M, HEAD_D])
         q = desc_q.load([start_m, 0])
     else:
+        desc_k = k_base  # unused placeholders for _load_tile
+        desc_v = v_base
         q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :], mask=offs_m[:, None] < Lq, other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -139,22 +164,25 @@ def _attn_fwd_kernel(Q, K, V, O,
     acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
 
     # full key blocks: no masks in the steady-state loop
-    for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WARP_SPEC):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        if USE_TMA:
-            k = desc_k.load([start_n, 0])
-            v = desc_v.load([start_n, 0])
-        else:
-            k = tl.load(k_base + (start_n + offs_n)[:, None] * stride_kl + offs_d[None, :])
-            v = tl.load(v_base + (start_n + offs_n)[:, None] * stride_vl + offs_d[None, :])
-        qk = tl.dot(q, k.T)
-        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
-        alpha = tl.math.exp2(m_i - m_ij)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_ij
+    if PIPE_QK:
+        if n_full > 0:
+            k = _load_tile(desc_k, k_base, 0, stride_kl, offs_n, offs_d, USE_TMA)
+            qk = tl.dot(q, k.T)
+            for start_n in tl.range(BLOCK_N, n_full, BLOCK_N):
+                start_n = tl.multiple_of(start_n, BLOCK_N)
+                k = _load_tile(desc_k, k_base, start_n, stride_kl, offs_n, offs_d, USE_TMA)
+                v = _load_tile(desc_v, v_base, start_n - BLOCK_N, stride_vl, offs_n, offs_d, USE_TMA)
+                qk_next = tl.dot(q, k.T)
+                m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, qk_scale)
+                qk = qk_next
+            v = _load_tile(desc_v, v_base, n_full - BLOCK_N, stride_vl, offs_n, offs_d, USE_TMA)
+            m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, qk_scale)
+    else:
+        for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WARP_SPEC):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            k = _load_tile(desc_k, k_base, start_n, stride_kl, offs_n, offs_d, USE_TMA)
+            v = _load_tile(desc_v, v_base, start_n, stride_vl, offs_n, offs_d, USE_TMA)
+            m_i, l_i, acc = _softmax_step(tl.dot(q, k.T), v, m_i, l_i, acc, qk_scale)
 
     # ragged last key block (Lk % BLOCK_N keys): scores of missing keys are -inf, their v rows zero
     if n_full < Lk:
@@ -167,15 +195,8 @@ def _attn_fwd_kernel(Q, K, V, O,
                         mask=kv_mask[:, None], other=0.0)
             v = tl.load(v_base + (n_full + offs_n)[:, None] * stride_vl + offs_d[None, :],
                         mask=kv_mask[:, None], other=0.0)
-        qk = tl.dot(q, k.T)
-        s = tl.where(kv_mask[None, :], qk * qk_scale, float("-inf"))
-        m_ij = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_ij[:, None])
-        alpha = tl.math.exp2(m_i - m_ij)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_ij
+        qk = tl.where(kv_mask[None, :], tl.dot(q, k.T), float("-inf"))
+        m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, qk_scale)
 
     out = (acc / l_i[:, None]).to(O.dtype.element_ty)
     if USE_TMA:
@@ -238,7 +259,8 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: 
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         H, Lq, Lk, (Lk // cfg.block_n) * cfg.block_n, LOG2E / math.sqrt(D),
         HEAD_D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=use_tma,
-        WARP_SPEC=cfg.warp_specialize and use_tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        WARP_SPEC=cfg.warp_specialize and use_tma, PIPE_QK=cfg.pipe_qk,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
