@@ -441,3 +441,23 @@ def test_quant_linear_cuda_graph_capture(scheme):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(static_y, q(new_x))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quant_linear_traces_fullgraph_cpu(scheme):
+    torch._dynamo.reset()
+    q = quant.QuantLinear.from_linear(nn.Linear(64, 48), scheme)
+    x = torch.randn(2, 9, 64).to(torch.bfloat16)
+    compiled = torch.compile(q, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x), q(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quant_linear_traces_fullgraph_cuda(scheme):
+    """Dynamo/AOT tracing through the csrc op's fake implementation and the cuBLASLt 8-bit GEMMs."""
+    torch._dynamo.reset()
+    q = quant.QuantLinear.from_linear(nn.Linear(1536, 512, device="cuda"), scheme)
+    x = torch.randn(1, 333, 1536, device="cuda").to(torch.bfloat16)
+    compiled = torch.compile(q, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x), q(x))

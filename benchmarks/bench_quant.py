@@ -1,0 +1,162 @@
+"""Microbenchmark of the 8-bit linears at the Wan2.1 shapes (M = 32760 tokens, 480p 81 frames).
+
+Per (K, N): bf16 F.linear; QuantLinear fp8 (activation quantization + torch._scaled_mm rowwise);
+torch._scaled_mm rowwise alone (GEMM only, pre-quantized operands); QuantLinear int8 (quantization +
+torch._int_mm + epilogue); the per-token quantization alone (csrc kernel and the torch-ops fallback).
+The quantization kernel's bandwidth (bytes read + written) is reported as a fraction of a device-to-device
+copy measured in the same run. Optional Triton fp8 GEMM rows when lightx2v_engine.kernels.fp8_gemm exists.
+
+Writes <out>/quant.csv and <out>/quant_summary.json (out: --out, else $OUT, else benchmarks/out).
+Summary ratios are speedups (time of the baseline / time of ours; > 1 means ours is faster).
+Without CUDA it prints that it needs a GPU and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+M = 32760
+SHAPES = [(1536, 1536), (1536, 8960), (8960, 1536), (5120, 5120), (5120, 13824), (13824, 5120)]
+
+
+def _bench_ms(fn) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds, CUDA-event timed by triton.testing.do_bench."""
+    from triton.testing import do_bench
+    med, p20, p80 = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+    return med, p20, p80
+
+
+def _copy_bandwidth(numel_bytes: int) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write)."""
+    a = torch.empty(numel_bytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    med, _, _ = _bench_ms(lambda: b.copy_(a))
+    del a, b
+    return 2 * numel_bytes / (med * 1e-3)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "out"))
+    p.add_argument("--m", type=int, default=M)
+    p.add_argument("--shapes", default="all", help="'all' or a list like 1536x1536,5120x13824 (KxN)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_quant: needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured")
+        return 0
+
+    from lightx2v_engine import csrc_ops, quant
+    try:
+        from lightx2v_engine.kernels import fp8_gemm
+    except ImportError as e:
+        print(f"bench_quant: no Triton fp8 GEMM ({e}); its rows are skipped")
+        fp8_gemm = None
+
+    shapes = SHAPES if args.shapes == "all" else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    m = args.m
+    gpu = torch.cuda.get_device_name()
+    print(f"bench_quant on {gpu}, torch {torch.__version__}, csrc {csrc_ops.csrc_status()}")
+    os.makedirs(args.out, exist_ok=True)
+    torch.manual_seed(0)
+    copy_bw = _copy_bandwidth(m * 8192 * 2)
+    print(f"device-to-device copy: {copy_bw / 1e12:.3f} TB/s")
+
+    rows: list[dict] = []
+
+    def record(op, k, n, ms, flops=None, nbytes=None):
+        med, p20, p80 = ms
+        row = {"gpu": gpu, "torch": torch.__version__, "op": op, "M": m, "K": k, "N": n,
+               "ms": round(med, 5), "ms_p20": round(p20, 5), "ms_p80": round(p80, 5),
+               "tflops": round(flops / (med * 1e-3) / 1e12, 1) if flops else "",
+               "gbps": round(nbytes / (med * 1e-3) / 1e9, 1) if nbytes else "",
+               "bw_frac_of_copy": round(nbytes / (med * 1e-3) / copy_bw, 3) if nbytes else ""}
+        rows.append(row)
+        print(f"{op:28s} K={k:6d} N={n:6d} {med:8.4f} ms  {row['tflops'] or '':>7} TF  {row['gbps'] or '':>7} GB/s")
+        return med
+
+    quant_bw: dict[int, float] = {}
+    fp8_ratio, gemm_ratio, gate_ratio = [], [], []
+    for k, n in shapes:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        lin = torch.nn.Linear(k, n, device="cuda", dtype=torch.bfloat16)
+        w, b = lin.weight.detach(), lin.bias.detach()
+        flops = 2.0 * m * k * n
+        with torch.no_grad():
+            t_bf16 = record("bf16_linear", k, n, _bench_ms(lambda: F.linear(x, w, b)), flops)
+            q8 = quant.QuantLinear.from_linear(lin, "fp8")
+            t_q8 = record("qlinear_fp8", k, n, _bench_ms(lambda: q8(x)), flops)
+            xq, sx = quant.per_token_quant(x, "fp8")
+            wt, sw = q8.weight.t(), q8.weight_scale.reshape(1, -1)
+            t_mm = record("scaled_mm_rowwise_gemm_only", k, n, _bench_ms(lambda: torch._scaled_mm(
+                xq, wt, scale_a=sx, scale_b=sw, bias=b, out_dtype=torch.bfloat16, use_fast_accum=True)), flops)
+            fp8_ratio.append(t_bf16 / t_q8)
+            if k not in quant_bw:
+                qbytes = m * k * 2 + m * k + m * 4
+                if csrc_ops.csrc_available():
+                    t = record("per_token_quant_fp8_csrc", k, 0, _bench_ms(lambda: csrc_ops.per_token_quant_fp8(x)),
+                               nbytes=qbytes)
+                    quant_bw[k] = qbytes / (t * 1e-3) / copy_bw
+                    record("per_token_quant_int8_csrc", k, 0, _bench_ms(lambda: csrc_ops.per_token_quant_int8(x)),
+                           nbytes=qbytes)
+                record("per_token_quant_fp8_torch", k, 0, _bench_ms(lambda: quant.per_token_quant_ref(x, "fp8")),
+                       nbytes=qbytes)
+            del q8
+            qi = quant.QuantLinear.from_linear(lin, "int8")
+            record("qlinear_int8", k, n, _bench_ms(lambda: qi(x)), flops)
+            del qi
+            if fp8_gemm is not None:
+                t_tr = record("triton_fp8_gemm", k, n, _bench_ms(lambda: fp8_gemm.fp8_gemm(xq, wt.t(), sx, sw, b)),
+                              flops)
+                gemm_ratio.append(t_mm / t_tr)
+                if k > n or k == n:  # output projections (o, ffn.2) are followed by x += gate * y
+                    res = torch.randn(m, n, device="cuda", dtype=torch.float32)
+                    gate = torch.randn(1, n, device="cuda", dtype=torch.float32)
+
+                    def unfused():
+                        y = torch._scaled_mm(xq, wt, scale_a=sx, scale_b=sw, bias=b, out_dtype=torch.bfloat16,
+                                             use_fast_accum=True)
+                        return torch.addcmul(res, gate, y)  # one fused torch kernel: res + gate * y
+
+                    t_un = record("scaled_mm_then_gate_residual", k, n, _bench_ms(unfused), flops)
+                    t_fu = record("triton_fp8_gemm_gate_residual", k, n, _bench_ms(
+                        lambda: fp8_gemm.fp8_gemm(xq, wt.t(), sx, sw, b, residual=res, gate=gate)), flops)
+                    gate_ratio.append(t_un / t_fu)
+                    del res
+            del xq, sx, x, lin, w, b
+        torch.cuda.empty_cache()
+
+    with open(os.path.join(args.out, "quant.csv"), "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=list(rows[0]))
+        wr.writeheader()
+        wr.writerows(rows)
+    summary = {
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "M": m,
+        "copy_bandwidth_tbps": round(copy_bw / 1e12, 3),
+        "csrc_status": csrc_ops.csrc_status(),
+        # min over K of (csrc fp8 quant bytes/s) / (copy bytes/s); None when the extension is not built
+        "csrc_memory_bound_bw_frac": round(min(quant_bw.values()), 3) if quant_bw else None,
+        "csrc_bw_frac_by_K": {str(k): round(v, 3) for k, v in quant_bw.items()},
+        # min over shapes of t(bf16 F.linear) / t(QuantLinear fp8 incl. quantization)
+        "qlinear_fp8_ratio_vs_bf16_min": round(min(fp8_ratio), 3),
+    }
+    if gemm_ratio:
+        summary["gemm_fp8_ratio_vs_scaled_mm_min"] = round(min(gemm_ratio), 3)  # t(_scaled_mm) / t(Triton)
+    if gate_ratio:
+        # t(_scaled_mm + torch residual op) / t(Triton fused epilogue), min over the output projections
+        summary["gemm_fp8_gate_residual_ratio"] = round(min(gate_ratio), 3)
+    with open(os.path.join(args.out, "quant_summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
