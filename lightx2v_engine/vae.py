@@ -96,22 +96,25 @@ def rms_norm_act_ref(x: torch.Tensor, gamma: torch.Tensor, silu: bool, out: torc
 
 @functools.lru_cache(maxsize=1)
 def _norm_kernel():
-    """The Triton RMSNorm+SiLU launcher, or None (reason kept in `_norm_kernel.reason`)."""
+    """The Triton RMSNorm+SiLU module (kernels/vae_norm.py), or None (reason kept in `_norm_kernel.reason`)."""
     try:
-        from lightx2v_engine.kernels.vae_norm import rms_norm_act
-        return rms_norm_act
+        from lightx2v_engine.kernels import vae_norm
+        return vae_norm
     except Exception as e:  # recorded, not hidden: see norm_kernel_status()
         _norm_kernel.reason = f"{type(e).__name__}: {e}"
         return None
 
 
-_USE_KERNEL = True
+_USE_KERNEL = "auto"
 
 
-def set_norm_kernel(enabled: bool) -> None:
-    """Use the Triton RMSNorm+SiLU kernel on CUDA (default) or force the PyTorch reference."""
+def set_norm_kernel(mode: str) -> None:
+    """"auto": Triton RMSNorm+SiLU on CUDA tensors (default); "torch": the reference everywhere;
+    "kernel": the kernel on every device (CPU via TRITON_INTERPRET=1; for tests)."""
     global _USE_KERNEL
-    _USE_KERNEL = enabled
+    if mode not in ("auto", "torch", "kernel"):
+        raise ValueError(f"set_norm_kernel: mode must be 'auto', 'torch' or 'kernel', got {mode!r}")
+    _USE_KERNEL = mode
 
 
 def norm_kernel_status() -> str:
@@ -121,13 +124,13 @@ def norm_kernel_status() -> str:
 
 def rms_norm_act(x: torch.Tensor, gamma: torch.Tensor, silu: bool, out: torch.Tensor | None = None
                  ) -> torch.Tensor:
-    """rms_norm_act_ref, fused into one pass by the Triton kernel on CUDA when the layout allows."""
-    if x.is_cuda and _USE_KERNEL:
+    """rms_norm_act_ref, as one Triton pass on CUDA when x and out are channels-last pixel rows."""
+    if _USE_KERNEL == "kernel" or (_USE_KERNEL == "auto" and x.is_cuda):
         k = _norm_kernel()
-        if k is not None:
-            y = k(x, gamma, silu, out)
-            if y is not None:  # None: layout not supported by the kernel
-                return y
+        if k is not None and x.dim() == 5 and (out is None or k.supports(out, None)):
+            if not k.supports(x, None):  # one copy + one fused pass still beats the 4-pass reference
+                x = x.contiguous(memory_format=torch.channels_last_3d)
+            return k.rms_norm_act(x, gamma, silu, out)
     return rms_norm_act_ref(x, gamma, silu, out)
 
 
@@ -360,6 +363,7 @@ class WanVAE(nn.Module):
         self.conv1 = CausalConv3d(cfg.z_dim * 2, cfg.z_dim * 2, 1)
         self.conv2 = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
         self.decoder = Decoder(cfg)
+        self.memory_format = torch.contiguous_format  # of activations; see use_channels_last()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -369,9 +373,6 @@ class WanVAE(nn.Module):
     def device(self) -> torch.device:
         return self.conv2.weight.device
 
-    def _fmt(self) -> torch.memory_format:
-        return torch.channels_last_3d if self.device.type == "cuda" else torch.contiguous_format
-
     def _mean_std(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, self.cfg.z_dim, 1, 1, 1)
         mean = torch.tensor(WAN21_LATENT_MEAN, dtype=torch.float32, device=device).view(shape)
@@ -379,10 +380,12 @@ class WanVAE(nn.Module):
         return mean, std
 
     def use_channels_last(self) -> "WanVAE":
-        """Stores every 5D conv weight channels_last_3d (what cuDNN's fast NDHWC kernels want)."""
+        """Activations and every Conv3d weight in channels_last_3d (NDHWC: cuDNN's fast conv kernels, and
+        the layout the fused norm kernel reads). load_vae / random_vae call this on CUDA."""
         for m in self.modules():
             if isinstance(m, nn.Conv3d):
                 m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last_3d)
+        self.memory_format = torch.channels_last_3d
         return self
 
     @torch.no_grad()
@@ -400,7 +403,7 @@ class WanVAE(nn.Module):
         z = self.cfg.z_dim
         out = torch.empty((b, z, n, h // 8, w // 8), dtype=torch.float32, device=self.device)
         mean, std = self._mean_std(self.device)
-        st = _Stream(self._fmt())
+        st = _Stream(self.memory_format)
         for i in range(n):
             st.first = i == 0
             chunk = video[:, :, :1] if i == 0 else video[:, :, 1 + 4 * (i - 1):1 + 4 * i]
@@ -422,7 +425,7 @@ class WanVAE(nn.Module):
         mean, std = self._mean_std(self.device)
         x = z.to(device=self.device, dtype=torch.float32) * std + mean
         x = F.conv3d(x.to(self.dtype), self.conv2.weight, self.conv2.bias)
-        st = _Stream(self._fmt())
+        st = _Stream(self.memory_format)
         x = x.contiguous(memory_format=st.fmt)
         out = torch.empty((b, 3, 1 + 4 * (n - 1), 8 * h, 8 * w), dtype=torch.float32, device=self.device)
         t0 = 0

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lightx2v_engine.vae import (WAN21_LATENT_MEAN, WAN21_LATENT_STD, VAEConfig, WanVAE, _expected_shapes,
-                                 load_vae, random_vae, rms_norm_act_ref)
+                                 load_vae, norm_kernel_status, random_vae, rms_norm_act_ref, set_norm_kernel)
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKLWan  # noqa: E402
@@ -103,6 +103,33 @@ def test_single_frame_and_batch(pair):
     assert _rel(ours.encode(x), want) <= 1e-4
     assert _rel(ours.encode(x[:1, :, :1]), img_want) <= 1e-4
     assert _rel(ours.decode(want[:, :, :1]), dec_want) <= 1e-4
+
+
+def test_channels_last_with_norm_kernel_matches_diffusers(pair, monkeypatch):
+    """The CUDA layout path on the CPU: channels_last_3d activations/weights and the Triton RMSNorm+SiLU
+    kernel (interpreter) writing into the strided scratch tails."""
+    ref, _, path = pair
+    assert norm_kernel_status() == "available"
+    ours = load_vae(path).use_channels_last()
+    assert ours.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    mean, std = _mean_std()
+    x = torch.rand(1, 3, 5, 16, 24, generator=torch.Generator().manual_seed(8)) * 2 - 1
+    z = torch.randn(1, 16, 2, 2, 3, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        enc_want = (ref.encode(x).latent_dist.mean - mean) / std
+        dec_want = ref.decode(z * std + mean).sample
+    from lightx2v_engine.kernels import vae_norm
+    calls = []
+    launch = vae_norm.rms_norm_act
+    monkeypatch.setattr(vae_norm, "rms_norm_act", lambda *a, **k: calls.append(1) or launch(*a, **k))
+    set_norm_kernel("kernel")
+    try:
+        enc, dec = ours.encode(x), ours.decode(z)
+    finally:
+        set_norm_kernel("auto")
+    assert _rel(enc, enc_want) <= 1e-4, _rel(enc, enc_want)
+    assert _rel(dec, dec_want) <= 1e-4, _rel(dec, dec_want)
+    assert len(calls) == 2 * 22 + 2 * 30  # every norm (22 encoder, 30 decoder) of both chunks of encode and decode ran the kernel
 
 
 def test_bf16_close_to_fp32(pair):
