@@ -109,7 +109,12 @@ def main(argv=None) -> int:
             del q8
             qi = quant.QuantLinear.from_linear(lin, "int8")
             record("qlinear_int8", k, n, _bench_ms(lambda: qi(x)), flops)
-            del qi
+            xi, sxi = quant.per_token_quant(x, "int8")
+            record("int_mm_gemm_only", k, n, _bench_ms(lambda: torch._int_mm(xi, qi.weight.t())), flops)
+            if fp8_gemm is not None:
+                record("triton_int8_gemm", k, n, _bench_ms(
+                    lambda: fp8_gemm.fp8_gemm(xi, qi.weight, sxi, qi.weight_scale, b)), flops)
+            del qi, xi, sxi
             if fp8_gemm is not None:
                 t_tr = record("triton_fp8_gemm", k, n, _bench_ms(lambda: fp8_gemm.fp8_gemm(xq, wt.t(), sx, sw, b)),
                               flops)
