@@ -1,0 +1,296 @@
+"""Microbenchmark of the DiT hot-path Triton kernels at the Wan2.1 shapes (480p 81 frames: L = 32760).
+
+Memory-bound ops (modulate, gate_residual_modulate, qk_norm_rope; C = 1536 and 5120) against their eager
+PyTorch references: GB/s (bytes read + written) and the fraction of a device-to-device copy measured in
+the same run. Attention (12 and 40 heads x 128 at L = 32760; cross-attention Lk = 512): every Triton config
+of kernels/attention.py ATTN_CONFIGS, SDPA flash (FA2) and SDPA cuDNN, in TFLOP/s (4 Lq Lk D H) with the
+ratio to cuDNN; each checked against an fp32 SDPA reference (max abs error, and the 2x-of-SDPA rule).
+
+Writes <out>/kernels.csv and <out>/kernels_summary.json (out: --out, else $OUT, else benchmarks/out).
+Summary: modulate_bw_frac / qk_norm_rope_bw_frac (the lowest fraction of copy bandwidth over the shapes),
+attn_bf16_ratio_vs_cudnn (best correct Triton config's TFLOP/s / cuDNN's, 12 heads, L = 32760; > 1: faster),
+attn_best_impl, attn_best_triton_config, attn_triton_tflops, attn_cudnn_tflops.
+Without CUDA it prints that it needs a GPU and exits 0; --dry-run runs the whole code path on tiny CPU
+shapes through the Triton interpreter (wall-clock timing, numbers meaningless).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+L = 32760
+HEAD_D = 128
+CSV_FIELDS = ["op", "shape", "impl", "ms", "tflops_or_gbps", "unit", "ratio", "ratio_kind", "max_err", "ok",
+              "gpu", "torch", "triton", "commit", "date", "note"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# timing
+# ----------------------------------------------------------------------------------------------------
+
+def _bench_ms(fn, rep_ms: int = 100) -> float:
+    """Median milliseconds (CUDA events through triton.testing.do_bench; wall clock on the CPU)."""
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+        return float(do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _copy_gbps(nbytes: int, device: str) -> float:
+    """Device-to-device copy bandwidth, GB/s of bytes read + written."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    ms = _bench_ms(lambda: b.copy_(a))
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+# ----------------------------------------------------------------------------------------------------
+# memory-bound ops
+# ----------------------------------------------------------------------------------------------------
+
+def _mod_views(B: int, C: int, device: str):
+    modulation = torch.randn(1, 6, C, device=device) / C ** 0.5
+    return (modulation + torch.randn(B, 6, C, device=device)).chunk(6, dim=1)
+
+
+def bench_memory_ops(Ls: list[int], Cs: list[int], device: str, copy_gbps: float) -> list[dict]:
+    from lightx2v_engine.kernels import gate_residual_modulate, modulate, qk_norm_rope
+    from lightx2v_engine.ops import gate_residual_modulate_ref, modulate_ref
+    from lightx2v_engine.kernels.qk_norm_rope import qk_norm_rope_ref
+
+    rows = []
+    for Lx in Ls:
+        for C in Cs:
+            H = C // HEAD_D
+            shape = f"B1 L{Lx} C{C}"
+            shift, scale, gate, *_ = _mod_views(1, C, device)
+            x = torch.randn(1, Lx, C, device=device)  # the DiT keeps the residual stream in fp32
+            y = torch.randn(1, Lx, C, device=device, dtype=torch.bfloat16)
+            bf = torch.bfloat16
+            f32 = torch.float32
+            cases = {
+                # op: (kernel, eager reference in the run dtype, fp32 reference, bytes read + written)
+                "modulate": (lambda: modulate(x, shift, scale, 1e-6, bf),
+                             lambda: modulate_ref(x, shift, scale, 1e-6, bf),
+                             lambda: modulate_ref(x, shift, scale, 1e-6, f32),
+                             Lx * C * (4 + 2)),
+                "gate_residual_modulate": (lambda: gate_residual_modulate(x, y, gate, shift, scale, 1e-6, bf),
+                                           lambda: gate_residual_modulate_ref(x, y, gate, shift, scale, 1e-6, bf),
+                                           lambda: gate_residual_modulate_ref(x, y, gate, shift, scale, 1e-6, f32),
+                                           Lx * C * (4 + 2 + 4 + 2)),
+            }
+            q = torch.randn(1, Lx, C, device=device, dtype=bf)
+            k = torch.randn(1, Lx, C, device=device, dtype=bf)
+            wq, wk = torch.rand(C, device=device) + 0.5, torch.rand(C, device=device) + 0.5
+            ang = torch.rand(Lx, HEAD_D // 2, device=device) * 6.3
+            cos, sin = ang.cos(), ang.sin()
+            cases["qk_norm_rope"] = (lambda: qk_norm_rope(q, k, wq, wk, cos, sin, H, 1e-6),
+                                     lambda: qk_norm_rope_ref(q, k, wq, wk, cos, sin, H, 1e-6),
+                                     lambda: qk_norm_rope_ref(q.float(), k.float(), wq, wk, cos, sin, H, 1e-6),
+                                     4 * Lx * C * 2 + 2 * Lx * HEAD_D // 2 * 4)
+            # error rule of the tests: kernel vs fp32 <= 2 x (eager run dtype vs fp32) + 1e-3; the CPU
+            # interpreter truncates fp32 -> bf16 (the GPU rounds to nearest), hence 4 x there
+            factor = 2.0 if device == "cuda" else 4.0
+            for op, (fn, ref_fn, ref32_fn, nbytes) in cases.items():
+                tup = lambda t: t if isinstance(t, tuple) else (t,)  # noqa: E731
+                got, lowp, ref32 = tup(fn()), tup(ref_fn()), tup(ref32_fn())
+                err = max((a.float() - b.float()).abs().max().item() for a, b in zip(got, ref32))
+                base = max((a.float() - b.float()).abs().max().item() for a, b in zip(lowp, ref32))
+                ok = err <= factor * base + 1e-3
+                del got, lowp, ref32
+                ms_k = _bench_ms(fn)
+                ms_r = _bench_ms(ref_fn)
+                gbps = nbytes / (ms_k * 1e-3) / 1e9
+                rows.append(dict(op=op, shape=shape, impl="triton", ms=ms_k, tflops_or_gbps=gbps, unit="GB/s",
+                                 ratio=gbps / copy_gbps, ratio_kind="frac_of_copy_bw", max_err=err, ok=ok,
+                                 note=f"speedup vs eager {ms_r / ms_k:.2f}x"))
+                rows.append(dict(op=op, shape=shape, impl="torch_eager", ms=ms_r,
+                                 tflops_or_gbps=nbytes / (ms_r * 1e-3) / 1e9, unit="GB/s",
+                                 ratio=nbytes / (ms_r * 1e-3) / 1e9 / copy_gbps, ratio_kind="frac_of_copy_bw",
+                                 max_err=base, ok=True, note="reference"))
+            del x, y, q, k
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# attention
+# ----------------------------------------------------------------------------------------------------
+
+def attention_ref32(q, k, v):
+    """fp32 SDPA reference one head at a time (bounded memory even if SDPA falls back to the math path)."""
+    from lightx2v_engine.ops import attention_ref
+    return torch.cat([attention_ref(q[:, :, h:h + 1].float(), k[:, :, h:h + 1].float(), v[:, :, h:h + 1].float())
+                      for h in range(q.shape[2])], dim=2)
+
+
+def _sdpa_available(impl: str, device: str) -> bool:
+    return device == "cuda" or impl == "sdpa_flash"
+
+
+def bench_attention(shapes: list[tuple[int, int, int]], configs: list[str], device: str, dtype) -> list[dict]:
+    from lightx2v_engine.kernels.attention import _sdpa, attention_triton
+
+    rows = []
+    for H, Lq, Lk in shapes:
+        shape = f"B1 H{H} D{HEAD_D} Lq{Lq} Lk{Lk}"
+        g = torch.Generator(device="cpu").manual_seed(0)
+        q, k, v = (torch.randn(1, n, H, HEAD_D, generator=g).to(device=device, dtype=dtype) for n in (Lq, Lk, Lk))
+        flops = 4.0 * Lq * Lk * HEAD_D * H
+        ref32 = attention_ref32(q, k, v)
+        impls = {f"triton:{c}": (lambda c=c: attention_triton(q, k, v, c)) for c in configs}
+        for sd in ("sdpa_flash", "sdpa_cudnn"):
+            if _sdpa_available(sd, device):
+                impls[sd] = (lambda sd=sd: _sdpa(q, k, v, sd))
+        errs, results = {}, {}
+        for name, fn in impls.items():
+            try:
+                err = (fn().float() - ref32).abs().max().item()
+                ms = _bench_ms(fn, rep_ms=200)
+            except Exception as e:  # a config that does not compile on this GPU is reported, not fatal
+                results[name] = None
+                rows.append(dict(op="attention", shape=shape, impl=name, ms=float("nan"),
+                                 tflops_or_gbps=float("nan"), unit="TFLOP/s", ratio=float("nan"),
+                                 ratio_kind="vs_cudnn", max_err=float("nan"), ok=False,
+                                 note=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"))
+                continue
+            errs[name], results[name] = err, ms
+        base_err = min([errs[s] for s in ("sdpa_flash", "sdpa_cudnn") if s in errs] or [float("inf")])
+        cudnn_ms = results.get("sdpa_cudnn")
+        for name, ms in results.items():
+            if ms is None:
+                continue
+            ok = errs[name] <= 2 * base_err + 1e-3
+            rows.append(dict(op="attention", shape=shape, impl=name, ms=ms, tflops_or_gbps=flops / (ms * 1e-3) / 1e12,
+                             unit="TFLOP/s", ratio=(cudnn_ms / ms) if cudnn_ms else float("nan"),
+                             ratio_kind="vs_cudnn", max_err=errs[name], ok=ok,
+                             note=f"sdpa err {base_err:.2e}"))
+        del q, k, v, ref32
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# summary / output
+# ----------------------------------------------------------------------------------------------------
+
+def summarize(rows: list[dict], main_shape: str) -> dict:
+    """The summary keys from the rows (None where a number is missing)."""
+    def min_frac(op):
+        fr = [r["ratio"] for r in rows if r["op"] == op and r["impl"] == "triton" and r["ok"]]
+        return min(fr) if fr else None
+
+    attn = [r for r in rows if r["op"] == "attention" and r["shape"] == main_shape and r["ok"]
+            and not math.isnan(r["ms"])]
+    tri = [r for r in attn if r["impl"].startswith("triton:")]
+    best_tri = min(tri, key=lambda r: r["ms"]) if tri else None
+    cudnn = next((r for r in attn if r["impl"] == "sdpa_cudnn"), None)
+    best = min(attn, key=lambda r: r["ms"]) if attn else None
+    return {
+        "modulate_bw_frac": min_frac("modulate"),
+        "gate_residual_modulate_bw_frac": min_frac("gate_residual_modulate"),
+        "qk_norm_rope_bw_frac": min_frac("qk_norm_rope"),
+        "attn_bf16_ratio_vs_cudnn": (cudnn["ms"] / best_tri["ms"]) if (best_tri and cudnn) else None,
+        "attn_best_impl": best["impl"] if best else None,
+        "attn_best_triton_config": best_tri["impl"].split(":", 1)[1] if best_tri else None,
+        "attn_triton_tflops": best_tri["tflops_or_gbps"] if best_tri else None,
+        "attn_cudnn_tflops": cudnn["tflops_or_gbps"] if cudnn else None,
+        "attn_main_shape": main_shape,
+    }
+
+
+def _env_info(device: str) -> dict:
+    try:
+        import triton
+        triton_v = triton.__version__
+    except ImportError:
+        triton_v = "none"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)"
+    return dict(gpu=gpu, torch=torch.__version__, triton=triton_v, commit=commit,
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+
+
+def write_outputs(rows: list[dict], summary: dict, env: dict, out_dir: str) -> tuple[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path = os.path.join(out_dir, "kernels.csv")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in {**env, **r}.items()})
+    json_path = os.path.join(out_dir, "kernels_summary.json")
+    with open(json_path, "w") as f:
+        json.dump({**summary, **env}, f, indent=2)
+    return csv_path, json_path
+
+
+def print_table(rows: list[dict], copy_gbps: float) -> None:
+    print(f"device-to-device copy: {copy_gbps:.0f} GB/s")
+    print(f"{'op':<24}{'shape':<34}{'impl':<32}{'ms':>9}{'value':>10} {'unit':<8}{'ratio':>7} {'err':>9} ok")
+    for r in rows:
+        print(f"{r['op']:<24}{r['shape']:<34}{r['impl']:<32}{r['ms']:>9.3f}{r['tflops_or_gbps']:>10.1f} "
+              f"{r['unit']:<8}{r['ratio']:>7.3f} {r['max_err']:>9.2e} {'y' if r['ok'] else 'N'}  {r.get('note', '')}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "out"))
+    p.add_argument("--quick", action="store_true", help="fewer shapes (no 40-head self-attention, no 720p)")
+    p.add_argument("--hd720", action="store_true", help="also the 720p token count L = 75600 for the memory-bound ops")
+    p.add_argument("--configs", default="all", help="'all' or a comma list of ATTN_CONFIGS names")
+    p.add_argument("--dry-run", action="store_true", help="tiny CPU shapes through the Triton interpreter")
+    args = p.parse_args(argv)
+
+    if args.dry_run:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        device, dtype = "cpu", torch.float16  # the interpreter's bf16 tl.dot is not usable
+        Ls, Cs = [48], [256]
+        attn_shapes = [(2, 80, 80), (2, 80, 33)]
+    elif not torch.cuda.is_available():
+        print("bench_kernels: needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured. "
+              "--dry-run exercises the code path on the CPU.")
+        return 0
+    else:
+        device, dtype = "cuda", torch.bfloat16
+        Ls = [L] + ([75600] if args.hd720 and not args.quick else [])
+        Cs = [1536, 5120]
+        attn_shapes = [(12, L, L), (12, L, 512)] + ([] if args.quick else [(40, L, L)])
+
+    from lightx2v_engine.kernels.attention import ATTN_CONFIGS
+    configs = list(ATTN_CONFIGS) if args.configs == "all" else args.configs.split(",")
+    unknown = [c for c in configs if c not in ATTN_CONFIGS]
+    if unknown:
+        p.error(f"unknown --configs {unknown}; choose from {list(ATTN_CONFIGS)}")
+
+    t0 = time.time()
+    copy_gbps = _copy_gbps((1 << 30) if device == "cuda" else (1 << 22), device)
+    rows = bench_memory_ops(Ls, Cs, device, copy_gbps)
+    rows += bench_attention(attn_shapes, configs, device, dtype)
+    H, Lq, Lk = attn_shapes[0]
+    summary = summarize(rows, f"B1 H{H} D{HEAD_D} Lq{Lq} Lk{Lk}")
+    summary["copy_gbps"] = copy_gbps
+    env = _env_info(device)
+    csv_path, json_path = write_outputs(rows, summary, env, args.out)
+    print_table(rows, copy_gbps)
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {csv_path} and {json_path} in {time.time() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

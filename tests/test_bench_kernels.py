@@ -1,0 +1,74 @@
+"""benchmarks/bench_kernels.py: the CPU-safe paths (no-GPU exit, --dry-run through the interpreter, summary)."""
+import csv
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+import torch
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_kernels.py")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_kernels", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit")
+def test_without_gpu_exits_zero(bench, tmp_path, capsys):
+    assert bench.main(["--out", str(tmp_path)]) == 0
+    assert "needs a CUDA GPU" in capsys.readouterr().out
+    assert not os.listdir(tmp_path)
+
+
+def test_dry_run_writes_csv_and_summary(bench, tmp_path):
+    assert bench.main(["--dry-run", "--out", str(tmp_path), "--configs", "ptr_256x64_w8_s3,tma_pipe_128x64_w8_s3"]) == 0
+    with open(tmp_path / "kernels.csv") as f:
+        rows = list(csv.DictReader(f))
+    ops = {r["op"] for r in rows}
+    assert ops == {"modulate", "gate_residual_modulate", "qk_norm_rope", "attention"}
+    assert all(r["ok"] == "True" for r in rows), [r for r in rows if r["ok"] != "True"]
+    impls = {r["impl"] for r in rows if r["op"] == "attention"}
+    assert impls == {"triton:ptr_256x64_w8_s3", "triton:tma_pipe_128x64_w8_s3", "sdpa_flash"}
+    summary = json.loads((tmp_path / "kernels_summary.json").read_text())
+    for key in ("modulate_bw_frac", "qk_norm_rope_bw_frac", "attn_bf16_ratio_vs_cudnn", "attn_best_impl",
+                "attn_triton_tflops", "attn_cudnn_tflops", "gpu", "torch", "triton", "commit", "date"):
+        assert key in summary
+    assert summary["attn_cudnn_tflops"] is None  # no cuDNN on the CPU
+    assert summary["attn_best_triton_config"] in ("ptr_256x64_w8_s3", "tma_pipe_128x64_w8_s3")
+
+
+def test_unknown_config_is_an_error(bench, tmp_path):
+    with pytest.raises(SystemExit):
+        bench.main(["--dry-run", "--out", str(tmp_path), "--configs", "nope"])
+
+
+def test_summary_on_fake_timings(bench):
+    shape = "B1 H12 D128 Lq32760 Lk32760"
+
+    def row(op, impl, ms, value, ratio, ok=True, shape=shape):
+        return dict(op=op, shape=shape, impl=impl, ms=ms, tflops_or_gbps=value, ratio=ratio, ok=ok)
+
+    rows = [
+        row("modulate", "triton", 0.1, 2500.0, 0.85, shape="B1 L32760 C1536"),
+        row("modulate", "triton", 0.3, 2400.0, 0.80, shape="B1 L32760 C5120"),
+        row("modulate", "torch_eager", 1.0, 300.0, 0.1, shape="B1 L32760 C5120"),
+        row("qk_norm_rope", "triton", 0.2, 2000.0, 0.7, shape="B1 L32760 C1536"),
+        row("attention", "triton:a", 12.0, 550.0, 11.0 / 12.0),
+        row("attention", "triton:b", 10.0, 660.0, 1.1),
+        row("attention", "triton:c", 9.0, 733.0, 1.2, ok=False),  # fast but wrong: never chosen
+        row("attention", "triton:d", math.nan, math.nan, math.nan, ok=False),  # failed to compile
+        row("attention", "sdpa_cudnn", 11.0, 600.0, 1.0),
+        row("attention", "sdpa_flash", 18.0, 360.0, 0.6),
+        row("attention", "triton:e", 1.0, 1.0, 1.0, shape="B1 H12 D128 Lq32760 Lk512"),  # other shape
+    ]
+    s = bench.summarize(rows, shape)
+    assert s["modulate_bw_frac"] == 0.80 and s["qk_norm_rope_bw_frac"] == 0.7
+    assert s["attn_best_triton_config"] == "b" and s["attn_best_impl"] == "triton:b"
+    assert s["attn_bf16_ratio_vs_cudnn"] == pytest.approx(1.1)
+    assert s["attn_triton_tflops"] == 660.0 and s["attn_cudnn_tflops"] == 600.0
