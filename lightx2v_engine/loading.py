@@ -83,22 +83,37 @@ def _checkpoint_keys(files: list[Path]) -> list[str]:
 
 
 def build_dit(cfg: ModelConfig, files: list[Path] | None = None, *, dtype: torch.dtype = torch.bfloat16,
-              device: torch.device | str = "cpu") -> WanDiT:
+              device: torch.device | str = "cpu", quant_scheme: str | None = None) -> WanDiT:
     """Builds the DiT on `meta` and assigns the checkpoint's tensors (or random weights when files is None).
 
-    Weights are stored in `dtype` except the fp32 regions (dit.param_dtype). Missing, unexpected or
-    mis-shaped keys raise CheckpointError naming them; nothing partially loaded is returned.
+    Weights are stored in `dtype` except the fp32 regions (dit.param_dtype). With `quant_scheme`, the
+    blocks' linears are QuantLinear and the checkpoint is a LightX2V quantized one (8-bit `weight` +
+    fp32 `weight_scale`). Missing, unexpected or mis-shaped keys raise CheckpointError naming them;
+    nothing partially loaded is returned.
     """
     with torch.device("meta"):
         model = WanDiT(cfg)
+    qkeys: set[str] = set()
+    if quant_scheme is not None:
+        from lightx2v_engine.quant import swap_to_quant_linear_
+        for name in swap_to_quant_linear_(model, quant_scheme):
+            qkeys |= {name + ".weight", name + ".weight_scale"}
     expected = {k: v for k, v in model.state_dict().items()}
+
+    def dtype_of(k: str, t: torch.Tensor):
+        if k in qkeys:
+            return torch.float32 if k.endswith("_scale") else None
+        return param_dtype(k, dtype)
+
     if files is None:
+        if qkeys:
+            raise ValueError("random weights with quant_scheme: build in bf16, then quant.quantize_dit_")
         sd = random_state_dict(model, dtype, device)
         origin = {}
     else:
         try:
             rename = normalize_keys(_checkpoint_keys(files))
-            sd, origin = load_state_dict(files, rename=rename, dtype_of=lambda k, t: param_dtype(k, dtype), device=device)
+            sd, origin = load_state_dict(files, rename=rename, dtype_of=dtype_of, device=device)
         except KeyError as e:
             raise CheckpointError(f"{files[0]}: {e.args[0]}") from None
     missing = sorted(set(expected) - set(sd))
@@ -113,6 +128,11 @@ def build_dit(cfg: ModelConfig, files: list[Path] | None = None, *, dtype: torch
         raise CheckpointError(f"{where}: checkpoint does not fit {cfg.name} (dim {cfg.dim}, {cfg.num_layers} layers, "
                               f"{cfg.model_type}): " + "; ".join(parts))
     for k, v in expected.items():
+        if k in qkeys and k.endswith("_scale") and sd[k].numel() == v.numel():
+            sd[k] = sd[k].reshape(v.shape)
+        if k in qkeys and not k.endswith("_scale") and sd[k].dtype != v.dtype:
+            raise CheckpointError(f"{origin.get(k, where)}: tensor {k!r} is {sd[k].dtype}, the {quant_scheme} "
+                                  f"scheme needs {v.dtype}")
         if tuple(sd[k].shape) != tuple(v.shape):
             raise CheckpointError(f"{origin.get(k, where)}: tensor {k!r} has shape {tuple(sd[k].shape)}, "
                                   f"{cfg.name} expects {tuple(v.shape)}")
@@ -155,3 +175,16 @@ def load_dit(cfg: ModelConfig, model_path: str | Path | None, *, dit_original_ck
     if lora_specs:
         apply_loras_(model, lora_specs, strict=lora_strict, search_dirs=[model_path] if model_path else [])
     return model
+
+
+def load_quantized_dit(cfg: ModelConfig, model_path: str | Path | None, ckpt: str | None, scheme: str, *,
+                       dtype: str | torch.dtype = "bf16", device="cpu") -> WanDiT:
+    """A LightX2V quantized checkpoint (``dit_quantized_ckpt``: file or folder): blocks' linears 8-bit."""
+    dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if not ckpt:
+        raise ValueError("dit_quantized is true but dit_quantized_ckpt is not set")
+    tried = [Path(ckpt)] + ([Path(model_path) / ckpt] if model_path is not None else [])
+    for cand in tried:
+        if cand.exists():
+            return build_dit(cfg, resolve_files(cand), dtype=dt, device=device, quant_scheme=scheme)
+    raise FileNotFoundError(f"dit_quantized_ckpt not found; searched: {[str(t) for t in tried]}")

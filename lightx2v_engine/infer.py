@@ -1,0 +1,122 @@
+"""Command line, LightX2V-compatible: ``python -m lightx2v_engine.infer --model_cls wan2.1_distill --task t2v
+--model_path MODEL --config_json CONFIG --prompt "..." --save_result_path out.mp4``.
+
+``--random-weights --preset tiny`` runs the same graph with random weights and no download (the tiny preset
+runs on a CPU in seconds; without a config it uses a 9-frame 64x96 video). Bad input exits with status 2
+and a one-line reason; nothing partial is written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+TINY_DEFAULTS = {"target_video_length": 9, "target_height": 64, "target_width": 96}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lightx2v_engine.infer", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model_cls", default="wan2.1_distill", choices=["wan2.1", "wan2.1_distill"])
+    p.add_argument("--task", default="t2v", choices=["t2v", "i2v"])
+    p.add_argument("--model_path", default=None, help="Wan2.1 model folder")
+    p.add_argument("--config_json", default=None, help="LightX2V JSON config")
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--negative_prompt", default=None)
+    p.add_argument("--image_path", default=None, help="input image for i2v")
+    p.add_argument("--save_result_path", default="output.mp4")
+    p.add_argument("--seed", type=int, default=None, help="default: the config's seed (42)")
+    p.add_argument("--target_shape", type=int, nargs=2, metavar=("H", "W"), default=None)
+    p.add_argument("--save_latents", default=None, metavar="PATH",
+                   help="also write the final denoised latents [16, F, H/8, W/8] as safetensors")
+    p.add_argument("--random-weights", "--random_weights", dest="random_weights", action="store_true",
+                   help="random weights instead of a model folder (benchmarks, trying the engine)")
+    p.add_argument("--preset", default=None, help="model preset for --random-weights (tiny, tiny-i2v, "
+                   "wan2.1-t2v-1.3b, wan2.1-t2v-14b, wan2.1-i2v-14b-480p, wan2.1-i2v-14b-720p)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--no-cuda-graph", "--no_cuda_graph", dest="no_cuda_graph", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or timing table")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from lightx2v_engine.config import load_run_config
+    from lightx2v_engine.pipeline import Pipeline
+
+    overrides = {}
+    if args.target_shape:
+        overrides.update(target_height=args.target_shape[0], target_width=args.target_shape[1])
+    if args.no_cuda_graph:
+        overrides["use_cuda_graph"] = False
+    if args.random_weights:
+        preset = args.preset or ("tiny-i2v" if args.task == "i2v" else "tiny")
+        if preset.startswith("tiny") and args.config_json is None:
+            overrides = {**TINY_DEFAULTS, **overrides}
+        run_cfg = load_run_config(args.config_json, overrides, model_cls=args.model_cls)
+        pipe = Pipeline.random(preset, run_cfg, device=args.device)
+        if pipe.task != args.task:
+            raise ValueError(f"--task {args.task} does not fit preset {preset!r} ({pipe.task})")
+    else:
+        if args.model_path is None:
+            raise ValueError("--model_path is required (or --random-weights --preset NAME)")
+        if args.preset is not None:
+            pass  # used as a hint when the folder's config.json matches several presets
+        run_cfg = load_run_config(args.config_json, overrides, model_cls=args.model_cls)
+        pipe = Pipeline.load(args.model_path, run_cfg, task=args.task, model_cls=args.model_cls,
+                             device=args.device, preset=args.preset)
+    if args.prompt is None or not args.prompt.strip():
+        raise ValueError("--prompt is required and must not be empty")
+    if args.task == "i2v" and not args.image_path:
+        raise ValueError("--image_path is required for --task i2v")
+    if args.task == "t2v" and args.image_path:
+        raise ValueError("--image_path is only for --task i2v")
+
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+        bar = tqdm(total=run_cfg.infer_steps, desc="denoise", unit="step", file=sys.stderr)
+
+    def progress(i, n):
+        if bar is not None:
+            bar.update(1)
+
+    out = pipe.generate(args.prompt, negative_prompt=args.negative_prompt, image=args.image_path, seed=args.seed,
+                        progress=progress)
+    if bar is not None:
+        bar.close()
+    with out.timings.measure("save", pipe.device):
+        path = out.save(args.save_result_path)
+        if args.save_latents:
+            out.save_latents(args.save_latents, prompt=args.prompt, seed=args.seed if args.seed is not None else run_cfg.seed,
+                             task=args.task, model=pipe.model_cfg.name)
+    if not args.quiet:
+        print(out.timings.table(out.peak_gpu_bytes), file=sys.stderr)
+    print(json.dumps({"video": str(path), "frames": int(out.frames.shape[0]), "height": int(out.frames.shape[1]),
+                      "width": int(out.frames.shape[2]), "latents": args.save_latents}))
+    return 0
+
+
+def main(argv=None) -> int:
+    from lightx2v_engine.checkpoint import CheckpointError
+    from lightx2v_engine.pipeline import NonFiniteError
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    warnings.simplefilter("default")
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, CheckpointError, NonFiniteError, OSError) as e:
+        msg = str(e).replace("\n", " ")
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except torch.cuda.OutOfMemoryError as e:
+        print(f"error: out of GPU memory ({str(e).splitlines()[0]})", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

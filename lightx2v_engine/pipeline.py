@@ -1,0 +1,364 @@
+"""The T2V/I2V pipeline: one function each for encode -> denoise -> decode, and a small Python API.
+
+    from lightx2v_engine import Pipeline
+    pipe = Pipeline.load("Wan2.1-T2V-1.3B", "configs/distill/wan21/wan_t2v_distill_model_4step_cfg.json")
+    out = pipe.generate("a cat surfing a wave", seed=42)
+    out.save("cat.mp4")
+
+Model folders as users download them hold config.json, the DiT weights, ``models_t5_umt5-xxl-enc-bf16.pth``,
+``Wan2.1_VAE.pth``, ``google/umt5-xxl/tokenizer.json`` and for I2V
+``models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth``. ``Pipeline.random(preset)`` builds the same
+graph with random weights (benchmarks; the ``tiny`` preset runs on a CPU in seconds).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from lightx2v_engine import clip as clip_mod
+from lightx2v_engine import t5 as t5_mod
+from lightx2v_engine import vae as vae_mod
+from lightx2v_engine.config import (ModelConfig, RunConfig, get_preset, load_run_config, model_config_from_json,
+                                    parse_run_config)
+from lightx2v_engine.dit import WanDiT
+from lightx2v_engine.image import i2v_mask, load_image, prepare_i2v_image
+from lightx2v_engine.loading import DTYPES, build_dit, load_dit
+from lightx2v_engine.schedulers import DistillSampler, UniPCSampler, cfg_combine, make_generator, initial_noise
+from lightx2v_engine.video import save_latents, save_mp4, video_to_uint8
+
+log = logging.getLogger(__name__)
+
+T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+VAE_FILE = "Wan2.1_VAE.pth"
+CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+# Wan's default negative prompt (shared_config.sample_neg_prompt); I2V prefixes "镜头晃动，".
+WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+                       "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+                       "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
+
+
+class NonFiniteError(RuntimeError):
+    """NaN/Inf produced at run time."""
+
+
+def find_file(name: str, model_path: Path, subdirs=("", "original", "distill_models")) -> Path:
+    """`name` in the model folder (or its usual subfolders); FileNotFoundError naming every place searched."""
+    tried = []
+    for sub in subdirs:
+        p = model_path / sub / name if sub else model_path / name
+        tried.append(str(p))
+        if p.is_file():
+            return p
+    raise FileNotFoundError(f"{name} not found; searched: {tried}")
+
+
+@dataclass
+class Timings:
+    """Wall times in ms (GPU work synchronised at each boundary)."""
+    items: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def measure(self, name: str, device: torch.device):
+        _sync(device)
+        t0 = time.perf_counter()
+        yield
+        _sync(device)
+        self.items[name] = self.items.get(name, 0.0) + (time.perf_counter() - t0) * 1e3
+
+    def table(self, peak_gpu_bytes: int | None = None) -> str:
+        w = max(len(k) for k in self.items) if self.items else 8
+        lines = [f"{'stage':<{w}}  {'ms':>10}"]
+        lines += [f"{k:<{w}}  {v:>10.1f}" for k, v in self.items.items()]
+        steps = [v for k, v in self.items.items() if k.startswith("step ")]
+        if steps:
+            lines.append(f"{'denoise total':<{w}}  {sum(steps):>10.1f}")
+        if peak_gpu_bytes is not None:
+            lines.append(f"peak GPU memory: {peak_gpu_bytes / 2**30:.2f} GiB")
+        return "\n".join(lines)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Output:
+    frames: torch.Tensor          # uint8 [T, H, W, 3]
+    latents: torch.Tensor         # fp32 [16, F, H/8, W/8], the final denoised latents
+    timings: Timings
+    fps: int = 16
+    peak_gpu_bytes: int | None = None
+
+    def save(self, path: str | Path) -> Path:
+        return save_mp4(self.frames.cpu().numpy(), path, fps=self.fps)
+
+    def save_latents(self, path: str | Path, **metadata: Any) -> Path:
+        return save_latents(self.latents.cpu(), path, metadata)
+
+
+@dataclass
+class Pipeline:
+    model_cfg: ModelConfig
+    run_cfg: RunConfig
+    dit: WanDiT
+    t5: torch.nn.Module
+    tokenizer: Any
+    vae: torch.nn.Module
+    clip: torch.nn.Module | None
+    device: torch.device
+    load_ms: float = 0.0
+    use_cuda_graph: bool = False
+    _graphs: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def task(self) -> str:
+        return "i2v" if self.model_cfg.is_i2v else "t2v"
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def load(cls, model_path: str | Path, config: str | Path | dict | RunConfig | None = None, *,
+             task: str = "t2v", model_cls: str = "wan2.1_distill", device: str | torch.device | None = None,
+             preset: str | None = None) -> "Pipeline":
+        """A pipeline from a Wan model folder and a LightX2V config (path, dict of its keys, or RunConfig)."""
+        t0 = time.perf_counter()
+        run = _run_config(config, model_cls)
+        dev = _device(device)
+        mp = Path(model_path)
+        if not mp.is_dir():
+            raise FileNotFoundError(f"model folder not found: {mp}")
+        cfg_json = mp / "config.json"
+        if not cfg_json.is_file() and (mp / "transformer" / "config.json").is_file():
+            cfg_json = mp / "transformer" / "config.json"
+        mcfg = model_config_from_json(cfg_json, preset)
+        _check_task(task, mcfg)
+        if run.dit_quantized:
+            dit = _load_quantized_dit(mcfg, mp, run, dev)
+        else:
+            dit = load_dit(mcfg, mp, dit_original_ckpt=run.dit_original_ckpt, distill=model_cls != "wan2.1",
+                           dtype=run.dtype, device=dev, lora_specs=run.lora_configs, lora_strict=run.lora_strict)
+        t5_dev = torch.device("cpu") if run.t5_cpu_offload else dev
+        t5 = t5_mod.load_t5(str(find_file(T5_FILE, mp)), device=t5_dev,
+                            dtype=torch.bfloat16 if t5_dev.type == "cuda" else torch.float32)
+        tok = t5_mod.load_tokenizer(str(mp))
+        vae = vae_mod.load_vae(find_file(VAE_FILE, mp), device=dev, dtype=_vae_dtype(run, dev))
+        clip = None
+        if mcfg.is_i2v:
+            cdev = torch.device("cpu") if run.clip_cpu_offload else dev
+            clip = clip_mod.load_clip(str(find_file(CLIP_FILE, mp)), device=cdev,
+                                      dtype=torch.float16 if cdev.type == "cuda" else torch.float32)
+        return cls(mcfg, run, dit, t5, tok, vae, clip, dev, (time.perf_counter() - t0) * 1e3,
+                   use_cuda_graph=run.use_cuda_graph and dev.type == "cuda")
+
+    @classmethod
+    def random(cls, preset: str = "tiny", config: str | Path | dict | RunConfig | None = None, *,
+               device: str | torch.device | None = None, seed: int = 0, with_encoders: bool = True) -> "Pipeline":
+        """The same graph with random weights: `preset` names the DiT ("tiny", "tiny-i2v", "wan2.1-t2v-1.3b",
+        ...); the tiny presets pair with tiny T5/VAE/CLIP, the real ones with real-size encoders."""
+        t0 = time.perf_counter()
+        run = _run_config(config, "wan2.1_distill")
+        dev = _device(device)
+        mcfg = get_preset(preset)
+        tiny = preset.startswith("tiny")
+        dit = build_dit(mcfg, None, dtype=DTYPES[run.dtype], device=dev)
+        t5 = tok = vae = clip = None
+        if with_encoders:
+            t5_dev = torch.device("cpu") if run.t5_cpu_offload else dev
+            t5cfg = t5_mod.T5Config.tiny() if tiny else t5_mod.T5Config.umt5_xxl()
+            if t5cfg.dim != mcfg.text_dim:
+                raise ValueError(f"preset {preset}: text_dim {mcfg.text_dim} != T5 width {t5cfg.dim}")
+            t5 = t5_mod.random_t5(t5cfg, device=t5_dev, dtype=torch.bfloat16 if t5_dev.type == "cuda" else torch.float32,
+                                  seed=seed)
+            tok_dir = Path(tempfile.mkdtemp(prefix="lx2v_tok_"))
+            t5_mod.make_tiny_tokenizer(str(tok_dir), vocab_size=min(t5cfg.vocab, 256))
+            tok = t5_mod.load_tokenizer(str(tok_dir))
+            vcfg = vae_mod.VAEConfig.tiny() if tiny else vae_mod.VAEConfig.wan21()
+            vae = vae_mod.random_vae(vcfg, device=dev, dtype=_vae_dtype(run, dev), seed=seed)
+            if mcfg.is_i2v:
+                ccfg = clip_mod.CLIPConfig.tiny() if tiny else clip_mod.CLIPConfig.vit_h14()
+                if ccfg.dim != mcfg.image_dim:
+                    raise ValueError(f"preset {preset}: image_dim {mcfg.image_dim} != CLIP width {ccfg.dim}")
+                clip = clip_mod.random_clip(ccfg, device=dev, dtype=torch.float16 if dev.type == "cuda" else torch.float32,
+                                            seed=seed)
+        return cls(mcfg, run, dit, t5, tok, vae, clip, dev, (time.perf_counter() - t0) * 1e3,
+                   use_cuda_graph=run.use_cuda_graph and dev.type == "cuda")
+
+    # ------------------------------------------------------------------ stages
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """prompts -> [B, text_len(512), text_dim] in the DiT's run dtype, zero rows past each prompt."""
+        for p in prompts:
+            if not isinstance(p, str) or not p.strip():
+                raise ValueError("prompt is empty: a text prompt is required")
+        ctx = t5_mod.encode_text(self.t5, self.tokenizer, prompts, text_len=self.run_cfg.text_len)
+        if ctx.shape[1] < 512:  # the DiT always sees 512 rows (zero-padded), as Wan
+            ctx = torch.nn.functional.pad(ctx, (0, 0, 0, 512 - ctx.shape[1]))
+        return ctx.to(self.device, self.dit.run_dtype)
+
+    def encode_image(self, image, num_frames: int, height: int, width: int):
+        """I2V conditioning: (clip_fea [1, 257, 1280], y [1, 20, F, lat_h, lat_w], (lat_h, lat_w))."""
+        img = load_image(image)
+        resized = prepare_i2v_image(img, height, width)          # [3, lat_h*8, lat_w*8]
+        lat_h, lat_w = resized.shape[1] // 8, resized.shape[2] // 8
+        cdev = self.clip.patch_embedding.weight.device
+        clip_fea = clip_mod.encode_image(self.clip, clip_mod.clip_preprocess(img[None].to(cdev)).to(
+            self.clip.patch_embedding.weight.dtype))
+        video = torch.zeros(1, 3, num_frames, lat_h * 8, lat_w * 8, device=self.device)
+        video[:, :, 0] = resized.to(self.device)
+        z = self.vae.encode(video)                                # [1, 16, F, lat_h, lat_w] fp32
+        mask = i2v_mask(z.shape[2], lat_h, lat_w, num_frames, device=self.device)
+        y = torch.cat([mask[None].to(z.dtype), z], dim=1)
+        return clip_fea.to(self.device, self.dit.run_dtype), y, (lat_h, lat_w)
+
+    def denoise(self, noise: torch.Tensor, context: torch.Tensor, *, neg_context: torch.Tensor | None = None,
+                clip_fea=None, y=None, seed: int = 42, timings: Timings | None = None,
+                progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """noise [16, F, h, w] fp32 -> final latents [16, F, h, w] fp32, with the configured sampler."""
+        run = self.run_cfg
+        x = noise[None].to(self.device)
+        timings = timings or Timings()
+        if run.sampler == "distill":
+            sampler = DistillSampler.from_step_list(run.denoising_step_list, run.sample_shift, run.distill_update)
+            renoise = sampler.make_renoise_noise(x.shape, make_generator(seed + 1, self.device), self.device)
+            ts = sampler.timestep_tensor(self.device)
+            guided = run.enable_cfg and neg_context is not None
+            runner = self._graph_runner(x, context, neg_context if guided else None, clip_fea, y, sampler, renoise, ts) \
+                if self.use_cuda_graph else None
+            for i in range(sampler.num_steps):
+                with timings.measure(f"step {i + 1}", self.device):
+                    if runner is not None:
+                        x = runner(i)
+                    else:
+                        v = self._velocity(x, ts[i:i + 1], context, neg_context if guided else None, clip_fea, y)
+                        x = sampler.step(i, x, v, renoise[i] if renoise and i < len(renoise) else None)
+                    _check_finite(x, i + 1)
+                if progress:
+                    progress(i + 1, sampler.num_steps)
+        else:
+            sampler = UniPCSampler(run.infer_steps, run.sample_shift)
+            ts = sampler.timesteps.to(self.device, torch.float32)
+            for i in range(run.infer_steps):
+                with timings.measure(f"step {i + 1}", self.device):
+                    v = self._velocity(x, ts[i:i + 1], context, neg_context if run.enable_cfg else None, clip_fea, y)
+                    x = sampler.step(v, i, x)
+                    _check_finite(x, i + 1)
+                if progress:
+                    progress(i + 1, run.infer_steps)
+        return x[0].float().clone()  # x may be a CUDA graph's static buffer
+
+    def _velocity(self, x, t, context, neg_context, clip_fea, y) -> torch.Tensor:
+        """v = DiT(x, t, ctx), or with CFG v_u + g (v_c - v_u) from one batch-2 forward."""
+        if neg_context is None:
+            return self.dit(x, t, context, clip_fea, y)
+        b2 = lambda a: None if a is None else torch.cat([a, a], dim=0)  # noqa: E731
+        v = self.dit(b2(x), t.expand(2), torch.cat([context, neg_context], dim=0), b2(clip_fea), b2(y))
+        return cfg_combine(v[1:], v[:1], self.run_cfg.sample_guide_scale)
+
+    def _graph_runner(self, x, context, neg_context, clip_fea, y, sampler, renoise, ts):
+        from lightx2v_engine.cuda_graph import DistillGraphs
+        key = (tuple(x.shape), tuple(context.shape), neg_context is not None, clip_fea is not None,
+               sampler, self.dit.run_dtype)
+        graphs = self._graphs.get(key)
+        if graphs is None:
+            try:
+                graphs = DistillGraphs(lambda xx, t: self._velocity(xx, t, *graphs.static_conds()), sampler,
+                                       x, context, neg_context, clip_fea, y, renoise, ts)
+                graphs.capture()
+            except Exception as e:  # capture failed: say why, then run eagerly
+                log.error("CUDA graph capture failed (%s: %s); running eagerly", type(e).__name__, e)
+                self.use_cuda_graph = False
+                return None
+            self._graphs[key] = graphs
+        graphs.set_inputs(x, context, neg_context, clip_fea, y, renoise)
+        return graphs.run_step
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents [16, F, h, w] -> uint8 frames [T, H, W, 3]."""
+        video = self.vae.decode(latents[None].to(self.device))
+        return video_to_uint8(video)
+
+    # ------------------------------------------------------------------ one call
+    @torch.no_grad()
+    def generate(self, prompt: str, *, negative_prompt: str | None = None, image=None, seed: int | None = None,
+                 num_frames: int | None = None, height: int | None = None, width: int | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> Output:
+        """prompt (+ image for I2V) -> Output(frames, latents, timings). Sizes default to the config's."""
+        run = self.run_cfg
+        seed = run.seed if seed is None else seed
+        t_frames = num_frames or run.target_video_length
+        h, w = height or run.target_height, width or run.target_width
+        # validates sizes like the config does (errors name the value)
+        parse_run_config({"target_video_length": t_frames, "target_height": h, "target_width": w}, warn=False,
+                         source="generate()")
+        if self.task == "i2v" and image is None:
+            raise ValueError("task i2v needs an image (--image_path)")
+        if self.task == "t2v" and image is not None:
+            raise ValueError("task t2v takes no image; load an I2V model for image-to-video")
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        timings = Timings()
+        timings.items["load"] = self.load_ms
+        need_neg = run.enable_cfg
+        with timings.measure("text encode", self.device):
+            prompts = [prompt]
+            if need_neg:
+                neg = negative_prompt if negative_prompt else (
+                    ("镜头晃动，" + WAN_NEGATIVE_PROMPT) if self.task == "i2v" else WAN_NEGATIVE_PROMPT)
+                prompts.append(neg)
+            ctx = self.encode_text(prompts)
+            context, neg_context = ctx[:1], (ctx[1:] if need_neg else None)
+        clip_fea = y = None
+        if self.task == "i2v":
+            with timings.measure("image encode", self.device):
+                clip_fea, y, (lh, lw) = self.encode_image(image, t_frames, h, w)
+            h, w = lh * 8, lw * 8
+        noise = initial_noise(t_frames, h, w, seed, self.device)
+        latents = self.denoise(noise, context, neg_context=neg_context, clip_fea=clip_fea, y=y, seed=seed,
+                               timings=timings, progress=progress)
+        with timings.measure("decode", self.device):
+            frames = self.decode(latents)
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        return Output(frames=frames, latents=latents, timings=timings, fps=run.fps, peak_gpu_bytes=peak)
+
+
+def _check_finite(x: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(x).all():
+        raise NonFiniteError(f"non-finite values (NaN/Inf) in the latents after denoising step {step}")
+
+
+def _run_config(config, model_cls: str) -> RunConfig:
+    if isinstance(config, RunConfig):
+        return config
+    if isinstance(config, dict):
+        return parse_run_config(config, model_cls=model_cls)
+    return load_run_config(config, model_cls=model_cls)
+
+
+def _device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _vae_dtype(run: RunConfig, dev: torch.device) -> torch.dtype:
+    return torch.bfloat16 if (dev.type == "cuda" and run.vae_dtype == "bf16") else torch.float32
+
+
+def _check_task(task: str, mcfg: ModelConfig) -> None:
+    if task not in ("t2v", "i2v"):
+        raise ValueError(f"task must be 't2v' or 'i2v', got {task!r}")
+    if (task == "i2v") != mcfg.is_i2v:
+        raise ValueError(f"task {task!r} does not fit the model in the folder ({mcfg.name}, model_type "
+                         f"{mcfg.model_type!r})")
+
+
+def _load_quantized_dit(mcfg: ModelConfig, mp: Path, run: RunConfig, dev: torch.device) -> WanDiT:
+    """A LightX2V quantized checkpoint (dit_quantized_ckpt): the linears of the blocks become QuantLinear."""
+    from lightx2v_engine.loading import load_quantized_dit
+    return load_quantized_dit(mcfg, mp, run.dit_quantized_ckpt, run.dit_quant_scheme, dtype=run.dtype, device=dev)
