@@ -8,7 +8,8 @@ copy measured in the same run. Optional Triton fp8 GEMM rows when lightx2v_engin
 
 Writes <out>/quant.csv and <out>/quant_summary.json (out: --out, else $OUT, else benchmarks/out).
 Summary ratios are speedups (time of the baseline / time of ours; > 1 means ours is faster).
-Without CUDA it prints that it needs a GPU and exits 0.
+Without CUDA it prints that it needs a GPU and exits 0. ``--dry-run`` runs every code path once on the CPU
+at tiny shapes (Triton through the interpreter; timings meaningless) to check the script itself.
 """
 from __future__ import annotations
 
@@ -17,16 +18,26 @@ import csv
 import json
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
 
 M = 32760
+_DEV = "cuda"
 SHAPES = [(1536, 1536), (1536, 8960), (8960, 1536), (5120, 5120), (5120, 13824), (13824, 5120)]
+
+
+_DRY_RUN = False
 
 
 def _bench_ms(fn) -> tuple[float, float, float]:
     """(median, p20, p80) milliseconds, CUDA-event timed by triton.testing.do_bench."""
+    if _DRY_RUN:
+        t0 = time.perf_counter()
+        fn()
+        ms = (time.perf_counter() - t0) * 1e3
+        return ms, ms, ms
     from triton.testing import do_bench
     med, p20, p80 = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
     return med, p20, p80
@@ -34,7 +45,7 @@ def _bench_ms(fn) -> tuple[float, float, float]:
 
 def _copy_bandwidth(numel_bytes: int) -> float:
     """Device-to-device copy bandwidth in bytes/s (read + write)."""
-    a = torch.empty(numel_bytes, dtype=torch.uint8, device="cuda")
+    a = torch.empty(numel_bytes, dtype=torch.uint8, device=_DEV)
     b = torch.empty_like(a)
     med, _, _ = _bench_ms(lambda: b.copy_(a))
     del a, b
@@ -46,8 +57,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "out"))
     p.add_argument("--m", type=int, default=M)
     p.add_argument("--shapes", default="all", help="'all' or a list like 1536x1536,5120x13824 (KxN)")
+    p.add_argument("--dry-run", action="store_true", help="CPU smoke run of the script at tiny shapes")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
+    global _DRY_RUN, _DEV
+    if args.dry_run:
+        _DRY_RUN, _DEV = True, "cpu"
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        args.m, args.shapes = 40, "64x48,96x32"
+    elif not torch.cuda.is_available():
         print("bench_quant: needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured")
         return 0
 
@@ -60,11 +77,11 @@ def main(argv=None) -> int:
 
     shapes = SHAPES if args.shapes == "all" else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     m = args.m
-    gpu = torch.cuda.get_device_name()
+    gpu = torch.cuda.get_device_name() if _DEV == "cuda" else "cpu (dry run)"
     print(f"bench_quant on {gpu}, torch {torch.__version__}, csrc {csrc_ops.csrc_status()}")
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
-    copy_bw = _copy_bandwidth(m * 8192 * 2)
+    copy_bw = _copy_bandwidth(m * 8192 * 2 if not _DRY_RUN else 1 << 20)
     print(f"device-to-device copy: {copy_bw / 1e12:.3f} TB/s")
 
     rows: list[dict] = []
@@ -83,8 +100,8 @@ def main(argv=None) -> int:
     quant_bw: dict[int, float] = {}
     fp8_ratio, gemm_ratio, gate_ratio = [], [], []
     for k, n in shapes:
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        lin = torch.nn.Linear(k, n, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(m, k, device=_DEV, dtype=torch.bfloat16)
+        lin = torch.nn.Linear(k, n, device=_DEV, dtype=torch.bfloat16)
         w, b = lin.weight.detach(), lin.bias.detach()
         flops = 2.0 * m * k * n
         with torch.no_grad():
@@ -98,7 +115,7 @@ def main(argv=None) -> int:
             fp8_ratio.append(t_bf16 / t_q8)
             if k not in quant_bw:
                 qbytes = m * k * 2 + m * k + m * 4
-                if csrc_ops.csrc_available():
+                if csrc_ops.csrc_available() and _DEV == "cuda":
                     t = record("per_token_quant_fp8_csrc", k, 0, _bench_ms(lambda: csrc_ops.per_token_quant_fp8(x)),
                                nbytes=qbytes)
                     quant_bw[k] = qbytes / (t * 1e-3) / copy_bw
@@ -120,8 +137,8 @@ def main(argv=None) -> int:
                               flops)
                 gemm_ratio.append(t_mm / t_tr)
                 if k > n or k == n:  # output projections (o, ffn.2) are followed by x += gate * y
-                    res = torch.randn(m, n, device="cuda", dtype=torch.float32)
-                    gate = torch.randn(1, n, device="cuda", dtype=torch.float32)
+                    res = torch.randn(m, n, device=_DEV, dtype=torch.float32)
+                    gate = torch.randn(1, n, device=_DEV, dtype=torch.float32)
 
                     def unfused():
                         y = torch._scaled_mm(xq, wt, scale_a=sx, scale_b=sw, bias=b, out_dtype=torch.bfloat16,
@@ -134,7 +151,8 @@ def main(argv=None) -> int:
                     gate_ratio.append(t_un / t_fu)
                     del res
             del xq, sx, x, lin, w, b
-        torch.cuda.empty_cache()
+        if _DEV == "cuda":
+            torch.cuda.empty_cache()
 
     with open(os.path.join(args.out, "quant.csv"), "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -461,3 +461,21 @@ def test_quant_linear_traces_fullgraph_cuda(scheme):
     x = torch.randn(1, 333, 1536, device="cuda").to(torch.bfloat16)
     compiled = torch.compile(q, backend="aot_eager", fullgraph=True)
     assert torch.equal(compiled(x), q(x))
+
+
+def test_bench_quant_dry_run(tmp_path):
+    """The benchmark script runs every code path (CPU, tiny shapes) and writes its csv and summary."""
+    import importlib.util
+    import json
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_quant.py"
+    spec = importlib.util.spec_from_file_location("bench_quant", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    if torch.cuda.is_available():
+        pytest.skip("dry run is the CPU smoke path")
+    assert bench.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "quant_summary.json").read_text())
+    assert summary["qlinear_fp8_ratio_vs_bf16_min"] > 0
+    rows = (tmp_path / "quant.csv").read_text().splitlines()
+    assert rows[0].startswith("gpu,torch,op,M,K,N,ms") and any(",qlinear_fp8," in r for r in rows)
