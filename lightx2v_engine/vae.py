@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -385,6 +386,8 @@ class WanVAE(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv3d):
                 m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last_3d)
+            elif isinstance(m, Resample):  # its Conv2d runs as a (1,3,3) Conv3d on NDHWC activations
+                m.resample[1].weight.data = m.resample[1].weight.data.contiguous(memory_format=torch.channels_last)
         self.memory_format = torch.channels_last_3d
         return self
 
@@ -459,8 +462,8 @@ def load_vae(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         sd = load_file(str(path))
-    else:
-        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    else:  # mmap needs the zip serialization format; legacy pickles load eagerly
+        sd = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
     if not isinstance(sd, dict):
         raise ValueError(f"{path}: expected a state dict of tensors, got {type(sd).__name__}")
     cfg = VAEConfig.from_state_dict(sd, str(path))

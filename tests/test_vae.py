@@ -214,3 +214,39 @@ def test_random_vae_deterministic_and_sane():
     assert latents.shape == (1, 16, 2, 4, 4) and torch.isfinite(latents).all()
     bf = random_vae(cfg, dtype=torch.bfloat16, seed=3)
     assert bf.dtype == torch.bfloat16 and _rel(bf.decode(z), video) < 5e-2
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(pair):
+    """CUDA path (channels_last_3d, Triton norm) vs the CPU fp32 model: fp32 without TF32 tight, bf16 loose."""
+    _, ours, path = pair
+    x = torch.rand(1, 3, 9, 32, 48, generator=torch.Generator().manual_seed(10)) * 2 - 1
+    z = torch.randn(1, 16, 3, 4, 6, generator=torch.Generator().manual_seed(11))
+    enc_want, dec_want = ours.encode(x), ours.decode(z)
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        gpu = load_vae(path, device="cuda")
+        assert gpu.memory_format == torch.channels_last_3d
+        assert _rel(gpu.encode(x.cuda()).cpu(), enc_want) <= 1e-4
+        assert _rel(gpu.decode(z.cuda()).cpu(), dec_want) <= 1e-4
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    gpu16 = load_vae(path, device="cuda", dtype=torch.bfloat16)
+    assert _rel(gpu16.encode(x.cuda()).cpu(), enc_want) <= 3e-2
+    dec = gpu16.decode(z.cuda())
+    assert dec.dtype == torch.float32 and _rel(dec.cpu(), dec_want) <= 3e-2
+
+
+@pytest.mark.gpu
+def test_cuda_full_size_decode_fits_24gb():
+    """81 frames at 480x832 (21 latents) with random full-size weights in bf16: peak well under 24 GB."""
+    vae = random_vae(VAEConfig.wan21(), device="cuda", dtype=torch.bfloat16)
+    z = torch.randn(1, 16, 21, 60, 104, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    video = vae.decode(z)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    assert video.shape == (1, 3, 81, 480, 832) and torch.isfinite(video).all()
+    assert peak < 12, f"decode peak {peak:.1f} GiB"
