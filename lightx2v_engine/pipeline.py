@@ -207,8 +207,8 @@ class Pipeline:
         resized = prepare_i2v_image(img, height, width)          # [3, lat_h*8, lat_w*8]
         lat_h, lat_w = resized.shape[1] // 8, resized.shape[2] // 8
         cdev = self.clip.patch_embedding.weight.device
-        clip_fea = clip_mod.encode_image(self.clip, clip_mod.clip_preprocess(img[None].to(cdev)).to(
-            self.clip.patch_embedding.weight.dtype))
+        pixels = clip_mod.clip_preprocess(img[None].to(cdev), size=self.clip.cfg.image_size)
+        clip_fea = clip_mod.encode_image(self.clip, pixels.to(self.clip.patch_embedding.weight.dtype))
         video = torch.zeros(1, 3, num_frames, lat_h * 8, lat_w * 8, device=self.device)
         video[:, :, 0] = resized.to(self.device)
         z = self.vae.encode(video)                                # [1, 16, F, lat_h, lat_w] fp32

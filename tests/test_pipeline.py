@@ -1,0 +1,138 @@
+"""End to end on a tiny model folder in the real layout, through the CLI."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from lightx2v_engine import ops
+from lightx2v_engine.image import i2v_latent_size
+from lightx2v_engine.infer import main
+from lightx2v_engine.tiny import make_tiny_model_folder
+from lightx2v_engine.video import load_latents, read_mp4
+
+
+@pytest.fixture(autouse=True)
+def torch_backend():
+    ops.set_backend("torch")
+    yield
+    ops.set_backend("auto")
+
+
+@pytest.fixture(scope="module")
+def t2v_folder(tmp_path_factory):
+    return make_tiny_model_folder(tmp_path_factory.mktemp("tiny_t2v"), "t2v")
+
+
+@pytest.fixture(scope="module")
+def i2v_folder(tmp_path_factory):
+    return make_tiny_model_folder(tmp_path_factory.mktemp("tiny_i2v"), "i2v")
+
+
+def write_config(path, **keys):
+    base = {"infer_steps": 4, "denoising_step_list": [1000, 750, 500, 250], "sample_shift": 5, "enable_cfg": False,
+            "target_video_length": 9, "target_height": 64, "target_width": 96}
+    base.update(keys)
+    path.write_text(json.dumps(base))
+    return str(path)
+
+
+def cli(folder, tmp_path, *extra, task="t2v", model_cls="wan2.1_distill", config=None, out="out.mp4",
+        prompt="a small dog running on the beach"):
+    args = ["--model_cls", model_cls, "--task", task, "--model_path", str(folder),
+            "--config_json", config or write_config(tmp_path / "cfg.json"), "--save_result_path", str(tmp_path / out),
+            "--quiet"]
+    if prompt is not None:
+        args += ["--prompt", prompt]
+    return main(args + list(extra))
+
+
+def test_t2v_end_to_end_and_determinism(t2v_folder, tmp_path):
+    assert cli(t2v_folder, tmp_path, "--save_latents", str(tmp_path / "a.safetensors"), "--seed", "7") == 0
+    video = read_mp4(tmp_path / "out.mp4")
+    assert video.shape == (9, 64, 96, 3)
+    assert video.std() > 1.0  # not constant
+    assert np.abs(np.diff(video.astype(np.float32), axis=0)).mean() > 0.1  # frames differ
+    lat, meta = load_latents(tmp_path / "a.safetensors")
+    assert lat.shape == (16, 3, 8, 12) and meta["seed"] == 7
+    assert cli(t2v_folder, tmp_path, "--save_latents", str(tmp_path / "b.safetensors"), "--seed", "7", out="o2.mp4") == 0
+    assert torch.equal(lat, load_latents(tmp_path / "b.safetensors")[0])
+    assert cli(t2v_folder, tmp_path, "--save_latents", str(tmp_path / "c.safetensors"), "--seed", "8", out="o3.mp4") == 0
+    assert not torch.allclose(lat, load_latents(tmp_path / "c.safetensors")[0])
+
+
+def test_lora_from_config_changes_output(t2v_folder, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    lora = {}
+    for name, (o, i) in {"blocks.0.self_attn.q": (256, 256), "blocks.1.ffn.0": (512, 256)}.items():
+        lora[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(o, 8, generator=g) * 0.3
+        lora[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(8, i, generator=g) * 0.3
+    save_file(lora, str(tmp_path / "lora.safetensors"))
+    cfg = write_config(tmp_path / "lora.json", lora_configs=[{"path": str(tmp_path / "lora.safetensors"), "strength": 1.0}])
+    assert cli(t2v_folder, tmp_path, "--save_latents", str(tmp_path / "l.safetensors"), config=cfg) == 0
+    assert cli(t2v_folder, tmp_path, "--save_latents", str(tmp_path / "n.safetensors"), out="n.mp4") == 0
+    a, b = load_latents(tmp_path / "l.safetensors")[0], load_latents(tmp_path / "n.safetensors")[0]
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_baseline_sampler_with_cfg(t2v_folder, tmp_path):
+    cfg = tmp_path / "base.json"
+    cfg.write_text(json.dumps({"infer_steps": 3, "sample_shift": 5, "enable_cfg": True, "sample_guide_scale": 5.0,
+                               "target_video_length": 5, "target_height": 32, "target_width": 48}))
+    assert cli(t2v_folder, tmp_path, model_cls="wan2.1", config=str(cfg)) == 0
+    assert read_mp4(tmp_path / "out.mp4").shape == (5, 32, 48, 3)
+
+
+def test_i2v_end_to_end(i2v_folder, tmp_path):
+    img = (np.random.default_rng(0).random((80, 120, 3)) * 255).astype(np.uint8)
+    Image.fromarray(img).save(tmp_path / "in.png")
+    assert cli(i2v_folder, tmp_path, "--image_path", str(tmp_path / "in.png"), task="i2v") == 0
+    lh, lw = i2v_latent_size(80, 120, 64, 96)
+    video = read_mp4(tmp_path / "out.mp4")
+    assert video.shape == (9, lh * 8, lw * 8, 3)
+    assert video.std() > 1.0
+
+
+@pytest.mark.parametrize("case", ["missing_vae", "bad_image", "bad_size", "empty_prompt", "no_prompt", "task_mismatch",
+                                  "missing_dit"])
+def test_bad_inputs_fail_cleanly(case, t2v_folder, i2v_folder, tmp_path, capsys):
+    import shutil
+    folder = tmp_path / "model"
+    src = i2v_folder if case == "bad_image" else t2v_folder
+    shutil.copytree(src, folder)
+    extra, task, prompt, config = [], "t2v", "a cat", None
+    if case == "missing_vae":
+        (folder / "Wan2.1_VAE.pth").unlink()
+    elif case == "missing_dit":
+        (folder / "diffusion_pytorch_model.safetensors").unlink()
+    elif case == "bad_image":
+        (tmp_path / "bad.png").write_bytes(b"not an image")
+        extra, task = ["--image_path", str(tmp_path / "bad.png")], "i2v"
+    elif case == "bad_size":
+        extra = ["--target_shape", "65", "96"]
+    elif case == "empty_prompt":
+        prompt = "   "
+    elif case == "no_prompt":
+        prompt = None
+    elif case == "task_mismatch":
+        task = "i2v"
+    rc = cli(folder, tmp_path, *extra, task=task, prompt=prompt, config=config)
+    err = capsys.readouterr().err
+    assert rc == 2
+    line = [l for l in err.splitlines() if l.startswith("error: ")]
+    assert line, err
+    expect = {"missing_vae": "Wan2.1_VAE.pth", "bad_image": "bad.png", "bad_size": "target_height",
+              "empty_prompt": "prompt", "no_prompt": "prompt", "task_mismatch": "task",
+              "missing_dit": "diffusion_pytorch_model"}[case]
+    assert expect in line[0]
+    assert not (tmp_path / "out.mp4").exists()
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".mp4" or ".tmp" in p.name]
+
+
+def test_random_weights_tiny_preset(tmp_path):
+    rc = main(["--random-weights", "--preset", "tiny", "--prompt", "a red car", "--save_result_path",
+               str(tmp_path / "r.mp4"), "--quiet"])
+    assert rc == 0
+    assert read_mp4(tmp_path / "r.mp4").shape == (9, 64, 96, 3)
