@@ -22,36 +22,40 @@ def qk_norm_rope_ref(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: tor
 
 @triton.jit
 def _rms_rope_row(X, W, COS, SIN, OUT, x_off, o_off, l, C, stride_cl, eps,
-                  HALF_D: tl.constexpr, BLOCK_C: tl.constexpr):
+                  HEAD_D: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Each element also loads its pair partner (index ^ 1; same cache lines, so no extra DRAM traffic):
+    # out[2i] = n[2i] cos - n[2i+1] sin, out[2i+1] = n[2i+1] cos + n[2i] sin, all elementwise and coalesced.
     cols = tl.arange(0, BLOCK_C)
     mask = cols < C
+    partner = cols ^ 1
     x = tl.load(X + x_off + cols, mask=mask, other=0.0)
+    xp = tl.load(X + x_off + partner, mask=mask, other=0.0)
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / C + eps)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    wp = tl.load(W + partner, mask=mask, other=0.0).to(tl.float32)
     # Wan's RMSNorm rounds twice to the run dtype: after the normalisation and after the weight
     n = ((xf * rstd).to(x.dtype).to(tl.float32) * w).to(x.dtype).to(tl.float32)
-    re, im = tl.split(tl.reshape(n, [BLOCK_C // 2, 2]))
-    pair = tl.arange(0, BLOCK_C // 2)
-    pmask = pair < C // 2
-    j = pair % HALF_D
-    c = tl.load(COS + l * stride_cl + j, mask=pmask, other=1.0)
-    s = tl.load(SIN + l * stride_cl + j, mask=pmask, other=0.0)
-    out = tl.reshape(tl.join(re * c - im * s, re * s + im * c), [BLOCK_C])
+    n_p = ((xp.to(tl.float32) * rstd).to(x.dtype).to(tl.float32) * wp).to(x.dtype).to(tl.float32)
+    j = (cols % HEAD_D) // 2  # pair index inside the head
+    c = tl.load(COS + l * stride_cl + j, mask=mask, other=1.0)
+    s = tl.load(SIN + l * stride_cl + j, mask=mask, other=0.0)
+    s = tl.where((cols & 1) == 0, -s, s)
+    out = n * c + n_p * s
     tl.store(OUT + o_off + cols, out.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _qk_norm_rope_kernel(Q, K, WQ, WK, COS, SIN, QO, KO, L, C,
                          stride_qb, stride_ql, stride_kb, stride_kl, stride_cl, eps,
-                         HALF_D: tl.constexpr, BLOCK_C: tl.constexpr):
+                         HEAD_D: tl.constexpr, BLOCK_C: tl.constexpr):
     """One token: q, k -> rope(rms(q) * wq), rope(rms(k) * wk); outputs contiguous [B, L, C]."""
     row = tl.program_id(0)
     b = (row // L).to(tl.int64)
     l = (row % L).to(tl.int64)
     o_off = row.to(tl.int64) * C
-    _rms_rope_row(Q, WQ, COS, SIN, QO, b * stride_qb + l * stride_ql, o_off, l, C, stride_cl, eps, HALF_D, BLOCK_C)
-    _rms_rope_row(K, WK, COS, SIN, KO, b * stride_kb + l * stride_kl, o_off, l, C, stride_cl, eps, HALF_D, BLOCK_C)
+    _rms_rope_row(Q, WQ, COS, SIN, QO, b * stride_qb + l * stride_ql, o_off, l, C, stride_cl, eps, HEAD_D, BLOCK_C)
+    _rms_rope_row(K, WK, COS, SIN, KO, b * stride_kb + l * stride_kl, o_off, l, C, stride_cl, eps, HEAD_D, BLOCK_C)
 
 
 def _check(q, k, wq, wk, cos, sin, num_heads):
@@ -82,7 +86,7 @@ def launch_qk_norm_rope(q, k, wq, wk, cos, sin, num_heads, eps, qo, ko):
     _qk_norm_rope_kernel[(B * L,)](
         q, k, wq, wk, cos, sin, qo, ko, L, C,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), eps,
-        HALF_D=C // num_heads // 2, BLOCK_C=block, num_warps=max(1, min(16, block // 512)))
+        HEAD_D=C // num_heads, BLOCK_C=block, num_warps=max(1, min(16, block // 512)))
 
 
 @torch.library.custom_op("lightx2v::qk_norm_rope", mutates_args=())

@@ -122,3 +122,12 @@ def test_modulate_gpu_real_shapes(C):
     _run_modulate(1, 32760, C, torch.float32, torch.bfloat16, "cuda")
     _run_modulate(1, 32760, C, torch.bfloat16, torch.bfloat16, "cuda")
     _run_gate_residual(1, 32760, C, torch.float32, torch.bfloat16, "cuda")
+
+
+def test_import_without_triton_is_a_clean_importerror():
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "try:\n    import lightx2v_engine.kernels\nexcept ImportError as e:\n    print('IMPORTERROR', e)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "IMPORTERROR lightx2v_engine.kernels needs triton" in res.stdout, res.stdout + res.stderr
