@@ -11,9 +11,9 @@ later sees [last frame of the previous chunk, chunk]; the temporal upsampler's `
 causal, its cache starting from zeros) is skipped on the first chunk, otherwise its two output halves
 become frames 2t and 2t+1.
 
-Hot path (performance.md: ~70% of a plain decode is memory-bound glue). Each k=3 causal conv owns no
-concatenation: a scratch buffer [B, C, 2+T, H, W] (shared by all convs of that shape) gets the 2 cached
-frames copied in and the fused RMSNorm+SiLU of the input written straight into its tail; the conv runs
+Hot path (performance.md: ~70% of a plain decode is memory-bound glue). A k=3 causal conv does no
+concatenation or padding pass: a scratch buffer [B, C, 2+T, H, W] gets the 2 cached frames copied in and
+the fused RMSNorm+SiLU of the input written straight into its tail; the conv runs
 with only spatial padding (cuDNN pads internally); the last 2 frames are copied out as the new cache.
 Nearest x2 upsampling and the temporal interleave are one strided copy; the 2D resample convs run as
 (1,3,3) Conv3d on the 5D tensor (no per-frame permutes). On CUDA activations and Conv3d weights use
@@ -162,21 +162,13 @@ class RMSNorm(nn.Module):
 
 
 class _Stream:
-    """State of one encode/decode call: per-conv caches (last `pad_t` input frames) and scratch buffers."""
+    """State of one encode/decode call: whether this is the first chunk, and every causal conv's cache (its
+    last `pad_t` input frames). Scratch buffers are plain allocations: the caching allocator recycles them."""
 
     def __init__(self, memory_format: torch.memory_format):
         self.fmt = memory_format
         self.first = True
         self.cache: dict[nn.Module, torch.Tensor] = {}
-        self.scratch: dict[tuple, torch.Tensor] = {}
-
-    def buffer(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        key = (shape, like.dtype)
-        buf = self.scratch.get(key)
-        if buf is None:
-            buf = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=self.fmt)
-            self.scratch[key] = buf
-        return buf
 
 
 def _causal_conv(conv: CausalConv3d, x: torch.Tensor, st: _Stream, norm: RMSNorm | None = None) -> torch.Tensor:
@@ -187,7 +179,7 @@ def _causal_conv(conv: CausalConv3d, x: torch.Tensor, st: _Stream, norm: RMSNorm
             x = rms_norm_act(x, norm.gamma, True)
         return F.conv3d(x, conv.weight, conv.bias, conv.stride, (0,) + conv.pad_hw)
     b, c, t, h, w = x.shape
-    buf = st.buffer((b, c, p + t, h, w), x)
+    buf = torch.empty((b, c, p + t, h, w), dtype=x.dtype, device=x.device, memory_format=st.fmt)
     prev = st.cache.get(conv)
     if prev is None:
         buf[:, :, :p].zero_()
@@ -414,8 +406,6 @@ class WanVAE(nn.Module):
             x = self.encoder(chunk, st)
             mu = F.conv3d(x, self.conv1.weight[:z], self.conv1.bias[:z])  # only mu of (mu, logvar)
             torch.div(mu.float().sub_(mean), std, out=out[:, :, i:i + 1])
-            if i == 0:
-                st.scratch.clear()  # first-chunk shapes (T=1) are not reused
         return out
 
     @torch.no_grad()
@@ -439,8 +429,6 @@ class WanVAE(nn.Module):
             out[:, :, t0:t1].copy_(y.clamp_(-1.0, 1.0))
             t0 = t1
             del y
-            if i == 0:
-                st.scratch.clear()
         return out
 
 
