@@ -219,6 +219,40 @@ class QuantLinear(nn.Module):
                 f"bias={self.bias is not None}, scheme={self.scheme}")
 
 
+def concat_quant_linears(mods: list[QuantLinear]) -> QuantLinear:
+    """One QuantLinear computing cat([m(x) for m in mods], -1) (e.g. q, k, v of one attention): per-output-
+    channel scales concatenate exactly, and x is quantized once for all. All must share in_features/scheme."""
+    first = mods[0]
+    for m in mods:
+        if m.in_features != first.in_features or m.scheme != first.scheme or (m.bias is None) != (first.bias is None):
+            raise ValueError(f"concat_quant_linears: mismatched modules {first.extra_repr()} vs {m.extra_repr()}")
+    out = QuantLinear(first.in_features, sum(m.out_features for m in mods), first.bias is not None, first.scheme,
+                      device="meta", dtype=first.bias.dtype if first.bias is not None else torch.bfloat16)
+    out.weight = torch.cat([m.weight for m in mods])
+    out.weight_scale = torch.cat([m.weight_scale for m in mods])
+    out.bias = torch.cat([m.bias for m in mods]) if first.bias is not None else None
+    return out
+
+
+def quant_linear_gate_residual(linear: QuantLinear, x: torch.Tensor, residual: torch.Tensor,
+                               gate: torch.Tensor) -> torch.Tensor:
+    """residual + gate * linear(x) (fp32 math, residual's dtype): Wan's gated residual after o / ffn.2.
+
+    x [B, L, K]; residual [B, L, N]; gate [B, 1, N]. On CUDA with B == 1 the Triton 8-bit GEMM applies
+    scales, bias, gate and residual in its epilogue (one pass over [L, N] instead of three); otherwise the
+    linear's output (rounded to x's dtype) goes through the same formula in torch.
+    """
+    b, l, _ = x.shape
+    if x.is_cuda and b == 1 and residual.stride(-1) == 1 and linear.weight.shape[1] % 16 == 0:
+        from lightx2v_engine.kernels.fp8_gemm import fp8_gemm
+        x2 = x.reshape(l, -1)
+        xq, sx = per_token_quant(x2, linear.scheme)
+        out = fp8_gemm(xq, linear.weight, sx, linear.weight_scale, linear.bias,
+                       residual=residual.reshape(l, -1), gate=gate.reshape(-1))
+        return out.reshape(residual.shape)
+    return (residual.float() + gate.float() * linear(x).float()).to(residual.dtype)
+
+
 def is_quantized_linear_name(name: str) -> bool:
     """True for module names LightX2V quantizes: blocks.<i>.{self_attn,cross_attn,ffn}.<...>."""
     parts = name.split(".")

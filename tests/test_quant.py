@@ -479,3 +479,41 @@ def test_bench_quant_dry_run(tmp_path):
     assert summary["qlinear_fp8_ratio_vs_bf16_min"] > 0
     rows = (tmp_path / "quant.csv").read_text().splitlines()
     assert rows[0].startswith("gpu,torch,op,M,K,N,ms") and any(",qlinear_fp8," in r for r in rows)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_concat_quant_linears_equals_separate(scheme):
+    torch.manual_seed(8)
+    mods = [quant.QuantLinear.from_linear(nn.Linear(64, n), scheme) for n in (32, 32, 48)]
+    fused = quant.concat_quant_linears(mods)
+    assert fused.out_features == 112 and fused.weight_scale.shape == (112, 1) and not fused.weight.is_meta
+    x = torch.randn(2, 7, 64).to(torch.bfloat16)
+    assert torch.equal(fused(x), torch.cat([m(x) for m in mods], dim=-1))
+    with pytest.raises(ValueError, match="mismatched"):
+        quant.concat_quant_linears([mods[0], quant.QuantLinear.from_linear(nn.Linear(32, 8), scheme)])
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("res_dtype", [torch.float32, torch.bfloat16])
+def test_quant_linear_gate_residual_cpu(scheme, res_dtype):
+    torch.manual_seed(9)
+    q = quant.QuantLinear.from_linear(nn.Linear(64, 48), scheme)
+    x = torch.randn(1, 11, 64).to(torch.bfloat16)
+    res, gate = torch.randn(1, 11, 48).to(res_dtype), torch.randn(1, 1, 48)
+    out = quant.quant_linear_gate_residual(q, x, res, gate)
+    expected = (res.double() + gate.double() * q(x).double()).to(res_dtype)
+    assert out.dtype == res_dtype
+    torch.testing.assert_close(out, expected, rtol=0 if res_dtype == torch.float32 else 2 ** -7, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quant_linear_gate_residual_cuda_fused(scheme):
+    torch.manual_seed(10)
+    q = quant.QuantLinear.from_linear(nn.Linear(1536, 1536, device="cuda"), scheme)
+    x = torch.randn(1, 3000, 1536, device="cuda").to(torch.bfloat16)
+    res, gate = torch.randn(1, 3000, 1536, device="cuda"), torch.randn(1, 1, 1536, device="cuda")
+    out = quant.quant_linear_gate_residual(q, x, res, gate)
+    expected = res + gate * quant.quant_linear_ref(x[0], q.weight, q.weight_scale, q.bias).float()
+    assert out.dtype == torch.float32
+    assert _rel(out - res, expected - res) < 1e-2
