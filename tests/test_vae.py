@@ -99,10 +99,13 @@ def test_single_frame_and_batch(pair):
     with torch.no_grad():
         want = (ref.encode(x).latent_dist.mean - mean) / std
         img_want = (ref.encode(x[:1, :, :1]).latent_dist.mean - mean) / std
-        dec_want = ref.decode(want[:, :, :1] * std + mean).sample
+        dec_want = ref.decode(want * std + mean).sample
+        img_dec_want = ref.decode(img_want * std + mean).sample
     assert _rel(ours.encode(x), want) <= 1e-4
     assert _rel(ours.encode(x[:1, :, :1]), img_want) <= 1e-4
-    assert _rel(ours.decode(want[:, :, :1]), dec_want) <= 1e-4
+    assert _rel(ours.decode(want), dec_want) <= 1e-4
+    img = ours.decode(img_want)
+    assert img.shape == (1, 3, 1, 16, 24) and _rel(img, img_dec_want) <= 1e-4
 
 
 def test_channels_last_with_norm_kernel_matches_diffusers(pair, monkeypatch):
