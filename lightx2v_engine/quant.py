@@ -195,6 +195,17 @@ class QuantLinear(nn.Module):
         y = quant_linear(x.reshape(-1, self.in_features), self.weight, self.weight_scale, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
+    def _apply(self, fn, recurse=True):
+        # nn.Module.to(dtype) / .half() / .bfloat16() cast every floating tensor, float8 included: keep the
+        # 8-bit weight and the fp32 scale in their formats and apply only the device move to them.
+        kept = {"weight": self.weight, "weight_scale": self.weight_scale}
+        super()._apply(fn, recurse)
+        for name, orig in kept.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != orig.dtype:
+                self._buffers[name] = orig.to(new.device)
+        return self
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         # Checkpoints may store the scale as [out] or in bf16 (LightX2V's loader forces fp32), and the bias

@@ -517,3 +517,24 @@ def test_quant_linear_gate_residual_cuda_fused(scheme):
     expected = res + gate * quant.quant_linear_ref(x[0], q.weight, q.weight_scale, q.bias).float()
     assert out.dtype == torch.float32
     assert _rel(out - res, expected - res) < 1e-2
+
+
+def test_module_dtype_casts_keep_the_8bit_format():
+    torch.manual_seed(11)
+    model = _TinyDiT()
+    quant.quantize_dit_(model, "fp8")
+    ref = model.blocks[0].ffn[0]
+    w, s = ref.weight.clone(), ref.weight_scale.clone()
+    model.to(torch.bfloat16)
+    q = model.blocks[0].ffn[0]
+    assert q.weight.dtype == torch.float8_e4m3fn and torch.equal(q.weight.view(torch.uint8), w.view(torch.uint8))
+    assert q.weight_scale.dtype == torch.float32 and torch.equal(q.weight_scale, s)
+    assert q.bias.dtype == torch.bfloat16 and model.head.head.weight.dtype == torch.bfloat16
+    model.half()
+    assert q.weight.dtype == torch.float8_e4m3fn and q.bias.dtype == torch.float16
+    with torch.device("meta"):
+        meta = _TinyDiT()
+    quant.swap_to_quant_linear_(meta, "int8")
+    meta.to(torch.bfloat16)
+    assert meta.blocks[1].self_attn.o.weight.dtype == torch.int8 and meta.blocks[1].self_attn.o.weight.is_meta
+    assert meta.blocks[1].self_attn.o.weight_scale.dtype == torch.float32
