@@ -442,9 +442,12 @@ def _expected_shapes(cfg: VAEConfig) -> dict[str, torch.Size]:
 
 
 def load_vae(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> WanVAE:
-    """Loads `Wan2.1_VAE.pth` (or a .safetensors with the same keys): meta build, mmap load, key and shape
-    validation, assign-load in `dtype` on `device` (channels_last_3d conv weights on CUDA)."""
+    """Loads `Wan2.1_VAE.pth` (or a .safetensors with the same keys; a directory means its Wan2.1_VAE.pth):
+    meta build, mmap load, key and shape validation, assign-load in `dtype` on `device` (channels_last_3d
+    conv weights on CUDA)."""
     path = Path(path)
+    if path.is_dir():
+        path = path / "Wan2.1_VAE.pth"
     if not path.is_file():
         raise FileNotFoundError(f"VAE checkpoint not found: {path}")
     if path.suffix == ".safetensors":

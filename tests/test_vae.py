@@ -200,6 +200,8 @@ def test_missing_file_names_path(tmp_path):
     p = tmp_path / "nowhere" / "Wan2.1_VAE.pth"
     with pytest.raises(FileNotFoundError, match=re.escape(str(p))):
         load_vae(p)
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "Wan2.1_VAE.pth"))):
+        load_vae(tmp_path)  # a model directory without the VAE file
 
 
 def test_random_vae_deterministic_and_sane():
