@@ -1,0 +1,365 @@
+"""End-to-end latency: one denoising step of the DiT at real shapes, text encoding, VAE decode, and the
+distillation's speed-up, each next to its baseline measured in the same run.
+
+    python benchmarks/bench_e2e.py [--with-14b] [--720p] [--out DIR]
+
+Per preset (random weights, 480p 81 frames by default): (a) the plain PyTorch reference path (ops backend
+"torch"), (b) the engine in bf16, (c) the engine with fp8 linears, each eager and as CUDA-graph replay of the
+4-step loop, (d) diffusers' WanTransformer3DModel eager (and torch.compile'd with --diffusers-compile) when
+diffusers is importable. Writes e2e.csv and e2e_summary.json into --out (default $OUT or benchmarks/out).
+`--dry-run` runs every code path at the tiny preset on the CPU (used by the tests).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+try:
+    import lightx2v_engine  # noqa: F401  (installed, e.g. pip install -e .)
+except ImportError:
+    sys.path.insert(0, str(ROOT))
+
+from lightx2v_engine import ops  # noqa: E402
+from lightx2v_engine.config import PRESETS  # noqa: E402
+from lightx2v_engine.cuda_graph import DistillGraphs  # noqa: E402
+from lightx2v_engine.loading import build_dit  # noqa: E402
+from lightx2v_engine.schedulers import DistillSampler, UniPCSampler, cfg_combine  # noqa: E402
+
+
+def timer(device: torch.device):
+    """Returns time(fn, warmup, iters) -> median ms (CUDA events on GPU, perf_counter on CPU)."""
+    def run(fn, warmup: int = 1, iters: int = 3) -> float:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(iters):
+            if device.type == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+    return run
+
+
+def rel_l2(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def peak_reset(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+
+
+def dit_inputs(cfg, frames, height, width, device, dtype):
+    g = torch.Generator(device=device).manual_seed(0)
+    f, h, w = (frames - 1) // 4 + 1, height // 8, width // 8
+    x = torch.randn(1, 16, f, h, w, generator=g, device=device)
+    ctx = torch.zeros(1, 512, cfg.text_dim, device=device, dtype=dtype)
+    ctx[:, :120] = torch.randn(1, 120, cfg.text_dim, generator=g, device=device).to(dtype)
+    clip = y = None
+    if cfg.is_i2v:
+        clip = torch.randn(1, 257, cfg.image_dim, generator=g, device=device).to(dtype)
+        y = torch.randn(1, 20, f, h, w, generator=g, device=device)
+    return x, ctx, clip, y
+
+
+def loop_runner(model, sampler, x, ctx, clip, y, use_graph: bool):
+    """Returns fn() running the whole distill loop (eager or graph replay) and the graphs object."""
+    ts = sampler.timestep_tensor(x.device)
+    if not use_graph:
+        def eager():
+            xx = x
+            for i in range(sampler.num_steps):
+                xx = sampler.step(i, xx, model(xx, ts[i:i + 1], ctx, clip, y))
+            return xx
+        return eager, None
+    graphs = DistillGraphs(lambda xx, t: model(xx, t, graphs.context, graphs.clip_fea, graphs.y), sampler,
+                           x, ctx, None, clip, y, [], ts)
+    graphs.capture()
+
+    def replay():
+        graphs.set_inputs(x, ctx, None, clip, y, [])
+        for i in range(sampler.num_steps):
+            graphs.run_step(i)
+        return graphs.x
+    return replay, graphs
+
+
+def bench_dit(preset: str, args, device, run, rows, summary, tag: str):
+    cfg = PRESETS[preset]
+    dt = torch.bfloat16
+    peak_reset(device)
+    model = build_dit(cfg, None, dtype=dt, device=device)
+    x, ctx, clip, y = dit_inputs(cfg, args.frames, args.height, args.width, device, dt)
+    t = torch.tensor([937.5], device=device)
+    sampler = DistillSampler.from_step_list((1000, 750, 500, 250), 5.0)
+    res = {}
+    with torch.no_grad():
+        ops.set_backend("torch")
+        ref_out = model(x, t, ctx, clip, y)
+        res["reference_eager"] = run(lambda: model(x, t, ctx, clip, y))
+        ops.set_backend("auto")
+        eng_out = model(x, t, ctx, clip, y)
+        summary[f"engine_vs_reference_relerr_{tag}"] = rel_l2(eng_out, ref_out)
+        res["bf16_eager"] = run(lambda: model(x, t, ctx, clip, y))
+        del ref_out, eng_out
+        if device.type == "cuda" and not args.no_graph:
+            fn, graphs = loop_runner(model, sampler, x, ctx, clip, y, True)
+            eager_fn, _ = loop_runner(model, sampler, x, ctx, clip, y, False)
+            summary[f"graph_vs_eager_relerr_{tag}"] = rel_l2(fn().clone(), eager_fn())
+            res["bf16_graph"] = run(fn, warmup=1, iters=2) / sampler.num_steps
+            del graphs, fn
+        summary[f"peak_gib_{tag}_bf16"] = peak_gib(device)
+        # 8-bit linears (fp8 e4m3, per-channel weights, per-token activations)
+        from lightx2v_engine.quant import quantize_dit_
+        peak_reset(device)
+        quantize_dit_(model, "fp8" if device.type == "cuda" else "int8")
+        res["8bit_eager"] = run(lambda: model(x, t, ctx, clip, y))
+        if device.type == "cuda" and not args.no_graph:
+            fn, graphs = loop_runner(model, sampler, x, ctx, clip, y, True)
+            res["8bit_graph"] = run(fn, warmup=1, iters=2) / sampler.num_steps
+            del graphs, fn
+        summary[f"peak_gib_{tag}_8bit"] = peak_gib(device)
+    del model
+    for k, v in res.items():
+        rows.append({"what": f"dit_step_{tag}", "impl": k, "ms": round(v, 3),
+                     "ratio_vs_reference": round(res["reference_eager"] / v, 3)})
+    summary[f"step_ms_{tag}_reference"] = res["reference_eager"]
+    summary[f"step_ms_{tag}_bf16"] = res.get("bf16_graph", res["bf16_eager"])
+    summary[f"step_ms_{tag}_bf16_eager"] = res["bf16_eager"]
+    summary[f"step_ms_{tag}_8bit"] = res.get("8bit_graph", res["8bit_eager"])
+    summary[f"step_ms_{tag}_8bit_eager"] = res["8bit_eager"]
+    return res
+
+
+def bench_diffusers_dit(preset: str, args, device, run, rows, summary, tag: str, absent):
+    try:
+        from diffusers import WanTransformer3DModel
+    except Exception as e:  # optional baseline
+        absent[f"diffusers_step_ms_{tag}_eager"] = f"diffusers not importable ({type(e).__name__}: {e})"
+        absent[f"diffusers_step_ms_{tag}_compiled"] = absent[f"diffusers_step_ms_{tag}_eager"]
+        return
+    cfg = PRESETS[preset]
+    peak_reset(device)
+    kw = dict(num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim, in_channels=cfg.in_dim,
+              ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, text_dim=cfg.text_dim)
+    if cfg.is_i2v:
+        kw.update(image_dim=cfg.image_dim, added_kv_proj_dim=cfg.dim)
+    with torch.device(device):
+        model = WanTransformer3DModel(**kw).to(torch.bfloat16).eval()
+    x, ctx, clip, y = dit_inputs(cfg, args.frames, args.height, args.width, device, torch.bfloat16)
+    hs = (torch.cat([x, y], 1) if y is not None else x).to(torch.bfloat16)
+    t = torch.tensor([937.5], device=device)
+    fwd = lambda m: m(hidden_states=hs, timestep=t, encoder_hidden_states=ctx,  # noqa: E731
+                      encoder_hidden_states_image=clip, return_dict=False)[0]
+    with torch.no_grad():
+        ms = run(lambda: fwd(model))
+        summary[f"diffusers_step_ms_{tag}_eager"] = ms
+        summary[f"diffusers_peak_gib_{tag}"] = peak_gib(device)
+        rows.append({"what": f"dit_step_{tag}", "impl": "diffusers_eager", "ms": round(ms, 3)})
+        if args.diffusers_compile:
+            cm = torch.compile(model)
+            t0 = time.perf_counter()
+            fwd(cm)
+            summary[f"diffusers_compile_s_{tag}"] = time.perf_counter() - t0
+            ms = run(lambda: fwd(cm))
+            summary[f"diffusers_step_ms_{tag}_compiled"] = ms
+            rows.append({"what": f"dit_step_{tag}", "impl": "diffusers_compiled", "ms": round(ms, 3)})
+        else:
+            absent[f"diffusers_step_ms_{tag}_compiled"] = "not run (compiling takes ~100 s; pass --diffusers-compile)"
+    del model
+
+
+def bench_text(args, device, run, rows, summary):
+    from lightx2v_engine import t5 as t5_mod
+    import tempfile
+    cfg = t5_mod.T5Config.tiny() if args.dry_run else t5_mod.T5Config.umt5_xxl()
+    peak_reset(device)
+    model = t5_mod.random_t5(cfg, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    d = tempfile.mkdtemp()
+    t5_mod.make_tiny_tokenizer(d)
+    tok = t5_mod.load_tokenizer(d)
+    prompt = ["a cat walking on the grass in the sun with a dog and a bird flying in the blue sky " * 3]
+    ms = run(lambda: t5_mod.encode_text(model, tok, prompt))
+    summary["text_encode_ms"] = ms
+    rows.append({"what": "text_encode", "impl": "engine", "ms": round(ms, 3)})
+    del model
+
+
+def bench_vae(args, device, run, rows, summary, absent):
+    """Decode of 21 latents -> 81 frames (480p); our VAE vs diffusers AutoencoderKLWan with the same weights."""
+    from lightx2v_engine import vae as vae_mod
+    cfg = vae_mod.VAEConfig.tiny() if args.dry_run else vae_mod.VAEConfig.wan21()
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    f, h, w = (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8
+    z = torch.randn(1, 16, f, h, w, device=device, generator=torch.Generator(device=device).manual_seed(1))
+    peak_reset(device)
+    ours = vae_mod.random_vae(cfg, device=device, dtype=dt)
+    theirs = None
+    try:
+        from diffusers import AutoencoderKLWan
+        sys.path.insert(0, str(ROOT / "tests"))
+        from test_vae import _wan_key  # the diffusers -> Wan key map of the VAE tests
+        with torch.device(device):
+            theirs = AutoencoderKLWan(base_dim=cfg.dim, z_dim=cfg.z_dim).to(dt).eval()
+        ours.load_state_dict({_wan_key(k): v for k, v in theirs.state_dict().items()})
+    except Exception as e:  # optional baseline
+        absent["vae_decode_ratio_vs_diffusers"] = f"diffusers VAE unavailable ({type(e).__name__}: {e})"
+        theirs = None
+    with torch.no_grad():
+        ms = run(lambda: ours.decode(z), warmup=1, iters=2)
+        summary["vae_decode_ms"] = ms
+        summary["vae_peak_gib"] = peak_gib(device)
+        rows.append({"what": "vae_decode", "impl": "engine", "ms": round(ms, 3)})
+        if theirs is not None:
+            mean = torch.tensor(vae_mod.WAN21_LATENT_MEAN, device=device).view(1, 16, 1, 1, 1)
+            std = torch.tensor(vae_mod.WAN21_LATENT_STD, device=device).view(1, 16, 1, 1, 1)
+            zz = (z * std + mean).to(dt)
+            ref = theirs.decode(zz, return_dict=False)[0].float().clamp(-1, 1)
+            summary["vae_decode_relerr_vs_diffusers"] = rel_l2(ours.decode(z), ref)
+            del ref
+            ms_d = run(lambda: theirs.decode(zz, return_dict=False)[0], warmup=1, iters=2)
+            summary["diffusers_vae_decode_ms"] = ms_d
+            summary["vae_decode_ratio_vs_diffusers"] = ms_d / ms
+            rows.append({"what": "vae_decode", "impl": "diffusers", "ms": round(ms_d, 3)})
+    del ours, theirs
+
+
+def bench_distill_speedup(preset, args, device, run, rows, summary):
+    """Wall time of the 50-step CFG UniPC baseline vs the 4-step distill loop (both engine bf16, eager CFG
+    as a batch-2 forward). With --baseline-steps N < 50, the baseline is timed over N steps and scaled."""
+    cfg = PRESETS[preset]
+    model = build_dit(cfg, None, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device)
+    x, ctx, clip, y = dit_inputs(cfg, args.frames, args.height, args.width, device, model.run_dtype)
+    neg = torch.flip(ctx, dims=[1]).contiguous()
+    n_total = 50
+    n = min(args.baseline_steps, n_total)
+    unipc = UniPCSampler(n_total, 5.0)
+    ts = unipc.timesteps.to(device, torch.float32)
+    distill = DistillSampler.from_step_list((1000, 750, 500, 250), 5.0)
+    dts = distill.timestep_tensor(device)
+
+    def baseline():
+        unipc.reset()
+        xx = x
+        for i in range(n):
+            v = model(torch.cat([xx, xx]), ts[i:i + 1].expand(2), torch.cat([ctx, neg]))
+            xx = unipc.step(cfg_combine(v[1:], v[:1], 5.0), i, xx)
+        return xx
+
+    def four_step():
+        xx = x
+        for i in range(4):
+            xx = distill.step(i, xx, model(xx, dts[i:i + 1], ctx))
+        return xx
+
+    with torch.no_grad():
+        ms_base = run(baseline, warmup=0, iters=1) * n_total / n
+        ms_dist = run(four_step, warmup=1, iters=1)
+    summary["baseline_50step_cfg_ms"] = ms_base
+    summary["distill_4step_ms"] = ms_dist
+    summary["distill_speedup_vs_50step_cfg"] = ms_base / ms_dist
+    summary["distill_speedup_note"] = (f"baseline timed over {n} of 50 steps and scaled" if n < n_total
+                                       else "full 50-step run")
+    rows.append({"what": "sampler_wall", "impl": "unipc_50step_cfg", "ms": round(ms_base, 1)})
+    rows.append({"what": "sampler_wall", "impl": "distill_4step", "ms": round(ms_dist, 1)})
+    del model
+
+
+def env_info(device) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=ROOT).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    import triton
+    return {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+            "triton": triton.__version__, "commit": commit,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "out"))
+    p.add_argument("--with-14b", action="store_true", help="also the 14B T2V preset")
+    p.add_argument("--720p", dest="p720", action="store_true", help="720x1280 instead of 480x832")
+    p.add_argument("--frames", type=int, default=81)
+    p.add_argument("--diffusers-compile", action="store_true")
+    p.add_argument("--baseline-steps", type=int, default=10, help="UniPC steps actually timed (of 50)")
+    p.add_argument("--no-graph", action="store_true")
+    p.add_argument("--skip", nargs="*", default=[], choices=["dit", "diffusers", "text", "vae", "distill"])
+    p.add_argument("--dry-run", action="store_true", help="tiny preset on the CPU: exercises every code path")
+    args = p.parse_args(argv)
+    args.height, args.width = (720, 1280) if args.p720 else (480, 832)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
+    if device.type != "cuda" and not args.dry_run:
+        print("bench_e2e: needs a CUDA GPU (use --dry-run to exercise the code on the CPU)")
+        return 0
+    if args.dry_run:
+        args.frames, args.height, args.width, args.baseline_steps = 5, 32, 48, 2
+    presets = [("tiny", "tiny")] if args.dry_run else [("wan2.1-t2v-1.3b", "1.3b")]
+    if args.with_14b and not args.dry_run:
+        presets.append(("wan2.1-t2v-14b", "14b"))
+    run = timer(device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, summary, absent = [], {}, {}
+    info = env_info(device)
+    summary["shape"] = f"{args.frames}x{args.height}x{args.width}"
+    for preset, tag in presets:
+        if "dit" not in args.skip:
+            bench_dit(preset, args, device, run, rows, summary, tag)
+        if "diffusers" not in args.skip and not args.dry_run:
+            bench_diffusers_dit(preset, args, device, run, rows, summary, tag, absent)
+    if "text" not in args.skip:
+        bench_text(args, device, run, rows, summary)
+    if "vae" not in args.skip:
+        bench_vae(args, device, run, rows, summary, absent)
+    if "distill" not in args.skip:
+        bench_distill_speedup(presets[0][0], args, device, run, rows, summary)
+    if not args.with_14b:
+        for k in ("step_ms_14b_bf16", "step_ms_14b_8bit"):
+            absent[k] = "14B not run (pass --with-14b)"
+    for r in rows:
+        r.update(info)
+    with open(out / "e2e.csv", "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["what", "impl", "ms", "ratio_vs_reference", *info])
+        if f.tell() == 0:
+            w.writeheader()
+        w.writerows(rows)
+    (out / "e2e_summary.json").write_text(json.dumps({"env": info, "figures": summary, "absent": absent}, indent=2))
+    print(f"\nbench_e2e on {info['gpu']} ({info['date']}), {summary['shape']}")
+    for r in rows:
+        print(f"  {r['what']:<16} {r['impl']:<20} {r['ms']:>10.1f} ms")
+    for k, v in summary.items():
+        if isinstance(v, float):
+            print(f"  {k:<40} {v:.4g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The GPU check, from a clean checkout, in < 10 minutes on one H100:
+#   install (editable, no deps), build the C++/CUDA extension (in the background), the `gpu` tests,
+#   the kernel and 8-bit GEMM microbenchmarks, the 1.3B end-to-end benchmark (14B with --with-14b),
+#   then one summary.json and a short table, printed last.
+#
+#   bash benchmarks/gpu_check.sh [--stages install,tests,kernels,quant,e2e,summary] [bench_e2e args...]
+#
+# Results (CSV, JSON, logs) go to $OUT when set, else benchmarks/out/. Wheels of missing packages
+# (diffusers, as the baseline) are installed from .whl/ when that folder exists.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+STAGES=install,tests,kernels,quant,e2e,summary
+if [ "${1:-}" = "--stages" ]; then STAGES=$2; shift 2; fi
+E2E_ARGS=("$@")
+has() { [[ ",$STAGES," == *",$1,"* ]]; }
+stage() { echo "=== $1 ($(date -u +%T))"; }
+T0=$(date +%s)
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1 \
+    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+
+if has install; then
+  stage install
+  LX2V_SKIP_CUDA_BUILD=1 $PY -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/install.log" 2>&1 \
+    || echo "install failed: see $OUT/install.log"
+  stage "build extension (background, log in build.log)"
+  (MAX_JOBS=8 NVCC_THREADS=4 $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1; echo $? >"$OUT/build.rc") &
+  BUILD_PID=$!
+fi
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" \
+  | tee "$OUT/env.txt"
+
+if has kernels; then
+  stage "bench_kernels"
+  timeout 200 $PY benchmarks/bench_kernels.py --quick --out "$OUT" 2>&1 | tee "$OUT/bench_kernels.log" | tail -40
+fi
+
+if [ -n "${BUILD_PID:-}" ]; then
+  wait "$BUILD_PID"
+  echo "extension build exit code: $(cat "$OUT/build.rc") (log: build.log)"; tail -3 "$OUT/build.log"
+  $PY -c "from lightx2v_engine.csrc_ops import csrc_status; print('csrc:', csrc_status())"
+fi
+
+if has tests; then
+  stage "gpu tests"
+  timeout 200 $PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+fi
+
+if has quant; then
+  stage "bench_quant"
+  timeout 150 $PY benchmarks/bench_quant.py --out "$OUT" 2>&1 | tee "$OUT/bench_quant.log" | tail -25
+fi
+
+if has e2e; then
+  stage "bench_e2e"
+  timeout 300 $PY benchmarks/bench_e2e.py --out "$OUT" "${E2E_ARGS[@]}" 2>&1 | tee "$OUT/bench_e2e.log" | tail -45
+fi
+
+echo "total $(( $(date +%s) - T0 )) s"
+if has summary; then
+  stage summary
+  $PY benchmarks/summarize.py "$OUT"
+fi

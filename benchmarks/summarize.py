@@ -1,0 +1,76 @@
+"""Merges the benchmarks' *_summary.json files in OUT into one summary.json of named figures, lists each
+required figure that is absent with its reason, and prints a short table (the last thing gpu_check.sh prints).
+
+    python benchmarks/summarize.py OUT_DIR
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+REQUIRED = [
+    "step_ms_1.3b_bf16", "step_ms_1.3b_8bit", "step_ms_14b_bf16", "step_ms_14b_8bit",
+    "diffusers_step_ms_1.3b_eager", "diffusers_step_ms_1.3b_compiled", "vae_decode_ms",
+    "vae_decode_ratio_vs_diffusers", "modulate_bw_frac", "qk_norm_rope_bw_frac", "attn_bf16_ratio_vs_cudnn",
+    "attn_8bit_ratio_vs_cudnn", "attn_8bit_relerr", "gemm_fp8_ratio_vs_scaled_mm_min",
+    "gemm_fp8_gate_residual_ratio", "csrc_memory_bound_bw_frac", "distill_speedup_vs_50step_cfg",
+]
+# Figures with no producer yet, and why.
+NOT_IMPLEMENTED = {
+    "attn_8bit_ratio_vs_cudnn": "no 8-bit attention kernel yet (bf16 attention only)",
+    "attn_8bit_relerr": "no 8-bit attention kernel yet (bf16 attention only)",
+}
+# Where a stage's failure shows up: summary files expected from each benchmark.
+SOURCES = {"kernels_summary.json": "bench_kernels.py", "quant_summary.json": "bench_quant.py",
+           "e2e_summary.json": "bench_e2e.py"}
+
+
+def merge(out: Path) -> dict:
+    figures: dict = {}
+    absent: dict = {}
+    env: dict = {}
+    for name, producer in SOURCES.items():
+        path = out / name
+        if not path.is_file():
+            absent[f"<{producer}>"] = f"{name} missing: {producer} did not finish (see its log in {out})"
+            continue
+        data = json.loads(path.read_text())
+        if "figures" in data:
+            figures.update(data["figures"])
+            absent.update(data.get("absent", {}))
+            env.update(data.get("env", {}))
+        else:
+            for k, v in data.items():
+                (env if k in ("gpu", "torch", "triton", "cuda", "commit", "date", "git_commit") else figures)[k] = v
+    for k in REQUIRED:
+        if figures.get(k) is None and k not in absent:
+            absent[k] = NOT_IMPLEMENTED.get(k, "not produced in this run (see the logs)")
+    for k in list(absent):
+        if figures.get(k) is not None:
+            del absent[k]
+    return {"env": env, "figures": figures, "absent": absent}
+
+
+def table(summary: dict) -> str:
+    lines = [f"summary ({summary['env'].get('gpu', '?')}, {summary['env'].get('date', '?')}, "
+             f"commit {summary['env'].get('commit', summary['env'].get('git_commit', '?'))})"]
+    for k in REQUIRED:
+        v = summary["figures"].get(k)
+        lines.append(f"  {k:<36} " + (f"{v:.4g}" if isinstance(v, (int, float)) else f"absent: {summary['absent'].get(k)}"))
+    extra = [k for k in summary["absent"] if k.startswith("<")]
+    lines += [f"  {k}: {summary['absent'][k]}" for k in extra]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    out = Path(argv[0] if argv else "benchmarks/out")
+    summary = merge(out)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(table(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
