@@ -48,10 +48,11 @@ ATTN_CONFIGS: dict[str, AttnConfig] = {
     "ptr_256x64_w8_s3": AttnConfig(256, 64, 8, 3, tma=False),
     "tma_256x64_w8_s3": AttnConfig(256, 64, 8, 3, tma=True),
     "tma_128x128_w8_s2": AttnConfig(128, 128, 8, 2, tma=True),
-    "tma_pipe_128x64_w8_s3": AttnConfig(128, 64, 8, 3, tma=True, pipe_qk=True),
     "tma_pipe_128x128_w8_s2": AttnConfig(128, 128, 8, 2, tma=True, pipe_qk=True),
-    # sm90 warp specialisation needs 4 warps per partition (Triton leaves 8-warp loops unspecialised)
-    "tma_128x128_w4_s2_ws": AttnConfig(128, 128, 4, 2, tma=True, warp_specialize=True),
+    # sm90 warp specialisation: a TMA producer plus two 4-warp consumer warpgroups of BLOCK_M/2 rows each
+    # (Triton only specialises 4-warp loops on sm90; 128x128 with 3 stages would need 263 KB of smem)
+    "ws_128x128_w4_s2": AttnConfig(128, 128, 4, 2, tma=True, warp_specialize=True),
+    "ws_128x64_w4_s3": AttnConfig(128, 64, 4, 3, tma=True, warp_specialize=True),
 }
 DEFAULT_ATTN_CONFIG = "ptr_256x64_w8_s3"
 ATTN_IMPLS = ("triton", "sdpa_cudnn", "sdpa_flash")
@@ -124,7 +125,8 @@ def _attn_fwd_kernel(Q, K, V, O,
                      stride_vb, stride_vl, stride_vh, stride_ob, stride_ol, stride_oh,
                      H, Lq, Lk, n_full, qk_scale,
                      HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, PIPE_QK: tl.constexpr):
+                     USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, PIPE_QK: tl.constexpr,
+                     EVEN_N: tl.constexpr):
     """One (query block, batch*head): o = softmax(q k^T * scale) v, scale = log2(e)/sqrt(D) on exp2.
 
     n_full = Lk rounded down to BLOCK_N (keys handled by the unmasked loop). PIPE_QK issues the q k^T of
@@ -163,6 +165,21 @@ def _attn_fwd_kernel(Q, K, V, O,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
 
+    # ragged last key block (Lk % BLOCK_N keys) first: missing keys score -inf, their v rows are zero.
+    # (Triton's sm90 warp specialisation accepts no dot before or after its loop: WARP_SPEC masks in the loop.)
+    if not EVEN_N and not WARP_SPEC:
+        kv_mask = (n_full + offs_n) < Lk
+        if USE_TMA:
+            k = desc_k.load([n_full, 0])
+            v = desc_v.load([n_full, 0])
+        else:
+            k = tl.load(k_base + (n_full + offs_n)[:, None] * stride_kl + offs_d[None, :],
+                        mask=kv_mask[:, None], other=0.0)
+            v = tl.load(v_base + (n_full + offs_n)[:, None] * stride_vl + offs_d[None, :],
+                        mask=kv_mask[:, None], other=0.0)
+        qk = tl.where(kv_mask[None, :], tl.dot(q, k.T), float("-inf"))
+        m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, qk_scale)
+
     # full key blocks: no masks in the steady-state loop
     if PIPE_QK:
         if n_full > 0:
@@ -177,26 +194,20 @@ def _attn_fwd_kernel(Q, K, V, O,
                 qk = qk_next
             v = _load_tile(desc_v, v_base, n_full - BLOCK_N, stride_vl, offs_n, offs_d, USE_TMA)
             m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, qk_scale)
+    elif WARP_SPEC:
+        # all blocks in one loop (TMA reads rows past Lk as zeros); a [BLOCK_N] -inf bias masks them
+        for start_n in tl.range(0, Lk, BLOCK_N, warp_specialize=True):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            k = desc_k.load([start_n, 0])
+            v = desc_v.load([start_n, 0])
+            bias = tl.where(start_n + offs_n < Lk, 0.0, float("-inf"))
+            m_i, l_i, acc = _softmax_step(tl.dot(q, k.T) + bias[None, :], v, m_i, l_i, acc, qk_scale)
     else:
-        for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WARP_SPEC):
+        for start_n in tl.range(0, n_full, BLOCK_N):
             start_n = tl.multiple_of(start_n, BLOCK_N)
             k = _load_tile(desc_k, k_base, start_n, stride_kl, offs_n, offs_d, USE_TMA)
             v = _load_tile(desc_v, v_base, start_n, stride_vl, offs_n, offs_d, USE_TMA)
             m_i, l_i, acc = _softmax_step(tl.dot(q, k.T), v, m_i, l_i, acc, qk_scale)
-
-    # ragged last key block (Lk % BLOCK_N keys): scores of missing keys are -inf, their v rows zero
-    if n_full < Lk:
-        kv_mask = (n_full + offs_n) < Lk
-        if USE_TMA:
-            k = desc_k.load([n_full, 0])
-            v = desc_v.load([n_full, 0])
-        else:
-            k = tl.load(k_base + (n_full + offs_n)[:, None] * stride_kl + offs_d[None, :],
-                        mask=kv_mask[:, None], other=0.0)
-            v = tl.load(v_base + (n_full + offs_n)[:, None] * stride_vl + offs_d[None, :],
-                        mask=kv_mask[:, None], other=0.0)
-        qk = tl.where(kv_mask[None, :], tl.dot(q, k.T), float("-inf"))
-        m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, qk_scale)
 
     out = (acc / l_i[:, None]).to(O.dtype.element_ty)
     if USE_TMA:
@@ -259,7 +270,7 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: 
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         H, Lq, Lk, (Lk // cfg.block_n) * cfg.block_n, LOG2E / math.sqrt(D),
         HEAD_D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=use_tma,
-        WARP_SPEC=cfg.warp_specialize and use_tma, PIPE_QK=cfg.pipe_qk,
+        WARP_SPEC=cfg.warp_specialize and use_tma, PIPE_QK=cfg.pipe_qk, EVEN_N=Lk % cfg.block_n == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 

@@ -42,7 +42,7 @@ def test_attention_configs(config, B, Lq, Lk):
     _assert_rule(out, q, k, v)
 
 
-@pytest.mark.parametrize("config", ["ptr_256x64_w8_s3", "tma_pipe_128x64_w8_s3"])
+@pytest.mark.parametrize("config", ["ptr_256x64_w8_s3", "tma_pipe_128x128_w8_s2", "ws_128x64_w4_s3"])
 def test_attention_strided_views_cross(config):
     """q from unflatten of a fused [B, L, 3C] projection (row stride 3C); cross-attention k/v, Lk = 257."""
     torch.manual_seed(0)
