@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["fp8_gemm", "scaled_gemm_ref"]
+__all__ = ["fp8_gemm", "scaled_gemm", "scaled_gemm_ref"]
 
 
 def scaled_gemm_ref(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
@@ -159,3 +159,16 @@ def fp8_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: t
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
         _scaled_gemm_tuned[grid](*args, **flags, EVEN_K=K % 128 == 0)
     return out
+
+
+@torch.library.custom_op("lightx2v::scaled_gemm", mutates_args=())
+def scaled_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+                bias: torch.Tensor | None, residual: torch.Tensor | None, gate: torch.Tensor | None,
+                out_dtype: torch.dtype) -> torch.Tensor:
+    """fp8_gemm as an opaque torch op (torch.ops.lightx2v.scaled_gemm) for torch.compile / CUDA graphs."""
+    return fp8_gemm(a, b, scale_a, scale_b, bias, residual, gate, out_dtype)
+
+
+@scaled_gemm.register_fake
+def _scaled_gemm_fake(a, b, scale_a, scale_b, bias, residual, gate, out_dtype):
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)

@@ -131,10 +131,25 @@ def _int_mm_scaled(xq: torch.Tensor, sx: torch.Tensor, weight: torch.Tensor, wei
     if m <= 16:  # torch._int_mm needs more than 16 rows
         xq = torch.cat([xq, xq.new_zeros(32 - m, xq.shape[1])])
     acc = torch._int_mm(xq, weight.t())[:m]
-    y = acc.float() * sx * weight_scale.reshape(1, -1)
+    y = torch.mul(acc, sx)  # int32 * fp32 -> fp32 in one pass
     if bias is not None:
-        y = y + bias.float()
+        y = torch.addcmul(bias.float(), y, weight_scale.reshape(1, -1))
+    else:
+        y.mul_(weight_scale.reshape(1, -1))
     return y.to(out_dtype)
+
+
+_INT8_GEMMS = ("cublas", "triton")
+_int8_gemm = "cublas"
+
+
+def set_int8_gemm(name: str) -> None:
+    """CUDA int8 GEMM of QuantLinear: "cublas" (torch._int_mm + a 3-pass torch epilogue, default) or
+    "triton" (kernels/fp8_gemm.py, scales and bias fused in the epilogue). bench_quant.py compares them."""
+    global _int8_gemm
+    if name not in _INT8_GEMMS:
+        raise ValueError(f"int8 GEMM must be one of {_INT8_GEMMS}, got {name!r}")
+    _int8_gemm = name
 
 
 def quant_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -152,6 +167,9 @@ def quant_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
         return quant_linear_ref(x, weight, weight_scale, bias)
     xq, sx = per_token_quant(x, scheme)
     if scheme == "int8":
+        if _int8_gemm == "triton":
+            from lightx2v_engine.kernels.fp8_gemm import scaled_gemm
+            return scaled_gemm(xq, weight, sx, weight_scale, bias, None, None, x.dtype)
         return _int_mm_scaled(xq, sx, weight, weight_scale, bias, x.dtype)
     if bias is not None and bias.dtype != torch.bfloat16:
         bias = bias.to(torch.bfloat16)  # rowwise-scaled fp8 GEMMs take a bf16 bias and produce bf16
@@ -255,11 +273,10 @@ def quant_linear_gate_residual(linear: QuantLinear, x: torch.Tensor, residual: t
     """
     b, l, _ = x.shape
     if x.is_cuda and b == 1 and residual.stride(-1) == 1 and linear.weight.shape[1] % 16 == 0:
-        from lightx2v_engine.kernels.fp8_gemm import fp8_gemm
-        x2 = x.reshape(l, -1)
-        xq, sx = per_token_quant(x2, linear.scheme)
-        out = fp8_gemm(xq, linear.weight, sx, linear.weight_scale, linear.bias,
-                       residual=residual.reshape(l, -1), gate=gate.reshape(-1))
+        from lightx2v_engine.kernels.fp8_gemm import scaled_gemm
+        xq, sx = per_token_quant(x.reshape(l, -1), linear.scheme)
+        out = scaled_gemm(xq, linear.weight, sx, linear.weight_scale, linear.bias, residual.reshape(l, -1),
+                          gate.reshape(-1), residual.dtype)
         return out.reshape(residual.shape)
     return (residual.float() + gate.float() * linear(x).float()).to(residual.dtype)
 

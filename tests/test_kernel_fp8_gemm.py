@@ -91,3 +91,13 @@ def test_fp8_gemm_cuda_wan_shapes(scheme, k, n):
         lib = torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb.t(), bias=bias, out_dtype=torch.bfloat16,
                                use_fast_accum=True)
         assert ((plain.float() - lib.float()).norm() / lib.float().norm()).item() < 5e-3
+
+
+def test_scaled_gemm_custom_op():
+    """torch.ops.lightx2v.scaled_gemm: schema and fake (meta) implementation agree with the real op."""
+    from lightx2v_engine.kernels.fp8_gemm import scaled_gemm
+    a, sa, b, sb, bias, res, gate = _operands(19, 32, 64, "fp8")
+    torch.library.opcheck(scaled_gemm, (a, b, sa, sb, bias, res, gate, torch.float32),
+                          test_utils=("test_faketensor",))
+    out = torch.ops.lightx2v.scaled_gemm(a, b, sa, sb, None, None, None, torch.bfloat16)
+    _assert_close(out, scaled_gemm_ref(a, b, sa, sb))
