@@ -2,7 +2,7 @@
 
 Per (K, N): bf16 F.linear; QuantLinear fp8 (activation quantization + torch._scaled_mm rowwise);
 torch._scaled_mm rowwise alone (GEMM only, pre-quantized operands); QuantLinear int8 (quantization +
-torch._int_mm + epilogue); the per-token quantization alone (csrc kernel and the torch-ops fallback).
+torch._int_mm + epilogue, or the Triton GEMM); the per-token quantization alone (csrc kernel and the torch-ops fallback).
 The quantization kernel's bandwidth (bytes read + written) is reported as a fraction of a device-to-device
 copy measured in the same run. Optional Triton fp8 GEMM rows when lightx2v_engine.kernels.fp8_gemm exists.
 
@@ -131,6 +131,9 @@ def main(argv=None) -> int:
             if fp8_gemm is not None:
                 record("triton_int8_gemm", k, n, _bench_ms(
                     lambda: fp8_gemm.fp8_gemm(xi, qi.weight, sxi, qi.weight_scale, b)), flops)
+                quant.set_int8_gemm("triton")
+                record("qlinear_int8_triton", k, n, _bench_ms(lambda: qi(x)), flops)
+                quant.set_int8_gemm("cublas")
             del qi, xi, sxi
             if fp8_gemm is not None:
                 t_tr = record("triton_fp8_gemm", k, n, _bench_ms(lambda: fp8_gemm.fp8_gemm(xq, wt.t(), sx, sw, b)),
