@@ -2,7 +2,8 @@
 
 Per (K, N): bf16 F.linear; QuantLinear fp8 (activation quantization + torch._scaled_mm rowwise);
 torch._scaled_mm rowwise alone (GEMM only, pre-quantized operands); QuantLinear int8 (quantization +
-torch._int_mm + epilogue, or the Triton GEMM); the per-token quantization alone (csrc kernel and the torch-ops fallback).
+torch._int_mm + epilogue, or the Triton GEMM); the per-token quantization alone (csrc kernel and the
+torch-ops fallback).
 The quantization kernel's bandwidth (bytes read + written) is reported as a fraction of a device-to-device
 copy measured in the same run. Optional Triton fp8 GEMM rows when lightx2v_engine.kernels.fp8_gemm exists.
 

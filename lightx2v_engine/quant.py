@@ -191,7 +191,8 @@ class QuantLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.scheme = parse_quant_scheme(scheme)
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=_QDTYPE[self.scheme], device=device))
+        qdtype = _QDTYPE[self.scheme]
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=qdtype, device=device))
         self.register_buffer("weight_scale", torch.empty(out_features, 1, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
 
@@ -230,8 +231,9 @@ class QuantLinear(nn.Module):
         # in another float dtype: normalise before nn.Module's loader (which keeps dtypes under assign=True).
         wkey, skey, bkey = prefix + "weight", prefix + "weight_scale", prefix + "bias"
         if wkey in state_dict and state_dict[wkey].dtype != self.weight.dtype:
+            got = state_dict[wkey]
             error_msgs.append(f"{wkey}: expected {self.weight.dtype} (scheme {self.scheme}) with shape "
-                              f"{tuple(self.weight.shape)}, got {state_dict[wkey].dtype} {tuple(state_dict[wkey].shape)}")
+                              f"{tuple(self.weight.shape)}, got {got.dtype} {tuple(got.shape)}")
             state_dict = {k: v for k, v in state_dict.items() if k != wkey}
         if skey in state_dict:
             s = state_dict[skey]

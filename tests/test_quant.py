@@ -70,8 +70,8 @@ class _Block(nn.Module):
 
     def forward(self, x, ctx):
         n = self.norm3(x)
-        a = F.scaled_dot_product_attention(self.self_attn.norm_q(self.self_attn.q(n)), self.self_attn.norm_k(self.self_attn.k(n)),
-                                           self.self_attn.v(n))
+        s = self.self_attn
+        a = F.scaled_dot_product_attention(s.norm_q(s.q(n)), s.norm_k(s.k(n)), s.v(n))
         x = x + self.self_attn.o(a)
         c = self.cross_attn
         x = x + c.o(F.scaled_dot_product_attention(c.q(x), c.k(ctx), c.v(ctx))
@@ -358,7 +358,8 @@ def _assert_quant_equal(q, s, q_ref, s_ref, scheme):
 def _quant_case(case: str, m: int, k: int, dtype) -> torch.Tensor:
     g = torch.Generator(device="cuda").manual_seed(m * 7 + k)
     width = {"contiguous": k, "row_strided": 2 * k, "misaligned": k + 1}[case]
-    x = torch.randn(m, width, device="cuda", generator=g) * (10 ** (torch.rand(m, 1, device="cuda", generator=g) * 4 - 2))
+    x = torch.randn(m, width, device="cuda", generator=g)
+    x = x * 10 ** (torch.rand(m, 1, device="cuda", generator=g) * 4 - 2)
     if m > 2:
         x[m // 2] = 0
     x = x.to(dtype)
