@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from lightx2v_engine.vae import (WAN21_LATENT_MEAN, WAN21_LATENT_STD, VAEConfig, WanVAE, _expected_shapes,
-                                 load_vae, norm_kernel_status, random_vae, rms_norm_act_ref, set_norm_kernel)
+                                 _subpixel_weight, _upsample2x_conv, load_vae, norm_kernel_status, random_vae,
+                                 rms_norm_act_ref, set_norm_kernel)
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKLWan  # noqa: E402
@@ -154,6 +155,19 @@ def test_rms_norm_act_ref_matches_definition():
     out = torch.empty(2, 24, 5, 5, 7, dtype=torch.float64)[:, :, 2:]  # strided destination (scratch tail)
     got = rms_norm_act_ref(x, gamma, True, out=out)
     assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last_3d])
+def test_subpixel_upsample_conv_matches_interpolate_then_conv(fmt):
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 6, 3, 3, 5, generator=g, dtype=torch.float64).contiguous(memory_format=fmt)
+    w, b = torch.randn(4, 6, 3, 3, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
+    frames = x.permute(0, 2, 1, 3, 4).reshape(6, 6, 3, 5)
+    up = torch.nn.functional.interpolate(frames, scale_factor=2.0, mode="nearest-exact")
+    want = torch.nn.functional.conv2d(up, w, b, padding=1).view(2, 3, 4, 6, 10).permute(0, 2, 1, 3, 4)
+    got = _upsample2x_conv(x, _subpixel_weight(w).unsqueeze(2), b, fmt)
+    assert got.is_contiguous(memory_format=fmt)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
