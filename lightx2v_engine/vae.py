@@ -299,7 +299,7 @@ def _subpixel_weight(w: torch.Tensor) -> torch.Tensor:
     Output row 2h+a reads upsampled rows 2h+a-1..2h+a+1 = input rows (h-1, h, h) for a=0, (h, h, h+1) for a=1:
     taps (0 | 1+2) on input rows (h-1, h) and (0+1 | 2) on rows (h, h+1); columns likewise. Summed in fp32.
     """
-    wf = w.float()
+    wf = w.to(torch.promote_types(w.dtype, torch.float32))
 
     def fold(v: torch.Tensor, dim: int, a: int) -> torch.Tensor:
         k0, k1, k2 = v.unbind(dim)
