@@ -2,7 +2,10 @@
 
 o = softmax(q k^T / sqrt(D)) v, online softmax over key blocks in the exp2 domain (log2(e) folded into the
 scale), fp32 accumulation. q [B, Lq, H, D], k/v [B, Lk, H, D] read through their strides (views of
-[B, L, C] projections are fine); the ragged last key block is the only masked one.
+[B, L, C] projections are fine). The ragged last key block (Lk % BLOCK_N keys) is done first with a mask,
+so the steady-state loop is mask-free; the warp-specialised configs (sm90: a TMA producer warp plus two
+consumer warpgroups, Triton's automatic partitioning) instead mask inside their single loop, because the
+partitioner accepts no other dot before or after it.
 
 Implementation policy (module level): env var ``LX2V_ATTN`` in ``ATTN_IMPLS`` picks the backend of
 ``attention``/``self_attention`` ("triton" default, or PyTorch SDPA with cuDNN / FA2 kernels);

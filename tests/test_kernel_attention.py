@@ -71,6 +71,17 @@ def test_attention_public_op_and_policy():
         set_attention_impl(config="nope")
 
 
+def test_env_policy(monkeypatch):
+    import importlib
+    mod = importlib.import_module("lightx2v_engine.kernels.attention")  # the module (the package exports the function)
+    monkeypatch.setenv("LX2V_ATTN", "sdpa_cudnn")
+    monkeypatch.setenv("LX2V_ATTN_CONFIG", "ws_128x64_w4_s3")
+    assert mod._env_impl() == "sdpa_cudnn" and mod._env_config() == "ws_128x64_w4_s3"
+    monkeypatch.setenv("LX2V_ATTN", "flash3")
+    with pytest.raises(ValueError, match="LX2V_ATTN must be one of"):
+        mod._env_impl()
+
+
 def test_attention_bad_inputs_raise():
     q, k, v = _qkv(1, 8, 8, 1, torch.float16, "cpu")
     with pytest.raises(ValueError, match="fp16 or bf16"):
