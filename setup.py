@@ -29,12 +29,15 @@ def _cuda_extensions():
     if not sources:
         return [], {}
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
-    nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "--use_fast_math", "-lineinfo",
+    # torch >= 2.12 needs C++20 for code including ATen headers
+    major_minor = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    std = "-std=c++20" if major_minor >= (2, 12) else "-std=c++17"
+    nvcc_flags = ["-O3", std, "--expt-relaxed-constexpr", "--use_fast_math", "-lineinfo",
                   f"--threads={os.environ.get('NVCC_THREADS', '4')}"]
     ext = CUDAExtension(
         name="lightx2v_engine._C",
         sources=sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": ["-O3", std], "nvcc": nvcc_flags},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
