@@ -133,7 +133,7 @@ def test_channels_last_with_norm_kernel_matches_diffusers(pair, monkeypatch):
         set_norm_kernel("auto")
     assert _rel(enc, enc_want) <= 1e-4, _rel(enc, enc_want)
     assert _rel(dec, dec_want) <= 1e-4, _rel(dec, dec_want)
-    assert len(calls) == 2 * 22 + 2 * 30  # every norm (22 encoder, 30 decoder) of both chunks of encode and decode ran the kernel
+    assert len(calls) == 2 * 22 + 2 * 30  # every norm (22 encoder, 30 decoder) of both chunks ran the kernel
 
 
 def test_bf16_close_to_fp32(pair):
