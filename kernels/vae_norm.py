@@ -67,10 +67,18 @@ def rms_norm_act(x: torch.Tensor, gamma: torch.Tensor, silu: bool, out: torch.Te
         raise ValueError(f"kernels/vae_norm.py: gamma has {gamma.numel()} values, x has {x.shape[1]} channels")
     b, c = x.shape[:2]
     p = x[0, 0].numel()
-    block_c = triton.next_power_of_2(c)
-    block_p = max(1, min(triton.next_power_of_2(p), 4096 // block_c))
+    block_c, block_p = _blocks(c, p)
     grid = (triton.cdiv(p, block_p), b)
     _rms_norm_act_kernel[grid](x, gamma.reshape(c).contiguous(), out, p, c, pixel_rows(x), pixel_rows(out),
                                math.sqrt(c), NORM_EPS, SILU=silu, BLOCK_P=block_p, BLOCK_C=block_c,
-                               num_warps=4)
+                               num_warps=NUM_WARPS)
     return out
+
+
+NUM_WARPS = 4
+
+
+def _blocks(c: int, p: int) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_P): a whole pixel row of channels, ~4096 elements (32 per thread) per program."""
+    block_c = triton.next_power_of_2(c)
+    return block_c, max(1, min(triton.next_power_of_2(p), 4096 // block_c))
