@@ -116,6 +116,10 @@ def build_dit(cfg: ModelConfig, files: list[Path] | None = None, *, dtype: torch
             sd, origin = load_state_dict(files, rename=rename, dtype_of=dtype_of, device=device)
         except KeyError as e:
             raise CheckpointError(f"{files[0]}: {e.args[0]}") from None
+    if qkeys and files is not None and not any(k.endswith("weight_scale") for k in sd):
+        raise CheckpointError(f"{files[0]}: not a quantized checkpoint (no '*.weight_scale' keys); use "
+                              "dit_original_ckpt for unquantized weights, or point dit_quantized_ckpt at a "
+                              f"{quant_scheme} file")
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     where = ", ".join(sorted({str(p) for p in origin.values()})) or "random init"
