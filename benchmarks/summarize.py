@@ -63,8 +63,22 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def pick_attention(kernels_summary: Path) -> str:
+    """Shell exports selecting the fastest correct attention of a bench_kernels run."""
+    s = json.loads(kernels_summary.read_text())
+    best, cfg = s.get("attn_best_impl"), s.get("attn_best_triton_config")
+    if best and best.startswith("sdpa_"):
+        return f"export LX2V_ATTN={best}"
+    if best and cfg:
+        return f"export LX2V_ATTN=triton LX2V_ATTN_CONFIG={cfg}"
+    return ""
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--pick-attention":
+        print(pick_attention(Path(argv[1])))
+        return 0
     out = Path(argv[0] if argv else "benchmarks/out")
     summary = merge(out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
