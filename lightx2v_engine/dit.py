@@ -212,7 +212,7 @@ class WanDiT(nn.Module):
         pt, ph, pw = cfg.patch_size
         grid = (f // pt, h // ph, w // pw)
         tokens = self.patch_embedding(x.to(dt)).flatten(2).transpose(1, 2)  # [B, L, C]
-        x = tokens.float()  # fp32 residual stream
+        x = tokens.float().contiguous()  # fp32 residual stream [B, L, C], row-major
 
         e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim))          # [B, C] fp32
         e0 = self.time_projection(e).unflatten(1, (6, cfg.dim))                 # [B, 6, C] fp32
