@@ -41,6 +41,7 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
 from .attention import ATTN_IMPLS, attention, attention_impl, self_attention, set_attention_impl  # noqa: E402
 from .modulate import gate_residual_modulate, modulate  # noqa: E402
 from .qk_norm_rope import qk_norm_rope  # noqa: E402
+from .rms_norm import rms_norm  # noqa: E402
 
-__all__ = ["modulate", "gate_residual_modulate", "qk_norm_rope", "attention", "self_attention",
+__all__ = ["modulate", "gate_residual_modulate", "qk_norm_rope", "rms_norm", "attention", "self_attention",
            "attention_impl", "set_attention_impl", "ATTN_IMPLS"]

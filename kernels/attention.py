@@ -54,10 +54,12 @@ ATTN_CONFIGS: dict[str, AttnConfig] = {
     "tma_pipe_128x128_w8_s2": AttnConfig(128, 128, 8, 2, tma=True, pipe_qk=True),
     # sm90 warp specialisation: a TMA producer plus two 4-warp consumer warpgroups of BLOCK_M/2 rows each
     # (Triton only specialises 4-warp loops on sm90; 128x128 with 3 stages would need 263 KB of smem)
+    # Measured on an H100 (2026-11-26): 582 TFLOP/s at 12 heads, L=32760, 1.075x cuDNN SDPA in the same run.
     "ws_128x128_w4_s2": AttnConfig(128, 128, 4, 2, tma=True, warp_specialize=True),
-    "ws_128x64_w4_s3": AttnConfig(128, 64, 4, 3, tma=True, warp_specialize=True),
+    # Removed: "ws_128x64_w4_s3" (128x64, 3 stages, warp-specialised) compiled but returned NaN at
+    # L=32760 on the H100 while right in the interpreter at small shapes (not investigated).
 }
-DEFAULT_ATTN_CONFIG = "ptr_256x64_w8_s3"
+DEFAULT_ATTN_CONFIG = "ws_128x128_w4_s2"
 ATTN_IMPLS = ("triton", "sdpa_cudnn", "sdpa_flash")
 
 

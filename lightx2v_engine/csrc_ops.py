@@ -74,15 +74,28 @@ def csrc_status() -> str:
     return _STATUS or "unavailable: not loaded"
 
 
+def _check_quant_input(x: torch.Tensor, op: str) -> None:
+    """The binding's checks, in Python: on the H100 machine (torch 2.11) a TORCH_CHECK failure thrown from the
+    extension crashed the process (segfault) instead of raising, so bad input must never reach it."""
+    if not _AVAILABLE:
+        raise RuntimeError(f"{op}: lightx2v_engine._C is {csrc_status()}")
+    if not x.is_cuda:
+        raise ValueError(f"{op}: x must be a CUDA tensor, got device {x.device}")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"{op}: x must be bfloat16 or float16, got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    if x.shape[1] > 1 and x.stride(1) != 1:
+        raise ValueError(f"{op}: x must have unit stride along K, got strides {x.stride()}")
+
+
 def per_token_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """CUDA kernel: x [M, K] bf16/fp16 (unit stride along K) -> (q [M, K] fp8 e4m3, scale [M, 1] fp32)."""
-    if not _AVAILABLE:
-        raise RuntimeError(f"per_token_quant_fp8: lightx2v_engine._C is {csrc_status()}")
+    _check_quant_input(x, "per_token_quant_fp8")
     return torch.ops.lightx2v_C.per_token_quant_fp8(x)
 
 
 def per_token_quant_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """CUDA kernel: x [M, K] bf16/fp16 (unit stride along K) -> (q [M, K] int8, scale [M, 1] fp32)."""
-    if not _AVAILABLE:
-        raise RuntimeError(f"per_token_quant_int8: lightx2v_engine._C is {csrc_status()}")
+    _check_quant_input(x, "per_token_quant_int8")
     return torch.ops.lightx2v_C.per_token_quant_int8(x)

@@ -106,9 +106,14 @@ class WanBlock(nn.Module):
         Returns (x, y, gate2): the caller applies x + gate2 * y.
         """
         _, _, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=1)
-        x = ops.gate_residual(x, self.self_attn(h, rope), gate1)
-        n3 = F.layer_norm(x.float(), (x.shape[-1],), self.norm3.weight.float(), self.norm3.bias.float(), self.eps)
-        ca = self.cross_attn(n3.to(h.dtype), text, img)
+        # norm3 (affine LayerNorm) is modulate with scale = weight - 1 and shift = bias, so the self-attention
+        # residual add and norm3 are one fused pass: x += gate1 * sa; n3 = LN(x) * weight + bias
+        b = x.shape[0]
+        n3_scale = (self.norm3.weight.float() - 1.0).view(1, 1, -1).expand(b, 1, -1)
+        n3_shift = self.norm3.bias.float().view(1, 1, -1).expand(b, 1, -1)
+        x, n3 = ops.gate_residual_modulate(x, self.self_attn(h, rope), gate1, n3_shift, n3_scale, self.eps,
+                                           out_dtype=h.dtype)
+        ca = self.cross_attn(n3, text, img)
         x, h2 = ops.gate_residual_modulate(x, ca, ones, shift2, scale2, self.eps, out_dtype=h.dtype)
         return x, self.ffn(h2), gate2
 

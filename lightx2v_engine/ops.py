@@ -130,6 +130,9 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> to
 
 
 def rms_norm(x, weight, eps: float = 1e-6):
+    k = _fast(x, "rms_norm")
+    if k is not None:
+        return k.rms_norm(x, weight, eps)
     return rms_norm_ref(x, weight, eps)
 
 

@@ -27,20 +27,20 @@ def test_without_gpu_exits_zero(bench, tmp_path, capsys):
 
 
 def test_dry_run_writes_csv_and_summary(bench, tmp_path):
-    assert bench.main(["--dry-run", "--out", str(tmp_path), "--configs", "ptr_256x64_w8_s3,ws_128x64_w4_s3"]) == 0
+    assert bench.main(["--dry-run", "--out", str(tmp_path), "--configs", "ptr_256x64_w8_s3,ws_128x128_w4_s2"]) == 0
     with open(tmp_path / "kernels.csv") as f:
         rows = list(csv.DictReader(f))
     ops = {r["op"] for r in rows}
     assert ops == {"modulate", "gate_residual_modulate", "qk_norm_rope", "attention"}
     assert all(r["ok"] == "True" for r in rows), [r for r in rows if r["ok"] != "True"]
     impls = {r["impl"] for r in rows if r["op"] == "attention"}
-    assert impls == {"triton:ptr_256x64_w8_s3", "triton:ws_128x64_w4_s3", "sdpa_flash"}
+    assert impls == {"triton:ptr_256x64_w8_s3", "triton:ws_128x128_w4_s2", "sdpa_flash"}
     summary = json.loads((tmp_path / "kernels_summary.json").read_text())
     for key in ("modulate_bw_frac", "qk_norm_rope_bw_frac", "attn_bf16_ratio_vs_cudnn", "attn_best_impl",
                 "attn_triton_tflops", "attn_cudnn_tflops", "gpu", "torch", "triton", "commit", "date"):
         assert key in summary
     assert summary["attn_cudnn_tflops"] is None  # no cuDNN on the CPU
-    assert summary["attn_best_triton_config"] in ("ptr_256x64_w8_s3", "ws_128x64_w4_s3")
+    assert summary["attn_best_triton_config"] in ("ptr_256x64_w8_s3", "ws_128x128_w4_s2")
 
 
 def test_unknown_config_is_an_error(bench, tmp_path):

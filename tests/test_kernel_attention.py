@@ -42,7 +42,7 @@ def test_attention_configs(config, B, Lq, Lk):
     _assert_rule(out, q, k, v)
 
 
-@pytest.mark.parametrize("config", ["ptr_256x64_w8_s3", "tma_pipe_128x128_w8_s2", "ws_128x64_w4_s3"])
+@pytest.mark.parametrize("config", ["ptr_256x64_w8_s3", "tma_pipe_128x128_w8_s2", "ws_128x128_w4_s2"])
 def test_attention_strided_views_cross(config):
     """q from unflatten of a fused [B, L, 3C] projection (row stride 3C); cross-attention k/v, Lk = 257."""
     torch.manual_seed(0)
@@ -75,8 +75,8 @@ def test_env_policy(monkeypatch):
     import importlib
     mod = importlib.import_module("lightx2v_engine.kernels.attention")  # the module (the package exports the function)
     monkeypatch.setenv("LX2V_ATTN", "sdpa_cudnn")
-    monkeypatch.setenv("LX2V_ATTN_CONFIG", "ws_128x64_w4_s3")
-    assert mod._env_impl() == "sdpa_cudnn" and mod._env_config() == "ws_128x64_w4_s3"
+    monkeypatch.setenv("LX2V_ATTN_CONFIG", "ws_128x128_w4_s2")
+    assert mod._env_impl() == "sdpa_cudnn" and mod._env_config() == "ws_128x128_w4_s2"
     monkeypatch.setenv("LX2V_ATTN", "flash3")
     with pytest.raises(ValueError, match="LX2V_ATTN must be one of"):
         mod._env_impl()
