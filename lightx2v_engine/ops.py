@@ -5,6 +5,9 @@ kernels of ``lightx2v_engine.kernels`` are used when importable; ``set_backend("
 references everywhere (the "plain PyTorch reference path" of the benchmarks). The model file only calls
 the functions below, so kernels plug in here without touching it.
 
+Linears are nn.Linear modules in the model; the 8-bit path swaps them for quant.QuantLinear (a module
+swap, gpt-fast style), so they need no entry here.
+
 Shapes (batch-first, heads split last): x [B, L, C]; q/k/v [B, L, H, D]; modulation slices [B, 1, C]
 (strided views of the [B, 6, C] modulation, never copied); RoPE tables cos/sin [L, D/2] fp32.
 """
@@ -104,15 +107,6 @@ def gate_residual_modulate(x, y, gate, shift, scale, eps: float = 1e-6, out_dtyp
     if k is not None:
         return k.gate_residual_modulate(x, y, gate, shift, scale, eps, out_dtype or y.dtype)
     return gate_residual_modulate_ref(x, y, gate, shift, scale, eps, out_dtype)
-
-
-def gate_residual_ref(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """x + gate * y in fp32 math, returned in x's dtype. Shapes as gate_residual_modulate."""
-    return (x.float() + y.float() * gate.float()).to(x.dtype)
-
-
-def gate_residual(x, y, gate):
-    return gate_residual_ref(x, y, gate)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -231,12 +225,3 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     if kern is not None:
         return kern.attention(q, k, v)
     return attention_ref(q, k, v)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Linear
-# ----------------------------------------------------------------------------------------------------
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x W^T + b in x's dtype (weights are stored in the run dtype)."""
-    return F.linear(x, weight, bias)
