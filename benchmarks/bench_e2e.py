@@ -37,9 +37,10 @@ from lightx2v_engine.loading import build_dit  # noqa: E402
 from lightx2v_engine.schedulers import DistillSampler, UniPCSampler, cfg_combine  # noqa: E402
 
 
-def timer(device: torch.device):
+def timer(device: torch.device, default_iters: int = 3):
     """Returns time(fn, warmup, iters) -> median ms (CUDA events on GPU, perf_counter on CPU)."""
-    def run(fn, warmup: int = 1, iters: int = 3) -> float:
+    def run(fn, warmup: int = 1, iters: int | None = None) -> float:
+        iters = min(iters, default_iters) if iters is not None else default_iters
         for _ in range(warmup):
             fn()
         times = []
@@ -306,6 +307,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "out"))
     p.add_argument("--with-14b", action="store_true", help="also the 14B T2V preset")
+    p.add_argument("--presets", nargs="*", default=None, choices=["1.3b", "14b"],
+                   help="which DiT presets to time (default: 1.3b, plus 14b with --with-14b)")
+    p.add_argument("--iters", type=int, default=3, help="timed repetitions per measurement (median)")
     p.add_argument("--720p", dest="p720", action="store_true", help="720x1280 instead of 480x832")
     p.add_argument("--frames", type=int, default=81)
     p.add_argument("--diffusers-compile", action="store_true")
@@ -321,10 +325,10 @@ def main(argv=None) -> int:
         return 0
     if args.dry_run:
         args.frames, args.height, args.width, args.baseline_steps = 5, 32, 48, 2
-    presets = [("tiny", "tiny")] if args.dry_run else [("wan2.1-t2v-1.3b", "1.3b")]
-    if args.with_14b and not args.dry_run:
-        presets.append(("wan2.1-t2v-14b", "14b"))
-    run = timer(device)
+    names = {"1.3b": "wan2.1-t2v-1.3b", "14b": "wan2.1-t2v-14b"}
+    tags = args.presets if args.presets is not None else (["1.3b", "14b"] if args.with_14b else ["1.3b"])
+    presets = [("tiny", "tiny")] if args.dry_run else [(names[t], t) for t in tags]
+    run = timer(device, args.iters)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, summary, absent = [], {}, {}
@@ -340,10 +344,13 @@ def main(argv=None) -> int:
     if "vae" not in args.skip:
         bench_vae(args, device, run, rows, summary, absent)
     if "distill" not in args.skip:
-        bench_distill_speedup(presets[0][0], args, device, run, rows, summary)
-    if not args.with_14b:
+        bench_distill_speedup("tiny" if args.dry_run else names["1.3b"], args, device, run, rows, summary)
+    if "14b" not in tags:
         for k in ("step_ms_14b_bf16", "step_ms_14b_8bit"):
             absent[k] = "14B not run (pass --with-14b)"
+    if "1.3b" not in tags:
+        for k in ("step_ms_1.3b_bf16", "step_ms_1.3b_8bit", "diffusers_step_ms_1.3b_eager"):
+            absent[k] = "1.3B not run in this invocation (--presets)"
     for r in rows:
         r.update(info)
     with open(out / "e2e.csv", "a", newline="") as f:
