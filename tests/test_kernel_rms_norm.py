@@ -28,19 +28,22 @@ def test_rms_norm_matches_reference(dtype, factor, shape):
     _check(x, w, factor=factor)
 
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def test_rms_norm_strided_rows_and_errors():
-    x = torch.randn(2, 9, 64, dtype=torch.float16)[:, ::2]  # rows not evenly viewable: reshape copies
-    w = torch.ones(64)
+    x = torch.randn(2, 9, 64, dtype=torch.float16, device=DEV)[:, ::2]  # rows not evenly viewable: reshape copies
+    w = torch.ones(64, device=DEV)
     _check(x, w)
     with pytest.raises(ValueError, match="unit stride"):
-        rms_norm(torch.randn(64, 8).t(), torch.ones(64))
+        rms_norm(torch.randn(64, 8, device=DEV).t(), torch.ones(64, device=DEV))
     with pytest.raises(ValueError, match="weight"):
-        rms_norm(torch.randn(4, 8), torch.ones(9))
+        rms_norm(torch.randn(4, 8, device=DEV), torch.ones(9, device=DEV))
 
 
 def test_rms_norm_traces():
     f = torch.compile(lambda x, w: rms_norm(x, w) * 2, fullgraph=True, backend="aot_eager")
-    x, w = torch.randn(3, 40, dtype=torch.float16), torch.rand(40)
+    x, w = torch.randn(3, 40, dtype=torch.float16, device=DEV), torch.rand(40, device=DEV)
     assert torch.equal(f(x, w), rms_norm(x, w) * 2)
 
 
