@@ -140,12 +140,14 @@ def _int_mm_scaled(xq: torch.Tensor, sx: torch.Tensor, weight: torch.Tensor, wei
 
 
 _INT8_GEMMS = ("cublas", "triton")
-_int8_gemm = "cublas"
+# "triton" won at every Wan shape on an H100 (2026-11-26, M=32760): e.g. K=N=1536 0.243 vs 0.790 ms,
+# K=N=5120 1.81 vs 3.57 ms, K=13824 N=5120 4.62 vs 6.82 ms (benchmarks/RESULTS.md).
+_int8_gemm = "triton"
 
 
 def set_int8_gemm(name: str) -> None:
-    """CUDA int8 GEMM of QuantLinear: "cublas" (torch._int_mm + a 3-pass torch epilogue, default) or
-    "triton" (kernels/fp8_gemm.py, scales and bias fused in the epilogue). bench_quant.py compares them."""
+    """CUDA int8 GEMM of QuantLinear: "cublas" (torch._int_mm + a 3-pass torch epilogue) or
+    "triton" (kernels/fp8_gemm.py, scales and bias fused in the epilogue; default). bench_quant.py compares them."""
     global _int8_gemm
     if name not in _INT8_GEMMS:
         raise ValueError(f"int8 GEMM must be one of {_INT8_GEMMS}, got {name!r}")

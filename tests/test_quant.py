@@ -416,7 +416,7 @@ def test_set_int8_gemm_rejects_unknown():
 def int8_gemm():
     """Selects QuantLinear's CUDA int8 GEMM for one test, restoring the default afterwards."""
     yield quant.set_int8_gemm
-    quant.set_int8_gemm("cublas")
+    quant.set_int8_gemm("triton")  # back to the default
 
 
 @pytest.mark.gpu
