@@ -22,3 +22,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def torch_ops():
+    """Runs a test with the plain-PyTorch reference ops (ops backend "torch"), restoring "auto"."""
+    from lightx2v_engine import ops
+    ops.set_backend("torch")
+    yield
+    ops.set_backend("auto")

@@ -3,7 +3,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lightx2v_engine import ops
 from lightx2v_engine.checkpoint import CheckpointError
 from lightx2v_engine.config import PRESETS
 from lightx2v_engine.dit import WanDiT, count_parameters, param_dtype
@@ -13,11 +12,7 @@ from lightx2v_engine.loading import build_dit, find_dit_checkpoint, load_dit
 from dit_fixtures import TINY_I2V, TINY_T2V, diffusers_forward, diffusers_model, inputs, rel_l2, wan_state_dict
 
 
-@pytest.fixture(autouse=True)
-def torch_backend():
-    ops.set_backend("torch")
-    yield
-    ops.set_backend("auto")
+pytestmark = pytest.mark.usefixtures("torch_ops")  # the plain-PyTorch reference ops (conftest)
 
 
 @pytest.mark.parametrize("cfg", [TINY_T2V, TINY_I2V], ids=["t2v", "i2v"])

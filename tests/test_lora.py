@@ -3,7 +3,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lightx2v_engine import ops
 from lightx2v_engine.config import LoraSpec
 from lightx2v_engine.loading import build_dit, load_dit
 from lightx2v_engine.lora import LoraKeyError, merge_lora_
@@ -13,11 +12,7 @@ from dit_fixtures import TINY_I2V, TINY_T2V, diffusers_forward, diffusers_model,
 RANK = 4
 
 
-@pytest.fixture(autouse=True)
-def torch_backend():
-    ops.set_backend("torch")
-    yield
-    ops.set_backend("auto")
+pytestmark = pytest.mark.usefixtures("torch_ops")  # the plain-PyTorch reference ops (conftest)
 
 
 def make_lora(sd, targets, seed=0, alpha=8.0, prefix="diffusion_model.", style=("lora_up", "lora_down")):

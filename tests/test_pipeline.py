@@ -7,18 +7,13 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from lightx2v_engine import ops
 from lightx2v_engine.image import i2v_latent_size
 from lightx2v_engine.infer import main
 from lightx2v_engine.tiny import make_tiny_model_folder
 from lightx2v_engine.video import load_latents, read_mp4
 
 
-@pytest.fixture(autouse=True)
-def torch_backend():
-    ops.set_backend("torch")
-    yield
-    ops.set_backend("auto")
+pytestmark = pytest.mark.usefixtures("torch_ops")  # the plain-PyTorch reference ops (conftest)
 
 
 @pytest.fixture(scope="module")
