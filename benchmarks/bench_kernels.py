@@ -68,7 +68,7 @@ def _mod_views(B: int, C: int, device: str):
 def bench_memory_ops(Ls: list[int], Cs: list[int], device: str, copy_gbps: float) -> list[dict]:
     from lightx2v_engine.kernels import gate_residual_modulate, modulate, qk_norm_rope
     from lightx2v_engine.ops import gate_residual_modulate_ref, modulate_ref
-    from lightx2v_engine.kernels.qk_norm_rope import qk_norm_rope_ref
+    from lightx2v_engine.kernels.qk_norm_rope import launch_qk_norm_rope, qk_norm_rope_ref
 
     rows = []
     for Lx in Ls:
@@ -100,6 +100,12 @@ def bench_memory_ops(Ls: list[int], Cs: list[int], device: str, copy_gbps: float
                                      lambda: qk_norm_rope_ref(q, k, wq, wk, cos, sin, H, 1e-6),
                                      lambda: qk_norm_rope_ref(q.float(), k.float(), wq, wk, cos, sin, H, 1e-6),
                                      4 * Lx * C * 2 + 2 * Lx * HEAD_D // 2 * 4)
+            qo, ko = torch.empty_like(q), torch.empty_like(k)
+
+            def qk_tile(q=q, k=k, wq=wq, wk=wk, cos=cos, sin=sin, qo=qo, ko=ko, H=H):
+                launch_qk_norm_rope(q, k, wq, wk, cos, sin, H, 1e-6, qo, ko, impl="tile")
+                return qo.unflatten(-1, (H, -1)), ko.unflatten(-1, (H, -1))
+            cases["qk_norm_rope_tile"] = (qk_tile, *cases["qk_norm_rope"][1:])
             # kernel vs fp32 <= 2 x (eager run dtype vs fp32) + one bf16 ulp of the largest value: the eager
             # reference rounds only its output, so a kernel whose FMAs flip one rounding sits at exactly 2x.
             # The CPU interpreter truncates fp32 -> bf16 (the GPU rounds to nearest), hence 4 x there.
@@ -201,7 +207,11 @@ def summarize(rows: list[dict], main_shape: str) -> dict:
     return {
         "modulate_bw_frac": min_frac("modulate"),
         "gate_residual_modulate_bw_frac": min_frac("gate_residual_modulate"),
-        "qk_norm_rope_bw_frac": min_frac("qk_norm_rope"),
+        # the better of the two kernel variants ("row" is the default until the "tile" one is measured)
+        "qk_norm_rope_bw_frac": max((f for f in (min_frac("qk_norm_rope"), min_frac("qk_norm_rope_tile"))
+                                     if f is not None), default=None),
+        "qk_norm_rope_row_bw_frac": min_frac("qk_norm_rope"),
+        "qk_norm_rope_tile_bw_frac": min_frac("qk_norm_rope_tile"),
         "attn_bf16_ratio_vs_cudnn": (cudnn["ms"] / best_tri["ms"]) if (best_tri and cudnn) else None,
         "attn_best_impl": best["impl"] if best else None,
         "attn_best_triton_config": best_tri["impl"].split(":", 1)[1] if best_tri else None,

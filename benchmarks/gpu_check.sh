@@ -42,10 +42,11 @@ if has kernels; then
   timeout 170 $PY benchmarks/bench_kernels.py --quick --out "$OUT" 2>&1 | tee "$OUT/bench_kernels.log" | tail -40
 fi
 
-# The fastest correct attention measured above is what the end-to-end run uses.
+# The fastest correct attention and q/k norm+RoPE variants measured above are what the end-to-end run uses.
 if [ -f "$OUT/kernels_summary.json" ] && [ -z "${LX2V_ATTN:-}" ]; then
   eval "$($PY benchmarks/summarize.py --pick-attention "$OUT/kernels_summary.json")"
-  echo "attention for e2e: LX2V_ATTN=${LX2V_ATTN:-default} LX2V_ATTN_CONFIG=${LX2V_ATTN_CONFIG:-default}"
+  echo "kernels for e2e: LX2V_ATTN=${LX2V_ATTN:-default} LX2V_ATTN_CONFIG=${LX2V_ATTN_CONFIG:-default}" \
+    "LX2V_QK_ROPE=${LX2V_QK_ROPE:-default}"
 fi
 
 if has e2e; then

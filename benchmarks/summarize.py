@@ -67,11 +67,15 @@ def pick_attention(kernels_summary: Path) -> str:
     """Shell exports selecting the fastest correct attention of a bench_kernels run."""
     s = json.loads(kernels_summary.read_text())
     best, cfg = s.get("attn_best_impl"), s.get("attn_best_triton_config")
+    exports = []
     if best and best.startswith("sdpa_"):
-        return f"export LX2V_ATTN={best}"
-    if best and cfg:
-        return f"export LX2V_ATTN=triton LX2V_ATTN_CONFIG={cfg}"
-    return ""
+        exports.append(f"LX2V_ATTN={best}")
+    elif best and cfg:
+        exports.append(f"LX2V_ATTN=triton LX2V_ATTN_CONFIG={cfg}")
+    row, tile = s.get("qk_norm_rope_row_bw_frac"), s.get("qk_norm_rope_tile_bw_frac")
+    if row is not None and tile is not None:
+        exports.append(f"LX2V_QK_ROPE={'tile' if tile > row else 'row'}")
+    return f"export {' '.join(exports)}" if exports else ""
 
 
 def main(argv=None) -> int:

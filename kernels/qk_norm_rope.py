@@ -5,13 +5,15 @@ contiguous, i.e. the same memory as [B, L, C]; the attention kernel reads it thr
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from lightx2v_engine.ops import Rope, qk_norm_rope_ref as _qk_norm_rope_ref_rope
 
-__all__ = ["qk_norm_rope", "qk_norm_rope_ref"]
+__all__ = ["qk_norm_rope", "qk_norm_rope_ref", "set_qk_rope_impl", "QK_ROPE_IMPLS"]
 
 
 def qk_norm_rope_ref(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, cos: torch.Tensor,
@@ -58,6 +60,57 @@ def _qk_norm_rope_kernel(Q, K, WQ, WK, COS, SIN, QO, KO, L, C,
     _rms_rope_row(K, WK, COS, SIN, KO, b * stride_kb + l * stride_kl, o_off, l, C, stride_cl, eps, HEAD_D, BLOCK_C)
 
 
+@triton.jit
+def _rms_rope_tile_kernel(X, W, COS, SIN, O, R, L, C, stride_b, stride_l, stride_cl, eps,
+                          HEAD_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """BLOCK_R token rows of one tensor per program: the weight is loaded once per tile, and the pairs are
+    split from the loaded tile (no second, partner load)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    b = (rows // L).to(tl.int64)
+    l = (rows % L).to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mask = rmask[:, None] & cmask[None, :]
+    x = tl.load(X + (b * stride_b + l * stride_l)[:, None] + cols[None, :], mask=mask, other=0.0)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) / C + eps)
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    # Wan's RMSNorm rounds twice to the run dtype: after the normalisation and after the weight
+    n = ((xf * rstd[:, None]).to(x.dtype).to(tl.float32) * w[None, :]).to(x.dtype).to(tl.float32)
+    re, im = tl.split(tl.reshape(n, (BLOCK_R, BLOCK_C // 2, 2)))
+    pairs = tl.arange(0, BLOCK_C // 2)
+    j = pairs % (HEAD_D // 2)
+    pmask = rmask[:, None] & (pairs < C // 2)[None, :]
+    c = tl.load(COS + l[:, None] * stride_cl + j[None, :], mask=pmask, other=1.0)
+    s = tl.load(SIN + l[:, None] * stride_cl + j[None, :], mask=pmask, other=0.0)
+    out = tl.reshape(tl.join(re * c - im * s, re * s + im * c), (BLOCK_R, BLOCK_C))
+    tl.store(O + rows.to(tl.int64)[:, None] * C + cols[None, :], out.to(O.dtype.element_ty), mask=mask)
+
+
+# "row" (one token per program, q then k; measured 0.27-0.50 of copy bandwidth on an H100) or "tile"
+# (BLOCK_R tokens per program, q and k in parallel programs; not yet measured on a GPU).
+QK_ROPE_IMPLS = ("row", "tile")
+
+
+def _env_qk_impl() -> str:
+    impl = os.environ.get("LX2V_QK_ROPE", "row")
+    if impl not in QK_ROPE_IMPLS:
+        raise ValueError(f"kernels/qk_norm_rope.py: LX2V_QK_ROPE must be one of {QK_ROPE_IMPLS}, got {impl!r}")
+    return impl
+
+
+_QK_IMPL = _env_qk_impl()
+
+
+def set_qk_rope_impl(impl: str) -> None:
+    """Selects the kernel variant ("row" or "tile") at run time."""
+    global _QK_IMPL
+    if impl not in QK_ROPE_IMPLS:
+        raise ValueError(f"qk norm+rope impl must be one of {QK_ROPE_IMPLS}, got {impl!r}")
+    _QK_IMPL = impl
+
+
 def _check(q, k, wq, wk, cos, sin, num_heads):
     where = "kernels/qk_norm_rope.py"
     if q.dim() != 3 or k.shape != q.shape:
@@ -79,10 +132,18 @@ def _check(q, k, wq, wk, cos, sin, num_heads):
         raise ValueError(f"{where}: cos and sin must have the same strides, got {cos.stride()} / {sin.stride()}")
 
 
-def launch_qk_norm_rope(q, k, wq, wk, cos, sin, num_heads, eps, qo, ko):
+def launch_qk_norm_rope(q, k, wq, wk, cos, sin, num_heads, eps, qo, ko, impl: str | None = None):
     """Writes the normalised, rotated q/k into the contiguous [B, L, C] buffers qo/ko (no allocation)."""
     B, L, C = q.shape
     block = triton.next_power_of_2(C)
+    if (impl or _QK_IMPL) == "tile":
+        block_r = max(1, min(8, 8192 // block))
+        for x, w, o in ((q, wq, qo), (k, wk, ko)):
+            _rms_rope_tile_kernel[(triton.cdiv(B * L, block_r),)](
+                x, w, cos, sin, o, B * L, L, C, x.stride(0), x.stride(1), cos.stride(0), eps,
+                HEAD_D=C // num_heads, BLOCK_R=block_r, BLOCK_C=block,
+                num_warps=max(1, min(16, block_r * block // 1024)))
+        return
     _qk_norm_rope_kernel[(B * L,)](
         q, k, wq, wk, cos, sin, qo, ko, L, C,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), eps,

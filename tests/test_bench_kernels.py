@@ -31,11 +31,13 @@ def test_dry_run_writes_csv_and_summary(bench, tmp_path):
     with open(tmp_path / "kernels.csv") as f:
         rows = list(csv.DictReader(f))
     ops = {r["op"] for r in rows}
-    assert ops == {"modulate", "gate_residual_modulate", "qk_norm_rope", "attention"}
+    assert ops == {"modulate", "gate_residual_modulate", "qk_norm_rope", "qk_norm_rope_tile", "attention"}
     assert all(r["ok"] == "True" for r in rows), [r for r in rows if r["ok"] != "True"]
     impls = {r["impl"] for r in rows if r["op"] == "attention"}
     assert impls == {"triton:ptr_256x64_w8_s3", "triton:ws_128x128_w4_s2", "sdpa_flash"}
     summary = json.loads((tmp_path / "kernels_summary.json").read_text())
+    assert summary["qk_norm_rope_bw_frac"] == max(summary["qk_norm_rope_row_bw_frac"],
+                                                  summary["qk_norm_rope_tile_bw_frac"])
     for key in ("modulate_bw_frac", "qk_norm_rope_bw_frac", "attn_bf16_ratio_vs_cudnn", "attn_best_impl",
                 "attn_triton_tflops", "attn_cudnn_tflops", "gpu", "torch", "triton", "commit", "date"):
         assert key in summary

@@ -96,3 +96,22 @@ def test_opcheck_and_compile():
 @pytest.mark.parametrize("H", [12, 40])
 def test_qk_norm_rope_gpu_real_shapes(H):
     _run(1, (21, 30, 52), H, torch.bfloat16, "cuda")
+
+
+@pytest.mark.parametrize("fused_qkv", [False, True])
+@pytest.mark.parametrize("B", [1, 2])
+def test_qk_norm_rope_tile_variant(B, fused_qkv):
+    """The "tile" kernel variant (several tokens per program, pairs split in registers) under the same rule."""
+    import importlib
+    mod = importlib.import_module("lightx2v_engine.kernels.qk_norm_rope")  # the module, not the function
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    mod.set_qk_rope_impl("tile")
+    try:
+        q, k, wq, wk, cos, sin, qh, kh = _run(B, (3, 5, 7), 3, torch.float16, device, fused_qkv)
+    finally:
+        mod.set_qk_rope_impl("row")
+    mod.set_qk_rope_impl("row")
+    qr, kr = qk_norm_rope(q, k, wq, wk, cos, sin, 3, EPS)
+    assert (qh.float() - qr.float()).abs().max().item() <= 2e-3  # both variants compute the same thing
+    with pytest.raises(ValueError, match="row"):
+        mod.set_qk_rope_impl("warp")
