@@ -243,6 +243,14 @@ for C in (1536, 5120):
     rt = dict(Q="*bf16", K="*bf16", WQ="*fp32", WK="*fp32", COS="*fp32", SIN="*fp32", QO="*bf16", KO="*bf16", eps="fp32")
     out[f"qk_norm_rope/C={C}"] = build(R._qk_norm_rope_kernel, rt, dict(HEAD_D=128, BLOCK_C=block),
                                        max(1, min(16, block // 512)), 3)
+    tt = dict(X="*bf16", W="*fp32", COS="*fp32", SIN="*fp32", O="*bf16", eps="fp32")
+    block_r = max(1, min(8, 8192 // block))
+    out[f"qk_norm_rope_tile/C={C}"] = build(R._rms_rope_tile_kernel, tt, dict(HEAD_D=128, BLOCK_R=block_r, BLOCK_C=block),
+                                            max(1, min(16, block_r * block // 1024)), 3)
+    N = importlib.import_module("lightx2v_engine.kernels.rms_norm")
+    br, bc, w = N._launch_cfg(C)
+    out[f"rms_norm/C={C}"] = build(N._rms_norm_kernel, dict(X="*bf16", W="*fp32", OUT="*bf16", eps="fp32"),
+                                   dict(BLOCK_R=br, BLOCK_C=bc), w, 3)
 print("AOT" + json.dumps(out))
 '''
 
@@ -264,5 +272,5 @@ def test_kernels_compile_for_sm90():
         assert r["smem"] <= 227 * 1024, f"{name}: {r['smem']} bytes of shared memory > 227 KB"
         if name.startswith("ws_"):
             assert r["ws"], f"{name}: the key loop was not warp-specialised"
-        if name.startswith(("ws_", "tma_", "modulate", "qk_norm")):
+        if name.startswith(("ws_", "tma_", "modulate", "qk_norm", "rms_norm")):
             assert r["spill"] == 0, f"{name}: {r['spill']} bytes of register spills"
