@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-weights", "--random_weights", dest="random_weights", action="store_true",
                    help="random weights instead of a model folder (benchmarks, trying the engine)")
     p.add_argument("--preset", default=None, help="model preset for --random-weights (tiny, tiny-i2v, "
-                   "wan2.1-t2v-1.3b, wan2.1-t2v-14b, wan2.1-i2v-14b-480p, wan2.1-i2v-14b-720p)")
+                   "wan2.1-t2v-1.3b, wan2.1-t2v-14b, wan2.1-i2v-14b-480p, wan2.1-i2v-14b-720p); with "
+                   "--model_path, picks 480p/720p when the folder's config.json fits both")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--no-cuda-graph", "--no_cuda_graph", dest="no_cuda_graph", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar or timing table")
@@ -64,8 +65,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.model_path is None:
             raise ValueError("--model_path is required (or --random-weights --preset NAME)")
-        if args.preset is not None:
-            pass  # used as a hint when the folder's config.json matches several presets
         run_cfg = load_run_config(args.config_json, overrides, model_cls=args.model_cls)
         pipe = Pipeline.load(args.model_path, run_cfg, task=args.task, model_cls=args.model_cls,
                              device=args.device, preset=args.preset)

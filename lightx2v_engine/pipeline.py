@@ -176,9 +176,9 @@ class Pipeline:
                 raise ValueError(f"preset {preset}: text_dim {mcfg.text_dim} != T5 width {t5cfg.dim}")
             t5 = t5_mod.random_t5(t5cfg, device=t5_dev, dtype=torch.bfloat16 if t5_dev.type == "cuda" else torch.float32,
                                   seed=seed)
-            tok_dir = Path(tempfile.mkdtemp(prefix="lx2v_tok_"))
-            t5_mod.make_tiny_tokenizer(str(tok_dir), vocab_size=min(t5cfg.vocab, 256))
-            tok = t5_mod.load_tokenizer(str(tok_dir))
+            with tempfile.TemporaryDirectory(prefix="lx2v_tok_") as tok_dir:  # read into memory, then removed
+                t5_mod.make_tiny_tokenizer(tok_dir, vocab_size=min(t5cfg.vocab, 256))
+                tok = t5_mod.load_tokenizer(tok_dir)
             vcfg = vae_mod.VAEConfig.tiny() if tiny else vae_mod.VAEConfig.wan21()
             vae = vae_mod.random_vae(vcfg, device=dev, dtype=_vae_dtype(run, dev), seed=seed)
             if mcfg.is_i2v:
