@@ -171,9 +171,12 @@ def read_mp4(path: str | os.PathLike) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"video file not found: {path}")
     reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
-    meta = next(reader)
-    w, h = meta["size"]
-    frames = [np.frombuffer(b, dtype=np.uint8).reshape(h, w, 3) for b in reader]
+    try:
+        meta = next(reader)
+        w, h = meta["size"]
+        frames = [np.frombuffer(b, dtype=np.uint8).reshape(h, w, 3) for b in reader]
+    finally:
+        reader.close()  # ends the ffmpeg process and closes its pipes
     if not frames:
         raise ValueError(f"no frames decoded from {path}")
     return np.stack(frames)
