@@ -163,6 +163,37 @@ def load_state_dict(files: list[Path], rename: Callable[[str], str] = lambda k: 
     return sd, origin
 
 
+def read_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A plain {name: tensor} state dict from a .safetensors or torch file (wrapped dicts are refused)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        sd = load_file(path, device="cpu")
+    else:
+        sd = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path}: expected a plain state dict {{name: tensor}}, got {type(sd).__name__}"
+                         " (nested or wrapped checkpoints are not accepted)")
+    return sd
+
+
+def assign_checked(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Strict key + shape check (clear ValueError), then load_state_dict(assign=True)."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{source}: state dict does not match the model; missing keys {missing[:20]}"
+                         f"{' ...' if len(missing) > 20 else ''} ({len(missing)} total), unexpected keys "
+                         f"{unexpected[:20]}{' ...' if len(unexpected) > 20 else ''} ({len(unexpected)} total)")
+    for k, t in expected.items():
+        if tuple(sd[k].shape) != tuple(t.shape):
+            raise ValueError(f"{source}: key {k!r} has shape {tuple(sd[k].shape)}, expected {tuple(t.shape)}")
+    model.load_state_dict(sd, strict=True, assign=True)
+
+
 def current_rss_bytes() -> int:
     """Resident set size of this process (Linux), for memory tests and logs."""
     with open(f"/proc/{os.getpid()}/status") as f:

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lightx2v_engine.t5 import _check_and_assign, _load_state_dict_file
+from lightx2v_engine.checkpoint import assign_checked, read_state_dict_file
 
 __all__ = ["CLIPConfig", "CLIPVisionTower", "load_clip", "random_clip", "clip_preprocess", "encode_image",
            "CLIP_MEAN", "CLIP_STD"]
@@ -171,11 +171,11 @@ def load_clip(path: str, device: str | torch.device = "cpu", dtype: torch.dtype 
     Raises FileNotFoundError (missing file) or ValueError (wrong keys/shapes, naming the file).
     On CPU prefer dtype float32 (or bfloat16): fp16 matmuls are slow or unsupported there.
     """
-    sd = _visual_state_dict(_load_state_dict_file(path), str(path))
+    sd = _visual_state_dict(read_state_dict_file(path), str(path))
     cfg = CLIPConfig.from_state_dict(sd, head_dim=head_dim, source=str(path))
     with torch.device("meta"):
         model = CLIPVisionTower(cfg)
-    _check_and_assign(model, _drop_unused(sd, cfg), str(path))
+    assign_checked(model, _drop_unused(sd, cfg), str(path))
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 

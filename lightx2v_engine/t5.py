@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lightx2v_engine.checkpoint import assign_checked, read_state_dict_file
+
 __all__ = [
     "T5Config", "T5Encoder", "UMT5Tokenizer", "load_t5", "random_t5", "load_tokenizer", "encode_text",
     "make_tiny_tokenizer", "clean_text", "relative_position_bucket", "TOKENIZER_SUBDIR",
@@ -212,47 +214,17 @@ class T5Encoder(nn.Module):
 
 # ------------------------------------------------------------------------------------- loading / init
 
-def _load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        sd = load_file(path, device="cpu")
-    else:
-        sd = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path}: expected a plain state dict {{name: tensor}}, got {type(sd).__name__}"
-                         " (nested or wrapped checkpoints are not accepted)")
-    return sd
-
-
-def _check_and_assign(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
-    """Strict key + shape check (clear ValueError), then load_state_dict(assign=True)."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{source}: state dict does not match the model; missing keys {missing[:20]}"
-                         f"{' ...' if len(missing) > 20 else ''} ({len(missing)} total), unexpected keys "
-                         f"{unexpected[:20]}{' ...' if len(unexpected) > 20 else ''} ({len(unexpected)} total)")
-    for k, t in expected.items():
-        if tuple(sd[k].shape) != tuple(t.shape):
-            raise ValueError(f"{source}: key {k!r} has shape {tuple(sd[k].shape)}, expected {tuple(t.shape)}")
-    model.load_state_dict(sd, strict=True, assign=True)
-
-
 def load_t5(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16) -> T5Encoder:
     """Loads Wan's umT5 encoder file (.pth, or .safetensors) into a T5Encoder on `device` in `dtype`.
 
     Sizes come from the tensor shapes, so the real umT5-XXL file and tiny test files load the same way.
     Raises FileNotFoundError (missing file) or ValueError (wrong keys/shapes, naming the file).
     """
-    sd = _load_state_dict_file(path)
+    sd = read_state_dict_file(path)
     cfg = T5Config.from_state_dict(sd, source=str(path))
     with torch.device("meta"):
         model = T5Encoder(cfg)
-    _check_and_assign(model, sd, str(path))
+    assign_checked(model, sd, str(path))
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
