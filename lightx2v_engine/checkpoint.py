@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import zipfile
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -171,8 +172,8 @@ def read_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         sd = load_file(path, device="cpu")
-    else:
-        sd = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+    else:  # mmap needs the zip serialization format; legacy pickles load eagerly
+        sd = torch.load(path, mmap=zipfile.is_zipfile(path), weights_only=True, map_location="cpu")
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{path}: expected a plain state dict {{name: tensor}}, got {type(sd).__name__}"
                          " (nested or wrapped checkpoints are not accepted)")

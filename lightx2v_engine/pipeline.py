@@ -328,6 +328,8 @@ class Pipeline:
 
 
 def _check_finite(x: torch.Tensor, step: int) -> None:
+    """One host sync per step, between graph replays (never inside one): it names the step that produced
+    NaN/Inf and keeps the progress bar truthful; a reduction over [16, F, h, w] costs microseconds."""
     if not torch.isfinite(x).all():
         raise NonFiniteError(f"non-finite values (NaN/Inf) in the latents after denoising step {step}")
 

@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import functools
 import math
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from lightx2v_engine.checkpoint import read_state_dict_file
 
 WAN21_LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                      0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
@@ -490,13 +491,7 @@ def load_vae(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
         path = path / "Wan2.1_VAE.pth"
     if not path.is_file():
         raise FileNotFoundError(f"VAE checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        sd = load_file(str(path))
-    else:  # mmap needs the zip serialization format; legacy pickles load eagerly
-        sd = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path}: expected a state dict of tensors, got {type(sd).__name__}")
+    sd = read_state_dict_file(path)
     cfg = VAEConfig.from_state_dict(sd, str(path))
     expected = _expected_shapes(cfg)
     missing = sorted(set(expected) - set(sd))

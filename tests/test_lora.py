@@ -107,12 +107,10 @@ def test_unmatched_keys_error_lists_them_and_changes_nothing():
 
 
 def test_shape_mismatch_is_named():
-    sd = wan_state_dict(diffusers_model(TINY_T2V))
     model = build_dit(TINY_T2V, None, dtype=torch.float32)
     lora = {"blocks.0.ffn.0.lora_up.weight": torch.zeros(64, RANK), "blocks.0.ffn.0.lora_down.weight": torch.zeros(RANK, 64)}
     with pytest.raises(LoraKeyError, match=r"blocks\.0\.ffn\.0\.weight.*\(96, 64\)"):
         merge_lora_(model, lora)
-    assert sd  # model untouched path covered above
 
 
 def test_missing_lora_file_names_places(tmp_path):
