@@ -1,0 +1,425 @@
+"""8-bit flash attention (SageAttention-2 style): INT8 q k^T, FP8 e4m3 P.V, fp32 online softmax.
+
+Quantisation (``quantize_qkv``, one pass per tensor; the reference ``quantize_qkv_ref`` is beside it):
+- q: int8 per (token, head), scale_q = amax|q_row| / 127, with log2(e)/sqrt(D) folded into the scale (a
+  per-row scale costs nothing in the kernel: it multiplies the per-row softmax constant);
+- k: smoothed, k - mean_L(k) per (batch, head, channel) (q.mean is a per-query constant that softmax
+  drops), then int8 per (BLOCK_N keys, head), scale_k = amax / 127;
+- v: fp8 e4m3 per (batch, head, channel), scale_v = amax / 448, stored transposed as [B, H, D, Lk_pad]
+  (Lk_pad = Lk rounded up to BLOCK_N, zero-filled) so the P.V operand is K-major, as Hopper's fp8 wgmma
+  requires.
+
+Kernel, per key block j (scores in log2 units):
+  s  = q8 k8^T                         int32, |s| <= 127^2 D < 2^22
+  sf = bits(s + 0x4B400000) - 1.5*2^23   exact int32 -> fp32 on the integer/FMA pipes (no I2F: it runs at
+                                        the MUFU rate, 16/clk/SM on sm90, as slow as the exponentials)
+  x  = sf * (scale_q scale_k) - (m - 8)   one FFMA, m the running row max
+  p  = 2^x in (0, 256]                   256 = 2^8 keeps small probabilities normal in e4m3
+  acc = acc * 2^(m_old - m) + fp8(p) v8   the P.V block is summed in a fresh fp32 register and added
+                                        with one FFMA (fp8 wgmma accumulates imprecisely on sm90)
+  o  = acc / l * scale_v
+Padded keys (the ragged last block) are not masked: their k rows are zero, so their score is exactly 0
+and their v columns are zero; the kernel removes their n_pad * 2^(8 - m) from l at the end. Smoothing
+guarantees the largest real score is >= the mean score (~0), so this subtraction cannot cancel.
+
+EXP modes: 0 = ``exp2`` in fp32 (MUFU); 1 = packed ``ex2.approx.f16x2`` (two exponentials per MUFU
+op; GPU only, inline PTX); 2 = the same f16 rounding emulated with exp2 (what the interpreter runs).
+
+Expected accuracy on Gaussian data: ~2-4% relative L2 vs exact attention (performance.md measured 3.9%
+for the same quantisation scheme), which is why this path is opt-in (``self_attn_1_type: "sage_attn2"``).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["Attn8Config", "ATTN8_CONFIGS", "DEFAULT_ATTN8_CONFIG", "attention_8bit", "attention_8bit_triton",
+           "attention_8bit_ref", "quantize_qkv", "quantize_qkv_ref", "fp8_supported", "set_attention_8bit_config",
+           "attention_8bit_config"]
+
+LOG2E = 1.4426950408889634
+P_SHIFT = 8.0          # p = 2^(x + P_SHIFT) <= 256 < 448 (e4m3 max)
+MAGIC_I = 0x4B400000   # float bits of 1.5 * 2^23
+MAGIC_F = 12582912.0
+
+
+@dataclass(frozen=True)
+class Attn8Config:
+    """One launch configuration of the 8-bit kernel (block_n is also the K quantisation block)."""
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    warp_specialize: bool = False
+    exp_mode: int = 0       # 0 exp2 fp32, 1 ex2.approx.f16x2 (falls back to 2 in the interpreter)
+    magic_cvt: bool = True  # int32 -> fp32 by the magic-number add instead of I2F
+
+
+# Candidates for benchmarks/bench_kernels.py (none measured on a GPU yet; the bf16 analogue of
+# "ws_128x128_w4_s2" measured 582 TFLOP/s). The smem budget at 128x128: q 16 KB + (k 16 KB + v 16 KB) per
+# stage.
+ATTN8_CONFIGS: dict[str, Attn8Config] = {
+    "ws_128x128_w4_s2": Attn8Config(128, 128, 4, 2, warp_specialize=True),
+    "ws_128x128_w4_s3": Attn8Config(128, 128, 4, 3, warp_specialize=True),
+    "ws_128x128_w4_s3_f16x2": Attn8Config(128, 128, 4, 3, warp_specialize=True, exp_mode=1),
+    "ws_128x128_w4_s3_i2f": Attn8Config(128, 128, 4, 3, warp_specialize=True, magic_cvt=False),
+    "tma_128x128_w8_s3": Attn8Config(128, 128, 8, 3),
+    "tma_128x128_w8_s3_f16x2": Attn8Config(128, 128, 8, 3, exp_mode=1),
+}
+DEFAULT_ATTN8_CONFIG = "ws_128x128_w4_s3"
+
+
+def _env_config() -> str:
+    name = os.environ.get("LX2V_ATTN8_CONFIG", DEFAULT_ATTN8_CONFIG)
+    if name not in ATTN8_CONFIGS:
+        raise ValueError(f"kernels/attention_8bit.py: LX2V_ATTN8_CONFIG must be one of {list(ATTN8_CONFIGS)}, "
+                         f"got {name!r}")
+    return name
+
+
+_CONFIG = _env_config()
+
+
+def set_attention_8bit_config(name: str) -> None:
+    """Selects the 8-bit kernel's launch config (a key of ATTN8_CONFIGS)."""
+    global _CONFIG
+    if name not in ATTN8_CONFIGS:
+        raise ValueError(f"8-bit attention config must be one of {list(ATTN8_CONFIGS)}, got {name!r}")
+    _CONFIG = name
+
+
+def attention_8bit_config() -> str:
+    return _CONFIG
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def fp8_supported(device: torch.device) -> bool:
+    """fp8 tl.dot needs sm89+ (the CPU interpreter emulates it)."""
+    if device.type == "cpu":
+        return _interpreting()
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Quantisation: PyTorch reference and Triton kernels
+# ----------------------------------------------------------------------------------------------------
+
+def _round_int8(y: torch.Tensor) -> torch.Tensor:
+    """Round half away from zero, then int8 (what the kernel's +-0.5 and truncation do)."""
+    return torch.where(y >= 0, y + 0.5, y - 0.5).to(torch.int8)
+
+
+def quantize_qkv_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int):
+    """Reference quantisation. q [B, Lq, H, D], k/v [B, Lk, H, D] (any float dtype).
+
+    Returns q8 [B, Lq, H, D] int8, qs [B, H, Lq] fp32 (log2(e)/sqrt(D) folded in), k8 [B, Lk, H, D] int8,
+    ks [B, H, ceil(Lk/block_n)] fp32, vt [B, H, D, Lk_pad] e4m3, vs [B, H, D] fp32.
+    """
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    nblk = triton.cdiv(Lk, block_n)
+    qf = q.float()
+    amax_q = qf.abs().amax(-1).clamp_min(1e-8)                            # [B, Lq, H]
+    q8 = _round_int8(qf * (127.0 / amax_q)[..., None])
+    qs = (amax_q / 127.0 * (LOG2E / math.sqrt(D))).permute(0, 2, 1).contiguous()
+    kf = k.float() - k.float().mean(1, keepdim=True)
+    pad = nblk * block_n - Lk
+    kb = torch.nn.functional.pad(kf, (0, 0, 0, 0, 0, pad)).unflatten(1, (nblk, block_n))  # [B, nblk, BN, H, D]
+    amax_k = kb.abs().amax(dim=(2, 4)).clamp_min(1e-8)                    # [B, nblk, H]
+    k8 = _round_int8(kb * (127.0 / amax_k)[:, :, None, :, None]).flatten(1, 2)[:, :Lk]
+    ks = (amax_k / 127.0).permute(0, 2, 1).contiguous()
+    vf = v.float()
+    amax_v = vf.abs().amax(1).clamp_min(1e-8)                             # [B, H, D]
+    v8 = (vf * (448.0 / amax_v)[:, None]).to(torch.float8_e4m3fn)
+    vt = torch.zeros(B, H, D, nblk * block_n, dtype=torch.float8_e4m3fn, device=v.device)
+    vt[..., :Lk] = v8.permute(0, 2, 3, 1)
+    return q8.contiguous(), qs, k8.contiguous(), ks, vt, (amax_v / 448.0).contiguous()
+
+
+@triton.jit
+def _quant_rows_kernel(X, MEAN, Y, S, stride_xb, stride_xl, stride_xh, H, L, n_blk, factor,
+                       HEAD_D: tl.constexpr, BLOCK: tl.constexpr, PER_ROW: tl.constexpr, HAS_MEAN: tl.constexpr):
+    """One (BLOCK rows, batch*head) tile of x [B, L, H, D] -> y int8 [B, L, H, D] (contiguous) and scales
+    S: per row [B, H, L] (PER_ROW) or per block [B, H, n_blk], times `factor`. MEAN [B, H, D] fp32."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    rmask = rows < L
+    offs_d = tl.arange(0, HEAD_D)
+    x = tl.load(X + b * stride_xb + h * stride_xh + rows.to(tl.int64)[:, None] * stride_xl + offs_d[None, :],
+                mask=rmask[:, None], other=0.0).to(tl.float32)
+    if HAS_MEAN:
+        mean = tl.load(MEAN + bh.to(tl.int64) * HEAD_D + offs_d)
+        x = tl.where(rmask[:, None], x - mean[None, :], 0.0)
+    if PER_ROW:
+        amax = tl.maximum(tl.max(tl.abs(x), 1), 1e-8)
+        y = x * (127.0 / amax)[:, None]
+        tl.store(S + bh.to(tl.int64) * L + rows, amax / 127.0 * factor, mask=rmask)
+    else:
+        amax = tl.maximum(tl.max(tl.abs(x)), 1e-8)
+        y = x * (127.0 / amax)
+        tl.store(S + bh.to(tl.int64) * n_blk + pid, amax / 127.0 * factor)
+    y8 = tl.where(y >= 0, y + 0.5, y - 0.5).to(tl.int8)
+    y_off = ((b * L + rows.to(tl.int64)) * H + h) * HEAD_D
+    tl.store(Y + y_off[:, None] + offs_d[None, :], y8, mask=rmask[:, None])
+
+
+@triton.jit
+def _quant_v_kernel(V, VS, VT, stride_vb, stride_vl, stride_vh, H, L, L_pad,
+                    HEAD_D: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr):
+    """v [B, L, H, D] -> vt [B, H, D, L_pad] e4m3 = v * 448 / amax_channel (zero past L); VS [B, H, D] holds
+    amax / 448."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_D)
+    x = tl.load(V + b * stride_vb + h * stride_vh + rows.to(tl.int64)[:, None] * stride_vl + offs_d[None, :],
+                mask=(rows < L)[:, None], other=0.0).to(tl.float32)
+    vs = tl.load(VS + bh.to(tl.int64) * HEAD_D + offs_d)
+    y = _to_e4m3(x * (1.0 / vs)[None, :], INTERP)
+    base = VT + bh.to(tl.int64) * HEAD_D * L_pad
+    tl.store(base + offs_d[:, None] * L_pad + rows[None, :], tl.trans(y), mask=(rows < L_pad)[None, :])
+
+
+def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int):
+    """Triton quantisation with quantize_qkv_ref's contract (three launches plus two PyTorch reductions)."""
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    nblk = triton.cdiv(Lk, block_n)
+    dev = q.device
+    q8 = torch.empty((B, Lq, H, D), dtype=torch.int8, device=dev)
+    qs = torch.empty((B, H, Lq), dtype=torch.float32, device=dev)
+    k8 = torch.empty((B, Lk, H, D), dtype=torch.int8, device=dev)
+    ks = torch.empty((B, H, nblk), dtype=torch.float32, device=dev)
+    vt = torch.empty((B, H, D, nblk * block_n), dtype=torch.float8_e4m3fn, device=dev)
+    mean = torch.mean(k, dim=1, dtype=torch.float32).contiguous()                       # [B, H, D]
+    vmin, vmax = torch.aminmax(v, dim=1)
+    vs = (torch.maximum(vmax.float(), -vmin.float()).clamp_min(1e-8) / 448.0).contiguous()  # [B, H, D]
+    rows = 64
+    _quant_rows_kernel[(triton.cdiv(Lq, rows), B * H)](
+        q, mean, q8, qs, q.stride(0), q.stride(1), q.stride(2), H, Lq, 0, LOG2E / math.sqrt(D),
+        HEAD_D=D, BLOCK=rows, PER_ROW=True, HAS_MEAN=False, num_warps=4)
+    _quant_rows_kernel[(nblk, B * H)](
+        k, mean, k8, ks, k.stride(0), k.stride(1), k.stride(2), H, Lk, nblk, 1.0,
+        HEAD_D=D, BLOCK=block_n, PER_ROW=False, HAS_MEAN=True, num_warps=4)
+    _quant_v_kernel[(nblk, B * H)](
+        v, vs, vt, v.stride(0), v.stride(1), v.stride(2), H, Lk, nblk * block_n,
+        HEAD_D=D, BLOCK=block_n, INTERP=_interpreting(), num_warps=4)
+    return q8, qs, k8, ks, vt, vs
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reference attention (PyTorch, same quantisation)
+# ----------------------------------------------------------------------------------------------------
+
+def attention_8bit_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int = 128) -> torch.Tensor:
+    """The 8-bit computation in PyTorch: quantize_qkv_ref, exact int scores, softmax with P rounded to
+    e4m3 as 256 * 2^(x - rowmax) (the kernel rounds against its running max instead), fp32 P.V.
+
+    q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D] in q's dtype. Memory O(Lq Lk) per head.
+    """
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    q8, qs, k8, ks, vt, vs = quantize_qkv_ref(q, k, v, block_n)
+    ks_tok = ks.repeat_interleave(block_n, dim=-1)[..., :Lk]                  # [B, H, Lk]
+    out = torch.empty(B, Lq, H, D, dtype=torch.float32, device=q.device)
+    for h in range(H):
+        s = torch.einsum("bqd,bkd->bqk", q8[:, :, h].double(), k8[:, :, h].double())  # exact integers
+        x = s * qs[:, h, :, None].double() * ks_tok[:, h, None, :].double()
+        x = x - x.amax(-1, keepdim=True)
+        p = torch.exp2(x + P_SHIFT).float()
+        l = p.sum(-1, keepdim=True)
+        p8 = p.to(torch.float8_e4m3fn).float()
+        v8 = vt[:, h, :, :Lk].float()                                          # [B, D, Lk]
+        out[:, :, h] = torch.einsum("bqk,bdk->bqd", p8, v8) / l * vs[:, h, None, :]
+    return out.to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention kernel
+# ----------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _to_e4m3(x, INTERP: tl.constexpr):
+    """x -> float8e4nv. triton 3.6's interpreter drops the carry when rounding crosses a power of two
+    (125.8 -> 64 instead of 128), so there x is first rounded onto the e4m3 grid (half up), which makes
+    its conversion exact. The GPU converts with cvt.rn.satfinite."""
+    if INTERP:
+        e = tl.maximum(tl.floor(tl.math.log2(tl.maximum(tl.abs(x.to(tl.float32)), 1e-30))), -6.0)
+        step = tl.math.exp2(e - 3.0)
+        x = tl.floor(x.to(tl.float32) / step + 0.5) * step
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def _exp2(x, EXP_MODE: tl.constexpr):
+    """2^x: fp32 MUFU (0), packed f16x2 MUFU via PTX (1), f16 rounding emulated (2)."""
+    if EXP_MODE == 1:
+        return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)],
+                                         dtype=tl.float16, is_pure=True, pack=2)
+    elif EXP_MODE == 2:
+        return tl.math.exp2(x.to(tl.float16).to(tl.float32)).to(tl.float16)
+    else:
+        return tl.math.exp2(x)
+
+
+@triton.jit
+def _attn8_fwd_kernel(Q8, K8, VT, QS, KS, VS, O,
+                      stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
+                      stride_ob, stride_ol, stride_oh, H, Lq, Lk, Lk_pad, n_blk,
+                      HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, EXP_MODE: tl.constexpr,
+                      MAGIC_CVT: tl.constexpr, INTERP: tl.constexpr):
+    """One (query block, batch*head): see the module docstring for the arithmetic."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    bh = pid_bh.to(tl.int64)
+    q_base = Q8 + b * stride_qb + h * stride_qh
+    k_base = K8 + b * stride_kb + h * stride_kh
+    vt_base = VT + bh * HEAD_D * Lk_pad
+    o_base = O + b * stride_ob + h * stride_oh
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_D)
+
+    if USE_TMA:
+        desc_q = tl.make_tensor_descriptor(q_base, shape=[Lq, HEAD_D], strides=[stride_ql, 1],
+                                           block_shape=[BLOCK_M, HEAD_D])
+        desc_k = tl.make_tensor_descriptor(k_base, shape=[Lk, HEAD_D], strides=[stride_kl, 1],
+                                           block_shape=[BLOCK_N, HEAD_D])
+        desc_v = tl.make_tensor_descriptor(vt_base, shape=[HEAD_D, Lk_pad], strides=[Lk_pad, 1],
+                                           block_shape=[HEAD_D, BLOCK_N])
+        q = desc_q.load([start_m, 0])
+    else:
+        q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :], mask=offs_m[:, None] < Lq, other=0)
+    qs = tl.load(QS + bh * Lq + offs_m, mask=offs_m < Lq, other=1.0)  # [BM], log2(e)/sqrt(D) folded in
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
+    for j in tl.range(0, n_blk, warp_specialize=WARP_SPEC):
+        start_n = j * BLOCK_N
+        if USE_TMA:
+            k = desc_k.load([start_n, 0])
+            vt = desc_v.load([0, start_n])
+        else:
+            k = tl.load(k_base + (start_n + offs_n)[:, None] * stride_kl + offs_d[None, :],
+                        mask=(start_n + offs_n)[:, None] < Lk, other=0)
+            vt = tl.load(vt_base + offs_d[:, None] * Lk_pad + (start_n + offs_n)[None, :])
+        sc = qs * tl.load(KS + bh * n_blk + j)  # [BM] score scale of this block
+        # qs is carried through the loop (+ 0 * l_i, kept: NaN semantics): triton 3.6's sm90 warp
+        # specialisation fails ("NVGPUWarpSpecialization" pass) on a [BM] tensor captured from outside the loop
+        qs = qs + 0.0 * l_i
+        s = tl.dot(q, k.T)  # int32
+        if MAGIC_CVT:
+            sf = (s + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+        else:
+            sf = s.to(tl.float32)
+        m_new = tl.maximum(m_i, tl.max(sf, 1) * sc)
+        p = _exp2(sf * sc[:, None] - (m_new - 8.0)[:, None], EXP_MODE)  # (0, 256]
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
+        pv = tl.dot(_to_e4m3(p, INTERP), vt.T)  # fresh fp32 block sum (two-level accumulation)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    # padded keys scored exactly 0 with zero v: remove their share of l (same exponential as the loop)
+    n_pad = n_blk * BLOCK_N - Lk
+    l_i = l_i - n_pad * _exp2(8.0 - m_i, EXP_MODE).to(tl.float32)
+    vs = tl.load(VS + bh * HEAD_D + offs_d)
+    out = (acc * (1.0 / l_i)[:, None] * vs[None, :]).to(O.dtype.element_ty)
+    if USE_TMA:
+        desc_o = tl.make_tensor_descriptor(o_base, shape=[Lq, HEAD_D], strides=[stride_ol, 1],
+                                           block_shape=[BLOCK_M, HEAD_D])
+        desc_o.store([start_m, 0], out)
+    else:
+        tl.store(o_base + offs_m[:, None] * stride_ol + offs_d[None, :], out, mask=offs_m[:, None] < Lq)
+
+
+def _tma_alloc(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _check_qkv(q, k, v):
+    where = "kernels/attention_8bit.py"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"{where}: q, k, v must be [B, L, H, D], got {list(q.shape)}, {list(k.shape)}, "
+                         f"{list(v.shape)}")
+    B, Lq, H, D = q.shape
+    if k.shape[0] != B or k.shape[2:] != (H, D) or v.shape != k.shape:
+        raise ValueError(f"{where}: k, v must be [B={B}, Lk, H={H}, D={D}] and equal, got {list(k.shape)}, "
+                         f"{list(v.shape)}")
+    if D not in (32, 64, 128):
+        raise ValueError(f"{where}: head dim D must be 32, 64 or 128, got {D}")
+    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"{where}: q, k, v must all be fp16 or bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if any(t.stride(-1) != 1 for t in (q, k, v)):
+        raise ValueError(f"{where}: q, k, v need a unit stride on D")
+
+
+def attention_8bit_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          config: str | Attn8Config | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantises q, k, v and runs the 8-bit kernel with `config` (name or Attn8Config; default the
+    module's) into `out` (contiguous [B, Lq, H, D], allocated when None). Not a custom op."""
+    cfg = config if isinstance(config, Attn8Config) else ATTN8_CONFIGS[config or _CONFIG]
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    if out is None:
+        out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    if Lk == 0:
+        return out.zero_()
+    q8, qs, k8, ks, vt, vs = quantize_qkv(q, k, v, cfg.block_n)
+    interp = _interpreting()
+    use_tma = (q.is_cuda and torch.cuda.get_device_capability(q.device) >= (9, 0)) or (interp and cfg.warp_specialize)
+    if use_tma and q.is_cuda:
+        triton.set_allocator(_tma_alloc)
+    exp_mode = 2 if (interp and cfg.exp_mode == 1) else cfg.exp_mode
+    n_blk = ks.shape[-1]
+    _attn8_fwd_kernel[(triton.cdiv(Lq, cfg.block_m), B * H)](
+        q8, k8, vt, qs, ks, vs, out,
+        q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), H, Lq, Lk, n_blk * cfg.block_n, n_blk,
+        HEAD_D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=use_tma,
+        WARP_SPEC=cfg.warp_specialize and use_tma, EXP_MODE=exp_mode, MAGIC_CVT=cfg.magic_cvt, INTERP=interp,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+@torch.library.custom_op("lightx2v::attention_8bit", mutates_args=())
+def _attention_8bit_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return attention_8bit_triton(q, k, v)
+
+
+@_attention_8bit_op.register_fake
+def _(q, k, v):
+    return q.new_empty(q.shape)
+
+
+def attention_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Non-causal softmax(q k^T / sqrt(D)) v with INT8 q k^T and FP8 P.V (approximate: ~3% rel. L2).
+
+    q [B, Lq, H, D], k/v [B, Lk, H, D] fp16/bf16 with unit stride on D; returns a contiguous [B, Lq, H, D]
+    in q's dtype. Needs sm89+ on CUDA (fp8 MMA), or the CPU interpreter.
+    """
+    _check_qkv(q, k, v)
+    if not fp8_supported(q.device):
+        raise RuntimeError(f"kernels/attention_8bit.py: 8-bit attention needs an sm89+ GPU (fp8 MMA) or "
+                           f"TRITON_INTERPRET=1, got device {q.device}")
+    return _attention_8bit_op(q, k, v)
