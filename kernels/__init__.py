@@ -38,10 +38,11 @@ def _fix_interpreter_index() -> None:
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     _fix_interpreter_index()
 
+from .attention_8bit import attention_8bit, fp8_supported  # noqa: E402
 from .attention import ATTN_IMPLS, attention, attention_impl, self_attention, set_attention_impl  # noqa: E402
 from .modulate import gate_residual_modulate, modulate  # noqa: E402
 from .qk_norm_rope import qk_norm_rope  # noqa: E402
 from .rms_norm import rms_norm  # noqa: E402
 
 __all__ = ["modulate", "gate_residual_modulate", "qk_norm_rope", "rms_norm", "attention", "self_attention",
-           "attention_impl", "set_attention_impl", "ATTN_IMPLS"]
+           "attention_impl", "set_attention_impl", "ATTN_IMPLS", "attention_8bit", "fp8_supported"]

@@ -25,6 +25,7 @@ import triton.language as tl
 
 from lightx2v_engine.ops import attention_ref
 
+from .attention_8bit import attention_8bit_triton, fp8_supported
 from .qk_norm_rope import launch_qk_norm_rope, qk_norm_rope_ref, _check as _check_qk
 
 __all__ = ["attention", "self_attention", "attention_ref", "self_attention_ref", "attention_triton",
@@ -327,31 +328,40 @@ def self_attention_ref(q, k, v, wq, wk, cos, sin, num_heads: int, eps: float = 1
 
 @torch.library.custom_op("lightx2v::self_attention", mutates_args=())
 def _self_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor,
-                       cos: torch.Tensor, sin: torch.Tensor, num_heads: int, eps: float) -> torch.Tensor:
+                       cos: torch.Tensor, sin: torch.Tensor, num_heads: int, eps: float,
+                       attn_8bit: bool = False) -> torch.Tensor:
     B, L, C = q.shape
     shape = (B, L, num_heads, C // num_heads)
     qh = torch.empty(shape, dtype=q.dtype, device=q.device)
     kh = torch.empty(shape, dtype=k.dtype, device=k.device)
     if q.numel():
         launch_qk_norm_rope(q, k, wq, wk, cos, sin, num_heads, eps, qh, kh)
-    return _attention_any(qh, kh, v.unflatten(-1, (num_heads, -1)), _IMPL).flatten(-2)
+    vh = v.unflatten(-1, (num_heads, -1))
+    if attn_8bit:
+        return attention_8bit_triton(qh, kh, vh).flatten(-2)
+    return _attention_any(qh, kh, vh, _IMPL).flatten(-2)
 
 
 @_self_attention_op.register_fake
-def _(q, k, v, wq, wk, cos, sin, num_heads, eps):
+def _(q, k, v, wq, wk, cos, sin, num_heads, eps, attn_8bit=False):
     return q.new_empty(q.shape)
 
 
 def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor,
-                   cos: torch.Tensor, sin: torch.Tensor, num_heads: int, eps: float = 1e-6) -> torch.Tensor:
+                   cos: torch.Tensor, sin: torch.Tensor, num_heads: int, eps: float = 1e-6,
+                   attn_8bit: bool = False) -> torch.Tensor:
     """softmax(rope(rms(q) wq) rope(rms(k) wk)^T / sqrt(D)) v with heads split from C.
 
     q, k, v [B, L, C] projections (run dtype, unit stride on C); wq, wk [C] fp32; cos, sin [L, D/2] fp32.
     Returns a contiguous [B, L, C]. One norm+RoPE pass (RMS spans all heads, so it cannot live in the
     attention prologue without a second read of q/k) writing [B, L, H, D] that the attention reads.
+    attn_8bit: INT8 q k^T / FP8 P.V (kernels/attention_8bit.py; approximate, needs sm89+).
     """
     _check_qk(q, k, wq, wk, cos, sin, num_heads)
     if v.shape != q.shape or v.stride(-1) != 1:
         raise ValueError(f"kernels/attention.py: v must be [B, L, C] = {list(q.shape)} with unit last stride, "
                          f"got {list(v.shape)} strides {v.stride()}")
-    return _self_attention_op(q, k, v, wq, wk, cos, sin, int(num_heads), float(eps))
+    if attn_8bit and not fp8_supported(q.device):
+        raise RuntimeError(f"kernels/attention.py: 8-bit self-attention needs an sm89+ GPU (fp8 MMA) or "
+                           f"TRITON_INTERPRET=1, got device {q.device}")
+    return _self_attention_op(q, k, v, wq, wk, cos, sin, int(num_heads), float(eps), bool(attn_8bit))

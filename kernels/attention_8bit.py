@@ -213,10 +213,10 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int
         HEAD_D=D, BLOCK=rows, PER_ROW=True, HAS_MEAN=False, num_warps=4)
     _quant_rows_kernel[(nblk, B * H)](
         k, mean, k8, ks, k.stride(0), k.stride(1), k.stride(2), H, Lk, nblk, 1.0,
-        HEAD_D=D, BLOCK=block_n, PER_ROW=False, HAS_MEAN=True, num_warps=4)
+        HEAD_D=D, BLOCK=block_n, PER_ROW=False, HAS_MEAN=True, num_warps=8)
     _quant_v_kernel[(nblk, B * H)](
         v, vs, vt, v.stride(0), v.stride(1), v.stride(2), H, Lk, nblk * block_n,
-        HEAD_D=D, BLOCK=block_n, INTERP=_interpreting(), num_warps=4)
+        HEAD_D=D, BLOCK=block_n, INTERP=_interpreting(), num_warps=8)
     return q8, qs, k8, ks, vt, vs
 
 

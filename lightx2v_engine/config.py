@@ -153,6 +153,9 @@ class RunConfig:
     t5_cpu_offload: bool = False
     clip_cpu_offload: bool = False
     vae_cpu_offload: bool = False
+    self_attn_1_type: str = "flash_attn3"   # a name from ATTN_TYPES: sage_* -> the 8-bit kernel, else exact
+    cross_attn_1_type: str = "flash_attn3"  # cross-attention is always exact (512/769 keys)
+    cross_attn_2_type: str = "flash_attn3"
     # ours
     sampler: str = "distill"            # "distill" (4-step) or "unipc" (the many-step baseline)
     distill_update: str = "deterministic"  # "deterministic" (LightX2V) or "renoise" (Self-Forcing)
@@ -163,6 +166,11 @@ class RunConfig:
     ignored_keys: tuple[str, ...] = field(default=(), compare=False)
 
     @property
+    def attn_8bit(self) -> bool:
+        """Self-attention through the INT8 q k^T / FP8 P.V kernel (LightX2V's SageAttention-2 names)."""
+        return self.self_attn_1_type in ATTN_8BIT
+
+    @property
     def num_latent_frames(self) -> int:
         return (self.target_video_length - 1) // 4 + 1
 
@@ -170,12 +178,22 @@ class RunConfig:
         return (16, self.num_latent_frames, self.target_height // 8, self.target_width // 8)
 
 
+# LightX2V's attention names. Exact kernels all run our exact attention; the SageAttention names run the
+# 8-bit kernel (sage_attn3 is FP4 on Blackwell in LightX2V: the nearest here is 8-bit); the sparse and
+# radial ones are accepted and run dense exact attention (a warning says so).
+ATTN_EXACT = ("flash_attn2", "flash_attn3", "flash_attn4", "torch_sdpa", "flex_attn")
+ATTN_8BIT = ("sage_attn2", "sage_attn2_k_int8_v_fp8", "sage_attn3")
+ATTN_DENSE_FALLBACK = ("spas_flash_attn4", "spas_sage_attn2", "spas_sage_attn3", "radial_attn", "nbhd_attn",
+                       "nbhd_attn_flashinfer", "svg_attn", "svg2_attn", "sparge_attn", "sol_attn", "draft_attn",
+                       "dynamic_sparse_attn", "general_sparse_attn", "rainfusion_attn")
+ATTN_TYPES = ATTN_EXACT + ATTN_8BIT + ATTN_DENSE_FALLBACK
+
 # Keys mapped onto RunConfig fields (LightX2V name -> field). Same name unless noted.
 _MAPPED = {f.name for f in dataclasses.fields(RunConfig)} - {"ignored_keys"}
 
 # Keys LightX2V configs carry that this engine accepts but does not act on (one warning names them).
 _ACCEPTED_IGNORED = {
-    "attention_type", "self_attn_1_type", "cross_attn_1_type", "cross_attn_2_type", "attn_type",
+    "attention_type", "attn_type",
     "cpu_offload", "offload_granularity", "offload_ratio", "lazy_load", "num_disk_workers", "unload_modules",
     "parallel", "seq_parallel", "cfg_parallel", "feature_caching", "teacache_thresh", "use_ret_steps",
     "use_tiling_vae", "use_lightvae", "use_tae", "use_stream_vae", "vae_path", "tae_path",
@@ -262,6 +280,17 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
     for key in ("dit_original_ckpt", "dit_quantized_ckpt", "dit_quant_scheme"):
         if vals.get(key) is not None:
             out[key] = _as(key, vals[key], str)
+    dense = []
+    for key in ("self_attn_1_type", "cross_attn_1_type", "cross_attn_2_type"):
+        if vals.get(key) is not None:
+            name = _as(key, vals[key], str)
+            if name not in ATTN_TYPES:
+                close = difflib.get_close_matches(name, ATTN_TYPES, n=1)
+                raise _err(key, name, f"unknown attention type (did you mean {close[0]!r}?)" if close
+                           else f"unknown attention type; known: {list(ATTN_TYPES)}")
+            if name in ATTN_DENSE_FALLBACK:
+                dense.append(f"{key}={name}")
+            out[key] = name
     for key, choices in _CHOICES.items():
         if key in out and out[key] not in choices:
             raise _err(key, out[key], f"expected one of {list(choices)}")
@@ -329,6 +358,9 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
                                   _as(f"lora_configs[{i}].strength", item.get("strength", 1.0), float)))
         out["lora_configs"] = tuple(specs)
 
+    if dense and warn:
+        warnings.warn(f"{source}: sparse attention is not implemented; dense exact attention runs for "
+                      f"{', '.join(dense)}", stacklevel=2)
     if ignored and warn:
         warnings.warn(f"{source}: accepted but not acted on by lightx2v-engine: {', '.join(sorted(ignored))}",
                       stacklevel=2)

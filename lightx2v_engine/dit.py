@@ -54,11 +54,12 @@ class SelfAttention(nn.Module):
         self.num_heads, self.eps = num_heads, eps
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+        self.attn_8bit = False  # INT8 q k^T / FP8 P.V kernel (set by WanDiT.set_attention_8bit)
 
     def forward(self, h: torch.Tensor, rope: ops.Rope) -> torch.Tensor:
         """h [B, L, C] modulated input (run dtype) -> [B, L, C]."""
         a = ops.self_attention(self.q(h), self.k(h), self.v(h), self.norm_q.weight, self.norm_k.weight, rope,
-                               self.num_heads, self.eps)
+                               self.num_heads, self.eps, attn_8bit=self.attn_8bit)
         return self.o(a)
 
 
@@ -163,6 +164,12 @@ class WanDiT(nn.Module):
     @property
     def run_dtype(self) -> torch.dtype:
         return self.text_embedding[0].weight.dtype
+
+    def set_attention_8bit(self, enabled: bool) -> None:
+        """Self-attention through the INT8 q k^T / FP8 P.V kernel (LightX2V's "sage_attn2"); cross-attention
+        stays exact (512/769 keys: a few percent of the step). Exact wherever the kernel cannot run."""
+        for blk in self.blocks:
+            blk.self_attn.attn_8bit = bool(enabled)
 
     def rope(self, grid: tuple[int, int, int], device: torch.device) -> ops.Rope:
         """RoPE tables for a patch grid, computed once per (grid, device)."""

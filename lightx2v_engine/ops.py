@@ -200,16 +200,26 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     return o.transpose(1, 2)
 
 
+def attention_8bit_available(device: torch.device) -> bool:
+    """Whether self_attention(..., attn_8bit=True) runs the 8-bit kernel on `device` (else it is exact)."""
+    k = _kernels() if _BACKEND != "torch" else None
+    if k is None or (_BACKEND == "auto" and device.type != "cuda"):
+        return False
+    return k.fp8_supported(device)
+
+
 def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor,
-                   rope: Rope, num_heads: int, eps: float = 1e-6) -> torch.Tensor:
+                   rope: Rope, num_heads: int, eps: float = 1e-6, attn_8bit: bool = False) -> torch.Tensor:
     """softmax(rope(rms(q)) rope(rms(k))^T / sqrt(D)) v.
 
     q, k, v [B, L, C] projections (run dtype); returns [B, L, C]. A kernel may fuse the RoPE into the
-    attention prologue; the reference runs qk_norm_rope then SDPA.
+    attention prologue; the reference runs qk_norm_rope then SDPA. attn_8bit asks for the approximate
+    INT8/FP8 kernel; where attention_8bit_available() is false the exact path runs instead.
     """
     kern = _fast(q, "self_attention")
     if kern is not None:
-        return kern.self_attention(q, k, v, wq, wk, rope.cos, rope.sin, num_heads, eps)
+        eight = attn_8bit and attention_8bit_available(q.device)
+        return kern.self_attention(q, k, v, wq, wk, rope.cos, rope.sin, num_heads, eps, attn_8bit=eight)
     kern = _fast(q, "qk_norm_rope")
     if kern is not None:
         qh, kh = kern.qk_norm_rope(q, k, wq, wk, rope.cos, rope.sin, num_heads, eps)

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 
 from lightx2v_engine import clip as clip_mod
+from lightx2v_engine import ops
 from lightx2v_engine import t5 as t5_mod
 from lightx2v_engine import vae as vae_mod
 from lightx2v_engine.config import (ModelConfig, RunConfig, get_preset, load_run_config, model_config_from_json,
@@ -117,6 +118,12 @@ class Pipeline:
     load_ms: float = 0.0
     use_cuda_graph: bool = False
     _graphs: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self.dit.set_attention_8bit(self.run_cfg.attn_8bit)
+        if self.run_cfg.attn_8bit and not ops.attention_8bit_available(self.device):
+            log.warning("self_attn_1_type %r: the 8-bit attention kernel needs a CUDA GPU of sm89 or newer "
+                        "with triton; exact attention runs on %s", self.run_cfg.self_attn_1_type, self.device)
 
     @property
     def task(self) -> str:

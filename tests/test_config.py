@@ -37,7 +37,8 @@ def test_mapped_and_ignored_keys_warn_once_naming_them():
         cfg = parse_run_config(raw)
     assert len(rec) == 1
     msg = str(rec[0].message)
-    assert "self_attn_1_type" in msg and "cpu_offload" in msg and "offload_granularity" in msg
+    assert "cpu_offload" in msg and "offload_granularity" in msg
+    assert "self_attn_1_type" not in msg and cfg.self_attn_1_type == "flash_attn3" and not cfg.attn_8bit
     assert cfg.lora_configs == (LoraSpec("a.safetensors", 0.5),)
     assert cfg.seed == 7 and cfg.t5_cpu_offload
 
@@ -101,3 +102,17 @@ def test_model_config_json_identifies_presets(tmp_path):
         model_config_from_json(tmp_path / "m.json")
     with pytest.raises(ValueError, match="unknown model preset"):
         get_preset("wan2.2")
+
+
+def test_attention_types():
+    cfg = parse_run_config({"self_attn_1_type": "sage_attn2", "cross_attn_1_type": "sage_attn2",
+                            "cross_attn_2_type": "sage_attn2"})
+    assert cfg.attn_8bit and cfg.cross_attn_1_type == "sage_attn2"
+    assert not parse_run_config({"self_attn_1_type": "torch_sdpa"}).attn_8bit
+    assert not parse_run_config({}).attn_8bit
+    with pytest.warns(UserWarning, match="dense exact attention runs for self_attn_1_type=radial_attn"):
+        assert not parse_run_config({"self_attn_1_type": "radial_attn"}).attn_8bit
+    with pytest.raises(ValueError, match="'self_attn_1_type' = 'sage_atn2'.*did you mean 'sage_attn2'"):
+        parse_run_config({"self_attn_1_type": "sage_atn2"})
+    with pytest.raises(ValueError, match="'cross_attn_2_type' = 3: expected a string"):
+        parse_run_config({"cross_attn_2_type": 3})

@@ -217,7 +217,7 @@ def build(fn, types, consts, num_warps, num_stages):
     sig = {n: ("constexpr" if n in consts else types[n] if n in types else "i32") for n in fn.arg_names}
     # what the launcher specialises for the real shapes: 16-byte aligned pointers, strides multiple of 16
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-             if sig[n].startswith("*") or n.startswith("stride") or n == "n_full"}
+             if sig[n].startswith("*") or n.startswith("stride") or n in ("n_full", "Lk_pad")}
     k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=num_warps, num_stages=num_stages))
     with tempfile.TemporaryDirectory() as d:
@@ -251,12 +251,25 @@ for C in (1536, 5120):
     br, bc, w = N._launch_cfg(C)
     out[f"rms_norm/C={C}"] = build(N._rms_norm_kernel, dict(X="*bf16", W="*fp32", OUT="*bf16", eps="fp32"),
                                    dict(BLOCK_R=br, BLOCK_C=bc), w, 3)
+A8 = importlib.import_module("lightx2v_engine.kernels.attention_8bit")
+t8 = dict(Q8="*i8", K8="*i8", VT="*fp8e4nv", QS="*fp32", KS="*fp32", VS="*fp32", O="*bf16")
+for name, c in A8.ATTN8_CONFIGS.items():
+    consts = dict(HEAD_D=128, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=True, WARP_SPEC=c.warp_specialize,
+                  EXP_MODE=c.exp_mode, MAGIC_CVT=c.magic_cvt, INTERP=False)
+    out[f"attn8_{name}"] = build(A8._attn8_fwd_kernel, dict(t8, Lk_pad="i32"), consts, c.num_warps, c.num_stages)
+for per_row in (False, True):
+    out[f"attn8_quant_rows/per_row={per_row}"] = build(
+        A8._quant_rows_kernel, dict(X="*bf16", MEAN="*fp32", Y="*i8", S="*fp32", factor="fp32"),
+        dict(HEAD_D=128, BLOCK=64 if per_row else 128, PER_ROW=per_row, HAS_MEAN=not per_row), 4 if per_row else 8, 3)
+out["attn8_quant_v"] = build(A8._quant_v_kernel, dict(V="*bf16", VS="*fp32", VT="*fp8e4nv"),
+                             dict(HEAD_D=128, BLOCK=128, INTERP=False), 8, 3)
 print("AOT" + json.dumps(out))
 '''
 
 
 def test_kernels_compile_for_sm90():
-    """Compiles every attention config (both EVEN_N variants) and the norm kernels for sm_90a with Triton's
+    """Compiles every attention config (both EVEN_N variants), the 8-bit attention configs and quantisers,
+    and the norm kernels for sm_90a with Triton's
     bundled ptxas: they must build, fit the H100's 227 KB of shared memory, and the warp-specialised configs
     must really be specialised. Runs in a subprocess without TRITON_INTERPRET."""
     import json
@@ -270,7 +283,7 @@ def test_kernels_compile_for_sm90():
     info = json.loads(line[3:])
     for name, r in info.items():
         assert r["smem"] <= 227 * 1024, f"{name}: {r['smem']} bytes of shared memory > 227 KB"
-        if name.startswith("ws_"):
+        if name.startswith(("ws_", "attn8_ws_")):
             assert r["ws"], f"{name}: the key loop was not warp-specialised"
-        if name.startswith(("ws_", "tma_", "modulate", "qk_norm", "rms_norm")):
+        if name.startswith(("ws_", "tma_", "modulate", "qk_norm", "rms_norm", "attn8_")):
             assert r["spill"] == 0, f"{name}: {r['spill']} bytes of register spills"
