@@ -5,11 +5,14 @@ PyTorch references: GB/s (bytes read + written) and the fraction of a device-to-
 the same run. Attention (12 and 40 heads x 128 at L = 32760; cross-attention Lk = 512): every Triton config
 of kernels/attention.py ATTN_CONFIGS, SDPA flash (FA2) and SDPA cuDNN, in TFLOP/s (4 Lq Lk D H) with the
 ratio to cuDNN; each checked against an fp32 SDPA reference (max abs error, and the 2x-of-SDPA rule).
+8-bit attention (kernels/attention_8bit.py ATTN8_CONFIGS, self-attention shapes): with and without the
+q/k/v quantisation, TOPS, ratio to cuDNN bf16, rel. L2 error vs fp32.
 
 Writes <out>/kernels.csv and <out>/kernels_summary.json (out: --out, else $OUT, else benchmarks/out).
 Summary: modulate_bw_frac / qk_norm_rope_bw_frac (the lowest fraction of copy bandwidth over the shapes),
 attn_bf16_ratio_vs_cudnn (best correct Triton config's TFLOP/s / cuDNN's, 12 heads, L = 32760; > 1: faster),
-attn_best_impl, attn_best_triton_config, attn_triton_tflops, attn_cudnn_tflops.
+attn_best_impl, attn_best_triton_config, attn_triton_tflops, attn_cudnn_tflops, attn_8bit_ratio_vs_cudnn and
+attn_8bit_relerr (fastest config under 6% error, quantisation included), attn_8bit_best_config.
 Without CUDA it prints that it needs a GPU and exits 0; --dry-run runs the whole code path on tiny CPU
 shapes through the Triton interpreter (wall-clock timing, numbers meaningless).
 """
@@ -188,6 +191,49 @@ def bench_attention(shapes: list[tuple[int, int, int]], configs: list[str], devi
     return rows
 
 
+def bench_attention_8bit(shapes: list[tuple[int, int, int]], configs: list[str], device: str, dtype,
+                         cudnn_ms: dict) -> list[dict]:
+    """Every 8-bit config (quantisation + kernel, and the kernel alone) at the self-attention shapes; error
+    as rel. L2 vs fp32 attention (ok: < 0.06 and finite); ratio to cuDNN bf16 from the same run."""
+    from lightx2v_engine.kernels.attention_8bit import (ATTN8_CONFIGS, attention_8bit_quantized,
+                                                        attention_8bit_triton, fp8_supported, quantize_qkv)
+    rows = []
+    if not fp8_supported(torch.device(device)):
+        return rows
+    for H, Lq, Lk in shapes:
+        shape = f"B1 H{H} D{HEAD_D} Lq{Lq} Lk{Lk}"
+        g = torch.Generator(device="cpu").manual_seed(0)
+        q, k, v = (torch.randn(1, n, H, HEAD_D, generator=g).to(device=device, dtype=dtype) for n in (Lq, Lk, Lk))
+        flops = 4.0 * Lq * Lk * HEAD_D * H
+        ref32 = attention_ref32(q, k, v)
+        base = cudnn_ms.get(shape)
+        for c in configs:
+            cfg = ATTN8_CONFIGS[c]
+            out = torch.empty_like(q)
+            try:
+                quant = quantize_qkv(q, k, v, cfg.block_n)
+                res = attention_8bit_triton(q, k, v, c, out=out).float()
+                err = ((res - ref32).norm() / ref32.norm()).item()
+                del res
+                ms_all = _bench_ms(lambda: attention_8bit_triton(q, k, v, c, out=out), rep_ms=200)
+                ms_kernel = _bench_ms(lambda: attention_8bit_quantized(quant, Lk, out, c), rep_ms=200)
+            except Exception as e:  # a config that does not compile on this GPU is reported, not fatal
+                rows.append(dict(op="attention_8bit", shape=shape, impl=f"triton8:{c}", ms=float("nan"),
+                                 tflops_or_gbps=float("nan"), unit="TOPS", ratio=float("nan"), ratio_kind="vs_cudnn",
+                                 max_err=float("nan"), ok=False,
+                                 note=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"))
+                continue
+            ok = math.isfinite(err) and err < 0.06
+            for impl, ms in ((f"triton8:{c}", ms_all), (f"triton8_kernel_only:{c}", ms_kernel)):
+                rows.append(dict(op="attention_8bit", shape=shape, impl=impl, ms=ms,
+                                 tflops_or_gbps=flops / (ms * 1e-3) / 1e12, unit="TOPS",
+                                 ratio=(base / ms) if base else float("nan"), ratio_kind="vs_cudnn", max_err=err,
+                                 ok=ok, note="err = rel. L2 vs fp32" + ("" if "only" not in impl else "; q/k/v pre-quantised")))
+            del quant
+        del q, k, v, ref32
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------------
 # summary / output
 # ----------------------------------------------------------------------------------------------------
@@ -204,6 +250,12 @@ def summarize(rows: list[dict], main_shape: str) -> dict:
     best_tri = min(tri, key=lambda r: r["ms"]) if tri else None
     cudnn = next((r for r in attn if r["impl"] == "sdpa_cudnn"), None)
     best = min(attn, key=lambda r: r["ms"]) if attn else None
+    a8 = [r for r in rows if r["op"] == "attention_8bit" and r["shape"] == main_shape and r["ok"]
+          and r["impl"].startswith("triton8:")]
+    best8 = min(a8, key=lambda r: r["ms"]) if a8 else None
+    a8k = [r for r in rows if r["op"] == "attention_8bit" and r["shape"] == main_shape and r["ok"]
+           and r["impl"].startswith("triton8_kernel_only:")]
+    best8k = min(a8k, key=lambda r: r["ms"]) if a8k else None
     return {
         "modulate_bw_frac": min_frac("modulate"),
         "gate_residual_modulate_bw_frac": min_frac("gate_residual_modulate"),
@@ -218,6 +270,13 @@ def summarize(rows: list[dict], main_shape: str) -> dict:
         "attn_triton_tflops": best_tri["tflops_or_gbps"] if best_tri else None,
         "attn_cudnn_tflops": cudnn["tflops_or_gbps"] if cudnn else None,
         "attn_main_shape": main_shape,
+        # 8-bit: quantisation of q, k, v included (what the DiT pays); kernel_only: pre-quantised inputs
+        "attn_8bit_ratio_vs_cudnn": (cudnn["ms"] / best8["ms"]) if (best8 and cudnn) else None,
+        "attn_8bit_relerr": best8["max_err"] if best8 else None,
+        "attn_8bit_best_config": best8["impl"].split(":", 1)[1] if best8 else None,
+        "attn_8bit_tops": best8["tflops_or_gbps"] if best8 else None,
+        "attn_8bit_kernel_only_ratio_vs_cudnn": (cudnn["ms"] / best8k["ms"]) if (best8k and cudnn) else None,
+        "attn_8bit_kernel_only_best_config": best8k["impl"].split(":", 1)[1] if best8k else None,
     }
 
 
@@ -265,6 +324,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer shapes (no 40-head self-attention, no 720p)")
     p.add_argument("--hd720", action="store_true", help="also the 720p token count L = 75600 for the memory-bound ops")
     p.add_argument("--configs", default="all", help="'all' or a comma list of ATTN_CONFIGS names")
+    p.add_argument("--configs8", default="all", help="'all', '' (none) or a comma list of ATTN8_CONFIGS names")
     p.add_argument("--dry-run", action="store_true", help="tiny CPU shapes through the Triton interpreter")
     args = p.parse_args(argv)
 
@@ -293,6 +353,13 @@ def main(argv=None) -> int:
     copy_gbps = _copy_gbps((1 << 30) if device == "cuda" else (1 << 22), device)
     rows = bench_memory_ops(Ls, Cs, device, copy_gbps)
     rows += bench_attention(attn_shapes, configs, device, dtype)
+    from lightx2v_engine.kernels.attention_8bit import ATTN8_CONFIGS
+    cudnn_ms = {r["shape"]: r["ms"] for r in rows if r["op"] == "attention" and r["impl"] == "sdpa_cudnn"}
+    configs8 = list(ATTN8_CONFIGS) if args.configs8 == "all" else [c for c in args.configs8.split(",") if c]
+    unknown8 = [c for c in configs8 if c not in ATTN8_CONFIGS]
+    if unknown8:
+        p.error(f"unknown --configs8 {unknown8}; choose from {list(ATTN8_CONFIGS)}")
+    rows += bench_attention_8bit([s for s in attn_shapes if s[1] == s[2]], configs8, device, dtype, cudnn_ms)
     H, Lq, Lk = attn_shapes[0]
     summary = summarize(rows, f"B1 H{H} D{HEAD_D} Lq{Lq} Lk{Lk}")
     summary["copy_gbps"] = copy_gbps

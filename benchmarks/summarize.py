@@ -16,11 +16,8 @@ REQUIRED = [
     "attn_8bit_ratio_vs_cudnn", "attn_8bit_relerr", "gemm_fp8_ratio_vs_scaled_mm_min",
     "gemm_fp8_gate_residual_ratio", "csrc_memory_bound_bw_frac", "distill_speedup_vs_50step_cfg",
 ]
-# Figures with no producer yet, and why.
-NOT_IMPLEMENTED = {
-    "attn_8bit_ratio_vs_cudnn": "no 8-bit attention kernel yet (bf16 attention only)",
-    "attn_8bit_relerr": "no 8-bit attention kernel yet (bf16 attention only)",
-}
+# Figures with no producer yet, and why (none at present).
+NOT_IMPLEMENTED: dict[str, str] = {}
 # Where a stage's failure shows up: summary files expected from each benchmark.
 SOURCES = {"kernels_summary.json": "bench_kernels.py", "quant_summary.json": "bench_quant.py",
            "e2e_summary.json": "bench_e2e.py"}
@@ -72,6 +69,8 @@ def pick_attention(kernels_summary: Path) -> str:
         exports.append(f"LX2V_ATTN={best}")
     elif best and cfg:
         exports.append(f"LX2V_ATTN=triton LX2V_ATTN_CONFIG={cfg}")
+    if s.get("attn_8bit_best_config"):
+        exports.append(f"LX2V_ATTN8_CONFIG={s['attn_8bit_best_config']}")
     row, tile = s.get("qk_norm_rope_row_bw_frac"), s.get("qk_norm_rope_tile_bw_frac")
     if row is not None and tile is not None:
         exports.append(f"LX2V_QK_ROPE={'tile' if tile > row else 'row'}")

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["Attn8Config", "ATTN8_CONFIGS", "DEFAULT_ATTN8_CONFIG", "attention_8bit", "attention_8bit_triton",
+           "attention_8bit_quantized",
            "attention_8bit_ref", "quantize_qkv", "quantize_qkv_ref", "fp8_supported", "set_attention_8bit_config",
            "attention_8bit_config"]
 
@@ -385,13 +386,23 @@ def attention_8bit_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return out
     if Lk == 0:
         return out.zero_()
-    q8, qs, k8, ks, vt, vs = quantize_qkv(q, k, v, cfg.block_n)
+    return attention_8bit_quantized(quantize_qkv(q, k, v, cfg.block_n), Lk, out, cfg)
+
+
+def attention_8bit_quantized(quantized: tuple, Lk: int, out: torch.Tensor, config: str | Attn8Config) -> torch.Tensor:
+    """The kernel alone on quantize_qkv's output (its block_n must be the config's) into out [B, Lq, H, D]."""
+    cfg = config if isinstance(config, Attn8Config) else ATTN8_CONFIGS[config]
+    q8, qs, k8, ks, vt, vs = quantized
+    B, Lq, H, D = q8.shape
+    n_blk = ks.shape[-1]
+    if vt.shape[-1] != n_blk * cfg.block_n:
+        raise ValueError(f"kernels/attention_8bit.py: quantised with block_n {vt.shape[-1] // n_blk}, "
+                         f"config has {cfg.block_n}")
     interp = _interpreting()
-    use_tma = (q.is_cuda and torch.cuda.get_device_capability(q.device) >= (9, 0)) or (interp and cfg.warp_specialize)
-    if use_tma and q.is_cuda:
+    use_tma = (q8.is_cuda and torch.cuda.get_device_capability(q8.device) >= (9, 0)) or (interp and cfg.warp_specialize)
+    if use_tma and q8.is_cuda:
         triton.set_allocator(_tma_alloc)
     exp_mode = 2 if (interp and cfg.exp_mode == 1) else cfg.exp_mode
-    n_blk = ks.shape[-1]
     _attn8_fwd_kernel[(triton.cdiv(Lq, cfg.block_m), B * H)](
         q8, k8, vt, qs, ks, vs, out,
         q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),

@@ -27,14 +27,20 @@ def test_without_gpu_exits_zero(bench, tmp_path, capsys):
 
 
 def test_dry_run_writes_csv_and_summary(bench, tmp_path):
-    assert bench.main(["--dry-run", "--out", str(tmp_path), "--configs", "ptr_256x64_w8_s3,ws_128x128_w4_s2"]) == 0
+    assert bench.main(["--dry-run", "--out", str(tmp_path), "--configs", "ptr_256x64_w8_s3,ws_128x128_w4_s2",
+                       "--configs8", "ws_128x128_w4_s3,tma_128x128_w8_s3"]) == 0
     with open(tmp_path / "kernels.csv") as f:
         rows = list(csv.DictReader(f))
     ops = {r["op"] for r in rows}
-    assert ops == {"modulate", "gate_residual_modulate", "qk_norm_rope", "qk_norm_rope_tile", "attention"}
+    assert ops == {"modulate", "gate_residual_modulate", "qk_norm_rope", "qk_norm_rope_tile", "attention",
+                   "attention_8bit"}
     assert all(r["ok"] == "True" for r in rows), [r for r in rows if r["ok"] != "True"]
     impls = {r["impl"] for r in rows if r["op"] == "attention"}
     assert impls == {"triton:ptr_256x64_w8_s3", "triton:ws_128x128_w4_s2", "sdpa_flash"}
+    impls8 = {r["impl"] for r in rows if r["op"] == "attention_8bit"}
+    assert impls8 == {f"{k}:{c}" for k in ("triton8", "triton8_kernel_only")
+                      for c in ("ws_128x128_w4_s3", "tma_128x128_w8_s3")}
+    assert {r["shape"] for r in rows if r["op"] == "attention_8bit"} == {"B1 H2 D128 Lq80 Lk80"}  # self-attention only
     summary = json.loads((tmp_path / "kernels_summary.json").read_text())
     assert summary["qk_norm_rope_bw_frac"] == max(summary["qk_norm_rope_row_bw_frac"],
                                                   summary["qk_norm_rope_tile_bw_frac"])
@@ -43,11 +49,16 @@ def test_dry_run_writes_csv_and_summary(bench, tmp_path):
         assert key in summary
     assert summary["attn_cudnn_tflops"] is None  # no cuDNN on the CPU
     assert summary["attn_best_triton_config"] in ("ptr_256x64_w8_s3", "ws_128x128_w4_s2")
+    assert summary["attn_8bit_best_config"] in ("ws_128x128_w4_s3", "tma_128x128_w8_s3")
+    assert 0.01 < summary["attn_8bit_relerr"] < 0.06
+    assert summary["attn_8bit_ratio_vs_cudnn"] is None  # no cuDNN on the CPU
 
 
 def test_unknown_config_is_an_error(bench, tmp_path):
     with pytest.raises(SystemExit):
         bench.main(["--dry-run", "--out", str(tmp_path), "--configs", "nope"])
+    with pytest.raises(SystemExit):
+        bench.main(["--dry-run", "--out", str(tmp_path), "--configs", "ws_128x128_w4_s2", "--configs8", "nope"])
 
 
 def test_summary_on_fake_timings(bench):
@@ -68,9 +79,26 @@ def test_summary_on_fake_timings(bench):
         row("attention", "sdpa_cudnn", 11.0, 600.0, 1.0),
         row("attention", "sdpa_flash", 18.0, 360.0, 0.6),
         row("attention", "triton:e", 1.0, 1.0, 1.0, shape="B1 H12 D128 Lq32760 Lk512"),  # other shape
+        dict(row("attention_8bit", "triton8:x", 8.0, 800.0, 11 / 8.0), max_err=0.03),
+        dict(row("attention_8bit", "triton8_kernel_only:x", 7.0, 900.0, 11 / 7.0), max_err=0.03),
+        dict(row("attention_8bit", "triton8:y", 6.0, 900.0, 11 / 6.0, ok=False), max_err=0.3),  # too inaccurate
+        dict(row("attention_8bit", "triton8:z", 9.0, 700.0, 11 / 9.0), max_err=0.02),
     ]
     s = bench.summarize(rows, shape)
     assert s["modulate_bw_frac"] == 0.80 and s["qk_norm_rope_bw_frac"] == 0.7
     assert s["attn_best_triton_config"] == "b" and s["attn_best_impl"] == "triton:b"
     assert s["attn_bf16_ratio_vs_cudnn"] == pytest.approx(1.1)
     assert s["attn_triton_tflops"] == 660.0 and s["attn_cudnn_tflops"] == 600.0
+    assert s["attn_8bit_best_config"] == "x" and s["attn_8bit_relerr"] == 0.03
+    assert s["attn_8bit_ratio_vs_cudnn"] == pytest.approx(11 / 8.0)
+    assert s["attn_8bit_kernel_only_ratio_vs_cudnn"] == pytest.approx(11 / 7.0)
+
+
+def test_pick_attention_exports_8bit_config(tmp_path):
+    spec = importlib.util.spec_from_file_location("summarize", os.path.join(os.path.dirname(_PATH), "summarize.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    p = tmp_path / "k.json"
+    p.write_text(json.dumps({"attn_best_impl": "triton:ws", "attn_best_triton_config": "ws",
+                             "attn_8bit_best_config": "tma_128x128_w8_s3"}))
+    assert mod.pick_attention(p) == "export LX2V_ATTN=triton LX2V_ATTN_CONFIG=ws LX2V_ATTN8_CONFIG=tma_128x128_w8_s3"
