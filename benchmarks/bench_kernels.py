@@ -105,10 +105,11 @@ def bench_memory_ops(Ls: list[int], Cs: list[int], device: str, copy_gbps: float
                                      4 * Lx * C * 2 + 2 * Lx * HEAD_D // 2 * 4)
             qo, ko = torch.empty_like(q), torch.empty_like(k)
 
-            def qk_tile(q=q, k=k, wq=wq, wk=wk, cos=cos, sin=sin, qo=qo, ko=ko, H=H):
-                launch_qk_norm_rope(q, k, wq, wk, cos, sin, H, 1e-6, qo, ko, impl="tile")
-                return qo.unflatten(-1, (H, -1)), ko.unflatten(-1, (H, -1))
-            cases["qk_norm_rope_tile"] = (qk_tile, *cases["qk_norm_rope"][1:])
+            for variant in ("tile", "chunk"):
+                def qk_variant(q=q, k=k, wq=wq, wk=wk, cos=cos, sin=sin, qo=qo, ko=ko, H=H, variant=variant):
+                    launch_qk_norm_rope(q, k, wq, wk, cos, sin, H, 1e-6, qo, ko, impl=variant)
+                    return qo.unflatten(-1, (H, -1)), ko.unflatten(-1, (H, -1))
+                cases[f"qk_norm_rope_{variant}"] = (qk_variant, *cases["qk_norm_rope"][1:])
             # kernel vs fp32 <= 2 x (eager run dtype vs fp32) + one bf16 ulp of the largest value: the eager
             # reference rounds only its output, so a kernel whose FMAs flip one rounding sits at exactly 2x.
             # The CPU interpreter truncates fp32 -> bf16 (the GPU rounds to nearest), hence 4 x there.
@@ -259,11 +260,12 @@ def summarize(rows: list[dict], main_shape: str) -> dict:
     return {
         "modulate_bw_frac": min_frac("modulate"),
         "gate_residual_modulate_bw_frac": min_frac("gate_residual_modulate"),
-        # the better of the two kernel variants ("row" is the default until the "tile" one is measured)
-        "qk_norm_rope_bw_frac": max((f for f in (min_frac("qk_norm_rope"), min_frac("qk_norm_rope_tile"))
-                                     if f is not None), default=None),
+        # the best of the kernel variants ("row" is the default until "tile"/"chunk" are measured)
+        "qk_norm_rope_bw_frac": max((f for f in (min_frac("qk_norm_rope"), min_frac("qk_norm_rope_tile"),
+                                                 min_frac("qk_norm_rope_chunk")) if f is not None), default=None),
         "qk_norm_rope_row_bw_frac": min_frac("qk_norm_rope"),
         "qk_norm_rope_tile_bw_frac": min_frac("qk_norm_rope_tile"),
+        "qk_norm_rope_chunk_bw_frac": min_frac("qk_norm_rope_chunk"),
         "attn_bf16_ratio_vs_cudnn": (cudnn["ms"] / best_tri["ms"]) if (best_tri and cudnn) else None,
         "attn_best_impl": best["impl"] if best else None,
         "attn_best_triton_config": best_tri["impl"].split(":", 1)[1] if best_tri else None,

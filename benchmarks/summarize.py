@@ -71,9 +71,10 @@ def pick_attention(kernels_summary: Path) -> str:
         exports.append(f"LX2V_ATTN=triton LX2V_ATTN_CONFIG={cfg}")
     if s.get("attn_8bit_best_config"):
         exports.append(f"LX2V_ATTN8_CONFIG={s['attn_8bit_best_config']}")
-    row, tile = s.get("qk_norm_rope_row_bw_frac"), s.get("qk_norm_rope_tile_bw_frac")
-    if row is not None and tile is not None:
-        exports.append(f"LX2V_QK_ROPE={'tile' if tile > row else 'row'}")
+    fracs = {v: s.get(f"qk_norm_rope_{v}_bw_frac") for v in ("row", "tile", "chunk")}
+    fracs = {v: f for v, f in fracs.items() if f is not None}
+    if len(fracs) > 1:
+        exports.append(f"LX2V_QK_ROPE={max(fracs, key=fracs.get)}")
     return f"export {' '.join(exports)}" if exports else ""
 
 

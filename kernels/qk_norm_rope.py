@@ -88,9 +88,52 @@ def _rms_rope_tile_kernel(X, W, COS, SIN, O, R, L, C, stride_b, stride_l, stride
     tl.store(O + rows.to(tl.int64)[:, None] * C + cols[None, :], out.to(O.dtype.element_ty), mask=mask)
 
 
-# "row" (one token per program, q then k; measured 0.27-0.50 of copy bandwidth on an H100) or "tile"
-# (BLOCK_R tokens per program, q and k in parallel programs; not yet measured on a GPU).
-QK_ROPE_IMPLS = ("row", "tile")
+@triton.jit
+def _rms_rope_chunk_kernel(X, W, COS, SIN, O, R, L, C, stride_b, stride_l, stride_cl, eps,
+                           HEAD_D: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK: tl.constexpr,
+                           N_CHUNKS: tl.constexpr):
+    """BLOCK_R token rows per program, the width in N_CHUNKS exact chunks of CHUNK columns (C = N_CHUNKS *
+    CHUNK, CHUNK a multiple of HEAD_D): no power-of-two padding (C = 5120 pads to 8192 in "tile"), every
+    load a contiguous vector. Pass 1 sums squares; pass 2 re-reads each chunk (L1/L2) to normalise and
+    rotate."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    b = (rows // L).to(tl.int64)
+    l = (rows % L).to(tl.int64)
+    x_row = X + (b * stride_b + l * stride_l)[:, None]
+    o_row = O + rows.to(tl.int64)[:, None] * C
+    cols = tl.arange(0, CHUNK)
+    ss = tl.zeros([BLOCK_R, CHUNK], tl.float32)
+    for i in tl.static_range(N_CHUNKS):
+        x = tl.load(x_row + i * CHUNK + cols[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+        ss += x * x
+    rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=1) / C + eps)
+    j = tl.arange(0, CHUNK // 2) % (HEAD_D // 2)  # pair index inside the head (CHUNK covers whole heads)
+    c = tl.load(COS + l[:, None] * stride_cl + j[None, :], mask=rmask[:, None], other=1.0)
+    s = tl.load(SIN + l[:, None] * stride_cl + j[None, :], mask=rmask[:, None], other=0.0)
+    for i in tl.static_range(N_CHUNKS):
+        x = tl.load(x_row + i * CHUNK + cols[None, :], mask=rmask[:, None], other=0.0)
+        w = tl.load(W + i * CHUNK + cols).to(tl.float32)
+        # Wan's RMSNorm rounds twice to the run dtype: after the normalisation and after the weight
+        n = ((x.to(tl.float32) * rstd[:, None]).to(x.dtype).to(tl.float32) * w[None, :]).to(x.dtype).to(tl.float32)
+        re, im = tl.split(tl.reshape(n, (BLOCK_R, CHUNK // 2, 2)))
+        out = tl.reshape(tl.join(re * c - im * s, re * s + im * c), (BLOCK_R, CHUNK))
+        tl.store(o_row + i * CHUNK + cols[None, :], out.to(O.dtype.element_ty), mask=rmask[:, None])
+
+
+def _chunk_size(C: int, head_d: int) -> int | None:
+    """The largest power-of-two chunk <= 512 columns that divides C and holds whole heads (None: none)."""
+    for chunk in (512, 256, 128, 64, 32, 16, 8, 4, 2):
+        if C % chunk == 0 and chunk % head_d == 0:
+            return chunk
+    return None
+
+
+# "row" (one token per program, q then k; measured 0.27-0.50 of copy bandwidth on an H100: partner
+# loads and the cos/sin gathers are scalar, C = 5120 pads to 8192), "tile" (BLOCK_R tokens per program,
+# pairs split in registers) or "chunk" (as tile, without the padding: C in exact chunks). "tile" and
+# "chunk" are not yet measured on a GPU; "chunk" needs C/HEAD_D to allow a chunk (else "tile" runs).
+QK_ROPE_IMPLS = ("row", "tile", "chunk")
 
 
 def _env_qk_impl() -> str:
@@ -136,7 +179,18 @@ def launch_qk_norm_rope(q, k, wq, wk, cos, sin, num_heads, eps, qo, ko, impl: st
     """Writes the normalised, rotated q/k into the contiguous [B, L, C] buffers qo/ko (no allocation)."""
     B, L, C = q.shape
     block = triton.next_power_of_2(C)
-    if (impl or _QK_IMPL) == "tile":
+    impl = impl or _QK_IMPL
+    head_d = C // num_heads
+    chunk = _chunk_size(C, head_d) if impl == "chunk" else None
+    if chunk is not None:
+        block_r = 4
+        for x, w, o in ((q, wq, qo), (k, wk, ko)):
+            _rms_rope_chunk_kernel[(triton.cdiv(B * L, block_r),)](
+                x, w, cos, sin, o, B * L, L, C, x.stride(0), x.stride(1), cos.stride(0), eps,
+                HEAD_D=head_d, BLOCK_R=block_r, CHUNK=chunk, N_CHUNKS=C // chunk,
+                num_warps=max(1, min(8, block_r * chunk // 256)))
+        return
+    if impl in ("tile", "chunk"):
         block_r = max(1, min(8, 8192 // block))
         for x, w, o in ((q, wq, qo), (k, wk, ko)):
             _rms_rope_tile_kernel[(triton.cdiv(B * L, block_r),)](

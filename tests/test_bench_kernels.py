@@ -32,8 +32,8 @@ def test_dry_run_writes_csv_and_summary(bench, tmp_path):
     with open(tmp_path / "kernels.csv") as f:
         rows = list(csv.DictReader(f))
     ops = {r["op"] for r in rows}
-    assert ops == {"modulate", "gate_residual_modulate", "qk_norm_rope", "qk_norm_rope_tile", "attention",
-                   "attention_8bit"}
+    assert ops == {"modulate", "gate_residual_modulate", "qk_norm_rope", "qk_norm_rope_tile", "qk_norm_rope_chunk",
+                   "attention", "attention_8bit"}
     assert all(r["ok"] == "True" for r in rows), [r for r in rows if r["ok"] != "True"]
     impls = {r["impl"] for r in rows if r["op"] == "attention"}
     assert impls == {"triton:ptr_256x64_w8_s3", "triton:ws_128x128_w4_s2", "sdpa_flash"}
@@ -43,7 +43,8 @@ def test_dry_run_writes_csv_and_summary(bench, tmp_path):
     assert {r["shape"] for r in rows if r["op"] == "attention_8bit"} == {"B1 H2 D128 Lq80 Lk80"}  # self-attention only
     summary = json.loads((tmp_path / "kernels_summary.json").read_text())
     assert summary["qk_norm_rope_bw_frac"] == max(summary["qk_norm_rope_row_bw_frac"],
-                                                  summary["qk_norm_rope_tile_bw_frac"])
+                                                  summary["qk_norm_rope_tile_bw_frac"],
+                                                  summary["qk_norm_rope_chunk_bw_frac"])
     for key in ("modulate_bw_frac", "qk_norm_rope_bw_frac", "attn_bf16_ratio_vs_cudnn", "attn_best_impl",
                 "attn_triton_tflops", "attn_cudnn_tflops", "gpu", "torch", "triton", "commit", "date"):
         assert key in summary
@@ -100,5 +101,7 @@ def test_pick_attention_exports_8bit_config(tmp_path):
     spec.loader.exec_module(mod)
     p = tmp_path / "k.json"
     p.write_text(json.dumps({"attn_best_impl": "triton:ws", "attn_best_triton_config": "ws",
-                             "attn_8bit_best_config": "tma_128x128_w8_s3"}))
-    assert mod.pick_attention(p) == "export LX2V_ATTN=triton LX2V_ATTN_CONFIG=ws LX2V_ATTN8_CONFIG=tma_128x128_w8_s3"
+                             "attn_8bit_best_config": "tma_128x128_w8_s3", "qk_norm_rope_row_bw_frac": 0.3,
+                             "qk_norm_rope_tile_bw_frac": 0.7, "qk_norm_rope_chunk_bw_frac": 0.5}))
+    assert mod.pick_attention(p) == ("export LX2V_ATTN=triton LX2V_ATTN_CONFIG=ws LX2V_ATTN8_CONFIG=tma_128x128_w8_s3"
+                                     " LX2V_QK_ROPE=tile")

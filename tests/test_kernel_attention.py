@@ -247,6 +247,9 @@ for C in (1536, 5120):
     block_r = max(1, min(8, 8192 // block))
     out[f"qk_norm_rope_tile/C={C}"] = build(R._rms_rope_tile_kernel, tt, dict(HEAD_D=128, BLOCK_R=block_r, BLOCK_C=block),
                                             max(1, min(16, block_r * block // 1024)), 3)
+    chunk = R._chunk_size(C, 128)
+    out[f"qk_norm_rope_chunk/C={C}"] = build(R._rms_rope_chunk_kernel, tt, dict(HEAD_D=128, BLOCK_R=4, CHUNK=chunk,
+                                             N_CHUNKS=C // chunk), max(1, min(8, 4 * chunk // 256)), 3)
     N = importlib.import_module("lightx2v_engine.kernels.rms_norm")
     br, bc, w = N._launch_cfg(C)
     out[f"rms_norm/C={C}"] = build(N._rms_norm_kernel, dict(X="*bf16", W="*fp32", OUT="*bf16", eps="fp32"),
