@@ -57,7 +57,7 @@ class Attn8Config:
     num_warps: int
     num_stages: int
     warp_specialize: bool = False
-    exp_mode: int = 0       # 0 exp2 fp32, 1 ex2.approx.f16x2 (falls back to 2 in the interpreter)
+    exp_mode: int = 0       # 0 exp2 (MUFU), 1 ex2.approx.f16x2 (2 in the interpreter), 3 half / 4 all polynomial
     magic_cvt: bool = True  # int32 -> fp32 by the magic-number add instead of I2F
 
 
@@ -67,10 +67,11 @@ class Attn8Config:
 ATTN8_CONFIGS: dict[str, Attn8Config] = {
     "ws_128x128_w4_s2": Attn8Config(128, 128, 4, 2, warp_specialize=True),
     "ws_128x128_w4_s3": Attn8Config(128, 128, 4, 3, warp_specialize=True),
-    "ws_128x128_w4_s3_f16x2": Attn8Config(128, 128, 4, 3, warp_specialize=True, exp_mode=1),
     "ws_128x128_w4_s3_i2f": Attn8Config(128, 128, 4, 3, warp_specialize=True, magic_cvt=False),
+    "ws_128x128_w4_s3_poly": Attn8Config(128, 128, 4, 3, warp_specialize=True, exp_mode=4),
     "tma_128x128_w8_s3": Attn8Config(128, 128, 8, 3),
-    "tma_128x128_w8_s3_f16x2": Attn8Config(128, 128, 8, 3, exp_mode=1),
+    "tma_128x128_w8_s3_f16x2": Attn8Config(128, 128, 8, 3, exp_mode=1),  # sm90 SASS: 2 MUFU.EX2.F16 per pair
+    "tma_128x128_w8_s3_poly": Attn8Config(128, 128, 8, 3, exp_mode=3),
 }
 DEFAULT_ATTN8_CONFIG = "ws_128x128_w4_s3"
 
@@ -265,9 +266,28 @@ def _to_e4m3(x, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _exp2_poly(x):
+    """2^x on the FMA/ALU pipes (no MUFU), for x <= 127: 2^round(x) * poly(f), f = x - round(x) in
+    [-0.5, 0.5], rounding by the 1.5 * 2^23 magic add; degree-3 fit, relative error 2e-4 (fp8 P keeps 2^-4).
+    Inputs below -127 are clamped (2^-127 ~ 0 for the fp8 P)."""
+    x = tl.maximum(x, -127.0)
+    xr = x + 12582912.0
+    f = x - (xr - 12582912.0)
+    p = ((0.05543072 * f + 0.24337878) * f + 0.69324304) * f + 0.99980638
+    return (p.to(tl.int32, bitcast=True) + (xr.to(tl.int32, bitcast=True) << 23)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _exp2(x, EXP_MODE: tl.constexpr):
-    """2^x: fp32 MUFU (0), packed f16x2 MUFU via PTX (1), f16 rounding emulated (2)."""
-    if EXP_MODE == 1:
+    """2^x: fp32 MUFU (0), packed f16x2 MUFU via PTX (1), f16 rounding emulated (2), half of the columns
+    on MUFU and half by polynomial on the FMA pipe (3; FlashAttention-4's split, for 2-D tiles; triton 3.6's
+    sm90 warp specialisation rejects its reshape/split), or all by polynomial (4)."""
+    if EXP_MODE == 4:
+        return _exp2_poly(x)
+    elif EXP_MODE == 3:
+        a, b = tl.split(tl.reshape(x, (x.shape[0], x.shape[1] // 2, 2)))
+        return tl.reshape(tl.join(tl.math.exp2(a), _exp2_poly(b)), (x.shape[0], x.shape[1]))
+    elif EXP_MODE == 1:
         return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)],
                                          dtype=tl.float16, is_pure=True, pack=2)
     elif EXP_MODE == 2:
@@ -341,7 +361,7 @@ def _attn8_fwd_kernel(Q8, K8, VT, QS, KS, VS, O,
 
     # padded keys scored exactly 0 with zero v: remove their share of l (same exponential as the loop)
     n_pad = n_blk * BLOCK_N - Lk
-    l_i = l_i - n_pad * _exp2(8.0 - m_i, EXP_MODE).to(tl.float32)
+    l_i = l_i - n_pad * _exp2(8.0 - m_i, 0 if EXP_MODE == 3 else EXP_MODE).to(tl.float32)  # [BM]: no split
     vs = tl.load(VS + bh * HEAD_D + offs_d)
     out = (acc * (1.0 / l_i)[:, None] * vs[None, :]).to(O.dtype.element_ty)
     if USE_TMA:
