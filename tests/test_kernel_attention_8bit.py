@@ -159,10 +159,14 @@ def test_attention_8bit_gpu_real_shapes(config, H, L):
     q, k, v = _qkv(1, L, L, H, torch.bfloat16, "cuda")
     out = attention_8bit_triton(q, k, v, config)
     ex = _exact(q, k, v)
-    err = _rel(out, ex)
-    # the PyTorch reference materialises [L, L] scores per head: compare it on the first head only
-    base = _rel(attention_8bit_ref(q[:, :, :1], k[:, :, :1], v[:, :, :1], ATTN8_CONFIGS[config].block_n), ex[:, :, :1])
-    assert err <= 1.25 * base + 0.005 and err < 0.06, f"{config}: rel. err {err:.4f} (reference {base:.4f})"
+    assert _rel(out, ex) < 0.06, f"{config}: rel. err {_rel(out, ex):.4f} vs exact"
+    # the PyTorch reference materialises [Lq, Lk] float64 scores: compare on head 0 and 2048 queries (q is
+    # quantised per row, so the reference's rows do not depend on the other queries)
+    n = 2048
+    base = _rel(attention_8bit_ref(q[:, :n, :1], k[:, :, :1], v[:, :, :1], ATTN8_CONFIGS[config].block_n),
+                ex[:, :n, :1])
+    err = _rel(out[:, :n, :1], ex[:, :n, :1])
+    assert err <= 1.25 * base + 0.005, f"{config}: rel. err {err:.4f} (reference {base:.4f})"
 
 
 @pytest.mark.gpu
