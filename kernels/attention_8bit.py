@@ -75,6 +75,7 @@ ATTN8_CONFIGS: dict[str, Attn8Config] = {
     "tma_128x128_w8_s3_poly": Attn8Config(128, 128, 8, 3, exp_mode=3),
 }
 DEFAULT_ATTN8_CONFIG = "ws_128x128_w4_s3"
+SM89_ATTN8_CONFIG = "tma_128x128_w8_s3"  # what a warp-specialised config becomes without TMA (sm89)
 
 
 def _env_config() -> str:
@@ -426,6 +427,9 @@ def attention_8bit_quantized(quantized: tuple, Lk: int, out: torch.Tensor, confi
                          f"config has {cfg.block_n}")
     interp = _interpreting()
     use_tma = (q8.is_cuda and torch.cuda.get_device_capability(q8.device) >= (9, 0)) or (interp and cfg.warp_specialize)
+    if cfg.warp_specialize and not use_tma:
+        # sm89 (no TMA, no warp specialisation): 4 warps on a 128x128 tile spill; use the 8-warp config
+        cfg = ATTN8_CONFIGS[SM89_ATTN8_CONFIG]
     if use_tma and q8.is_cuda:
         triton.set_allocator(_tma_alloc)
     exp_mode = 2 if (interp and cfg.exp_mode == 1) else cfg.exp_mode

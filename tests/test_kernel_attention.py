@@ -213,16 +213,16 @@ R = importlib.import_module("lightx2v_engine.kernels.qk_norm_rope")
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
-def build(fn, types, consts, num_warps, num_stages):
+def build(fn, types, consts, num_warps, num_stages, arch=90):
     sig = {n: ("constexpr" if n in consts else types[n] if n in types else "i32") for n in fn.arg_names}
     # what the launcher specialises for the real shapes: 16-byte aligned pointers, strides multiple of 16
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
              if sig[n].startswith("*") or n.startswith("stride") or n in ("n_full", "Lk_pad")}
-    k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+    k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
                        options=dict(num_warps=num_warps, num_stages=num_stages))
     with tempfile.TemporaryDirectory() as d:
         open(os.path.join(d, "k.ptx"), "w").write(k.asm["ptx"])
-        err = subprocess.run([PTXAS, "-v", "--gpu-name=sm_90a", os.path.join(d, "k.ptx"), "-o",
+        err = subprocess.run([PTXAS, "-v", f"--gpu-name=sm_{arch}{'a' if arch == 90 else ''}", os.path.join(d, "k.ptx"), "-o",
                               os.path.join(d, "k.cubin")], capture_output=True, text=True).stderr
     spill = sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", err))
     return dict(smem=k.metadata.shared, spill=spill, ws="ttg.warp_specialize(" in k.asm["ttgir"])
@@ -260,6 +260,12 @@ for name, c in A8.ATTN8_CONFIGS.items():
     consts = dict(HEAD_D=128, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=True, WARP_SPEC=c.warp_specialize,
                   EXP_MODE=c.exp_mode, MAGIC_CVT=c.magic_cvt, INTERP=False)
     out[f"attn8_{name}"] = build(A8._attn8_fwd_kernel, dict(t8, Lk_pad="i32"), consts, c.num_warps, c.num_stages)
+for name, c in A8.ATTN8_CONFIGS.items():  # sm89 (Ada: fp8 MMA, no TMA): the pointer path of non-WS configs
+    if not c.warp_specialize:
+        consts = dict(HEAD_D=128, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=False, WARP_SPEC=False,
+                      EXP_MODE=c.exp_mode, MAGIC_CVT=c.magic_cvt, INTERP=False)
+        out[f"attn8_sm89_{name}"] = build(A8._attn8_fwd_kernel, dict(t8, Lk_pad="i32"), consts, c.num_warps,
+                                          c.num_stages, arch=89)
 for per_row in (False, True):
     out[f"attn8_quant_rows/per_row={per_row}"] = build(
         A8._quant_rows_kernel, dict(X="*bf16", MEAN="*fp32", Y="*i8", S="*fp32", factor="fp32"),
