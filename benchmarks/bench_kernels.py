@@ -152,7 +152,8 @@ def _sdpa_available(impl: str, device: str) -> bool:
 
 
 def bench_attention(shapes: list[tuple[int, int, int]], configs: list[str], device: str, dtype) -> list[dict]:
-    from lightx2v_engine.kernels.attention import _sdpa, attention_triton
+    from lightx2v_engine.kernels.attention import (ATTN_CONFIGS, _sdpa, attention_triton, mean_pad_ok,
+                                                   pad_keys_with_mean)
 
     rows = []
     for H, Lq, Lk in shapes:
@@ -162,6 +163,17 @@ def bench_attention(shapes: list[tuple[int, int, int]], configs: list[str], devi
         flops = 4.0 * Lq * Lk * HEAD_D * H
         ref32 = attention_ref32(q, k, v)
         impls = {f"triton:{c}": (lambda c=c: attention_triton(q, k, v, c)) for c in configs}
+        # mean-padded configs run as self-attention does: K padded to whole blocks with its mean (the
+        # padding is made once, outside the timing, as the DiT makes it in the norm+RoPE pass)
+        kp = None
+        for c in configs:
+            cfg = ATTN_CONFIGS[c]
+            if cfg.mean_pad and Lq == Lk and mean_pad_ok(cfg, Lk, torch.device(device)):
+                if kp is None:
+                    kp = torch.empty((1, -(-Lk // cfg.block_n) * cfg.block_n, H, HEAD_D), dtype=dtype, device=device)
+                    kp[:, :Lk] = k
+                    pad_keys_with_mean(kp, Lk)
+                impls[f"triton:{c}"] = (lambda c=c, kp=kp: attention_triton(q, kp, v, c, k_mean_padded=True))
         for sd in ("sdpa_flash", "sdpa_cudnn"):
             if _sdpa_available(sd, device):
                 impls[sd] = (lambda sd=sd: _sdpa(q, k, v, sd))
@@ -188,7 +200,7 @@ def bench_attention(shapes: list[tuple[int, int, int]], configs: list[str], devi
                              unit="TFLOP/s", ratio=(cudnn_ms / ms) if cudnn_ms else float("nan"),
                              ratio_kind="vs_cudnn", max_err=errs[name], ok=ok,
                              note=f"sdpa err {base_err:.2e}"))
-        del q, k, v, ref32
+        del q, k, v, ref32, kp
     return rows
 
 

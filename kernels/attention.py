@@ -44,6 +44,7 @@ class AttnConfig:
     tma: bool  # on-device TMA descriptors (tl.make_tensor_descriptor), sm90+
     warp_specialize: bool = False  # Triton's automatic warp specialisation of the key loop (TMA only)
     pipe_qk: bool = False  # software-pipelined q k^T (next block's scores issued before this softmax)
+    mean_pad: bool = False  # self-attention pads K with its mean: no mask in the WS loop (see _attn_fwd_kernel)
 
 
 # Candidate configs for the GPU benchmark (benchmarks/bench_kernels.py times each). "ptr_256x64_w8_s3" is
@@ -57,6 +58,9 @@ ATTN_CONFIGS: dict[str, AttnConfig] = {
     # (Triton only specialises 4-warp loops on sm90; 128x128 with 3 stages would need 263 KB of smem)
     # Measured on an H100 (2026-11-26): 582 TFLOP/s at 12 heads, L=32760, 1.075x cuDNN SDPA in the same run.
     "ws_128x128_w4_s2": AttnConfig(128, 128, 4, 2, tma=True, warp_specialize=True),
+    # the same, with the keys of self-attention padded to whole blocks by their mean so that the loop has
+    # no mask (sm90 SASS: 453 instead of 580 instructions per warp and key block); not yet run on a GPU
+    "ws_mp_128x128_w4_s2": AttnConfig(128, 128, 4, 2, tma=True, warp_specialize=True, mean_pad=True),
     # Removed: "ws_128x64_w4_s3" (128x64, 3 stages, warp-specialised) compiled but returned NaN at
     # L=32760 on the H100 while right in the interpreter at small shapes (not investigated).
 }
@@ -126,17 +130,21 @@ def _softmax_step(qk, v, m_i, l_i, acc, qk_scale):
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O,
+def _attn_fwd_kernel(Q, K, V, O, C_SCRATCH,
                      stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
                      stride_vb, stride_vl, stride_vh, stride_ob, stride_ol, stride_oh,
-                     H, Lq, Lk, n_full, qk_scale,
+                     H, Lq, Lk, n_full, qk_scale, Lk_pad,
                      HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, PIPE_QK: tl.constexpr,
-                     EVEN_N: tl.constexpr):
+                     EVEN_N: tl.constexpr, MEAN_PAD: tl.constexpr):
     """One (query block, batch*head): o = softmax(q k^T * scale) v, scale = log2(e)/sqrt(D) on exp2.
 
     n_full = Lk rounded down to BLOCK_N (keys handled by the unmasked loop). PIPE_QK issues the q k^T of
     block j+1 before the softmax of block j (FA3's intra-warpgroup overlap, written as software pipelining).
+    MEAN_PAD (warp-specialised only): K holds Lk_pad = Lk rounded up to BLOCK_N rows, rows >= Lk equal to
+    the mean of the real keys, and V reads as zeros there. The loop then needs no mask: a padded key adds
+    2^(q.mean * scale - m) to l and nothing to acc, removed after the loop. Its score is the mean score,
+    never above the row max, so the subtraction loses at most n_pad * 2^-24 of l.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -155,7 +163,7 @@ def _attn_fwd_kernel(Q, K, V, O,
         # per-(b, h) 2D descriptors: rows past Lq / Lk read as zeros and are not written
         desc_q = tl.make_tensor_descriptor(q_base, shape=[Lq, HEAD_D], strides=[stride_ql, 1],
                                            block_shape=[BLOCK_M, HEAD_D])
-        desc_k = tl.make_tensor_descriptor(k_base, shape=[Lk, HEAD_D], strides=[stride_kl, 1],
+        desc_k = tl.make_tensor_descriptor(k_base, shape=[Lk_pad if MEAN_PAD else Lk, HEAD_D], strides=[stride_kl, 1],
                                            block_shape=[BLOCK_N, HEAD_D])
         desc_v = tl.make_tensor_descriptor(v_base, shape=[Lk, HEAD_D], strides=[stride_vl, 1],
                                            block_shape=[BLOCK_N, HEAD_D])
@@ -170,6 +178,16 @@ def _attn_fwd_kernel(Q, K, V, O,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
+    if MEAN_PAD:
+        # the padded keys' score q . mean(k) * scale (row Lk of K holds the mean), parked in global scratch
+        # [B*H, Lq] and read back after the loop: triton 3.6's sm90 warp specialisation fails when a [BM]
+        # tensor computed before the loop, or a [BM, D] load after it, is used after it
+        mean = tl.load(k_base + Lk.to(tl.int64) * stride_kl + offs_d).to(tl.float32)
+        q_rows = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :], mask=offs_m[:, None] < Lq,
+                         other=0.0)
+        c_pad = tl.sum(q_rows.to(tl.float32) * mean[None, :], 1) * qk_scale
+        tl.store(C_SCRATCH + pid_bh.to(tl.int64) * Lq + offs_m, c_pad, mask=offs_m < Lq)
+        tl.debug_barrier()
 
     # ragged last key block (Lk % BLOCK_N keys) first: missing keys score -inf, their v rows are zero.
     # (Triton's sm90 warp specialisation accepts no dot before or after its loop: WARP_SPEC masks in the loop.)
@@ -206,7 +224,7 @@ def _attn_fwd_kernel(Q, K, V, O,
             start_n = tl.multiple_of(start_n, BLOCK_N)
             k = desc_k.load([start_n, 0])
             v = desc_v.load([start_n, 0])
-            if EVEN_N:  # no ragged block: no mask (it costs two instructions per score on sm90)
+            if EVEN_N or MEAN_PAD:  # no mask (on sm90 it costs 127 of 580 instructions per key block)
                 m_i, l_i, acc = _softmax_step(tl.dot(q, k.T), v, m_i, l_i, acc, qk_scale)
             else:
                 bias = tl.where(start_n + offs_n < Lk, 0.0, float("-inf"))
@@ -218,6 +236,12 @@ def _attn_fwd_kernel(Q, K, V, O,
             v = _load_tile(desc_v, v_base, start_n, stride_vl, offs_n, offs_d, USE_TMA)
             m_i, l_i, acc = _softmax_step(tl.dot(q, k.T), v, m_i, l_i, acc, qk_scale)
 
+    if MEAN_PAD:  # the padded keys' score, q . mean(k) * scale (row Lk of K holds the mean)
+        # (q read again by pointers: the sm90 warp specialisation pass of triton 3.6 fails when the loop's
+        # TMA tile of q, or a [BM] tensor computed before the loop, is used after it)
+        tl.debug_barrier()
+        c_pad = tl.load(C_SCRATCH + pid_bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+        l_i = l_i - (Lk_pad - Lk) * tl.math.exp2(c_pad - m_i)
     out = (acc / l_i[:, None]).to(O.dtype.element_ty)
     if USE_TMA:
         desc_o.store([start_m, 0], out)
@@ -254,14 +278,37 @@ def _check_qkv(q, k, v):
         raise ValueError(f"{where}: q, k, v must all be fp16 or bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
+def mean_pad_ok(cfg: AttnConfig, Lk: int, device: torch.device) -> bool:
+    """Whether attention_triton(..., k_mean_padded=True) helps: a warp-specialised config (TMA: sm90 or the
+    interpreter) and a ragged last key block."""
+    tma = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0) or \
+        (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    return cfg.warp_specialize and tma and Lk % cfg.block_n != 0
+
+
+def pad_keys_with_mean(k_pad: torch.Tensor, Lk: int) -> None:
+    """k_pad [B, Lk_pad, H, D] holding the keys in rows < Lk: writes their mean (fp32 sum, rounded to
+    k_pad's dtype) into rows >= Lk, in place."""
+    k_pad[:, Lk:] = torch.mean(k_pad[:, :Lk], dim=1, keepdim=True, dtype=torch.float32).to(k_pad.dtype)
+
+
 def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: str | AttnConfig | None = None,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, k_mean_padded: bool = False) -> torch.Tensor:
     """Launches the Triton kernel with `config` (name or AttnConfig; default the module's) into `out`
-    (allocated contiguous [B, Lq, H, D] when None). Not a custom op: benchmarks and tests call it."""
+    (allocated contiguous [B, Lq, H, D] when None). Not a custom op: benchmarks and tests call it.
+
+    k_mean_padded: k is [B, Lk_pad, H, D] with Lk_pad = v's Lk rounded up to the config's block_n and rows
+    >= Lk filled by pad_keys_with_mean (then the warp-specialised loop runs without a mask; needs
+    mean_pad_ok)."""
     cfg = ATTN_CONFIGS[config or _CONFIG] if not isinstance(config, AttnConfig) else config
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     B, Lq, H, D = q.shape
-    Lk = k.shape[1]
+    Lk = v.shape[1]
+    Lk_pad = k.shape[1]
+    if k_mean_padded and (Lk_pad != triton.cdiv(Lk, cfg.block_n) * cfg.block_n or not mean_pad_ok(cfg, Lk, q.device)):
+        raise ValueError(f"kernels/attention.py: k_mean_padded needs a warp-specialised config, a ragged Lk "
+                         f"and k with {triton.cdiv(Lk, cfg.block_n) * cfg.block_n} rows; got config {cfg}, "
+                         f"Lk {Lk}, k rows {Lk_pad}")
     if out is None:
         out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
@@ -272,15 +319,17 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: 
     use_tma = cfg.tma and _tma_ok(q, k, v, out) and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
     if use_tma and q.is_cuda:
         triton.set_allocator(_tma_alloc)
+    mean_pad = k_mean_padded and cfg.warp_specialize and use_tma
+    scratch = torch.empty((B * H * Lq) if mean_pad else 1, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(Lq, cfg.block_m), B * H)
     _attn_fwd_kernel[grid](
-        q, k, v, out,
+        q, k, v, out, scratch,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        H, Lq, Lk, (Lk // cfg.block_n) * cfg.block_n, LOG2E / math.sqrt(D),
+        H, Lq, Lk, (Lk // cfg.block_n) * cfg.block_n, LOG2E / math.sqrt(D), Lk_pad,
         HEAD_D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=use_tma,
         WARP_SPEC=cfg.warp_specialize and use_tma, PIPE_QK=cfg.pipe_qk, EVEN_N=Lk % cfg.block_n == 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        MEAN_PAD=mean_pad, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
@@ -334,12 +383,20 @@ def _self_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: to
                        cos: torch.Tensor, sin: torch.Tensor, num_heads: int, eps: float,
                        attn_8bit: bool = False) -> torch.Tensor:
     B, L, C = q.shape
-    shape = (B, L, num_heads, C // num_heads)
-    qh = torch.empty(shape, dtype=q.dtype, device=q.device)
-    kh = torch.empty(shape, dtype=k.dtype, device=k.device)
+    H, D = num_heads, C // num_heads
+    qh = torch.empty((B, L, H, D), dtype=q.dtype, device=q.device)
+    vh = v.unflatten(-1, (H, -1))
+    cfg = ATTN_CONFIGS[_CONFIG]
+    if not attn_8bit and _IMPL == "triton" and cfg.mean_pad and L and mean_pad_ok(cfg, L, q.device):
+        # keys padded to a whole block with their mean: the warp-specialised loop runs without a mask
+        kp = torch.empty((B, triton.cdiv(L, cfg.block_n) * cfg.block_n, H, D), dtype=k.dtype, device=k.device)
+        for b in range(B):  # the norm kernels write contiguous [L, C] outputs
+            launch_qk_norm_rope(q[b:b + 1], k[b:b + 1], wq, wk, cos, sin, H, eps, qh[b:b + 1], kp[b:b + 1, :L])
+        pad_keys_with_mean(kp, L)
+        return attention_triton(qh, kp, vh, cfg, k_mean_padded=True).flatten(-2)
+    kh = torch.empty((B, L, H, D), dtype=k.dtype, device=k.device)
     if q.numel():
         launch_qk_norm_rope(q, k, wq, wk, cos, sin, num_heads, eps, qh, kh)
-    vh = v.unflatten(-1, (num_heads, -1))
     if attn_8bit:
         return attention_8bit_triton(qh, kh, vh).flatten(-2)
     return _attention_any(qh, kh, vh, _IMPL).flatten(-2)

@@ -229,12 +229,14 @@ def build(fn, types, consts, num_warps, num_stages, arch=90):
 
 
 out = {}
-bf = dict(Q="*bf16", K="*bf16", V="*bf16", O="*bf16", qk_scale="fp32")
+bf = dict(Q="*bf16", K="*bf16", V="*bf16", O="*bf16", C_SCRATCH="*fp32", qk_scale="fp32")
 for name, c in A.ATTN_CONFIGS.items():
-    for even in (False, True):
+    ws = c.warp_specialize and c.tma
+    for even, mean_pad in ((False, False), (True, False)) + (((False, True),) if ws else ()):
         consts = dict(HEAD_D=128, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=c.tma,
-                      WARP_SPEC=c.warp_specialize and c.tma, PIPE_QK=c.pipe_qk, EVEN_N=even)
-        out[f"{name}/even={even}"] = build(A._attn_fwd_kernel, bf, consts, c.num_warps, c.num_stages)
+                      WARP_SPEC=ws, PIPE_QK=c.pipe_qk, EVEN_N=even, MEAN_PAD=mean_pad)
+        out[f"{name}/even={even}/mean_pad={mean_pad}"] = build(A._attn_fwd_kernel, bf, consts, c.num_warps,
+                                                               c.num_stages)
 mt = dict(X="*fp32", Y="*bf16", GATE="*fp32", SHIFT="*fp32", SCALE="*fp32", XOUT="*fp32", OUT="*bf16", eps="fp32")
 for C in (1536, 5120):
     block, warps = M._launch_cfg(C)
@@ -296,3 +298,97 @@ def test_kernels_compile_for_sm90():
             assert r["ws"], f"{name}: the key loop was not warp-specialised"
         if name.startswith(("ws_", "tma_", "modulate", "qk_norm", "rms_norm", "attn8_")):
             assert r["spill"] == 0, f"{name}: {r['spill']} bytes of register spills"
+
+
+# ----------------------------------------------------------------------------------------------------
+# keys padded with their mean (the unmasked warp-specialised loop)
+# ----------------------------------------------------------------------------------------------------
+
+def _mean_padded(k, block_n=128):
+    from lightx2v_engine.kernels.attention import pad_keys_with_mean
+    B, L, H, D = k.shape
+    kp = torch.empty(B, -(-L // block_n) * block_n, H, D, dtype=k.dtype)
+    kp[:, :L] = k
+    pad_keys_with_mean(kp, L)
+    return kp
+
+
+@pytest.mark.parametrize("B, Lq, Lk", [(1, 77, 77), (2, 77, 33), (1, 50, 320), (2, 130, 257)])
+def test_attention_mean_padded_keys(B, Lq, Lk):
+    q, k, v = _qkv(B, Lq, Lk, 3, torch.float16, "cpu")
+    kp = _mean_padded(k)
+    assert torch.equal(kp[:, :Lk], k) and kp.shape[1] % 128 == 0
+    out = attention_triton(q, kp, v, "ws_mp_128x128_w4_s2", k_mean_padded=True)
+    _assert_rule(out, q, k, v)
+    # without the correction of l the result would be off by the padded keys' share: the test can fail
+    plain = attention_triton(q, kp[:, :Lk], v, "ws_mp_128x128_w4_s2")  # masked loop
+    torch.testing.assert_close(out.float(), plain.float(), atol=2e-3, rtol=0)
+
+
+def test_attention_mean_padded_keys_all_scores_far_below_zero():
+    """Every real score far below 0 (q anti-aligned with a large common key component): padding with zeros
+    would dominate the row sum and cancel; the mean's score is the mean score, so nothing cancels."""
+    torch.manual_seed(0)
+    B, Lq, Lk, H = 1, 64, 150, 2
+    u = torch.nn.functional.normalize(torch.randn(H, 128), dim=-1)
+    q = (torch.randn(B, Lq, H, 128) * 0.1 + 30 * u).half()
+    k = (torch.randn(B, Lk, H, 128) - 20 * u).half()  # scores ~ -600 / sqrt(128) ~ -53
+    v = torch.randn(B, Lk, H, 128).half()
+    s = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / 128 ** 0.5
+    assert s.max() < -30
+    out = attention_triton(q, _mean_padded(k), v, "ws_mp_128x128_w4_s2", k_mean_padded=True)
+    _assert_rule(out, q, k, v)
+
+
+def test_self_attention_mean_pad_config():
+    q, k, v, wq, wk, rope = _self_attn_inputs(2, (3, 5, 7), 3, torch.float16, "cpu")  # L = 105
+    prev = attention_impl()[1]
+    try:
+        set_attention_impl(config="ws_mp_128x128_w4_s2")
+        out = self_attention(q, k, v, wq, wk, rope.cos, rope.sin, 3, 1e-6)
+    finally:
+        set_attention_impl(config=prev)
+    ref32 = self_attention_ref(q.float(), k.float(), v.float(), wq, wk, rope.cos, rope.sin, 3)
+    base = (self_attention_ref(q, k, v, wq, wk, rope.cos, rope.sin, 3).float() - ref32).abs().max().item()
+    assert (out.float() - ref32).abs().max().item() <= 2 * base + 1e-4
+
+
+def test_mean_padded_bad_call_raises():
+    q, k, v = _qkv(1, 10, 77, 1, torch.float16, "cpu")
+    with pytest.raises(ValueError, match="k_mean_padded needs"):
+        attention_triton(q, k, v, "ws_mp_128x128_w4_s2", k_mean_padded=True)  # k not padded
+    with pytest.raises(ValueError, match="k_mean_padded needs"):
+        attention_triton(q, _mean_padded(k), v, "ptr_256x64_w8_s3", k_mean_padded=True)  # not warp-specialised
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("H, L", [(12, 32760), (40, 4099)])
+def test_attention_mean_padded_gpu(H, L):
+    q, k, v, ref32, base = _gpu_case(H, L, L)
+    from lightx2v_engine.kernels.attention import pad_keys_with_mean
+    kp = torch.empty(1, -(-L // 128) * 128, H, 128, dtype=k.dtype, device="cuda")
+    kp[:, :L] = k
+    pad_keys_with_mean(kp, L)
+    err = (attention_triton(q, kp, v, "ws_mp_128x128_w4_s2", k_mean_padded=True).float() - ref32).abs().max().item()
+    assert err <= 2 * base + 1e-3, f"err {err:.3e} > 2 x SDPA bf16 err {base:.3e} + 1e-3"
+
+
+@pytest.mark.gpu
+def test_self_attention_mean_pad_gpu_graph():
+    q, k, v, wq, wk, rope = _self_attn_inputs(1, (21, 30, 52), 12, torch.bfloat16, "cuda")
+    prev = attention_impl()[1]
+    try:
+        set_attention_impl(config="ws_mp_128x128_w4_s2")
+        want = self_attention(q, k, v, wq, wk, rope.cos, rope.sin, 12)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = self_attention(q, k, v, wq, wk, rope.cos, rope.sin, 12)
+        g.replay()
+        torch.cuda.synchronize()
+    finally:
+        set_attention_impl(config=prev)
+    assert torch.equal(out, want)
+    qh, kh = qk_norm_rope_ref(q.float(), k.float(), wq, wk, rope.cos, rope.sin, 12)
+    ref32 = _ref32(qh, kh, v.float().unflatten(-1, (12, 128))).flatten(-2)
+    base = (self_attention_ref(q, k, v, wq, wk, rope.cos, rope.sin, 12).float() - ref32).abs().max().item()
+    assert (out.float() - ref32).abs().max().item() <= 2 * base + 1e-3
