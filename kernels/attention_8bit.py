@@ -31,6 +31,7 @@ for the same quantisation scheme), which is why this path is opt-in (``self_attn
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ class Attn8Config:
     warp_specialize: bool = False
     exp_mode: int = 0       # 0 exp2 (MUFU), 1 ex2.approx.f16x2 (2 in the interpreter), 3 half / 4 all polynomial
     magic_cvt: bool = True  # int32 -> fp32 by the magic-number add instead of I2F
+    pv_fp8: bool = True     # FP8 P.V; False: P.V in the input dtype with v unquantised (SageAttention-1)
 
 
 # Candidates for benchmarks/bench_kernels.py (none measured on a GPU yet; the bf16 analogue of
@@ -70,12 +72,13 @@ ATTN8_CONFIGS: dict[str, Attn8Config] = {
     "ws_128x128_w4_s3": Attn8Config(128, 128, 4, 3, warp_specialize=True),
     "ws_128x128_w4_s3_i2f": Attn8Config(128, 128, 4, 3, warp_specialize=True, magic_cvt=False),
     "ws_128x128_w4_s3_poly": Attn8Config(128, 128, 4, 3, warp_specialize=True, exp_mode=4),
+    # INT8 q k^T only (SageAttention-1 style): P.V in bf16 on the unquantised v, ~4x smaller error
+    "ws_128x128_w4_s2_pv16": Attn8Config(128, 128, 4, 2, warp_specialize=True, pv_fp8=False),
     "tma_128x128_w8_s3": Attn8Config(128, 128, 8, 3),
     "tma_128x128_w8_s3_f16x2": Attn8Config(128, 128, 8, 3, exp_mode=1),  # sm90 SASS: 2 MUFU.EX2.F16 per pair
     "tma_128x128_w8_s3_poly": Attn8Config(128, 128, 8, 3, exp_mode=3),
 }
 DEFAULT_ATTN8_CONFIG = "ws_128x128_w4_s3"
-SM89_ATTN8_CONFIG = "tma_128x128_w8_s3"  # what a warp-specialised config becomes without TMA (sm89)
 
 
 def _env_config() -> str:
@@ -103,6 +106,21 @@ def attention_8bit_config() -> str:
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _tma_available(device: torch.device) -> bool:
+    """sm90+ (TMA descriptors, warp specialisation); the interpreter emulates both."""
+    if device.type == "cpu":
+        return _interpreting()
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def _resolve(cfg: Attn8Config, device: torch.device) -> Attn8Config:
+    """Without TMA (sm89) a warp-specialised config runs plain with 8 warps (4 warps spill on a 128x128
+    tile there)."""
+    if cfg.warp_specialize and not _tma_available(device):
+        return dataclasses.replace(cfg, warp_specialize=False, num_warps=8)
+    return cfg
 
 
 def fp8_supported(device: torch.device) -> bool:
@@ -197,8 +215,9 @@ def _quant_v_kernel(V, VS, VT, stride_vb, stride_vl, stride_vh, H, L, L_pad,
     tl.store(base + offs_d[:, None] * L_pad + rows[None, :], tl.trans(y), mask=(rows < L_pad)[None, :])
 
 
-def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int):
-    """Triton quantisation with quantize_qkv_ref's contract (three launches plus two PyTorch reductions)."""
+def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int, quant_v: bool = True):
+    """Triton quantisation with quantize_qkv_ref's contract (three launches plus two PyTorch reductions).
+    quant_v=False leaves v as it is: (q8, qs, k8, ks, v, None)."""
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     nblk = triton.cdiv(Lk, block_n)
@@ -207,10 +226,7 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int
     qs = torch.empty((B, H, Lq), dtype=torch.float32, device=dev)
     k8 = torch.empty((B, Lk, H, D), dtype=torch.int8, device=dev)
     ks = torch.empty((B, H, nblk), dtype=torch.float32, device=dev)
-    vt = torch.empty((B, H, D, nblk * block_n), dtype=torch.float8_e4m3fn, device=dev)
     mean = torch.mean(k, dim=1, dtype=torch.float32).contiguous()                       # [B, H, D]
-    vmin, vmax = torch.aminmax(v, dim=1)
-    vs = (torch.maximum(vmax.float(), -vmin.float()).clamp_min(1e-8) / 448.0).contiguous()  # [B, H, D]
     rows = 64
     _quant_rows_kernel[(triton.cdiv(Lq, rows), B * H)](
         q, mean, q8, qs, q.stride(0), q.stride(1), q.stride(2), H, Lq, 0, LOG2E / math.sqrt(D),
@@ -218,6 +234,11 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int
     _quant_rows_kernel[(nblk, B * H)](
         k, mean, k8, ks, k.stride(0), k.stride(1), k.stride(2), H, Lk, nblk, 1.0,
         HEAD_D=D, BLOCK=block_n, PER_ROW=False, HAS_MEAN=True, num_warps=8)
+    if not quant_v:
+        return q8, qs, k8, ks, v, None
+    vt = torch.empty((B, H, D, nblk * block_n), dtype=torch.float8_e4m3fn, device=dev)
+    vmin, vmax = torch.aminmax(v, dim=1)
+    vs = (torch.maximum(vmax.float(), -vmin.float()).clamp_min(1e-8) / 448.0).contiguous()  # [B, H, D]
     _quant_v_kernel[(nblk, B * H)](
         v, vs, vt, v.stride(0), v.stride(1), v.stride(2), H, Lk, nblk * block_n,
         HEAD_D=D, BLOCK=block_n, INTERP=_interpreting(), num_warps=8)
@@ -228,9 +249,11 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int
 # Reference attention (PyTorch, same quantisation)
 # ----------------------------------------------------------------------------------------------------
 
-def attention_8bit_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int = 128) -> torch.Tensor:
+def attention_8bit_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int = 128,
+                       pv_fp8: bool = True) -> torch.Tensor:
     """The 8-bit computation in PyTorch: quantize_qkv_ref, exact int scores, softmax with P rounded to
     e4m3 as 256 * 2^(x - rowmax) (the kernel rounds against its running max instead), fp32 P.V.
+    pv_fp8=False: P rounded to v's dtype instead and v unquantised.
 
     q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D] in q's dtype. Memory O(Lq Lk) per head.
     """
@@ -245,9 +268,12 @@ def attention_8bit_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_
         x = x - x.amax(-1, keepdim=True)
         p = torch.exp2(x + P_SHIFT).float()
         l = p.sum(-1, keepdim=True)
-        p8 = p.to(torch.float8_e4m3fn).float()
-        v8 = vt[:, h, :, :Lk].float()                                          # [B, D, Lk]
-        out[:, :, h] = torch.einsum("bqk,bdk->bqd", p8, v8) / l * vs[:, h, None, :]
+        if pv_fp8:
+            p8 = p.to(torch.float8_e4m3fn).float()
+            v8 = vt[:, h, :, :Lk].float()                                      # [B, D, Lk]
+            out[:, :, h] = torch.einsum("bqk,bdk->bqd", p8, v8) / l * vs[:, h, None, :]
+        else:
+            out[:, :, h] = torch.einsum("bqk,bkd->bqd", p.to(v.dtype).float(), v[:, :, h].float()) / l
     return out.to(q.dtype)
 
 
@@ -301,11 +327,15 @@ def _exp2(x, EXP_MODE: tl.constexpr):
 @triton.jit
 def _attn8_fwd_kernel(Q8, K8, VT, QS, KS, VS, O,
                       stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
+                      stride_vb, stride_vl, stride_vh,
                       stride_ob, stride_ol, stride_oh, H, Lq, Lk, Lk_pad, n_blk,
                       HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, EXP_MODE: tl.constexpr,
-                      MAGIC_CVT: tl.constexpr, INTERP: tl.constexpr):
-    """One (query block, batch*head): see the module docstring for the arithmetic."""
+                      MAGIC_CVT: tl.constexpr, INTERP: tl.constexpr, PV_FP8: tl.constexpr):
+    """One (query block, batch*head): see the module docstring for the arithmetic.
+
+    PV_FP8: VT is the e4m3 [B, H, D, Lk_pad] of quantize_qkv with scales VS. Else VT is the unquantised v
+    [B, Lk, H, D] (strides stride_v*; bf16/fp16) and P.V runs in that dtype (VS unused)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -313,7 +343,10 @@ def _attn8_fwd_kernel(Q8, K8, VT, QS, KS, VS, O,
     bh = pid_bh.to(tl.int64)
     q_base = Q8 + b * stride_qb + h * stride_qh
     k_base = K8 + b * stride_kb + h * stride_kh
-    vt_base = VT + bh * HEAD_D * Lk_pad
+    if PV_FP8:
+        vt_base = VT + bh * HEAD_D * Lk_pad
+    else:
+        vt_base = VT + b * stride_vb + h * stride_vh
     o_base = O + b * stride_ob + h * stride_oh
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -325,8 +358,12 @@ def _attn8_fwd_kernel(Q8, K8, VT, QS, KS, VS, O,
                                            block_shape=[BLOCK_M, HEAD_D])
         desc_k = tl.make_tensor_descriptor(k_base, shape=[Lk, HEAD_D], strides=[stride_kl, 1],
                                            block_shape=[BLOCK_N, HEAD_D])
-        desc_v = tl.make_tensor_descriptor(vt_base, shape=[HEAD_D, Lk_pad], strides=[Lk_pad, 1],
-                                           block_shape=[HEAD_D, BLOCK_N])
+        if PV_FP8:
+            desc_v = tl.make_tensor_descriptor(vt_base, shape=[HEAD_D, Lk_pad], strides=[Lk_pad, 1],
+                                               block_shape=[HEAD_D, BLOCK_N])
+        else:  # rows past Lk read as zeros
+            desc_v = tl.make_tensor_descriptor(vt_base, shape=[Lk, HEAD_D], strides=[stride_vl, 1],
+                                               block_shape=[BLOCK_N, HEAD_D])
         q = desc_q.load([start_m, 0])
     else:
         q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :], mask=offs_m[:, None] < Lq, other=0)
@@ -339,11 +376,18 @@ def _attn8_fwd_kernel(Q8, K8, VT, QS, KS, VS, O,
         start_n = j * BLOCK_N
         if USE_TMA:
             k = desc_k.load([start_n, 0])
-            vt = desc_v.load([0, start_n])
+            if PV_FP8:
+                vt = desc_v.load([0, start_n])
+            else:
+                vt = desc_v.load([start_n, 0])
         else:
             k = tl.load(k_base + (start_n + offs_n)[:, None] * stride_kl + offs_d[None, :],
                         mask=(start_n + offs_n)[:, None] < Lk, other=0)
-            vt = tl.load(vt_base + offs_d[:, None] * Lk_pad + (start_n + offs_n)[None, :])
+            if PV_FP8:
+                vt = tl.load(vt_base + offs_d[:, None] * Lk_pad + (start_n + offs_n)[None, :])
+            else:
+                vt = tl.load(vt_base + (start_n + offs_n)[:, None] * stride_vl + offs_d[None, :],
+                             mask=(start_n + offs_n)[:, None] < Lk, other=0.0)
         sc = qs * tl.load(KS + bh * n_blk + j)  # [BM] score scale of this block
         # qs is carried through the loop (+ 0 * l_i, kept: NaN semantics): triton 3.6's sm90 warp
         # specialisation fails ("NVGPUWarpSpecialization" pass) on a [BM] tensor captured from outside the loop
@@ -362,15 +406,21 @@ def _attn8_fwd_kernel(Q8, K8, VT, QS, KS, VS, O,
             p = _exp2(sf * sc[:, None] - (m_new - 8.0)[:, None], EXP_MODE)  # (0, 256]
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
-        pv = tl.dot(_to_e4m3(p, INTERP), vt.T)  # fresh fp32 block sum (two-level accumulation)
+        if PV_FP8:
+            pv = tl.dot(_to_e4m3(p, INTERP), vt.T)  # fresh fp32 block sum (two-level accumulation)
+        else:
+            pv = tl.dot(p.to(vt.dtype), vt)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
     # padded keys scored exactly 0 with zero v: remove their share of l (same exponential as the loop)
     n_pad = n_blk * BLOCK_N - Lk
     l_i = l_i - n_pad * _exp2(8.0 - m_i, 0 if EXP_MODE == 3 else EXP_MODE).to(tl.float32)  # [BM]: no split
-    vs = tl.load(VS + bh * HEAD_D + offs_d)
-    out = (acc * (1.0 / l_i)[:, None] * vs[None, :]).to(O.dtype.element_ty)
+    if PV_FP8:
+        vs = tl.load(VS + bh * HEAD_D + offs_d)
+        out = (acc * (1.0 / l_i)[:, None] * vs[None, :]).to(O.dtype.element_ty)
+    else:
+        out = (acc * (1.0 / l_i)[:, None]).to(O.dtype.element_ty)
     if USE_TMA:
         desc_o = tl.make_tensor_descriptor(o_base, shape=[Lq, HEAD_D], strides=[stride_ol, 1],
                                            block_shape=[BLOCK_M, HEAD_D])
@@ -404,7 +454,7 @@ def attention_8bit_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           config: str | Attn8Config | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Quantises q, k, v and runs the 8-bit kernel with `config` (name or Attn8Config; default the
     module's) into `out` (contiguous [B, Lq, H, D], allocated when None). Not a custom op."""
-    cfg = config if isinstance(config, Attn8Config) else ATTN8_CONFIGS[config or _CONFIG]
+    cfg = _resolve(config if isinstance(config, Attn8Config) else ATTN8_CONFIGS[config or _CONFIG], q.device)
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     if out is None:
@@ -413,7 +463,7 @@ def attention_8bit_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return out
     if Lk == 0:
         return out.zero_()
-    return attention_8bit_quantized(quantize_qkv(q, k, v, cfg.block_n), Lk, out, cfg)
+    return attention_8bit_quantized(quantize_qkv(q, k, v, cfg.block_n, quant_v=cfg.pv_fp8), Lk, out, cfg)
 
 
 def attention_8bit_quantized(quantized: tuple, Lk: int, out: torch.Tensor, config: str | Attn8Config) -> torch.Tensor:
@@ -422,23 +472,29 @@ def attention_8bit_quantized(quantized: tuple, Lk: int, out: torch.Tensor, confi
     q8, qs, k8, ks, vt, vs = quantized
     B, Lq, H, D = q8.shape
     n_blk = ks.shape[-1]
-    if vt.shape[-1] != n_blk * cfg.block_n:
+    if (vs is None) == cfg.pv_fp8:
+        raise ValueError(f"kernels/attention_8bit.py: config pv_fp8={cfg.pv_fp8} but v was "
+                         f"{'not ' if vs is None else ''}quantised")
+    if cfg.pv_fp8 and vt.shape[-1] != n_blk * cfg.block_n:
         raise ValueError(f"kernels/attention_8bit.py: quantised with block_n {vt.shape[-1] // n_blk}, "
                          f"config has {cfg.block_n}")
     interp = _interpreting()
-    use_tma = (q8.is_cuda and torch.cuda.get_device_capability(q8.device) >= (9, 0)) or (interp and cfg.warp_specialize)
-    if cfg.warp_specialize and not use_tma:
-        # sm89 (no TMA, no warp specialisation): 4 warps on a 128x128 tile spill; use the 8-warp config
-        cfg = ATTN8_CONFIGS[SM89_ATTN8_CONFIG]
+    cfg = _resolve(cfg, q8.device)
+    use_tma = _tma_available(q8.device) and (q8.is_cuda or cfg.warp_specialize)
+    if use_tma and not cfg.pv_fp8 and (vt.data_ptr() % 16 or (vt.stride(1) * vt.element_size()) % 16):
+        raise ValueError(f"kernels/attention_8bit.py: v for TMA needs a 16-byte aligned base and row stride, "
+                         f"got strides {vt.stride()}")
     if use_tma and q8.is_cuda:
         triton.set_allocator(_tma_alloc)
     exp_mode = 2 if (interp and cfg.exp_mode == 1) else cfg.exp_mode
     _attn8_fwd_kernel[(triton.cdiv(Lq, cfg.block_m), B * H)](
-        q8, k8, vt, qs, ks, vs, out,
+        q8, k8, vt, qs, ks, vs if vs is not None else qs, out,
         q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
+        vt.stride(0), vt.stride(1), vt.stride(2),
         out.stride(0), out.stride(1), out.stride(2), H, Lq, Lk, n_blk * cfg.block_n, n_blk,
         HEAD_D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_TMA=use_tma,
         WARP_SPEC=cfg.warp_specialize and use_tma, EXP_MODE=exp_mode, MAGIC_CVT=cfg.magic_cvt, INTERP=interp,
+        PV_FP8=cfg.pv_fp8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 

@@ -202,7 +202,7 @@ def test_attention_cuda_graph_capture(config):
 # ----------------------------------------------------------------------------------------------------
 
 _AOT_SCRIPT = r'''
-import json, os, re, subprocess, sys, tempfile
+import dataclasses, json, os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -260,14 +260,15 @@ A8 = importlib.import_module("lightx2v_engine.kernels.attention_8bit")
 t8 = dict(Q8="*i8", K8="*i8", VT="*fp8e4nv", QS="*fp32", KS="*fp32", VS="*fp32", O="*bf16")
 for name, c in A8.ATTN8_CONFIGS.items():
     consts = dict(HEAD_D=128, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=True, WARP_SPEC=c.warp_specialize,
-                  EXP_MODE=c.exp_mode, MAGIC_CVT=c.magic_cvt, INTERP=False)
-    out[f"attn8_{name}"] = build(A8._attn8_fwd_kernel, dict(t8, Lk_pad="i32"), consts, c.num_warps, c.num_stages)
+                  EXP_MODE=c.exp_mode, MAGIC_CVT=c.magic_cvt, INTERP=False, PV_FP8=c.pv_fp8)
+    out[f"attn8_{name}"] = build(A8._attn8_fwd_kernel, dict(t8, Lk_pad="i32", VT="*fp8e4nv" if c.pv_fp8 else "*bf16"),
+                                 consts, c.num_warps, c.num_stages)
 for name, c in A8.ATTN8_CONFIGS.items():  # sm89 (Ada: fp8 MMA, no TMA): the pointer path of non-WS configs
-    if not c.warp_specialize:
-        consts = dict(HEAD_D=128, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=False, WARP_SPEC=False,
-                      EXP_MODE=c.exp_mode, MAGIC_CVT=c.magic_cvt, INTERP=False)
-        out[f"attn8_sm89_{name}"] = build(A8._attn8_fwd_kernel, dict(t8, Lk_pad="i32"), consts, c.num_warps,
-                                          c.num_stages, arch=89)
+    c = dataclasses.replace(c, warp_specialize=False, num_warps=8) if c.warp_specialize else c  # A8._resolve on sm89
+    consts = dict(HEAD_D=128, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=False, WARP_SPEC=False,
+                  EXP_MODE=c.exp_mode, MAGIC_CVT=c.magic_cvt, INTERP=False, PV_FP8=c.pv_fp8)
+    out[f"attn8_sm89_{name}"] = build(A8._attn8_fwd_kernel, dict(t8, Lk_pad="i32", VT="*fp8e4nv" if c.pv_fp8 else "*bf16"),
+                                      consts, c.num_warps, c.num_stages, arch=89)
 for per_row in (False, True):
     out[f"attn8_quant_rows/per_row={per_row}"] = build(
         A8._quant_rows_kernel, dict(X="*bf16", MEAN="*fp32", Y="*i8", S="*fp32", factor="fp32"),

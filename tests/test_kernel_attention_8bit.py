@@ -34,9 +34,9 @@ def _qkv(B, Lq, Lk, H, dtype, device, seed=0):
     return mk(Lq).to(device, dtype), k.to(device, dtype), mk(Lk).to(device, dtype)
 
 
-def _assert_rule(out, q, k, v, block_n=128):
+def _assert_rule(out, q, k, v, block_n=128, pv_fp8=True):
     ex = _exact(q, k, v)
-    base = _rel(attention_8bit_ref(q, k, v, block_n), ex)
+    base = _rel(attention_8bit_ref(q, k, v, block_n, pv_fp8), ex)
     err = _rel(out, ex)
     assert err <= 1.25 * base + 0.005, f"8-bit kernel rel. err {err:.4f} > 1.25 x reference {base:.4f} + 0.005"
     assert err < 0.06, f"8-bit attention rel. err {err:.4f} vs exact"
@@ -69,7 +69,22 @@ def test_attention_8bit_configs(config, B, Lq, Lk, H):
     q, k, v = _qkv(B, Lq, Lk, H, torch.float16, "cpu")
     out = attention_8bit_triton(q, k, v, config)
     assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
-    _assert_rule(out, q, k, v, ATTN8_CONFIGS[config].block_n)
+    cfg = ATTN8_CONFIGS[config]
+    _assert_rule(out, q, k, v, cfg.block_n, cfg.pv_fp8)
+
+
+def test_pv16_is_more_accurate():
+    """INT8 q k^T with P.V in the input dtype: the error is the q/k quantisation's alone."""
+    q, k, v = _qkv(1, 130, 257, 2, torch.float16, "cpu")
+    ex = _exact(q, k, v)
+    e16 = _rel(attention_8bit_triton(q, k, v, "ws_128x128_w4_s2_pv16"), ex)
+    e8 = _rel(attention_8bit_triton(q, k, v, "ws_128x128_w4_s2"), ex)
+    assert e16 < 0.5 * e8, (e16, e8)
+    q8, qs, k8, ks, vv, vs = quantize_qkv(q, k, v, 128, quant_v=False)
+    assert vv is v and vs is None
+    with pytest.raises(ValueError, match="pv_fp8=True but v was not quantised"):
+        from lightx2v_engine.kernels.attention_8bit import attention_8bit_quantized
+        attention_8bit_quantized((q8, qs, k8, ks, vv, vs), 257, torch.empty_like(q), "ws_128x128_w4_s2")
 
 
 @pytest.mark.parametrize("Lk", [1, 5, 128, 129])
@@ -163,8 +178,8 @@ def test_attention_8bit_gpu_real_shapes(config, H, L):
     # the PyTorch reference materialises [Lq, Lk] float64 scores: compare on head 0 and 2048 queries (q is
     # quantised per row, so the reference's rows do not depend on the other queries)
     n = 2048
-    base = _rel(attention_8bit_ref(q[:, :n, :1], k[:, :, :1], v[:, :, :1], ATTN8_CONFIGS[config].block_n),
-                ex[:, :n, :1])
+    cfg = ATTN8_CONFIGS[config]
+    base = _rel(attention_8bit_ref(q[:, :n, :1], k[:, :, :1], v[:, :, :1], cfg.block_n, cfg.pv_fp8), ex[:, :n, :1])
     err = _rel(out[:, :n, :1], ex[:, :n, :1])
     assert err <= 1.25 * base + 0.005, f"{config}: rel. err {err:.4f} (reference {base:.4f})"
 
