@@ -136,26 +136,26 @@ def bench_dit(preset: str, args, device, run, rows, summary, tag: str):
             res["bf16_graph"] = run(fn, warmup=1, iters=2) / sampler.num_steps
             del graphs, fn
         summary[f"peak_gib_{tag}_bf16"] = peak_gib(device)
+
+        def variant(name: str):
+            """Error vs the reference, eager step time, and the 4-step loop replayed from CUDA graphs."""
+            summary[f"engine_{name}_vs_reference_relerr_{tag}"] = rel_l2(model(x, t, ctx, clip, y), ref_out)
+            res[f"{name}_eager"] = run(lambda: model(x, t, ctx, clip, y))
+            if device.type == "cuda" and not args.no_graph:
+                fn, graphs = loop_runner(model, sampler, x, ctx, clip, y, True)
+                res[f"{name}_graph"] = run(fn, warmup=1, iters=2) / sampler.num_steps
+                del graphs, fn
+
         # 8-bit linears (fp8 e4m3, per-channel weights, per-token activations)
         from lightx2v_engine.quant import quantize_dit_
         peak_reset(device)
         quantize_dit_(model, "fp8" if device.type == "cuda" else "int8")
-        summary[f"engine_8bit_vs_reference_relerr_{tag}"] = rel_l2(model(x, t, ctx, clip, y), ref_out)
-        res["8bit_eager"] = run(lambda: model(x, t, ctx, clip, y))
-        if device.type == "cuda" and not args.no_graph:
-            fn, graphs = loop_runner(model, sampler, x, ctx, clip, y, True)
-            res["8bit_graph"] = run(fn, warmup=1, iters=2) / sampler.num_steps
-            del graphs, fn
+        variant("8bit")
         summary[f"peak_gib_{tag}_8bit"] = peak_gib(device)
         # ... plus 8-bit self-attention (INT8 q k^T, FP8 P.V; self_attn_1_type "sage_attn2")
         if ops.attention_8bit_available(device) or args.dry_run:
             model.set_attention_8bit(True)
-            summary[f"engine_8bit_attn8_vs_reference_relerr_{tag}"] = rel_l2(model(x, t, ctx, clip, y), ref_out)
-            res["8bit_attn8_eager"] = run(lambda: model(x, t, ctx, clip, y))
-            if device.type == "cuda" and not args.no_graph:
-                fn, graphs = loop_runner(model, sampler, x, ctx, clip, y, True)
-                res["8bit_attn8_graph"] = run(fn, warmup=1, iters=2) / sampler.num_steps
-                del graphs, fn
+            variant("8bit_attn8")
             model.set_attention_8bit(False)
         del ref_out
     del model

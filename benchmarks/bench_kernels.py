@@ -151,17 +151,20 @@ def _sdpa_available(impl: str, device: str) -> bool:
     return device == "cuda" or impl == "sdpa_flash"
 
 
+def _attn_case(H: int, Lq: int, Lk: int, device: str, dtype):
+    """(shape label, q, k, v [1, L, H, 128] random, FLOPs, fp32 reference output)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(1, n, H, HEAD_D, generator=g).to(device=device, dtype=dtype) for n in (Lq, Lk, Lk))
+    return f"B1 H{H} D{HEAD_D} Lq{Lq} Lk{Lk}", q, k, v, 4.0 * Lq * Lk * HEAD_D * H, attention_ref32(q, k, v)
+
+
 def bench_attention(shapes: list[tuple[int, int, int]], configs: list[str], device: str, dtype) -> list[dict]:
     from lightx2v_engine.kernels.attention import (ATTN_CONFIGS, _sdpa, attention_triton, mean_pad_ok,
                                                    pad_keys_with_mean)
 
     rows = []
     for H, Lq, Lk in shapes:
-        shape = f"B1 H{H} D{HEAD_D} Lq{Lq} Lk{Lk}"
-        g = torch.Generator(device="cpu").manual_seed(0)
-        q, k, v = (torch.randn(1, n, H, HEAD_D, generator=g).to(device=device, dtype=dtype) for n in (Lq, Lk, Lk))
-        flops = 4.0 * Lq * Lk * HEAD_D * H
-        ref32 = attention_ref32(q, k, v)
+        shape, q, k, v, flops, ref32 = _attn_case(H, Lq, Lk, device, dtype)
         impls = {f"triton:{c}": (lambda c=c: attention_triton(q, k, v, c)) for c in configs}
         # mean-padded configs run as self-attention does: K padded to whole blocks with its mean (the
         # padding is made once, outside the timing, as the DiT makes it in the norm+RoPE pass)
@@ -214,11 +217,7 @@ def bench_attention_8bit(shapes: list[tuple[int, int, int]], configs: list[str],
     if not fp8_supported(torch.device(device)):
         return rows
     for H, Lq, Lk in shapes:
-        shape = f"B1 H{H} D{HEAD_D} Lq{Lq} Lk{Lk}"
-        g = torch.Generator(device="cpu").manual_seed(0)
-        q, k, v = (torch.randn(1, n, H, HEAD_D, generator=g).to(device=device, dtype=dtype) for n in (Lq, Lk, Lk))
-        flops = 4.0 * Lq * Lk * HEAD_D * H
-        ref32 = attention_ref32(q, k, v)
+        shape, q, k, v, flops, ref32 = _attn_case(H, Lq, Lk, device, dtype)
         base = cudnn_ms.get(shape)
         for c in configs:
             cfg = ATTN8_CONFIGS[c]
