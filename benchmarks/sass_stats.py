@@ -1,0 +1,146 @@
+"""Static view of the attention kernels' inner loops on sm_90a, from the compiler's output (no GPU needed).
+
+Compiles each attention config (bf16 kernels/attention.py and 8-bit kernels/attention_8bit.py) with
+Triton for an H100, assembles it with Triton's bundled ptxas, disassembles with its cuobjdump, finds the
+innermost loops that issue tensor-core MMAs (the consumer warps' key loop) and counts their instructions
+by opcode: what one warp issues per key block. Prints registers, shared memory, spills and whether the
+loop was warp-specialised.
+
+    python benchmarks/sass_stats.py [--configs NAME,...] [--json FILE]
+
+Reading: per 128-key block a consumer warp owns 64 rows x 128 keys = 64 scores per thread. MUFU.EX2 runs
+at 16/clk/SM (an instruction per warp takes 8 issue-cycles of its SM sub-partition), FP32 FMA/ADD/MUL at
+128/clk/SM, and each sub-partition issues one instruction per clock; the MMAs of one block take 2048
+clk/SM in bf16 and 1024 in 8-bit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+try:
+    import lightx2v_engine  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(ROOT))
+
+OPS = ("MUFU.EX2", "FFMA", "FADD", "FMUL", "FMNMX", "F2FP", "I2FP", "PRMT", "MOV", "SHFL", "HGMMA", "IGMMA",
+       "QGMMA")
+
+
+def _tools():
+    import triton
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    return bin_dir / "ptxas", bin_dir / "cuobjdump"
+
+
+def compile_sm90(fn, types: dict, consts: dict, num_warps: int, num_stages: int) -> dict:
+    """Triton -> PTX -> cubin (sm_90a) -> SASS text; returns registers, smem, spills, ws flag and the SASS."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if sig[n].startswith("*") or n.startswith("stride") or n in ("n_full", "Lk_pad")}
+    k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=num_warps, num_stages=num_stages))
+    ptxas, cuobjdump = _tools()
+    with tempfile.TemporaryDirectory() as d:
+        ptx, cubin = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
+        Path(ptx).write_text(k.asm["ptx"])
+        log = subprocess.run([str(ptxas), "-v", "--gpu-name=sm_90a", ptx, "-o", cubin], capture_output=True,
+                             text=True, check=True).stderr
+        sass = subprocess.run([str(cuobjdump), "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    regs = [int(x) for x in re.findall(r"Used (\d+) registers", log)]
+    return dict(regs=max(regs) if regs else None, smem=k.metadata.shared,
+                spill=sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", log)),
+                ws="ttg.warp_specialize(" in k.asm["ttgir"], sass=sass)
+
+
+def mma_loops(sass: str) -> list[Counter]:
+    """Opcode counts of every innermost backward-branch loop whose body issues a GMMA, shortest first."""
+    ins = []
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(2).strip()))
+    index = {a: i for i, (a, _) in enumerate(ins)}
+    loops = []
+    for i, (addr, text) in enumerate(ins):
+        m = re.search(r"BRA\s.*?0x([0-9a-f]+)", text)
+        if not m or int(m.group(1), 16) >= addr or int(m.group(1), 16) not in index:
+            continue
+        body = [t for _, t in ins[index[int(m.group(1), 16)]:i + 1]]
+        if any("GMMA" in t for t in body):
+            loops.append(Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in body))
+    return sorted(loops, key=lambda c: sum(c.values()))
+
+
+def summarize_loop(c: Counter) -> dict:
+    row = {"instructions": sum(c.values())}
+    for op in OPS:
+        row[op] = sum(n for name, n in c.items() if name == op or name.startswith(op + "."))
+    return row
+
+
+def cases(names: list[str] | None):
+    """(label, fn, types, consts, warps, stages) for every bf16 and 8-bit attention config."""
+    import importlib
+    A = importlib.import_module("lightx2v_engine.kernels.attention")  # the modules (the package exports functions)
+    A8 = importlib.import_module("lightx2v_engine.kernels.attention_8bit")
+    bf = dict(Q="*bf16", K="*bf16", V="*bf16", O="*bf16", C_SCRATCH="*fp32", qk_scale="fp32")
+    for name, c in A.ATTN_CONFIGS.items():
+        for even in (False, True):
+            label = f"bf16:{name}{'/L%128=0' if even else ''}"
+            if names and name not in names:
+                continue
+            ws = c.warp_specialize and c.tma
+            consts = dict(HEAD_D=128, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=c.tma, WARP_SPEC=ws,
+                          PIPE_QK=c.pipe_qk, EVEN_N=even, MEAN_PAD=c.mean_pad and ws and not even)
+            yield label, A._attn_fwd_kernel, bf, consts, c.num_warps, c.num_stages
+    for name, c in A8.ATTN8_CONFIGS.items():
+        if names and name not in names:
+            continue
+        t8 = dict(Q8="*i8", K8="*i8", VT="*fp8e4nv" if c.pv_fp8 else "*bf16", QS="*fp32", KS="*fp32",
+                  VS="*fp32", O="*bf16")
+        consts = dict(HEAD_D=128, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=True, WARP_SPEC=c.warp_specialize,
+                      EXP_MODE=c.exp_mode, MAGIC_CVT=c.magic_cvt, INTERP=False, PV_FP8=c.pv_fp8)
+        yield f"8bit:{name}", A8._attn8_fwd_kernel, t8, consts, c.num_warps, c.num_stages
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--configs", default="", help="comma list of config names (default: all)")
+    p.add_argument("--json", default=None, help="also write the rows to this file")
+    args = p.parse_args(argv)
+    os.environ.pop("TRITON_INTERPRET", None)
+    names = [n for n in args.configs.split(",") if n] or None
+    rows = []
+    print(f"{'kernel:config':<44}{'regs':>5}{'smem KB':>8}{'spill':>6} ws  loop "
+          + " ".join(f"{op.split('.')[0]:>6}" for op in OPS))
+    for label, fn, types, consts, warps, stages in cases(names):
+        try:
+            r = compile_sm90(fn, types, consts, warps, stages)
+        except Exception as e:  # a config the compiler rejects is reported, not fatal
+            print(f"{label:<44} failed: {type(e).__name__}: {str(e).splitlines()[-1][:100] if str(e) else ''}")
+            rows.append(dict(config=label, error=f"{type(e).__name__}"))
+            continue
+        loops = mma_loops(r.pop("sass"))
+        loop = summarize_loop(loops[0]) if loops else {}
+        rows.append(dict(config=label, **r, loop=loop))
+        print(f"{label:<44}{r['regs'] or 0:>5}{r['smem'] / 1024:>8.0f}{r['spill']:>6} {'y' if r['ws'] else 'n'} "
+              f"{loop.get('instructions', 0):>5} " + " ".join(f"{loop.get(op, 0):>6}" for op in OPS))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
