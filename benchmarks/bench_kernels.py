@@ -32,6 +32,9 @@ import torch
 
 L = 32760
 HEAD_D = 128
+# the 8-bit configs --quick times (sass_stats.py: the f16x2 and warp-specialised polynomial loops are longer)
+QUICK_ATTN8 = ("ws_128x128_w4_s2", "ws_128x128_w4_s3", "ws_128x128_w4_s3_i2f", "ws_128x128_w4_s2_pv16",
+               "tma_128x128_w8_s3_poly")
 CSV_FIELDS = ["op", "shape", "impl", "ms", "tflops_or_gbps", "unit", "ratio", "ratio_kind", "max_err", "ok",
               "gpu", "torch", "triton", "commit", "date", "note"]
 
@@ -337,7 +340,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer shapes (no 40-head self-attention, no 720p)")
     p.add_argument("--hd720", action="store_true", help="also the 720p token count L = 75600 for the memory-bound ops")
     p.add_argument("--configs", default="all", help="'all' or a comma list of ATTN_CONFIGS names")
-    p.add_argument("--configs8", default="all", help="'all', '' (none) or a comma list of ATTN8_CONFIGS names")
+    p.add_argument("--configs8", default="auto",
+                   help="'auto' (QUICK_ATTN8 with --quick, else all), 'all', '' (none) or a comma list of ATTN8_CONFIGS names")
     p.add_argument("--dry-run", action="store_true", help="tiny CPU shapes through the Triton interpreter")
     args = p.parse_args(argv)
 
@@ -356,33 +360,45 @@ def main(argv=None) -> int:
         Cs = [1536, 5120]
         attn_shapes = [(12, L, L), (12, L, 512)] + ([] if args.quick else [(40, L, L)])
 
-    from lightx2v_engine.kernels.attention import ATTN_CONFIGS
+    from lightx2v_engine.kernels.attention import ATTN_CONFIGS, DEFAULT_ATTN_CONFIG
+    from lightx2v_engine.kernels.attention_8bit import ATTN8_CONFIGS
     configs = list(ATTN_CONFIGS) if args.configs == "all" else args.configs.split(",")
     unknown = [c for c in configs if c not in ATTN_CONFIGS]
     if unknown:
         p.error(f"unknown --configs {unknown}; choose from {list(ATTN_CONFIGS)}")
-
-    t0 = time.time()
-    copy_gbps = _copy_gbps((1 << 30) if device == "cuda" else (1 << 22), device)
-    rows = bench_memory_ops(Ls, Cs, device, copy_gbps)
-    rows += bench_attention(attn_shapes, configs, device, dtype)
-    if device == "cuda":
-        # L = 32768 = 256 x 128: no ragged key block, so no mask in the warp-specialised loop; against the
-        # 32760 row this is the cost of the mask
-        from lightx2v_engine.kernels.attention import DEFAULT_ATTN_CONFIG
-        rows += bench_attention([(12, 32768, 32768)], [DEFAULT_ATTN_CONFIG], device, dtype)
-    from lightx2v_engine.kernels.attention_8bit import ATTN8_CONFIGS
-    cudnn_ms = {r["shape"]: r["ms"] for r in rows if r["op"] == "attention" and r["impl"] == "sdpa_cudnn"}
-    configs8 = list(ATTN8_CONFIGS) if args.configs8 == "all" else [c for c in args.configs8.split(",") if c]
+    configs.sort(key=lambda c: ATTN_CONFIGS[c].mean_pad)  # never run on a GPU yet: last
+    if args.configs8 == "auto":
+        configs8 = list(QUICK_ATTN8) if args.quick else list(ATTN8_CONFIGS)
+    else:
+        configs8 = list(ATTN8_CONFIGS) if args.configs8 == "all" else [c for c in args.configs8.split(",") if c]
     unknown8 = [c for c in configs8 if c not in ATTN8_CONFIGS]
     if unknown8:
         p.error(f"unknown --configs8 {unknown8}; choose from {list(ATTN8_CONFIGS)}")
-    rows += bench_attention_8bit([s for s in attn_shapes if s[1] == s[2]], configs8, device, dtype, cudnn_ms)
-    H, Lq, Lk = attn_shapes[0]
-    summary = summarize(rows, f"B1 H{H} D{HEAD_D} Lq{Lq} Lk{Lk}")
-    summary["copy_gbps"] = copy_gbps
+
+    t0 = time.time()
     env = _env_info(device)
-    csv_path, json_path = write_outputs(rows, summary, env, args.out)
+    H, Lq, Lk = attn_shapes[0]
+    main_shape = f"B1 H{H} D{HEAD_D} Lq{Lq} Lk{Lk}"
+    copy_gbps = _copy_gbps((1 << 30) if device == "cuda" else (1 << 22), device)
+
+    def save(rows):
+        """Outputs after every section, so that a stage killed by its timeout keeps what it measured."""
+        summary = summarize(rows, main_shape)
+        summary["copy_gbps"] = copy_gbps
+        return summary, write_outputs(rows, summary, env, args.out)
+
+    rows = bench_memory_ops(Ls, Cs, device, copy_gbps)
+    save(rows)
+    rows += bench_attention(attn_shapes, configs, device, dtype)
+    save(rows)
+    if device == "cuda":
+        # L = 32768 = 256 x 128: no ragged key block, so no mask in the warp-specialised loop; against the
+        # 32760 row this is the cost of the mask
+        rows += bench_attention([(12, 32768, 32768)], [DEFAULT_ATTN_CONFIG], device, dtype)
+        save(rows)
+    cudnn_ms = {r["shape"]: r["ms"] for r in rows if r["op"] == "attention" and r["impl"] == "sdpa_cudnn"}
+    rows += bench_attention_8bit([s for s in attn_shapes if s[1] == s[2]], configs8, device, dtype, cudnn_ms)
+    summary, (csv_path, json_path) = save(rows)
     print_table(rows, copy_gbps)
     print(json.dumps(summary, indent=2))
     print(f"wrote {csv_path} and {json_path} in {time.time() - t0:.1f} s")

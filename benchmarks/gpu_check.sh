@@ -39,7 +39,7 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 
 if has kernels; then
   stage "bench_kernels"
-  timeout 230 $PY benchmarks/bench_kernels.py --quick --out "$OUT" 2>&1 | tee "$OUT/bench_kernels.log" | tail -40
+  timeout 300 $PY benchmarks/bench_kernels.py --quick --out "$OUT" 2>&1 | tee "$OUT/bench_kernels.log" | tail -40
 fi
 
 # The fastest correct attention and q/k norm+RoPE variants measured above are what the end-to-end run uses.
@@ -62,7 +62,7 @@ fi
 
 if has tests; then
   stage "gpu tests"
-  timeout 240 $PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+  timeout 300 $PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 fi
 
 if has quant; then

@@ -55,6 +55,11 @@ def test_dry_run_writes_csv_and_summary(bench, tmp_path):
     assert summary["attn_8bit_ratio_vs_cudnn"] is None  # no cuDNN on the CPU
 
 
+def test_quick_8bit_configs_exist(bench):
+    from lightx2v_engine.kernels.attention_8bit import ATTN8_CONFIGS
+    assert set(bench.QUICK_ATTN8) <= set(ATTN8_CONFIGS)
+
+
 def test_unknown_config_is_an_error(bench, tmp_path):
     with pytest.raises(SystemExit):
         bench.main(["--dry-run", "--out", str(tmp_path), "--configs", "nope"])

@@ -12,8 +12,8 @@ import torch
 from lightx2v_engine import ops
 from lightx2v_engine.kernels import attention_8bit, self_attention
 from lightx2v_engine.kernels.attention import self_attention_ref
-from lightx2v_engine.kernels.attention_8bit import (ATTN8_CONFIGS, attention_8bit_ref, attention_8bit_triton,
-                                                    quantize_qkv, quantize_qkv_ref)
+from lightx2v_engine.kernels.attention_8bit import (ATTN8_CONFIGS, DEFAULT_ATTN8_CONFIG, attention_8bit_ref,
+                                                    attention_8bit_triton, quantize_qkv, quantize_qkv_ref)
 from lightx2v_engine.ops import attention_ref, rope_tables
 
 
@@ -166,8 +166,7 @@ def test_opcheck_and_compile():
 # ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", list(ATTN8_CONFIGS))
-@pytest.mark.parametrize("H, L", [(12, 32760), (40, 4099)])
+@pytest.mark.parametrize("config, H, L", [(c, 12, 32760) for c in ATTN8_CONFIGS] + [(DEFAULT_ATTN8_CONFIG, 40, 4099)])
 def test_attention_8bit_gpu_real_shapes(config, H, L):
     if not torch.cuda.get_device_capability() >= (8, 9):
         pytest.skip("fp8 MMA needs sm89+")
