@@ -116,7 +116,10 @@ class WanBlock(nn.Module):
                                            out_dtype=h.dtype)
         ca = self.cross_attn(n3, text, img)
         x, h2 = ops.gate_residual_modulate(x, ca, ones, shift2, scale2, self.eps, out_dtype=h.dtype)
-        return x, self.ffn(h2), gate2
+        fc1, act, fc2 = self.ffn
+        if type(fc1) is nn.Linear:  # bias + GELU in the GEMM's epilogue on CUDA (8-bit/LoRA modules: two ops)
+            return x, fc2(ops.linear_gelu_tanh(h2, fc1.weight, fc1.bias)), gate2
+        return x, fc2(act(fc1(h2))), gate2
 
 
 class MLPProj(nn.Module):
