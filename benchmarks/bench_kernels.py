@@ -31,6 +31,7 @@ import time
 import torch
 
 L = 32760
+L720 = 75600
 HEAD_D = 128
 # the 8-bit configs --quick times (sass_stats.py: the f16x2 and warp-specialised polynomial loops are longer)
 QUICK_ATTN8 = ("ws_128x128_w4_s2", "ws_128x128_w4_s3", "ws_128x128_w4_s3_i2f", "ws_128x128_w4_s2_pv16",
@@ -338,7 +339,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "out"))
     p.add_argument("--quick", action="store_true", help="fewer shapes (no 40-head self-attention, no 720p)")
-    p.add_argument("--hd720", action="store_true", help="also the 720p token count L = 75600 for the memory-bound ops")
+    p.add_argument("--hd720", action="store_true",
+                   help="also the 720p token count L = 75600 (memory-bound ops, self- and cross-attention)")
     p.add_argument("--configs", default="all", help="'all' or a comma list of ATTN_CONFIGS names")
     p.add_argument("--configs8", default="auto",
                    help="'auto' (QUICK_ATTN8 with --quick, else all), 'all', '' (none) or a comma list of ATTN8_CONFIGS names")
@@ -356,9 +358,11 @@ def main(argv=None) -> int:
         return 0
     else:
         device, dtype = "cuda", torch.bfloat16
-        Ls = [L] + ([75600] if args.hd720 and not args.quick else [])
+        Ls = [L] + ([L720] if args.hd720 and not args.quick else [])
         Cs = [1536, 5120]
         attn_shapes = [(12, L, L), (12, L, 512)] + ([] if args.quick else [(40, L, L)])
+        if args.hd720 and not args.quick:  # 720x1280, 81 frames: 21 x 45 x 80 = 75600 tokens
+            attn_shapes += [(12, L720, L720), (40, L720, L720), (40, L720, 512)]
 
     from lightx2v_engine.kernels.attention import ATTN_CONFIGS, DEFAULT_ATTN_CONFIG
     from lightx2v_engine.kernels.attention_8bit import ATTN8_CONFIGS
