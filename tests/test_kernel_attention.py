@@ -34,7 +34,7 @@ def _qkv(B, Lq, Lk, H, dtype, device, seed=0):
 
 
 @pytest.mark.parametrize("config", list(ATTN_CONFIGS))
-@pytest.mark.parametrize("B, Lq, Lk", [(1, 77, 77), (2, 77, 33), (1, 50, 320)])
+@pytest.mark.parametrize("B, Lq, Lk", [(1, 77, 77), (2, 77, 33), (1, 50, 320), (1, 70, 256)])  # 256: EVEN_N, no mask
 def test_attention_configs(config, B, Lq, Lk):
     q, k, v = _qkv(B, Lq, Lk, 3, torch.float16, "cpu")
     out = attention_triton(q, k, v, config)
