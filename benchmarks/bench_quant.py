@@ -99,7 +99,7 @@ def main(argv=None) -> int:
         return med
 
     quant_bw: dict[int, float] = {}
-    fp8_ratio, gemm_ratio, gate_ratio = [], [], []
+    fp8_ratio, gemm_ratio, gate_ratio, gelu_ratio = [], [], [], []
     for k, n in shapes:
         x = torch.randn(m, k, device=_DEV, dtype=torch.bfloat16)
         lin = torch.nn.Linear(k, n, device=_DEV, dtype=torch.bfloat16)
@@ -122,6 +122,12 @@ def main(argv=None) -> int:
                     quant_bw[k] = qbytes / (t * 1e-3) / copy_bw
                     record("per_token_quant_int8_csrc", k, 0, _bench_ms(lambda: csrc_ops.per_token_quant_int8(x)),
                            nbytes=qbytes)
+                    if k > n:  # ffn.2's input: GELU fused into the quantization vs F.gelu then the kernel
+                        t_gf = record("gelu_quant_fp8_csrc_fused", k, 0, _bench_ms(
+                            lambda: csrc_ops.per_token_quant_fp8(x, gelu=True)), nbytes=qbytes)
+                        t_gu = record("gelu_then_quant_fp8_csrc", k, 0, _bench_ms(
+                            lambda: csrc_ops.per_token_quant_fp8(F.gelu(x, approximate="tanh"))), nbytes=qbytes)
+                        gelu_ratio.append(t_gu / t_gf)
                 record("per_token_quant_fp8_torch", k, 0, _bench_ms(lambda: quant.per_token_quant_ref(x, "fp8")),
                        nbytes=qbytes)
             del q8
@@ -176,6 +182,8 @@ def main(argv=None) -> int:
     }
     if gemm_ratio:
         summary["gemm_fp8_ratio_vs_scaled_mm_min"] = round(min(gemm_ratio), 3)  # t(_scaled_mm) / t(Triton)
+    if gelu_ratio:  # t(F.gelu + csrc quant) / t(csrc quant with GELU), min over the ffn.2 inputs
+        summary["gelu_quant_fused_ratio_min"] = round(min(gelu_ratio), 3)
     if gate_ratio:
         # t(_scaled_mm + torch residual op) / t(Triton fused epilogue), min over the output projections
         summary["gemm_fp8_gate_residual_ratio"] = round(min(gate_ratio), 3)

@@ -14,7 +14,8 @@
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> per_token_quant(const at::Tensor& x, lx2v::QuantDType qdtype, const char* op) {
+std::tuple<at::Tensor, at::Tensor> per_token_quant(const at::Tensor& x, lx2v::QuantDType qdtype, const char* op,
+                                                   bool gelu = false) {
   TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got device ", x.device());
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, op,
               ": x must be bfloat16 or float16, got ", x.scalar_type());
@@ -37,6 +38,7 @@ std::tuple<at::Tensor, at::Tensor> per_token_quant(const at::Tensor& x, lx2v::Qu
   p.cols = x.size(1);
   p.in_dtype = x.scalar_type() == at::kBFloat16 ? lx2v::InDType::kBF16 : lx2v::InDType::kFP16;
   p.out_dtype = qdtype;
+  p.gelu = gelu;
   const cudaError_t err = lx2v::per_token_quant(p, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
   return {q, scale};
@@ -50,16 +52,29 @@ std::tuple<at::Tensor, at::Tensor> per_token_quant_int8(const at::Tensor& x) {
   return per_token_quant(x, lx2v::QuantDType::kINT8, "per_token_quant_int8");
 }
 
+// The same on gelu_tanh(x) rounded to x's dtype (the FFN activation fused into ffn.2's input quantization).
+std::tuple<at::Tensor, at::Tensor> per_token_quant_fp8_gelu(const at::Tensor& x) {
+  return per_token_quant(x, lx2v::QuantDType::kFP8E4M3, "per_token_quant_fp8_gelu", true);
+}
+
+std::tuple<at::Tensor, at::Tensor> per_token_quant_int8_gelu(const at::Tensor& x) {
+  return per_token_quant(x, lx2v::QuantDType::kINT8, "per_token_quant_int8_gelu", true);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lightx2v_C, m) {
   m.def("per_token_quant_fp8(Tensor x) -> (Tensor, Tensor)");
   m.def("per_token_quant_int8(Tensor x) -> (Tensor, Tensor)");
+  m.def("per_token_quant_fp8_gelu(Tensor x) -> (Tensor, Tensor)");
+  m.def("per_token_quant_int8_gelu(Tensor x) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lightx2v_C, CUDA, m) {
   m.impl("per_token_quant_fp8", &per_token_quant_fp8);
   m.impl("per_token_quant_int8", &per_token_quant_int8);
+  m.impl("per_token_quant_fp8_gelu", &per_token_quant_fp8_gelu);
+  m.impl("per_token_quant_int8_gelu", &per_token_quant_int8_gelu);
 }
 
 // `import lightx2v_engine._C` runs the registrations above; the module itself has no attributes.

@@ -24,16 +24,41 @@ struct InTraits;
 template <>
 struct InTraits<__nv_bfloat16> {
   using Pair = __nv_bfloat162;
+  using Elem = __nv_bfloat16;
   static __device__ __forceinline__ float2 to_float2(Pair v) { return __bfloat1622float2(v); }
   static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ Pair from_float2(float2 f) { return __floats2bfloat162_rn(f.x, f.y); }
+  static __device__ __forceinline__ Elem from_float(float f) { return __float2bfloat16_rn(f); }
 };
 
 template <>
 struct InTraits<__half> {
   using Pair = __half2;
+  using Elem = __half;
   static __device__ __forceinline__ float2 to_float2(Pair v) { return __half22float2(v); }
   static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ Pair from_float2(float2 f) { return __floats2half2_rn(f.x, f.y); }
+  static __device__ __forceinline__ Elem from_float(float f) { return __float2half_rn(f); }
 };
+
+// GELU, tanh approximation, in fp32 (PyTorch's formula and constants; no FMA contraction in the cube term).
+__device__ __forceinline__ float gelu_tanh(float x) {
+  constexpr float kBeta = 0.7978845608028654f;  // sqrt(2 / pi)
+  constexpr float kKappa = 0.044715f;
+  const float inner = kBeta * (x + kKappa * __fmul_rn(__fmul_rn(x, x), x));
+  return 0.5f * x * (1.0f + tanhf(inner));
+}
+
+// With GELU, the loaded pair is replaced by GELU(tanh) rounded to the input dtype (F.gelu's output).
+template <typename Tr, bool GELU>
+__device__ __forceinline__ typename Tr::Pair activate(typename Tr::Pair v) {
+  if constexpr (GELU) {
+    const float2 f = Tr::to_float2(v);
+    return Tr::from_float2(make_float2(gelu_tanh(f.x), gelu_tanh(f.y)));
+  } else {
+    return v;
+  }
+}
 
 template <QuantDType Q>
 struct QuantTraits;
@@ -90,7 +115,7 @@ __device__ __forceinline__ float block_max(float v) {
 __device__ __forceinline__ float scaled(float x, float inv) { return __fmul_rn(x, inv); }
 
 // WARP_PER_ROW: a warp per row, blockDim.x / 32 rows per block; else one row per block.
-template <typename InT, QuantDType Q, int VPT, bool WARP_PER_ROW>
+template <typename InT, QuantDType Q, int VPT, bool WARP_PER_ROW, bool GELU>
 __global__ void __launch_bounds__(1024) per_token_quant_vec_kernel(PerTokenQuantParams p) {
   using Tr = InTraits<InT>;
   using QT = QuantTraits<Q>;
@@ -111,9 +136,10 @@ __global__ void __launch_bounds__(1024) per_token_quant_vec_kernel(PerTokenQuant
     const int idx = lane + i * tpr;
     if (idx < nvec) {
       v[i] = __ldcs(x + idx);  // streaming load: x is read exactly once
-      const typename Tr::Pair* h = reinterpret_cast<const typename Tr::Pair*>(&v[i]);
+      typename Tr::Pair* h = reinterpret_cast<typename Tr::Pair*>(&v[i]);
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
+        h[j] = activate<Tr, GELU>(h[j]);
         const float2 f = Tr::to_float2(h[j]);
         amax = fmaxf(amax, fmaxf(fabsf(f.x), fabsf(f.y)));
       }
@@ -144,33 +170,38 @@ __global__ void __launch_bounds__(1024) per_token_quant_vec_kernel(PerTokenQuant
 }
 
 // Any alignment and length: one block per row, two scalar passes over the row.
-template <typename InT, QuantDType Q>
+template <typename InT, QuantDType Q, bool GELU>
 __global__ void per_token_quant_scalar_kernel(PerTokenQuantParams p) {
   using Tr = InTraits<InT>;
   using QT = QuantTraits<Q>;
   const int64_t row = blockIdx.x;
   const InT* x = static_cast<const InT*>(p.x) + row * p.x_row_stride;
   uint8_t* q = static_cast<uint8_t*>(p.q) + row * p.q_row_stride;
+  auto load = [&](int64_t j) {
+    const float f = Tr::to_float(x[j]);
+    return GELU ? Tr::to_float(Tr::from_float(gelu_tanh(f))) : f;
+  };
   float amax = 0.0f;
-  for (int64_t j = threadIdx.x; j < p.cols; j += blockDim.x) amax = fmaxf(amax, fabsf(Tr::to_float(x[j])));
+  for (int64_t j = threadIdx.x; j < p.cols; j += blockDim.x) amax = fmaxf(amax, fabsf(load(j)));
   amax = fmaxf(block_max(amax), kAmaxMin);
   const float inv = __fdiv_rn(QT::kMax, amax);
   if (threadIdx.x == 0) p.scale[row] = __fdiv_rn(amax, QT::kMax);
-  for (int64_t j = threadIdx.x; j < p.cols; j += blockDim.x) q[j] = QT::one(scaled(Tr::to_float(x[j]), inv));
+  for (int64_t j = threadIdx.x; j < p.cols; j += blockDim.x) q[j] = QT::one(scaled(load(j), inv));
 }
 
-template <typename InT, QuantDType Q, int VPT>
+template <typename InT, QuantDType Q, int VPT, bool GELU>
 void launch_vec(const PerTokenQuantParams& p, bool warp_per_row, int threads, cudaStream_t stream) {
   if (warp_per_row) {
     const int rows_per_block = kWarpRowsBlock / 32;
     const int64_t blocks = (p.rows + rows_per_block - 1) / rows_per_block;
-    per_token_quant_vec_kernel<InT, Q, VPT, true><<<static_cast<unsigned>(blocks), kWarpRowsBlock, 0, stream>>>(p);
+    per_token_quant_vec_kernel<InT, Q, VPT, true, GELU>
+        <<<static_cast<unsigned>(blocks), kWarpRowsBlock, 0, stream>>>(p);
   } else {
-    per_token_quant_vec_kernel<InT, Q, VPT, false><<<static_cast<unsigned>(p.rows), threads, 0, stream>>>(p);
+    per_token_quant_vec_kernel<InT, Q, VPT, false, GELU><<<static_cast<unsigned>(p.rows), threads, 0, stream>>>(p);
   }
 }
 
-template <typename InT, QuantDType Q>
+template <typename InT, QuantDType Q, bool GELU>
 void dispatch(const PerTokenQuantParams& p, cudaStream_t stream) {
   const bool aligned = p.cols % kVecElems == 0 && p.x_row_stride % kVecElems == 0 && p.q_row_stride % kVecElems == 0 &&
                        reinterpret_cast<uintptr_t>(p.x) % 16 == 0 && reinterpret_cast<uintptr_t>(p.q) % 8 == 0;
@@ -191,19 +222,19 @@ void dispatch(const PerTokenQuantParams& p, cudaStream_t stream) {
     }
   }
   if (threads == 0) {
-    per_token_quant_scalar_kernel<InT, Q><<<static_cast<unsigned>(p.rows), 256, 0, stream>>>(p);
+    per_token_quant_scalar_kernel<InT, Q, GELU><<<static_cast<unsigned>(p.rows), 256, 0, stream>>>(p);
     return;
   }
   const int vpt = static_cast<int>((nvec + threads - 1) / threads);
   switch (vpt) {
-    case 1: launch_vec<InT, Q, 1>(p, warp_per_row, threads, stream); break;
-    case 2: launch_vec<InT, Q, 2>(p, warp_per_row, threads, stream); break;
-    case 3: launch_vec<InT, Q, 3>(p, warp_per_row, threads, stream); break;
-    case 4: launch_vec<InT, Q, 4>(p, warp_per_row, threads, stream); break;
-    case 5: launch_vec<InT, Q, 5>(p, warp_per_row, threads, stream); break;
-    case 6: launch_vec<InT, Q, 6>(p, warp_per_row, threads, stream); break;
-    case 7: launch_vec<InT, Q, 7>(p, warp_per_row, threads, stream); break;
-    default: launch_vec<InT, Q, 8>(p, warp_per_row, threads, stream); break;
+    case 1: launch_vec<InT, Q, 1, GELU>(p, warp_per_row, threads, stream); break;
+    case 2: launch_vec<InT, Q, 2, GELU>(p, warp_per_row, threads, stream); break;
+    case 3: launch_vec<InT, Q, 3, GELU>(p, warp_per_row, threads, stream); break;
+    case 4: launch_vec<InT, Q, 4, GELU>(p, warp_per_row, threads, stream); break;
+    case 5: launch_vec<InT, Q, 5, GELU>(p, warp_per_row, threads, stream); break;
+    case 6: launch_vec<InT, Q, 6, GELU>(p, warp_per_row, threads, stream); break;
+    case 7: launch_vec<InT, Q, 7, GELU>(p, warp_per_row, threads, stream); break;
+    default: launch_vec<InT, Q, 8, GELU>(p, warp_per_row, threads, stream); break;
   }
 }
 
@@ -214,10 +245,17 @@ cudaError_t per_token_quant(const PerTokenQuantParams& p, cudaStream_t stream) {
   if (p.rows > 0x7fffffff || p.cols < 0) return cudaErrorInvalidValue;
   const bool bf16 = p.in_dtype == InDType::kBF16;
   const bool fp8 = p.out_dtype == QuantDType::kFP8E4M3;
-  if (bf16 && fp8) dispatch<__nv_bfloat16, QuantDType::kFP8E4M3>(p, stream);
-  else if (bf16) dispatch<__nv_bfloat16, QuantDType::kINT8>(p, stream);
-  else if (fp8) dispatch<__half, QuantDType::kFP8E4M3>(p, stream);
-  else dispatch<__half, QuantDType::kINT8>(p, stream);
+  if (p.gelu) {
+    if (bf16 && fp8) dispatch<__nv_bfloat16, QuantDType::kFP8E4M3, true>(p, stream);
+    else if (bf16) dispatch<__nv_bfloat16, QuantDType::kINT8, true>(p, stream);
+    else if (fp8) dispatch<__half, QuantDType::kFP8E4M3, true>(p, stream);
+    else dispatch<__half, QuantDType::kINT8, true>(p, stream);
+  } else {
+    if (bf16 && fp8) dispatch<__nv_bfloat16, QuantDType::kFP8E4M3, false>(p, stream);
+    else if (bf16) dispatch<__nv_bfloat16, QuantDType::kINT8, false>(p, stream);
+    else if (fp8) dispatch<__half, QuantDType::kFP8E4M3, false>(p, stream);
+    else dispatch<__half, QuantDType::kINT8, false>(p, stream);
+  }
   return cudaGetLastError();
 }
 

@@ -7,6 +7,8 @@
 //                                              int8: round-half-even, clamped to +-127
 //   scale_r = amax_r / QMAX                    so that x ~= q * scale_r
 // with QMAX = 448 (fp8 e4m3) or 127 (int8). The PyTorch reference is lightx2v_engine.quant.per_token_quant_ref.
+// With `gelu`, x is first replaced by GELU(tanh)(x) rounded to its dtype (the FFN's activation fused into the
+// quantization of ffn.2's input: one pass instead of two).
 #pragma once
 
 #include <cstdint>
@@ -33,6 +35,9 @@ struct PerTokenQuantParams {
   int64_t cols;
   InDType in_dtype;
   QuantDType out_dtype;
+  // Quantize gelu_tanh(x) instead of x: y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) in fp32, rounded
+  // to the input dtype first (what F.gelu(x, approximate="tanh") returns), then the formula above on y.
+  bool gelu = false;
 };
 
 // Launches on `stream`; returns the launch error (cudaSuccess when nothing went wrong). rows == 0 is a no-op;

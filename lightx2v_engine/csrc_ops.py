@@ -9,6 +9,7 @@ pure-Python install (CPU torch, ``LX2V_SKIP_CUDA_BUILD=1``); an extension that e
 Ops:
   per_token_quant_fp8(x [M, K] bf16/fp16) -> (q [M, K] float8_e4m3fn, scale [M, 1] fp32)
   per_token_quant_int8(x [M, K] bf16/fp16) -> (q [M, K] int8, scale [M, 1] fp32)
+  per_token_quant_{fp8,int8}_gelu(x): the same on F.gelu(x, approximate="tanh") (one pass)
 with x ~= q * scale (formula in lightx2v_engine.quant.per_token_quant_ref).
 """
 from __future__ import annotations
@@ -20,8 +21,16 @@ import warnings
 import torch
 
 _EXTENSION = "lightx2v_engine._C"
+_OPS = ("per_token_quant_fp8", "per_token_quant_int8", "per_token_quant_fp8_gelu", "per_token_quant_int8_gelu")
 _STATUS: str | None = None
 _AVAILABLE = False
+
+
+def _fake(qdtype: torch.dtype):
+    """Meta implementation of the quantization ops: (q [M, K] qdtype, scale [M, 1] fp32)."""
+    def fake(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x.new_empty(x.shape, dtype=qdtype), x.new_empty((x.shape[0], 1), dtype=torch.float32)
+    return fake
 
 
 def _load() -> None:
@@ -40,19 +49,14 @@ def _load() -> None:
         _STATUS = f"unavailable: {_EXTENSION} is built but failed to load: {e}"
         warnings.warn(f"lightx2v_engine: {_STATUS}", RuntimeWarning, stacklevel=2)
         return
-    missing = [n for n in ("per_token_quant_fp8", "per_token_quant_int8") if not hasattr(torch.ops.lightx2v_C, n)]
+    missing = [n for n in _OPS if not hasattr(torch.ops.lightx2v_C, n)]
     if missing:
         _STATUS = f"unavailable: {_EXTENSION} loaded but does not register {missing} (stale build?)"
         warnings.warn(f"lightx2v_engine: {_STATUS}", RuntimeWarning, stacklevel=2)
         return
 
-    @torch.library.register_fake("lightx2v_C::per_token_quant_fp8")
-    def _per_token_quant_fp8_fake(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty((x.shape[0], 1), dtype=torch.float32)
-
-    @torch.library.register_fake("lightx2v_C::per_token_quant_int8")
-    def _per_token_quant_int8_fake(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0], 1), dtype=torch.float32)
+    for name in _OPS:
+        torch.library.register_fake(f"lightx2v_C::{name}", _fake(torch.float8_e4m3fn if "fp8" in name else torch.int8))
 
     _STATUS = "available"
     _AVAILABLE = True
@@ -89,13 +93,17 @@ def _check_quant_input(x: torch.Tensor, op: str) -> None:
         raise ValueError(f"{op}: x must have unit stride along K, got strides {x.stride()}")
 
 
-def per_token_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """CUDA kernel: x [M, K] bf16/fp16 (unit stride along K) -> (q [M, K] fp8 e4m3, scale [M, 1] fp32)."""
-    _check_quant_input(x, "per_token_quant_fp8")
-    return torch.ops.lightx2v_C.per_token_quant_fp8(x)
+def per_token_quant_fp8(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """CUDA kernel: x [M, K] bf16/fp16 (unit stride along K) -> (q [M, K] fp8 e4m3, scale [M, 1] fp32).
+    gelu: quantize F.gelu(x, approximate="tanh") instead (computed in the same pass)."""
+    name = "per_token_quant_fp8_gelu" if gelu else "per_token_quant_fp8"
+    _check_quant_input(x, name)
+    return getattr(torch.ops.lightx2v_C, name)(x)
 
 
-def per_token_quant_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """CUDA kernel: x [M, K] bf16/fp16 (unit stride along K) -> (q [M, K] int8, scale [M, 1] fp32)."""
-    _check_quant_input(x, "per_token_quant_int8")
-    return torch.ops.lightx2v_C.per_token_quant_int8(x)
+def per_token_quant_int8(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """CUDA kernel: x [M, K] bf16/fp16 (unit stride along K) -> (q [M, K] int8, scale [M, 1] fp32).
+    gelu: quantize F.gelu(x, approximate="tanh") instead (computed in the same pass)."""
+    name = "per_token_quant_int8_gelu" if gelu else "per_token_quant_int8"
+    _check_quant_input(x, name)
+    return getattr(torch.ops.lightx2v_C, name)(x)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from lightx2v_engine import ops
 from lightx2v_engine.config import ModelConfig
+from lightx2v_engine.quant import QuantLinear
 
 # Parameters that stay fp32 whatever the run dtype (the official fp32 regions, plus every norm).
 FP32_PREFIXES = ("time_embedding.", "time_projection.", "head.")
@@ -117,8 +118,10 @@ class WanBlock(nn.Module):
         ca = self.cross_attn(n3, text, img)
         x, h2 = ops.gate_residual_modulate(x, ca, ones, shift2, scale2, self.eps, out_dtype=h.dtype)
         fc1, act, fc2 = self.ffn
-        if type(fc1) is nn.Linear:  # bias + GELU in the GEMM's epilogue on CUDA (8-bit/LoRA modules: two ops)
+        if type(fc1) is nn.Linear:  # bias + GELU in the GEMM's epilogue on CUDA
             return x, fc2(ops.linear_gelu_tanh(h2, fc1.weight, fc1.bias)), gate2
+        if isinstance(fc2, QuantLinear):  # 8-bit: GELU inside ffn.2's activation quantization
+            return x, fc2(fc1(h2), input_gelu=True), gate2
         return x, fc2(act(fc1(h2))), gate2
 
 

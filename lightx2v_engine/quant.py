@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lightx2v_engine import csrc_ops
 
@@ -97,17 +98,18 @@ def per_token_quant_ref(x: torch.Tensor, scheme: str) -> tuple[torch.Tensor, tor
     return _to_qdtype(xf * (qmax / amax), scheme), amax / qmax
 
 
-def per_token_quant(x: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+def per_token_quant(x: torch.Tensor, scheme: str, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row dynamic quantization of x [M, K]: the csrc kernel for CUDA bf16/fp16 inputs when built,
-    otherwise per_token_quant_ref (also capturable in a CUDA graph)."""
+    otherwise per_token_quant_ref (also capturable in a CUDA graph). gelu: of F.gelu(x, approximate="tanh")
+    (in x's dtype), which the csrc kernel computes in the same pass."""
     scheme = parse_quant_scheme(scheme)
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and csrc_ops.csrc_available():
         if x.stride(-1) != 1:
             x = x.contiguous()
         if scheme == "fp8":
-            return csrc_ops.per_token_quant_fp8(x)
-        return csrc_ops.per_token_quant_int8(x)
-    return per_token_quant_ref(x, scheme)
+            return csrc_ops.per_token_quant_fp8(x, gelu=gelu)
+        return csrc_ops.per_token_quant_int8(x, gelu=gelu)
+    return per_token_quant_ref(F.gelu(x, approximate="tanh") if gelu else x, scheme)
 
 
 def quant_linear_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -155,19 +157,20 @@ def set_int8_gemm(name: str) -> None:
 
 
 def quant_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                 bias: torch.Tensor | None) -> torch.Tensor:
+                 bias: torch.Tensor | None, input_gelu: bool = False) -> torch.Tensor:
     """W8A8 linear with per-token activation and per-channel weight scales, y [M, N] in x's dtype.
 
     x [M, K] (bf16 on CUDA); weight [N, K] fp8 e4m3 / int8; weight_scale [N, 1] fp32; bias [N] or None.
     CUDA: fused quantization kernel + torch._scaled_mm (fp8) / torch._int_mm (int8); else quant_linear_ref.
+    input_gelu: the linear of F.gelu(x, approximate="tanh"), the GELU done by the quantization kernel.
     """
     scheme = scheme_of_dtype(weight.dtype)
     n, k = weight.shape
     # cuBLASLt 8-bit GEMMs need K and N multiples of 16 (fp8) / 8 (int8); other shapes use the reference
     align = 16 if scheme == "fp8" else 8
     if not x.is_cuda or k % align or n % align:
-        return quant_linear_ref(x, weight, weight_scale, bias)
-    xq, sx = per_token_quant(x, scheme)
+        return quant_linear_ref(F.gelu(x, approximate="tanh") if input_gelu else x, weight, weight_scale, bias)
+    xq, sx = per_token_quant(x, scheme, gelu=input_gelu)
     if scheme == "int8":
         if _int8_gemm == "triton":
             from lightx2v_engine.kernels.fp8_gemm import scaled_gemm
@@ -210,10 +213,12 @@ class QuantLinear(nn.Module):
             q.bias = bias.detach().clone()
         return q
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_gelu: bool = False) -> torch.Tensor:
+        """self(x); input_gelu: self(F.gelu(x, approximate="tanh")) with the GELU inside the activation
+        quantization (the FFN's ffn.2: one pass over [M, K] instead of two)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantLinear: expected input [..., {self.in_features}], got {tuple(x.shape)}")
-        y = quant_linear(x.reshape(-1, self.in_features), self.weight, self.weight_scale, self.bias)
+        y = quant_linear(x.reshape(-1, self.in_features), self.weight, self.weight_scale, self.bias, input_gelu)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _apply(self, fn, recurse=True):

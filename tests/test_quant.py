@@ -391,11 +391,35 @@ def test_csrc_per_token_quant_matches_reference(scheme, dtype, m, k, case):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k,case", [(32760, 8960, "contiguous"), (257, 13824, "contiguous"),
+                                      (2, 72000, "contiguous"), (6, 1001, "contiguous"), (17, 1536, "misaligned")])
+def test_csrc_per_token_quant_gelu(scheme, dtype, m, k, case):
+    """GELU(tanh) fused into the quantization: vs F.gelu in the input dtype, then the reference quantization.
+    torch's GELU kernel may round differently in the last bit (FMA contraction), so up to 0.1% of the
+    values may differ by one quantization step, and the scales by one GELU rounding."""
+    assert csrc_ops.csrc_available(), csrc_ops.csrc_status()
+    x = _quant_case(case, m, k, dtype)
+    op = csrc_ops.per_token_quant_fp8 if scheme == "fp8" else csrc_ops.per_token_quant_int8
+    q, s = op(x, gelu=True)
+    q_ref, s_ref = quant.per_token_quant_ref(F.gelu(x, approximate="tanh"), scheme)
+    assert q.dtype == q_ref.dtype and q.shape == q_ref.shape and s.shape == s_ref.shape
+    torch.testing.assert_close(s, s_ref, rtol=2 * torch.finfo(dtype).eps, atol=0)
+    a, b = q.float() * s, q_ref.float() * s_ref
+    mism = a != b
+    assert mism.float().mean().item() <= 1e-3, mism.float().mean().item()
+    step = (s * (0.125 * 448 if scheme == "fp8" else 1.0)).expand_as(a)  # at most one e4m3/int8 step
+    assert ((a - b).abs() <= step + 1e-12).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_csrc_op_registration_and_fake(scheme):
     assert csrc_ops.csrc_available(), csrc_ops.csrc_status()
-    op = torch.ops.lightx2v_C.per_token_quant_fp8 if scheme == "fp8" else torch.ops.lightx2v_C.per_token_quant_int8
     x = torch.randn(37, 1536, device="cuda", dtype=torch.bfloat16)
-    torch.library.opcheck(op, (x,), test_utils=("test_faketensor",))
+    for suffix in ("", "_gelu"):
+        op = getattr(torch.ops.lightx2v_C, f"per_token_quant_{scheme}{suffix}")
+        torch.library.opcheck(op, (x,), test_utils=("test_faketensor",))
     # bad input is rejected in Python before the binding (a TORCH_CHECK thrown from the extension
     # segfaulted on the H100 machine, torch 2.11): see csrc_ops._check_quant_input
     wrapper = csrc_ops.per_token_quant_fp8 if scheme == "fp8" else csrc_ops.per_token_quant_int8
@@ -557,3 +581,24 @@ def test_module_dtype_casts_keep_the_8bit_format():
     meta.to(torch.bfloat16)
     assert meta.blocks[1].self_attn.o.weight.dtype == torch.int8 and meta.blocks[1].self_attn.o.weight.is_meta
     assert meta.blocks[1].self_attn.o.weight_scale.dtype == torch.float32
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quant_linear_input_gelu_cpu(scheme):
+    """QuantLinear(x, input_gelu=True) == QuantLinear(F.gelu(x, approximate="tanh")) (the DiT's ffn.2)."""
+    torch.manual_seed(0)
+    lin = quant.QuantLinear.from_linear(torch.nn.Linear(64, 48), scheme)
+    x = torch.randn(3, 5, 64)
+    assert torch.equal(lin(x, input_gelu=True), lin(F.gelu(x, approximate="tanh")))
+    assert not torch.equal(lin(x, input_gelu=True), lin(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quant_linear_input_gelu_cuda(scheme):
+    torch.manual_seed(0)
+    lin = quant.QuantLinear.from_linear(torch.nn.Linear(8960, 1536).cuda().bfloat16(), scheme)
+    x = torch.randn(1, 4096, 8960, device="cuda", dtype=torch.bfloat16)
+    got = lin(x, input_gelu=True).float()
+    want = lin(F.gelu(x, approximate="tanh")).float()
+    assert ((got - want).norm() / want.norm()).item() < 2e-3
