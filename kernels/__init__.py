@@ -6,10 +6,21 @@ Importing this package raises ImportError when triton is not installed.
 """
 import os
 
-try:
-    import triton  # noqa: F401
-except ImportError as e:  # one clear reason; lightx2v_engine.ops records it and falls back to references
-    raise ImportError(f"lightx2v_engine.kernels needs triton ({e})") from e
+# This folder is also importable as a top-level `kernels` when the repository root is on sys.path (a source
+# checkout). Libraries probing for the Hugging Face `kernels` package (transformers' is_kernels_available()
+# imports it) would then run it a second time under that name and register every torch.library op again,
+# which leaves the first registration's op handles dangling: later calls crash the process. Under any other
+# name the module is inert: no submodule can be found through it, and without __file__ the probes read it as
+# a namespace-package shadow, not an installed package.
+_OURS = __name__ == "lightx2v_engine.kernels"
+if not _OURS:
+    __path__ = []
+    globals().pop("__file__", None)
+else:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:  # one clear reason; lightx2v_engine.ops records it and falls back to references
+        raise ImportError(f"lightx2v_engine.kernels needs triton ({e})") from e
 
 
 def _fix_interpreter_index() -> None:
@@ -35,14 +46,15 @@ def _fix_interpreter_index() -> None:
     interpreter._patch_lang_tensor = patched
 
 
-if os.environ.get("TRITON_INTERPRET", "0") == "1":
+if _OURS and os.environ.get("TRITON_INTERPRET", "0") == "1":
     _fix_interpreter_index()
 
-from .attention_8bit import attention_8bit, fp8_supported  # noqa: E402
-from .attention import ATTN_IMPLS, attention, attention_impl, self_attention, set_attention_impl  # noqa: E402
-from .modulate import gate_residual_modulate, modulate  # noqa: E402
-from .qk_norm_rope import qk_norm_rope  # noqa: E402
-from .rms_norm import rms_norm  # noqa: E402
+if _OURS:
+    from .attention_8bit import attention_8bit, fp8_supported  # noqa: E402
+    from .attention import ATTN_IMPLS, attention, attention_impl, self_attention, set_attention_impl  # noqa: E402
+    from .modulate import gate_residual_modulate, modulate  # noqa: E402
+    from .qk_norm_rope import qk_norm_rope  # noqa: E402
+    from .rms_norm import rms_norm  # noqa: E402
 
 __all__ = ["modulate", "gate_residual_modulate", "qk_norm_rope", "rms_norm", "attention", "self_attention",
            "attention_impl", "set_attention_impl", "ATTN_IMPLS", "attention_8bit", "fp8_supported"]

@@ -1,0 +1,39 @@
+"""The kernels folder imported under another name (top-level `kernels`, as transformers' probe for the
+Hugging Face `kernels` package does when the repository root is on sys.path) must stay inert: running it
+again would register every torch.library op a second time and leave the first handles dangling (a crash
+seen after `from diffusers import AutoencoderKLWan` in the same process)."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_SCRIPT = r'''
+import importlib, importlib.util, sys
+sys.path.insert(0, ROOT)
+import torch
+import lightx2v_engine.kernels as real
+from lightx2v_engine.kernels import self_attention
+from lightx2v_engine.ops import rope_tables
+top = importlib.import_module("kernels")
+assert top is not real and not hasattr(top, "__file__") and top.__path__ == [], top
+assert importlib.util.find_spec("kernels.attention") is None
+assert not any(m.startswith("kernels.") for m in sys.modules)
+try:
+    from transformers.utils.import_utils import is_kernels_available
+    assert not is_kernels_available()
+except ImportError:
+    pass
+from diffusers import AutoencoderKLWan  # noqa: F401  (what triggered the crash)
+q, k, v = (torch.randn(1, 30, 256).half() for _ in range(3))
+r = rope_tables((2, 3, 5), 128)
+for _ in range(3):
+    out = self_attention(q, k, v, torch.ones(256), torch.ones(256), r.cos, r.sin, 2)
+print("OK", tuple(out.shape))
+'''.replace("ROOT", repr(ROOT))
+
+
+def test_top_level_kernels_import_is_inert():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0 and "OK (1, 30, 256)" in res.stdout, res.stdout[-2000:] + res.stderr[-3000:]
