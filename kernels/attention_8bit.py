@@ -23,11 +23,15 @@ Padded keys (the ragged last block) are not masked: their k rows are zero, so th
 and their v columns are zero; the kernel removes their n_pad * 2^(8 - m) from l at the end. Smoothing
 guarantees the largest real score is >= the mean score (~0), so this subtraction cannot cancel.
 
-EXP modes: 0 = ``exp2`` in fp32 (MUFU); 1 = packed ``ex2.approx.f16x2`` (two exponentials per MUFU
-op; GPU only, inline PTX); 2 = the same f16 rounding emulated with exp2 (what the interpreter runs).
+EXP modes: 0 = ``exp2`` in fp32 (MUFU); 1 = ``ex2.approx.f16x2`` (inline PTX, GPU only; on sm90 it is
+two MUFU.EX2.F16, no packed throughput); 2 = its f16 rounding emulated with exp2 (what the interpreter
+runs); 3 = half the columns by a degree-3 polynomial on the FMA pipe (FlashAttention-4's split; not with
+warp specialisation); 4 = all by the polynomial. ``pv_fp8=False`` configs keep v unquantised and do P.V
+in bf16 (SageAttention-1 style: half the error).
 
-Expected accuracy on Gaussian data: ~2-4% relative L2 vs exact attention (performance.md measured 3.9%
-for the same quantisation scheme), which is why this path is opt-in (``self_attn_1_type: "sage_attn2"``).
+Accuracy on Gaussian test data (interpreter): 3.4-3.6% relative L2 vs exact attention with FP8 P.V, 1.8%
+with bf16 P.V (performance.md measured 3.9% for a similar scheme on a GPU); hence opt-in
+(``self_attn_1_type: "sage_attn2"``). benchmarks/sass_stats.py shows each config's instruction mix.
 """
 from __future__ import annotations
 
