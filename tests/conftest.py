@@ -13,9 +13,12 @@ import pytest  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped cleanly without one)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds on the CPU")
+    config.addinivalue_line("markers", "last: run after every other test")
 
 
 def pytest_collection_modifyitems(config, items):
+    # tests marked `last` run after all others (GPU code never run on a GPU yet: a hang loses nothing else)
+    items.sort(key=lambda item: "last" in item.keywords)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

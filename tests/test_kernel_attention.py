@@ -363,6 +363,7 @@ def test_mean_padded_bad_call_raises():
 
 
 @pytest.mark.gpu
+@pytest.mark.last
 @pytest.mark.parametrize("H, L", [(12, 32760), (40, 4099)])
 def test_attention_mean_padded_gpu(H, L):
     q, k, v, ref32, base = _gpu_case(H, L, L)
@@ -375,6 +376,7 @@ def test_attention_mean_padded_gpu(H, L):
 
 
 @pytest.mark.gpu
+@pytest.mark.last
 def test_self_attention_mean_pad_gpu_graph():
     q, k, v, wq, wk, rope = _self_attn_inputs(1, (21, 30, 52), 12, torch.bfloat16, "cuda")
     prev = attention_impl()[1]
