@@ -266,6 +266,9 @@ def summarize(rows: list[dict], main_shape: str) -> dict:
     best_tri = min(tri, key=lambda r: r["ms"]) if tri else None
     cudnn = next((r for r in attn if r["impl"] == "sdpa_cudnn"), None)
     best = min(attn, key=lambda r: r["ms"]) if attn else None
+    cross_shape = main_shape.rsplit("Lk", 1)[0] + "Lk512"
+    cross = [r for r in rows if r["op"] == "attention" and r["shape"] == cross_shape and r["ok"]
+             and not math.isnan(r["ms"])]
     a8 = [r for r in rows if r["op"] == "attention_8bit" and r["shape"] == main_shape and r["ok"]
           and r["impl"].startswith("triton8:")]
     best8 = min(a8, key=lambda r: r["ms"]) if a8 else None
@@ -287,6 +290,8 @@ def summarize(rows: list[dict], main_shape: str) -> dict:
         "attn_triton_tflops": best_tri["tflops_or_gbps"] if best_tri else None,
         "attn_cudnn_tflops": cudnn["tflops_or_gbps"] if cudnn else None,
         "attn_main_shape": main_shape,
+        # the fastest correct implementation at the cross-attention shape (Lk = 512), for LX2V_CROSS_ATTN
+        "attn_cross_best_impl": (min(cross, key=lambda r: r["ms"])["impl"] if cross else None),
         # 8-bit: quantisation of q, k, v included (what the DiT pays); kernel_only: pre-quantised inputs
         "attn_8bit_ratio_vs_cudnn": (cudnn["ms"] / best8["ms"]) if (best8 and cudnn) else None,
         "attn_8bit_relerr": best8["max_err"] if best8 else None,

@@ -46,7 +46,8 @@ fi
 if [ -f "$OUT/kernels_summary.json" ] && [ -z "${LX2V_ATTN:-}" ]; then
   eval "$($PY benchmarks/summarize.py --pick-attention "$OUT/kernels_summary.json")"
   echo "kernels for e2e: LX2V_ATTN=${LX2V_ATTN:-default} LX2V_ATTN_CONFIG=${LX2V_ATTN_CONFIG:-default}" \
-    "LX2V_QK_ROPE=${LX2V_QK_ROPE:-default} LX2V_ATTN8_CONFIG=${LX2V_ATTN8_CONFIG:-default}"
+    "LX2V_QK_ROPE=${LX2V_QK_ROPE:-default} LX2V_ATTN8_CONFIG=${LX2V_ATTN8_CONFIG:-default}" \
+    "LX2V_CROSS_ATTN=${LX2V_CROSS_ATTN:-same}"
 fi
 
 if has e2e; then

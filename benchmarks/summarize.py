@@ -69,6 +69,8 @@ def pick_attention(kernels_summary: Path) -> str:
         exports.append(f"LX2V_ATTN={best}")
     elif best and cfg:
         exports.append(f"LX2V_ATTN=triton LX2V_ATTN_CONFIG={cfg}")
+    if (s.get("attn_cross_best_impl") or "").startswith("sdpa_"):
+        exports.append(f"LX2V_CROSS_ATTN={s['attn_cross_best_impl']}")
     if s.get("attn_8bit_best_config"):
         exports.append(f"LX2V_ATTN8_CONFIG={s['attn_8bit_best_config']}")
     fracs = {v: s.get(f"qk_norm_rope_{v}_bw_frac") for v in ("row", "tile", "chunk")}

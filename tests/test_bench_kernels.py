@@ -95,6 +95,7 @@ def test_summary_on_fake_timings(bench):
     assert s["attn_best_triton_config"] == "b" and s["attn_best_impl"] == "triton:b"
     assert s["attn_bf16_ratio_vs_cudnn"] == pytest.approx(1.1)
     assert s["attn_triton_tflops"] == 660.0 and s["attn_cudnn_tflops"] == 600.0
+    assert s["attn_cross_best_impl"] == "triton:e"
     assert s["attn_8bit_best_config"] == "x" and s["attn_8bit_relerr"] == 0.03
     assert s["attn_8bit_ratio_vs_cudnn"] == pytest.approx(11 / 8.0)
     assert s["attn_8bit_kernel_only_ratio_vs_cudnn"] == pytest.approx(11 / 7.0)
@@ -107,6 +108,7 @@ def test_pick_attention_exports_8bit_config(tmp_path):
     p = tmp_path / "k.json"
     p.write_text(json.dumps({"attn_best_impl": "triton:ws", "attn_best_triton_config": "ws",
                              "attn_8bit_best_config": "tma_128x128_w8_s3", "qk_norm_rope_row_bw_frac": 0.3,
-                             "qk_norm_rope_tile_bw_frac": 0.7, "qk_norm_rope_chunk_bw_frac": 0.5}))
-    assert mod.pick_attention(p) == ("export LX2V_ATTN=triton LX2V_ATTN_CONFIG=ws LX2V_ATTN8_CONFIG=tma_128x128_w8_s3"
-                                     " LX2V_QK_ROPE=tile")
+                             "qk_norm_rope_tile_bw_frac": 0.7, "qk_norm_rope_chunk_bw_frac": 0.5,
+                             "attn_cross_best_impl": "sdpa_cudnn"}))
+    assert mod.pick_attention(p) == ("export LX2V_ATTN=triton LX2V_ATTN_CONFIG=ws LX2V_CROSS_ATTN=sdpa_cudnn"
+                                     " LX2V_ATTN8_CONFIG=tma_128x128_w8_s3 LX2V_QK_ROPE=tile")

@@ -65,6 +65,17 @@ def test_attention_public_op_and_policy():
         _assert_rule(attention(q, k, v), q, k, v)
     finally:
         set_attention_impl("triton")
+    # cross-attention (the generic op) on its own backend; self-attention unaffected
+    from lightx2v_engine.kernels.attention import cross_attention_impl
+    try:
+        set_attention_impl(cross_impl="sdpa_flash")
+        assert cross_attention_impl() == "sdpa_flash" and attention_impl()[0] == "triton"
+        torch.testing.assert_close(attention(q, k, v), attention_ref(q, k, v).contiguous(), rtol=0, atol=0)
+    finally:
+        set_attention_impl(cross_impl="same")
+    assert cross_attention_impl() == "triton"
+    with pytest.raises(ValueError, match="cross-attention impl must be"):
+        set_attention_impl(cross_impl="cudnn")
     with pytest.raises(ValueError, match="attention impl must be one of"):
         set_attention_impl("cudnn")
     with pytest.raises(ValueError, match="config must be one of"):
@@ -80,6 +91,11 @@ def test_env_policy(monkeypatch):
     monkeypatch.setenv("LX2V_ATTN", "flash3")
     with pytest.raises(ValueError, match="LX2V_ATTN must be one of"):
         mod._env_impl()
+    monkeypatch.setenv("LX2V_CROSS_ATTN", "sdpa_cudnn")
+    assert mod._env_cross_impl() == "sdpa_cudnn"
+    monkeypatch.setenv("LX2V_CROSS_ATTN", "cudnn")
+    with pytest.raises(ValueError, match="LX2V_CROSS_ATTN must be one of"):
+        mod._env_cross_impl()
 
 
 def test_attention_bad_inputs_raise():
@@ -177,6 +193,23 @@ def test_self_attention_gpu_real_shape(impl):
     ref32 = _ref32(qh, kh, v.float().unflatten(-1, (12, 128))).flatten(-2)
     base = (self_attention_ref(q, k, v, wq, wk, rope.cos, rope.sin, 12).float() - ref32).abs().max().item()
     assert (out.float() - ref32).abs().max().item() <= 2 * base + 1e-3
+
+
+@pytest.mark.gpu
+def test_cross_attention_cudnn_in_cuda_graph():
+    """LX2V_CROSS_ATTN=sdpa_cudnn must replay inside the DiT's CUDA graphs."""
+    q, k, v = _qkv(1, 1000, 512, 2, torch.bfloat16, "cuda")
+    try:
+        set_attention_impl(cross_impl="sdpa_cudnn")
+        want = attention(q, k, v)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = attention(q, k, v)
+        g.replay()
+        torch.cuda.synchronize()
+    finally:
+        set_attention_impl(cross_impl="same")
+    assert torch.equal(out, want)
 
 
 @pytest.mark.gpu
