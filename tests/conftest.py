@@ -13,12 +13,17 @@ import pytest  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped cleanly without one)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds on the CPU")
-    config.addinivalue_line("markers", "last: run after every other test")
+    config.addinivalue_line("markers", "last(order=1): run after every other test (higher orders later)")
 
 
 def pytest_collection_modifyitems(config, items):
-    # tests marked `last` run after all others (GPU code never run on a GPU yet: a hang loses nothing else)
-    items.sort(key=lambda item: "last" in item.keywords)
+    # tests marked `last` run after all others: code never yet run on a GPU, whose hang or illegal memory
+    # access (which poisons the CUDA context) must not cost the results of the proven tests
+    # (`last(2)` after `last`: the mean-pad kernel's barriers are the likeliest to hang)
+    def rank(item):
+        mark = item.get_closest_marker("last")
+        return 0 if mark is None else (mark.args[0] if mark.args else 1)
+    items.sort(key=rank)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -43,6 +43,7 @@ def test_tiny_dit_kernels_vs_reference(cfg):
     assert err <= 2 * base + 1e-3, (err, base)
 
 
+@pytest.mark.last
 def test_tiny_dit_8bit_self_attention():
     """set_attention_8bit(True): the INT8/FP8 self-attention runs inside the DiT (kernels backend) and the
     output stays close to the fp32 reference; the block outputs differ from the exact-attention run."""

@@ -196,6 +196,7 @@ def test_self_attention_gpu_real_shape(impl):
 
 
 @pytest.mark.gpu
+@pytest.mark.last
 def test_cross_attention_cudnn_in_cuda_graph():
     """LX2V_CROSS_ATTN=sdpa_cudnn must replay inside the DiT's CUDA graphs."""
     q, k, v = _qkv(1, 1000, 512, 2, torch.bfloat16, "cuda")
@@ -396,7 +397,7 @@ def test_mean_padded_bad_call_raises():
 
 
 @pytest.mark.gpu
-@pytest.mark.last
+@pytest.mark.last(2)
 @pytest.mark.parametrize("H, L", [(12, 32760), (40, 4099)])
 def test_attention_mean_padded_gpu(H, L):
     q, k, v, ref32, base = _gpu_case(H, L, L)
@@ -409,7 +410,7 @@ def test_attention_mean_padded_gpu(H, L):
 
 
 @pytest.mark.gpu
-@pytest.mark.last
+@pytest.mark.last(2)
 def test_self_attention_mean_pad_gpu_graph():
     q, k, v, wq, wk, rope = _self_attn_inputs(1, (21, 30, 52), 12, torch.bfloat16, "cuda")
     prev = attention_impl()[1]

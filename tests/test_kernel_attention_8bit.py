@@ -166,6 +166,7 @@ def test_opcheck_and_compile():
 # ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
+@pytest.mark.last
 @pytest.mark.parametrize("config, H, L", [(c, 12, 32760) for c in ATTN8_CONFIGS] + [(DEFAULT_ATTN8_CONFIG, 40, 4099)])
 def test_attention_8bit_gpu_real_shapes(config, H, L):
     if not torch.cuda.get_device_capability() >= (8, 9):
@@ -184,6 +185,7 @@ def test_attention_8bit_gpu_real_shapes(config, H, L):
 
 
 @pytest.mark.gpu
+@pytest.mark.last
 def test_attention_8bit_cuda_graph_capture():
     if not torch.cuda.get_device_capability() >= (8, 9):
         pytest.skip("fp8 MMA needs sm89+")

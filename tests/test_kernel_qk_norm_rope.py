@@ -129,6 +129,7 @@ def test_chunk_sizes():
 
 
 @pytest.mark.gpu
+@pytest.mark.last
 @pytest.mark.parametrize("impl", ["tile", "chunk"])
 @pytest.mark.parametrize("H", [12, 40])
 def test_qk_norm_rope_variants_gpu_real_shapes(H, impl):

@@ -40,6 +40,7 @@ def test_cpu_path_is_linear_then_gelu():
 
 
 @pytest.mark.gpu
+@pytest.mark.last
 def test_cuda_epilogue_matches_tanh_gelu():
     assert ops.gelu_epilogue_ok(torch.device("cuda", torch.cuda.current_device()), torch.bfloat16)
     x = torch.randn(1, 32760, 1536, device="cuda", dtype=torch.bfloat16)

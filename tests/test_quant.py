@@ -390,6 +390,7 @@ def test_csrc_per_token_quant_matches_reference(scheme, dtype, m, k, case):
 
 
 @pytest.mark.gpu
+@pytest.mark.last
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m,k,case", [(32760, 8960, "contiguous"), (257, 13824, "contiguous"),
@@ -594,6 +595,7 @@ def test_quant_linear_input_gelu_cpu(scheme):
 
 
 @pytest.mark.gpu
+@pytest.mark.last
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_quant_linear_input_gelu_cuda(scheme):
     torch.manual_seed(0)
