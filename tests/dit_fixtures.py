@@ -63,3 +63,14 @@ def diffusers_forward(model, x, t, ctx, clip, y):
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def eager_and_graph_replay(fn):
+    """(fn() run eagerly, which also warms up, and the output of fn captured in a CUDA graph and replayed)."""
+    want = fn()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    g.replay()
+    torch.cuda.synchronize()
+    return want, out

@@ -13,6 +13,8 @@ from lightx2v_engine.kernels.attention import ATTN_CONFIGS, attention_impl, atte
 from lightx2v_engine.kernels.qk_norm_rope import qk_norm_rope_ref
 from lightx2v_engine.ops import attention_ref, rope_tables
 
+from dit_fixtures import eager_and_graph_replay
+
 
 def _ref32(q, k, v):
     """fp32 SDPA one head at a time (bounded memory at L = 32760 even on SDPA's math path)."""
@@ -202,12 +204,7 @@ def test_cross_attention_cudnn_in_cuda_graph():
     q, k, v = _qkv(1, 1000, 512, 2, torch.bfloat16, "cuda")
     try:
         set_attention_impl(cross_impl="sdpa_cudnn")
-        want = attention(q, k, v)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            out = attention(q, k, v)
-        g.replay()
-        torch.cuda.synchronize()
+        want, out = eager_and_graph_replay(lambda: attention(q, k, v))
     finally:
         set_attention_impl(cross_impl="same")
     assert torch.equal(out, want)
@@ -220,12 +217,7 @@ def test_attention_cuda_graph_capture(config):
     prev = attention_impl()[1]
     try:
         set_attention_impl(config=config)
-        want = attention(q, k, v)  # warm-up compiles outside the capture
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            out = attention(q, k, v)
-        g.replay()
-        torch.cuda.synchronize()
+        want, out = eager_and_graph_replay(lambda: attention(q, k, v))  # the eager call compiles first
     finally:
         set_attention_impl(config=prev)
     assert torch.equal(out, want)
@@ -416,12 +408,7 @@ def test_self_attention_mean_pad_gpu_graph():
     prev = attention_impl()[1]
     try:
         set_attention_impl(config="ws_mp_128x128_w4_s2")
-        want = self_attention(q, k, v, wq, wk, rope.cos, rope.sin, 12)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            out = self_attention(q, k, v, wq, wk, rope.cos, rope.sin, 12)
-        g.replay()
-        torch.cuda.synchronize()
+        want, out = eager_and_graph_replay(lambda: self_attention(q, k, v, wq, wk, rope.cos, rope.sin, 12))
     finally:
         set_attention_impl(config=prev)
     assert torch.equal(out, want)

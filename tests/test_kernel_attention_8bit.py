@@ -16,6 +16,8 @@ from lightx2v_engine.kernels.attention_8bit import (ATTN8_CONFIGS, DEFAULT_ATTN8
                                                     attention_8bit_triton, quantize_qkv, quantize_qkv_ref)
 from lightx2v_engine.ops import attention_ref, rope_tables
 
+from dit_fixtures import eager_and_graph_replay
+
 
 def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
@@ -190,10 +192,5 @@ def test_attention_8bit_cuda_graph_capture():
     if not torch.cuda.get_device_capability() >= (8, 9):
         pytest.skip("fp8 MMA needs sm89+")
     q, k, v = _qkv(1, 1000, 300, 2, torch.bfloat16, "cuda")
-    want = attention_8bit(q, k, v)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = attention_8bit(q, k, v)
-    g.replay()
-    torch.cuda.synchronize()
+    want, out = eager_and_graph_replay(lambda: attention_8bit(q, k, v))
     assert torch.equal(out, want)
