@@ -74,3 +74,14 @@ def eager_and_graph_replay(fn):
     g.replay()
     torch.cuda.synchronize()
     return want, out
+
+
+def self_attn_inputs(B, grid, H, dtype, device):
+    """Random self-attention inputs at head_dim 128: q, k, v [B, L, H*128] (L = prod(grid)), norm weights
+    wq, wk [C] in [0.5, 1.5), and the RoPE tables of `grid` (ops.Rope)."""
+    from lightx2v_engine.ops import rope_tables
+    torch.manual_seed(0)
+    L, C = grid[0] * grid[1] * grid[2], H * 128
+    q, k, v = (torch.randn(B, L, C, device=device).to(dtype) for _ in range(3))
+    wq, wk = torch.rand(C, device=device) + 0.5, torch.rand(C, device=device) + 0.5
+    return q, k, v, wq, wk, rope_tables(grid, 128, device=device)

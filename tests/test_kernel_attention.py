@@ -11,9 +11,9 @@ from lightx2v_engine import ops
 from lightx2v_engine.kernels import attention, self_attention, set_attention_impl
 from lightx2v_engine.kernels.attention import ATTN_CONFIGS, attention_impl, attention_triton, self_attention_ref
 from lightx2v_engine.kernels.qk_norm_rope import qk_norm_rope_ref
-from lightx2v_engine.ops import attention_ref, rope_tables
+from lightx2v_engine.ops import attention_ref
 
-from dit_fixtures import eager_and_graph_replay
+from dit_fixtures import eager_and_graph_replay, self_attn_inputs
 
 
 def _ref32(q, k, v):
@@ -108,17 +108,10 @@ def test_attention_bad_inputs_raise():
         attention(q, k[:, :, :, :64], v)
 
 
-def _self_attn_inputs(B, grid, H, dtype, device):
-    torch.manual_seed(0)
-    L, C = grid[0] * grid[1] * grid[2], H * 128
-    q, k, v = (torch.randn(B, L, C, device=device).to(dtype) for _ in range(3))
-    wq, wk = torch.rand(C, device=device) + 0.5, torch.rand(C, device=device) + 0.5
-    rope = rope_tables(grid, 128, device=device)
-    return q, k, v, wq, wk, rope
 
 
 def test_self_attention():
-    q, k, v, wq, wk, rope = _self_attn_inputs(2, (3, 5, 7), 3, torch.float16, "cpu")
+    q, k, v, wq, wk, rope = self_attn_inputs(2, (3, 5, 7), 3, torch.float16, "cpu")
     out = self_attention(q, k, v, wq, wk, rope.cos, rope.sin, 3, 1e-6)
     assert out.shape == q.shape and out.is_contiguous()
     ref32 = self_attention_ref(q.float(), k.float(), v.float(), wq, wk, rope.cos, rope.sin, 3)
@@ -129,7 +122,7 @@ def test_self_attention():
 
 def test_ops_dispatch_to_kernels():
     """lightx2v_engine.ops with backend "kernels" runs these kernels and matches its references."""
-    q, k, v, wq, wk, rope = _self_attn_inputs(1, (2, 3, 5), 2, torch.float16, "cpu")
+    q, k, v, wq, wk, rope = self_attn_inputs(1, (2, 3, 5), 2, torch.float16, "cpu")
     want = ops.self_attention(q, k, v, wq, wk, rope, 2)  # backend "auto" on CPU: references
     try:
         ops.set_backend("kernels")
@@ -143,7 +136,7 @@ def test_opcheck_and_compile():
     q, k, v = _qkv(1, 20, 9, 2, torch.float16, "cpu")
     torch.library.opcheck(torch.ops.lightx2v.attention.default, (q, k, v),
                           test_utils=("test_schema", "test_faketensor"))
-    qs, ks, vs, wq, wk, rope = _self_attn_inputs(1, (1, 2, 3), 2, torch.float16, "cpu")
+    qs, ks, vs, wq, wk, rope = self_attn_inputs(1, (1, 2, 3), 2, torch.float16, "cpu")
     torch.library.opcheck(torch.ops.lightx2v.self_attention.default, (qs, ks, vs, wq, wk, rope.cos, rope.sin, 2, 1e-6),
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -185,7 +178,7 @@ def _gpu_case(H, Lq, Lk):
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", ["triton", "sdpa_cudnn", "sdpa_flash"])
 def test_self_attention_gpu_real_shape(impl):
-    q, k, v, wq, wk, rope = _self_attn_inputs(1, (21, 30, 52), 12, torch.bfloat16, "cuda")
+    q, k, v, wq, wk, rope = self_attn_inputs(1, (21, 30, 52), 12, torch.bfloat16, "cuda")
     try:
         set_attention_impl(impl)
         out = self_attention(q, k, v, wq, wk, rope.cos, rope.sin, 12)
@@ -368,7 +361,7 @@ def test_attention_mean_padded_keys_all_scores_far_below_zero():
 
 
 def test_self_attention_mean_pad_config():
-    q, k, v, wq, wk, rope = _self_attn_inputs(2, (3, 5, 7), 3, torch.float16, "cpu")  # L = 105
+    q, k, v, wq, wk, rope = self_attn_inputs(2, (3, 5, 7), 3, torch.float16, "cpu")  # L = 105
     prev = attention_impl()[1]
     try:
         set_attention_impl(config="ws_mp_128x128_w4_s2")
@@ -404,7 +397,7 @@ def test_attention_mean_padded_gpu(H, L):
 @pytest.mark.gpu
 @pytest.mark.last(2)
 def test_self_attention_mean_pad_gpu_graph():
-    q, k, v, wq, wk, rope = _self_attn_inputs(1, (21, 30, 52), 12, torch.bfloat16, "cuda")
+    q, k, v, wq, wk, rope = self_attn_inputs(1, (21, 30, 52), 12, torch.bfloat16, "cuda")
     prev = attention_impl()[1]
     try:
         set_attention_impl(config="ws_mp_128x128_w4_s2")

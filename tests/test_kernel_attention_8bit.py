@@ -14,9 +14,9 @@ from lightx2v_engine.kernels import attention_8bit, self_attention
 from lightx2v_engine.kernels.attention import self_attention_ref
 from lightx2v_engine.kernels.attention_8bit import (ATTN8_CONFIGS, DEFAULT_ATTN8_CONFIG, attention_8bit_ref,
                                                     attention_8bit_triton, quantize_qkv, quantize_qkv_ref)
-from lightx2v_engine.ops import attention_ref, rope_tables
+from lightx2v_engine.ops import attention_ref
 
-from dit_fixtures import eager_and_graph_replay
+from dit_fixtures import eager_and_graph_replay, self_attn_inputs
 
 
 def _rel(a, b):
@@ -118,16 +118,10 @@ def test_bad_inputs_raise():
         attention_8bit(q, k[:, :, :, :64], v)
 
 
-def _self_attn_inputs(B, grid, H, dtype, device):
-    torch.manual_seed(0)
-    L, C = grid[0] * grid[1] * grid[2], H * 128
-    q, k, v = (torch.randn(B, L, C, device=device).to(dtype) for _ in range(3))
-    wq, wk = torch.rand(C, device=device) + 0.5, torch.rand(C, device=device) + 0.5
-    return q, k, v, wq, wk, rope_tables(grid, 128, device=device)
 
 
 def test_self_attention_8bit_and_ops_dispatch():
-    q, k, v, wq, wk, rope = _self_attn_inputs(2, (3, 5, 7), 3, torch.float16, "cpu")
+    q, k, v, wq, wk, rope = self_attn_inputs(2, (3, 5, 7), 3, torch.float16, "cpu")
     out = self_attention(q, k, v, wq, wk, rope.cos, rope.sin, 3, 1e-6, attn_8bit=True)
     ref32 = self_attention_ref(q.float(), k.float(), v.float(), wq, wk, rope.cos, rope.sin, 3)
     assert out.shape == q.shape and _rel(out, ref32) < 0.06
@@ -150,7 +144,7 @@ def test_opcheck_and_compile():
     q, k, v = _qkv(1, 20, 9, 2, torch.float16, "cpu")
     torch.library.opcheck(torch.ops.lightx2v.attention_8bit.default, (q, k, v),
                           test_utils=("test_schema", "test_faketensor"))
-    qs, ks, vs, wq, wk, rope = _self_attn_inputs(1, (1, 2, 3), 2, torch.float16, "cpu")
+    qs, ks, vs, wq, wk, rope = self_attn_inputs(1, (1, 2, 3), 2, torch.float16, "cpu")
     torch.library.opcheck(torch.ops.lightx2v.self_attention.default,
                           (qs, ks, vs, wq, wk, rope.cos, rope.sin, 2, 1e-6, True),
                           test_utils=("test_schema", "test_faketensor"))
