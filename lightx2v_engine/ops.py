@@ -57,6 +57,25 @@ def kernel_status() -> str:
     return "available" if k is not None else f"unavailable ({getattr(_kernels, 'reason', '?')})"
 
 
+def describe(device: torch.device, attn_8bit: bool = False) -> str:
+    """One line naming what the hot ops run on `device`: references, or the kernels and their choices."""
+    if _BACKEND == "torch" or (_BACKEND == "auto" and device.type != "cuda"):
+        return f"ops: PyTorch references on {device}"
+    k = _kernels()
+    if k is None:
+        return f"ops: PyTorch references (kernels {kernel_status()})"
+    import importlib
+    attn = importlib.import_module("lightx2v_engine.kernels.attention")
+    qk = importlib.import_module("lightx2v_engine.kernels.qk_norm_rope")
+    a8 = importlib.import_module("lightx2v_engine.kernels.attention_8bit")
+    impl, config = attn.attention_impl()
+    self_attn = (f"8-bit {a8.attention_8bit_config()}" if attn_8bit and attention_8bit_available(device)
+                 else impl + (f" {config}" if impl == "triton" else ""))
+    return (f"ops: Triton kernels; self-attention {self_attn}, cross-attention {attn.cross_attention_impl()}, "
+            f"q/k norm+RoPE {qk._QK_IMPL}, FFN GELU epilogue "
+            f"{'on' if device.type == 'cuda' and gelu_epilogue_ok(device, torch.bfloat16) else 'off'}")
+
+
 def _fast(t: torch.Tensor, name: str):
     """The kernel module when `t` is on CUDA, the backend is "auto" and the kernel `name` exists."""
     if _BACKEND == "torch" or (_BACKEND == "auto" and not t.is_cuda):

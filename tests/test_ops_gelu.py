@@ -50,3 +50,14 @@ def test_cuda_epilogue_matches_tanh_gelu():
     ref32 = F.gelu(F.linear(x.float(), w.float(), b.float()), approximate="tanh")
     base = (F.gelu(F.linear(x, w, b), approximate="tanh").float() - ref32).abs().max().item()
     assert (got - ref32).abs().max().item() <= 2 * base + 1e-3
+
+
+def test_describe_names_the_op_choices():
+    assert ops.describe(torch.device("cpu")) == "ops: PyTorch references on cpu"
+    try:
+        ops.set_backend("kernels")
+        line = ops.describe(torch.device("cpu"), attn_8bit=True)
+    finally:
+        ops.set_backend("auto")
+    assert line.startswith("ops: Triton kernels; self-attention 8-bit ws_128x128_w4_s3, cross-attention triton")
+    assert "q/k norm+RoPE row" in line and line.endswith("FFN GELU epilogue off")
