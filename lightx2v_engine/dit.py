@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from lightx2v_engine import ops
 from lightx2v_engine.config import ModelConfig
-from lightx2v_engine.quant import QuantLinear
+from lightx2v_engine.quant import QuantLinear, quant_linears_same_input
 
 # Parameters that stay fp32 whatever the run dtype (the official fp32 regions, plus every norm).
 FP32_PREFIXES = ("time_embedding.", "time_projection.", "head.")
@@ -59,8 +59,12 @@ class SelfAttention(nn.Module):
 
     def forward(self, h: torch.Tensor, rope: ops.Rope) -> torch.Tensor:
         """h [B, L, C] modulated input (run dtype) -> [B, L, C]."""
-        a = ops.self_attention(self.q(h), self.k(h), self.v(h), self.norm_q.weight, self.norm_k.weight, rope,
-                               self.num_heads, self.eps, attn_8bit=self.attn_8bit)
+        if isinstance(self.q, QuantLinear) and isinstance(self.k, QuantLinear) and isinstance(self.v, QuantLinear):
+            q, k, v = quant_linears_same_input(h, [self.q, self.k, self.v])  # h quantized once
+        else:
+            q, k, v = self.q(h), self.k(h), self.v(h)
+        a = ops.self_attention(q, k, v, self.norm_q.weight, self.norm_k.weight, rope, self.num_heads, self.eps,
+                               attn_8bit=self.attn_8bit)
         return self.o(a)
 
 

@@ -171,16 +171,38 @@ def quant_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     if not x.is_cuda or k % align or n % align:
         return quant_linear_ref(F.gelu(x, approximate="tanh") if input_gelu else x, weight, weight_scale, bias)
     xq, sx = per_token_quant(x, scheme, gelu=input_gelu)
+    return _gemm_8bit(xq, sx, weight, weight_scale, bias, x.dtype)
+
+
+def _gemm_8bit(xq: torch.Tensor, sx: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """y = (xq @ weight^T) * sx * weight_scale^T + bias on CUDA (pre-quantized activations)."""
+    scheme = scheme_of_dtype(weight.dtype)
     if scheme == "int8":
         if _int8_gemm == "triton":
             from lightx2v_engine.kernels.fp8_gemm import scaled_gemm
-            return scaled_gemm(xq, weight, sx, weight_scale, bias, None, None, x.dtype)
-        return _int_mm_scaled(xq, sx, weight, weight_scale, bias, x.dtype)
+            return scaled_gemm(xq, weight, sx, weight_scale, bias, None, None, out_dtype)
+        return _int_mm_scaled(xq, sx, weight, weight_scale, bias, out_dtype)
     if bias is not None and bias.dtype != torch.bfloat16:
         bias = bias.to(torch.bfloat16)  # rowwise-scaled fp8 GEMMs take a bf16 bias and produce bf16
     y = torch._scaled_mm(xq, weight.t(), scale_a=sx, scale_b=weight_scale.reshape(1, -1), bias=bias,
                          out_dtype=torch.bfloat16, use_fast_accum=True)
-    return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
+    return y if out_dtype == torch.bfloat16 else y.to(out_dtype)
+
+
+def quant_linears_same_input(x: torch.Tensor, mods: list["QuantLinear"]) -> list[torch.Tensor]:
+    """[m(x) for m in mods] with x quantized once (e.g. q, k, v of self-attention: one pass over x instead of
+    three). x [..., K]; every module takes K inputs and shares its scheme; same results as calling each."""
+    k = x.shape[-1]
+    first = mods[0]
+    same = all(m.in_features == k and m.scheme == first.scheme for m in mods)
+    align = 16 if first.scheme == "fp8" else 8
+    if not (x.is_cuda and same and k % align == 0 and all(m.out_features % align == 0 for m in mods)):
+        return [m(x) for m in mods]
+    x2 = x.reshape(-1, k)
+    xq, sx = per_token_quant(x2, first.scheme)
+    return [_gemm_8bit(xq, sx, m.weight, m.weight_scale, m.bias, x.dtype).reshape(*x.shape[:-1], m.out_features)
+            for m in mods]
 
 
 class QuantLinear(nn.Module):

@@ -604,3 +604,24 @@ def test_quant_linear_input_gelu_cuda(scheme):
     got = lin(x, input_gelu=True).float()
     want = lin(F.gelu(x, approximate="tanh")).float()
     assert ((got - want).norm() / want.norm()).item() < 2e-3
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quant_linears_same_input_cpu(scheme):
+    torch.manual_seed(0)
+    mods = [quant.QuantLinear.from_linear(torch.nn.Linear(64, n), scheme) for n in (64, 64, 32)]
+    x = torch.randn(2, 7, 64)
+    for got, m in zip(quant.quant_linears_same_input(x, mods), mods):
+        assert torch.equal(got, m(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.last
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quant_linears_same_input_cuda(scheme):
+    """x quantized once for q, k, v: bit-identical to three separate QuantLinear calls."""
+    torch.manual_seed(0)
+    mods = [quant.QuantLinear.from_linear(torch.nn.Linear(1536, 1536).cuda().bfloat16(), scheme) for _ in range(3)]
+    x = torch.randn(1, 4096, 1536, device="cuda", dtype=torch.bfloat16)
+    for got, m in zip(quant.quant_linears_same_input(x, mods), mods):
+        assert torch.equal(got, m(x))
