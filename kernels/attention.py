@@ -257,9 +257,7 @@ def _attn_fwd_kernel(Q, K, V, O, C_SCRATCH,
             v = _load_tile(desc_v, v_base, start_n, stride_vl, offs_n, offs_d, USE_TMA)
             m_i, l_i, acc = _softmax_step(tl.dot(q, k.T), v, m_i, l_i, acc, qk_scale)
 
-    if MEAN_PAD:  # the padded keys' score, q . mean(k) * scale (row Lk of K holds the mean)
-        # (q read again by pointers: the sm90 warp specialisation pass of triton 3.6 fails when the loop's
-        # TMA tile of q, or a [BM] tensor computed before the loop, is used after it)
+    if MEAN_PAD:  # remove the padded keys' share of l; their score was parked in the scratch before the loop
         tl.debug_barrier()
         c_pad = tl.load(C_SCRATCH + pid_bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=0.0)
         l_i = l_i - (Lk_pad - Lk) * tl.math.exp2(c_pad - m_i)
