@@ -5,7 +5,8 @@ Quantisation (``quantize_qkv``, one pass per tensor; the reference ``quantize_qk
   per-row scale costs nothing in the kernel: it multiplies the per-row softmax constant);
 - k: smoothed, k - mean_L(k) per (batch, head, channel) (q.mean is a per-query constant that softmax
   drops), then int8 per (BLOCK_N keys, head), scale_k = amax / 127;
-- v: fp8 e4m3 per (batch, head, channel), scale_v = amax / 448, stored transposed as [B, H, D, Lk_pad]
+- v: smoothed too (v - mean_L(v) per channel; softmax rows sum to 1, so the mean is added back to o), fp8
+  e4m3 per (batch, head, channel), scale_v = amax / 448, stored transposed as [B, H, D, Lk_pad]
   (Lk_pad = Lk rounded up to BLOCK_N, zero-filled) so the P.V operand is K-major, as Hopper's fp8 wgmma
   requires.
 
@@ -18,7 +19,7 @@ Kernel, per key block j (scores in log2 units):
   p  = 2^x in (0, 256]                   256 = 2^8 keeps small probabilities normal in e4m3
   acc = acc * 2^(m_old - m) + fp8(p) v8   the P.V block is summed in a fresh fp32 register and added
                                         with one FFMA (fp8 wgmma accumulates imprecisely on sm90)
-  o  = acc / l * scale_v
+  o  = acc / l * scale_v + mean_v
 Padded keys (the ragged last block) are not masked: their k rows are zero, so their score is exactly 0
 and their v columns are zero; the kernel removes their n_pad * 2^(8 - m) from l at the end. Smoothing
 guarantees the largest real score is >= the mean score (~0), so this subtraction cannot cancel.
@@ -147,7 +148,8 @@ def quantize_qkv_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n:
     """Reference quantisation. q [B, Lq, H, D], k/v [B, Lk, H, D] (any float dtype).
 
     Returns q8 [B, Lq, H, D] int8, qs [B, H, Lq] fp32 (log2(e)/sqrt(D) folded in), k8 [B, Lk, H, D] int8,
-    ks [B, H, ceil(Lk/block_n)] fp32, vt [B, H, D, Lk_pad] e4m3, vs [B, H, D] fp32.
+    ks [B, H, ceil(Lk/block_n)] fp32, vt [B, H, D, Lk_pad] e4m3 of v - mean_L(v), vs [B, H, 2, D] fp32 (the
+    channel scale, then the channel mean).
     """
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
@@ -163,11 +165,14 @@ def quantize_qkv_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n:
     k8 = _round_int8(kb * (127.0 / amax_k)[:, :, None, :, None]).flatten(1, 2)[:, :Lk]
     ks = (amax_k / 127.0).permute(0, 2, 1).contiguous()
     vf = v.float()
-    amax_v = vf.abs().amax(1).clamp_min(1e-8)                             # [B, H, D]
-    v8 = (vf * (448.0 / amax_v)[:, None]).to(torch.float8_e4m3fn)
+    mean_v = vf.mean(1)                                                   # [B, H, D]
+    vc = vf - mean_v[:, None]
+    amax_v = vc.abs().amax(1).clamp_min(1e-8)                             # [B, H, D]
+    v8 = (vc * (448.0 / amax_v)[:, None]).to(torch.float8_e4m3fn)
     vt = torch.zeros(B, H, D, nblk * block_n, dtype=torch.float8_e4m3fn, device=v.device)
     vt[..., :Lk] = v8.permute(0, 2, 3, 1)
-    return q8.contiguous(), qs, k8.contiguous(), ks, vt, (amax_v / 448.0).contiguous()
+    vs = torch.stack([amax_v / 448.0, mean_v], dim=2).contiguous()        # [B, H, 2, D]: scale, mean
+    return q8.contiguous(), qs, k8.contiguous(), ks, vt, vs
 
 
 @triton.jit
@@ -203,8 +208,8 @@ def _quant_rows_kernel(X, MEAN, Y, S, stride_xb, stride_xl, stride_xh, H, L, n_b
 @triton.jit
 def _quant_v_kernel(V, VS, VT, stride_vb, stride_vl, stride_vh, H, L, L_pad,
                     HEAD_D: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr):
-    """v [B, L, H, D] -> vt [B, H, D, L_pad] e4m3 = v * 448 / amax_channel (zero past L); VS [B, H, D] holds
-    amax / 448."""
+    """v [B, L, H, D] -> vt [B, H, D, L_pad] e4m3 = (v - mean) * 448 / amax_channel (zero past L); VS
+    [B, H, 2, D] holds amax / 448 and the mean."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -213,7 +218,9 @@ def _quant_v_kernel(V, VS, VT, stride_vb, stride_vl, stride_vh, H, L, L_pad,
     offs_d = tl.arange(0, HEAD_D)
     x = tl.load(V + b * stride_vb + h * stride_vh + rows.to(tl.int64)[:, None] * stride_vl + offs_d[None, :],
                 mask=(rows < L)[:, None], other=0.0).to(tl.float32)
-    vs = tl.load(VS + bh.to(tl.int64) * HEAD_D + offs_d)
+    vs = tl.load(VS + bh.to(tl.int64) * 2 * HEAD_D + offs_d)
+    mean = tl.load(VS + bh.to(tl.int64) * 2 * HEAD_D + HEAD_D + offs_d)
+    x = tl.where((rows < L)[:, None], x - mean[None, :], 0.0)
     y = _to_e4m3(x * (1.0 / vs)[None, :], INTERP)
     base = VT + bh.to(tl.int64) * HEAD_D * L_pad
     tl.store(base + offs_d[:, None] * L_pad + rows[None, :], tl.trans(y), mask=(rows < L_pad)[None, :])
@@ -242,7 +249,9 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int
         return q8, qs, k8, ks, v, None
     vt = torch.empty((B, H, D, nblk * block_n), dtype=torch.float8_e4m3fn, device=dev)
     vmin, vmax = torch.aminmax(v, dim=1)
-    vs = (torch.maximum(vmax.float(), -vmin.float()).clamp_min(1e-8) / 448.0).contiguous()  # [B, H, D]
+    vmean = torch.mean(v, dim=1, dtype=torch.float32)
+    amax = torch.maximum(vmax.float() - vmean, vmean - vmin.float()).clamp_min(1e-8)  # of v - mean
+    vs = torch.stack([amax / 448.0, vmean], dim=2).contiguous()                      # [B, H, 2, D]
     _quant_v_kernel[(nblk, B * H)](
         v, vs, vt, v.stride(0), v.stride(1), v.stride(2), H, Lk, nblk * block_n,
         HEAD_D=D, BLOCK=block_n, INTERP=_interpreting(), num_warps=8)
@@ -275,7 +284,7 @@ def attention_8bit_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_
         if pv_fp8:
             p8 = p.to(torch.float8_e4m3fn).float()
             v8 = vt[:, h, :, :Lk].float()                                      # [B, D, Lk]
-            out[:, :, h] = torch.einsum("bqk,bdk->bqd", p8, v8) / l * vs[:, h, None, :]
+            out[:, :, h] = torch.einsum("bqk,bdk->bqd", p8, v8) / l * vs[:, h, None, 0] + vs[:, h, None, 1]
         else:
             out[:, :, h] = torch.einsum("bqk,bkd->bqd", p.to(v.dtype).float(), v[:, :, h].float()) / l
     return out.to(q.dtype)
@@ -420,9 +429,10 @@ def _attn8_fwd_kernel(Q8, K8, VT, QS, KS, VS, O,
     # padded keys scored exactly 0 with zero v: remove their share of l (same exponential as the loop)
     n_pad = n_blk * BLOCK_N - Lk
     l_i = l_i - n_pad * _exp2(8.0 - m_i, 0 if EXP_MODE == 3 else EXP_MODE).to(tl.float32)  # [BM]: no split
-    if PV_FP8:
-        vs = tl.load(VS + bh * HEAD_D + offs_d)
-        out = (acc * (1.0 / l_i)[:, None] * vs[None, :]).to(O.dtype.element_ty)
+    if PV_FP8:  # v was quantised smoothed: o = P (v - mean) / l * scale + mean
+        vs = tl.load(VS + bh * 2 * HEAD_D + offs_d)
+        v_mean = tl.load(VS + bh * 2 * HEAD_D + HEAD_D + offs_d)
+        out = (acc * (1.0 / l_i)[:, None] * vs[None, :] + v_mean[None, :]).to(O.dtype.element_ty)
     else:
         out = (acc * (1.0 / l_i)[:, None]).to(O.dtype.element_ty)
     if USE_TMA:

@@ -188,3 +188,14 @@ def test_attention_8bit_cuda_graph_capture():
     q, k, v = _qkv(1, 1000, 300, 2, torch.bfloat16, "cuda")
     want, out = eager_and_graph_replay(lambda: attention_8bit(q, k, v))
     assert torch.equal(out, want)
+
+
+def test_v_smoothing_keeps_the_error_of_offset_values():
+    """v is quantised as v - mean_L(v): a large per-channel offset of v (Wan's v has biases) must not grow
+    the absolute error, which an unsmoothed fp8 v would multiply by the offset's size."""
+    q, k, v = _qkv(1, 130, 257, 2, torch.float16, "cpu")
+    offset = torch.randn(1, 1, 2, 128, generator=torch.Generator().manual_seed(5)) * 8
+    errs = []
+    for vv in (v, (v.float() + offset).half()):
+        errs.append((attention_8bit(q, k, vv).float() - _exact(q, k, vv)).norm().item())
+    assert errs[1] <= 1.5 * errs[0], errs
