@@ -4,8 +4,6 @@ Every public function is a ``torch.library`` custom op (namespace ``lightx2v``) 
 so it traces under ``torch.compile(fullgraph=True)`` and launches on the current stream (CUDA-graph safe).
 Importing this package raises ImportError when triton is not installed.
 """
-import os
-
 # This folder is also importable as a top-level `kernels` when the repository root is on sys.path (a source
 # checkout). Libraries probing for the Hugging Face `kernels` package (transformers' is_kernels_available()
 # imports it) would then run it a second time under that name and register every torch.library op again,
@@ -46,8 +44,10 @@ def _fix_interpreter_index() -> None:
     interpreter._patch_lang_tensor = patched
 
 
-if _OURS and os.environ.get("TRITON_INTERPRET", "0") == "1":
-    _fix_interpreter_index()
+if _OURS:
+    from ._util import interpreting  # noqa: E402
+    if interpreting():
+        _fix_interpreter_index()
 
 if _OURS:
     from .attention_8bit import attention_8bit, fp8_supported  # noqa: E402

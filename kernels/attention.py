@@ -15,7 +15,6 @@ both at run time (the ops are opaque to torch.compile, so the choice is read at 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +24,7 @@ import triton.language as tl
 
 from lightx2v_engine.ops import attention_ref
 
+from ._util import check_choice, env_choice, interpreting
 from .attention_8bit import attention_8bit_triton, fp8_supported
 from .qk_norm_rope import launch_qk_norm_rope, qk_norm_rope_ref, _check as _check_qk
 
@@ -69,24 +69,15 @@ ATTN_IMPLS = ("triton", "sdpa_cudnn", "sdpa_flash")
 
 
 def _env_impl() -> str:
-    impl = os.environ.get("LX2V_ATTN", "triton")
-    if impl not in ATTN_IMPLS:
-        raise ValueError(f"kernels/attention.py: LX2V_ATTN must be one of {ATTN_IMPLS}, got {impl!r}")
-    return impl
+    return env_choice("LX2V_ATTN", ATTN_IMPLS, "triton", "kernels/attention.py")
 
 
 def _env_config() -> str:
-    name = os.environ.get("LX2V_ATTN_CONFIG", DEFAULT_ATTN_CONFIG)
-    if name not in ATTN_CONFIGS:
-        raise ValueError(f"kernels/attention.py: LX2V_ATTN_CONFIG must be one of {list(ATTN_CONFIGS)}, got {name!r}")
-    return name
+    return env_choice("LX2V_ATTN_CONFIG", ATTN_CONFIGS, DEFAULT_ATTN_CONFIG, "kernels/attention.py")
 
 
 def _env_cross_impl() -> str | None:
-    impl = os.environ.get("LX2V_CROSS_ATTN") or None
-    if impl is not None and impl not in ATTN_IMPLS:
-        raise ValueError(f"kernels/attention.py: LX2V_CROSS_ATTN must be one of {ATTN_IMPLS}, got {impl!r}")
-    return impl
+    return env_choice("LX2V_CROSS_ATTN", ATTN_IMPLS, None, "kernels/attention.py")
 
 
 _IMPL = _env_impl()
@@ -102,16 +93,11 @@ def set_attention_impl(impl: str | None = None, config: str | None = None, cross
     the backend of the generic `attention` op (cross-attention; "same" follows `impl`)."""
     global _IMPL, _CONFIG, _CROSS_IMPL
     if impl is not None:
-        if impl not in ATTN_IMPLS:
-            raise ValueError(f"attention impl must be one of {ATTN_IMPLS}, got {impl!r}")
-        _IMPL = impl
+        _IMPL = check_choice("attention impl", impl, ATTN_IMPLS)
     if config is not None:
-        if config not in ATTN_CONFIGS:
-            raise ValueError(f"attention config must be one of {list(ATTN_CONFIGS)}, got {config!r}")
-        _CONFIG = config
+        _CONFIG = check_choice("attention config", config, ATTN_CONFIGS)
     if cross_impl is not None:
-        if cross_impl != "same" and cross_impl not in ATTN_IMPLS:
-            raise ValueError(f"cross-attention impl must be 'same' or one of {ATTN_IMPLS}, got {cross_impl!r}")
+        cross_impl = check_choice("cross-attention impl", cross_impl, ("same",) + ATTN_IMPLS)
         _CROSS_IMPL = None if cross_impl == "same" else cross_impl
 
 
@@ -301,7 +287,7 @@ def mean_pad_ok(cfg: AttnConfig, Lk: int, device: torch.device) -> bool:
     """Whether attention_triton(..., k_mean_padded=True) helps: a warp-specialised config (TMA: sm90 or the
     interpreter) and a ragged last key block."""
     tma = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0) or \
-        (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+        (device.type == "cpu" and interpreting())
     return cfg.warp_specialize and tma and Lk % cfg.block_n != 0
 
 
@@ -335,7 +321,7 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: 
     if Lk == 0:
         return out.zero_()
     # the CPU interpreter also runs the TMA path (descriptor loads with zero padding), for tests
-    use_tma = cfg.tma and _tma_ok(q, k, v, out) and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    use_tma = cfg.tma and _tma_ok(q, k, v, out) and (q.is_cuda or interpreting())
     if use_tma and q.is_cuda:
         triton.set_allocator(_tma_alloc)
     mean_pad = k_mean_padded and cfg.warp_specialize and use_tma

@@ -38,12 +38,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from ._util import check_choice, env_choice, interpreting
 
 __all__ = ["Attn8Config", "ATTN8_CONFIGS", "DEFAULT_ATTN8_CONFIG", "attention_8bit", "attention_8bit_triton",
            "attention_8bit_quantized",
@@ -87,11 +88,7 @@ DEFAULT_ATTN8_CONFIG = "ws_128x128_w4_s3"
 
 
 def _env_config() -> str:
-    name = os.environ.get("LX2V_ATTN8_CONFIG", DEFAULT_ATTN8_CONFIG)
-    if name not in ATTN8_CONFIGS:
-        raise ValueError(f"kernels/attention_8bit.py: LX2V_ATTN8_CONFIG must be one of {list(ATTN8_CONFIGS)}, "
-                         f"got {name!r}")
-    return name
+    return env_choice("LX2V_ATTN8_CONFIG", ATTN8_CONFIGS, DEFAULT_ATTN8_CONFIG, "kernels/attention_8bit.py")
 
 
 _CONFIG = _env_config()
@@ -100,23 +97,17 @@ _CONFIG = _env_config()
 def set_attention_8bit_config(name: str) -> None:
     """Selects the 8-bit kernel's launch config (a key of ATTN8_CONFIGS)."""
     global _CONFIG
-    if name not in ATTN8_CONFIGS:
-        raise ValueError(f"8-bit attention config must be one of {list(ATTN8_CONFIGS)}, got {name!r}")
-    _CONFIG = name
+    _CONFIG = check_choice("8-bit attention config", name, ATTN8_CONFIGS)
 
 
 def attention_8bit_config() -> str:
     return _CONFIG
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _tma_available(device: torch.device) -> bool:
     """sm90+ (TMA descriptors, warp specialisation); the interpreter emulates both."""
     if device.type == "cpu":
-        return _interpreting()
+        return interpreting()
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
@@ -131,7 +122,7 @@ def _resolve(cfg: Attn8Config, device: torch.device) -> Attn8Config:
 def fp8_supported(device: torch.device) -> bool:
     """fp8 tl.dot needs sm89+ (the CPU interpreter emulates it)."""
     if device.type == "cpu":
-        return _interpreting()
+        return interpreting()
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
@@ -254,7 +245,7 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int
     vs = torch.stack([amax / 448.0, vmean], dim=2).contiguous()                      # [B, H, 2, D]
     _quant_v_kernel[(nblk, B * H)](
         v, vs, vt, v.stride(0), v.stride(1), v.stride(2), H, Lk, nblk * block_n,
-        HEAD_D=D, BLOCK=block_n, INTERP=_interpreting(), num_warps=8)
+        HEAD_D=D, BLOCK=block_n, INTERP=interpreting(), num_warps=8)
     return q8, qs, k8, ks, vt, vs
 
 
@@ -492,7 +483,7 @@ def attention_8bit_quantized(quantized: tuple, Lk: int, out: torch.Tensor, confi
     if cfg.pv_fp8 and vt.shape[-1] != n_blk * cfg.block_n:
         raise ValueError(f"kernels/attention_8bit.py: quantised with block_n {vt.shape[-1] // n_blk}, "
                          f"config has {cfg.block_n}")
-    interp = _interpreting()
+    interp = interpreting()
     cfg = _resolve(cfg, q8.device)
     use_tma = _tma_available(q8.device) and (q8.is_cuda or cfg.warp_specialize)
     if use_tma and not cfg.pv_fp8 and (vt.data_ptr() % 16 or (vt.stride(1) * vt.element_size()) % 16):

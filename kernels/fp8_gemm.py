@@ -11,11 +11,11 @@ Reference: ``scaled_gemm_ref``.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ._util import interpreting
 
 __all__ = ["fp8_gemm", "scaled_gemm", "scaled_gemm_ref"]
 
@@ -109,10 +109,6 @@ _scaled_gemm_tuned = triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "HAS_
 _INTERPRET_CFG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2}
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def fp8_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
              bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
              gate: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -150,7 +146,7 @@ def fp8_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: t
             res_t.stride(0))
     flags = dict(HAS_BIAS=bias is not None, HAS_RES=residual is not None, HAS_GATE=gate is not None,
                  IS_INT8=a.dtype == torch.int8)
-    if _interpreting() or not a.is_cuda:
+    if interpreting() or not a.is_cuda:
         cfg = _INTERPRET_CFG
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
         _scaled_gemm_kernel[grid](*args, **flags, EVEN_K=K % cfg["BLOCK_K"] == 0, **cfg)

@@ -5,13 +5,14 @@ contiguous, i.e. the same memory as [B, L, C]; the attention kernel reads it thr
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from lightx2v_engine.ops import Rope, qk_norm_rope_ref as _qk_norm_rope_ref_rope
+
+from ._util import check_choice, env_choice
 
 __all__ = ["qk_norm_rope", "qk_norm_rope_ref", "set_qk_rope_impl", "QK_ROPE_IMPLS"]
 
@@ -137,21 +138,16 @@ QK_ROPE_IMPLS = ("row", "tile", "chunk")
 
 
 def _env_qk_impl() -> str:
-    impl = os.environ.get("LX2V_QK_ROPE", "row")
-    if impl not in QK_ROPE_IMPLS:
-        raise ValueError(f"kernels/qk_norm_rope.py: LX2V_QK_ROPE must be one of {QK_ROPE_IMPLS}, got {impl!r}")
-    return impl
+    return env_choice("LX2V_QK_ROPE", QK_ROPE_IMPLS, "row", "kernels/qk_norm_rope.py")
 
 
 _QK_IMPL = _env_qk_impl()
 
 
 def set_qk_rope_impl(impl: str) -> None:
-    """Selects the kernel variant ("row" or "tile") at run time."""
+    """Selects the kernel variant (one of QK_ROPE_IMPLS) at run time."""
     global _QK_IMPL
-    if impl not in QK_ROPE_IMPLS:
-        raise ValueError(f"qk norm+rope impl must be one of {QK_ROPE_IMPLS}, got {impl!r}")
-    _QK_IMPL = impl
+    _QK_IMPL = check_choice("qk norm+rope impl", impl, QK_ROPE_IMPLS)
 
 
 def _check(q, k, wq, wk, cos, sin, num_heads):
