@@ -78,16 +78,24 @@ def get_preset(name: str) -> ModelConfig:
         raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}") from None
 
 
+def _read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in `path`; FileNotFoundError or ValueError naming the file (`what` says which)."""
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return raw
+
+
 def model_config_from_json(path: str | Path, preset_hint: str | None = None) -> ModelConfig:
     """Reads a model folder's ``config.json`` (Wan's keys, or diffusers' transformer keys) and returns the
     matching ModelConfig: a known preset when the numbers match one, else a custom config."""
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"model config not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    raw = _read_json_object(path, "model config")
     if "num_attention_heads" in raw:  # diffusers WanTransformer3DModel config
         heads = int(raw["num_attention_heads"])
         vals = dict(dim=heads * int(raw.get("attention_head_dim", 128)), ffn_dim=int(raw["ffn_dim"]),
@@ -375,13 +383,6 @@ def load_run_config(path: str | Path | None, overrides: dict[str, Any] | None = 
     if path is not None:
         path = Path(path)
         source = str(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"config file not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a JSON object")
+        raw = _read_json_object(path, "config file")
     raw = {**raw, **(overrides or {})}
     return parse_run_config(raw, model_cls=model_cls, source=source)

@@ -166,12 +166,16 @@ def quant_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     """
     scheme = scheme_of_dtype(weight.dtype)
     n, k = weight.shape
-    # cuBLASLt 8-bit GEMMs need K and N multiples of 16 (fp8) / 8 (int8); other shapes use the reference
-    align = 16 if scheme == "fp8" else 8
-    if not x.is_cuda or k % align or n % align:
+    if not x.is_cuda or not _gemm_shape_ok(scheme, k, n):
         return quant_linear_ref(F.gelu(x, approximate="tanh") if input_gelu else x, weight, weight_scale, bias)
     xq, sx = per_token_quant(x, scheme, gelu=input_gelu)
     return _gemm_8bit(xq, sx, weight, weight_scale, bias, x.dtype)
+
+
+def _gemm_shape_ok(scheme: str, k: int, *ns: int) -> bool:
+    """cuBLASLt 8-bit GEMMs need K and N multiples of 16 (fp8) / 8 (int8); other shapes use the reference."""
+    align = 16 if scheme == "fp8" else 8
+    return k % align == 0 and all(n % align == 0 for n in ns)
 
 
 def _gemm_8bit(xq: torch.Tensor, sx: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -196,8 +200,7 @@ def quant_linears_same_input(x: torch.Tensor, mods: list["QuantLinear"]) -> list
     k = x.shape[-1]
     first = mods[0]
     same = all(m.in_features == k and m.scheme == first.scheme for m in mods)
-    align = 16 if first.scheme == "fp8" else 8
-    if not (x.is_cuda and same and k % align == 0 and all(m.out_features % align == 0 for m in mods)):
+    if not (x.is_cuda and same and _gemm_shape_ok(first.scheme, k, *(m.out_features for m in mods))):
         return [m(x) for m in mods]
     x2 = x.reshape(-1, k)
     xq, sx = per_token_quant(x2, first.scheme)

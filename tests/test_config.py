@@ -100,6 +100,11 @@ def test_model_config_json_identifies_presets(tmp_path):
     (tmp_path / "m.json").write_text(json.dumps({"dim": 4}))
     with pytest.raises(ValueError, match="missing keys"):
         model_config_from_json(tmp_path / "m.json")
+    (tmp_path / "l.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="l.json: expected a JSON object"):
+        model_config_from_json(tmp_path / "l.json")
+    with pytest.raises(FileNotFoundError, match="model config not found"):
+        model_config_from_json(tmp_path / "none.json")
     with pytest.raises(ValueError, match="unknown model preset"):
         get_preset("wan2.2")
 
