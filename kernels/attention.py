@@ -325,7 +325,8 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: 
     if use_tma and q.is_cuda:
         triton.set_allocator(_tma_alloc)
     mean_pad = k_mean_padded and cfg.warp_specialize and use_tma
-    scratch = torch.empty((B * H * Lq) if mean_pad else 1, dtype=torch.float32, device=q.device)
+    # the padded keys' scores [B*H, Lq] fp32 (mean_pad); otherwise an unused placeholder: no allocation
+    scratch = torch.empty(B * H * Lq, dtype=torch.float32, device=q.device) if mean_pad else out
     grid = (triton.cdiv(Lq, cfg.block_m), B * H)
     _attn_fwd_kernel[grid](
         q, k, v, out, scratch,
