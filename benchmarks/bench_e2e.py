@@ -144,12 +144,12 @@ def bench_dit(preset: str, args, device, run, rows, summary, tag: str, attn8_onl
             res["bf16_eager"] = run(lambda: model(x, t, ctx, clip, y))
             del eng_out
             if device.type == "cuda":  # the FFN's bias + GELU in the cuBLASLt epilogue, against two ops
-                summary[f"gelu_epilogue_used_{tag}"] = ops.gelu_epilogue_ok(x.device, dt)
-                os.environ["LX2V_GELU_EPILOGUE"] = "0"
-                ops.gelu_epilogue_ok.cache_clear()
-                res["bf16_eager_gelu_unfused"] = run(lambda: model(x, t, ctx, clip, y))
-                del os.environ["LX2V_GELU_EPILOGUE"]
-                ops.gelu_epilogue_ok.cache_clear()
+                summary[f"gelu_epilogue_used_{tag}"] = ops.gelu_epilogue_used(x.device, dt)
+                ops.set_gelu_epilogue(False)
+                try:
+                    res["bf16_eager_gelu_unfused"] = run(lambda: model(x, t, ctx, clip, y))
+                finally:
+                    ops.set_gelu_epilogue(True)
             if device.type == "cuda" and not args.no_graph:
                 fn, graphs = loop_runner(model, sampler, x, ctx, clip, y, True)
                 eager_fn, _ = loop_runner(model, sampler, x, ctx, clip, y, False)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -73,7 +74,7 @@ def describe(device: torch.device, attn_8bit: bool = False) -> str:
                  else impl + (f" {config}" if impl == "triton" else ""))
     return (f"ops: Triton kernels; self-attention {self_attn}, cross-attention {attn.cross_attention_impl()}, "
             f"q/k norm+RoPE {qk._QK_IMPL}, FFN GELU epilogue "
-            f"{'on' if device.type == 'cuda' and gelu_epilogue_ok(device, torch.bfloat16) else 'off'}")
+            f"{'on' if gelu_epilogue_used(device, torch.bfloat16) else 'off'}")
 
 
 def _fast(t: torch.Tensor, name: str):
@@ -132,16 +133,28 @@ def gate_residual_modulate(x, y, gate, shift, scale, eps: float = 1e-6, out_dtyp
 # Linear + GELU(tanh)
 # ----------------------------------------------------------------------------------------------------
 
+# The FFN's first linear with bias + GELU in cuBLASLt's epilogue (LX2V_GELU_EPILOGUE=0 or
+# set_gelu_epilogue(False): two ops instead).
+_GELU_EPILOGUE = os.environ.get("LX2V_GELU_EPILOGUE", "1") != "0"
+
+
+def set_gelu_epilogue(enabled: bool) -> None:
+    """Turns the fused linear + GELU(tanh) of linear_gelu_tanh on or off (where the probe allows it)."""
+    global _GELU_EPILOGUE
+    _GELU_EPILOGUE = bool(enabled)
+
+
+def gelu_epilogue_used(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether linear_gelu_tanh fuses on `device` in `dtype`: switched on, CUDA, and the probe passes."""
+    return _GELU_EPILOGUE and device.type == "cuda" and gelu_epilogue_ok(device, dtype)
+
+
 @functools.lru_cache(maxsize=None)
 def gelu_epilogue_ok(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether torch._addmm_activation(use_gelu=True) (cuBLASLt's GELU_BIAS epilogue on CUDA) computes
     GELU(tanh)(x W^T + b) on `device` to within 4 units of `dtype`'s precision, |err| / (1 + |y|). Probed once
     per (device, dtype). In fp32 this separates the tanh GELU from the erf one (they differ by up to 5e-4;
-    the CPU's is erf, so False there); in bf16/fp16 the two are the same to the output's precision.
-    LX2V_GELU_EPILOGUE=0 turns the fused path off."""
-    import os
-    if os.environ.get("LX2V_GELU_EPILOGUE", "1") == "0":
-        return False
+    the CPU's is erf, so False there); in bf16/fp16 the two are the same to the output's precision."""
     g = torch.Generator(device="cpu").manual_seed(0)
     x, w = (torch.randn(n, 256, generator=g).to(device, dtype) / 8 for n in (64, 192))
     b = torch.randn(192, generator=g).to(device, dtype)
@@ -157,8 +170,8 @@ def gelu_epilogue_ok(device: torch.device, dtype: torch.dtype) -> bool:
 def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """GELU(tanh)(x W^T + b), x [..., K] -> [..., N]. On CUDA one cuBLASLt GEMM with the bias and GELU in
     its epilogue (no separate pass over the [M, N] output) where gelu_epilogue_ok; else two ops."""
-    if (x.is_cuda and bias is not None and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
-            and bias.dtype == x.dtype and not torch.compiler.is_compiling() and gelu_epilogue_ok(x.device, x.dtype)):
+    if (bias is not None and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
+            and bias.dtype == x.dtype and not torch.compiler.is_compiling() and gelu_epilogue_used(x.device, x.dtype)):
         y = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t(), use_gelu=True)
         return y.reshape(*x.shape[:-1], weight.shape[0])
     return F.gelu(F.linear(x, weight, bias), approximate="tanh")
