@@ -41,16 +41,25 @@ def _tools():
     return bin_dir / "ptxas", bin_dir / "cuobjdump"
 
 
-def compile_sm90(fn, types: dict, consts: dict, num_warps: int, num_stages: int) -> dict:
-    """Triton -> PTX -> cubin (sm_90a) -> SASS text; returns registers, smem, spills, ws flag and the SASS."""
+def compile_sm90(fn, types: dict, consts: dict, num_warps: int, num_stages: int, gluon: bool = False,
+                 maxnreg: int | None = None) -> dict:
+    """Triton (or Gluon) -> PTX -> cubin (sm_90a) -> SASS text; returns registers, smem, spills, ws flag
+    and the SASS."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
              if sig[n].startswith("*") or n.startswith("stride") or n in ("n_full", "Lk_pad")}
-    k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=num_warps, num_stages=num_stages))
+    options = dict(num_warps=num_warps, num_stages=num_stages)
+    if maxnreg:
+        options["maxnreg"] = maxnreg
+    if gluon:
+        from triton.experimental.gluon._runtime import GluonASTSource
+        src = GluonASTSource(fn, sig, consts, attrs)
+    else:
+        src = ASTSource(fn, sig, consts, attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     ptxas, cuobjdump = _tools()
     with tempfile.TemporaryDirectory() as d:
         ptx, cubin = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
@@ -91,10 +100,12 @@ def summarize_loop(c: Counter) -> dict:
 
 
 def cases(names: list[str] | None):
-    """(label, fn, types, consts, warps, stages) for every bf16 and 8-bit attention config."""
+    """(label, fn, types, consts, warps, stages, extra compile_sm90 kwargs) for every bf16, 8-bit and Gluon
+    attention config."""
     import importlib
     A = importlib.import_module("lightx2v_engine.kernels.attention")  # the modules (the package exports functions)
     A8 = importlib.import_module("lightx2v_engine.kernels.attention_8bit")
+    AG = importlib.import_module("lightx2v_engine.kernels.attention_gluon")
     bf = dict(Q="*bf16", K="*bf16", V="*bf16", O="*bf16", C_SCRATCH="*fp32", qk_scale="fp32")
     for name, c in A.ATTN_CONFIGS.items():
         for even in (False, True):
@@ -104,7 +115,7 @@ def cases(names: list[str] | None):
             ws = c.warp_specialize and c.tma
             consts = dict(HEAD_D=128, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=c.tma, WARP_SPEC=ws,
                           PIPE_QK=c.pipe_qk, EVEN_N=even, MEAN_PAD=c.mean_pad and ws and not even)
-            yield label, A._attn_fwd_kernel, bf, consts, c.num_warps, c.num_stages
+            yield label, A._attn_fwd_kernel, bf, consts, c.num_warps, c.num_stages, {}
     for name, c in A8.ATTN8_CONFIGS.items():
         if names and name not in names:
             continue
@@ -112,7 +123,14 @@ def cases(names: list[str] | None):
                   VS="*fp32", O="*bf16")
         consts = dict(HEAD_D=128, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=True, WARP_SPEC=c.warp_specialize,
                       EXP_MODE=c.exp_mode, MAGIC_CVT=c.magic_cvt, INTERP=False, PV_FP8=c.pv_fp8)
-        yield f"8bit:{name}", A8._attn8_fwd_kernel, t8, consts, c.num_warps, c.num_stages
+        yield f"8bit:{name}", A8._attn8_fwd_kernel, t8, consts, c.num_warps, c.num_stages, {}
+    if AG.HAVE_GLUON:
+        for name in AG.GLUON_CONFIGS:
+            if names and name not in names:
+                continue
+            fn, types, consts, opts = AG.compile_signature(name)
+            yield (f"gluon:{name}", fn, types, consts, opts["num_warps"], 1,
+                   dict(gluon=True, maxnreg=opts["maxnreg"]))
 
 
 def main(argv=None) -> int:
@@ -125,9 +143,9 @@ def main(argv=None) -> int:
     rows = []
     print(f"{'kernel:config':<44}{'regs':>5}{'smem KB':>8}{'spill':>6} ws  loop "
           + " ".join(f"{op.split('.')[0]:>6}" for op in OPS))
-    for label, fn, types, consts, warps, stages in cases(names):
+    for label, fn, types, consts, warps, stages, extra in cases(names):
         try:
-            r = compile_sm90(fn, types, consts, warps, stages)
+            r = compile_sm90(fn, types, consts, warps, stages, **extra)
         except Exception as e:  # a config the compiler rejects is reported, not fatal
             print(f"{label:<44} failed: {type(e).__name__}: {str(e).splitlines()[-1][:100] if str(e) else ''}")
             rows.append(dict(config=label, error=f"{type(e).__name__}"))

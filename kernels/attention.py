@@ -8,13 +8,16 @@ consumer warpgroups, Triton's automatic partitioning) instead mask inside their 
 partitioner accepts no other dot before or after it.
 
 Implementation policy (module level): env var ``LX2V_ATTN`` in ``ATTN_IMPLS`` picks the backend of
-``attention``/``self_attention`` ("triton" default, or PyTorch SDPA with cuDNN / FA2 kernels);
-``LX2V_ATTN_CONFIG`` picks one of ``ATTN_CONFIGS`` for the Triton kernel. ``set_attention_impl`` changes
-both at run time (the ops are opaque to torch.compile, so the choice is read at every call).
+``attention``/``self_attention`` ("triton" default; "gluon", the FA3-style kernel of
+``kernels/attention_gluon.py`` on sm90 with head_dim 128, this Triton kernel elsewhere; or PyTorch SDPA
+with cuDNN / FA2 kernels); ``LX2V_ATTN_CONFIG`` picks one of ``ATTN_CONFIGS`` for the Triton kernel and
+``LX2V_ATTN_GLUON_CONFIG`` one of ``GLUON_CONFIGS``. ``set_attention_impl`` changes them at run time (the
+ops are opaque to torch.compile, so the choice is read at every call).
 """
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -25,11 +28,13 @@ import triton.language as tl
 from lightx2v_engine.ops import attention_ref
 
 from ._util import check_choice, env_choice, interpreting
+from . import attention_gluon as _gluon
 from .attention_8bit import attention_8bit_triton, fp8_supported
 from .qk_norm_rope import launch_qk_norm_rope, qk_norm_rope_ref, _check as _check_qk
 
 __all__ = ["attention", "self_attention", "attention_ref", "self_attention_ref", "attention_triton",
-           "ATTN_IMPLS", "ATTN_CONFIGS", "AttnConfig", "attention_impl", "set_attention_impl", "cross_attention_impl"]
+           "ATTN_IMPLS", "ATTN_CONFIGS", "AttnConfig", "attention_impl", "set_attention_impl", "cross_attention_impl",
+           "gluon_status"]
 
 LOG2E = 1.4426950408889634
 
@@ -65,7 +70,7 @@ ATTN_CONFIGS: dict[str, AttnConfig] = {
     # L=32760 on the H100 while right in the interpreter at small shapes (not investigated).
 }
 DEFAULT_ATTN_CONFIG = "ws_128x128_w4_s2"
-ATTN_IMPLS = ("triton", "sdpa_cudnn", "sdpa_flash")
+ATTN_IMPLS = ("triton", "gluon", "sdpa_cudnn", "sdpa_flash")
 
 
 def _env_impl() -> str:
@@ -76,34 +81,57 @@ def _env_config() -> str:
     return env_choice("LX2V_ATTN_CONFIG", ATTN_CONFIGS, DEFAULT_ATTN_CONFIG, "kernels/attention.py")
 
 
+def _env_gluon_config() -> str:
+    return env_choice("LX2V_ATTN_GLUON_CONFIG", _gluon.GLUON_CONFIGS, _gluon.DEFAULT_GLUON_CONFIG,
+                      "kernels/attention.py")
+
+
 def _env_cross_impl() -> str | None:
     return env_choice("LX2V_CROSS_ATTN", ATTN_IMPLS, None, "kernels/attention.py")
 
 
 _IMPL = _env_impl()
 _CONFIG = _env_config()
+_GLUON_CONFIG = _env_gluon_config()
+_GLUON_FAILED: str | None = None  # why the Gluon kernel was switched off in this process (first failure)
 # backend of the generic `attention` op (the DiT's cross-attention, 257-769 keys) when it differs from
 # self-attention's: cuDNN measured 0.194 ms against our 0.307 ms at Lk = 512 on an H100 (before the mask-free
 # loop); None: the same as _IMPL
 _CROSS_IMPL = _env_cross_impl()
 
 
-def set_attention_impl(impl: str | None = None, config: str | None = None, cross_impl: str | None = None) -> None:
-    """Sets the attention backend (one of ATTN_IMPLS), the Triton config name (a key of ATTN_CONFIGS) and/or
-    the backend of the generic `attention` op (cross-attention; "same" follows `impl`)."""
-    global _IMPL, _CONFIG, _CROSS_IMPL
+def set_attention_impl(impl: str | None = None, config: str | None = None, cross_impl: str | None = None,
+                       gluon_config: str | None = None) -> None:
+    """Sets the attention backend (one of ATTN_IMPLS), the Triton config name (a key of ATTN_CONFIGS), the
+    Gluon config name (a key of attention_gluon.GLUON_CONFIGS) and/or the backend of the generic
+    `attention` op (cross-attention; "same" follows `impl`)."""
+    global _IMPL, _CONFIG, _CROSS_IMPL, _GLUON_CONFIG
     if impl is not None:
         _IMPL = check_choice("attention impl", impl, ATTN_IMPLS)
     if config is not None:
         _CONFIG = check_choice("attention config", config, ATTN_CONFIGS)
+    if gluon_config is not None:
+        _GLUON_CONFIG = check_choice("Gluon attention config", gluon_config, _gluon.GLUON_CONFIGS)
     if cross_impl is not None:
         cross_impl = check_choice("cross-attention impl", cross_impl, ("same",) + ATTN_IMPLS)
         _CROSS_IMPL = None if cross_impl == "same" else cross_impl
 
 
 def attention_impl() -> tuple[str, str]:
-    """The current (backend, triton config name)."""
-    return _IMPL, _CONFIG
+    """The current (backend, config name): the Triton config, or the Gluon config when the backend is
+    "gluon"."""
+    return _IMPL, (_GLUON_CONFIG if _IMPL == "gluon" else _CONFIG)
+
+
+def gluon_status(device: torch.device | None = None) -> str:
+    """Why the "gluon" backend runs or falls back to the Triton kernel, in a few words."""
+    if _GLUON_FAILED:
+        return f"off after a failure: {_GLUON_FAILED}"
+    if not _gluon.HAVE_GLUON:
+        return "unavailable: this Triton has no Gluon"
+    if not _gluon.available(device):
+        return "unavailable: needs an sm90 GPU"
+    return "available"
 
 
 def cross_attention_impl() -> str:
@@ -348,9 +376,26 @@ def _sdpa(q, k, v, impl: str) -> torch.Tensor:
     return o.transpose(1, 2).contiguous()
 
 
+def _attention_gluon_or_triton(q, k, v) -> torch.Tensor:
+    """The Gluon kernel where it applies (sm90, head_dim 128, not switched off), else the Triton kernel.
+    A failure of the Gluon kernel (e.g. a compile error on this GPU) switches it off for the process with
+    one warning; the Triton kernel then computes this call and the following ones."""
+    global _GLUON_FAILED
+    if _GLUON_FAILED is None and _gluon.gluon_ok(q, k, v) and _gluon.available(q.device):
+        try:
+            return _gluon.attention_gluon(q, k, v, _GLUON_CONFIG)
+        except Exception as e:  # noqa: BLE001 - any failure: warn once and use the proven kernel
+            _GLUON_FAILED = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            warnings.warn(f"kernels/attention.py: the Gluon attention kernel failed ({_GLUON_FAILED}); using "
+                          f"the Triton kernel for the rest of this process", RuntimeWarning, stacklevel=2)
+    return attention_triton(q, k, v)
+
+
 def _attention_any(q, k, v, impl: str) -> torch.Tensor:
     if impl == "triton":
         return attention_triton(q, k, v)
+    if impl == "gluon":
+        return _attention_gluon_or_triton(q, k, v)
     return _sdpa(q, k, v, impl)
 
 

@@ -71,7 +71,8 @@ def describe(device: torch.device, attn_8bit: bool = False) -> str:
     a8 = importlib.import_module("lightx2v_engine.kernels.attention_8bit")
     impl, config = attn.attention_impl()
     self_attn = (f"8-bit {a8.attention_8bit_config()}" if attn_8bit and attention_8bit_available(device)
-                 else impl + (f" {config}" if impl == "triton" else ""))
+                 else impl + (f" {config}" if impl in ("triton", "gluon") else "")
+                 + (f" ({attn.gluon_status(device)})" if impl == "gluon" else ""))
     return (f"ops: Triton kernels; self-attention {self_attn}, cross-attention {attn.cross_attention_impl()}, "
             f"q/k norm+RoPE {qk._QK_IMPL}, FFN GELU epilogue "
             f"{'on' if gelu_epilogue_used(device, torch.bfloat16) else 'off'}")

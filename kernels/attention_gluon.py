@@ -1,0 +1,352 @@
+"""FA3-style non-causal attention forward for Hopper, written in Gluon (explicit warp specialisation).
+
+o = softmax(q k^T / sqrt(D)) v for head_dim 128, bf16/fp16 in, fp32 accumulation, exp2-domain online
+softmax (log2(e) folded into the scale). Reference: ``lightx2v_engine.ops.attention_ref``.
+
+Why a second kernel: Triton's automatic warp specialisation (``kernels/attention.py``) measured 582 TFLOP/s
+on an H100 (59% of the tensor cores' peak). In its SASS a consumer warp issues its softmax and its MMAs
+in one stream, so the tensor cores idle while the exponentials run. This kernel writes the FlashAttention-3
+schedule out by hand:
+
+* one CTA per (128 query rows, batch x head); three partitions (``gl.warp_specialize``):
+  a 1-warp TMA producer and two 4-warp consumer warpgroups of 64 rows each;
+* the producer streams K and V blocks of ``BLOCK_N`` keys through ``STAGES``-deep shared-memory rings
+  (ready/empty mbarrier pairs; K and V have separate rings so q k^T can start before V lands);
+* ping-pong: the two consumers take turns issuing their MMAs (two mbarriers pass the turn), so one
+  warpgroup's tensor-core work overlaps the other's softmax;
+* intra-warpgroup overlap: in iteration j a consumer issues S_j = q K_j^T and O += P_{j-1} V_{j-1}
+  together, waits only for S_j, runs the softmax of S_j while P_{j-1} V_{j-1} is still running, then waits
+  for it and rescales O;
+* P goes to the second MMA from registers (the accumulator layout of the first MMA is the A-operand layout
+  of the second), V from shared memory; only the ragged last key block is masked (a scalar branch).
+
+q [B, Lq, H, D], k/v [B, Lk, H, D] are read through 2D TMA descriptors over [B*L, H*D] (so each tensor
+needs unit stride on D, stride D between heads and whole rows between batches: any [B, L, C] projection
+viewed as heads qualifies). Rows past a batch's end are read from the next batch (or as zeros past the
+tensor) and masked (keys) or not stored (queries).
+
+Needs sm90 (TMA, wgmma) and Triton with Gluon (3.6 here); ``available()`` says whether it can run.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+
+try:  # Gluon is experimental: absent or different in other Triton versions
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    HAVE_GLUON = False
+
+__all__ = ["attention_gluon", "available", "gluon_ok", "compile_signature", "GLUON_CONFIGS", "GluonAttnConfig",
+           "DEFAULT_GLUON_CONFIG", "HAVE_GLUON"]
+
+LOG2E = 1.4426950408889634
+# 12 warps (4 + 4 + the producer's warpgroup) x 168 = the 64K-register file; setmaxnreg then moves them:
+# 240 to each consumer warpgroup, 24 to the producer's
+MAXNREG = 168
+
+
+@dataclass(frozen=True)
+class GluonAttnConfig:
+    """Launch parameters: keys per block, depth of the K/V rings, ping-pong of the two consumer
+    warpgroups, registers per consumer thread (the producer warp gets 24)."""
+    block_n: int
+    stages: int
+    pingpong: bool = True
+    consumer_regs: int = 240
+    block_m: int = 128  # two consumer warpgroups of 64 rows (wgmma M = 64 per warpgroup)
+
+
+# smem: q 32 KB + K and V 2 x stages x block_n x 256 B + 16 KB epilogue scratch; 128x128 with 2 stages
+# is 176 KB (3 stages would be 240 KB, over the 227 KB an H100 block can have)
+GLUON_CONFIGS: dict[str, GluonAttnConfig] = {
+    "fa3_128x128_s2": GluonAttnConfig(128, 2),
+    # the same without ping-pong (both warpgroups issue their MMAs whenever ready): measures what the
+    # explicit alternation is worth
+    "fa3_nopp_128x128_s2": GluonAttnConfig(128, 2, pingpong=False),
+}
+DEFAULT_GLUON_CONFIG = "fa3_128x128_s2"
+
+
+def available(device: torch.device | None = None) -> bool:
+    """Whether attention_gluon can run here: Gluon importable and an sm90 GPU (TMA + wgmma)."""
+    if not HAVE_GLUON or not torch.cuda.is_available():
+        return False
+    device = device or torch.device("cuda")
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
+def _rows_view_ok(t: torch.Tensor) -> bool:
+    """[B, L, H, D] readable as a 2D [B*L, H*D] TMA tensor: unit D stride, heads D apart, batches L rows
+    apart, 16-byte aligned base and row stride."""
+    B, L, H, D = t.shape
+    esz = t.element_size()
+    return (t.stride(3) == 1 and t.stride(2) == D and (B == 1 or t.stride(0) == L * t.stride(1))
+            and t.data_ptr() % 16 == 0 and (t.stride(1) * esz) % 16 == 0 and t.stride(1) >= H * D)
+
+
+def gluon_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether this kernel takes these inputs (dtype, head_dim 128, non-empty, layout for TMA after at most
+    a .contiguous())."""
+    return (q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype and v.dtype == q.dtype
+            and q.shape[-1] == 128 and q.shape[1] > 0 and k.shape[1] > 0 and q.is_cuda)
+
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready, v_empty,
+                  turn, row_q, row_k, col, n_blocks, o_ptr, stride_ob, stride_ol, stride_oh, b, h, Lq, Lk,
+                  qk_scale):
+        """1 warp: q once (both halves), then K_j and V_j into ring slot j % STAGES when it is free."""
+        HALF: gl.constexpr = q_desc.block_type.shape[0]
+        BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+        STAGES: gl.constexpr = k_bufs.type.shape[0]
+        mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [row_q, col], q_ready, q_bufs.index(0))
+        tma.async_copy_global_to_shared(q_desc, [row_q + HALF, col], q_ready, q_bufs.index(1))
+        for j in range(n_blocks):
+            s = j % STAGES
+            ph = (j // STAGES) & 1
+            # a fresh mbarrier counts as having completed the phase of parity 1: the first pass is free
+            mbarrier.wait(k_empty.index(s), ph ^ 1)
+            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [row_k + j * BLOCK_N, col], k_ready.index(s), k_bufs.index(s))
+            mbarrier.wait(v_empty.index(s), ph ^ 1)
+            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [row_k + j * BLOCK_N, col], v_ready.index(s), v_bufs.index(s))
+
+    @gluon.jit
+    def _take_turn(turn, t, WG: gl.constexpr):
+        """Waits until it is this warpgroup's turn t to issue MMAs (no-op without ping-pong: one barrier).
+        Warpgroup 0 waits parity (t & 1) ^ 1 (a fresh barrier has completed parity 1, so it starts),
+        warpgroup 1 parity t & 1."""
+        if turn.type.shape[0] == 2:
+            mbarrier.wait(turn.index(WG), (t & 1) ^ (1 - WG))
+
+    @gluon.jit
+    def _pass_turn(turn, WG: gl.constexpr):
+        """Hands the tensor cores to the other warpgroup (no-op without ping-pong)."""
+        if turn.type.shape[0] == 2:
+            mbarrier.arrive(turn.index(1 - WG), count=1)
+
+    @gluon.jit
+    def _mask_keys(s, j, Lk):
+        """Scores of keys >= Lk (in key block j) set to -inf."""
+        BLOCK_N: gl.constexpr = s.type.shape[1]
+        s_layout: gl.constexpr = s.type.layout
+        cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        return gl.where(gl.expand_dims(cols < Lk, 0), s, float("-inf"))
+
+    @gluon.jit
+    def _step(q_smem, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty, turn, j, Lk, qk_scale,
+              s, p, m_i, l_i, acc, WG: gl.constexpr, MASK: gl.constexpr):
+        """Turn j >= 1: issue S_j = q K_j^T and O += P_{j-1} V_{j-1}, softmax of S_j while the second MMA
+        runs, then rescale O. Returns (S_j, P_j, m, l, O)."""
+        STAGES: gl.constexpr = k_bufs.type.shape[0]
+        BLOCK_N: gl.constexpr = k_bufs.type.shape[1]
+        o_layout: gl.constexpr = acc.type.layout
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        st = j % STAGES
+        pst = (j - 1) % STAGES
+        p_op = gl.convert_layout(p.to(q_smem.dtype), p_layout)
+        mbarrier.wait(k_ready.index(st), (j // STAGES) & 1)
+        _take_turn(turn, j, WG)
+        s = warpgroup_mma(q_smem, k_bufs.index(st).permute((1, 0)), s, use_acc=False, is_async=True)
+        mbarrier.wait(v_ready.index(pst), ((j - 1) // STAGES) & 1)
+        acc = warpgroup_mma(p_op, v_bufs.index(pst), acc, is_async=True)
+        _pass_turn(turn, WG)
+        # S_j is the older group: one outstanding group left means S_j is done, P_{j-1} V_{j-1} may run
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+        mbarrier.arrive(k_empty.index(st), count=1)
+        if MASK:
+            s = _mask_keys(s, j, Lk)
+        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        # p_op's registers are read by the running MMA: keep them alive until it is done
+        acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
+        mbarrier.arrive(v_empty.index(pst), count=1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        return s, p, m_new, l_i, acc
+
+    @gluon.jit
+    def _consumer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready, v_empty,
+                  turn, row_q, row_k, col, n_blocks, o_ptr, stride_ob, stride_ol, stride_oh, b, h, Lq, Lk,
+                  qk_scale, WG: gl.constexpr):
+        """4 warps: rows [WG*HALF, WG*HALF + HALF) of the CTA's query block, over all key blocks.
+
+        Turn t (0: S_0; j: S_j with P_{j-1} V_{j-1}; n_blocks: the last P V) waits on turn[WG] and passes
+        the turn on through turn[1 - WG]; warpgroup 0 starts (parity 1 of a fresh barrier is complete).
+        Only a ragged last key block is masked: the loop runs the full blocks, the masked step is peeled."""
+        dtype: gl.constexpr = q_desc.dtype
+        HALF: gl.constexpr = q_desc.block_type.shape[0]
+        HEAD_D: gl.constexpr = q_desc.block_type.shape[1]
+        BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+        STAGES: gl.constexpr = k_bufs.type.shape[0]
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_D, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        q_smem = q_bufs.index(WG)
+        n_full = Lk // BLOCK_N
+
+        mbarrier.wait(q_ready, 0)
+        # turn 0: S_0 = q K_0^T
+        mbarrier.wait(k_ready.index(0), 0)
+        _take_turn(turn, 0, WG)
+        s = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)),
+                          gl.zeros([HALF, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+        _pass_turn(turn, WG)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        mbarrier.arrive(k_empty.index(0), count=1)
+        if n_full == 0:
+            s = _mask_keys(s, 0, Lk)
+        m_i = gl.max(s, axis=1) * qk_scale
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_i, 1))
+        l_i = gl.sum(p, axis=1)
+        acc = gl.zeros([HALF, HEAD_D], gl.float32, o_layout)
+
+        for j in range(1, n_full):
+            s, p, m_i, l_i, acc = _step(q_smem, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty, turn, j, Lk, qk_scale, s, p, m_i, l_i, acc, WG, False)
+        if n_full >= 1 and n_full < n_blocks:
+            s, p, m_i, l_i, acc = _step(q_smem, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty, turn, n_full, Lk, qk_scale, s, p, m_i, l_i, acc, WG, True)
+
+        # turn n_blocks: O += P_last V_last
+        last = n_blocks - 1
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+        _take_turn(turn, n_blocks, WG)
+        acc = warpgroup_mma(p_op, v_bufs.index(last % STAGES), acc, is_async=True)
+        _pass_turn(turn, WG)
+        acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
+        mbarrier.arrive(v_empty.index(last % STAGES), count=1)
+
+        o = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
+        # 16-byte stores: each thread writes 8 consecutive columns
+        st_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+        o = gl.convert_layout(o.to(dtype), st_layout)
+        rows = (row_q - b * Lq + WG * HALF) + gl.arange(0, HALF, layout=gl.SliceLayout(1, st_layout))
+        cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, st_layout))
+        ptrs = (o_ptr + b * stride_ob + h * stride_oh + gl.expand_dims(rows, 1) * stride_ol
+                + gl.expand_dims(cols, 0))
+        gl.store(ptrs, o, mask=gl.expand_dims(rows < Lq, 1))
+
+    @gluon.jit
+    def _consumer_0(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready, v_empty,
+                    turn, row_q, row_k, col, n_blocks, o_ptr, stride_ob, stride_ol, stride_oh, b, h, Lq, Lk,
+                    qk_scale):
+        _consumer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready, v_empty,
+                  turn, row_q, row_k, col, n_blocks, o_ptr, stride_ob, stride_ol, stride_oh, b, h, Lq, Lk,
+                  qk_scale, 0)
+
+    @gluon.jit
+    def _consumer_1(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready, v_empty,
+                    turn, row_q, row_k, col, n_blocks, o_ptr, stride_ob, stride_ol, stride_oh, b, h, Lq, Lk,
+                    qk_scale):
+        _consumer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready, v_empty,
+                  turn, row_q, row_k, col, n_blocks, o_ptr, stride_ob, stride_ol, stride_oh, b, h, Lq, Lk,
+                  qk_scale, 1)
+
+    @gluon.jit
+    def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, stride_ob, stride_ol, stride_oh, H, Lq, Lk, qk_scale,
+                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                        CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr):
+        HALF: gl.constexpr = BLOCK_M // 2
+        HEAD_D: gl.constexpr = q_desc.block_type.shape[1]
+        dtype: gl.constexpr = q_desc.dtype
+        pid_m = gl.program_id(0)
+        bh = gl.program_id(1)
+        b = bh // H
+        h = bh % H
+        row_q = b * Lq + pid_m * BLOCK_M
+        row_k = b * Lk
+        col = h * HEAD_D
+        n_blocks = gl.cdiv(Lk, BLOCK_N)
+
+        q_bufs = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_D], q_desc.layout)
+        k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], k_desc.layout)
+        v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], v_desc.layout)
+        q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        # ping-pong: one turn barrier per consumer warpgroup; without it a single unused one
+        N_TURN: gl.constexpr = 1 + PINGPONG
+        turn = gl.allocate_shared_memory(gl.int64, [N_TURN, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_ready, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)  # released by both consumer warpgroups
+            mbarrier.init(v_empty.index(i), count=2)
+        for i in gl.static_range(N_TURN):
+            mbarrier.init(turn.index(i), count=1)
+
+        common = (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready, v_empty,
+                  turn, row_q, row_k, col, n_blocks, o_ptr, stride_ob, stride_ol, stride_oh, b, h, Lq, Lk,
+                  qk_scale)
+        gl.warp_specialize([
+            (_consumer_0, common),
+            (_consumer_1, common),
+            (_producer, common),
+        ], [4, 1], [CONSUMER_REGS, 24])
+
+
+def _descriptor(t: torch.Tensor, rows: int):
+    B, L, H, D = t.shape
+    layout = gl.NVMMASharedLayout.get_default_for([rows, D], gl.bfloat16 if t.dtype == torch.bfloat16
+                                                  else gl.float16)
+    return TensorDescriptor(t, [B * L, H * D], [t.stride(1), 1], [rows, D], layout)
+
+
+def compile_signature(config: str | GluonAttnConfig, dtype: torch.dtype = torch.bfloat16) -> tuple:
+    """(kernel, argument types, constexprs, options) to compile the kernel for a target without a GPU
+    (benchmarks/sass_stats.py and the CPU compile test): descriptor types come from host descriptors
+    over a small CPU tensor."""
+    from triton.runtime.jit import mangle_type
+    cfg = GLUON_CONFIGS[config] if isinstance(config, str) else config
+    t = torch.empty(1, 64, 2, 128, dtype=dtype)
+    ptr = "*bf16" if dtype == torch.bfloat16 else "*fp16"
+    types = dict(q_desc=mangle_type(_descriptor(t, cfg.block_m // 2)), k_desc=mangle_type(_descriptor(t, cfg.block_n)),
+                 v_desc=mangle_type(_descriptor(t, cfg.block_n)), o_ptr=ptr, qk_scale="fp32")
+    consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.stages, CONSUMER_REGS=cfg.consumer_regs,
+                  PINGPONG=cfg.pingpong)
+    return _attn_fwd_gluon, types, consts, dict(num_warps=4, maxnreg=MAXNREG)
+
+
+def attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: str | GluonAttnConfig | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """Launches the Gluon kernel (config name or GluonAttnConfig) into `out` (contiguous [B, Lq, H, D] when
+    None). q [B, Lq, H, D], k/v [B, Lk, H, D]; head_dim 128, fp16/bf16, sm90. Not a custom op: the ops in
+    kernels/attention.py call it."""
+    if not HAVE_GLUON:
+        raise RuntimeError("kernels/attention_gluon.py: this Triton has no Gluon (triton.experimental.gluon)")
+    cfg = GLUON_CONFIGS[config or DEFAULT_GLUON_CONFIG] if not isinstance(config, GluonAttnConfig) else config
+    if not gluon_ok(q, k, v):
+        raise ValueError(f"kernels/attention_gluon.py: needs CUDA fp16/bf16 q, k, v with head_dim 128 and "
+                         f"non-empty L; got {q.dtype} {list(q.shape)}, {list(k.shape)} on {q.device}")
+    q, k, v = (t if _rows_view_ok(t) else t.contiguous() for t in (q, k, v))
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    if out is None:
+        out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
+    if out.stride(3) != 1:
+        raise ValueError("kernels/attention_gluon.py: out needs a unit last stride")
+    grid = (triton.cdiv(Lq, cfg.block_m), B * H)
+    _attn_fwd_gluon[grid](
+        _descriptor(q, cfg.block_m // 2), _descriptor(k, cfg.block_n), _descriptor(v, cfg.block_n),
+        out, out.stride(0), out.stride(1), out.stride(2), H, Lq, Lk, LOG2E / math.sqrt(D),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.stages, CONSUMER_REGS=cfg.consumer_regs,
+        PINGPONG=cfg.pingpong, num_warps=4, maxnreg=MAXNREG)
+    return out

@@ -1,0 +1,236 @@
+"""FA3-style Gluon attention (kernels/attention_gluon.py).
+
+Gluon kernels do not run in Triton's CPU interpreter, so on the CPU machine the kernel is compiled for
+sm_90a (Triton 3.6 + its ptxas) and its SASS checked; the "gluon" backend's fallback to the Triton kernel
+is tested through the interpreter. The numerical tests run under the gpu marker against fp32 references
+(rule: max |kernel - fp32 ref| <= 2 x the error of PyTorch SDPA in the run dtype + 1e-3), marked `last`
+because the kernel had never run on a GPU when it was written.
+"""
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from lightx2v_engine import ops
+from lightx2v_engine.kernels import attention, set_attention_impl
+from lightx2v_engine.ops import attention_ref
+
+from dit_fixtures import eager_and_graph_replay
+
+A = importlib.import_module("lightx2v_engine.kernels.attention")
+G = importlib.import_module("lightx2v_engine.kernels.attention_gluon")
+_SASS = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "sass_stats.py")
+
+needs_gluon = pytest.mark.skipif(not G.HAVE_GLUON, reason="this Triton has no Gluon (the pinned 3.6 has)")
+
+
+def _ref32(q, k, v):
+    return torch.cat([attention_ref(q[:, :, h:h + 1].float(), k[:, :, h:h + 1].float(), v[:, :, h:h + 1].float())
+                      for h in range(q.shape[2])], dim=2)
+
+
+def _assert_rule(out, q, k, v, atol=1e-3):
+    ref32 = _ref32(q, k, v)
+    base = (attention_ref(q, k, v).float() - ref32).abs().max().item()
+    err = (out.float() - ref32).abs().max().item()
+    assert err <= 2 * base + atol, f"kernel err {err:.3e} > 2 x SDPA {q.dtype} err {base:.3e} + {atol}"
+
+
+def _qkv(B, Lq, Lk, H, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    mk = lambda L: torch.randn(B, L, H, 128, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    return mk(Lq), mk(Lk) * 1.5, mk(Lk)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CPU: sm_90a compile and SASS of the key loop
+# ----------------------------------------------------------------------------------------------------
+
+_COMPILE = r'''
+import importlib.util, json, sys, torch
+spec = importlib.util.spec_from_file_location("sass_stats", sys.argv[1])
+S = importlib.util.module_from_spec(spec); spec.loader.exec_module(S)
+G = importlib.import_module("lightx2v_engine.kernels.attention_gluon")
+out = {}
+for name in G.GLUON_CONFIGS:
+    for dtype in (torch.bfloat16, torch.float16):
+        fn, types, consts, opts = G.compile_signature(name, dtype)
+        r = S.compile_sm90(fn, types, consts, opts["num_warps"], 1, gluon=True, maxnreg=opts["maxnreg"])
+        loops = S.mma_loops(r.pop("sass"))
+        out[f"{name}/{dtype}"] = dict(r, loop=dict(loops[0]) if loops else {})
+print("AOT" + json.dumps(out))
+'''
+
+
+@needs_gluon
+def test_gluon_kernel_compiles_for_sm90():
+    """Every config builds for sm_90a in bf16 and fp16: warp-specialised, no spills, within the H100's
+    227 KB of shared memory; the consumers' key loop holds the 16 wgmma per block (8 for q K^T, 8 for P V
+    with P from registers), the 64 exponentials per thread, and no mask (the ragged block is peeled)."""
+    import json
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _COMPILE, _SASS], capture_output=True, text=True, env=env,
+                         timeout=600)
+    line = next((ln for ln in res.stdout.splitlines() if ln.startswith("AOT")), None)
+    assert line is not None, res.stdout[-3000:] + res.stderr[-3000:]
+    info = json.loads(line[3:])
+    assert len(info) == 2 * len(G.GLUON_CONFIGS)
+    for name, r in info.items():
+        loop = r["loop"]
+        assert r["ws"] and r["spill"] == 0, f"{name}: ws {r['ws']}, {r['spill']} bytes of spills"
+        assert r["smem"] <= 227 * 1024, f"{name}: {r['smem']} bytes of shared memory"
+        hgmma = sum(n for op, n in loop.items() if op.startswith("HGMMA"))
+        mufu = sum(n for op, n in loop.items() if op.startswith("MUFU.EX2"))
+        fsel = sum(n for op, n in loop.items() if op.startswith("FSEL"))
+        assert hgmma == 16 and 64 <= mufu <= 70, f"{name}: loop {loop}"
+        assert fsel == 0, f"{name}: {fsel} selects in the key loop (the mask belongs to the peeled step)"
+        assert sum(loop.values()) < 500, f"{name}: {sum(loop.values())} instructions per warp and key block"
+
+
+# ----------------------------------------------------------------------------------------------------
+# CPU: the "gluon" backend and its fallbacks
+# ----------------------------------------------------------------------------------------------------
+
+def test_gluon_backend_falls_back_to_triton_where_unavailable():
+    """Without an sm90 GPU the "gluon" backend runs the Triton kernel (here through the interpreter) and
+    says so in the ops line."""
+    q, k, v = _qkv(2, 77, 45, 3, torch.float16, "cpu")
+    try:
+        set_attention_impl("gluon")
+        assert A.attention_impl() == ("gluon", G.DEFAULT_GLUON_CONFIG)
+        out = attention(q, k, v)
+        assert "unavailable" in A.gluon_status(torch.device("cpu"))
+    finally:
+        set_attention_impl("triton")
+    torch.testing.assert_close(out, A.attention_triton(q, k, v), rtol=0, atol=0)
+    _assert_rule(out, q, k, v, atol=1e-4)
+
+
+def test_gluon_failure_switches_it_off_with_one_warning(monkeypatch):
+    """A Gluon kernel that fails (e.g. does not compile on some GPU) is switched off for the process after
+    one warning naming the error; the call and later ones get the Triton kernel's result."""
+    calls = []
+
+    def broken(*a, **kw):
+        calls.append(1)
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(G, "available", lambda device=None: True)
+    monkeypatch.setattr(G, "gluon_ok", lambda q, k, v: True)
+    monkeypatch.setattr(G, "attention_gluon", broken)
+    monkeypatch.setattr(A, "_GLUON_FAILED", None)
+    q, k, v = _qkv(1, 40, 40, 2, torch.float16, "cpu")
+    try:
+        set_attention_impl("gluon")
+        with pytest.warns(RuntimeWarning, match="PassManager::run failed"):
+            out = attention(q, k, v)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out2 = attention(q, k, v)
+    finally:
+        set_attention_impl("triton")
+    assert len(calls) == 1 and "PassManager" in A.gluon_status()
+    torch.testing.assert_close(out, A.attention_triton(q, k, v), rtol=0, atol=0)
+    torch.testing.assert_close(out2, out, rtol=0, atol=0)
+
+
+def test_gluon_input_checks():
+    q, k, v = _qkv(1, 8, 8, 1, torch.float16, "cpu")
+    assert not G.gluon_ok(q, k, v)  # CPU tensors
+    if G.HAVE_GLUON:
+        with pytest.raises(ValueError, match="head_dim 128"):
+            G.attention_gluon(q, k, v)
+    q64 = torch.randn(1, 8, 2, 64, dtype=torch.float16)
+    assert not G.gluon_ok(q64, q64, q64)
+    with pytest.raises(ValueError, match="Gluon attention config"):
+        set_attention_impl(gluon_config="fa3_nope")
+
+
+def test_rows_view_check():
+    """The 2D TMA view [B*L, H*D] needs unit D stride, heads D apart and batches L rows apart."""
+    x = torch.empty(2, 10, 3 * 256, dtype=torch.bfloat16)
+    q = x[..., :256].unflatten(-1, (2, 128))  # a slice of a fused projection: row stride 768
+    assert G._rows_view_ok(q)
+    assert not G._rows_view_ok(torch.empty(2, 10, 2, 128, dtype=torch.bfloat16).transpose(1, 2).transpose(1, 2)[:, :5])
+    assert not G._rows_view_ok(torch.empty(2, 2, 10, 128, dtype=torch.bfloat16).transpose(1, 2))
+
+
+def test_env_choice_of_gluon_config(monkeypatch):
+    monkeypatch.setenv("LX2V_ATTN_GLUON_CONFIG", "fa3_nopp_128x128_s2")
+    assert A._env_gluon_config() == "fa3_nopp_128x128_s2"
+    monkeypatch.setenv("LX2V_ATTN_GLUON_CONFIG", "fa3")
+    with pytest.raises(ValueError, match="LX2V_ATTN_GLUON_CONFIG"):
+        A._env_gluon_config()
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU (sm90): numerics at odd and real shapes, strided views, CUDA-graph replay
+# ----------------------------------------------------------------------------------------------------
+
+gpu_sm90 = pytest.mark.skipif(not G.available(), reason="needs an sm90 GPU and Gluon")
+
+
+@pytest.mark.gpu
+@pytest.mark.last
+@gpu_sm90
+@pytest.mark.parametrize("config", list(G.GLUON_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B, Lq, Lk, H", [(1, 77, 77, 3), (2, 77, 33, 3), (1, 300, 1000, 2), (2, 1000, 300, 2),
+                                          (1, 129, 128, 1), (1, 128, 256, 2), (2, 4101, 4101, 2), (1, 333, 769, 2)])
+def test_gluon_attention_odd_shapes(config, dtype, B, Lq, Lk, H):
+    q, k, v = _qkv(B, Lq, Lk, H, dtype, "cuda")
+    out = G.attention_gluon(q, k, v, config)
+    assert out.shape == q.shape and out.dtype == dtype and torch.isfinite(out).all()
+    _assert_rule(out, q, k, v)
+
+
+@pytest.mark.gpu
+@pytest.mark.last
+@gpu_sm90
+@pytest.mark.parametrize("config", list(G.GLUON_CONFIGS))
+@pytest.mark.parametrize("H, Lq, Lk", [(12, 32760, 32760), (12, 32760, 512), (40, 32760, 257)])
+def test_gluon_attention_real_shapes(config, H, Lq, Lk):
+    q, k, v = _qkv(1, Lq, Lk, H, torch.bfloat16, "cuda")
+    _assert_rule(G.attention_gluon(q, k, v, config), q, k, v)
+
+
+@pytest.mark.gpu
+@pytest.mark.last
+@gpu_sm90
+def test_gluon_attention_strided_views_and_out():
+    """q, k, v as head views of fused projections (row stride 3C / 2C), two batches; `out` a view too."""
+    torch.manual_seed(0)
+    B, L, H = 2, 300, 2
+    qkv = torch.randn(B, L, 3 * H * 128, device="cuda").bfloat16()
+    q = qkv[..., : H * 128].unflatten(-1, (H, 128))
+    kv = torch.randn(B, 513, 2 * H * 128, device="cuda").bfloat16()
+    k, v = (t.unflatten(-1, (H, 128)) for t in kv.split(H * 128, dim=-1))
+    buf = torch.zeros(B, L, 2 * H * 128, device="cuda", dtype=torch.bfloat16)
+    out = buf[..., H * 128:].unflatten(-1, (H, 128))
+    G.attention_gluon(q, k, v, out=out)
+    assert torch.count_nonzero(buf[..., : H * 128]) == 0  # nothing written outside `out`
+    _assert_rule(out, q, k, v)
+
+
+@pytest.mark.gpu
+@pytest.mark.last
+@gpu_sm90
+def test_gluon_backend_in_cuda_graph_and_dispatch():
+    """The "gluon" backend through the public op: it runs the Gluon kernel (not the fallback) and replays
+    inside a CUDA graph with the eager result."""
+    q, k, v = _qkv(1, 1000, 300, 2, torch.bfloat16, "cuda")
+    try:
+        set_attention_impl("gluon")
+        want, out = eager_and_graph_replay(lambda: attention(q, k, v))
+        assert A.gluon_status(q.device) == "available", A.gluon_status(q.device)
+        assert "gluon fa3" in ops.describe(q.device)
+    finally:
+        set_attention_impl("triton")
+    assert torch.equal(out, want)
+    torch.testing.assert_close(want, G.attention_gluon(q, k, v), rtol=0, atol=0)
+    _assert_rule(want, q, k, v)
