@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import importlib
 import json
 import math
 import os
@@ -163,17 +164,19 @@ def _attn_case(H: int, Lq: int, Lk: int, device: str, dtype):
 
 
 def bench_attention(shapes: list[tuple[int, int, int]], configs: list[str], device: str, dtype,
-                    cudnn_ms: dict | None = None) -> list[dict]:
-    """Triton configs at each shape against SDPA flash and cuDNN. With `cudnn_ms` (shape -> cuDNN ms of an
-    earlier call) SDPA only supplies the error baseline of the 2x rule: it is not timed again, and the
-    ratios use the earlier cuDNN time."""
+                    cudnn_ms: dict | None = None, gluon_configs: list[str] = ()) -> list[dict]:
+    """Triton configs (and Gluon configs, kernels/attention_gluon.py) at each shape against SDPA flash and
+    cuDNN. With `cudnn_ms` (shape -> cuDNN ms of an earlier call) SDPA only supplies the error baseline of
+    the 2x rule: it is not timed again, and the ratios use the earlier cuDNN time."""
     from lightx2v_engine.kernels.attention import (ATTN_CONFIGS, _sdpa, attention_triton, mean_pad_ok,
                                                    pad_keys_with_mean)
+    from lightx2v_engine.kernels.attention_gluon import attention_gluon
 
     rows = []
     for H, Lq, Lk in shapes:
         shape, q, k, v, flops, ref32 = _attn_case(H, Lq, Lk, device, dtype)
         impls = {f"triton:{c}": (lambda c=c: attention_triton(q, k, v, c)) for c in configs}
+        impls.update({f"gluon:{c}": (lambda c=c: attention_gluon(q, k, v, c)) for c in gluon_configs})
         # mean-padded configs run as self-attention does: K padded to whole blocks with its mean (the
         # padding is made once, outside the timing, as the DiT makes it in the norm+RoPE pass)
         kp = None
@@ -267,6 +270,9 @@ def summarize(rows: list[dict], main_shape: str) -> dict:
             and not math.isnan(r["ms"])]
     tri = [r for r in attn if r["impl"].startswith("triton:")]
     best_tri = min(tri, key=lambda r: r["ms"]) if tri else None
+    glu = [r for r in attn if r["impl"].startswith("gluon:")]
+    best_glu = min(glu, key=lambda r: r["ms"]) if glu else None
+    best_ours = min([r for r in (best_tri, best_glu) if r], key=lambda r: r["ms"], default=None)
     cudnn = next((r for r in attn if r["impl"] == "sdpa_cudnn"), None)
     best = min(attn, key=lambda r: r["ms"]) if attn else None
     cross_shape = main_shape.rsplit("Lk", 1)[0] + "Lk512"
@@ -287,11 +293,17 @@ def summarize(rows: list[dict], main_shape: str) -> dict:
         "qk_norm_rope_row_bw_frac": min_frac("qk_norm_rope"),
         "qk_norm_rope_tile_bw_frac": min_frac("qk_norm_rope_tile"),
         "qk_norm_rope_chunk_bw_frac": min_frac("qk_norm_rope_chunk"),
-        "attn_bf16_ratio_vs_cudnn": (cudnn["ms"] / best_tri["ms"]) if (best_tri and cudnn) else None,
+        # our best kernel (Triton or Gluon) against cuDNN
+        "attn_bf16_ratio_vs_cudnn": (cudnn["ms"] / best_ours["ms"]) if (best_ours and cudnn) else None,
+        "attn_bf16_best_ours": best_ours["impl"] if best_ours else None,
         "attn_best_impl": best["impl"] if best else None,
         "attn_best_triton_config": best_tri["impl"].split(":", 1)[1] if best_tri else None,
         "attn_triton_tflops": best_tri["tflops_or_gbps"] if best_tri else None,
         "attn_cudnn_tflops": cudnn["tflops_or_gbps"] if cudnn else None,
+        "attn_gluon_best_config": best_glu["impl"].split(":", 1)[1] if best_glu else None,
+        "attn_gluon_tflops": best_glu["tflops_or_gbps"] if best_glu else None,
+        "attn_gluon_ratio_vs_cudnn": (cudnn["ms"] / best_glu["ms"]) if (best_glu and cudnn) else None,
+        "attn_gluon_ratio_vs_triton": (best_tri["ms"] / best_glu["ms"]) if (best_glu and best_tri) else None,
         "attn_main_shape": main_shape,
         # the fastest correct implementation at the cross-attention shape (Lk = 512), for LX2V_CROSS_ATTN
         "attn_cross_best_impl": (min(cross, key=lambda r: r["ms"])["impl"] if cross else None),
@@ -352,6 +364,9 @@ def main(argv=None) -> int:
     p.add_argument("--configs", default="all", help="'all' or a comma list of ATTN_CONFIGS names")
     p.add_argument("--configs8", default="auto",
                    help="'auto' (QUICK_ATTN8 with --quick, else all), 'all', '' (none) or a comma list of ATTN8_CONFIGS names")
+    p.add_argument("--gluon", default="auto",
+                   help="'auto' (every GLUON_CONFIGS entry where the kernel is available: sm90, not "
+                        "LX2V_ATTN_GLUON_OFF=1), '' (none) or a comma list of Gluon attention configs")
     p.add_argument("--dry-run", action="store_true", help="tiny CPU shapes through the Triton interpreter")
     args = p.parse_args(argv)
 
@@ -374,6 +389,14 @@ def main(argv=None) -> int:
 
     from lightx2v_engine.kernels.attention import ATTN_CONFIGS, DEFAULT_ATTN_CONFIG
     from lightx2v_engine.kernels.attention_8bit import ATTN8_CONFIGS
+    G = importlib.import_module("lightx2v_engine.kernels.attention_gluon")
+    if args.gluon == "auto":
+        gluon_configs = list(G.GLUON_CONFIGS) if (device == "cuda" and G.available()) else []
+    else:
+        gluon_configs = [c for c in args.gluon.split(",") if c]
+    unknown_g = [c for c in gluon_configs if c not in G.GLUON_CONFIGS]
+    if unknown_g:
+        p.error(f"unknown --gluon {unknown_g}; choose from {list(G.GLUON_CONFIGS)}")
     configs = list(ATTN_CONFIGS) if args.configs == "all" else args.configs.split(",")
     unknown = [c for c in configs if c not in ATTN_CONFIGS]
     if unknown:
@@ -414,6 +437,10 @@ def main(argv=None) -> int:
     mean_pad = [c for c in configs if ATTN_CONFIGS[c].mean_pad]
     if mean_pad:  # self-attention shapes only (the padding is a self-attention feature)
         rows += bench_attention([s for s in attn_shapes if s[1] == s[2]], mean_pad, device, dtype, cudnn_ms)
+        save(rows)
+    # the Gluon kernel last of all (written without a GPU; gpu_check switches it off when its smoke test fails)
+    if gluon_configs:
+        rows += bench_attention(attn_shapes, [], device, dtype, cudnn_ms, gluon_configs=gluon_configs)
     summary, (csv_path, json_path) = save(rows)
     print_table(rows, copy_gbps)
     print(json.dumps(summary, indent=2))

@@ -61,16 +61,30 @@ def table(summary: dict) -> str:
 
 
 def pick_attention(kernels_summary: Path) -> str:
-    """Shell exports selecting the fastest correct attention of a bench_kernels run."""
+    """Shell exports selecting the fastest correct attention of a bench_kernels run: self-attention's
+    backend (a Triton config, the Gluon kernel with its config, or an SDPA backend), cross-attention's
+    backend named explicitly (it would otherwise follow self-attention's), the 8-bit config and the
+    fastest q/k norm+RoPE variant."""
     s = json.loads(kernels_summary.read_text())
-    best, cfg = s.get("attn_best_impl"), s.get("attn_best_triton_config")
+    best, cfg = s.get("attn_best_impl") or "", s.get("attn_best_triton_config")
     exports = []
-    if best and best.startswith("sdpa_"):
+    self_impl = "triton"
+    if best.startswith("sdpa_"):
+        self_impl = best
         exports.append(f"LX2V_ATTN={best}")
+    elif best.startswith("gluon:"):
+        self_impl = "gluon"
+        exports.append(f"LX2V_ATTN=gluon LX2V_ATTN_GLUON_CONFIG={best.split(':', 1)[1]}")
     elif best and cfg:
-        exports.append(f"LX2V_ATTN=triton LX2V_ATTN_CONFIG={cfg}")
-    if (s.get("attn_cross_best_impl") or "").startswith("sdpa_"):
-        exports.append(f"LX2V_CROSS_ATTN={s['attn_cross_best_impl']}")
+        exports.append("LX2V_ATTN=triton")
+    if cfg and best:  # the Triton config also serves the Gluon backend's fallback shapes
+        exports.append(f"LX2V_ATTN_CONFIG={cfg}")
+    cross = s.get("attn_cross_best_impl") or ""
+    cross_impl = cross.split(":", 1)[0]
+    if cross_impl == "gluon" and self_impl != "gluon":
+        exports.append(f"LX2V_ATTN_GLUON_CONFIG={cross.split(':', 1)[1]}")
+    if cross_impl and cross_impl != self_impl:  # cross-attention would otherwise follow self-attention's
+        exports.append(f"LX2V_CROSS_ATTN={cross_impl}")
     if s.get("attn_8bit_best_config"):
         exports.append(f"LX2V_ATTN8_CONFIG={s['attn_8bit_best_config']}")
     fracs = {v: s.get(f"qk_norm_rope_{v}_bw_frac") for v in ("row", "tile", "chunk")}

@@ -129,6 +129,8 @@ def gluon_status(device: torch.device | None = None) -> str:
         return f"off after a failure: {_GLUON_FAILED}"
     if not _gluon.HAVE_GLUON:
         return "unavailable: this Triton has no Gluon"
+    if _gluon.switched_off():
+        return "off: LX2V_ATTN_GLUON_OFF=1"
     if not _gluon.available(device):
         return "unavailable: needs an sm90 GPU"
     return "available"

@@ -30,6 +30,7 @@ Needs sm90 (TMA, wgmma) and Triton with Gluon (3.6 here); ``available()`` says w
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -75,9 +76,15 @@ GLUON_CONFIGS: dict[str, GluonAttnConfig] = {
 DEFAULT_GLUON_CONFIG = "fa3_128x128_s2"
 
 
+def switched_off() -> bool:
+    """LX2V_ATTN_GLUON_OFF=1 (benchmarks/gpu_check.sh sets it when the kernel's smoke test fails or hangs)."""
+    return os.environ.get("LX2V_ATTN_GLUON_OFF", "0") == "1"
+
+
 def available(device: torch.device | None = None) -> bool:
-    """Whether attention_gluon can run here: Gluon importable and an sm90 GPU (TMA + wgmma)."""
-    if not HAVE_GLUON or not torch.cuda.is_available():
+    """Whether attention_gluon can run here: Gluon importable, an sm90 GPU (TMA + wgmma), not switched off
+    by LX2V_ATTN_GLUON_OFF=1."""
+    if not HAVE_GLUON or switched_off() or not torch.cuda.is_available():
         return False
     device = device or torch.device("cuda")
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
@@ -151,7 +158,6 @@ if HAVE_GLUON:
         """Turn j >= 1: issue S_j = q K_j^T and O += P_{j-1} V_{j-1}, softmax of S_j while the second MMA
         runs, then rescale O. Returns (S_j, P_j, m, l, O)."""
         STAGES: gl.constexpr = k_bufs.type.shape[0]
-        BLOCK_N: gl.constexpr = k_bufs.type.shape[1]
         o_layout: gl.constexpr = acc.type.layout
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         st = j % STAGES

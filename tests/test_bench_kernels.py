@@ -112,3 +112,32 @@ def test_pick_attention_exports_8bit_config(tmp_path):
                              "attn_cross_best_impl": "sdpa_cudnn"}))
     assert mod.pick_attention(p) == ("export LX2V_ATTN=triton LX2V_ATTN_CONFIG=ws LX2V_CROSS_ATTN=sdpa_cudnn"
                                      " LX2V_ATTN8_CONFIG=tma_128x128_w8_s3 LX2V_QK_ROPE=tile")
+
+
+def test_summary_and_pick_with_gluon(bench, tmp_path):
+    """A faster correct Gluon config becomes our best kernel and the e2e backend; a wrong one never does;
+    cross-attention is then named explicitly (it would follow self-attention's backend)."""
+    shape, cross = "B1 H12 D128 Lq32760 Lk32760", "B1 H12 D128 Lq32760 Lk512"
+
+    def row(impl, ms, ok=True, shape=shape):
+        return dict(op="attention", shape=shape, impl=impl, ms=ms, tflops_or_gbps=6600.0 / ms, ratio=11.0 / ms, ok=ok)
+
+    rows = [row("triton:b", 10.0), row("sdpa_cudnn", 11.0), row("gluon:fa3", 9.0), row("gluon:fast", 5.0, ok=False),
+            row("triton:b", 0.30, shape=cross), row("sdpa_cudnn", 0.20, shape=cross), row("gluon:fa3", 0.25, shape=cross)]
+    s = bench.summarize(rows, shape)
+    assert s["attn_best_impl"] == "gluon:fa3" and s["attn_bf16_best_ours"] == "gluon:fa3"
+    assert s["attn_bf16_ratio_vs_cudnn"] == pytest.approx(11 / 9) and s["attn_gluon_best_config"] == "fa3"
+    assert s["attn_gluon_ratio_vs_triton"] == pytest.approx(10 / 9) and s["attn_best_triton_config"] == "b"
+    assert s["attn_cross_best_impl"] == "sdpa_cudnn"
+    spec = importlib.util.spec_from_file_location("summarize", os.path.join(os.path.dirname(_PATH), "summarize.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    p = tmp_path / "k.json"
+    p.write_text(json.dumps(s))
+    assert mod.pick_attention(p) == ("export LX2V_ATTN=gluon LX2V_ATTN_GLUON_CONFIG=fa3 LX2V_ATTN_CONFIG=b "
+                                     "LX2V_CROSS_ATTN=sdpa_cudnn")
+    # Triton wins self-attention, Gluon cross-attention
+    p.write_text(json.dumps({"attn_best_impl": "triton:b", "attn_best_triton_config": "b",
+                             "attn_cross_best_impl": "gluon:fa3"}))
+    assert mod.pick_attention(p) == ("export LX2V_ATTN=triton LX2V_ATTN_CONFIG=b LX2V_ATTN_GLUON_CONFIG=fa3 "
+                                     "LX2V_CROSS_ATTN=gluon")
