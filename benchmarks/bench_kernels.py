@@ -36,7 +36,7 @@ L720 = 75600
 HEAD_D = 128
 # the 8-bit configs --quick times (sass_stats.py: the f16x2 and warp-specialised polynomial loops are longer)
 QUICK_ATTN8 = ("ws_128x128_w4_s2", "ws_128x128_w4_s3", "ws_128x128_w4_s3_i2f", "ws_128x128_w4_s2_pv16",
-               "tma_128x128_w8_s3_poly")
+               "tma_128x128_w8_s3_poly", "gluon_fa3_128x128_s2", "gluon_fa3_128x128_s3")
 CSV_FIELDS = ["op", "shape", "impl", "ms", "tflops_or_gbps", "unit", "ratio", "ratio_kind", "max_err", "ok",
               "gpu", "torch", "triton", "commit", "date", "note"]
 
@@ -223,6 +223,7 @@ def bench_attention_8bit(shapes: list[tuple[int, int, int]], configs: list[str],
     as rel. L2 vs fp32 attention (ok: < 0.06 and finite); ratio to cuDNN bf16 from the same run."""
     from lightx2v_engine.kernels.attention_8bit import (ATTN8_CONFIGS, attention_8bit_quantized,
                                                         attention_8bit_triton, fp8_supported, quantize_qkv)
+    G = importlib.import_module("lightx2v_engine.kernels.attention_gluon")
     rows = []
     if not fp8_supported(torch.device(device)):
         return rows
@@ -231,10 +232,14 @@ def bench_attention_8bit(shapes: list[tuple[int, int, int]], configs: list[str],
         base = cudnn_ms.get(shape)
         for c in configs:
             cfg = ATTN8_CONFIGS[c]
+            if cfg.gluon and not G.available():  # it would time the Triton fallback under the Gluon name
+                continue
             out = torch.empty_like(q)
             try:
                 quant = quantize_qkv(q, k, v, cfg.block_n)
                 res = attention_8bit_triton(q, k, v, c, out=out).float()
+                if cfg.gluon and G.failure():  # it failed and fell back to the Triton kernel
+                    raise RuntimeError(G.failure())
                 err = ((res - ref32).norm() / ref32.norm()).item()
                 del res
                 ms_all = _bench_ms(lambda: attention_8bit_triton(q, k, v, c, out=out), rep_ms=200)

@@ -51,6 +51,20 @@ def main() -> int:
             ok &= good
             print(f"gluon smoke: {name} B{B} Lq{Lq} Lk{Lk} H{H}: err {err:.3e} (SDPA bf16 {base:.3e}) "
                   f"{'ok' if good else 'WRONG'} ({time.time() - t0:.1f} s incl. compile)")
+        # the 8-bit kernel: rel. L2 vs exact attention within the 8-bit tests' bound (< 6%)
+        t0 = time.time()
+        try:
+            out = G.attention_8bit_gluon(q, k, v)
+            torch.cuda.synchronize()
+            rel = ((out.float() - ref32).norm() / ref32.norm()).item()
+        except Exception as e:  # noqa: BLE001
+            print(f"gluon smoke: 8-bit B{B} Lq{Lq} Lk{Lk} H{H}: {type(e).__name__}: {str(e)[:300]}")
+            ok = False
+        else:
+            good = rel < 0.06
+            ok &= good
+            print(f"gluon smoke: 8-bit B{B} Lq{Lq} Lk{Lk} H{H}: rel. L2 {rel:.4f} {'ok' if good else 'WRONG'} "
+                  f"({time.time() - t0:.1f} s incl. compile)")
         del q, k, v, ref32
     return 0 if ok else 1
 

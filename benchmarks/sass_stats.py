@@ -117,7 +117,7 @@ def cases(names: list[str] | None):
                           PIPE_QK=c.pipe_qk, EVEN_N=even, MEAN_PAD=c.mean_pad and ws and not even)
             yield label, A._attn_fwd_kernel, bf, consts, c.num_warps, c.num_stages, {}
     for name, c in A8.ATTN8_CONFIGS.items():
-        if names and name not in names:
+        if names and name not in names or c.gluon:
             continue
         t8 = dict(Q8="*i8", K8="*i8", VT="*fp8e4nv" if c.pv_fp8 else "*bf16", QS="*fp32", KS="*fp32",
                   VS="*fp32", O="*bf16")
@@ -130,6 +130,12 @@ def cases(names: list[str] | None):
                 continue
             fn, types, consts, opts = AG.compile_signature(name)
             yield (f"gluon:{name}", fn, types, consts, opts["num_warps"], 1,
+                   dict(gluon=True, maxnreg=opts["maxnreg"]))
+        for name, c in A8.ATTN8_CONFIGS.items():
+            if not c.gluon or (names and name not in names):
+                continue
+            fn, types, consts, opts = AG.compile_signature8(AG.GluonAttnConfig(c.block_n, c.num_stages))
+            yield (f"8bit:{name}", fn, types, consts, opts["num_warps"], 1,
                    dict(gluon=True, maxnreg=opts["maxnreg"]))
 
 
@@ -150,7 +156,7 @@ def main(argv=None) -> int:
             print(f"{label:<44} failed: {type(e).__name__}: {str(e).splitlines()[-1][:100] if str(e) else ''}")
             rows.append(dict(config=label, error=f"{type(e).__name__}"))
             continue
-        loops = mma_loops(r.pop("sass"))
+        loops = [c for c in mma_loops(r.pop("sass")) if any(op.startswith("MUFU.EX2") for op in c)]
         loop = summarize_loop(loops[0]) if loops else {}
         rows.append(dict(config=label, **r, loop=loop))
         print(f"{label:<44}{r['regs'] or 0:>5}{r['smem'] / 1024:>8.0f}{r['spill']:>6} {'y' if r['ws'] else 'n'} "

@@ -17,7 +17,6 @@ ops are opaque to torch.compile, so the choice is read at every call).
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -93,7 +92,6 @@ def _env_cross_impl() -> str | None:
 _IMPL = _env_impl()
 _CONFIG = _env_config()
 _GLUON_CONFIG = _env_gluon_config()
-_GLUON_FAILED: str | None = None  # why the Gluon kernel was switched off in this process (first failure)
 # backend of the generic `attention` op (the DiT's cross-attention, 257-769 keys) when it differs from
 # self-attention's: cuDNN measured 0.194 ms against our 0.307 ms at Lk = 512 on an H100 (before the mask-free
 # loop); None: the same as _IMPL
@@ -125,8 +123,8 @@ def attention_impl() -> tuple[str, str]:
 
 def gluon_status(device: torch.device | None = None) -> str:
     """Why the "gluon" backend runs or falls back to the Triton kernel, in a few words."""
-    if _GLUON_FAILED:
-        return f"off after a failure: {_GLUON_FAILED}"
+    if _gluon.failure():
+        return f"off after a failure: {_gluon.failure()}"
     if not _gluon.HAVE_GLUON:
         return "unavailable: this Triton has no Gluon"
     if _gluon.switched_off():
@@ -382,14 +380,11 @@ def _attention_gluon_or_triton(q, k, v) -> torch.Tensor:
     """The Gluon kernel where it applies (sm90, head_dim 128, not switched off), else the Triton kernel.
     A failure of the Gluon kernel (e.g. a compile error on this GPU) switches it off for the process with
     one warning; the Triton kernel then computes this call and the following ones."""
-    global _GLUON_FAILED
-    if _GLUON_FAILED is None and _gluon.gluon_ok(q, k, v) and _gluon.available(q.device):
+    if _gluon.failure() is None and _gluon.gluon_ok(q, k, v) and _gluon.available(q.device):
         try:
             return _gluon.attention_gluon(q, k, v, _GLUON_CONFIG)
         except Exception as e:  # noqa: BLE001 - any failure: warn once and use the proven kernel
-            _GLUON_FAILED = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-            warnings.warn(f"kernels/attention.py: the Gluon attention kernel failed ({_GLUON_FAILED}); using "
-                          f"the Triton kernel for the rest of this process", RuntimeWarning, stacklevel=2)
+            _gluon.record_failure(e, "kernels/attention.py")
     return attention_triton(q, k, v)
 
 

@@ -44,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import attention_gluon as _gluon
 from ._util import check_choice, env_choice, interpreting
 
 __all__ = ["Attn8Config", "ATTN8_CONFIGS", "DEFAULT_ATTN8_CONFIG", "attention_8bit", "attention_8bit_triton",
@@ -68,6 +69,8 @@ class Attn8Config:
     exp_mode: int = 0       # 0 exp2 (MUFU), 1 ex2.approx.f16x2 (2 in the interpreter), 3 half / 4 all polynomial
     magic_cvt: bool = True  # int32 -> fp32 by the magic-number add instead of I2F
     pv_fp8: bool = True     # FP8 P.V; False: P.V in the input dtype with v unquantised (SageAttention-1)
+    gluon: bool = False     # the FA3-style Gluon kernel (kernels/attention_gluon.py; sm90, head_dim 128) with
+    #                         block_n and num_stages from here; elsewhere DEFAULT_ATTN8_CONFIG's Triton kernel
 
 
 # Candidates for benchmarks/bench_kernels.py (none measured on a GPU yet; the bf16 analogue of
@@ -83,6 +86,11 @@ ATTN8_CONFIGS: dict[str, Attn8Config] = {
     "tma_128x128_w8_s3": Attn8Config(128, 128, 8, 3),
     "tma_128x128_w8_s3_f16x2": Attn8Config(128, 128, 8, 3, exp_mode=1),  # sm90 SASS: 2 MUFU.EX2.F16 per pair
     "tma_128x128_w8_s3_poly": Attn8Config(128, 128, 8, 3, exp_mode=3),
+    # the same arithmetic in the explicitly warp-specialised Gluon kernel (ping-pong consumers, the ragged
+    # key block masked in a peeled step, P8 through shared memory): sm_90a SASS 559 instructions per warp
+    # and key block against 584; written without a GPU
+    "gluon_fa3_128x128_s2": Attn8Config(128, 128, 4, 2, gluon=True),
+    "gluon_fa3_128x128_s3": Attn8Config(128, 128, 4, 3, gluon=True),
 }
 DEFAULT_ATTN8_CONFIG = "ws_128x128_w4_s3"
 
@@ -477,6 +485,15 @@ def attention_8bit_quantized(quantized: tuple, Lk: int, out: torch.Tensor, confi
     q8, qs, k8, ks, vt, vs = quantized
     B, Lq, H, D = q8.shape
     n_blk = ks.shape[-1]
+    if cfg.gluon:
+        if (_gluon.failure() is None and _gluon.available(q8.device) and D == 128 and vs is not None
+                and q8.is_contiguous() and k8.is_contiguous()):
+            try:
+                return _gluon.attention_8bit_gluon_quantized(quantized, Lk, out, _gluon.GluonAttnConfig(
+                    cfg.block_n, cfg.num_stages))
+            except Exception as e:  # noqa: BLE001 - any failure: warn once and use the Triton kernel
+                _gluon.record_failure(e, "kernels/attention_8bit.py")
+        cfg = dataclasses.replace(ATTN8_CONFIGS[DEFAULT_ATTN8_CONFIG], block_n=cfg.block_n)
     if (vs is None) == cfg.pv_fp8:
         raise ValueError(f"kernels/attention_8bit.py: config pv_fp8={cfg.pv_fp8} but v was "
                          f"{'not ' if vs is None else ''}quantised")

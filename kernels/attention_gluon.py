@@ -31,24 +31,33 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 import triton
+import triton.language as tl
 
 try:  # Gluon is experimental: absent or different in other Triton versions
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     HAVE_GLUON = True
 except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
-__all__ = ["attention_gluon", "available", "gluon_ok", "compile_signature", "GLUON_CONFIGS", "GluonAttnConfig",
-           "DEFAULT_GLUON_CONFIG", "HAVE_GLUON"]
+__all__ = ["attention_gluon", "attention_8bit_gluon", "attention_8bit_gluon_quantized", "available", "gluon_ok",
+           "compile_signature", "compile_signature8", "GLUON_CONFIGS", "GluonAttnConfig", "DEFAULT_GLUON_CONFIG",
+           "HAVE_GLUON"]
 
 LOG2E = 1.4426950408889634
+# 8-bit kernel constants (kernels/attention_8bit.py's): p = 2^(x + 8) in (0, 256], inside e4m3's range;
+# int32 s + MAGIC_I has the bits of the float MAGIC_F + s = 1.5 * 2^23 + s (exact for |s| < 2^22)
+P_SHIFT = tl.constexpr(8.0)
+MAGIC_I = tl.constexpr(0x4B400000)
+MAGIC_F = tl.constexpr(12582912.0)
 # 12 warps (4 + 4 + the producer's warpgroup) x 168 = the 64K-register file; setmaxnreg then moves them:
 # 240 to each consumer warpgroup, 24 to the producer's
 MAXNREG = 168
@@ -88,6 +97,23 @@ def available(device: torch.device | None = None) -> bool:
         return False
     device = device or torch.device("cuda")
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
+_FAILED: str | None = None  # the first failure of a Gluon kernel in this process: they stay off after it
+
+
+def failure() -> str | None:
+    """Why the Gluon kernels were switched off in this process (None: they were not)."""
+    return _FAILED
+
+
+def record_failure(e: BaseException, where: str) -> None:
+    """Switches the Gluon kernels off for the rest of the process with one warning naming the error; the
+    callers then run their Triton kernels."""
+    global _FAILED
+    _FAILED = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    warnings.warn(f"{where}: the Gluon attention kernel failed ({_FAILED}); using the Triton kernel for the "
+                  f"rest of this process", RuntimeWarning, stacklevel=3)
 
 
 def _rows_view_ok(t: torch.Tensor) -> bool:
@@ -309,6 +335,215 @@ if HAVE_GLUON:
         ], [4, 1], [CONSUMER_REGS, 24])
 
 
+    # ------------------------------------------------------------------------------------------------
+    # 8-bit: INT8 q k^T, FP8 e4m3 P.V on quantize_qkv's output (kernels/attention_8bit.py's arithmetic)
+    # ------------------------------------------------------------------------------------------------
+
+    @gluon.jit
+    def _producer8(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, p_bufs, q_ready, k_ready, k_empty, v_ready,
+                   v_empty, turn, row_q, row_k, col, row_v, n_blocks, o_ptr, stride_ob, stride_ol, stride_oh, b, h, Lq,
+                   Lk, qs_ptr, ks_ptr, vs_ptr):
+        """1 warp: q8 once (both halves), then k8 block j ([BLOCK_N keys, D]) and the transposed e4m3 v
+        block j ([D, BLOCK_N keys]) into ring slot j % STAGES when it is free."""
+        HALF: gl.constexpr = q_desc.block_type.shape[0]
+        BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+        STAGES: gl.constexpr = k_bufs.type.shape[0]
+        mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [row_q, col], q_ready, q_bufs.index(0))
+        tma.async_copy_global_to_shared(q_desc, [row_q + HALF, col], q_ready, q_bufs.index(1))
+        for j in range(n_blocks):
+            s = j % STAGES
+            ph = (j // STAGES) & 1
+            mbarrier.wait(k_empty.index(s), ph ^ 1)
+            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [row_k + j * BLOCK_N, col], k_ready.index(s), k_bufs.index(s))
+            mbarrier.wait(v_empty.index(s), ph ^ 1)
+            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [row_v, j * BLOCK_N], v_ready.index(s), v_bufs.index(s))
+
+    @gluon.jit
+    def _store_p8(p_smem, p):
+        """P (fp32, in (0, 256]) as e4m3 into the warpgroup's buffer, visible to the next wgmma: generic-
+        proxy stores, a proxy fence, then all four warps synchronised."""
+        p_smem.store(p.to(gl.float8e4nv))
+        fence_async_shared()
+        gl.thread_barrier()
+
+    @gluon.jit
+    def _step8(q_smem, k_bufs, v_bufs, p_smem, k_ready, k_empty, v_ready, v_empty, turn, j, Lk, ks_ptr, qs_row,
+               s, pv, m_i, l_i, acc, alpha_prev, WG: gl.constexpr, MASK: gl.constexpr):
+        """Turn j >= 1: issue S_j = q8 k8_j^T (int32, on top of the 1.5*2^23 bit pattern, so that its bits
+        are the fp32 1.5*2^23 + S_j) and PV_{j-1} = P8_{j-1} V8_{j-1} into a fresh fp32 block; the softmax of
+        S_j runs while PV_{j-1} does; then acc = acc * alpha_{j-1} + PV_{j-1} (one FFMA per element; fp8
+        wgmma accumulates imprecisely, so each block's sum is added in fp32). P8 goes through this
+        warpgroup's shared buffer p_smem (written once PV_{j-1}, its reader, is done): in registers its
+        accumulator layout would need ~240 byte shuffles per thread and block to become an fp8 A operand.
+        Returns the new state."""
+        STAGES: gl.constexpr = k_bufs.type.shape[0]
+        BLOCK_N: gl.constexpr = k_bufs.type.shape[1]
+        s_layout: gl.constexpr = s.type.layout
+        st = j % STAGES
+        pst = (j - 1) % STAGES
+        mbarrier.wait(k_ready.index(st), (j // STAGES) & 1)
+        _take_turn(turn, j, WG)
+        s = warpgroup_mma(q_smem, k_bufs.index(st).permute((1, 0)),
+                          gl.full([s.type.shape[0], BLOCK_N], MAGIC_I, gl.int32, s_layout), is_async=True)
+        mbarrier.wait(v_ready.index(pst), ((j - 1) // STAGES) & 1)
+        pv = warpgroup_mma(p_smem, v_bufs.index(pst).permute((1, 0)), pv, use_acc=False, is_async=True)
+        _pass_turn(turn, WG)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+        mbarrier.arrive(k_empty.index(st), count=1)
+        sb = s.to(gl.float32, bitcast=True)
+        if MASK:
+            sb = _mask_keys(sb, j, Lk)
+        sc = qs_row * gl.load(ks_ptr + j)  # [HALF]: this block's score scale (log2 units)
+        m_new = gl.maximum(m_i, (gl.max(sb, axis=1) - MAGIC_F) * sc)
+        p = gl.exp2(sb * gl.expand_dims(sc, 1) - gl.expand_dims(m_new - P_SHIFT + MAGIC_F * sc, 1))
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        pv = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
+        mbarrier.arrive(v_empty.index(pst), count=1)
+        o_layout: gl.constexpr = acc.type.layout
+        _store_p8(p_smem, p)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha_prev, gl.SliceLayout(1, o_layout)), 1) + pv
+        return s, pv, m_new, l_i, acc, alpha
+
+    @gluon.jit
+    def _consumer8(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, p_bufs, q_ready, k_ready, k_empty, v_ready,
+                   v_empty, turn, row_q, row_k, col, row_v, n_blocks, o_ptr, stride_ob, stride_ol, stride_oh, b, h, Lq,
+                   Lk, qs_ptr, ks_ptr, vs_ptr, WG: gl.constexpr):
+        """The 8-bit consumer: the bf16 consumer's schedule (turns, peeled masked block) with the 8-bit
+        arithmetic; o = acc / l * scale_v + mean_v."""
+        HALF: gl.constexpr = q_desc.block_type.shape[0]
+        HEAD_D: gl.constexpr = q_desc.block_type.shape[1]
+        BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+        STAGES: gl.constexpr = k_bufs.type.shape[0]
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 32])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_D, 32])
+        q_smem = q_bufs.index(WG)
+        p_smem = p_bufs.index(WG)
+        n_full = Lk // BLOCK_N
+        rows = (row_q - b * Lq + WG * HALF) + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout))
+        qs_row = gl.load(qs_ptr + rows, mask=rows < Lq, other=1.0)  # per-row q scale, log2(e)/sqrt(D) in
+
+        mbarrier.wait(q_ready, 0)
+        mbarrier.wait(k_ready.index(0), 0)
+        _take_turn(turn, 0, WG)
+        s = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)),
+                          gl.full([HALF, BLOCK_N], MAGIC_I, gl.int32, s_layout), is_async=True)
+        _pass_turn(turn, WG)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        mbarrier.arrive(k_empty.index(0), count=1)
+        sb = s.to(gl.float32, bitcast=True)
+        if n_full == 0:
+            sb = _mask_keys(sb, 0, Lk)
+        sc = qs_row * gl.load(ks_ptr)
+        m_i = (gl.max(sb, axis=1) - MAGIC_F) * sc
+        p = gl.exp2(sb * gl.expand_dims(sc, 1) - gl.expand_dims(m_i - P_SHIFT + MAGIC_F * sc, 1))
+        l_i = gl.sum(p, axis=1)
+        _store_p8(p_smem, p)
+        acc = gl.zeros([HALF, HEAD_D], gl.float32, o_layout)
+        pv = gl.zeros([HALF, HEAD_D], gl.float32, o_layout)
+        alpha = gl.full([HALF], 1.0, gl.float32, gl.SliceLayout(1, s_layout))
+
+        for j in range(1, n_full):
+            s, pv, m_i, l_i, acc, alpha = _step8(q_smem, k_bufs, v_bufs, p_smem, k_ready, k_empty, v_ready,
+                                                 v_empty, turn, j, Lk, ks_ptr, qs_row, s, pv, m_i, l_i, acc,
+                                                 alpha, WG, False)
+        if n_full >= 1 and n_full < n_blocks:
+            s, pv, m_i, l_i, acc, alpha = _step8(q_smem, k_bufs, v_bufs, p_smem, k_ready, k_empty, v_ready,
+                                                 v_empty, turn, n_full, Lk, ks_ptr, qs_row, s, pv, m_i, l_i,
+                                                 acc, alpha, WG, True)
+
+        last = n_blocks - 1
+        mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+        _take_turn(turn, n_blocks, WG)
+        pv = warpgroup_mma(p_smem, v_bufs.index(last % STAGES).permute((1, 0)), pv, use_acc=False, is_async=True)
+        _pass_turn(turn, WG)
+        pv = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
+        mbarrier.arrive(v_empty.index(last % STAGES), count=1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1) + pv
+
+        cols_o = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout))
+        vscale = gl.load(vs_ptr + cols_o)
+        vmean = gl.load(vs_ptr + HEAD_D + cols_o)
+        inv_l = gl.convert_layout(1.0 / l_i, gl.SliceLayout(1, o_layout))
+        o = acc * gl.expand_dims(inv_l, 1) * gl.expand_dims(vscale, 0) + gl.expand_dims(vmean, 0)
+        st_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+        o = gl.convert_layout(o.to(o_ptr.dtype.element_ty), st_layout)
+        rows_o = (row_q - b * Lq + WG * HALF) + gl.arange(0, HALF, layout=gl.SliceLayout(1, st_layout))
+        cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, st_layout))
+        ptrs = (o_ptr + b * stride_ob + h * stride_oh + gl.expand_dims(rows_o, 1) * stride_ol
+                + gl.expand_dims(cols, 0))
+        gl.store(ptrs, o, mask=gl.expand_dims(rows_o < Lq, 1))
+
+    @gluon.jit
+    def _consumer8_0(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, p_bufs, q_ready, k_ready, k_empty, v_ready,
+                     v_empty, turn, row_q, row_k, col, row_v, n_blocks, o_ptr, stride_ob, stride_ol, stride_oh, b, h, Lq,
+                     Lk, qs_ptr, ks_ptr, vs_ptr):
+        _consumer8(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, p_bufs, q_ready, k_ready, k_empty, v_ready,
+                   v_empty, turn, row_q, row_k, col, row_v, n_blocks, o_ptr, stride_ob, stride_ol, stride_oh, b, h, Lq,
+                   Lk, qs_ptr, ks_ptr, vs_ptr, 0)
+
+    @gluon.jit
+    def _consumer8_1(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, p_bufs, q_ready, k_ready, k_empty, v_ready,
+                     v_empty, turn, row_q, row_k, col, row_v, n_blocks, o_ptr, stride_ob, stride_ol, stride_oh, b, h, Lq,
+                     Lk, qs_ptr, ks_ptr, vs_ptr):
+        _consumer8(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, p_bufs, q_ready, k_ready, k_empty, v_ready,
+                   v_empty, turn, row_q, row_k, col, row_v, n_blocks, o_ptr, stride_ob, stride_ol, stride_oh, b, h, Lq,
+                   Lk, qs_ptr, ks_ptr, vs_ptr, 1)
+
+    @gluon.jit
+    def _attn8_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, qs_ptr, ks_ptr, vs_ptr, stride_ob, stride_ol, stride_oh,
+                         H, Lq, Lk, n_blk, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                         CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr):
+        """One CTA per (128 query rows, batch x head) on quantize_qkv's q8 [B*Lq, H*D], k8 [B*Lk, H*D] and
+        vt [B*H*D, Lk_pad] (2D TMA views), scales qs [B, H, Lq], ks [B, H, n_blk], vs [B, H, 2, D]."""
+        HALF: gl.constexpr = BLOCK_M // 2
+        HEAD_D: gl.constexpr = q_desc.block_type.shape[1]
+        pid_m = gl.program_id(0)
+        bh = gl.program_id(1)
+        b = bh // H
+        h = bh % H
+        row_q = b * Lq + pid_m * BLOCK_M
+        row_k = b * Lk
+        col = h * HEAD_D
+        row_v = bh * HEAD_D
+        n_blocks = gl.cdiv(Lk, BLOCK_N)
+
+        q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2, HALF, HEAD_D], q_desc.layout)
+        k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_D], k_desc.layout)
+        v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES, HEAD_D, BLOCK_N], v_desc.layout)
+        p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF, BLOCK_N], gl.float8e4nv)
+        p_bufs = gl.allocate_shared_memory(gl.float8e4nv, [2, HALF, BLOCK_N], p_layout)
+        q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        N_TURN: gl.constexpr = 1 + PINGPONG
+        turn = gl.allocate_shared_memory(gl.int64, [N_TURN, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_ready, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)
+            mbarrier.init(v_empty.index(i), count=2)
+        for i in gl.static_range(N_TURN):
+            mbarrier.init(turn.index(i), count=1)
+
+        common = (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, p_bufs, q_ready, k_ready, k_empty, v_ready,
+                  v_empty, turn, row_q, row_k, col, row_v, n_blocks, o_ptr, stride_ob, stride_ol, stride_oh, b, h, Lq, Lk,
+                  qs_ptr + bh * Lq, ks_ptr + bh * n_blk, vs_ptr + bh * 2 * HEAD_D)
+        gl.warp_specialize([
+            (_consumer8_0, common),
+            (_consumer8_1, common),
+            (_producer8, common),
+        ], [4, 1], [CONSUMER_REGS, 24])
+
+
 def _descriptor(t: torch.Tensor, rows: int):
     B, L, H, D = t.shape
     layout = gl.NVMMASharedLayout.get_default_for([rows, D], gl.bfloat16 if t.dtype == torch.bfloat16
@@ -329,6 +564,76 @@ def compile_signature(config: str | GluonAttnConfig, dtype: torch.dtype = torch.
     consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.stages, CONSUMER_REGS=cfg.consumer_regs,
                   PINGPONG=cfg.pingpong)
     return _attn_fwd_gluon, types, consts, dict(num_warps=4, maxnreg=MAXNREG)
+
+
+def _descriptor_2d(t: torch.Tensor, shape: list, stride0: int, block: list, gl_dtype):
+    return TensorDescriptor(t, shape, [stride0, 1], block, gl.NVMMASharedLayout.get_default_for(block, gl_dtype))
+
+
+def _descriptors8(q8, k8, vt, block_n: int):
+    """2D TMA views: q8 [B*Lq, H*D] and k8 [B*Lk, H*D] (int8, contiguous from quantize_qkv), vt
+    [B*H*D, Lk_pad] (e4m3)."""
+    B, Lq, H, D = q8.shape
+    Lk = k8.shape[1]
+    return (_descriptor_2d(q8, [B * Lq, H * D], H * D, [64, D], gl.int8),
+            _descriptor_2d(k8, [B * Lk, H * D], H * D, [block_n, D], gl.int8),
+            _descriptor_2d(vt, [B * H * D, vt.shape[-1]], vt.shape[-1], [D, block_n], gl.float8e4nv))
+
+
+def compile_signature8(config: str | GluonAttnConfig, out_dtype: torch.dtype = torch.bfloat16) -> tuple:
+    """compile_signature for the 8-bit kernel."""
+    from triton.runtime.jit import mangle_type
+    cfg = GLUON_CONFIGS[config] if isinstance(config, str) else config
+    q8 = torch.empty(1, 64, 2, 128, dtype=torch.int8)
+    vt = torch.empty(1, 2, 128, 128, dtype=torch.float8_e4m3fn)
+    qd, kd, vd = _descriptors8(q8, q8, vt, cfg.block_n)
+    types = dict(q_desc=mangle_type(qd), k_desc=mangle_type(kd), v_desc=mangle_type(vd),
+                 o_ptr="*bf16" if out_dtype == torch.bfloat16 else "*fp16", qs_ptr="*fp32", ks_ptr="*fp32",
+                 vs_ptr="*fp32")
+    consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.stages, CONSUMER_REGS=cfg.consumer_regs,
+                  PINGPONG=cfg.pingpong)
+    return _attn8_fwd_gluon, types, consts, dict(num_warps=4, maxnreg=MAXNREG)
+
+
+def attention_8bit_gluon_quantized(quantized: tuple, Lk: int, out: torch.Tensor,
+                                   config: str | GluonAttnConfig | None = None) -> torch.Tensor:
+    """The 8-bit Gluon kernel on kernels/attention_8bit.quantize_qkv's output (quantised with block_n =
+    the config's block_n, FP8 v) into out [B, Lq, H, D] (unit last stride). Same arithmetic as
+    attention_8bit.attention_8bit_quantized, except that the keys past Lk are masked instead of
+    corrected for."""
+    if not HAVE_GLUON:
+        raise RuntimeError("kernels/attention_gluon.py: this Triton has no Gluon (triton.experimental.gluon)")
+    cfg = GLUON_CONFIGS[config or DEFAULT_GLUON_CONFIG] if not isinstance(config, GluonAttnConfig) else config
+    q8, qs, k8, ks, vt, vs = quantized
+    B, Lq, H, D = q8.shape
+    n_blk = ks.shape[-1]
+    if vs is None or vt.dtype != torch.float8_e4m3fn or vt.shape[-1] != n_blk * cfg.block_n or D != 128:
+        raise ValueError(f"kernels/attention_gluon.py: the 8-bit kernel needs quantize_qkv(..., block_n="
+                         f"{cfg.block_n}, quant_v=True) output at head_dim 128; got v {vt.dtype} "
+                         f"{list(vt.shape)}, {n_blk} key blocks, D {D}")
+    if not (q8.is_contiguous() and k8.is_contiguous() and vt.is_contiguous()) or out.stride(3) != 1:
+        raise ValueError("kernels/attention_gluon.py: q8, k8, vt must be contiguous and out needs a unit "
+                         "last stride")
+    qd, kd, vd = _descriptors8(q8, k8, vt, cfg.block_n)
+    _attn8_fwd_gluon[(triton.cdiv(Lq, cfg.block_m), B * H)](
+        qd, kd, vd, out, qs, ks, vs, out.stride(0), out.stride(1), out.stride(2), H, Lq, Lk, n_blk,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.stages, CONSUMER_REGS=cfg.consumer_regs,
+        PINGPONG=cfg.pingpong, num_warps=4, maxnreg=MAXNREG)
+    return out
+
+
+def attention_8bit_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         config: str | GluonAttnConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantises q, k, v (kernels/attention_8bit.quantize_qkv) and runs the 8-bit Gluon kernel. q [B, Lq,
+    H, D], k/v [B, Lk, H, D], head_dim 128, fp16/bf16 on an sm90 GPU; returns [B, Lq, H, D]."""
+    from .attention_8bit import quantize_qkv
+    cfg = GLUON_CONFIGS[config or DEFAULT_GLUON_CONFIG] if not isinstance(config, GluonAttnConfig) else config
+    if not gluon_ok(q, k, v):
+        raise ValueError(f"kernels/attention_gluon.py: needs CUDA fp16/bf16 q, k, v with head_dim 128 and "
+                         f"non-empty L; got {q.dtype} {list(q.shape)}, {list(k.shape)} on {q.device}")
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    return attention_8bit_gluon_quantized(quantize_qkv(q, k, v, cfg.block_n), k.shape[1], out, cfg)
 
 
 def attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: str | GluonAttnConfig | None = None,

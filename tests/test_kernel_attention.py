@@ -278,11 +278,15 @@ for C in (1536, 5120):
 A8 = importlib.import_module("lightx2v_engine.kernels.attention_8bit")
 t8 = dict(Q8="*i8", K8="*i8", VT="*fp8e4nv", QS="*fp32", KS="*fp32", VS="*fp32", O="*bf16")
 for name, c in A8.ATTN8_CONFIGS.items():
+    if c.gluon:  # the Gluon kernel (tests/test_kernel_attention_gluon.py compiles it)
+        continue
     consts = dict(HEAD_D=128, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=True, WARP_SPEC=c.warp_specialize,
                   EXP_MODE=c.exp_mode, MAGIC_CVT=c.magic_cvt, INTERP=False, PV_FP8=c.pv_fp8)
     out[f"attn8_{name}"] = build(A8._attn8_fwd_kernel, dict(t8, Lk_pad="i32", VT="*fp8e4nv" if c.pv_fp8 else "*bf16"),
                                  consts, c.num_warps, c.num_stages)
 for name, c in A8.ATTN8_CONFIGS.items():  # sm89 (Ada: fp8 MMA, no TMA): the pointer path of non-WS configs
+    if c.gluon:
+        continue
     c = dataclasses.replace(c, warp_specialize=False, num_warps=8) if c.warp_specialize else c  # A8._resolve on sm89
     consts = dict(HEAD_D=128, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=False, WARP_SPEC=False,
                   EXP_MODE=c.exp_mode, MAGIC_CVT=c.magic_cvt, INTERP=False, PV_FP8=c.pv_fp8)

@@ -56,22 +56,25 @@ import importlib.util, json, sys, torch
 spec = importlib.util.spec_from_file_location("sass_stats", sys.argv[1])
 S = importlib.util.module_from_spec(spec); spec.loader.exec_module(S)
 G = importlib.import_module("lightx2v_engine.kernels.attention_gluon")
+A8 = importlib.import_module("lightx2v_engine.kernels.attention_8bit")
+jobs = [(f"{n}/{d}", G.compile_signature(n, d)) for n in G.GLUON_CONFIGS for d in (torch.bfloat16, torch.float16)]
+jobs += [(f"8bit:{n}", G.compile_signature8(G.GluonAttnConfig(c.block_n, c.num_stages)))
+         for n, c in A8.ATTN8_CONFIGS.items() if c.gluon]
 out = {}
-for name in G.GLUON_CONFIGS:
-    for dtype in (torch.bfloat16, torch.float16):
-        fn, types, consts, opts = G.compile_signature(name, dtype)
-        r = S.compile_sm90(fn, types, consts, opts["num_warps"], 1, gluon=True, maxnreg=opts["maxnreg"])
-        loops = S.mma_loops(r.pop("sass"))
-        out[f"{name}/{dtype}"] = dict(r, loop=dict(loops[0]) if loops else {})
+for label, (fn, types, consts, opts) in jobs:
+    r = S.compile_sm90(fn, types, consts, opts["num_warps"], 1, gluon=True, maxnreg=opts["maxnreg"])
+    loops = [c for c in S.mma_loops(r.pop("sass")) if any(op.startswith("MUFU.EX2") for op in c)]
+    out[label] = dict(r, loop=dict(loops[0]) if loops else {})
 print("AOT" + json.dumps(out))
 '''
 
 
 @needs_gluon
 def test_gluon_kernel_compiles_for_sm90():
-    """Every config builds for sm_90a in bf16 and fp16: warp-specialised, no spills, within the H100's
-    227 KB of shared memory; the consumers' key loop holds the 16 wgmma per block (8 for q K^T, 8 for P V
-    with P from registers), the 64 exponentials per thread, and no mask (the ragged block is peeled)."""
+    """Every config builds for sm_90a in bf16 and fp16 (and the 8-bit kernel's): warp-specialised, no
+    spills, within the H100's 227 KB of shared memory; the consumers' key loop holds the 16 bf16 wgmma per
+    block (8 for q K^T, 8 for P V with P from registers) or the 4 int8 + 4 fp8 ones, the 64 exponentials
+    per thread, and no mask (the ragged block is peeled)."""
     import json
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", _COMPILE, _SASS], capture_output=True, text=True, env=env,
@@ -79,11 +82,18 @@ def test_gluon_kernel_compiles_for_sm90():
     line = next((ln for ln in res.stdout.splitlines() if ln.startswith("AOT")), None)
     assert line is not None, res.stdout[-3000:] + res.stderr[-3000:]
     info = json.loads(line[3:])
-    assert len(info) == 2 * len(G.GLUON_CONFIGS)
+    assert len(info) == 2 * len(G.GLUON_CONFIGS) + 2
     for name, r in info.items():
         loop = r["loop"]
         assert r["ws"] and r["spill"] == 0, f"{name}: ws {r['ws']}, {r['spill']} bytes of spills"
         assert r["smem"] <= 227 * 1024, f"{name}: {r['smem']} bytes of shared memory"
+        if name.startswith("8bit:"):
+            igmma = sum(n for op, n in loop.items() if op.startswith("IGMMA"))
+            qgmma = sum(n for op, n in loop.items() if op.startswith("QGMMA"))
+            assert igmma == 4 and qgmma == 4, f"{name}: loop {loop}"
+            assert not any(op.startswith(("FSEL", "PRMT")) for op in loop), f"{name}: loop {loop}"
+            assert sum(loop.values()) < 600, f"{name}: {sum(loop.values())} instructions per warp and key block"
+            continue
         hgmma = sum(n for op, n in loop.items() if op.startswith("HGMMA"))
         mufu = sum(n for op, n in loop.items() if op.startswith("MUFU.EX2"))
         fsel = sum(n for op, n in loop.items() if op.startswith("FSEL"))
@@ -123,7 +133,7 @@ def test_gluon_failure_switches_it_off_with_one_warning(monkeypatch):
     monkeypatch.setattr(G, "available", lambda device=None: True)
     monkeypatch.setattr(G, "gluon_ok", lambda q, k, v: True)
     monkeypatch.setattr(G, "attention_gluon", broken)
-    monkeypatch.setattr(A, "_GLUON_FAILED", None)
+    monkeypatch.setattr(G, "_FAILED", None)
     q, k, v = _qkv(1, 40, 40, 2, torch.float16, "cpu")
     try:
         set_attention_impl("gluon")
@@ -215,6 +225,25 @@ def test_gluon_attention_strided_views_and_out():
     G.attention_gluon(q, k, v, out=out)
     assert torch.count_nonzero(buf[..., : H * 128]) == 0  # nothing written outside `out`
     _assert_rule(out, q, k, v)
+
+
+@pytest.mark.gpu
+@pytest.mark.last
+@gpu_sm90
+@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("B, Lq, Lk, H", [(1, 77, 77, 3), (2, 50, 200, 2), (1, 130, 257, 1), (2, 300, 128, 2),
+                                          (1, 32760, 32760, 12)])
+def test_gluon_attention_8bit(stages, B, Lq, Lk, H):
+    """The 8-bit Gluon kernel against exact attention, with the 8-bit rule of test_kernel_attention_8bit
+    (rel. L2 <= 1.25 x that of the same quantisation done by PyTorch + 0.005)."""
+    A8 = importlib.import_module("lightx2v_engine.kernels.attention_8bit")
+    q, k, v = _qkv(B, Lq, Lk, H, torch.bfloat16, "cuda")
+    out = G.attention_8bit_gluon(q, k, v, G.GluonAttnConfig(128, stages))
+    assert G.failure() is None and torch.isfinite(out).all()
+    exact = _ref32(q, k, v)
+    rel = lambda a: ((a.float() - exact).norm() / exact.norm()).item()  # noqa: E731
+    base = rel(A8.attention_8bit_ref(q, k, v)) if Lq * Lk <= 1 << 24 else 0.036  # ref: O(Lq Lk) memory
+    assert rel(out) <= 1.25 * base + 0.005, f"rel. err {rel(out):.4f}, reference {base:.4f}"
 
 
 @pytest.mark.gpu
