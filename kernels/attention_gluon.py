@@ -136,12 +136,14 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _producer(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready, v_empty,
-                  turn, row_q, row_k, col, n_blocks, o_ptr, stride_ob, stride_ol, stride_oh, b, h, Lq, Lk,
-                  qk_scale):
-        """1 warp: q once (both halves), then K_j and V_j into ring slot j % STAGES when it is free."""
+                  row_q, row_k, col, row_v, n_blocks):
+        """1 warp: q once (both halves), then K_j and V_j into ring slot j % STAGES when it is free. V is
+        [BLOCK_N keys, D] at (row_k + j BLOCK_N, col), or for the 8-bit kernel (e4m3 v, stored transposed)
+        [D, BLOCK_N keys] at (row_v, j BLOCK_N)."""
         HALF: gl.constexpr = q_desc.block_type.shape[0]
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
         STAGES: gl.constexpr = k_bufs.type.shape[0]
+        V_T: gl.constexpr = v_desc.dtype == gl.float8e4nv
         mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [row_q, col], q_ready, q_bufs.index(0))
         tma.async_copy_global_to_shared(q_desc, [row_q + HALF, col], q_ready, q_bufs.index(1))
@@ -154,7 +156,38 @@ if HAVE_GLUON:
             tma.async_copy_global_to_shared(k_desc, [row_k + j * BLOCK_N, col], k_ready.index(s), k_bufs.index(s))
             mbarrier.wait(v_empty.index(s), ph ^ 1)
             mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [row_k + j * BLOCK_N, col], v_ready.index(s), v_bufs.index(s))
+            if V_T:
+                tma.async_copy_global_to_shared(v_desc, [row_v, j * BLOCK_N], v_ready.index(s), v_bufs.index(s))
+            else:
+                tma.async_copy_global_to_shared(v_desc, [row_k + j * BLOCK_N, col], v_ready.index(s),
+                                                v_bufs.index(s))
+
+    @gluon.jit
+    def _init_barriers(q_ready, k_ready, k_empty, v_ready, v_empty, turn):
+        """ready: one arrival (the producer's expect) plus the bytes; empty: both consumer warpgroups;
+        turn: the other warpgroup."""
+        STAGES: gl.constexpr = k_ready.type.shape[0]
+        N_TURN: gl.constexpr = turn.type.shape[0]
+        mbarrier.init(q_ready, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)
+            mbarrier.init(v_empty.index(i), count=2)
+        for i in gl.static_range(N_TURN):
+            mbarrier.init(turn.index(i), count=1)
+
+    @gluon.jit
+    def _store_rows(o, o_base, row0, Lq, stride_ol):
+        """o [HALF, D] fp32 -> rows row0.. (< Lq) of o_base with 16-byte stores (8 columns a thread)."""
+        HALF: gl.constexpr = o.type.shape[0]
+        HEAD_D: gl.constexpr = o.type.shape[1]
+        st_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+        o = gl.convert_layout(o.to(o_base.dtype.element_ty), st_layout)
+        rows = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, st_layout))
+        cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, st_layout))
+        gl.store(o_base + gl.expand_dims(rows, 1) * stride_ol + gl.expand_dims(cols, 0), o,
+                 mask=gl.expand_dims(rows < Lq, 1))
 
     @gluon.jit
     def _take_turn(turn, t, WG: gl.constexpr):
@@ -264,14 +297,7 @@ if HAVE_GLUON:
         mbarrier.arrive(v_empty.index(last % STAGES), count=1)
 
         o = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
-        # 16-byte stores: each thread writes 8 consecutive columns
-        st_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
-        o = gl.convert_layout(o.to(dtype), st_layout)
-        rows = (row_q - b * Lq + WG * HALF) + gl.arange(0, HALF, layout=gl.SliceLayout(1, st_layout))
-        cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, st_layout))
-        ptrs = (o_ptr + b * stride_ob + h * stride_oh + gl.expand_dims(rows, 1) * stride_ol
-                + gl.expand_dims(cols, 0))
-        gl.store(ptrs, o, mask=gl.expand_dims(rows < Lq, 1))
+        _store_rows(o, o_ptr + b * stride_ob + h * stride_oh, row_q - b * Lq + WG * HALF, Lq, stride_ol)
 
     @gluon.jit
     def _consumer_0(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready, v_empty,
@@ -316,14 +342,7 @@ if HAVE_GLUON:
         # ping-pong: one turn barrier per consumer warpgroup; without it a single unused one
         N_TURN: gl.constexpr = 1 + PINGPONG
         turn = gl.allocate_shared_memory(gl.int64, [N_TURN, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_ready, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=2)  # released by both consumer warpgroups
-            mbarrier.init(v_empty.index(i), count=2)
-        for i in gl.static_range(N_TURN):
-            mbarrier.init(turn.index(i), count=1)
+        _init_barriers(q_ready, k_ready, k_empty, v_ready, v_empty, turn)
 
         common = (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready, v_empty,
                   turn, row_q, row_k, col, n_blocks, o_ptr, stride_ob, stride_ol, stride_oh, b, h, Lq, Lk,
@@ -331,35 +350,14 @@ if HAVE_GLUON:
         gl.warp_specialize([
             (_consumer_0, common),
             (_consumer_1, common),
-            (_producer, common),
+            (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready,
+                         v_empty, row_q, row_k, col, 0, n_blocks)),
         ], [4, 1], [CONSUMER_REGS, 24])
 
 
     # ------------------------------------------------------------------------------------------------
     # 8-bit: INT8 q k^T, FP8 e4m3 P.V on quantize_qkv's output (kernels/attention_8bit.py's arithmetic)
     # ------------------------------------------------------------------------------------------------
-
-    @gluon.jit
-    def _producer8(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, p_bufs, q_ready, k_ready, k_empty, v_ready,
-                   v_empty, turn, row_q, row_k, col, row_v, n_blocks, o_ptr, stride_ob, stride_ol, stride_oh, b, h, Lq,
-                   Lk, qs_ptr, ks_ptr, vs_ptr):
-        """1 warp: q8 once (both halves), then k8 block j ([BLOCK_N keys, D]) and the transposed e4m3 v
-        block j ([D, BLOCK_N keys]) into ring slot j % STAGES when it is free."""
-        HALF: gl.constexpr = q_desc.block_type.shape[0]
-        BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
-        STAGES: gl.constexpr = k_bufs.type.shape[0]
-        mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [row_q, col], q_ready, q_bufs.index(0))
-        tma.async_copy_global_to_shared(q_desc, [row_q + HALF, col], q_ready, q_bufs.index(1))
-        for j in range(n_blocks):
-            s = j % STAGES
-            ph = (j // STAGES) & 1
-            mbarrier.wait(k_empty.index(s), ph ^ 1)
-            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [row_k + j * BLOCK_N, col], k_ready.index(s), k_bufs.index(s))
-            mbarrier.wait(v_empty.index(s), ph ^ 1)
-            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [row_v, j * BLOCK_N], v_ready.index(s), v_bufs.index(s))
 
     @gluon.jit
     def _store_p8(p_smem, p):
@@ -471,13 +469,7 @@ if HAVE_GLUON:
         vmean = gl.load(vs_ptr + HEAD_D + cols_o)
         inv_l = gl.convert_layout(1.0 / l_i, gl.SliceLayout(1, o_layout))
         o = acc * gl.expand_dims(inv_l, 1) * gl.expand_dims(vscale, 0) + gl.expand_dims(vmean, 0)
-        st_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
-        o = gl.convert_layout(o.to(o_ptr.dtype.element_ty), st_layout)
-        rows_o = (row_q - b * Lq + WG * HALF) + gl.arange(0, HALF, layout=gl.SliceLayout(1, st_layout))
-        cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, st_layout))
-        ptrs = (o_ptr + b * stride_ob + h * stride_oh + gl.expand_dims(rows_o, 1) * stride_ol
-                + gl.expand_dims(cols, 0))
-        gl.store(ptrs, o, mask=gl.expand_dims(rows_o < Lq, 1))
+        _store_rows(o, o_ptr + b * stride_ob + h * stride_oh, row_q - b * Lq + WG * HALF, Lq, stride_ol)
 
     @gluon.jit
     def _consumer8_0(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, p_bufs, q_ready, k_ready, k_empty, v_ready,
@@ -525,14 +517,7 @@ if HAVE_GLUON:
         v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         N_TURN: gl.constexpr = 1 + PINGPONG
         turn = gl.allocate_shared_memory(gl.int64, [N_TURN, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_ready, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=2)
-            mbarrier.init(v_empty.index(i), count=2)
-        for i in gl.static_range(N_TURN):
-            mbarrier.init(turn.index(i), count=1)
+        _init_barriers(q_ready, k_ready, k_empty, v_ready, v_empty, turn)
 
         common = (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, p_bufs, q_ready, k_ready, k_empty, v_ready,
                   v_empty, turn, row_q, row_k, col, row_v, n_blocks, o_ptr, stride_ob, stride_ol, stride_oh, b, h, Lq, Lk,
@@ -540,7 +525,8 @@ if HAVE_GLUON:
         gl.warp_specialize([
             (_consumer8_0, common),
             (_consumer8_1, common),
-            (_producer8, common),
+            (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready,
+                         v_empty, row_q, row_k, col, row_v, n_blocks)),
         ], [4, 1], [CONSUMER_REGS, 24])
 
 

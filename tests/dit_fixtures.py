@@ -85,3 +85,27 @@ def self_attn_inputs(B, grid, H, dtype, device):
     q, k, v = (torch.randn(B, L, C, device=device).to(dtype) for _ in range(3))
     wq, wk = torch.rand(C, device=device) + 0.5, torch.rand(C, device=device) + 0.5
     return q, k, v, wq, wk, rope_tables(grid, 128, device=device)
+
+
+def attn_ref32(q, k, v):
+    """fp32 SDPA one head at a time (bounded memory at L = 32760 even on SDPA's math path)."""
+    from lightx2v_engine.ops import attention_ref
+    return torch.cat([attention_ref(q[:, :, h:h + 1].float(), k[:, :, h:h + 1].float(), v[:, :, h:h + 1].float())
+                      for h in range(q.shape[2])], dim=2)
+
+
+def assert_attn_rule(out, q, k, v, atol=1e-4):
+    """The attention kernels' rule: max |out - fp32 ref| <= 2 x max |PyTorch SDPA in q's dtype - fp32 ref|
+    + atol."""
+    from lightx2v_engine.ops import attention_ref
+    ref32 = attn_ref32(q, k, v)
+    base = (attention_ref(q, k, v).float() - ref32).abs().max().item()
+    err = (out.float() - ref32).abs().max().item()
+    assert err <= 2 * base + atol, f"kernel err {err:.3e} > 2 x SDPA {q.dtype} err {base:.3e} + {atol}"
+
+
+def attn_qkv(B, Lq, Lk, H, dtype, device, seed=0):
+    """Random q [B, Lq, H, 128], k, v [B, Lk, H, 128] (k scaled by 1.5 for a peakier softmax)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    mk = lambda L: torch.randn(B, L, H, 128, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    return mk(Lq), mk(Lk) * 1.5, mk(Lk)

@@ -13,35 +13,16 @@ from lightx2v_engine.kernels.attention import ATTN_CONFIGS, attention_impl, atte
 from lightx2v_engine.kernels.qk_norm_rope import qk_norm_rope_ref
 from lightx2v_engine.ops import attention_ref
 
-from dit_fixtures import eager_and_graph_replay, self_attn_inputs
-
-
-def _ref32(q, k, v):
-    """fp32 SDPA one head at a time (bounded memory at L = 32760 even on SDPA's math path)."""
-    return torch.cat([attention_ref(q[:, :, h:h + 1].float(), k[:, :, h:h + 1].float(), v[:, :, h:h + 1].float())
-                      for h in range(q.shape[2])], dim=2)
-
-
-def _assert_rule(out, q, k, v, atol=1e-4):
-    ref32 = _ref32(q, k, v)
-    base = (attention_ref(q, k, v).float() - ref32).abs().max().item()
-    err = (out.float() - ref32).abs().max().item()
-    assert err <= 2 * base + atol, f"kernel err {err:.3e} > 2 x SDPA {q.dtype} err {base:.3e} + {atol}"
-
-
-def _qkv(B, Lq, Lk, H, dtype, device, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    mk = lambda L: torch.randn(B, L, H, 128, generator=g).to(device=device, dtype=dtype)  # noqa: E731
-    return mk(Lq), mk(Lk) * 1.5, mk(Lk)
+from dit_fixtures import assert_attn_rule, attn_qkv, attn_ref32, eager_and_graph_replay, self_attn_inputs
 
 
 @pytest.mark.parametrize("config", list(ATTN_CONFIGS))
 @pytest.mark.parametrize("B, Lq, Lk", [(1, 77, 77), (2, 77, 33), (1, 50, 320), (1, 70, 256)])  # 256: EVEN_N, no mask
 def test_attention_configs(config, B, Lq, Lk):
-    q, k, v = _qkv(B, Lq, Lk, 3, torch.float16, "cpu")
+    q, k, v = attn_qkv(B, Lq, Lk, 3, torch.float16, "cpu")
     out = attention_triton(q, k, v, config)
     assert out.shape == q.shape and out.dtype == q.dtype
-    _assert_rule(out, q, k, v)
+    assert_attn_rule(out, q, k, v)
 
 
 @pytest.mark.parametrize("config", ["ptr_256x64_w8_s3", "tma_pipe_128x128_w8_s2", "ws_128x128_w4_s2"])
@@ -55,16 +36,16 @@ def test_attention_strided_views_cross(config):
     k, v = (t.unflatten(-1, (H, 128)) for t in kv.split(H * 128, dim=-1))
     assert not q.is_contiguous() and not k.is_contiguous()
     out = attention_triton(q, k, v, config)
-    _assert_rule(out, q, k, v)
+    assert_attn_rule(out, q, k, v)
 
 
 def test_attention_public_op_and_policy():
-    q, k, v = _qkv(1, 40, 19, 2, torch.float16, "cpu")
+    q, k, v = attn_qkv(1, 40, 19, 2, torch.float16, "cpu")
     assert attention_impl()[0] == "triton"
-    _assert_rule(attention(q, k, v), q, k, v)
+    assert_attn_rule(attention(q, k, v), q, k, v)
     try:
         set_attention_impl("sdpa_flash")  # PyTorch's flash kernel exists on CPU too
-        _assert_rule(attention(q, k, v), q, k, v)
+        assert_attn_rule(attention(q, k, v), q, k, v)
     finally:
         set_attention_impl("triton")
     # cross-attention (the generic op) on its own backend; self-attention unaffected
@@ -101,7 +82,7 @@ def test_env_policy(monkeypatch):
 
 
 def test_attention_bad_inputs_raise():
-    q, k, v = _qkv(1, 8, 8, 1, torch.float16, "cpu")
+    q, k, v = attn_qkv(1, 8, 8, 1, torch.float16, "cpu")
     with pytest.raises(ValueError, match="fp16 or bf16"):
         attention(q.float(), k.float(), v.float())
     with pytest.raises(ValueError, match="must be"):
@@ -133,7 +114,7 @@ def test_ops_dispatch_to_kernels():
 
 
 def test_opcheck_and_compile():
-    q, k, v = _qkv(1, 20, 9, 2, torch.float16, "cpu")
+    q, k, v = attn_qkv(1, 20, 9, 2, torch.float16, "cpu")
     torch.library.opcheck(torch.ops.lightx2v.attention.default, (q, k, v),
                           test_utils=("test_schema", "test_faketensor"))
     qs, ks, vs, wq, wk, rope = self_attn_inputs(1, (1, 2, 3), 2, torch.float16, "cpu")
@@ -168,8 +149,8 @@ def _gpu_case(H, Lq, Lk):
     """bf16 inputs, fp32 reference and SDPA's bf16 error, computed once per shape for all configs."""
     if (H, Lq, Lk) not in _GPU_CASES:
         _GPU_CASES.clear()  # keep one shape's tensors alive at a time
-        q, k, v = _qkv(1, Lq, Lk, H, torch.bfloat16, "cuda")
-        ref32 = _ref32(q, k, v)
+        q, k, v = attn_qkv(1, Lq, Lk, H, torch.bfloat16, "cuda")
+        ref32 = attn_ref32(q, k, v)
         base = (attention_ref(q, k, v).float() - ref32).abs().max().item()
         _GPU_CASES[(H, Lq, Lk)] = (q, k, v, ref32, base)
     return _GPU_CASES[(H, Lq, Lk)]
@@ -185,7 +166,7 @@ def test_self_attention_gpu_real_shape(impl):
     finally:
         set_attention_impl("triton")
     qh, kh = qk_norm_rope_ref(q.float(), k.float(), wq, wk, rope.cos, rope.sin, 12)
-    ref32 = _ref32(qh, kh, v.float().unflatten(-1, (12, 128))).flatten(-2)
+    ref32 = attn_ref32(qh, kh, v.float().unflatten(-1, (12, 128))).flatten(-2)
     base = (self_attention_ref(q, k, v, wq, wk, rope.cos, rope.sin, 12).float() - ref32).abs().max().item()
     assert (out.float() - ref32).abs().max().item() <= 2 * base + 1e-3
 
@@ -194,7 +175,7 @@ def test_self_attention_gpu_real_shape(impl):
 @pytest.mark.last
 def test_cross_attention_cudnn_in_cuda_graph():
     """LX2V_CROSS_ATTN=sdpa_cudnn must replay inside the DiT's CUDA graphs."""
-    q, k, v = _qkv(1, 1000, 512, 2, torch.bfloat16, "cuda")
+    q, k, v = attn_qkv(1, 1000, 512, 2, torch.bfloat16, "cuda")
     try:
         set_attention_impl(cross_impl="sdpa_cudnn")
         want, out = eager_and_graph_replay(lambda: attention(q, k, v))
@@ -206,7 +187,7 @@ def test_cross_attention_cudnn_in_cuda_graph():
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", ["ptr_256x64_w8_s3", "tma_128x128_w8_s2"])
 def test_attention_cuda_graph_capture(config):
-    q, k, v = _qkv(1, 1000, 300, 2, torch.bfloat16, "cuda")
+    q, k, v = attn_qkv(1, 1000, 300, 2, torch.bfloat16, "cuda")
     prev = attention_impl()[1]
     try:
         set_attention_impl(config=config)
@@ -339,11 +320,11 @@ def _mean_padded(k, block_n=128):
 
 @pytest.mark.parametrize("B, Lq, Lk", [(1, 77, 77), (2, 77, 33), (1, 50, 320), (2, 130, 257)])
 def test_attention_mean_padded_keys(B, Lq, Lk):
-    q, k, v = _qkv(B, Lq, Lk, 3, torch.float16, "cpu")
+    q, k, v = attn_qkv(B, Lq, Lk, 3, torch.float16, "cpu")
     kp = _mean_padded(k)
     assert torch.equal(kp[:, :Lk], k) and kp.shape[1] % 128 == 0
     out = attention_triton(q, kp, v, "ws_mp_128x128_w4_s2", k_mean_padded=True)
-    _assert_rule(out, q, k, v)
+    assert_attn_rule(out, q, k, v)
     # without the correction of l the result would be off by the padded keys' share: the test can fail
     plain = attention_triton(q, kp[:, :Lk], v, "ws_mp_128x128_w4_s2")  # masked loop
     torch.testing.assert_close(out.float(), plain.float(), atol=2e-3, rtol=0)
@@ -361,7 +342,7 @@ def test_attention_mean_padded_keys_all_scores_far_below_zero():
     s = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / 128 ** 0.5
     assert s.max() < -30
     out = attention_triton(q, _mean_padded(k), v, "ws_mp_128x128_w4_s2", k_mean_padded=True)
-    _assert_rule(out, q, k, v)
+    assert_attn_rule(out, q, k, v)
 
 
 def test_self_attention_mean_pad_config():
@@ -378,7 +359,7 @@ def test_self_attention_mean_pad_config():
 
 
 def test_mean_padded_bad_call_raises():
-    q, k, v = _qkv(1, 10, 77, 1, torch.float16, "cpu")
+    q, k, v = attn_qkv(1, 10, 77, 1, torch.float16, "cpu")
     with pytest.raises(ValueError, match="k_mean_padded needs"):
         attention_triton(q, k, v, "ws_mp_128x128_w4_s2", k_mean_padded=True)  # k not padded
     with pytest.raises(ValueError, match="k_mean_padded needs"):
@@ -410,6 +391,6 @@ def test_self_attention_mean_pad_gpu_graph():
         set_attention_impl(config=prev)
     assert torch.equal(out, want)
     qh, kh = qk_norm_rope_ref(q.float(), k.float(), wq, wk, rope.cos, rope.sin, 12)
-    ref32 = _ref32(qh, kh, v.float().unflatten(-1, (12, 128))).flatten(-2)
+    ref32 = attn_ref32(qh, kh, v.float().unflatten(-1, (12, 128))).flatten(-2)
     base = (self_attention_ref(q, k, v, wq, wk, rope.cos, rope.sin, 12).float() - ref32).abs().max().item()
     assert (out.float() - ref32).abs().max().item() <= 2 * base + 1e-3

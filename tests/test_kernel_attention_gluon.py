@@ -18,33 +18,14 @@ import torch
 
 from lightx2v_engine import ops
 from lightx2v_engine.kernels import attention, set_attention_impl
-from lightx2v_engine.ops import attention_ref
 
-from dit_fixtures import eager_and_graph_replay
+from dit_fixtures import assert_attn_rule, attn_qkv, attn_ref32, eager_and_graph_replay
 
 A = importlib.import_module("lightx2v_engine.kernels.attention")
 G = importlib.import_module("lightx2v_engine.kernels.attention_gluon")
 _SASS = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "sass_stats.py")
 
 needs_gluon = pytest.mark.skipif(not G.HAVE_GLUON, reason="this Triton has no Gluon (the pinned 3.6 has)")
-
-
-def _ref32(q, k, v):
-    return torch.cat([attention_ref(q[:, :, h:h + 1].float(), k[:, :, h:h + 1].float(), v[:, :, h:h + 1].float())
-                      for h in range(q.shape[2])], dim=2)
-
-
-def _assert_rule(out, q, k, v, atol=1e-3):
-    ref32 = _ref32(q, k, v)
-    base = (attention_ref(q, k, v).float() - ref32).abs().max().item()
-    err = (out.float() - ref32).abs().max().item()
-    assert err <= 2 * base + atol, f"kernel err {err:.3e} > 2 x SDPA {q.dtype} err {base:.3e} + {atol}"
-
-
-def _qkv(B, Lq, Lk, H, dtype, device, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    mk = lambda L: torch.randn(B, L, H, 128, generator=g).to(device=device, dtype=dtype)  # noqa: E731
-    return mk(Lq), mk(Lk) * 1.5, mk(Lk)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -109,7 +90,7 @@ def test_gluon_kernel_compiles_for_sm90():
 def test_gluon_backend_falls_back_to_triton_where_unavailable():
     """Without an sm90 GPU the "gluon" backend runs the Triton kernel (here through the interpreter) and
     says so in the ops line."""
-    q, k, v = _qkv(2, 77, 45, 3, torch.float16, "cpu")
+    q, k, v = attn_qkv(2, 77, 45, 3, torch.float16, "cpu")
     try:
         set_attention_impl("gluon")
         assert A.attention_impl() == ("gluon", G.DEFAULT_GLUON_CONFIG)
@@ -118,7 +99,7 @@ def test_gluon_backend_falls_back_to_triton_where_unavailable():
     finally:
         set_attention_impl("triton")
     torch.testing.assert_close(out, A.attention_triton(q, k, v), rtol=0, atol=0)
-    _assert_rule(out, q, k, v, atol=1e-4)
+    assert_attn_rule(out, q, k, v, atol=1e-4)
 
 
 def test_gluon_failure_switches_it_off_with_one_warning(monkeypatch):
@@ -134,7 +115,7 @@ def test_gluon_failure_switches_it_off_with_one_warning(monkeypatch):
     monkeypatch.setattr(G, "gluon_ok", lambda q, k, v: True)
     monkeypatch.setattr(G, "attention_gluon", broken)
     monkeypatch.setattr(G, "_FAILED", None)
-    q, k, v = _qkv(1, 40, 40, 2, torch.float16, "cpu")
+    q, k, v = attn_qkv(1, 40, 40, 2, torch.float16, "cpu")
     try:
         set_attention_impl("gluon")
         with pytest.warns(RuntimeWarning, match="PassManager::run failed"):
@@ -150,7 +131,7 @@ def test_gluon_failure_switches_it_off_with_one_warning(monkeypatch):
 
 
 def test_gluon_input_checks():
-    q, k, v = _qkv(1, 8, 8, 1, torch.float16, "cpu")
+    q, k, v = attn_qkv(1, 8, 8, 1, torch.float16, "cpu")
     assert not G.gluon_ok(q, k, v)  # CPU tensors
     if G.HAVE_GLUON:
         with pytest.raises(ValueError, match="head_dim 128"):
@@ -193,10 +174,10 @@ gpu_sm90 = pytest.mark.skipif(not G.available(), reason="needs an sm90 GPU and G
 @pytest.mark.parametrize("B, Lq, Lk, H", [(1, 77, 77, 3), (2, 77, 33, 3), (1, 300, 1000, 2), (2, 1000, 300, 2),
                                           (1, 129, 128, 1), (1, 128, 256, 2), (2, 4101, 4101, 2), (1, 333, 769, 2)])
 def test_gluon_attention_odd_shapes(config, dtype, B, Lq, Lk, H):
-    q, k, v = _qkv(B, Lq, Lk, H, dtype, "cuda")
+    q, k, v = attn_qkv(B, Lq, Lk, H, dtype, "cuda")
     out = G.attention_gluon(q, k, v, config)
     assert out.shape == q.shape and out.dtype == dtype and torch.isfinite(out).all()
-    _assert_rule(out, q, k, v)
+    assert_attn_rule(out, q, k, v, atol=1e-3)
 
 
 @pytest.mark.gpu
@@ -205,8 +186,8 @@ def test_gluon_attention_odd_shapes(config, dtype, B, Lq, Lk, H):
 @pytest.mark.parametrize("config", list(G.GLUON_CONFIGS))
 @pytest.mark.parametrize("H, Lq, Lk", [(12, 32760, 32760), (12, 32760, 512), (40, 32760, 257)])
 def test_gluon_attention_real_shapes(config, H, Lq, Lk):
-    q, k, v = _qkv(1, Lq, Lk, H, torch.bfloat16, "cuda")
-    _assert_rule(G.attention_gluon(q, k, v, config), q, k, v)
+    q, k, v = attn_qkv(1, Lq, Lk, H, torch.bfloat16, "cuda")
+    assert_attn_rule(G.attention_gluon(q, k, v, config), q, k, v, atol=1e-3)
 
 
 @pytest.mark.gpu
@@ -224,7 +205,7 @@ def test_gluon_attention_strided_views_and_out():
     out = buf[..., H * 128:].unflatten(-1, (H, 128))
     G.attention_gluon(q, k, v, out=out)
     assert torch.count_nonzero(buf[..., : H * 128]) == 0  # nothing written outside `out`
-    _assert_rule(out, q, k, v)
+    assert_attn_rule(out, q, k, v, atol=1e-3)
 
 
 @pytest.mark.gpu
@@ -237,10 +218,10 @@ def test_gluon_attention_8bit(stages, B, Lq, Lk, H):
     """The 8-bit Gluon kernel against exact attention, with the 8-bit rule of test_kernel_attention_8bit
     (rel. L2 <= 1.25 x that of the same quantisation done by PyTorch + 0.005)."""
     A8 = importlib.import_module("lightx2v_engine.kernels.attention_8bit")
-    q, k, v = _qkv(B, Lq, Lk, H, torch.bfloat16, "cuda")
+    q, k, v = attn_qkv(B, Lq, Lk, H, torch.bfloat16, "cuda")
     out = G.attention_8bit_gluon(q, k, v, G.GluonAttnConfig(128, stages))
     assert G.failure() is None and torch.isfinite(out).all()
-    exact = _ref32(q, k, v)
+    exact = attn_ref32(q, k, v)
     rel = lambda a: ((a.float() - exact).norm() / exact.norm()).item()  # noqa: E731
     base = rel(A8.attention_8bit_ref(q, k, v)) if Lq * Lk <= 1 << 24 else 0.036  # ref: O(Lq Lk) memory
     assert rel(out) <= 1.25 * base + 0.005, f"rel. err {rel(out):.4f}, reference {base:.4f}"
@@ -252,7 +233,7 @@ def test_gluon_attention_8bit(stages, B, Lq, Lk, H):
 def test_gluon_backend_in_cuda_graph_and_dispatch():
     """The "gluon" backend through the public op: it runs the Gluon kernel (not the fallback) and replays
     inside a CUDA graph with the eager result."""
-    q, k, v = _qkv(1, 1000, 300, 2, torch.bfloat16, "cuda")
+    q, k, v = attn_qkv(1, 1000, 300, 2, torch.bfloat16, "cuda")
     try:
         set_attention_impl("gluon")
         want, out = eager_and_graph_replay(lambda: attention(q, k, v))
@@ -262,4 +243,4 @@ def test_gluon_backend_in_cuda_graph_and_dispatch():
         set_attention_impl("triton")
     assert torch.equal(out, want)
     torch.testing.assert_close(want, G.attention_gluon(q, k, v), rtol=0, atol=0)
-    _assert_rule(want, q, k, v)
+    assert_attn_rule(want, q, k, v, atol=1e-3)
