@@ -163,11 +163,17 @@ if HAVE_GLUON:
                                                 v_bufs.index(s))
 
     @gluon.jit
-    def _init_barriers(q_ready, k_ready, k_empty, v_ready, v_empty, turn):
-        """ready: one arrival (the producer's expect) plus the bytes; empty: both consumer warpgroups;
-        turn: the other warpgroup."""
-        STAGES: gl.constexpr = k_ready.type.shape[0]
-        N_TURN: gl.constexpr = turn.type.shape[0]
+    def _barriers(STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+        """The kernel's mbarriers, initialised: q_ready; k_ready, k_empty, v_ready, v_empty per ring slot;
+        turn (ping-pong: one per consumer warpgroup, else a single unused one). ready: one arrival (the
+        producer's expect) plus the bytes; empty: both consumer warpgroups; turn: the other warpgroup."""
+        N_TURN: gl.constexpr = 1 + PINGPONG
+        q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [N_TURN, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_ready, count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
@@ -176,6 +182,7 @@ if HAVE_GLUON:
             mbarrier.init(v_empty.index(i), count=2)
         for i in gl.static_range(N_TURN):
             mbarrier.init(turn.index(i), count=1)
+        return q_ready, k_ready, k_empty, v_ready, v_empty, turn
 
     @gluon.jit
     def _store_rows(o, o_base, row0, Lq, stride_ol):
@@ -334,15 +341,7 @@ if HAVE_GLUON:
         q_bufs = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_D], q_desc.layout)
         k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], k_desc.layout)
         v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], v_desc.layout)
-        q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        # ping-pong: one turn barrier per consumer warpgroup; without it a single unused one
-        N_TURN: gl.constexpr = 1 + PINGPONG
-        turn = gl.allocate_shared_memory(gl.int64, [N_TURN, 1], mbarrier.MBarrierLayout())
-        _init_barriers(q_ready, k_ready, k_empty, v_ready, v_empty, turn)
+        q_ready, k_ready, k_empty, v_ready, v_empty, turn = _barriers(STAGES, PINGPONG)
 
         common = (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready, v_empty,
                   turn, row_q, row_k, col, n_blocks, o_ptr, stride_ob, stride_ol, stride_oh, b, h, Lq, Lk,
@@ -510,14 +509,7 @@ if HAVE_GLUON:
         v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES, HEAD_D, BLOCK_N], v_desc.layout)
         p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF, BLOCK_N], gl.float8e4nv)
         p_bufs = gl.allocate_shared_memory(gl.float8e4nv, [2, HALF, BLOCK_N], p_layout)
-        q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        N_TURN: gl.constexpr = 1 + PINGPONG
-        turn = gl.allocate_shared_memory(gl.int64, [N_TURN, 1], mbarrier.MBarrierLayout())
-        _init_barriers(q_ready, k_ready, k_empty, v_ready, v_empty, turn)
+        q_ready, k_ready, k_empty, v_ready, v_empty, turn = _barriers(STAGES, PINGPONG)
 
         common = (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, p_bufs, q_ready, k_ready, k_empty, v_ready,
                   v_empty, turn, row_q, row_k, col, row_v, n_blocks, o_ptr, stride_ob, stride_ol, stride_oh, b, h, Lq, Lk,
