@@ -306,6 +306,8 @@ if HAVE_GLUON:
         o = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
         _store_rows(o, o_ptr + b * stride_ob + h * stride_oh, row_q - b * Lq + WG * HALF, Lq, stride_ol)
 
+    # One entry point per warpgroup: warp_specialize passes partitions runtime values only (a constexpr in the
+    # argument tuple arrives as a tensor), so the warpgroup index is bound here.
     @gluon.jit
     def _consumer_0(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready, v_empty,
                     turn, row_q, row_k, col, n_blocks, o_ptr, stride_ob, stride_ol, stride_oh, b, h, Lq, Lk,
