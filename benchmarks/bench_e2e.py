@@ -367,6 +367,9 @@ def main(argv=None) -> int:
     rows, summary, absent = [], {}, {}
     info = env_info(device)
     summary["shape"] = f"{args.frames}x{args.height}x{args.width}"
+    # what the engine's hot ops ran (attention backend and config, q/k variant, GELU epilogue)
+    summary["ops"] = ops.describe(device)
+    summary["ops_attn8"] = ops.describe(device, attn_8bit=True)
     if "14b" not in tags:
         for k in ("step_ms_14b_bf16", "step_ms_14b_8bit"):
             absent[k] = "14B not run (pass --with-14b)"
