@@ -16,6 +16,13 @@ REQUIRED = [
     "attn_8bit_ratio_vs_cudnn", "attn_8bit_relerr", "gemm_fp8_ratio_vs_scaled_mm_min",
     "gemm_fp8_gate_residual_ratio", "csrc_memory_bound_bw_frac", "distill_speedup_vs_50step_cfg",
 ]
+# Shown under the required figures when a run produced them: which kernels won, and by how much.
+ALSO = [
+    "attn_bf16_best_ours", "attn_triton_tflops", "attn_gluon_best_config", "attn_gluon_tflops",
+    "attn_gluon_ratio_vs_triton", "attn_cudnn_tflops", "attn_cross_best_impl", "attn_8bit_best_config",
+    "qk_norm_rope_row_bw_frac", "qk_norm_rope_tile_bw_frac", "qk_norm_rope_chunk_bw_frac",
+    "step_8bit_variant_1.3b", "step_8bit_variant_14b", "ops", "ops_attn8",
+]
 # Figures with no producer yet, and why (none at present).
 NOT_IMPLEMENTED: dict[str, str] = {}
 # Where a stage's failure shows up: summary files expected from each benchmark.
@@ -55,6 +62,12 @@ def table(summary: dict) -> str:
     for k in REQUIRED:
         v = summary["figures"].get(k)
         lines.append(f"  {k:<36} " + (f"{v:.4g}" if isinstance(v, (int, float)) else f"absent: {summary['absent'].get(k)}"))
+    also = [k for k in ALSO if summary["figures"].get(k) is not None]
+    if also:
+        lines.append("  also:")
+    for k in also:
+        v = summary["figures"][k]
+        lines.append(f"  {k:<36} " + (f"{v:.4g}" if isinstance(v, float) else str(v)))
     extra = [k for k in summary["absent"] if k.startswith("<")]
     lines += [f"  {k}: {summary['absent'][k]}" for k in extra]
     return "\n".join(lines)

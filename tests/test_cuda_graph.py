@@ -52,7 +52,9 @@ def test_bench_e2e_dry_run_and_summary(tmp_path):
         assert e2e["figures"][k] > 0, k
     assert e2e["figures"]["engine_vs_reference_relerr_tiny"] < 1e-2
     assert e2e["figures"]["vae_decode_relerr_vs_diffusers"] < 1e-4
+    assert e2e["figures"]["ops"].startswith("ops: ")  # what ran, recorded beside the times
     assert summarize.main([str(tmp_path)]) == 0
+    assert "ops: " in summarize.table(json.loads((tmp_path / "summary.json").read_text()))  # shown under "also"
     s = json.loads((tmp_path / "summary.json").read_text())
     for k in summarize.REQUIRED:  # every required figure is present or absent with a reason
         assert s["figures"].get(k) is not None or s["absent"].get(k), k
