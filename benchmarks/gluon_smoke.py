@@ -1,9 +1,13 @@
-"""First contact of the Gluon attention kernel with a GPU, in its own process under a short timeout.
+"""First contact of the Gluon attention kernels with a GPU, in its own process under a short timeout.
 
-gpu_check.sh runs this before the benchmarks: every config at a small odd shape and at the 1.3B self-
-attention shape, against an fp32 reference (rule: error <= 2 x SDPA bf16's + 1e-3). Exit 0 when all pass;
-exit 1 (and gpu_check sets LX2V_ATTN_GLUON_OFF=1, so benchmarks and tests leave the kernel alone) on an
-error; a hang is cut by the caller's timeout.
+gpu_check.sh runs this before the benchmarks. The cases go from the simplest schedule to the full one, so
+that the log localises a bug: the config without ping-pong before the one with it; one key block
+(prologue and tail only), a ragged single block, two blocks (one loop turn), a ragged last block (the
+peeled masked step), ring wrap-around and several CTAs, two batches, then the 1.3B self-attention shape;
+the 8-bit kernel last. Each case is announced before it runs (a hang shows as the last "start" line).
+Rule: error <= 2 x SDPA bf16's + 1e-3 (8-bit: rel. L2 < 6%). Exit 0 when all pass, 1 on any failure;
+gpu_check then sets LX2V_ATTN_GLUON_OFF=1 (also on a hang, cut by its timeout), so benchmarks and tests
+leave the kernels alone.
 
     python benchmarks/gluon_smoke.py
 """
@@ -22,50 +26,64 @@ try:
 except ImportError:
     sys.path.insert(0, str(ROOT))
 
+# (B, Lq, Lk, H), simplest schedule first
+CASES = [(1, 64, 128, 1), (1, 64, 100, 1), (1, 64, 256, 1), (1, 64, 300, 1), (1, 200, 1000, 1),
+         (2, 300, 1000, 2), (1, 32760, 32760, 12)]
+
+
+def _inputs(B, Lq, Lk, H):
+    from lightx2v_engine.ops import attention_ref
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(B, n, H, 128, generator=g).to("cuda", torch.bfloat16) for n in (Lq, Lk, Lk))
+    ref32 = torch.cat([attention_ref(q[:, :, h:h + 1].float(), k[:, :, h:h + 1].float(),
+                                     v[:, :, h:h + 1].float()) for h in range(H)], dim=2)
+    base = (attention_ref(q, k, v).float() - ref32).abs().max().item()
+    return q, k, v, ref32, base
+
+
+def _case(label: str, fn, check) -> bool:
+    print(f"gluon smoke: start {label}", flush=True)
+    t0 = time.time()
+    try:
+        out = fn()
+        torch.cuda.synchronize()
+        good, what = check(out)
+    except Exception as e:  # noqa: BLE001 - report and fail
+        print(f"gluon smoke: {label}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        return False
+    print(f"gluon smoke: {label}: {what} {'ok' if good else 'WRONG'} ({time.time() - t0:.1f} s incl. compile)",
+          flush=True)
+    return good
+
 
 def main() -> int:
     G = importlib.import_module("lightx2v_engine.kernels.attention_gluon")
-    from lightx2v_engine.ops import attention_ref
     if not G.available():
         print(f"gluon smoke: not applicable (HAVE_GLUON={G.HAVE_GLUON}, cuda={torch.cuda.is_available()}, "
               f"off={G.switched_off()})")
         return 0
+    configs = sorted(G.GLUON_CONFIGS, key=lambda c: G.GLUON_CONFIGS[c].pingpong)  # no ping-pong first
     ok = True
-    for B, Lq, Lk, H in [(2, 300, 1000, 2), (1, 32760, 32760, 12)]:
-        g = torch.Generator(device="cpu").manual_seed(0)
-        q, k, v = (torch.randn(B, n, H, 128, generator=g).to("cuda", torch.bfloat16) for n in (Lq, Lk, Lk))
-        ref32 = torch.cat([attention_ref(q[:, :, h:h + 1].float(), k[:, :, h:h + 1].float(),
-                                         v[:, :, h:h + 1].float()) for h in range(H)], dim=2)
-        base = (attention_ref(q, k, v).float() - ref32).abs().max().item()
-        for name in G.GLUON_CONFIGS:
-            t0 = time.time()
-            try:
-                out = G.attention_gluon(q, k, v, name)
-                torch.cuda.synchronize()
-                err = (out.float() - ref32).abs().max().item()
-            except Exception as e:  # noqa: BLE001 - report and fail
-                print(f"gluon smoke: {name} B{B} Lq{Lq} Lk{Lk} H{H}: {type(e).__name__}: {str(e)[:300]}")
-                ok = False
-                continue
-            good = err <= 2 * base + 1e-3
-            ok &= good
-            print(f"gluon smoke: {name} B{B} Lq{Lq} Lk{Lk} H{H}: err {err:.3e} (SDPA bf16 {base:.3e}) "
-                  f"{'ok' if good else 'WRONG'} ({time.time() - t0:.1f} s incl. compile)")
-        # the 8-bit kernel: rel. L2 vs exact attention within the 8-bit tests' bound (< 6%)
-        t0 = time.time()
-        try:
-            out = G.attention_8bit_gluon(q, k, v)
-            torch.cuda.synchronize()
-            rel = ((out.float() - ref32).norm() / ref32.norm()).item()
-        except Exception as e:  # noqa: BLE001
-            print(f"gluon smoke: 8-bit B{B} Lq{Lq} Lk{Lk} H{H}: {type(e).__name__}: {str(e)[:300]}")
-            ok = False
-        else:
-            good = rel < 0.06
-            ok &= good
-            print(f"gluon smoke: 8-bit B{B} Lq{Lq} Lk{Lk} H{H}: rel. L2 {rel:.4f} {'ok' if good else 'WRONG'} "
-                  f"({time.time() - t0:.1f} s incl. compile)")
+    for B, Lq, Lk, H in CASES:
+        q, k, v, ref32, base = _inputs(B, Lq, Lk, H)
+
+        def exact(out):
+            err = (out.float() - ref32).abs().max().item()
+            return err <= 2 * base + 1e-3, f"err {err:.3e} (SDPA bf16 {base:.3e})"
+
+        for name in configs:
+            ok &= _case(f"{name} B{B} Lq{Lq} Lk{Lk} H{H}", lambda: G.attention_gluon(q, k, v, name), exact)
         del q, k, v, ref32
+    for B, Lq, Lk, H in CASES:  # the 8-bit kernel (default config) after every bf16 case
+        q, k, v, ref32, _ = _inputs(B, Lq, Lk, H)
+
+        def rel(out):
+            r = ((out.float() - ref32).norm() / ref32.norm()).item()
+            return r < 0.06, f"rel. L2 {r:.4f}"
+
+        ok &= _case(f"8-bit B{B} Lq{Lq} Lk{Lk} H{H}", lambda: G.attention_8bit_gluon(q, k, v), rel)
+        del q, k, v, ref32
+    print(f"gluon smoke: {'all ok' if ok else 'FAILED'}")
     return 0 if ok else 1
 
 
