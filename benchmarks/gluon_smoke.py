@@ -73,7 +73,6 @@ def main() -> int:
 
         for name in configs:
             ok &= _case(f"{name} B{B} Lq{Lq} Lk{Lk} H{H}", lambda: G.attention_gluon(q, k, v, name), exact)
-        del q, k, v, ref32
     for B, Lq, Lk, H in CASES:  # the 8-bit kernel (default config) after every bf16 case
         q, k, v, ref32, _ = _inputs(B, Lq, Lk, H)
 
@@ -82,7 +81,6 @@ def main() -> int:
             return r < 0.06, f"rel. L2 {r:.4f}"
 
         ok &= _case(f"8-bit B{B} Lq{Lq} Lk{Lk} H{H}", lambda: G.attention_8bit_gluon(q, k, v), rel)
-        del q, k, v, ref32
     print(f"gluon smoke: {'all ok' if ok else 'FAILED'}")
     return 0 if ok else 1
 
