@@ -18,7 +18,13 @@ schedule out by hand:
   together, waits only for S_j, runs the softmax of S_j while P_{j-1} V_{j-1} is still running, then waits
   for it and rescales O;
 * P goes to the second MMA from registers (the accumulator layout of the first MMA is the A-operand layout
-  of the second), V from shared memory; only the ragged last key block is masked (a scalar branch).
+  of the second), V from shared memory; only the ragged last key block is masked, in a step peeled out of
+  the loop (in the loop body the branch was if-converted into 64 selects per block).
+
+The 8-bit kernel (``attention_8bit_gluon``; ``ATTN8_CONFIGS["gluon_*"]`` in kernels/attention_8bit.py) runs
+the same schedule on ``quantize_qkv``'s int8 q/k and transposed e4m3 v with that module's arithmetic;
+its P8 goes through shared memory (an fp8 A operand in registers needs a byte shuffle of the accumulator,
+and Gluon cannot keep 8-bit registers alive across an asynchronous wgmma).
 
 q [B, Lq, H, D], k/v [B, Lk, H, D] are read through 2D TMA descriptors over [B*L, H*D] (so each tensor
 needs unit stride on D, stride D between heads and whole rows between batches: any [B, L, C] projection
