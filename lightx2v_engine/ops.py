@@ -70,7 +70,10 @@ def describe(device: torch.device, attn_8bit: bool = False) -> str:
     qk = importlib.import_module("lightx2v_engine.kernels.qk_norm_rope")
     a8 = importlib.import_module("lightx2v_engine.kernels.attention_8bit")
     impl, config = attn.attention_impl()
-    self_attn = (f"8-bit {a8.attention_8bit_config()}" if attn_8bit and attention_8bit_available(device)
+    a8_config = a8.attention_8bit_config()
+    self_attn = (f"8-bit {a8_config}" + (f" ({attn.gluon_status(device)})" if a8.ATTN8_CONFIGS[a8_config].gluon
+                                         else "")
+                 if attn_8bit and attention_8bit_available(device)
                  else impl + (f" {config}" if impl in ("triton", "gluon") else "")
                  + (f" ({attn.gluon_status(device)})" if impl == "gluon" else ""))
     return (f"ops: Triton kernels; self-attention {self_attn}, cross-attention {attn.cross_attention_impl()}, "

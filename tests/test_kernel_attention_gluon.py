@@ -244,3 +244,22 @@ def test_gluon_backend_in_cuda_graph_and_dispatch():
     assert torch.equal(out, want)
     torch.testing.assert_close(want, G.attention_gluon(q, k, v), rtol=0, atol=0)
     assert_attn_rule(want, q, k, v, atol=1e-3)
+
+
+def test_ops_line_names_the_gluon_fallback():
+    """The ops line (logged by the pipeline, recorded by bench_e2e) says when a Gluon choice cannot run."""
+    A8 = importlib.import_module("lightx2v_engine.kernels.attention_8bit")
+    prev = A8.attention_8bit_config()
+    try:
+        ops.set_backend("kernels")
+        A8.set_attention_8bit_config("gluon_fa3_128x128_s2")
+        set_attention_impl("gluon")
+        if ops.attention_8bit_available(torch.device("cpu")):  # the interpreter (CPU machines)
+            line = ops.describe(torch.device("cpu"), attn_8bit=True)
+            assert "8-bit gluon_fa3_128x128_s2 (unavailable" in line, line
+        line = ops.describe(torch.device("cpu"))
+        assert f"self-attention gluon {G.DEFAULT_GLUON_CONFIG} (unavailable" in line, line
+    finally:
+        set_attention_impl("triton")
+        A8.set_attention_8bit_config(prev)
+        ops.set_backend("auto")
