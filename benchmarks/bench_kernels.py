@@ -4,14 +4,17 @@ Memory-bound ops (modulate, gate_residual_modulate, qk_norm_rope; C = 1536 and 5
 PyTorch references: GB/s (bytes read + written) and the fraction of a device-to-device copy measured in
 the same run. Attention (12 and 40 heads x 128 at L = 32760; cross-attention Lk = 512): every Triton config
 of kernels/attention.py ATTN_CONFIGS, SDPA flash (FA2) and SDPA cuDNN, in TFLOP/s (4 Lq Lk D H) with the
-ratio to cuDNN; each checked against an fp32 SDPA reference (max abs error, and the 2x-of-SDPA rule).
-8-bit attention (kernels/attention_8bit.py ATTN8_CONFIGS, self-attention shapes): with and without the
-q/k/v quantisation, TOPS, ratio to cuDNN bf16, rel. L2 error vs fp32.
+ratio to cuDNN; each checked against an fp32 SDPA reference (max abs error, and the 2x-of-SDPA rule); the
+Gluon configs (kernels/attention_gluon.py GLUON_CONFIGS, sm90) last of all. 8-bit attention
+(kernels/attention_8bit.py ATTN8_CONFIGS, the Gluon ones included where they can run; self-attention
+shapes): with and without the q/k/v quantisation, TOPS, ratio to cuDNN bf16, rel. L2 error vs fp32.
 
 Writes <out>/kernels.csv and <out>/kernels_summary.json (out: --out, else $OUT, else benchmarks/out).
 Summary: modulate_bw_frac / qk_norm_rope_bw_frac (the lowest fraction of copy bandwidth over the shapes),
-attn_bf16_ratio_vs_cudnn (best correct Triton config's TFLOP/s / cuDNN's, 12 heads, L = 32760; > 1: faster),
-attn_best_impl, attn_best_triton_config, attn_triton_tflops, attn_cudnn_tflops, attn_8bit_ratio_vs_cudnn and
+attn_bf16_ratio_vs_cudnn (our best correct kernel's TFLOP/s, Triton or Gluon, / cuDNN's, 12 heads,
+L = 32760; > 1: faster), attn_bf16_best_ours, attn_best_impl, attn_best_triton_config, attn_triton_tflops,
+attn_gluon_best_config, attn_gluon_tflops, attn_gluon_ratio_vs_cudnn, attn_gluon_ratio_vs_triton,
+attn_cudnn_tflops, attn_8bit_ratio_vs_cudnn and
 attn_8bit_relerr (fastest config under 6% error, quantisation included), attn_8bit_best_config.
 Without CUDA it prints that it needs a GPU and exits 0; --dry-run runs the whole code path on tiny CPU
 shapes through the Triton interpreter (wall-clock timing, numbers meaningless).
