@@ -530,30 +530,15 @@ if HAVE_GLUON:
         ], [4, 1], [CONSUMER_REGS, 24])
 
 
-def _descriptor(t: torch.Tensor, rows: int):
-    B, L, H, D = t.shape
-    layout = gl.NVMMASharedLayout.get_default_for([rows, D], gl.bfloat16 if t.dtype == torch.bfloat16
-                                                  else gl.float16)
-    return TensorDescriptor(t, [B * L, H * D], [t.stride(1), 1], [rows, D], layout)
-
-
-def compile_signature(config: str | GluonAttnConfig, dtype: torch.dtype = torch.bfloat16) -> tuple:
-    """(kernel, argument types, constexprs, options) to compile the kernel for a target without a GPU
-    (benchmarks/sass_stats.py and the CPU compile test): descriptor types come from host descriptors
-    over a small CPU tensor."""
-    from triton.runtime.jit import mangle_type
-    cfg = GLUON_CONFIGS[config] if isinstance(config, str) else config
-    t = torch.empty(1, 64, 2, 128, dtype=dtype)
-    ptr = "*bf16" if dtype == torch.bfloat16 else "*fp16"
-    types = dict(q_desc=mangle_type(_descriptor(t, cfg.block_m // 2)), k_desc=mangle_type(_descriptor(t, cfg.block_n)),
-                 v_desc=mangle_type(_descriptor(t, cfg.block_n)), o_ptr=ptr, qk_scale="fp32")
-    consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.stages, CONSUMER_REGS=cfg.consumer_regs,
-                  PINGPONG=cfg.pingpong)
-    return _attn_fwd_gluon, types, consts, dict(num_warps=4, maxnreg=MAXNREG)
-
-
 def _descriptor_2d(t: torch.Tensor, shape: list, stride0: int, block: list, gl_dtype):
     return TensorDescriptor(t, shape, [stride0, 1], block, gl.NVMMASharedLayout.get_default_for(block, gl_dtype))
+
+
+def _descriptor(t: torch.Tensor, rows: int):
+    """[B, L, H, D] fp16/bf16 as the 2D TMA view [B*L, H*D] (row stride t.stride(1)), blocks [rows, D]."""
+    B, L, H, D = t.shape
+    return _descriptor_2d(t, [B * L, H * D], t.stride(1), [rows, D],
+                          gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16)
 
 
 def _descriptors8(q8, k8, vt, block_n: int):
@@ -566,19 +551,52 @@ def _descriptors8(q8, k8, vt, block_n: int):
             _descriptor_2d(vt, [B * H * D, vt.shape[-1]], vt.shape[-1], [D, block_n], gl.float8e4nv))
 
 
+def _config(config: str | GluonAttnConfig | None) -> GluonAttnConfig:
+    """A config name (None: the default) or a GluonAttnConfig."""
+    return config if isinstance(config, GluonAttnConfig) else GLUON_CONFIGS[config or DEFAULT_GLUON_CONFIG]
+
+
+def _constexprs(cfg: GluonAttnConfig) -> dict:
+    """Both kernels' compile-time arguments for `cfg`."""
+    return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.stages, CONSUMER_REGS=cfg.consumer_regs,
+                PINGPONG=cfg.pingpong)
+
+
+_OPTIONS = dict(num_warps=4, maxnreg=MAXNREG)
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if not HAVE_GLUON:
+        raise RuntimeError("kernels/attention_gluon.py: this Triton has no Gluon (triton.experimental.gluon)")
+    if not gluon_ok(q, k, v):
+        raise ValueError(f"kernels/attention_gluon.py: needs CUDA fp16/bf16 q, k, v with head_dim 128 and "
+                         f"non-empty L; got {q.dtype} {list(q.shape)}, {list(k.shape)} on {q.device}")
+
+
+def compile_signature(config: str | GluonAttnConfig, dtype: torch.dtype = torch.bfloat16) -> tuple:
+    """(kernel, argument types, constexprs, options) to compile the kernel for a target without a GPU
+    (benchmarks/sass_stats.py and the CPU compile test): descriptor types come from host descriptors
+    over a small CPU tensor."""
+    from triton.runtime.jit import mangle_type
+    cfg = _config(config)
+    t = torch.empty(1, 64, 2, 128, dtype=dtype)
+    ptr = "*bf16" if dtype == torch.bfloat16 else "*fp16"
+    types = dict(q_desc=mangle_type(_descriptor(t, cfg.block_m // 2)), k_desc=mangle_type(_descriptor(t, cfg.block_n)),
+                 v_desc=mangle_type(_descriptor(t, cfg.block_n)), o_ptr=ptr, qk_scale="fp32")
+    return _attn_fwd_gluon, types, _constexprs(cfg), dict(_OPTIONS)
+
+
 def compile_signature8(config: str | GluonAttnConfig, out_dtype: torch.dtype = torch.bfloat16) -> tuple:
     """compile_signature for the 8-bit kernel."""
     from triton.runtime.jit import mangle_type
-    cfg = GLUON_CONFIGS[config] if isinstance(config, str) else config
+    cfg = _config(config)
     q8 = torch.empty(1, 64, 2, 128, dtype=torch.int8)
     vt = torch.empty(1, 2, 128, 128, dtype=torch.float8_e4m3fn)
     qd, kd, vd = _descriptors8(q8, q8, vt, cfg.block_n)
     types = dict(q_desc=mangle_type(qd), k_desc=mangle_type(kd), v_desc=mangle_type(vd),
                  o_ptr="*bf16" if out_dtype == torch.bfloat16 else "*fp16", qs_ptr="*fp32", ks_ptr="*fp32",
                  vs_ptr="*fp32")
-    consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.stages, CONSUMER_REGS=cfg.consumer_regs,
-                  PINGPONG=cfg.pingpong)
-    return _attn8_fwd_gluon, types, consts, dict(num_warps=4, maxnreg=MAXNREG)
+    return _attn8_fwd_gluon, types, _constexprs(cfg), dict(_OPTIONS)
 
 
 def attention_8bit_gluon_quantized(quantized: tuple, Lk: int, out: torch.Tensor,
@@ -589,7 +607,7 @@ def attention_8bit_gluon_quantized(quantized: tuple, Lk: int, out: torch.Tensor,
     corrected for."""
     if not HAVE_GLUON:
         raise RuntimeError("kernels/attention_gluon.py: this Triton has no Gluon (triton.experimental.gluon)")
-    cfg = GLUON_CONFIGS[config or DEFAULT_GLUON_CONFIG] if not isinstance(config, GluonAttnConfig) else config
+    cfg = _config(config)
     q8, qs, k8, ks, vt, vs = quantized
     B, Lq, H, D = q8.shape
     n_blk = ks.shape[-1]
@@ -603,8 +621,7 @@ def attention_8bit_gluon_quantized(quantized: tuple, Lk: int, out: torch.Tensor,
     qd, kd, vd = _descriptors8(q8, k8, vt, cfg.block_n)
     _attn8_fwd_gluon[(triton.cdiv(Lq, cfg.block_m), B * H)](
         qd, kd, vd, out, qs, ks, vs, out.stride(0), out.stride(1), out.stride(2), H, Lq, Lk, n_blk,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.stages, CONSUMER_REGS=cfg.consumer_regs,
-        PINGPONG=cfg.pingpong, num_warps=4, maxnreg=MAXNREG)
+        **_constexprs(cfg), **_OPTIONS)
     return out
 
 
@@ -613,10 +630,8 @@ def attention_8bit_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Quantises q, k, v (kernels/attention_8bit.quantize_qkv) and runs the 8-bit Gluon kernel. q [B, Lq,
     H, D], k/v [B, Lk, H, D], head_dim 128, fp16/bf16 on an sm90 GPU; returns [B, Lq, H, D]."""
     from .attention_8bit import quantize_qkv
-    cfg = GLUON_CONFIGS[config or DEFAULT_GLUON_CONFIG] if not isinstance(config, GluonAttnConfig) else config
-    if not gluon_ok(q, k, v):
-        raise ValueError(f"kernels/attention_gluon.py: needs CUDA fp16/bf16 q, k, v with head_dim 128 and "
-                         f"non-empty L; got {q.dtype} {list(q.shape)}, {list(k.shape)} on {q.device}")
+    cfg = _config(config)
+    _check_inputs(q, k, v)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     return attention_8bit_gluon_quantized(quantize_qkv(q, k, v, cfg.block_n), k.shape[1], out, cfg)
@@ -627,12 +642,8 @@ def attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: s
     """Launches the Gluon kernel (config name or GluonAttnConfig) into `out` (contiguous [B, Lq, H, D] when
     None). q [B, Lq, H, D], k/v [B, Lk, H, D]; head_dim 128, fp16/bf16, sm90. Not a custom op: the ops in
     kernels/attention.py call it."""
-    if not HAVE_GLUON:
-        raise RuntimeError("kernels/attention_gluon.py: this Triton has no Gluon (triton.experimental.gluon)")
-    cfg = GLUON_CONFIGS[config or DEFAULT_GLUON_CONFIG] if not isinstance(config, GluonAttnConfig) else config
-    if not gluon_ok(q, k, v):
-        raise ValueError(f"kernels/attention_gluon.py: needs CUDA fp16/bf16 q, k, v with head_dim 128 and "
-                         f"non-empty L; got {q.dtype} {list(q.shape)}, {list(k.shape)} on {q.device}")
+    cfg = _config(config)
+    _check_inputs(q, k, v)
     q, k, v = (t if _rows_view_ok(t) else t.contiguous() for t in (q, k, v))
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
@@ -644,6 +655,5 @@ def attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: s
     _attn_fwd_gluon[grid](
         _descriptor(q, cfg.block_m // 2), _descriptor(k, cfg.block_n), _descriptor(v, cfg.block_n),
         out, out.stride(0), out.stride(1), out.stride(2), H, Lq, Lk, LOG2E / math.sqrt(D),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.stages, CONSUMER_REGS=cfg.consumer_regs,
-        PINGPONG=cfg.pingpong, num_warps=4, maxnreg=MAXNREG)
+        **_constexprs(cfg), **_OPTIONS)
     return out
