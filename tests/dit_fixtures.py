@@ -109,3 +109,18 @@ def attn_qkv(B, Lq, Lk, H, dtype, device, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
     mk = lambda L: torch.randn(B, L, H, 128, generator=g).to(device=device, dtype=dtype)  # noqa: E731
     return mk(Lq), mk(Lk) * 1.5, mk(Lk)
+
+
+_GPU_CASES: dict = {}
+
+
+def attn_gpu_case(H, Lq, Lk):
+    """(q, k, v, fp32 reference, SDPA's bf16 error) of attn_qkv(1, Lq, Lk, H) on CUDA in bf16, computed once
+    per shape for all the kernels a test module compares (one shape's tensors kept alive at a time)."""
+    if (H, Lq, Lk) not in _GPU_CASES:
+        from lightx2v_engine.ops import attention_ref
+        _GPU_CASES.clear()
+        q, k, v = attn_qkv(1, Lq, Lk, H, torch.bfloat16, "cuda")
+        ref32 = attn_ref32(q, k, v)
+        _GPU_CASES[(H, Lq, Lk)] = (q, k, v, ref32, (attention_ref(q, k, v).float() - ref32).abs().max().item())
+    return _GPU_CASES[(H, Lq, Lk)]

@@ -13,7 +13,8 @@ from lightx2v_engine.kernels.attention import ATTN_CONFIGS, attention_impl, atte
 from lightx2v_engine.kernels.qk_norm_rope import qk_norm_rope_ref
 from lightx2v_engine.ops import attention_ref
 
-from dit_fixtures import assert_attn_rule, attn_qkv, attn_ref32, eager_and_graph_replay, self_attn_inputs
+from dit_fixtures import (assert_attn_rule, attn_gpu_case, attn_qkv, attn_ref32, eager_and_graph_replay,
+                          self_attn_inputs)
 
 
 @pytest.mark.parametrize("config", list(ATTN_CONFIGS))
@@ -137,23 +138,9 @@ def test_opcheck_and_compile():
 @pytest.mark.parametrize("config", list(ATTN_CONFIGS))
 @pytest.mark.parametrize("H, Lq, Lk", [(12, 32760, 32760), (12, 32760, 512), (40, 32760, 257)])
 def test_attention_gpu_real_shapes(config, H, Lq, Lk):
-    q, k, v, ref32, base = _gpu_case(H, Lq, Lk)
+    q, k, v, ref32, base = attn_gpu_case(H, Lq, Lk)
     err = (attention_triton(q, k, v, config).float() - ref32).abs().max().item()
     assert err <= 2 * base + 1e-3, f"{config}: err {err:.3e} > 2 x SDPA bf16 err {base:.3e} + 1e-3"
-
-
-_GPU_CASES = {}
-
-
-def _gpu_case(H, Lq, Lk):
-    """bf16 inputs, fp32 reference and SDPA's bf16 error, computed once per shape for all configs."""
-    if (H, Lq, Lk) not in _GPU_CASES:
-        _GPU_CASES.clear()  # keep one shape's tensors alive at a time
-        q, k, v = attn_qkv(1, Lq, Lk, H, torch.bfloat16, "cuda")
-        ref32 = attn_ref32(q, k, v)
-        base = (attention_ref(q, k, v).float() - ref32).abs().max().item()
-        _GPU_CASES[(H, Lq, Lk)] = (q, k, v, ref32, base)
-    return _GPU_CASES[(H, Lq, Lk)]
 
 
 @pytest.mark.gpu
@@ -370,7 +357,7 @@ def test_mean_padded_bad_call_raises():
 @pytest.mark.last(2)
 @pytest.mark.parametrize("H, L", [(12, 32760), (40, 4099)])
 def test_attention_mean_padded_gpu(H, L):
-    q, k, v, ref32, base = _gpu_case(H, L, L)
+    q, k, v, ref32, base = attn_gpu_case(H, L, L)
     from lightx2v_engine.kernels.attention import pad_keys_with_mean
     kp = torch.empty(1, -(-L // 128) * 128, H, 128, dtype=k.dtype, device="cuda")
     kp[:, :L] = k

@@ -18,9 +18,8 @@ import torch
 
 from lightx2v_engine import ops
 from lightx2v_engine.kernels import attention, set_attention_impl
-from lightx2v_engine.ops import attention_ref
 
-from dit_fixtures import assert_attn_rule, attn_qkv, attn_ref32, eager_and_graph_replay
+from dit_fixtures import assert_attn_rule, attn_gpu_case, attn_qkv, attn_ref32, eager_and_graph_replay
 
 A = importlib.import_module("lightx2v_engine.kernels.attention")
 G = importlib.import_module("lightx2v_engine.kernels.attention_gluon")
@@ -187,17 +186,9 @@ def test_gluon_attention_odd_shapes(config, dtype, B, Lq, Lk, H):
 @pytest.mark.parametrize("config", list(G.GLUON_CONFIGS))
 @pytest.mark.parametrize("H, Lq, Lk", [(12, 32760, 32760), (12, 32760, 512), (40, 32760, 257)])
 def test_gluon_attention_real_shapes(config, H, Lq, Lk):
-    if (H, Lq, Lk) not in _REAL:  # inputs, fp32 reference and SDPA's bf16 error once per shape
-        _REAL.clear()
-        q, k, v = attn_qkv(1, Lq, Lk, H, torch.bfloat16, "cuda")
-        ref32 = attn_ref32(q, k, v)
-        _REAL[(H, Lq, Lk)] = (q, k, v, ref32, (attention_ref(q, k, v).float() - ref32).abs().max().item())
-    q, k, v, ref32, base = _REAL[(H, Lq, Lk)]
+    q, k, v, ref32, base = attn_gpu_case(H, Lq, Lk)
     err = (G.attention_gluon(q, k, v, config).float() - ref32).abs().max().item()
     assert err <= 2 * base + 1e-3, f"{config}: err {err:.3e} > 2 x SDPA bf16 err {base:.3e} + 1e-3"
-
-
-_REAL: dict = {}
 
 
 @pytest.mark.gpu
