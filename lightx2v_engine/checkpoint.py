@@ -180,11 +180,15 @@ def read_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return sd
 
 
+def key_mismatch(expected, sd) -> tuple[list[str], list[str]]:
+    """(missing, unexpected): the sorted keys of `expected` absent from `sd`, and of `sd` absent from it."""
+    return sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+
+
 def assign_checked(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
     """Strict key + shape check (clear ValueError), then load_state_dict(assign=True)."""
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
+    missing, unexpected = key_mismatch(expected, sd)
     if missing or unexpected:
         raise ValueError(f"{source}: state dict does not match the model; missing keys {missing[:20]}"
                          f"{' ...' if len(missing) > 20 else ''} ({len(missing)} total), unexpected keys "

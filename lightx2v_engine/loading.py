@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from lightx2v_engine.checkpoint import CheckpointError, load_state_dict, resolve_files
+from lightx2v_engine.checkpoint import CheckpointError, key_mismatch, load_state_dict, resolve_files
 from lightx2v_engine.config import ModelConfig
 from lightx2v_engine.dit import WanDiT, param_dtype
 from lightx2v_engine.keymap import diffusers_to_wan, is_diffusers_layout, strip_prefix
@@ -120,8 +120,7 @@ def build_dit(cfg: ModelConfig, files: list[Path] | None = None, *, dtype: torch
         raise CheckpointError(f"{files[0]}: not a quantized checkpoint (no '*.weight_scale' keys); use "
                               "dit_original_ckpt for unquantized weights, or point dit_quantized_ckpt at a "
                               f"{quant_scheme} file")
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
+    missing, unexpected = key_mismatch(expected, sd)
     where = ", ".join(sorted({str(p) for p in origin.values()})) or "random init"
     if missing or unexpected:
         parts = []

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lightx2v_engine.checkpoint import read_state_dict_file
+from lightx2v_engine.checkpoint import key_mismatch, read_state_dict_file
 
 WAN21_LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                      0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
@@ -494,8 +494,7 @@ def load_vae(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
     sd = read_state_dict_file(path)
     cfg = VAEConfig.from_state_dict(sd, str(path))
     expected = _expected_shapes(cfg)
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
+    missing, unexpected = key_mismatch(expected, sd)
     if missing or unexpected:
         raise KeyError(f"{path}: not a Wan2.1 VAE state dict (dim {cfg.dim}, z_dim {cfg.z_dim}): "
                        f"{len(missing)} missing keys {missing[:20]}, {len(unexpected)} unexpected keys "
