@@ -8,6 +8,11 @@
 #
 # Results (CSV, JSON, logs) go to $OUT when set, else benchmarks/out/. Wheels of missing packages
 # (diffusers, as the baseline) are installed from .whl/ when that folder exists.
+#
+# Time: the whole script keeps within GPU_CHECK_BUDGET seconds (default 540), the summary included. Each
+# stage runs under `timeout` at the smaller of its own cap and the time left; a stage with under 30 s left
+# is skipped. Cut or skipped stages are listed in $OUT/stages_cut.txt and named in the summary's absent
+# figures; the benchmarks write their outputs after every section, so a cut stage keeps what it measured.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out}
@@ -20,6 +25,28 @@ E2E_ARGS=("$@")
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
 stage() { echo "=== $1 ($(date -u +%T))"; }
 T0=$(date +%s)
+BUDGET=${GPU_CHECK_BUDGET:-540}
+SUMMARY_RESERVE=20
+MIN_STAGE=${GPU_CHECK_MIN_STAGE:-30}  # (lowered by the tests only)
+: >"$OUT/stages_cut.txt"
+
+# capped NAME CAP LOG TAIL CMD...: CMD under `timeout` at min(CAP, seconds left before the summary's
+# reserve), its output in $OUT/LOG and its last TAIL lines on the terminal; returns CMD's exit code
+# (124: cut at the cap), or 125 when the budget has no room left for the stage.
+capped() {
+  local name=$1 cap=$2 log=$3 tailn=$4
+  shift 4
+  local left=$(( T0 + BUDGET - SUMMARY_RESERVE - $(date +%s) ))
+  (( left < cap )) && cap=$left
+  if (( cap < MIN_STAGE )); then
+    echo "$name: skipped, ${left} s of the ${BUDGET} s budget left" | tee -a "$OUT/stages_cut.txt"
+    return 125
+  fi
+  timeout "$cap" "$@" 2>&1 | tee "$OUT/$log" | tail -n "$tailn"
+  local rc=${PIPESTATUS[0]}
+  if (( rc == 124 )); then echo "$name: cut at ${cap} s" | tee -a "$OUT/stages_cut.txt"; fi
+  return "$rc"
+}
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1 \
@@ -31,7 +58,8 @@ if has install; then
   LX2V_SKIP_CUDA_BUILD=1 $PY -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/install.log" 2>&1 \
     || echo "install failed: see $OUT/install.log"
   stage "build extension (background, log in build.log)"
-  (MAX_JOBS=8 NVCC_THREADS=4 $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1; echo $? >"$OUT/build.rc") &
+  (MAX_JOBS=8 NVCC_THREADS=4 timeout 300 $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1
+   echo $? >"$OUT/build.rc") &
   BUILD_PID=$!
 fi
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" \
@@ -42,17 +70,17 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 # skip it, its tests skip, the "gluon" backend falls back to the Triton kernel).
 if has kernels || has tests || has e2e; then
   stage "gluon attention smoke test"
-  timeout 90 $PY benchmarks/gluon_smoke.py 2>&1 | tee "$OUT/gluon_smoke.log"
-  rc=${PIPESTATUS[0]}
+  capped gluon_smoke 90 gluon_smoke.log 1000 $PY benchmarks/gluon_smoke.py
+  rc=$?
   if [ "$rc" != 0 ]; then
     export LX2V_ATTN_GLUON_OFF=1
-    echo "Gluon attention switched off for this run (smoke test exit code $rc; 124: it hung)"
+    echo "Gluon attention switched off for this run (smoke test exit code $rc; 124: it hung; 125: no time left for it)"
   fi
 fi
 
 if has kernels; then
   stage "bench_kernels"
-  timeout 300 $PY benchmarks/bench_kernels.py --quick --out "$OUT" 2>&1 | tee "$OUT/bench_kernels.log" | tail -40
+  capped bench_kernels 300 bench_kernels.log 40 $PY benchmarks/bench_kernels.py --quick --out "$OUT"
 fi
 
 # The fastest correct attention and q/k norm+RoPE variants measured above are what the end-to-end run uses.
@@ -66,7 +94,7 @@ fi
 
 if has e2e; then
   stage "bench_e2e"
-  timeout 240 $PY benchmarks/bench_e2e.py --out "$OUT" "${E2E_ARGS[@]}" 2>&1 | tee "$OUT/bench_e2e.log" | tail -45
+  capped bench_e2e 240 bench_e2e.log 45 $PY benchmarks/bench_e2e.py --out "$OUT" "${E2E_ARGS[@]}"
 fi
 
 if [ -n "${BUILD_PID:-}" ]; then
@@ -77,12 +105,12 @@ fi
 
 if has tests; then
   stage "gpu tests"
-  timeout 300 $PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+  capped gpu_tests 300 gpu_tests.log 25 $PY -m pytest -q -m gpu -p no:cacheprovider tests
 fi
 
 if has quant; then
   stage "bench_quant"
-  timeout 120 $PY benchmarks/bench_quant.py --out "$OUT" 2>&1 | tee "$OUT/bench_quant.log" | tail -25
+  capped bench_quant 120 bench_quant.log 25 $PY benchmarks/bench_quant.py --out "$OUT"
 fi
 
 echo "total $(( $(date +%s) - T0 )) s"

@@ -28,16 +28,24 @@ NOT_IMPLEMENTED: dict[str, str] = {}
 # Where a stage's failure shows up: summary files expected from each benchmark.
 SOURCES = {"kernels_summary.json": "bench_kernels.py", "quant_summary.json": "bench_quant.py",
            "e2e_summary.json": "bench_e2e.py"}
+# gpu_check.sh's record of the stages its time budget cut ("name: cut at N s") or skipped
+CUT_FILE = "stages_cut.txt"
 
 
 def merge(out: Path) -> dict:
     figures: dict = {}
     absent: dict = {}
     env: dict = {}
+    cut_path = out / CUT_FILE
+    for line in (cut_path.read_text().splitlines() if cut_path.is_file() else []):
+        stage, _, why = line.partition(": ")
+        if why:  # figures of a cut stage may still be there (the benchmarks save after every section)
+            absent[f"<stage {stage}>"] = f"{why} (gpu_check's time budget, GPU_CHECK_BUDGET)"
     for name, producer in SOURCES.items():
         path = out / name
         if not path.is_file():
-            absent[f"<{producer}>"] = f"{name} missing: {producer} did not finish (see its log in {out})"
+            absent[f"<{producer}>"] = (f"{name} missing: {producer} did not run or did not finish "
+                                       f"(see its log in {out})")
             continue
         data = json.loads(path.read_text())
         if "figures" in data:

@@ -1,17 +1,20 @@
 """benchmarks/gpu_check.sh on the CPU machine: the shell logic around the GPU work (stages, the Gluon smoke
 test's switch, the summary table) runs; every benchmark reports that it needs a GPU."""
+import json
 import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run(tmp_path, python, stages="kernels,summary"):
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LX2V_ATTN_GLUON_OFF", "LX2V_ATTN")}
-    env.update(OUT=str(tmp_path / "out"), PYTHON=python)
+def _run(tmp_path, python, stages="kernels,summary", **extra_env):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "LX2V_ATTN_GLUON_OFF", "LX2V_ATTN") and not k.startswith("GPU_CHECK_")}
+    env.update(OUT=str(tmp_path / "out"), PYTHON=python, **extra_env)
     return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--stages", stages],
                           capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
 
@@ -26,17 +29,50 @@ def test_gpu_check_cpu_stages(tmp_path):
     assert "step_ms_1.3b_bf16" in res.stdout  # the summary table, printed last
 
 
+def _fake_python(tmp_path, cases: str):
+    """A python3 stand-in: the given `case` arms for the benchmarks, the real interpreter for the rest."""
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/usr/bin/env bash\ncase \"$1\" in\n{cases}\n  *) exec {sys.executable} \"$@\";;\nesac\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    return str(fake)
+
+
+def test_gpu_check_skips_stages_the_time_budget_has_no_room_for(tmp_path):
+    """With 45 s of budget, 20 kept for the summary, no stage has its 30 s: all are skipped, the unverified
+    Gluon kernel is switched off, and the summary still comes last and names the skipped stages."""
+    res = _run(tmp_path, sys.executable, stages="kernels,e2e,summary", GPU_CHECK_BUDGET="45")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for stage in ("gluon_smoke", "bench_kernels", "bench_e2e"):
+        assert f"{stage}: skipped" in res.stdout
+    assert "smoke test exit code 125" in res.stdout
+    assert "needs a CUDA GPU" not in res.stdout  # no benchmark ran
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert "skipped" in summary["absent"]["<stage bench_kernels>"]
+    assert res.stdout.rstrip().splitlines()[-1].startswith("  <")  # the table's absent-stage lines, last
+
+
+def test_gpu_check_cuts_a_stage_at_the_time_left(tmp_path):
+    """A benchmark that overruns is cut at the time left in the budget (not at its own 300 s cap), what it
+    wrote stays, and the next stage and the summary still run."""
+    fake = _fake_python(tmp_path, "  benchmarks/gluon_smoke.py) echo 'gluon smoke: ok'; exit 0;;\n"
+                                  "  benchmarks/bench_kernels.py) echo measuring; exec sleep 60;;\n"
+                                  "  benchmarks/bench_e2e.py) echo e2e-ran; exit 0;;")
+    t0 = time.time()
+    res = _run(tmp_path, fake, stages="kernels,e2e,summary", GPU_CHECK_BUDGET="26", GPU_CHECK_MIN_STAGE="1")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert time.time() - t0 < 30
+    assert "bench_kernels: cut at" in res.stdout
+    assert "measuring" in (tmp_path / "out" / "bench_kernels.log").read_text()
+    assert "<stage bench_kernels>" in res.stdout
+    assert "switched off" not in res.stdout
+
+
 def test_gpu_check_switches_gluon_off_when_its_smoke_test_fails(tmp_path):
     """A failing (or hung: exit code 124) smoke test exports LX2V_ATTN_GLUON_OFF=1 for the later stages."""
-    fake = tmp_path / "python"
-    fake.write_text("#!/usr/bin/env bash\n"
-                    "case \"$1\" in\n"
-                    "  benchmarks/gluon_smoke.py) echo 'gluon smoke: WRONG'; exit 1;;\n"
-                    "  benchmarks/bench_kernels.py) echo \"LX2V_ATTN_GLUON_OFF=${LX2V_ATTN_GLUON_OFF:-unset}\"; exit 0;;\n"
-                    f"  *) exec {sys.executable} \"$@\";;\n"
-                    "esac\n")
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    res = _run(tmp_path, str(fake))
+    fake = _fake_python(tmp_path, "  benchmarks/gluon_smoke.py) echo 'gluon smoke: WRONG'; exit 1;;\n"
+                                  "  benchmarks/bench_kernels.py) echo \"LX2V_ATTN_GLUON_OFF=${LX2V_ATTN_GLUON_OFF:-unset}\"; "
+                                  "exit 0;;")
+    res = _run(tmp_path, fake)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "Gluon attention switched off for this run (smoke test exit code 1" in res.stdout
     assert "LX2V_ATTN_GLUON_OFF=1" in res.stdout
