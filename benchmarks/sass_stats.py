@@ -3,8 +3,10 @@
 Compiles each attention config (bf16 kernels/attention.py and 8-bit kernels/attention_8bit.py) with
 Triton for an H100, assembles it with Triton's bundled ptxas, disassembles with its cuobjdump, finds the
 innermost loops that issue tensor-core MMAs (the consumer warps' key loop) and counts their instructions
-by opcode: what one warp issues per key block. Prints registers, shared memory, spills and whether the
-loop was warp-specialised.
+by opcode: what one warp issues per key block. Prints registers, shared memory, spills, whether the
+loop was warp-specialised and "ovl": the exponentials issued between the loop's wait for S_j
+(`wait_group 1`) and its wait for P_{j-1} V_{j-1} (`wait_group 0`), i.e. the softmax work that overlaps
+the second MMA inside a warpgroup ("-": the loop has no such pair of waits).
 
     python benchmarks/sass_stats.py [--configs NAME,...] [--json FILE]
 
@@ -73,8 +75,9 @@ def compile_sm90(fn, types: dict, consts: dict, num_warps: int, num_stages: int,
                 ws="ttg.warp_specialize(" in k.asm["ttgir"], sass=sass)
 
 
-def mma_loops(sass: str) -> list[Counter]:
-    """Opcode counts of every innermost backward-branch loop whose body issues a GMMA, shortest first."""
+def mma_loop_bodies(sass: str) -> list[list[str]]:
+    """The instructions (predicates kept) of every backward-branch loop whose body issues a GMMA, shortest
+    (the innermost) first."""
     ins = []
     for line in sass.splitlines():
         m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
@@ -88,8 +91,28 @@ def mma_loops(sass: str) -> list[Counter]:
             continue
         body = [t for _, t in ins[index[int(m.group(1), 16)]:i + 1]]
         if any("GMMA" in t for t in body):
-            loops.append(Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in body))
-    return sorted(loops, key=lambda c: sum(c.values()))
+            loops.append(body)
+    return sorted(loops, key=len)
+
+
+def _opcode(ins: str) -> str:
+    return re.sub(r"^@!?U?P\w+\s+", "", ins).split()[0]
+
+
+def mma_loops(sass: str) -> list[Counter]:
+    """Opcode counts of every innermost backward-branch loop whose body issues a GMMA, shortest first."""
+    return [Counter(_opcode(t) for t in body) for body in mma_loop_bodies(sass)]
+
+
+def overlapped_exps(body: list[str]) -> int | None:
+    """MUFU.EX2 issued between a loop's `wait_group 1` (S_j done) and its next `wait_group 0` (P V done):
+    the exponentials that run while P_{j-1} V_{j-1} is still on the tensor cores. None when the loop has
+    no such pair of waits."""
+    start = next((i for i, t in enumerate(body) if "WARPGROUP.DEPBAR.LE gsb0, 0x1" in t), None)
+    if start is None:
+        return None
+    end = next((i for i in range(start, len(body)) if "WARPGROUP.DEPBAR.LE gsb0, 0x0" in body[i]), len(body))
+    return sum(1 for t in body[start:end] if _opcode(t).startswith("MUFU.EX2"))
 
 
 def summarize_loop(c: Counter) -> dict:
@@ -147,7 +170,7 @@ def main(argv=None) -> int:
     os.environ.pop("TRITON_INTERPRET", None)
     names = [n for n in args.configs.split(",") if n] or None
     rows = []
-    print(f"{'kernel:config':<44}{'regs':>5}{'smem KB':>8}{'spill':>6} ws  loop "
+    print(f"{'kernel:config':<44}{'regs':>5}{'smem KB':>8}{'spill':>6} ws  loop  ovl "
           + " ".join(f"{op.split('.')[0]:>6}" for op in OPS))
     for label, fn, types, consts, warps, stages, extra in cases(names):
         try:
@@ -156,11 +179,13 @@ def main(argv=None) -> int:
             print(f"{label:<44} failed: {type(e).__name__}: {str(e).splitlines()[-1][:100] if str(e) else ''}")
             rows.append(dict(config=label, error=f"{type(e).__name__}"))
             continue
-        loops = [c for c in mma_loops(r.pop("sass")) if any(op.startswith("MUFU.EX2") for op in c)]
-        loop = summarize_loop(loops[0]) if loops else {}
-        rows.append(dict(config=label, **r, loop=loop))
+        bodies = [b for b in mma_loop_bodies(r.pop("sass")) if any("MUFU.EX2" in t for t in b)]
+        loop = summarize_loop(Counter(_opcode(t) for t in bodies[0])) if bodies else {}
+        ovl = overlapped_exps(bodies[0]) if bodies else None
+        rows.append(dict(config=label, **r, loop=loop, overlapped_exps=ovl))
         print(f"{label:<44}{r['regs'] or 0:>5}{r['smem'] / 1024:>8.0f}{r['spill']:>6} {'y' if r['ws'] else 'n'} "
-              f"{loop.get('instructions', 0):>5} " + " ".join(f"{loop.get(op, 0):>6}" for op in OPS))
+              f"{loop.get('instructions', 0):>5} {'-' if ovl is None else ovl:>4} "
+              + " ".join(f"{loop.get(op, 0):>6}" for op in OPS))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0

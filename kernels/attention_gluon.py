@@ -16,15 +16,20 @@ schedule out by hand:
   warpgroup's tensor-core work overlaps the other's softmax;
 * intra-warpgroup overlap: in iteration j a consumer issues S_j = q K_j^T and O += P_{j-1} V_{j-1}
   together, waits only for S_j, runs the softmax of S_j while P_{j-1} V_{j-1} is still running, then waits
-  for it and rescales O;
+  for it and rescales O (ptxas would hoist that second wait above the softmax, the overlap lost: the wait
+  is pinned after it by a predicated copy, ``_anchor_pv_wait``);
 * P goes to the second MMA from registers (the accumulator layout of the first MMA is the A-operand layout
   of the second), V from shared memory; only the ragged last key block is masked, in a step peeled out of
   the loop (in the loop body the branch was if-converted into 64 selects per block).
 
 The 8-bit kernel (``attention_8bit_gluon``; ``ATTN8_CONFIGS["gluon_*"]`` in kernels/attention_8bit.py) runs
 the same schedule on ``quantize_qkv``'s int8 q/k and transposed e4m3 v with that module's arithmetic;
-its P8 goes through shared memory (an fp8 A operand in registers needs a byte shuffle of the accumulator,
-and Gluon cannot keep 8-bit registers alive across an asynchronous wgmma).
+its P8 goes through shared memory. (An fp8 A operand in registers costs no shuffle when v's keys are
+stored in the order in which the accumulator fragment holds them, 32 keys at a time: (h, m1, c1, c0, m0)
+-> (h, c1, c0, m1, m0), which convert_layout(assert_trivial=True) accepts; but the registers of that
+operand, of P_j and of the running P.V block exceed the consumer's 240 once the softmax overlaps P.V (it
+spilled), and Triton 3.6's warpgroup_mma_wait cannot keep 8-bit registers alive: "Unexpected bitwidth in
+WGMMAWaitGroupOp: 8".)
 
 q [B, Lq, H, D], k/v [B, Lk, H, D] are read through 2D TMA descriptors over [B*L, H*D] (so each tensor
 needs unit stride on D, stride D between heads and whole rows between batches: any [B, L, C] projection
@@ -225,6 +230,23 @@ if HAVE_GLUON:
         return gl.where(gl.expand_dims(cols < Lk, 0), s, float("-inf"))
 
     @gluon.jit
+    def _anchor_pv_wait(l_i):
+        """Returns l_i after a `wgmma.wait_group 0` predicated on l_i != 0 (unordered compare), placed where
+        the wait for P_{j-1} V_{j-1} belongs, after the softmax of S_j. The predicate holds in every thread
+        (the wait is .aligned): the row max contributes 2^0 (2^8 in the 8-bit kernel) to l_i, and a NaN row
+        compares unordered-not-equal too.
+
+        ptxas treats the wait as free and schedules it as early as it can: in the plain PTX order it lands
+        right after the wait for S_j, before the first exponential, and the softmax no longer overlaps the
+        second MMA (sm_90a SASS, ptxas 12.8 and 13.0). A predicate computed from the row sums gives the wait
+        a data dependence on the whole softmax; the unconditional wait that follows (warpgroup_mma_wait,
+        which also keeps the MMA's registers alive) cannot be scheduled above it, so both stay here.
+        benchmarks/sass_stats.py counts the exponentials between the two waits ("ovl")."""
+        return gl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.neu.f32 p, $1, 0f00000000; @p wgmma.wait_group.sync.aligned 0; mov.b32 $0, $1; }",
+            "=r,r", [l_i], dtype=gl.float32, is_pure=False, pack=1)
+
+    @gluon.jit
     def _step(q_smem, k_bufs, v_bufs, k_ready, k_empty, v_ready, v_empty, turn, j, Lk, qk_scale,
               s, p, m_i, l_i, acc, WG: gl.constexpr, MASK: gl.constexpr):
         """Turn j >= 1: issue S_j = q K_j^T and O += P_{j-1} V_{j-1}, softmax of S_j while the second MMA
@@ -250,6 +272,7 @@ if HAVE_GLUON:
         alpha = gl.exp2(m_i - m_new)
         p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
         l_i = l_i * alpha + gl.sum(p, axis=1)
+        l_i = _anchor_pv_wait(l_i)
         # p_op's registers are read by the running MMA: keep them alive until it is done
         acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
         mbarrier.arrive(v_empty.index(pst), count=1)
@@ -310,7 +333,8 @@ if HAVE_GLUON:
         mbarrier.arrive(v_empty.index(last % STAGES), count=1)
 
         o = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
-        _store_rows(o, o_ptr + b * stride_ob + h * stride_oh, row_q - b * Lq + WG * HALF, Lq, stride_ol)
+        o_base = o_ptr + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh  # int64: B*Lq*H*D may pass 2^31
+        _store_rows(o, o_base, row_q - b * Lq + WG * HALF, Lq, stride_ol)
 
     # One entry point per warpgroup: warp_specialize passes partitions runtime values only (a constexpr in the
     # argument tuple arrives as a tensor), so the warpgroup index is bound here.
@@ -406,6 +430,7 @@ if HAVE_GLUON:
         p = gl.exp2(sb * gl.expand_dims(sc, 1) - gl.expand_dims(m_new - P_SHIFT + MAGIC_F * sc, 1))
         alpha = gl.exp2(m_i - m_new)
         l_i = l_i * alpha + gl.sum(p, axis=1)
+        l_i = _anchor_pv_wait(l_i)
         pv = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
         mbarrier.arrive(v_empty.index(pst), count=1)
         o_layout: gl.constexpr = acc.type.layout
@@ -476,7 +501,8 @@ if HAVE_GLUON:
         vmean = gl.load(vs_ptr + HEAD_D + cols_o)
         inv_l = gl.convert_layout(1.0 / l_i, gl.SliceLayout(1, o_layout))
         o = acc * gl.expand_dims(inv_l, 1) * gl.expand_dims(vscale, 0) + gl.expand_dims(vmean, 0)
-        _store_rows(o, o_ptr + b * stride_ob + h * stride_oh, row_q - b * Lq + WG * HALF, Lq, stride_ol)
+        o_base = o_ptr + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh  # int64: B*Lq*H*D may pass 2^31
+        _store_rows(o, o_base, row_q - b * Lq + WG * HALF, Lq, stride_ol)
 
     @gluon.jit
     def _consumer8_0(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, p_bufs, q_ready, k_ready, k_empty, v_ready,

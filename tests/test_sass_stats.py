@@ -42,3 +42,18 @@ def test_mma_loop_parser():
     loops = mod.mma_loops(sass)
     assert len(loops) == 1 and loops[0]["MUFU.EX2"] == 1 and loops[0]["BRA"] == 1
     assert mod.summarize_loop(loops[0])["HGMMA"] == 1
+
+
+def test_overlapped_exps_counts_exponentials_between_the_two_waits():
+    """Exponentials between `wait_group 1` and the next `wait_group 0` overlap the second MMA; a wait 0
+    hoisted right after the wait 1 leaves none; a loop without the pair of waits gives None."""
+    spec = importlib.util.spec_from_file_location("sass_stats", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    pinned = ["HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], RZ", "WARPGROUP.DEPBAR.LE gsb0, 0x1",
+              "MUFU.EX2 R2, R3", "@P0 MUFU.EX2 R4, R5", "WARPGROUP.DEPBAR.LE gsb0, 0x0", "MUFU.EX2 R6, R7"]
+    hoisted = ["HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], RZ", "WARPGROUP.DEPBAR.LE gsb0, 0x1",
+               "WARPGROUP.DEPBAR.LE gsb0, 0x0", "MUFU.EX2 R2, R3", "MUFU.EX2 R4, R5"]
+    assert mod.overlapped_exps(pinned) == 2
+    assert mod.overlapped_exps(hoisted) == 0
+    assert mod.overlapped_exps(["HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], RZ", "MUFU.EX2 R2, R3"]) is None
