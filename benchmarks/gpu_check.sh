@@ -7,7 +7,8 @@
 #   bash benchmarks/gpu_check.sh [--stages install,tests,kernels,quant,e2e,summary] [bench_e2e args...]
 #
 # Results (CSV, JSON, logs) go to $OUT when set, else benchmarks/out/. Wheels of missing packages
-# (diffusers, as the baseline) are installed from .whl/ when that folder exists.
+# (diffusers, as the baseline) are installed from .whl/ when that folder exists (benchmarks/fetch_wheels.sh
+# downloads them on a machine with an index; carry .whl to the GPU machine).
 #
 # Time: the whole script keeps within GPU_CHECK_BUDGET seconds (default 540), the summary included. Each
 # stage runs under `timeout` at the smaller of its own cap and the time left; a stage with under 30 s left
