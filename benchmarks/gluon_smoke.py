@@ -4,7 +4,8 @@ gpu_check.sh runs this before the benchmarks. The cases go from the simplest sch
 that the log localises a bug: the config without ping-pong before the one with it; one key block
 (prologue and tail only), a ragged single block, two blocks (one loop turn), a ragged last block (the
 peeled masked step), ring wrap-around and several CTAs, two batches, then the 1.3B self-attention shape;
-the 8-bit kernel last. Each case is announced before it runs (a hang shows as the last "start" line).
+the 8-bit kernel last; then a NaN in one query row (the kernels' wait for P V is predicated on the row
+sums and is warpgroup-aligned: the kernel must still finish, that row be NaN and every other row right). Each case is announced before it runs (a hang shows as the last "start" line).
 Rule: error <= 2 x SDPA bf16's + 1e-3 (8-bit: rel. L2 < 6%). Exit 0 when all pass, 1 on any failure;
 gpu_check then sets LX2V_ATTN_GLUON_OFF=1 (also on a hang, cut by its timeout), so benchmarks and tests
 leave the kernels alone.
@@ -81,6 +82,22 @@ def main() -> int:
             return r < 0.06, f"rel. L2 {r:.4f}"
 
         ok &= _case(f"8-bit B{B} Lq{Lq} Lk{Lk} H{H}", lambda: G.attention_8bit_gluon(q, k, v), rel)
+    q, k, v, ref32, base = _inputs(1, 200, 300, 2)
+    q[0, 5, 0, 0] = float("nan")
+    keep = torch.ones(200, 2, dtype=torch.bool, device="cuda")
+    keep[5, 0] = False
+
+    def nan_row(tol):
+        def check(out):
+            o = out.float()[0]
+            err = (o[keep] - ref32[0][keep]).abs().max().item()
+            good = bool(torch.isnan(o[5, 0]).all()) and bool(torch.isfinite(o[keep]).all()) and err <= tol
+            return good, f"NaN row {'NaN' if torch.isnan(o[5, 0]).all() else 'not NaN'}, other rows err {err:.3e}"
+        return check
+
+    for name in configs:
+        ok &= _case(f"{name} NaN query row", lambda: G.attention_gluon(q, k, v, name), nan_row(2 * base + 1e-3))
+    ok &= _case("8-bit NaN query row", lambda: G.attention_8bit_gluon(q, k, v), nan_row(0.5))
     print(f"gluon smoke: {'all ok' if ok else 'FAILED'}")
     return 0 if ok else 1
 
