@@ -13,7 +13,6 @@ diffusers is importable. Writes e2e.csv and e2e_summary.json into --out (default
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import os
@@ -26,6 +25,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the sibling csv_history, also when imported
+from csv_history import append_csv  # noqa: E402
+
 try:
     import lightx2v_engine  # noqa: F401  (installed, e.g. pip install -e .)
 except ImportError:
@@ -405,11 +407,7 @@ def main(argv=None) -> int:
             save()
     for r in rows:
         r.update(info)
-    with open(out / "e2e.csv", "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["what", "impl", "ms", "ratio_vs_reference", *info])
-        if f.tell() == 0:
-            w.writeheader()
-        w.writerows(rows)
+    append_csv(str(out / "e2e.csv"), ["what", "impl", "ms", "ratio_vs_reference", *info], rows)
     save()
     print(f"\nbench_e2e on {info['gpu']} ({info['date']}), {summary['shape']}")
     for r in rows:

@@ -9,7 +9,8 @@ Gluon configs (kernels/attention_gluon.py GLUON_CONFIGS, sm90) last of all. 8-bi
 (kernels/attention_8bit.py ATTN8_CONFIGS, the Gluon ones included where they can run; self-attention
 shapes): with and without the q/k/v quantisation, TOPS, ratio to cuDNN bf16, rel. L2 error vs fp32.
 
-Writes <out>/kernels.csv and <out>/kernels_summary.json (out: --out, else $OUT, else benchmarks/out).
+Appends its rows to <out>/kernels.csv and writes <out>/kernels_summary.json (out: --out, else $OUT, else
+benchmarks/out).
 Summary: modulate_bw_frac / qk_norm_rope_bw_frac (the lowest fraction of copy bandwidth over the shapes),
 attn_bf16_ratio_vs_cudnn (our best correct kernel's TFLOP/s, Triton or Gluon, / cuDNN's, 12 heads,
 L = 32760; > 1: faster), attn_bf16_best_ours, attn_best_impl, attn_best_triton_config, attn_triton_tflops,
@@ -22,7 +23,6 @@ shapes through the Triton interpreter (wall-clock timing, numbers meaningless).
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import importlib
 import json
@@ -33,6 +33,9 @@ import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling csv_history, also when imported
+from csv_history import append_csv  # noqa: E402
 
 L = 32760
 L720 = 75600
@@ -341,14 +344,12 @@ def _env_info(device: str) -> dict:
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
 
 
-def write_outputs(rows: list[dict], summary: dict, env: dict, out_dir: str) -> tuple[str, str]:
+def write_outputs(new_rows: list[dict], summary: dict, env: dict, out_dir: str) -> tuple[str, str]:
+    """Appends new_rows to <out_dir>/kernels.csv (a history across runs) and rewrites the summary JSON."""
     os.makedirs(out_dir, exist_ok=True)
     csv_path = os.path.join(out_dir, "kernels.csv")
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in {**env, **r}.items()})
+    append_csv(csv_path, CSV_FIELDS, [{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in {**env, **r}.items()}
+                                      for r in new_rows])
     json_path = os.path.join(out_dir, "kernels_summary.json")
     with open(json_path, "w") as f:
         json.dump({**summary, **env}, f, indent=2)
@@ -424,11 +425,16 @@ def main(argv=None) -> int:
     main_shape = f"B1 H{H} D{HEAD_D} Lq{Lq} Lk{Lk}"
     copy_gbps = _copy_gbps((1 << 30) if device == "cuda" else (1 << 22), device)
 
+    written = 0
+
     def save(rows):
         """Outputs after every section, so that a stage killed by its timeout keeps what it measured."""
+        nonlocal written
         summary = summarize(rows, main_shape)
         summary["copy_gbps"] = copy_gbps
-        return summary, write_outputs(rows, summary, env, args.out)
+        paths = write_outputs(rows[written:], summary, env, args.out)
+        written = len(rows)
+        return summary, paths
 
     rows = bench_memory_ops(Ls, Cs, device, copy_gbps)
     save(rows)

@@ -7,7 +7,7 @@ torch-ops fallback).
 The quantization kernel's bandwidth (bytes read + written) is reported as a fraction of a device-to-device
 copy measured in the same run. Optional Triton fp8 GEMM rows when lightx2v_engine.kernels.fp8_gemm exists.
 
-Writes <out>/quant.csv and <out>/quant_summary.json (out: --out, else $OUT, else benchmarks/out).
+Appends its rows to <out>/quant.csv and writes <out>/quant_summary.json (out: --out, else $OUT, else benchmarks/out).
 Summary ratios are speedups (time of the baseline / time of ours; > 1 means ours is faster).
 Without CUDA it prints that it needs a GPU and exits 0. ``--dry-run`` runs every code path once on the CPU
 at tiny shapes (Triton through the interpreter; timings meaningless) to check the script itself.
@@ -15,7 +15,6 @@ at tiny shapes (Triton through the interpreter; timings meaningless) to check th
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -23,6 +22,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling csv_history, also when imported
+from csv_history import append_csv  # noqa: E402
 
 M = 32760
 _DEV = "cuda"
@@ -164,10 +166,7 @@ def main(argv=None) -> int:
         if _DEV == "cuda":
             torch.cuda.empty_cache()
 
-    with open(os.path.join(args.out, "quant.csv"), "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=list(rows[0]))
-        wr.writeheader()
-        wr.writerows(rows)
+    append_csv(os.path.join(args.out, "quant.csv"), list(rows[0]), rows)
     summary = {
         "gpu": gpu,
         "torch": torch.__version__,

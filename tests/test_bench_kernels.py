@@ -141,3 +141,26 @@ def test_summary_and_pick_with_gluon(bench, tmp_path):
                              "attn_cross_best_impl": "gluon:fa3"}))
     assert mod.pick_attention(p) == ("export LX2V_ATTN=triton LX2V_ATTN_CONFIG=b LX2V_ATTN_GLUON_CONFIG=fa3 "
                                      "LX2V_CROSS_ATTN=gluon")
+
+
+def test_csv_files_are_histories(bench, tmp_path):
+    """kernels.csv (like quant.csv and e2e.csv) gains each run's rows; a file with another column set is
+    moved aside rather than mixed."""
+    import sys
+    sys.path.insert(0, os.path.dirname(_PATH))
+    from csv_history import append_csv
+    row = dict(op="modulate", shape="L8", impl="triton", ms=0.5, ok=True)
+    bench.write_outputs([row], {}, dict(gpu="g", commit="c1"), str(tmp_path))
+    bench.write_outputs([dict(row, impl="torch_eager")], {}, dict(gpu="g", commit="c2"), str(tmp_path))
+    with open(tmp_path / "kernels.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["impl"], r["commit"]) for r in rows] == [("triton", "c1"), ("torch_eager", "c2")]
+    path = str(tmp_path / "h.csv")
+    append_csv(path, ["a", "b"], [dict(a=1, b=2)])
+    append_csv(path, ["a", "b", "c"], [dict(a=3, b=4, c=5)])
+    with open(path) as f:
+        assert list(csv.DictReader(f)) == [dict(a="3", b="4", c="5")]
+    moved = [n for n in os.listdir(tmp_path) if n.startswith("h.") and n != "h.csv"]
+    assert len(moved) == 1
+    with open(tmp_path / moved[0]) as f:
+        assert list(csv.DictReader(f)) == [dict(a="1", b="2")]
