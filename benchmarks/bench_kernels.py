@@ -1,8 +1,9 @@
 """Microbenchmark of the DiT hot-path Triton kernels at the Wan2.1 shapes (480p 81 frames: L = 32760).
 
-Memory-bound ops (modulate, gate_residual_modulate, qk_norm_rope; C = 1536 and 5120) against their eager
-PyTorch references: GB/s (bytes read + written) and the fraction of a device-to-device copy measured in
-the same run. Attention (12 and 40 heads x 128 at L = 32760; cross-attention Lk = 512): every Triton config
+Memory-bound ops (modulate, gate_residual_modulate, qk_norm_rope and its variants, cross-attention's
+rms_norm; C = 1536 and 5120; the VAE decoder's fused RMSNorm + SiLU at two decoder shapes) against their
+eager PyTorch references: GB/s (bytes read + written) and the fraction of a device-to-device copy measured
+in the same run. Attention (12 and 40 heads x 128 at L = 32760; cross-attention Lk = 512): every Triton config
 of kernels/attention.py ATTN_CONFIGS, SDPA flash (FA2) and SDPA cuDNN, in TFLOP/s (4 Lq Lk D H) with the
 ratio to cuDNN; each checked against an fp32 SDPA reference (max abs error, and the 2x-of-SDPA rule); the
 Gluon configs (kernels/attention_gluon.py GLUON_CONFIGS, sm90) last of all. 8-bit attention
@@ -11,8 +12,8 @@ shapes): with and without the q/k/v quantisation, TOPS, ratio to cuDNN bf16, rel
 
 Appends its rows to <out>/kernels.csv and writes <out>/kernels_summary.json (out: --out, else $OUT, else
 benchmarks/out).
-Summary: modulate_bw_frac / qk_norm_rope_bw_frac (the lowest fraction of copy bandwidth over the shapes),
-attn_bf16_ratio_vs_cudnn (our best correct kernel's TFLOP/s, Triton or Gluon, / cuDNN's, 12 heads,
+Summary: modulate_bw_frac / qk_norm_rope_bw_frac / rms_norm_bw_frac / vae_norm_bw_frac (the lowest fraction
+of copy bandwidth over the shapes), attn_bf16_ratio_vs_cudnn (our best correct kernel's TFLOP/s, Triton or Gluon, / cuDNN's, 12 heads,
 L = 32760; > 1: faster), attn_bf16_best_ours, attn_best_impl, attn_best_triton_config, attn_triton_tflops,
 attn_gluon_best_config, attn_gluon_tflops, attn_gluon_ratio_vs_cudnn, attn_gluon_ratio_vs_triton,
 attn_cudnn_tflops, attn_8bit_ratio_vs_cudnn and
@@ -80,8 +81,8 @@ def _mod_views(B: int, C: int, device: str):
 
 
 def bench_memory_ops(Ls: list[int], Cs: list[int], device: str, copy_gbps: float) -> list[dict]:
-    from lightx2v_engine.kernels import gate_residual_modulate, modulate, qk_norm_rope
-    from lightx2v_engine.ops import gate_residual_modulate_ref, modulate_ref
+    from lightx2v_engine.kernels import gate_residual_modulate, modulate, qk_norm_rope, rms_norm
+    from lightx2v_engine.ops import gate_residual_modulate_ref, modulate_ref, rms_norm_ref
     from lightx2v_engine.kernels.qk_norm_rope import launch_qk_norm_rope, qk_norm_rope_ref
 
     rows = []
@@ -114,6 +115,9 @@ def bench_memory_ops(Ls: list[int], Cs: list[int], device: str, copy_gbps: float
                                      lambda: qk_norm_rope_ref(q, k, wq, wk, cos, sin, H, 1e-6),
                                      lambda: qk_norm_rope_ref(q.float(), k.float(), wq, wk, cos, sin, H, 1e-6),
                                      4 * Lx * C * 2 + 2 * Lx * HEAD_D // 2 * 4)
+            # cross-attention's q/k RMSNorm (no RoPE) over the full width
+            cases["rms_norm"] = (lambda: rms_norm(q, wq, 1e-6), lambda: rms_norm_ref(q, wq, 1e-6),
+                                 lambda: rms_norm_ref(q.float(), wq, 1e-6), 2 * Lx * C * 2)
             qo, ko = torch.empty_like(q), torch.empty_like(k)
 
             for variant in ("tile", "chunk"):
@@ -144,6 +148,36 @@ def bench_memory_ops(Ls: list[int], Cs: list[int], device: str, copy_gbps: float
                                  ratio=nbytes / (ms_r * 1e-3) / 1e9 / copy_gbps, ratio_kind="frac_of_copy_bw",
                                  max_err=base, ok=True, note="reference"))
             del x, y, q, k
+    return rows
+
+
+def bench_vae_norm(shapes: list[tuple[int, int, int, int]], device: str, copy_gbps: float) -> list[dict]:
+    """The VAE decoder's fused channel RMSNorm + SiLU (kernels/vae_norm.py) on channels_last_3d
+    [1, C, T, H, W] activations against the eager reference (lightx2v_engine.vae.rms_norm_act_ref), bf16."""
+    from lightx2v_engine.kernels.vae_norm import rms_norm_act
+    from lightx2v_engine.vae import rms_norm_act_ref
+    rows = []
+    for C, T, Hh, W in shapes:
+        x = torch.randn(1, C, T, Hh, W, device=device, dtype=torch.bfloat16).to(
+            memory_format=torch.channels_last_3d)
+        gamma = (torch.rand(C, 1, 1, 1, device=device) + 0.5).to(torch.bfloat16)
+        ref32 = rms_norm_act_ref(x.float(), gamma.float(), True)
+        base = (rms_norm_act_ref(x, gamma, True).float() - ref32).abs().max().item()
+        err = (rms_norm_act(x, gamma, True).float() - ref32).abs().max().item()
+        ulp = ref32.abs().max().item() * 2.0 ** -8
+        ok = err <= (2.0 if device == "cuda" else 4.0) * base + ulp
+        del ref32
+        nbytes = 2 * x.numel() * 2
+        ms_k = _bench_ms(lambda: rms_norm_act(x, gamma, True))
+        ms_r = _bench_ms(lambda: rms_norm_act_ref(x, gamma, True))
+        shape = f"B1 C{C} T{T} H{Hh} W{W}"
+        for impl, ms, e, note in (("triton", ms_k, err, f"speedup vs eager {ms_r / ms_k:.2f}x"),
+                                  ("torch_eager", ms_r, base, "reference")):
+            gbps = nbytes / (ms * 1e-3) / 1e9
+            rows.append(dict(op="vae_rms_norm_silu", shape=shape, impl=impl, ms=ms, tflops_or_gbps=gbps,
+                             unit="GB/s", ratio=gbps / copy_gbps, ratio_kind="frac_of_copy_bw", max_err=e,
+                             ok=ok if impl == "triton" else True, note=note))
+        del x
     return rows
 
 
@@ -298,6 +332,8 @@ def summarize(rows: list[dict], main_shape: str) -> dict:
     return {
         "modulate_bw_frac": min_frac("modulate"),
         "gate_residual_modulate_bw_frac": min_frac("gate_residual_modulate"),
+        "rms_norm_bw_frac": min_frac("rms_norm"),
+        "vae_norm_bw_frac": min_frac("vae_rms_norm_silu"),
         # the best of the kernel variants ("row" is the default until "tile"/"chunk" are measured)
         "qk_norm_rope_bw_frac": max((f for f in (min_frac("qk_norm_rope"), min_frac("qk_norm_rope_tile"),
                                                  min_frac("qk_norm_rope_chunk")) if f is not None), default=None),
@@ -383,6 +419,7 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         device, dtype = "cpu", torch.float16  # the interpreter's bf16 tl.dot is not usable
         Ls, Cs = [48], [256]
+        vae_shapes = [(16, 2, 6, 10)]
         attn_shapes = [(2, 80, 80), (2, 80, 33)]
     elif not torch.cuda.is_available():
         print("bench_kernels: needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured. "
@@ -392,6 +429,9 @@ def main(argv=None) -> int:
         device, dtype = "cuda", torch.bfloat16
         Ls = [L] + ([L720] if args.hd720 and not args.quick else [])
         Cs = [1536, 5120]
+        # two of the VAE decoder's norms at 480p (4 frames of a causal chunk): 384 channels at 120x208 and 96
+        # at the full 480x832
+        vae_shapes = [(384, 4, 120, 208), (96, 4, 480, 832)]
         attn_shapes = [(12, L, L), (12, L, 512)] + ([] if args.quick else [(40, L, L)])
         if args.hd720 and not args.quick:  # 720x1280, 81 frames: 21 x 45 x 80 = 75600 tokens
             attn_shapes += [(12, L720, L720), (40, L720, L720), (40, L720, 512)]
@@ -437,6 +477,7 @@ def main(argv=None) -> int:
         return summary, paths
 
     rows = bench_memory_ops(Ls, Cs, device, copy_gbps)
+    rows += bench_vae_norm(vae_shapes, device, copy_gbps)
     save(rows)
     rows += bench_attention(attn_shapes, [c for c in configs if not ATTN_CONFIGS[c].mean_pad], device, dtype)
     save(rows)

@@ -33,7 +33,7 @@ def test_dry_run_writes_csv_and_summary(bench, tmp_path):
         rows = list(csv.DictReader(f))
     ops = {r["op"] for r in rows}
     assert ops == {"modulate", "gate_residual_modulate", "qk_norm_rope", "qk_norm_rope_tile", "qk_norm_rope_chunk",
-                   "attention", "attention_8bit"}
+                   "rms_norm", "vae_rms_norm_silu", "attention", "attention_8bit"}
     assert all(r["ok"] == "True" for r in rows), [r for r in rows if r["ok"] != "True"]
     impls = {r["impl"] for r in rows if r["op"] == "attention"}
     assert impls == {"triton:ptr_256x64_w8_s3", "triton:ws_128x128_w4_s2", "sdpa_flash"}
@@ -42,6 +42,7 @@ def test_dry_run_writes_csv_and_summary(bench, tmp_path):
                       for c in ("ws_128x128_w4_s3", "tma_128x128_w8_s3")}
     assert {r["shape"] for r in rows if r["op"] == "attention_8bit"} == {"B1 H2 D128 Lq80 Lk80"}  # self-attention only
     summary = json.loads((tmp_path / "kernels_summary.json").read_text())
+    assert summary["rms_norm_bw_frac"] is not None and summary["vae_norm_bw_frac"] is not None
     assert summary["qk_norm_rope_bw_frac"] == max(summary["qk_norm_rope_row_bw_frac"],
                                                   summary["qk_norm_rope_tile_bw_frac"],
                                                   summary["qk_norm_rope_chunk_bw_frac"])
