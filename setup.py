@@ -32,7 +32,7 @@ def _cuda_extensions():
     # torch >= 2.12 needs C++20 for code including ATen headers
     major_minor = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
     std = "-std=c++20" if major_minor >= (2, 12) else "-std=c++17"
-    nvcc_flags = ["-O3", std, "--expt-relaxed-constexpr", "--use_fast_math", "-lineinfo",
+    nvcc_flags = ["-O3", std, "--expt-relaxed-constexpr", "-lineinfo",
                   f"--threads={os.environ.get('NVCC_THREADS', '4')}"]
     ext = CUDAExtension(
         name="lightx2v_engine._C",

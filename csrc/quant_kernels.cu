@@ -2,9 +2,10 @@
 //
 // One pass over HBM: each row is loaded once into registers with 16-byte vector loads (8 elements per
 // vector, VPT vectors per thread), reduced to its absolute max, then converted from the registers and stored.
-// Rows of up to 2048 elements get one warp each (8 rows per 256-thread block); longer rows get one block of
-// 128..1024 threads. Rows that are not 16-byte aligned, or longer than 65536 elements, use a scalar kernel
-// that reads the row twice (the second read mostly hits L2).
+// Rows of up to 2048 elements get one warp each (8 rows per 256-thread block, up to 8 vectors a thread);
+// longer rows get one block of 128..1024 threads (up to 4 vectors a thread, within the 64 registers of a
+// 1024-thread bound). Rows that are not 16-byte aligned, or longer than 32768 elements, use a scalar kernel
+// that reads the row twice (the second read mostly hits L2). The row max propagates NaN, as torch.amax does.
 #include "quant_kernels.h"
 
 #include <cuda_bf16.h>
@@ -15,7 +16,8 @@ namespace lx2v {
 namespace {
 
 constexpr int kVecElems = 8;  // 16 bytes of 2-byte inputs
-constexpr int kMaxVpt = 8;    // at most 8 live 16-byte vectors (32 registers) per thread
+constexpr int kMaxVpt = 8;       // warp mode: at most 8 live 16-byte vectors (32 registers) per thread
+constexpr int kMaxVptBlock = 4;  // block mode: at most 4, so that 1024-thread blocks (64 registers) do not spill
 constexpr int kWarpRowsBlock = 256;
 
 template <typename InT>
@@ -88,9 +90,16 @@ struct QuantTraits<QuantDType::kINT8> {
   }
 };
 
+// max(a, b), NaN if either is NaN (torch.amax propagates NaN; fmaxf would drop it and hide a NaN row).
+__device__ __forceinline__ float max_nan(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = 16; o > 0; o >>= 1) v = max_nan(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
 
@@ -116,7 +125,7 @@ __device__ __forceinline__ float scaled(float x, float inv) { return __fmul_rn(x
 
 // WARP_PER_ROW: a warp per row, blockDim.x / 32 rows per block; else one row per block.
 template <typename InT, QuantDType Q, int VPT, bool WARP_PER_ROW, bool GELU>
-__global__ void __launch_bounds__(1024) per_token_quant_vec_kernel(PerTokenQuantParams p) {
+__global__ void __launch_bounds__(WARP_PER_ROW ? kWarpRowsBlock : 1024) per_token_quant_vec_kernel(PerTokenQuantParams p) {
   using Tr = InTraits<InT>;
   using QT = QuantTraits<Q>;
   const int tpr = WARP_PER_ROW ? 32 : static_cast<int>(blockDim.x);
@@ -141,12 +150,12 @@ __global__ void __launch_bounds__(1024) per_token_quant_vec_kernel(PerTokenQuant
       for (int j = 0; j < 4; ++j) {
         h[j] = activate<Tr, GELU>(h[j]);
         const float2 f = Tr::to_float2(h[j]);
-        amax = fmaxf(amax, fmaxf(fabsf(f.x), fabsf(f.y)));
+        amax = max_nan(amax, max_nan(fabsf(f.x), fabsf(f.y)));
       }
     }
   }
   amax = WARP_PER_ROW ? warp_max(amax) : block_max(amax);
-  amax = fmaxf(amax, kAmaxMin);
+  amax = max_nan(amax, kAmaxMin);
   const float inv = __fdiv_rn(QT::kMax, amax);
   if (lane == 0) p.scale[row] = __fdiv_rn(amax, QT::kMax);
 
@@ -182,8 +191,8 @@ __global__ void per_token_quant_scalar_kernel(PerTokenQuantParams p) {
     return GELU ? Tr::to_float(Tr::from_float(gelu_tanh(f))) : f;
   };
   float amax = 0.0f;
-  for (int64_t j = threadIdx.x; j < p.cols; j += blockDim.x) amax = fmaxf(amax, fabsf(load(j)));
-  amax = fmaxf(block_max(amax), kAmaxMin);
+  for (int64_t j = threadIdx.x; j < p.cols; j += blockDim.x) amax = max_nan(amax, fabsf(load(j)));
+  amax = max_nan(block_max(amax), kAmaxMin);
   const float inv = __fdiv_rn(QT::kMax, amax);
   if (threadIdx.x == 0) p.scale[row] = __fdiv_rn(amax, QT::kMax);
   for (int64_t j = threadIdx.x; j < p.cols; j += blockDim.x) q[j] = QT::one(scaled(load(j), inv));
@@ -196,7 +205,7 @@ void launch_vec(const PerTokenQuantParams& p, bool warp_per_row, int threads, cu
     const int64_t blocks = (p.rows + rows_per_block - 1) / rows_per_block;
     per_token_quant_vec_kernel<InT, Q, VPT, true, GELU>
         <<<static_cast<unsigned>(blocks), kWarpRowsBlock, 0, stream>>>(p);
-  } else {
+  } else if constexpr (VPT <= kMaxVptBlock) {  // dispatch() never asks for more in block mode
     per_token_quant_vec_kernel<InT, Q, VPT, false, GELU><<<static_cast<unsigned>(p.rows), threads, 0, stream>>>(p);
   }
 }
@@ -214,7 +223,7 @@ void dispatch(const PerTokenQuantParams& p, cudaStream_t stream) {
       threads = 32;
     } else {
       for (int t = 128; t <= 1024; t *= 2) {
-        if (nvec <= static_cast<int64_t>(t) * kMaxVpt) {
+        if (nvec <= static_cast<int64_t>(t) * kMaxVptBlock) {
           threads = t;
           break;
         }

@@ -91,6 +91,8 @@ def _check_quant_input(x: torch.Tensor, op: str) -> None:
         raise ValueError(f"{op}: x must be 2-D [M, K], got shape {tuple(x.shape)}")
     if x.shape[1] > 1 and x.stride(1) != 1:
         raise ValueError(f"{op}: x must have unit stride along K, got strides {x.stride()}")
+    if x.shape[0] > 2**31 - 1:
+        raise ValueError(f"{op}: at most 2^31-1 rows, got {x.shape[0]}")
 
 
 def per_token_quant_fp8(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

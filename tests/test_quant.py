@@ -376,7 +376,7 @@ def _quant_case(case: str, m: int, k: int, dtype) -> torch.Tensor:
 @pytest.mark.parametrize("m,k,case", [
     (32760, 1536, "contiguous"), (257, 5120, "contiguous"), (33, 8960, "contiguous"), (7, 13824, "contiguous"),
     (5, 512, "contiguous"), (3, 4096, "contiguous"), (9, 16384, "contiguous"),  # warp / block configs
-    (2, 72000, "contiguous"),  # > 65536 columns -> scalar kernel
+    (2, 72000, "contiguous"), (3, 40000, "contiguous"),  # > 32768 columns -> scalar kernel
     (11, 40, "contiguous"), (6, 1001, "contiguous"),  # K % 8 != 0 -> scalar kernel
     (17, 1536, "row_strided"), (17, 1536, "misaligned"), (1, 1536, "contiguous"), (0, 1536, "contiguous"),
 ])
@@ -430,6 +430,30 @@ def test_csrc_op_registration_and_fake(scheme):
         wrapper(x.reshape(37, 2, 768))
     with pytest.raises(ValueError, match="unit stride"):
         wrapper(x.t())
+    with pytest.raises(ValueError, match="2\\^31-1 rows"):
+        wrapper(x[:1, :8].expand(2**31, 8))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("k", [1536, 5120, 1001])  # warp mode, block mode, scalar kernel
+@pytest.mark.parametrize("gelu", [False, True])
+def test_csrc_per_token_quant_propagates_nan(scheme, k, gelu):
+    """A NaN in a row makes that row's scale NaN, as torch.amax does in the reference (a max that drops
+    NaN would give a finite scale, and int8 would turn the NaN into 0: the run-time NaN check would miss
+    it); the other rows are untouched."""
+    assert csrc_ops.csrc_available(), csrc_ops.csrc_status()
+    x = _quant_case("contiguous", 9, k, torch.bfloat16)
+    x[3, k // 2] = float("nan")
+    op = csrc_ops.per_token_quant_fp8 if scheme == "fp8" else csrc_ops.per_token_quant_int8
+    q, s = op(x, gelu=gelu)
+    assert torch.isnan(s[3]).all() and torch.isfinite(s[torch.arange(9) != 3]).all()
+    if scheme == "fp8":
+        assert torch.isnan(q[3].float()).all()
+    keep = torch.arange(9, device="cuda") != 3
+    q_ref, s_ref = quant.per_token_quant_ref(F.gelu(x, approximate="tanh") if gelu else x, scheme)
+    if not gelu:
+        _assert_quant_equal(q[keep], s[keep], q_ref[keep], s_ref[keep], scheme)
 
 
 def test_set_int8_gemm_rejects_unknown():
