@@ -2,13 +2,25 @@
 
 The C++/CUDA extension ``lightx2v_engine._C`` (sources in ``csrc/``) is built only when the installed
 torch has CUDA and ``nvcc`` is found; ``LX2V_SKIP_CUDA_BUILD=1`` forces a pure-Python install.
-Honours ``TORCH_CUDA_ARCH_LIST`` (default ``9.0a``), ``MAX_JOBS`` and ``NVCC_THREADS``.
+Honours ``TORCH_CUDA_ARCH_LIST`` (default: the architectures of the GPUs visible at build time, else
+``8.0;8.6;8.9;9.0``: the kernels need sm_80 or newer), ``MAX_JOBS`` and ``NVCC_THREADS``.
 Torch is imported from the installing environment, so build with ``pip install --no-build-isolation``.
 """
 import glob
 import os
 
 from setuptools import setup
+
+
+def _default_arch_list(torch) -> str:
+    """The visible GPUs' compute capabilities (an sm_89 card gets an sm_89 build: a 9.0-only build has no
+    kernel image for it and every launch would fail), else the sm_80..sm_90 family."""
+    try:
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    except (RuntimeError, AssertionError):
+        caps = []
+    caps = [c for c in caps if c >= (8, 0)]
+    return ";".join(f"{a}.{b}" for a, b in caps) if caps else "8.0;8.6;8.9;9.0"
 
 
 def _cuda_extensions():
@@ -28,7 +40,7 @@ def _cuda_extensions():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu"))
     if not sources:
         return [], {}
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _default_arch_list(torch))
     # torch >= 2.12 needs C++20 for code including ATen headers
     major_minor = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
     std = "-std=c++20" if major_minor >= (2, 12) else "-std=c++17"

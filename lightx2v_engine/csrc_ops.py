@@ -14,6 +14,7 @@ with x ~= q * scale (formula in lightx2v_engine.quant.per_token_quant_ref).
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import warnings
@@ -68,9 +69,19 @@ else:
     _load()
 
 
-def csrc_available() -> bool:
-    """True when torch.ops.lightx2v_C ops are registered and usable on CUDA tensors."""
-    return _AVAILABLE
+def csrc_available(device: torch.device | None = None) -> bool:
+    """True when torch.ops.lightx2v_C ops are registered; given a device, when they can run there: a CUDA
+    device of sm_80 or newer (the kernels use sm_80 instructions; setup.py builds for the GPUs it sees, else
+    sm_80..sm_90)."""
+    if not _AVAILABLE or device is None:
+        return _AVAILABLE
+    device = torch.device(device)
+    return device.type == "cuda" and _capability_ok(device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_ok(index: int | None) -> bool:
+    return torch.cuda.get_device_capability(index) >= (8, 0)
 
 
 def csrc_status() -> str:

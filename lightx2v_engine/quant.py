@@ -103,7 +103,7 @@ def per_token_quant(x: torch.Tensor, scheme: str, gelu: bool = False) -> tuple[t
     otherwise per_token_quant_ref (also capturable in a CUDA graph). gelu: of F.gelu(x, approximate="tanh")
     (in x's dtype), which the csrc kernel computes in the same pass."""
     scheme = parse_quant_scheme(scheme)
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and csrc_ops.csrc_available():
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and csrc_ops.csrc_available(x.device):
         if x.stride(-1) != 1:
             x = x.contiguous()
         if scheme == "fp8":

@@ -334,6 +334,20 @@ def test_quantize_dit_rejects_meta_weights():
         quant.quantize_dit_(model, "fp8")
 
 
+def test_csrc_available_needs_sm80(monkeypatch):
+    """A built extension serves sm_80+ devices only; elsewhere the reference path runs (no launch that
+    could fail for want of a kernel image)."""
+    monkeypatch.setattr(csrc_ops, "_AVAILABLE", True)
+    caps = {0: (7, 5), 1: (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: caps[i])
+    csrc_ops._capability_ok.cache_clear()
+    try:
+        assert csrc_ops.csrc_available() and not csrc_ops.csrc_available("cpu")
+        assert not csrc_ops.csrc_available("cuda:0") and csrc_ops.csrc_available("cuda:1")
+    finally:
+        csrc_ops._capability_ok.cache_clear()
+
+
 def test_csrc_status_is_explained():
     status = csrc_ops.csrc_status()
     assert status == "available" or status.startswith("unavailable: ")
