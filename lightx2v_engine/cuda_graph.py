@@ -47,13 +47,27 @@ class DistillGraphs:
             self._body(0)  # warm-up: per-shape plans, autotuning, workspaces
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
+        stream = torch.cuda.current_stream()
         pool = None
-        for i in range(self.sampler.num_steps):
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                self._body(i)
-            pool = g.pool()
-            self.graphs.append(g)
+        try:
+            for i in range(self.sampler.num_steps):
+                g = torch.cuda.CUDAGraph()
+                cause = None
+                try:
+                    with torch.cuda.graph(g, pool=pool):
+                        try:
+                            self._body(i)
+                        except Exception as e:  # kept: ending the broken capture raises an error of its own
+                            cause = e
+                            raise
+                except Exception as e:
+                    first = cause or e
+                    raise RuntimeError(f"CUDA-graph capture of denoising step {i + 1} failed: "
+                                       f"{type(first).__name__}: {first}") from first
+                pool = g.pool()
+                self.graphs.append(g)
+        finally:
+            torch.cuda.set_stream(stream)  # a capture that failed to end leaves its stream current
         self.x.copy_(x0)
 
     def set_inputs(self, x, context, neg_context, clip_fea, y, renoise) -> None:

@@ -270,8 +270,11 @@ class Pipeline:
 
     def _graph_runner(self, x, context, neg_context, clip_fea, y, sampler, renoise, ts):
         from lightx2v_engine.cuda_graph import DistillGraphs
+        # everything a replay bakes in: shapes, sampler, dtype, the CFG scale, the model object and the ops
+        # it runs (backend, kernels and their configs, 8-bit attention)
         key = (tuple(x.shape), tuple(context.shape), neg_context is not None, clip_fea is not None,
-               sampler, self.dit.run_dtype)
+               sampler, self.dit.run_dtype, self.run_cfg.sample_guide_scale if neg_context is not None else None,
+               id(self.dit), ops.describe(x.device, attn_8bit=self.dit.blocks[0].self_attn.attn_8bit))
         graphs = self._graphs.get(key)
         if graphs is None:
             try:
@@ -279,8 +282,15 @@ class Pipeline:
                                        x, context, neg_context, clip_fea, y, renoise, ts)
                 graphs.capture()
             except Exception as e:  # capture failed: say why, then run eagerly
-                log.error("CUDA graph capture failed (%s: %s); running eagerly", type(e).__name__, e)
+                log.error("CUDA graph capture failed (%s: %s); running eagerly", type(e).__name__, e,
+                          exc_info=log.isEnabledFor(logging.DEBUG))
                 self.use_cuda_graph = False
+                graphs = None
+                try:  # give the failed capture's memory back before the eager run
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
+                except RuntimeError:
+                    pass
                 return None
             self._graphs[key] = graphs
         graphs.set_inputs(x, context, neg_context, clip_fea, y, renoise)

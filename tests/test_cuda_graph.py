@@ -36,6 +36,46 @@ def test_graph_replay_renoise_mode():
     assert ((graphed.latents - eager.latents).norm() / eager.latents.norm()).item() <= 1e-6
 
 
+@pytest.mark.gpu
+def test_failed_capture_says_why_and_runs_eagerly(caplog):
+    """A forward that synchronises during capture (illegal there): the error names the step and the cause,
+    the current stream is the default one again, the run finishes eagerly with the eager result."""
+    cfg = {"target_video_length": 5, "target_height": 32, "target_width": 48}
+    pipe = Pipeline.random("tiny", cfg, device="cuda")
+    pipe.use_cuda_graph = False
+    eager = pipe.generate("a dog", seed=5)
+    forward = pipe.dit.forward
+
+    def syncing(*a, **k):
+        if torch.cuda.is_current_stream_capturing():
+            torch.cuda.synchronize()
+        return forward(*a, **k)
+
+    pipe.dit.forward = syncing
+    pipe.use_cuda_graph = True
+    with caplog.at_level("ERROR"):
+        out = pipe.generate("a dog", seed=5)
+    assert "CUDA graph capture failed" in caplog.text and "denoising step 1" in caplog.text
+    assert not pipe.use_cuda_graph and not pipe._graphs
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    assert torch.equal(out.latents, eager.latents)
+
+
+@pytest.mark.gpu
+def test_graphs_are_cached_per_op_choice():
+    """Switching the ops backend after a capture captures anew instead of replaying the other ops."""
+    from lightx2v_engine import ops
+    cfg = {"target_video_length": 5, "target_height": 32, "target_width": 48}
+    pipe = Pipeline.random("tiny", cfg, device="cuda")
+    pipe.generate("a dog", seed=5)
+    try:
+        ops.set_backend("torch")
+        pipe.generate("a dog", seed=5)
+    finally:
+        ops.set_backend("auto")
+    assert len(pipe._graphs) == 2
+
+
 def _load(name):
     spec = importlib.util.spec_from_file_location(name, Path(__file__).parent.parent / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)

@@ -8,23 +8,46 @@ from lightx2v_engine import ops
 
 @pytest.fixture(autouse=True)
 def _fresh_probe():
-    ops.gelu_epilogue_ok.cache_clear()
+    ops._GELU_PROBE.clear()
     yield
-    ops.gelu_epilogue_ok.cache_clear()
+    ops._GELU_PROBE.clear()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind, want", [("tanh", True), ("erf", False), ("raise", False), ("wrong", False)])
-def test_probe_accepts_only_the_tanh_gelu(monkeypatch, kind, want):
+def test_probe_accepts_only_the_tanh_gelu(monkeypatch, kind, want, dtype):
+    """Also in bf16, where the two GELUs agree to the output's precision except in the negative tail."""
     def fake(bias, x, wt, use_gelu=False):
-        y = torch.addmm(bias, x, wt)
+        y = torch.addmm(bias.float(), x.float(), wt.float())
         if kind == "raise":
             raise RuntimeError("no epilogue")
         if kind == "wrong":
-            return y
-        return F.gelu(y, approximate="tanh" if kind == "tanh" else "none")
+            return y.to(x.dtype)
+        return F.gelu(y, approximate="tanh" if kind == "tanh" else "none").to(x.dtype)
 
     monkeypatch.setattr(torch, "_addmm_activation", fake)
-    assert ops.gelu_epilogue_ok(torch.device("cpu"), torch.float32) is want
+    assert ops.gelu_epilogue_ok(torch.device("cpu"), dtype) is want
+
+
+def test_reference_backend_never_fuses(monkeypatch):
+    """set_backend("torch") is the plain PyTorch path the benchmarks time as the baseline: no epilogue."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    ops._GELU_PROBE[(torch.device("cuda", 0), torch.bfloat16)] = True
+    assert ops.gelu_epilogue_used(torch.device("cuda"), torch.bfloat16)  # "cuda" is keyed as cuda:0
+    try:
+        ops.set_backend("torch")
+        assert not ops.gelu_epilogue_used(torch.device("cuda"), torch.bfloat16)
+    finally:
+        ops.set_backend("auto")
+
+
+def test_no_probe_inside_a_capture(monkeypatch):
+    """An unprobed device inside a CUDA-graph capture gets the two-op path: the probe (copies, .item())
+    is never run there."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(ops, "_probe_gelu_epilogue", lambda *a: pytest.fail("probed during a capture"))
+    assert not ops.gelu_epilogue_used(torch.device("cuda", 0), torch.bfloat16)
+    assert not ops._GELU_PROBE
 
 
 def test_switch_and_env():
@@ -44,9 +67,9 @@ def test_switch_and_env():
 
 
 def test_cpu_path_is_linear_then_gelu():
-    """In bf16 the CPU's erf epilogue passes the probe (same to bf16 precision), but only CUDA fuses: the
-    CPU result is exactly linear then the tanh GELU."""
-    assert ops.gelu_epilogue_ok(torch.device("cpu"), torch.bfloat16)
+    """The CPU's epilogue is the erf GELU, which the probe tells apart in the negative tail even in bf16;
+    only CUDA fuses anyway: the CPU result is exactly linear then the tanh GELU."""
+    assert not ops.gelu_epilogue_ok(torch.device("cpu"), torch.bfloat16)
     x, w, b = (torch.randn(*s).bfloat16() for s in ((2, 7, 32), (48, 32), (48,)))
     assert torch.equal(ops.linear_gelu_tanh(x, w, b), F.gelu(F.linear(x, w, b), approximate="tanh"))
 
