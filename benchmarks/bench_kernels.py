@@ -276,7 +276,7 @@ def bench_attention_8bit(shapes: list[tuple[int, int, int]], configs: list[str],
                 continue
             out = torch.empty_like(q)
             try:
-                quant = quantize_qkv(q, k, v, cfg.block_n)
+                quant = quantize_qkv(q, k, v, cfg.block_n, quant_v=cfg.pv_fp8)
                 res = attention_8bit_triton(q, k, v, c, out=out).float()
                 if cfg.gluon and G.failure():  # it failed and fell back to the Triton kernel
                     raise RuntimeError(G.failure())

@@ -92,7 +92,9 @@ ATTN8_CONFIGS: dict[str, Attn8Config] = {
     "gluon_fa3_128x128_s2": Attn8Config(128, 128, 4, 2, gluon=True),
     "gluon_fa3_128x128_s3": Attn8Config(128, 128, 4, 3, gluon=True),
 }
-DEFAULT_ATTN8_CONFIG = "ws_128x128_w4_s3"
+# the 2-stage ring of the measured bf16 default (ws_128x128_w4_s2, 582 TFLOP/s); a 3-stage warp-specialised
+# bf16 sibling (BLOCK_N 64) returned NaN on an H100 for reasons never found, so s3 waits for a GPU run
+DEFAULT_ATTN8_CONFIG = "ws_128x128_w4_s2"
 
 
 def _env_config() -> str:
@@ -175,6 +177,11 @@ def quantize_qkv_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n:
 
 
 @triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _quant_rows_kernel(X, MEAN, Y, S, stride_xb, stride_xl, stride_xh, H, L, n_blk, factor,
                        HEAD_D: tl.constexpr, BLOCK: tl.constexpr, PER_ROW: tl.constexpr, HAS_MEAN: tl.constexpr):
     """One (BLOCK rows, batch*head) tile of x [B, L, H, D] -> y int8 [B, L, H, D] (contiguous) and scales
@@ -191,12 +198,14 @@ def _quant_rows_kernel(X, MEAN, Y, S, stride_xb, stride_xl, stride_xh, H, L, n_b
     if HAS_MEAN:
         mean = tl.load(MEAN + bh.to(tl.int64) * HEAD_D + offs_d)
         x = tl.where(rmask[:, None], x - mean[None, :], 0.0)
+    # NaN-propagating maxima (tl.max lowers to max.f32, which drops NaN, and the int8 cast turns NaN into
+    # 0: a NaN in q or k would vanish); with them a NaN row gets a NaN scale and a NaN output, as in PyTorch
     if PER_ROW:
-        amax = tl.maximum(tl.max(tl.abs(x), 1), 1e-8)
+        amax = _max_nan(tl.reduce(tl.abs(x), 1, _max_nan), 1e-8)
         y = x * (127.0 / amax)[:, None]
         tl.store(S + bh.to(tl.int64) * L + rows, amax / 127.0 * factor, mask=rmask)
     else:
-        amax = tl.maximum(tl.max(tl.abs(x)), 1e-8)
+        amax = _max_nan(tl.reduce(tl.abs(x), None, _max_nan), 1e-8)
         y = x * (127.0 / amax)
         tl.store(S + bh.to(tl.int64) * n_blk + pid, amax / 127.0 * factor)
     y8 = tl.where(y >= 0, y + 0.5, y - 0.5).to(tl.int8)
@@ -309,8 +318,9 @@ def _to_e4m3(x, INTERP: tl.constexpr):
 def _exp2_poly(x):
     """2^x on the FMA/ALU pipes (no MUFU), for x <= 127: 2^round(x) * poly(f), f = x - round(x) in
     [-0.5, 0.5], rounding by the 1.5 * 2^23 magic add; degree-3 fit, relative error 2e-4 (fp8 P keeps 2^-4).
-    Inputs below -127 are clamped (2^-127 ~ 0 for the fp8 P)."""
-    x = tl.maximum(x, -127.0)
+    Inputs below -125 are clamped (2^-125 is 0 for the fp8 P): at round(x) = -127 the exponent add would
+    borrow into the sign bit of poly(f) < 1 and give NaN."""
+    x = tl.maximum(x, -125.0)
     xr = x + 12582912.0
     f = x - (xr - 12582912.0)
     p = ((0.05543072 * f + 0.24337878) * f + 0.69324304) * f + 0.99980638
@@ -497,15 +507,21 @@ def attention_8bit_quantized(quantized: tuple, Lk: int, out: torch.Tensor, confi
     if (vs is None) == cfg.pv_fp8:
         raise ValueError(f"kernels/attention_8bit.py: config pv_fp8={cfg.pv_fp8} but v was "
                          f"{'not ' if vs is None else ''}quantised")
+    if k8.shape[1] != Lk or n_blk != triton.cdiv(Lk, cfg.block_n):
+        raise ValueError(f"kernels/attention_8bit.py: quantised k has {k8.shape[1]} keys in {n_blk} blocks; the "
+                         f"call says Lk={Lk} and the config block_n={cfg.block_n} ({triton.cdiv(Lk, cfg.block_n)} "
+                         f"blocks): quantise with the config's block_n")
     if cfg.pv_fp8 and vt.shape[-1] != n_blk * cfg.block_n:
         raise ValueError(f"kernels/attention_8bit.py: quantised with block_n {vt.shape[-1] // n_blk}, "
                          f"config has {cfg.block_n}")
     interp = interpreting()
     cfg = _resolve(cfg, q8.device)
     use_tma = _tma_available(q8.device) and (q8.is_cuda or cfg.warp_specialize)
-    if use_tma and not cfg.pv_fp8 and (vt.data_ptr() % 16 or (vt.stride(1) * vt.element_size()) % 16):
-        raise ValueError(f"kernels/attention_8bit.py: v for TMA needs a 16-byte aligned base and row stride, "
-                         f"got strides {vt.stride()}")
+    if use_tma:  # device-side descriptors: Triton 3.6 checks no alignment at run time
+        for name, t in (("q8", q8), ("k8", k8), ("v", vt), ("out", out)):
+            if t.data_ptr() % 16 or any((t.stride(i) * t.element_size()) % 16 for i in range(t.dim() - 1)):
+                raise ValueError(f"kernels/attention_8bit.py: {name} for TMA needs a 16-byte aligned base and "
+                                 f"16-byte multiples as strides (but the last), got strides {t.stride()}")
     if use_tma and q8.is_cuda:
         triton.set_allocator(_tma_alloc)
     exp_mode = 2 if (interp and cfg.exp_mode == 1) else cfg.exp_mode

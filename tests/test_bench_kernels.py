@@ -28,7 +28,7 @@ def test_without_gpu_exits_zero(bench, tmp_path, capsys):
 
 def test_dry_run_writes_csv_and_summary(bench, tmp_path):
     assert bench.main(["--dry-run", "--out", str(tmp_path), "--configs", "ptr_256x64_w8_s3,ws_128x128_w4_s2",
-                       "--configs8", "ws_128x128_w4_s3,tma_128x128_w8_s3"]) == 0
+                       "--configs8", "ws_128x128_w4_s3,tma_128x128_w8_s3,ws_128x128_w4_s2_pv16"]) == 0
     with open(tmp_path / "kernels.csv") as f:
         rows = list(csv.DictReader(f))
     ops = {r["op"] for r in rows}
@@ -39,7 +39,7 @@ def test_dry_run_writes_csv_and_summary(bench, tmp_path):
     assert impls == {"triton:ptr_256x64_w8_s3", "triton:ws_128x128_w4_s2", "sdpa_flash"}
     impls8 = {r["impl"] for r in rows if r["op"] == "attention_8bit"}
     assert impls8 == {f"{k}:{c}" for k in ("triton8", "triton8_kernel_only")
-                      for c in ("ws_128x128_w4_s3", "tma_128x128_w8_s3")}
+                      for c in ("ws_128x128_w4_s3", "tma_128x128_w8_s3", "ws_128x128_w4_s2_pv16")}
     assert {r["shape"] for r in rows if r["op"] == "attention_8bit"} == {"B1 H2 D128 Lq80 Lk80"}  # self-attention only
     summary = json.loads((tmp_path / "kernels_summary.json").read_text())
     assert summary["rms_norm_bw_frac"] is not None and summary["vae_norm_bw_frac"] is not None
@@ -51,7 +51,7 @@ def test_dry_run_writes_csv_and_summary(bench, tmp_path):
         assert key in summary
     assert summary["attn_cudnn_tflops"] is None  # no cuDNN on the CPU
     assert summary["attn_best_triton_config"] in ("ptr_256x64_w8_s3", "ws_128x128_w4_s2")
-    assert summary["attn_8bit_best_config"] in ("ws_128x128_w4_s3", "tma_128x128_w8_s3")
+    assert summary["attn_8bit_best_config"] in ("ws_128x128_w4_s3", "tma_128x128_w8_s3", "ws_128x128_w4_s2_pv16")
     assert 0.01 < summary["attn_8bit_relerr"] < 0.06
     assert summary["attn_8bit_ratio_vs_cudnn"] is None  # no cuDNN on the CPU
 

@@ -120,6 +120,59 @@ def test_bad_inputs_raise():
 
 
 
+@pytest.mark.parametrize("config", ["ws_128x128_w4_s3_poly", "tma_128x128_w8_s3_poly", "ws_128x128_w4_s2"])
+def test_huge_logit_spread_stays_finite(config):
+    """A row whose best key scores ~100 nats above the rest (x = s - m + 8 below -127 in log2 units): the
+    polynomial exp2 must give ~0 there, not NaN (2^round(x) borrowing into the sign bit)."""
+    q, k, v = _qkv(1, 16, 40, 1, torch.float16, "cpu", seed=3)
+    q[0, 0] = 3.0
+    k[0, 0] = 3.0
+    k[0, 1:] = -0.05 * k[0, 1:]
+    out = attention_8bit_triton(q, k, v, config)
+    assert torch.isfinite(out).all(), f"{config}: {torch.isnan(out).sum().item()} NaN outputs"
+    ex = _exact(q, k, v)
+    assert (out[0, 0].float() - ex[0, 0]).abs().max().item() < 0.1
+
+
+def test_quantised_block_count_must_match_the_config():
+    from lightx2v_engine.kernels.attention_8bit import attention_8bit_quantized
+    q, k, v = _qkv(1, 40, 200, 1, torch.float16, "cpu")
+    quant = quantize_qkv(q, k, v, 64, quant_v=False)  # 4 blocks of 64; the config's block_n is 128 (2 blocks)
+    with pytest.raises(ValueError, match="quantise with the config's block_n"):
+        attention_8bit_quantized(quant, 200, torch.empty_like(q), "ws_128x128_w4_s2_pv16")
+    with pytest.raises(ValueError, match="Lk=150"):
+        attention_8bit_quantized(quantize_qkv(q, k, v, 128), 150, torch.empty_like(q), "ws_128x128_w4_s2")
+
+
+def test_quantisation_maxima_propagate_nan_on_sm90():
+    """On the GPU tl.max is max.f32, which drops NaN (and the int8 cast makes NaN 0): the q/k scale
+    reductions must be NaN-propagating (max.NaN.f32 in the sm_90a PTX), so a NaN input gives NaN out. The
+    interpreter propagates NaN either way, hence the check on the compiled kernel."""
+    import os
+    import subprocess
+    import sys
+    code = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import importlib
+fn = importlib.import_module("lightx2v_engine.kernels.attention_8bit")._quant_rows_kernel
+for per_row in (True, False):
+    consts = dict(HEAD_D=128, BLOCK=64, PER_ROW=per_row, HAS_MEAN=not per_row)
+    types = dict(X="*fp16", MEAN="*fp32", Y="*i8", S="*fp32", factor="fp32")
+    sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
+    k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    ptx = k.asm["ptx"]
+    print("PTX", per_row, ptx.count("max.NaN.f32"), ptx.count("max.f32"))
+"""
+    env = {kk: vv for kk, vv in os.environ.items() if kk != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    lines = [ln.split() for ln in res.stdout.splitlines() if ln.startswith("PTX")]
+    assert len(lines) == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    for _, per_row, nan_max, plain_max in lines:
+        assert int(nan_max) > 0 and int(plain_max) == 0, (per_row, nan_max, plain_max)
+
+
 def test_self_attention_8bit_and_ops_dispatch():
     q, k, v, wq, wk, rope = self_attn_inputs(2, (3, 5, 7), 3, torch.float16, "cpu")
     out = self_attention(q, k, v, wq, wk, rope.cos, rope.sin, 3, 1e-6, attn_8bit=True)
