@@ -1,6 +1,6 @@
 """Microbenchmark of the DiT hot-path Triton kernels at the Wan2.1 shapes (480p 81 frames: L = 32760).
 
-Memory-bound ops (modulate, gate_residual_modulate, qk_norm_rope and its variants, cross-attention's
+Memory-bound ops (modulate, gate_residual_modulate, qk_norm_rope and its tile/chunk/packed variants, cross-attention's
 rms_norm; C = 1536 and 5120; the VAE decoder's fused RMSNorm + SiLU at two decoder shapes) against their
 eager PyTorch references: GB/s (bytes read + written) and the fraction of a device-to-device copy measured
 in the same run. Attention (12 and 40 heads x 128 at L = 32760; cross-attention Lk = 512): every Triton config
@@ -120,7 +120,7 @@ def bench_memory_ops(Ls: list[int], Cs: list[int], device: str, copy_gbps: float
                                  lambda: rms_norm_ref(q.float(), wq, 1e-6), 2 * Lx * C * 2)
             qo, ko = torch.empty_like(q), torch.empty_like(k)
 
-            for variant in ("tile", "chunk"):
+            for variant in ("tile", "chunk", "packed"):
                 def qk_variant(q=q, k=k, wq=wq, wk=wk, cos=cos, sin=sin, qo=qo, ko=ko, H=H, variant=variant):
                     launch_qk_norm_rope(q, k, wq, wk, cos, sin, H, 1e-6, qo, ko, impl=variant)
                     return qo.unflatten(-1, (H, -1)), ko.unflatten(-1, (H, -1))
@@ -336,10 +336,12 @@ def summarize(rows: list[dict], main_shape: str) -> dict:
         "vae_norm_bw_frac": min_frac("vae_rms_norm_silu"),
         # the best of the kernel variants ("row" is the default until "tile"/"chunk" are measured)
         "qk_norm_rope_bw_frac": max((f for f in (min_frac("qk_norm_rope"), min_frac("qk_norm_rope_tile"),
-                                                 min_frac("qk_norm_rope_chunk")) if f is not None), default=None),
+                                                 min_frac("qk_norm_rope_chunk"), min_frac("qk_norm_rope_packed"))
+                                     if f is not None), default=None),
         "qk_norm_rope_row_bw_frac": min_frac("qk_norm_rope"),
         "qk_norm_rope_tile_bw_frac": min_frac("qk_norm_rope_tile"),
         "qk_norm_rope_chunk_bw_frac": min_frac("qk_norm_rope_chunk"),
+        "qk_norm_rope_packed_bw_frac": min_frac("qk_norm_rope_packed"),
         # our best kernel (Triton or Gluon) against cuDNN
         "attn_bf16_ratio_vs_cudnn": (cudnn["ms"] / best_ours["ms"]) if (best_ours and cudnn) else None,
         "attn_bf16_best_ours": best_ours["impl"] if best_ours else None,

@@ -44,15 +44,16 @@ def _tools():
 
 
 def compile_sm90(fn, types: dict, consts: dict, num_warps: int, num_stages: int, gluon: bool = False,
-                 maxnreg: int | None = None) -> dict:
+                 maxnreg: int | None = None, div16: tuple[str, ...] = ()) -> dict:
     """Triton (or Gluon) -> PTX -> cubin (sm_90a) -> SASS text; returns registers, smem, spills, ws flag
-    and the SASS."""
+    and the SASS. Pointers, stride* arguments and the integer arguments named in div16 are taken as
+    multiples of 16, as the launcher's specialisation finds them at the real shapes."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-             if sig[n].startswith("*") or n.startswith("stride") or n in ("n_full", "Lk_pad")}
+             if sig[n].startswith("*") or n.startswith("stride") or n in ("n_full", "Lk_pad") + tuple(div16)}
     options = dict(num_warps=num_warps, num_stages=num_stages)
     if maxnreg:
         options["maxnreg"] = maxnreg

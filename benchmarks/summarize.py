@@ -20,7 +20,8 @@ REQUIRED = [
 ALSO = [
     "attn_bf16_best_ours", "attn_triton_tflops", "attn_gluon_best_config", "attn_gluon_tflops",
     "attn_gluon_ratio_vs_triton", "attn_cudnn_tflops", "attn_cross_best_impl", "attn_8bit_best_config",
-    "qk_norm_rope_row_bw_frac", "qk_norm_rope_tile_bw_frac", "qk_norm_rope_chunk_bw_frac", "rms_norm_bw_frac",
+    "qk_norm_rope_row_bw_frac", "qk_norm_rope_tile_bw_frac", "qk_norm_rope_chunk_bw_frac",
+    "qk_norm_rope_packed_bw_frac", "rms_norm_bw_frac",
     "vae_norm_bw_frac",
     "step_8bit_variant_1.3b", "step_8bit_variant_14b", "ops", "ops_attn8",
 ]
@@ -109,7 +110,7 @@ def pick_attention(kernels_summary: Path) -> str:
         exports.append(f"LX2V_CROSS_ATTN={cross_impl}")
     if s.get("attn_8bit_best_config"):
         exports.append(f"LX2V_ATTN8_CONFIG={s['attn_8bit_best_config']}")
-    fracs = {v: s.get(f"qk_norm_rope_{v}_bw_frac") for v in ("row", "tile", "chunk")}
+    fracs = {v: s.get(f"qk_norm_rope_{v}_bw_frac") for v in ("row", "tile", "chunk", "packed")}
     fracs = {v: f for v, f in fracs.items() if f is not None}
     if len(fracs) > 1:
         exports.append(f"LX2V_QK_ROPE={max(fracs, key=fracs.get)}")

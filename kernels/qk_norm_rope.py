@@ -122,6 +122,102 @@ def _rms_rope_chunk_kernel(X, W, COS, SIN, O, R, L, C, stride_b, stride_l, strid
         tl.store(o_row + i * CHUNK + cols[None, :], out.to(O.dtype.element_ty), mask=rmask[:, None])
 
 
+@triton.jit
+def _unpack_pair(xi, IS_BF16: tl.constexpr):
+    """int32 holding an (x[2i], x[2i+1]) pair of 16-bit values (little-endian: x[2i] in the low half) ->
+    (re, im) in fp32. bf16 by bit shifts; fp16 by conversion."""
+    if IS_BF16:
+        return (xi << 16).to(tl.float32, bitcast=True), (xi & -65536).to(tl.float32, bitcast=True)
+    return ((xi & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32),
+            (xi >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32))
+
+
+@triton.jit
+def _round_run(f, IS_BF16: tl.constexpr):
+    """f rounded to the run dtype (round to nearest even), kept in fp32: what .to(dtype).to(fp32) does."""
+    if IS_BF16:
+        u = f.to(tl.int32, bitcast=True)
+        r = ((u + 0x7FFF + ((u >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+        return tl.where(f != f, f, r)
+    return f.to(tl.float16).to(tl.float32)
+
+
+@triton.jit
+def _run_bits(f, IS_BF16: tl.constexpr):
+    """f -> the run dtype's 16 bits (round to nearest even) in the low half of an int32."""
+    if IS_BF16:
+        u = f.to(tl.int32, bitcast=True)
+        return tl.where(f != f, 0x7FC0, ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF)
+    return f.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+
+
+@triton.jit
+def _rms_rope_packed_kernel(X, W2, COS, SIN, O, R, L, C2, stride_b, stride_l, stride_cl, eps,
+                            HEAD_D: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK2: tl.constexpr,
+                            N_CHUNKS: tl.constexpr, IS_BF16: tl.constexpr):
+    """BLOCK_R token rows per program on int32 views of x and of the output: each word is one rotation
+    pair, so every tensor of the tile is [BLOCK_R, CHUNK2] pairs in one layout (16-byte loads and stores,
+    no shuffles; splitting pairs from a [.., 2] view made the compiler convert layouts through shared
+    memory and store 2 bytes at a time). C2 = C / 2 pairs a row in N_CHUNKS chunks of CHUNK2 (a multiple
+    of HEAD_D / 2, so a chunk holds whole heads). W2 [2, C2]: the weights of the even and of the odd
+    elements. Pass 1 sums squares; pass 2 re-reads each chunk (L1/L2) to normalise and rotate."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    b = (rows // L).to(tl.int64)
+    l = (rows % L).to(tl.int64)
+    x_row = X + (b * stride_b + l * stride_l)[:, None]
+    o_row = O + rows.to(tl.int64)[:, None] * C2
+    p = tl.arange(0, CHUNK2)
+    ss = tl.zeros([BLOCK_R, CHUNK2], tl.float32)
+    for i in tl.static_range(N_CHUNKS):
+        re, im = _unpack_pair(tl.load(x_row + i * CHUNK2 + p[None, :], mask=rmask[:, None], other=0), IS_BF16)
+        ss += re * re + im * im
+    rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=1) / (2 * C2) + eps)
+    j = p % (HEAD_D // 2)  # pair index inside the head
+    c = tl.load(COS + l[:, None] * stride_cl + j[None, :], mask=rmask[:, None], other=1.0)
+    s = tl.load(SIN + l[:, None] * stride_cl + j[None, :], mask=rmask[:, None], other=0.0)
+    w_off = rows[:, None] * 0 + p[None, :]  # the weights at the tile's full shape: the tile's layout
+    for i in tl.static_range(N_CHUNKS):
+        re, im = _unpack_pair(tl.load(x_row + i * CHUNK2 + p[None, :], mask=rmask[:, None], other=0), IS_BF16)
+        w_re = tl.load(W2 + i * CHUNK2 + w_off)
+        w_im = tl.load(W2 + C2 + i * CHUNK2 + w_off)
+        # Wan's RMSNorm rounds twice to the run dtype: after the normalisation and after the weight
+        re = _round_run(_round_run(re * rstd[:, None], IS_BF16) * w_re, IS_BF16)
+        im = _round_run(_round_run(im * rstd[:, None], IS_BF16) * w_im, IS_BF16)
+        out = (_run_bits(re * s + im * c, IS_BF16) << 16) | _run_bits(re * c - im * s, IS_BF16)
+        tl.store(o_row + i * CHUNK2 + p[None, :], out, mask=rmask[:, None])
+
+
+def _packed_chunk(C2: int, head_d: int) -> int | None:
+    """The largest power-of-two chunk <= 256 pairs that divides C2 and holds whole heads (None: none)."""
+    for chunk in (256, 128, 64, 32, 16, 8, 4, 2, 1):
+        if C2 % chunk == 0 and chunk % (head_d // 2) == 0:
+            return chunk
+    return None
+
+
+def _launch_packed(q, k, wq, wk, cos, sin, num_heads, eps, qo, ko) -> bool:
+    """The "packed" variant; False where int32 views are impossible (odd strides or offsets, 32-bit
+    inputs) or no chunk fits, so that the caller runs another variant."""
+    B, L, C = q.shape
+    head_d = C // num_heads
+    chunk = _packed_chunk(C // 2, head_d)
+    if chunk is None or q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype:
+        return False
+    try:
+        views = [(x.view(torch.int32), o.view(torch.int32)) for x, o in ((q, qo), (k, ko))]
+    except RuntimeError:
+        return False
+    block_r = 4
+    for (xi, oi), w in zip(views, (wq, wk)):
+        w2 = w.view(-1, 2).t().contiguous()  # [2, C/2]: the weights of the even and of the odd elements
+        _rms_rope_packed_kernel[(triton.cdiv(B * L, block_r),)](
+            xi, w2, cos, sin, oi, B * L, L, C // 2, xi.stride(0), xi.stride(1), cos.stride(0), eps,
+            HEAD_D=head_d, BLOCK_R=block_r, CHUNK2=chunk, N_CHUNKS=C // 2 // chunk,
+            IS_BF16=q.dtype == torch.bfloat16, num_warps=max(1, min(8, block_r * chunk // 128)))
+    return True
+
+
 def _chunk_size(C: int, head_d: int) -> int | None:
     """The largest power-of-two chunk <= 512 columns that divides C and holds whole heads (None: none)."""
     for chunk in (512, 256, 128, 64, 32, 16, 8, 4, 2):
@@ -132,9 +228,12 @@ def _chunk_size(C: int, head_d: int) -> int | None:
 
 # "row" (one token per program, q then k; measured 0.27-0.50 of copy bandwidth on an H100: partner
 # loads and the cos/sin gathers are scalar, C = 5120 pads to 8192), "tile" (BLOCK_R tokens per program,
-# pairs split in registers) or "chunk" (as tile, without the padding: C in exact chunks). "tile" and
-# "chunk" are not yet measured on a GPU; "chunk" needs C/HEAD_D to allow a chunk (else "tile" runs).
-QK_ROPE_IMPLS = ("row", "tile", "chunk")
+# pairs split in registers), "chunk" (as tile, without the padding: C in exact chunks) or "packed" (as
+# chunk, on int32 views: a word per rotation pair). In sm_90a SASS "tile" loads x 2 bytes at a time, "tile"
+# and "chunk" store 2 bytes at a time after shared-memory layout conversions, "packed" moves 16 bytes per
+# instruction with no conversion. None of the three is measured on a GPU yet; "chunk" and "packed" fall
+# back to "tile" where their chunking or int32 views do not fit.
+QK_ROPE_IMPLS = ("row", "tile", "chunk", "packed")
 
 
 def _env_qk_impl() -> str:
@@ -177,6 +276,8 @@ def launch_qk_norm_rope(q, k, wq, wk, cos, sin, num_heads, eps, qo, ko, impl: st
     block = triton.next_power_of_2(C)
     impl = impl or _QK_IMPL
     head_d = C // num_heads
+    if impl == "packed" and _launch_packed(q, k, wq, wk, cos, sin, num_heads, eps, qo, ko):
+        return
     chunk = _chunk_size(C, head_d) if impl == "chunk" else None
     if chunk is not None:
         block_r = 4
@@ -186,7 +287,7 @@ def launch_qk_norm_rope(q, k, wq, wk, cos, sin, num_heads, eps, qo, ko, impl: st
                 HEAD_D=head_d, BLOCK_R=block_r, CHUNK=chunk, N_CHUNKS=C // chunk,
                 num_warps=max(1, min(8, block_r * chunk // 256)))
         return
-    if impl in ("tile", "chunk"):
+    if impl in ("tile", "chunk", "packed"):
         block_r = max(1, min(8, 8192 // block))
         for x, w, o in ((q, wq, qo), (k, wk, ko)):
             _rms_rope_tile_kernel[(triton.cdiv(B * L, block_r),)](

@@ -33,6 +33,7 @@ def test_dry_run_writes_csv_and_summary(bench, tmp_path):
         rows = list(csv.DictReader(f))
     ops = {r["op"] for r in rows}
     assert ops == {"modulate", "gate_residual_modulate", "qk_norm_rope", "qk_norm_rope_tile", "qk_norm_rope_chunk",
+                   "qk_norm_rope_packed",
                    "rms_norm", "vae_rms_norm_silu", "attention", "attention_8bit"}
     assert all(r["ok"] == "True" for r in rows), [r for r in rows if r["ok"] != "True"]
     impls = {r["impl"] for r in rows if r["op"] == "attention"}
@@ -45,7 +46,8 @@ def test_dry_run_writes_csv_and_summary(bench, tmp_path):
     assert summary["rms_norm_bw_frac"] is not None and summary["vae_norm_bw_frac"] is not None
     assert summary["qk_norm_rope_bw_frac"] == max(summary["qk_norm_rope_row_bw_frac"],
                                                   summary["qk_norm_rope_tile_bw_frac"],
-                                                  summary["qk_norm_rope_chunk_bw_frac"])
+                                                  summary["qk_norm_rope_chunk_bw_frac"],
+                                                  summary["qk_norm_rope_packed_bw_frac"])
     for key in ("modulate_bw_frac", "qk_norm_rope_bw_frac", "attn_bf16_ratio_vs_cudnn", "attn_best_impl",
                 "attn_triton_tflops", "attn_cudnn_tflops", "gpu", "torch", "triton", "commit", "date"):
         assert key in summary
@@ -110,9 +112,10 @@ def test_pick_attention_exports_8bit_config(tmp_path):
     p.write_text(json.dumps({"attn_best_impl": "triton:ws", "attn_best_triton_config": "ws",
                              "attn_8bit_best_config": "tma_128x128_w8_s3", "qk_norm_rope_row_bw_frac": 0.3,
                              "qk_norm_rope_tile_bw_frac": 0.7, "qk_norm_rope_chunk_bw_frac": 0.5,
+                             "qk_norm_rope_packed_bw_frac": 0.9,
                              "attn_cross_best_impl": "sdpa_cudnn"}))
     assert mod.pick_attention(p) == ("export LX2V_ATTN=triton LX2V_ATTN_CONFIG=ws LX2V_CROSS_ATTN=sdpa_cudnn"
-                                     " LX2V_ATTN8_CONFIG=tma_128x128_w8_s3 LX2V_QK_ROPE=tile")
+                                     " LX2V_ATTN8_CONFIG=tma_128x128_w8_s3 LX2V_QK_ROPE=packed")
 
 
 def test_summary_and_pick_with_gluon(bench, tmp_path):

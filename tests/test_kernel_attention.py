@@ -239,6 +239,11 @@ for C in (1536, 5120):
     chunk = R._chunk_size(C, 128)
     out[f"qk_norm_rope_chunk/C={C}"] = build(R._rms_rope_chunk_kernel, tt, dict(HEAD_D=128, BLOCK_R=4, CHUNK=chunk,
                                              N_CHUNKS=C // chunk), max(1, min(8, 4 * chunk // 256)), 3)
+    chunk2 = R._packed_chunk(C // 2, 128)
+    out[f"qk_norm_rope_packed/C={C}"] = build(R._rms_rope_packed_kernel, dict(X="*i32", W2="*fp32", COS="*fp32",
+                                              SIN="*fp32", O="*i32", eps="fp32"),
+                                              dict(HEAD_D=128, BLOCK_R=4, CHUNK2=chunk2, N_CHUNKS=C // 2 // chunk2,
+                                                   IS_BF16=True), max(1, min(8, 4 * chunk2 // 128)), 3)
     N = importlib.import_module("lightx2v_engine.kernels.rms_norm")
     br, bc, w = N._launch_cfg(C)
     out[f"rms_norm/C={C}"] = build(N._rms_norm_kernel, dict(X="*bf16", W="*fp32", OUT="*bf16", eps="fp32"),

@@ -98,12 +98,13 @@ def test_qk_norm_rope_gpu_real_shapes(H):
     _run(1, (21, 30, 52), H, torch.bfloat16, "cuda")
 
 
-@pytest.mark.parametrize("impl", ["tile", "chunk"])
+@pytest.mark.parametrize("impl", ["tile", "chunk", "packed"])
 @pytest.mark.parametrize("fused_qkv", [False, True])
 @pytest.mark.parametrize("B", [1, 2])
 def test_qk_norm_rope_tile_variant(B, fused_qkv, impl):
-    """The "tile" and "chunk" kernel variants (several tokens per program, pairs split in registers; chunk:
-    C = 384 in three exact 128-column chunks) under the same rule."""
+    """The "tile", "chunk" and "packed" kernel variants (several tokens per program, pairs split in
+    registers; chunk: C = 384 in three exact 128-column chunks; packed: int32 words of pairs) under the
+    same rule."""
     import importlib
     mod = importlib.import_module("lightx2v_engine.kernels.qk_norm_rope")  # the module, not the function
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -128,9 +129,71 @@ def test_chunk_sizes():
     assert mod._chunk_size(6, 6) is None  # "chunk" falls back to "tile" there
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_packed_variant_is_pytorchs_rounding_and_falls_back(dtype):
+    """"packed" rounds to nearest even by bit arithmetic, as PyTorch does (the interpreter's casts
+    truncate, hence the 4x rule for the others): its result is PyTorch's run-dtype result up to a one-ulp
+    flip. Inputs that cannot be viewed as int32 words (odd offset) run the "tile" kernel instead."""
+    import importlib
+    mod = importlib.import_module("lightx2v_engine.kernels.qk_norm_rope")
+    q, k, wq, wk, cos, sin = _inputs(1, (3, 5, 7), 3, dtype, "cpu")
+    ql, kl = qk_norm_rope_ref(q, k, wq, wk, cos, sin, 3, EPS)
+    wide = torch.cat([torch.zeros(1, q.shape[1], 1, dtype=dtype), q], dim=-1)
+    odd = wide[..., 1:]  # storage offset 1: no int32 view
+    mod.set_qk_rope_impl("packed")
+    try:
+        qp, kp = qk_norm_rope(q, k, wq, wk, cos, sin, 3, EPS)
+        qo, _ = qk_norm_rope(odd, k, wq, wk, cos, sin, 3, EPS)
+    finally:
+        mod.set_qk_rope_impl("row")
+    ulp = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10
+    for got, want in ((qp, ql), (kp, kl)):
+        diff = (got.float() - want.float()).abs() > ulp * want.float().abs().clamp_min(1e-3)
+        assert diff.float().mean().item() < 1e-3, diff.float().mean().item()
+    assert (qo.float() - ql.float()).abs().max().item() <= 4 * (ql.float() - qk_norm_rope_ref(
+        q.float(), k.float(), wq, wk, cos, sin, 3, EPS)[0]).abs().max().item() + 1e-3
+
+
+def test_packed_variant_sass_moves_16_bytes_per_instruction():
+    """sm_90a SASS of "packed" at the 1.3B and 14B widths, bf16 and fp16: every global load and store is
+    128-bit and no shared-memory layout conversion remains (only the row reduction's STS/LDS)."""
+    import os
+    import re
+    import subprocess
+    import sys
+    code = r"""
+import importlib, re, sys
+from collections import Counter
+spec = importlib.util.spec_from_file_location("sass_stats", sys.argv[1])
+S = importlib.util.module_from_spec(spec); spec.loader.exec_module(S)
+Q = importlib.import_module("lightx2v_engine.kernels.qk_norm_rope")
+types = dict(X="*i32", W2="*fp32", COS="*fp32", SIN="*fp32", O="*i32", eps="fp32")
+for C in (1536, 5120):
+    for bf in (True, False):
+        chunk = Q._packed_chunk(C // 2, 128)
+        consts = dict(HEAD_D=128, BLOCK_R=4, CHUNK2=chunk, N_CHUNKS=C // 2 // chunk, IS_BF16=bf)
+        r = S.compile_sm90(Q._rms_rope_packed_kernel, types, consts, max(1, min(8, 4 * chunk // 128)), 1,
+                           div16=("C2",))
+        ops = Counter(re.findall(r"\b((?:LDG|STG|LDS|STS|LDSM|STSM)[.\w]*)", r["sass"]))
+        print("SASS", C, bf, r["spill"], " ".join(f"{k}={v}" for k, v in sorted(ops.items())))
+"""
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "sass_stats.py")
+    env = {kk: vv for kk, vv in os.environ.items() if kk != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, env=env, timeout=300)
+    lines = [ln.split() for ln in res.stdout.splitlines() if ln.startswith("SASS")]
+    assert len(lines) == 4, res.stdout[-2000:] + res.stderr[-2000:]
+    for _, C, bf, spill, *ops in lines:
+        ops = dict(o.split("=") for o in ops)
+        assert spill == "0", (C, bf, spill)
+        glob = {k: v for k, v in ops.items() if k.startswith(("LDG", "STG"))}
+        assert set(glob) == {"LDG.E.128", "STG.E.128"}, (C, bf, ops)
+        assert not any(k.startswith(("LDSM", "STSM", "LDS.", "STS.")) for k in ops), (C, bf, ops)
+        assert re.fullmatch(r"\d", ops.get("STS", "0")), (C, bf, ops)
+
+
 @pytest.mark.gpu
 @pytest.mark.last
-@pytest.mark.parametrize("impl", ["tile", "chunk"])
+@pytest.mark.parametrize("impl", ["tile", "chunk", "packed"])
 @pytest.mark.parametrize("H", [12, 40])
 def test_qk_norm_rope_variants_gpu_real_shapes(H, impl):
     import importlib
