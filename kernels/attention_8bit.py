@@ -183,7 +183,8 @@ def _max_nan(a, b):
 
 @triton.jit
 def _quant_rows_kernel(X, MEAN, Y, S, stride_xb, stride_xl, stride_xh, H, L, n_blk, factor,
-                       HEAD_D: tl.constexpr, BLOCK: tl.constexpr, PER_ROW: tl.constexpr, HAS_MEAN: tl.constexpr):
+                       HEAD_D: tl.constexpr, BLOCK: tl.constexpr, PER_ROW: tl.constexpr, HAS_MEAN: tl.constexpr,
+                       INTERP: tl.constexpr):
     """One (BLOCK rows, batch*head) tile of x [B, L, H, D] -> y int8 [B, L, H, D] (contiguous) and scales
     S: per row [B, H, L] (PER_ROW) or per block [B, H, n_blk], times `factor`. MEAN [B, H, D] fp32."""
     pid = tl.program_id(0)
@@ -199,13 +200,20 @@ def _quant_rows_kernel(X, MEAN, Y, S, stride_xb, stride_xl, stride_xh, H, L, n_b
         mean = tl.load(MEAN + bh.to(tl.int64) * HEAD_D + offs_d)
         x = tl.where(rmask[:, None], x - mean[None, :], 0.0)
     # NaN-propagating maxima (tl.max lowers to max.f32, which drops NaN, and the int8 cast turns NaN into
-    # 0: a NaN in q or k would vanish); with them a NaN row gets a NaN scale and a NaN output, as in PyTorch
+    # 0: a NaN in q or k would vanish); with them a NaN row gets a NaN scale and a NaN output, as in PyTorch.
+    # The interpreter's tl.max (numpy) propagates NaN already, and its tl.reduce with a Python combine is slow.
     if PER_ROW:
-        amax = _max_nan(tl.reduce(tl.abs(x), 1, _max_nan), 1e-8)
+        if INTERP:
+            amax = _max_nan(tl.max(tl.abs(x), 1), 1e-8)
+        else:
+            amax = _max_nan(tl.reduce(tl.abs(x), 1, _max_nan), 1e-8)
         y = x * (127.0 / amax)[:, None]
         tl.store(S + bh.to(tl.int64) * L + rows, amax / 127.0 * factor, mask=rmask)
     else:
-        amax = _max_nan(tl.reduce(tl.abs(x), None, _max_nan), 1e-8)
+        if INTERP:
+            amax = _max_nan(tl.max(tl.abs(x)), 1e-8)
+        else:
+            amax = _max_nan(tl.reduce(tl.abs(x), None, _max_nan), 1e-8)
         y = x * (127.0 / amax)
         tl.store(S + bh.to(tl.int64) * n_blk + pid, amax / 127.0 * factor)
     y8 = tl.where(y >= 0, y + 0.5, y - 0.5).to(tl.int8)
@@ -249,10 +257,10 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int
     rows = 64
     _quant_rows_kernel[(triton.cdiv(Lq, rows), B * H)](
         q, mean, q8, qs, q.stride(0), q.stride(1), q.stride(2), H, Lq, 0, LOG2E / math.sqrt(D),
-        HEAD_D=D, BLOCK=rows, PER_ROW=True, HAS_MEAN=False, num_warps=4)
+        HEAD_D=D, BLOCK=rows, PER_ROW=True, HAS_MEAN=False, INTERP=interpreting(), num_warps=4)
     _quant_rows_kernel[(nblk, B * H)](
         k, mean, k8, ks, k.stride(0), k.stride(1), k.stride(2), H, Lk, nblk, 1.0,
-        HEAD_D=D, BLOCK=block_n, PER_ROW=False, HAS_MEAN=True, num_warps=8)
+        HEAD_D=D, BLOCK=block_n, PER_ROW=False, HAS_MEAN=True, INTERP=interpreting(), num_warps=8)
     if not quant_v:
         return q8, qs, k8, ks, v, None
     vt = torch.empty((B, H, D, nblk * block_n), dtype=torch.float8_e4m3fn, device=dev)

@@ -268,7 +268,8 @@ for name, c in A8.ATTN8_CONFIGS.items():  # sm89 (Ada: fp8 MMA, no TMA): the poi
 for per_row in (False, True):
     out[f"attn8_quant_rows/per_row={per_row}"] = build(
         A8._quant_rows_kernel, dict(X="*bf16", MEAN="*fp32", Y="*i8", S="*fp32", factor="fp32"),
-        dict(HEAD_D=128, BLOCK=64 if per_row else 128, PER_ROW=per_row, HAS_MEAN=not per_row), 4 if per_row else 8, 3)
+        dict(HEAD_D=128, BLOCK=64 if per_row else 128, PER_ROW=per_row, HAS_MEAN=not per_row, INTERP=False),
+        4 if per_row else 8, 3)
 out["attn8_quant_v"] = build(A8._quant_v_kernel, dict(V="*bf16", VS="*fp32", VT="*fp8e4nv"),
                              dict(HEAD_D=128, BLOCK=128, INTERP=False), 8, 3)
 print("AOT" + json.dumps(out))

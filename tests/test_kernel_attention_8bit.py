@@ -158,7 +158,7 @@ from triton.compiler import ASTSource
 import importlib
 fn = importlib.import_module("lightx2v_engine.kernels.attention_8bit")._quant_rows_kernel
 for per_row in (True, False):
-    consts = dict(HEAD_D=128, BLOCK=64, PER_ROW=per_row, HAS_MEAN=not per_row)
+    consts = dict(HEAD_D=128, BLOCK=64, PER_ROW=per_row, HAS_MEAN=not per_row, INTERP=False)
     types = dict(X="*fp16", MEAN="*fp32", Y="*i8", S="*fp32", factor="fp32")
     sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
     k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
