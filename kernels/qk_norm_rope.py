@@ -90,6 +90,16 @@ def _rms_rope_tile_kernel(X, W, COS, SIN, O, R, L, C, stride_b, stride_l, stride
 
 
 @triton.jit
+def _row_tile(X, O, R, L, width, stride_b, stride_l, BLOCK_R: tl.constexpr):
+    """Program program_id(0)'s BLOCK_R token rows of x [B, L, .] (strides stride_b, stride_l) and of the
+    contiguous output (`width` elements a row): (row mask, token index l, x row pointers, out row pointers)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    b = (rows // L).to(tl.int64)
+    l = (rows % L).to(tl.int64)
+    return rows < R, l, X + (b * stride_b + l * stride_l)[:, None], O + rows.to(tl.int64)[:, None] * width
+
+
+@triton.jit
 def _rms_rope_chunk_kernel(X, W, COS, SIN, O, R, L, C, stride_b, stride_l, stride_cl, eps,
                            HEAD_D: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK: tl.constexpr,
                            N_CHUNKS: tl.constexpr):
@@ -97,12 +107,7 @@ def _rms_rope_chunk_kernel(X, W, COS, SIN, O, R, L, C, stride_b, stride_l, strid
     CHUNK, CHUNK a multiple of HEAD_D): no power-of-two padding (C = 5120 pads to 8192 in "tile"), every
     load a contiguous vector. Pass 1 sums squares; pass 2 re-reads each chunk (L1/L2) to normalise and
     rotate."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < R
-    b = (rows // L).to(tl.int64)
-    l = (rows % L).to(tl.int64)
-    x_row = X + (b * stride_b + l * stride_l)[:, None]
-    o_row = O + rows.to(tl.int64)[:, None] * C
+    rmask, l, x_row, o_row = _row_tile(X, O, R, L, C, stride_b, stride_l, BLOCK_R)
     cols = tl.arange(0, CHUNK)
     ss = tl.zeros([BLOCK_R, CHUNK], tl.float32)
     for i in tl.static_range(N_CHUNKS):
@@ -161,12 +166,7 @@ def _rms_rope_packed_kernel(X, W2, COS, SIN, O, R, L, C2, stride_b, stride_l, st
     memory and store 2 bytes at a time). C2 = C / 2 pairs a row in N_CHUNKS chunks of CHUNK2 (a multiple
     of HEAD_D / 2, so a chunk holds whole heads). W2 [2, C2]: the weights of the even and of the odd
     elements. Pass 1 sums squares; pass 2 re-reads each chunk (L1/L2) to normalise and rotate."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < R
-    b = (rows // L).to(tl.int64)
-    l = (rows % L).to(tl.int64)
-    x_row = X + (b * stride_b + l * stride_l)[:, None]
-    o_row = O + rows.to(tl.int64)[:, None] * C2
+    rmask, l, x_row, o_row = _row_tile(X, O, R, L, C2, stride_b, stride_l, BLOCK_R)
     p = tl.arange(0, CHUNK2)
     ss = tl.zeros([BLOCK_R, CHUNK2], tl.float32)
     for i in tl.static_range(N_CHUNKS):
@@ -176,7 +176,7 @@ def _rms_rope_packed_kernel(X, W2, COS, SIN, O, R, L, C2, stride_b, stride_l, st
     j = p % (HEAD_D // 2)  # pair index inside the head
     c = tl.load(COS + l[:, None] * stride_cl + j[None, :], mask=rmask[:, None], other=1.0)
     s = tl.load(SIN + l[:, None] * stride_cl + j[None, :], mask=rmask[:, None], other=0.0)
-    w_off = rows[:, None] * 0 + p[None, :]  # the weights at the tile's full shape: the tile's layout
+    w_off = l[:, None] * 0 + p[None, :]  # the weights at the tile's full shape: the tile's layout
     for i in tl.static_range(N_CHUNKS):
         re, im = _unpack_pair(tl.load(x_row + i * CHUNK2 + p[None, :], mask=rmask[:, None], other=0), IS_BF16)
         w_re = tl.load(W2 + i * CHUNK2 + w_off)
