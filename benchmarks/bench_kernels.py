@@ -80,6 +80,33 @@ def _mod_views(B: int, C: int, device: str):
     return (modulation + torch.randn(B, 6, C, device=device)).chunk(6, dim=1)
 
 
+def _memory_op_rows(op: str, shape: str, fn, ref_fn, ref32_fn, nbytes: int, device: str,
+                    copy_gbps: float) -> list[dict]:
+    """A memory-bound kernel `fn` and its eager reference `ref_fn` (outputs a tensor or a tuple): the
+    kernel's error vs `ref32_fn`'s fp32 result under the rule, both timings, GB/s and the fraction of the
+    copy bandwidth; one "triton" and one "torch_eager" row."""
+    # kernel vs fp32 <= 2 x (eager run dtype vs fp32) + one bf16 ulp of the largest value: the eager
+    # reference rounds only its output, so a kernel whose FMAs flip one rounding sits at exactly 2x.
+    # The CPU interpreter truncates fp32 -> bf16 (the GPU rounds to nearest), hence 4 x there.
+    factor = 2.0 if device == "cuda" else 4.0
+    tup = lambda t: t if isinstance(t, tuple) else (t,)  # noqa: E731
+    got, lowp, ref32 = tup(fn()), tup(ref_fn()), tup(ref32_fn())
+    err = max((a.float() - b.float()).abs().max().item() for a, b in zip(got, ref32))
+    base = max((a.float() - b.float()).abs().max().item() for a, b in zip(lowp, ref32))
+    ulp = max(b.float().abs().max().item() for b in ref32) * 2.0 ** -8
+    ok = err <= factor * base + ulp
+    del got, lowp, ref32
+    ms_k = _bench_ms(fn)
+    ms_r = _bench_ms(ref_fn)
+    gbps = nbytes / (ms_k * 1e-3) / 1e9
+    return [dict(op=op, shape=shape, impl="triton", ms=ms_k, tflops_or_gbps=gbps, unit="GB/s",
+                 ratio=gbps / copy_gbps, ratio_kind="frac_of_copy_bw", max_err=err, ok=ok,
+                 note=f"speedup vs eager {ms_r / ms_k:.2f}x"),
+            dict(op=op, shape=shape, impl="torch_eager", ms=ms_r, tflops_or_gbps=nbytes / (ms_r * 1e-3) / 1e9,
+                 unit="GB/s", ratio=nbytes / (ms_r * 1e-3) / 1e9 / copy_gbps, ratio_kind="frac_of_copy_bw",
+                 max_err=base, ok=True, note="reference")]
+
+
 def bench_memory_ops(Ls: list[int], Cs: list[int], device: str, copy_gbps: float) -> list[dict]:
     from lightx2v_engine.kernels import gate_residual_modulate, modulate, qk_norm_rope, rms_norm
     from lightx2v_engine.ops import gate_residual_modulate_ref, modulate_ref, rms_norm_ref
@@ -125,28 +152,8 @@ def bench_memory_ops(Ls: list[int], Cs: list[int], device: str, copy_gbps: float
                     launch_qk_norm_rope(q, k, wq, wk, cos, sin, H, 1e-6, qo, ko, impl=variant)
                     return qo.unflatten(-1, (H, -1)), ko.unflatten(-1, (H, -1))
                 cases[f"qk_norm_rope_{variant}"] = (qk_variant, *cases["qk_norm_rope"][1:])
-            # kernel vs fp32 <= 2 x (eager run dtype vs fp32) + one bf16 ulp of the largest value: the eager
-            # reference rounds only its output, so a kernel whose FMAs flip one rounding sits at exactly 2x.
-            # The CPU interpreter truncates fp32 -> bf16 (the GPU rounds to nearest), hence 4 x there.
-            factor = 2.0 if device == "cuda" else 4.0
             for op, (fn, ref_fn, ref32_fn, nbytes) in cases.items():
-                tup = lambda t: t if isinstance(t, tuple) else (t,)  # noqa: E731
-                got, lowp, ref32 = tup(fn()), tup(ref_fn()), tup(ref32_fn())
-                err = max((a.float() - b.float()).abs().max().item() for a, b in zip(got, ref32))
-                base = max((a.float() - b.float()).abs().max().item() for a, b in zip(lowp, ref32))
-                ulp = max(b.float().abs().max().item() for b in ref32) * 2.0 ** -8
-                ok = err <= factor * base + ulp
-                del got, lowp, ref32
-                ms_k = _bench_ms(fn)
-                ms_r = _bench_ms(ref_fn)
-                gbps = nbytes / (ms_k * 1e-3) / 1e9
-                rows.append(dict(op=op, shape=shape, impl="triton", ms=ms_k, tflops_or_gbps=gbps, unit="GB/s",
-                                 ratio=gbps / copy_gbps, ratio_kind="frac_of_copy_bw", max_err=err, ok=ok,
-                                 note=f"speedup vs eager {ms_r / ms_k:.2f}x"))
-                rows.append(dict(op=op, shape=shape, impl="torch_eager", ms=ms_r,
-                                 tflops_or_gbps=nbytes / (ms_r * 1e-3) / 1e9, unit="GB/s",
-                                 ratio=nbytes / (ms_r * 1e-3) / 1e9 / copy_gbps, ratio_kind="frac_of_copy_bw",
-                                 max_err=base, ok=True, note="reference"))
+                rows += _memory_op_rows(op, shape, fn, ref_fn, ref32_fn, nbytes, device, copy_gbps)
             del x, y, q, k
     return rows
 
@@ -161,22 +168,10 @@ def bench_vae_norm(shapes: list[tuple[int, int, int, int]], device: str, copy_gb
         x = torch.randn(1, C, T, Hh, W, device=device, dtype=torch.bfloat16).to(
             memory_format=torch.channels_last_3d)
         gamma = (torch.rand(C, 1, 1, 1, device=device) + 0.5).to(torch.bfloat16)
-        ref32 = rms_norm_act_ref(x.float(), gamma.float(), True)
-        base = (rms_norm_act_ref(x, gamma, True).float() - ref32).abs().max().item()
-        err = (rms_norm_act(x, gamma, True).float() - ref32).abs().max().item()
-        ulp = ref32.abs().max().item() * 2.0 ** -8
-        ok = err <= (2.0 if device == "cuda" else 4.0) * base + ulp
-        del ref32
-        nbytes = 2 * x.numel() * 2
-        ms_k = _bench_ms(lambda: rms_norm_act(x, gamma, True))
-        ms_r = _bench_ms(lambda: rms_norm_act_ref(x, gamma, True))
-        shape = f"B1 C{C} T{T} H{Hh} W{W}"
-        for impl, ms, e, note in (("triton", ms_k, err, f"speedup vs eager {ms_r / ms_k:.2f}x"),
-                                  ("torch_eager", ms_r, base, "reference")):
-            gbps = nbytes / (ms * 1e-3) / 1e9
-            rows.append(dict(op="vae_rms_norm_silu", shape=shape, impl=impl, ms=ms, tflops_or_gbps=gbps,
-                             unit="GB/s", ratio=gbps / copy_gbps, ratio_kind="frac_of_copy_bw", max_err=e,
-                             ok=ok if impl == "triton" else True, note=note))
+        rows += _memory_op_rows("vae_rms_norm_silu", f"B1 C{C} T{T} H{Hh} W{W}",
+                                lambda: rms_norm_act(x, gamma, True), lambda: rms_norm_act_ref(x, gamma, True),
+                                lambda: rms_norm_act_ref(x.float(), gamma.float(), True), 2 * x.numel() * 2,
+                                device, copy_gbps)
         del x
     return rows
 

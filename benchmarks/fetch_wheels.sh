@@ -2,8 +2,8 @@
 # Downloads (here, where pip reaches an index) the wheels that the GPU machine lacks for gpu_check.sh into
 # .whl/ (git-ignored through .git/info/exclude): diffusers (the baseline) with the two packages it needs
 # that the GPU image does not have, at the versions the test extra installs here (setup.py pins diffusers),
-# so both machines run the same baseline. gpu_check.sh installs .whl/*.whl into /tmp/site first; pass carry [".whl"] to the device
-# call (6.4 MB; the device tool carries 64 MiB at most). imageio-ffmpeg (mp4 writing, 68 MB) is left out:
+# so both machines run the same baseline. gpu_check.sh installs .whl/*.whl into /tmp/site first; pass
+# carry [".whl"] to the device call (6.2 MB; the device tool carries 64 MiB at most). imageio-ffmpeg (mp4 writing, 68 MB) is left out:
 # no `gpu` test or benchmark writes a video.
 set -euo pipefail
 cd "$(dirname "$0")/.."

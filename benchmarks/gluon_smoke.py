@@ -5,7 +5,8 @@ that the log localises a bug: the config without ping-pong before the one with i
 (prologue and tail only), a ragged single block, two blocks (one loop turn), a ragged last block (the
 peeled masked step), ring wrap-around and several CTAs, two batches, then the 1.3B self-attention shape;
 the 8-bit kernel last; then a NaN in one query row (the kernels' wait for P V is predicated on the row
-sums and is warpgroup-aligned: the kernel must still finish, that row be NaN and every other row right). Each case is announced before it runs (a hang shows as the last "start" line).
+sums and is warpgroup-aligned: the kernel must still finish, that row be NaN and every other row right).
+Each case is announced before it runs (a hang shows as the last "start" line).
 Rule: error <= 2 x SDPA bf16's + 1e-3 (8-bit: rel. L2 < 6%). Exit 0 when all pass, 1 on any failure;
 gpu_check then sets LX2V_ATTN_GLUON_OFF=1 (also on a hang, cut by its timeout), so benchmarks and tests
 leave the kernels alone.
@@ -87,17 +88,19 @@ def main() -> int:
     keep = torch.ones(200, 2, dtype=torch.bool, device="cuda")
     keep[5, 0] = False
 
-    def nan_row(tol):
+    def nan_row(tol, relative=False):
+        """That row NaN, the others finite and within tol: max abs error (bf16) or rel. L2 (8-bit)."""
         def check(out):
-            o = out.float()[0]
-            err = (o[keep] - ref32[0][keep]).abs().max().item()
-            good = bool(torch.isnan(o[5, 0]).all()) and bool(torch.isfinite(o[keep]).all()) and err <= tol
-            return good, f"NaN row {'NaN' if torch.isnan(o[5, 0]).all() else 'not NaN'}, other rows err {err:.3e}"
+            o, r = out.float()[0][keep], ref32[0][keep]
+            err = ((o - r).norm() / r.norm()).item() if relative else (o - r).abs().max().item()
+            nan = bool(torch.isnan(out.float()[0, 5, 0]).all())
+            good = nan and bool(torch.isfinite(o).all()) and err <= tol
+            return good, f"NaN row {'NaN' if nan else 'not NaN'}, other rows err {err:.3e}"
         return check
 
     for name in configs:
         ok &= _case(f"{name} NaN query row", lambda: G.attention_gluon(q, k, v, name), nan_row(2 * base + 1e-3))
-    ok &= _case("8-bit NaN query row", lambda: G.attention_8bit_gluon(q, k, v), nan_row(0.5))
+    ok &= _case("8-bit NaN query row", lambda: G.attention_8bit_gluon(q, k, v), nan_row(0.06, relative=True))
     print(f"gluon smoke: {'all ok' if ok else 'FAILED'}")
     return 0 if ok else 1
 

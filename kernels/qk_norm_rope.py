@@ -188,20 +188,12 @@ def _rms_rope_packed_kernel(X, W2, COS, SIN, O, R, L, C2, stride_b, stride_l, st
         tl.store(o_row + i * CHUNK2 + p[None, :], out, mask=rmask[:, None])
 
 
-def _packed_chunk(C2: int, head_d: int) -> int | None:
-    """The largest power-of-two chunk <= 256 pairs that divides C2 and holds whole heads (None: none)."""
-    for chunk in (256, 128, 64, 32, 16, 8, 4, 2, 1):
-        if C2 % chunk == 0 and chunk % (head_d // 2) == 0:
-            return chunk
-    return None
-
-
 def _launch_packed(q, k, wq, wk, cos, sin, num_heads, eps, qo, ko) -> bool:
     """The "packed" variant; False where int32 views are impossible (odd strides or offsets, 32-bit
     inputs) or no chunk fits, so that the caller runs another variant."""
     B, L, C = q.shape
     head_d = C // num_heads
-    chunk = _packed_chunk(C // 2, head_d)
+    chunk = _chunk_size(C // 2, head_d // 2, largest=256)  # in pairs
     if chunk is None or q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype:
         return False
     try:
@@ -218,11 +210,14 @@ def _launch_packed(q, k, wq, wk, cos, sin, num_heads, eps, qo, ko) -> bool:
     return True
 
 
-def _chunk_size(C: int, head_d: int) -> int | None:
-    """The largest power-of-two chunk <= 512 columns that divides C and holds whole heads (None: none)."""
-    for chunk in (512, 256, 128, 64, 32, 16, 8, 4, 2):
+def _chunk_size(C: int, head_d: int, largest: int = 512) -> int | None:
+    """The largest power-of-two chunk <= `largest` columns that divides C and holds whole heads (None:
+    none)."""
+    chunk = largest
+    while chunk >= 1:
         if C % chunk == 0 and chunk % head_d == 0:
             return chunk
+        chunk //= 2
     return None
 
 

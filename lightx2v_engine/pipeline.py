@@ -285,7 +285,7 @@ class Pipeline:
                 log.error("CUDA graph capture failed (%s: %s); running eagerly", type(e).__name__, e,
                           exc_info=log.isEnabledFor(logging.DEBUG))
                 self.use_cuda_graph = False
-                graphs = None
+                graphs = None  # drop the half-captured graphs and their pool, so that empty_cache frees them
                 try:  # give the failed capture's memory back before the eager run
                     torch.cuda.synchronize()
                     torch.cuda.empty_cache()

@@ -239,7 +239,7 @@ for C in (1536, 5120):
     chunk = R._chunk_size(C, 128)
     out[f"qk_norm_rope_chunk/C={C}"] = build(R._rms_rope_chunk_kernel, tt, dict(HEAD_D=128, BLOCK_R=4, CHUNK=chunk,
                                              N_CHUNKS=C // chunk), max(1, min(8, 4 * chunk // 256)), 3)
-    chunk2 = R._packed_chunk(C // 2, 128)
+    chunk2 = R._chunk_size(C // 2, 64, largest=256)
     out[f"qk_norm_rope_packed/C={C}"] = build(R._rms_rope_packed_kernel, dict(X="*i32", W2="*fp32", COS="*fp32",
                                               SIN="*fp32", O="*i32", eps="fp32"),
                                               dict(HEAD_D=128, BLOCK_R=4, CHUNK2=chunk2, N_CHUNKS=C // 2 // chunk2,

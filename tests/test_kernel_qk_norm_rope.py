@@ -127,6 +127,8 @@ def test_chunk_sizes():
     assert mod._chunk_size(1536, 128) == 512 and mod._chunk_size(5120, 128) == 512
     assert mod._chunk_size(384, 128) == 128 and mod._chunk_size(96, 32) == 32
     assert mod._chunk_size(6, 6) is None  # "chunk" falls back to "tile" there
+    # "packed" counts pairs: 1.3B and 14B rows in 256-pair chunks of whole 64-pair heads
+    assert mod._chunk_size(768, 64, largest=256) == 256 and mod._chunk_size(2560, 64, largest=256) == 256
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -170,7 +172,7 @@ Q = importlib.import_module("lightx2v_engine.kernels.qk_norm_rope")
 types = dict(X="*i32", W2="*fp32", COS="*fp32", SIN="*fp32", O="*i32", eps="fp32")
 for C in (1536, 5120):
     for bf in (True, False):
-        chunk = Q._packed_chunk(C // 2, 128)
+        chunk = Q._chunk_size(C // 2, 64, largest=256)
         consts = dict(HEAD_D=128, BLOCK_R=4, CHUNK2=chunk, N_CHUNKS=C // 2 // chunk, IS_BF16=bf)
         r = S.compile_sm90(Q._rms_rope_packed_kernel, types, consts, max(1, min(8, 4 * chunk // 128)), 1,
                            div16=("C2",))
