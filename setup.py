@@ -64,6 +64,8 @@ setup(
     packages=["lightx2v_engine", "lightx2v_engine.kernels"],
     package_dir={"lightx2v_engine": "lightx2v_engine", "lightx2v_engine.kernels": "kernels"},
     include_package_data=True,
+    # per-GPU tuned kernel choices (kernels/_util.py), written by benchmarks/summarize.py --write-tuned
+    package_data={"lightx2v_engine.kernels": ["tuned/*.json"]},
     install_requires=[
         "torch>=2.4",
         "triton==3.6.0; platform_system=='Linux' and platform_machine=='x86_64'",

@@ -108,7 +108,7 @@ def _memory_op_rows(op: str, shape: str, fn, ref_fn, ref32_fn, nbytes: int, devi
 
 
 def bench_memory_ops(Ls: list[int], Cs: list[int], device: str, copy_gbps: float) -> list[dict]:
-    from lightx2v_engine.kernels import gate_residual_modulate, modulate, qk_norm_rope, rms_norm
+    from lightx2v_engine.kernels import gate_residual_modulate, modulate, rms_norm
     from lightx2v_engine.ops import gate_residual_modulate_ref, modulate_ref, rms_norm_ref
     from lightx2v_engine.kernels.qk_norm_rope import launch_qk_norm_rope, qk_norm_rope_ref
 
@@ -138,20 +138,22 @@ def bench_memory_ops(Ls: list[int], Cs: list[int], device: str, copy_gbps: float
             wq, wk = torch.rand(C, device=device) + 0.5, torch.rand(C, device=device) + 0.5
             ang = torch.rand(Lx, HEAD_D // 2, device=device) * 6.3
             cos, sin = ang.cos(), ang.sin()
-            cases["qk_norm_rope"] = (lambda: qk_norm_rope(q, k, wq, wk, cos, sin, H, 1e-6),
-                                     lambda: qk_norm_rope_ref(q, k, wq, wk, cos, sin, H, 1e-6),
-                                     lambda: qk_norm_rope_ref(q.float(), k.float(), wq, wk, cos, sin, H, 1e-6),
-                                     4 * Lx * C * 2 + 2 * Lx * HEAD_D // 2 * 4)
-            # cross-attention's q/k RMSNorm (no RoPE) over the full width
-            cases["rms_norm"] = (lambda: rms_norm(q, wq, 1e-6), lambda: rms_norm_ref(q, wq, 1e-6),
-                                 lambda: rms_norm_ref(q.float(), wq, 1e-6), 2 * Lx * C * 2)
             qo, ko = torch.empty_like(q), torch.empty_like(k)
-
-            for variant in ("tile", "chunk", "packed"):
+            # every variant named explicitly (the op's default may come from a tuned file); "row" is
+            # "qk_norm_rope" in the CSV history
+            for variant in ("row", "tile", "chunk", "packed"):
                 def qk_variant(q=q, k=k, wq=wq, wk=wk, cos=cos, sin=sin, qo=qo, ko=ko, H=H, variant=variant):
                     launch_qk_norm_rope(q, k, wq, wk, cos, sin, H, 1e-6, qo, ko, impl=variant)
                     return qo.unflatten(-1, (H, -1)), ko.unflatten(-1, (H, -1))
-                cases[f"qk_norm_rope_{variant}"] = (qk_variant, *cases["qk_norm_rope"][1:])
+                cases["qk_norm_rope" + ("" if variant == "row" else f"_{variant}")] = (
+                    qk_variant,
+                    lambda q=q, k=k, wq=wq, wk=wk, cos=cos, sin=sin, H=H: qk_norm_rope_ref(q, k, wq, wk, cos, sin, H, 1e-6),
+                    lambda q=q, k=k, wq=wq, wk=wk, cos=cos, sin=sin, H=H: qk_norm_rope_ref(q.float(), k.float(), wq, wk,
+                                                                                          cos, sin, H, 1e-6),
+                    4 * Lx * C * 2 + 2 * Lx * HEAD_D // 2 * 4)
+            # cross-attention's q/k RMSNorm (no RoPE) over the full width
+            cases["rms_norm"] = (lambda: rms_norm(q, wq, 1e-6), lambda: rms_norm_ref(q, wq, 1e-6),
+                                 lambda: rms_norm_ref(q.float(), wq, 1e-6), 2 * Lx * C * 2)
             for op, (fn, ref_fn, ref32_fn, nbytes) in cases.items():
                 rows += _memory_op_rows(op, shape, fn, ref_fn, ref32_fn, nbytes, device, copy_gbps)
             del x, y, q, k

@@ -84,13 +84,11 @@ if has kernels; then
   capped bench_kernels 300 bench_kernels.log 40 $PY benchmarks/bench_kernels.py --quick --out "$OUT"
 fi
 
-# The fastest correct attention and q/k norm+RoPE variants measured above are what the end-to-end run uses.
-if [ -f "$OUT/kernels_summary.json" ] && [ -z "${LX2V_ATTN:-}" ]; then
-  eval "$($PY benchmarks/summarize.py --pick-attention "$OUT/kernels_summary.json")"
-  echo "kernels for e2e: LX2V_ATTN=${LX2V_ATTN:-default} LX2V_ATTN_CONFIG=${LX2V_ATTN_CONFIG:-default}" \
-    "LX2V_ATTN_GLUON_CONFIG=${LX2V_ATTN_GLUON_CONFIG:-default}" \
-    "LX2V_QK_ROPE=${LX2V_QK_ROPE:-default} LX2V_ATTN8_CONFIG=${LX2V_ATTN8_CONFIG:-default}" \
-    "LX2V_CROSS_ATTN=${LX2V_CROSS_ATTN:-same}"
+# The fastest correct kernels measured above become this GPU's tuned defaults ($OUT/tuned/<device>.json, the
+# format of kernels/tuned/): the end-to-end run uses them (variables set by hand still win), and copying the
+# file into kernels/tuned/ makes them the card's defaults.
+if [ -f "$OUT/kernels_summary.json" ] && $PY benchmarks/summarize.py --write-tuned "$OUT/kernels_summary.json" "$OUT/tuned"; then
+  export LX2V_TUNED="$OUT/tuned"
 fi
 
 if has e2e; then

@@ -2,9 +2,12 @@
 required figure that is absent with its reason, and prints a short table (the last thing gpu_check.sh prints).
 
     python benchmarks/summarize.py OUT_DIR
+    python benchmarks/summarize.py --write-tuned OUT_DIR/kernels_summary.json FOLDER
+        (the measured winners as the GPU's tuned-defaults file, FOLDER/<device name>.json)
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -83,44 +86,88 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def pick_attention(kernels_summary: Path) -> str:
-    """Shell exports selecting the fastest correct attention of a bench_kernels run: self-attention's
-    backend (a Triton config, the Gluon kernel with its config, or an SDPA backend), cross-attention's
-    backend named explicitly (it would otherwise follow self-attention's), the 8-bit config and the
-    fastest q/k norm+RoPE variant."""
-    s = json.loads(kernels_summary.read_text())
+def pick_choices(s: dict) -> dict[str, str]:
+    """The kernel choices a bench_kernels summary `s` measured as fastest and correct, as the environment
+    variables / tuned-file keys of kernels/_util.py: self-attention's backend (a Triton config, the Gluon
+    kernel with its config, or an SDPA backend), cross-attention's backend where it differs (it would
+    otherwise follow self-attention's), the 8-bit config and the fastest q/k norm+RoPE variant."""
     best, cfg = s.get("attn_best_impl") or "", s.get("attn_best_triton_config")
-    exports = []
+    choices: dict[str, str] = {}
     self_impl = "triton"
     if best.startswith("sdpa_"):
-        self_impl = best
-        exports.append(f"LX2V_ATTN={best}")
+        self_impl = choices["LX2V_ATTN"] = best
     elif best.startswith("gluon:"):
-        self_impl = "gluon"
-        exports.append(f"LX2V_ATTN=gluon LX2V_ATTN_GLUON_CONFIG={best.split(':', 1)[1]}")
+        self_impl = choices["LX2V_ATTN"] = "gluon"
+        choices["LX2V_ATTN_GLUON_CONFIG"] = best.split(":", 1)[1]
     elif best and cfg:
-        exports.append("LX2V_ATTN=triton")
+        choices["LX2V_ATTN"] = "triton"
     if cfg and best:  # the Triton config also serves the Gluon backend's fallback shapes
-        exports.append(f"LX2V_ATTN_CONFIG={cfg}")
+        choices["LX2V_ATTN_CONFIG"] = cfg
     cross = s.get("attn_cross_best_impl") or ""
     cross_impl = cross.split(":", 1)[0]
     if cross_impl == "gluon" and self_impl != "gluon":
-        exports.append(f"LX2V_ATTN_GLUON_CONFIG={cross.split(':', 1)[1]}")
-    if cross_impl and cross_impl != self_impl:  # cross-attention would otherwise follow self-attention's
-        exports.append(f"LX2V_CROSS_ATTN={cross_impl}")
+        choices["LX2V_ATTN_GLUON_CONFIG"] = cross.split(":", 1)[1]
+    if cross_impl and cross_impl != self_impl:
+        choices["LX2V_CROSS_ATTN"] = cross_impl
     if s.get("attn_8bit_best_config"):
-        exports.append(f"LX2V_ATTN8_CONFIG={s['attn_8bit_best_config']}")
+        choices["LX2V_ATTN8_CONFIG"] = s["attn_8bit_best_config"]
     fracs = {v: s.get(f"qk_norm_rope_{v}_bw_frac") for v in ("row", "tile", "chunk", "packed")}
     fracs = {v: f for v, f in fracs.items() if f is not None}
     if len(fracs) > 1:
-        exports.append(f"LX2V_QK_ROPE={max(fracs, key=fracs.get)}")
-    return f"export {' '.join(exports)}" if exports else ""
+        choices["LX2V_QK_ROPE"] = max(fracs, key=fracs.get)
+    return choices
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _evidence(s: dict, choices: dict[str, str]) -> dict[str, str]:
+    """One line of figures per choice, from the same summary."""
+    def figs(*keys):
+        return ", ".join(f"{k} {_fmt(s[k])}" for k in keys if s.get(k) is not None)
+    attn = (f"fastest correct at {s.get('attn_main_shape')}: {s.get('attn_best_impl')}; "
+            + figs("attn_triton_tflops", "attn_gluon_best_config", "attn_gluon_tflops", "attn_cudnn_tflops",
+                   "attn_bf16_ratio_vs_cudnn"))
+    lines = {"LX2V_ATTN": attn, "LX2V_ATTN_CONFIG": attn, "LX2V_ATTN_GLUON_CONFIG": attn,
+             "LX2V_CROSS_ATTN": f"fastest correct at 512 keys: {s.get('attn_cross_best_impl')}",
+             "LX2V_ATTN8_CONFIG": figs("attn_8bit_tops", "attn_8bit_relerr", "attn_8bit_ratio_vs_cudnn"),
+             "LX2V_QK_ROPE": "fraction of copy bandwidth (worst shape): " + figs(
+                 *(f"qk_norm_rope_{v}_bw_frac" for v in ("row", "tile", "chunk", "packed")))}
+    return {k: lines[k] for k in choices}
+
+
+def _kernels_util():
+    """kernels/_util.py of this checkout, loaded by path (no triton, no install needed)."""
+    spec = importlib.util.spec_from_file_location("_lx2v_kernels_util", Path(__file__).parents[1] / "kernels" / "_util.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def write_tuned(kernels_summary: Path, folder: Path) -> Path:
+    """Writes the tuned-defaults file of the GPU of a bench_kernels run, <folder>/<device name>.json (the
+    format kernels/_util.py reads; copy it into kernels/tuned/ to make it the card's default)."""
+    s = json.loads(kernels_summary.read_text())
+    gpu = s.get("gpu") or ""
+    if not gpu or gpu.startswith("cpu"):
+        raise ValueError(f"{kernels_summary}: no GPU run (gpu = {gpu!r}); tuned defaults are per GPU")
+    choices = pick_choices(s)
+    data = {"device": gpu, "choices": choices,
+            "measured": {k: s.get(k) for k in ("date", "commit", "torch", "triton")}
+            | {"command": "bash benchmarks/gpu_check.sh (bench_kernels.py --quick)"},
+            "evidence": _evidence(s, choices)}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / _kernels_util().tuned_file_name(gpu)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "--pick-attention":
-        print(pick_attention(Path(argv[1])))
+    if argv and argv[0] == "--write-tuned":
+        path = write_tuned(Path(argv[1]), Path(argv[2]))
+        print(f"tuned defaults for this GPU: {path}: {json.loads(path.read_text())['choices']}")
         return 0
     out = Path(argv[0] if argv else "benchmarks/out")
     summary = merge(out)

@@ -1,8 +1,29 @@
-"""Helpers shared by the kernel modules: validated choices (environment variables and setters) and whether
-Triton runs in its CPU interpreter."""
+"""Helpers shared by the kernel modules: validated choices (setters, environment variables, and the
+per-GPU tuned defaults of ``kernels/tuned/``) and whether Triton runs in its CPU interpreter.
+
+A choice (attention backend, launch config, q/k norm+RoPE variant, ...) resolves, at every call, as
+  the setter's or the environment variable's value (read once at import)
+  > the ``choices`` of the tuned file of the tensor's GPU, ``kernels/tuned/<device name>.json``
+  > the module's built-in default.
+A tuned file holds the winners of one ``benchmarks/gpu_check.sh`` run on that card (written by
+``benchmarks/summarize.py --write-tuned``). ``LX2V_TUNED=0`` ignores tuned files; ``LX2V_TUNED=<folder>``
+reads them from that folder instead of the package's.
+"""
 from __future__ import annotations
 
+import functools
+import json
 import os
+import re
+from pathlib import Path
+
+import torch
+
+TUNED_DIR = Path(__file__).with_name("tuned")
+# what a tuned file may choose (each value is checked against its module's choices where it is read)
+TUNED_KEYS = ("LX2V_ATTN", "LX2V_ATTN_CONFIG", "LX2V_ATTN_GLUON_CONFIG", "LX2V_CROSS_ATTN",
+              "LX2V_ATTN8_CONFIG", "LX2V_QK_ROPE")
+_TUNED_FIELDS = ("device", "choices", "measured", "evidence")
 
 
 def check_choice(what: str, value, choices):
@@ -21,3 +42,116 @@ def env_choice(var: str, choices, default: str | None, where: str) -> str | None
 def interpreting() -> bool:
     """TRITON_INTERPRET=1: kernels run on the CPU through Triton's interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def tuned_file_name(device_name: str) -> str:
+    """"NVIDIA H100 80GB HBM3" -> "NVIDIA_H100_80GB_HBM3.json" (runs of other characters become one "_")."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ".json"
+
+
+def tuned_dir() -> Path | None:
+    """The folder of tuned files: LX2V_TUNED's folder, None for LX2V_TUNED=0, else kernels/tuned/."""
+    value = os.environ.get("LX2V_TUNED", "")
+    if value == "0":
+        return None
+    if value and value != "1":
+        return Path(value)
+    return TUNED_DIR
+
+
+@functools.lru_cache(maxsize=None)
+def read_tuned(path: str, device_name: str | None = None) -> dict[str, str]:
+    """The checked "choices" of the tuned file `path`: a JSON object with only the fields "device",
+    "choices", "measured", "evidence", whose "device" is `device_name` (when given) and whose "choices"
+    maps names of TUNED_KEYS to strings. A ValueError names the file and what is wrong."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"tuned defaults {path}: not a readable JSON file ({e}); fix or delete it, or set "
+                         f"LX2V_TUNED=0") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"tuned defaults {path}: expected a JSON object, got {type(data).__name__}")
+    unknown = [k for k in data if k not in _TUNED_FIELDS]
+    if unknown:
+        raise ValueError(f"tuned defaults {path}: unknown field(s) {unknown}; expected {list(_TUNED_FIELDS)}")
+    if device_name is not None and data.get("device") != device_name:
+        raise ValueError(f"tuned defaults {path}: written for device {data.get('device')!r}, read for "
+                         f"{device_name!r} (a file copied under the wrong name?)")
+    choices = data.get("choices", {})
+    if not isinstance(choices, dict):
+        raise ValueError(f"tuned defaults {path}: \"choices\" must be an object, got {type(choices).__name__}")
+    for key, value in choices.items():
+        if key not in TUNED_KEYS:
+            raise ValueError(f"tuned defaults {path}: unknown choice {key!r}; known: {list(TUNED_KEYS)}")
+        if not isinstance(value, str):
+            raise ValueError(f"tuned defaults {path}: choice {key} must be a string, got {value!r}")
+    return dict(choices)
+
+
+_DEVICE_NAMES: dict[int, str] = {}
+
+
+def device_name(device: torch.device) -> str:
+    """torch.cuda.get_device_name of a CUDA device (cached per index)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _DEVICE_NAMES:
+        _DEVICE_NAMES[index] = torch.cuda.get_device_name(index)
+    return _DEVICE_NAMES[index]
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_for(folder: str, name: str) -> tuple[Path | None, dict[str, str]]:
+    """(file, its checked choices) of the GPU `name` in `folder`, (None, {}) without a file; cached, so a
+    kernel call costs no file-system access (clear_tuned_cache() after writing a file in-process)."""
+    path = Path(folder) / tuned_file_name(name)
+    return (path, read_tuned(str(path), name)) if path.is_file() else (None, {})
+
+
+def clear_tuned_cache() -> None:
+    _tuned_for.cache_clear()
+    read_tuned.cache_clear()
+
+
+def _tuned(device: torch.device | None) -> tuple[Path | None, dict[str, str]]:
+    folder = tuned_dir()
+    if device is None or device.type != "cuda" or folder is None:
+        return None, {}
+    return _tuned_for(str(folder), device_name(device))
+
+
+def tuned_path(device: torch.device | None) -> Path | None:
+    """The tuned file that applies to `device` (a CUDA device with a file in tuned_dir()), else None."""
+    return _tuned(device)[0]
+
+
+def tuned_choice(var: str, device: torch.device | None, choices, where: str) -> str | None:
+    """The value the tuned file of `device` gives `var` (checked against `choices`), None without one."""
+    path, tuned = _tuned(device)
+    value = tuned.get(var)
+    return value if value is None else check_choice(f"{where}: {var} of tuned defaults {path}", value, choices)
+
+
+def choose(override: str | None, var: str, device: torch.device | None, choices, default: str | None,
+           where: str) -> str | None:
+    """override (a setter's or the environment's value) > the tuned file of `device` > default."""
+    if override is not None:
+        return override
+    value = tuned_choice(var, device, choices, where)
+    return default if value is None else value
+
+
+def tuned_status(device: torch.device | None) -> str:
+    """Where the defaults on `device` come from, in a few words (for ops.describe)."""
+    if device is None or device.type != "cuda":
+        return "built-in defaults"
+    if tuned_dir() is None:
+        return "built-in defaults (LX2V_TUNED=0)"
+    path = tuned_path(device)
+    if path is None:
+        return f"built-in defaults (no tuned file for {device_name(device)})"
+    return f"tuned defaults {path.name}" + ("" if path.parent == TUNED_DIR else f" in {path.parent}")
+
+
+def current_device() -> torch.device | None:
+    """The current CUDA device, or None without CUDA (for choices asked without a tensor)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None

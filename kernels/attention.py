@@ -7,12 +7,14 @@ so the steady-state loop is mask-free; the warp-specialised configs (sm90: a TMA
 consumer warpgroups, Triton's automatic partitioning) instead mask inside their single loop, because the
 partitioner accepts no other dot before or after it.
 
-Implementation policy (module level): env var ``LX2V_ATTN`` in ``ATTN_IMPLS`` picks the backend of
+Implementation policy: env var ``LX2V_ATTN`` in ``ATTN_IMPLS`` picks the backend of
 ``attention``/``self_attention`` ("triton" default; "gluon", the FA3-style kernel of
 ``kernels/attention_gluon.py`` on sm90 with head_dim 128, this Triton kernel elsewhere; or PyTorch SDPA
-with cuDNN / FA2 kernels); ``LX2V_ATTN_CONFIG`` picks one of ``ATTN_CONFIGS`` for the Triton kernel and
-``LX2V_ATTN_GLUON_CONFIG`` one of ``GLUON_CONFIGS``. ``set_attention_impl`` changes them at run time (the
-ops are opaque to torch.compile, so the choice is read at every call).
+with cuDNN / FA2 kernels); ``LX2V_ATTN_CONFIG`` picks one of ``ATTN_CONFIGS`` for the Triton kernel,
+``LX2V_ATTN_GLUON_CONFIG`` one of ``GLUON_CONFIGS`` and ``LX2V_CROSS_ATTN`` the generic op's backend.
+``set_attention_impl`` changes them at run time. What is not chosen explicitly comes from the tuned file of
+the tensor's GPU (``kernels/tuned/``, see ``kernels/_util.py``), else from the built-in defaults; the ops
+are opaque to torch.compile, so the choice is made at every call.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import triton.language as tl
 
 from lightx2v_engine.ops import attention_ref
 
-from ._util import check_choice, env_choice, interpreting
+from ._util import check_choice, choose, current_device, env_choice, interpreting, tuned_choice
 from . import attention_gluon as _gluon
 from .attention_8bit import attention_8bit_triton, fp8_supported
 from .qk_norm_rope import launch_qk_norm_rope, qk_norm_rope_ref, _check as _check_qk
@@ -72,21 +74,25 @@ DEFAULT_ATTN_CONFIG = "ws_128x128_w4_s2"
 ATTN_IMPLS = ("triton", "gluon", "sdpa_cudnn", "sdpa_flash")
 
 
-def _env_impl() -> str:
-    return env_choice("LX2V_ATTN", ATTN_IMPLS, "triton", "kernels/attention.py")
+_WHERE = "kernels/attention.py"
 
 
-def _env_config() -> str:
-    return env_choice("LX2V_ATTN_CONFIG", ATTN_CONFIGS, DEFAULT_ATTN_CONFIG, "kernels/attention.py")
+# Explicit choices (environment variables, read once; set_attention_impl): None leaves the choice to the
+# tuned file of the tensor's GPU (kernels/tuned/, see kernels/_util.py), else to the built-in default.
+def _env_impl() -> str | None:
+    return env_choice("LX2V_ATTN", ATTN_IMPLS, None, _WHERE)
 
 
-def _env_gluon_config() -> str:
-    return env_choice("LX2V_ATTN_GLUON_CONFIG", _gluon.GLUON_CONFIGS, _gluon.DEFAULT_GLUON_CONFIG,
-                      "kernels/attention.py")
+def _env_config() -> str | None:
+    return env_choice("LX2V_ATTN_CONFIG", ATTN_CONFIGS, None, _WHERE)
+
+
+def _env_gluon_config() -> str | None:
+    return env_choice("LX2V_ATTN_GLUON_CONFIG", _gluon.GLUON_CONFIGS, None, _WHERE)
 
 
 def _env_cross_impl() -> str | None:
-    return env_choice("LX2V_CROSS_ATTN", ATTN_IMPLS, None, "kernels/attention.py")
+    return env_choice("LX2V_CROSS_ATTN", ("same",) + ATTN_IMPLS, None, _WHERE)
 
 
 _IMPL = _env_impl()
@@ -94,7 +100,7 @@ _CONFIG = _env_config()
 _GLUON_CONFIG = _env_gluon_config()
 # backend of the generic `attention` op (the DiT's cross-attention, 257-769 keys) when it differs from
 # self-attention's: cuDNN measured 0.194 ms against our 0.307 ms at Lk = 512 on an H100 (before the mask-free
-# loop); None: the same as _IMPL
+# loop); None: the tuned file's choice when self-attention's backend is not explicit, else the same as it
 _CROSS_IMPL = _env_cross_impl()
 
 
@@ -102,23 +108,50 @@ def set_attention_impl(impl: str | None = None, config: str | None = None, cross
                        gluon_config: str | None = None) -> None:
     """Sets the attention backend (one of ATTN_IMPLS), the Triton config name (a key of ATTN_CONFIGS), the
     Gluon config name (a key of attention_gluon.GLUON_CONFIGS) and/or the backend of the generic
-    `attention` op (cross-attention; "same" follows `impl`)."""
+    `attention` op (cross-attention; "same" follows self-attention's backend). "default" drops an explicit
+    choice: the GPU's tuned file (kernels/tuned/), else the built-in default, decides again."""
     global _IMPL, _CONFIG, _CROSS_IMPL, _GLUON_CONFIG
     if impl is not None:
-        _IMPL = check_choice("attention impl", impl, ATTN_IMPLS)
+        _IMPL = None if impl == "default" else check_choice("attention impl", impl, ATTN_IMPLS)
     if config is not None:
-        _CONFIG = check_choice("attention config", config, ATTN_CONFIGS)
+        _CONFIG = None if config == "default" else check_choice("attention config", config, ATTN_CONFIGS)
     if gluon_config is not None:
-        _GLUON_CONFIG = check_choice("Gluon attention config", gluon_config, _gluon.GLUON_CONFIGS)
+        _GLUON_CONFIG = (None if gluon_config == "default"
+                         else check_choice("Gluon attention config", gluon_config, _gluon.GLUON_CONFIGS))
     if cross_impl is not None:
-        cross_impl = check_choice("cross-attention impl", cross_impl, ("same",) + ATTN_IMPLS)
-        _CROSS_IMPL = None if cross_impl == "same" else cross_impl
+        cross_impl = check_choice("cross-attention impl", cross_impl, ("same", "default") + ATTN_IMPLS)
+        _CROSS_IMPL = None if cross_impl == "default" else cross_impl
 
 
-def attention_impl() -> tuple[str, str]:
-    """The current (backend, config name): the Triton config, or the Gluon config when the backend is
-    "gluon"."""
-    return _IMPL, (_GLUON_CONFIG if _IMPL == "gluon" else _CONFIG)
+def _impl(device: torch.device | None) -> str:
+    return choose(_IMPL, "LX2V_ATTN", device, ATTN_IMPLS, "triton", _WHERE)
+
+
+def _config(device: torch.device | None) -> str:
+    return choose(_CONFIG, "LX2V_ATTN_CONFIG", device, ATTN_CONFIGS, DEFAULT_ATTN_CONFIG, _WHERE)
+
+
+def _gluon_config(device: torch.device | None) -> str:
+    return choose(_GLUON_CONFIG, "LX2V_ATTN_GLUON_CONFIG", device, _gluon.GLUON_CONFIGS,
+                  _gluon.DEFAULT_GLUON_CONFIG, _WHERE)
+
+
+def _cross_impl(device: torch.device | None) -> str:
+    """An explicit cross-attention backend ("same": self-attention's); else, while self-attention's backend
+    is not explicit either, the tuned file's; else self-attention's backend (an explicit LX2V_ATTN moves
+    both)."""
+    if _CROSS_IMPL is not None:
+        return _impl(device) if _CROSS_IMPL == "same" else _CROSS_IMPL
+    tuned = None if _IMPL is not None else tuned_choice("LX2V_CROSS_ATTN", device, ATTN_IMPLS, _WHERE)
+    return tuned or _impl(device)
+
+
+def attention_impl(device: torch.device | None = None) -> tuple[str, str]:
+    """The (backend, config name) self-attention uses on `device` (default: the current CUDA device, if
+    any): the Triton config, or the Gluon config when the backend is "gluon"."""
+    device = device if device is not None else current_device()
+    impl = _impl(device)
+    return impl, (_gluon_config(device) if impl == "gluon" else _config(device))
 
 
 def gluon_status(device: torch.device | None = None) -> str:
@@ -134,9 +167,9 @@ def gluon_status(device: torch.device | None = None) -> str:
     return "available"
 
 
-def cross_attention_impl() -> str:
-    """The backend of the generic `attention` op (cross-attention)."""
-    return _CROSS_IMPL or _IMPL
+def cross_attention_impl(device: torch.device | None = None) -> str:
+    """The backend of the generic `attention` op (cross-attention) on `device` (default: as attention_impl)."""
+    return _cross_impl(device if device is not None else current_device())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -333,7 +366,7 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: 
     k_mean_padded: k is [B, Lk_pad, H, D] with Lk_pad = v's Lk rounded up to the config's block_n and rows
     >= Lk filled by pad_keys_with_mean (then the warp-specialised loop runs without a mask; needs
     mean_pad_ok)."""
-    cfg = ATTN_CONFIGS[config or _CONFIG] if not isinstance(config, AttnConfig) else config
+    cfg = ATTN_CONFIGS[config or _config(q.device)] if not isinstance(config, AttnConfig) else config
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     B, Lq, H, D = q.shape
     Lk = v.shape[1]
@@ -382,7 +415,7 @@ def _attention_gluon_or_triton(q, k, v) -> torch.Tensor:
     one warning; the Triton kernel then computes this call and the following ones."""
     if _gluon.failure() is None and _gluon.gluon_ok(q, k, v) and _gluon.available(q.device):
         try:
-            return _gluon.attention_gluon(q, k, v, _GLUON_CONFIG)
+            return _gluon.attention_gluon(q, k, v, _gluon_config(q.device))
         except Exception as e:  # noqa: BLE001 - any failure: warn once and use the proven kernel
             _gluon.record_failure(e, "kernels/attention.py")
     return attention_triton(q, k, v)
@@ -398,7 +431,7 @@ def _attention_any(q, k, v, impl: str) -> torch.Tensor:
 
 @torch.library.custom_op("lightx2v::attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return _attention_any(q, k, v, _CROSS_IMPL or _IMPL)
+    return _attention_any(q, k, v, _cross_impl(q.device))
 
 
 @_attention_op.register_fake
@@ -434,8 +467,8 @@ def _self_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: to
     H, D = num_heads, C // num_heads
     qh = torch.empty((B, L, H, D), dtype=q.dtype, device=q.device)
     vh = v.unflatten(-1, (H, -1))
-    cfg = ATTN_CONFIGS[_CONFIG]
-    if not attn_8bit and _IMPL == "triton" and cfg.mean_pad and L and mean_pad_ok(cfg, L, q.device):
+    impl, cfg = _impl(q.device), ATTN_CONFIGS[_config(q.device)]
+    if not attn_8bit and impl == "triton" and cfg.mean_pad and L and mean_pad_ok(cfg, L, q.device):
         # keys padded to a whole block with their mean: the warp-specialised loop runs without a mask
         kp = torch.empty((B, triton.cdiv(L, cfg.block_n) * cfg.block_n, H, D), dtype=k.dtype, device=k.device)
         for b in range(B):  # the norm kernels write contiguous [L, C] outputs
@@ -447,7 +480,7 @@ def _self_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: to
         launch_qk_norm_rope(q, k, wq, wk, cos, sin, num_heads, eps, qh, kh)
     if attn_8bit:
         return attention_8bit_triton(qh, kh, vh).flatten(-2)
-    return _attention_any(qh, kh, vh, _IMPL).flatten(-2)
+    return _attention_any(qh, kh, vh, impl).flatten(-2)
 
 
 @_self_attention_op.register_fake

@@ -12,9 +12,9 @@ import triton.language as tl
 
 from lightx2v_engine.ops import Rope, qk_norm_rope_ref as _qk_norm_rope_ref_rope
 
-from ._util import check_choice, env_choice
+from ._util import check_choice, choose, current_device, env_choice
 
-__all__ = ["qk_norm_rope", "qk_norm_rope_ref", "set_qk_rope_impl", "QK_ROPE_IMPLS"]
+__all__ = ["qk_norm_rope", "qk_norm_rope_ref", "set_qk_rope_impl", "qk_rope_impl", "QK_ROPE_IMPLS"]
 
 
 def qk_norm_rope_ref(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, cos: torch.Tensor,
@@ -231,17 +231,21 @@ def _chunk_size(C: int, head_d: int, largest: int = 512) -> int | None:
 QK_ROPE_IMPLS = ("row", "tile", "chunk", "packed")
 
 
-def _env_qk_impl() -> str:
-    return env_choice("LX2V_QK_ROPE", QK_ROPE_IMPLS, "row", "kernels/qk_norm_rope.py")
-
-
-_QK_IMPL = _env_qk_impl()
+# the explicit choice (LX2V_QK_ROPE, read once; set_qk_rope_impl); None: the GPU's tuned file
+# (kernels/tuned/), else "row"
+_QK_IMPL = env_choice("LX2V_QK_ROPE", QK_ROPE_IMPLS, None, "kernels/qk_norm_rope.py")
 
 
 def set_qk_rope_impl(impl: str) -> None:
-    """Selects the kernel variant (one of QK_ROPE_IMPLS) at run time."""
+    """Selects the kernel variant (one of QK_ROPE_IMPLS; "default" drops the choice) at run time."""
     global _QK_IMPL
-    _QK_IMPL = check_choice("qk norm+rope impl", impl, QK_ROPE_IMPLS)
+    _QK_IMPL = None if impl == "default" else check_choice("qk norm+rope impl", impl, QK_ROPE_IMPLS)
+
+
+def qk_rope_impl(device: torch.device | None = None) -> str:
+    """The variant used on `device` (default: the current CUDA device, if any)."""
+    return choose(_QK_IMPL, "LX2V_QK_ROPE", device if device is not None else current_device(),
+                  QK_ROPE_IMPLS, "row", "kernels/qk_norm_rope.py")
 
 
 def _check(q, k, wq, wk, cos, sin, num_heads):
@@ -269,7 +273,7 @@ def launch_qk_norm_rope(q, k, wq, wk, cos, sin, num_heads, eps, qo, ko, impl: st
     """Writes the normalised, rotated q/k into the contiguous [B, L, C] buffers qo/ko (no allocation)."""
     B, L, C = q.shape
     block = triton.next_power_of_2(C)
-    impl = impl or _QK_IMPL
+    impl = impl or qk_rope_impl(q.device)
     head_d = C // num_heads
     if impl == "packed" and _launch_packed(q, k, wq, wk, cos, sin, num_heads, eps, qo, ko):
         return

@@ -69,16 +69,17 @@ def describe(device: torch.device, attn_8bit: bool = False) -> str:
     attn = importlib.import_module("lightx2v_engine.kernels.attention")
     qk = importlib.import_module("lightx2v_engine.kernels.qk_norm_rope")
     a8 = importlib.import_module("lightx2v_engine.kernels.attention_8bit")
-    impl, config = attn.attention_impl()
-    a8_config = a8.attention_8bit_config()
+    util = importlib.import_module("lightx2v_engine.kernels._util")
+    impl, config = attn.attention_impl(device)
+    a8_config = a8.attention_8bit_config(device)
     self_attn = (f"8-bit {a8_config}" + (f" ({attn.gluon_status(device)})" if a8.ATTN8_CONFIGS[a8_config].gluon
                                          else "")
                  if attn_8bit and attention_8bit_available(device)
                  else impl + (f" {config}" if impl in ("triton", "gluon") else "")
                  + (f" ({attn.gluon_status(device)})" if impl == "gluon" else ""))
-    return (f"ops: Triton kernels; self-attention {self_attn}, cross-attention {attn.cross_attention_impl()}, "
-            f"q/k norm+RoPE {qk._QK_IMPL}, FFN GELU epilogue "
-            f"{'on' if gelu_epilogue_used(device, torch.bfloat16) else 'off'}")
+    return (f"ops: Triton kernels; self-attention {self_attn}, cross-attention {attn.cross_attention_impl(device)}, "
+            f"q/k norm+RoPE {qk.qk_rope_impl(device)}, FFN GELU epilogue "
+            f"{'on' if gelu_epilogue_used(device, torch.bfloat16) else 'off'}; {util.tuned_status(device)}")
 
 
 def _fast(t: torch.Tensor, name: str):

@@ -104,21 +104,47 @@ def test_summary_on_fake_timings(bench):
     assert s["attn_8bit_kernel_only_ratio_vs_cudnn"] == pytest.approx(11 / 7.0)
 
 
-def test_pick_attention_exports_8bit_config(tmp_path):
+def _summarize_module():
     spec = importlib.util.spec_from_file_location("summarize", os.path.join(os.path.dirname(_PATH), "summarize.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    p = tmp_path / "k.json"
-    p.write_text(json.dumps({"attn_best_impl": "triton:ws", "attn_best_triton_config": "ws",
-                             "attn_8bit_best_config": "tma_128x128_w8_s3", "qk_norm_rope_row_bw_frac": 0.3,
-                             "qk_norm_rope_tile_bw_frac": 0.7, "qk_norm_rope_chunk_bw_frac": 0.5,
-                             "qk_norm_rope_packed_bw_frac": 0.9,
-                             "attn_cross_best_impl": "sdpa_cudnn"}))
-    assert mod.pick_attention(p) == ("export LX2V_ATTN=triton LX2V_ATTN_CONFIG=ws LX2V_CROSS_ATTN=sdpa_cudnn"
-                                     " LX2V_ATTN8_CONFIG=tma_128x128_w8_s3 LX2V_QK_ROPE=packed")
+    return mod
 
 
-def test_summary_and_pick_with_gluon(bench, tmp_path):
+def test_pick_choices_names_8bit_config_and_fastest_qk_variant():
+    mod = _summarize_module()
+    s = {"attn_best_impl": "triton:ws", "attn_best_triton_config": "ws",
+         "attn_8bit_best_config": "tma_128x128_w8_s3", "qk_norm_rope_row_bw_frac": 0.3,
+         "qk_norm_rope_tile_bw_frac": 0.7, "qk_norm_rope_chunk_bw_frac": 0.5, "qk_norm_rope_packed_bw_frac": 0.9,
+         "attn_cross_best_impl": "sdpa_cudnn"}
+    assert mod.pick_choices(s) == {"LX2V_ATTN": "triton", "LX2V_ATTN_CONFIG": "ws", "LX2V_CROSS_ATTN": "sdpa_cudnn",
+                                   "LX2V_ATTN8_CONFIG": "tma_128x128_w8_s3", "LX2V_QK_ROPE": "packed"}
+    assert mod.pick_choices({}) == {}  # nothing measured: nothing chosen
+
+
+def test_write_tuned_round_trips_through_the_engine_reader(tmp_path):
+    """The file summarize.py writes is what kernels/_util.py reads, under the GPU's file name; a CPU dry
+    run writes none."""
+    from lightx2v_engine.kernels import _util
+    mod = _summarize_module()
+    s = {"gpu": "NVIDIA H200", "date": "2026-11-27T00:00:00Z", "commit": "abc", "torch": "2.11", "triton": "3.6.0",
+         "attn_best_impl": "sdpa_cudnn", "attn_best_triton_config": "ws_128x128_w4_s2",
+         "attn_main_shape": "B1 H12 D128 Lq32760 Lk32760", "attn_cudnn_tflops": 600.0,
+         "attn_8bit_best_config": "ws_128x128_w4_s2", "attn_8bit_tops": 900.0, "attn_8bit_relerr": 0.02}
+    (tmp_path / "k.json").write_text(json.dumps(s))
+    path = mod.write_tuned(tmp_path / "k.json", tmp_path / "tuned")
+    assert path == tmp_path / "tuned" / _util.tuned_file_name("NVIDIA H200")
+    assert _util.read_tuned(str(path), "NVIDIA H200") == {
+        "LX2V_ATTN": "sdpa_cudnn", "LX2V_ATTN_CONFIG": "ws_128x128_w4_s2", "LX2V_ATTN8_CONFIG": "ws_128x128_w4_s2"}
+    data = json.loads(path.read_text())
+    assert data["measured"]["commit"] == "abc" and "attn_cudnn_tflops 600" in data["evidence"]["LX2V_ATTN"]
+    assert "attn_8bit_relerr 0.02" in data["evidence"]["LX2V_ATTN8_CONFIG"]
+    (tmp_path / "cpu.json").write_text(json.dumps({"gpu": "cpu (dry run)"}))
+    with pytest.raises(ValueError, match="no GPU run"):
+        mod.write_tuned(tmp_path / "cpu.json", tmp_path / "tuned")
+
+
+def test_summary_and_pick_with_gluon(bench):
     """A faster correct Gluon config becomes our best kernel and the e2e backend; a wrong one never does;
     cross-attention is then named explicitly (it would follow self-attention's backend)."""
     shape, cross = "B1 H12 D128 Lq32760 Lk32760", "B1 H12 D128 Lq32760 Lk512"
@@ -133,18 +159,13 @@ def test_summary_and_pick_with_gluon(bench, tmp_path):
     assert s["attn_bf16_ratio_vs_cudnn"] == pytest.approx(11 / 9) and s["attn_gluon_best_config"] == "fa3"
     assert s["attn_gluon_ratio_vs_triton"] == pytest.approx(10 / 9) and s["attn_best_triton_config"] == "b"
     assert s["attn_cross_best_impl"] == "sdpa_cudnn"
-    spec = importlib.util.spec_from_file_location("summarize", os.path.join(os.path.dirname(_PATH), "summarize.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    p = tmp_path / "k.json"
-    p.write_text(json.dumps(s))
-    assert mod.pick_attention(p) == ("export LX2V_ATTN=gluon LX2V_ATTN_GLUON_CONFIG=fa3 LX2V_ATTN_CONFIG=b "
-                                     "LX2V_CROSS_ATTN=sdpa_cudnn")
+    mod = _summarize_module()
+    assert mod.pick_choices(s) == {"LX2V_ATTN": "gluon", "LX2V_ATTN_GLUON_CONFIG": "fa3", "LX2V_ATTN_CONFIG": "b",
+                                   "LX2V_CROSS_ATTN": "sdpa_cudnn"}
     # Triton wins self-attention, Gluon cross-attention
-    p.write_text(json.dumps({"attn_best_impl": "triton:b", "attn_best_triton_config": "b",
-                             "attn_cross_best_impl": "gluon:fa3"}))
-    assert mod.pick_attention(p) == ("export LX2V_ATTN=triton LX2V_ATTN_CONFIG=b LX2V_ATTN_GLUON_CONFIG=fa3 "
-                                     "LX2V_CROSS_ATTN=gluon")
+    assert mod.pick_choices({"attn_best_impl": "triton:b", "attn_best_triton_config": "b",
+                             "attn_cross_best_impl": "gluon:fa3"}) == {
+        "LX2V_ATTN": "triton", "LX2V_ATTN_CONFIG": "b", "LX2V_ATTN_GLUON_CONFIG": "fa3", "LX2V_CROSS_ATTN": "gluon"}
 
 
 def test_csv_files_are_histories(bench, tmp_path):

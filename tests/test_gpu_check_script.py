@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _run(tmp_path, python, stages="kernels,summary", **extra_env):
     env = {k: v for k, v in os.environ.items()
-           if k not in ("TRITON_INTERPRET", "LX2V_ATTN_GLUON_OFF", "LX2V_ATTN") and not k.startswith("GPU_CHECK_")}
+           if k not in ("TRITON_INTERPRET", "LX2V_ATTN_GLUON_OFF", "LX2V_ATTN", "LX2V_TUNED") and not k.startswith("GPU_CHECK_")}
     env.update(OUT=str(tmp_path / "out"), PYTHON=python, **extra_env)
     return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--stages", stages],
                           capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
@@ -76,3 +76,25 @@ def test_gpu_check_switches_gluon_off_when_its_smoke_test_fails(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "Gluon attention switched off for this run (smoke test exit code 1" in res.stdout
     assert "LX2V_ATTN_GLUON_OFF=1" in res.stdout
+
+
+def test_gpu_check_hands_the_measured_winners_to_e2e_as_a_tuned_file(tmp_path):
+    """After bench_kernels, the fastest correct kernels become $OUT/tuned/<device>.json and the end-to-end
+    stage runs with LX2V_TUNED pointing there."""
+    summary = {"gpu": "NVIDIA H100 80GB HBM3", "date": "d", "commit": "c", "torch": "t", "triton": "3.6.0",
+               "attn_best_impl": "gluon:fa3_128x128_s2", "attn_best_triton_config": "ws_128x128_w4_s2",
+               "attn_cross_best_impl": "sdpa_cudnn", "qk_norm_rope_row_bw_frac": 0.5,
+               "qk_norm_rope_packed_bw_frac": 0.85}
+    out = tmp_path / "out"
+    fake = _fake_python(tmp_path, "  benchmarks/gluon_smoke.py) echo 'gluon smoke: ok'; exit 0;;\n"
+                                  f"  benchmarks/bench_kernels.py) echo '{json.dumps(summary)}' > {out}/kernels_summary.json;"
+                                  " exit 0;;\n"
+                                  "  benchmarks/bench_e2e.py) echo \"e2e LX2V_TUNED=${LX2V_TUNED:-unset}\"; exit 0;;")
+    res = _run(tmp_path, fake, stages="kernels,e2e,summary")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    tuned = out / "tuned" / "NVIDIA_H100_80GB_HBM3.json"
+    assert f"e2e LX2V_TUNED={out}/tuned" in res.stdout
+    data = json.loads(tuned.read_text())
+    assert data["choices"] == {"LX2V_ATTN": "gluon", "LX2V_ATTN_GLUON_CONFIG": "fa3_128x128_s2",
+                               "LX2V_ATTN_CONFIG": "ws_128x128_w4_s2", "LX2V_CROSS_ATTN": "sdpa_cudnn",
+                               "LX2V_QK_ROPE": "packed"}

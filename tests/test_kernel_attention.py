@@ -48,7 +48,7 @@ def test_attention_public_op_and_policy():
         set_attention_impl("sdpa_flash")  # PyTorch's flash kernel exists on CPU too
         assert_attn_rule(attention(q, k, v), q, k, v)
     finally:
-        set_attention_impl("triton")
+        set_attention_impl("default")
     # cross-attention (the generic op) on its own backend; self-attention unaffected
     from lightx2v_engine.kernels.attention import cross_attention_impl
     try:
@@ -56,7 +56,7 @@ def test_attention_public_op_and_policy():
         assert cross_attention_impl() == "sdpa_flash" and attention_impl()[0] == "triton"
         torch.testing.assert_close(attention(q, k, v), attention_ref(q, k, v).contiguous(), rtol=0, atol=0)
     finally:
-        set_attention_impl(cross_impl="same")
+        set_attention_impl(cross_impl="default")
     assert cross_attention_impl() == "triton"
     with pytest.raises(ValueError, match="cross-attention impl must be"):
         set_attention_impl(cross_impl="cudnn")
@@ -151,7 +151,7 @@ def test_self_attention_gpu_real_shape(impl):
         set_attention_impl(impl)
         out = self_attention(q, k, v, wq, wk, rope.cos, rope.sin, 12)
     finally:
-        set_attention_impl("triton")
+        set_attention_impl("default")
     qh, kh = qk_norm_rope_ref(q.float(), k.float(), wq, wk, rope.cos, rope.sin, 12)
     ref32 = attn_ref32(qh, kh, v.float().unflatten(-1, (12, 128))).flatten(-2)
     base = (self_attention_ref(q, k, v, wq, wk, rope.cos, rope.sin, 12).float() - ref32).abs().max().item()
@@ -175,12 +175,11 @@ def test_cross_attention_cudnn_in_cuda_graph():
 @pytest.mark.parametrize("config", ["ptr_256x64_w8_s3", "tma_128x128_w8_s2"])
 def test_attention_cuda_graph_capture(config):
     q, k, v = attn_qkv(1, 1000, 300, 2, torch.bfloat16, "cuda")
-    prev = attention_impl()[1]
     try:
         set_attention_impl(config=config)
         want, out = eager_and_graph_replay(lambda: attention(q, k, v))  # the eager call compiles first
     finally:
-        set_attention_impl(config=prev)
+        set_attention_impl(config="default")
     assert torch.equal(out, want)
 
 
@@ -340,12 +339,11 @@ def test_attention_mean_padded_keys_all_scores_far_below_zero():
 
 def test_self_attention_mean_pad_config():
     q, k, v, wq, wk, rope = self_attn_inputs(2, (3, 5, 7), 3, torch.float16, "cpu")  # L = 105
-    prev = attention_impl()[1]
     try:
         set_attention_impl(config="ws_mp_128x128_w4_s2")
         out = self_attention(q, k, v, wq, wk, rope.cos, rope.sin, 3, 1e-6)
     finally:
-        set_attention_impl(config=prev)
+        set_attention_impl(config="default")
     ref32 = self_attention_ref(q.float(), k.float(), v.float(), wq, wk, rope.cos, rope.sin, 3)
     base = (self_attention_ref(q, k, v, wq, wk, rope.cos, rope.sin, 3).float() - ref32).abs().max().item()
     assert (out.float() - ref32).abs().max().item() <= 2 * base + 1e-4
@@ -376,12 +374,11 @@ def test_attention_mean_padded_gpu(H, L):
 @pytest.mark.last(2)
 def test_self_attention_mean_pad_gpu_graph():
     q, k, v, wq, wk, rope = self_attn_inputs(1, (21, 30, 52), 12, torch.bfloat16, "cuda")
-    prev = attention_impl()[1]
     try:
         set_attention_impl(config="ws_mp_128x128_w4_s2")
         want, out = eager_and_graph_replay(lambda: self_attention(q, k, v, wq, wk, rope.cos, rope.sin, 12))
     finally:
-        set_attention_impl(config=prev)
+        set_attention_impl(config="default")
     assert torch.equal(out, want)
     qh, kh = qk_norm_rope_ref(q.float(), k.float(), wq, wk, rope.cos, rope.sin, 12)
     ref32 = attn_ref32(qh, kh, v.float().unflatten(-1, (12, 128))).flatten(-2)

@@ -102,7 +102,7 @@ def test_gluon_backend_falls_back_to_triton_where_unavailable():
         out = attention(q, k, v)
         assert "unavailable" in A.gluon_status(torch.device("cpu"))
     finally:
-        set_attention_impl("triton")
+        set_attention_impl("default")
     torch.testing.assert_close(out, A.attention_triton(q, k, v), rtol=0, atol=0)
     assert_attn_rule(out, q, k, v, atol=1e-4)
 
@@ -129,7 +129,7 @@ def test_gluon_failure_switches_it_off_with_one_warning(monkeypatch):
             warnings.simplefilter("error")
             out2 = attention(q, k, v)
     finally:
-        set_attention_impl("triton")
+        set_attention_impl("default")
     assert len(calls) == 1 and "PassManager" in A.gluon_status()
     torch.testing.assert_close(out, A.attention_triton(q, k, v), rtol=0, atol=0)
     torch.testing.assert_close(out2, out, rtol=0, atol=0)
@@ -246,7 +246,7 @@ def test_gluon_backend_in_cuda_graph_and_dispatch():
         assert A.gluon_status(q.device) == "available", A.gluon_status(q.device)
         assert "gluon fa3" in ops.describe(q.device)
     finally:
-        set_attention_impl("triton")
+        set_attention_impl("default")
     assert torch.equal(out, want)
     torch.testing.assert_close(want, G.attention_gluon(q, k, v), rtol=0, atol=0)
     assert_attn_rule(want, q, k, v, atol=1e-3)
@@ -255,7 +255,6 @@ def test_gluon_backend_in_cuda_graph_and_dispatch():
 def test_ops_line_names_the_gluon_fallback():
     """The ops line (logged by the pipeline, recorded by bench_e2e) says when a Gluon choice cannot run."""
     A8 = importlib.import_module("lightx2v_engine.kernels.attention_8bit")
-    prev = A8.attention_8bit_config()
     try:
         ops.set_backend("kernels")
         A8.set_attention_8bit_config("gluon_fa3_128x128_s2")
@@ -266,6 +265,6 @@ def test_ops_line_names_the_gluon_fallback():
         line = ops.describe(torch.device("cpu"))
         assert f"self-attention gluon {G.DEFAULT_GLUON_CONFIG} (unavailable" in line, line
     finally:
-        set_attention_impl("triton")
-        A8.set_attention_8bit_config(prev)
+        set_attention_impl("default")
+        A8.set_attention_8bit_config("default")
         ops.set_backend("auto")

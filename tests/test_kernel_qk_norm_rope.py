@@ -112,7 +112,7 @@ def test_qk_norm_rope_tile_variant(B, fused_qkv, impl):
     try:
         q, k, wq, wk, cos, sin, qh, kh = _run(B, (3, 5, 7), 3, torch.float16, device, fused_qkv)
     finally:
-        mod.set_qk_rope_impl("row")
+        mod.set_qk_rope_impl("default")
     mod.set_qk_rope_impl("row")
     qr, kr = qk_norm_rope(q, k, wq, wk, cos, sin, 3, EPS)
     # both variants compute the same thing, up to a rounding flip from the summation order (one fp16 ulp)
@@ -147,7 +147,7 @@ def test_packed_variant_is_pytorchs_rounding_and_falls_back(dtype):
         qp, kp = qk_norm_rope(q, k, wq, wk, cos, sin, 3, EPS)
         qo, _ = qk_norm_rope(odd, k, wq, wk, cos, sin, 3, EPS)
     finally:
-        mod.set_qk_rope_impl("row")
+        mod.set_qk_rope_impl("default")
     ulp = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10
     for got, want in ((qp, ql), (kp, kl)):
         diff = (got.float() - want.float()).abs() > ulp * want.float().abs().clamp_min(1e-3)
@@ -204,4 +204,4 @@ def test_qk_norm_rope_variants_gpu_real_shapes(H, impl):
     try:
         _run(1, (21, 30, 52), H, torch.bfloat16, "cuda")
     finally:
-        mod.set_qk_rope_impl("row")
+        mod.set_qk_rope_impl("default")
