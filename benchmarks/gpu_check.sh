@@ -84,10 +84,13 @@ if has kernels; then
   capped bench_kernels 300 bench_kernels.log 40 $PY benchmarks/bench_kernels.py --quick --out "$OUT"
 fi
 
-# The fastest correct kernels measured above become this GPU's tuned defaults ($OUT/tuned/<device>.json, the
-# format of kernels/tuned/): the end-to-end run uses them (variables set by hand still win), and copying the
-# file into kernels/tuned/ makes them the card's defaults.
-if [ -f "$OUT/kernels_summary.json" ] && $PY benchmarks/summarize.py --write-tuned "$OUT/kernels_summary.json" "$OUT/tuned"; then
+# The fastest correct kernels measured above (in this run: not a summary left in $OUT by an earlier one)
+# become this GPU's tuned defaults ($OUT/tuned/<device>.json, the format of kernels/tuned/): the end-to-end
+# run uses them, before the package's file (variables set by hand still win); copying the file into
+# kernels/tuned/ makes them the card's defaults.
+KS="$OUT/kernels_summary.json"
+if has kernels && [ -f "$KS" ] && (( $(stat -c %Y "$KS") >= T0 )) \
+    && $PY benchmarks/summarize.py --write-tuned "$KS" "$OUT/tuned"; then
   export LX2V_TUNED="$OUT/tuned"
 fi
 

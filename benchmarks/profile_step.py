@@ -40,7 +40,8 @@ def main(argv=None) -> int:
     total = sum(e.device_time_total for e in events if e.device_time_total > 0 and not e.key.startswith("aten::"))
     rows = sorted((e for e in events if e.device_time_total > 0 and not e.key.startswith("aten::")),
                   key=lambda e: -e.device_time_total)[: args.top]
-    print(f"{args.preset} one step, CUDA kernel time {total / 1e3:.1f} ms")
+    from lightx2v_engine import ops
+    print(f"{args.preset} one step, CUDA kernel time {total / 1e3:.1f} ms; {ops.describe(x.device)}")
     for e in rows:
         print(f"  {e.device_time_total / 1e3:9.2f} ms {100 * e.device_time_total / total:5.1f}%  x{e.count:<4} {e.key[:90]}")
     return 0

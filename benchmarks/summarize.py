@@ -153,6 +153,9 @@ def write_tuned(kernels_summary: Path, folder: Path) -> Path:
     if not gpu or gpu.startswith("cpu"):
         raise ValueError(f"{kernels_summary}: no GPU run (gpu = {gpu!r}); tuned defaults are per GPU")
     choices = pick_choices(s)
+    if not choices:
+        raise ValueError(f"{kernels_summary}: no kernel choice was measured (bench_kernels cut early?); no "
+                         f"tuned file written")
     data = {"device": gpu, "choices": choices,
             "measured": {k: s.get(k) for k in ("date", "commit", "torch", "triton")}
             | {"command": "bash benchmarks/gpu_check.sh (bench_kernels.py --quick)"},
@@ -166,7 +169,11 @@ def write_tuned(kernels_summary: Path, folder: Path) -> Path:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--write-tuned":
-        path = write_tuned(Path(argv[1]), Path(argv[2]))
+        try:
+            path = write_tuned(Path(argv[1]), Path(argv[2]))
+        except ValueError as e:
+            print(f"summarize.py --write-tuned: {e}")
+            return 1
         print(f"tuned defaults for this GPU: {path}: {json.loads(path.read_text())['choices']}")
         return 0
     out = Path(argv[0] if argv else "benchmarks/out")

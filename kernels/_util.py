@@ -7,7 +7,8 @@ A choice (attention backend, launch config, q/k norm+RoPE variant, ...) resolves
   > the module's built-in default.
 A tuned file holds the winners of one ``benchmarks/gpu_check.sh`` run on that card (written by
 ``benchmarks/summarize.py --write-tuned``). ``LX2V_TUNED=0`` ignores tuned files; ``LX2V_TUNED=<folder>``
-reads them from that folder instead of the package's.
+puts that folder's file first (choices it lacks still come from the package's). LX2V_TUNED is read at
+every call; the explicit variables once, at import.
 """
 from __future__ import annotations
 
@@ -49,14 +50,16 @@ def tuned_file_name(device_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ".json"
 
 
-def tuned_dir() -> Path | None:
-    """The folder of tuned files: LX2V_TUNED's folder, None for LX2V_TUNED=0, else kernels/tuned/."""
+def tuned_dirs() -> tuple[Path, ...]:
+    """The folders of tuned files, first match per choice wins: (kernels/tuned/,) by default;
+    (<folder>, kernels/tuned/) for LX2V_TUNED=<folder> (a partial file there still takes the rest from the
+    package's); () for LX2V_TUNED=0."""
     value = os.environ.get("LX2V_TUNED", "")
     if value == "0":
-        return None
+        return ()
     if value and value != "1":
-        return Path(value)
-    return TUNED_DIR
+        return (Path(value), TUNED_DIR)
+    return (TUNED_DIR,)
 
 
 @functools.lru_cache(maxsize=None)
@@ -112,23 +115,28 @@ def clear_tuned_cache() -> None:
     read_tuned.cache_clear()
 
 
-def _tuned(device: torch.device | None) -> tuple[Path | None, dict[str, str]]:
-    folder = tuned_dir()
-    if device is None or device.type != "cuda" or folder is None:
-        return None, {}
-    return _tuned_for(str(folder), device_name(device))
+def _tuned(device: torch.device | None) -> list[tuple[Path, dict[str, str]]]:
+    """(file, choices) of every tuned file for `device`, in priority order ([] off CUDA)."""
+    if device is None or device.type != "cuda":
+        return []
+    name = device_name(device)
+    found = (_tuned_for(str(folder), name) for folder in tuned_dirs())
+    return [(path, choices) for path, choices in found if path is not None]
 
 
 def tuned_path(device: torch.device | None) -> Path | None:
-    """The tuned file that applies to `device` (a CUDA device with a file in tuned_dir()), else None."""
-    return _tuned(device)[0]
+    """The first tuned file that applies to `device` (a CUDA device with a file in tuned_dirs()), else None."""
+    files = _tuned(device)
+    return files[0][0] if files else None
 
 
 def tuned_choice(var: str, device: torch.device | None, choices, where: str) -> str | None:
-    """The value the tuned file of `device` gives `var` (checked against `choices`), None without one."""
-    path, tuned = _tuned(device)
-    value = tuned.get(var)
-    return value if value is None else check_choice(f"{where}: {var} of tuned defaults {path}", value, choices)
+    """The value the tuned files of `device` give `var` (the first that has it; checked against `choices`),
+    None without one."""
+    for path, tuned in _tuned(device):
+        if var in tuned:
+            return check_choice(f"{where}: {var} of tuned defaults {path}", tuned[var], choices)
+    return None
 
 
 def choose(override: str | None, var: str, device: torch.device | None, choices, default: str | None,
@@ -144,12 +152,15 @@ def tuned_status(device: torch.device | None) -> str:
     """Where the defaults on `device` come from, in a few words (for ops.describe)."""
     if device is None or device.type != "cuda":
         return "built-in defaults"
-    if tuned_dir() is None:
+    folders = tuned_dirs()
+    if not folders:
         return "built-in defaults (LX2V_TUNED=0)"
-    path = tuned_path(device)
-    if path is None:
-        return f"built-in defaults (no tuned file for {device_name(device)})"
-    return f"tuned defaults {path.name}" + ("" if path.parent == TUNED_DIR else f" in {path.parent}")
+    files = [p if p.parent == TUNED_DIR else f"{p.name} in {p.parent}" for p, _ in _tuned(device)]
+    missing = [f for f in folders if not f.is_dir()]
+    note = f" (LX2V_TUNED folder {missing[0]} does not exist)" if missing else ""
+    if not files:
+        return f"built-in defaults (no tuned file for {device_name(device)}){note}"
+    return "tuned defaults " + " over ".join(str(f.name) if isinstance(f, Path) else f for f in files) + note
 
 
 def current_device() -> torch.device | None:

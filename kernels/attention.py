@@ -19,6 +19,7 @@ are opaque to torch.compile, so the choice is made at every call.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,7 @@ import triton.language as tl
 
 from lightx2v_engine.ops import attention_ref
 
-from ._util import check_choice, choose, current_device, env_choice, interpreting, tuned_choice
+from ._util import check_choice, choose, current_device, env_choice, interpreting, tuned_choice, tuned_path
 from . import attention_gluon as _gluon
 from .attention_8bit import attention_8bit_triton, fp8_supported
 from .qk_norm_rope import launch_qk_norm_rope, qk_norm_rope_ref, _check as _check_qk
@@ -124,7 +125,18 @@ def set_attention_impl(impl: str | None = None, config: str | None = None, cross
 
 
 def _impl(device: torch.device | None) -> str:
+    """An explicit backend; else the backend of an explicit config (a Triton config selects "triton", a
+    Gluon config "gluon"); else the tuned file's; else "triton"."""
+    if _IMPL is None and _CONFIG is not None:
+        return "triton"
+    if _IMPL is None and _GLUON_CONFIG is not None:
+        return "gluon"
     return choose(_IMPL, "LX2V_ATTN", device, ATTN_IMPLS, "triton", _WHERE)
+
+
+def _explicit() -> bool:
+    """Whether self-attention's backend was chosen explicitly (directly or through a config)."""
+    return _IMPL is not None or _CONFIG is not None or _GLUON_CONFIG is not None
 
 
 def _config(device: torch.device | None) -> str:
@@ -138,11 +150,11 @@ def _gluon_config(device: torch.device | None) -> str:
 
 def _cross_impl(device: torch.device | None) -> str:
     """An explicit cross-attention backend ("same": self-attention's); else, while self-attention's backend
-    is not explicit either, the tuned file's; else self-attention's backend (an explicit LX2V_ATTN moves
-    both)."""
+    is not explicit either, the tuned file's; else self-attention's backend (an explicit LX2V_ATTN, or
+    config, moves both)."""
     if _CROSS_IMPL is not None:
         return _impl(device) if _CROSS_IMPL == "same" else _CROSS_IMPL
-    tuned = None if _IMPL is not None else tuned_choice("LX2V_CROSS_ATTN", device, ATTN_IMPLS, _WHERE)
+    tuned = None if _explicit() else tuned_choice("LX2V_CROSS_ATTN", device, ATTN_IMPLS, _WHERE)
     return tuned or _impl(device)
 
 
@@ -421,17 +433,32 @@ def _attention_gluon_or_triton(q, k, v) -> torch.Tensor:
     return attention_triton(q, k, v)
 
 
-def _attention_any(q, k, v, impl: str) -> torch.Tensor:
+_SDPA_FAILED: dict[str, str] = {}
+
+
+def _attention_any(q, k, v, impl: str, explicit: bool = True) -> torch.Tensor:
+    """`impl` on q, k, v. An SDPA backend that fails (e.g. cuDNN attention missing from this torch build)
+    raises when it was chosen explicitly; a tuned choice instead warns once and the Triton kernel runs."""
     if impl == "triton":
         return attention_triton(q, k, v)
     if impl == "gluon":
         return _attention_gluon_or_triton(q, k, v)
-    return _sdpa(q, k, v, impl)
+    if explicit or impl not in _SDPA_FAILED:
+        try:
+            return _sdpa(q, k, v, impl)
+        except RuntimeError as e:
+            if explicit:
+                raise
+            _SDPA_FAILED[impl] = f"{type(e).__name__}: {str(e)[:300]}"
+            warnings.warn(f"kernels/attention.py: {impl} (chosen by the tuned defaults of "
+                          f"{tuned_path(q.device)}) failed ({_SDPA_FAILED[impl]}); the Triton kernel runs instead",
+                          RuntimeWarning, stacklevel=2)
+    return attention_triton(q, k, v)
 
 
 @torch.library.custom_op("lightx2v::attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return _attention_any(q, k, v, _cross_impl(q.device))
+    return _attention_any(q, k, v, _cross_impl(q.device), explicit=_CROSS_IMPL is not None or _explicit())
 
 
 @_attention_op.register_fake
@@ -443,7 +470,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     """Non-causal softmax(q k^T / sqrt(D)) v.
 
     q [B, Lq, H, D], k/v [B, Lk, H, D] (fp16/bf16, any strides with a unit last stride); returns a
-    contiguous [B, Lq, H, D] in q's dtype. Backend per LX2V_CROSS_ATTN, else LX2V_ATTN (set_attention_impl).
+    contiguous [B, Lq, H, D] in q's dtype. Backend: cross_attention_impl(q.device).
     """
     _check_qkv(q, k, v)
     return _attention_op(q, k, v)
@@ -480,7 +507,7 @@ def _self_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: to
         launch_qk_norm_rope(q, k, wq, wk, cos, sin, num_heads, eps, qh, kh)
     if attn_8bit:
         return attention_8bit_triton(qh, kh, vh).flatten(-2)
-    return _attention_any(qh, kh, vh, impl).flatten(-2)
+    return _attention_any(qh, kh, vh, impl, explicit=_explicit()).flatten(-2)
 
 
 @_self_attention_op.register_fake

@@ -142,6 +142,9 @@ def test_write_tuned_round_trips_through_the_engine_reader(tmp_path):
     (tmp_path / "cpu.json").write_text(json.dumps({"gpu": "cpu (dry run)"}))
     with pytest.raises(ValueError, match="no GPU run"):
         mod.write_tuned(tmp_path / "cpu.json", tmp_path / "tuned")
+    (tmp_path / "empty.json").write_text(json.dumps({"gpu": "NVIDIA H200", "modulate_bw_frac": 0.9}))
+    assert mod.main(["--write-tuned", str(tmp_path / "empty.json"), str(tmp_path / "t2")]) == 1
+    assert not (tmp_path / "t2").exists()  # nothing measured: no file (the package's then applies)
 
 
 def test_summary_and_pick_with_gluon(bench):

@@ -98,3 +98,20 @@ def test_gpu_check_hands_the_measured_winners_to_e2e_as_a_tuned_file(tmp_path):
     assert data["choices"] == {"LX2V_ATTN": "gluon", "LX2V_ATTN_GLUON_CONFIG": "fa3_128x128_s2",
                                "LX2V_ATTN_CONFIG": "ws_128x128_w4_s2", "LX2V_CROSS_ATTN": "sdpa_cudnn",
                                "LX2V_QK_ROPE": "packed"}
+
+
+def test_gpu_check_ignores_a_kernels_summary_of_an_earlier_run(tmp_path):
+    """A kernels_summary.json already in $OUT when the run starts (kernels stage not run, or it wrote
+    nothing) is not turned into tuned defaults."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "kernels_summary.json").write_text(json.dumps({"gpu": "NVIDIA H100 80GB HBM3", "attn_best_impl": "sdpa_cudnn",
+                                                          "attn_best_triton_config": "ws_128x128_w4_s2"}))
+    old = time.time() - 3600
+    os.utime(out / "kernels_summary.json", (old, old))
+    fake = _fake_python(tmp_path, "  benchmarks/gluon_smoke.py) echo 'gluon smoke: ok'; exit 0;;\n"
+                                  "  benchmarks/bench_kernels.py) exit 0;;\n"
+                                  "  benchmarks/bench_e2e.py) echo \"e2e LX2V_TUNED=${LX2V_TUNED:-unset}\"; exit 0;;")
+    res = _run(tmp_path, fake, stages="kernels,e2e,summary")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "e2e LX2V_TUNED=unset" in res.stdout and not (out / "tuned").exists()

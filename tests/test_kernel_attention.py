@@ -167,7 +167,7 @@ def test_cross_attention_cudnn_in_cuda_graph():
         set_attention_impl(cross_impl="sdpa_cudnn")
         want, out = eager_and_graph_replay(lambda: attention(q, k, v))
     finally:
-        set_attention_impl(cross_impl="same")
+        set_attention_impl(cross_impl="default")
     assert torch.equal(out, want)
 
 

@@ -114,7 +114,10 @@ def test_qk_norm_rope_tile_variant(B, fused_qkv, impl):
     finally:
         mod.set_qk_rope_impl("default")
     mod.set_qk_rope_impl("row")
-    qr, kr = qk_norm_rope(q, k, wq, wk, cos, sin, 3, EPS)
+    try:
+        qr, kr = qk_norm_rope(q, k, wq, wk, cos, sin, 3, EPS)
+    finally:
+        mod.set_qk_rope_impl("default")
     # both variants compute the same thing, up to a rounding flip from the summation order (one fp16 ulp)
     assert (qh.float() - qr.float()).abs().max().item() <= 2 ** -10 * qr.float().abs().max().item()
     with pytest.raises(ValueError, match="row"):

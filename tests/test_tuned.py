@@ -27,6 +27,8 @@ def fake_gpus(monkeypatch, tmp_path):
     """Two fake CUDA devices (an H100 and a 4090), tuned files read from tmp_path, no explicit choices."""
     monkeypatch.setattr(_util, "device_name", lambda d: NAMES[d.index])
     monkeypatch.setenv("LX2V_TUNED", str(tmp_path))
+    (tmp_path / "package").mkdir()
+    monkeypatch.setattr(_util, "TUNED_DIR", tmp_path / "package")  # the shipped files stay out of it
     _util.clear_tuned_cache()
     saved = (A._IMPL, A._CONFIG, A._GLUON_CONFIG, A._CROSS_IMPL, A8._CONFIG, QK._QK_IMPL)
     A.set_attention_impl("default", "default", "default", "default")
@@ -112,6 +114,88 @@ def test_environment_variables_are_explicit(fake_gpus):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.split() == ["packed", "tma_128x128_w8_s3", "gluon", "sdpa_cudnn"]
+
+
+def test_a_tuned_folder_goes_first_and_the_package_fills_in(fake_gpus, monkeypatch):
+    """LX2V_TUNED=<folder>: its file's choices first, the package's file for the rest (a gpu_check run
+    cut before the attention benchmarks writes a partial file); unset: the package's alone."""
+    _write(fake_gpus / "package", NAMES[0], {"LX2V_ATTN": "sdpa_cudnn", "LX2V_QK_ROPE": "packed"})
+    _write(fake_gpus, NAMES[0], {"LX2V_ATTN": "gluon"})
+    assert A.attention_impl(CUDA0)[0] == "gluon" and QK.qk_rope_impl(CUDA0) == "packed"
+    assert _util.tuned_status(CUDA0) == (f"tuned defaults NVIDIA_H100_80GB_HBM3.json in {fake_gpus} over "
+                                         "NVIDIA_H100_80GB_HBM3.json")
+    monkeypatch.delenv("LX2V_TUNED")
+    assert A.attention_impl(CUDA0)[0] == "sdpa_cudnn" and QK.qk_rope_impl(CUDA0) == "packed"
+    monkeypatch.setenv("LX2V_TUNED", str(fake_gpus / "nowhere"))
+    assert A.attention_impl(CUDA0)[0] == "sdpa_cudnn"
+    assert "LX2V_TUNED folder" in _util.tuned_status(CUDA0) and "does not exist" in _util.tuned_status(CUDA0)
+
+
+def test_an_explicit_config_selects_its_backend(fake_gpus):
+    """LX2V_ATTN_CONFIG / set_attention_impl(config=...) without a backend runs the Triton kernel with that
+    config even where the tuned file picks another backend (and cross-attention follows it)."""
+    _write(fake_gpus, NAMES[0], {"LX2V_ATTN": "sdpa_cudnn", "LX2V_CROSS_ATTN": "sdpa_flash"})
+    A.set_attention_impl(config="tma_256x64_w8_s3")
+    assert A.attention_impl(CUDA0) == ("triton", "tma_256x64_w8_s3") and A.cross_attention_impl(CUDA0) == "triton"
+    A.set_attention_impl(config="default", gluon_config="fa3_nopp_128x128_s2")
+    assert A.attention_impl(CUDA0) == ("gluon", "fa3_nopp_128x128_s2")
+    A.set_attention_impl(gluon_config="default")
+    assert A.attention_impl(CUDA0)[0] == "sdpa_cudnn" and A.cross_attention_impl(CUDA0) == "sdpa_flash"
+
+
+def test_the_ops_choose_by_their_tensors_device(monkeypatch):
+    """The custom ops resolve the backend for the tensor's device: a tuned choice handed to the CPU device
+    (faked) reaches the op body; a tuned SDPA backend that fails falls back to the Triton kernel with one
+    warning, an explicit one raises."""
+    from lightx2v_engine.kernels import attention
+    from lightx2v_engine.ops import attention_ref
+    seen = []
+    monkeypatch.setattr(_util, "_tuned", lambda d: [(_util.TUNED_DIR / "x.json", {"LX2V_ATTN": "sdpa_flash"})]
+                        if d is not None and d.type == "cpu" else [])
+    real_sdpa = A._sdpa
+
+    def spy(q, k, v, impl):
+        seen.append(impl)
+        return real_sdpa(q, k, v, impl)
+    monkeypatch.setattr(A, "_sdpa", spy)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 24, 2, 128, generator=g).half() for _ in range(3))
+    out = attention(q, k, v)
+    assert seen == ["sdpa_flash"]
+    torch.testing.assert_close(out, attention_ref(q, k, v).contiguous(), rtol=0, atol=0)
+
+    def broken(q, k, v, impl):
+        raise RuntimeError("No available kernel")
+    monkeypatch.setattr(A, "_sdpa", broken)
+    monkeypatch.setattr(A, "_SDPA_FAILED", {})
+    with pytest.warns(RuntimeWarning, match="sdpa_flash .*failed .*Triton kernel runs instead"):
+        out = attention(q, k, v)
+    torch.testing.assert_close(out.float(), attention_ref(q, k, v).float(), rtol=2e-2, atol=2e-2)
+    try:
+        A.set_attention_impl("sdpa_flash")
+        with pytest.raises(RuntimeError, match="No available kernel"):
+            attention(q, k, v)
+    finally:
+        A.set_attention_impl("default")
+
+
+def test_device_names_are_cached_per_index(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: calls.append(i) or NAMES[i])
+    monkeypatch.setattr(_util, "_DEVICE_NAMES", {})
+    assert _util.device_name(torch.device("cuda")) == NAMES[1]
+    assert _util.device_name(CUDA1) == NAMES[1] and _util.device_name(CUDA0) == NAMES[0]
+    assert calls == [1, 0]
+
+
+def test_tuned_folders(monkeypatch):
+    monkeypatch.delenv("LX2V_TUNED", raising=False)
+    assert _util.tuned_dirs() == (_util.TUNED_DIR,) and _util.TUNED_DIR.name == "tuned"
+    monkeypatch.setenv("LX2V_TUNED", "/x")
+    assert _util.tuned_dirs() == (_util.Path("/x"), _util.TUNED_DIR)
+    monkeypatch.setenv("LX2V_TUNED", "0")
+    assert _util.tuned_dirs() == ()
 
 
 def test_tuned_files_can_be_switched_off(fake_gpus, monkeypatch):
