@@ -122,6 +122,15 @@ def build_dit(cfg: ModelConfig, files: list[Path] | None = None, *, dtype: torch
                               f"{quant_scheme} file")
     missing, unexpected = key_mismatch(expected, sd)
     where = ", ".join(sorted({str(p) for p in origin.values()})) or "random init"
+    if not qkeys and any(k.endswith(".weight_scale") for k in unexpected):
+        eight = sorted({str(t.dtype).removeprefix("torch.") for k, t in sd.items()
+                        if t.dtype in (torch.int8, torch.float8_e4m3fn)})
+        raise CheckpointError(
+            f"{where}: a quantized checkpoint ({', '.join(eight) or '8-bit'} weights with '*.weight_scale' keys, "
+            f"e.g. {next(k for k in unexpected if k.endswith('.weight_scale'))!r}) loaded as unquantized weights: "
+            f"set \"dit_quantized\": true, \"dit_quantized_ckpt\" to this file and \"dit_quant_scheme\" "
+            f"(e.g. \"{'int8' if 'int8' in eight else 'fp8'}-sgl\") in the config, or point dit_original_ckpt at "
+            f"the bf16 checkpoint")
     if missing or unexpected:
         parts = []
         if missing:
@@ -181,13 +190,20 @@ def load_dit(cfg: ModelConfig, model_path: str | Path | None, *, dit_original_ck
 
 
 def load_quantized_dit(cfg: ModelConfig, model_path: str | Path | None, ckpt: str | None, scheme: str, *,
-                       dtype: str | torch.dtype = "bf16", device="cpu") -> WanDiT:
-    """A LightX2V quantized checkpoint (``dit_quantized_ckpt``: file or folder): blocks' linears 8-bit."""
+                       dtype: str | torch.dtype = "bf16", device="cpu", lora_specs=(),
+                       lora_strict: bool = True) -> WanDiT:
+    """A LightX2V quantized checkpoint (``dit_quantized_ckpt``: file or folder): blocks' linears 8-bit.
+    LoRAs on 8-bit linears run as low-rank branches beside them (LightX2V's lora_dynamic_apply); the rest
+    of the model merges them as load_dit does."""
+    from lightx2v_engine.lora import apply_loras_
     dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if not ckpt:
         raise ValueError("dit_quantized is true but dit_quantized_ckpt is not set")
     tried = [Path(ckpt)] + ([Path(model_path) / ckpt] if model_path is not None else [])
     for cand in tried:
         if cand.exists():
-            return build_dit(cfg, resolve_files(cand), dtype=dt, device=device, quant_scheme=scheme)
+            model = build_dit(cfg, resolve_files(cand), dtype=dt, device=device, quant_scheme=scheme)
+            if lora_specs:
+                apply_loras_(model, lora_specs, strict=lora_strict, search_dirs=[model_path] if model_path else [])
+            return model
     raise FileNotFoundError(f"dit_quantized_ckpt not found; searched: {[str(t) for t in tried]}")

@@ -1,7 +1,10 @@
 """LoRA merge at load time (LightX2V's offline merge, lightx2v.md §2).
 
-W += strength * (alpha / rank) * (up @ down)   for lora_up/lora_down and lora_B/lora_A pairs
-                                                (rank = down.shape[0]; alpha = rank when absent)
+W += strength * (alpha / rank) * (up @ down)   for lora_up/lora_down, lora_B/lora_A (PEFT) and the other
+                                                pairs of _PAIRS (rank = down.shape[0]; alpha = rank when
+                                                absent)
+An 8-bit weight (QuantLinear of a quantized DiT) keeps the low-rank pair as a branch beside its GEMM
+instead (LightX2V's lora_dynamic_apply); a full-weight ``.diff`` cannot apply to it (an error).
 ``.diff`` adds to ``.weight``, ``.diff_b`` to ``.bias``, ``.diff_m`` to ``.modulation`` (times strength).
 Keys may carry ``diffusion_model.``, ``model.``, ``unet.`` or ``transformer.`` prefixes; diffusers-named
 targets are mapped to Wan's names. The merge is computed in fp32 and cast back to the weight's dtype.
@@ -20,8 +23,12 @@ from lightx2v_engine.keymap import diffusers_to_wan
 log = logging.getLogger(__name__)
 
 LORA_PREFIXES = ("diffusion_model.", "model.", "unet.", "transformer.", "base_model.model.")
+# (up, down) suffixes: kohya, PEFT (also with its adapter name "default"), LightX2V's own, diffusers'
+# attention-processor and LoRACompatibleLinear names
 _PAIRS = ((".lora_up.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_A.weight"),
-          (".lora.up.weight", ".lora.down.weight"))
+          (".lora_B.default.weight", ".lora_A.default.weight"), (".lora_B", ".lora_A"),
+          (".lora.up.weight", ".lora.down.weight"), ("_lora.up.weight", "_lora.down.weight"),
+          (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"))
 _DIFFS = ((".diff_b", ".bias"), (".diff_m", ".modulation"), (".diff", ".weight"))
 
 
@@ -108,13 +115,22 @@ def merge_lora_(model: torch.nn.Module, lora: dict[str, torch.Tensor], strength:
     Unmatched LoRA keys raise LoraKeyError listing them (strict) or warn. Shapes are checked before any
     weight is touched, so a failing LoRA leaves the model unchanged.
     """
+    from lightx2v_engine.quant import QuantLinear
     params = dict(model.named_parameters())
+    quantized = {}  # 8-bit weight name -> its QuantLinear; its bias (a buffer) takes diffs like a parameter
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            quantized[f"{name}.weight"] = m
+            params[f"{name}.weight"] = m.weight
+            if m.bias is not None:
+                params[f"{name}.bias"] = m.bias
     updates, unmatched = plan_lora(lora, params, source)
     if unmatched:
         msg = f"{source}: {len(unmatched)} LoRA key(s) match no model weight: {unmatched[:20]}" + (
             " ..." if len(unmatched) > 20 else "")
         if strict:
-            raise LoraKeyError(msg)
+            raise LoraKeyError(msg + ' (set "lora_strict": false in the config to skip them with a warning, as '
+                                     "LightX2V does silently)")
         warnings.warn(msg, stacklevel=2)
     deltas = []
     for target, kind, ts in updates:
@@ -126,15 +142,20 @@ def merge_lora_(model: torch.nn.Module, lora: dict[str, torch.Tensor], strength:
                 raise LoraKeyError(f"{source}: LoRA for {target!r}: up {tuple(up.shape)} @ down {tuple(down.shape)} "
                                    f"does not give the weight's shape {tuple(w.shape)}")
             scale = float(alpha) / rank if alpha is not None else 1.0
-            deltas.append((w, kind, (up, down), strength * scale))
+            deltas.append((target, w, kind, (up, down), strength * scale))
         else:
             (d,) = ts
+            if target in quantized:
+                raise LoraKeyError(f"{source}: a full-weight diff for {target!r}, an 8-bit weight of the quantized "
+                                   f"DiT, cannot be applied; use the bf16 checkpoint (dit_quantized false)")
             if d.numel() != w.numel():
                 raise LoraKeyError(f"{source}: diff for {target!r} has shape {tuple(d.shape)}, weight {tuple(w.shape)}")
-            deltas.append((w, kind, (d,), strength))
-    for w, kind, ts, s in deltas:
+            deltas.append((target, w, kind, (d,), strength))
+    for target, w, kind, ts, s in deltas:
         dev = w.device
-        if kind == "lowrank":
+        if target in quantized:  # low-rank (a diff was refused above)
+            quantized[target].add_lora(ts[0], ts[1], s)
+        elif kind == "lowrank":
             up, down = (t.to(dev, torch.float32) for t in ts)
             w.copy_((w.float() + s * (up @ down)).to(w.dtype))
         else:

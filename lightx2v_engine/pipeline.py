@@ -381,4 +381,5 @@ def _check_task(task: str, mcfg: ModelConfig) -> None:
 def _load_quantized_dit(mcfg: ModelConfig, mp: Path, run: RunConfig, dev: torch.device) -> WanDiT:
     """A LightX2V quantized checkpoint (dit_quantized_ckpt): the linears of the blocks become QuantLinear."""
     from lightx2v_engine.loading import load_quantized_dit
-    return load_quantized_dit(mcfg, mp, run.dit_quantized_ckpt, run.dit_quant_scheme, dtype=run.dtype, device=dev)
+    return load_quantized_dit(mcfg, mp, run.dit_quantized_ckpt, run.dit_quant_scheme, dtype=run.dtype, device=dev,
+                              lora_specs=run.lora_configs, lora_strict=run.lora_strict)

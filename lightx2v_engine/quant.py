@@ -204,8 +204,8 @@ def quant_linears_same_input(x: torch.Tensor, mods: list["QuantLinear"]) -> list
         return [m(x) for m in mods]
     x2 = x.reshape(-1, k)
     xq, sx = per_token_quant(x2, first.scheme)
-    return [_gemm_8bit(xq, sx, m.weight, m.weight_scale, m.bias, x.dtype).reshape(*x.shape[:-1], m.out_features)
-            for m in mods]
+    return [m._add_lora(_gemm_8bit(xq, sx, m.weight, m.weight_scale, m.bias, x.dtype), x2)
+            .reshape(*x.shape[:-1], m.out_features) for m in mods]
 
 
 class QuantLinear(nn.Module):
@@ -213,6 +213,9 @@ class QuantLinear(nn.Module):
 
     Buffers (LightX2V key names): weight [out, in] fp8 e4m3 / int8, weight_scale [out, 1] fp32, bias [out]
     (run dtype) or None. x [..., in] -> y [..., out] in x's dtype.
+    LoRAs (add_lora) run beside the 8-bit GEMM as y += (x lora_down^T) lora_up^T, like LightX2V's
+    lora_dynamic_apply: lora_down [R, in], lora_up [out, R] (the scales folded in), R the ranks of every
+    LoRA added; not part of the state dict.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, scheme: str = "fp8",
@@ -225,6 +228,30 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=qdtype, device=device))
         self.register_buffer("weight_scale", torch.empty(out_features, 1, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+        self.register_buffer("lora_down", None, persistent=False)
+        self.register_buffer("lora_up", None, persistent=False)
+
+    @torch.no_grad()
+    def add_lora(self, up: torch.Tensor, down: torch.Tensor, scale: float) -> None:
+        """Adds the branch scale * up @ down (up [out, r], down [r, in]) beside the 8-bit weight, stacked
+        with earlier ones along the rank; kept in the bias's dtype (the run dtype), on the weight's device."""
+        if up.dim() != 2 or down.dim() != 2 or up.shape[1] != down.shape[0] or \
+                (up.shape[0], down.shape[1]) != (self.out_features, self.in_features):
+            raise ValueError(f"QuantLinear.add_lora: up {tuple(up.shape)} @ down {tuple(down.shape)} does not give "
+                             f"[{self.out_features}, {self.in_features}]")
+        dtype = self.bias.dtype if self.bias is not None else torch.bfloat16
+        dev = self.weight.device
+        up = (up.to(dev, torch.float32) * scale).to(dtype)
+        down = down.to(dev, dtype)
+        if self.lora_down is not None:
+            up, down = torch.cat([self.lora_up, up], 1), torch.cat([self.lora_down, down], 0)
+        self.lora_up, self.lora_down = up, down
+
+    def _add_lora(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y + the LoRA branches of x (y [M, out], x [M, in]); y itself without any."""
+        if self.lora_down is None:
+            return y
+        return y + (x @ self.lora_down.to(x.dtype).t()) @ self.lora_up.to(x.dtype).t()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, scheme: str) -> "QuantLinear":
@@ -243,7 +270,10 @@ class QuantLinear(nn.Module):
         quantization (the FFN's ffn.2: one pass over [M, K] instead of two)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantLinear: expected input [..., {self.in_features}], got {tuple(x.shape)}")
-        y = quant_linear(x.reshape(-1, self.in_features), self.weight, self.weight_scale, self.bias, input_gelu)
+        x2 = x.reshape(-1, self.in_features)
+        y = quant_linear(x2, self.weight, self.weight_scale, self.bias, input_gelu)
+        if self.lora_down is not None:
+            y = self._add_lora(y, F.gelu(x2, approximate="tanh") if input_gelu else x2)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _apply(self, fn, recurse=True):
@@ -279,13 +309,16 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, scheme={self.scheme}")
+                f"bias={self.bias is not None}, scheme={self.scheme}"
+                + (f", lora_rank={self.lora_down.shape[0]}" if self.lora_down is not None else ""))
 
 
 def concat_quant_linears(mods: list[QuantLinear]) -> QuantLinear:
     """One QuantLinear computing cat([m(x) for m in mods], -1) (e.g. q, k, v of one attention): per-output-
     channel scales concatenate exactly, and x is quantized once for all. All must share in_features/scheme."""
     first = mods[0]
+    if any(m.lora_down is not None for m in mods):
+        raise ValueError("concat_quant_linears: modules with LoRA branches cannot be concatenated")
     for m in mods:
         if m.in_features != first.in_features or m.scheme != first.scheme or (m.bias is None) != (first.bias is None):
             raise ValueError(f"concat_quant_linears: mismatched modules {first.extra_repr()} vs {m.extra_repr()}")
@@ -306,7 +339,8 @@ def quant_linear_gate_residual(linear: QuantLinear, x: torch.Tensor, residual: t
     linear's output (rounded to x's dtype) goes through the same formula in torch.
     """
     b, l, _ = x.shape
-    if x.is_cuda and b == 1 and residual.stride(-1) == 1 and linear.weight.shape[1] % 16 == 0:
+    if x.is_cuda and b == 1 and residual.stride(-1) == 1 and linear.weight.shape[1] % 16 == 0 \
+            and linear.lora_down is None:
         from lightx2v_engine.kernels.fp8_gemm import scaled_gemm
         xq, sx = per_token_quant(x.reshape(l, -1), linear.scheme)
         out = scaled_gemm(xq, linear.weight, sx, linear.weight_scale, linear.bias, residual.reshape(l, -1),

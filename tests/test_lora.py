@@ -152,3 +152,49 @@ def test_against_diffusers_lora_loading(cfg):
         c = base(x, t, ctx, clip, y)
     assert rel_l2(c, b) > 1e-3  # the LoRA does change the output
     assert rel_l2(a, b) <= 1e-4
+
+
+@pytest.mark.parametrize("style", [("lora_B.default", "lora_A.default"), ("lora_B", "lora_A"),
+                                   ("lora_linear_layer.up", "lora_linear_layer.down")])
+def test_other_lora_key_styles_merge(style):
+    """PEFT's adapter-named keys, bare lora_B/lora_A tensors and diffusers' LoRACompatibleLinear names merge
+    like kohya's lora_up/lora_down."""
+    sd = wan_state_dict(diffusers_model(TINY_T2V))
+    ref = make_lora(sd, LINEARS[:3], seed=5)
+    want = build_dit(TINY_T2V, None, dtype=torch.float32)
+    want.load_state_dict(sd)
+    merge_lora_(want, ref, 0.7)
+    up, down = style
+    bare = up == "lora_B"
+    other = {}
+    for k, v in ref.items():
+        k = k.replace(".lora_up.weight", f".{up}" + ("" if bare else ".weight"))
+        other[k.replace(".lora_down.weight", f".{down}" + ("" if bare else ".weight"))] = v
+    got = build_dit(TINY_T2V, None, dtype=torch.float32)
+    got.load_state_dict(sd)
+    assert merge_lora_(got, other, 0.7) == 3
+    for k, v in want.state_dict().items():
+        torch.testing.assert_close(got.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_attention_processor_lora_names_merge():
+    """diffusers' old attention-processor LoRA names, e.g. 'to_q_lora.up.weight' (diffusers layout target)."""
+    sd = wan_state_dict(diffusers_model(TINY_T2V))
+    g = torch.Generator().manual_seed(2)
+    up, down = torch.randn(sd["blocks.0.self_attn.q.weight"].shape[0], 2, generator=g), torch.randn(
+        2, sd["blocks.0.self_attn.q.weight"].shape[1], generator=g)
+    model = build_dit(TINY_T2V, None, dtype=torch.float32)
+    model.load_state_dict(sd)
+    n = merge_lora_(model, {"transformer.blocks.0.attn1.to_q_lora.up.weight": up,
+                            "transformer.blocks.0.attn1.to_q_lora.down.weight": down}, 1.0)
+    assert n == 1
+    torch.testing.assert_close(model.blocks[0].self_attn.q.weight, sd["blocks.0.self_attn.q.weight"] + up @ down)
+
+
+def test_unmatched_keys_error_says_how_to_skip_them():
+    sd = wan_state_dict(diffusers_model(TINY_T2V))
+    model = build_dit(TINY_T2V, None, dtype=torch.float32)
+    model.load_state_dict(sd)
+    with pytest.raises(LoraKeyError, match='"lora_strict": false'):
+        merge_lora_(model, {"text_encoder.x.lora_up.weight": torch.zeros(2, 2),
+                            "text_encoder.x.lora_down.weight": torch.zeros(2, 2)}, 1.0)

@@ -55,3 +55,100 @@ def test_quantized_checkpoint_errors(tmp_path):
         load_quantized_dit(TINY_T2V, tmp_path, "nope.safetensors", "fp8-sgl")
     with pytest.raises(ValueError, match="nvfp4"):
         load_quantized_dit(TINY_T2V, tmp_path, "bf16.safetensors", "nvfp4")
+
+
+def _quantized_file(cfg, sd, scheme, path):
+    ref = build_dit(cfg, None, dtype=torch.float32)
+    ref.load_state_dict(sd)
+    quantize_dit_(ref, scheme)
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+
+
+def test_quantized_checkpoint_given_as_original_names_the_keys_to_set(tmp_path):
+    """LightX2V's own I2V config points dit_original_ckpt at an int8 file: the error says what to set."""
+    from lightx2v_engine.loading import load_dit
+    sd = wan_state_dict(diffusers_model(TINY_T2V))
+    _quantized_file(TINY_T2V, sd, "int8", tmp_path / "int8.safetensors")
+    with pytest.raises(CheckpointError, match=r'int8 weights .*set "dit_quantized": true, "dit_quantized_ckpt".*int8-sgl'):
+        load_dit(TINY_T2V, tmp_path, dit_original_ckpt=str(tmp_path / "int8.safetensors"), dtype="fp32")
+
+
+@pytest.mark.parametrize("scheme", ["fp8-sgl", "int8-vllm"])
+def test_lora_on_a_quantized_dit_runs_beside_the_8bit_linears(scheme, tmp_path):
+    """lora_configs with dit_quantized: the low-rank pairs of the 8-bit linears become branches (LightX2V's
+    lora_dynamic_apply), the rest merges. The result moves to the bf16-merged model: its distance there is
+    the quantization's, not the LoRA's; a strength-0 LoRA changes nothing; a full-weight diff on an 8-bit
+    weight is refused before anything changes."""
+    from safetensors.torch import save_file as save
+    from lightx2v_engine.config import LoraSpec
+    from lightx2v_engine.lora import LoraKeyError, merge_lora_
+    cfg = TINY_T2V
+    sd = wan_state_dict(diffusers_model(cfg))
+    _quantized_file(cfg, sd, scheme, tmp_path / "q.safetensors")
+    g = torch.Generator().manual_seed(3)
+    # q (self-attention's shared-input path), cross o, ffn.0, ffn.2 (GELU fused into its quantization),
+    # and a non-quantized linear (head): merged
+    targets = ["blocks.0.self_attn.q", "blocks.1.self_attn.v", "blocks.1.cross_attn.o", "blocks.0.ffn.0",
+               "blocks.1.ffn.2", "head.head"]
+    lora = {}
+    for t in targets:
+        out_f, in_f = sd[t + ".weight"].shape
+        lora[f"diffusion_model.{t}.lora_B.weight"] = torch.randn(out_f, 4, generator=g) * 0.3
+        lora[f"diffusion_model.{t}.lora_A.weight"] = torch.randn(4, in_f, generator=g) * 0.3
+        lora[f"diffusion_model.{t}.alpha"] = torch.tensor(2.0)
+    save(lora, str(tmp_path / "l.safetensors"))
+    x, t, ctx, clip, y = inputs(cfg, text_len=16)
+
+    plain = load_quantized_dit(cfg, tmp_path, "q.safetensors", scheme, dtype="fp32")
+    with_lora = load_quantized_dit(cfg, tmp_path, "q.safetensors", scheme, dtype="fp32",
+                                   lora_specs=[LoraSpec(str(tmp_path / "l.safetensors"), 0.8)])
+    zero = load_quantized_dit(cfg, tmp_path, "q.safetensors", scheme, dtype="fp32",
+                              lora_specs=[LoraSpec("l.safetensors", 0.0)])  # found in the model folder
+    assert with_lora.blocks[1].ffn[2].lora_down.shape == (4, cfg.ffn_dim)
+    assert "lora_down" not in with_lora.state_dict() and "blocks.0.ffn.0.lora_up" not in with_lora.state_dict()
+    merged = build_dit(cfg, None, dtype=torch.float32)
+    merged.load_state_dict(sd)
+    merge_lora_(merged, lora, 0.8)
+    unmerged = build_dit(cfg, None, dtype=torch.float32)
+    unmerged.load_state_dict(sd)
+    with torch.no_grad():
+        a, b0, z = with_lora(x, t, ctx), plain(x, t, ctx), zero(x, t, ctx)
+        m, u = merged(x, t, ctx), unmerged(x, t, ctx)
+    quant_err = rel_l2(b0, u)  # what 8-bit weights and activations cost without a LoRA
+    assert rel_l2(m, u) > 20 * quant_err  # the LoRA matters
+    assert rel_l2(a, m) < 2 * quant_err  # and is applied
+    torch.testing.assert_close(z, b0, rtol=0, atol=0)
+    # a full-weight diff on an 8-bit weight: refused, nothing changed (the head's pair would have merged)
+    before = {k: v.clone() for k, v in with_lora.state_dict().items()}
+    bad = dict(lora)
+    bad["diffusion_model.blocks.0.ffn.0.diff"] = torch.zeros_like(sd["blocks.0.ffn.0.weight"])
+    with pytest.raises(LoraKeyError, match=r"full-weight diff for 'blocks\.0\.ffn\.0\.weight', an 8-bit weight"):
+        merge_lora_(with_lora, bad, 1.0)
+    after = with_lora.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert with_lora.blocks[1].ffn[2].lora_down.shape[0] == 4
+
+
+def test_quant_linear_lora_branch_formula():
+    """QuantLinear.add_lora: y = the 8-bit linear + sum_i s_i (x down_i^T) up_i^T, also through
+    quant_linears_same_input and input_gelu; stacked LoRAs concatenate along the rank."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from lightx2v_engine.quant import quant_linears_same_input
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(64, 48)
+    q = QuantLinear.from_linear(lin, "fp8")
+    x = torch.randn(2, 5, 64, generator=g)
+    base = q(x).double()
+    ups = [torch.randn(48, r, generator=g) for r in (4, 2)]
+    downs = [torch.randn(r, 64, generator=g) for r in (4, 2)]
+    for u, d, s in zip(ups, downs, (0.5, -1.5)):
+        q.add_lora(u, d, s)
+    want = base + sum(s * (x.double() @ d.double().t()) @ u.double().t() for u, d, s in zip(ups, downs, (0.5, -1.5)))
+    torch.testing.assert_close(q(x).double(), want, rtol=1e-5, atol=1e-4)
+    (got,) = quant_linears_same_input(x, [q])
+    torch.testing.assert_close(got, q(x), rtol=0, atol=0)
+    xg = F.gelu(x, approximate="tanh")
+    torch.testing.assert_close(q(x, input_gelu=True), q(xg), rtol=1e-6, atol=1e-5)
+    with pytest.raises(ValueError, match=r"up \(48, 3\) @ down \(4, 64\)"):
+        q.add_lora(torch.zeros(48, 3), torch.zeros(4, 64), 1.0)
