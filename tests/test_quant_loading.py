@@ -152,3 +152,42 @@ def test_quant_linear_lora_branch_formula():
     torch.testing.assert_close(q(x, input_gelu=True), q(xg), rtol=1e-6, atol=1e-5)
     with pytest.raises(ValueError, match=r"up \(48, 3\) @ down \(4, 64\)"):
         q.add_lora(torch.zeros(48, 3), torch.zeros(4, 64), 1.0)
+
+
+def test_cli_quantized_dit_with_lora(tmp_path, capsys):
+    """Through the CLI: dit_quantized + lora_configs applies the LoRA (the latents change), and a LoRA file
+    that does not exist is an error naming it (it was silently skipped)."""
+    import json
+    from safetensors.torch import load_file
+    from lightx2v_engine.infer import main
+    from lightx2v_engine.tiny import make_tiny_model_folder
+    from lightx2v_engine.video import load_latents
+    from lightx2v_engine.config import model_config_from_json
+    folder = make_tiny_model_folder(tmp_path / "m", "t2v")
+    cfg = model_config_from_json(folder / "config.json")
+    sd = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    _quantized_file(cfg, {k: v.float() for k, v in sd.items()}, "fp8", folder / "q8.safetensors")
+    g = torch.Generator().manual_seed(0)
+    lora = {}
+    for name in ("blocks.0.self_attn.o", "blocks.1.ffn.2"):
+        out_f, in_f = sd[name + ".weight"].shape
+        lora[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(out_f, 4, generator=g)
+        lora[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(4, in_f, generator=g)
+    save_file(lora, str(folder / "style.safetensors"))
+
+    def run(loras, name):
+        conf = {"infer_steps": 4, "denoising_step_list": [1000, 750, 500, 250], "target_video_length": 5,
+                "target_height": 32, "target_width": 48, "dit_quantized": True, "dit_quantized_ckpt": "q8.safetensors",
+                "dit_quant_scheme": "fp8-sgl", "lora_configs": loras}
+        (tmp_path / f"{name}.json").write_text(json.dumps(conf))
+        return main(["--model_cls", "wan2.1_distill", "--task", "t2v", "--model_path", str(folder), "--config_json",
+                     str(tmp_path / f"{name}.json"), "--prompt", "a cat", "--seed", "1", "--save_result_path",
+                     str(tmp_path / f"{name}.mp4"), "--save_latents", str(tmp_path / f"{name}.safetensors"), "--quiet"])
+
+    assert run([], "plain") == 0
+    assert run([{"path": "style.safetensors", "strength": 1.0}], "lora") == 0
+    a, b = load_latents(tmp_path / "plain.safetensors")[0], load_latents(tmp_path / "lora.safetensors")[0]
+    assert (a - b).norm() > 1e-3 * a.norm()
+    capsys.readouterr()
+    assert run([{"path": "missing.safetensors", "strength": 1.0}], "missing") == 2
+    assert "missing.safetensors" in capsys.readouterr().err
