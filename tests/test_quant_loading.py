@@ -191,3 +191,29 @@ def test_cli_quantized_dit_with_lora(tmp_path, capsys):
     capsys.readouterr()
     assert run([{"path": "missing.safetensors", "strength": 1.0}], "missing") == 2
     assert "missing.safetensors" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", ["fp8", "int8"])
+def test_quant_linear_lora_branch_cuda(scheme):
+    """The CUDA path (fused activation quantization + 8-bit GEMM, shared-input q/k/v, GELU inside ffn.2's
+    quantization) adds the branch: against the 8-bit linear alone plus the branch in fp32."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from lightx2v_engine.quant import quant_linears_same_input
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(256, 128).cuda().bfloat16()
+    q = QuantLinear.from_linear(lin, scheme)
+    x = torch.randn(3, 40, 256, generator=g).cuda().bfloat16()
+    base, base_gelu = q(x).float(), q(x, input_gelu=True).float()
+    up, down = torch.randn(128, 8, generator=g) * 0.2, torch.randn(8, 256, generator=g) * 0.2
+    q.add_lora(up, down, 0.5)
+    assert q.lora_down.is_cuda and q.lora_down.dtype == torch.bfloat16
+
+    def branch(t):
+        return 0.5 * (t.float() @ down.cuda().t()) @ up.cuda().t()
+    tol = dict(rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(q(x).float(), base + branch(x), **tol)
+    torch.testing.assert_close(quant_linears_same_input(x, [q, q])[1].float(), base + branch(x), **tol)
+    torch.testing.assert_close(q(x, input_gelu=True).float(),
+                               base_gelu + branch(F.gelu(x, approximate="tanh")), **tol)
