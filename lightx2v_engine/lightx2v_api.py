@@ -1,0 +1,151 @@
+"""LightX2V's Python API (``from lightx2v import LightX2VPipeline``, lightx2v.md §5) over this engine's
+Pipeline, for scripts written against LightX2V:
+
+    pipe = LightX2VPipeline(task="t2v", model_path="/models/Wan2.1-T2V-1.3B", model_cls="wan2.1_distill")
+    pipe.enable_quantize(dit_quantized=True, dit_quantized_ckpt="...fp8...safetensors", quant_scheme="fp8-sgl")
+    pipe.enable_lora([{"path": "style.safetensors", "strength": 1.0}])
+    pipe.create_generator(attn_mode="sage_attn2", infer_steps=4, num_frames=81, height=480, width=832,
+                          guidance_scale=1.0)
+    pipe.generate(seed=42, prompt="...", negative_prompt="", save_result_path="out.mp4")
+
+The enable_* calls collect LightX2V config keys; create_generator validates them once (the config
+parser's errors and warnings) and loads the models; generate runs one video. What the engine does not
+support raises a clear error here (Wan2.2 checkpoints, multi-GPU parallelism); keys it accepts without
+acting on (caching, light VAEs, compile) warn as they do in a JSON config.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_TASKS = ("t2v", "i2v")
+
+
+class LightX2VPipeline:
+    """LightX2V's pipeline object: construct, enable_* (optional), create_generator, then generate."""
+
+    def __init__(self, task: str, model_path: str, model_cls: str, sf_model_path: str | None = None,
+                 dit_original_ckpt: str | None = None, low_noise_original_ckpt: str | None = None,
+                 high_noise_original_ckpt: str | None = None, transformer_model_name: str | None = None,
+                 device: str | torch.device | None = None):
+        if task not in _TASKS:
+            raise ValueError(f"LightX2VPipeline: task {task!r} is not supported here; choose one of {list(_TASKS)}")
+        for name, value in (("low_noise_original_ckpt", low_noise_original_ckpt),
+                            ("high_noise_original_ckpt", high_noise_original_ckpt), ("sf_model_path", sf_model_path),
+                            ("transformer_model_name", transformer_model_name)):
+            if value is not None:
+                raise ValueError(f"LightX2VPipeline: {name} (Wan2.2 / Self-Forcing model layouts) is not supported "
+                                 f"by this engine (Wan2.1 only)")
+        self.task, self.model_path, self.model_cls, self.device = task, model_path, model_cls, device
+        self.config: dict[str, Any] = {}
+        if dit_original_ckpt is not None:
+            self.config["dit_original_ckpt"] = dit_original_ckpt
+        self.pipeline = None  # set by create_generator
+
+    # ------------------------------------------------------------------ options (before create_generator)
+    def _set(self, **keys: Any) -> None:
+        if self.pipeline is not None:
+            raise RuntimeError("LightX2VPipeline: call enable_* before create_generator (as in LightX2V)")
+        self.config.update({k: v for k, v in keys.items() if v is not None})
+
+    def enable_quantize(self, dit_quantized: bool = False, text_encoder_quantized: bool = False,
+                        image_encoder_quantized: bool = False, dit_quantized_ckpt: str | None = None,
+                        low_noise_quantized_ckpt: str | None = None, high_noise_quantized_ckpt: str | None = None,
+                        text_encoder_quantized_ckpt: str | None = None, image_encoder_quantized_ckpt: str | None = None,
+                        quant_scheme: str = "fp8-sgl", text_encoder_quant_scheme: str | None = None) -> None:
+        if low_noise_quantized_ckpt or high_noise_quantized_ckpt:
+            raise ValueError("LightX2VPipeline.enable_quantize: low/high_noise_quantized_ckpt are Wan2.2 keys; "
+                             "this engine runs Wan2.1 (use dit_quantized_ckpt)")
+        self._set(dit_quantized=dit_quantized, dit_quant_scheme=quant_scheme if dit_quantized else None,
+                  dit_quantized_ckpt=dit_quantized_ckpt)
+        if text_encoder_quantized:
+            self._set(t5_quantized=True, t5_quantized_ckpt=text_encoder_quantized_ckpt or None,
+                      t5_quant_scheme=text_encoder_quant_scheme or quant_scheme)
+        if image_encoder_quantized:
+            self._set(clip_quantized=True, clip_quantized_ckpt=image_encoder_quantized_ckpt or None,
+                      clip_quant_scheme=quant_scheme)
+
+    def enable_offload(self, cpu_offload: bool = False, offload_granularity: str = "block",
+                       text_encoder_offload: bool = False, image_encoder_offload: bool = False,
+                       vae_offload: bool = False) -> None:
+        self._set(cpu_offload=cpu_offload, offload_granularity=offload_granularity,
+                  t5_cpu_offload=text_encoder_offload, clip_cpu_offload=image_encoder_offload,
+                  vae_cpu_offload=vae_offload)
+
+    def enable_lora(self, lora_configs: list[dict], lora_dynamic_apply: bool = False) -> None:
+        """lora_configs: [{"path": ..., "strength": ...}, ...] (paths absolute or relative to model_path)."""
+        self._set(lora_configs=list(lora_configs), lora_dynamic_apply=lora_dynamic_apply or None)
+
+    def enable_lightvae(self, use_lightvae: bool = False, use_tae: bool = False, vae_path: str | None = None,
+                        tae_path: str | None = None) -> None:
+        # vae_path / tae_path name the light autoencoders, which this engine does not run: the keys go to the
+        # config (a warning names them) and the standard Wan VAE decodes
+        self._set(use_lightvae=use_lightvae or None, use_tae=use_tae or None, tae_path=tae_path if use_tae else None)
+
+    def enable_cache(self, cache_method: str = "Tea", coefficients=(), teacache_thresh: float = 0.15,
+                     use_ret_steps: bool = False, **magcache: Any) -> None:
+        self._set(feature_caching=cache_method, coefficients=list(coefficients) or None,
+                  teacache_thresh=teacache_thresh, use_ret_steps=use_ret_steps)
+
+    def enable_compile(self) -> None:
+        self._set(use_compile=True)
+
+    def enable_parallel(self, cfg_p_size: int = 1, seq_p_size: int = 1, seq_p_attn_type: str = "ulysses") -> None:
+        if cfg_p_size > 1 or seq_p_size > 1:
+            raise NotImplementedError("LightX2VPipeline.enable_parallel: multi-GPU (CFG / sequence) parallelism is "
+                                      "not supported by this engine; run one process per GPU")
+
+    # ------------------------------------------------------------------ build and run
+    def create_generator(self, attn_mode: str = "flash_attn2", infer_steps: int = 50, num_frames: int = 81,
+                         height: int = 480, width: int = 832, guidance_scale: float = 5.0, sample_shift: float = 5.0,
+                         fps: int = 16, aspect_ratio: str = "16:9", boundary: float = 0.900,
+                         boundary_step_index: int = 2, denoising_step_list=(1000, 750, 500, 250),
+                         config_json: str | None = None, rope_type: str = "torch", resize_mode=None) -> None:
+        """Validates the collected keys and loads the models. With config_json, that file's keys (the
+        arguments are then ignored, as in LightX2V); else the arguments. guidance_scale 1 turns CFG off.
+        The distill model classes take their step count from denoising_step_list (LightX2V's distill
+        scheduler ignores infer_steps)."""
+        from lightx2v_engine.pipeline import Pipeline
+        if self.pipeline is not None:
+            raise RuntimeError("LightX2VPipeline.create_generator: already created")
+        if config_json is not None:
+            keys = json.loads(Path(config_json).read_text())
+            if not isinstance(keys, dict):
+                raise ValueError(f"{config_json}: expected a JSON object of config keys")
+        else:
+            steps = list(denoising_step_list)
+            distill = self.model_cls != "wan2.1"
+            keys = {"infer_steps": len(steps) if distill else infer_steps, "target_video_length": num_frames,
+                    "target_height": height, "target_width": width, "sample_guide_scale": guidance_scale,
+                    "sample_shift": sample_shift, "enable_cfg": guidance_scale != 1, "fps": fps,
+                    "self_attn_1_type": attn_mode, "cross_attn_1_type": attn_mode, "cross_attn_2_type": attn_mode}
+            if distill:
+                keys["denoising_step_list"] = steps
+        self.pipeline = Pipeline.load(self.model_path, {**keys, **self.config}, task=self.task,
+                                      model_cls=self.model_cls, device=self.device)
+
+    @torch.no_grad()
+    def generate(self, seed: int, prompt: str, negative_prompt: str, save_result_path: str,
+                 image_path: str | None = None, last_frame_path: str | None = None, audio_path: str | None = None,
+                 src_ref_images=None, src_video=None, src_mask=None, return_result_tensor: bool = False,
+                 target_shape=()) -> torch.Tensor | None:
+        """One video saved to save_result_path (mp4). Returns the frames (uint8 [T, H, W, 3]) when
+        return_result_tensor, else None. target_shape [H, W] overrides the generator's size."""
+        if self.pipeline is None:
+            raise RuntimeError("LightX2VPipeline.generate: call create_generator first")
+        for name, value in (("last_frame_path", last_frame_path), ("audio_path", audio_path),
+                            ("src_ref_images", src_ref_images), ("src_video", src_video), ("src_mask", src_mask)):
+            if value:
+                raise ValueError(f"LightX2VPipeline.generate: {name} (FLF2V / audio / VACE tasks) is not supported "
+                                 f"by this engine")
+        h, w = (target_shape[0], target_shape[1]) if target_shape else (None, None)
+        out = self.pipeline.generate(prompt, negative_prompt=negative_prompt, image=image_path, seed=seed,
+                                     height=h, width=w)
+        out.save(save_result_path)
+        return out.frames if return_result_tensor else None
+
+
+__all__ = ["LightX2VPipeline"]

@@ -1,0 +1,55 @@
+"""LightX2V's Python API (lightx2v_engine.lightx2v_api.LightX2VPipeline) on a tiny model folder: the same
+video as the engine's own Pipeline with the same keys; LightX2V's call order and unsupported options give
+clear errors."""
+import pytest
+import torch
+
+from lightx2v_engine.lightx2v_api import LightX2VPipeline
+from lightx2v_engine.pipeline import Pipeline
+from lightx2v_engine.tiny import make_tiny_model_folder
+from lightx2v_engine.video import read_mp4
+
+pytestmark = pytest.mark.usefixtures("torch_ops")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_tiny_model_folder(tmp_path_factory.mktemp("tiny_api"), "t2v")
+
+
+def test_same_video_as_the_engine_pipeline(folder, tmp_path):
+    pipe = LightX2VPipeline(task="t2v", model_path=str(folder), model_cls="wan2.1_distill", device="cpu")
+    pipe.create_generator(attn_mode="sage_attn2", infer_steps=50, num_frames=9, height=64, width=96,
+                          guidance_scale=1.0, sample_shift=5.0, fps=16)
+    assert pipe.pipeline.run_cfg.infer_steps == 4 and pipe.pipeline.run_cfg.enable_cfg is False
+    assert pipe.pipeline.run_cfg.attn_8bit  # sage_attn2 -> the 8-bit kernel where it runs
+    frames = pipe.generate(seed=7, prompt="a red car", negative_prompt="", save_result_path=str(tmp_path / "a.mp4"),
+                           return_result_tensor=True)
+    assert read_mp4(tmp_path / "a.mp4").shape == (9, 64, 96, 3)
+    ref = Pipeline.load(folder, {"target_video_length": 9, "target_height": 64, "target_width": 96,
+                                 "self_attn_1_type": "sage_attn2"}, device="cpu")
+    torch.testing.assert_close(frames, ref.generate("a red car", seed=7).frames, rtol=0, atol=0)
+    assert pipe.generate(seed=7, prompt="a red car", negative_prompt="", save_result_path=str(tmp_path / "b.mp4"),
+                         target_shape=[32, 48]) is None
+    assert read_mp4(tmp_path / "b.mp4").shape == (9, 32, 48, 3)
+
+
+def test_call_order_and_unsupported_options(folder, tmp_path):
+    with pytest.raises(ValueError, match="low_noise_original_ckpt .*not supported"):
+        LightX2VPipeline(task="i2v", model_path=str(folder), model_cls="wan2.2_moe", low_noise_original_ckpt="x")
+    with pytest.raises(ValueError, match="task 'flf2v' is not supported"):
+        LightX2VPipeline(task="flf2v", model_path=str(folder), model_cls="wan2.1")
+    pipe = LightX2VPipeline(task="t2v", model_path=str(folder), model_cls="wan2.1_distill", device="cpu")
+    with pytest.raises(NotImplementedError, match="parallelism"):
+        pipe.enable_parallel(seq_p_size=4)
+    with pytest.raises(RuntimeError, match="create_generator first"):
+        pipe.generate(seed=1, prompt="x", negative_prompt="", save_result_path=str(tmp_path / "x.mp4"))
+    pipe.enable_lora([{"path": "missing_lora.safetensors", "strength": 1.0}])
+    with pytest.raises(FileNotFoundError, match="missing_lora.safetensors"):
+        pipe.create_generator(num_frames=9, height=64, width=96, guidance_scale=1.0)
+    pipe = LightX2VPipeline(task="t2v", model_path=str(folder), model_cls="wan2.1_distill", device="cpu")
+    pipe.create_generator(num_frames=5, height=32, width=48, guidance_scale=1.0)
+    with pytest.raises(RuntimeError, match="before create_generator"):
+        pipe.enable_quantize(dit_quantized=True)
+    with pytest.raises(ValueError, match="audio_path .*not supported"):
+        pipe.generate(seed=1, prompt="x", negative_prompt="", save_result_path=str(tmp_path / "x.mp4"), audio_path="a.wav")
