@@ -10,6 +10,8 @@ import dataclasses
 import difflib
 import json
 import math
+import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,9 +160,17 @@ class RunConfig:
     dit_quantized: bool = False
     dit_quantized_ckpt: str | None = None
     dit_quant_scheme: str | None = None
+    # Offload: the encoder's/VAE's weights stay on the CPU between uses and move to the run device for each
+    # use. Each of t5/clip/vae_cpu_offload defaults to cpu_offload (as LightX2V); the DiT stays resident.
+    cpu_offload: bool = False
     t5_cpu_offload: bool = False
     clip_cpu_offload: bool = False
     vae_cpu_offload: bool = False
+    # Paths instead of the model folder's default files (absolute, or relative to the model folder).
+    t5_original_ckpt: str | None = None
+    clip_original_ckpt: str | None = None
+    vae_path: str | None = None
+    sample_neg_prompt: str | None = None   # negative prompt under CFG when none is given (default: Wan's)
     self_attn_1_type: str = "flash_attn3"   # a name from ATTN_TYPES: sage_* -> the 8-bit kernel, else exact
     cross_attn_1_type: str = "flash_attn3"  # cross-attention is always exact (512/769 keys)
     cross_attn_2_type: str = "flash_attn3"
@@ -202,16 +212,40 @@ _MAPPED = {f.name for f in dataclasses.fields(RunConfig)} - {"ignored_keys"}
 # Keys LightX2V configs carry that this engine accepts but does not act on (one warning names them).
 _ACCEPTED_IGNORED = {
     "attention_type", "attn_type",
-    "cpu_offload", "offload_granularity", "offload_ratio", "lazy_load", "num_disk_workers", "unload_modules",
+    "offload_granularity", "offload_ratio", "lazy_load", "num_disk_workers", "unload_modules",
     "parallel", "seq_parallel", "cfg_parallel", "feature_caching", "teacache_thresh", "use_ret_steps",
-    "use_tiling_vae", "use_lightvae", "use_tae", "use_stream_vae", "vae_path", "tae_path",
-    "t5_quantized", "t5_quant_scheme", "t5_quantized_ckpt", "clip_quantized", "clip_quant_scheme",
-    "clip_quantized_ckpt", "enable_dynamic_cfg", "cfg_scale", "rope_type", "modulate_type", "rms_norm_type",
+    "use_tiling_vae", "use_lightvae", "use_tae", "use_stream_vae", "tae_path",
+    "t5_quant_scheme", "t5_quantized_ckpt", "clip_quant_scheme", "clip_quantized_ckpt", "cfg_scale", "rope_type", "modulate_type", "rms_norm_type",
     "layer_norm_type", "use_compile", "compile_shapes", "model_cls", "task", "mm_config", "scheduler_type",
     "return_result_tensor", "vae_stride", "patch_size", "num_channels_latents", "sample_solver",
     "lora_dynamic_apply", "use_prompt_enhancer", "sf_config", "clean_cuda_cache", "rotary_chunk",
     "rotary_chunk_size", "audio_sr", "boundary", "boundary_step_index", "changing_resolution",
     "resolution_rate", "enable_cfg_parallel", "infer_dtype", "sensitive_layer_dtype", "cpu_offload_activations",
+    "use_31_block", "use_image_encoder", "lora_merge_force_fp32", "coefficients", "max_area", "do_mm_calib",
+    "use_bfloat16", "warmup",
+}
+# What the engine does instead, for ignored keys where that is worth saying (appended in the warning).
+_IGNORED_NOTES = {
+    "lora_merge_force_fp32": "LoRA merges always run in fp32 here",
+    "use_31_block": "the CLIP tower always runs Wan's 31 of 32 blocks",
+    "use_image_encoder": "I2V always encodes the image with CLIP",
+    "use_bfloat16": "the DiT's precision is the 'dtype' key, bf16 by default",
+    "warmup": "CUDA graphs are captured on the first call per shape",
+    "coefficients": "no feature caching",
+}
+
+# Keys whose true value asks for something this engine cannot do: an error, not a warning.
+# (key -> what is supported instead); false is accepted.
+_UNSUPPORTED_IF_TRUE = {
+    "t5_quantized": "quantized T5 encoders (-fp8/-int8 files) are not supported; lightx2v-engine loads the bf16 "
+                    "encoder (models_t5_umt5-xxl-enc-bf16.pth, or the file t5_original_ckpt names): set "
+                    "t5_quantized to false",
+    "clip_quantized": "quantized CLIP encoders are not supported; lightx2v-engine loads the fp16/bf16 CLIP file "
+                      "(models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth, or the file clip_original_ckpt "
+                      "names): set clip_quantized to false",
+    "enable_dynamic_cfg": "dynamic CFG adds a guidance embedding (guidance_embedding.linear_1/2) to the DiT, which "
+                          "lightx2v-engine does not implement; set it to false (cfg_scale then has no effect), or "
+                          "use enable_cfg with sample_guide_scale for classifier-free guidance",
 }
 
 _CHOICES = {
@@ -249,7 +283,7 @@ def _as(key: str, value: Any, typ: type):
 _TYPES = {
     "infer_steps": int, "sample_shift": float, "enable_cfg": bool, "sample_guide_scale": float,
     "target_video_length": int, "target_height": int, "target_width": int, "text_len": int, "seed": int,
-    "fps": int, "dit_quantized": bool, "t5_cpu_offload": bool, "clip_cpu_offload": bool,
+    "fps": int, "dit_quantized": bool, "cpu_offload": bool, "t5_cpu_offload": bool, "clip_cpu_offload": bool,
     "vae_cpu_offload": bool, "sampler": str, "distill_update": str, "dtype": str, "use_cuda_graph": bool,
     "vae_dtype": str, "lora_strict": bool,
 }
@@ -267,14 +301,17 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
     vals: dict[str, Any] = {}
     ignored, unknown = [], []
     for key, value in raw.items():
-        if key in _MAPPED:
+        if key in _UNSUPPORTED_IF_TRUE:
+            if value is not None and _as(key, value, bool):
+                raise _err(key, value, _UNSUPPORTED_IF_TRUE[key])
+        elif key in _MAPPED:
             vals[key] = value
         elif key in _ACCEPTED_IGNORED:
             ignored.append(key)
         else:
             unknown.append(key)
     if unknown:
-        known = sorted(_MAPPED | _ACCEPTED_IGNORED)
+        known = sorted(_MAPPED | _ACCEPTED_IGNORED | set(_UNSUPPORTED_IF_TRUE))
         hints = []
         for k in unknown:
             close = difflib.get_close_matches(k, known, n=1)
@@ -285,9 +322,14 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
     for key, typ in _TYPES.items():
         if key in vals and vals[key] is not None:
             out[key] = _as(key, vals[key], typ)
-    for key in ("dit_original_ckpt", "dit_quantized_ckpt", "dit_quant_scheme"):
+    for key in ("dit_original_ckpt", "dit_quantized_ckpt", "dit_quant_scheme", "t5_original_ckpt",
+                "clip_original_ckpt", "vae_path", "sample_neg_prompt"):
         if vals.get(key) is not None:
             out[key] = _as(key, vals[key], str)
+            if not out[key].strip():
+                raise _err(key, out[key], "must not be empty")
+    for key in ("t5_cpu_offload", "clip_cpu_offload", "vae_cpu_offload"):  # LightX2V: default to cpu_offload
+        out.setdefault(key, out.get("cpu_offload", False))
     dense = []
     for key in ("self_attn_1_type", "cross_attn_1_type", "cross_attn_2_type"):
         if vals.get(key) is not None:
@@ -367,12 +409,29 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
         out["lora_configs"] = tuple(specs)
 
     if dense and warn:
-        warnings.warn(f"{source}: sparse attention is not implemented; dense exact attention runs for "
-                      f"{', '.join(dense)}", stacklevel=2)
+        warn_user(f"{source}: sparse attention is not implemented; dense exact attention runs for "
+                  f"{', '.join(dense)}")
+    if out.get("cpu_offload") and warn:
+        moved = [name for name in ("t5", "clip", "vae") if out[f"{name}_cpu_offload"]]
+        warn_user(f"{source}: cpu_offload is true, but the DiT itself stays resident on the GPU (lightx2v-engine "
+                  f"does not offload DiT blocks); weights kept on the CPU between uses: "
+                  + (", ".join(moved) if moved else "none (t5/clip/vae_cpu_offload are false)"))
     if ignored and warn:
-        warnings.warn(f"{source}: accepted but not acted on by lightx2v-engine: {', '.join(sorted(ignored))}",
-                      stacklevel=2)
+        names = [k + (f" ({_IGNORED_NOTES[k]})" if k in _IGNORED_NOTES else "") for k in sorted(ignored)]
+        warn_user(f"{source}: accepted but not acted on by lightx2v-engine: {', '.join(names)}")
     return RunConfig(**out, ignored_keys=tuple(sorted(ignored)))
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+    """warnings.warn attributed to the first caller outside this package (the user's script, test or the
+    CLI's entry point), not to the engine's own frames that parse the config."""
+    level, frame = 1, sys._getframe(0)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 def load_run_config(path: str | Path | None, overrides: dict[str, Any] | None = None, *,

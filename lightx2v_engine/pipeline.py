@@ -1,6 +1,6 @@
 """The T2V/I2V pipeline: one function each for encode -> denoise -> decode, and a small Python API.
 
-    from lightx2v_engine import Pipeline
+    from lightx2v_engine import Pipeline   # or: from lightx2v_engine.pipeline import Pipeline
     pipe = Pipeline.load("Wan2.1-T2V-1.3B", "configs/distill/wan21/wan_t2v_distill_model_4step_cfg.json")
     out = pipe.generate("a cat surfing a wave", seed=42)
     out.save("cat.mp4")
@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 VAE_FILE = "Wan2.1_VAE.pth"
 CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+# LightX2V's quantized encoder files (lightx2v.md §4): recognised only to say that they are not supported.
+T5_QUANTIZED_FILES = ("models_t5_umt5-xxl-enc-fp8.pth", "models_t5_umt5-xxl-enc-int8.pth")
+CLIP_QUANTIZED_GLOBS = ("*clip*fp8*.pth", "*clip*int8*.pth")
 # Wan's default negative prompt (shared_config.sample_neg_prompt); I2V prefixes "镜头晃动，".
 WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
                        "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
@@ -49,7 +52,10 @@ class NonFiniteError(RuntimeError):
     """NaN/Inf produced at run time."""
 
 
-def find_file(name: str, model_path: Path, subdirs=("", "original", "distill_models")) -> Path:
+SEARCH_SUBDIRS = ("", "original", "distill_models")
+
+
+def find_file(name: str, model_path: Path, subdirs=SEARCH_SUBDIRS) -> Path:
     """`name` in the model folder (or its usual subfolders); FileNotFoundError naming every place searched."""
     tried = []
     for sub in subdirs:
@@ -58,6 +64,49 @@ def find_file(name: str, model_path: Path, subdirs=("", "original", "distill_mod
         if p.is_file():
             return p
     raise FileNotFoundError(f"{name} not found; searched: {tried}")
+
+
+def find_weights(key: str, override: str | None, default_name: str, model_path: Path,
+                 quantized_globs: tuple[str, ...] = ()) -> Path:
+    """The file for one component: config key `key`'s path when given (as given, then under the model
+    folder), else `default_name` in the model folder. A missing file is an error naming the key or the
+    places searched; a missing default next to a LightX2V quantized variant says that it is unsupported."""
+    if override is not None:
+        cands = [Path(override)] + ([] if Path(override).is_absolute() else [model_path / override])
+        for c in cands:
+            if c.is_file():
+                return c
+        raise FileNotFoundError(f"config key {key!r} = {override!r}: file not found; searched: "
+                                f"{[str(c) for c in cands]}")
+    try:
+        return find_file(default_name, model_path)
+    except FileNotFoundError as e:
+        quantized = sorted({p.name for sub in SEARCH_SUBDIRS for g in quantized_globs
+                            for p in (model_path / sub).glob(g) if p.is_file()})
+        if quantized:
+            raise FileNotFoundError(
+                f"{e}; the folder holds the quantized {', '.join(quantized)}, which lightx2v-engine does not "
+                f"load (LightX2V's {key.split('_')[0]}_quantized is not supported): add the unquantized "
+                f"{default_name}, or point {key} at an unquantized file") from None
+        raise
+
+
+def _to_device(module: torch.nn.Module, device: torch.device) -> None:
+    module.to(device)
+
+
+@contextlib.contextmanager
+def offloaded(module: torch.nn.Module | None, device: torch.device, enabled: bool):
+    """With `enabled` (t5/clip/vae_cpu_offload), `module` is moved to `device` for the block and back to the
+    CPU after it (LightX2V's encoder/VAE offload); otherwise it stays where it is."""
+    if module is None or not enabled:
+        yield module
+        return
+    _to_device(module, device)
+    try:
+        yield module
+    finally:
+        _to_device(module, torch.device("cpu"))
 
 
 @dataclass
@@ -152,16 +201,19 @@ class Pipeline:
         else:
             dit = load_dit(mcfg, mp, dit_original_ckpt=run.dit_original_ckpt, distill=model_cls != "wan2.1",
                            dtype=run.dtype, device=dev, lora_specs=run.lora_configs, lora_strict=run.lora_strict)
-        t5_dev = torch.device("cpu") if run.t5_cpu_offload else dev
-        t5 = t5_mod.load_t5(str(find_file(T5_FILE, mp)), device=t5_dev,
-                            dtype=torch.bfloat16 if t5_dev.type == "cuda" else torch.float32)
+        cpu = torch.device("cpu")
+        t5_path = find_weights("t5_original_ckpt", run.t5_original_ckpt, T5_FILE, mp, T5_QUANTIZED_FILES)
+        # offloaded weights are kept on the CPU in the dtype they run in on `dev`
+        t5 = t5_mod.load_t5(str(t5_path), device=cpu if run.t5_cpu_offload else dev, dtype=_t5_dtype(dev))
         tok = t5_mod.load_tokenizer(str(mp))
-        vae = vae_mod.load_vae(find_file(VAE_FILE, mp), device=dev, dtype=_vae_dtype(run, dev))
+        vae_path = find_weights("vae_path", run.vae_path, VAE_FILE, mp)
+        vae = _place_vae(vae_mod.load_vae(vae_path, device=cpu if run.vae_cpu_offload else dev,
+                                          dtype=_vae_dtype(run, dev)), dev)
         clip = None
         if mcfg.is_i2v:
-            cdev = torch.device("cpu") if run.clip_cpu_offload else dev
-            clip = clip_mod.load_clip(str(find_file(CLIP_FILE, mp)), device=cdev,
-                                      dtype=torch.float16 if cdev.type == "cuda" else torch.float32)
+            clip_path = find_weights("clip_original_ckpt", run.clip_original_ckpt, CLIP_FILE, mp, CLIP_QUANTIZED_GLOBS)
+            clip = clip_mod.load_clip(str(clip_path), device=cpu if run.clip_cpu_offload else dev,
+                                      dtype=_clip_dtype(dev))
         return cls(mcfg, run, dit, t5, tok, vae, clip, dev, (time.perf_counter() - t0) * 1e3,
                    use_cuda_graph=run.use_cuda_graph and dev.type == "cuda")
 
@@ -178,22 +230,22 @@ class Pipeline:
         dit = build_dit(mcfg, None, dtype=DTYPES[run.dtype], device=dev)
         t5 = tok = vae = clip = None
         if with_encoders:
-            t5_dev = torch.device("cpu") if run.t5_cpu_offload else dev
+            cpu = torch.device("cpu")
             t5cfg = t5_mod.T5Config.tiny() if tiny else t5_mod.T5Config.umt5_xxl()
             if t5cfg.dim != mcfg.text_dim:
                 raise ValueError(f"preset {preset}: text_dim {mcfg.text_dim} != T5 width {t5cfg.dim}")
-            t5 = t5_mod.random_t5(t5cfg, device=t5_dev, dtype=torch.bfloat16 if t5_dev.type == "cuda" else torch.float32,
-                                  seed=seed)
+            t5 = t5_mod.random_t5(t5cfg, device=cpu if run.t5_cpu_offload else dev, dtype=_t5_dtype(dev), seed=seed)
             with tempfile.TemporaryDirectory(prefix="lx2v_tok_") as tok_dir:  # read into memory, then removed
                 t5_mod.make_tiny_tokenizer(tok_dir, vocab_size=min(t5cfg.vocab, 256))
                 tok = t5_mod.load_tokenizer(tok_dir)
             vcfg = vae_mod.VAEConfig.tiny() if tiny else vae_mod.VAEConfig.wan21()
-            vae = vae_mod.random_vae(vcfg, device=dev, dtype=_vae_dtype(run, dev), seed=seed)
+            vae = _place_vae(vae_mod.random_vae(vcfg, device=cpu if run.vae_cpu_offload else dev,
+                                                dtype=_vae_dtype(run, dev), seed=seed), dev)
             if mcfg.is_i2v:
                 ccfg = clip_mod.CLIPConfig.tiny() if tiny else clip_mod.CLIPConfig.vit_h14()
                 if ccfg.dim != mcfg.image_dim:
                     raise ValueError(f"preset {preset}: image_dim {mcfg.image_dim} != CLIP width {ccfg.dim}")
-                clip = clip_mod.random_clip(ccfg, device=dev, dtype=torch.float16 if dev.type == "cuda" else torch.float32,
+                clip = clip_mod.random_clip(ccfg, device=cpu if run.clip_cpu_offload else dev, dtype=_clip_dtype(dev),
                                             seed=seed)
         return cls(mcfg, run, dit, t5, tok, vae, clip, dev, (time.perf_counter() - t0) * 1e3,
                    use_cuda_graph=run.use_cuda_graph and dev.type == "cuda")
@@ -204,7 +256,8 @@ class Pipeline:
         for p in prompts:
             if not isinstance(p, str) or not p.strip():
                 raise ValueError("prompt is empty: a text prompt is required")
-        ctx = t5_mod.encode_text(self.t5, self.tokenizer, prompts, text_len=self.run_cfg.text_len)
+        with offloaded(self.t5, self.device, self.run_cfg.t5_cpu_offload):
+            ctx = t5_mod.encode_text(self.t5, self.tokenizer, prompts, text_len=self.run_cfg.text_len)
         if ctx.shape[1] < 512:  # the DiT always sees 512 rows (zero-padded), as Wan
             ctx = torch.nn.functional.pad(ctx, (0, 0, 0, 512 - ctx.shape[1]))
         return ctx.to(self.device, self.dit.run_dtype)
@@ -214,12 +267,14 @@ class Pipeline:
         img = load_image(image)
         resized = prepare_i2v_image(img, height, width)          # [3, lat_h*8, lat_w*8]
         lat_h, lat_w = resized.shape[1] // 8, resized.shape[2] // 8
-        cdev = self.clip.patch_embedding.weight.device
-        pixels = clip_mod.clip_preprocess(img[None].to(cdev), size=self.clip.cfg.image_size)
-        clip_fea = clip_mod.encode_image(self.clip, pixels.to(self.clip.patch_embedding.weight.dtype))
+        with offloaded(self.clip, self.device, self.run_cfg.clip_cpu_offload):
+            cdev = self.clip.patch_embedding.weight.device
+            pixels = clip_mod.clip_preprocess(img[None].to(cdev), size=self.clip.cfg.image_size)
+            clip_fea = clip_mod.encode_image(self.clip, pixels.to(self.clip.patch_embedding.weight.dtype))
         video = torch.zeros(1, 3, num_frames, lat_h * 8, lat_w * 8, device=self.device)
         video[:, :, 0] = resized.to(self.device)
-        z = self.vae.encode(video)                                # [1, 16, F, lat_h, lat_w] fp32
+        with offloaded(self.vae, self.device, self.run_cfg.vae_cpu_offload):
+            z = self.vae.encode(video)                            # [1, 16, F, lat_h, lat_w] fp32
         mask = i2v_mask(z.shape[2], lat_h, lat_w, num_frames, device=self.device)
         y = torch.cat([mask[None].to(z.dtype), z], dim=1)
         return clip_fea.to(self.device, self.dit.run_dtype), y, (lat_h, lat_w)
@@ -298,8 +353,16 @@ class Pipeline:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """latents [16, F, h, w] -> uint8 frames [T, H, W, 3]."""
-        video = self.vae.decode(latents[None].to(self.device))
+        with offloaded(self.vae, self.device, self.run_cfg.vae_cpu_offload):
+            video = self.vae.decode(latents[None].to(self.device))
         return video_to_uint8(video)
+
+    def default_negative_prompt(self) -> str:
+        """The negative prompt under CFG when none is given: the config's sample_neg_prompt, else Wan's
+        (with I2V's "镜头晃动，" prefix)."""
+        if self.run_cfg.sample_neg_prompt is not None:
+            return self.run_cfg.sample_neg_prompt
+        return ("镜头晃动，" + WAN_NEGATIVE_PROMPT) if self.task == "i2v" else WAN_NEGATIVE_PROMPT
 
     # ------------------------------------------------------------------ one call
     @torch.no_grad()
@@ -326,9 +389,7 @@ class Pipeline:
         with timings.measure("text encode", self.device):
             prompts = [prompt]
             if need_neg:
-                neg = negative_prompt if negative_prompt else (
-                    ("镜头晃动，" + WAN_NEGATIVE_PROMPT) if self.task == "i2v" else WAN_NEGATIVE_PROMPT)
-                prompts.append(neg)
+                prompts.append(negative_prompt or self.default_negative_prompt())
             ctx = self.encode_text(prompts)
             context, neg_context = ctx[:1], (ctx[1:] if need_neg else None)
         clip_fea = y = None
@@ -368,6 +429,22 @@ def _device(device) -> torch.device:
 
 def _vae_dtype(run: RunConfig, dev: torch.device) -> torch.dtype:
     return torch.bfloat16 if (dev.type == "cuda" and run.vae_dtype == "bf16") else torch.float32
+
+
+def _t5_dtype(dev: torch.device) -> torch.dtype:
+    return torch.bfloat16 if dev.type == "cuda" else torch.float32
+
+
+def _clip_dtype(dev: torch.device) -> torch.dtype:
+    return torch.float16 if dev.type == "cuda" else torch.float32
+
+
+def _place_vae(vae: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
+    """The VAE's CUDA conv layout (channels_last_3d) also for weights kept on the CPU for offload: the move
+    to the GPU keeps the layout."""
+    if dev.type == "cuda" and vae.memory_format != torch.channels_last_3d:
+        vae.use_channels_last()
+    return vae
 
 
 def _check_task(task: str, mcfg: ModelConfig) -> None:

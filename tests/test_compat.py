@@ -1,0 +1,259 @@
+"""LightX2V drop-in details: offload keys, quantized-encoder errors, CLI flags, extra config keys, path overrides,
+warnings that point at the caller, the package-level Pipeline export."""
+import json
+import shutil
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lightx2v_engine import pipeline as pipeline_mod
+from lightx2v_engine.config import load_run_config, parse_run_config
+from lightx2v_engine.infer import build_parser, main
+from lightx2v_engine.pipeline import CLIP_FILE, T5_FILE, VAE_FILE, WAN_NEGATIVE_PROMPT, Pipeline
+from lightx2v_engine.tiny import make_tiny_model_folder
+
+TINY = {"target_video_length": 5, "target_height": 32, "target_width": 48}
+
+
+@pytest.fixture(scope="module")
+def t2v_folder(tmp_path_factory):
+    return make_tiny_model_folder(tmp_path_factory.mktemp("compat_t2v"), "t2v")
+
+
+@pytest.fixture(scope="module")
+def i2v_folder(tmp_path_factory):
+    return make_tiny_model_folder(tmp_path_factory.mktemp("compat_i2v"), "i2v")
+
+
+def quiet_parse(raw, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return parse_run_config(raw, **kw)
+
+
+# ------------------------------------------------------------------------------------------------ 1. offload
+
+@pytest.mark.parametrize("raw,expect", [
+    ({}, (False, False, False)),
+    ({"cpu_offload": False}, (False, False, False)),
+    ({"cpu_offload": True}, (True, True, True)),
+    ({"cpu_offload": True, "t5_cpu_offload": False, "vae_cpu_offload": False}, (False, True, False)),
+    ({"cpu_offload": False, "vae_cpu_offload": True}, (False, False, True)),
+])
+def test_encoder_offload_defaults_to_cpu_offload(raw, expect):
+    cfg = quiet_parse(raw)
+    assert (cfg.t5_cpu_offload, cfg.clip_cpu_offload, cfg.vae_cpu_offload) == expect
+    assert cfg.cpu_offload == raw.get("cpu_offload", False)
+
+
+def test_cpu_offload_warns_once_that_the_dit_stays_on_the_gpu():
+    with pytest.warns(UserWarning) as rec:
+        parse_run_config({"cpu_offload": True, "t5_cpu_offload": False})
+    msgs = [str(r.message) for r in rec]
+    assert len(msgs) == 1, msgs
+    assert "DiT itself stays resident on the GPU" in msgs[0] and "clip, vae" in msgs[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parse_run_config({"cpu_offload": False})  # no warning
+
+
+def _record_moves(monkeypatch):
+    moves = []
+    real = pipeline_mod._to_device
+    monkeypatch.setattr(pipeline_mod, "_to_device", lambda m, d: (moves.append((type(m).__name__, d.type)), real(m, d)))
+    return moves
+
+
+@pytest.mark.usefixtures("torch_ops")
+def test_vae_offload_moves_the_vae_around_decode_only(monkeypatch):
+    pipe = Pipeline.random("tiny", {**TINY, "vae_cpu_offload": True}, device="cpu")
+    moves = _record_moves(monkeypatch)
+    seen = []
+    real_decode = type(pipe.vae).decode
+    monkeypatch.setattr(type(pipe.vae), "decode", lambda self, z: (seen.append(list(moves)), real_decode(self, z))[1])
+    out = pipe.generate("a cat", seed=1)
+    assert out.frames.shape == (5, 32, 48, 3)
+    # to the run device before decode, back to the CPU after it; the T5 stays put
+    assert seen == [[("WanVAE", "cpu")]]
+    assert moves == [("WanVAE", "cpu"), ("WanVAE", "cpu")]
+    base = Pipeline.random("tiny", TINY, device="cpu")
+    moves.clear()
+    assert torch.equal(base.generate("a cat", seed=1).frames, out.frames)
+    assert moves == []
+
+
+@pytest.mark.usefixtures("torch_ops")
+def test_cpu_offload_moves_t5_clip_and_vae_for_each_use(monkeypatch, i2v_folder, tmp_path):
+    with pytest.warns(UserWarning, match="DiT itself stays resident"):
+        pipe = Pipeline.load(i2v_folder, {**TINY, "cpu_offload": True}, task="i2v", device="cpu")
+    moves = _record_moves(monkeypatch)
+    img = Image.fromarray((np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8))
+    pipe.generate("a cat", image=img, seed=1)
+    names = [n for n, _ in moves]
+    assert names == ["T5Encoder", "T5Encoder", "CLIPVisionTower", "CLIPVisionTower", "WanVAE", "WanVAE",
+                     "WanVAE", "WanVAE"]  # text, image, VAE encode, VAE decode: each there and back
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("torch_ops")
+def test_vae_offload_on_cuda_keeps_weights_on_the_cpu_between_uses(monkeypatch):
+    pipe = Pipeline.random("tiny", {**TINY, "vae_cpu_offload": True, "t5_cpu_offload": True}, device="cuda")
+    assert pipe.vae.device.type == "cpu" and next(pipe.t5.parameters()).device.type == "cpu"
+    assert pipe.dit.patch_embedding.weight.device.type == "cuda"
+    during = []
+    real_decode = type(pipe.vae).decode
+    monkeypatch.setattr(type(pipe.vae), "decode", lambda self, z: (during.append(self.device.type), real_decode(self, z))[1])
+    out = pipe.generate("a cat", seed=1)
+    assert during == ["cuda"] and pipe.vae.device.type == "cpu"
+    assert next(pipe.t5.parameters()).device.type == "cpu"
+    ref = Pipeline.random("tiny", TINY, device="cuda")
+    ref.vae.load_state_dict(pipe.vae.state_dict())
+    assert (ref.decode(out.latents).float() - out.frames.float()).abs().max() <= 1
+
+
+# ------------------------------------------------------------------------------------- 2. quantized encoders
+
+@pytest.mark.parametrize("key", ["t5_quantized", "clip_quantized"])
+def test_quantized_encoders_are_a_clear_error(key):
+    with pytest.raises(ValueError, match=rf"'{key}' = True: quantized .* not supported"):
+        parse_run_config({key: True, key.replace("quantized", "quant_scheme"): "fp8-q8f"})
+    cfg = quiet_parse({key: False})
+    assert key not in cfg.ignored_keys
+
+
+@pytest.mark.usefixtures("torch_ops")
+def test_missing_bf16_t5_next_to_a_quantized_one_says_so(t2v_folder, tmp_path, capsys):
+    folder = tmp_path / "model"
+    shutil.copytree(t2v_folder, folder)
+    (folder / T5_FILE).rename(folder / "models_t5_umt5-xxl-enc-fp8.pth")
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps(TINY))
+    rc = main(["--model_path", str(folder), "--config_json", str(cfg), "--prompt", "a cat", "--quiet",
+               "--save_result_path", str(tmp_path / "o.mp4")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert T5_FILE in err and "models_t5_umt5-xxl-enc-fp8.pth" in err and "t5_quantized is not supported" in err
+
+
+# ----------------------------------------------------------------------------------------------- 3. CLI flags
+
+def test_cli_accepts_lightx2v_flags():
+    args = build_parser().parse_args(["--warmup", "--return_result_tensor", "--prompt", "x"])
+    assert args.warmup and args.return_result_tensor
+    help_text = build_parser().format_help()
+    assert "--warmup" in help_text and "--return_result_tensor" in help_text and "--use_prompt_enhancer" in help_text
+
+
+def test_cli_warmup_and_return_result_tensor_run(tmp_path):
+    rc = main(["--random-weights", "--preset", "tiny", "--prompt", "a red car", "--quiet", "--warmup",
+               "--return_result_tensor", "--save_result_path", str(tmp_path / "r.mp4")])
+    assert rc == 0 and (tmp_path / "r.mp4").is_file()
+
+
+def test_cli_prompt_enhancer_is_not_supported(tmp_path, capsys):
+    rc = main(["--random-weights", "--preset", "tiny", "--prompt", "a red car", "--quiet", "--use_prompt_enhancer",
+               "--save_result_path", str(tmp_path / "r.mp4")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: --use_prompt_enhancer is not supported" in err
+    assert "unrecognized" not in err and not (tmp_path / "r.mp4").exists()
+
+
+# ------------------------------------------------------------------------------------------ 4. config keys
+
+@pytest.mark.parametrize("key,value", [("use_31_block", True), ("use_image_encoder", True),
+                                       ("lora_merge_force_fp32", False), ("coefficients", [[1.0, 2.0]]),
+                                       ("max_area", True), ("do_mm_calib", False), ("use_bfloat16", True),
+                                       ("warmup", False)])
+def test_lightx2v_keys_accepted_with_warning(key, value):
+    with pytest.warns(UserWarning, match=f"accepted but not acted on.*{key}") as rec:
+        cfg = parse_run_config({key: value})
+    assert cfg.ignored_keys == (key,)
+    if key == "lora_merge_force_fp32":
+        assert "LoRA merges always run in fp32" in str(rec[0].message)
+
+
+def _record_prompts(monkeypatch, pipe):
+    seen = []
+    real = pipe.encode_text
+    monkeypatch.setattr(pipe, "encode_text", lambda prompts: (seen.append(list(prompts)), real(prompts))[1])
+    return seen
+
+
+@pytest.mark.usefixtures("torch_ops")
+def test_sample_neg_prompt_is_the_default_negative_prompt(monkeypatch):
+    cfg = {**TINY, "enable_cfg": True}
+    pipe = Pipeline.random("tiny", {**cfg, "sample_neg_prompt": "blurry, static"}, device="cpu")
+    seen = _record_prompts(monkeypatch, pipe)
+    pipe.generate("a cat", seed=1)
+    pipe.generate("a cat", negative_prompt="ugly", seed=1)
+    assert seen == [["a cat", "blurry, static"], ["a cat", "ugly"]]
+    plain = Pipeline.random("tiny", cfg, device="cpu")  # without the key: Wan's default, as before
+    seen = _record_prompts(monkeypatch, plain)
+    plain.generate("a cat", seed=1)
+    assert seen == [["a cat", WAN_NEGATIVE_PROMPT]]
+    with pytest.raises(ValueError, match="'sample_neg_prompt' = ' ': must not be empty"):
+        parse_run_config({"sample_neg_prompt": " "})
+
+
+@pytest.mark.usefixtures("torch_ops")
+def test_path_overrides(i2v_folder, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(i2v_folder, folder)
+    (folder / "enc").mkdir()
+    (folder / T5_FILE).rename(folder / "enc" / "t5.pth")
+    (folder / CLIP_FILE).rename(tmp_path / "clip.pth")          # absolute path outside the folder
+    (folder / VAE_FILE).rename(folder / "my_vae.pth")
+    keys = {**TINY, "t5_original_ckpt": "enc/t5.pth", "clip_original_ckpt": str(tmp_path / "clip.pth"),
+            "vae_path": "my_vae.pth"}
+    pipe = Pipeline.load(folder, keys, task="i2v", device="cpu")
+    ref = Pipeline.load(i2v_folder, TINY, task="i2v", device="cpu")
+    for a, b in ((pipe.t5, ref.t5), (pipe.clip, ref.clip), (pipe.vae, ref.vae)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    for key, value in (("t5_original_ckpt", "nope.pth"), ("clip_original_ckpt", "/no/clip.pth"),
+                       ("vae_path", "enc")):
+        with pytest.raises(FileNotFoundError, match=rf"config key '{key}' = '{value}': file not found"):
+            Pipeline.load(folder, {**keys, key: value}, task="i2v", device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------- 5. dynamic CFG
+
+def test_dynamic_cfg_is_rejected_but_false_is_accepted():
+    with pytest.raises(ValueError, match="'enable_dynamic_cfg' = True: dynamic CFG adds a guidance embedding"):
+        parse_run_config({"enable_dynamic_cfg": True, "cfg_scale": 4.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parse_run_config({"enable_dynamic_cfg": False})
+    with pytest.raises(ValueError, match="expected true/false"):
+        parse_run_config({"enable_dynamic_cfg": "yes"})
+
+
+# --------------------------------------------------------------------------------- 6. warnings point at us
+
+def test_config_warnings_point_at_the_caller(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"offload_granularity": "model", "self_attn_1_type": "radial_attn",
+                                "cpu_offload": True}))
+    for call in (lambda: load_run_config(path), lambda: parse_run_config(json.loads(path.read_text())),
+                 lambda: Pipeline.random("tiny", json.loads(path.read_text()), device="cpu", with_encoders=False)):
+        with pytest.warns(UserWarning) as rec:
+            call()
+        assert len(rec) == 3
+        assert {r.filename for r in rec} == {__file__}, [r.filename for r in rec]
+
+
+# ----------------------------------------------------------------------------------------- 7. package export
+
+def test_pipeline_exported_lazily():
+    import lightx2v_engine
+    assert lightx2v_engine.Pipeline is Pipeline
+    code = ("import sys, lightx2v_engine; assert 'torch' not in sys.modules, 'import pulled torch'; "
+            "from lightx2v_engine import Pipeline; assert Pipeline.__module__ == 'lightx2v_engine.pipeline'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        lightx2v_engine.Nope
