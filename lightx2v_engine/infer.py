@@ -42,6 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--no-cuda-graph", "--no_cuda_graph", dest="no_cuda_graph", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar or timing table")
+    # LightX2V's flags that have no work to do here (accepted so that its command lines run unchanged)
+    p.add_argument("--warmup", action="store_true",
+                   help="accepted for LightX2V compatibility; no effect here (LightX2V warms up torch.compile "
+                        "shapes; this engine compiles nothing ahead and captures CUDA graphs on the first call)")
+    p.add_argument("--return_result_tensor", action="store_true",
+                   help="accepted for LightX2V compatibility; no effect on the CLI, which still writes "
+                        "--save_result_path (in Python, Pipeline.generate always returns the frames and latents)")
+    p.add_argument("--use_prompt_enhancer", action="store_true",
+                   help="not supported: an error (LightX2V rewrites the prompt with a separate LLM; pass the "
+                        "final prompt with --prompt)")
     return p
 
 
@@ -49,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
     from lightx2v_engine.config import load_run_config
     from lightx2v_engine.pipeline import Pipeline
 
+    if args.use_prompt_enhancer:
+        raise ValueError("--use_prompt_enhancer is not supported by lightx2v-engine (LightX2V's prompt enhancer "
+                         "is a separate LLM); pass the final prompt with --prompt")
     overrides = {}
     if args.target_shape:
         overrides.update(target_height=args.target_shape[0], target_width=args.target_shape[1])
@@ -105,9 +118,11 @@ def main(argv=None) -> int:
     from lightx2v_engine.pipeline import NonFiniteError
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    warnings.simplefilter("default")
     try:
-        return run(args)
+        with warnings.catch_warnings():  # one "warning: ..." line each, like the "error: ..." lines
+            warnings.simplefilter("default")
+            warnings.showwarning = _show_warning
+            return run(args)
     except (ValueError, FileNotFoundError, CheckpointError, NonFiniteError, OSError) as e:
         msg = str(e).replace("\n", " ")
         print(f"error: {msg}", file=sys.stderr)
@@ -115,6 +130,10 @@ def main(argv=None) -> int:
     except torch.cuda.OutOfMemoryError as e:
         print(f"error: out of GPU memory ({str(e).splitlines()[0]})", file=sys.stderr)
         return 3
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":
