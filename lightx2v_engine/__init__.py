@@ -10,3 +10,15 @@ _root_kernels = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath
 if _os.path.isfile(_os.path.join(_root_kernels, "__init__.py")) and not _os.path.isdir(
         _os.path.join(__path__[0], "kernels")):
     __path__.append(_os.path.dirname(_root_kernels))
+
+
+def __getattr__(name):
+    # ``from lightx2v_engine import Pipeline`` without making ``import lightx2v_engine`` import torch
+    # (PEP 562: resolved on first access only)
+    if name == "Pipeline":
+        from lightx2v_engine.pipeline import Pipeline
+        return Pipeline
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["Pipeline", "__version__"]
