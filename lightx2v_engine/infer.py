@@ -55,13 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> int:
+def load_pipeline(args: argparse.Namespace):
+    """The Pipeline the arguments describe: --random-weights --preset, or --model_path (+ --config_json),
+    with --target_shape / --no-cuda-graph as config overrides (also used by the HTTP server)."""
     from lightx2v_engine.config import load_run_config
     from lightx2v_engine.pipeline import Pipeline
 
-    if args.use_prompt_enhancer:
-        raise ValueError("--use_prompt_enhancer is not supported by lightx2v-engine (LightX2V's prompt enhancer "
-                         "is a separate LLM); pass the final prompt with --prompt")
     overrides = {}
     if args.target_shape:
         overrides.update(target_height=args.target_shape[0], target_width=args.target_shape[1])
@@ -75,18 +74,26 @@ def run(args: argparse.Namespace) -> int:
         pipe = Pipeline.random(preset, run_cfg, device=args.device)
         if pipe.task != args.task:
             raise ValueError(f"--task {args.task} does not fit preset {preset!r} ({pipe.task})")
-    else:
-        if args.model_path is None:
-            raise ValueError("--model_path is required (or --random-weights --preset NAME)")
-        run_cfg = load_run_config(args.config_json, overrides, model_cls=args.model_cls)
-        pipe = Pipeline.load(args.model_path, run_cfg, task=args.task, model_cls=args.model_cls,
-                             device=args.device, preset=args.preset)
+        return pipe
+    if args.model_path is None:
+        raise ValueError("--model_path is required (or --random-weights --preset NAME)")
+    run_cfg = load_run_config(args.config_json, overrides, model_cls=args.model_cls)
+    return Pipeline.load(args.model_path, run_cfg, task=args.task, model_cls=args.model_cls, device=args.device,
+                         preset=args.preset)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.use_prompt_enhancer:
+        raise ValueError("--use_prompt_enhancer is not supported by lightx2v-engine (LightX2V's prompt enhancer "
+                         "is a separate LLM); pass the final prompt with --prompt")
     if args.prompt is None or not args.prompt.strip():
         raise ValueError("--prompt is required and must not be empty")
     if args.task == "i2v" and not args.image_path:
         raise ValueError("--image_path is required for --task i2v")
     if args.task == "t2v" and args.image_path:
         raise ValueError("--image_path is only for --task i2v")
+    pipe = load_pipeline(args)
+    run_cfg = pipe.run_cfg
 
     bar = None
     if not args.quiet:

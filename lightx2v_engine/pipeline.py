@@ -96,17 +96,48 @@ def _to_device(module: torch.nn.Module, device: torch.device) -> None:
 
 
 @contextlib.contextmanager
-def offloaded(module: torch.nn.Module | None, device: torch.device, enabled: bool):
-    """With `enabled` (t5/clip/vae_cpu_offload), `module` is moved to `device` for the block and back to the
-    CPU after it (LightX2V's encoder/VAE offload); otherwise it stays where it is."""
-    if module is None or not enabled:
-        yield module
-        return
-    _to_device(module, device)
+def _blocks_detached(module: torch.nn.Module):
+    """`module` without its `blocks` child for the duration (so that .to() leaves the blocks alone)."""
+    blocks = module._modules.pop("blocks")
     try:
         yield module
     finally:
-        _to_device(module, torch.device("cpu"))
+        module._modules["blocks"] = blocks
+
+
+@contextlib.contextmanager
+def offloaded(module: torch.nn.Module | None, device: torch.device, enabled: bool):
+    """With `enabled` (t5/clip/vae_cpu_offload), `module` is moved to `device` for the block and back to the
+    CPU after it (LightX2V's encoder/VAE offload); otherwise it stays where it is. A module with a `blocks`
+    ModuleList (umT5's 24, CLIP's 32) streams them: each block moves in for its forward and out after it,
+    so the encoder's peak on the device is its embeddings plus one block (umT5-XXL: about 2.5 of 11 GB in
+    bf16), not the whole model next to the resident DiT."""
+    if module is None or not enabled:
+        yield module
+        return
+    cpu = torch.device("cpu")
+    blocks = getattr(module, "blocks", None)
+    if not isinstance(blocks, torch.nn.ModuleList):
+        _to_device(module, device)
+        try:
+            yield module
+        finally:
+            _to_device(module, cpu)
+        return
+    def block_in(m, args):  # hooks return None: their arguments and outputs pass unchanged
+        _to_device(m, device)
+
+    def block_out(m, args, out):
+        _to_device(m, cpu)
+    hooks = [h for b in blocks for h in (b.register_forward_pre_hook(block_in), b.register_forward_hook(block_out))]
+    with _blocks_detached(module):
+        _to_device(module, device)
+    try:
+        yield module
+    finally:
+        for h in hooks:
+            h.remove()
+        _to_device(module, cpu)  # the rest, and a block left on the device by an exception
 
 
 @dataclass

@@ -94,9 +94,45 @@ def test_cpu_offload_moves_t5_clip_and_vae_for_each_use(monkeypatch, i2v_folder,
     moves = _record_moves(monkeypatch)
     img = Image.fromarray((np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8))
     pipe.generate("a cat", image=img, seed=1)
-    names = [n for n, _ in moves]
+    names = [n for n, _ in moves if not n.endswith("Block")]
     assert names == ["T5Encoder", "T5Encoder", "CLIPVisionTower", "CLIPVisionTower", "WanVAE", "WanVAE",
                      "WanVAE", "WanVAE"]  # text, image, VAE encode, VAE decode: each there and back
+    # the encoders' blocks stream: each moves in for its forward and out after it, one at a time
+    t5_moves = moves[1:1 + 2 * len(pipe.t5.blocks)]
+    assert t5_moves == [("T5Block", "cpu")] * (2 * len(pipe.t5.blocks))
+
+
+@pytest.mark.usefixtures("torch_ops")
+def test_encoder_blocks_stream_one_at_a_time(monkeypatch):
+    """offloaded(): the module's non-block weights move once, each block in before its forward and out
+    after it (at most one block on the device), the output unchanged, hooks removed afterwards."""
+    from lightx2v_engine import t5 as t5_mod
+    model = t5_mod.random_t5(t5_mod.T5Config.tiny(), dtype=torch.float32, seed=0)
+    ids = torch.randint(0, 100, (1, 7))
+    want = model(ids)
+    where = {}
+    log = []
+
+    def fake_move(m, d):  # records where each module would be (the weights stay on the CPU)
+        log.append((type(m).__name__, d.type))
+        where[id(m)] = d.type
+        if type(m).__name__ == "T5Encoder":  # the rest: embedding and final norm
+            assert "blocks" not in m._modules or d.type == "cpu"
+    monkeypatch.setattr(pipeline_mod, "_to_device", fake_move)
+    on_device = []
+
+    def count(m, a):  # registered after offloaded()'s own pre-hook, so it runs after the block moved in
+        on_device.append((where.get(id(m)), sum(where.get(id(x)) == "cuda" for x in model.blocks)))
+    with pipeline_mod.offloaded(model, torch.device("cuda"), True):
+        extra = [b.register_forward_pre_hook(count) for b in model.blocks]
+        got = model(ids)
+    for h in extra:
+        h.remove()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert on_device == [("cuda", 1)] * len(model.blocks)  # each block in place when it runs, alone
+    assert log[0] == ("T5Encoder", "cuda") and log[-1] == ("T5Encoder", "cpu")
+    assert log[1:-1] == [("T5Block", "cuda"), ("T5Block", "cpu")] * len(model.blocks)
+    assert all(not b._forward_pre_hooks and not b._forward_hooks for b in model.blocks)  # hooks removed
 
 
 @pytest.mark.gpu

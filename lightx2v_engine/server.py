@@ -1,0 +1,481 @@
+"""HTTP server with LightX2V's task API (lightx2v.md §5), on the standard library's ThreadingHTTPServer.
+
+    python -m lightx2v_engine.server --model_path /models/Wan2.1-T2V-1.3B --config_json cfg.json --port 8000
+    python -m lightx2v_engine.server --random-weights --preset tiny          # no weights: the tiny preset
+
+The models load once at start. Tasks queue (at most --max_queue_size waiting: HTTP 503 beyond) and run one
+at a time on one worker thread, like LightX2V's server. A request carries LightX2V's VideoTaskRequest
+fields; the ones this engine cannot honour per request (another step count, a LoRA, a last frame) are a
+400 naming the field. Results are written under --output_dir; a request's save_result_path must stay
+inside it.
+
+Endpoints: POST /v1/tasks/video/ (JSON), POST /v1/tasks/video/form (multipart: image_file + form fields),
+POST /v1/tasks/ (old alias), GET /v1/tasks/, GET /v1/tasks/queue/status, GET /v1/tasks/{id}/status,
+GET /v1/tasks/{id}/result, DELETE /v1/tasks/{id}, DELETE /v1/tasks/all/running,
+GET /v1/files/download/{path}, GET /v1/service/status, GET /v1/service/metadata. Image tasks
+(/v1/tasks/image/...) answer 501: this engine generates video.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import collections
+import email.parser
+import email.policy
+import io
+import json
+import logging
+import re
+import secrets
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 64 << 20      # request bodies (a base64 or uploaded image fits)
+MAX_DOWNLOAD = 32 << 20  # image_path URLs
+# VideoTaskRequest fields (LightX2V's server/schema.py); unknown fields are a 400 naming them
+FIELDS = {"task_id", "prompt", "negative_prompt", "image_path", "last_frame_path", "audio_path", "save_result_path",
+          "infer_steps", "seed", "target_shape", "target_video_length", "lora_name", "lora_strength",
+          "use_prompt_enhancer", "video_duration", "target_fps", "resize_mode"}
+
+
+class RequestError(ValueError):
+    """A bad request: answered with HTTP 400 (or `status`) and this message."""
+
+    def __init__(self, message: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST):
+        super().__init__(message)
+        self.status = status
+
+
+class TaskCancelled(Exception):
+    """Raised between denoising steps of a task whose cancellation was requested."""
+
+
+@dataclass
+class Task:
+    task_id: str
+    params: dict               # checked generation parameters (see check_request)
+    save_result_path: Path
+    status: str = "pending"    # pending | processing | completed | failed | cancelled
+    created: float = field(default_factory=time.time)
+    start_time: float | None = None
+    end_time: float | None = None
+    error: str | None = None
+    cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def info(self) -> dict:
+        return {"task_id": self.task_id, "status": self.status, "start_time": self.start_time,
+                "end_time": self.end_time, "error": self.error, "save_result_path": str(self.save_result_path)}
+
+
+class TaskQueue:
+    """Tasks in arrival order, run one at a time by one worker thread through `run(task)`."""
+
+    def __init__(self, run: Callable[[Task], None], max_queue_size: int = 10):
+        self._run, self.max_queue_size = run, max_queue_size
+        self._tasks: dict[str, Task] = {}
+        self._pending: collections.deque[Task] = collections.deque()
+        self._cond = threading.Condition()
+        self.current: Task | None = None
+        self._stop = False
+        self._worker = threading.Thread(target=self._loop, name="lx2v-worker", daemon=True)
+        self._worker.start()
+
+    def submit(self, task: Task) -> Task:
+        with self._cond:
+            if task.task_id in self._tasks:
+                raise RequestError(f"task_id {task.task_id!r} exists already")
+            if len(self._pending) >= self.max_queue_size:
+                raise RequestError(f"the queue is full ({self.max_queue_size} tasks waiting); retry later",
+                                   HTTPStatus.SERVICE_UNAVAILABLE)
+            self._tasks[task.task_id] = task
+            self._pending.append(task)
+            self._cond.notify()
+        return task
+
+    def get(self, task_id: str) -> Task:
+        with self._cond:
+            if task_id not in self._tasks:
+                raise RequestError(f"no task {task_id!r}", HTTPStatus.NOT_FOUND)
+            return self._tasks[task_id]
+
+    def all(self) -> list[Task]:
+        with self._cond:
+            return list(self._tasks.values())
+
+    def status(self) -> dict:
+        with self._cond:
+            return {"max_queue_size": self.max_queue_size, "queue_size": len(self._pending),
+                    "pending_tasks": [t.task_id for t in self._pending],
+                    "running_task": self.current.task_id if self.current else None}
+
+    def cancel(self, task_id: str) -> dict:
+        """A pending task is dropped; a running one stops before its next denoising step."""
+        with self._cond:
+            task = self.get(task_id)
+            if task.status == "pending":
+                self._pending.remove(task)
+                task.status, task.end_time = "cancelled", time.time()
+                return {"stop_status": "success", "reason": "cancelled before it started"}
+            if task.status == "processing":
+                task.cancel.set()
+                return {"stop_status": "success", "reason": "stopping at the next denoising step"}
+            return {"stop_status": "do_nothing", "reason": f"task is {task.status}"}
+
+    def cancel_all(self) -> dict:
+        with self._cond:
+            ids = [t.task_id for t in self._pending] + ([self.current.task_id] if self.current else [])
+        for task_id in ids:
+            self.cancel(task_id)
+        return {"stop_status": "success" if ids else "do_nothing", "reason": f"cancelled {len(ids)} task(s)"}
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._stop:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                task = self.current = self._pending.popleft()
+                task.status, task.start_time = "processing", time.time()
+            try:
+                self._run(task)
+                status, error = "completed", None
+            except TaskCancelled:
+                status, error = "cancelled", None
+            except Exception as e:  # noqa: BLE001 - a failed task is reported, the server goes on
+                log.exception("task %s failed", task.task_id)
+                status, error = "failed", f"{type(e).__name__}: {e}"
+            with self._cond:
+                task.status, task.error, task.end_time = status, error, time.time()
+                self.current = None
+
+
+# ---------------------------------------------------------------------------------------------- requests
+
+def check_request(body: dict, *, output_dir: Path, infer_steps: int, task: str) -> tuple[str, dict, Path]:
+    """A VideoTaskRequest dict -> (task_id, generate() parameters, result path); RequestError on bad input."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object of VideoTaskRequest fields")
+    unknown = sorted(set(body) - FIELDS)
+    if unknown:
+        raise RequestError(f"unknown field(s) {unknown}; accepted: {sorted(FIELDS)}")
+    for name in ("last_frame_path", "audio_path", "lora_name"):
+        if body.get(name):
+            raise RequestError(f"{name} is not supported by this server (Wan2.1 T2V/I2V; LoRAs are set at start "
+                               f"with the config's lora_configs)")
+    if body.get("use_prompt_enhancer"):
+        raise RequestError("use_prompt_enhancer is not supported")
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise RequestError("prompt must be a non-empty string")
+    steps = body.get("infer_steps")
+    if steps is not None and steps != infer_steps:
+        raise RequestError(f"infer_steps {steps!r}: this server's models run {infer_steps} steps (set at start by "
+                           f"the config)")
+    params: dict[str, Any] = {"prompt": prompt, "negative_prompt": body.get("negative_prompt") or None}
+    seed = body.get("seed")
+    if seed is None:
+        seed = secrets.randbelow(2 ** 32)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise RequestError(f"seed must be a non-negative integer, got {seed!r}")
+    params["seed"] = seed
+    shape = body.get("target_shape")
+    if shape:
+        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(v, int) and v > 0 for v in shape)):
+            raise RequestError(f"target_shape must be [height, width] of positive integers, got {shape!r}")
+        params["height"], params["width"] = shape
+    frames = body.get("target_video_length")
+    if frames is not None:
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+            raise RequestError(f"target_video_length must be a positive integer, got {frames!r}")
+        params["num_frames"] = frames
+    image = body.get("image_path")
+    if task == "i2v" and not image:
+        raise RequestError("this server runs image-to-video: image_path (a URL, base64 data or a path) is required")
+    if task == "t2v" and image:
+        raise RequestError("this server runs text-to-video: image_path is not accepted")
+    if image:
+        params["image"] = read_image_input(image)
+    task_id = body.get("task_id") or uuid.uuid4().hex
+    if not isinstance(task_id, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", task_id):
+        raise RequestError(f"task_id must be 1-128 letters, digits, '_', '-' or '.', got {task_id!r}")
+    return task_id, params, result_path(body.get("save_result_path"), task_id, output_dir)
+
+
+def result_path(requested: str | None, task_id: str, output_dir: Path) -> Path:
+    """Where a task's video goes: output_dir / (save_result_path or task_id) with .mp4; inside output_dir."""
+    name = requested or task_id
+    path = (output_dir / name).resolve()
+    if path.suffix.lower() != ".mp4":
+        path = path.with_name(path.name + ".mp4")
+    if not path.is_relative_to(output_dir.resolve()):
+        raise RequestError(f"save_result_path {requested!r} leaves the output folder {output_dir}")
+    return path
+
+
+def read_image_input(value: str):
+    """image_path as LightX2V takes it: an http(s) URL, base64 data (optionally a data: URL) or a file path
+    (read by the server). Returns a PIL image or a path."""
+    from PIL import Image, UnidentifiedImageError
+    if not isinstance(value, str):
+        raise RequestError(f"image_path must be a string (URL, base64 or path), got {type(value).__name__}")
+    data = None
+    if value.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(value, timeout=30) as r:
+                data = r.read(MAX_DOWNLOAD + 1)
+        except OSError as e:
+            raise RequestError(f"image_path {value!r}: download failed ({e})") from e
+        if len(data) > MAX_DOWNLOAD:
+            raise RequestError(f"image_path {value!r}: larger than {MAX_DOWNLOAD >> 20} MiB")
+    elif value.startswith("data:") or (len(value) > 256 and re.fullmatch(r"[A-Za-z0-9+/=\s]+", value)):
+        try:
+            data = base64.b64decode(value.split(",", 1)[1] if value.startswith("data:") else value, validate=False)
+        except (binascii.Error, IndexError) as e:
+            raise RequestError(f"image_path: invalid base64 data ({e})") from e
+    if data is None:
+        if not Path(value).is_file():
+            raise RequestError(f"image_path {value!r}: no such file on the server (nor a URL or base64 data)")
+        return value
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        return img
+    except (UnidentifiedImageError, OSError) as e:
+        raise RequestError(f"image_path: not an image ({e})") from e
+
+
+def parse_multipart(content_type: str, body: bytes) -> tuple[dict, bytes | None]:
+    """multipart/form-data -> (form fields, image_file bytes or None). JSON-typed fields (seed,
+    target_shape, ...) are parsed from their text."""
+    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + body)
+    if not msg.is_multipart():
+        raise RequestError("expected a multipart/form-data body")
+    fields: dict[str, Any] = {}
+    image = None
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not name:
+            continue
+        payload = part.get_payload(decode=True) or b""
+        if name == "image_file":
+            image = payload or None
+            continue
+        if name in ("last_frame_file", "audio_file"):
+            if payload:
+                raise RequestError(f"{name} is not supported by this server")
+            continue
+        text = payload.decode("utf-8")
+        if name in ("seed", "infer_steps", "target_video_length", "target_shape", "lora_strength", "video_duration",
+                    "target_fps", "use_prompt_enhancer"):
+            try:
+                fields[name] = json.loads(text) if text else None
+            except json.JSONDecodeError as e:
+                raise RequestError(f"form field {name}: not a number/list ({text!r})") from e
+        else:
+            fields[name] = text
+    return fields, image
+
+
+# ---------------------------------------------------------------------------------------------- HTTP
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "lightx2v-engine"
+    app: "App"  # set on the subclass made by serve()
+
+    def log_message(self, fmt, *args):  # through logging, not stderr
+        log.info("%s %s", self.address_string(), fmt % args)
+
+    def _send(self, status: HTTPStatus, obj) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _file(self, path: Path, content_type: str) -> None:
+        size = path.stat().st_size
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(size))
+        self.send_header("Content-Disposition", f'attachment; filename="{path.name}"')
+        self.end_headers()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                self.wfile.write(chunk)
+
+    def _body(self) -> bytes:
+        n = int(self.headers.get("Content-Length") or 0)
+        if n > MAX_BODY:
+            raise RequestError(f"request body over {MAX_BODY >> 20} MiB", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+        return self.rfile.read(n)
+
+    def _dispatch(self, method: str) -> None:
+        path = self.path.split("?", 1)[0]
+        try:
+            status, obj = self.app.route(method, path, self)
+            if obj is not None:
+                self._send(status, obj)
+        except RequestError as e:
+            self._send(e.status, {"detail": str(e)})
+        except Exception as e:  # noqa: BLE001 - a bug answers 500 and is logged; the server goes on
+            log.exception("%s %s", method, path)
+            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"detail": f"{type(e).__name__}: {e}"})
+
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+    def do_DELETE(self):
+        self._dispatch("DELETE")
+
+
+class App:
+    """Routes requests to the queue; `generate(params, path, cancel)` makes one video (the pipeline's)."""
+
+    def __init__(self, generate: Callable[[dict, Path, threading.Event], None], *, output_dir: Path,
+                 infer_steps: int, task: str, max_queue_size: int = 10, metadata: dict | None = None):
+        self.output_dir, self.infer_steps, self.task = Path(output_dir), infer_steps, task
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.metadata = metadata or {}
+        self.queue = TaskQueue(lambda t: generate(t.params, t.save_result_path, t.cancel), max_queue_size)
+
+    def _create(self, body: dict) -> tuple[HTTPStatus, dict]:
+        task_id, params, path = check_request(body, output_dir=self.output_dir, infer_steps=self.infer_steps,
+                                              task=self.task)
+        task = self.queue.submit(Task(task_id, params, path))
+        return HTTPStatus.OK, {"task_id": task.task_id, "task_status": task.status,
+                               "save_result_path": str(task.save_result_path)}
+
+    def route(self, method: str, path: str, h: Handler) -> tuple[HTTPStatus, dict | None]:
+        path = path.rstrip("/") or "/"
+        if method == "POST" and path in ("/v1/tasks/video", "/v1/tasks"):
+            try:
+                body = json.loads(h._body() or b"{}")
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise RequestError(f"the request body is not JSON ({e})") from e
+            return self._create(body)
+        if method == "POST" and path == "/v1/tasks/video/form":
+            fields, image = parse_multipart(h.headers.get("Content-Type", ""), h._body())
+            if image is not None:
+                if fields.get("image_path"):
+                    raise RequestError("give image_file or image_path, not both")
+                fields["image_path"] = base64.b64encode(image).decode()
+            return self._create(fields)
+        if path.startswith("/v1/tasks/image"):
+            raise RequestError("image tasks are not supported: this engine generates video", HTTPStatus.NOT_IMPLEMENTED)
+        if method == "GET" and path == "/v1/tasks":
+            return HTTPStatus.OK, {"tasks": [t.info() for t in self.queue.all()]}
+        if method == "GET" and path == "/v1/tasks/queue/status":
+            return HTTPStatus.OK, self.queue.status()
+        if method == "DELETE" and path == "/v1/tasks/all/running":
+            return HTTPStatus.OK, self.queue.cancel_all()
+        m = re.fullmatch(r"/v1/tasks/([^/]+)(/status|/result)?", path)
+        if m and method == "GET" and m.group(2) == "/status":
+            return HTTPStatus.OK, self.queue.get(m.group(1)).info()
+        if m and method == "GET" and m.group(2) == "/result":
+            task = self.queue.get(m.group(1))
+            if task.status != "completed":
+                raise RequestError(f"task {task.task_id} is {task.status}" + (f": {task.error}" if task.error else ""),
+                                   HTTPStatus.NOT_FOUND)
+            h._file(task.save_result_path, "video/mp4")
+            return HTTPStatus.OK, None
+        if m and method == "DELETE" and m.group(2) is None:
+            return HTTPStatus.OK, self.queue.cancel(m.group(1))
+        if method == "GET" and path.startswith("/v1/files/download/"):
+            rel = urllib.request.url2pathname(path[len("/v1/files/download/"):])
+            target = (self.output_dir / rel).resolve()
+            if not target.is_relative_to(self.output_dir.resolve()) or not target.is_file():
+                raise RequestError(f"no file {rel!r} in the output folder", HTTPStatus.NOT_FOUND)
+            h._file(target, "video/mp4" if target.suffix == ".mp4" else "application/octet-stream")
+            return HTTPStatus.OK, None
+        if method == "GET" and path == "/v1/service/status":
+            st = self.queue.status()
+            return HTTPStatus.OK, {"service_status": "busy" if st["running_task"] else "idle", **st}
+        if method == "GET" and path == "/v1/service/metadata":
+            return HTTPStatus.OK, self.metadata
+        raise RequestError(f"no endpoint {method} {path}", HTTPStatus.NOT_FOUND)
+
+
+def pipeline_generate(pipe) -> Callable[[dict, Path, threading.Event], None]:
+    """The App's generate function for a Pipeline: one video, cancellable between denoising steps."""
+    def generate(params: dict, path: Path, cancel: threading.Event) -> None:
+        def progress(i, n):
+            if cancel.is_set():
+                raise TaskCancelled()
+        if cancel.is_set():
+            raise TaskCancelled()
+        out = pipe.generate(params["prompt"], negative_prompt=params.get("negative_prompt"), image=params.get("image"),
+                            seed=params["seed"], num_frames=params.get("num_frames"), height=params.get("height"),
+                            width=params.get("width"), progress=progress)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out.save(path)
+    return generate
+
+
+def serve(app: App, host: str = "0.0.0.0", port: int = 8000) -> ThreadingHTTPServer:
+    """An HTTP server for `app` bound to (host, port) (port 0: any free one); call serve_forever()."""
+    handler = type("BoundHandler", (Handler,), {"app": app})
+    return ThreadingHTTPServer((host, port), handler)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lightx2v_engine.infer import build_parser as infer_parser
+    p = infer_parser()
+    p.description = "HTTP server with LightX2V's task API"
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max_queue_size", type=int, default=10)
+    p.add_argument("--output_dir", default="save_results", help="where task results are written")
+    p.add_argument("--lora_dir", default=None, help="accepted for LightX2V compatibility; per-request LoRAs are "
+                   "not supported (set lora_configs in the config)")
+    p.add_argument("--metric_port", type=int, default=None, help="accepted for LightX2V compatibility; no metrics")
+    return p
+
+
+def main(argv=None) -> int:
+    from lightx2v_engine.infer import load_pipeline
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    pipe = load_pipeline(args)
+    meta = {"model_cls": args.model_cls, "task": pipe.task, "model": pipe.model_cfg.name,
+            "model_path": args.model_path, "infer_steps": pipe.run_cfg.infer_steps,
+            "defaults": {"target_video_length": pipe.run_cfg.target_video_length,
+                         "target_shape": [pipe.run_cfg.target_height, pipe.run_cfg.target_width]}}
+    app = App(pipeline_generate(pipe), output_dir=Path(args.output_dir), infer_steps=pipe.run_cfg.infer_steps,
+              task=pipe.task, max_queue_size=args.max_queue_size, metadata=meta)
+    httpd = serve(app, args.host, args.port)
+    log.info("serving %s on http://%s:%d (results in %s)", pipe.model_cfg.name, args.host, httpd.server_port,
+             app.output_dir)
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        httpd.server_close()
+        app.queue.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

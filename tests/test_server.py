@@ -1,0 +1,228 @@
+"""The HTTP server (lightx2v_engine/server.py): LightX2V's task API on a real socket, with a tiny random-weights
+pipeline end to end and a controllable fake for the queue's states (503, cancellation)."""
+import base64
+import io
+import json
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lightx2v_engine import server as S
+from lightx2v_engine.video import read_mp4
+
+pytestmark = pytest.mark.usefixtures("torch_ops")
+
+
+class Client:
+    def __init__(self, app):
+        self.httpd = S.serve(app, "127.0.0.1", 0)
+        self.base = f"http://127.0.0.1:{self.httpd.server_port}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def call(self, method, path, body=None, raw=None, content_type="application/json"):
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(self.base + path, data=data, method=method,
+                                     headers={"Content-Type": content_type} if data is not None else {})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                payload = r.read()
+                return r.status, (json.loads(payload) if r.headers["Content-Type"] == "application/json" else payload)
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def wait(self, task_id, timeout=120):
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            code, info = self.call("GET", f"/v1/tasks/{task_id}/status")
+            if info["status"] not in ("pending", "processing"):
+                return info
+            time.sleep(0.05)
+        raise TimeoutError(task_id)
+
+    def close(self, app):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        app.queue.close()
+
+
+@pytest.fixture(scope="module")
+def t2v_pipe():
+    from lightx2v_engine.pipeline import Pipeline
+    return Pipeline.random("tiny", {"target_video_length": 5, "target_height": 32, "target_width": 48}, device="cpu")
+
+
+def test_t2v_task_end_to_end(t2v_pipe, tmp_path):
+    app = S.App(S.pipeline_generate(t2v_pipe), output_dir=tmp_path / "out", infer_steps=4, task="t2v",
+                metadata={"model": "tiny"})
+    c = Client(app)
+    try:
+        code, created = c.call("POST", "/v1/tasks/video/", {"prompt": "a red car", "seed": 3,
+                                                             "save_result_path": "cars/red"})
+        assert code == 200 and created["task_status"] == "pending"
+        assert created["save_result_path"] == str((tmp_path / "out" / "cars" / "red.mp4").resolve())
+        info = c.wait(created["task_id"])
+        assert info["status"] == "completed" and info["error"] is None and info["end_time"] >= info["start_time"]
+        code, video = c.call("GET", f"/v1/tasks/{created['task_id']}/result")
+        assert code == 200 and video[4:8] == b"ftyp"
+        (tmp_path / "got.mp4").write_bytes(video)
+        frames = read_mp4(tmp_path / "got.mp4")
+        assert frames.shape == (5, 32, 48, 3)
+        # the same seed through the pipeline directly: the same video
+        want = read_mp4(t2v_pipe.generate("a red car", seed=3).save(tmp_path / "want.mp4"))
+        np.testing.assert_array_equal(frames, want)
+        code, same = c.call("GET", "/v1/files/download/cars/red.mp4")
+        assert code == 200 and same == video
+        # another size per request; the old alias endpoint
+        code, created2 = c.call("POST", "/v1/tasks/", {"prompt": "a boat", "target_shape": [48, 32],
+                                                        "target_video_length": 9})
+        assert c.wait(created2["task_id"])["status"] == "completed"
+        code, video2 = c.call("GET", f"/v1/tasks/{created2['task_id']}/result")
+        (tmp_path / "got2.mp4").write_bytes(video2)
+        assert read_mp4(tmp_path / "got2.mp4").shape == (9, 48, 32, 3)
+        code, listing = c.call("GET", "/v1/tasks/")
+        assert {t["task_id"] for t in listing["tasks"]} == {created["task_id"], created2["task_id"]}
+        assert c.call("GET", "/v1/service/status")[1]["service_status"] == "idle"
+        assert c.call("GET", "/v1/service/metadata")[1] == {"model": "tiny"}
+    finally:
+        c.close(app)
+
+
+@pytest.mark.parametrize("body, status, match", [
+    ({"prompt": "x", "promt": "y"}, 400, r"unknown field\(s\) \['promt'\]"),
+    ({"prompt": ""}, 400, "prompt must be a non-empty string"),
+    ({"prompt": "x", "infer_steps": 8}, 400, "infer_steps 8: this server's models run 4 steps"),
+    ({"prompt": "x", "lora_name": "style"}, 400, "lora_name is not supported"),
+    ({"prompt": "x", "image_path": "a.png"}, 400, "text-to-video: image_path is not accepted"),
+    ({"prompt": "x", "seed": -1}, 400, "seed must be a non-negative integer"),
+    ({"prompt": "x", "target_shape": [480]}, 400, "target_shape must be"),
+    ({"prompt": "x", "save_result_path": "../../evil"}, 400, "leaves the output folder"),
+    ({"prompt": "x", "task_id": "a/b"}, 400, "task_id must be"),
+])
+def test_bad_requests_are_named(tmp_path, body, status, match):
+    app = S.App(lambda p, path, cancel: None, output_dir=tmp_path, infer_steps=4, task="t2v")
+    c = Client(app)
+    try:
+        code, resp = c.call("POST", "/v1/tasks/video/", body)
+        assert code == status
+        assert re.search(match, resp["detail"]), resp
+    finally:
+        c.close(app)
+
+
+def test_queue_full_cancel_and_unknown_routes(tmp_path):
+    """One task runs (held by an event), max_queue_size wait, the next is a 503; a pending task is dropped
+    on cancel, the running one stops at its next step; unknown tasks and files are 404, image tasks 501."""
+    release, started = threading.Event(), threading.Event()
+
+    def generate(params, path, cancel):
+        started.set()
+        while not release.is_set():  # a denoising loop checking for cancellation between steps
+            if cancel.is_set():
+                raise S.TaskCancelled()
+            time.sleep(0.01)
+        path.write_bytes(b"video")
+
+    app = S.App(generate, output_dir=tmp_path, infer_steps=4, task="t2v", max_queue_size=2)
+    c = Client(app)
+    try:
+        ids = [c.call("POST", "/v1/tasks/video/", {"prompt": f"p{i}", "task_id": f"t{i}"})[1]["task_id"]
+               for i in range(3)]
+        assert ids == ["t0", "t1", "t2"] and started.wait(10)
+        assert c.call("POST", "/v1/tasks/video/", {"prompt": "t3"})[0] == 503
+        assert c.call("POST", "/v1/tasks/video/", {"prompt": "dup", "task_id": "t0"})[0] == 400
+        q = c.call("GET", "/v1/tasks/queue/status")[1]
+        assert q == {"max_queue_size": 2, "queue_size": 2, "pending_tasks": ["t1", "t2"], "running_task": "t0"}
+        assert c.call("GET", "/v1/service/status")[1]["service_status"] == "busy"
+        assert c.call("DELETE", "/v1/tasks/t1")[1]["stop_status"] == "success"
+        assert c.call("GET", "/v1/tasks/t1/status")[1]["status"] == "cancelled"
+        assert c.call("GET", "/v1/tasks/t1/result")[0] == 404
+        assert c.call("DELETE", "/v1/tasks/t0")[1]["reason"].startswith("stopping")
+        assert c.wait("t0")["status"] == "cancelled"
+        release.set()
+        assert c.wait("t2")["status"] == "completed"
+        assert c.call("GET", "/v1/tasks/t2/result")[1] == b"video"
+        assert c.call("DELETE", "/v1/tasks/t2")[1]["stop_status"] == "do_nothing"
+        assert c.call("DELETE", "/v1/tasks/all/running")[1]["stop_status"] == "do_nothing"
+        assert c.call("GET", f"/v1/tasks/{uuid.uuid4().hex}/status")[0] == 404
+        assert c.call("GET", "/v1/files/download/../../etc/passwd")[0] == 404
+        assert c.call("POST", "/v1/tasks/image/", {"prompt": "x"})[0] == 501
+        assert c.call("GET", "/v1/nothing")[0] == 404
+        assert c.call("POST", "/v1/tasks/video/", raw=b"{not json")[0] == 400
+    finally:
+        c.close(app)
+
+
+def test_a_failing_task_is_reported_and_the_server_goes_on(tmp_path):
+    calls = []
+
+    def generate(params, path, cancel):
+        calls.append(params["prompt"])
+        if params["prompt"] == "bad":
+            raise ValueError("height 30 is not a multiple of 16")
+        path.write_bytes(b"ok")
+
+    app = S.App(generate, output_dir=tmp_path, infer_steps=4, task="t2v")
+    c = Client(app)
+    try:
+        bad = c.call("POST", "/v1/tasks/video/", {"prompt": "bad"})[1]["task_id"]
+        good = c.call("POST", "/v1/tasks/video/", {"prompt": "good"})[1]["task_id"]
+        info = c.wait(bad)
+        assert info["status"] == "failed" and info["error"] == "ValueError: height 30 is not a multiple of 16"
+        assert c.wait(good)["status"] == "completed"
+        code, resp = c.call("GET", f"/v1/tasks/{bad}/result")
+        assert code == 404 and "failed: ValueError" in resp["detail"]
+    finally:
+        c.close(app)
+
+
+def test_i2v_image_as_upload_and_as_base64(tmp_path):
+    from lightx2v_engine.pipeline import Pipeline
+    pipe = Pipeline.random("tiny-i2v", {"target_video_length": 5, "target_height": 32, "target_width": 48},
+                           device="cpu")
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    png = buf.getvalue()
+    app = S.App(S.pipeline_generate(pipe), output_dir=tmp_path, infer_steps=4, task="i2v")
+    c = Client(app)
+    try:
+        assert c.call("POST", "/v1/tasks/video/", {"prompt": "x"})[0] == 400  # no image
+        code, a = c.call("POST", "/v1/tasks/video/", {"prompt": "a cat", "seed": 1,
+                                                      "image_path": "data:image/png;base64," + base64.b64encode(png).decode()})
+        assert code == 200
+        boundary = "----lx2vtest"
+        parts = [("prompt", "a cat"), ("seed", "1")]
+        body = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n".encode()
+                        for k, v in parts)
+        body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image_file\"; filename=\"a.png\"\r\n"
+                 f"Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{boundary}--\r\n".encode()
+        code, b = c.call("POST", "/v1/tasks/video/form", raw=body,
+                         content_type=f"multipart/form-data; boundary={boundary}")
+        assert code == 200, b
+        for t in (a, b):
+            assert c.wait(t["task_id"])["status"] == "completed"
+        va, vb = (c.call("GET", f"/v1/tasks/{t['task_id']}/result")[1] for t in (a, b))
+        assert va == vb  # the same image, seed and prompt either way
+        (tmp_path / "v.mp4").write_bytes(va)
+        assert read_mp4(tmp_path / "v.mp4").shape[0] == 5
+        (tmp_path / "img.png").write_bytes(png)  # a path on the server works too
+        code, p = c.call("POST", "/v1/tasks/video/", {"prompt": "a cat", "seed": 1, "image_path": str(tmp_path / "img.png")})
+        assert c.wait(p["task_id"])["status"] == "completed"
+        assert c.call("GET", f"/v1/tasks/{p['task_id']}/result")[1] == va
+        code, resp = c.call("POST", "/v1/tasks/video/", {"prompt": "x", "image_path": str(tmp_path / "nope.png")})
+        assert code == 400 and "no such file on the server" in resp["detail"]
+    finally:
+        c.close(app)
+
+
+def test_server_flags():
+    args = S.build_parser().parse_args(["--random-weights", "--preset", "tiny", "--host", "127.0.0.1", "--port", "0",
+                                        "--max_queue_size", "3", "--lora_dir", "/l", "--metric_port", "9"])
+    assert (args.host, args.port, args.max_queue_size) == ("127.0.0.1", 0, 3)
