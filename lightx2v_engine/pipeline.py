@@ -109,7 +109,8 @@ def _blocks_detached(module: torch.nn.Module):
 def offloaded(module: torch.nn.Module | None, device: torch.device, enabled: bool):
     """With `enabled` (t5/clip/vae_cpu_offload), `module` is moved to `device` for the block and back to the
     CPU after it (LightX2V's encoder/VAE offload); otherwise it stays where it is. A module with a `blocks`
-    ModuleList (umT5's 24, CLIP's 32) streams them: each block moves in for its forward and out after it,
+    ModuleList (umT5's 24; CLIP, 1.3 GB, and the VAE move whole) streams them: each block moves in for its
+    forward and out after it,
     so the encoder's peak on the device is its embeddings plus one block (umT5-XXL: about 2.5 of 11 GB in
     bf16), not the whole model next to the resident DiT."""
     if module is None or not enabled:
