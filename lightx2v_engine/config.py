@@ -232,6 +232,8 @@ _IGNORED_NOTES = {
     "use_bfloat16": "the DiT's precision is the 'dtype' key, bf16 by default",
     "warmup": "CUDA graphs are captured on the first call per shape",
     "coefficients": "no feature caching",
+    "lora_dynamic_apply": "LoRAs on a quantized DiT always run as low-rank branches beside the 8-bit linears; "
+                          "on bf16 weights they merge at load (the same function)",
 }
 
 # Keys whose true value asks for something this engine cannot do: an error, not a warning.
