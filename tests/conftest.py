@@ -46,3 +46,16 @@ def _built_in_kernel_defaults(monkeypatch):
     """Tests run on the built-in kernel choices: a tuned file of this GPU (kernels/tuned/) would otherwise
     make a test that names one kernel time or check another. tests/test_tuned.py sets its own."""
     monkeypatch.setenv("LX2V_TUNED", "0")
+
+
+@pytest.fixture(scope="module")
+def t2v_folder(tmp_path_factory):
+    """A tiny T2V model folder in the real layout (lightx2v_engine.tiny), one per test module."""
+    from lightx2v_engine.tiny import make_tiny_model_folder
+    return make_tiny_model_folder(tmp_path_factory.mktemp("tiny_t2v"), "t2v")
+
+
+@pytest.fixture(scope="module")
+def i2v_folder(tmp_path_factory):
+    from lightx2v_engine.tiny import make_tiny_model_folder
+    return make_tiny_model_folder(tmp_path_factory.mktemp("tiny_i2v"), "i2v")

@@ -15,19 +15,8 @@ from lightx2v_engine import pipeline as pipeline_mod
 from lightx2v_engine.config import load_run_config, parse_run_config
 from lightx2v_engine.infer import build_parser, main
 from lightx2v_engine.pipeline import CLIP_FILE, T5_FILE, VAE_FILE, WAN_NEGATIVE_PROMPT, Pipeline
-from lightx2v_engine.tiny import make_tiny_model_folder
 
 TINY = {"target_video_length": 5, "target_height": 32, "target_width": 48}
-
-
-@pytest.fixture(scope="module")
-def t2v_folder(tmp_path_factory):
-    return make_tiny_model_folder(tmp_path_factory.mktemp("compat_t2v"), "t2v")
-
-
-@pytest.fixture(scope="module")
-def i2v_folder(tmp_path_factory):
-    return make_tiny_model_folder(tmp_path_factory.mktemp("compat_i2v"), "i2v")
 
 
 def quiet_parse(raw, **kw):

@@ -9,21 +9,10 @@ from safetensors.torch import save_file
 
 from lightx2v_engine.image import i2v_latent_size
 from lightx2v_engine.infer import main
-from lightx2v_engine.tiny import make_tiny_model_folder
 from lightx2v_engine.video import load_latents, read_mp4
 
 
 pytestmark = pytest.mark.usefixtures("torch_ops")  # the plain-PyTorch reference ops (conftest)
-
-
-@pytest.fixture(scope="module")
-def t2v_folder(tmp_path_factory):
-    return make_tiny_model_folder(tmp_path_factory.mktemp("tiny_t2v"), "t2v")
-
-
-@pytest.fixture(scope="module")
-def i2v_folder(tmp_path_factory):
-    return make_tiny_model_folder(tmp_path_factory.mktemp("tiny_i2v"), "i2v")
 
 
 def write_config(path, **keys):
