@@ -66,7 +66,8 @@ def merge(out: Path) -> dict:
     for k in list(absent):
         if figures.get(k) is not None:
             del absent[k]
-    return {"env": env, "figures": figures, "absent": absent}
+    tuned = {str(p): json.loads(p.read_text()).get("choices", {}) for p in sorted((out / "tuned").glob("*.json"))}
+    return {"env": env, "figures": figures, "absent": absent, "tuned": tuned}
 
 
 def table(summary: dict) -> str:
@@ -81,6 +82,8 @@ def table(summary: dict) -> str:
     for k in also:
         v = summary["figures"][k]
         lines.append(f"  {k:<36} " + (f"{v:.4g}" if isinstance(v, float) else str(v)))
+    for path, choices in summary.get("tuned", {}).items():  # before the absent stages, which come last
+        lines.append(f"  tuned defaults of this run: {path} {choices} (copy into kernels/tuned/ to adopt)")
     extra = [k for k in summary["absent"] if k.startswith("<")]
     lines += [f"  {k}: {summary['absent'][k]}" for k in extra]
     return "\n".join(lines)

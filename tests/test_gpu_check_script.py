@@ -98,6 +98,8 @@ def test_gpu_check_hands_the_measured_winners_to_e2e_as_a_tuned_file(tmp_path):
     assert data["choices"] == {"LX2V_ATTN": "gluon", "LX2V_ATTN_GLUON_CONFIG": "fa3_128x128_s2",
                                "LX2V_ATTN_CONFIG": "ws_128x128_w4_s2", "LX2V_CROSS_ATTN": "sdpa_cudnn",
                                "LX2V_QK_ROPE": "packed"}
+    assert f"tuned defaults of this run: {tuned}" in res.stdout  # named in the summary table
+    assert json.loads((out / "summary.json").read_text())["tuned"] == {str(tuned): data["choices"]}
 
 
 def test_gpu_check_ignores_a_kernels_summary_of_an_earlier_run(tmp_path):
