@@ -248,10 +248,12 @@ class QuantLinear(nn.Module):
         self.lora_up, self.lora_down = up, down
 
     def _add_lora(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """y + the LoRA branches of x (y [M, out], x [M, in]); y itself without any."""
+        """y + the LoRA branches of x (y [M, out] fresh from the 8-bit GEMM, updated in place; x [M, in]).
+        The up-projection accumulates into y in its GEMM (addmm, beta 1): no [M, out] temporary, no
+        separate add pass."""
         if self.lora_down is None:
             return y
-        return y + (x @ self.lora_down.to(x.dtype).t()) @ self.lora_up.to(x.dtype).t()
+        return y.addmm_(x @ self.lora_down.to(x.dtype).t(), self.lora_up.to(x.dtype).t())
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, scheme: str) -> "QuantLinear":
