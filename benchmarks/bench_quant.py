@@ -101,7 +101,7 @@ def main(argv=None) -> int:
         return med
 
     quant_bw: dict[int, float] = {}
-    fp8_ratio, gemm_ratio, gate_ratio, gelu_ratio = [], [], [], []
+    fp8_ratio, gemm_ratio, gate_ratio, gelu_ratio, lora_cost = [], [], [], [], []
     for k, n in shapes:
         x = torch.randn(m, k, device=_DEV, dtype=torch.bfloat16)
         lin = torch.nn.Linear(k, n, device=_DEV, dtype=torch.bfloat16)
@@ -116,6 +116,10 @@ def main(argv=None) -> int:
             t_mm = record("scaled_mm_rowwise_gemm_only", k, n, _bench_ms(lambda: torch._scaled_mm(
                 xq, wt, scale_a=sx, scale_b=sw, bias=b, out_dtype=torch.bfloat16, use_fast_accum=True)), flops)
             fp8_ratio.append(t_bf16 / t_q8)
+            # a rank-32 LoRA beside the 8-bit linear (quantized DiT + lora_configs): its cost over the linear
+            q8.add_lora(torch.randn(n, 32, device=_DEV) * 0.01, torch.randn(32, k, device=_DEV) * 0.01, 1.0)
+            t_lora = record("qlinear_fp8_lora_r32", k, n, _bench_ms(lambda: q8(x)), flops)
+            lora_cost.append(t_lora / t_q8 - 1.0)
             if k not in quant_bw:
                 qbytes = m * k * 2 + m * k + m * 4
                 if csrc_ops.csrc_available() and _DEV == "cuda":
@@ -178,6 +182,8 @@ def main(argv=None) -> int:
         "csrc_bw_frac_by_K": {str(k): round(v, 3) for k, v in quant_bw.items()},
         # min over shapes of t(bf16 F.linear) / t(QuantLinear fp8 incl. quantization)
         "qlinear_fp8_ratio_vs_bf16_min": round(min(fp8_ratio), 3),
+        # max over shapes of t(QuantLinear fp8 + rank-32 LoRA branch) / t(QuantLinear fp8) - 1
+        "qlinear_lora_r32_overhead_max": round(max(lora_cost), 3),
     }
     if gemm_ratio:
         summary["gemm_fp8_ratio_vs_scaled_mm_min"] = round(min(gemm_ratio), 3)  # t(_scaled_mm) / t(Triton)

@@ -25,7 +25,7 @@ ALSO = [
     "attn_gluon_ratio_vs_triton", "attn_cudnn_tflops", "attn_cross_best_impl", "attn_8bit_best_config",
     "qk_norm_rope_row_bw_frac", "qk_norm_rope_tile_bw_frac", "qk_norm_rope_chunk_bw_frac",
     "qk_norm_rope_packed_bw_frac", "rms_norm_bw_frac",
-    "vae_norm_bw_frac",
+    "vae_norm_bw_frac", "qlinear_lora_r32_overhead_max",
     "step_8bit_variant_1.3b", "step_8bit_variant_14b", "ops", "ops_attn8",
 ]
 # Figures with no producer yet, and why (none at present).

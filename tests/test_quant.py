@@ -561,6 +561,7 @@ def test_bench_quant_dry_run(tmp_path):
     assert summary["qlinear_fp8_ratio_vs_bf16_min"] > 0
     rows = (tmp_path / "quant.csv").read_text().splitlines()
     assert rows[0].startswith("gpu,torch,op,M,K,N,ms") and any(",qlinear_fp8," in r for r in rows)
+    assert any(",qlinear_fp8_lora_r32," in r for r in rows) and "qlinear_lora_r32_overhead_max" in summary
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
