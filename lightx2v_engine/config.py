@@ -215,7 +215,8 @@ _ACCEPTED_IGNORED = {
     "offload_granularity", "offload_ratio", "lazy_load", "num_disk_workers", "unload_modules",
     "parallel", "seq_parallel", "cfg_parallel", "feature_caching", "teacache_thresh", "use_ret_steps",
     "use_tiling_vae", "use_lightvae", "use_tae", "use_stream_vae", "tae_path",
-    "t5_quant_scheme", "t5_quantized_ckpt", "clip_quant_scheme", "clip_quantized_ckpt", "cfg_scale", "rope_type", "modulate_type", "rms_norm_type",
+    "t5_quantized", "t5_quant_scheme", "t5_quantized_ckpt", "clip_quantized", "clip_quant_scheme",
+    "clip_quantized_ckpt", "cfg_scale", "rope_type", "modulate_type", "rms_norm_type",
     "layer_norm_type", "use_compile", "compile_shapes", "model_cls", "task", "mm_config", "scheduler_type",
     "return_result_tensor", "vae_stride", "patch_size", "num_channels_latents", "sample_solver",
     "lora_dynamic_apply", "use_prompt_enhancer", "sf_config", "clean_cuda_cache", "rotary_chunk",
@@ -232,6 +233,11 @@ _IGNORED_NOTES = {
     "use_bfloat16": "the DiT's precision is the 'dtype' key, bf16 by default",
     "warmup": "CUDA graphs are captured on the first call per shape",
     "coefficients": "no feature caching",
+    "t5_quantized": "quantized T5 files are not loaded: the bf16 umT5 (models_t5_umt5-xxl-enc-bf16.pth or "
+                    "t5_original_ckpt) runs",
+    "clip_quantized": "quantized CLIP files are not loaded: the fp16/bf16 CLIP (or clip_original_ckpt) runs",
+    "vae_path": "with use_lightvae/use_tae it names the light autoencoder, which is not run: the standard Wan "
+                "VAE decodes",
     "lora_dynamic_apply": "LoRAs on a quantized DiT always run as low-rank branches beside the 8-bit linears; "
                           "on bf16 weights they merge at load (the same function)",
 }
@@ -239,12 +245,6 @@ _IGNORED_NOTES = {
 # Keys whose true value asks for something this engine cannot do: an error, not a warning.
 # (key -> what is supported instead); false is accepted.
 _UNSUPPORTED_IF_TRUE = {
-    "t5_quantized": "quantized T5 encoders (-fp8/-int8 files) are not supported; lightx2v-engine loads the bf16 "
-                    "encoder (models_t5_umt5-xxl-enc-bf16.pth, or the file t5_original_ckpt names): set "
-                    "t5_quantized to false",
-    "clip_quantized": "quantized CLIP encoders are not supported; lightx2v-engine loads the fp16/bf16 CLIP file "
-                      "(models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth, or the file clip_original_ckpt "
-                      "names): set clip_quantized to false",
     "enable_dynamic_cfg": "dynamic CFG adds a guidance embedding (guidance_embedding.linear_1/2) to the DiT, which "
                           "lightx2v-engine does not implement; set it to false (cfg_scale then has no effect), or "
                           "use enable_cfg with sample_guide_scale for classifier-free guidance",
@@ -330,6 +330,9 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
             out[key] = _as(key, vals[key], str)
             if not out[key].strip():
                 raise _err(key, out[key], "must not be empty")
+    if out.get("vae_path") and any(raw.get(k) for k in ("use_lightvae", "use_tae")):
+        del out["vae_path"]  # LightX2V's light-VAE configs point vae_path at the pruned autoencoder
+        ignored.append("vae_path")
     for key in ("t5_cpu_offload", "clip_cpu_offload", "vae_cpu_offload"):  # LightX2V: default to cpu_offload
         out.setdefault(key, out.get("cpu_offload", False))
     dense = []

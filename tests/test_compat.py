@@ -144,11 +144,21 @@ def test_vae_offload_on_cuda_keeps_weights_on_the_cpu_between_uses(monkeypatch):
 # ------------------------------------------------------------------------------------- 2. quantized encoders
 
 @pytest.mark.parametrize("key", ["t5_quantized", "clip_quantized"])
-def test_quantized_encoders_are_a_clear_error(key):
-    with pytest.raises(ValueError, match=rf"'{key}' = True: quantized .* not supported"):
-        parse_run_config({key: True, key.replace("quantized", "quant_scheme"): "fp8-q8f"})
-    cfg = quiet_parse({key: False})
-    assert key not in cfg.ignored_keys
+def test_quantized_encoders_warn_that_the_unquantized_file_runs(key):
+    """LightX2V's 4090 configs set t5_quantized/clip_quantized: they load (the bf16 file runs, a warning
+    says so); a folder with only the quantized file is the error of the next test."""
+    with pytest.warns(UserWarning, match=rf"{key} \(quantized .* not loaded"):
+        cfg = parse_run_config({key: True, key.replace("quantized", "quant_scheme"): "fp8-q8f"})
+    assert key in cfg.ignored_keys
+
+
+def test_vae_path_of_a_light_vae_is_not_loaded_as_the_wan_vae():
+    """With use_lightvae/use_tae, vae_path names the pruned autoencoder: ignored (with the warning), the
+    standard VAE file is used; without them vae_path is honoured."""
+    with pytest.warns(UserWarning, match=r"vae_path \(with use_lightvae/use_tae it names the light autoencoder"):
+        cfg = parse_run_config({"use_lightvae": True, "vae_path": "lightx2v/Autoencoders/lightvaew2_1.pth"})
+    assert cfg.vae_path is None
+    assert quiet_parse({"vae_path": "my_vae.pth"}).vae_path == "my_vae.pth"
 
 
 @pytest.mark.usefixtures("torch_ops")
