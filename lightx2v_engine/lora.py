@@ -47,7 +47,12 @@ def _strip(key: str) -> str:
 
 
 def _target(base: str, suffix: str, params: dict) -> str | None:
-    """The model parameter name for a LoRA module `base` + `suffix`, trying Wan then diffusers names."""
+    """The model parameter name for a LoRA module `base` + `suffix`, trying Wan then diffusers names
+    (diffusers' attention-processor LoRAs name '<attn>.processor.to_q' / '.to_out': '<attn>.to_q' /
+    '.to_out.0')."""
+    if ".processor." in base:
+        base = base.replace(".processor.", ".")
+        base = base + ".0" if base.endswith(".to_out") else base
     name = base + suffix
     if name in params:
         return name

@@ -130,12 +130,14 @@ def offloaded(module: torch.nn.Module | None, device: torch.device, enabled: boo
 
     def block_out(m, args, out):
         _to_device(m, cpu)
-    hooks = [h for b in blocks for h in (b.register_forward_pre_hook(block_in), b.register_forward_hook(block_out))]
-    with _blocks_detached(module):
-        _to_device(module, device)
+    hooks = []
     try:
+        with _blocks_detached(module):
+            _to_device(module, device)
+        hooks = [h for b in blocks for h in (b.register_forward_pre_hook(block_in),
+                                             b.register_forward_hook(block_out))]
         yield module
-    finally:
+    finally:  # also after a failed move (e.g. out of memory): no hook stays, nothing stays on the device
         for h in hooks:
             h.remove()
         _to_device(module, cpu)  # the rest, and a block left on the device by an exception

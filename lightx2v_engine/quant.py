@@ -228,18 +228,20 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=qdtype, device=device))
         self.register_buffer("weight_scale", torch.empty(out_features, 1, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+        self.run_dtype = dtype  # the LoRA branches' dtype
         self.register_buffer("lora_down", None, persistent=False)
         self.register_buffer("lora_up", None, persistent=False)
 
     @torch.no_grad()
     def add_lora(self, up: torch.Tensor, down: torch.Tensor, scale: float) -> None:
         """Adds the branch scale * up @ down (up [out, r], down [r, in]) beside the 8-bit weight, stacked
-        with earlier ones along the rank; kept in the bias's dtype (the run dtype), on the weight's device."""
+        with earlier ones along the rank; kept in the run dtype (the bias's, else the constructor's), on the
+        weight's device."""
         if up.dim() != 2 or down.dim() != 2 or up.shape[1] != down.shape[0] or \
                 (up.shape[0], down.shape[1]) != (self.out_features, self.in_features):
             raise ValueError(f"QuantLinear.add_lora: up {tuple(up.shape)} @ down {tuple(down.shape)} does not give "
                              f"[{self.out_features}, {self.in_features}]")
-        dtype = self.bias.dtype if self.bias is not None else torch.bfloat16
+        dtype = self.bias.dtype if self.bias is not None else self.run_dtype
         dev = self.weight.device
         up = (up.to(dev, torch.float32) * scale).to(dtype)
         down = down.to(dev, dtype)

@@ -292,3 +292,22 @@ def test_pipeline_exported_lazily():
     subprocess.run([sys.executable, "-c", code], check=True)
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         lightx2v_engine.Nope
+
+
+def test_offload_cleans_up_after_a_failed_move(monkeypatch):
+    """Out of memory while moving the encoder's non-block weights: no hook is left on the blocks and the
+    module ends on the CPU (the error propagates)."""
+    from lightx2v_engine import t5 as t5_mod
+    model = t5_mod.random_t5(t5_mod.T5Config.tiny(), dtype=torch.float32, seed=0)
+    moves = []
+
+    def failing_move(m, d):
+        moves.append(d.type)
+        if d.type == "cuda":
+            raise torch.cuda.OutOfMemoryError("no room")
+    monkeypatch.setattr(pipeline_mod, "_to_device", failing_move)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        with pipeline_mod.offloaded(model, torch.device("cuda"), True):
+            pass
+    assert moves == ["cuda", "cpu"] and "blocks" in model._modules
+    assert all(not b._forward_pre_hooks and not b._forward_hooks for b in model.blocks)

@@ -178,17 +178,25 @@ def test_other_lora_key_styles_merge(style):
 
 
 def test_attention_processor_lora_names_merge():
-    """diffusers' old attention-processor LoRA names, e.g. 'to_q_lora.up.weight' (diffusers layout target)."""
+    """diffusers' old attention-processor LoRA names: '<attn>.processor.to_q_lora.up.weight', and
+    '.to_out_lora' for the output projection (diffusers' to_out.0), also without '.processor'."""
     sd = wan_state_dict(diffusers_model(TINY_T2V))
     g = torch.Generator().manual_seed(2)
-    up, down = torch.randn(sd["blocks.0.self_attn.q.weight"].shape[0], 2, generator=g), torch.randn(
-        2, sd["blocks.0.self_attn.q.weight"].shape[1], generator=g)
+    shape = sd["blocks.0.self_attn.q.weight"].shape
+    pairs = {name: (torch.randn(shape[0], 2, generator=g), torch.randn(2, shape[1], generator=g))
+             for name in ("attn1.processor.to_q", "attn1.processor.to_out", "attn2.to_k")}
+    lora = {}
+    for name, (up, down) in pairs.items():
+        lora[f"transformer.blocks.0.{name}_lora.up.weight"] = up
+        lora[f"transformer.blocks.0.{name}_lora.down.weight"] = down
     model = build_dit(TINY_T2V, None, dtype=torch.float32)
     model.load_state_dict(sd)
-    n = merge_lora_(model, {"transformer.blocks.0.attn1.to_q_lora.up.weight": up,
-                            "transformer.blocks.0.attn1.to_q_lora.down.weight": down}, 1.0)
-    assert n == 1
-    torch.testing.assert_close(model.blocks[0].self_attn.q.weight, sd["blocks.0.self_attn.q.weight"] + up @ down)
+    assert merge_lora_(model, lora, 1.0) == 3
+    for name, target in (("attn1.processor.to_q", "self_attn.q"), ("attn1.processor.to_out", "self_attn.o"),
+                         ("attn2.to_k", "cross_attn.k")):
+        up, down = pairs[name]
+        torch.testing.assert_close(model.get_submodule(f"blocks.0.{target}").weight,
+                                   sd[f"blocks.0.{target}.weight"] + up @ down)
 
 
 def test_unmatched_keys_error_says_how_to_skip_them():

@@ -152,6 +152,10 @@ def test_quant_linear_lora_branch_formula():
     torch.testing.assert_close(q(x, input_gelu=True), q(xg), rtol=1e-6, atol=1e-5)
     with pytest.raises(ValueError, match=r"up \(48, 3\) @ down \(4, 64\)"):
         q.add_lora(torch.zeros(48, 3), torch.zeros(4, 64), 1.0)
+    # without a bias the branch keeps the run dtype (fp32 here), not bf16
+    nb = QuantLinear.from_linear(nn.Linear(64, 48, bias=False), "fp8")
+    nb.add_lora(ups[0], downs[0], 0.5)
+    assert nb.lora_up.dtype == torch.float32 and nb.lora_down.dtype == torch.float32
 
 
 def test_cli_quantized_dit_with_lora(tmp_path, capsys):
