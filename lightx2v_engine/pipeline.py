@@ -37,6 +37,9 @@ from lightx2v_engine.video import save_latents, save_mp4, video_to_uint8
 log = logging.getLogger(__name__)
 
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+# captured graph sets kept per Pipeline (one per shape/sampler/ops key, each with its own memory pool): a
+# server taking many sizes would otherwise grow GPU memory with every new one
+MAX_GRAPH_SHAPES = 2
 VAE_FILE = "Wan2.1_VAE.pth"
 CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
 # LightX2V's quantized encoder files (lightx2v.md §4): recognised only to say that they are not supported.
@@ -364,8 +367,12 @@ class Pipeline:
         key = (tuple(x.shape), tuple(context.shape), neg_context is not None, clip_fea is not None,
                sampler, self.dit.run_dtype, self.run_cfg.sample_guide_scale if neg_context is not None else None,
                id(self.dit), ops.describe(x.device, attn_8bit=self.dit.blocks[0].self_attn.attn_8bit))
-        graphs = self._graphs.get(key)
+        graphs = self._graphs.pop(key, None)
         if graphs is None:
+            while len(self._graphs) >= MAX_GRAPH_SHAPES:  # the least recently used shape gives its pool back
+                del self._graphs[next(iter(self._graphs))]
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
             try:
                 graphs = DistillGraphs(lambda xx, t: self._velocity(xx, t, *graphs.static_conds()), sampler,
                                        x, context, neg_context, clip_fea, y, renoise, ts)
@@ -381,7 +388,7 @@ class Pipeline:
                 except RuntimeError:
                     pass
                 return None
-            self._graphs[key] = graphs
+        self._graphs[key] = graphs  # (re)inserted last: the dict is in least-recently-used order
         graphs.set_inputs(x, context, neg_context, clip_fea, y, renoise)
         return graphs.run_step
 

@@ -76,6 +76,22 @@ def test_graphs_are_cached_per_op_choice():
     assert len(pipe._graphs) == 2
 
 
+@pytest.mark.gpu
+def test_graph_sets_are_bounded_least_recently_used():
+    """A pipeline asked for many sizes (the HTTP server) keeps MAX_GRAPH_SHAPES graph sets, dropping the
+    least recently used one, and a dropped shape captures again with the same result."""
+    from lightx2v_engine import pipeline as pipeline_mod
+    pipe = Pipeline.random("tiny", {"target_video_length": 5, "target_height": 32, "target_width": 48}, device="cuda")
+    first = pipe.generate("a dog", seed=5, height=32, width=48).latents
+    pipe.generate("a dog", seed=5, height=48, width=32)
+    pipe.generate("a dog", seed=5, height=32, width=48)  # used again: now the most recent
+    pipe.generate("a dog", seed=5, height=64, width=32)  # evicts 48x32, not 32x48
+    assert len(pipe._graphs) == pipeline_mod.MAX_GRAPH_SHAPES == 2
+    assert [k[0][-2:] for k in pipe._graphs] == [(4, 6), (8, 4)]
+    assert pipe.use_cuda_graph
+    assert torch.equal(pipe.generate("a dog", seed=5, height=32, width=48).latents, first)
+
+
 def _load(name):
     spec = importlib.util.spec_from_file_location(name, Path(__file__).parent.parent / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
