@@ -6,8 +6,9 @@
 The models load once at start. Tasks queue (at most --max_queue_size waiting: HTTP 503 beyond) and run one
 at a time on one worker thread, like LightX2V's server. A request carries LightX2V's VideoTaskRequest
 fields; the ones this engine cannot honour per request (another step count, a LoRA, a last frame) are a
-400 naming the field. Results are written under --output_dir; a request's save_result_path must stay
-inside it.
+400 naming the field, as are sizes the model cannot take (checked before the task is queued). Results are
+written under --output_dir; a request's save_result_path must stay inside it. The last MAX_FINISHED
+finished tasks stay queryable.
 
 Endpoints: POST /v1/tasks/video/ (JSON), POST /v1/tasks/video/form (multipart: image_file + form fields),
 POST /v1/tasks/ (old alias), GET /v1/tasks/, GET /v1/tasks/queue/status, GET /v1/tasks/{id}/status,
@@ -43,6 +44,14 @@ log = logging.getLogger(__name__)
 
 MAX_BODY = 64 << 20      # request bodies (a base64 or uploaded image fits)
 MAX_DOWNLOAD = 32 << 20  # image_path URLs
+MAX_SIDE, MAX_FRAMES = 2048, 321  # per-request sizes (720p is 1280 x 720, 81 frames)
+MAX_FINISHED = 1000      # finished tasks kept for status queries (oldest dropped first)
+# VideoTaskRequest fields this server cannot honour per request: a 400 naming them when set
+UNSUPPORTED = {"last_frame_path": "FLF2V is not supported (Wan2.1 T2V/I2V)", "audio_path": "audio is not supported",
+               "lora_name": "LoRAs are set at start (the config's lora_configs)",
+               "lora_strength": "LoRAs are set at start (the config's lora_configs)",
+               "target_fps": "the frame rate is the config's fps", "video_duration": "use target_video_length",
+               "resize_mode": "I2V resizes as Wan does", "use_prompt_enhancer": "no prompt enhancer"}
 # VideoTaskRequest fields (LightX2V's server/schema.py); unknown fields are a 400 naming them
 FIELDS = {"task_id", "prompt", "negative_prompt", "image_path", "last_frame_path", "audio_path", "save_result_path",
           "infer_steps", "seed", "target_shape", "target_video_length", "lora_name", "lora_strength",
@@ -106,12 +115,17 @@ class TaskQueue:
     def get(self, task_id: str) -> Task:
         with self._cond:
             if task_id not in self._tasks:
-                raise RequestError(f"no task {task_id!r}", HTTPStatus.NOT_FOUND)
+                raise RequestError(f"no task {_short(task_id)!r}", HTTPStatus.NOT_FOUND)
             return self._tasks[task_id]
 
-    def all(self) -> list[Task]:
+    def info(self, task_id: str) -> dict:
+        """A consistent snapshot of one task's state."""
         with self._cond:
-            return list(self._tasks.values())
+            return self.get(task_id).info()
+
+    def all(self) -> list[dict]:
+        with self._cond:
+            return [t.info() for t in self._tasks.values()]
 
     def status(self) -> dict:
         with self._cond:
@@ -125,11 +139,13 @@ class TaskQueue:
             task = self.get(task_id)
             if task.status == "pending":
                 self._pending.remove(task)
-                task.status, task.end_time = "cancelled", time.time()
+                task.status, task.end_time, task.params = "cancelled", time.time(), {}
+                self._forget_old()
                 return {"stop_status": "success", "reason": "cancelled before it started"}
             if task.status == "processing":
                 task.cancel.set()
-                return {"stop_status": "success", "reason": "stopping at the next denoising step"}
+                return {"stop_status": "success", "reason": "stopping before its next denoising step (a task "
+                                                            "past its last step completes)"}
             return {"stop_status": "do_nothing", "reason": f"task is {task.status}"}
 
     def cancel_all(self) -> dict:
@@ -158,107 +174,165 @@ class TaskQueue:
                 status, error = "completed", None
             except TaskCancelled:
                 status, error = "cancelled", None
-            except Exception as e:  # noqa: BLE001 - a failed task is reported, the server goes on
+            except BaseException as e:  # noqa: BLE001 - a failed task is reported, the worker goes on
                 log.exception("task %s failed", task.task_id)
-                status, error = "failed", f"{type(e).__name__}: {e}"
+                status, error = "failed", f"{type(e).__name__}: {str(e)[:500]}"
             with self._cond:
                 task.status, task.error, task.end_time = status, error, time.time()
+                task.params = {}  # its decoded image and prompt are no longer needed
                 self.current = None
+                self._forget_old()
+
+    def _forget_old(self) -> None:
+        """Drops the oldest finished tasks beyond MAX_FINISHED (caller holds the lock)."""
+        done = [t for t in self._tasks.values() if t.status in ("completed", "failed", "cancelled")]
+        for t in done[:max(0, len(done) - MAX_FINISHED)]:
+            del self._tasks[t.task_id]
 
 
 # ---------------------------------------------------------------------------------------------- requests
 
-def check_request(body: dict, *, output_dir: Path, infer_steps: int, task: str) -> tuple[str, dict, Path]:
-    """A VideoTaskRequest dict -> (task_id, generate() parameters, result path); RequestError on bad input."""
+def _short(value, n: int = 80) -> str:
+    """A value for an error message, cut to n characters (requests may carry megabytes of base64)."""
+    text = str(value)
+    return text if len(text) <= n else text[:n] + f"... ({len(text)} characters)"
+
+
+def check_request(body: dict, *, output_dir: Path, infer_steps: int, task: str,
+                  image_bytes: bytes | None = None) -> tuple[str, dict, Path]:
+    """A VideoTaskRequest dict (+ an uploaded image) -> (task_id, generate() parameters, result path);
+    RequestError on bad input, before the task is queued."""
+    from lightx2v_engine.config import parse_run_config
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object of VideoTaskRequest fields")
     unknown = sorted(set(body) - FIELDS)
     if unknown:
-        raise RequestError(f"unknown field(s) {unknown}; accepted: {sorted(FIELDS)}")
-    for name in ("last_frame_path", "audio_path", "lora_name"):
-        if body.get(name):
-            raise RequestError(f"{name} is not supported by this server (Wan2.1 T2V/I2V; LoRAs are set at start "
-                               f"with the config's lora_configs)")
-    if body.get("use_prompt_enhancer"):
-        raise RequestError("use_prompt_enhancer is not supported")
+        raise RequestError(f"unknown field(s) {[_short(k, 40) for k in unknown]}; accepted: {sorted(FIELDS)}")
+    for name, why in UNSUPPORTED.items():
+        if body.get(name) not in (None, "", False):
+            raise RequestError(f"{name} is not supported by this server: {why}")
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise RequestError("prompt must be a non-empty string")
+    neg = body.get("negative_prompt")
+    if neg is not None and not isinstance(neg, str):
+        raise RequestError(f"negative_prompt must be a string, got {type(neg).__name__}")
     steps = body.get("infer_steps")
     if steps is not None and steps != infer_steps:
-        raise RequestError(f"infer_steps {steps!r}: this server's models run {infer_steps} steps (set at start by "
-                           f"the config)")
-    params: dict[str, Any] = {"prompt": prompt, "negative_prompt": body.get("negative_prompt") or None}
+        raise RequestError(f"infer_steps {_short(steps)}: this server's models run {infer_steps} steps (set at "
+                           f"start by the config)")
+    params: dict[str, Any] = {"prompt": prompt, "negative_prompt": neg}
     seed = body.get("seed")
     if seed is None:
         seed = secrets.randbelow(2 ** 32)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
-        raise RequestError(f"seed must be a non-negative integer, got {seed!r}")
+        raise RequestError(f"seed must be a non-negative integer, got {_short(seed)}")
     params["seed"] = seed
+    sizes = {}
     shape = body.get("target_shape")
     if shape:
-        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(v, int) and v > 0 for v in shape)):
-            raise RequestError(f"target_shape must be [height, width] of positive integers, got {shape!r}")
-        params["height"], params["width"] = shape
+        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(v, int) and 0 < v <= MAX_SIDE
+                                                                    for v in shape)):
+            raise RequestError(f"target_shape must be [height, width], integers in (0, {MAX_SIDE}], got "
+                               f"{_short(shape)}")
+        sizes["target_height"], sizes["target_width"] = shape
     frames = body.get("target_video_length")
     if frames is not None:
-        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
-            raise RequestError(f"target_video_length must be a positive integer, got {frames!r}")
-        params["num_frames"] = frames
+        if isinstance(frames, bool) or not isinstance(frames, int) or not 0 < frames <= MAX_FRAMES:
+            raise RequestError(f"target_video_length must be an integer in (0, {MAX_FRAMES}], got {_short(frames)}")
+        sizes["target_video_length"] = frames
+    try:  # the config's rules (multiples of 16, 4k+1 frames), checked now rather than in the worker
+        parse_run_config(sizes, warn=False, source="request")
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+    if "target_height" in sizes:
+        params["height"], params["width"] = sizes["target_height"], sizes["target_width"]
+    if "target_video_length" in sizes:
+        params["num_frames"] = sizes["target_video_length"]
     image = body.get("image_path")
-    if task == "i2v" and not image:
-        raise RequestError("this server runs image-to-video: image_path (a URL, base64 data or a path) is required")
-    if task == "t2v" and image:
-        raise RequestError("this server runs text-to-video: image_path is not accepted")
-    if image:
+    if image_bytes is not None and image:
+        raise RequestError("give image_file or image_path, not both")
+    if task == "i2v" and not image and image_bytes is None:
+        raise RequestError("this server runs image-to-video: image_path (a URL, base64 data or a path) or an "
+                           "image_file is required")
+    if task == "t2v" and (image or image_bytes is not None):
+        raise RequestError("this server runs text-to-video: no image is accepted")
+    if image_bytes is not None:
+        params["image"] = _open_image(image_bytes, "image_file")
+    elif image:
         params["image"] = read_image_input(image)
     task_id = body.get("task_id") or uuid.uuid4().hex
     if not isinstance(task_id, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", task_id):
-        raise RequestError(f"task_id must be 1-128 letters, digits, '_', '-' or '.', got {task_id!r}")
-    return task_id, params, result_path(body.get("save_result_path"), task_id, output_dir)
+        raise RequestError(f"task_id must be 1-128 letters, digits, '_', '-' or '.', got {_short(task_id)!r}")
+    save = body.get("save_result_path")
+    if save is not None and not isinstance(save, str):
+        raise RequestError(f"save_result_path must be a string, got {type(save).__name__}")
+    return task_id, params, result_path(save, task_id, output_dir)
 
 
 def result_path(requested: str | None, task_id: str, output_dir: Path) -> Path:
     """Where a task's video goes: output_dir / (save_result_path or task_id) with .mp4; inside output_dir."""
     name = requested or task_id
-    path = (output_dir / name).resolve()
+    try:
+        path = (output_dir / name).resolve()
+    except (OSError, ValueError) as e:
+        raise RequestError(f"save_result_path {_short(requested)!r}: not a usable path ({e})") from None
     if path.suffix.lower() != ".mp4":
         path = path.with_name(path.name + ".mp4")
-    if not path.is_relative_to(output_dir.resolve()):
-        raise RequestError(f"save_result_path {requested!r} leaves the output folder {output_dir}")
+    if not path.is_relative_to(output_dir.resolve()) or path == output_dir.resolve():
+        raise RequestError(f"save_result_path {_short(requested)!r} leaves the output folder {output_dir}")
     return path
 
 
-def read_image_input(value: str):
-    """image_path as LightX2V takes it: an http(s) URL, base64 data (optionally a data: URL) or a file path
-    (read by the server). Returns a PIL image or a path."""
+def _open_image(data: bytes, what: str):
     from PIL import Image, UnidentifiedImageError
-    if not isinstance(value, str):
-        raise RequestError(f"image_path must be a string (URL, base64 or path), got {type(value).__name__}")
-    data = None
-    if value.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(value, timeout=30) as r:
-                data = r.read(MAX_DOWNLOAD + 1)
-        except OSError as e:
-            raise RequestError(f"image_path {value!r}: download failed ({e})") from e
-        if len(data) > MAX_DOWNLOAD:
-            raise RequestError(f"image_path {value!r}: larger than {MAX_DOWNLOAD >> 20} MiB")
-    elif value.startswith("data:") or (len(value) > 256 and re.fullmatch(r"[A-Za-z0-9+/=\s]+", value)):
-        try:
-            data = base64.b64decode(value.split(",", 1)[1] if value.startswith("data:") else value, validate=False)
-        except (binascii.Error, IndexError) as e:
-            raise RequestError(f"image_path: invalid base64 data ({e})") from e
-    if data is None:
-        if not Path(value).is_file():
-            raise RequestError(f"image_path {value!r}: no such file on the server (nor a URL or base64 data)")
-        return value
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
         return img
-    except (UnidentifiedImageError, OSError) as e:
-        raise RequestError(f"image_path: not an image ({e})") from e
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise RequestError(f"{what}: not an image ({e})") from None
+
+
+def _is_file(value: str) -> bool:
+    try:
+        return Path(value).is_file()
+    except (OSError, ValueError):  # too long a name, a NUL byte
+        return False
+
+
+def read_image_input(value: str):
+    """image_path as LightX2V takes it: an http(s) URL, a data: URL, a file path on the server, or plain
+    base64 (standard or URL-safe). Returns a PIL image or a path."""
+    if not isinstance(value, str):
+        raise RequestError(f"image_path must be a string (URL, base64 or path), got {type(value).__name__}")
+    if value.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(value, timeout=30) as r:
+                data = r.read(MAX_DOWNLOAD + 1)
+        except (OSError, ValueError) as e:
+            raise RequestError(f"image_path {_short(value)!r}: download failed ({e})") from None
+        if len(data) > MAX_DOWNLOAD:
+            raise RequestError(f"image_path {_short(value)!r}: larger than {MAX_DOWNLOAD >> 20} MiB")
+        return _open_image(data, "image_path")
+    if value.startswith("data:"):
+        return _open_image(_b64(value.split(",", 1)[-1]), "image_path")
+    if _is_file(value):
+        return value
+    try:
+        data = _b64(value)
+    except RequestError:
+        raise RequestError(f"image_path {_short(value)!r}: not a URL, base64 image data or a file on the server")
+    return _open_image(data, "image_path (base64)")
+
+
+def _b64(text: str) -> bytes:
+    compact = re.sub(r"\s+", "", text)
+    try:
+        return base64.b64decode(compact + "=" * (-len(compact) % 4), altchars=b"-_" if re.search(r"[-_]", compact)
+                                else None, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise RequestError(f"image_path: invalid base64 data ({e})") from None
 
 
 def parse_multipart(content_type: str, body: bytes) -> tuple[dict, bytes | None]:
@@ -282,13 +356,16 @@ def parse_multipart(content_type: str, body: bytes) -> tuple[dict, bytes | None]
             if payload:
                 raise RequestError(f"{name} is not supported by this server")
             continue
-        text = payload.decode("utf-8")
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RequestError(f"form field {_short(name, 40)!r}: not UTF-8 text") from None
         if name in ("seed", "infer_steps", "target_video_length", "target_shape", "lora_strength", "video_duration",
                     "target_fps", "use_prompt_enhancer"):
             try:
                 fields[name] = json.loads(text) if text else None
-            except json.JSONDecodeError as e:
-                raise RequestError(f"form field {name}: not a number/list ({text!r})") from e
+            except json.JSONDecodeError:
+                raise RequestError(f"form field {name}: not a number/list ({_short(text)!r})") from None
         else:
             fields[name] = text
     return fields, image
@@ -312,33 +389,52 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _file(self, path: Path, content_type: str) -> None:
-        size = path.stat().st_size
-        self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(size))
-        self.send_header("Content-Disposition", f'attachment; filename="{path.name}"')
-        self.end_headers()
-        with open(path, "rb") as f:
+        try:
+            f = open(path, "rb")
+        except OSError:
+            raise RequestError(f"file {path.name!r} is gone", HTTPStatus.NOT_FOUND) from None
+        with f:
+            size = path.stat().st_size
+            self.send_response(HTTPStatus.OK)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(size))
+            self.send_header("Content-Disposition", f'attachment; filename="{path.name}"')
+            self.end_headers()
+            self._headers_sent = True
             while chunk := f.read(1 << 20):
                 self.wfile.write(chunk)
 
     def _body(self) -> bytes:
-        n = int(self.headers.get("Content-Length") or 0)
+        if self.headers.get("Transfer-Encoding"):
+            raise RequestError("send the body with a Content-Length (chunked transfer is not accepted)",
+                               HTTPStatus.LENGTH_REQUIRED)
+        text = self.headers.get("Content-Length")
+        if text is None:
+            raise RequestError("Content-Length is required", HTTPStatus.LENGTH_REQUIRED)
+        if not text.strip().isdigit():
+            raise RequestError(f"bad Content-Length {_short(text, 20)!r}")
+        n = int(text)
         if n > MAX_BODY:
             raise RequestError(f"request body over {MAX_BODY >> 20} MiB", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
         return self.rfile.read(n)
 
     def _dispatch(self, method: str) -> None:
         path = self.path.split("?", 1)[0]
+        self._headers_sent = False
         try:
             status, obj = self.app.route(method, path, self)
             if obj is not None:
                 self._send(status, obj)
+        except ConnectionError:  # the client went away (e.g. mid-download): nothing to answer
+            log.info("%s %s: client disconnected", method, path)
         except RequestError as e:
-            self._send(e.status, {"detail": str(e)})
-        except Exception as e:  # noqa: BLE001 - a bug answers 500 and is logged; the server goes on
+            if not self._headers_sent:
+                self._send(e.status, {"detail": str(e)})
+        except Exception:  # noqa: BLE001 - a bug answers 500 (details in the log only); the server goes on
             log.exception("%s %s", method, path)
-            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"detail": f"{type(e).__name__}: {e}"})
+            if not self._headers_sent:
+                self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"detail": "internal server error (see the server log)"})
+            self.close_connection = True
 
     def do_GET(self):
         self._dispatch("GET")
@@ -360,9 +456,9 @@ class App:
         self.metadata = metadata or {}
         self.queue = TaskQueue(lambda t: generate(t.params, t.save_result_path, t.cancel), max_queue_size)
 
-    def _create(self, body: dict) -> tuple[HTTPStatus, dict]:
+    def _create(self, body: dict, image_bytes: bytes | None = None) -> tuple[HTTPStatus, dict]:
         task_id, params, path = check_request(body, output_dir=self.output_dir, infer_steps=self.infer_steps,
-                                              task=self.task)
+                                              task=self.task, image_bytes=image_bytes)
         task = self.queue.submit(Task(task_id, params, path))
         return HTTPStatus.OK, {"task_id": task.task_id, "task_status": task.status,
                                "save_result_path": str(task.save_result_path)}
@@ -377,36 +473,36 @@ class App:
             return self._create(body)
         if method == "POST" and path == "/v1/tasks/video/form":
             fields, image = parse_multipart(h.headers.get("Content-Type", ""), h._body())
-            if image is not None:
-                if fields.get("image_path"):
-                    raise RequestError("give image_file or image_path, not both")
-                fields["image_path"] = base64.b64encode(image).decode()
-            return self._create(fields)
+            return self._create(fields, image)
         if path.startswith("/v1/tasks/image"):
             raise RequestError("image tasks are not supported: this engine generates video", HTTPStatus.NOT_IMPLEMENTED)
         if method == "GET" and path == "/v1/tasks":
-            return HTTPStatus.OK, {"tasks": [t.info() for t in self.queue.all()]}
+            return HTTPStatus.OK, {"tasks": self.queue.all()}
         if method == "GET" and path == "/v1/tasks/queue/status":
             return HTTPStatus.OK, self.queue.status()
         if method == "DELETE" and path == "/v1/tasks/all/running":
             return HTTPStatus.OK, self.queue.cancel_all()
         m = re.fullmatch(r"/v1/tasks/([^/]+)(/status|/result)?", path)
         if m and method == "GET" and m.group(2) == "/status":
-            return HTTPStatus.OK, self.queue.get(m.group(1)).info()
+            return HTTPStatus.OK, self.queue.info(m.group(1))
         if m and method == "GET" and m.group(2) == "/result":
-            task = self.queue.get(m.group(1))
-            if task.status != "completed":
-                raise RequestError(f"task {task.task_id} is {task.status}" + (f": {task.error}" if task.error else ""),
-                                   HTTPStatus.NOT_FOUND)
-            h._file(task.save_result_path, "video/mp4")
+            info = self.queue.info(m.group(1))
+            if info["status"] != "completed":
+                raise RequestError(f"task {info['task_id']} is {info['status']}"
+                                   + (f": {info['error']}" if info["error"] else ""), HTTPStatus.NOT_FOUND)
+            h._file(Path(info["save_result_path"]), "video/mp4")
             return HTTPStatus.OK, None
         if m and method == "DELETE" and m.group(2) is None:
             return HTTPStatus.OK, self.queue.cancel(m.group(1))
         if method == "GET" and path.startswith("/v1/files/download/"):
             rel = urllib.request.url2pathname(path[len("/v1/files/download/"):])
-            target = (self.output_dir / rel).resolve()
-            if not target.is_relative_to(self.output_dir.resolve()) or not target.is_file():
-                raise RequestError(f"no file {rel!r} in the output folder", HTTPStatus.NOT_FOUND)
+            try:
+                target = (self.output_dir / rel).resolve()
+                found = target.is_relative_to(self.output_dir.resolve()) and target.is_file()
+            except (OSError, ValueError):  # a NUL byte, a name too long
+                found = False
+            if not found:
+                raise RequestError(f"no file {_short(rel)!r} in the output folder", HTTPStatus.NOT_FOUND)
             h._file(target, "video/mp4" if target.suffix == ".mp4" else "application/octet-stream")
             return HTTPStatus.OK, None
         if method == "GET" and path == "/v1/service/status":

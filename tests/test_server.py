@@ -99,7 +99,14 @@ def test_t2v_task_end_to_end(t2v_pipe, tmp_path):
     ({"prompt": ""}, 400, "prompt must be a non-empty string"),
     ({"prompt": "x", "infer_steps": 8}, 400, "infer_steps 8: this server's models run 4 steps"),
     ({"prompt": "x", "lora_name": "style"}, 400, "lora_name is not supported"),
-    ({"prompt": "x", "image_path": "a.png"}, 400, "text-to-video: image_path is not accepted"),
+    ({"prompt": "x", "image_path": "a.png"}, 400, "text-to-video: no image is accepted"),
+    ({"prompt": "x", "target_shape": [63, 95]}, 400, "target_height.*multiple of 16"),
+    ({"prompt": "x", "target_video_length": 10}, 400, "4k\\+1"),
+    ({"prompt": "x", "target_video_length": 100001}, 400, "target_video_length must be an integer in"),
+    ({"prompt": "x", "target_fps": 24}, 400, "target_fps is not supported by this server: the frame rate"),
+    ({"prompt": "x", "lora_strength": 0.5}, 400, "lora_strength is not supported"),
+    ({"prompt": "x", "save_result_path": 123}, 400, "save_result_path must be a string"),
+    ({"prompt": "x", "negative_prompt": 123}, 400, "negative_prompt must be a string"),
     ({"prompt": "x", "seed": -1}, 400, "seed must be a non-negative integer"),
     ({"prompt": "x", "target_shape": [480]}, 400, "target_shape must be"),
     ({"prompt": "x", "save_result_path": "../../evil"}, 400, "leaves the output folder"),
@@ -217,7 +224,20 @@ def test_i2v_image_as_upload_and_as_base64(tmp_path):
         assert c.wait(p["task_id"])["status"] == "completed"
         assert c.call("GET", f"/v1/tasks/{p['task_id']}/result")[1] == va
         code, resp = c.call("POST", "/v1/tasks/video/", {"prompt": "x", "image_path": str(tmp_path / "nope.png")})
-        assert code == 400 and "no such file on the server" in resp["detail"]
+        assert code == 400 and "not a URL, base64 image data or a file on the server" in resp["detail"]
+        long = "A" * 5000  # neither a file (too long a name) nor an image: a 400 that does not echo it all
+        code, resp = c.call("POST", "/v1/tasks/video/", {"prompt": "x", "image_path": long})
+        assert code == 400 and len(resp["detail"]) < 300
+        # a tiny upload (its base64 is short) and URL-safe base64 both work
+        small = io.BytesIO()
+        Image.new("RGB", (8, 8), (200, 10, 10)).save(small, format="PNG")
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nx\r\n"
+                f"--{boundary}\r\nContent-Disposition: form-data; name=\"image_file\"; filename=\"s.png\"\r\n"
+                f"Content-Type: image/png\r\n\r\n").encode() + small.getvalue() + f"\r\n--{boundary}--\r\n".encode()
+        code, t = c.call("POST", "/v1/tasks/video/form", raw=body, content_type=f"multipart/form-data; boundary={boundary}")
+        assert code == 200, t
+        code, t = c.call("POST", "/v1/tasks/video/", {"prompt": "x", "image_path": base64.urlsafe_b64encode(png).decode()})
+        assert code == 200, t
     finally:
         c.close(app)
 
@@ -226,3 +246,44 @@ def test_server_flags():
     args = S.build_parser().parse_args(["--random-weights", "--preset", "tiny", "--host", "127.0.0.1", "--port", "0",
                                         "--max_queue_size", "3", "--lora_dir", "/l", "--metric_port", "9"])
     assert (args.host, args.port, args.max_queue_size) == ("127.0.0.1", 0, 3)
+
+
+def test_http_edge_cases(tmp_path, monkeypatch):
+    """Bad Content-Length (negative, text, absent) is answered at once; a non-UTF-8 form field is a 400; an
+    odd download name is a 404; an internal error is a generic 500; finished tasks drop their inputs and
+    only the last MAX_FINISHED stay."""
+    import socket
+    monkeypatch.setattr(S, "MAX_FINISHED", 2)
+    app = S.App(lambda p, path, cancel: path.write_bytes(b"v"), output_dir=tmp_path, infer_steps=4, task="t2v")
+    c = Client(app)
+    try:
+        def raw_request(head: bytes) -> bytes:
+            with socket.create_connection(("127.0.0.1", c.httpd.server_port), timeout=10) as sock:
+                sock.sendall(head)
+                sock.shutdown(socket.SHUT_WR)
+                return sock.recv(4096)
+        for length, status in ((b"-1", b"400"), (b"abc", b"400"), (None, b"411")):
+            head = b"POST /v1/tasks/video/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            head += (b"Content-Length: " + length + b"\r\n" if length is not None else b"") + b"\r\n"
+            assert raw_request(head).split(b" ")[1] == status, length
+        boundary = "b0"
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\n").encode() + b"\xff\xfe" + \
+            f"\r\n--{boundary}--\r\n".encode()
+        code, resp = c.call("POST", "/v1/tasks/video/form", raw=body, content_type=f"multipart/form-data; boundary={boundary}")
+        assert code == 400 and "not UTF-8" in resp["detail"]
+        assert c.call("GET", "/v1/files/download/a%00b")[0] == 404
+        assert c.call("GET", "/v1/files/download/" + "x" * 5000)[0] == 404
+        ids = [c.call("POST", "/v1/tasks/video/", {"prompt": f"p{i}"})[1]["task_id"] for i in range(4)]
+        t0 = time.time()
+        while c.call("GET", "/v1/service/status")[1]["service_status"] == "busy" or \
+                c.call("GET", "/v1/tasks/queue/status")[1]["queue_size"]:
+            assert time.time() - t0 < 60
+            time.sleep(0.05)
+        kept = [x["task_id"] for x in c.call("GET", "/v1/tasks/")[1]["tasks"]]
+        assert kept == ids[-2:]
+        assert all(not app.queue.get(t).params for t in kept)
+        monkeypatch.setattr(app, "route", lambda *a: (_ for _ in ()).throw(RuntimeError("secret /path/detail")))
+        code, resp = c.call("GET", "/v1/tasks/")
+        assert code == 500 and "secret" not in resp["detail"]
+    finally:
+        c.close(app)
