@@ -27,10 +27,13 @@ _TASKS = ("t2v", "i2v")
 class LightX2VPipeline:
     """LightX2V's pipeline object: construct, enable_* (optional), create_generator, then generate."""
 
-    def __init__(self, task: str, model_path: str, model_cls: str, sf_model_path: str | None = None,
+    def __init__(self, task: str = "t2v", model_path: str | None = None, model_cls: str = "wan2.1_distill",
+                 sf_model_path: str | None = None,
                  dit_original_ckpt: str | None = None, low_noise_original_ckpt: str | None = None,
                  high_noise_original_ckpt: str | None = None, transformer_model_name: str | None = None,
                  device: str | torch.device | None = None):
+        if model_path is None:
+            raise ValueError("LightX2VPipeline: model_path is required")
         if task not in _TASKS:
             raise ValueError(f"LightX2VPipeline: task {task!r} is not supported here; choose one of {list(_TASKS)}")
         for name, value in (("low_noise_original_ckpt", low_noise_original_ckpt),
@@ -81,9 +84,9 @@ class LightX2VPipeline:
 
     def enable_lightvae(self, use_lightvae: bool = False, use_tae: bool = False, vae_path: str | None = None,
                         tae_path: str | None = None) -> None:
-        # vae_path / tae_path name the light autoencoders, which this engine does not run: the keys go to the
-        # config (a warning names them) and the standard Wan VAE decodes
-        self._set(use_lightvae=use_lightvae or None, use_tae=use_tae or None, tae_path=tae_path if use_tae else None)
+        # the light autoencoders are not run: use_lightvae/use_tae go to the config (its warning names them),
+        # vae_path/tae_path (their files) are dropped, and the standard Wan VAE decodes
+        self._set(use_lightvae=use_lightvae or None, use_tae=use_tae or None)
 
     def enable_cache(self, cache_method: str = "Tea", coefficients=(), teacache_thresh: float = 0.15,
                      use_ret_steps: bool = False, **magcache: Any) -> None:
@@ -107,7 +110,12 @@ class LightX2VPipeline:
         """Validates the collected keys and loads the models. With config_json, that file's keys (the
         arguments are then ignored, as in LightX2V); else the arguments. guidance_scale 1 turns CFG off.
         The distill model classes take their step count from denoising_step_list (LightX2V's distill
-        scheduler ignores infer_steps)."""
+        scheduler ignores infer_steps). rope_type is ignored (every RoPE implementation computes the same);
+        aspect_ratio, boundary and boundary_step_index are Wan2.2 settings; resize_mode other than None is
+        an error (I2V resizes as Wan does)."""
+        if resize_mode is not None:
+            raise ValueError(f"LightX2VPipeline.create_generator: resize_mode {resize_mode!r} is not supported "
+                             f"(I2V resizes to the target area as Wan does)")
         from lightx2v_engine.pipeline import Pipeline
         if self.pipeline is not None:
             raise RuntimeError("LightX2VPipeline.create_generator: already created")

@@ -410,7 +410,8 @@ class Pipeline:
     def generate(self, prompt: str, *, negative_prompt: str | None = None, image=None, seed: int | None = None,
                  num_frames: int | None = None, height: int | None = None, width: int | None = None,
                  progress: Callable[[int, int], None] | None = None) -> Output:
-        """prompt (+ image for I2V) -> Output(frames, latents, timings). Sizes default to the config's."""
+        """prompt (+ image for I2V) -> Output(frames, latents, timings). Sizes default to the config's;
+        negative_prompt (under CFG) to default_negative_prompt() when None ("" is an empty one)."""
         run = self.run_cfg
         seed = run.seed if seed is None else seed
         t_frames = num_frames or run.target_video_length
@@ -430,7 +431,8 @@ class Pipeline:
         with timings.measure("text encode", self.device):
             prompts = [prompt]
             if need_neg:
-                prompts.append(negative_prompt or self.default_negative_prompt())
+                # None: the default; "" is an empty negative prompt, as in LightX2V
+                prompts.append(negative_prompt if negative_prompt is not None else self.default_negative_prompt())
             ctx = self.encode_text(prompts)
             context, neg_context = ctx[:1], (ctx[1:] if need_neg else None)
         clip_fea = y = None

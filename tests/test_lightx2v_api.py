@@ -53,3 +53,18 @@ def test_call_order_and_unsupported_options(folder, tmp_path):
         pipe.enable_quantize(dit_quantized=True)
     with pytest.raises(ValueError, match="audio_path .*not supported"):
         pipe.generate(seed=1, prompt="x", negative_prompt="", save_result_path=str(tmp_path / "x.mp4"), audio_path="a.wav")
+
+
+def test_keyword_construction_and_empty_negative_prompt(folder, tmp_path):
+    """LightX2VPipeline(model_path=..., model_cls=..., task=...) as lightx2v.md writes it; under CFG an empty
+    negative prompt is used as given (LightX2V), not replaced by the default one."""
+    pipe = LightX2VPipeline(model_path=str(folder), model_cls="wan2.1_distill", device="cpu")  # task t2v
+    pipe.create_generator(num_frames=5, height=32, width=48, guidance_scale=5.0)
+    assert pipe.pipeline.run_cfg.enable_cfg
+    empty = pipe.generate(seed=2, prompt="x", negative_prompt="", save_result_path=str(tmp_path / "e.mp4"),
+                          return_result_tensor=True)
+    default = pipe.pipeline.generate("x", seed=2, negative_prompt=None).frames
+    explicit = pipe.pipeline.generate("x", seed=2, negative_prompt=pipe.pipeline.default_negative_prompt()).frames
+    assert torch.equal(default, explicit) and not torch.equal(empty, default)
+    with pytest.raises(ValueError, match="resize_mode"):
+        LightX2VPipeline(model_path=str(folder), device="cpu").create_generator(resize_mode="adaptive")
