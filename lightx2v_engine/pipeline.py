@@ -289,10 +289,11 @@ class Pipeline:
 
     # ------------------------------------------------------------------ stages
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        """prompts -> [B, text_len(512), text_dim] in the DiT's run dtype, zero rows past each prompt."""
+        """prompts -> [B, text_len(512), text_dim] in the DiT's run dtype, zero rows past each prompt (an
+        empty string encodes as its end-of-text token alone: an empty negative prompt)."""
         for p in prompts:
-            if not isinstance(p, str) or not p.strip():
-                raise ValueError("prompt is empty: a text prompt is required")
+            if not isinstance(p, str):
+                raise ValueError(f"prompts must be strings, got {type(p).__name__}")
         with offloaded(self.t5, self.device, self.run_cfg.t5_cpu_offload):
             ctx = t5_mod.encode_text(self.t5, self.tokenizer, prompts, text_len=self.run_cfg.text_len)
         if ctx.shape[1] < 512:  # the DiT always sees 512 rows (zero-padded), as Wan
@@ -419,6 +420,8 @@ class Pipeline:
         # validates sizes like the config does (errors name the value)
         parse_run_config({"target_video_length": t_frames, "target_height": h, "target_width": w}, warn=False,
                          source="generate()")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("prompt is empty: a text prompt is required")
         if self.task == "i2v" and image is None:
             raise ValueError("task i2v needs an image (--image_path)")
         if self.task == "t2v" and image is not None:
