@@ -66,6 +66,7 @@ def load_pipeline(args: argparse.Namespace):
         overrides.update(target_height=args.target_shape[0], target_width=args.target_shape[1])
     if args.no_cuda_graph:
         overrides["use_cuda_graph"] = False
+    overrides.update(getattr(args, "config_overrides", None) or {})  # the server's extra --key value pairs
     if args.random_weights:
         preset = args.preset or ("tiny-i2v" if args.task == "i2v" else "tiny")
         if preset.startswith("tiny") and args.config_json is None:

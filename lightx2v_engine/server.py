@@ -3,6 +3,9 @@
     python -m lightx2v_engine.server --model_path /models/Wan2.1-T2V-1.3B --config_json cfg.json --port 8000
     python -m lightx2v_engine.server --random-weights --preset tiny          # no weights: the tiny preset
 
+Like LightX2V's server it takes the CLI's arguments plus --host, --port, --max_queue_size, --lora_dir,
+--metric_port, and extra `--key value` pairs as config keys (e.g. --sample_shift 3).
+
 The models load once at start. Tasks queue (at most --max_queue_size waiting: HTTP 503 beyond) and run one
 at a time on one worker thread, like LightX2V's server. A request carries LightX2V's VideoTaskRequest
 fields; the ones this engine cannot honour per request (another step count, a LoRA, a last frame) are a
@@ -549,9 +552,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def config_pairs(extra: list[str]) -> dict[str, Any]:
+    """LightX2V's server also takes `--key value` pairs as config keys: ['--sample_shift', '3'] ->
+    {'sample_shift': 3} (values read as JSON where they parse, else as text; checked by the config parser)."""
+    if len(extra) % 2 or any(not k.startswith("--") or len(k) < 3 for k in extra[::2]):
+        raise SystemExit(f"server: unrecognized arguments {extra}; extra config keys go as --key value pairs")
+    out = {}
+    for key, text in zip(extra[::2], extra[1::2]):
+        try:
+            out[key[2:]] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key[2:]] = text
+    return out
+
+
 def main(argv=None) -> int:
     from lightx2v_engine.infer import load_pipeline
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    args.config_overrides = config_pairs(extra)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     pipe = load_pipeline(args)
     meta = {"model_cls": args.model_cls, "task": pipe.task, "model": pipe.model_cfg.name,

@@ -287,3 +287,20 @@ def test_http_edge_cases(tmp_path, monkeypatch):
         assert code == 500 and "secret" not in resp["detail"]
     finally:
         c.close(app)
+
+
+def test_extra_key_value_pairs_are_config_keys():
+    """LightX2V's server accepts extra --key value pairs as config keys; they reach the pipeline's config
+    (JSON values parsed) and a mistyped key is the config parser's error."""
+    from lightx2v_engine.infer import load_pipeline
+    args, extra = S.build_parser().parse_known_args(["--random-weights", "--preset", "tiny", "--sample_shift", "3",
+                                                     "--enable_cfg", "true"])
+    args.config_overrides = S.config_pairs(extra)
+    assert args.config_overrides == {"sample_shift": 3, "enable_cfg": True}
+    pipe = load_pipeline(args)
+    assert pipe.run_cfg.sample_shift == 3.0 and pipe.run_cfg.enable_cfg
+    args.config_overrides = S.config_pairs(["--sample_shfit", "3"])
+    with pytest.raises(ValueError, match="did you mean 'sample_shift'"):
+        load_pipeline(args)
+    with pytest.raises(SystemExit, match="key value pairs"):
+        S.config_pairs(["--lonely"])
