@@ -95,7 +95,30 @@ def find_weights(key: str, override: str | None, default_name: str, model_path: 
 
 
 def _to_device(module: torch.nn.Module, device: torch.device) -> None:
-    module.to(device)
+    """Moves `module`'s parameters and buffers to `device` for an offloaded use. The CPU tensors are kept
+    while it is away, and the move back re-attaches them: weights do not change in use, so no device-to-host
+    copy is made (for umT5, 11 GB per prompt saved). Parameters come back as the same objects."""
+    for m in module.modules():
+        kept = m.__dict__.setdefault("_lx2v_cpu_copies", {})
+        for store in (m._parameters, m._buffers):
+            for name, t in list(store.items()):
+                if t is None or t.device == device:
+                    continue
+                if device.type == "cpu" and name in kept:
+                    obj, data = kept.pop(name)
+                    if isinstance(obj, torch.nn.Parameter):
+                        obj.data = data
+                    store[name] = obj
+                    continue
+                if t.device.type == "cpu":
+                    kept[name] = (t, t.data)
+                new = t.detach().to(device)
+                if not isinstance(t, torch.nn.Parameter):
+                    store[name] = new
+                elif torch._has_compatible_shallow_copy_type(t, new):
+                    t.data = new  # (what nn.Module.to does: the Parameter object stays)
+                else:
+                    store[name] = torch.nn.Parameter(new, requires_grad=t.requires_grad)
 
 
 @contextlib.contextmanager

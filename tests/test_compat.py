@@ -311,3 +311,20 @@ def test_offload_cleans_up_after_a_failed_move(monkeypatch):
             pass
     assert moves == ["cuda", "cpu"] and "blocks" in model._modules
     assert all(not b._forward_pre_hooks and not b._forward_hooks for b in model.blocks)
+
+
+def test_offload_moves_back_without_copying(monkeypatch):
+    """Back on the CPU, an offloaded module gets its own CPU tensors again (same storage, same values): no
+    device-to-host copy. Checked with the meta device, where a copy back would have no values at all."""
+    from lightx2v_engine import t5 as t5_mod, vae as vae_mod
+    for model in (t5_mod.random_t5(t5_mod.T5Config.tiny(), dtype=torch.float32, seed=0),
+                  vae_mod.random_vae(vae_mod.VAEConfig.tiny(), seed=0)):
+        state = {k: (v.data_ptr(), v.clone()) for k, v in model.state_dict().items()}
+        params = {k: p for k, p in model.named_parameters()}
+        with pipeline_mod.offloaded(model, torch.device("meta"), True):
+            moved = [k for k, v in model.state_dict().items() if v.is_meta]
+            assert moved and ("token_embedding.weight" in moved or not hasattr(model, "blocks"))
+        for k, v in model.state_dict().items():
+            assert v.device.type == "cpu" and v.data_ptr() == state[k][0], k
+            assert torch.equal(v, state[k][1]), k
+        assert all(p is params[k] for k, p in model.named_parameters())  # the same Parameter objects
