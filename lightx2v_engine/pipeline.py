@@ -13,6 +13,7 @@ graph with random weights (benchmarks; the ``tiny`` preset runs on a CPU in seco
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import tempfile
 import time
@@ -97,9 +98,15 @@ def find_weights(key: str, override: str | None, default_name: str, model_path: 
 def _to_device(module: torch.nn.Module, device: torch.device) -> None:
     """Moves `module`'s parameters and buffers to `device` for an offloaded use. The CPU tensors are kept
     while it is away, and the move back re-attaches them: weights do not change in use, so no device-to-host
-    copy is made (for umT5, 11 GB per prompt saved). Parameters come back as the same objects."""
+    copy is made (for umT5, 11 GB per prompt saved). Parameters come back as the same objects. Contract:
+    weights are not changed while on the device (a change made there would be undone on the way back)."""
     for m in module.modules():
         kept = m.__dict__.setdefault("_lx2v_cpu_copies", {})
+        if device.type == "cpu":  # entries whose tensor went away or came back by another route are stale
+            for name in list(kept):
+                t = m._parameters[name] if name in m._parameters else m._buffers.get(name)
+                if t is None or t.device.type == "cpu":
+                    del kept[name]
         for store in (m._parameters, m._buffers):
             for name, t in list(store.items()):
                 if t is None or t.device == device:
@@ -395,8 +402,7 @@ class Pipeline:
         if graphs is None:
             while len(self._graphs) >= MAX_GRAPH_SHAPES:  # the least recently used shape gives its pool back
                 del self._graphs[next(iter(self._graphs))]
-                torch.cuda.synchronize()
-                torch.cuda.empty_cache()
+                _release_graph_memory()
             try:
                 graphs = DistillGraphs(lambda xx, t: self._velocity(xx, t, *graphs.static_conds()), sampler,
                                        x, context, neg_context, clip_fea, y, renoise, ts)
@@ -405,10 +411,10 @@ class Pipeline:
                 log.error("CUDA graph capture failed (%s: %s); running eagerly", type(e).__name__, e,
                           exc_info=log.isEnabledFor(logging.DEBUG))
                 self.use_cuda_graph = False
-                graphs = None  # drop the half-captured graphs and their pool, so that empty_cache frees them
-                try:  # give the failed capture's memory back before the eager run
-                    torch.cuda.synchronize()
-                    torch.cuda.empty_cache()
+                graphs = None  # drop the half-captured graphs and every cached set (graphs are off from now on)
+                self._graphs.clear()
+                try:  # give their memory back before the eager run
+                    _release_graph_memory()
                 except RuntimeError:
                     pass
                 return None
@@ -514,6 +520,14 @@ def _place_vae(vae: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
     if dev.type == "cuda" and vae.memory_format != torch.channels_last_3d:
         vae.use_channels_last()
     return vae
+
+
+def _release_graph_memory() -> None:
+    """Frees the memory pools of dropped graph sets: a set refers to itself through its velocity closure,
+    so only the cycle collector frees it; then the caching allocator gives the blocks back."""
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
 
 
 def _check_task(task: str, mcfg: ModelConfig) -> None:

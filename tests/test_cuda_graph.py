@@ -115,3 +115,42 @@ def test_bench_e2e_dry_run_and_summary(tmp_path):
     for k in summarize.REQUIRED:  # every required figure is present or absent with a reason
         assert s["figures"].get(k) is not None or s["absent"].get(k), k
     assert "<bench_kernels.py>" in s["absent"]  # its summary file is missing in this run
+
+
+def test_evicted_graph_sets_are_freed(monkeypatch):
+    """An evicted graph set refers to itself through its velocity closure: without the cycle collector its
+    memory pool would stay alive past eviction. Checked on the CPU with a stand-in for DistillGraphs."""
+    import gc
+    import weakref
+    from lightx2v_engine import cuda_graph, pipeline as pipeline_mod
+    from lightx2v_engine.schedulers import DistillSampler
+    alive = []
+
+    class StubGraphs:
+        def __init__(self, velocity, sampler, x, *rest):
+            self.velocity, self.pool = velocity, torch.empty(1)
+            alive.append(weakref.ref(self))
+
+        def capture(self):
+            pass
+
+        def set_inputs(self, *args):
+            pass
+
+        def run_step(self, i):
+            return None
+
+    monkeypatch.setattr(cuda_graph, "DistillGraphs", StubGraphs)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    pipe = Pipeline.random("tiny", {"target_video_length": 5, "target_height": 32, "target_width": 48}, device="cpu")
+    sampler = DistillSampler.from_step_list((1000, 750, 500, 250), 5.0, "deterministic")
+    ctx = torch.zeros(1, 512, pipe.model_cfg.text_dim)
+    gc.disable()  # only the eviction's own collection may free the set
+    try:
+        for h in (4, 6, 8):
+            pipe._graph_runner(torch.zeros(1, 16, 2, h, 6), ctx, None, None, None, sampler, [], torch.zeros(4))
+        assert len(pipe._graphs) == pipeline_mod.MAX_GRAPH_SHAPES
+        assert alive[0]() is None and alive[1]() is not None and alive[2]() is not None
+    finally:
+        gc.enable()
