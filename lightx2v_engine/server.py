@@ -49,6 +49,7 @@ MAX_BODY = 64 << 20      # request bodies (a base64 or uploaded image fits)
 MAX_DOWNLOAD = 32 << 20  # image_path URLs
 MAX_SIDE, MAX_FRAMES = 2048, 321  # per-request sizes (720p is 1280 x 720, 81 frames)
 MAX_FINISHED = 1000      # finished tasks kept for status queries (oldest dropped first)
+MAX_IMAGE_PIXELS = 64_000_000  # input images (decoded in the request thread)
 # VideoTaskRequest fields this server cannot honour per request: a 400 naming them when set
 UNSUPPORTED = {"last_frame_path": "FLF2V is not supported (Wan2.1 T2V/I2V)", "audio_path": "audio is not supported",
                "lora_name": "LoRAs are set at start (the config's lora_configs)",
@@ -107,6 +108,10 @@ class TaskQueue:
         with self._cond:
             if task.task_id in self._tasks:
                 raise RequestError(f"task_id {task.task_id!r} exists already")
+            for other in self._tasks.values():
+                if other.status in ("pending", "processing") and other.save_result_path == task.save_result_path:
+                    raise RequestError(f"save_result_path {task.save_result_path.name!r} belongs to task "
+                                       f"{other.task_id}, which has not finished", HTTPStatus.CONFLICT)
             if len(self._pending) >= self.max_queue_size:
                 raise RequestError(f"the queue is full ({self.max_queue_size} tasks waiting); retry later",
                                    HTTPStatus.SERVICE_UNAVAILABLE)
@@ -202,7 +207,7 @@ def _short(value, n: int = 80) -> str:
 
 
 def check_request(body: dict, *, output_dir: Path, infer_steps: int, task: str,
-                  image_bytes: bytes | None = None) -> tuple[str, dict, Path]:
+                  image_bytes: bytes | None = None, default_size: tuple[int, int] = (480, 832)) -> tuple[str, dict, Path]:
     """A VideoTaskRequest dict (+ an uploaded image) -> (task_id, generate() parameters, result path);
     RequestError on bad input, before the task is queued."""
     from lightx2v_engine.config import parse_run_config
@@ -264,6 +269,16 @@ def check_request(body: dict, *, output_dir: Path, infer_steps: int, task: str,
         params["image"] = _open_image(image_bytes, "image_file")
     elif image:
         params["image"] = read_image_input(image)
+    if "image" in params:  # I2V's size follows the image's aspect ratio at the target area: checked now
+        from lightx2v_engine.image import i2v_latent_size
+        th, tw = params.get("height", default_size[0]), params.get("width", default_size[1])
+        try:
+            lat_h, lat_w = i2v_latent_size(params["image"].height, params["image"].width, th, tw)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        if max(lat_h, lat_w) * 8 > MAX_SIDE:
+            raise RequestError(f"the image's aspect ratio ({params['image'].width}x{params['image'].height}) at "
+                               f"area {th}x{tw} gives a {lat_h * 8}x{lat_w * 8} video, over {MAX_SIDE} pixels a side")
     task_id = body.get("task_id") or uuid.uuid4().hex
     if not isinstance(task_id, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", task_id):
         raise RequestError(f"task_id must be 1-128 letters, digits, '_', '-' or '.', got {_short(task_id)!r}")
@@ -287,14 +302,22 @@ def result_path(requested: str | None, task_id: str, output_dir: Path) -> Path:
     return path
 
 
-def _open_image(data: bytes, what: str):
-    from PIL import Image, UnidentifiedImageError
+def _open_image(data, what: str):
+    """bytes or a path -> a decoded PIL image, its size checked (MAX_IMAGE_PIXELS) before decoding."""
+    import warnings
+    from PIL import Image
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise RequestError(f"{what}: {img.width}x{img.height} is over {MAX_IMAGE_PIXELS} pixels")
+            img.load()
         return img
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise RequestError(f"{what}: not an image ({e})") from None
+    except RequestError:
+        raise
+    except Exception as e:  # noqa: BLE001 - PIL raises many types (bombs, truncation, unknown formats)
+        raise RequestError(f"{what}: not a readable image ({type(e).__name__}: {_short(e)})") from None
 
 
 def _is_file(value: str) -> bool:
@@ -320,8 +343,8 @@ def read_image_input(value: str):
         return _open_image(data, "image_path")
     if value.startswith("data:"):
         return _open_image(_b64(value.split(",", 1)[-1]), "image_path")
-    if _is_file(value):
-        return value
+    if _is_file(value):  # opened now: a file that is no image is a 400, not a failed task
+        return _open_image(value, "image_path (file)")
     try:
         data = _b64(value)
     except RequestError:
@@ -367,7 +390,7 @@ def parse_multipart(content_type: str, body: bytes) -> tuple[dict, bytes | None]
                     "target_fps", "use_prompt_enhancer"):
             try:
                 fields[name] = json.loads(text) if text else None
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):
                 raise RequestError(f"form field {name}: not a number/list ({_short(text)!r})") from None
         else:
             fields[name] = text
@@ -378,6 +401,7 @@ def parse_multipart(content_type: str, body: bytes) -> tuple[dict, bytes | None]
 
 class Handler(BaseHTTPRequestHandler):
     server_version = "lightx2v-engine"
+    timeout = 60  # seconds a client may stall (e.g. a body shorter than its Content-Length)
     app: "App"  # set on the subclass made by serve()
 
     def log_message(self, fmt, *args):  # through logging, not stderr
@@ -414,7 +438,7 @@ class Handler(BaseHTTPRequestHandler):
         text = self.headers.get("Content-Length")
         if text is None:
             raise RequestError("Content-Length is required", HTTPStatus.LENGTH_REQUIRED)
-        if not text.strip().isdigit():
+        if not re.fullmatch(r"[0-9]+", text.strip()):
             raise RequestError(f"bad Content-Length {_short(text, 20)!r}")
         n = int(text)
         if n > MAX_BODY:
@@ -428,15 +452,23 @@ class Handler(BaseHTTPRequestHandler):
             status, obj = self.app.route(method, path, self)
             if obj is not None:
                 self._send(status, obj)
-        except ConnectionError:  # the client went away (e.g. mid-download): nothing to answer
-            log.info("%s %s: client disconnected", method, path)
+        except (ConnectionError, TimeoutError):  # the client went away or stalled: nothing to answer
+            log.info("%s %s: client disconnected or timed out", method, path)
+            self.close_connection = True
         except RequestError as e:
-            if not self._headers_sent:
-                self._send(e.status, {"detail": str(e)})
+            self._reply_error(e.status, str(e))
         except Exception:  # noqa: BLE001 - a bug answers 500 (details in the log only); the server goes on
             log.exception("%s %s", method, path)
-            if not self._headers_sent:
-                self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"detail": "internal server error (see the server log)"})
+            self._reply_error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal server error (see the server log)")
+            self.close_connection = True
+
+    def _reply_error(self, status: HTTPStatus, detail: str) -> None:
+        if self._headers_sent:  # a started file download: the error cannot be written into it
+            self.close_connection = True
+            return
+        try:
+            self._send(status, {"detail": detail})
+        except (ConnectionError, TimeoutError):
             self.close_connection = True
 
     def do_GET(self):
@@ -453,15 +485,18 @@ class App:
     """Routes requests to the queue; `generate(params, path, cancel)` makes one video (the pipeline's)."""
 
     def __init__(self, generate: Callable[[dict, Path, threading.Event], None], *, output_dir: Path,
-                 infer_steps: int, task: str, max_queue_size: int = 10, metadata: dict | None = None):
+                 infer_steps: int, task: str, max_queue_size: int = 10, metadata: dict | None = None,
+                 default_size: tuple[int, int] = (480, 832)):
         self.output_dir, self.infer_steps, self.task = Path(output_dir), infer_steps, task
+        self.default_size = default_size  # (height, width) of requests without target_shape
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.metadata = metadata or {}
         self.queue = TaskQueue(lambda t: generate(t.params, t.save_result_path, t.cancel), max_queue_size)
 
     def _create(self, body: dict, image_bytes: bytes | None = None) -> tuple[HTTPStatus, dict]:
         task_id, params, path = check_request(body, output_dir=self.output_dir, infer_steps=self.infer_steps,
-                                              task=self.task, image_bytes=image_bytes)
+                                              task=self.task, image_bytes=image_bytes,
+                                              default_size=self.default_size)
         task = self.queue.submit(Task(task_id, params, path))
         return HTTPStatus.OK, {"task_id": task.task_id, "task_status": task.status,
                                "save_result_path": str(task.save_result_path)}
@@ -469,9 +504,10 @@ class App:
     def route(self, method: str, path: str, h: Handler) -> tuple[HTTPStatus, dict | None]:
         path = path.rstrip("/") or "/"
         if method == "POST" and path in ("/v1/tasks/video", "/v1/tasks"):
+            raw = h._body()  # (its RequestError, a ValueError too, must not be caught below)
             try:
-                body = json.loads(h._body() or b"{}")
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                body = json.loads(raw or b"{}")
+            except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, over-long integers, deep nesting
                 raise RequestError(f"the request body is not JSON ({e})") from e
             return self._create(body)
         if method == "POST" and path == "/v1/tasks/video/form":
@@ -542,6 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lightx2v_engine.infer import build_parser as infer_parser
     p = infer_parser()
     p.description = "HTTP server with LightX2V's task API"
+    p.allow_abbrev = False  # '--config' must not silently mean --config_json (extra pairs are config keys)
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max_queue_size", type=int, default=10)
@@ -577,7 +614,8 @@ def main(argv=None) -> int:
             "defaults": {"target_video_length": pipe.run_cfg.target_video_length,
                          "target_shape": [pipe.run_cfg.target_height, pipe.run_cfg.target_width]}}
     app = App(pipeline_generate(pipe), output_dir=Path(args.output_dir), infer_steps=pipe.run_cfg.infer_steps,
-              task=pipe.task, max_queue_size=args.max_queue_size, metadata=meta)
+              task=pipe.task, max_queue_size=args.max_queue_size, metadata=meta,
+              default_size=(pipe.run_cfg.target_height, pipe.run_cfg.target_width))
     httpd = serve(app, args.host, args.port)
     log.info("serving %s on http://%s:%d (results in %s)", pipe.model_cfg.name, args.host, httpd.server_port,
              app.output_dir)

@@ -197,7 +197,7 @@ def test_i2v_image_as_upload_and_as_base64(tmp_path):
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     png = buf.getvalue()
-    app = S.App(S.pipeline_generate(pipe), output_dir=tmp_path, infer_steps=4, task="i2v")
+    app = S.App(S.pipeline_generate(pipe), output_dir=tmp_path, infer_steps=4, task="i2v", default_size=(32, 48))
     c = Client(app)
     try:
         assert c.call("POST", "/v1/tasks/video/", {"prompt": "x"})[0] == 400  # no image
@@ -223,6 +223,13 @@ def test_i2v_image_as_upload_and_as_base64(tmp_path):
         code, p = c.call("POST", "/v1/tasks/video/", {"prompt": "a cat", "seed": 1, "image_path": str(tmp_path / "img.png")})
         assert c.wait(p["task_id"])["status"] == "completed"
         assert c.call("GET", f"/v1/tasks/{p['task_id']}/result")[1] == va
+        thin = io.BytesIO()
+        Image.new("RGB", (300, 1)).save(thin, format="PNG")
+        code, resp = c.call("POST", "/v1/tasks/video/", {"prompt": "x", "image_path": base64.b64encode(thin.getvalue()).decode()})
+        assert code == 400 and "aspect ratio" in resp["detail"]  # refused before queueing
+        (tmp_path / "notes.txt").write_text("not an image")
+        code, resp = c.call("POST", "/v1/tasks/video/", {"prompt": "x", "image_path": str(tmp_path / "notes.txt")})
+        assert code == 400 and "not a readable image" in resp["detail"]
         code, resp = c.call("POST", "/v1/tasks/video/", {"prompt": "x", "image_path": str(tmp_path / "nope.png")})
         assert code == 400 and "not a URL, base64 image data or a file on the server" in resp["detail"]
         long = "A" * 5000  # neither a file (too long a name) nor an image: a 400 that does not echo it all
@@ -282,6 +289,17 @@ def test_http_edge_cases(tmp_path, monkeypatch):
         kept = [x["task_id"] for x in c.call("GET", "/v1/tasks/")[1]["tasks"]]
         assert kept == ids[-2:]
         assert all(not app.queue.get(t).params for t in kept)
+        for raw, why in ((b"[" * 100000, "deep nesting"), (b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", "long int")):
+            assert c.call("POST", "/v1/tasks/video/", raw=raw)[0] == 400, why
+        head = "POST /v1/tasks/video/ HTTP/1.1\r\nHost: x\r\nContent-Length: \u00b2\r\n\r\n".encode("latin-1")
+        assert raw_request(head).split(b" ")[1] == b"400"
+        monkeypatch.setattr(S, "MAX_IMAGE_PIXELS", 100)  # (a decompression bomb is refused the same way)
+        small = io.BytesIO()
+        Image.new("RGB", (20, 20)).save(small, format="PNG")
+        app.task = "i2v"
+        code, resp = c.call("POST", "/v1/tasks/video/", {"prompt": "x", "image_path": base64.b64encode(small.getvalue()).decode()})
+        assert code == 400 and "over 100 pixels" in resp["detail"]
+        app.task = "t2v"
         monkeypatch.setattr(app, "route", lambda *a: (_ for _ in ()).throw(RuntimeError("secret /path/detail")))
         code, resp = c.call("GET", "/v1/tasks/")
         assert code == 500 and "secret" not in resp["detail"]
@@ -304,3 +322,27 @@ def test_extra_key_value_pairs_are_config_keys():
         load_pipeline(args)
     with pytest.raises(SystemExit, match="key value pairs"):
         S.config_pairs(["--lonely"])
+
+
+def test_a_result_path_of_a_live_task_and_a_stalled_client(tmp_path, monkeypatch):
+    """Two live tasks may not write one file (409); a client that stalls mid-body is dropped after the
+    handler's timeout and the server keeps answering."""
+    import socket
+    release = threading.Event()
+    app = S.App(lambda p, path, cancel: (release.wait(10), path.write_bytes(b"v")), output_dir=tmp_path,
+                infer_steps=4, task="t2v")
+    monkeypatch.setattr(S.Handler, "timeout", 1)
+    c = Client(app)
+    try:
+        assert c.call("POST", "/v1/tasks/video/", {"prompt": "a", "save_result_path": "same"})[0] == 200
+        code, resp = c.call("POST", "/v1/tasks/video/", {"prompt": "b", "save_result_path": "same.mp4"})
+        assert code == 409 and "has not finished" in resp["detail"]
+        release.set()
+        t0 = time.time()
+        with socket.create_connection(("127.0.0.1", c.httpd.server_port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/tasks/video/ HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{}")
+            assert sock.recv(100) == b""  # closed by the server, nothing written
+        assert time.time() - t0 < 8
+        assert c.call("GET", "/v1/service/status")[0] == 200
+    finally:
+        c.close(app)
