@@ -62,7 +62,6 @@ def tuned_dirs() -> tuple[Path, ...]:
     return (TUNED_DIR,)
 
 
-@functools.lru_cache(maxsize=None)
 def read_tuned(path: str, device_name: str | None = None) -> dict[str, str]:
     """The checked "choices" of the tuned file `path`: a JSON object with only the fields "device",
     "choices", "measured", "evidence", whose "device" is `device_name` (when given) and whose "choices"
@@ -112,11 +111,13 @@ def _tuned_for(folder: str, name: str) -> tuple[Path | None, dict[str, str]]:
 
 def clear_tuned_cache() -> None:
     _tuned_for.cache_clear()
-    read_tuned.cache_clear()
 
 
 def _tuned(device: torch.device | None) -> list[tuple[Path, dict[str, str]]]:
-    """(file, choices) of every tuned file for `device`, in priority order ([] off CUDA)."""
+    """(file, choices) of every tuned file for `device` (None: the current CUDA device, if any), in priority
+    order ([] off CUDA)."""
+    if device is None:
+        device = current_device()
     if device is None or device.type != "cuda":
         return []
     name = device_name(device)
@@ -164,5 +165,5 @@ def tuned_status(device: torch.device | None) -> str:
 
 
 def current_device() -> torch.device | None:
-    """The current CUDA device, or None without CUDA (for choices asked without a tensor)."""
+    """The current CUDA device, or None without CUDA (the device of choices asked without a tensor)."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from lightx2v_engine.ops import attention_ref
 
-from ._util import check_choice, choose, current_device, env_choice, interpreting, tuned_choice, tuned_path
+from ._util import check_choice, choose, env_choice, interpreting, tuned_choice, tuned_path
 from . import attention_gluon as _gluon
 from .attention_8bit import attention_8bit_triton, fp8_supported
 from .qk_norm_rope import launch_qk_norm_rope, qk_norm_rope_ref, _check as _check_qk
@@ -161,7 +161,6 @@ def _cross_impl(device: torch.device | None) -> str:
 def attention_impl(device: torch.device | None = None) -> tuple[str, str]:
     """The (backend, config name) self-attention uses on `device` (default: the current CUDA device, if
     any): the Triton config, or the Gluon config when the backend is "gluon"."""
-    device = device if device is not None else current_device()
     impl = _impl(device)
     return impl, (_gluon_config(device) if impl == "gluon" else _config(device))
 
@@ -181,7 +180,7 @@ def gluon_status(device: torch.device | None = None) -> str:
 
 def cross_attention_impl(device: torch.device | None = None) -> str:
     """The backend of the generic `attention` op (cross-attention) on `device` (default: as attention_impl)."""
-    return _cross_impl(device if device is not None else current_device())
+    return _cross_impl(device)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from . import attention_gluon as _gluon
-from ._util import check_choice, choose, current_device, env_choice, interpreting
+from ._util import check_choice, choose, env_choice, interpreting
 
 __all__ = ["Attn8Config", "ATTN8_CONFIGS", "DEFAULT_ATTN8_CONFIG", "attention_8bit", "attention_8bit_triton",
            "attention_8bit_quantized",
@@ -110,8 +110,8 @@ def set_attention_8bit_config(name: str) -> None:
 
 def attention_8bit_config(device: torch.device | None = None) -> str:
     """The config name the 8-bit kernel uses on `device` (default: the current CUDA device, if any)."""
-    return choose(_CONFIG, "LX2V_ATTN8_CONFIG", device if device is not None else current_device(),
-                  ATTN8_CONFIGS, DEFAULT_ATTN8_CONFIG, "kernels/attention_8bit.py")
+    return choose(_CONFIG, "LX2V_ATTN8_CONFIG", device, ATTN8_CONFIGS, DEFAULT_ATTN8_CONFIG,
+                  "kernels/attention_8bit.py")
 
 
 def _tma_available(device: torch.device) -> bool:
@@ -485,7 +485,9 @@ def attention_8bit_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           config: str | Attn8Config | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Quantises q, k, v and runs the 8-bit kernel with `config` (name or Attn8Config; default the
     module's) into `out` (contiguous [B, Lq, H, D], allocated when None). Not a custom op."""
-    cfg = _resolve(config if isinstance(config, Attn8Config) else ATTN8_CONFIGS[config or attention_8bit_config(q.device)], q.device)
+    if not isinstance(config, Attn8Config):
+        config = ATTN8_CONFIGS[config or attention_8bit_config(q.device)]
+    cfg = _resolve(config, q.device)
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     if out is None:

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from lightx2v_engine.ops import Rope, qk_norm_rope_ref as _qk_norm_rope_ref_rope
 
-from ._util import check_choice, choose, current_device, env_choice
+from ._util import check_choice, choose, env_choice
 
 __all__ = ["qk_norm_rope", "qk_norm_rope_ref", "set_qk_rope_impl", "qk_rope_impl", "QK_ROPE_IMPLS"]
 
@@ -244,8 +244,7 @@ def set_qk_rope_impl(impl: str) -> None:
 
 def qk_rope_impl(device: torch.device | None = None) -> str:
     """The variant used on `device` (default: the current CUDA device, if any)."""
-    return choose(_QK_IMPL, "LX2V_QK_ROPE", device if device is not None else current_device(),
-                  QK_ROPE_IMPLS, "row", "kernels/qk_norm_rope.py")
+    return choose(_QK_IMPL, "LX2V_QK_ROPE", device, QK_ROPE_IMPLS, "row", "kernels/qk_norm_rope.py")
 
 
 def _check(q, k, wq, wk, cos, sin, num_heads):

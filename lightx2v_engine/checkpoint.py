@@ -100,6 +100,13 @@ def iter_torch_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield k, v
 
 
+def candidate_paths(path: str | os.PathLike, bases=()) -> list[Path]:
+    """Where a path given in a config or argument may be: as given, then (relative paths only) under each
+    of `bases` (the model folder; None entries skipped), in that order."""
+    p = Path(path)
+    return [p] + ([] if p.is_absolute() else [Path(b) / p for b in bases if b is not None])
+
+
 def resolve_files(path: Path) -> list[Path]:
     """A checkpoint given as a file, a folder of shards (with an index) or a folder of .safetensors files."""
     if path.is_file():

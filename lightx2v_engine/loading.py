@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from lightx2v_engine.checkpoint import CheckpointError, key_mismatch, load_state_dict, resolve_files
+from lightx2v_engine.checkpoint import CheckpointError, candidate_paths, key_mismatch, load_state_dict, resolve_files
 from lightx2v_engine.config import ModelConfig
 from lightx2v_engine.dit import WanDiT, param_dtype
 from lightx2v_engine.keymap import diffusers_to_wan, is_diffusers_layout, strip_prefix
@@ -38,7 +38,7 @@ def find_dit_checkpoint(model_path: str | Path | None, dit_original_ckpt: str | 
         return None
 
     if dit_original_ckpt:
-        for cand in [Path(dit_original_ckpt)] + ([mp / dit_original_ckpt] if mp is not None else []):
+        for cand in candidate_paths(dit_original_ckpt, [mp]):
             found = attempt(cand)
             if found:
                 return found
@@ -199,7 +199,7 @@ def load_quantized_dit(cfg: ModelConfig, model_path: str | Path | None, ckpt: st
     dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if not ckpt:
         raise ValueError("dit_quantized is true but dit_quantized_ckpt is not set")
-    tried = [Path(ckpt)] + ([Path(model_path) / ckpt] if model_path is not None else [])
+    tried = candidate_paths(ckpt, [model_path])
     for cand in tried:
         if cand.exists():
             model = build_dit(cfg, resolve_files(cand), dtype=dt, device=device, quant_scheme=scheme)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lightx2v_engine.checkpoint import CheckpointError, iter_checkpoint
+from lightx2v_engine.checkpoint import CheckpointError, candidate_paths, iter_checkpoint
 from lightx2v_engine.keymap import diffusers_to_wan
 
 log = logging.getLogger(__name__)
@@ -179,13 +179,8 @@ def apply_loras_(model: torch.nn.Module, specs, strict: bool = True, search_dirs
 
 
 def _find(path: str, search_dirs) -> Path:
-    p = Path(path)
-    tried = [p]
-    if p.is_file():
-        return p
-    for d in search_dirs:
-        cand = Path(d) / path
-        tried.append(cand)
+    tried = candidate_paths(path, search_dirs)
+    for cand in tried:
         if cand.is_file():
             return cand
     raise FileNotFoundError(f"LoRA file not found: {path} (searched {[str(t) for t in tried]})")

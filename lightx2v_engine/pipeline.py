@@ -27,6 +27,7 @@ from lightx2v_engine import clip as clip_mod
 from lightx2v_engine import ops
 from lightx2v_engine import t5 as t5_mod
 from lightx2v_engine import vae as vae_mod
+from lightx2v_engine.checkpoint import candidate_paths
 from lightx2v_engine.config import (ModelConfig, RunConfig, get_preset, load_run_config, model_config_from_json,
                                     parse_run_config)
 from lightx2v_engine.dit import WanDiT
@@ -38,14 +39,14 @@ from lightx2v_engine.video import save_latents, save_mp4, video_to_uint8
 log = logging.getLogger(__name__)
 
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
-# captured graph sets kept per Pipeline (one per shape/sampler/ops key, each with its own memory pool): a
-# server taking many sizes would otherwise grow GPU memory with every new one
-MAX_GRAPH_SHAPES = 2
 VAE_FILE = "Wan2.1_VAE.pth"
 CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
 # LightX2V's quantized encoder files (lightx2v.md §4): recognised only to say that they are not supported.
 T5_QUANTIZED_FILES = ("models_t5_umt5-xxl-enc-fp8.pth", "models_t5_umt5-xxl-enc-int8.pth")
 CLIP_QUANTIZED_GLOBS = ("*clip*fp8*.pth", "*clip*int8*.pth")
+# captured graph sets kept per Pipeline (one per shape/sampler/ops key, each with its own memory pool): a
+# server taking many sizes would otherwise grow GPU memory with every new one
+MAX_GRAPH_SHAPES = 2
 # Wan's default negative prompt (shared_config.sample_neg_prompt); I2V prefixes "镜头晃动，".
 WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
                        "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
@@ -76,7 +77,7 @@ def find_weights(key: str, override: str | None, default_name: str, model_path: 
     folder), else `default_name` in the model folder. A missing file is an error naming the key or the
     places searched; a missing default next to a LightX2V quantized variant says that it is unsupported."""
     if override is not None:
-        cands = [Path(override)] + ([] if Path(override).is_absolute() else [model_path / override])
+        cands = candidate_paths(override, [model_path])
         for c in cands:
             if c.is_file():
                 return c
@@ -143,9 +144,8 @@ def offloaded(module: torch.nn.Module | None, device: torch.device, enabled: boo
     """With `enabled` (t5/clip/vae_cpu_offload), `module` is moved to `device` for the block and back to the
     CPU after it (LightX2V's encoder/VAE offload); otherwise it stays where it is. A module with a `blocks`
     ModuleList (umT5's 24; CLIP, 1.3 GB, and the VAE move whole) streams them: each block moves in for its
-    forward and out after it,
-    so the encoder's peak on the device is its embeddings plus one block (umT5-XXL: about 2.5 of 11 GB in
-    bf16), not the whole model next to the resident DiT."""
+    forward and out after it, so the encoder's peak on the device is its embeddings plus one block
+    (umT5-XXL: about 2.5 of 11 GB in bf16), not the whole model next to the resident DiT."""
     if module is None or not enabled:
         yield module
         return
@@ -158,11 +158,13 @@ def offloaded(module: torch.nn.Module | None, device: torch.device, enabled: boo
         finally:
             _to_device(module, cpu)
         return
+
     def block_in(m, args):  # hooks return None: their arguments and outputs pass unchanged
         _to_device(m, device)
 
     def block_out(m, args, out):
         _to_device(m, cpu)
+
     hooks = []
     try:
         with _blocks_detached(module):
