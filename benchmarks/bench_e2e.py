@@ -1,13 +1,14 @@
 """End-to-end latency: one denoising step of the DiT at real shapes, text encoding, VAE decode, and the
 distillation's speed-up, each next to its baseline measured in the same run.
 
-    python benchmarks/bench_e2e.py [--with-14b] [--720p] [--out DIR]
+    python benchmarks/bench_e2e.py [--with-14b] [--720p] [--offload] [--out DIR]
 
 Per preset (random weights, 480p 81 frames by default): (a) the plain PyTorch reference path (ops backend
 "torch"), (b) the engine in bf16, (c) the engine with fp8 linears, and with fp8 linears plus 8-bit
 self-attention (INT8 q k^T, FP8 P.V; step_ms_<preset>_8bit is the faster of the two), each eager and as
 CUDA-graph replay of the 4-step loop, (d) diffusers' WanTransformer3DModel eager (and torch.compile'd with --diffusers-compile) when
-diffusers is importable. Writes e2e.csv and e2e_summary.json into --out (default $OUT or benchmarks/out).
+diffusers is importable; with --offload, (e) the bf16 step with DiT block offload against the same model
+resident. Writes e2e.csv and e2e_summary.json into --out (default $OUT or benchmarks/out).
 `--dry-run` runs every code path at the tiny preset on the CPU (used by the tests).
 """
 from __future__ import annotations
@@ -349,6 +350,43 @@ def env_info(device) -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
+def bench_offload(preset: str, args, device, run, rows, summary, tag: str):
+    """DiT block offload (cpu_offload, offload_granularity "block"): the eager bf16 step with the blocks
+    streaming from pinned host memory against the same model resident, the copy bandwidth of one block
+    (host -> device slot, alone), and the device memory of each. Whether the copies hide behind the compute
+    is the ratio; CUDA graphs are off with offload, so both sides run eagerly."""
+    from lightx2v_engine.offload import attach_block_offload
+    cfg = PRESETS[preset]
+    dt = torch.bfloat16
+    peak_reset(device)
+    model = build_dit(cfg, None, dtype=dt, device=device)
+    x, ctx, clip, y = dit_inputs(cfg, args.frames, args.height, args.width, device, dt)
+    t = torch.tensor([937.5], device=device)
+    with torch.no_grad():
+        want = model(x, t, ctx, clip, y)
+        resident = run(lambda: model(x, t, ctx, clip, y))
+        summary[f"offload_resident_peak_gib_{tag}"] = peak_gib(device)
+        off = attach_block_offload(model, device)
+        peak_reset(device)
+        got = model(x, t, ctx, clip, y)
+        summary[f"offload_relerr_{tag}"] = rel_l2(got, want)
+        del got, want
+        streamed = run(lambda: model(x, t, ctx, clip, y))
+        summary[f"offload_peak_gib_{tag}"] = peak_gib(device)
+        pack = off.packs[0]
+        copy_ms = run(lambda: off.slots[0][:pack.nbytes].copy_(pack.host, non_blocking=True))
+    summary[f"offload_step_ms_{tag}"] = streamed
+    summary[f"offload_resident_step_ms_{tag}"] = resident
+    summary[f"offload_step_ratio_vs_resident_{tag}"] = resident / streamed
+    summary[f"offload_h2d_gbps_{tag}"] = pack.nbytes / (copy_ms * 1e-3) / 1e9
+    summary[f"offload_block_copy_vs_compute_{tag}"] = copy_ms / (resident / len(off.packs))
+    summary[f"offload_host_gib_{tag}"] = off.host_bytes / 2**30
+    for name, ms in (("resident_eager", resident), ("block_offload_eager", streamed)):
+        rows.append({"what": f"dit_offload_{tag}", "impl": name, "ms": round(ms, 3),
+                     "ratio_vs_reference": round(resident / ms, 3)})
+    del model, off
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "out"))
@@ -362,6 +400,8 @@ def main(argv=None) -> int:
     p.add_argument("--baseline-steps", type=int, default=10, help="UniPC steps actually timed (of 50)")
     p.add_argument("--no-graph", action="store_true")
     p.add_argument("--skip", nargs="*", default=[], choices=["dit", "diffusers", "text", "vae", "distill"])
+    p.add_argument("--offload", action="store_true",
+                   help="also the DiT step with block offload (cpu_offload) against the resident DiT, last")
     p.add_argument("--dry-run", action="store_true", help="tiny preset on the CPU: exercises every code path")
     args = p.parse_args(argv)
     args.height, args.width = (720, 1280) if args.p720 else (480, 832)
@@ -415,6 +455,10 @@ def main(argv=None) -> int:
     if "dit" not in args.skip and (args.dry_run or ops.attention_8bit_available(device)):
         for preset, tag in presets:
             bench_dit(preset, args, device, run, rows, summary, tag, attn8_only=True)
+            save()
+    if "dit" not in args.skip and (args.offload or args.dry_run):
+        for preset, tag in presets:
+            bench_offload(preset, args, device, run, rows, summary, tag)
             save()
     for r in rows:
         r.update(info)

@@ -26,7 +26,9 @@ ALSO = [
     "qk_norm_rope_row_bw_frac", "qk_norm_rope_tile_bw_frac", "qk_norm_rope_chunk_bw_frac",
     "qk_norm_rope_packed_bw_frac", "rms_norm_bw_frac",
     "vae_norm_bw_frac", "qlinear_lora_r32_overhead_max",
-    "step_8bit_variant_1.3b", "step_8bit_variant_14b", "ops", "ops_attn8",
+    "step_8bit_variant_1.3b", "step_8bit_variant_14b", "offload_step_ratio_vs_resident_1.3b",
+    "offload_block_copy_vs_compute_1.3b", "offload_peak_gib_1.3b", "offload_step_ratio_vs_resident_14b",
+    "ops", "ops_attn8",
 ]
 # Figures with no producer yet, and why (none at present).
 NOT_IMPLEMENTED: dict[str, str] = {}

@@ -160,9 +160,13 @@ class RunConfig:
     dit_quantized: bool = False
     dit_quantized_ckpt: str | None = None
     dit_quant_scheme: str | None = None
-    # Offload: the encoder's/VAE's weights stay on the CPU between uses and move to the run device for each
-    # use. Each of t5/clip/vae_cpu_offload defaults to cpu_offload (as LightX2V); the DiT stays resident.
+    # Offload. cpu_offload: the DiT's weights stay in host memory; offload_granularity "block" (LightX2V's
+    # default; "phase" runs as "block") streams its blocks through two device slots, "model" moves the
+    # whole DiT in for the denoising loop and out after it. CUDA graphs are off while the DiT is offloaded.
+    # t5/clip/vae_cpu_offload: that model's weights stay on the CPU between uses and move to the run device
+    # for each use; each defaults to cpu_offload (as LightX2V).
     cpu_offload: bool = False
+    offload_granularity: str = "block"
     t5_cpu_offload: bool = False
     clip_cpu_offload: bool = False
     vae_cpu_offload: bool = False
@@ -212,7 +216,7 @@ _MAPPED = {f.name for f in dataclasses.fields(RunConfig)} - {"ignored_keys"}
 # Keys LightX2V configs carry that this engine accepts but does not act on (one warning names them).
 _ACCEPTED_IGNORED = {
     "attention_type", "attn_type",
-    "offload_granularity", "offload_ratio", "lazy_load", "num_disk_workers", "unload_modules",
+    "offload_ratio", "lazy_load", "num_disk_workers", "unload_modules",
     "parallel", "seq_parallel", "cfg_parallel", "feature_caching", "teacache_thresh", "use_ret_steps",
     "use_tiling_vae", "use_lightvae", "use_tae", "use_stream_vae", "tae_path",
     "t5_quantized", "t5_quant_scheme", "t5_quantized_ckpt", "clip_quantized", "clip_quant_scheme",
@@ -238,6 +242,8 @@ _IGNORED_NOTES = {
     "clip_quantized": "quantized CLIP files are not loaded: the fp16/bf16 CLIP (or clip_original_ckpt) runs",
     "vae_path": "with use_lightvae/use_tae it names the light autoencoder, which is not run: the standard Wan "
                 "VAE decodes",
+    "offload_ratio": "an offloaded DiT streams all of its blocks",
+    "lazy_load": "offloaded DiT blocks are read from host memory: the whole DiT is loaded into RAM once",
     "lora_dynamic_apply": "LoRAs on a quantized DiT always run as low-rank branches beside the 8-bit linears; "
                           "on bf16 weights they merge at load (the same function)",
 }
@@ -255,6 +261,7 @@ _CHOICES = {
     "distill_update": ("deterministic", "renoise"),
     "dtype": ("bf16", "fp32"),
     "vae_dtype": ("bf16", "fp32"),
+    "offload_granularity": ("block", "phase", "model"),
 }
 
 
@@ -287,7 +294,7 @@ _TYPES = {
     "target_video_length": int, "target_height": int, "target_width": int, "text_len": int, "seed": int,
     "fps": int, "dit_quantized": bool, "cpu_offload": bool, "t5_cpu_offload": bool, "clip_cpu_offload": bool,
     "vae_cpu_offload": bool, "sampler": str, "distill_update": str, "dtype": str, "use_cuda_graph": bool,
-    "vae_dtype": str, "lora_strict": bool,
+    "vae_dtype": str, "lora_strict": bool, "offload_granularity": str,
 }
 
 
@@ -416,11 +423,9 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
     if dense and warn:
         warn_user(f"{source}: sparse attention is not implemented; dense exact attention runs for "
                   f"{', '.join(dense)}")
-    if out.get("cpu_offload") and warn:
-        moved = [name for name in ("t5", "clip", "vae") if out[f"{name}_cpu_offload"]]
-        warn_user(f"{source}: cpu_offload is true, but the DiT itself stays resident on the GPU (lightx2v-engine "
-                  f"does not offload DiT blocks); weights kept on the CPU between uses: "
-                  + (", ".join(moved) if moved else "none (t5/clip/vae_cpu_offload are false)"))
+    if out.get("cpu_offload") and out.get("offload_granularity") == "phase" and warn:
+        warn_user(f"{source}: offload_granularity 'phase' runs as 'block' in lightx2v-engine (whole blocks stream "
+                  f"through two device slots; phase granularity would save about one block of device memory)")
     if ignored and warn:
         names = [k + (f" ({_IGNORED_NOTES[k]})" if k in _IGNORED_NOTES else "") for k in sorted(ignored)]
         warn_user(f"{source}: accepted but not acted on by lightx2v-engine: {', '.join(names)}")

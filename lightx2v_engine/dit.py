@@ -170,6 +170,8 @@ class WanDiT(nn.Module):
             self.img_emb = MLPProj(cfg.image_dim, d)
         self._rope_cache: dict[tuple, ops.Rope] = {}
         self._ones_cache: dict[tuple, torch.Tensor] = {}
+        # offload.BlockOffload when the blocks stream from host memory (cpu_offload), else None
+        self.block_offload = None
 
     @property
     def run_dtype(self) -> torch.dtype:
@@ -244,7 +246,7 @@ class WanDiT(nn.Module):
         ones = self._ones(b, x.device)
 
         y_prev = gate_prev = None
-        for block in self.blocks:
+        for block in (self.blocks if self.block_offload is None else self.block_offload.blocks()):
             mod = block.modulation.float() + e0
             shift1, scale1 = mod[:, 0:1], mod[:, 1:2]
             if y_prev is None:

@@ -140,18 +140,19 @@ def _blocks_detached(module: torch.nn.Module):
 
 
 @contextlib.contextmanager
-def offloaded(module: torch.nn.Module | None, device: torch.device, enabled: bool):
+def offloaded(module: torch.nn.Module | None, device: torch.device, enabled: bool, *, stream_blocks: bool = True):
     """With `enabled` (t5/clip/vae_cpu_offload), `module` is moved to `device` for the block and back to the
     CPU after it (LightX2V's encoder/VAE offload); otherwise it stays where it is. A module with a `blocks`
     ModuleList (umT5's 24; CLIP, 1.3 GB, and the VAE move whole) streams them: each block moves in for its
     forward and out after it, so the encoder's peak on the device is its embeddings plus one block
-    (umT5-XXL: about 2.5 of 11 GB in bf16), not the whole model next to the resident DiT."""
+    (umT5-XXL: about 2.5 of 11 GB in bf16), not the whole model next to the resident DiT; `stream_blocks`
+    False moves it whole (the DiT's offload_granularity "model")."""
     if module is None or not enabled:
         yield module
         return
     cpu = torch.device("cpu")
     blocks = getattr(module, "blocks", None)
-    if not isinstance(blocks, torch.nn.ModuleList):
+    if not stream_blocks or not isinstance(blocks, torch.nn.ModuleList):
         _to_device(module, device)
         try:
             yield module
@@ -265,12 +266,14 @@ class Pipeline:
             cfg_json = mp / "transformer" / "config.json"
         mcfg = model_config_from_json(cfg_json, preset)
         _check_task(task, mcfg)
+        cpu = torch.device("cpu")
+        dit_dev = cpu if run.cpu_offload else dev  # an offloaded DiT is loaded into host memory
         if run.dit_quantized:
-            dit = _load_quantized_dit(mcfg, mp, run, dev)
+            dit = _load_quantized_dit(mcfg, mp, run, dit_dev)
         else:
             dit = load_dit(mcfg, mp, dit_original_ckpt=run.dit_original_ckpt, distill=model_cls != "wan2.1",
-                           dtype=run.dtype, device=dev, lora_specs=run.lora_configs, lora_strict=run.lora_strict)
-        cpu = torch.device("cpu")
+                           dtype=run.dtype, device=dit_dev, lora_specs=run.lora_configs, lora_strict=run.lora_strict)
+        _place_dit(dit, run, dev)
         t5_path = find_weights("t5_original_ckpt", run.t5_original_ckpt, T5_FILE, mp, T5_QUANTIZED_FILES)
         # offloaded weights are kept on the CPU in the dtype they run in on `dev`
         t5 = t5_mod.load_t5(str(t5_path), device=cpu if run.t5_cpu_offload else dev, dtype=_t5_dtype(dev))
@@ -284,7 +287,7 @@ class Pipeline:
             clip = clip_mod.load_clip(str(clip_path), device=cpu if run.clip_cpu_offload else dev,
                                       dtype=_clip_dtype(dev))
         return cls(mcfg, run, dit, t5, tok, vae, clip, dev, (time.perf_counter() - t0) * 1e3,
-                   use_cuda_graph=run.use_cuda_graph and dev.type == "cuda")
+                   use_cuda_graph=_graphs_on(run, dev))
 
     @classmethod
     def random(cls, preset: str = "tiny", config: str | Path | dict | RunConfig | None = None, *,
@@ -296,7 +299,8 @@ class Pipeline:
         dev = _device(device)
         mcfg = get_preset(preset)
         tiny = preset.startswith("tiny")
-        dit = build_dit(mcfg, None, dtype=DTYPES[run.dtype], device=dev)
+        dit = build_dit(mcfg, None, dtype=DTYPES[run.dtype], device=torch.device("cpu") if run.cpu_offload else dev)
+        _place_dit(dit, run, dev)
         t5 = tok = vae = clip = None
         if with_encoders:
             cpu = torch.device("cpu")
@@ -317,7 +321,7 @@ class Pipeline:
                 clip = clip_mod.random_clip(ccfg, device=cpu if run.clip_cpu_offload else dev, dtype=_clip_dtype(dev),
                                             seed=seed)
         return cls(mcfg, run, dit, t5, tok, vae, clip, dev, (time.perf_counter() - t0) * 1e3,
-                   use_cuda_graph=run.use_cuda_graph and dev.type == "cuda")
+                   use_cuda_graph=_graphs_on(run, dev))
 
     # ------------------------------------------------------------------ stages
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
@@ -353,6 +357,10 @@ class Pipeline:
                 clip_fea=None, y=None, seed: int = 42, timings: Timings | None = None,
                 progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """noise [16, F, h, w] fp32 -> final latents [16, F, h, w] fp32, with the configured sampler."""
+        with offloaded(self.dit, self.device, _dit_moves_whole(self.run_cfg), stream_blocks=False):
+            return self._denoise(noise, context, neg_context, clip_fea, y, seed, timings, progress)
+
+    def _denoise(self, noise, context, neg_context, clip_fea, y, seed, timings, progress) -> torch.Tensor:
         run = self.run_cfg
         x = noise[None].to(self.device)
         timings = timings or Timings()
@@ -362,7 +370,7 @@ class Pipeline:
             ts = sampler.timestep_tensor(self.device)
             guided = run.enable_cfg and neg_context is not None
             runner = self._graph_runner(x, context, neg_context if guided else None, clip_fea, y, sampler, renoise, ts) \
-                if self.use_cuda_graph else None
+                if self.use_cuda_graph and not run.cpu_offload else None  # (graphs and offload: see _graphs_on)
             for i in range(sampler.num_steps):
                 with timings.measure(f"step {i + 1}", self.device):
                     if runner is not None:
@@ -522,6 +530,29 @@ def _place_vae(vae: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
     if dev.type == "cuda" and vae.memory_format != torch.channels_last_3d:
         vae.use_channels_last()
     return vae
+
+
+def _dit_moves_whole(run: RunConfig) -> bool:
+    """cpu_offload with offload_granularity "model": the DiT moves to the device for each denoising loop."""
+    return run.cpu_offload and run.offload_granularity == "model"
+
+
+def _place_dit(dit: WanDiT, run: RunConfig, dev: torch.device) -> None:
+    """cpu_offload: blocks stream from host memory ("block"/"phase"), or the DiT stays on the CPU between
+    denoising loops ("model"); otherwise it is already on `dev`."""
+    if run.cpu_offload and not _dit_moves_whole(run):
+        from lightx2v_engine.offload import attach_block_offload
+        attach_block_offload(dit, dev)
+
+
+def _graphs_on(run: RunConfig, dev: torch.device) -> bool:
+    """CUDA graphs on a CUDA device unless turned off, or the DiT is offloaded: a replay would read the
+    weights from the addresses of its capture, which offload reuses for other blocks or moves."""
+    if run.use_cuda_graph and dev.type == "cuda" and run.cpu_offload:
+        log.info("CUDA graphs are off: the DiT is offloaded (cpu_offload, offload_granularity %r)",
+                 run.offload_granularity)
+        return False
+    return run.use_cuda_graph and dev.type == "cuda"
 
 
 def _release_graph_memory() -> None:

@@ -40,15 +40,15 @@ def test_encoder_offload_defaults_to_cpu_offload(raw, expect):
     assert cfg.cpu_offload == raw.get("cpu_offload", False)
 
 
-def test_cpu_offload_warns_once_that_the_dit_stays_on_the_gpu():
-    with pytest.warns(UserWarning) as rec:
-        parse_run_config({"cpu_offload": True, "t5_cpu_offload": False})
-    msgs = [str(r.message) for r in rec]
-    assert len(msgs) == 1, msgs
-    assert "DiT itself stays resident on the GPU" in msgs[0] and "clip, vae" in msgs[0]
+def test_cpu_offload_is_acted_on_without_warning_and_phase_is_named():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        parse_run_config({"cpu_offload": False})  # no warning
+        cfg = parse_run_config({"cpu_offload": True, "t5_cpu_offload": False})
+    assert cfg.offload_granularity == "block" and not cfg.t5_cpu_offload and cfg.vae_cpu_offload
+    with pytest.warns(UserWarning, match="'phase' runs as 'block'"):
+        parse_run_config({"cpu_offload": True, "offload_granularity": "phase"})
+    with pytest.raises(ValueError, match="offload_granularity.*'layer'.*expected one of"):
+        parse_run_config({"cpu_offload": True, "offload_granularity": "layer"})
 
 
 def _record_moves(monkeypatch):
@@ -78,8 +78,8 @@ def test_vae_offload_moves_the_vae_around_decode_only(monkeypatch):
 
 @pytest.mark.usefixtures("torch_ops")
 def test_cpu_offload_moves_t5_clip_and_vae_for_each_use(monkeypatch, i2v_folder, tmp_path):
-    with pytest.warns(UserWarning, match="DiT itself stays resident"):
-        pipe = Pipeline.load(i2v_folder, {**TINY, "cpu_offload": True}, task="i2v", device="cpu")
+    pipe = Pipeline.load(i2v_folder, {**TINY, "cpu_offload": True}, task="i2v", device="cpu")
+    assert pipe.dit.block_offload is not None  # the DiT's blocks stream (their own tests: test_offload.py)
     moves = _record_moves(monkeypatch)
     img = Image.fromarray((np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8))
     pipe.generate("a cat", image=img, seed=1)
@@ -272,8 +272,8 @@ def test_dynamic_cfg_is_rejected_but_false_is_accepted():
 
 def test_config_warnings_point_at_the_caller(tmp_path):
     path = tmp_path / "c.json"
-    path.write_text(json.dumps({"offload_granularity": "model", "self_attn_1_type": "radial_attn",
-                                "cpu_offload": True}))
+    path.write_text(json.dumps({"offload_granularity": "phase", "self_attn_1_type": "radial_attn",
+                                "cpu_offload": True, "offload_ratio": 0.8}))
     for call in (lambda: load_run_config(path), lambda: parse_run_config(json.loads(path.read_text())),
                  lambda: Pipeline.random("tiny", json.loads(path.read_text()), device="cpu", with_encoders=False)):
         with pytest.warns(UserWarning) as rec:

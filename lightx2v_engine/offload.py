@@ -1,0 +1,222 @@
+"""DiT block offload: LightX2V's ``cpu_offload`` with ``offload_granularity`` "block" (and "phase").
+
+The blocks' weights live in host memory (pinned when a CUDA device runs them), one packed byte buffer per
+block. Two device slots, each the size of the largest block, take turns: while block i computes from one
+slot, a side stream copies block i + 1 into the other (double buffering, as LightX2V's block offload); the
+last block prefetches block 0 for the next forward. Only the non-block parameters (patch/text/time
+embeddings, head: about 0.5 GB at 14B) stay resident, so the DiT's device weights are those plus two
+blocks (14B bf16: about 2 GB instead of 28 GB).
+
+Ordering, per slot s (events on the device's streams, no host synchronisation):
+    copy into s  waits for  "freed[s]": the compute that last read s has finished
+    compute from s  waits for  "loaded[s]": the copy into s has finished
+While a block is not computing, its parameters are views of its host buffer (``state_dict()`` and LoRA
+code see host tensors); for its forward they are rebound to views of its slot. Contract, as for the
+encoder offload: weights are not changed while offloaded (a later change of the host tensors reaches the
+device, but a block already prefetched keeps the old copy until it is loaded again).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+log = logging.getLogger(__name__)
+
+ALIGN = 256  # bytes: every tensor of a packed block starts at a multiple (TMA and vector loads need >= 16)
+NUM_SLOTS = 2
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One parameter or buffer of a block: where it lives in the block's packed buffer."""
+    module: nn.Module
+    name: str
+    is_param: bool
+    offset: int
+    nbytes: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _view(buf: torch.Tensor, e: _Entry) -> torch.Tensor:
+    """The tensor of entry `e` inside the byte buffer `buf` (host pack or device slot)."""
+    return buf[e.offset:e.offset + e.nbytes].view(e.dtype).view(e.shape)
+
+
+def _bind(entries: list[_Entry], buf: torch.Tensor) -> None:
+    """Points every parameter/buffer of `entries` at its view of `buf` (Parameters stay the same objects)."""
+    for e in entries:
+        t = _view(buf, e)
+        if e.is_param:
+            e.module._parameters[e.name].data = t
+        else:
+            e.module._buffers[e.name] = t
+
+
+class _Pack:
+    """One block's parameters and buffers in one host byte buffer (a single copy moves the block)."""
+
+    def __init__(self, block: nn.Module, pin: bool):
+        entries, off = [], 0
+        for m in block.modules():
+            for store, is_param in ((m._parameters, True), (m._buffers, False)):
+                for name, t in store.items():
+                    if t is None:
+                        continue
+                    if t.device.type == "meta":
+                        raise ValueError(f"block offload: {name} has no data (meta tensor)")
+                    nbytes = t.numel() * t.element_size()
+                    entries.append(_Entry(m, name, is_param, off, nbytes, tuple(t.shape), t.dtype))
+                    off = _align(off + nbytes)
+        self.entries, self.nbytes = entries, off
+        self.host = _host_buffer(off, pin)
+        for e in entries:
+            src = e.module._parameters[e.name] if e.is_param else e.module._buffers[e.name]
+            _view(self.host, e).copy_(src.detach())
+        _bind(entries, self.host)  # the block's own tensors (wherever they were) are released here
+
+
+_PIN_FAILED = False
+
+
+def _host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
+    """A host byte buffer, page-locked when `pin` (asynchronous copies at full PCIe speed); pageable, with
+    one warning, where pinning fails (e.g. a locked-memory limit)."""
+    global _PIN_FAILED
+    if pin and not _PIN_FAILED:
+        try:
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        except RuntimeError as e:
+            _PIN_FAILED = True
+            log.warning("block offload: pinning host memory failed (%s); pageable buffers are used, and copies "
+                        "to the GPU are slower and no longer overlap compute", e)
+    return torch.empty(nbytes, dtype=torch.uint8)
+
+
+class CudaRuntime:
+    """Copies on a side stream of `device`; events order them against the compute stream."""
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after) -> torch.cuda.Event:
+        """dst <- src on the side stream once event `after` (or nothing) has happened; returns its done event."""
+        with torch.cuda.stream(self.stream):
+            if after is not None:
+                self.stream.wait_event(after)
+            dst.copy_(src, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(self.stream)
+        return ev
+
+    def wait(self, event) -> None:
+        """The compute (current) stream waits for `event`."""
+        if event is not None:
+            torch.cuda.current_stream().wait_event(event)
+
+    def mark(self) -> torch.cuda.Event:
+        """An event after the work queued on the compute stream so far."""
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream())
+        return ev
+
+
+class SyncRuntime:
+    """CPU devices: every copy is done when it returns, so there is nothing to wait for."""
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after) -> None:
+        dst.copy_(src)
+
+    def wait(self, event) -> None:
+        pass
+
+    def mark(self) -> None:
+        return None
+
+
+class BlockOffload:
+    """Streams the blocks of a ModuleList through NUM_SLOTS device slots; see the module docstring.
+
+    Use: ``for block in offload.blocks(): x = block(x, ...)`` - each block is yielded with its weights on
+    the device and rebound to its host buffer when the loop moves on (also on an exception)."""
+
+    def __init__(self, blocks: nn.ModuleList, device: torch.device | str, *, pin: bool | None = None,
+                 runtime=None):
+        device = torch.device(device)
+        pin = (device.type == "cuda") if pin is None else pin
+        self.module_list = blocks
+        self.device = device
+        self.packs = [_Pack(b, pin) for b in blocks]
+        size = max((p.nbytes for p in self.packs), default=0)
+        self.slots = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(NUM_SLOTS)]
+        self.holds: list[int | None] = [None] * NUM_SLOTS   # block index whose copy was issued into each slot
+        self.loaded: list = [None] * NUM_SLOTS              # event: that copy has finished
+        self.freed: list = [None] * NUM_SLOTS               # event: the last compute reading the slot has finished
+        self.runtime = runtime if runtime is not None else (
+            CudaRuntime(device) if device.type == "cuda" else SyncRuntime())
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(p.nbytes for p in self.packs)
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(s.numel() for s in self.slots)
+
+    def _load(self, i: int, slot: int) -> None:
+        pack = self.packs[i]
+        self.loaded[slot] = self.runtime.copy(self.slots[slot][:pack.nbytes], pack.host, self.freed[slot])
+        self.holds[slot] = i
+
+    def blocks(self):
+        """Yields the blocks in order, each bound to a device slot holding its weights."""
+        n = len(self.packs)
+        prev = None  # the slot of the previous block
+        for i, block in enumerate(self.module_list):
+            if i in self.holds:
+                slot = self.holds.index(i)
+            else:  # not prefetched (first forward): the slot the previous block did not use
+                slot = 0 if prev is None else (prev + 1) % NUM_SLOTS
+                self._load(i, slot)
+            self.runtime.wait(self.loaded[slot])
+            nxt, other = (i + 1) % n, (slot + 1) % NUM_SLOTS
+            if n > 1 and self.holds[other] != nxt:  # prefetch behind this block's compute
+                self._load(nxt, other)
+            pack = self.packs[i]
+            _bind(pack.entries, self.slots[slot])
+            try:
+                yield block
+            finally:
+                self.freed[slot] = self.runtime.mark()  # after this block's kernels (also a failed forward's)
+                _bind(pack.entries, pack.host)
+            prev = slot
+
+    def drop_prefetch(self) -> None:
+        """Forgets what the slots hold (the next forward copies every block again): after the host weights
+        were changed in place."""
+        self.holds = [None] * NUM_SLOTS
+
+
+def attach_block_offload(dit: nn.Module, device: torch.device | str, **kwargs) -> BlockOffload:
+    """Moves everything of `dit` but its blocks to `device` and streams the blocks from host memory
+    (``dit.block_offload``, read by the DiT's forward). The blocks may start on any device."""
+    device = torch.device(device)
+    blocks = dit._modules.pop("blocks")
+    try:
+        dit.to(device)
+    finally:
+        dit._modules["blocks"] = blocks
+    offload = BlockOffload(blocks, device, **kwargs)
+    dit.block_offload = offload
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the blocks' former device tensors, if they were loaded there
+    log.info("DiT block offload: %d blocks, %.2f GiB in host memory, 2 device slots of %.2f GiB",
+             len(blocks), offload.host_bytes / 2**30, offload.device_bytes / NUM_SLOTS / 2**30)
+    return offload

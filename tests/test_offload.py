@@ -1,0 +1,280 @@
+"""DiT block offload (lightx2v_engine/offload.py) and the pipeline's cpu_offload / offload_granularity.
+
+The copy/compute ordering is checked on the CPU with a runtime that records what a CUDA device would be
+asked to do (copies on a side stream, event waits, event marks) and a checker that replays the record."""
+import dataclasses
+
+import pytest
+import torch
+
+from lightx2v_engine import offload as offload_mod
+from lightx2v_engine import pipeline as pipeline_mod
+from lightx2v_engine.config import get_preset, parse_run_config
+from lightx2v_engine.loading import build_dit
+from lightx2v_engine.offload import BlockOffload, SyncRuntime, attach_block_offload
+from lightx2v_engine.pipeline import Pipeline
+from lightx2v_engine.quant import quantize_dit_
+
+TINY = {"target_video_length": 5, "target_height": 32, "target_width": 48}
+
+
+def _dit(layers: int = 2, seed: int = 0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return build_dit(dataclasses.replace(get_preset("tiny"), num_layers=layers), None, dtype=dtype, device="cpu")
+
+
+def _inputs(cfg, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(1, 16, 3, 8, 12, generator=g), torch.tensor([700.0]),
+            torch.randn(1, 512, cfg.text_dim, generator=g))
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+class Recorder(SyncRuntime):
+    """Does each copy at once (CPU), and records it as a CUDA device would see it: ("copy", slot, block,
+    event waited on, event recorded), ("wait", event), ("mark", event); blocks log ("compute", block,
+    slot) from a forward pre-hook."""
+
+    def __init__(self):
+        self.log, self.n, self.off = [], 0, None
+
+    def _slot(self, t):
+        return next(s for s, buf in enumerate(self.off.slots)
+                    if buf.data_ptr() <= t.data_ptr() < buf.data_ptr() + max(buf.numel(), 1))
+
+    def copy(self, dst, src, after):
+        dst.copy_(src)
+        self.n += 1
+        block = next(i for i, p in enumerate(self.off.packs) if p.host.data_ptr() == src.data_ptr())
+        self.log.append(("copy", self._slot(dst), block, after, ("loaded", self.n)))
+        return ("loaded", self.n)
+
+    def wait(self, event):
+        self.log.append(("wait", event))
+
+    def mark(self):
+        self.n += 1
+        self.log.append(("mark", ("done", self.n)))
+        return ("done", self.n)
+
+    def hook(self, model):
+        for i, b in enumerate(model.blocks):
+            b.register_forward_pre_hook(
+                lambda m, a, i=i: self.log.append(("compute", i, self._slot(m.modulation))))
+
+
+def check_ordering(log):
+    """Replays a Recorder log: every compute reads a slot that holds its block, after waiting for that
+    copy; every copy into a slot waits for the end of the last compute that read the slot. Returns the
+    log positions of the copies and computes, for the overlap check."""
+    holds, copy_event, last_done, waited = {}, {}, {}, set()
+    pending_compute = None  # (slot) of a compute not yet followed by its mark
+    for entry in log:
+        kind = entry[0]
+        if kind == "copy":
+            _, slot, block, after, ev = entry
+            assert pending_compute != slot, f"copy into slot {slot} while a block computes from it: {entry}"
+            assert after == last_done.get(slot), f"copy into slot {slot} waits for {after}, must wait for " \
+                                                 f"{last_done.get(slot)} (end of the last compute reading it)"
+            holds[slot], copy_event[slot] = block, ev
+        elif kind == "wait":
+            waited.add(entry[1])
+        elif kind == "compute":
+            _, block, slot = entry
+            assert pending_compute is None, "two computes without a mark between them"
+            assert holds.get(slot) == block, f"block {block} computes from slot {slot}, which holds {holds.get(slot)}"
+            assert copy_event[slot] in waited, f"block {block} computes before waiting for its copy"
+            pending_compute = slot
+        elif kind == "mark":
+            if pending_compute is not None:
+                last_done[pending_compute] = entry[1]
+                pending_compute = None
+    assert pending_compute is None
+
+
+# ------------------------------------------------------------------------------ 1. same output, same state
+
+@pytest.mark.usefixtures("torch_ops")
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_block_offload_gives_the_resident_output_and_keeps_the_weights(layers):
+    dit = _dit(layers)
+    x, t, ctx = _inputs(dit.cfg)
+    want = dit(x, t, ctx)
+    before = _state(dit)
+    params = {n: id(p) for n, p in dit.named_parameters()}
+    off = attach_block_offload(dit, "cpu")
+    assert dit.block_offload is off and off.device_bytes == 2 * max(p.nbytes for p in off.packs)
+    for _ in range(3):  # the first forward loads every block, later ones start from the prefetched block 0
+        torch.testing.assert_close(dit(x, t, ctx), want, rtol=0, atol=0)
+    after = dit.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert {n: id(p) for n, p in dit.named_parameters()} == params  # the same Parameter objects
+    for i, pack in enumerate(off.packs):  # between forwards every block tensor is a view of its host pack
+        lo, hi = pack.host.data_ptr(), pack.host.data_ptr() + pack.nbytes
+        for name, p in dit.blocks[i].named_parameters():
+            assert lo <= p.data_ptr() < hi and (p.data_ptr() - lo) % offload_mod.ALIGN == 0, name
+
+
+@pytest.mark.usefixtures("torch_ops")
+def test_block_offload_of_an_8bit_dit_with_lora_branches():
+    """QuantLinear's buffers (8-bit weight, fp32 scale, bias) and its non-persistent LoRA branches all
+    travel with their block."""
+    dit = _dit(2, dtype=torch.float32)
+    quantize_dit_(dit, "int8-vllm")
+    g = torch.Generator().manual_seed(3)
+    lin = dit.blocks[1].self_attn.q
+    lin.add_lora(torch.randn(lin.out_features, 4, generator=g), torch.randn(4, lin.in_features, generator=g), 0.1)
+    x, t, ctx = _inputs(dit.cfg)
+    want = dit(x, t, ctx)
+    attach_block_offload(dit, "cpu")
+    assert dit.blocks[1].self_attn.q.lora_down is not None
+    torch.testing.assert_close(dit(x, t, ctx), want, rtol=0, atol=0)
+    torch.testing.assert_close(dit(x, t, ctx), want, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------ 2. copy/compute ordering
+
+@pytest.mark.usefixtures("torch_ops")
+@pytest.mark.parametrize("layers", [2, 3, 5])
+def test_copies_and_computes_are_ordered_and_overlap(layers):
+    dit = _dit(layers)
+    x, t, ctx = _inputs(dit.cfg)
+    rec = Recorder()
+    rec.off = attach_block_offload(dit, "cpu", runtime=rec)
+    rec.hook(dit)
+    for _ in range(3):
+        dit(x, t, ctx)
+    check_ordering(rec.log)
+    copies = [e for e in rec.log if e[0] == "copy"]
+    computes = [e for e in rec.log if e[0] == "compute"]
+    assert [c[1] for c in computes] == list(range(layers)) * 3
+    # every forward after the first: each block's copy was issued before the previous block computed
+    # (it overlaps that compute); block 0's came from the end of the previous forward
+    pos = {id(e): k for k, e in enumerate(rec.log)}
+    for fwd in (1, 2):
+        for i in range(layers):
+            c = computes[fwd * layers + i]
+            prev_compute = computes[fwd * layers + i - 1]
+            copy = [e for e in copies if e[2] == i and pos[id(e)] < pos[id(c)]][-1]
+            assert pos[id(copy)] < pos[id(prev_compute)], f"forward {fwd}: block {i} was not prefetched"
+    # each block once per forward, plus block 0's prefetch at the end of the first; two blocks fit the slots
+    assert len(copies) == (3 * layers + 1 if layers > 2 else layers)
+
+
+def test_the_checker_catches_a_copy_that_does_not_wait_for_the_compute():
+    """The ordering checker fails on the hazard it exists for (a mutation of the protocol)."""
+    log = [("copy", 0, 0, None, ("loaded", 1)), ("wait", ("loaded", 1)), ("compute", 0, 0), ("mark", ("done", 2)),
+           ("copy", 0, 2, None, ("loaded", 3))]  # slot 0 overwritten without waiting for done 2
+    with pytest.raises(AssertionError, match="must wait for"):
+        check_ordering(log)
+    with pytest.raises(AssertionError, match="before waiting for its copy"):
+        check_ordering([("copy", 0, 0, None, ("loaded", 1)), ("compute", 0, 0)])
+
+
+@pytest.mark.usefixtures("torch_ops")
+def test_a_failing_block_leaves_the_weights_on_the_host_and_the_next_forward_right():
+    dit = _dit(3)
+    x, t, ctx = _inputs(dit.cfg)
+    want = dit(x, t, ctx)
+    rec = Recorder()
+    rec.off = off = attach_block_offload(dit, "cpu", runtime=rec)
+    rec.hook(dit)  # before the failing hook: the failed block's compute is on record
+    calls = []
+
+    def boom(m, a):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory (simulated)")
+    h = dit.blocks[1].register_forward_pre_hook(boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        dit(x, t, ctx)
+    for i, pack in enumerate(off.packs):
+        p = dit.blocks[i].modulation
+        assert pack.host.data_ptr() <= p.data_ptr() < pack.host.data_ptr() + pack.nbytes
+    assert rec.log[-1][0] == "mark"  # the failed block's slot is marked free only after its queued work
+    torch.testing.assert_close(dit(x, t, ctx), want, rtol=0, atol=0)
+    h.remove()
+    dit(x, t, ctx)
+    check_ordering(rec.log)
+
+
+def test_pinning_failure_falls_back_to_pageable_memory_with_one_warning(monkeypatch, caplog):
+    monkeypatch.setattr(offload_mod, "_PIN_FAILED", False)
+    real = torch.empty
+
+    def empty(*a, pin_memory=False, **kw):
+        if pin_memory:
+            raise RuntimeError("cudaHostAlloc failed (simulated)")
+        return real(*a, **kw)
+    monkeypatch.setattr(offload_mod.torch, "empty", empty)
+    blocks = _dit(3).blocks
+    with caplog.at_level("WARNING", logger="lightx2v_engine.offload"):
+        off = BlockOffload(blocks, "cpu", pin=True)
+    assert len(off.packs) == 3 and not off.packs[0].host.is_pinned()
+    assert len([r for r in caplog.records if "pinning host memory failed" in r.message]) == 1
+
+
+# ------------------------------------------------------------------------------ 3. the pipeline's keys
+
+@pytest.mark.usefixtures("torch_ops")
+@pytest.mark.parametrize("granularity", ["block", "model"])
+def test_pipeline_cpu_offload_gives_the_same_video(granularity, monkeypatch):
+    base = Pipeline.random("tiny", TINY, device="cpu", seed=3)
+    want = base.generate("a cat", seed=1)
+    pipe = Pipeline.random("tiny", {**TINY, "cpu_offload": True, "offload_granularity": granularity},
+                           device="cpu", seed=3)
+    assert (pipe.dit.block_offload is not None) == (granularity == "block")
+    moves = []
+    real = pipeline_mod._to_device
+    monkeypatch.setattr(pipeline_mod, "_to_device", lambda m, d: (moves.append(type(m).__name__), real(m, d)))
+    got = pipe.generate("a cat", seed=1)
+    assert torch.equal(got.latents, want.latents) and torch.equal(got.frames, want.frames)
+    # "model": the whole DiT moves in for the denoising loop and out after it (no block streaming)
+    assert moves.count("WanDiT") == (2 if granularity == "model" else 0) and "WanBlock" not in moves
+
+
+def test_cuda_graphs_are_off_while_the_dit_is_offloaded():
+    cuda = torch.device("cuda")
+    run = parse_run_config({"cpu_offload": True})
+    assert not pipeline_mod._graphs_on(run, cuda)
+    assert pipeline_mod._graphs_on(parse_run_config({}), cuda)
+    assert not pipeline_mod._graphs_on(parse_run_config({"use_cuda_graph": False}), cuda)
+    assert not pipeline_mod._graphs_on(parse_run_config({}), torch.device("cpu"))
+
+
+@pytest.mark.usefixtures("torch_ops")
+def test_quantized_checkpoint_with_block_offload(t2v_folder, tmp_path):
+    """The quantized loader places an offloaded DiT in host memory too; its output is the resident one."""
+    from safetensors.torch import save_file
+    from lightx2v_engine.loading import load_dit
+    dit = load_dit(get_preset("tiny"), t2v_folder, dtype="bf16")
+    quantize_dit_(dit, "int8-vllm")
+    qpath = tmp_path / "q.safetensors"
+    save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, str(qpath))
+    cfg = {**TINY, "dit_quantized": True, "dit_quantized_ckpt": str(qpath), "dit_quant_scheme": "int8-vllm"}
+    want = Pipeline.load(t2v_folder, cfg, device="cpu").generate("a cat", seed=2).latents
+    pipe = Pipeline.load(t2v_folder, {**cfg, "cpu_offload": True}, device="cpu")
+    assert pipe.dit.block_offload is not None
+    assert torch.equal(pipe.generate("a cat", seed=2).latents, want)
+
+
+# ------------------------------------------------------------------------------ 4. on a GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("granularity", ["block", "model"])
+def test_block_offload_on_cuda_matches_the_resident_dit(granularity):
+    base = Pipeline.random("tiny", TINY, device="cuda", seed=3)
+    want = base.generate("a cat", seed=1)
+    pipe = Pipeline.random("tiny", {**TINY, "cpu_offload": True, "offload_granularity": granularity},
+                           device="cuda", seed=3)
+    assert not pipe.use_cuda_graph
+    got = pipe.generate("a cat", seed=1)
+    torch.testing.assert_close(got.latents, want.latents, rtol=1e-6, atol=1e-6)
+    blk = pipe.dit.blocks[0].self_attn.q.weight
+    assert blk.device.type == "cpu"
+    if granularity == "block":
+        assert blk.is_pinned() and pipe.dit.text_embedding[0].weight.is_cuda
+        assert pipe.dit.block_offload.slots[0].is_cuda
