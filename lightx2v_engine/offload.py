@@ -1,7 +1,7 @@
 """DiT block offload: LightX2V's ``cpu_offload`` with ``offload_granularity`` "block" (and "phase").
 
-The blocks' weights live in host memory (pinned when a CUDA device runs them), one packed byte buffer per
-block. Two device slots, each the size of the largest block, take turns: while block i computes from one
+The blocks' weights live in host memory (page-locked when a CUDA device runs them), one packed byte buffer
+per block. Two device slots, each the size of the largest block, take turns: while block i computes from one
 slot, a side stream copies block i + 1 into the other (double buffering, as LightX2V's block offload); the
 last block prefetches block 0 for the next forward. Only the non-block parameters (patch/text/time
 embeddings, head: about 0.5 GB at 14B) stay resident, so the DiT's device weights are those plus two
@@ -18,6 +18,7 @@ device, but a block already prefetched keeps the old copy until it is loaded aga
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -76,7 +77,9 @@ class _Pack:
                     entries.append(_Entry(m, name, is_param, off, nbytes, tuple(t.shape), t.dtype))
                     off = _align(off + nbytes)
         self.entries, self.nbytes = entries, off
-        self.host = _host_buffer(off, pin)
+        self.host = torch.empty(off, dtype=torch.uint8)
+        if pin and off and _page_lock(self.host):
+            weakref.finalize(self, _page_unlock, self.host)
         for e in entries:
             src = e.module._parameters[e.name] if e.is_param else e.module._buffers[e.name]
             _view(self.host, e).copy_(src.detach())
@@ -86,24 +89,47 @@ class _Pack:
 _PIN_FAILED = False
 
 
-def _host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
-    """A host byte buffer, page-locked when `pin` (asynchronous copies at full PCIe speed); pageable, with
-    one warning, where pinning fails (e.g. a locked-memory limit)."""
+def _cuda_code(err) -> int:
+    """The integer of a torch.cuda.cudart() return value (an enum, or a tuple starting with one)."""
+    if isinstance(err, tuple):
+        err = err[0]
+    return int(getattr(err, "value", err))
+
+
+def _page_lock(buf: torch.Tensor) -> bool:
+    """Page-locks a host buffer in place (cudaHostRegister), for asynchronous copies at full PCIe speed.
+    Not torch's pin_memory: its caching host allocator rounds every allocation up to a power of two (a
+    702 MB 14B block would take 1 GiB). Where locking fails (e.g. a locked-memory limit), one warning and
+    pageable memory: copies are slower and no longer overlap compute."""
     global _PIN_FAILED
-    if pin and not _PIN_FAILED:
-        try:
-            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        except RuntimeError as e:
-            _PIN_FAILED = True
-            log.warning("block offload: pinning host memory failed (%s); pageable buffers are used, and copies "
-                        "to the GPU are slower and no longer overlap compute", e)
-    return torch.empty(nbytes, dtype=torch.uint8)
+    if _PIN_FAILED:
+        return False
+    try:
+        code = _cuda_code(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel(), 0))
+    except Exception as e:  # noqa: BLE001 - no CUDA runtime: the same fallback
+        code, why = -1, f"{type(e).__name__}: {e}"
+    else:
+        why = f"cudaHostRegister returned error {code}"
+    if code == 0:
+        return True
+    _PIN_FAILED = True
+    log.warning("block offload: page-locking host memory failed (%s); pageable buffers are used, and copies "
+                "to the GPU are slower and no longer overlap compute", why)
+    return False
+
+
+def _page_unlock(buf: torch.Tensor) -> None:
+    try:
+        torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+    except Exception:  # noqa: BLE001 - at interpreter exit the CUDA runtime may be gone
+        pass
 
 
 class CudaRuntime:
     """Copies on a side stream of `device`; events order them against the compute stream."""
 
     def __init__(self, device: torch.device):
+        self.device = device
         self.stream = torch.cuda.Stream(device)
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, after) -> torch.cuda.Event:
@@ -119,12 +145,12 @@ class CudaRuntime:
     def wait(self, event) -> None:
         """The compute (current) stream waits for `event`."""
         if event is not None:
-            torch.cuda.current_stream().wait_event(event)
+            torch.cuda.current_stream(self.device).wait_event(event)
 
     def mark(self) -> torch.cuda.Event:
         """An event after the work queued on the compute stream so far."""
         ev = torch.cuda.Event()
-        ev.record(torch.cuda.current_stream())
+        ev.record(torch.cuda.current_stream(self.device))
         return ev
 
 

@@ -201,20 +201,55 @@ def test_a_failing_block_leaves_the_weights_on_the_host_and_the_next_forward_rig
     check_ordering(rec.log)
 
 
-def test_pinning_failure_falls_back_to_pageable_memory_with_one_warning(monkeypatch, caplog):
-    monkeypatch.setattr(offload_mod, "_PIN_FAILED", False)
-    real = torch.empty
+class FakeCudart:
+    """torch.cuda.cudart() stand-in: records page-lock calls, answers `code`."""
 
-    def empty(*a, pin_memory=False, **kw):
-        if pin_memory:
-            raise RuntimeError("cudaHostAlloc failed (simulated)")
-        return real(*a, **kw)
-    monkeypatch.setattr(offload_mod.torch, "empty", empty)
-    blocks = _dit(3).blocks
+    def __init__(self, code=0):
+        self.code, self.registered, self.unregistered = code, [], []
+
+    def cudaHostRegister(self, ptr, nbytes, flags):
+        self.registered.append((ptr, nbytes, flags))
+        return self.code
+
+    def cudaHostUnregister(self, ptr):
+        self.unregistered.append(ptr)
+        return 0
+
+
+def test_host_buffers_are_page_locked_in_place_and_unlocked_with_their_pack(monkeypatch):
+    """cudaHostRegister on each packed buffer, at its exact size (not torch's pinned allocator, which rounds
+    up to a power of two), and cudaHostUnregister when the offload goes away."""
+    import gc
+    fake = FakeCudart()
+    monkeypatch.setattr(offload_mod, "_PIN_FAILED", False)
+    monkeypatch.setattr(offload_mod.torch.cuda, "cudart", lambda: fake)
+    off = BlockOffload(_dit(3).blocks, "cpu", pin=True)
+    assert fake.registered == [(p.host.data_ptr(), p.nbytes, 0) for p in off.packs]
+    ptrs = [p.host.data_ptr() for p in off.packs]
+    del off
+    gc.collect()
+    assert sorted(fake.unregistered) == sorted(ptrs)
+
+
+@pytest.mark.parametrize("failure", ["error code", "no CUDA runtime"])
+def test_page_lock_failure_falls_back_to_pageable_memory_with_one_warning(failure, monkeypatch, caplog):
+    fake = FakeCudart(code=2)  # cudaErrorMemoryAllocation
+    monkeypatch.setattr(offload_mod, "_PIN_FAILED", False)
+    if failure == "error code":
+        monkeypatch.setattr(offload_mod.torch.cuda, "cudart", lambda: fake)
+    else:
+        monkeypatch.setattr(offload_mod.torch.cuda, "cudart", lambda: (_ for _ in ()).throw(RuntimeError("no CUDA")))
+    dit = _dit(3)
+    x, t, ctx = _inputs(dit.cfg)
+    with torch.no_grad():
+        want = dit(x, t, ctx)
     with caplog.at_level("WARNING", logger="lightx2v_engine.offload"):
-        off = BlockOffload(blocks, "cpu", pin=True)
-    assert len(off.packs) == 3 and not off.packs[0].host.is_pinned()
-    assert len([r for r in caplog.records if "pinning host memory failed" in r.message]) == 1
+        attach_block_offload(dit, "cpu", pin=True)
+    warned = [r.message for r in caplog.records if "page-locking host memory failed" in r.message]
+    assert len(warned) == 1 and ("error 2" in warned[0] if failure == "error code" else "no CUDA" in warned[0])
+    assert len(fake.registered) == (1 if failure == "error code" else 0)  # not retried for every block
+    with torch.no_grad():
+        torch.testing.assert_close(dit(x, t, ctx), want, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------ 3. the pipeline's keys
