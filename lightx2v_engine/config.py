@@ -221,7 +221,7 @@ _ACCEPTED_IGNORED = {
     "use_tiling_vae", "use_lightvae", "use_tae", "use_stream_vae", "tae_path",
     "t5_quantized", "t5_quant_scheme", "t5_quantized_ckpt", "clip_quantized", "clip_quant_scheme",
     "clip_quantized_ckpt", "cfg_scale", "rope_type", "modulate_type", "rms_norm_type",
-    "layer_norm_type", "use_compile", "compile_shapes", "model_cls", "task", "mm_config", "scheduler_type",
+    "layer_norm_type", "use_compile", "compile_shapes", "model_cls", "task", "mm_config",
     "return_result_tensor", "vae_stride", "patch_size", "num_channels_latents", "sample_solver",
     "lora_dynamic_apply", "use_prompt_enhancer", "sf_config", "clean_cuda_cache", "rotary_chunk",
     "rotary_chunk_size", "audio_sr", "boundary", "boundary_step_index", "changing_resolution",
@@ -255,6 +255,10 @@ _UNSUPPORTED_IF_TRUE = {
                           "lightx2v-engine does not implement; set it to false (cfg_scale then has no effect), or "
                           "use enable_cfg with sample_guide_scale for classifier-free guidance",
 }
+
+# LightX2V's Wan schedulers: "WanScheduler" is UniPC, "WanStepDistillScheduler" the 4-step distill sampler
+# (the one "wan2.1_distill" always runs); only read under model_cls "wan2.1".
+SCHEDULER_TYPES = ("WanScheduler", "WanStepDistillScheduler")
 
 _CHOICES = {
     "sampler": ("distill", "unipc"),
@@ -302,8 +306,10 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
                      warn: bool = True) -> RunConfig:
     """Validates a LightX2V-style dict and returns a RunConfig.
 
-    `model_cls` ("wan2.1" or "wan2.1_distill") picks the sampler when the config does not:
-    "wan2.1" without a ``denoising_step_list`` runs the many-step UniPC baseline.
+    `model_cls` ("wan2.1" or "wan2.1_distill") picks the sampler when the config's ``sampler`` does not,
+    as LightX2V: "wan2.1" runs the UniPC sampler (``infer_steps``, default 50; a ``denoising_step_list`` is
+    ignored with a warning) unless ``scheduler_type`` is "WanStepDistillScheduler"; the distill model
+    classes run the step list.
     """
     if not isinstance(raw, dict):
         raise ValueError(f"{source}: expected a JSON object, got {type(raw).__name__}")
@@ -313,7 +319,7 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
         if key in _UNSUPPORTED_IF_TRUE:
             if value is not None and _as(key, value, bool):
                 raise _err(key, value, _UNSUPPORTED_IF_TRUE[key])
-        elif key in _MAPPED:
+        elif key in _MAPPED or key == "scheduler_type":
             vals[key] = value
         elif key in _ACCEPTED_IGNORED:
             ignored.append(key)
@@ -371,9 +377,20 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
     elif steps_given:
         out["denoising_step_list"] = None
 
+    scheduler_type = vals.get("scheduler_type")
+    if scheduler_type is not None:
+        scheduler_type = _as("scheduler_type", scheduler_type, str)
+        if scheduler_type not in SCHEDULER_TYPES:
+            raise _err("scheduler_type", scheduler_type, f"expected one of {list(SCHEDULER_TYPES)}")
     if "sampler" not in out:
-        has_list = steps_given and vals["denoising_step_list"] is not None
-        out["sampler"] = "unipc" if (model_cls == "wan2.1" and not has_list) else "distill"
+        if model_cls == "wan2.1" and scheduler_type != "WanStepDistillScheduler":
+            out["sampler"] = "unipc"
+            if steps_given and vals["denoising_step_list"] is not None and warn:
+                warn_user(f"{source}: model_cls wan2.1 runs the UniPC sampler for infer_steps="
+                          f"{out.get('infer_steps', 50)}; denoising_step_list is used by wan2.1_distill, or with "
+                          f"scheduler_type 'WanStepDistillScheduler' (as LightX2V)")
+        else:
+            out["sampler"] = "distill"
     if out["sampler"] == "distill":
         lst = out.get("denoising_step_list", RunConfig.denoising_step_list)
         if lst is None:

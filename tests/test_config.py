@@ -15,7 +15,7 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.json"))
 def test_shipped_configs_parse(path):
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        cfg = load_run_config(path, model_cls="wan2.1_distill" if "distill" in str(path) else "wan2.1")
+        cfg = load_run_config(path, model_cls="wan2.1" if "baseline" in path.name else "wan2.1_distill")
     assert isinstance(cfg, RunConfig)
     for w in rec:  # the only warnings a shipped config may give: keys accepted but not acted on
         assert cfg.ignored_keys and all(k in str(w.message) for k in cfg.ignored_keys), str(w.message)
@@ -71,7 +71,20 @@ def test_sampler_choice_follows_model_cls():
     assert parse_run_config({}, model_cls="wan2.1_distill").sampler == "distill"
     base = parse_run_config({}, model_cls="wan2.1")
     assert base.sampler == "unipc" and base.infer_steps == 50 and base.enable_cfg
-    assert parse_run_config({"denoising_step_list": [1000, 500]}, model_cls="wan2.1").infer_steps == 2
+    # as LightX2V: wan2.1 runs UniPC and ignores a step list (with a warning) unless scheduler_type says
+    # WanStepDistillScheduler
+    with pytest.warns(UserWarning, match="model_cls wan2.1 runs the UniPC sampler for infer_steps=4"):
+        cfg = parse_run_config({"denoising_step_list": [1000, 750, 500, 250], "infer_steps": 4}, model_cls="wan2.1")
+    assert cfg.sampler == "unipc" and cfg.infer_steps == 4
+    cfg = parse_run_config({"denoising_step_list": [1000, 500], "scheduler_type": "WanStepDistillScheduler"},
+                           model_cls="wan2.1")
+    assert cfg.sampler == "distill" and cfg.infer_steps == 2 and cfg.denoising_step_list == (1000, 500)
+    assert parse_run_config({"scheduler_type": "WanScheduler"}, model_cls="wan2.1").sampler == "unipc"
+    # the distill classes always run the step list (LightX2V's WanDistillRunner)
+    assert parse_run_config({"scheduler_type": "WanScheduler"}, model_cls="wan2.1_distill").sampler == "distill"
+    assert parse_run_config({"sampler": "distill"}, model_cls="wan2.1").sampler == "distill"  # ours wins
+    with pytest.raises(ValueError, match="scheduler_type.*'UniPC'.*expected one of"):
+        parse_run_config({"scheduler_type": "UniPC"}, model_cls="wan2.1")
 
 
 def test_file_errors(tmp_path):
