@@ -120,7 +120,7 @@ def _to_device(module: torch.nn.Module, device: torch.device) -> None:
                     continue
                 if t.device.type == "cpu":
                     kept[name] = (t, t.data)
-                new = t.detach().to(device)
+                new = t.detach().to(device, non_blocking=device.type == "cuda")  # (stream-ordered H2D)
                 if not isinstance(t, torch.nn.Parameter):
                     store[name] = new
                 elif torch._has_compatible_shallow_copy_type(t, new):
@@ -237,8 +237,16 @@ class Pipeline:
     load_ms: float = 0.0
     use_cuda_graph: bool = False
     _graphs: dict = field(default_factory=dict, repr=False)
+    _page_locked: list = field(default_factory=list, repr=False)  # keeps the offloaded weights page-locked
 
     def __post_init__(self):
+        if self.device.type == "cuda":  # offloaded weights move by DMA from page-locked host memory
+            from lightx2v_engine.offload import page_lock_module_
+            run = self.run_cfg
+            for module, moved in ((self.t5, run.t5_cpu_offload), (self.clip, run.clip_cpu_offload),
+                                  (self.vae, run.vae_cpu_offload), (self.dit, _dit_moves_whole(run))):
+                if module is not None and moved:
+                    self._page_locked += page_lock_module_(module)
         self.dit.set_attention_8bit(self.run_cfg.attn_8bit)
         if self.run_cfg.attn_8bit and not ops.attention_8bit_available(self.device):
             log.warning("self_attn_1_type %r: the 8-bit attention kernel needs a CUDA GPU of sm89 or newer "

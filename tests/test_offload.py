@@ -313,3 +313,61 @@ def test_block_offload_on_cuda_matches_the_resident_dit(granularity):
     if granularity == "block":
         assert blk.is_pinned() and pipe.dit.text_embedding[0].weight.is_cuda
         assert pipe.dit.block_offload.slots[0].is_cuda
+
+
+# ------------------------------------------------------------------------------ 5. page-locked offload weights
+
+@pytest.mark.usefixtures("torch_ops")
+def test_page_lock_module_packs_blocks_and_rest_in_place(monkeypatch):
+    """Encoders (and a DiT moved whole) keep their CPU weights in page-locked packs: one per block and
+    one for the rest, registered at their exact size; values, Parameter objects and the output unchanged."""
+    from lightx2v_engine import t5 as t5_mod
+    from lightx2v_engine.offload import page_lock_module_
+    fake = FakeCudart()
+    monkeypatch.setattr(offload_mod, "_PIN_FAILED", False)
+    monkeypatch.setattr(offload_mod.torch.cuda, "cudart", lambda: fake)
+    model = t5_mod.random_t5(t5_mod.T5Config.tiny(), dtype=torch.float32, seed=0)
+    ids = torch.randint(0, 100, (1, 7))
+    want, before = model(ids), _state(model)
+    params = [id(p) for p in model.parameters()]
+    packs = page_lock_module_(model)
+    assert len(packs) == len(model.blocks) + 1
+    assert fake.registered == [(p.host.data_ptr(), p.nbytes, 0) for p in packs]
+    torch.testing.assert_close(model(ids), want, rtol=0, atol=0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert [id(p) for p in model.parameters()] == params
+    blk = model.blocks[1]
+    lo = packs[1].host.data_ptr()
+    assert all(lo <= p.data_ptr() < lo + packs[1].nbytes for p in blk.parameters())
+
+
+def test_page_locked_packs_keep_the_memory_layout(monkeypatch):
+    """The VAE's conv weights are channels_last_3d on CUDA: packing keeps their strides."""
+    from lightx2v_engine.offload import page_lock_module_
+    monkeypatch.setattr(offload_mod, "_PIN_FAILED", False)
+    monkeypatch.setattr(offload_mod.torch.cuda, "cudart", lambda: FakeCudart())
+    conv = torch.nn.Conv3d(3, 8, 3).to(memory_format=torch.channels_last_3d)
+    lin = torch.nn.Linear(4, 5)
+    model = torch.nn.Sequential(conv, lin)
+    w = conv.weight.detach().clone()
+    strides = conv.weight.stride()
+    page_lock_module_(model)
+    assert conv.weight.stride() == strides and conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(conv.weight, w) and lin.weight.is_contiguous()
+    odd = torch.nn.Linear(6, 4)
+    odd.weight.data = torch.randn(8, 6)[::2]  # not dense: packed row-major
+    ref = odd.weight.detach().clone()
+    page_lock_module_(odd)
+    assert odd.weight.is_contiguous() and torch.equal(odd.weight, ref)
+
+
+@pytest.mark.gpu
+def test_offloaded_encoders_and_vae_are_page_locked_on_cuda():
+    cfg = {**TINY, "t5_cpu_offload": True, "vae_cpu_offload": True}
+    base = Pipeline.random("tiny", TINY, device="cuda", seed=3)
+    pipe = Pipeline.random("tiny", cfg, device="cuda", seed=3)
+    assert pipe.t5.blocks[0].parameters().__next__().is_pinned()
+    assert next(pipe.vae.parameters()).is_pinned()
+    got, want = pipe.generate("a cat", seed=1), base.generate("a cat", seed=1)
+    torch.testing.assert_close(got.latents, want.latents, rtol=1e-6, atol=1e-6)
+    assert next(pipe.t5.parameters()).device.type == "cpu"
