@@ -114,11 +114,12 @@ def plan_lora(lora: dict[str, torch.Tensor], params: dict[str, torch.Tensor], so
 
 @torch.no_grad()
 def merge_lora_(model: torch.nn.Module, lora: dict[str, torch.Tensor], strength: float = 1.0,
-                source: str = "lora", strict: bool = True) -> int:
+                source: str = "lora", strict: bool = True, before_write=None) -> int:
     """Merges one LoRA into the model's weights in place. Returns the number of merged tensors.
 
     Unmatched LoRA keys raise LoraKeyError listing them (strict) or warn. Shapes are checked before any
-    weight is touched, so a failing LoRA leaves the model unchanged.
+    weight is touched, so a failing LoRA leaves the model unchanged. `before_write(name, target)` is called
+    before each change: target is the parameter about to change, or the QuantLinear about to get a branch.
     """
     from lightx2v_engine.quant import QuantLinear
     params = dict(model.named_parameters())
@@ -158,6 +159,8 @@ def merge_lora_(model: torch.nn.Module, lora: dict[str, torch.Tensor], strength:
             deltas.append((target, w, kind, (d,), strength))
     for target, w, kind, ts, s in deltas:
         dev = w.device
+        if before_write is not None:
+            before_write(target, quantized.get(target, w))
         if target in quantized:  # low-rank (a diff was refused above)
             quantized[target].add_lora(ts[0], ts[1], s)
         elif kind == "lowrank":
@@ -178,6 +181,62 @@ def apply_loras_(model: torch.nn.Module, specs, strict: bool = True, search_dirs
     return total
 
 
+class LoraSwitch:
+    """LoRAs that change from one generation to the next (the server's per-request ``lora_name``), on top
+    of the model as loaded (its config LoRAs included).
+
+    ``set(specs)`` first restores what the previous set changed - exactly: bf16 weights from copies kept
+    in host memory when first changed, an 8-bit linear's branches by putting its earlier ones back - then
+    merges `specs` in order. The same specs again cost nothing. A failing LoRA (missing file, unmatched
+    keys, wrong shapes) leaves the model as loaded and raises. Host memory: one copy of every weight the
+    current LoRAs change (a full-model LoRA on 14B bf16: about 27 GB)."""
+
+    def __init__(self, model: torch.nn.Module, strict: bool = True, search_dirs=()):
+        self.model, self.strict, self.search_dirs = model, strict, list(search_dirs)
+        self.current: tuple = ()
+        self._saved: dict[str, tuple] = {}  # name -> ("param", tensor, host copy) | ("branch", QuantLinear, down, up)
+        self.touched_quantized = False      # the last set() replaced branch tensors of 8-bit linears
+
+    def _save(self, name: str, target) -> None:
+        if name in self._saved:
+            return
+        if isinstance(target, torch.Tensor):
+            self._saved[name] = ("param", target, target.detach().to("cpu", copy=True))
+        else:
+            self._saved[name] = ("branch", target, target.lora_down, target.lora_up)
+            self.touched_quantized = True
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """The model as loaded (no request LoRA)."""
+        for entry in self._saved.values():
+            if entry[0] == "param":
+                entry[1].copy_(entry[2])
+            else:
+                entry[1].lora_down, entry[1].lora_up = entry[2], entry[3]
+        self._saved.clear()
+        self.current = ()
+
+    def set(self, specs) -> bool:
+        """Makes `specs` (LoraSpec sequence) the request LoRAs. Returns whether the weights changed."""
+        specs = tuple(specs)
+        if specs == self.current:
+            return False
+        # the previous set's branches go back (restore) or new ones come (_save): either replaces tensors
+        self.touched_quantized = any(e[0] == "branch" for e in self._saved.values())
+        self.restore()
+        try:
+            for spec in specs:
+                path = _find(spec.path, self.search_dirs)
+                merge_lora_(self.model, read_lora(path), spec.strength, source=str(path), strict=self.strict,
+                            before_write=self._save)
+        except BaseException:
+            self.restore()
+            raise
+        self.current = specs
+        return True
+
+
 def _find(path: str, search_dirs) -> Path:
     tried = candidate_paths(path, search_dirs)
     for cand in tried:
@@ -186,4 +245,4 @@ def _find(path: str, search_dirs) -> Path:
     raise FileNotFoundError(f"LoRA file not found: {path} (searched {[str(t) for t in tried]})")
 
 
-__all__ = ["merge_lora_", "apply_loras_", "read_lora", "plan_lora", "LoraKeyError", "CheckpointError"]
+__all__ = ["merge_lora_", "apply_loras_", "read_lora", "plan_lora", "LoraSwitch", "LoraKeyError", "CheckpointError"]

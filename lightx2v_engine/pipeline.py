@@ -238,6 +238,7 @@ class Pipeline:
     use_cuda_graph: bool = False
     _graphs: dict = field(default_factory=dict, repr=False)
     _page_locked: list = field(default_factory=list, repr=False)  # keeps the offloaded weights page-locked
+    _lora_switch: Any = field(default=None, repr=False)  # lora.LoraSwitch once set_request_loras is used
 
     def __post_init__(self):
         if self.device.type == "cuda":  # offloaded weights move by DMA from page-locked host memory
@@ -330,6 +331,30 @@ class Pipeline:
                                             seed=seed)
         return cls(mcfg, run, dit, t5, tok, vae, clip, dev, (time.perf_counter() - t0) * 1e3,
                    use_cuda_graph=_graphs_on(run, dev))
+
+    def set_request_loras(self, specs=()) -> None:
+        """LoRAs for the following generations, on top of the model as loaded (config LoRAs included):
+        `specs` a sequence of config.LoraSpec (absolute paths, or relative to the working directory), ()
+        for none. What the previous call merged is restored exactly first (lora.LoraSwitch; the same specs
+        again cost nothing). A failing LoRA raises and leaves the model as loaded. Offloaded blocks reload
+        from the changed host weights; captured CUDA graphs are dropped where 8-bit branch tensors were
+        replaced (bf16 merges write the weights in place, which a replay reads)."""
+        from lightx2v_engine.lora import LoraSwitch
+        specs = tuple(specs)
+        if self._lora_switch is None:
+            if not specs:
+                return
+            self._lora_switch = LoraSwitch(self.dit, strict=self.run_cfg.lora_strict)
+        if specs == self._lora_switch.current:
+            return
+        try:
+            self._lora_switch.set(specs)
+        finally:  # also after a failure: the weights went back to the model as loaded
+            if self.dit.block_offload is not None:
+                self.dit.block_offload.drop_prefetch()
+            if self._lora_switch.touched_quantized and self._graphs:
+                self._graphs.clear()
+                _release_graph_memory()
 
     # ------------------------------------------------------------------ stages
     def encode_text(self, prompts: list[str]) -> torch.Tensor:

@@ -8,8 +8,11 @@ Like LightX2V's server it takes the CLI's arguments plus --host, --port, --max_q
 
 The models load once at start. Tasks queue (at most --max_queue_size waiting: HTTP 503 beyond) and run one
 at a time on one worker thread, like LightX2V's server. A request carries LightX2V's VideoTaskRequest
-fields; the ones this engine cannot honour per request (another step count, a LoRA, a last frame) are a
-400 naming the field, as are sizes the model cannot take (checked before the task is queued). Results are
+fields; the ones this engine cannot honour per request (another step count, a last frame) are a 400
+naming the field, as are sizes the model cannot take (checked before the task is queued). `lora_name`
+names a file in --lora_dir, merged for that request on top of the config's LoRAs and taken off again
+exactly before a request with another (or none) - see lora.LoraSwitch; consecutive requests with the same
+LoRA pay nothing. Results are
 written under --output_dir; a request's save_result_path must stay inside it. The last MAX_FINISHED
 finished tasks stay queryable.
 
@@ -30,6 +33,7 @@ import email.policy
 import io
 import json
 import logging
+import math
 import re
 import secrets
 import sys
@@ -52,8 +56,6 @@ MAX_FINISHED = 1000      # finished tasks kept for status queries (oldest droppe
 MAX_IMAGE_PIXELS = 64_000_000  # input images (decoded in the request thread)
 # VideoTaskRequest fields this server cannot honour per request: a 400 naming them when set
 UNSUPPORTED = {"last_frame_path": "FLF2V is not supported (Wan2.1 T2V/I2V)", "audio_path": "audio is not supported",
-               "lora_name": "LoRAs are set at start (the config's lora_configs)",
-               "lora_strength": "LoRAs are set at start (the config's lora_configs)",
                "target_fps": "the frame rate is the config's fps", "video_duration": "use target_video_length",
                "resize_mode": "I2V resizes as Wan does", "use_prompt_enhancer": "no prompt enhancer"}
 # VideoTaskRequest fields (LightX2V's server/schema.py); unknown fields are a 400 naming them
@@ -207,7 +209,8 @@ def _short(value, n: int = 80) -> str:
 
 
 def check_request(body: dict, *, output_dir: Path, infer_steps: int, task: str,
-                  image_bytes: bytes | None = None, default_size: tuple[int, int] = (480, 832)) -> tuple[str, dict, Path]:
+                  image_bytes: bytes | None = None, default_size: tuple[int, int] = (480, 832),
+                  lora_dir: Path | None = None) -> tuple[str, dict, Path]:
     """A VideoTaskRequest dict (+ an uploaded image) -> (task_id, generate() parameters, result path);
     RequestError on bad input, before the task is queued."""
     from lightx2v_engine.config import parse_run_config
@@ -229,7 +232,8 @@ def check_request(body: dict, *, output_dir: Path, infer_steps: int, task: str,
     if steps is not None and steps != infer_steps:
         raise RequestError(f"infer_steps {_short(steps)}: this server's models run {infer_steps} steps (set at "
                            f"start by the config)")
-    params: dict[str, Any] = {"prompt": prompt, "negative_prompt": neg}
+    params: dict[str, Any] = {"prompt": prompt, "negative_prompt": neg,
+                              "loras": request_loras(body.get("lora_name"), body.get("lora_strength"), lora_dir)}
     seed = body.get("seed")
     if seed is None:
         seed = secrets.randbelow(2 ** 32)
@@ -286,6 +290,42 @@ def check_request(body: dict, *, output_dir: Path, infer_steps: int, task: str,
     if save is not None and not isinstance(save, str):
         raise RequestError(f"save_result_path must be a string, got {type(save).__name__}")
     return task_id, params, result_path(save, task_id, output_dir)
+
+
+def request_loras(name, strength, lora_dir: Path | None) -> tuple:
+    """lora_name (a file in --lora_dir; ".safetensors" may be left off) and lora_strength (default 1.0)
+    -> the request's LoRA specs, () without lora_name. The file must lie inside --lora_dir."""
+    from lightx2v_engine.config import LoraSpec
+    if name in (None, ""):
+        if strength is not None:
+            raise RequestError("lora_strength without lora_name")
+        return ()
+    if lora_dir is None:
+        raise RequestError("lora_name needs a server started with --lora_dir (the folder of the LoRA files)")
+    if not isinstance(name, str):
+        raise RequestError(f"lora_name must be a string, got {type(name).__name__}")
+    if strength is None:
+        strength = 1.0
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+        raise RequestError(f"lora_strength must be a finite number, got {_short(strength)}")
+    root = lora_dir.resolve()
+    for cand in (name, name + ".safetensors"):
+        try:
+            path = (root / cand).resolve()
+            found = path.is_relative_to(root) and path.is_file()
+        except (OSError, ValueError):  # a NUL byte, a name too long
+            found = False
+        if found:
+            return (LoraSpec(str(path), float(strength)),)
+    raise RequestError(f"lora_name {_short(name)!r}: no such LoRA file in the server's --lora_dir")
+
+
+def list_loras(lora_dir: Path | None) -> list[str]:
+    """The LoRA files a request may name (for /v1/service/metadata)."""
+    if lora_dir is None or not lora_dir.is_dir():
+        return []
+    return sorted(str(p.relative_to(lora_dir)) for p in lora_dir.rglob("*") if p.is_file()
+                  and p.suffix in (".safetensors", ".pt", ".pth", ".bin"))
 
 
 def result_path(requested: str | None, task_id: str, output_dir: Path) -> Path:
@@ -486,8 +526,9 @@ class App:
 
     def __init__(self, generate: Callable[[dict, Path, threading.Event], None], *, output_dir: Path,
                  infer_steps: int, task: str, max_queue_size: int = 10, metadata: dict | None = None,
-                 default_size: tuple[int, int] = (480, 832)):
+                 default_size: tuple[int, int] = (480, 832), lora_dir: str | Path | None = None):
         self.output_dir, self.infer_steps, self.task = Path(output_dir), infer_steps, task
+        self.lora_dir = Path(lora_dir) if lora_dir is not None else None  # per-request LoRA files (lora_name)
         self.default_size = default_size  # (height, width) of requests without target_shape
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.metadata = metadata or {}
@@ -496,7 +537,7 @@ class App:
     def _create(self, body: dict, image_bytes: bytes | None = None) -> tuple[HTTPStatus, dict]:
         task_id, params, path = check_request(body, output_dir=self.output_dir, infer_steps=self.infer_steps,
                                               task=self.task, image_bytes=image_bytes,
-                                              default_size=self.default_size)
+                                              default_size=self.default_size, lora_dir=self.lora_dir)
         task = self.queue.submit(Task(task_id, params, path))
         return HTTPStatus.OK, {"task_id": task.task_id, "task_status": task.status,
                                "save_result_path": str(task.save_result_path)}
@@ -548,7 +589,7 @@ class App:
             st = self.queue.status()
             return HTTPStatus.OK, {"service_status": "busy" if st["running_task"] else "idle", **st}
         if method == "GET" and path == "/v1/service/metadata":
-            return HTTPStatus.OK, self.metadata
+            return HTTPStatus.OK, {**self.metadata, "loras": list_loras(self.lora_dir)}
         raise RequestError(f"no endpoint {method} {path}", HTTPStatus.NOT_FOUND)
 
 
@@ -560,6 +601,7 @@ def pipeline_generate(pipe) -> Callable[[dict, Path, threading.Event], None]:
                 raise TaskCancelled()
         if cancel.is_set():
             raise TaskCancelled()
+        pipe.set_request_loras(params.get("loras", ()))  # () puts the model as loaded back
         out = pipe.generate(params["prompt"], negative_prompt=params.get("negative_prompt"), image=params.get("image"),
                             seed=params["seed"], num_frames=params.get("num_frames"), height=params.get("height"),
                             width=params.get("width"), progress=progress)
@@ -583,8 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max_queue_size", type=int, default=10)
     p.add_argument("--output_dir", default="save_results", help="where task results are written")
-    p.add_argument("--lora_dir", default=None, help="accepted for LightX2V compatibility; per-request LoRAs are "
-                   "not supported (set lora_configs in the config)")
+    p.add_argument("--lora_dir", default=None, help="folder of LoRA files a request may name (lora_name, "
+                   "lora_strength), merged on top of the config's LoRAs for that request")
     p.add_argument("--metric_port", type=int, default=None, help="accepted for LightX2V compatibility; no metrics")
     return p
 
@@ -615,7 +657,7 @@ def main(argv=None) -> int:
                          "target_shape": [pipe.run_cfg.target_height, pipe.run_cfg.target_width]}}
     app = App(pipeline_generate(pipe), output_dir=Path(args.output_dir), infer_steps=pipe.run_cfg.infer_steps,
               task=pipe.task, max_queue_size=args.max_queue_size, metadata=meta,
-              default_size=(pipe.run_cfg.target_height, pipe.run_cfg.target_width))
+              default_size=(pipe.run_cfg.target_height, pipe.run_cfg.target_width), lora_dir=args.lora_dir)
     httpd = serve(app, args.host, args.port)
     log.info("serving %s on http://%s:%d (results in %s)", pipe.model_cfg.name, args.host, httpd.server_port,
              app.output_dir)

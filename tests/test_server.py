@@ -12,6 +12,7 @@ import uuid
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from lightx2v_engine import server as S
@@ -89,7 +90,7 @@ def test_t2v_task_end_to_end(t2v_pipe, tmp_path):
         code, listing = c.call("GET", "/v1/tasks/")
         assert {t["task_id"] for t in listing["tasks"]} == {created["task_id"], created2["task_id"]}
         assert c.call("GET", "/v1/service/status")[1]["service_status"] == "idle"
-        assert c.call("GET", "/v1/service/metadata")[1] == {"model": "tiny"}
+        assert c.call("GET", "/v1/service/metadata")[1] == {"model": "tiny", "loras": []}
     finally:
         c.close(app)
 
@@ -98,13 +99,13 @@ def test_t2v_task_end_to_end(t2v_pipe, tmp_path):
     ({"prompt": "x", "promt": "y"}, 400, r"unknown field\(s\) \['promt'\]"),
     ({"prompt": ""}, 400, "prompt must be a non-empty string"),
     ({"prompt": "x", "infer_steps": 8}, 400, "infer_steps 8: this server's models run 4 steps"),
-    ({"prompt": "x", "lora_name": "style"}, 400, "lora_name is not supported"),
+    ({"prompt": "x", "lora_name": "style"}, 400, "lora_name needs a server started with --lora_dir"),
     ({"prompt": "x", "image_path": "a.png"}, 400, "text-to-video: no image is accepted"),
     ({"prompt": "x", "target_shape": [63, 95]}, 400, "target_height.*multiple of 16"),
     ({"prompt": "x", "target_video_length": 10}, 400, "4k\\+1"),
     ({"prompt": "x", "target_video_length": 100001}, 400, "target_video_length must be an integer in"),
     ({"prompt": "x", "target_fps": 24}, 400, "target_fps is not supported by this server: the frame rate"),
-    ({"prompt": "x", "lora_strength": 0.5}, 400, "lora_strength is not supported"),
+    ({"prompt": "x", "lora_strength": 0.5}, 400, "lora_strength without lora_name"),
     ({"prompt": "x", "save_result_path": 123}, 400, "save_result_path must be a string"),
     ({"prompt": "x", "negative_prompt": 123}, 400, "negative_prompt must be a string"),
     ({"prompt": "x", "seed": -1}, 400, "seed must be a non-negative integer"),
@@ -346,3 +347,62 @@ def test_a_result_path_of_a_live_task_and_a_stalled_client(tmp_path, monkeypatch
         assert c.call("GET", "/v1/service/status")[0] == 200
     finally:
         c.close(app)
+
+
+def test_per_request_loras(tmp_path):
+    """lora_name picks a file in --lora_dir for one request: its video is the one of the same LoRA merged
+    offline; a request without it gets the base video back; bad names are 400s before queueing; a LoRA
+    that fails to merge fails its task only."""
+    from safetensors.torch import save_file
+    from lightx2v_engine.lora import merge_lora_, read_lora
+    from lightx2v_engine.pipeline import Pipeline
+    tiny = {"target_video_length": 5, "target_height": 32, "target_width": 48}
+    pipe = Pipeline.random("tiny", tiny, device="cpu", seed=5)
+    lora_dir = tmp_path / "loras"
+    (lora_dir / "sub").mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    w = pipe.dit.blocks[0].self_attn.q.weight
+    style = {"diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.randn(w.shape[0], 4, generator=g),
+             "diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.randn(4, w.shape[1], generator=g)}
+    save_file(style, str(lora_dir / "sub" / "style.safetensors"))
+    save_file({"diffusion_model.nowhere.lora_up.weight": torch.zeros(2, 2),
+               "diffusion_model.nowhere.lora_down.weight": torch.zeros(2, 2)}, str(lora_dir / "broken.safetensors"))
+    (tmp_path / "outside.safetensors").write_bytes(b"x")
+    ref = Pipeline.random("tiny", tiny, device="cpu", seed=5)
+    merge_lora_(ref.dit, read_lora(lora_dir / "sub" / "style.safetensors"), 0.5)
+    want_lora = ref.generate("a red car", seed=3).frames.numpy()
+    want_base = Pipeline.random("tiny", tiny, device="cpu", seed=5).generate("a red car", seed=3).frames.numpy()
+    app = S.App(S.pipeline_generate(pipe), output_dir=tmp_path / "out", infer_steps=4, task="t2v", lora_dir=lora_dir)
+    c = Client(app)
+    try:
+        assert c.call("GET", "/v1/service/metadata")[1]["loras"] == ["broken.safetensors", "sub/style.safetensors"]
+        for body, match in (({"lora_name": "nope"}, "no such LoRA file"),
+                            ({"lora_name": "../outside.safetensors"}, "no such LoRA file"),
+                            ({"lora_name": "sub/style", "lora_strength": "strong"}, "lora_strength must be a finite"),
+                            ({"lora_name": 3}, "lora_name must be a string")):
+            code, resp = c.call("POST", "/v1/tasks/video/", {"prompt": "a red car", **body})
+            assert code == 400 and match in resp["detail"], resp
+        videos = {}
+        for name, body in (("lora", {"lora_name": "sub/style", "lora_strength": 0.5}), ("base", {}),
+                           ("broken", {"lora_name": "broken.safetensors"}), ("again", {"lora_name": "sub/style.safetensors",
+                                                                                      "lora_strength": 0.5})):
+            code, created = c.call("POST", "/v1/tasks/video/", {"prompt": "a red car", "seed": 3,
+                                                                 "save_result_path": name, **body})
+            assert code == 200, created
+            info = c.wait(created["task_id"])
+            if name == "broken":
+                assert info["status"] == "failed" and "nowhere" in info["error"], info
+                continue
+            assert info["status"] == "completed", info
+            videos[name] = read_mp4(tmp_path / "out" / f"{name}.mp4")
+    finally:
+        c.close(app)
+    # the mp4 encoder is deterministic: equal frames in, equal frames out
+    assert np.array_equal(videos["lora"], videos["again"])
+    assert not np.array_equal(videos["lora"], videos["base"])
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    from lightx2v_engine.video import save_mp4
+    for name, frames in (("lora", want_lora), ("base", want_base)):
+        save_mp4(frames, ref_dir / f"{name}.mp4", fps=16)
+        assert np.array_equal(videos[name], read_mp4(ref_dir / f"{name}.mp4")), name

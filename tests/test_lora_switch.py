@@ -1,0 +1,123 @@
+"""Per-request LoRAs (lora.LoraSwitch, Pipeline.set_request_loras): each set restores the model as loaded
+exactly, then merges; failures leave the model as loaded; offloaded blocks and 8-bit branches follow."""
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lightx2v_engine import lora as lora_mod
+from lightx2v_engine.config import LoraSpec, get_preset
+from lightx2v_engine.loading import build_dit
+from lightx2v_engine.lora import LoraKeyError, LoraSwitch, merge_lora_, read_lora
+from lightx2v_engine.pipeline import Pipeline
+from lightx2v_engine.quant import QuantLinear, quantize_dit_
+
+pytestmark = pytest.mark.usefixtures("torch_ops")
+
+TARGETS = ["blocks.0.self_attn.q", "blocks.1.ffn.0", "blocks.1.cross_attn.o", "text_embedding.2", "head.head"]
+TINY = {"target_video_length": 5, "target_height": 32, "target_width": 48}
+
+
+def write_lora(path, model, targets=TARGETS, seed=0, rank=4, extra=None):
+    g = torch.Generator().manual_seed(seed)
+    sd = model.state_dict()
+    lora = {}
+    for t in targets:
+        o, i = sd[t + ".weight"].shape
+        lora[f"diffusion_model.{t}.lora_up.weight"] = torch.randn(o, rank, generator=g) * 0.2
+        lora[f"diffusion_model.{t}.lora_down.weight"] = torch.randn(rank, i, generator=g) * 0.2
+    lora.update(extra or {})
+    save_file(lora, str(path))
+    return LoraSpec(str(path), 1.0)
+
+
+def snapshot(model):
+    """Every tensor the model computes with, the LoRA branches of 8-bit linears included."""
+    out = {k: v.clone() for k, v in model.state_dict().items()}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear) and m.lora_down is not None:
+            out[name + ".lora_down"], out[name + ".lora_up"] = m.lora_down.clone(), m.lora_up.clone()
+    return out
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _dit(dtype=torch.bfloat16):
+    torch.manual_seed(0)
+    return build_dit(get_preset("tiny"), None, dtype=dtype, device="cpu")
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["bf16", "int8"])
+def test_switching_restores_the_loaded_model_exactly(tmp_path, quantized):
+    dit = _dit()
+    if quantized:
+        quantize_dit_(dit, "int8-vllm")
+    a = write_lora(tmp_path / "a.safetensors", dit, seed=1)
+    b = LoraSpec(write_lora(tmp_path / "b.safetensors", dit, seed=2, targets=TARGETS[:2]).path, 0.5)
+    base = snapshot(dit)
+    # what each set must equal: the loaded model with that LoRA merged once
+    want = {}
+    for spec in (a, b):
+        ref = _dit()
+        if quantized:
+            quantize_dit_(ref, "int8-vllm")
+        merge_lora_(ref, read_lora(spec.path), spec.strength)
+        want[spec] = snapshot(ref)
+    sw = LoraSwitch(dit)
+    for spec in (a, b, a, None, b, b):
+        sw.set(() if spec is None else (spec,))
+        assert same(snapshot(dit), base if spec is None else want[spec]), spec
+    assert sw.touched_quantized == quantized
+    sw.set(())
+    assert same(snapshot(dit), base)  # bitwise: no drift after five switches
+
+
+def test_the_same_loras_again_cost_nothing(tmp_path, monkeypatch):
+    dit = _dit()
+    spec = write_lora(tmp_path / "a.safetensors", dit)
+    sw = LoraSwitch(dit)
+    calls = []
+    real = lora_mod.merge_lora_
+    monkeypatch.setattr(lora_mod, "merge_lora_", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    assert sw.set((spec,)) and len(calls) == 1
+    assert not sw.set((spec,)) and len(calls) == 1
+    assert sw.set((LoraSpec(spec.path, 0.7),)) and len(calls) == 2  # another strength is another set
+
+
+def test_a_failing_lora_leaves_the_model_as_loaded(tmp_path):
+    dit = _dit()
+    good = write_lora(tmp_path / "good.safetensors", dit)
+    bad = write_lora(tmp_path / "bad.safetensors", dit, seed=3,
+                     extra={"diffusion_model.blocks.0.nonsense.lora_up.weight": torch.zeros(4, 4),
+                            "diffusion_model.blocks.0.nonsense.lora_down.weight": torch.zeros(4, 4)})
+    base = snapshot(dit)
+    sw = LoraSwitch(dit)
+    sw.set((good,))
+    with pytest.raises(LoraKeyError, match="blocks.0.nonsense"):
+        sw.set((good, bad))  # good merges first, then bad fails: both are taken off
+    assert same(snapshot(dit), base) and sw.current == ()
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        sw.set((LoraSpec(str(tmp_path / "missing.safetensors"), 1.0),))
+    assert same(snapshot(dit), base)
+    sw.set((good,))  # and it still works afterwards
+    assert not same(snapshot(dit), base)
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["resident", "block_offload"])
+def test_pipeline_request_loras_equal_config_loras(tmp_path, offload):
+    """A request LoRA gives the video of the same LoRA given in the config; none gives the base video
+    again; with block offload the prefetched blocks reload the changed host weights."""
+    extra = {"cpu_offload": True} if offload else {}
+    pipe = Pipeline.random("tiny", {**TINY, **extra}, device="cpu", seed=3)
+    spec = write_lora(tmp_path / "a.safetensors", pipe.dit, targets=["blocks.0.self_attn.q", "blocks.1.ffn.2"])
+    base = pipe.generate("a cat", seed=1).latents
+    ref = Pipeline.random("tiny", TINY, device="cpu", seed=3)
+    merge_lora_(ref.dit, read_lora(spec.path), 1.0)
+    want = ref.generate("a cat", seed=1).latents
+    pipe.set_request_loras([spec])
+    assert torch.equal(pipe.generate("a cat", seed=1).latents, want)
+    pipe.set_request_loras([])
+    assert torch.equal(pipe.generate("a cat", seed=1).latents, base)
+    pipe.set_request_loras([spec])
+    assert torch.equal(pipe.generate("a cat", seed=1).latents, want)
