@@ -177,21 +177,23 @@ def random_state_dict(model: WanDiT, dtype: torch.dtype, device, seed: int = 0) 
 
 def load_dit(cfg: ModelConfig, model_path: str | Path | None, *, dit_original_ckpt: str | None = None,
              distill: bool = True, dtype: str | torch.dtype = "bf16", device="cpu",
-             lora_specs=(), lora_strict: bool = True) -> WanDiT:
-    """Finds the checkpoint, builds the DiT and merges the LoRAs (in order, fp32 math, cast back)."""
+             lora_specs=(), lora_strict: bool = True, lora_compute_device=None) -> WanDiT:
+    """Finds the checkpoint, builds the DiT and merges the LoRAs (in order, fp32 math, cast back; the math on
+    `lora_compute_device` when given, e.g. the GPU for a DiT loaded into host memory for offload)."""
     from lightx2v_engine.lora import apply_loras_
     dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
     files = find_dit_checkpoint(model_path, dit_original_ckpt, distill)
     log.info("DiT weights: %s", ", ".join(map(str, files)))
     model = build_dit(cfg, files, dtype=dt, device=device)
     if lora_specs:
-        apply_loras_(model, lora_specs, strict=lora_strict, search_dirs=[model_path] if model_path else [])
+        apply_loras_(model, lora_specs, strict=lora_strict, search_dirs=[model_path] if model_path else [],
+                     compute_device=lora_compute_device)
     return model
 
 
 def load_quantized_dit(cfg: ModelConfig, model_path: str | Path | None, ckpt: str | None, scheme: str, *,
                        dtype: str | torch.dtype = "bf16", device="cpu", lora_specs=(),
-                       lora_strict: bool = True) -> WanDiT:
+                       lora_strict: bool = True, lora_compute_device=None) -> WanDiT:
     """A LightX2V quantized checkpoint (``dit_quantized_ckpt``: file or folder): blocks' linears 8-bit.
     LoRAs on 8-bit linears run as low-rank branches beside them (LightX2V's lora_dynamic_apply); the rest
     of the model merges them as load_dit does."""
@@ -204,6 +206,7 @@ def load_quantized_dit(cfg: ModelConfig, model_path: str | Path | None, ckpt: st
         if cand.exists():
             model = build_dit(cfg, resolve_files(cand), dtype=dt, device=device, quant_scheme=scheme)
             if lora_specs:
-                apply_loras_(model, lora_specs, strict=lora_strict, search_dirs=[model_path] if model_path else [])
+                apply_loras_(model, lora_specs, strict=lora_strict, search_dirs=[model_path] if model_path else [],
+                             compute_device=lora_compute_device)
             return model
     raise FileNotFoundError(f"dit_quantized_ckpt not found; searched: {[str(t) for t in tried]}")

@@ -114,12 +114,15 @@ def plan_lora(lora: dict[str, torch.Tensor], params: dict[str, torch.Tensor], so
 
 @torch.no_grad()
 def merge_lora_(model: torch.nn.Module, lora: dict[str, torch.Tensor], strength: float = 1.0,
-                source: str = "lora", strict: bool = True, before_write=None) -> int:
+                source: str = "lora", strict: bool = True, before_write=None,
+                compute_device: torch.device | str | None = None) -> int:
     """Merges one LoRA into the model's weights in place. Returns the number of merged tensors.
 
     Unmatched LoRA keys raise LoraKeyError listing them (strict) or warn. Shapes are checked before any
     weight is touched, so a failing LoRA leaves the model unchanged. `before_write(name, target)` is called
     before each change: target is the parameter about to change, or the QuantLinear about to get a branch.
+    `compute_device`: where the fp32 merge arithmetic runs (default: each weight's device; a CUDA device
+    for weights kept in host memory by offload, one weight at a time).
     """
     from lightx2v_engine.quant import QuantLinear
     params = dict(model.named_parameters())
@@ -158,26 +161,28 @@ def merge_lora_(model: torch.nn.Module, lora: dict[str, torch.Tensor], strength:
                 raise LoraKeyError(f"{source}: diff for {target!r} has shape {tuple(d.shape)}, weight {tuple(w.shape)}")
             deltas.append((target, w, kind, (d,), strength))
     for target, w, kind, ts, s in deltas:
-        dev = w.device
+        dev = torch.device(compute_device) if compute_device is not None else w.device
         if before_write is not None:
             before_write(target, quantized.get(target, w))
         if target in quantized:  # low-rank (a diff was refused above)
             quantized[target].add_lora(ts[0], ts[1], s)
         elif kind == "lowrank":
             up, down = (t.to(dev, torch.float32) for t in ts)
-            w.copy_((w.float() + s * (up @ down)).to(w.dtype))
+            w.copy_((w.to(dev, torch.float32) + s * (up @ down)).to(w.dtype))
         else:
-            w.copy_((w.float() + s * ts[0].to(dev, torch.float32).reshape(w.shape)).to(w.dtype))
+            w.copy_((w.to(dev, torch.float32) + s * ts[0].to(dev, torch.float32).reshape(w.shape)).to(w.dtype))
     log.info("%s: merged %d tensors (strength %g)", source, len(deltas), strength)
     return len(deltas)
 
 
-def apply_loras_(model: torch.nn.Module, specs, strict: bool = True, search_dirs=()) -> int:
+def apply_loras_(model: torch.nn.Module, specs, strict: bool = True, search_dirs=(),
+                 compute_device: torch.device | str | None = None) -> int:
     """Merges every LoRA of `specs` (LoraSpec list) in order. Returns the total number of merged tensors."""
     total = 0
     for spec in specs:
         path = _find(spec.path, search_dirs)
-        total += merge_lora_(model, read_lora(path), spec.strength, source=str(path), strict=strict)
+        total += merge_lora_(model, read_lora(path), spec.strength, source=str(path), strict=strict,
+                             compute_device=compute_device)
     return total
 
 
@@ -191,8 +196,10 @@ class LoraSwitch:
     keys, wrong shapes) leaves the model as loaded and raises. Host memory: one copy of every weight the
     current LoRAs change (a full-model LoRA on 14B bf16: about 27 GB)."""
 
-    def __init__(self, model: torch.nn.Module, strict: bool = True, search_dirs=()):
+    def __init__(self, model: torch.nn.Module, strict: bool = True, search_dirs=(),
+                 compute_device: torch.device | str | None = None):
         self.model, self.strict, self.search_dirs = model, strict, list(search_dirs)
+        self.compute_device = compute_device  # where the merge arithmetic runs (merge_lora_)
         self.current: tuple = ()
         self._saved: dict[str, tuple] = {}  # name -> ("param", tensor, host copy) | ("branch", QuantLinear, down, up)
         self.touched_quantized = False      # the last set() replaced branch tensors of 8-bit linears
@@ -229,7 +236,7 @@ class LoraSwitch:
             for spec in specs:
                 path = _find(spec.path, self.search_dirs)
                 merge_lora_(self.model, read_lora(path), spec.strength, source=str(path), strict=self.strict,
-                            before_write=self._save)
+                            before_write=self._save, compute_device=self.compute_device)
         except BaseException:
             self.restore()
             raise

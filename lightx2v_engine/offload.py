@@ -91,16 +91,45 @@ class _Pack:
                                           t.dtype))
                     off = _align(off + nbytes)
         self.entries, self.nbytes = entries, off
-        self.host = torch.empty(off, dtype=torch.uint8)
-        if pin and off and _page_lock(self.host):
-            weakref.finalize(self, _page_unlock, self.host)
+        self.host = _host_buffer(off, pin, self)
         for e in entries:
-            src = e.module._parameters[e.name] if e.is_param else e.module._buffers[e.name]
-            _view(self.host, e).copy_(src.detach())
+            _view(self.host, e).copy_(_tensor(e).detach())
         _bind(entries, self.host)  # the block's own tensors (wherever they were) are released here
 
+    def is_current(self) -> bool:
+        """Whether the modules still hold exactly the tensors packed here (an 8-bit linear that got new LoRA
+        branch tensors, or had them put back, no longer does)."""
+        base = self.host.data_ptr()
+        for e in self.entries:
+            t = _tensor(e)
+            if t is None or t.data_ptr() != base + e.offset or tuple(t.shape) != e.shape or t.dtype != e.dtype:
+                return False
+        packed = {(id(e.module), e.name) for e in self.entries}
+        modules = {id(e.module): e.module for e in self.entries}.values()
+        return not any(t is not None and (id(m), name) not in packed
+                       for m in modules for name, t in (*m._parameters.items(), *m._buffers.items()))
 
-_PIN_FAILED = False
+
+def _tensor(e: _Entry) -> torch.Tensor | None:
+    return e.module._parameters.get(e.name) if e.is_param else e.module._buffers.get(e.name)
+
+
+PAGE = 4096
+_PIN_WARNED = False
+
+
+def _host_buffer(nbytes: int, pin: bool, owner) -> torch.Tensor:
+    """A host byte buffer of `nbytes`; with `pin`, page-aligned, a whole number of pages long and
+    page-locked in place until `owner` is garbage (a registration must not share a page with another)."""
+    if not pin or not nbytes:
+        return torch.empty(nbytes, dtype=torch.uint8)
+    span = -(-nbytes // PAGE) * PAGE
+    raw = torch.empty(span + PAGE, dtype=torch.uint8)
+    start = -raw.data_ptr() % PAGE
+    buf = raw[start:start + span]
+    if _page_lock(buf):
+        weakref.finalize(owner, _page_unlock, buf)
+    return buf[:nbytes]
 
 
 def _cuda_code(err) -> int:
@@ -110,25 +139,28 @@ def _cuda_code(err) -> int:
     return int(getattr(err, "value", err))
 
 
+CUDA_HOST_REGISTER_PORTABLE = 1  # page-locked for every CUDA context, not only the current device's
+
+
 def _page_lock(buf: torch.Tensor) -> bool:
     """Page-locks a host buffer in place (cudaHostRegister), for asynchronous copies at full PCIe speed.
     Not torch's pin_memory: its caching host allocator rounds every allocation up to a power of two (a
-    702 MB 14B block would take 1 GiB). Where locking fails (e.g. a locked-memory limit), one warning and
-    pageable memory: copies are slower and no longer overlap compute."""
-    global _PIN_FAILED
-    if _PIN_FAILED:
-        return False
+    702 MB 14B block would take 1 GiB). Where locking fails (e.g. a locked-memory limit), pageable memory
+    (copies slower, no longer overlapping compute), with one warning per process."""
+    global _PIN_WARNED
     try:
-        code = _cuda_code(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel(), 0))
+        code = _cuda_code(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel(),
+                                                               CUDA_HOST_REGISTER_PORTABLE))
     except Exception as e:  # noqa: BLE001 - no CUDA runtime: the same fallback
         code, why = -1, f"{type(e).__name__}: {e}"
     else:
         why = f"cudaHostRegister returned error {code}"
     if code == 0:
         return True
-    _PIN_FAILED = True
-    log.warning("block offload: page-locking host memory failed (%s); pageable buffers are used, and copies "
-                "to the GPU are slower and no longer overlap compute", why)
+    if not _PIN_WARNED:
+        _PIN_WARNED = True
+        log.warning("offload: page-locking host memory failed (%s); pageable buffers are used, and copies to "
+                    "the GPU are slower and no longer overlap compute", why)
     return False
 
 
@@ -167,6 +199,15 @@ class CudaRuntime:
         ev.record(torch.cuda.current_stream(self.device))
         return ev
 
+    def synchronize(self) -> None:
+        """Waits for every copy queued on the side stream (before host or slot memory goes away)."""
+        self.stream.synchronize()
+
+    def adopt(self, slot: torch.Tensor) -> None:
+        """Tells the caching allocator that `slot` is used on the side stream too: once freed, it is reused
+        only after the side stream's work queued by then."""
+        slot.record_stream(self.stream)
+
 
 class SyncRuntime:
     """CPU devices: every copy is done when it returns, so there is nothing to wait for."""
@@ -180,6 +221,12 @@ class SyncRuntime:
     def mark(self) -> None:
         return None
 
+    def synchronize(self) -> None:
+        pass
+
+    def adopt(self, slot: torch.Tensor) -> None:
+        pass
+
 
 class BlockOffload:
     """Streams the blocks of a ModuleList through NUM_SLOTS device slots; see the module docstring.
@@ -190,17 +237,27 @@ class BlockOffload:
     def __init__(self, blocks: nn.ModuleList, device: torch.device | str, *, pin: bool | None = None,
                  runtime=None):
         device = torch.device(device)
-        pin = (device.type == "cuda") if pin is None else pin
+        self.pin = (device.type == "cuda") if pin is None else pin
         self.module_list = blocks
         self.device = device
-        self.packs = [_Pack(b.modules(), pin) for b in blocks]
-        size = max((p.nbytes for p in self.packs), default=0)
-        self.slots = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(NUM_SLOTS)]
-        self.holds: list[int | None] = [None] * NUM_SLOTS   # block index whose copy was issued into each slot
-        self.loaded: list = [None] * NUM_SLOTS              # event: that copy has finished
-        self.freed: list = [None] * NUM_SLOTS               # event: the last compute reading the slot has finished
         self.runtime = runtime if runtime is not None else (
             CudaRuntime(device) if device.type == "cuda" else SyncRuntime())
+        self.packs = [_Pack(b.modules(), self.pin) for b in blocks]
+        self.slots: list[torch.Tensor] = []
+        self._make_slots()
+        # queued side-stream copies finish before the packs (and their page-locking) go
+        weakref.finalize(self, self.runtime.synchronize)
+
+    def _make_slots(self) -> None:
+        size = max((p.nbytes for p in self.packs), default=0)
+        self.slots = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(NUM_SLOTS)]
+        for slot in self.slots:
+            self.runtime.adopt(slot)
+        self.holds: list[int | None] = [None] * NUM_SLOTS  # block index whose copy was issued into each slot
+        self.loaded: list = [None] * NUM_SLOTS             # event: that copy has finished
+        # event: the last compute reading the slot has finished (at first: the work queued before the slot
+        # was allocated, which may still use its recycled memory)
+        self.freed: list = [self.runtime.mark()] * NUM_SLOTS
 
     @property
     def host_bytes(self) -> int:
@@ -243,12 +300,27 @@ class BlockOffload:
         were changed in place."""
         self.holds = [None] * NUM_SLOTS
 
+    def refresh(self) -> None:
+        """After the blocks' weights changed between forwards (a LoRA switch): re-packs the blocks whose
+        tensors were replaced or added (an 8-bit linear's LoRA branches), grows the slots if a block grew,
+        and forgets the prefetched copies (in-place changes of host weights are read at the next copy)."""
+        self.runtime.synchronize()  # no copy may still read a pack that goes, or write a slot that goes
+        for i, block in enumerate(self.module_list):
+            if not self.packs[i].is_current():
+                self.packs[i] = _Pack(block.modules(), self.pin)
+        if max((p.nbytes for p in self.packs), default=0) > (self.slots[0].numel() if self.slots else 0):
+            self._make_slots()
+        self.drop_prefetch()
+
 
 def page_lock_module_(module: nn.Module) -> list[_Pack]:
     """Moves the CPU weights of an offloaded `module` (encoders, VAE, a DiT moved whole) into page-locked
     packed buffers, in place, so that each move to the GPU copies by DMA at full PCIe speed (pageable
     memory: about half). A `blocks` ModuleList packs block by block (host memory grows by one block at a
-    time while packing). Returns the packs (they keep the page-locking alive; it ends with them)."""
+    time while packing). Returns the packs (they keep the page-locking alive; it ends with them; the module
+    holds them too, and a second call returns them instead of packing again)."""
+    if "_lx2v_page_locked" in module.__dict__:
+        return module.__dict__["_lx2v_page_locked"]
     blocks = getattr(module, "blocks", None)
     groups = [list(b.modules()) for b in blocks] if isinstance(blocks, nn.ModuleList) else []
     in_blocks = {id(m) for g in groups for m in g}
@@ -259,6 +331,7 @@ def page_lock_module_(module: nn.Module) -> list[_Pack]:
                                                                             *m._buffers.values())):
             raise ValueError(f"page_lock_module_: {type(module).__name__} has tensors off the CPU")
         packs.append(_Pack(g, pin=True))
+    module.__dict__["_lx2v_page_locked"] = packs
     return packs
 
 

@@ -276,12 +276,14 @@ class Pipeline:
         mcfg = model_config_from_json(cfg_json, preset)
         _check_task(task, mcfg)
         cpu = torch.device("cpu")
-        dit_dev = cpu if run.cpu_offload else dev  # an offloaded DiT is loaded into host memory
+        dit_dev = cpu if run.cpu_offload else dev  # an offloaded DiT is loaded into host memory ...
+        lora_dev = dev if run.cpu_offload else None  # ... and its LoRAs merge on the run device
         if run.dit_quantized:
-            dit = _load_quantized_dit(mcfg, mp, run, dit_dev)
+            dit = _load_quantized_dit(mcfg, mp, run, dit_dev, lora_dev)
         else:
             dit = load_dit(mcfg, mp, dit_original_ckpt=run.dit_original_ckpt, distill=model_cls != "wan2.1",
-                           dtype=run.dtype, device=dit_dev, lora_specs=run.lora_configs, lora_strict=run.lora_strict)
+                           dtype=run.dtype, device=dit_dev, lora_specs=run.lora_configs, lora_strict=run.lora_strict,
+                           lora_compute_device=lora_dev)
         _place_dit(dit, run, dev)
         t5_path = find_weights("t5_original_ckpt", run.t5_original_ckpt, T5_FILE, mp, T5_QUANTIZED_FILES)
         # offloaded weights are kept on the CPU in the dtype they run in on `dev`
@@ -332,6 +334,10 @@ class Pipeline:
         return cls(mcfg, run, dit, t5, tok, vae, clip, dev, (time.perf_counter() - t0) * 1e3,
                    use_cuda_graph=_graphs_on(run, dev))
 
+    def _dit_offloaded(self) -> bool:
+        """Whether the DiT's weights move during a forward or between loops (no CUDA graphs then)."""
+        return self.dit.block_offload is not None or _dit_moves_whole(self.run_cfg)
+
     def set_request_loras(self, specs=()) -> None:
         """LoRAs for the following generations, on top of the model as loaded (config LoRAs included):
         `specs` a sequence of config.LoraSpec (absolute paths, or relative to the working directory), ()
@@ -344,14 +350,16 @@ class Pipeline:
         if self._lora_switch is None:
             if not specs:
                 return
-            self._lora_switch = LoraSwitch(self.dit, strict=self.run_cfg.lora_strict)
+            # an offloaded DiT's weights are on the CPU: the merge arithmetic runs on the run device
+            self._lora_switch = LoraSwitch(self.dit, strict=self.run_cfg.lora_strict,
+                                           compute_device=self.device if self._dit_offloaded() else None)
         if specs == self._lora_switch.current:
             return
         try:
             self._lora_switch.set(specs)
         finally:  # also after a failure: the weights went back to the model as loaded
-            if self.dit.block_offload is not None:
-                self.dit.block_offload.drop_prefetch()
+            if self.dit.block_offload is not None:  # re-packs blocks whose branch tensors changed
+                self.dit.block_offload.refresh()
             if self._lora_switch.touched_quantized and self._graphs:
                 self._graphs.clear()
                 _release_graph_memory()
@@ -403,7 +411,7 @@ class Pipeline:
             ts = sampler.timestep_tensor(self.device)
             guided = run.enable_cfg and neg_context is not None
             runner = self._graph_runner(x, context, neg_context if guided else None, clip_fea, y, sampler, renoise, ts) \
-                if self.use_cuda_graph and not run.cpu_offload else None  # (graphs and offload: see _graphs_on)
+                if self.use_cuda_graph and not self._dit_offloaded() else None  # (see _graphs_on)
             for i in range(sampler.num_steps):
                 with timings.measure(f"step {i + 1}", self.device):
                     if runner is not None:
@@ -604,8 +612,10 @@ def _check_task(task: str, mcfg: ModelConfig) -> None:
                          f"{mcfg.model_type!r})")
 
 
-def _load_quantized_dit(mcfg: ModelConfig, mp: Path, run: RunConfig, dev: torch.device) -> WanDiT:
+def _load_quantized_dit(mcfg: ModelConfig, mp: Path, run: RunConfig, dev: torch.device,
+                        lora_dev: torch.device | None = None) -> WanDiT:
     """A LightX2V quantized checkpoint (dit_quantized_ckpt): the linears of the blocks become QuantLinear."""
     from lightx2v_engine.loading import load_quantized_dit
     return load_quantized_dit(mcfg, mp, run.dit_quantized_ckpt, run.dit_quant_scheme, dtype=run.dtype, device=dev,
-                              lora_specs=run.lora_configs, lora_strict=run.lora_strict)
+                              lora_specs=run.lora_configs, lora_strict=run.lora_strict,
+                              lora_compute_device=lora_dev)

@@ -296,9 +296,7 @@ def request_loras(name, strength, lora_dir: Path | None) -> tuple:
     """lora_name (a file in --lora_dir; ".safetensors" may be left off) and lora_strength (default 1.0)
     -> the request's LoRA specs, () without lora_name. The file must lie inside --lora_dir."""
     from lightx2v_engine.config import LoraSpec
-    if name in (None, ""):
-        if strength is not None:
-            raise RequestError("lora_strength without lora_name")
+    if name in (None, ""):  # a strength alone changes nothing (clients may send a default one)
         return ()
     if lora_dir is None:
         raise RequestError("lora_name needs a server started with --lora_dir (the folder of the LoRA files)")
@@ -324,8 +322,10 @@ def list_loras(lora_dir: Path | None) -> list[str]:
     """The LoRA files a request may name (for /v1/service/metadata)."""
     if lora_dir is None or not lora_dir.is_dir():
         return []
-    return sorted(str(p.relative_to(lora_dir)) for p in lora_dir.rglob("*") if p.is_file()
-                  and p.suffix in (".safetensors", ".pt", ".pth", ".bin"))
+    root = lora_dir.resolve()
+    return sorted(str(p.relative_to(lora_dir)) for p in lora_dir.rglob("*")
+                  if p.suffix in (".safetensors", ".pt", ".pth", ".bin") and p.is_file()
+                  and p.resolve().is_relative_to(root))  # (a link out of the folder cannot be requested)
 
 
 def result_path(requested: str | None, task_id: str, output_dir: Path) -> Path:

@@ -121,3 +121,51 @@ def test_pipeline_request_loras_equal_config_loras(tmp_path, offload):
     assert torch.equal(pipe.generate("a cat", seed=1).latents, base)
     pipe.set_request_loras([spec])
     assert torch.equal(pipe.generate("a cat", seed=1).latents, want)
+
+
+@pytest.mark.parametrize("config_lora", [False, True], ids=["no_config_lora", "config_lora"])
+def test_request_loras_on_an_8bit_dit_with_block_offload(tmp_path, config_lora):
+    """An 8-bit linear takes a request LoRA as new branch tensors, outside its block's packed buffer: the
+    block is re-packed (and the slots grow) so that the branch travels with it; taking it off puts the
+    earlier branches (a config LoRA's) back. Each state equals the same DiT resident."""
+    def dit():
+        m = _dit(torch.float32)
+        quantize_dit_(m, "int8-vllm")
+        return m
+    offloaded, resident = dit(), dit()
+    cfg_spec = write_lora(tmp_path / "cfg.safetensors", offloaded, targets=["blocks.1.ffn.0"], seed=4)
+    req = write_lora(tmp_path / "req.safetensors", offloaded, seed=5, rank=8)
+    if config_lora:
+        for m in (offloaded, resident):
+            merge_lora_(m, read_lora(cfg_spec.path), 1.0)
+    from lightx2v_engine.offload import attach_block_offload
+    off = attach_block_offload(offloaded, "cpu")
+    slot_size = off.slots[0].numel()
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(1, 16, 3, 8, 12, generator=g), torch.tensor([700.0])
+    ctx = torch.randn(1, 512, offloaded.cfg.text_dim, generator=g)
+    sw_off, sw_res = LoraSwitch(offloaded), LoraSwitch(resident)
+    for specs in ((req,), (), (req,)):
+        sw_off.set(specs)
+        off.refresh()
+        sw_res.set(specs)
+        torch.testing.assert_close(offloaded(x, t, ctx), resident(x, t, ctx), rtol=0, atol=0)
+        if specs:
+            assert off.slots[0].numel() > slot_size  # the branches made the blocks bigger
+            assert offloaded.blocks[0].self_attn.q.lora_down.shape[0] == 8 + 0  # q has no config branch
+    assert all(p.is_current() for p in off.packs)
+
+
+@pytest.mark.gpu
+@pytest.mark.last
+def test_request_loras_with_block_offload_on_cuda(tmp_path):
+    """On CUDA the merge arithmetic of an offloaded DiT runs on the GPU (compute_device), the host weights
+    change, the blocks reload: the result equals the resident pipeline with the same request LoRA."""
+    pipes = [Pipeline.random("tiny", {**TINY, **extra}, device="cuda", seed=3) for extra in ({}, {"cpu_offload": True})]
+    spec = write_lora(tmp_path / "a.safetensors", pipes[0].dit, targets=["blocks.0.self_attn.q", "blocks.1.ffn.2"])
+    out = []
+    for p in pipes:
+        p.generate("a cat", seed=1)  # the offloaded one has block 0 prefetched when the LoRA arrives
+        p.set_request_loras([spec])
+        out.append(p.generate("a cat", seed=1).latents)
+    torch.testing.assert_close(out[1], out[0], rtol=1e-6, atol=1e-6)

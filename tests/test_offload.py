@@ -72,13 +72,16 @@ def check_ordering(log):
     log positions of the copies and computes, for the overlap check."""
     holds, copy_event, last_done, waited = {}, {}, {}, set()
     pending_compute = None  # (slot) of a compute not yet followed by its mark
+    initial = None  # the mark made when the slots were allocated: the first copy into each waits for it
+    computed = False
     for entry in log:
         kind = entry[0]
         if kind == "copy":
             _, slot, block, after, ev = entry
             assert pending_compute != slot, f"copy into slot {slot} while a block computes from it: {entry}"
-            assert after == last_done.get(slot), f"copy into slot {slot} waits for {after}, must wait for " \
-                                                 f"{last_done.get(slot)} (end of the last compute reading it)"
+            need = last_done.get(slot, initial)
+            assert after == need, f"copy into slot {slot} waits for {after}, must wait for {need} (end of the " \
+                                  f"last compute reading it, or the slot's allocation)"
             holds[slot], copy_event[slot] = block, ev
         elif kind == "wait":
             waited.add(entry[1])
@@ -87,8 +90,10 @@ def check_ordering(log):
             assert pending_compute is None, "two computes without a mark between them"
             assert holds.get(slot) == block, f"block {block} computes from slot {slot}, which holds {holds.get(slot)}"
             assert copy_event[slot] in waited, f"block {block} computes before waiting for its copy"
-            pending_compute = slot
+            pending_compute, computed = slot, True
         elif kind == "mark":
+            if not computed and not holds:
+                initial = entry[1]
             if pending_compute is not None:
                 last_done[pending_compute] = entry[1]
                 pending_compute = None
@@ -151,6 +156,9 @@ def test_copies_and_computes_are_ordered_and_overlap(layers):
     copies = [e for e in rec.log if e[0] == "copy"]
     computes = [e for e in rec.log if e[0] == "compute"]
     assert [c[1] for c in computes] == list(range(layers)) * 3
+    # the first copy into a slot waits for the work queued when the slot was allocated (its memory may be
+    # recycled from tensors of kernels still queued), later ones for the last compute reading the slot
+    assert rec.log[0][0] == "mark" and all(c[3] is not None for c in copies)
     # every forward after the first: each block's copy was issued before the previous block computed
     # (it overlaps that compute); block 0's came from the end of the previous forward
     pos = {id(e): k for k, e in enumerate(rec.log)}
@@ -221,10 +229,13 @@ def test_host_buffers_are_page_locked_in_place_and_unlocked_with_their_pack(monk
     up to a power of two), and cudaHostUnregister when the offload goes away."""
     import gc
     fake = FakeCudart()
-    monkeypatch.setattr(offload_mod, "_PIN_FAILED", False)
+    monkeypatch.setattr(offload_mod, "_PIN_WARNED", False)
     monkeypatch.setattr(offload_mod.torch.cuda, "cudart", lambda: fake)
     off = BlockOffload(_dit(3).blocks, "cpu", pin=True)
-    assert fake.registered == [(p.host.data_ptr(), p.nbytes, 0) for p in off.packs]
+    page = offload_mod.PAGE
+    # page-aligned, whole pages (two registrations never share a page), portable across devices
+    assert fake.registered == [(p.host.data_ptr(), -(-p.nbytes // page) * page, 1) for p in off.packs]
+    assert all(p.host.data_ptr() % page == 0 for p in off.packs)
     ptrs = [p.host.data_ptr() for p in off.packs]
     del off
     gc.collect()
@@ -234,7 +245,7 @@ def test_host_buffers_are_page_locked_in_place_and_unlocked_with_their_pack(monk
 @pytest.mark.parametrize("failure", ["error code", "no CUDA runtime"])
 def test_page_lock_failure_falls_back_to_pageable_memory_with_one_warning(failure, monkeypatch, caplog):
     fake = FakeCudart(code=2)  # cudaErrorMemoryAllocation
-    monkeypatch.setattr(offload_mod, "_PIN_FAILED", False)
+    monkeypatch.setattr(offload_mod, "_PIN_WARNED", False)
     if failure == "error code":
         monkeypatch.setattr(offload_mod.torch.cuda, "cudart", lambda: fake)
     else:
@@ -247,7 +258,7 @@ def test_page_lock_failure_falls_back_to_pageable_memory_with_one_warning(failur
         attach_block_offload(dit, "cpu", pin=True)
     warned = [r.message for r in caplog.records if "page-locking host memory failed" in r.message]
     assert len(warned) == 1 and ("error 2" in warned[0] if failure == "error code" else "no CUDA" in warned[0])
-    assert len(fake.registered) == (1 if failure == "error code" else 0)  # not retried for every block
+    assert len(fake.registered) == (3 if failure == "error code" else 0)  # each pack tries, one warning
     with torch.no_grad():
         torch.testing.assert_close(dit(x, t, ctx), want, rtol=0, atol=0)
 
@@ -325,7 +336,7 @@ def test_page_lock_module_packs_blocks_and_rest_in_place(monkeypatch):
     from lightx2v_engine import t5 as t5_mod
     from lightx2v_engine.offload import page_lock_module_
     fake = FakeCudart()
-    monkeypatch.setattr(offload_mod, "_PIN_FAILED", False)
+    monkeypatch.setattr(offload_mod, "_PIN_WARNED", False)
     monkeypatch.setattr(offload_mod.torch.cuda, "cudart", lambda: fake)
     model = t5_mod.random_t5(t5_mod.T5Config.tiny(), dtype=torch.float32, seed=0)
     ids = torch.randint(0, 100, (1, 7))
@@ -333,7 +344,9 @@ def test_page_lock_module_packs_blocks_and_rest_in_place(monkeypatch):
     params = [id(p) for p in model.parameters()]
     packs = page_lock_module_(model)
     assert len(packs) == len(model.blocks) + 1
-    assert fake.registered == [(p.host.data_ptr(), p.nbytes, 0) for p in packs]
+    assert fake.registered == [(p.host.data_ptr(), -(-p.nbytes // offload_mod.PAGE) * offload_mod.PAGE, 1)
+                               for p in packs]
+    assert page_lock_module_(model) is packs and len(fake.registered) == len(packs)  # not packed twice
     torch.testing.assert_close(model(ids), want, rtol=0, atol=0)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert [id(p) for p in model.parameters()] == params
@@ -345,7 +358,7 @@ def test_page_lock_module_packs_blocks_and_rest_in_place(monkeypatch):
 def test_page_locked_packs_keep_the_memory_layout(monkeypatch):
     """The VAE's conv weights are channels_last_3d on CUDA: packing keeps their strides."""
     from lightx2v_engine.offload import page_lock_module_
-    monkeypatch.setattr(offload_mod, "_PIN_FAILED", False)
+    monkeypatch.setattr(offload_mod, "_PIN_WARNED", False)
     monkeypatch.setattr(offload_mod.torch.cuda, "cudart", lambda: FakeCudart())
     conv = torch.nn.Conv3d(3, 8, 3).to(memory_format=torch.channels_last_3d)
     lin = torch.nn.Linear(4, 5)

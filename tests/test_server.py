@@ -105,7 +105,6 @@ def test_t2v_task_end_to_end(t2v_pipe, tmp_path):
     ({"prompt": "x", "target_video_length": 10}, 400, "4k\\+1"),
     ({"prompt": "x", "target_video_length": 100001}, 400, "target_video_length must be an integer in"),
     ({"prompt": "x", "target_fps": 24}, 400, "target_fps is not supported by this server: the frame rate"),
-    ({"prompt": "x", "lora_strength": 0.5}, 400, "lora_strength without lora_name"),
     ({"prompt": "x", "save_result_path": 123}, 400, "save_result_path must be a string"),
     ({"prompt": "x", "negative_prompt": 123}, 400, "negative_prompt must be a string"),
     ({"prompt": "x", "seed": -1}, 400, "seed must be a non-negative integer"),
