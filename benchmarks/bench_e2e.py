@@ -283,6 +283,16 @@ def bench_vae(args, device, run, rows, summary, absent):
         summary["vae_decode_ms"] = ms
         summary["vae_peak_gib"] = peak_gib(device)
         rows.append({"what": "vae_decode", "impl": "engine", "ms": round(ms, 3)})
+        # use_tiling_vae: 256-pixel tiles (one timed run, its first: cuDNN plans for the tile shapes included)
+        untiled = ours.decode(z)
+        peak_reset(device)
+        tiled = ours.decode(z, tiled=(32, 16) if args.dry_run else True)
+        summary["vae_decode_tiled_peak_gib"] = peak_gib(device)
+        summary["vae_tiled_vs_untiled_relerr"] = rel_l2(tiled, untiled)
+        del tiled, untiled
+        ms_t = run(lambda: ours.decode(z, tiled=(32, 16) if args.dry_run else True), warmup=0, iters=1)
+        summary["vae_decode_tiled_ms"] = ms_t
+        rows.append({"what": "vae_decode", "impl": "engine_tiled", "ms": round(ms_t, 3)})
         if theirs is not None:
             mean = torch.tensor(vae_mod.WAN21_LATENT_MEAN, device=device).view(1, 16, 1, 1, 1)
             std = torch.tensor(vae_mod.WAN21_LATENT_STD, device=device).view(1, 16, 1, 1, 1)

@@ -184,6 +184,7 @@ class RunConfig:
     dtype: str = "bf16"                 # "bf16" or "fp32"
     use_cuda_graph: bool = True
     vae_dtype: str = "bf16"             # VAE decode precision on CUDA
+    use_tiling_vae: bool = False        # LightX2V's: VAE encode/decode in overlapping 256-pixel tiles (less memory)
     lora_strict: bool = True            # unmatched LoRA keys are an error (False: a warning)
     ignored_keys: tuple[str, ...] = field(default=(), compare=False)
 
@@ -218,7 +219,7 @@ _ACCEPTED_IGNORED = {
     "attention_type", "attn_type",
     "offload_ratio", "lazy_load", "num_disk_workers", "unload_modules",
     "parallel", "seq_parallel", "cfg_parallel", "feature_caching", "teacache_thresh", "use_ret_steps",
-    "use_tiling_vae", "use_lightvae", "use_tae", "use_stream_vae", "tae_path",
+    "use_lightvae", "use_tae", "use_stream_vae", "tae_path",
     "t5_quantized", "t5_quant_scheme", "t5_quantized_ckpt", "clip_quantized", "clip_quant_scheme",
     "clip_quantized_ckpt", "cfg_scale", "rope_type", "modulate_type", "rms_norm_type",
     "layer_norm_type", "use_compile", "compile_shapes", "model_cls", "task", "mm_config",
@@ -298,7 +299,7 @@ _TYPES = {
     "target_video_length": int, "target_height": int, "target_width": int, "text_len": int, "seed": int,
     "fps": int, "dit_quantized": bool, "cpu_offload": bool, "t5_cpu_offload": bool, "clip_cpu_offload": bool,
     "vae_cpu_offload": bool, "sampler": str, "distill_update": str, "dtype": str, "use_cuda_graph": bool,
-    "vae_dtype": str, "lora_strict": bool, "offload_granularity": str,
+    "vae_dtype": str, "lora_strict": bool, "offload_granularity": str, "use_tiling_vae": bool,
 }
 
 

@@ -389,7 +389,7 @@ class Pipeline:
         video = torch.zeros(1, 3, num_frames, lat_h * 8, lat_w * 8, device=self.device)
         video[:, :, 0] = resized.to(self.device)
         with offloaded(self.vae, self.device, self.run_cfg.vae_cpu_offload):
-            z = self.vae.encode(video)                            # [1, 16, F, lat_h, lat_w] fp32
+            z = self.vae.encode(video, tiled=self.run_cfg.use_tiling_vae)  # [1, 16, F, lat_h, lat_w] fp32
         mask = i2v_mask(z.shape[2], lat_h, lat_w, num_frames, device=self.device)
         y = torch.cat([mask[None].to(z.dtype), z], dim=1)
         return clip_fea.to(self.device, self.dit.run_dtype), y, (lat_h, lat_w)
@@ -476,7 +476,7 @@ class Pipeline:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """latents [16, F, h, w] -> uint8 frames [T, H, W, 3]."""
         with offloaded(self.vae, self.device, self.run_cfg.vae_cpu_offload):
-            video = self.vae.decode(latents[None].to(self.device))
+            video = self.vae.decode(latents[None].to(self.device), tiled=self.run_cfg.use_tiling_vae)
         return video_to_uint8(video)
 
     def default_negative_prompt(self) -> str:

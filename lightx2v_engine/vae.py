@@ -425,9 +425,11 @@ class WanVAE(nn.Module):
         return self
 
     @torch.no_grad()
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
+    def encode(self, video: torch.Tensor, tiled: bool | tuple[int, int] = False) -> torch.Tensor:
         """video [B, 3, T, H, W] in [-1, 1], T = 1+4k, H, W multiples of 8 -> z = (mu - mean) / std,
-        fp32 [B, 16, 1+k, H/8, W/8]. Pixel chunks 1, 4, 4, ... give one latent each."""
+        fp32 [B, 16, 1+k, H/8, W/8]. Pixel chunks 1, 4, 4, ... give one latent each. `tiled` (True:
+        TILE_PIXELS, or (tile, stride) in pixels): overlapping spatial tiles, encoded one at a time and
+        blended (see _tiled), when the video is larger than a tile."""
         if video.dim() != 5 or video.shape[1] != 3:
             raise ValueError(f"WanVAE.encode expects video [B, 3, T, H, W], got {tuple(video.shape)}")
         b, _, t, h, w = video.shape
@@ -435,6 +437,15 @@ class WanVAE(nn.Module):
             raise ValueError(f"WanVAE.encode: frame count T={t} must be 1 + 4k (e.g. 81)")
         if h % 8 or w % 8:
             raise ValueError(f"WanVAE.encode: height {h} and width {w} must be multiples of 8")
+        tile = _tile_setting(tiled)
+        if tile is not None and (h > tile[0] or w > tile[0]):
+            out = torch.empty((b, self.cfg.z_dim, (t - 1) // 4 + 1, h // 8, w // 8), dtype=torch.float32,
+                              device=self.device)
+            return _tiled(self._encode_full, video, tile[0], tile[1], (1, 8), out)
+        return self._encode_full(video)
+
+    def _encode_full(self, video: torch.Tensor) -> torch.Tensor:
+        b, _, t, h, w = video.shape
         n = (t - 1) // 4 + 1
         z = self.cfg.z_dim
         out = torch.empty((b, z, n, h // 8, w // 8), dtype=torch.float32, device=self.device)
@@ -450,11 +461,23 @@ class WanVAE(nn.Module):
         return out
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, tiled: bool | tuple[int, int] = False) -> torch.Tensor:
         """z [B, 16, F, h, w] (normalized latents) -> video fp32 [B, 3, 1+4(F-1), 8h, 8w] in [-1, 1].
-        Latents go through the decoder one at a time (1, then 4 frames each) into a preallocated output."""
+        Latents go through the decoder one at a time (1, then 4 frames each) into a preallocated output.
+        `tiled` (True: TILE_PIXELS, or (tile, stride) in pixels): overlapping spatial tiles, decoded one at a
+        time and blended (see _tiled), when the video is larger than a tile: LightX2V's use_tiling_vae, for
+        GPUs short of memory (activation memory of one tile instead of the frame; about 1.5-2x the work)."""
         if z.dim() != 5 or z.shape[1] != self.cfg.z_dim:
             raise ValueError(f"WanVAE.decode expects latents [B, {self.cfg.z_dim}, F, h, w], got {tuple(z.shape)}")
+        b, _, n, h, w = z.shape
+        tile = _tile_setting(tiled)
+        if tile is not None and (8 * h > tile[0] or 8 * w > tile[0]):
+            out = torch.empty((b, 3, 1 + 4 * (n - 1), 8 * h, 8 * w), dtype=torch.float32, device=self.device)
+            return _tiled(lambda zt: self._decode_full(zt, clamp=False), z, tile[0] // 8, tile[1] // 8, (8, 1),
+                          out).clamp_(-1.0, 1.0)
+        return self._decode_full(z)
+
+    def _decode_full(self, z: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         b, _, n, h, w = z.shape
         mean, std = self._mean_std(self.device)
         x = z.to(device=self.device, dtype=torch.float32) * std + mean
@@ -467,10 +490,66 @@ class WanVAE(nn.Module):
             st.first = i == 0
             y = self.decoder(x[:, :, i:i + 1], st)
             t1 = t0 + y.shape[2]
-            out[:, :, t0:t1].copy_(y.clamp_(-1.0, 1.0))
+            out[:, :, t0:t1].copy_(y.clamp_(-1.0, 1.0) if clamp else y)
             t0 = t1
             del y
         return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Spatial tiling (use_tiling_vae)
+
+# (tile, stride) in pixels: diffusers' AutoencoderKLWan defaults (tiles of 256 x 256 pixels, 64 overlapping)
+TILE_PIXELS = (256, 192)
+
+
+def _tile_setting(tiled: bool | tuple[int, int]) -> tuple[int, int] | None:
+    if tiled is False or tiled is None:
+        return None
+    tile, stride = TILE_PIXELS if tiled is True else tiled
+    if not (isinstance(tile, int) and isinstance(stride, int) and 0 < stride <= tile and tile % 8 == 0
+            and stride % 8 == 0):
+        raise ValueError(f"VAE tiling: (tile, stride) = {tiled!r} must be multiples of 8 with 0 < stride <= tile")
+    return tile, stride
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> None:
+    """b's first `extent` rows (dim -2) or columns (dim -1) fade in from a's last ones, in place: weights
+    y / extent for b and 1 - y / extent for a (each rounded from float64, as diffusers' blend_v / blend_h)."""
+    e = min(a.shape[dim], b.shape[dim], extent)
+    if e <= 0:
+        return
+    w64 = torch.arange(e, dtype=torch.float64, device=b.device) / e
+    shape = (e, 1) if dim == -2 else (e,)
+    wb, wa = w64.to(b.dtype).view(shape), (1 - w64).to(b.dtype).view(shape)
+    head = b.narrow(dim, 0, e)
+    head.copy_(a.narrow(dim, a.shape[dim] - e, e) * wa + head * wb)
+
+
+def _tiled(fn, x: torch.Tensor, tile: int, stride: int, scale: tuple[int, int], out: torch.Tensor) -> torch.Tensor:
+    """out <- fn over overlapping spatial tiles of x [..., H, W] (`tile` and `stride` in x's units; fn maps
+    a tile to out's units, `scale` = (num, den) out per x unit), blended as diffusers' AutoencoderKLWan
+    tiles: row by row, each result's top rows fade in from the (already blended) result above and its
+    left columns from the one to its left, over (tile - stride) * scale; its first stride * scale rows and
+    columns are kept. Only one row of results is held at a time."""
+    num, den = scale
+    blend, keep = (tile - stride) * num // den, stride * num // den
+    oh_all, ow_all = out.shape[-2:]
+    above: list[torch.Tensor] | None = None
+    for i in range(0, x.shape[-2], stride):
+        row: list[torch.Tensor] = []
+        for c, j in enumerate(range(0, x.shape[-1], stride)):
+            r = fn(x[..., i:i + tile, j:j + tile])
+            if above is not None:
+                _blend(above[c], r, blend, -2)
+            if row:
+                _blend(row[-1], r, blend, -1)
+            row.append(r)
+            oi, oj = i * num // den, j * num // den
+            hk, wk = min(keep, r.shape[-2], oh_all - oi), min(keep, r.shape[-1], ow_all - oj)
+            out[..., oi:oi + hk, oj:oj + wk] = r[..., :hk, :wk]
+        above = row
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------

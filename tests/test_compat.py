@@ -64,7 +64,7 @@ def test_vae_offload_moves_the_vae_around_decode_only(monkeypatch):
     moves = _record_moves(monkeypatch)
     seen = []
     real_decode = type(pipe.vae).decode
-    monkeypatch.setattr(type(pipe.vae), "decode", lambda self, z: (seen.append(list(moves)), real_decode(self, z))[1])
+    monkeypatch.setattr(type(pipe.vae), "decode", lambda self, z, **kw: (seen.append(list(moves)), real_decode(self, z, **kw))[1])
     out = pipe.generate("a cat", seed=1)
     assert out.frames.shape == (5, 32, 48, 3)
     # to the run device before decode, back to the CPU after it; the T5 stays put

@@ -92,6 +92,54 @@ def test_decode_matches_diffusers(pair):
     assert _rel(got, want) <= 1e-4, _rel(got, want)
 
 
+@pytest.fixture
+def tiled_ref(pair):
+    """diffusers' model with tiling on at (64, 48) pixels (tile, stride), restored afterwards."""
+    ref = pair[0]
+    ref.enable_tiling(tile_sample_min_height=64, tile_sample_min_width=64, tile_sample_stride_height=48,
+                      tile_sample_stride_width=48)
+    yield ref
+    ref.disable_tiling()
+
+
+def test_tiled_decode_matches_diffusers_tiling(pair, tiled_ref):
+    """use_tiling_vae: tiles of 64 px every 48 px over a 104 x 136 video (ragged edge tiles in both
+    directions), blended as diffusers' AutoencoderKLWan.tiled_decode; the untiled decode differs (each tile
+    sees only its neighbourhood), so the match is the tiling's, not the plain decode's."""
+    _, ours, _ = pair
+    z = torch.randn(1, 16, 2, 13, 17, generator=torch.Generator().manual_seed(4))
+    mean, std = _mean_std()
+    with torch.no_grad():
+        want = tiled_ref.decode(z * std + mean).sample
+    got = ours.decode(z, tiled=(64, 48))
+    assert got.shape == want.shape == (1, 3, 5, 104, 136)
+    assert _rel(got, want) <= 1e-4, _rel(got, want)
+    assert _rel(ours.decode(z), want) > 1e-3  # tiling changes the result: the test sees it
+    # a video no larger than one tile decodes untiled
+    small = z[..., :8, :8]
+    torch.testing.assert_close(ours.decode(small, tiled=(64, 48)), ours.decode(small), rtol=0, atol=0)
+
+
+def test_tiled_encode_matches_diffusers_tiling(pair, tiled_ref):
+    _, ours, _ = pair
+    x = torch.rand(1, 3, 5, 104, 136, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    mean, std = _mean_std()
+    with torch.no_grad():
+        want = (tiled_ref.encode(x).latent_dist.mean - mean) / std
+    got = ours.encode(x, tiled=(64, 48))
+    assert got.shape == want.shape == (1, 16, 2, 13, 17)
+    assert _rel(got, want) <= 1e-4, _rel(got, want)
+    assert _rel(ours.encode(x), want) > 1e-3
+
+
+def test_tiling_setting_is_checked(pair):
+    _, ours, _ = pair
+    z = torch.zeros(1, 16, 1, 4, 4)
+    for bad in ((64, 0), (64, 80), (60, 48), "yes"):
+        with pytest.raises((ValueError, TypeError), match="tile|unpack"):
+            ours.decode(z, tiled=bad)
+
+
 def test_single_frame_and_batch(pair):
     """T=1 (image) encode/decode and batch 2 against diffusers (first-chunk paths, batch strides)."""
     ref, ours, _ = pair
@@ -269,3 +317,21 @@ def test_cuda_full_size_decode_fits_24gb():
     peak = torch.cuda.max_memory_allocated() / 2**30
     assert video.shape == (1, 3, 81, 480, 832) and torch.isfinite(video).all()
     assert peak < 12, f"decode peak {peak:.1f} GiB"
+
+
+def test_use_tiling_vae_reaches_encode_and_decode(monkeypatch):
+    """The config key tiles the I2V image encode and the decode (LightX2V's use_tiling_vae)."""
+    import numpy as np
+    from PIL import Image
+    from lightx2v_engine.pipeline import Pipeline
+    seen = []
+    for name in ("encode", "decode"):
+        real = getattr(WanVAE, name)
+        monkeypatch.setattr(WanVAE, name, lambda self, x, tiled=False, _r=real, _n=name:
+                            (seen.append((_n, tiled)), _r(self, x, tiled=tiled))[1])
+    tiny = {"target_video_length": 5, "target_height": 32, "target_width": 48}
+    img = Image.fromarray((np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8))
+    for flag in (True, False):
+        seen.clear()
+        Pipeline.random("tiny-i2v", {**tiny, "use_tiling_vae": flag}, device="cpu").generate("a cat", image=img, seed=1)
+        assert seen == [("encode", flag), ("decode", flag)]
