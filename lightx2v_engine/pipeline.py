@@ -29,7 +29,7 @@ from lightx2v_engine import t5 as t5_mod
 from lightx2v_engine import vae as vae_mod
 from lightx2v_engine.checkpoint import candidate_paths
 from lightx2v_engine.config import (ModelConfig, RunConfig, get_preset, load_run_config, model_config_from_json,
-                                    parse_run_config)
+                                    parse_run_config, warn_user)
 from lightx2v_engine.dit import WanDiT
 from lightx2v_engine.image import i2v_mask, load_image, prepare_i2v_image
 from lightx2v_engine.loading import DTYPES, build_dit, load_dit
@@ -90,9 +90,12 @@ def find_weights(key: str, override: str | None, default_name: str, model_path: 
                             for p in (model_path / sub).glob(g) if p.is_file()})
         if quantized:
             raise FileNotFoundError(
-                f"{e}; the folder holds the quantized {', '.join(quantized)}, which lightx2v-engine does not "
-                f"load (LightX2V's {key.split('_')[0]}_quantized is not supported): add the unquantized "
-                f"{default_name}, or point {key} at an unquantized file") from None
+                f"{e}; the folder holds the quantized {', '.join(quantized)}"
+                + (": set t5_quantized true with t5_quant_scheme ('fp8-...' or 'int8-...') to run it" if
+                   key.startswith("t5") else
+                   f", which lightx2v-engine does not load (LightX2V's {key.split('_')[0]}_quantized is not "
+                   f"supported): add the unquantized {default_name}, or point {key} at an unquantized file")) \
+                from None
         raise
 
 
@@ -285,7 +288,7 @@ class Pipeline:
                            dtype=run.dtype, device=dit_dev, lora_specs=run.lora_configs, lora_strict=run.lora_strict,
                            lora_compute_device=lora_dev)
         _place_dit(dit, run, dev)
-        t5_path = find_weights("t5_original_ckpt", run.t5_original_ckpt, T5_FILE, mp, T5_QUANTIZED_FILES)
+        t5_path = _t5_file(run, mp)
         # offloaded weights are kept on the CPU in the dtype they run in on `dev`
         t5 = t5_mod.load_t5(str(t5_path), device=cpu if run.t5_cpu_offload else dev, dtype=_t5_dtype(dev))
         tok = t5_mod.load_tokenizer(str(mp))
@@ -319,6 +322,9 @@ class Pipeline:
             if t5cfg.dim != mcfg.text_dim:
                 raise ValueError(f"preset {preset}: text_dim {mcfg.text_dim} != T5 width {t5cfg.dim}")
             t5 = t5_mod.random_t5(t5cfg, device=cpu if run.t5_cpu_offload else dev, dtype=_t5_dtype(dev), seed=seed)
+            if run.t5_quantized:
+                from lightx2v_engine.quant import parse_quant_scheme
+                t5_mod.quantize_t5_(t5, parse_quant_scheme(run.t5_quant_scheme))
             with tempfile.TemporaryDirectory(prefix="lx2v_tok_") as tok_dir:  # read into memory, then removed
                 t5_mod.make_tiny_tokenizer(tok_dir, vocab_size=min(t5cfg.vocab, 256))
                 tok = t5_mod.load_tokenizer(tok_dir)
@@ -571,6 +577,28 @@ def _place_vae(vae: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
     if dev.type == "cuda" and vae.memory_format != torch.channels_last_3d:
         vae.use_channels_last()
     return vae
+
+
+def _t5_file(run: RunConfig, mp: Path) -> Path:
+    """The umT5 file: with t5_quantized, t5_quantized_ckpt or models_t5_umt5-xxl-enc-{fp8,int8}.pth (by
+    t5_quant_scheme), as LightX2V; where that file is missing but the bf16 one is there, the bf16 one (with
+    a warning: LightX2V's 4090 configs set t5_quantized). Otherwise t5_original_ckpt or the bf16 file."""
+    if run.t5_quantized:
+        from lightx2v_engine.quant import parse_quant_scheme
+        scheme = parse_quant_scheme(run.t5_quant_scheme)
+        name = f"models_t5_umt5-xxl-enc-{scheme}.pth"
+        if run.t5_quantized_ckpt is not None:  # named explicitly: it must be there
+            return find_weights("t5_quantized_ckpt", run.t5_quantized_ckpt, name, mp)
+        try:  # (LightX2V's older layout keeps it in a folder named after the scheme)
+            return find_file(name, mp, SEARCH_SUBDIRS + (scheme,))
+        except FileNotFoundError as e:
+            try:
+                fallback = find_weights("t5_original_ckpt", run.t5_original_ckpt, T5_FILE, mp)
+            except FileNotFoundError:
+                raise e from None
+            warn_user(f"t5_quantized: {e}; the bf16 umT5 {fallback} runs instead")
+            return fallback
+    return find_weights("t5_original_ckpt", run.t5_original_ckpt, T5_FILE, mp, T5_QUANTIZED_FILES)
 
 
 def _dit_moves_whole(run: RunConfig) -> bool:

@@ -143,13 +143,50 @@ def test_vae_offload_on_cuda_keeps_weights_on_the_cpu_between_uses(monkeypatch):
 
 # ------------------------------------------------------------------------------------- 2. quantized encoders
 
-@pytest.mark.parametrize("key", ["t5_quantized", "clip_quantized"])
-def test_quantized_encoders_warn_that_the_unquantized_file_runs(key):
-    """LightX2V's 4090 configs set t5_quantized/clip_quantized: they load (the bf16 file runs, a warning
-    says so); a folder with only the quantized file is the error of the next test."""
-    with pytest.warns(UserWarning, match=rf"{key} \(quantized .* not loaded"):
-        cfg = parse_run_config({key: True, key.replace("quantized", "quant_scheme"): "fp8-q8f"})
-    assert key in cfg.ignored_keys
+def test_quantized_clip_warns_that_the_unquantized_file_runs():
+    """LightX2V's 4090 configs set clip_quantized: they load (the fp16 file runs, a warning says so)."""
+    with pytest.warns(UserWarning, match=r"clip_quantized \(quantized .* not loaded"):
+        cfg = parse_run_config({"clip_quantized": True, "clip_quant_scheme": "fp8-q8f"})
+    assert "clip_quantized" in cfg.ignored_keys
+
+
+def test_t5_quantized_keys():
+    cfg = quiet_parse({"t5_quantized": True, "t5_quant_scheme": "fp8-q8f", "t5_quantized_ckpt": "t5/fp8.pth"})
+    assert (cfg.t5_quantized, cfg.t5_quant_scheme, cfg.t5_quantized_ckpt) == (True, "fp8-q8f", "t5/fp8.pth")
+    with pytest.raises(ValueError, match="t5_quant_scheme.*required when t5_quantized"):
+        quiet_parse({"t5_quantized": True})
+    with pytest.raises(ValueError, match="t5_quant_scheme.*'fp4'.*unsupported"):
+        quiet_parse({"t5_quantized": True, "t5_quant_scheme": "fp4"})
+
+
+@pytest.mark.usefixtures("torch_ops")
+def test_t5_quantized_file_runs_and_bf16_fallback(t2v_folder, tmp_path):
+    """t5_quantized picks models_t5_umt5-xxl-enc-{fp8,int8}.pth (also in a folder named after the scheme,
+    LightX2V's older layout) and runs it as 8-bit linears; where only the bf16 file is there, it runs with
+    a warning; an explicit t5_quantized_ckpt that is missing is an error naming it."""
+    from lightx2v_engine.quant import QuantLinear, quantize_weight
+    from lightx2v_engine.t5 import QUANT_LINEARS
+    folder = tmp_path / "model"
+    shutil.copytree(t2v_folder, folder)
+    sd = torch.load(folder / T5_FILE)
+    for k in list(sd):
+        if any(k.endswith(f".{n}.weight") for n in QUANT_LINEARS):
+            sd[k], sd[k + "_scale"] = quantize_weight(sd[k].float(), "int8")
+    (folder / "int8").mkdir()
+    torch.save(sd, folder / "int8" / "models_t5_umt5-xxl-enc-int8.pth")
+    cfg = {**TINY, "t5_quantized": True, "t5_quant_scheme": "int8-q8f"}
+    pipe = Pipeline.load(folder, cfg, device="cpu")
+    assert isinstance(pipe.t5.blocks[0].attn.q, QuantLinear)
+    out = pipe.generate("a cat", seed=1)
+    base = Pipeline.load(folder, TINY, device="cpu")
+    assert not isinstance(base.t5.blocks[0].attn.q, QuantLinear)
+    assert out.latents.shape == base.generate("a cat", seed=1).latents.shape
+    (folder / "int8" / "models_t5_umt5-xxl-enc-int8.pth").unlink()
+    with pytest.warns(UserWarning, match="t5_quantized: models_t5_umt5-xxl-enc-int8.pth not found.*bf16 umT5"):
+        pipe = Pipeline.load(folder, cfg, device="cpu")
+    assert not isinstance(pipe.t5.blocks[0].attn.q, QuantLinear)
+    with pytest.raises(FileNotFoundError, match="'t5_quantized_ckpt' = 'nope.pth'"):
+        Pipeline.load(folder, {**cfg, "t5_quantized_ckpt": "nope.pth"}, device="cpu")
 
 
 def test_vae_path_of_a_light_vae_is_not_loaded_as_the_wan_vae():
@@ -172,7 +209,7 @@ def test_missing_bf16_t5_next_to_a_quantized_one_says_so(t2v_folder, tmp_path, c
                "--save_result_path", str(tmp_path / "o.mp4")])
     err = capsys.readouterr().err
     assert rc == 2
-    assert T5_FILE in err and "models_t5_umt5-xxl-enc-fp8.pth" in err and "t5_quantized is not supported" in err
+    assert T5_FILE in err and "models_t5_umt5-xxl-enc-fp8.pth" in err and "set t5_quantized true" in err
 
 
 # ----------------------------------------------------------------------------------------------- 3. CLI flags

@@ -208,3 +208,93 @@ def test_tiny_preset_matches_tiny_tokenizer(tmp_path):
     assert os.path.isfile(tmp_path / "google" / "umt5-xxl" / "tokenizer.json")
     out = encode_text(random_t5(cfg, "cpu", torch.float32), tok, ["a cat"], text_len=10)
     assert out.shape == (1, 10, cfg.dim) and torch.count_nonzero(out[0, 3:]) == 0
+
+
+# ------------------------------------------------------------------ LightX2V's quantized umT5 (t5_quantized)
+
+def _quantized_file(wan_file, scheme, tmp_path, scale_format="[out,1] fp32"):
+    """A LightX2V-format quantized umT5 file from the test checkpoint, and the dequantized weights."""
+    from lightx2v_engine.quant import dequantize_weight, quantize_weight
+    from lightx2v_engine.t5 import QUANT_LINEARS
+    sd = torch.load(wan_file)
+    deq = dict(sd)
+    for k in list(sd):
+        if any(k.endswith(f".{n}.weight") for n in QUANT_LINEARS):
+            wq, scale = quantize_weight(sd[k].float(), scheme)
+            deq[k] = dequantize_weight(wq, scale)
+            sd[k] = wq
+            sd[k + "_scale"] = scale.reshape(-1).bfloat16() if scale_format == "[out] bf16" else scale
+    path = tmp_path / f"models_t5_umt5-xxl-enc-{scheme}.pth"
+    torch.save(sd, path)
+    return path, deq
+
+
+@pytest.mark.parametrize("scheme, tol", [("int8", 0.02), ("fp8", 0.08)])
+def test_quantized_t5_file_loads_as_8bit_linears(hf_model, wan_file, tok_dir, tmp_path, scheme, tol):
+    """The 8-bit linears run as QuantLinear; the output is transformers' UMT5 with the dequantized weights
+    up to the activations' per-token quantization (and equals quantize_t5_ of the same weights exactly)."""
+    from transformers import UMT5EncoderModel
+    from lightx2v_engine.quant import QuantLinear
+    from lightx2v_engine.t5 import QUANT_LINEARS, quantize_t5_
+    path, deq = _quantized_file(wan_file, scheme, tmp_path, "[out] bf16" if scheme == "fp8" else "[out,1] fp32")
+    model = load_t5(str(path), dtype=torch.float32)
+    assert all(isinstance(model.blocks[i].get_submodule(n), QuantLinear) for i in range(2) for n in QUANT_LINEARS)
+    assert model.blocks[0].attn.q.weight.dtype == (torch.int8 if scheme == "int8" else torch.float8_e4m3fn)
+    ref = UMT5EncoderModel(hf_model.config).eval()
+    ref.load_state_dict(hf_model.state_dict())
+    with torch.no_grad():  # the dequantized weights, under transformers' names (the map hf_to_wan inverts)
+        for n in range(2):
+            p = ref.encoder.block[n].layer
+            for w in "qkvo":
+                getattr(p[0].SelfAttention, w).weight.copy_(deq[f"blocks.{n}.attn.{w}.weight"])
+            p[1].DenseReluDense.wi_0.weight.copy_(deq[f"blocks.{n}.ffn.gate.0.weight"])
+            p[1].DenseReluDense.wi_1.weight.copy_(deq[f"blocks.{n}.ffn.fc1.weight"])
+            p[1].DenseReluDense.wo.weight.copy_(deq[f"blocks.{n}.ffn.fc2.weight"])
+    tok = load_tokenizer(tok_dir)
+    ids, mask = tok(["a red car on a street", "two cats"], 16)
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask).last_hidden_state * mask[..., None]
+        got = model(ids, mask) * mask[..., None]
+    assert rel_l2(got, want) < tol, rel_l2(got, want)
+    if scheme == "int8":  # fp32 [out, 1] scales as stored: the same model as quantizing the weights here
+        same = quantize_t5_(load_t5(wan_file, dtype=torch.float32), scheme)
+        with torch.no_grad():
+            torch.testing.assert_close(same(ids, mask), model(ids, mask), rtol=0, atol=0)
+
+
+def test_quantized_t5_file_errors_name_the_key(wan_file, tmp_path):
+    path, _ = _quantized_file(wan_file, "int8", tmp_path)
+    sd = torch.load(path)
+    bad = dict(sd, **{"blocks.0.norm1.weight_scale": torch.ones(64)})
+    torch.save(bad, tmp_path / "bad1.pth")
+    with pytest.raises(ValueError, match="blocks.0.norm1.weight_scale.*scales no linear"):
+        load_t5(str(tmp_path / "bad1.pth"))
+    bad = dict(sd, **{"blocks.1.attn.k.weight_scale": torch.ones(5, 1)})
+    torch.save(bad, tmp_path / "bad2.pth")
+    with pytest.raises(ValueError, match=r"blocks.1.attn.k.weight_scale.*5 values, expected 48"):
+        load_t5(str(tmp_path / "bad2.pth"))
+
+
+def test_random_pipeline_with_t5_quantized_runs_8bit_linears():
+    from lightx2v_engine.pipeline import Pipeline
+    from lightx2v_engine.quant import QuantLinear
+    pipe = Pipeline.random("tiny", {"t5_quantized": True, "t5_quant_scheme": "fp8-sgl", "target_video_length": 5,
+                                    "target_height": 32, "target_width": 48}, device="cpu", with_encoders=True)
+    assert isinstance(pipe.t5.blocks[1].ffn.fc2, QuantLinear) and pipe.t5.blocks[1].ffn.fc2.scheme == "fp8"
+    ctx = pipe.encode_text(["a cat"])
+    assert ctx.shape == (1, 512, 64) and torch.isfinite(ctx).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.last
+def test_quantized_t5_on_cuda_matches_cpu(wan_file, tok_dir, tmp_path):
+    """The 8-bit GEMM path of the quantized umT5 on CUDA (bf16 activations) against the CPU reference path."""
+    path, _ = _quantized_file(wan_file, "fp8", tmp_path)
+    tok = load_tokenizer(tok_dir)
+    ids, mask = tok(["a red car on a street", "two cats"], 16)
+    cpu = load_t5(str(path), dtype=torch.float32)
+    gpu = load_t5(str(path), device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = cpu(ids, mask) * mask[..., None]
+        got = (gpu(ids.cuda(), mask.cuda()) * mask.cuda()[..., None]).float().cpu()
+    assert rel_l2(got, want) < 0.05, rel_l2(got, want)
