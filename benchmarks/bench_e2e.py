@@ -114,15 +114,21 @@ def loop_runner(model, sampler, x, ctx, clip, y, use_graph: bool):
     return replay, graphs
 
 
+def dit_setup(preset: str, args, device):
+    """A random-weight bf16 DiT of `preset` on `device` (peak memory counted from here), its inputs at the
+    benchmark's shape and a mid-schedule timestep: (model, (x, ctx, clip, y), t)."""
+    cfg = PRESETS[preset]
+    peak_reset(device)
+    model = build_dit(cfg, None, dtype=torch.bfloat16, device=device)
+    return model, dit_inputs(cfg, args.frames, args.height, args.width, device, torch.bfloat16), \
+        torch.tensor([937.5], device=device)
+
+
 def bench_dit(preset: str, args, device, run, rows, summary, tag: str, attn8_only: bool = False):
     """The DiT step: reference, bf16 (eager, graph, without the GELU epilogue), fp8 linears; or, with
     attn8_only, fp8 linears plus 8-bit self-attention alone (run last: its kernels are the newest)."""
-    cfg = PRESETS[preset]
     dt = torch.bfloat16
-    peak_reset(device)
-    model = build_dit(cfg, None, dtype=dt, device=device)
-    x, ctx, clip, y = dit_inputs(cfg, args.frames, args.height, args.width, device, dt)
-    t = torch.tensor([937.5], device=device)
+    model, (x, ctx, clip, y), t = dit_setup(preset, args, device)
     sampler = DistillSampler.from_step_list((1000, 750, 500, 250), 5.0)
     res = {}
     with torch.no_grad():
@@ -366,12 +372,7 @@ def bench_offload(preset: str, args, device, run, rows, summary, tag: str):
     (host -> device slot, alone), and the device memory of each. Whether the copies hide behind the compute
     is the ratio; CUDA graphs are off with offload, so both sides run eagerly."""
     from lightx2v_engine.offload import attach_block_offload
-    cfg = PRESETS[preset]
-    dt = torch.bfloat16
-    peak_reset(device)
-    model = build_dit(cfg, None, dtype=dt, device=device)
-    x, ctx, clip, y = dit_inputs(cfg, args.frames, args.height, args.width, device, dt)
-    t = torch.tensor([937.5], device=device)
+    model, (x, ctx, clip, y), t = dit_setup(preset, args, device)
     with torch.no_grad():
         want = model(x, t, ctx, clip, y)
         resident = run(lambda: model(x, t, ctx, clip, y))
