@@ -114,7 +114,7 @@ class CLIPBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, L, C] fp32 residual stream."""
-        dt = self.attn.proj.weight.dtype
+        dt = self.attn.proj.bias.dtype  # the run dtype (also with 8-bit weights: QuantLinear)
         x = x + self.attn(self.norm1(x).to(dt)).float()
         return x + self.mlp(self.norm2(x).to(dt)).float()
 
@@ -171,12 +171,27 @@ def load_clip(path: str, device: str | torch.device = "cpu", dtype: torch.dtype 
     Raises FileNotFoundError (missing file) or ValueError (wrong keys/shapes, naming the file).
     On CPU prefer dtype float32 (or bfloat16): fp16 matmuls are slow or unsupported there.
     """
+    from lightx2v_engine.quant import swap_scaled_linears_
     sd = _visual_state_dict(read_state_dict_file(path), str(path))
     cfg = CLIPConfig.from_state_dict(sd, head_dim=head_dim, source=str(path))
     with torch.device("meta"):
         model = CLIPVisionTower(cfg)
-    assign_checked(model, _drop_unused(sd, cfg), str(path))
+    sd = _drop_unused(sd, cfg)
+    swap_scaled_linears_(model, sd, str(path))  # LightX2V's quantized CLIP: 8-bit linears as QuantLinear
+    assign_checked(model, sd, str(path))
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+# The linears of a block that LightX2V's quantized CLIP files hold as 8-bit `weight` + `weight_scale`.
+QUANT_LINEARS = ("attn.to_qkv", "attn.proj", "mlp.0", "mlp.2")
+
+
+def quantize_clip_(model: CLIPVisionTower, scheme: str) -> CLIPVisionTower:
+    """The block linears as QuantLinear holding their current weights quantized per output channel (random
+    pipelines with clip_quantized)."""
+    from lightx2v_engine.quant import quantize_linears_
+    return quantize_linears_(model, [f"transformer.{i}.{n}" for i in range(len(model.transformer))
+                                     for n in QUANT_LINEARS], scheme)
 
 
 @torch.no_grad()

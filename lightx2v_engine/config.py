@@ -170,11 +170,15 @@ class RunConfig:
     t5_cpu_offload: bool = False
     clip_cpu_offload: bool = False
     vae_cpu_offload: bool = False
-    # LightX2V's 8-bit umT5: t5_quantized loads t5_quantized_ckpt, else models_t5_umt5-xxl-enc-{fp8,int8}.pth
-    # (by t5_quant_scheme); its linears run as QuantLinear. Without that file the bf16 one runs (a warning).
+    # LightX2V's 8-bit encoders: t5_quantized loads t5_quantized_ckpt, else models_t5_umt5-xxl-enc-{fp8,int8}.pth
+    # (by t5_quant_scheme); clip_quantized likewise (models_clip_open-clip-xlm-roberta-large-vit-huge-14-{..}.pth
+    # or clip-{..}.pth); their linears run as QuantLinear. Without that file the unquantized one runs (a warning).
     t5_quantized: bool = False
     t5_quant_scheme: str | None = None
     t5_quantized_ckpt: str | None = None
+    clip_quantized: bool = False
+    clip_quant_scheme: str | None = None
+    clip_quantized_ckpt: str | None = None
     # Paths instead of the model folder's default files (absolute, or relative to the model folder).
     t5_original_ckpt: str | None = None
     clip_original_ckpt: str | None = None
@@ -225,8 +229,7 @@ _ACCEPTED_IGNORED = {
     "offload_ratio", "lazy_load", "num_disk_workers", "unload_modules",
     "parallel", "seq_parallel", "cfg_parallel", "feature_caching", "teacache_thresh", "use_ret_steps",
     "use_lightvae", "use_tae", "use_stream_vae", "tae_path",
-    "clip_quantized", "clip_quant_scheme",
-    "clip_quantized_ckpt", "cfg_scale", "rope_type", "modulate_type", "rms_norm_type",
+    "cfg_scale", "rope_type", "modulate_type", "rms_norm_type",
     "layer_norm_type", "use_compile", "compile_shapes", "model_cls", "task", "mm_config",
     "return_result_tensor", "vae_stride", "patch_size", "num_channels_latents", "sample_solver",
     "lora_dynamic_apply", "use_prompt_enhancer", "sf_config", "clean_cuda_cache", "rotary_chunk",
@@ -243,7 +246,6 @@ _IGNORED_NOTES = {
     "use_bfloat16": "the DiT's precision is the 'dtype' key, bf16 by default",
     "warmup": "CUDA graphs are captured on the first call per shape",
     "coefficients": "no feature caching",
-    "clip_quantized": "quantized CLIP files are not loaded: the fp16/bf16 CLIP (or clip_original_ckpt) runs",
     "vae_path": "with use_lightvae/use_tae it names the light autoencoder, which is not run: the standard Wan "
                 "VAE decodes",
     "offload_ratio": "an offloaded DiT streams all of its blocks",
@@ -303,7 +305,7 @@ _TYPES = {
     "fps": int, "dit_quantized": bool, "cpu_offload": bool, "t5_cpu_offload": bool, "clip_cpu_offload": bool,
     "vae_cpu_offload": bool, "sampler": str, "distill_update": str, "dtype": str, "use_cuda_graph": bool,
     "vae_dtype": str, "lora_strict": bool, "offload_granularity": str, "use_tiling_vae": bool,
-    "t5_quantized": bool,
+    "t5_quantized": bool, "clip_quantized": bool,
 }
 
 
@@ -343,7 +345,7 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
         if key in vals and vals[key] is not None:
             out[key] = _as(key, vals[key], typ)
     for key in ("dit_original_ckpt", "dit_quantized_ckpt", "dit_quant_scheme", "t5_original_ckpt",
-                "t5_quant_scheme", "t5_quantized_ckpt",
+                "t5_quant_scheme", "t5_quantized_ckpt", "clip_quant_scheme", "clip_quantized_ckpt",
                 "clip_original_ckpt", "vae_path", "sample_neg_prompt"):
         if vals.get(key) is not None:
             out[key] = _as(key, vals[key], str)
@@ -427,14 +429,16 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
         raise _err("fps", out["fps"], "must be > 0")
     if out.get("dit_quantized") and out.get("dit_quant_scheme") is None:
         raise _err("dit_quant_scheme", None, "required when dit_quantized is true")
-    if out.get("t5_quantized"):
-        if out.get("t5_quant_scheme") is None:
-            raise _err("t5_quant_scheme", None, "required when t5_quantized is true (e.g. 'fp8-sgl', 'int8-vllm')")
-        from lightx2v_engine.quant import parse_quant_scheme
-        try:
-            parse_quant_scheme(out["t5_quant_scheme"])
-        except ValueError as e:
-            raise _err("t5_quant_scheme", out["t5_quant_scheme"], str(e)) from None
+    for enc in ("t5", "clip"):
+        if out.get(f"{enc}_quantized"):
+            key = f"{enc}_quant_scheme"
+            if out.get(key) is None:
+                raise _err(key, None, f"required when {enc}_quantized is true (e.g. 'fp8-sgl', 'int8-vllm')")
+            from lightx2v_engine.quant import parse_quant_scheme
+            try:
+                parse_quant_scheme(out[key])
+            except ValueError as e:
+                raise _err(key, out[key], str(e)) from None
 
     if "lora_configs" in vals and vals["lora_configs"] is not None:
         loras = vals["lora_configs"]

@@ -75,7 +75,7 @@ def find_weights(key: str, override: str | None, default_name: str, model_path: 
                  quantized_globs: tuple[str, ...] = ()) -> Path:
     """The file for one component: config key `key`'s path when given (as given, then under the model
     folder), else `default_name` in the model folder. A missing file is an error naming the key or the
-    places searched; a missing default next to a LightX2V quantized variant says that it is unsupported."""
+    places searched; a missing default next to a LightX2V quantized variant names the keys that load it."""
     if override is not None:
         cands = candidate_paths(override, [model_path])
         for c in cands:
@@ -90,12 +90,8 @@ def find_weights(key: str, override: str | None, default_name: str, model_path: 
                             for p in (model_path / sub).glob(g) if p.is_file()})
         if quantized:
             raise FileNotFoundError(
-                f"{e}; the folder holds the quantized {', '.join(quantized)}"
-                + (": set t5_quantized true with t5_quant_scheme ('fp8-...' or 'int8-...') to run it" if
-                   key.startswith("t5") else
-                   f", which lightx2v-engine does not load (LightX2V's {key.split('_')[0]}_quantized is not "
-                   f"supported): add the unquantized {default_name}, or point {key} at an unquantized file")) \
-                from None
+                f"{e}; the folder holds the quantized {', '.join(quantized)}: set {key.split('_')[0]}_quantized "
+                f"true with {key.split('_')[0]}_quant_scheme ('fp8-...' or 'int8-...') to run it") from None
         raise
 
 
@@ -288,7 +284,7 @@ class Pipeline:
                            dtype=run.dtype, device=dit_dev, lora_specs=run.lora_configs, lora_strict=run.lora_strict,
                            lora_compute_device=lora_dev)
         _place_dit(dit, run, dev)
-        t5_path = _t5_file(run, mp)
+        t5_path = _encoder_file(run, mp, "t5")
         # offloaded weights are kept on the CPU in the dtype they run in on `dev`
         t5 = t5_mod.load_t5(str(t5_path), device=cpu if run.t5_cpu_offload else dev, dtype=_t5_dtype(dev))
         tok = t5_mod.load_tokenizer(str(mp))
@@ -297,7 +293,7 @@ class Pipeline:
                                           dtype=_vae_dtype(run, dev)), dev)
         clip = None
         if mcfg.is_i2v:
-            clip_path = find_weights("clip_original_ckpt", run.clip_original_ckpt, CLIP_FILE, mp, CLIP_QUANTIZED_GLOBS)
+            clip_path = _encoder_file(run, mp, "clip")
             clip = clip_mod.load_clip(str(clip_path), device=cpu if run.clip_cpu_offload else dev,
                                       dtype=_clip_dtype(dev))
         return cls(mcfg, run, dit, t5, tok, vae, clip, dev, (time.perf_counter() - t0) * 1e3,
@@ -323,8 +319,7 @@ class Pipeline:
                 raise ValueError(f"preset {preset}: text_dim {mcfg.text_dim} != T5 width {t5cfg.dim}")
             t5 = t5_mod.random_t5(t5cfg, device=cpu if run.t5_cpu_offload else dev, dtype=_t5_dtype(dev), seed=seed)
             if run.t5_quantized:
-                from lightx2v_engine.quant import parse_quant_scheme
-                t5_mod.quantize_t5_(t5, parse_quant_scheme(run.t5_quant_scheme))
+                t5_mod.quantize_t5_(t5, run.t5_quant_scheme)
             with tempfile.TemporaryDirectory(prefix="lx2v_tok_") as tok_dir:  # read into memory, then removed
                 t5_mod.make_tiny_tokenizer(tok_dir, vocab_size=min(t5cfg.vocab, 256))
                 tok = t5_mod.load_tokenizer(tok_dir)
@@ -337,6 +332,8 @@ class Pipeline:
                     raise ValueError(f"preset {preset}: image_dim {mcfg.image_dim} != CLIP width {ccfg.dim}")
                 clip = clip_mod.random_clip(ccfg, device=cpu if run.clip_cpu_offload else dev, dtype=_clip_dtype(dev),
                                             seed=seed)
+                if run.clip_quantized:
+                    clip_mod.quantize_clip_(clip, run.clip_quant_scheme)
         return cls(mcfg, run, dit, t5, tok, vae, clip, dev, (time.perf_counter() - t0) * 1e3,
                    use_cuda_graph=_graphs_on(run, dev))
 
@@ -579,26 +576,34 @@ def _place_vae(vae: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
     return vae
 
 
-def _t5_file(run: RunConfig, mp: Path) -> Path:
-    """The umT5 file: with t5_quantized, t5_quantized_ckpt or models_t5_umt5-xxl-enc-{fp8,int8}.pth (by
-    t5_quant_scheme), as LightX2V; where that file is missing but the bf16 one is there, the bf16 one (with
-    a warning: LightX2V's 4090 configs set t5_quantized). Otherwise t5_original_ckpt or the bf16 file."""
-    if run.t5_quantized:
+def _encoder_file(run: RunConfig, mp: Path, enc: str) -> Path:
+    """The umT5 (`enc` "t5") or CLIP ("clip") file: with <enc>_quantized, <enc>_quantized_ckpt or LightX2V's
+    file name for <enc>_quant_scheme (also in a folder named after the scheme, LightX2V's older layout);
+    where that file is missing but the unquantized one is there, the unquantized one (with a warning:
+    LightX2V's 4090 configs set both flags). Otherwise <enc>_original_ckpt or the folder's default file."""
+    default, quantized_globs = (T5_FILE, T5_QUANTIZED_FILES) if enc == "t5" else (CLIP_FILE, CLIP_QUANTIZED_GLOBS)
+    original = getattr(run, f"{enc}_original_ckpt")
+    if getattr(run, f"{enc}_quantized"):
         from lightx2v_engine.quant import parse_quant_scheme
-        scheme = parse_quant_scheme(run.t5_quant_scheme)
-        name = f"models_t5_umt5-xxl-enc-{scheme}.pth"
-        if run.t5_quantized_ckpt is not None:  # named explicitly: it must be there
-            return find_weights("t5_quantized_ckpt", run.t5_quantized_ckpt, name, mp)
-        try:  # (LightX2V's older layout keeps it in a folder named after the scheme)
-            return find_file(name, mp, SEARCH_SUBDIRS + (scheme,))
-        except FileNotFoundError as e:
+        scheme = parse_quant_scheme(getattr(run, f"{enc}_quant_scheme"))
+        names = ([f"models_t5_umt5-xxl-enc-{scheme}.pth"] if enc == "t5" else
+                 [f"models_clip_open-clip-xlm-roberta-large-vit-huge-14-{scheme}.pth", f"clip-{scheme}.pth"])
+        ckpt = getattr(run, f"{enc}_quantized_ckpt")
+        if ckpt is not None:  # named explicitly: it must be there
+            return find_weights(f"{enc}_quantized_ckpt", ckpt, names[0], mp)
+        errors = []
+        for name in names:
             try:
-                fallback = find_weights("t5_original_ckpt", run.t5_original_ckpt, T5_FILE, mp)
-            except FileNotFoundError:
-                raise e from None
-            warn_user(f"t5_quantized: {e}; the bf16 umT5 {fallback} runs instead")
-            return fallback
-    return find_weights("t5_original_ckpt", run.t5_original_ckpt, T5_FILE, mp, T5_QUANTIZED_FILES)
+                return find_file(name, mp, SEARCH_SUBDIRS + (scheme,))
+            except FileNotFoundError as e:
+                errors.append(str(e))
+        try:
+            fallback = find_weights(f"{enc}_original_ckpt", original, default, mp)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{enc}_quantized: " + "; ".join(errors)) from None
+        warn_user(f"{enc}_quantized: {'; '.join(errors)}; the unquantized {fallback} runs instead")
+        return fallback
+    return find_weights(f"{enc}_original_ckpt", original, default, mp, quantized_globs)
 
 
 def _dit_moves_whole(run: RunConfig) -> bool:

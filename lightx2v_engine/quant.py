@@ -371,6 +371,50 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+def swap_scaled_linears_(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> list[str]:
+    """For every `<name>.weight_scale` of `sd` (a LightX2V quantized encoder file: the linear's `weight` in
+    float8 e4m3 / int8 next to its scale [out] or [out, 1]): the nn.Linear <name> of `model` (typically on
+    meta) becomes an empty QuantLinear of that format, and the scale in `sd` becomes fp32 [out, 1], ready
+    for load_state_dict(assign=True). Errors name the key. Returns the swapped names."""
+    names = []
+    for key in sorted(k for k in sd if k.endswith(".weight_scale")):
+        name = key[:-len(".weight_scale")]
+        try:
+            lin = model.get_submodule(name)
+        except AttributeError:
+            lin = None
+        if not isinstance(lin, nn.Linear):
+            raise ValueError(f"{source}: {key!r} scales no linear layer of {type(model).__name__}")
+        w = sd.get(name + ".weight")
+        if w is None:
+            raise ValueError(f"{source}: {key!r} has no {name}.weight")
+        try:
+            scheme = scheme_of_dtype(w.dtype)
+        except ValueError as e:
+            raise ValueError(f"{source}: {name}.weight: {e}") from None
+        scale = sd[key]
+        if scale.numel() != lin.out_features:
+            raise ValueError(f"{source}: {key!r} has {scale.numel()} values, expected {lin.out_features} (one per "
+                             f"output channel)")
+        sd[key] = scale.float().reshape(-1, 1)
+        bias_dtype = lin.bias.dtype if lin.bias is not None else torch.bfloat16
+        _replace(model, name, QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, scheme,
+                                          device="meta", dtype=bias_dtype))
+        names.append(name)
+    return names
+
+
+def quantize_linears_(model: nn.Module, names, scheme: str) -> nn.Module:
+    """The nn.Linear modules `names` of `model` as QuantLinear holding their current weights quantized per
+    output channel (what a LightX2V quantized encoder file holds)."""
+    scheme = parse_quant_scheme(scheme)
+    for name in names:
+        lin = model.get_submodule(name)
+        if isinstance(lin, nn.Linear):
+            _replace(model, name, QuantLinear.from_linear(lin, scheme))
+    return model
+
+
 def quantize_dit_(model: nn.Module, scheme: str) -> list[str]:
     """Replaces the DiT's quantizable nn.Linear modules by QuantLinear holding their quantized current
     weights (the bf16 weights are released). Returns the swapped module names."""

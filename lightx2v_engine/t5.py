@@ -227,54 +227,23 @@ def load_t5(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = 
     GEMMs with per-token activation scales on CUDA); everything else stays in `dtype`.
     Raises FileNotFoundError (missing file) or ValueError (wrong keys/shapes, naming the file).
     """
+    from lightx2v_engine.quant import swap_scaled_linears_
     sd = read_state_dict_file(path)
     cfg = T5Config.from_state_dict(sd, source=str(path))
     with torch.device("meta"):
         model = T5Encoder(cfg)
-    _swap_quantized_linears_(model, sd, str(path))
+    swap_scaled_linears_(model, sd, str(path))
     assign_checked(model, sd, str(path))
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-
-
-def _swap_quantized_linears_(model: T5Encoder, sd: dict[str, torch.Tensor], source: str) -> None:
-    """For every `<name>.weight_scale` of `sd`: the linear <name> becomes an empty QuantLinear of the
-    weight's 8-bit format, and the scale is normalised to fp32 [out, 1] in `sd`."""
-    from lightx2v_engine.quant import QuantLinear, _replace, scheme_of_dtype
-    for key in sorted(k for k in sd if k.endswith(".weight_scale")):
-        name = key[:-len(".weight_scale")]
-        try:
-            lin = model.get_submodule(name)
-        except AttributeError:
-            lin = None
-        if not isinstance(lin, nn.Linear):
-            raise ValueError(f"{source}: {key!r} scales no linear layer of the umT5 encoder")
-        w = sd.get(name + ".weight")
-        try:
-            scheme = scheme_of_dtype(w.dtype) if w is not None else None
-        except ValueError as e:
-            raise ValueError(f"{source}: {name}.weight: {e}") from None
-        if scheme is None:
-            raise ValueError(f"{source}: {key!r} has no {name}.weight")
-        scale = sd[key]
-        if scale.numel() != lin.out_features:
-            raise ValueError(f"{source}: {key!r} has {scale.numel()} values, expected {lin.out_features} (one per "
-                             f"output channel)")
-        sd[key] = scale.float().reshape(-1, 1)
-        _replace(model, name, QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, scheme,
-                                          device="meta"))
 
 
 @torch.no_grad()
 def quantize_t5_(model: T5Encoder, scheme: str) -> T5Encoder:
     """The block linears (QUANT_LINEARS) as QuantLinear holding their current weights quantized per output
     channel: what a LightX2V quantized file holds (used for random-weight pipelines with t5_quantized)."""
-    from lightx2v_engine.quant import QuantLinear, _replace
-    for i, block in enumerate(model.blocks):
-        for name in QUANT_LINEARS:
-            lin = block.get_submodule(name)
-            if isinstance(lin, nn.Linear):
-                _replace(model, f"blocks.{i}.{name}", QuantLinear.from_linear(lin, scheme))
-    return model
+    from lightx2v_engine.quant import quantize_linears_
+    return quantize_linears_(model, [f"blocks.{i}.{n}" for i in range(len(model.blocks)) for n in QUANT_LINEARS],
+                             scheme)
 
 
 @torch.no_grad()

@@ -188,3 +188,53 @@ def test_bf16_close_to_fp32(tmp_path):
     ref = encode_image(load_clip(str(path), dtype=torch.float32), pixels)
     out = encode_image(load_clip(str(path), dtype=torch.bfloat16), pixels)
     assert out.dtype == torch.bfloat16 and rel_l2(out.float(), ref) < 3e-2
+
+
+@pytest.mark.parametrize("scheme, tol", [("int8", 0.02), ("fp8", 0.08)])
+def test_quantized_clip_file_loads_as_8bit_linears(tmp_path, scheme, tol):
+    """LightX2V's quantized CLIP (clip_quantized): the block linears stored as 8-bit weight + weight_scale
+    run as QuantLinear; the output is transformers' CLIP with the dequantized weights, up to the
+    activations' per-token quantization. The last (unused) block's scales are ignored like its weights."""
+    from lightx2v_engine.clip import QUANT_LINEARS
+    from lightx2v_engine.quant import QuantLinear, dequantize_weight, quantize_weight
+    hf = make_hf(28)
+    sd = save_wan(hf, 160, tmp_path / "clip.pth")
+    deq = {}
+    for k in list(sd):
+        if k.startswith("visual.transformer.") and any(k.endswith(f".{n}.weight") for n in QUANT_LINEARS):
+            wq, scale = quantize_weight(sd[k].float(), scheme)
+            deq[k] = dequantize_weight(wq, scale)
+            sd[k], sd[k + "_scale"] = wq, scale.reshape(-1)
+    torch.save(sd, tmp_path / f"clip-{scheme}.pth")
+    model = load_clip(str(tmp_path / f"clip-{scheme}.pth"), dtype=torch.float32)
+    assert all(isinstance(model.transformer[i].get_submodule(n), QuantLinear) for i in range(2) for n in QUANT_LINEARS)
+    with torch.no_grad():  # the dequantized weights into transformers' model (q, k, v are to_qkv's thirds)
+        for n, layer in enumerate(getattr(hf, "vision_model", hf).encoder.layers):
+            q = f"visual.transformer.{n}."
+            if q + "attn.to_qkv.weight" not in deq:
+                continue
+            for w, part in zip("qkv", deq[q + "attn.to_qkv.weight"].chunk(3)):
+                getattr(layer.self_attn, f"{w}_proj").weight.copy_(part)
+            layer.self_attn.out_proj.weight.copy_(deq[q + "attn.proj.weight"])
+            layer.mlp.fc1.weight.copy_(deq[q + "mlp.0.weight"])
+            layer.mlp.fc2.weight.copy_(deq[q + "mlp.2.weight"])
+    torch.manual_seed(1)
+    pixels = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        ref = hf(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+    err = rel_l2(encode_image(model, pixels), ref)
+    assert err < tol, err
+
+
+def test_random_i2v_pipeline_with_clip_quantized():
+    from lightx2v_engine.pipeline import Pipeline
+    from lightx2v_engine.quant import QuantLinear
+    pipe = Pipeline.random("tiny-i2v", {"clip_quantized": True, "clip_quant_scheme": "int8-q8f",
+                                        "target_video_length": 5, "target_height": 32, "target_width": 48},
+                           device="cpu")
+    assert isinstance(pipe.clip.transformer[0].mlp[2], QuantLinear)
+    import numpy as np
+    from PIL import Image
+    img = Image.fromarray((np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8))
+    clip_fea, y, _ = pipe.encode_image(img, 5, 32, 48)
+    assert torch.isfinite(clip_fea).all()

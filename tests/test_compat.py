@@ -143,20 +143,16 @@ def test_vae_offload_on_cuda_keeps_weights_on_the_cpu_between_uses(monkeypatch):
 
 # ------------------------------------------------------------------------------------- 2. quantized encoders
 
-def test_quantized_clip_warns_that_the_unquantized_file_runs():
-    """LightX2V's 4090 configs set clip_quantized: they load (the fp16 file runs, a warning says so)."""
-    with pytest.warns(UserWarning, match=r"clip_quantized \(quantized .* not loaded"):
-        cfg = parse_run_config({"clip_quantized": True, "clip_quant_scheme": "fp8-q8f"})
-    assert "clip_quantized" in cfg.ignored_keys
-
-
-def test_t5_quantized_keys():
-    cfg = quiet_parse({"t5_quantized": True, "t5_quant_scheme": "fp8-q8f", "t5_quantized_ckpt": "t5/fp8.pth"})
-    assert (cfg.t5_quantized, cfg.t5_quant_scheme, cfg.t5_quantized_ckpt) == (True, "fp8-q8f", "t5/fp8.pth")
-    with pytest.raises(ValueError, match="t5_quant_scheme.*required when t5_quantized"):
-        quiet_parse({"t5_quantized": True})
-    with pytest.raises(ValueError, match="t5_quant_scheme.*'fp4'.*unsupported"):
-        quiet_parse({"t5_quantized": True, "t5_quant_scheme": "fp4"})
+@pytest.mark.parametrize("enc", ["t5", "clip"])
+def test_quantized_encoder_keys(enc):
+    cfg = quiet_parse({f"{enc}_quantized": True, f"{enc}_quant_scheme": "fp8-q8f", f"{enc}_quantized_ckpt": "q/fp8.pth"})
+    assert (getattr(cfg, f"{enc}_quantized"), getattr(cfg, f"{enc}_quant_scheme"),
+            getattr(cfg, f"{enc}_quantized_ckpt")) == (True, "fp8-q8f", "q/fp8.pth")
+    assert not cfg.ignored_keys  # acted on, no warning
+    with pytest.raises(ValueError, match=f"{enc}_quant_scheme.*required when {enc}_quantized"):
+        quiet_parse({f"{enc}_quantized": True})
+    with pytest.raises(ValueError, match=f"{enc}_quant_scheme.*'fp4'.*unsupported"):
+        quiet_parse({f"{enc}_quantized": True, f"{enc}_quant_scheme": "fp4"})
 
 
 @pytest.mark.usefixtures("torch_ops")
@@ -182,7 +178,7 @@ def test_t5_quantized_file_runs_and_bf16_fallback(t2v_folder, tmp_path):
     assert not isinstance(base.t5.blocks[0].attn.q, QuantLinear)
     assert out.latents.shape == base.generate("a cat", seed=1).latents.shape
     (folder / "int8" / "models_t5_umt5-xxl-enc-int8.pth").unlink()
-    with pytest.warns(UserWarning, match="t5_quantized: models_t5_umt5-xxl-enc-int8.pth not found.*bf16 umT5"):
+    with pytest.warns(UserWarning, match="t5_quantized: models_t5_umt5-xxl-enc-int8.pth not found.*unquantized"):
         pipe = Pipeline.load(folder, cfg, device="cpu")
     assert not isinstance(pipe.t5.blocks[0].attn.q, QuantLinear)
     with pytest.raises(FileNotFoundError, match="'t5_quantized_ckpt' = 'nope.pth'"):
@@ -365,3 +361,29 @@ def test_offload_moves_back_without_copying(monkeypatch):
             assert v.device.type == "cpu" and v.data_ptr() == state[k][0], k
             assert torch.equal(v, state[k][1]), k
         assert all(p is params[k] for k, p in model.named_parameters())  # the same Parameter objects
+
+
+@pytest.mark.usefixtures("torch_ops")
+def test_clip_quantized_file_runs(i2v_folder, tmp_path):
+    """clip_quantized picks LightX2V's models_clip_open-clip-xlm-roberta-large-vit-huge-14-{fp8,int8}.pth
+    (or the older clip-{fp8,int8}.pth) and runs its 8-bit linears; the fp16 file runs with a warning where
+    neither is there."""
+    from lightx2v_engine.clip import QUANT_LINEARS
+    from lightx2v_engine.quant import QuantLinear, quantize_weight
+    folder = tmp_path / "model"
+    shutil.copytree(i2v_folder, folder)
+    sd = torch.load(folder / CLIP_FILE)
+    for k in list(sd):
+        if k.startswith("visual.transformer.") and any(k.endswith(f".{n}.weight") for n in QUANT_LINEARS):
+            sd[k], sd[k + "_scale"] = quantize_weight(sd[k].float(), "fp8")
+    img = Image.fromarray((np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8))
+    cfg = {**TINY, "clip_quantized": True, "clip_quant_scheme": "fp8-sgl"}
+    for name in ("models_clip_open-clip-xlm-roberta-large-vit-huge-14-fp8.pth", "clip-fp8.pth"):
+        torch.save(sd, folder / name)
+        pipe = Pipeline.load(folder, cfg, task="i2v", device="cpu")
+        assert isinstance(pipe.clip.transformer[0].attn.to_qkv, QuantLinear), name
+        assert pipe.generate("a cat", image=img, seed=1).frames.shape[0] == 5
+        (folder / name).unlink()
+    with pytest.warns(UserWarning, match="clip_quantized: .*not found.*unquantized"):
+        pipe = Pipeline.load(folder, cfg, task="i2v", device="cpu")
+    assert not isinstance(pipe.clip.transformer[0].attn.to_qkv, QuantLinear)
