@@ -209,8 +209,9 @@ class LoraSwitch:
             return
         if isinstance(target, torch.Tensor):
             self._saved[name] = ("param", target, target.detach().to("cpu", copy=True))
-        else:
-            self._saved[name] = ("branch", target, target.lora_down, target.lora_up)
+        else:  # copies: the branches may be views of an offloaded block's packed buffer, re-packed later
+            clone = lambda t: None if t is None else t.clone()  # noqa: E731
+            self._saved[name] = ("branch", target, clone(target.lora_down), clone(target.lora_up))
             self.touched_quantized = True
 
     @torch.no_grad()

@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 VAE_FILE = "Wan2.1_VAE.pth"
 CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
-# LightX2V's quantized encoder files (lightx2v.md §4): recognised only to say that they are not supported.
+# LightX2V's quantized encoder files: named in the error when only they are there (t5/clip_quantized load
+# them; see _encoder_file).
 T5_QUANTIZED_FILES = ("models_t5_umt5-xxl-enc-fp8.pth", "models_t5_umt5-xxl-enc-int8.pth")
 CLIP_QUANTIZED_GLOBS = ("*clip*fp8*.pth", "*clip*int8*.pth")
 # captured graph sets kept per Pipeline (one per shape/sampler/ops key, each with its own memory pool): a
@@ -593,14 +594,15 @@ def _encoder_file(run: RunConfig, mp: Path, enc: str) -> Path:
             return find_weights(f"{enc}_quantized_ckpt", ckpt, names[0], mp)
         errors = []
         for name in names:
-            try:
-                return find_file(name, mp, SEARCH_SUBDIRS + (scheme,))
+            try:  # (LightX2V's layouts also keep them in folders named after the scheme)
+                return find_file(name, mp, SEARCH_SUBDIRS + (scheme, f"distill_{scheme}"))
             except FileNotFoundError as e:
                 errors.append(str(e))
         try:
             fallback = find_weights(f"{enc}_original_ckpt", original, default, mp)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{enc}_quantized: " + "; ".join(errors)) from None
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{enc}_quantized: " + "; ".join(errors) + f"; and the unquantized file: {e}") \
+                from None
         warn_user(f"{enc}_quantized: {'; '.join(errors)}; the unquantized {fallback} runs instead")
         return fallback
     return find_weights(f"{enc}_original_ckpt", original, default, mp, quantized_globs)

@@ -401,6 +401,11 @@ def swap_scaled_linears_(model: nn.Module, sd: dict[str, torch.Tensor], source: 
         _replace(model, name, QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, scheme,
                                           device="meta", dtype=bias_dtype))
         names.append(name)
+    swapped = {n + ".weight" for n in names}
+    unscaled = sorted(k for k, v in sd.items() if v.dtype in _QDTYPE.values() and k not in swapped)
+    if unscaled:  # an 8-bit tensor loaded as a float weight would run its raw codes
+        raise ValueError(f"{source}: 8-bit weight(s) without a weight_scale: {unscaled[:10]}"
+                         + (" ..." if len(unscaled) > 10 else ""))
     return names
 
 

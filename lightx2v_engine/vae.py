@@ -526,29 +526,39 @@ def _blend(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> None:
     head.copy_(a.narrow(dim, a.shape[dim] - e, e) * wa + head * wb)
 
 
+def _tail(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    """A copy of t's last n (at most all) entries along dim: what a later blend reads of t."""
+    k = min(n, t.shape[dim])
+    return t.narrow(dim, t.shape[dim] - k, k).clone()
+
+
 def _tiled(fn, x: torch.Tensor, tile: int, stride: int, scale: tuple[int, int], out: torch.Tensor) -> torch.Tensor:
     """out <- fn over overlapping spatial tiles of x [..., H, W] (`tile` and `stride` in x's units; fn maps
     a tile to out's units, `scale` = (num, den) out per x unit), blended as diffusers' AutoencoderKLWan
     tiles: row by row, each result's top rows fade in from the (already blended) result above and its
     left columns from the one to its left, over (tile - stride) * scale; its first stride * scale rows and
-    columns are kept. Only one row of results is held at a time."""
+    columns are kept. Held between tiles: the overlapping last rows of one row of results (and the last
+    columns of the previous result), not the results themselves."""
     num, den = scale
     blend, keep = (tile - stride) * num // den, stride * num // den
     oh_all, ow_all = out.shape[-2:]
-    above: list[torch.Tensor] | None = None
+    above: list[torch.Tensor] | None = None  # last `blend` rows of each result of the row above
     for i in range(0, x.shape[-2], stride):
-        row: list[torch.Tensor] = []
+        below: list[torch.Tensor] = []
+        left = None  # last `blend` columns of the previous result in this row
         for c, j in enumerate(range(0, x.shape[-1], stride)):
             r = fn(x[..., i:i + tile, j:j + tile])
             if above is not None:
                 _blend(above[c], r, blend, -2)
-            if row:
-                _blend(row[-1], r, blend, -1)
-            row.append(r)
+            if left is not None:
+                _blend(left, r, blend, -1)
             oi, oj = i * num // den, j * num // den
             hk, wk = min(keep, r.shape[-2], oh_all - oi), min(keep, r.shape[-1], ow_all - oj)
             out[..., oi:oi + hk, oj:oj + wk] = r[..., :hk, :wk]
-        above = row
+            left = _tail(r, blend, -1)
+            below.append(_tail(r, blend, -2))
+            del r
+        above = below
     return out
 
 

@@ -238,3 +238,22 @@ def test_random_i2v_pipeline_with_clip_quantized():
     img = Image.fromarray((np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8))
     clip_fea, y, _ = pipe.encode_image(img, 5, 32, 48)
     assert torch.isfinite(clip_fea).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.last
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_quantized_clip_on_cuda_fp16_matches_cpu(tmp_path, scheme):
+    """CLIP runs in fp16 on CUDA: its 8-bit GEMMs (fp8: a bf16 result cast to fp16) against the CPU path."""
+    from lightx2v_engine.clip import QUANT_LINEARS
+    from lightx2v_engine.quant import quantize_weight
+    sd = save_wan(make_hf(28), 160, tmp_path / "clip.pth")
+    for k in list(sd):
+        if k.startswith("visual.transformer.") and any(k.endswith(f".{n}.weight") for n in QUANT_LINEARS):
+            sd[k], sd[k + "_scale"] = quantize_weight(sd[k].float(), scheme)
+    torch.save(sd, tmp_path / "q.pth")
+    torch.manual_seed(1)
+    pixels = torch.randn(2, 3, 28, 28)
+    want = encode_image(load_clip(str(tmp_path / "q.pth"), dtype=torch.float32), pixels)
+    got = encode_image(load_clip(str(tmp_path / "q.pth"), device="cuda", dtype=torch.float16), pixels.cuda())
+    assert got.dtype == torch.float16 and rel_l2(got.float().cpu(), want) < 0.05

@@ -169,3 +169,42 @@ def test_request_loras_with_block_offload_on_cuda(tmp_path):
         p.set_request_loras([spec])
         out.append(p.generate("a cat", seed=1).latents)
     torch.testing.assert_close(out[1], out[0], rtol=1e-6, atol=1e-6)
+
+
+def test_pipeline_request_lora_on_an_8bit_offloaded_dit_repacks_and_keeps_no_old_packs(t2v_folder, tmp_path):
+    """Pipeline.set_request_loras re-packs the offloaded blocks whose 8-bit branches changed (on a GPU a
+    branch left outside the pack would stay on the CPU); the switch keeps copies of the earlier branches,
+    not views that would keep replaced packs (host memory) alive."""
+    from lightx2v_engine.loading import load_dit
+    dit = load_dit(get_preset("tiny"), t2v_folder, dtype="bf16")
+    quantize_dit_(dit, "int8-vllm")
+    qpath = tmp_path / "q.safetensors"
+    save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, str(qpath))
+    cfg_lora = write_lora(tmp_path / "cfg.safetensors", dit, targets=["blocks.0.self_attn.q"], seed=6)
+    req = write_lora(tmp_path / "req.safetensors", dit, targets=["blocks.0.self_attn.q", "blocks.1.ffn.0"], seed=7)
+    cfg = {**TINY, "dit_quantized": True, "dit_quantized_ckpt": str(qpath), "dit_quant_scheme": "int8-vllm",
+           "cpu_offload": True, "lora_configs": [{"path": cfg_lora.path, "strength": 1.0}]}
+    pipe = Pipeline.load(t2v_folder, cfg, device="cpu")
+    pipe.set_request_loras([req])
+    off = pipe.dit.block_offload
+    assert all(p.is_current() for p in off.packs)
+    for entry in pipe._lora_switch._saved.values():
+        for t in entry[2:] if entry[0] == "branch" else ():
+            if t is not None:  # owns its storage (no view of a block's packed buffer)
+                assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    pipe.set_request_loras([])
+    assert all(p.is_current() for p in off.packs)
+
+
+def test_merge_arithmetic_runs_on_compute_device():
+    """compute_device routes the merge arithmetic (the GPU for an offloaded DiT's host weights): on the
+    meta device the result cannot be copied back, which shows where it ran."""
+    dit = _dit()
+    lora = {"diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.ones(256, 2),
+            "diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.ones(2, 256)}
+    before = dit.blocks[0].self_attn.q.weight.clone()
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        merge_lora_(dit, lora, 1.0, compute_device="meta")
+    assert torch.equal(dit.blocks[0].self_attn.q.weight, before)
+    merge_lora_(dit, lora, 1.0, compute_device="cpu")
+    assert not torch.equal(dit.blocks[0].self_attn.q.weight, before)

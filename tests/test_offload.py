@@ -60,6 +60,12 @@ class Recorder(SyncRuntime):
         self.log.append(("mark", ("done", self.n)))
         return ("done", self.n)
 
+    def synchronize(self):
+        self.log.append(("sync",))
+
+    def adopt(self, slot):
+        self.log.append(("alloc",))
+
     def hook(self, model):
         for i, b in enumerate(model.blocks):
             b.register_forward_pre_hook(
@@ -91,6 +97,12 @@ def check_ordering(log):
             assert holds.get(slot) == block, f"block {block} computes from slot {slot}, which holds {holds.get(slot)}"
             assert copy_event[slot] in waited, f"block {block} computes before waiting for its copy"
             pending_compute, computed = slot, True
+        elif kind == "sync":  # every queued copy has finished: nothing is in flight
+            pass
+        elif kind == "alloc":  # new slots (at construction, or grown by refresh): nothing held yet
+            holds.clear()
+            last_done.clear()
+            computed = False
         elif kind == "mark":
             if not computed and not holds:
                 initial = entry[1]
@@ -158,7 +170,7 @@ def test_copies_and_computes_are_ordered_and_overlap(layers):
     assert [c[1] for c in computes] == list(range(layers)) * 3
     # the first copy into a slot waits for the work queued when the slot was allocated (its memory may be
     # recycled from tensors of kernels still queued), later ones for the last compute reading the slot
-    assert rec.log[0][0] == "mark" and all(c[3] is not None for c in copies)
+    assert [e[0] for e in rec.log[:3]] == ["alloc", "alloc", "mark"] and all(c[3] is not None for c in copies)
     # every forward after the first: each block's copy was issued before the previous block computed
     # (it overlaps that compute); block 0's came from the end of the previous forward
     pos = {id(e): k for k, e in enumerate(rec.log)}
@@ -409,3 +421,24 @@ def test_block_offload_on_cuda_with_real_width_blocks_is_exact():
     torch.cuda.synchronize()
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+@pytest.mark.usefixtures("torch_ops")
+def test_refresh_waits_for_queued_copies_before_repacking():
+    """refresh() (after a LoRA switch) synchronizes the copy stream before a pack or slot can go: block 0's
+    prefetch from the end of the last forward may still be reading its old pack."""
+    dit = _dit(3)
+    quantize_dit_(dit, "int8-vllm")
+    x, t, ctx = _inputs(dit.cfg)
+    rec = Recorder()
+    rec.off = off = attach_block_offload(dit, "cpu", runtime=rec)
+    rec.hook(dit)
+    dit(x, t, ctx)
+    old = off.packs[0]
+    lin = dit.blocks[0].self_attn.q
+    lin.add_lora(torch.ones(lin.out_features, 2), torch.ones(2, lin.in_features), 0.01)
+    n = len(rec.log)
+    off.refresh()
+    assert rec.log[n:n + 1] == [("sync",)] and off.packs[0] is not old and off.packs[1] is not None
+    dit(x, t, ctx)  # the grown slots, the re-packed block
+    check_ordering(rec.log)

@@ -375,7 +375,13 @@ def test_per_request_loras(tmp_path):
     c = Client(app)
     try:
         assert c.call("GET", "/v1/service/metadata")[1]["loras"] == ["broken.safetensors", "sub/style.safetensors"]
+        code, resp = c.call("POST", "/v1/tasks/video/", {"prompt": "a red car", "lora_strength": 0.5, "seed": 1,
+                                                          "save_result_path": "strength_only"})
+        assert code == 200 and c.wait(resp["task_id"])["status"] == "completed"  # a strength alone: no LoRA
+        (lora_dir / "escape.safetensors").symlink_to(tmp_path / "outside.safetensors")
+        assert "escape.safetensors" not in c.call("GET", "/v1/service/metadata")[1]["loras"]
         for body, match in (({"lora_name": "nope"}, "no such LoRA file"),
+                            ({"lora_name": "escape.safetensors"}, "no such LoRA file"),
                             ({"lora_name": "../outside.safetensors"}, "no such LoRA file"),
                             ({"lora_name": "sub/style", "lora_strength": "strong"}, "lora_strength must be a finite"),
                             ({"lora_name": 3}, "lora_name must be a string")):

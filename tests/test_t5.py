@@ -269,6 +269,10 @@ def test_quantized_t5_file_errors_name_the_key(wan_file, tmp_path):
     torch.save(bad, tmp_path / "bad1.pth")
     with pytest.raises(ValueError, match="blocks.0.norm1.weight_scale.*scales no linear"):
         load_t5(str(tmp_path / "bad1.pth"))
+    unscaled = {k: v for k, v in sd.items() if k != "blocks.1.ffn.fc2.weight_scale"}
+    torch.save(unscaled, tmp_path / "bad0.pth")  # its 8-bit codes would otherwise run unscaled as a float weight
+    with pytest.raises(ValueError, match=r"8-bit weight\(s\) without a weight_scale: \['blocks.1.ffn.fc2.weight'\]"):
+        load_t5(str(tmp_path / "bad0.pth"))
     bad = dict(sd, **{"blocks.1.attn.k.weight_scale": torch.ones(5, 1)})
     torch.save(bad, tmp_path / "bad2.pth")
     with pytest.raises(ValueError, match=r"blocks.1.attn.k.weight_scale.*5 values, expected 48"):

@@ -115,6 +115,12 @@ def test_tiled_decode_matches_diffusers_tiling(pair, tiled_ref):
     assert got.shape == want.shape == (1, 3, 5, 104, 136)
     assert _rel(got, want) <= 1e-4, _rel(got, want)
     assert _rel(ours.decode(z), want) > 1e-3  # tiling changes the result: the test sees it
+    # larger than a tile in one direction only: tiled in that direction (diffusers' rule: either side)
+    tall = z[..., :13, :6]
+    with torch.no_grad():
+        want_tall = tiled_ref.decode(tall * std + mean).sample
+    assert _rel(ours.decode(tall, tiled=(64, 48)), want_tall) <= 1e-4
+    assert _rel(ours.decode(tall), want_tall) > 1e-3
     # a video no larger than one tile decodes untiled
     small = z[..., :8, :8]
     torch.testing.assert_close(ours.decode(small, tiled=(64, 48)), ours.decode(small), rtol=0, atol=0)
@@ -130,6 +136,11 @@ def test_tiled_encode_matches_diffusers_tiling(pair, tiled_ref):
     assert got.shape == want.shape == (1, 16, 2, 13, 17)
     assert _rel(got, want) <= 1e-4, _rel(got, want)
     assert _rel(ours.encode(x), want) > 1e-3
+    wide = x[..., :48, :]  # larger than a tile in width only
+    with torch.no_grad():
+        want_wide = (tiled_ref.encode(wide).latent_dist.mean - mean) / std
+    assert _rel(ours.encode(wide, tiled=(64, 48)), want_wide) <= 1e-4
+    assert _rel(ours.encode(wide), want_wide) > 1e-3
 
 
 def test_tiling_setting_is_checked(pair):
