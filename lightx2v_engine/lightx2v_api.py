@@ -47,6 +47,7 @@ class LightX2VPipeline:
         if dit_original_ckpt is not None:
             self.config["dit_original_ckpt"] = dit_original_ckpt
         self.pipeline = None  # set by create_generator
+        self._dynamic_lora = False  # enable_lora(..., lora_dynamic_apply=True): switch_lora works
 
     # ------------------------------------------------------------------ options (before create_generator)
     def _set(self, **keys: Any) -> None:
@@ -79,7 +80,8 @@ class LightX2VPipeline:
                   vae_cpu_offload=vae_offload)
 
     def enable_lora(self, lora_configs: list[dict], lora_dynamic_apply: bool = False) -> None:
-        """lora_configs: [{"path": ..., "strength": ...}, ...] (paths absolute or relative to model_path)."""
+        """lora_configs: [{"path": ..., "strength": ...}, ...] (paths absolute or relative to model_path).
+        lora_dynamic_apply: they can be replaced later by switch_lora (otherwise merged for good)."""
         self._set(lora_configs=list(lora_configs), lora_dynamic_apply=lora_dynamic_apply or None)
 
     def enable_lightvae(self, use_lightvae: bool = False, use_tae: bool = False, vae_path: str | None = None,
@@ -132,8 +134,38 @@ class LightX2VPipeline:
                     "self_attn_1_type": attn_mode, "cross_attn_1_type": attn_mode, "cross_attn_2_type": attn_mode}
             if distill:
                 keys["denoising_step_list"] = steps
-        self.pipeline = Pipeline.load(self.model_path, {**keys, **self.config}, task=self.task,
-                                      model_cls=self.model_cls, device=self.device)
+        config = {**keys, **self.config}
+        dynamic = []
+        if config.pop("lora_dynamic_apply", None):  # switchable LoRAs: applied after loading, see switch_lora
+            dynamic = [self._lora_spec(c) for c in config.pop("lora_configs", None) or []]
+        self.pipeline = Pipeline.load(self.model_path, config, task=self.task, model_cls=self.model_cls,
+                                      device=self.device)
+        self._dynamic_lora = bool(self.config.get("lora_dynamic_apply"))
+        if dynamic:
+            self.pipeline.set_request_loras(dynamic)
+
+    def _lora_spec(self, item):
+        """A {"path", "strength"} entry as a LoraSpec (a relative path: as given, then under model_path)."""
+        from lightx2v_engine.checkpoint import candidate_paths
+        from lightx2v_engine.config import LoraSpec
+        if isinstance(item, str):
+            item = {"path": item}
+        if not isinstance(item, dict) or not isinstance(item.get("path"), str):
+            raise ValueError(f"LightX2VPipeline: a LoRA entry must be {{'path': ..., 'strength': ...}}, got {item!r}")
+        found = [c for c in candidate_paths(item["path"], [self.model_path]) if c.is_file()]
+        return LoraSpec(str(found[0]) if found else item["path"], float(item.get("strength", 1.0)))
+
+    def switch_lora(self, lora_path: str, strength: float = 1.0) -> None:
+        """Replaces the switchable LoRA (LightX2V: needs enable_lora(..., lora_dynamic_apply=True)); "" removes
+        it. The model as loaded comes back exactly in between (Pipeline.set_request_loras)."""
+        if self.pipeline is None:
+            raise RuntimeError("LightX2VPipeline.switch_lora: call create_generator first")
+        if not self._dynamic_lora:
+            raise RuntimeError("LightX2VPipeline.switch_lora: LoRA dynamic apply is not enabled; call "
+                               "enable_lora(lora_configs, lora_dynamic_apply=True) before create_generator "
+                               "(as LightX2V requires)")
+        self.pipeline.set_request_loras([] if lora_path == "" else [self._lora_spec({"path": lora_path,
+                                                                                      "strength": strength})])
 
     @torch.no_grad()
     def generate(self, seed: int, prompt: str, negative_prompt: str, save_result_path: str,

@@ -68,3 +68,38 @@ def test_keyword_construction_and_empty_negative_prompt(folder, tmp_path):
     assert torch.equal(default, explicit) and not torch.equal(empty, default)
     with pytest.raises(ValueError, match="resize_mode"):
         LightX2VPipeline(model_path=str(folder), device="cpu").create_generator(resize_mode="adaptive")
+
+
+def test_switch_lora_with_dynamic_apply(folder, tmp_path):
+    """enable_lora(..., lora_dynamic_apply=True) then switch_lora, as LightX2V: each state gives the video of
+    the engine with that LoRA in its config; "" gives the base video; without dynamic apply: an error."""
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(0)
+    paths = []
+    for i, target in enumerate(("blocks.0.self_attn.q", "blocks.1.ffn.2")):
+        o, k = (256, 256) if "self_attn" in target else (256, 512)
+        lora = {f"diffusion_model.{target}.lora_up.weight": torch.randn(o, 4, generator=g) * 0.3,
+                f"diffusion_model.{target}.lora_down.weight": torch.randn(4, k, generator=g) * 0.3}
+        paths.append(tmp_path / f"l{i}.safetensors")
+        save_file(lora, str(paths[-1]))
+    size = {"target_video_length": 5, "target_height": 32, "target_width": 48}
+
+    def ref(loras):
+        return Pipeline.load(folder, {**size, "lora_configs": loras}, device="cpu").generate("a cat", seed=3).latents
+
+    pipe = LightX2VPipeline(task="t2v", model_path=str(folder), device="cpu")
+    pipe.enable_lora([{"path": str(paths[0]), "strength": 1.0}], lora_dynamic_apply=True)
+    pipe.create_generator(num_frames=5, height=32, width=48, guidance_scale=1.0)
+
+    def run():
+        return pipe.pipeline.generate("a cat", seed=3).latents
+    torch.testing.assert_close(run(), ref([{"path": str(paths[0]), "strength": 1.0}]), rtol=0, atol=0)
+    pipe.switch_lora(str(paths[1]), 0.5)  # replaces the first one
+    torch.testing.assert_close(run(), ref([{"path": str(paths[1]), "strength": 0.5}]), rtol=0, atol=0)
+    pipe.switch_lora("")
+    torch.testing.assert_close(run(), ref([]), rtol=0, atol=0)
+    merged = LightX2VPipeline(task="t2v", model_path=str(folder), device="cpu")
+    merged.enable_lora([{"path": str(paths[0]), "strength": 1.0}])
+    merged.create_generator(num_frames=5, height=32, width=48, guidance_scale=1.0)
+    with pytest.raises(RuntimeError, match="lora_dynamic_apply=True"):
+        merged.switch_lora(str(paths[1]))
