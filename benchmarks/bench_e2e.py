@@ -1,14 +1,14 @@
 """End-to-end latency: one denoising step of the DiT at real shapes, text encoding, VAE decode, and the
 distillation's speed-up, each next to its baseline measured in the same run.
 
-    python benchmarks/bench_e2e.py [--with-14b] [--720p] [--offload] [--out DIR]
+    python benchmarks/bench_e2e.py [--with-14b] [--720p] [--offload] [--lora-switch] [--out DIR]
 
 Per preset (random weights, 480p 81 frames by default): (a) the plain PyTorch reference path (ops backend
 "torch"), (b) the engine in bf16, (c) the engine with fp8 linears, and with fp8 linears plus 8-bit
 self-attention (INT8 q k^T, FP8 P.V; step_ms_<preset>_8bit is the faster of the two), each eager and as
 CUDA-graph replay of the 4-step loop, (d) diffusers' WanTransformer3DModel eager (and torch.compile'd with --diffusers-compile) when
 diffusers is importable; with --offload, (e) the bf16 step with DiT block offload against the same model
-resident. Writes e2e.csv and e2e_summary.json into --out (default $OUT or benchmarks/out).
+resident; with --lora-switch, (f) the per-request LoRA switch times. Writes e2e.csv and e2e_summary.json into --out (default $OUT or benchmarks/out).
 `--dry-run` runs every code path at the tiny preset on the CPU (used by the tests).
 """
 from __future__ import annotations
@@ -366,6 +366,54 @@ def env_info(device) -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
+def bench_lora_switch(preset: str, args, device, rows, summary, tag: str):
+    """The server's per-request LoRA switch (lora.LoraSwitch) on the bf16 DiT: a rank-64 LoRA on every
+    linear of the blocks (the shape of LightX2V's distill LoRAs). Wall ms of the first switch (copies of the
+    touched weights kept in host memory, merge), of a switch to another LoRA (restore + merge), of the same
+    LoRA again (no work) and back to none (restore); with the host memory the copies take."""
+    import tempfile
+    from safetensors.torch import save_file
+    from lightx2v_engine.config import LoraSpec
+    from lightx2v_engine.lora import LoraSwitch
+    model, _, _ = dit_setup(preset, args, device)
+    g = torch.Generator().manual_seed(0)
+    rank = 8 if args.dry_run else 64
+
+    def write(path):
+        lora = {}
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear) and name.startswith("blocks."):
+                lora[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(m.out_features, rank, generator=g) * 0.01
+                lora[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(rank, m.in_features, generator=g) * 0.01
+        save_file({k: v.to(torch.bfloat16) for k, v in lora.items()}, path)
+        return path
+
+    def timed(fn) -> float:
+        _sync_device(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync_device(device)
+        return (time.perf_counter() - t0) * 1e3
+
+    with tempfile.TemporaryDirectory(prefix="lx2v_lora_") as d, torch.no_grad():
+        a, b = LoraSpec(write(f"{d}/a.safetensors"), 1.0), LoraSpec(write(f"{d}/b.safetensors"), 1.0)
+        sw = LoraSwitch(model)
+        figures = {"first": timed(lambda: sw.set((a,))), "other": timed(lambda: sw.set((b,))),
+                   "same": timed(lambda: sw.set((b,))), "none": timed(lambda: sw.set(()))}
+        sw.set((a,))
+        summary[f"lora_switch_host_gib_{tag}"] = sum(e[2].numel() * e[2].element_size()
+                                                     for e in sw._saved.values() if e[0] == "param") / 2**30
+    for k, ms in figures.items():
+        summary[f"lora_switch_{k}_ms_{tag}"] = ms
+        rows.append({"what": f"lora_switch_{tag}", "impl": k, "ms": round(ms, 3), "ratio_vs_reference": ""})
+    del model, sw
+
+
+def _sync_device(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def bench_offload(preset: str, args, device, run, rows, summary, tag: str):
     """DiT block offload (cpu_offload, offload_granularity "block"): the eager bf16 step with the blocks
     streaming from pinned host memory against the same model resident, the copy bandwidth of one block
@@ -411,6 +459,8 @@ def main(argv=None) -> int:
     p.add_argument("--baseline-steps", type=int, default=10, help="UniPC steps actually timed (of 50)")
     p.add_argument("--no-graph", action="store_true")
     p.add_argument("--skip", nargs="*", default=[], choices=["dit", "diffusers", "text", "vae", "distill"])
+    p.add_argument("--lora-switch", action="store_true",
+                   help="also the server's per-request LoRA switch times (rank-64 LoRA on every block linear)")
     p.add_argument("--offload", action="store_true",
                    help="also the DiT step with block offload (cpu_offload) against the resident DiT, last")
     p.add_argument("--dry-run", action="store_true", help="tiny preset on the CPU: exercises every code path")
@@ -470,6 +520,10 @@ def main(argv=None) -> int:
     if "dit" not in args.skip and (args.offload or args.dry_run):
         for preset, tag in presets:
             bench_offload(preset, args, device, run, rows, summary, tag)
+            save()
+    if "dit" not in args.skip and (args.lora_switch or args.dry_run):
+        for preset, tag in presets:
+            bench_lora_switch(preset, args, device, rows, summary, tag)
             save()
     for r in rows:
         r.update(info)

@@ -96,7 +96,7 @@ fi
 
 if has e2e; then
   stage "bench_e2e"
-  capped bench_e2e 240 bench_e2e.log 45 $PY benchmarks/bench_e2e.py --out "$OUT" --offload "${E2E_ARGS[@]}"
+  capped bench_e2e 240 bench_e2e.log 45 $PY benchmarks/bench_e2e.py --out "$OUT" --offload --lora-switch "${E2E_ARGS[@]}"
 fi
 
 if [ -n "${BUILD_PID:-}" ]; then
