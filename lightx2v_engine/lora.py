@@ -193,8 +193,9 @@ class LoraSwitch:
     ``set(specs)`` first restores what the previous set changed - exactly: bf16 weights from copies kept
     in host memory when first changed, an 8-bit linear's branches by putting its earlier ones back - then
     merges `specs` in order. The same specs again cost nothing. A failing LoRA (missing file, unmatched
-    keys, wrong shapes) leaves the model as loaded and raises. Host memory: one copy of every weight the
-    current LoRAs change (a full-model LoRA on 14B bf16: about 27 GB)."""
+    keys, wrong shapes) leaves the model as loaded and raises. Host memory: one copy of every weight a
+    LoRA has changed (a full-model LoRA on 14B bf16: about 27 GB), kept for later switches; for GPU weights
+    it is page-locked, so saving and restoring are DMA copies ordered on the current stream (no host sync)."""
 
     def __init__(self, model: torch.nn.Module, strict: bool = True, search_dirs=(),
                  compute_device: torch.device | str | None = None):
@@ -202,13 +203,23 @@ class LoraSwitch:
         self.compute_device = compute_device  # where the merge arithmetic runs (merge_lora_)
         self.current: tuple = ()
         self._saved: dict[str, tuple] = {}  # name -> ("param", tensor, host copy) | ("branch", QuantLinear, down, up)
+        self._host: dict[str, torch.Tensor] = {}  # name -> its host copy's buffer, reused by later switches
         self.touched_quantized = False      # the last set() replaced branch tensors of 8-bit linears
+
+    def _host_copy(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        """w's values in host memory, in this switch's buffer for `name` (page-locked for a GPU weight)."""
+        buf = self._host.get(name)
+        if buf is None or buf.shape != w.shape or buf.dtype != w.dtype:
+            from lightx2v_engine.offload import _host_buffer
+            raw = _host_buffer(w.numel() * w.element_size(), w.is_cuda, self)
+            buf = self._host[name] = raw.view(w.dtype).view(w.shape)
+        return buf.copy_(w.detach(), non_blocking=w.is_cuda)  # (before the merge writes w: same stream)
 
     def _save(self, name: str, target) -> None:
         if name in self._saved:
             return
         if isinstance(target, torch.Tensor):
-            self._saved[name] = ("param", target, target.detach().to("cpu", copy=True))
+            self._saved[name] = ("param", target, self._host_copy(name, target))
         else:  # copies: the branches may be views of an offloaded block's packed buffer, re-packed later
             clone = lambda t: None if t is None else t.clone()  # noqa: E731
             self._saved[name] = ("branch", target, clone(target.lora_down), clone(target.lora_up))
@@ -219,7 +230,7 @@ class LoraSwitch:
         """The model as loaded (no request LoRA)."""
         for entry in self._saved.values():
             if entry[0] == "param":
-                entry[1].copy_(entry[2])
+                entry[1].copy_(entry[2], non_blocking=entry[1].is_cuda)
             else:
                 entry[1].lora_down, entry[1].lora_up = entry[2], entry[3]
         self._saved.clear()

@@ -208,3 +208,20 @@ def test_merge_arithmetic_runs_on_compute_device():
     assert torch.equal(dit.blocks[0].self_attn.q.weight, before)
     merge_lora_(dit, lora, 1.0, compute_device="cpu")
     assert not torch.equal(dit.blocks[0].self_attn.q.weight, before)
+
+
+def test_kept_copies_reuse_their_buffers_across_switches(tmp_path):
+    """The host copies of changed weights live in buffers kept per weight: switching back and forth
+    allocates (and on CUDA page-locks) nothing new, and the restore stays exact."""
+    dit = _dit()
+    a = write_lora(tmp_path / "a.safetensors", dit, seed=1)
+    b = write_lora(tmp_path / "b.safetensors", dit, seed=2, targets=TARGETS[:3])
+    base = snapshot(dit)
+    sw = LoraSwitch(dit)
+    sw.set((a,))
+    bufs = dict(sw._host)
+    assert set(bufs) == {t + ".weight" for t in TARGETS}
+    for specs in ((b,), (a,), ()):
+        sw.set(specs)
+        assert all(sw._host[k] is v for k, v in bufs.items())
+    assert same(snapshot(dit), base)
