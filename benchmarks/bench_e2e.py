@@ -401,8 +401,7 @@ def bench_lora_switch(preset: str, args, device, rows, summary, tag: str):
         figures = {"first": timed(lambda: sw.set((a,))), "other": timed(lambda: sw.set((b,))),
                    "same": timed(lambda: sw.set((b,))), "none": timed(lambda: sw.set(()))}
         sw.set((a,))
-        summary[f"lora_switch_host_gib_{tag}"] = sum(e[2].numel() * e[2].element_size()
-                                                     for e in sw._saved.values() if e[0] == "param") / 2**30
+        summary[f"lora_switch_host_gib_{tag}"] = sw.host_bytes / 2**30
     for k, ms in figures.items():
         summary[f"lora_switch_{k}_ms_{tag}"] = ms
         rows.append({"what": f"lora_switch_{tag}", "impl": k, "ms": round(ms, 3), "ratio_vs_reference": ""})

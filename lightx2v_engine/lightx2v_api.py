@@ -136,24 +136,27 @@ class LightX2VPipeline:
                 keys["denoising_step_list"] = steps
         config = {**keys, **self.config}
         dynamic = []
-        if config.pop("lora_dynamic_apply", None):  # switchable LoRAs: applied after loading, see switch_lora
-            dynamic = [self._lora_spec(c) for c in config.pop("lora_configs", None) or []]
+        self._dynamic_lora = config.pop("lora_dynamic_apply", None) is True  # (also from config_json)
+        if self._dynamic_lora:  # switchable LoRAs: applied after loading, see switch_lora
+            loras = config.pop("lora_configs", None) or []
+            if not isinstance(loras, (list, tuple)):
+                raise ValueError(f"lora_configs: expected a list of {{path, strength}}, got {loras!r}")
+            dynamic = [self._lora_spec(c) for c in loras]
         self.pipeline = Pipeline.load(self.model_path, config, task=self.task, model_cls=self.model_cls,
                                       device=self.device)
-        self._dynamic_lora = bool(self.config.get("lora_dynamic_apply"))
         if dynamic:
             self.pipeline.set_request_loras(dynamic)
 
     def _lora_spec(self, item):
         """A {"path", "strength"} entry as a LoraSpec (a relative path: as given, then under model_path)."""
         from lightx2v_engine.checkpoint import candidate_paths
-        from lightx2v_engine.config import LoraSpec
-        if isinstance(item, str):
-            item = {"path": item}
-        if not isinstance(item, dict) or not isinstance(item.get("path"), str):
+        from lightx2v_engine.config import LoraSpec, _as
+        if not isinstance(item, dict) or not isinstance(item.get("path"), str) \
+                or set(item) - {"path", "strength", "name"}:
             raise ValueError(f"LightX2VPipeline: a LoRA entry must be {{'path': ..., 'strength': ...}}, got {item!r}")
+        strength = _as("lora strength", item.get("strength", 1.0), float)  # (no bool, text or NaN)
         found = [c for c in candidate_paths(item["path"], [self.model_path]) if c.is_file()]
-        return LoraSpec(str(found[0]) if found else item["path"], float(item.get("strength", 1.0)))
+        return LoraSpec(str(found[0].resolve()) if found else item["path"], strength)
 
     def switch_lora(self, lora_path: str, strength: float = 1.0) -> None:
         """Replaces the switchable LoRA (LightX2V: needs enable_lora(..., lora_dynamic_apply=True)); "" removes

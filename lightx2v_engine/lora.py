@@ -190,36 +190,50 @@ class LoraSwitch:
     """LoRAs that change from one generation to the next (the server's per-request ``lora_name``), on top
     of the model as loaded (its config LoRAs included).
 
-    ``set(specs)`` first restores what the previous set changed - exactly: bf16 weights from copies kept
-    in host memory when first changed, an 8-bit linear's branches by putting its earlier ones back - then
-    merges `specs` in order. The same specs again cost nothing. A failing LoRA (missing file, unmatched
-    keys, wrong shapes) leaves the model as loaded and raises. Host memory: one copy of every weight a
-    LoRA has changed (a full-model LoRA on 14B bf16: about 27 GB), kept for later switches; for GPU weights
-    it is page-locked, so saving and restoring are DMA copies ordered on the current stream (no host sync)."""
+    ``set(specs)`` first restores what the previous set changed - exactly: weights from copies kept in host
+    memory when first changed, an 8-bit linear's branches by putting its earlier ones back - then merges
+    `specs` in order. The same specs again cost nothing. A failing LoRA (missing file, unmatched keys,
+    wrong shapes) leaves the model as loaded and raises. Host memory: one copy of every weight a LoRA has
+    changed (a full-model LoRA on 14B bf16: about 27 GB), kept for later switches; for GPU weights it is
+    page-locked, so saving and restoring are DMA copies ordered on the current stream (no host sync), and
+    a switch from one LoRA to another copies nothing back (the copies are the weights just restored).
+    Weights are looked up by name at restore time: an offloaded block re-packed in between keeps working."""
 
     def __init__(self, model: torch.nn.Module, strict: bool = True, search_dirs=(),
                  compute_device: torch.device | str | None = None):
         self.model, self.strict, self.search_dirs = model, strict, list(search_dirs)
         self.compute_device = compute_device  # where the merge arithmetic runs (merge_lora_)
         self.current: tuple = ()
-        self._saved: dict[str, tuple] = {}  # name -> ("param", tensor, host copy) | ("branch", QuantLinear, down, up)
-        self._host: dict[str, torch.Tensor] = {}  # name -> its host copy's buffer, reused by later switches
-        self.touched_quantized = False      # the last set() replaced branch tensors of 8-bit linears
+        # name -> ("tensor", module, attribute, host copy) | ("branch", QuantLinear, down, up)
+        self._saved: dict[str, tuple] = {}
+        self._host: dict[str, tuple] = {}  # name -> (owner of the page-locking, buffer), reused by later switches
+        self._fresh: set[str] = set()  # names whose buffer equals the weight right now (restored in this set())
+        self.touched_quantized = False  # the last set() replaced branch tensors of 8-bit linears
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(buf.numel() * buf.element_size() for _, buf in self._host.values())
 
     def _host_copy(self, name: str, w: torch.Tensor) -> torch.Tensor:
         """w's values in host memory, in this switch's buffer for `name` (page-locked for a GPU weight)."""
-        buf = self._host.get(name)
-        if buf is None or buf.shape != w.shape or buf.dtype != w.dtype:
+        held = self._host.get(name)
+        if held is None or held[1].shape != w.shape or held[1].dtype != w.dtype:
             from lightx2v_engine.offload import _host_buffer
-            raw = _host_buffer(w.numel() * w.element_size(), w.is_cuda, self)
-            buf = self._host[name] = raw.view(w.dtype).view(w.shape)
-        return buf.copy_(w.detach(), non_blocking=w.is_cuda)  # (before the merge writes w: same stream)
+            owner = _BufferOwner()  # dropping the entry unlocks and frees the buffer
+            raw = _host_buffer(w.numel() * w.element_size(), w.is_cuda, owner)
+            held = self._host[name] = (owner, raw.view(w.dtype).view(w.shape))
+            self._fresh.discard(name)
+        if name in self._fresh:  # restored from this very buffer in this set(): nothing to copy
+            return held[1]
+        return held[1].copy_(w.detach(), non_blocking=w.is_cuda)  # (before the merge writes w: same stream)
 
     def _save(self, name: str, target) -> None:
         if name in self._saved:
             return
         if isinstance(target, torch.Tensor):
-            self._saved[name] = ("param", target, self._host_copy(name, target))
+            module_name, _, attr = name.rpartition(".")
+            module = self.model.get_submodule(module_name)
+            self._saved[name] = ("tensor", module, attr, self._host_copy(name, target))
         else:  # copies: the branches may be views of an offloaded block's packed buffer, re-packed later
             clone = lambda t: None if t is None else t.clone()  # noqa: E731
             self._saved[name] = ("branch", target, clone(target.lora_down), clone(target.lora_up))
@@ -228,9 +242,11 @@ class LoraSwitch:
     @torch.no_grad()
     def restore(self) -> None:
         """The model as loaded (no request LoRA)."""
-        for entry in self._saved.values():
-            if entry[0] == "param":
-                entry[1].copy_(entry[2], non_blocking=entry[1].is_cuda)
+        for name, entry in self._saved.items():
+            if entry[0] == "tensor":  # the module's tensor now (a re-packed block has new buffer objects)
+                w = getattr(entry[1], entry[2])
+                w.copy_(entry[3], non_blocking=w.is_cuda)
+                self._fresh.add(name)
             else:
                 entry[1].lora_down, entry[1].lora_up = entry[2], entry[3]
         self._saved.clear()
@@ -243,6 +259,7 @@ class LoraSwitch:
             return False
         # the previous set's branches go back (restore) or new ones come (_save): either replaces tensors
         self.touched_quantized = any(e[0] == "branch" for e in self._saved.values())
+        self._fresh.clear()
         self.restore()
         try:
             for spec in specs:
@@ -252,8 +269,14 @@ class LoraSwitch:
         except BaseException:
             self.restore()
             raise
+        finally:  # a buffer is known to equal its weight only between this set()'s restore and merge
+            self._fresh.clear()
         self.current = specs
         return True
+
+
+class _BufferOwner:
+    """Holds the page-locking of one kept host buffer (released when this object goes)."""
 
 
 def _find(path: str, search_dirs) -> Path:

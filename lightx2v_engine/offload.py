@@ -166,6 +166,8 @@ def _page_lock(buf: torch.Tensor) -> bool:
 
 def _page_unlock(buf: torch.Tensor) -> None:
     try:
+        if torch.cuda.is_initialized():  # no copy queued on any stream may still read or write the buffer
+            torch.cuda.synchronize()
         torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
     except Exception:  # noqa: BLE001 - at interpreter exit the CUDA runtime may be gone
         pass

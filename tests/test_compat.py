@@ -177,7 +177,11 @@ def test_t5_quantized_file_runs_and_bf16_fallback(t2v_folder, tmp_path):
     base = Pipeline.load(folder, TINY, device="cpu")
     assert not isinstance(base.t5.blocks[0].attn.q, QuantLinear)
     assert out.latents.shape == base.generate("a cat", seed=1).latents.shape
-    (folder / "int8" / "models_t5_umt5-xxl-enc-int8.pth").unlink()
+    (folder / "int8" / "models_t5_umt5-xxl-enc-int8.pth").rename(folder / "distill_int8.pth")
+    (folder / "distill_int8").mkdir()
+    (folder / "distill_int8.pth").rename(folder / "distill_int8" / "models_t5_umt5-xxl-enc-int8.pth")
+    assert isinstance(Pipeline.load(folder, cfg, device="cpu").t5.blocks[0].attn.q, QuantLinear)  # distill_int8/
+    (folder / "distill_int8" / "models_t5_umt5-xxl-enc-int8.pth").unlink()
     with pytest.warns(UserWarning, match="t5_quantized: models_t5_umt5-xxl-enc-int8.pth not found.*unquantized"):
         pipe = Pipeline.load(folder, cfg, device="cpu")
     assert not isinstance(pipe.t5.blocks[0].attn.q, QuantLinear)

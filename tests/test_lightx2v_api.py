@@ -98,6 +98,22 @@ def test_switch_lora_with_dynamic_apply(folder, tmp_path):
     torch.testing.assert_close(run(), ref([{"path": str(paths[1]), "strength": 0.5}]), rtol=0, atol=0)
     pipe.switch_lora("")
     torch.testing.assert_close(run(), ref([]), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="lora strength.*expected a finite number"):
+        pipe.switch_lora(str(paths[1]), True)
+    # dynamic apply from a config_json too, and a LoRA path relative to the model folder
+    import json
+    import shutil
+    shutil.copy(paths[0], folder / "rel_lora.safetensors")
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({**size, "infer_steps": 4, "denoising_step_list": [1000, 750, 500, 250],
+                               "lora_dynamic_apply": True,
+                               "lora_configs": [{"path": "rel_lora.safetensors", "strength": 1.0}]}))
+    from_json = LightX2VPipeline(task="t2v", model_path=str(folder), device="cpu")
+    from_json.create_generator(config_json=str(cfg))
+    torch.testing.assert_close(from_json.pipeline.generate("a cat", seed=3).latents,
+                               ref([{"path": str(paths[0]), "strength": 1.0}]), rtol=0, atol=0)
+    from_json.switch_lora("")
+    torch.testing.assert_close(from_json.pipeline.generate("a cat", seed=3).latents, ref([]), rtol=0, atol=0)
     merged = LightX2VPipeline(task="t2v", model_path=str(folder), device="cpu")
     merged.enable_lora([{"path": str(paths[0]), "strength": 1.0}])
     merged.create_generator(num_frames=5, height=32, width=48, guidance_scale=1.0)

@@ -225,3 +225,46 @@ def test_kept_copies_reuse_their_buffers_across_switches(tmp_path):
         sw.set(specs)
         assert all(sw._host[k] is v for k, v in bufs.items())
     assert same(snapshot(dit), base)
+
+
+def test_bias_diffs_on_an_offloaded_8bit_dit_come_off_after_a_repack(t2v_folder, tmp_path):
+    """A LoRA's diff_b on a QuantLinear bias (a buffer, replaced by the re-pack of its offloaded block) is
+    taken off again: the restore writes the module's tensor of the moment, not the one saved before the
+    re-pack (which left the live bias drifting by one diff per switch)."""
+    from lightx2v_engine.loading import load_dit
+    dit = load_dit(get_preset("tiny"), t2v_folder, dtype="bf16")
+    quantize_dit_(dit, "int8-vllm")
+    qpath = tmp_path / "q.safetensors"
+    save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, str(qpath))
+    lora_path = tmp_path / "b.safetensors"
+    g = torch.Generator().manual_seed(0)
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.randn(256, 2, generator=g),
+               "diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.randn(2, 256, generator=g),
+               "diffusion_model.blocks.0.self_attn.q.diff_b": torch.ones(256)}, str(lora_path))
+    cfg = {**TINY, "dit_quantized": True, "dit_quantized_ckpt": str(qpath), "dit_quant_scheme": "int8-vllm",
+           "cpu_offload": True}
+    pipe = Pipeline.load(t2v_folder, cfg, device="cpu")
+    q = pipe.dit.blocks[0].self_attn.q
+    loaded = q.bias.clone()
+    for _ in range(3):
+        pipe.set_request_loras([LoraSpec(str(lora_path), 1.0)])
+        torch.testing.assert_close(q.bias.float(), loaded.float() + 1, rtol=0, atol=1e-2)
+        pipe.set_request_loras([])
+        assert torch.equal(q.bias, loaded)
+
+
+def test_weights_changed_between_sets_are_copied_again(tmp_path):
+    """A switch from one LoRA to another reuses the copies it just restored from; across set() calls the
+    copies are taken again, so a weight changed in between (e.g. new weights loaded) is what comes back."""
+    dit = _dit()
+    a = write_lora(tmp_path / "a.safetensors", dit, seed=1)
+    sw = LoraSwitch(dit)
+    sw.set((a,))
+    sw.set(())
+    w = dit.blocks[0].self_attn.q.weight
+    with torch.no_grad():
+        w.add_(1.0)
+    changed = w.clone()
+    sw.set((a,))
+    sw.set(())
+    assert torch.equal(w, changed)
