@@ -375,6 +375,7 @@ def bench_lora_switch(preset: str, args, device, rows, summary, tag: str):
     from safetensors.torch import save_file
     from lightx2v_engine.config import LoraSpec
     from lightx2v_engine.lora import LoraSwitch
+    from lightx2v_engine.pipeline import Timings
     model, _, _ = dit_setup(preset, args, device)
     g = torch.Generator().manual_seed(0)
     rank = 8 if args.dry_run else 64
@@ -388,29 +389,20 @@ def bench_lora_switch(preset: str, args, device, rows, summary, tag: str):
         save_file({k: v.to(torch.bfloat16) for k, v in lora.items()}, path)
         return path
 
-    def timed(fn) -> float:
-        _sync_device(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync_device(device)
-        return (time.perf_counter() - t0) * 1e3
-
     with tempfile.TemporaryDirectory(prefix="lx2v_lora_") as d, torch.no_grad():
         a, b = LoraSpec(write(f"{d}/a.safetensors"), 1.0), LoraSpec(write(f"{d}/b.safetensors"), 1.0)
         sw = LoraSwitch(model)
-        figures = {"first": timed(lambda: sw.set((a,))), "other": timed(lambda: sw.set((b,))),
-                   "same": timed(lambda: sw.set((b,))), "none": timed(lambda: sw.set(()))}
+        timings = Timings()  # wall ms, the device synchronised at both ends
+        for name, specs in (("first", (a,)), ("other", (b,)), ("same", (b,)), ("none", ())):
+            with timings.measure(name, device):
+                sw.set(specs)
+        figures = timings.items
         sw.set((a,))
         summary[f"lora_switch_host_gib_{tag}"] = sw.host_bytes / 2**30
     for k, ms in figures.items():
         summary[f"lora_switch_{k}_ms_{tag}"] = ms
         rows.append({"what": f"lora_switch_{tag}", "impl": k, "ms": round(ms, 3), "ratio_vs_reference": ""})
     del model, sw
-
-
-def _sync_device(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def bench_offload(preset: str, args, device, run, rows, summary, tag: str):

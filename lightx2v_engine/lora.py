@@ -176,13 +176,14 @@ def merge_lora_(model: torch.nn.Module, lora: dict[str, torch.Tensor], strength:
 
 
 def apply_loras_(model: torch.nn.Module, specs, strict: bool = True, search_dirs=(),
-                 compute_device: torch.device | str | None = None) -> int:
-    """Merges every LoRA of `specs` (LoraSpec list) in order. Returns the total number of merged tensors."""
+                 compute_device: torch.device | str | None = None, before_write=None) -> int:
+    """Merges every LoRA of `specs` (LoraSpec list) in order (merge_lora_'s options). Returns the total
+    number of merged tensors."""
     total = 0
     for spec in specs:
         path = _find(spec.path, search_dirs)
         total += merge_lora_(model, read_lora(path), spec.strength, source=str(path), strict=strict,
-                             compute_device=compute_device)
+                             compute_device=compute_device, before_write=before_write)
     return total
 
 
@@ -262,10 +263,8 @@ class LoraSwitch:
         self._fresh.clear()
         self.restore()
         try:
-            for spec in specs:
-                path = _find(spec.path, self.search_dirs)
-                merge_lora_(self.model, read_lora(path), spec.strength, source=str(path), strict=self.strict,
-                            before_write=self._save, compute_device=self.compute_device)
+            apply_loras_(self.model, specs, self.strict, self.search_dirs, self.compute_device,
+                         before_write=self._save)
         except BaseException:
             self.restore()
             raise

@@ -17,6 +17,7 @@ device, but a block already prefetched keeps the old copy until it is loaded aga
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
 from dataclasses import dataclass
@@ -337,19 +338,27 @@ def page_lock_module_(module: nn.Module) -> list[_Pack]:
     return packs
 
 
+@contextlib.contextmanager
+def blocks_detached(module: nn.Module):
+    """`module` without its `blocks` child for the duration (so that .to() leaves the blocks alone)."""
+    blocks = module._modules.pop("blocks")
+    try:
+        yield module
+    finally:
+        module._modules["blocks"] = blocks
+
+
 def attach_block_offload(dit: nn.Module, device: torch.device | str, **kwargs) -> BlockOffload:
     """Moves everything of `dit` but its blocks to `device` and streams the blocks from host memory
     (``dit.block_offload``, read by the DiT's forward). The blocks may start on any device."""
     device = torch.device(device)
-    blocks = dit._modules.pop("blocks")
-    try:
+    with blocks_detached(dit):
         dit.to(device)
-    finally:
-        dit._modules["blocks"] = blocks
+    blocks = dit.blocks
     offload = BlockOffload(blocks, device, **kwargs)
     dit.block_offload = offload
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the blocks' former device tensors, if they were loaded there
-    log.info("DiT block offload: %d blocks, %.2f GiB in host memory, 2 device slots of %.2f GiB",
-             len(blocks), offload.host_bytes / 2**30, offload.device_bytes / NUM_SLOTS / 2**30)
+    log.info("DiT block offload: %d blocks, %.2f GiB in host memory, %d device slots of %.2f GiB",
+             len(blocks), offload.host_bytes / 2**30, NUM_SLOTS, offload.device_bytes / NUM_SLOTS / 2**30)
     return offload

@@ -33,6 +33,7 @@ from lightx2v_engine.config import (ModelConfig, RunConfig, get_preset, load_run
 from lightx2v_engine.dit import WanDiT
 from lightx2v_engine.image import i2v_mask, load_image, prepare_i2v_image
 from lightx2v_engine.loading import DTYPES, build_dit, load_dit
+from lightx2v_engine.offload import attach_block_offload, blocks_detached, page_lock_module_
 from lightx2v_engine.schedulers import DistillSampler, UniPCSampler, cfg_combine, make_generator, initial_noise
 from lightx2v_engine.video import save_latents, save_mp4, video_to_uint8
 
@@ -130,16 +131,6 @@ def _to_device(module: torch.nn.Module, device: torch.device) -> None:
 
 
 @contextlib.contextmanager
-def _blocks_detached(module: torch.nn.Module):
-    """`module` without its `blocks` child for the duration (so that .to() leaves the blocks alone)."""
-    blocks = module._modules.pop("blocks")
-    try:
-        yield module
-    finally:
-        module._modules["blocks"] = blocks
-
-
-@contextlib.contextmanager
 def offloaded(module: torch.nn.Module | None, device: torch.device, enabled: bool, *, stream_blocks: bool = True):
     """With `enabled` (t5/clip/vae_cpu_offload), `module` is moved to `device` for the block and back to the
     CPU after it (LightX2V's encoder/VAE offload); otherwise it stays where it is. A module with a `blocks`
@@ -168,7 +159,7 @@ def offloaded(module: torch.nn.Module | None, device: torch.device, enabled: boo
 
     hooks = []
     try:
-        with _blocks_detached(module):
+        with blocks_detached(module):
             _to_device(module, device)
         hooks = [h for b in blocks for h in (b.register_forward_pre_hook(block_in),
                                              b.register_forward_hook(block_out))]
@@ -237,17 +228,15 @@ class Pipeline:
     load_ms: float = 0.0
     use_cuda_graph: bool = False
     _graphs: dict = field(default_factory=dict, repr=False)
-    _page_locked: list = field(default_factory=list, repr=False)  # keeps the offloaded weights page-locked
     _lora_switch: Any = field(default=None, repr=False)  # lora.LoraSwitch once set_request_loras is used
 
     def __post_init__(self):
         if self.device.type == "cuda":  # offloaded weights move by DMA from page-locked host memory
-            from lightx2v_engine.offload import page_lock_module_
             run = self.run_cfg
             for module, moved in ((self.t5, run.t5_cpu_offload), (self.clip, run.clip_cpu_offload),
                                   (self.vae, run.vae_cpu_offload), (self.dit, _dit_moves_whole(run))):
                 if module is not None and moved:
-                    self._page_locked += page_lock_module_(module)
+                    page_lock_module_(module)  # (the module holds its packs: locked as long as it lives)
         self.dit.set_attention_8bit(self.run_cfg.attn_8bit)
         if self.run_cfg.attn_8bit and not ops.attention_8bit_available(self.device):
             log.warning("self_attn_1_type %r: the 8-bit attention kernel needs a CUDA GPU of sm89 or newer "
@@ -617,7 +606,6 @@ def _place_dit(dit: WanDiT, run: RunConfig, dev: torch.device) -> None:
     """cpu_offload: blocks stream from host memory ("block"/"phase"), or the DiT stays on the CPU between
     denoising loops ("model"); otherwise it is already on `dev`."""
     if run.cpu_offload and not _dit_moves_whole(run):
-        from lightx2v_engine.offload import attach_block_offload
         attach_block_offload(dit, dev)
 
 

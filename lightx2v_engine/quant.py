@@ -423,14 +423,13 @@ def quantize_linears_(model: nn.Module, names, scheme: str) -> nn.Module:
 def quantize_dit_(model: nn.Module, scheme: str) -> list[str]:
     """Replaces the DiT's quantizable nn.Linear modules by QuantLinear holding their quantized current
     weights (the bf16 weights are released). Returns the swapped module names."""
-    scheme = parse_quant_scheme(scheme)
     names = []
     for name, lin in _quantizable_linears(model):
         if lin.weight.is_meta:
             raise ValueError(f"quantize_dit_: {name}.weight is on the meta device; load weights first "
                              f"or use swap_to_quant_linear_ for a quantized checkpoint")
-        _replace(model, name, QuantLinear.from_linear(lin, scheme))
         names.append(name)
+    quantize_linears_(model, names, scheme)
     return names
 
 

@@ -306,16 +306,20 @@ def request_loras(name, strength, lora_dir: Path | None) -> tuple:
         strength = 1.0
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
         raise RequestError(f"lora_strength must be a finite number, got {_short(strength)}")
-    root = lora_dir.resolve()
     for cand in (name, name + ".safetensors"):
-        try:
-            path = (root / cand).resolve()
-            found = path.is_relative_to(root) and path.is_file()
-        except (OSError, ValueError):  # a NUL byte, a name too long
-            found = False
-        if found:
+        path = _file_inside(lora_dir, cand)
+        if path is not None:
             return (LoraSpec(str(path), float(strength)),)
     raise RequestError(f"lora_name {_short(name)!r}: no such LoRA file in the server's --lora_dir")
+
+
+def _file_inside(root: Path, rel: str) -> Path | None:
+    """root / rel resolved, if it is a file inside root (no '..' or link out of it), else None."""
+    try:
+        path = (root / rel).resolve()
+        return path if path.is_relative_to(root.resolve()) and path.is_file() else None
+    except (OSError, ValueError):  # a NUL byte, a name too long
+        return None
 
 
 def list_loras(lora_dir: Path | None) -> list[str]:
@@ -576,12 +580,8 @@ class App:
             return HTTPStatus.OK, self.queue.cancel(m.group(1))
         if method == "GET" and path.startswith("/v1/files/download/"):
             rel = urllib.request.url2pathname(path[len("/v1/files/download/"):])
-            try:
-                target = (self.output_dir / rel).resolve()
-                found = target.is_relative_to(self.output_dir.resolve()) and target.is_file()
-            except (OSError, ValueError):  # a NUL byte, a name too long
-                found = False
-            if not found:
+            target = _file_inside(self.output_dir, rel)
+            if target is None:
                 raise RequestError(f"no file {_short(rel)!r} in the output folder", HTTPStatus.NOT_FOUND)
             h._file(target, "video/mp4" if target.suffix == ".mp4" else "application/octet-stream")
             return HTTPStatus.OK, None

@@ -190,7 +190,7 @@ def test_bf16_close_to_fp32(tmp_path):
     assert out.dtype == torch.bfloat16 and rel_l2(out.float(), ref) < 3e-2
 
 
-@pytest.mark.parametrize("scheme, tol", [("int8", 0.02), ("fp8", 0.08)])
+@pytest.mark.parametrize("scheme, tol", [("int8", 0.015), ("fp8", 0.04)])  # measured 0.0075 / 0.019
 def test_quantized_clip_file_loads_as_8bit_linears(tmp_path, scheme, tol):
     """LightX2V's quantized CLIP (clip_quantized): the block linears stored as 8-bit weight + weight_scale
     run as QuantLinear; the output is transformers' CLIP with the dequantized weights, up to the

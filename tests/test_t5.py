@@ -229,7 +229,7 @@ def _quantized_file(wan_file, scheme, tmp_path, scale_format="[out,1] fp32"):
     return path, deq
 
 
-@pytest.mark.parametrize("scheme, tol", [("int8", 0.02), ("fp8", 0.08)])
+@pytest.mark.parametrize("scheme, tol", [("int8", 0.02), ("fp8", 0.07)])  # measured 0.012 / 0.043
 def test_quantized_t5_file_loads_as_8bit_linears(hf_model, wan_file, tok_dir, tmp_path, scheme, tol):
     """The 8-bit linears run as QuantLinear; the output is transformers' UMT5 with the dequantized weights
     up to the activations' per-token quantization (and equals quantize_t5_ of the same weights exactly)."""
