@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lightx2v_engine.parallel import ParallelConfig
+
 
 # ----------------------------------------------------------------------------------------------------
 # Model
@@ -195,6 +197,9 @@ class RunConfig:
     vae_dtype: str = "bf16"             # VAE decode precision on CUDA
     use_tiling_vae: bool = False        # LightX2V's: VAE encode/decode in overlapping 256-pixel tiles (less memory)
     lora_strict: bool = True            # unmatched LoRA keys are an error (False: a warning)
+    # LightX2V's multi-GPU section (parallel.py): sequence parallel (Ulysses, or k/v all-gather for "ring")
+    # and CFG parallel, seq_p_size * cfg_p_size processes started by torchrun
+    parallel: ParallelConfig = ParallelConfig()
     ignored_keys: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -227,7 +232,7 @@ _MAPPED = {f.name for f in dataclasses.fields(RunConfig)} - {"ignored_keys"}
 _ACCEPTED_IGNORED = {
     "attention_type", "attn_type",
     "offload_ratio", "lazy_load", "num_disk_workers", "unload_modules",
-    "parallel", "seq_parallel", "cfg_parallel", "feature_caching", "teacache_thresh", "use_ret_steps",
+    "seq_parallel", "cfg_parallel", "feature_caching", "teacache_thresh", "use_ret_steps",
     "use_lightvae", "use_tae", "use_stream_vae", "tae_path",
     "cfg_scale", "rope_type", "modulate_type", "rms_norm_type",
     "layer_norm_type", "use_compile", "compile_shapes", "model_cls", "task", "mm_config",
@@ -250,6 +255,8 @@ _IGNORED_NOTES = {
                 "VAE decodes",
     "offload_ratio": "an offloaded DiT streams all of its blocks",
     "lazy_load": "offloaded DiT blocks are read from host memory: the whole DiT is loaded into RAM once",
+    "seq_parallel": "derived from parallel.seq_p_size",
+    "cfg_parallel": "derived from parallel.cfg_p_size",
     "lora_dynamic_apply": "LoRAs on a quantized DiT always run as low-rank branches beside the 8-bit linears; "
                           "on bf16 weights they merge at load (the same function)",
 }
@@ -439,6 +446,16 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
                 parse_quant_scheme(out[key])
             except ValueError as e:
                 raise _err(key, out[key], str(e)) from None
+
+    if "parallel" in vals:
+        from lightx2v_engine.parallel import parse_parallel
+        out["parallel"], notes = parse_parallel(vals["parallel"], source)
+        if notes and warn:
+            warn_user(f"{source}: accepted but not acted on by lightx2v-engine: {', '.join(notes)}")
+        if out["parallel"].cfg_p_size > 1 and not out.get("enable_cfg", RunConfig.enable_cfg) and warn:
+            warn_user(f"{source}: parallel.cfg_p_size {out['parallel'].cfg_p_size} without CFG (enable_cfg false): "
+                      f"the CFG groups compute the same video (as in LightX2V); set cfg_p_size 1 and use the GPUs "
+                      f"for seq_p_size")
 
     if "lora_configs" in vals and vals["lora_configs"] is not None:
         loras = vals["lora_configs"]

@@ -57,14 +57,14 @@ class SelfAttention(nn.Module):
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
         self.attn_8bit = False  # INT8 q k^T / FP8 P.V kernel (set by WanDiT.set_attention_8bit)
 
-    def forward(self, h: torch.Tensor, rope: ops.Rope) -> torch.Tensor:
-        """h [B, L, C] modulated input (run dtype) -> [B, L, C]."""
+    def forward(self, h: torch.Tensor, rope: ops.Rope, seq_parallel=None) -> torch.Tensor:
+        """h [B, L, C] modulated input (run dtype) -> [B, L, C] (a token shard under seq_parallel)."""
         if isinstance(self.q, QuantLinear) and isinstance(self.k, QuantLinear) and isinstance(self.v, QuantLinear):
             q, k, v = quant_linears_same_input(h, [self.q, self.k, self.v])  # h quantized once
         else:
             q, k, v = self.q(h), self.k(h), self.v(h)
         a = ops.self_attention(q, k, v, self.norm_q.weight, self.norm_k.weight, rope, self.num_heads, self.eps,
-                               attn_8bit=self.attn_8bit)
+                               attn_8bit=self.attn_8bit, seq_parallel=seq_parallel)
         return self.o(a)
 
 
@@ -104,12 +104,13 @@ class WanBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
 
     def forward(self, x: torch.Tensor, h: torch.Tensor, mod: torch.Tensor, text: torch.Tensor,
-                img: torch.Tensor | None, rope: ops.Rope, ones: torch.Tensor):
+                img: torch.Tensor | None, rope: ops.Rope, ones: torch.Tensor, seq_parallel=None):
         """One block, with the last gated residual add left to the caller for fusion.
 
         x [B, L, C] fp32 residual; h = modulate(x, shift1, scale1) [B, L, C] run dtype (computed by the
         caller, fused with the previous block's last residual add); mod [B, 6, C] fp32 = modulation + e0.
-        Returns (x, y, gate2): the caller applies x + gate2 * y.
+        Returns (x, y, gate2): the caller applies x + gate2 * y. seq_parallel (parallel.SeqParallel): x and
+        h hold this rank's token shard and `rope` its rows; only the self-attention talks to the group.
         """
         _, _, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=1)
         # norm3 (affine LayerNorm) is modulate with scale = weight - 1 and shift = bias, so the self-attention
@@ -117,7 +118,7 @@ class WanBlock(nn.Module):
         b = x.shape[0]
         n3_scale = (self.norm3.weight.float() - 1.0).view(1, 1, -1).expand(b, 1, -1)
         n3_shift = self.norm3.bias.float().view(1, 1, -1).expand(b, 1, -1)
-        x, n3 = ops.gate_residual_modulate(x, self.self_attn(h, rope), gate1, n3_shift, n3_scale, self.eps,
+        x, n3 = ops.gate_residual_modulate(x, self.self_attn(h, rope, seq_parallel), gate1, n3_shift, n3_scale, self.eps,
                                            out_dtype=h.dtype)
         ca = self.cross_attn(n3, text, img)
         x, h2 = ops.gate_residual_modulate(x, ca, ones, shift2, scale2, self.eps, out_dtype=h.dtype)
@@ -172,6 +173,8 @@ class WanDiT(nn.Module):
         self._ones_cache: dict[tuple, torch.Tensor] = {}
         # offload.BlockOffload when the blocks stream from host memory (cpu_offload), else None
         self.block_offload = None
+        # parallel.SeqParallel when the tokens are split over a torchrun group (parallel.seq_p_size > 1)
+        self.seq_parallel = None
 
     @property
     def run_dtype(self) -> torch.dtype:
@@ -244,6 +247,9 @@ class WanDiT(nn.Module):
         img = self.img_emb(clip_fea, dt) if cfg.is_i2v else None
         rope = self.rope(grid, x.device)
         ones = self._ones(b, x.device)
+        sp = self.seq_parallel
+        if sp is not None:  # this rank's rows of the token sequence from here to the head
+            x, rope = sp.shard(x), sp.shard_rope(rope)
 
         y_prev = gate_prev = None
         for block in (self.blocks if self.block_offload is None else self.block_offload.blocks()):
@@ -253,12 +259,14 @@ class WanDiT(nn.Module):
                 hmod = ops.modulate(x, shift1, scale1, cfg.eps, out_dtype=dt)
             else:
                 x, hmod = ops.gate_residual_modulate(x, y_prev, gate_prev, shift1, scale1, cfg.eps, out_dtype=dt)
-            x, y_prev, gate_prev = block(x, hmod, mod, text, img, rope, ones)
+            x, y_prev, gate_prev = block(x, hmod, mod, text, img, rope, ones, sp)
 
         hm = self.head.modulation.float() + e[:, None, :]
         shift, scale = hm[:, 0:1], hm[:, 1:2]
         x, hmod = ops.gate_residual_modulate(x, y_prev, gate_prev, shift, scale, cfg.eps, out_dtype=torch.float32)
         out = F.linear(hmod, self.head.head.weight.float(), self.head.head.bias.float())  # [B, L, 64] fp32
+        if sp is not None:
+            out = sp.gather(out, math.prod(grid))
         return self.unpatchify(out, grid)
 
     def unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:

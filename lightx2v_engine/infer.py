@@ -1,6 +1,9 @@
 """Command line, LightX2V-compatible: ``python -m lightx2v_engine.infer --model_cls wan2.1_distill --task t2v
 --model_path MODEL --config_json CONFIG --prompt "..." --save_result_path out.mp4``.
 
+Multi-GPU (a config with LightX2V's ``parallel`` section): ``torchrun --nproc_per_node=N -m lightx2v_engine.infer
+...``; rank 0 writes the video.
+
 ``--random-weights --preset tiny`` runs the same graph with random weights and no download (the tiny preset
 runs on a CPU in seconds; without a config it uses a 9-frame 64x96 video). Bad input exits with status 2
 and a one-line reason; nothing partial is written.
@@ -71,16 +74,28 @@ def load_pipeline(args: argparse.Namespace):
         preset = args.preset or ("tiny-i2v" if args.task == "i2v" else "tiny")
         if preset.startswith("tiny") and args.config_json is None:
             overrides = {**TINY_DEFAULTS, **overrides}
-        run_cfg = load_run_config(args.config_json, overrides, model_cls=args.model_cls)
+        run_cfg = _check_world(load_run_config(args.config_json, overrides, model_cls=args.model_cls))
         pipe = Pipeline.random(preset, run_cfg, device=args.device)
         if pipe.task != args.task:
             raise ValueError(f"--task {args.task} does not fit preset {preset!r} ({pipe.task})")
         return pipe
     if args.model_path is None:
         raise ValueError("--model_path is required (or --random-weights --preset NAME)")
-    run_cfg = load_run_config(args.config_json, overrides, model_cls=args.model_cls)
+    run_cfg = _check_world(load_run_config(args.config_json, overrides, model_cls=args.model_cls))
     return Pipeline.load(args.model_path, run_cfg, task=args.task, model_cls=args.model_cls, device=args.device,
                          preset=args.preset)
+
+
+def _check_world(run_cfg):
+    """Started by torchrun as N > 1 processes: the config must have a parallel section (else every process
+    would make and write the same video)."""
+    from lightx2v_engine.parallel import world_size_from_env
+    n = world_size_from_env()
+    if n > 1 and not run_cfg.parallel.enabled:
+        raise ValueError(f"started as {n} processes (torchrun) but the config has no 'parallel' section: every "
+                         f"process would make and write the same video; add e.g. \"parallel\": {{\"seq_p_size\": {n}, "
+                         f"\"seq_p_attn_type\": \"ulysses\"}}, or run one process")
+    return run_cfg
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--image_path is only for --task i2v")
     pipe = load_pipeline(args)
     run_cfg = pipe.run_cfg
+    if not pipe.is_main:  # ranks > 0 compute their share and write nothing
+        pipe.generate(args.prompt, negative_prompt=args.negative_prompt, image=args.image_path, seed=args.seed)
+        return 0
 
     bar = None
     if not args.quiet:

@@ -240,11 +240,13 @@ def rms_norm(x, weight, eps: float = 1e-6):
 class Rope:
     """3D RoPE tables for one latent grid: cos/sin [L, D/2] fp32, one angle per interleaved pair.
 
-    grid = (F, Hp, Wp) patch grid; L = F * Hp * Wp, tokens in (f, h, w) row-major order.
+    grid = (F, Hp, Wp) patch grid; L = F * Hp * Wp, tokens in (f, h, w) row-major order. Under sequence
+    parallel (parallel.SeqParallel.shard_rope) the tables hold one rank's rows and seq_len is the whole L.
     """
     cos: torch.Tensor
     sin: torch.Tensor
     grid: tuple[int, int, int]
+    seq_len: int | None = None
 
 
 def rope_frequencies(head_dim: int = 128, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -315,13 +317,18 @@ def attention_8bit_available(device: torch.device) -> bool:
 
 
 def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor,
-                   rope: Rope, num_heads: int, eps: float = 1e-6, attn_8bit: bool = False) -> torch.Tensor:
+                   rope: Rope, num_heads: int, eps: float = 1e-6, attn_8bit: bool = False, seq_parallel=None
+                   ) -> torch.Tensor:
     """softmax(rope(rms(q)) rope(rms(k))^T / sqrt(D)) v.
 
     q, k, v [B, L, C] projections (run dtype); returns [B, L, C]. A kernel may fuse the RoPE into the
     attention prologue; the reference runs qk_norm_rope then SDPA. attn_8bit asks for the approximate
     INT8/FP8 kernel; where attention_8bit_available() is false the exact path runs instead.
+    seq_parallel (parallel.SeqParallel): q, k, v hold this rank's token shard and `rope` its rows; the
+    attention spans the whole sequence (rope.seq_len tokens) through the group's collectives.
     """
+    if seq_parallel is not None:
+        return _self_attention_sharded(q, k, v, wq, wk, rope, num_heads, eps, attn_8bit, seq_parallel)
     kern = _fast(q, "self_attention")
     if kern is not None:
         eight = attn_8bit and attention_8bit_available(q.device)
@@ -333,6 +340,22 @@ def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: torch.
         qh, kh = qk_norm_rope_ref(q, k, wq, wk, rope, num_heads, eps)
     vh = v.unflatten(-1, (num_heads, -1))
     return attention(qh, kh, vh).flatten(-2)
+
+
+def _self_attention_sharded(q, k, v, wq, wk, rope, num_heads, eps, attn_8bit, sp) -> torch.Tensor:
+    """self_attention on one sequence-parallel shard: norm + RoPE on the shard's rows, then the group's
+    attention (Ulysses all-to-all or k/v all-gather) with our attention op inside."""
+    kern = _fast(q, "qk_norm_rope")
+    if kern is not None:
+        qh, kh = kern.qk_norm_rope(q, k, wq, wk, rope.cos, rope.sin, num_heads, eps)
+    else:
+        qh, kh = qk_norm_rope_ref(q, k, wq, wk, rope, num_heads, eps)
+    vh = v.unflatten(-1, (num_heads, -1))
+    attn = attention
+    if attn_8bit and attention_8bit_available(q.device):
+        attn = _kernels().attention_8bit
+    seq_len = rope.seq_len if rope.seq_len is not None else rope.cos.shape[0]
+    return sp.attention(qh, kh, vh, seq_len, attn).flatten(-2)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ from lightx2v_engine.dit import WanDiT
 from lightx2v_engine.image import i2v_mask, load_image, prepare_i2v_image
 from lightx2v_engine.loading import DTYPES, build_dit, load_dit
 from lightx2v_engine.offload import attach_block_offload, blocks_detached, page_lock_module_
+from lightx2v_engine.parallel import Parallel, init_parallel
 from lightx2v_engine.schedulers import DistillSampler, UniPCSampler, cfg_combine, make_generator, initial_noise
 from lightx2v_engine.video import save_latents, save_mp4, video_to_uint8
 
@@ -202,7 +203,7 @@ def _sync(device: torch.device) -> None:
 
 @dataclass
 class Output:
-    frames: torch.Tensor          # uint8 [T, H, W, 3]
+    frames: torch.Tensor | None   # uint8 [T, H, W, 3]; None on the ranks > 0 of a multi-GPU run
     latents: torch.Tensor         # fp32 [16, F, H/8, W/8], the final denoised latents
     timings: Timings
     fps: int = 16
@@ -229,6 +230,7 @@ class Pipeline:
     use_cuda_graph: bool = False
     _graphs: dict = field(default_factory=dict, repr=False)
     _lora_switch: Any = field(default=None, repr=False)  # lora.LoraSwitch once set_request_loras is used
+    parallel: Any = None  # parallel.Parallel under torchrun with a `parallel` config section, else None
 
     def __post_init__(self):
         if self.device.type == "cuda":  # offloaded weights move by DMA from page-locked host memory
@@ -238,10 +240,21 @@ class Pipeline:
                 if module is not None and moved:
                     page_lock_module_(module)  # (the module holds its packs: locked as long as it lives)
         self.dit.set_attention_8bit(self.run_cfg.attn_8bit)
+        if self.parallel is not None:
+            _attach_parallel(self.dit, self.parallel)
+            if self.use_cuda_graph:
+                log.info("CUDA graphs are off under multi-GPU parallelism (their replay of NCCL collectives is not "
+                         "verified yet)")
+                self.use_cuda_graph = False
         if self.run_cfg.attn_8bit and not ops.attention_8bit_available(self.device):
             log.warning("self_attn_1_type %r: the 8-bit attention kernel needs a CUDA GPU of sm89 or newer "
                         "with triton; exact attention runs on %s", self.run_cfg.self_attn_1_type, self.device)
         log.info("%s", ops.describe(self.device, self.run_cfg.attn_8bit))
+
+    @property
+    def is_main(self) -> bool:
+        """True except on the ranks > 0 of a multi-GPU run (which return no frames)."""
+        return self.parallel is None or self.parallel.is_main
 
     @property
     def task(self) -> str:
@@ -255,7 +268,8 @@ class Pipeline:
         """A pipeline from a Wan model folder and a LightX2V config (path, dict of its keys, or RunConfig)."""
         t0 = time.perf_counter()
         run = _run_config(config, model_cls)
-        dev = _device(device)
+        par = init_parallel(run.parallel, _device(device))
+        dev = par.device if par is not None else _device(device)
         mp = Path(model_path)
         if not mp.is_dir():
             raise FileNotFoundError(f"model folder not found: {mp}")
@@ -287,7 +301,7 @@ class Pipeline:
             clip = clip_mod.load_clip(str(clip_path), device=cpu if run.clip_cpu_offload else dev,
                                       dtype=_clip_dtype(dev))
         return cls(mcfg, run, dit, t5, tok, vae, clip, dev, (time.perf_counter() - t0) * 1e3,
-                   use_cuda_graph=_graphs_on(run, dev))
+                   use_cuda_graph=_graphs_on(run, dev), parallel=par)
 
     @classmethod
     def random(cls, preset: str = "tiny", config: str | Path | dict | RunConfig | None = None, *,
@@ -296,10 +310,13 @@ class Pipeline:
         ...); the tiny presets pair with tiny T5/VAE/CLIP, the real ones with real-size encoders."""
         t0 = time.perf_counter()
         run = _run_config(config, "wan2.1_distill")
-        dev = _device(device)
+        par = init_parallel(run.parallel, _device(device))
+        dev = par.device if par is not None else _device(device)
         mcfg = get_preset(preset)
         tiny = preset.startswith("tiny")
         dit = build_dit(mcfg, None, dtype=DTYPES[run.dtype], device=torch.device("cpu") if run.cpu_offload else dev)
+        if par is not None:  # one set of random weights for every rank
+            par.broadcast_module_(dit)
         _place_dit(dit, run, dev)
         t5 = tok = vae = clip = None
         if with_encoders:
@@ -325,7 +342,7 @@ class Pipeline:
                 if run.clip_quantized:
                     clip_mod.quantize_clip_(clip, run.clip_quant_scheme)
         return cls(mcfg, run, dit, t5, tok, vae, clip, dev, (time.perf_counter() - t0) * 1e3,
-                   use_cuda_graph=_graphs_on(run, dev))
+                   use_cuda_graph=_graphs_on(run, dev), parallel=par)
 
     def _dit_offloaded(self) -> bool:
         """Whether the DiT's weights move during a forward or between loops (no CUDA graphs then)."""
@@ -401,6 +418,9 @@ class Pipeline:
         if run.sampler == "distill":
             sampler = DistillSampler.from_step_list(run.denoising_step_list, run.sample_shift, run.distill_update)
             renoise = sampler.make_renoise_noise(x.shape, make_generator(seed + 1, self.device), self.device)
+            if self.parallel is not None:
+                for r in renoise or ():
+                    self.parallel.broadcast_(r)
             ts = sampler.timestep_tensor(self.device)
             guided = run.enable_cfg and neg_context is not None
             runner = self._graph_runner(x, context, neg_context if guided else None, clip_fea, y, sampler, renoise, ts) \
@@ -428,9 +448,14 @@ class Pipeline:
         return x[0].float().clone()  # x may be a CUDA graph's static buffer
 
     def _velocity(self, x, t, context, neg_context, clip_fea, y) -> torch.Tensor:
-        """v = DiT(x, t, ctx), or with CFG v_u + g (v_c - v_u) from one batch-2 forward."""
+        """v = DiT(x, t, ctx), or with CFG v_u + g (v_c - v_u) from one batch-2 forward (under CFG parallel,
+        each CFG group runs one branch and the two velocities are all-gathered)."""
         if neg_context is None:
             return self.dit(x, t, context, clip_fea, y)
+        par = self.parallel
+        if par is not None and par.cfg_group is not None:
+            v = par.cfg_gather(self.dit(x, t, neg_context if par.cfg_rank else context, clip_fea, y))
+            return cfg_combine(v[1:], v[:1], self.run_cfg.sample_guide_scale)
         b2 = lambda a: None if a is None else torch.cat([a, a], dim=0)  # noqa: E731
         v = self.dit(b2(x), t.expand(2), torch.cat([context, neg_context], dim=0), b2(clip_fea), b2(y))
         return cfg_combine(v[1:], v[:1], self.run_cfg.sample_guide_scale)
@@ -517,12 +542,24 @@ class Pipeline:
                 clip_fea, y, (lh, lw) = self.encode_image(image, t_frames, h, w)
             h, w = lh * 8, lw * 8
         noise = initial_noise(t_frames, h, w, seed, self.device)
+        if self.parallel is not None:  # every rank starts from rank 0's inputs, bit for bit
+            for tensor in (noise, context, neg_context, clip_fea, y):
+                self.parallel.broadcast_(tensor)
         latents = self.denoise(noise, context, neg_context=neg_context, clip_fea=clip_fea, y=y, seed=seed,
                                timings=timings, progress=progress)
-        with timings.measure("decode", self.device):
-            frames = self.decode(latents)
+        frames = None  # under multi-GPU parallelism only global rank 0 decodes
+        if self.is_main:
+            with timings.measure("decode", self.device):
+                frames = self.decode(latents)
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         return Output(frames=frames, latents=latents, timings=timings, fps=run.fps, peak_gpu_bytes=peak)
+
+
+def _attach_parallel(dit: WanDiT, par: Parallel) -> None:
+    """Sequence parallel: the DiT splits its tokens over the rank's group (checks the head count)."""
+    if par.seq is not None:
+        par.seq.check_heads(dit.cfg.num_heads)
+    dit.seq_parallel = par.seq
 
 
 def _check_finite(x: torch.Tensor, step: int) -> None:

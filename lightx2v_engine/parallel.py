@@ -1,0 +1,325 @@
+"""Multi-GPU inference: LightX2V's ``parallel`` config (sequence parallel and CFG parallel), under torchrun.
+
+    torchrun --nproc_per_node=8 -m lightx2v_engine.infer ... --config_json wan_t2v_distill_4step_ulysses.json
+
+``parallel: {seq_p_size: S, seq_p_attn_type: "ulysses" | "ring", cfg_p_size: C}``; the world size must be
+S x C. Ranks form a [C, S] mesh (rank = c * S + s): each of the C CFG groups computes one CFG branch (cond,
+uncond) and splits its tokens over its S ranks.
+
+Sequence parallel (per DiT forward): the token sequence is zero-padded to a multiple of S and rank s keeps
+rows [s * Ls, (s + 1) * Ls); the residual stream, modulation, FFN, cross-attention and head run on the shard.
+Self-attention needs every key:
+- "ulysses": one all-to-all trades the q/k/v token shards for head shards ([B, Ls, H, D] -> [B, S*Ls, H/S, D]),
+  attention runs over the whole sequence for H/S heads, a second all-to-all trades back. Needs H % S == 0
+  (1.3B: 12 heads; 14B: 40).
+- "ring" (LightX2V's ring attention): here the k/v shards are all-gathered and each rank attends its queries
+  to the whole sequence - the same result as ring attention, any head count, more memory (full k and v).
+Padding rows never act as keys (the gathered sequence is cut back to its true length before attention), so
+the result equals the single-GPU one up to the GEMMs' summation order. The head runs on the shard and the
+outputs are all-gathered (as LightX2V).
+
+Collectives are torch's functional ones (``torch.ops._c10d_functional``: traceable, no host sync). Every
+rank runs the text/image encoders and the sampler on identical inputs; the noise and the encoders' outputs
+are broadcast from rank 0 so that all ranks agree to the bit; the VAE decodes on global rank 0 only.
+"""
+from __future__ import annotations
+
+import atexit
+import datetime
+import difflib
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+SEQ_P_ATTN_TYPES = ("ulysses", "ring")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """LightX2V's ``parallel`` section. world_size = seq_p_size * cfg_p_size processes (torchrun)."""
+    seq_p_size: int = 1
+    seq_p_attn_type: str = "ulysses"
+    cfg_p_size: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.seq_p_size * self.cfg_p_size
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+# parallel.* keys LightX2V has that change nothing here (what runs instead, for the warning)
+_PARALLEL_IGNORED = {
+    "vae_parallel": "the VAE decodes on rank 0",
+    "seq_p_quant_scheme": "the all-to-all moves bf16",
+    "seq_p_fp8_comm": "the all-to-all moves bf16",
+}
+
+
+def parse_parallel(value: Any, source: str = "config") -> tuple[ParallelConfig, list[str]]:
+    """The ``parallel`` value (an object, or false/null/{} for none) -> (ParallelConfig, notes on keys that
+    are accepted but not acted on). Errors name the key and the value."""
+    if value is None or value is False or value == {}:
+        return ParallelConfig(), []
+    if value is True:
+        raise ValueError(f"{source}: config key 'parallel' = true: expected an object such as "
+                         f"{{\"seq_p_size\": 4, \"seq_p_attn_type\": \"ulysses\", \"cfg_p_size\": 2}}")
+    if not isinstance(value, dict):
+        raise ValueError(f"{source}: config key 'parallel' = {value!r}: expected an object")
+    known = ("seq_p_size", "seq_p_attn_type", "cfg_p_size", "tensor_p_size")
+    vals, notes = {}, []
+    for key, v in value.items():
+        name = f"parallel.{key}"
+        if key in ("seq_p_size", "cfg_p_size", "tensor_p_size"):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{source}: config key {name!r} = {v!r}: expected a positive integer")
+            if key == "tensor_p_size":
+                if v != 1:
+                    raise ValueError(f"{source}: config key {name!r} = {v}: tensor parallelism is not supported "
+                                     f"by lightx2v-engine; use seq_p_size (Ulysses) instead")
+                continue
+            if key == "cfg_p_size" and v > 2:
+                raise ValueError(f"{source}: config key {name!r} = {v}: CFG has two branches (cond, uncond), so "
+                                 f"cfg_p_size is 1 or 2")
+            vals[key] = v
+        elif key == "seq_p_attn_type":
+            if v not in SEQ_P_ATTN_TYPES:
+                raise ValueError(f"{source}: config key {name!r} = {v!r}: expected one of {list(SEQ_P_ATTN_TYPES)}")
+            vals[key] = v
+        elif key in _PARALLEL_IGNORED:
+            notes.append(f"{name} ({_PARALLEL_IGNORED[key]})")
+        else:
+            close = difflib.get_close_matches(key, known + tuple(_PARALLEL_IGNORED), n=1)
+            if close:
+                raise ValueError(f"{source}: unknown config key {name!r} (did you mean 'parallel.{close[0]}'?)")
+            notes.append(name)
+    return ParallelConfig(**vals), notes
+
+
+# ----------------------------------------------------------------------------------------------------
+# Collectives (functional: traceable, no host synchronisation)
+# ----------------------------------------------------------------------------------------------------
+
+def _c10d():
+    return torch.ops._c10d_functional
+
+
+def all_to_all(t: torch.Tensor, group) -> torch.Tensor:
+    """Equal split along dim 0: chunk j of `t` goes to rank j; returns the chunks received, in rank order."""
+    n = dist.get_world_size(group)
+    split = [t.shape[0] // n] * n
+    out = _c10d().all_to_all_single(t.contiguous(), split, split, group.group_name)
+    return _c10d().wait_tensor(out)
+
+
+def all_gather(t: torch.Tensor, group) -> torch.Tensor:
+    """[N, ...] on each rank -> [size * N, ...], rank order."""
+    out = _c10d().all_gather_into_tensor(t.contiguous(), dist.get_world_size(group), group.group_name)
+    return _c10d().wait_tensor(out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sequence parallel
+# ----------------------------------------------------------------------------------------------------
+
+class SeqParallel:
+    """This rank's share of one sequence-parallel group: rows [rank * Ls, (rank + 1) * Ls) of the sequence
+    zero-padded to size * Ls. Set as ``WanDiT.seq_parallel``."""
+
+    def __init__(self, group, mode: str = "ulysses"):
+        if mode not in SEQ_P_ATTN_TYPES:
+            raise ValueError(f"seq_p_attn_type must be one of {list(SEQ_P_ATTN_TYPES)}, got {mode!r}")
+        self.group, self.mode = group, mode
+        self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
+        self._rope: dict[tuple, Any] = {}
+
+    def shard_len(self, seq_len: int) -> int:
+        return -(-seq_len // self.size)
+
+    def check_heads(self, num_heads: int) -> None:
+        if self.mode == "ulysses" and num_heads % self.size:
+            raise ValueError(f"parallel.seq_p_size {self.size} with seq_p_attn_type 'ulysses' needs the head count "
+                             f"({num_heads}) to be a multiple of it; use a seq_p_size that divides {num_heads}, or "
+                             f"seq_p_attn_type 'ring' (any head count)")
+
+    def shard(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, L, ...] -> this rank's rows [B, Ls, ...] (zeros past L)."""
+        L = x.shape[1]
+        ls = self.shard_len(L)
+        lo, hi = self.rank * ls, min((self.rank + 1) * ls, L)
+        part = x[:, lo:hi]
+        if hi - lo < ls:
+            part = torch.cat([part, part.new_zeros((x.shape[0], ls - max(hi - lo, 0)) + tuple(x.shape[2:]))], dim=1)
+        return part.contiguous()
+
+    def shard_rope(self, rope):
+        """The RoPE tables of this rank's rows (padding rows: angle 0). Cached per (grid, device)."""
+        from lightx2v_engine.ops import Rope
+        key = (rope.grid, str(rope.cos.device))
+        if key not in self._rope:
+            cos, sin = (self.shard(t[None])[0] for t in (rope.cos, rope.sin))
+            L = rope.cos.shape[0]
+            ls = self.shard_len(L)
+            pad = max(0, (self.rank + 1) * ls - max(L, self.rank * ls))
+            if pad:
+                cos[ls - pad:] = 1.0
+            self._rope[key] = Rope(cos=cos, sin=sin, grid=rope.grid, seq_len=L)
+        return self._rope[key]
+
+    def gather(self, x: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """x [B, Ls, ...] from every rank -> [B, seq_len, ...]."""
+        g = all_gather(x.transpose(0, 1), self.group)  # [size * Ls, B, ...]
+        return g[:seq_len].transpose(0, 1).contiguous()
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: int,
+                  attn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Self-attention over the whole sequence for this rank's queries.
+
+        q, k, v [B, Ls, H, D] (RoPE applied); seq_len the true length L; attn(q, k, v) -> o on [B, L, H', D]
+        inputs. Returns [B, Ls, H, D]."""
+        B, ls, H, D = q.shape
+        n = self.size
+        if self.mode == "ring":  # every rank gathers all keys and values
+            kv = all_gather(torch.stack([k, v]).transpose(0, 2), self.group)  # [n*Ls, B, 2, H, D]
+            kv = kv[:seq_len].permute(2, 1, 0, 3, 4).contiguous()  # [2, B, L, H, D]
+            return attn(q, kv[0], kv[1])
+        self.check_heads(H)
+        hs = H // n
+        # [3, B, Ls, n, H/n, D] -> [n, 3, B, Ls, H/n, D]: chunk j (heads of rank j) goes to rank j
+        send = torch.stack([q, k, v]).view(3, B, ls, n, hs, D).permute(3, 0, 1, 2, 4, 5)
+        recv = all_to_all(send, self.group)  # [n (token shard), 3, B, Ls, H/n, D]
+        full = recv.permute(1, 2, 0, 3, 4, 5).reshape(3, B, n * ls, hs, D)[:, :, :seq_len]
+        o = attn(full[0], full[1], full[2])  # [B, L, H/n, D]
+        if o.shape[1] < n * ls:
+            o = torch.cat([o, o.new_zeros((B, n * ls - o.shape[1], hs, D))], dim=1)
+        # [B, n, Ls, H/n, D] -> [n (token shard), B, Ls, H/n, D]: token shard j goes back to rank j
+        back = all_to_all(o.reshape(B, n, ls, hs, D).transpose(0, 1), self.group)  # [n (head shard), B, Ls, H/n, D]
+        return back.permute(1, 2, 0, 3, 4).reshape(B, ls, H, D)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Process groups
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class Parallel:
+    """This process's place in the [cfg_p_size, seq_p_size] mesh."""
+    config: ParallelConfig
+    rank: int
+    world_size: int
+    device: torch.device
+    seq: SeqParallel | None = None
+    cfg_group: Any = None       # the 2 ranks holding the same tokens of the two CFG branches
+    cfg_rank: int = 0           # 0: the conditional branch, 1: the unconditional one
+    _groups: list = field(default_factory=list, repr=False)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def broadcast_(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """In place, from global rank 0 (inputs every rank must agree on; contiguous)."""
+        if t is not None:
+            if not t.is_contiguous():
+                raise ValueError("broadcast_ needs a contiguous tensor")
+            dist.broadcast(t, src=0)
+        return t
+
+    def broadcast_module_(self, module: torch.nn.Module) -> None:
+        """Global rank 0's parameters and buffers, in place on every rank (through the device under NCCL)."""
+        for t in list(module.parameters()) + list(module.buffers()):
+            if self._nccl() and t.device != self.device:
+                tmp = t.data.to(self.device)
+                dist.broadcast(tmp, src=0)
+                t.data.copy_(tmp)
+            else:
+                dist.broadcast(t.data, src=0)
+
+    def broadcast_flag(self, flag: bool) -> bool:
+        """Global rank 0's `flag`, on every rank (e.g. a cancellation between steps)."""
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device if self._nccl() else "cpu")
+        dist.broadcast(t, src=0)
+        return bool(t.item())
+
+    def broadcast_object(self, obj: Any = None) -> Any:
+        """Global rank 0's picklable `obj`, on every rank."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, device=self.device if self._nccl() else None)
+        return box[0]
+
+    def cfg_gather(self, v: torch.Tensor) -> torch.Tensor:
+        """v [B, ...] of this rank's CFG branch -> [2B, ...]: cond rows first, then uncond."""
+        return all_gather(v, self.cfg_group)
+
+    def _nccl(self) -> bool:
+        return dist.get_backend() == "nccl"
+
+
+_STATE: Parallel | None = None
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_parallel(pcfg: ParallelConfig, device: torch.device) -> Parallel | None:
+    """Joins the torchrun process group and builds the mesh; None when pcfg asks for one process. The CUDA
+    device becomes cuda:LOCAL_RANK. Called once per process (later calls with the same config reuse it)."""
+    global _STATE
+    if not pcfg.enabled:
+        return None
+    if _STATE is not None:
+        if _STATE.config != pcfg:
+            raise ValueError(f"parallel: this process already runs {_STATE.config}, cannot switch to {pcfg}")
+        return _STATE
+    world = dist.get_world_size() if dist.is_initialized() else world_size_from_env()
+    if world != pcfg.world_size:
+        raise ValueError(f"parallel: seq_p_size {pcfg.seq_p_size} x cfg_p_size {pcfg.cfg_p_size} = {pcfg.world_size} "
+                         f"processes, but the world size is {world}: launch with torchrun "
+                         f"--nproc_per_node={pcfg.world_size} (or change the config's parallel section)")
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"parallel: LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA devices")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=30),
+                                **({"device_id": device} if device.type == "cuda" else {}))
+    rank = dist.get_rank()
+    S, C = pcfg.seq_p_size, pcfg.cfg_p_size
+    c, s = divmod(rank, S)
+    state = Parallel(pcfg, rank, world, device, cfg_rank=c)
+    for cc in range(C):  # every rank creates every group, in the same order
+        g = dist.new_group([cc * S + j for j in range(S)]) if S > 1 else None
+        state._groups.append(g)
+        if cc == c and g is not None:
+            state.seq = SeqParallel(g, pcfg.seq_p_attn_type)
+    for ss in range(S):
+        g = dist.new_group([cc * S + ss for cc in range(C)]) if C > 1 else None
+        state._groups.append(g)
+        if ss == s:
+            state.cfg_group = g
+    if created:
+        atexit.register(_shutdown)  # (a gloo group left alive at exit aborts the process)
+    log.info("parallel: rank %d of %d (cfg branch %d, sequence shard %d of %d, %s) on %s", rank, world, c, s, S,
+             pcfg.seq_p_attn_type, device)
+    _STATE = state
+    return state
+
+
+def _shutdown() -> None:
+    global _STATE
+    _STATE = None
+    if dist.is_initialized():
+        dist.destroy_process_group()
