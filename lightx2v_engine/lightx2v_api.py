@@ -10,7 +10,7 @@ Pipeline, for scripts written against LightX2V:
 
 The enable_* calls collect LightX2V config keys; create_generator validates them once (the config
 parser's errors and warnings) and loads the models; generate runs one video. What the engine does not
-support raises a clear error here (Wan2.2 checkpoints, multi-GPU parallelism); keys it accepts without
+support raises a clear error here (Wan2.2 checkpoints, tensor parallelism); keys it accepts without
 acting on (caching, light VAEs, compile) warn as they do in a JSON config.
 """
 from __future__ import annotations
@@ -99,9 +99,9 @@ class LightX2VPipeline:
         self._set(use_compile=True)
 
     def enable_parallel(self, cfg_p_size: int = 1, seq_p_size: int = 1, seq_p_attn_type: str = "ulysses") -> None:
-        if cfg_p_size > 1 or seq_p_size > 1:
-            raise NotImplementedError("LightX2VPipeline.enable_parallel: multi-GPU (CFG / sequence) parallelism is "
-                                      "not supported by this engine; run one process per GPU")
+        """Multi-GPU under torchrun (world size = cfg_p_size * seq_p_size): see lightx2v_engine/parallel.py.
+        Every rank runs the same script; only rank 0 writes the video."""
+        self._set(parallel={"cfg_p_size": cfg_p_size, "seq_p_size": seq_p_size, "seq_p_attn_type": seq_p_attn_type})
 
     # ------------------------------------------------------------------ build and run
     def create_generator(self, attn_mode: str = "flash_attn2", infer_steps: int = 50, num_frames: int = 81,
@@ -187,6 +187,8 @@ class LightX2VPipeline:
         h, w = (target_shape[0], target_shape[1]) if target_shape else (None, None)
         out = self.pipeline.generate(prompt, negative_prompt=negative_prompt, image=image_path, seed=seed,
                                      height=h, width=w)
+        if out.frames is None:  # a rank > 0 of a multi-GPU run: rank 0 writes the video
+            return None
         out.save(save_result_path)
         return out.frames if return_result_tensor else None
 

@@ -40,8 +40,11 @@ def test_call_order_and_unsupported_options(folder, tmp_path):
     with pytest.raises(ValueError, match="task 'flf2v' is not supported"):
         LightX2VPipeline(task="flf2v", model_path=str(folder), model_cls="wan2.1")
     pipe = LightX2VPipeline(task="t2v", model_path=str(folder), model_cls="wan2.1_distill", device="cpu")
-    with pytest.raises(NotImplementedError, match="parallelism"):
-        pipe.enable_parallel(seq_p_size=4)
+    par = LightX2VPipeline(task="t2v", model_path=str(folder), model_cls="wan2.1_distill", device="cpu")
+    par.enable_parallel(seq_p_size=4, cfg_p_size=2)  # a torchrun world of 8 is checked at create_generator
+    assert par.config["parallel"] == {"cfg_p_size": 2, "seq_p_size": 4, "seq_p_attn_type": "ulysses"}
+    with pytest.raises(ValueError, match="world size is 1"):
+        par.create_generator(num_frames=9, height=64, width=96, guidance_scale=1.0)
     with pytest.raises(RuntimeError, match="create_generator first"):
         pipe.generate(seed=1, prompt="x", negative_prompt="", save_result_path=str(tmp_path / "x.mp4"))
     pipe.enable_lora([{"path": "missing_lora.safetensors", "strength": 1.0}])

@@ -1,0 +1,86 @@
+"""One rank of tests/test_parallel.py's DiT checks (run by torchrun, gloo on the CPU; also on GPUs with NCCL).
+
+    torchrun --standalone --nproc_per_node=N tests/parallel_worker.py OUT_JSON
+
+Each case builds a small fp32 DiT with the same seed on every rank, runs it on one process' worth of input
+with and without sequence parallelism, and rank 0 writes {case: {"rel": relative L2 error, "tokens": the
+self-attention input rows seen on this rank, "error": message}} to OUT_JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():  # the Triton kernels run in the interpreter (before triton is imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from lightx2v_engine import ops  # noqa: E402
+from lightx2v_engine.config import ModelConfig
+from lightx2v_engine.loading import build_dit  # noqa: E402
+from lightx2v_engine.parallel import ParallelConfig, SeqParallel, init_parallel  # noqa: E402
+
+# (name, heads, head_dim, mode, latent grid (F, H, W) before the 1x2x2 patching, i2v, ops backend)
+# fp32 with the PyTorch ops; "kernels": the Triton kernels in fp16 (bf16 on a GPU), head_dim 128 as they need
+CASES = [
+    ("ulysses_odd_len", 2, 32, "ulysses", (3, 10, 14), False, "torch"),    # 105 tokens: the last shard is padded
+    ("ring_three_heads", 3, 32, "ring", (3, 10, 14), False, "torch"),
+    ("ulysses_i2v", 2, 32, "ulysses", (2, 6, 10), True, "torch"),
+    ("ulysses_three_heads", 3, 32, "ulysses", (3, 10, 14), False, "torch"),  # an error unless 3 % world == 0
+    ("ring_tiny_len", 2, 32, "ring", (1, 4, 4), False, "torch"),           # 4 tokens: with 3 ranks the last has none
+    ("ulysses_tiny_len", 4, 32, "ulysses", (1, 4, 4), False, "torch"),
+    ("ulysses_kernels", 2, 128, "ulysses", (3, 6, 10), False, "kernels"),  # 45 tokens
+    ("ring_kernels", 2, 128, "ring", (3, 6, 10), False, "kernels"),
+]
+
+
+def run_case(heads: int, head_dim: int, mode: str, grid: tuple[int, int, int], i2v: bool, backend: str,
+             device: torch.device) -> dict:
+    cfg = ModelConfig("custom", "i2v" if i2v else "t2v", heads * head_dim, 96, heads, 2, in_dim=36 if i2v else 16,
+                      text_dim=48, image_dim=40)
+    dtype = torch.float32 if backend == "torch" else (torch.bfloat16 if device.type == "cuda" else torch.float16)
+    torch.manual_seed(0)
+    dit = build_dit(cfg, None, dtype=dtype, device=device)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 16, *grid, generator=g).to(device)
+    t = torch.tensor([700.0], device=device)
+    ctx = torch.randn(1, 12, 48, generator=g).to(device)
+    clip_fea = torch.randn(1, 257, 40, generator=g).to(device) if i2v else None
+    y = torch.randn(1, 20, *grid, generator=g).to(device) if i2v else None
+    rows = []
+    dit.blocks[0].self_attn.o.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[1]))
+    ops.set_backend(backend)
+    try:
+        with torch.no_grad():
+            ref = dit(x, t, ctx, clip_fea, y)
+            sp = SeqParallel(torch.distributed.group.WORLD, mode)
+            sp.check_heads(heads)
+            dit.seq_parallel = sp
+            out = dit(x, t, ctx, clip_fea, y)
+    finally:
+        ops.set_backend("auto")
+    return {"rel": ((out - ref).norm() / ref.norm()).item(), "tokens": rows[-1], "shape": list(out.shape)}
+
+
+def main() -> None:
+    out_path = sys.argv[1]
+    world = int(os.environ["WORLD_SIZE"])
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    par = init_parallel(ParallelConfig(seq_p_size=world), device)
+    results = {}
+    for name, *case in CASES:
+        try:
+            results[name] = run_case(*case, par.device)
+        except ValueError as e:
+            results[name] = {"error": str(e)}
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, results)
+    if par.is_main:
+        with open(out_path, "w") as f:
+            json.dump(gathered, f)
+
+
+if __name__ == "__main__":
+    main()
