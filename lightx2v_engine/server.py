@@ -33,6 +33,7 @@ import email.policy
 import io
 import json
 import logging
+import signal
 import math
 import re
 import secrets
@@ -165,10 +166,13 @@ class TaskQueue:
             self.cancel(task_id)
         return {"stop_status": "success" if ids else "do_nothing", "reason": f"cancelled {len(ids)} task(s)"}
 
-    def close(self) -> None:
+    def close(self, wait: bool = False) -> None:
+        """Stops the worker after its current task (wait: until then)."""
         with self._cond:
             self._stop = True
             self._cond.notify()
+        if wait:
+            self._worker.join()
 
     def _loop(self) -> None:
         while True:
@@ -593,21 +597,50 @@ class App:
         raise RequestError(f"no endpoint {method} {path}", HTTPStatus.NOT_FOUND)
 
 
+def _run_task(pipe, params: dict, cancelled: Callable[[], bool]):
+    """One video from a task's parameters; `cancelled()` is asked between denoising steps."""
+    def progress(i, n):
+        if cancelled():
+            raise TaskCancelled()
+    pipe.set_request_loras(params.get("loras", ()))  # () puts the model as loaded back
+    return pipe.generate(params["prompt"], negative_prompt=params.get("negative_prompt"), image=params.get("image"),
+                         seed=params["seed"], num_frames=params.get("num_frames"), height=params.get("height"),
+                         width=params.get("width"), progress=progress)
+
+
 def pipeline_generate(pipe) -> Callable[[dict, Path, threading.Event], None]:
-    """The App's generate function for a Pipeline: one video, cancellable between denoising steps."""
+    """The App's generate function for a Pipeline: one video, cancellable between denoising steps. Under
+    multi-GPU parallelism (rank 0 serves) each task's parameters go to the other ranks (serve_worker) first,
+    and a cancellation reaches them at the same step boundary."""
+    par = pipe.parallel
+
     def generate(params: dict, path: Path, cancel: threading.Event) -> None:
-        def progress(i, n):
-            if cancel.is_set():
-                raise TaskCancelled()
         if cancel.is_set():
             raise TaskCancelled()
-        pipe.set_request_loras(params.get("loras", ()))  # () puts the model as loaded back
-        out = pipe.generate(params["prompt"], negative_prompt=params.get("negative_prompt"), image=params.get("image"),
-                            seed=params["seed"], num_frames=params.get("num_frames"), height=params.get("height"),
-                            width=params.get("width"), progress=progress)
+        if par is None:
+            out = _run_task(pipe, params, cancel.is_set)
+        else:
+            par.broadcast_object({"params": params})
+            out = _run_task(pipe, params, lambda: par.broadcast_flag(cancel.is_set()))
         path.parent.mkdir(parents=True, exist_ok=True)
         out.save(path)
     return generate
+
+
+def serve_worker(pipe) -> None:
+    """A rank > 0 of a multi-GPU server: runs each task rank 0 sends (its share of the DiT's work) until
+    rank 0 sends the stop message. A task that fails fails on every rank alike (the same inputs)."""
+    par = pipe.parallel
+    while True:
+        msg = par.broadcast_object(None)
+        if msg is None:
+            return
+        try:
+            _run_task(pipe, msg["params"], lambda: par.broadcast_flag(False))
+        except TaskCancelled:
+            pass
+        except Exception:  # noqa: BLE001 - rank 0 reports it (its run fails the same way); wait for the next task
+            log.exception("rank %d: task failed", par.rank)
 
 
 def serve(app: App, host: str = "0.0.0.0", port: int = 8000) -> ThreadingHTTPServer:
@@ -645,19 +678,28 @@ def config_pairs(extra: list[str]) -> dict[str, Any]:
     return out
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     from lightx2v_engine.infer import load_pipeline
     args, extra = build_parser().parse_known_args(argv)
     args.config_overrides = config_pairs(extra)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     pipe = load_pipeline(args)
+    if not pipe.is_main:  # multi-GPU: rank 0 serves HTTP, the other ranks follow its tasks
+        serve_worker(pipe)
+        return 0
     meta = {"model_cls": args.model_cls, "task": pipe.task, "model": pipe.model_cfg.name,
             "model_path": args.model_path, "infer_steps": pipe.run_cfg.infer_steps,
             "defaults": {"target_video_length": pipe.run_cfg.target_video_length,
-                         "target_shape": [pipe.run_cfg.target_height, pipe.run_cfg.target_width]}}
+                         "target_shape": [pipe.run_cfg.target_height, pipe.run_cfg.target_width]},
+            "world_size": pipe.parallel.world_size if pipe.parallel else 1}
     app = App(pipeline_generate(pipe), output_dir=Path(args.output_dir), infer_steps=pipe.run_cfg.infer_steps,
               task=pipe.task, max_queue_size=args.max_queue_size, metadata=meta,
               default_size=(pipe.run_cfg.target_height, pipe.run_cfg.target_width), lora_dir=args.lora_dir)
+    signal.signal(signal.SIGTERM, _interrupt)  # a termination ends like Ctrl-C (the other ranks are told)
     httpd = serve(app, args.host, args.port)
     log.info("serving %s on http://%s:%d (results in %s)", pipe.model_cfg.name, args.host, httpd.server_port,
              app.output_dir)
@@ -667,7 +709,9 @@ def main(argv=None) -> int:
         pass
     finally:
         httpd.server_close()
-        app.queue.close()
+        app.queue.close(wait=pipe.parallel is not None)  # (the running task ends first: it talks to the ranks)
+        if pipe.parallel is not None:
+            pipe.parallel.broadcast_object(None)  # the other ranks stop
     return 0
 
 

@@ -145,3 +145,72 @@ def test_cli_cfg_and_sequence_parallel_i2v(tmp_path):
     assert ((four - one).norm() / one.norm()).item() < 1e-5
     no_cfg = _cli(tmp_path, 1, "nocfg", {**cfg, "enable_cfg": False}, *extra)
     assert ((no_cfg - one).norm() / one.norm()).item() > 1e-2  # CFG matters, so the comparison means something
+
+
+# ---------------------------------------------------------------------------------------------- server
+
+def _http(base, method, path, body=None):
+    import urllib.request
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(base + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json"} if data else {})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def test_server_under_torchrun(tmp_path):
+    """rank 0 serves HTTP and sends each task to rank 1; two tasks in a row; the video equals the
+    single-process CLI's for the same seed."""
+    import signal
+    import socket
+    import time
+    import urllib.error
+    from lightx2v_engine.video import read_mp4
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    size = {"target_video_length": 9, "target_height": 64, "target_width": 96}
+    cfg = tmp_path / "par.json"
+    cfg.write_text(json.dumps({**size, "parallel": {"seq_p_size": 2}}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "lightx2v_engine.server", "--random-weights", "--config_json", str(cfg), "--host",
+                             "127.0.0.1", "--port", str(port), "--output_dir", str(tmp_path / "out")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.time()
+        while True:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            try:
+                meta = _http(base, "GET", "/v1/service/metadata")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.time() - t0 < 180, "server did not come up"
+                time.sleep(0.5)
+        assert meta["world_size"] == 2
+        for name in ("a.mp4", "b.mp4"):
+            task = _http(base, "POST", "/v1/tasks/video/", {"prompt": "a red fox", "seed": 42, "save_result_path": name})
+            while (info := _http(base, "GET", f"/v1/tasks/{task['task_id']}/status"))["status"] in ("pending", "processing"):
+                time.sleep(0.2)
+            assert info["status"] == "completed", info
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    one = tmp_path / "one.mp4"
+    r = subprocess.run([sys.executable, "-m", "lightx2v_engine.infer", "--random-weights", "--config_json",
+                        str(_write(tmp_path / "one.json", size)), "--prompt", "a red fox", "--seed", "42",
+                        "--save_result_path", str(one), "--quiet"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    want = read_mp4(one)
+    for name in ("a.mp4", "b.mp4"):
+        assert (read_mp4(tmp_path / "out" / name) == want).all()
+
+
+def _write(path, obj):
+    path.write_text(json.dumps(obj))
+    return path
