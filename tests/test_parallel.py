@@ -214,3 +214,16 @@ def test_server_under_torchrun(tmp_path):
 def _write(path, obj):
     path.write_text(json.dumps(obj))
     return path
+
+
+def test_bench_parallel_runs_on_cpus(tmp_path):
+    """benchmarks/bench_parallel.py's code paths at the tiny preset (gloo): both timings, the ratio and the
+    output's distance from the one-GPU forward."""
+    r = torchrun(2, str(HERE.parent / "benchmarks" / "bench_parallel.py"), "--preset", "tiny", "--frames", "9",
+                 "--height", "64", "--width", "96", "--iters", "1", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path / "parallel_summary.json").read_text())
+    assert s["world_size"] == 2 and s["step_ms_1gpu"] > 0 and s["step_ms_seq_p2"] > 0
+    assert s["speedup"] == pytest.approx(s["step_ms_1gpu"] / s["step_ms_seq_p2"])
+    assert s["relerr_vs_1gpu"] < 1e-2  # bf16
+    assert (tmp_path / "parallel.csv").read_text().count("\n") == 2
