@@ -20,7 +20,9 @@ outputs are all-gathered (as LightX2V).
 
 Collectives are torch's functional ones (``torch.ops._c10d_functional``: traceable, no host sync). Every
 rank runs the text/image encoders and the sampler on identical inputs; the noise and the encoders' outputs
-are broadcast from rank 0 so that all ranks agree to the bit; the VAE decodes on global rank 0 only.
+are broadcast from rank 0 so that all ranks agree to the bit. The VAE decodes on global rank 0, or with
+``vae_parallel`` (or ``use_tiling_vae``) in spatial tiles spread over all ranks and blended on rank 0
+(decode_tiled: the tiled decode's result, bit for bit).
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ class ParallelConfig:
     seq_p_size: int = 1
     seq_p_attn_type: str = "ulysses"
     cfg_p_size: int = 1
+    vae_parallel: bool = False  # the VAE decodes in spatial tiles spread over all ranks (decode_tiled)
 
     @property
     def world_size(self) -> int:
@@ -58,7 +61,6 @@ class ParallelConfig:
 
 # parallel.* keys LightX2V has that change nothing here (what runs instead, for the warning)
 _PARALLEL_IGNORED = {
-    "vae_parallel": "the VAE decodes on rank 0",
     "seq_p_quant_scheme": "the all-to-all moves bf16",
     "seq_p_fp8_comm": "the all-to-all moves bf16",
 }
@@ -74,7 +76,7 @@ def parse_parallel(value: Any, source: str = "config") -> tuple[ParallelConfig, 
                          f"{{\"seq_p_size\": 4, \"seq_p_attn_type\": \"ulysses\", \"cfg_p_size\": 2}}")
     if not isinstance(value, dict):
         raise ValueError(f"{source}: config key 'parallel' = {value!r}: expected an object")
-    known = ("seq_p_size", "seq_p_attn_type", "cfg_p_size", "tensor_p_size")
+    known = ("seq_p_size", "seq_p_attn_type", "cfg_p_size", "tensor_p_size", "vae_parallel")
     vals, notes = {}, []
     for key, v in value.items():
         name = f"parallel.{key}"
@@ -89,6 +91,10 @@ def parse_parallel(value: Any, source: str = "config") -> tuple[ParallelConfig, 
             if key == "cfg_p_size" and v > 2:
                 raise ValueError(f"{source}: config key {name!r} = {v}: CFG has two branches (cond, uncond), so "
                                  f"cfg_p_size is 1 or 2")
+            vals[key] = v
+        elif key == "vae_parallel":
+            if not isinstance(v, bool):
+                raise ValueError(f"{source}: config key {name!r} = {v!r}: expected true/false")
             vals[key] = v
         elif key == "seq_p_attn_type":
             if v not in SEQ_P_ATTN_TYPES:
@@ -323,3 +329,43 @@ def _shutdown() -> None:
     _STATE = None
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------
+# VAE decode over all ranks
+# ----------------------------------------------------------------------------------------------------
+
+def assign_tiles(sizes: list[int], world: int) -> list[int]:
+    """Owner rank of each tile: largest first to the least loaded rank (ties: lowest rank). Deterministic,
+    so every rank computes the same assignment."""
+    load = [0] * world
+    owner = [0] * len(sizes)
+    for k in sorted(range(len(sizes)), key=lambda k: (-sizes[k], k)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owner[k] = r
+        load[r] += sizes[k]
+    return owner
+
+
+def decode_tiled(vae, z: torch.Tensor, tiled, par: Parallel) -> torch.Tensor | None:
+    """vae.decode(z, tiled) with its tiles decoded on all ranks: each rank decodes the tiles it owns
+    (assign_tiles), sends them to rank 0, which blends them as the one-process tiled decode does. Returns
+    the video on rank 0, None elsewhere. Every rank calls it with the same z."""
+    tiles = vae.decode_tiles(z, tiled)
+    if tiles is None:  # no larger than one tile: rank 0 decodes it whole
+        return vae.decode(z) if par.is_main else None
+    owner = assign_tiles([t.shape[-2] * t.shape[-1] for t in tiles], par.world_size)
+    mine = {k: vae.decode_tile(t) for k, t in enumerate(tiles) if owner[k] == par.rank}
+    if not par.is_main:
+        for k in sorted(mine):  # in tile order: rank 0 receives in tile order
+            dist.send(mine.pop(k).contiguous(), dst=0)
+        return None
+
+    def result(k: int, zt: torch.Tensor) -> torch.Tensor:
+        if owner[k] == 0:
+            return mine.pop(k)
+        b, _, n, h, w = zt.shape
+        buf = torch.empty((b, 3, 1 + 4 * (n - 1), 8 * h, 8 * w), dtype=torch.float32, device=zt.device)
+        dist.recv(buf, src=owner[k])
+        return buf
+    return vae.decode(z, tiled, tile_results=result)

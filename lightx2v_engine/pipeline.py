@@ -34,7 +34,7 @@ from lightx2v_engine.dit import WanDiT
 from lightx2v_engine.image import i2v_mask, load_image, prepare_i2v_image
 from lightx2v_engine.loading import DTYPES, build_dit, load_dit
 from lightx2v_engine.offload import attach_block_offload, blocks_detached, page_lock_module_
-from lightx2v_engine.parallel import Parallel, init_parallel
+from lightx2v_engine.parallel import Parallel, decode_tiled, init_parallel
 from lightx2v_engine.schedulers import DistillSampler, UniPCSampler, cfg_combine, make_generator, initial_noise
 from lightx2v_engine.video import save_latents, save_mp4, video_to_uint8
 
@@ -491,11 +491,21 @@ class Pipeline:
         graphs.set_inputs(x, context, neg_context, clip_fea, y, renoise)
         return graphs.run_step
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """latents [16, F, h, w] -> uint8 frames [T, H, W, 3]."""
+    def decode(self, latents: torch.Tensor) -> torch.Tensor | None:
+        """latents [16, F, h, w] -> uint8 frames [T, H, W, 3]. Multi-GPU: called on every rank when the
+        tiles spread over the ranks (_decode_everywhere), then the frames come back on rank 0 (else None)."""
         with offloaded(self.vae, self.device, self.run_cfg.vae_cpu_offload):
-            video = self.vae.decode(latents[None].to(self.device), tiled=self.run_cfg.use_tiling_vae)
+            z = latents[None].to(self.device)
+            if self._decode_everywhere():
+                video = decode_tiled(self.vae, z, True, self.parallel)
+                return None if video is None else video_to_uint8(video)
+            video = self.vae.decode(z, tiled=self.run_cfg.use_tiling_vae)
         return video_to_uint8(video)
+
+    def _decode_everywhere(self) -> bool:
+        """Multi-GPU with vae_parallel or use_tiling_vae: the VAE's tiles are decoded on all ranks."""
+        par = self.parallel
+        return par is not None and (par.config.vae_parallel or self.run_cfg.use_tiling_vae)
 
     def default_negative_prompt(self) -> str:
         """The negative prompt under CFG when none is given: the config's sample_neg_prompt, else Wan's
@@ -547,8 +557,8 @@ class Pipeline:
                 self.parallel.broadcast_(tensor)
         latents = self.denoise(noise, context, neg_context=neg_context, clip_fea=clip_fea, y=y, seed=seed,
                                timings=timings, progress=progress)
-        frames = None  # under multi-GPU parallelism only global rank 0 decodes
-        if self.is_main:
+        frames = None  # multi-GPU: the frames come back on global rank 0
+        if self.is_main or self._decode_everywhere():
             with timings.measure("decode", self.device):
                 frames = self.decode(latents)
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None

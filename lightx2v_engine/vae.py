@@ -441,7 +441,7 @@ class WanVAE(nn.Module):
         if tile is not None and (h > tile[0] or w > tile[0]):
             out = torch.empty((b, self.cfg.z_dim, (t - 1) // 4 + 1, h // 8, w // 8), dtype=torch.float32,
                               device=self.device)
-            return _tiled(self._encode_full, video, tile[0], tile[1], (1, 8), out)
+            return _tiled(lambda k, vt: self._encode_full(vt), video, tile[0], tile[1], (1, 8), out)
         return self._encode_full(video)
 
     def _encode_full(self, video: torch.Tensor) -> torch.Tensor:
@@ -461,21 +461,37 @@ class WanVAE(nn.Module):
         return out
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor, tiled: bool | tuple[int, int] = False) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, tiled: bool | tuple[int, int] = False, tile_results=None) -> torch.Tensor:
         """z [B, 16, F, h, w] (normalized latents) -> video fp32 [B, 3, 1+4(F-1), 8h, 8w] in [-1, 1].
         Latents go through the decoder one at a time (1, then 4 frames each) into a preallocated output.
         `tiled` (True: TILE_PIXELS, or (tile, stride) in pixels): overlapping spatial tiles, decoded one at a
         time and blended (see _tiled), when the video is larger than a tile: LightX2V's use_tiling_vae, for
-        GPUs short of memory (activation memory of one tile instead of the frame; about 1.5-2x the work)."""
+        GPUs short of memory (activation memory of one tile instead of the frame; about 1.5-2x the work).
+        tile_results(k, zt) -> the decoded tile k (of decode_tiles(); unclamped fp32) instead of decoding it
+        here: multi-GPU decode (parallel.decode_tiled) hands in tiles decoded by other ranks."""
         if z.dim() != 5 or z.shape[1] != self.cfg.z_dim:
             raise ValueError(f"WanVAE.decode expects latents [B, {self.cfg.z_dim}, F, h, w], got {tuple(z.shape)}")
         b, _, n, h, w = z.shape
         tile = _tile_setting(tiled)
         if tile is not None and (8 * h > tile[0] or 8 * w > tile[0]):
             out = torch.empty((b, 3, 1 + 4 * (n - 1), 8 * h, 8 * w), dtype=torch.float32, device=self.device)
-            return _tiled(lambda zt: self._decode_full(zt, clamp=False), z, tile[0] // 8, tile[1] // 8, (8, 1),
-                          out).clamp_(-1.0, 1.0)
+            fn = tile_results or (lambda k, zt: self._decode_full(zt, clamp=False))
+            return _tiled(fn, z, tile[0] // 8, tile[1] // 8, (8, 1), out).clamp_(-1.0, 1.0)
         return self._decode_full(z)
+
+    def decode_tiles(self, z: torch.Tensor, tiled: bool | tuple[int, int] = True) -> list[torch.Tensor] | None:
+        """The latent tiles decode(z, tiled) decodes, in its order (views of z); None when it would not tile."""
+        tile = _tile_setting(tiled)
+        h, w = z.shape[-2:]
+        if tile is None or not (8 * h > tile[0] or 8 * w > tile[0]):
+            return None
+        t, s = tile[0] // 8, tile[1] // 8
+        return [z[..., i:i + t, j:j + t] for i in range(0, h, s) for j in range(0, w, s)]
+
+    @torch.no_grad()
+    def decode_tile(self, zt: torch.Tensor) -> torch.Tensor:
+        """One tile of decode_tiles() -> its unclamped fp32 pixels [B, 3, 1+4(F-1), 8h, 8w]."""
+        return self._decode_full(zt, clamp=False)
 
     def _decode_full(self, z: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         b, _, n, h, w = z.shape
@@ -533,8 +549,8 @@ def _tail(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
 
 
 def _tiled(fn, x: torch.Tensor, tile: int, stride: int, scale: tuple[int, int], out: torch.Tensor) -> torch.Tensor:
-    """out <- fn over overlapping spatial tiles of x [..., H, W] (`tile` and `stride` in x's units; fn maps
-    a tile to out's units, `scale` = (num, den) out per x unit), blended as diffusers' AutoencoderKLWan
+    """out <- fn over overlapping spatial tiles of x [..., H, W] (`tile` and `stride` in x's units; fn(k, tile)
+    maps tile k (row-major order) to out's units, `scale` = (num, den) out per x unit), blended as diffusers' AutoencoderKLWan
     tiles: row by row, each result's top rows fade in from the (already blended) result above and its
     left columns from the one to its left, over (tile - stride) * scale; its first stride * scale rows and
     columns are kept. Held between tiles: the overlapping last rows of one row of results (and the last
@@ -543,11 +559,13 @@ def _tiled(fn, x: torch.Tensor, tile: int, stride: int, scale: tuple[int, int], 
     blend, keep = (tile - stride) * num // den, stride * num // den
     oh_all, ow_all = out.shape[-2:]
     above: list[torch.Tensor] | None = None  # last `blend` rows of each result of the row above
+    k = 0
     for i in range(0, x.shape[-2], stride):
         below: list[torch.Tensor] = []
         left = None  # last `blend` columns of the previous result in this row
         for c, j in enumerate(range(0, x.shape[-1], stride)):
-            r = fn(x[..., i:i + tile, j:j + tile])
+            r = fn(k, x[..., i:i + tile, j:j + tile])
+            k += 1
             if above is not None:
                 _blend(above[c], r, blend, -2)
             if left is not None:

@@ -20,7 +20,8 @@ if not torch.cuda.is_available():  # the Triton kernels run in the interpreter (
 from lightx2v_engine import ops  # noqa: E402
 from lightx2v_engine.config import ModelConfig
 from lightx2v_engine.loading import build_dit  # noqa: E402
-from lightx2v_engine.parallel import ParallelConfig, SeqParallel, init_parallel  # noqa: E402
+from lightx2v_engine.parallel import ParallelConfig, SeqParallel, decode_tiled, init_parallel  # noqa: E402
+from lightx2v_engine.vae import VAEConfig, random_vae  # noqa: E402
 
 # (name, heads, head_dim, mode, latent grid (F, H, W) before the 1x2x2 patching, i2v, ops backend)
 # fp32 with the PyTorch ops; "kernels": the Triton kernels in fp16 (bf16 on a GPU), head_dim 128 as they need
@@ -64,6 +65,20 @@ def run_case(heads: int, head_dim: int, mode: str, grid: tuple[int, int, int], i
     return {"rel": ((out - ref).norm() / ref.norm()).item(), "tokens": rows[-1], "shape": list(out.shape)}
 
 
+def vae_case(par, device) -> dict:
+    """decode_tiled over all ranks against the one-process tiled decode (bit for bit), 2 x 2 tiles of
+    unequal sizes (latents 1 x 34 x 30 -> 1 x 272 x 240 pixels; tile 32, stride 24 latents)."""
+    vae = random_vae(VAEConfig.tiny(), device=device, seed=3)
+    z = torch.randn(1, 16, 1, 34, 30, generator=torch.Generator().manual_seed(2)).to(device)
+    tiles = vae.decode_tiles(z, True)
+    got = decode_tiled(vae, z, True, par)
+    if not par.is_main:
+        return {"tiles": len(tiles), "none": got is None}
+    want = vae.decode(z, tiled=True)
+    return {"tiles": len(tiles), "equal": bool(torch.equal(got, want)),
+            "differs_from_untiled": bool((vae.decode(z) - want).abs().max() > 1e-4)}
+
+
 def main() -> None:
     out_path = sys.argv[1]
     world = int(os.environ["WORLD_SIZE"])
@@ -75,6 +90,7 @@ def main() -> None:
             results[name] = run_case(*case, par.device)
         except ValueError as e:
             results[name] = {"error": str(e)}
+    results["vae"] = vae_case(par, par.device)
     gathered = [None] * world
     torch.distributed.all_gather_object(gathered, results)
     if par.is_main:

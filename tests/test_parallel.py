@@ -33,7 +33,8 @@ def test_parse_parallel_section():
                             "enable_cfg": True}).parallel
     assert (cfg.seq_p_size, cfg.cfg_p_size, cfg.world_size, cfg.enabled) == (4, 2, 8, True)
     assert not parse_run_config({"parallel": False}).parallel.enabled
-    assert parse_parallel({"seq_p_size": 2, "vae_parallel": True})[1] == ["parallel.vae_parallel (the VAE decodes on rank 0)"]
+    cfg, notes = parse_parallel({"seq_p_size": 2, "vae_parallel": True, "seq_p_quant_scheme": "fp8"})
+    assert cfg.vae_parallel and notes == ["parallel.seq_p_quant_scheme (the all-to-all moves bf16)"]
 
 
 @pytest.mark.parametrize("value, match", [
@@ -107,6 +108,22 @@ def test_ulysses_needs_heads_divisible(dit_results, world, case, heads):
     assert "'ring'" in err
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_vae_tiles_decoded_on_all_ranks(dit_results, world):
+    """parallel.decode_tiled: the tiles decoded where assign_tiles puts them, blended on rank 0, equal the
+    one-process tiled decode bit for bit (which differs from the untiled one: the check sees the tiling)."""
+    res = [r["vae"] for r in dit_results[world]]
+    assert res[0] == {"tiles": 4, "equal": True, "differs_from_untiled": True}
+    assert all(r == {"tiles": 4, "none": True} for r in res[1:])
+
+
+def test_assign_tiles_balances_area():
+    from lightx2v_engine.parallel import assign_tiles
+    assert assign_tiles([4, 4, 4, 1], 2) == [0, 1, 0, 1]
+    assert assign_tiles([1, 9, 4, 4], 3) == [1, 0, 1, 2]
+    assert assign_tiles([5], 4) == [0]
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 def _cli(tmp_path, n, name, config, *extra):
@@ -131,6 +148,16 @@ def test_cli_sequence_parallel_t2v(tmp_path):
     assert ((two - one).norm() / one.norm()).item() < 1e-5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.json", "one.mp4", "one.safetensors", "two.json",
                                                           "two.mp4", "two.safetensors"]
+
+
+def test_cli_vae_parallel_equals_tiled_decode(tmp_path):
+    """vae_parallel: the VAE's tiles decoded on both ranks give the one-process use_tiling_vae video."""
+    from lightx2v_engine.video import read_mp4
+    size = {"target_video_length": 5, "target_height": 272, "target_width": 240}
+    _cli(tmp_path, 1, "one", {**size, "use_tiling_vae": True})
+    _cli(tmp_path, 2, "two", {**size, "parallel": {"seq_p_size": 2, "vae_parallel": True}})
+    a, b = read_mp4(tmp_path / "one.mp4"), read_mp4(tmp_path / "two.mp4")
+    assert a.shape == (5, 272, 240, 3) and (a == b).all()
 
 
 def test_cli_cfg_and_sequence_parallel_i2v(tmp_path):
