@@ -327,10 +327,8 @@ def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: torch.
     seq_parallel (parallel.SeqParallel): q, k, v hold this rank's token shard and `rope` its rows; the
     attention spans the whole sequence (rope.seq_len tokens) through the group's collectives.
     """
-    if seq_parallel is not None:
-        return _self_attention_sharded(q, k, v, wq, wk, rope, num_heads, eps, attn_8bit, seq_parallel)
     kern = _fast(q, "self_attention")
-    if kern is not None:
+    if kern is not None and seq_parallel is None:
         eight = attn_8bit and attention_8bit_available(q.device)
         return kern.self_attention(q, k, v, wq, wk, rope.cos, rope.sin, num_heads, eps, attn_8bit=eight)
     kern = _fast(q, "qk_norm_rope")
@@ -339,23 +337,13 @@ def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: torch.
     else:
         qh, kh = qk_norm_rope_ref(q, k, wq, wk, rope, num_heads, eps)
     vh = v.unflatten(-1, (num_heads, -1))
-    return attention(qh, kh, vh).flatten(-2)
-
-
-def _self_attention_sharded(q, k, v, wq, wk, rope, num_heads, eps, attn_8bit, sp) -> torch.Tensor:
-    """self_attention on one sequence-parallel shard: norm + RoPE on the shard's rows, then the group's
-    attention (Ulysses all-to-all or k/v all-gather) with our attention op inside."""
-    kern = _fast(q, "qk_norm_rope")
-    if kern is not None:
-        qh, kh = kern.qk_norm_rope(q, k, wq, wk, rope.cos, rope.sin, num_heads, eps)
-    else:
-        qh, kh = qk_norm_rope_ref(q, k, wq, wk, rope, num_heads, eps)
-    vh = v.unflatten(-1, (num_heads, -1))
-    attn = attention
-    if attn_8bit and attention_8bit_available(q.device):
-        attn = _kernels().attention_8bit
+    if seq_parallel is None:
+        return attention(qh, kh, vh).flatten(-2)
+    # the shard's rows are normed and rotated; the group's attention (Ulysses all-to-all or k/v all-gather)
+    # runs our attention op (or the 8-bit one) over the whole sequence
+    attn = _kernels().attention_8bit if attn_8bit and attention_8bit_available(q.device) else attention
     seq_len = rope.seq_len if rope.seq_len is not None else rope.cos.shape[0]
-    return sp.attention(qh, kh, vh, seq_len, attn).flatten(-2)
+    return seq_parallel.attention(qh, kh, vh, seq_len, attn).flatten(-2)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
