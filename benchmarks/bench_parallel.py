@@ -43,6 +43,8 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--720p", dest="p720", action="store_true", help="720x1280")
     p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--device", default=None, help="cuda (one GPU per rank, NCCL; the default when there is a GPU) "
+                   "or cpu (gloo)")
     p.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "out"))
     args = p.parse_args(argv)
     if args.p720:
@@ -50,7 +52,7 @@ def main(argv=None) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world < 2:
         raise SystemExit("bench_parallel.py: run it under torchrun with --nproc_per_node >= 2")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     par = init_parallel(ParallelConfig(seq_p_size=world, seq_p_attn_type=args.mode), device)
     device = par.device
     cfg = PRESETS[PRESET_NAMES[args.preset]]

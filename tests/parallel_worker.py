@@ -14,7 +14,10 @@ import sys
 
 import torch
 
-if not torch.cuda.is_available():  # the Triton kernels run in the interpreter (before triton is imported)
+# one GPU per rank (NCCL) where there are enough, else the CPU (gloo; the Triton kernels in the interpreter,
+# which must be chosen before triton is imported)
+USE_CUDA = torch.cuda.is_available() and torch.cuda.device_count() >= int(os.environ.get("WORLD_SIZE", "1"))
+if not USE_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from lightx2v_engine import ops  # noqa: E402
@@ -82,7 +85,7 @@ def vae_case(par, device) -> dict:
 def main() -> None:
     out_path = sys.argv[1]
     world = int(os.environ["WORLD_SIZE"])
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device("cuda" if USE_CUDA else "cpu")
     par = init_parallel(ParallelConfig(seq_p_size=world), device)
     results = {}
     for name, *case in CASES:
@@ -91,6 +94,7 @@ def main() -> None:
         except ValueError as e:
             results[name] = {"error": str(e)}
     results["vae"] = vae_case(par, par.device)
+    results["device"] = par.device.type
     gathered = [None] * world
     torch.distributed.all_gather_object(gathered, results)
     if par.is_main:

@@ -100,6 +100,23 @@ def test_sequence_parallel_dit_equals_one_process(dit_results, world, case, toke
         assert r["rel"] < 1e-5, (rank, r)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL)")
+def test_sequence_parallel_on_gpus_with_nccl(tmp_path):
+    """The worker's cases on 2 GPUs: NCCL collectives, the Triton kernels in bf16, the VAE tiles by p2p."""
+    path = tmp_path / "w.json"
+    r = torchrun(2, str(HERE / "parallel_worker.py"), str(path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(path.read_text())
+    assert res[0]["device"] == "cuda"
+    for rank, per in enumerate(res):
+        for case in ("ulysses_odd_len", "ring_three_heads", "ulysses_i2v", "ring_tiny_len", "ulysses_tiny_len"):
+            assert per[case]["rel"] < 1e-4, (rank, case, per[case])  # fp32 (TF32 off by default)
+        for case in ("ulysses_kernels", "ring_kernels"):
+            assert per[case]["rel"] < 2e-2, (rank, case, per[case])  # bf16: the shard GEMMs round differently
+    assert res[0]["vae"]["equal"]
+
+
 @pytest.mark.parametrize("world, case, heads", [(2, "ulysses_three_heads", 3), (3, "ulysses_odd_len", 2),
                                                 (3, "ulysses_tiny_len", 4)])
 def test_ulysses_needs_heads_divisible(dit_results, world, case, heads):
@@ -129,7 +146,8 @@ def test_assign_tiles_balances_area():
 def _cli(tmp_path, n, name, config, *extra):
     cfg = tmp_path / f"{name}.json"
     cfg.write_text(json.dumps({"target_video_length": 9, "target_height": 64, "target_width": 96, **config}))
-    args = ["-m", "lightx2v_engine.infer", "--random-weights", "--config_json", str(cfg), "--prompt", "a red fox",
+    args = ["-m", "lightx2v_engine.infer", "--random-weights", "--device", "cpu", "--config_json", str(cfg),
+            "--prompt", "a red fox",
             "--save_result_path", str(tmp_path / f"{name}.mp4"), "--save_latents", str(tmp_path / f"{name}.safetensors"),
             "--quiet", *extra]
     if n == 1:
@@ -201,7 +219,8 @@ def test_server_under_torchrun(tmp_path):
     cfg.write_text(json.dumps({**size, "parallel": {"seq_p_size": 2}}))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "-m", "lightx2v_engine.server", "--random-weights", "--config_json", str(cfg), "--host",
+                             "-m", "lightx2v_engine.server", "--random-weights", "--device", "cpu", "--config_json",
+                             str(cfg), "--host",
                              "127.0.0.1", "--port", str(port), "--output_dir", str(tmp_path / "out")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     base = f"http://127.0.0.1:{port}"
@@ -229,7 +248,8 @@ def test_server_under_torchrun(tmp_path):
             proc.kill()
             proc.wait()
     one = tmp_path / "one.mp4"
-    r = subprocess.run([sys.executable, "-m", "lightx2v_engine.infer", "--random-weights", "--config_json",
+    r = subprocess.run([sys.executable, "-m", "lightx2v_engine.infer", "--random-weights", "--device", "cpu",
+                        "--config_json",
                         str(_write(tmp_path / "one.json", size)), "--prompt", "a red fox", "--seed", "42",
                         "--save_result_path", str(one), "--quiet"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -247,7 +267,7 @@ def test_bench_parallel_runs_on_cpus(tmp_path):
     """benchmarks/bench_parallel.py's code paths at the tiny preset (gloo): both timings, the ratio and the
     output's distance from the one-GPU forward."""
     r = torchrun(2, str(HERE.parent / "benchmarks" / "bench_parallel.py"), "--preset", "tiny", "--frames", "9",
-                 "--height", "64", "--width", "96", "--iters", "1", "--out", str(tmp_path))
+                 "--height", "64", "--width", "96", "--iters", "1", "--device", "cpu", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((tmp_path / "parallel_summary.json").read_text())
     assert s["world_size"] == 2 and s["step_ms_1gpu"] > 0 and s["step_ms_seq_p2"] > 0
