@@ -7,7 +7,8 @@ timings (perf_counter on the CPU), inputs prepared outside the timed region:
 - `step_ms_1gpu`: the unsharded forward on rank 0 alone (the others wait at a barrier);
 - `step_ms_seq_p<N>`: the forward with the tokens split over the N ranks (all ranks; rank 0's time);
 - `speedup` = 1gpu / seq_p, `efficiency` = speedup / N, and the relative L2 distance of the two outputs;
-- `all_to_all_gbps`: the bus bandwidth of one q/k/v all-to-all of the step's size ((N-1)/N x bytes / time).
+- `comm_gbps`: the bus bandwidth of one layer's collective at the step's size ((N-1)/N x bytes / time): the
+  q/k/v all-to-all (ulysses) or the k/v all-gather (ring).
 Rank 0 prints a table and writes parallel_summary.json (+ a row in parallel.csv) into --out ($OUT or
 benchmarks/out). `--preset tiny --frames 9 --height 64 --width 96` runs on CPUs with gloo (the tests).
 """
@@ -29,7 +30,7 @@ from csv_history import append_csv  # noqa: E402
 
 from lightx2v_engine.config import PRESETS  # noqa: E402
 from lightx2v_engine.loading import build_dit  # noqa: E402
-from lightx2v_engine.parallel import ParallelConfig, all_to_all, init_parallel  # noqa: E402
+from lightx2v_engine.parallel import ParallelConfig, all_gather, all_to_all, init_parallel  # noqa: E402
 
 PRESET_NAMES = {"1.3b": "wan2.1-t2v-1.3b", "14b": "wan2.1-t2v-14b", "tiny": "tiny"}
 
@@ -78,24 +79,29 @@ def main(argv=None) -> int:
         model.seq_parallel = par.seq
         summary[f"step_ms_seq_p{world}"] = ms = run(lambda: model(x, t, ctx, clip, y), warmup=1)
         out = model(x, t, ctx, clip, y)
-        # one q/k/v all-to-all of this step's size: [world, 3, 1, Ls, H/world, D]
+        # one layer's collective at this step's size: the q/k/v all-to-all [world, 3, 1, Ls, H/world, D], or
+        # the k/v all-gather of [Ls, 1, 2, H, D] per rank; bus bytes = (world-1)/world of the full buffer
         L = ((args.frames - 1) // 4 + 1) * (args.height // 16) * (args.width // 16)
         ls = -(-L // world)
-        buf = torch.randn(world, 3, 1, ls, cfg.num_heads // world if args.mode == "ulysses" else cfg.num_heads,
-                          cfg.head_dim, device=device).to(dt)
-        a2a_ms = run(lambda: all_to_all(buf, par.seq.group), warmup=1)
+        if args.mode == "ulysses":
+            buf = torch.randn(world, 3, 1, ls, cfg.num_heads // world, cfg.head_dim, device=device).to(dt)
+            comm_ms = run(lambda: all_to_all(buf, par.seq.group), warmup=1)
+            nbytes = buf.numel() * buf.element_size()
+        else:
+            buf = torch.randn(ls, 1, 2, cfg.num_heads, cfg.head_dim, device=device).to(dt)
+            comm_ms = run(lambda: all_gather(buf, par.seq.group), warmup=1)
+            nbytes = buf.numel() * buf.element_size() * world
     if par.is_main:
         base = summary["step_ms_1gpu"]
         summary.update(speedup=base / ms, efficiency=base / ms / world, relerr_vs_1gpu=rel_l2(out, ref),
-                       all_to_all_ms=a2a_ms,
-                       all_to_all_gbps=buf.numel() * buf.element_size() * (world - 1) / world / (a2a_ms * 1e-3) / 1e9)
+                       comm_ms=comm_ms, comm_gbps=nbytes * (world - 1) / world / (comm_ms * 1e-3) / 1e9)
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "parallel_summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         append_csv(os.path.join(args.out, "parallel.csv"), list(summary), [summary])
         print(f"{'figure':<24} value   ({summary['gpu']}, {args.preset}, {summary['shape']}, {args.mode})")
         for k in ("step_ms_1gpu", f"step_ms_seq_p{world}", "speedup", "efficiency", "relerr_vs_1gpu",
-                  "all_to_all_ms", "all_to_all_gbps"):
+                  "comm_ms", "comm_gbps"):
             print(f"{k:<24} {summary[k]:.4g}")
     return 0
 

@@ -475,6 +475,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return _attention_op(q, k, v)
 
 
+@torch.library.custom_op("lightx2v::self_attention_heads", mutates_args=())
+def _self_attention_heads_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return _attention_any(q, k, v, _impl(q.device), explicit=_explicit())
+
+
+@_self_attention_heads_op.register_fake
+def _(q, k, v):
+    return q.new_empty(q.shape)
+
+
+def self_attention_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """attention() with self-attention's backend and config (attention_impl) instead of cross-attention's:
+    for q/k already normed and rotated, e.g. the whole-sequence attention of a sequence-parallel rank.
+
+    q [B, Lq, H, D], k/v [B, Lk, H, D] (fp16/bf16, unit last stride) -> contiguous [B, Lq, H, D].
+    """
+    _check_qkv(q, k, v)
+    return _self_attention_heads_op(q, k, v)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Self-attention: q/k RMSNorm + RoPE + attention
 # ----------------------------------------------------------------------------------------------------

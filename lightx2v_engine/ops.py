@@ -341,7 +341,11 @@ def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: torch.
         return attention(qh, kh, vh).flatten(-2)
     # the shard's rows are normed and rotated; the group's attention (Ulysses all-to-all or k/v all-gather)
     # runs our attention op (or the 8-bit one) over the whole sequence
-    attn = _kernels().attention_8bit if attn_8bit and attention_8bit_available(q.device) else attention
+    if attn_8bit and attention_8bit_available(q.device):
+        attn = _kernels().attention_8bit
+    else:  # self-attention's kernel choice (kernels.attention_impl), not cross-attention's
+        kern = _fast(q, "self_attention_heads")
+        attn = kern.self_attention_heads if kern is not None else attention
     seq_len = rope.seq_len if rope.seq_len is not None else rope.cos.shape[0]
     return seq_parallel.attention(qh, kh, vh, seq_len, attn).flatten(-2)
 

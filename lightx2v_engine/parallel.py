@@ -225,6 +225,7 @@ class Parallel:
     seq: SeqParallel | None = None
     cfg_group: Any = None       # the 2 ranks holding the same tokens of the two CFG branches
     cfg_rank: int = 0           # 0: the conditional branch, 1: the unconditional one
+    control: Any = None         # all ranks over gloo with no practical timeout: messages between tasks
     _groups: list = field(default_factory=list, repr=False)
 
     @property
@@ -256,9 +257,10 @@ class Parallel:
         return bool(t.item())
 
     def broadcast_object(self, obj: Any = None) -> Any:
-        """Global rank 0's picklable `obj`, on every rank."""
+        """Global rank 0's picklable `obj`, on every rank, over the gloo control group: a rank may wait in
+        it for hours (a server between requests) without a collective timeout or a spinning GPU kernel."""
         box = [obj]
-        dist.broadcast_object_list(box, src=0, device=self.device if self._nccl() else None)
+        dist.broadcast_object_list(box, src=0, group=self.control)
         return box[0]
 
     def cfg_gather(self, v: torch.Tensor) -> torch.Tensor:
@@ -306,6 +308,7 @@ def init_parallel(pcfg: ParallelConfig, device: torch.device) -> Parallel | None
     S, C = pcfg.seq_p_size, pcfg.cfg_p_size
     c, s = divmod(rank, S)
     state = Parallel(pcfg, rank, world, device, cfg_rank=c)
+    state.control = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=3650))
     for cc in range(C):  # every rank creates every group, in the same order
         g = dist.new_group([cc * S + j for j in range(S)]) if S > 1 else None
         state._groups.append(g)

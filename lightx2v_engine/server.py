@@ -33,10 +33,11 @@ import email.policy
 import io
 import json
 import logging
-import signal
 import math
+import os
 import re
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -47,6 +48,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
+
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -166,13 +169,10 @@ class TaskQueue:
             self.cancel(task_id)
         return {"stop_status": "success" if ids else "do_nothing", "reason": f"cancelled {len(ids)} task(s)"}
 
-    def close(self, wait: bool = False) -> None:
-        """Stops the worker after its current task (wait: until then)."""
+    def close(self) -> None:
         with self._cond:
             self._stop = True
             self._cond.notify()
-        if wait:
-            self._worker.join()
 
     def _loop(self) -> None:
         while True:
@@ -620,28 +620,57 @@ def pipeline_generate(pipe) -> Callable[[dict, Path, threading.Event], None]:
         if par is None:
             out = _run_task(pipe, params, cancel.is_set)
         else:
+            if pipe.device.type == "cuda":
+                torch.cuda.set_device(pipe.device)  # (this worker thread's current device)
             par.broadcast_object({"params": params})
-            out = _run_task(pipe, params, lambda: par.broadcast_flag(cancel.is_set()))
+            out = _run_parallel_task(pipe, params, lambda: par.broadcast_flag(cancel.is_set()))
         path.parent.mkdir(parents=True, exist_ok=True)
         out.save(path)
     return generate
 
 
+def _errors_every_rank_raises():
+    """Errors of a task that every rank raises at the same point (the same inputs, bit-identical latents):
+    after them the ranks still agree on the next collective, so the server goes on."""
+    from lightx2v_engine.checkpoint import CheckpointError
+    from lightx2v_engine.pipeline import NonFiniteError
+    return (TaskCancelled, NonFiniteError, ValueError, FileNotFoundError, CheckpointError)
+
+
+def _run_parallel_task(pipe, params: dict, cancelled: Callable[[], bool]):
+    """_run_task on one rank of a multi-GPU server. Any other error (out of memory on one GPU, a failed
+    kernel) may strike one rank only, which leaves the others waiting in a collective it will not join:
+    the process then exits, and torchrun stops the others (a supervisor restarts the job)."""
+    try:
+        return _run_task(pipe, params, cancelled)
+    except _errors_every_rank_raises():
+        raise
+    except BaseException as e:  # noqa: BLE001
+        log.critical("rank %d: %s: %s during a multi-GPU task; the ranks can no longer agree, exiting",
+                     pipe.parallel.rank, type(e).__name__, e, exc_info=True)
+        _exit_now(1)
+
+
+def _exit_now(code: int) -> None:
+    """Exits without the interpreter's shutdown (which would wait on a process group a peer has left)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def serve_worker(pipe) -> None:
     """A rank > 0 of a multi-GPU server: runs each task rank 0 sends (its share of the DiT's work) until
-    rank 0 sends the stop message. A task that fails fails on every rank alike (the same inputs)."""
+    rank 0 sends None. Errors every rank raises alike are rank 0's to report; others end the process."""
     par = pipe.parallel
     while True:
         msg = par.broadcast_object(None)
         if msg is None:
             return
         try:
-            _run_task(pipe, msg["params"], lambda: par.broadcast_flag(False))
-        except TaskCancelled:
+            _run_parallel_task(pipe, msg["params"], lambda: par.broadcast_flag(False))
+        except _errors_every_rank_raises():
             pass
-        except Exception:  # noqa: BLE001 - rank 0 reports it (its run fails the same way); wait for the next task
-            log.exception("rank %d: task failed", par.rank)
-
 
 def serve(app: App, host: str = "0.0.0.0", port: int = 8000) -> ThreadingHTTPServer:
     """An HTTP server for `app` bound to (host, port) (port 0: any free one); call serve_forever()."""
@@ -688,8 +717,8 @@ def main(argv=None) -> int:
     args.config_overrides = config_pairs(extra)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     pipe = load_pipeline(args)
-    if not pipe.is_main:  # multi-GPU: rank 0 serves HTTP, the other ranks follow its tasks
-        serve_worker(pipe)
+    if not pipe.is_main:  # multi-GPU: rank 0 serves HTTP, the other ranks follow its tasks (until torchrun
+        serve_worker(pipe)  # stops them: the default SIGTERM action, as they wait inside a collective)
         return 0
     meta = {"model_cls": args.model_cls, "task": pipe.task, "model": pipe.model_cfg.name,
             "model_path": args.model_path, "infer_steps": pipe.run_cfg.infer_steps,
@@ -699,7 +728,7 @@ def main(argv=None) -> int:
     app = App(pipeline_generate(pipe), output_dir=Path(args.output_dir), infer_steps=pipe.run_cfg.infer_steps,
               task=pipe.task, max_queue_size=args.max_queue_size, metadata=meta,
               default_size=(pipe.run_cfg.target_height, pipe.run_cfg.target_width), lora_dir=args.lora_dir)
-    signal.signal(signal.SIGTERM, _interrupt)  # a termination ends like Ctrl-C (the other ranks are told)
+    signal.signal(signal.SIGTERM, _interrupt)  # a termination ends like Ctrl-C: the server closes its socket
     httpd = serve(app, args.host, args.port)
     log.info("serving %s on http://%s:%d (results in %s)", pipe.model_cfg.name, args.host, httpd.server_port,
              app.output_dir)
@@ -709,9 +738,9 @@ def main(argv=None) -> int:
         pass
     finally:
         httpd.server_close()
-        app.queue.close(wait=pipe.parallel is not None)  # (the running task ends first: it talks to the ranks)
-        if pipe.parallel is not None:
-            pipe.parallel.broadcast_object(None)  # the other ranks stop
+        app.queue.close()
+        if pipe.parallel is not None:  # torchrun signals every rank: the others are gone or going, and a
+            _exit_now(0)               # running task's collectives would never finish
     return 0
 
 

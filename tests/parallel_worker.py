@@ -1,6 +1,6 @@
 """One rank of tests/test_parallel.py's DiT checks (run by torchrun, gloo on the CPU; also on GPUs with NCCL).
 
-    torchrun --standalone --nproc_per_node=N tests/parallel_worker.py OUT_JSON
+    torchrun --standalone --nproc_per_node=N tests/parallel_worker.py OUT_JSON cpu|cuda
 
 Each case builds a small fp32 DiT with the same seed on every rank, runs it on one process' worth of input
 with and without sequence parallelism, and rank 0 writes {case: {"rel": relative L2 error, "tokens": the
@@ -14,9 +14,9 @@ import sys
 
 import torch
 
-# one GPU per rank (NCCL) where there are enough, else the CPU (gloo; the Triton kernels in the interpreter,
-# which must be chosen before triton is imported)
-USE_CUDA = torch.cuda.is_available() and torch.cuda.device_count() >= int(os.environ.get("WORLD_SIZE", "1"))
+# "cuda": one GPU per rank (NCCL); "cpu": gloo, the Triton kernels in the interpreter (chosen before triton
+# is imported)
+USE_CUDA = sys.argv[2] == "cuda"
 if not USE_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

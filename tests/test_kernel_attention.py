@@ -66,6 +66,25 @@ def test_attention_public_op_and_policy():
         set_attention_impl(config="nope")
 
 
+def test_self_attention_heads_follows_self_attention_backend():
+    """self_attention_heads (sequence parallel's whole-sequence attention) runs self-attention's backend,
+    not cross-attention's: with cross-attention on SDPA it still runs the Triton kernel (odd lengths)."""
+    from lightx2v_engine.kernels import self_attention_heads
+    q, k, v = attn_qkv(1, 45, 45, 3, torch.float16, "cpu")
+    try:
+        set_attention_impl(cross_impl="sdpa_flash")
+        got = self_attention_heads(q, k[:, :37], v[:, :37])  # a sliced view, as after the all-to-all
+        assert torch.equal(got, attention_triton(q, k[:, :37], v[:, :37]))
+        assert not torch.equal(got, attention(q, k[:, :37], v[:, :37]))
+        set_attention_impl("sdpa_flash", cross_impl="default")
+        assert torch.equal(self_attention_heads(q, k, v), attention(q, k, v))  # "default": self's backend
+    finally:
+        set_attention_impl("default", cross_impl="default")
+    assert_attn_rule(self_attention_heads(q, k, v), q, k, v)
+    torch.library.opcheck(torch.ops.lightx2v.self_attention_heads.default, (q, k, v),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 def test_env_policy(monkeypatch):
     import importlib
     mod = importlib.import_module("lightx2v_engine.kernels.attention")  # the module (the package exports the function)

@@ -79,7 +79,7 @@ def dit_results(tmp_path_factory):
     out = {}
     for n in (2, 3):
         path = tmp_path_factory.mktemp("par") / f"w{n}.json"
-        r = torchrun(n, str(HERE / "parallel_worker.py"), str(path))
+        r = torchrun(n, str(HERE / "parallel_worker.py"), str(path), "cpu")
         assert r.returncode == 0, r.stderr[-3000:]
         out[n] = json.loads(path.read_text())
     return out
@@ -105,7 +105,7 @@ def test_sequence_parallel_dit_equals_one_process(dit_results, world, case, toke
 def test_sequence_parallel_on_gpus_with_nccl(tmp_path):
     """The worker's cases on 2 GPUs: NCCL collectives, the Triton kernels in bf16, the VAE tiles by p2p."""
     path = tmp_path / "w.json"
-    r = torchrun(2, str(HERE / "parallel_worker.py"), str(path))
+    r = torchrun(2, str(HERE / "parallel_worker.py"), str(path), "cuda")
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(path.read_text())
     assert res[0]["device"] == "cuda"
@@ -241,12 +241,13 @@ def test_server_under_torchrun(tmp_path):
                 time.sleep(0.2)
             assert info["status"] == "completed", info
     finally:
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)  # torchrun passes it to both ranks: all end, none hangs
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+            raise AssertionError("the ranks did not stop within 60 s of SIGTERM")
     one = tmp_path / "one.mp4"
     r = subprocess.run([sys.executable, "-m", "lightx2v_engine.infer", "--random-weights", "--device", "cpu",
                         "--config_json",
@@ -274,3 +275,23 @@ def test_bench_parallel_runs_on_cpus(tmp_path):
     assert s["speedup"] == pytest.approx(s["step_ms_1gpu"] / s["step_ms_seq_p2"])
     assert s["relerr_vs_1gpu"] < 1e-2  # bf16
     assert (tmp_path / "parallel.csv").read_text().count("\n") == 2
+
+
+def test_server_task_errors_on_parallel_ranks(monkeypatch):
+    """Errors every rank raises alike (bad input, NaNs, a cancel) leave the ranks in step: the task fails and
+    the server goes on. Any other error may be one rank's alone: that rank exits (torchrun stops the rest)
+    instead of leaving its peers waiting in a collective forever."""
+    from types import SimpleNamespace
+    from lightx2v_engine import server as S
+    from lightx2v_engine.pipeline import NonFiniteError
+    exits = []
+    monkeypatch.setattr(S, "_exit_now", lambda code: exits.append(code))
+    pipe = SimpleNamespace(parallel=SimpleNamespace(rank=1))
+    for err in (ValueError("bad size"), NonFiniteError("NaN"), S.TaskCancelled()):
+        monkeypatch.setattr(S, "_run_task", lambda *a, e=err: (_ for _ in ()).throw(e))
+        with pytest.raises(type(err)):
+            S._run_parallel_task(pipe, {}, lambda: False)
+    assert exits == []
+    monkeypatch.setattr(S, "_run_task", lambda *a: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("oom")))
+    S._run_parallel_task(pipe, {}, lambda: False)
+    assert exits == [1]
