@@ -143,11 +143,11 @@ def test_assign_tiles_balances_area():
 
 # ---------------------------------------------------------------------------------------------- CLI
 
-def _cli(tmp_path, n, name, config, *extra):
+def _cli(tmp_path, n, name, config, *extra, random=True):
     cfg = tmp_path / f"{name}.json"
     cfg.write_text(json.dumps({"target_video_length": 9, "target_height": 64, "target_width": 96, **config}))
-    args = ["-m", "lightx2v_engine.infer", "--random-weights", "--device", "cpu", "--config_json", str(cfg),
-            "--prompt", "a red fox",
+    args = ["-m", "lightx2v_engine.infer", *(["--random-weights"] if random else []), "--device", "cpu",
+            "--config_json", str(cfg), "--prompt", "a red fox",
             "--save_result_path", str(tmp_path / f"{name}.mp4"), "--save_latents", str(tmp_path / f"{name}.safetensors"),
             "--quiet", *extra]
     if n == 1:
@@ -166,6 +166,17 @@ def test_cli_sequence_parallel_t2v(tmp_path):
     assert ((two - one).norm() / one.norm()).item() < 1e-5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.json", "one.mp4", "one.safetensors", "two.json",
                                                           "two.mp4", "two.safetensors"]
+
+
+@pytest.mark.parametrize("extra", [{}, {"cpu_offload": True}], ids=["resident", "block_offload"])
+def test_cli_model_folder_under_torchrun(t2v_folder, tmp_path, extra):
+    """Pipeline.load (a model folder in the real layout) under torchrun, also with the DiT's blocks
+    streamed from host memory: the latents of the one-process run."""
+    folder = ("--model_path", str(t2v_folder))
+    cfg = {"enable_cfg": True, **extra}
+    one = _cli(tmp_path, 1, "one", cfg, *folder, random=False)
+    two = _cli(tmp_path, 2, "two", {**cfg, "parallel": {"seq_p_size": 2, "cfg_p_size": 1}}, *folder, random=False)
+    assert ((two - one).norm() / one.norm()).item() < 1e-5
 
 
 def test_cli_vae_parallel_equals_tiled_decode(tmp_path):
