@@ -288,15 +288,17 @@ class Pipeline:
                            dtype=run.dtype, device=dit_dev, lora_specs=run.lora_configs, lora_strict=run.lora_strict,
                            lora_compute_device=lora_dev)
         _place_dit(dit, run, dev)
-        t5_path = _encoder_file(run, mp, "t5")
-        # offloaded weights are kept on the CPU in the dtype they run in on `dev`
-        t5 = t5_mod.load_t5(str(t5_path), device=cpu if run.t5_cpu_offload else dev, dtype=_t5_dtype(dev))
-        tok = t5_mod.load_tokenizer(str(mp))
+        t5 = tok = clip = None
+        encoders = par is None or par.is_main  # multi-GPU: rank 0 encodes and broadcasts (_shared_inputs)
+        if encoders:
+            t5_path = _encoder_file(run, mp, "t5")
+            # offloaded weights are kept on the CPU in the dtype they run in on `dev`
+            t5 = t5_mod.load_t5(str(t5_path), device=cpu if run.t5_cpu_offload else dev, dtype=_t5_dtype(dev))
+            tok = t5_mod.load_tokenizer(str(mp))
         vae_path = find_weights("vae_path", run.vae_path, VAE_FILE, mp)
         vae = _place_vae(vae_mod.load_vae(vae_path, device=cpu if run.vae_cpu_offload else dev,
                                           dtype=_vae_dtype(run, dev)), dev)
-        clip = None
-        if mcfg.is_i2v:
+        if mcfg.is_i2v and encoders:
             clip_path = _encoder_file(run, mp, "clip")
             clip = clip_mod.load_clip(str(clip_path), device=cpu if run.clip_cpu_offload else dev,
                                       dtype=_clip_dtype(dev))
@@ -321,19 +323,22 @@ class Pipeline:
         t5 = tok = vae = clip = None
         if with_encoders:
             cpu = torch.device("cpu")
+            encoders = par is None or par.is_main  # multi-GPU: rank 0 encodes and broadcasts (_shared_inputs)
             t5cfg = t5_mod.T5Config.tiny() if tiny else t5_mod.T5Config.umt5_xxl()
             if t5cfg.dim != mcfg.text_dim:
                 raise ValueError(f"preset {preset}: text_dim {mcfg.text_dim} != T5 width {t5cfg.dim}")
-            t5 = t5_mod.random_t5(t5cfg, device=cpu if run.t5_cpu_offload else dev, dtype=_t5_dtype(dev), seed=seed)
-            if run.t5_quantized:
-                t5_mod.quantize_t5_(t5, run.t5_quant_scheme)
-            with tempfile.TemporaryDirectory(prefix="lx2v_tok_") as tok_dir:  # read into memory, then removed
-                t5_mod.make_tiny_tokenizer(tok_dir, vocab_size=min(t5cfg.vocab, 256))
-                tok = t5_mod.load_tokenizer(tok_dir)
+            if encoders:
+                t5 = t5_mod.random_t5(t5cfg, device=cpu if run.t5_cpu_offload else dev, dtype=_t5_dtype(dev),
+                                      seed=seed)
+                if run.t5_quantized:
+                    t5_mod.quantize_t5_(t5, run.t5_quant_scheme)
+                with tempfile.TemporaryDirectory(prefix="lx2v_tok_") as tok_dir:  # read into memory, then removed
+                    t5_mod.make_tiny_tokenizer(tok_dir, vocab_size=min(t5cfg.vocab, 256))
+                    tok = t5_mod.load_tokenizer(tok_dir)
             vcfg = vae_mod.VAEConfig.tiny() if tiny else vae_mod.VAEConfig.wan21()
             vae = _place_vae(vae_mod.random_vae(vcfg, device=cpu if run.vae_cpu_offload else dev,
                                                 dtype=_vae_dtype(run, dev), seed=seed), dev)
-            if mcfg.is_i2v:
+            if mcfg.is_i2v and encoders:
                 ccfg = clip_mod.CLIPConfig.tiny() if tiny else clip_mod.CLIPConfig.vit_h14()
                 if ccfg.dim != mcfg.image_dim:
                     raise ValueError(f"preset {preset}: image_dim {mcfg.image_dim} != CLIP width {ccfg.dim}")
@@ -381,6 +386,8 @@ class Pipeline:
         for p in prompts:
             if not isinstance(p, str):
                 raise ValueError(f"prompts must be strings, got {type(p).__name__}")
+        if self.t5 is None:
+            raise RuntimeError(_NO_ENCODER.format("text"))
         with offloaded(self.t5, self.device, self.run_cfg.t5_cpu_offload):
             ctx = t5_mod.encode_text(self.t5, self.tokenizer, prompts, text_len=self.run_cfg.text_len)
         if ctx.shape[1] < 512:  # the DiT always sees 512 rows (zero-padded), as Wan
@@ -389,6 +396,8 @@ class Pipeline:
 
     def encode_image(self, image, num_frames: int, height: int, width: int):
         """I2V conditioning: (clip_fea [1, 257, 1280], y [1, 20, F, lat_h, lat_w], (lat_h, lat_w))."""
+        if self.clip is None:
+            raise RuntimeError(_NO_ENCODER.format("image"))
         img = load_image(image)
         resized = prepare_i2v_image(img, height, width)          # [3, lat_h*8, lat_w*8]
         lat_h, lat_w = resized.shape[1] // 8, resized.shape[2] // 8
@@ -507,6 +516,29 @@ class Pipeline:
         par = self.parallel
         return par is not None and (par.config.vae_parallel or self.run_cfg.use_tiling_vae)
 
+    def _encode(self, prompt, negative_prompt, image, t_frames, h, w, timings):
+        """-> (context [1, 512, C], neg_context or None (without CFG), clip_fea, y (I2V, else None), (h, w) of
+        the video: I2V's follow the image)."""
+        with timings.measure("text encode", self.device):
+            prompts = [prompt]
+            if self.run_cfg.enable_cfg:
+                # None: the default; "" is an empty negative prompt, as in LightX2V
+                prompts.append(negative_prompt if negative_prompt is not None else self.default_negative_prompt())
+            ctx = self.encode_text(prompts)
+            context, neg_context = ctx[:1], (ctx[1:] if self.run_cfg.enable_cfg else None)
+        clip_fea = y = None
+        if self.task == "i2v":
+            with timings.measure("image encode", self.device):
+                clip_fea, y, (lh, lw) = self.encode_image(image, t_frames, h, w)
+            h, w = lh * 8, lw * 8
+        return context, neg_context, clip_fea, y, (h, w)
+
+    def _shared_inputs(self, prompt, negative_prompt, image, t_frames, h, w, timings):
+        """Multi-GPU: _encode on global rank 0 (the only rank with the text and image encoders), the results
+        broadcast to every rank."""
+        return _share_from_rank0(
+            self.parallel, lambda: self._encode(prompt, negative_prompt, image, t_frames, h, w, timings), self.device)
+
     def default_negative_prompt(self) -> str:
         """The negative prompt under CFG when none is given: the config's sample_neg_prompt, else Wan's
         (with I2V's "镜头晃动，" prefix)."""
@@ -538,23 +570,15 @@ class Pipeline:
             torch.cuda.reset_peak_memory_stats(self.device)
         timings = Timings()
         timings.items["load"] = self.load_ms
-        need_neg = run.enable_cfg
-        with timings.measure("text encode", self.device):
-            prompts = [prompt]
-            if need_neg:
-                # None: the default; "" is an empty negative prompt, as in LightX2V
-                prompts.append(negative_prompt if negative_prompt is not None else self.default_negative_prompt())
-            ctx = self.encode_text(prompts)
-            context, neg_context = ctx[:1], (ctx[1:] if need_neg else None)
-        clip_fea = y = None
-        if self.task == "i2v":
-            with timings.measure("image encode", self.device):
-                clip_fea, y, (lh, lw) = self.encode_image(image, t_frames, h, w)
-            h, w = lh * 8, lw * 8
+        if self.parallel is None:
+            context, neg_context, clip_fea, y, (h, w) = self._encode(prompt, negative_prompt, image, t_frames, h, w,
+                                                                     timings)
+        else:
+            context, neg_context, clip_fea, y, (h, w) = self._shared_inputs(prompt, negative_prompt, image, t_frames,
+                                                                            h, w, timings)
         noise = initial_noise(t_frames, h, w, seed, self.device)
-        if self.parallel is not None:  # every rank starts from rank 0's inputs, bit for bit
-            for tensor in (noise, context, neg_context, clip_fea, y):
-                self.parallel.broadcast_(tensor)
+        if self.parallel is not None:  # every rank starts from rank 0's noise, bit for bit
+            self.parallel.broadcast_(noise)
         latents = self.denoise(noise, context, neg_context=neg_context, clip_fea=clip_fea, y=y, seed=seed,
                                timings=timings, progress=progress)
         frames = None  # multi-GPU: the frames come back on global rank 0
@@ -563,6 +587,33 @@ class Pipeline:
                 frames = self.decode(latents)
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         return Output(frames=frames, latents=latents, timings=timings, fps=run.fps, peak_gpu_bytes=peak)
+
+
+_NO_ENCODER = ("this pipeline has no {} encoder: built with with_encoders=False, or a rank > 0 of a multi-GPU run "
+               "(global rank 0 encodes and broadcasts)")
+
+
+def _share_from_rank0(par: Parallel, encode: Callable[[], tuple], device: torch.device) -> tuple:
+    """encode() -> (tensor or None, ..., picklable extra) on global rank 0; every rank returns rank 0's
+    values. Rank 0 sends their shapes and dtypes first (the control group), then the tensors; a failure of
+    encode() on rank 0 reaches the others as a ValueError naming it (no rank is left waiting)."""
+    if par.is_main:
+        try:
+            *tensors, extra = encode()
+        except Exception as e:
+            par.broadcast_object({"error": f"{type(e).__name__}: {e}"})
+            raise
+        par.broadcast_object({"specs": [None if t is None else (tuple(t.shape), t.dtype) for t in tensors],
+                              "extra": extra})
+    else:
+        head = par.broadcast_object(None)
+        if "error" in head:
+            raise ValueError(f"rank 0 could not encode the inputs: {head['error']}")
+        tensors = [None if sp is None else torch.empty(sp[0], dtype=sp[1], device=device) for sp in head["specs"]]
+        extra = head["extra"]
+    for t in tensors:
+        par.broadcast_(t)
+    return (*tensors, extra)
 
 
 def _attach_parallel(dit: WanDiT, par: Parallel) -> None:

@@ -134,6 +134,20 @@ def test_vae_tiles_decoded_on_all_ranks(dit_results, world):
     assert all(r == {"tiles": 4, "none": True} for r in res[1:])
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_encoders_on_rank0_only(dit_results, world):
+    """Only rank 0 holds umT5 and CLIP and encodes; the others get its outputs. A missing image fails on
+    rank 0 and, through it, on every rank; the next video is then made on all ranks alike."""
+    res = [r["pipeline"] for r in dit_results[world]]
+    assert res[0]["t5"] and res[0]["clip"] and res[0]["frames"][0] == 5  # (I2V: the size follows the image)
+    assert res[0]["error"] == "FileNotFoundError: image file not found: /nonexistent/in.png"
+    for r in res[1:]:
+        assert not r["t5"] and not r["clip"] and r["frames"] is None
+        assert r["error"] == ("ValueError: rank 0 could not encode the inputs: FileNotFoundError: image file not "
+                              "found: /nonexistent/in.png")
+    assert len({r["latents_sum"] for r in res}) == 1  # every rank holds the same final latents
+
+
 def test_assign_tiles_balances_area():
     from lightx2v_engine.parallel import assign_tiles
     assert assign_tiles([4, 4, 4, 1], 2) == [0, 1, 0, 1]
