@@ -143,7 +143,9 @@ def main(argv=None) -> int:
     from lightx2v_engine.checkpoint import CheckpointError
     from lightx2v_engine.pipeline import NonFiniteError
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from lightx2v_engine.parallel import log_format, rank_from_env
+    quiet = args.quiet or rank_from_env() > 0  # under torchrun the other ranks log warnings and errors only
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format=log_format("%(levelname)s %(name)s: %(message)s"))
     try:
         with warnings.catch_warnings():  # one "warning: ..." line each, like the "error: ..." lines
             warnings.simplefilter("default")

@@ -278,6 +278,16 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def rank_from_env() -> int:
+    """torchrun's global rank of this process (0 outside torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def log_format(fmt: str) -> str:
+    """`fmt` with "[rank R] " in front under torchrun with several processes."""
+    return f"[rank {rank_from_env()}] {fmt}" if world_size_from_env() > 1 else fmt
+
+
 def init_parallel(pcfg: ParallelConfig, device: torch.device) -> Parallel | None:
     """Joins the torchrun process group and builds the mesh; None when pcfg asks for one process. The CUDA
     device becomes cuda:LOCAL_RANK. Called once per process (later calls with the same config reuse it)."""

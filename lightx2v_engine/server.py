@@ -715,7 +715,9 @@ def main(argv=None) -> int:
     from lightx2v_engine.infer import load_pipeline
     args, extra = build_parser().parse_known_args(argv)
     args.config_overrides = config_pairs(extra)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from lightx2v_engine.parallel import log_format, rank_from_env
+    logging.basicConfig(level=logging.INFO if rank_from_env() == 0 else logging.WARNING,
+                        format=log_format("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     pipe = load_pipeline(args)
     if not pipe.is_main:  # multi-GPU: rank 0 serves HTTP, the other ranks follow its tasks (until torchrun
         serve_worker(pipe)  # stops them: the default SIGTERM action, as they wait inside a collective)
