@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from lightx2v_engine.parallel import rank_prefix
+
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TINY_DEFAULTS = {"target_video_length": 9, "target_height": 64, "target_width": 96}
 
@@ -153,15 +155,15 @@ def main(argv=None) -> int:
             return run(args)
     except (ValueError, FileNotFoundError, CheckpointError, NonFiniteError, OSError) as e:
         msg = str(e).replace("\n", " ")
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"{rank_prefix()}error: {msg}", file=sys.stderr)
         return 2
     except torch.cuda.OutOfMemoryError as e:
-        print(f"error: out of GPU memory ({str(e).splitlines()[0]})", file=sys.stderr)
+        print(f"{rank_prefix()}error: out of GPU memory ({str(e).splitlines()[0]})", file=sys.stderr)
         return 3
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"warning: {message}", file=sys.stderr)
+    print(f"{rank_prefix()}warning: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

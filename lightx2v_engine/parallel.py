@@ -18,9 +18,10 @@ Padding rows never act as keys (the gathered sequence is cut back to its true le
 the result equals the single-GPU one up to the GEMMs' summation order. The head runs on the shard and the
 outputs are all-gathered (as LightX2V).
 
-Collectives are torch's functional ones (``torch.ops._c10d_functional``: traceable, no host sync). Every
-rank runs the text/image encoders and the sampler on identical inputs; the noise and the encoders' outputs
-are broadcast from rank 0 so that all ranks agree to the bit. The VAE decodes on global rank 0, or with
+Collectives are torch's functional ones (``torch.ops._c10d_functional``: traceable, no host sync). The
+text/image encoders load and run on global rank 0 only; their outputs and the noise are broadcast, so that
+every rank runs the sampler on the same bits. Messages between steps (a server's tasks, shapes, failures)
+go over a gloo control group (Parallel.send / receive / on_rank0). The VAE decodes on global rank 0, or with
 ``vae_parallel`` (or ``use_tiling_vae``) in spatial tiles spread over all ranks and blended on rank 0
 (decode_tiled: the tiled decode's result, bit for bit).
 """
@@ -263,12 +264,48 @@ class Parallel:
         dist.broadcast_object_list(box, src=0, group=self.control)
         return box[0]
 
+    def send(self, kind: str, **fields: Any) -> None:
+        """Rank 0: a control message {kind, fields} to every rank (see receive)."""
+        self.broadcast_object({"kind": kind, **fields})
+
+    def receive(self, kind: str) -> dict | None:
+        """Ranks > 0: rank 0's next control message, which must be of `kind` (or None: stop). A message of
+        another kind means the ranks fell out of step: an error, not a misread."""
+        msg = self.broadcast_object(None)
+        if msg is not None and msg.get("kind") != kind:
+            raise RuntimeError(f"parallel: rank {self.rank} expected a {kind!r} message from rank 0 and got "
+                               f"{msg.get('kind')!r}: the ranks are out of step")
+        return msg
+
+    def on_rank0(self, fn: Callable[[], Any], what: str) -> Any:
+        """fn() on rank 0 alone, its outcome agreed by all: rank 0 returns fn()'s value; the others return
+        None, or raise RankZeroError naming rank 0's failure. On rank 0 a failure is re-raised (wrapped in
+        RankZeroError unless a ValueError / FileNotFoundError, which every rank raises alike)."""
+        if not self.is_main:
+            msg = self.receive(what)
+            if msg["error"] is not None:
+                raise RankZeroError(f"rank 0 failed to {what}: {msg['error']}")
+            return None
+        try:
+            value = fn()
+        except BaseException as e:
+            self.send(what, error=f"{type(e).__name__}: {e}")
+            if isinstance(e, (ValueError, FileNotFoundError)):
+                raise
+            raise RankZeroError(f"rank 0 failed to {what}: {type(e).__name__}: {e}") from e
+        self.send(what, error=None)
+        return value
+
     def cfg_gather(self, v: torch.Tensor) -> torch.Tensor:
         """v [B, ...] of this rank's CFG branch -> [2B, ...]: cond rows first, then uncond."""
         return all_gather(v, self.cfg_group)
 
     def _nccl(self) -> bool:
         return dist.get_backend() == "nccl"
+
+
+class RankZeroError(ValueError):
+    """A step run on rank 0 alone failed; every rank raises it at the same point (the ranks stay in step)."""
 
 
 _STATE: Parallel | None = None
@@ -279,13 +316,18 @@ def world_size_from_env() -> int:
 
 
 def rank_from_env() -> int:
-    """torchrun's global rank of this process (0 outside torchrun)."""
-    return int(os.environ.get("RANK", "0"))
+    """torchrun's global rank of this process (0 outside a multi-process torchrun)."""
+    return int(os.environ.get("RANK", "0")) if world_size_from_env() > 1 else 0
+
+
+def rank_prefix() -> str:
+    """"[rank R] " under torchrun with several processes, else ""."""
+    return f"[rank {rank_from_env()}] " if world_size_from_env() > 1 else ""
 
 
 def log_format(fmt: str) -> str:
-    """`fmt` with "[rank R] " in front under torchrun with several processes."""
-    return f"[rank {rank_from_env()}] {fmt}" if world_size_from_env() > 1 else fmt
+    """`fmt` with rank_prefix() in front."""
+    return rank_prefix() + fmt
 
 
 def init_parallel(pcfg: ParallelConfig, device: torch.device) -> Parallel | None:

@@ -288,20 +288,22 @@ class Pipeline:
                            dtype=run.dtype, device=dit_dev, lora_specs=run.lora_configs, lora_strict=run.lora_strict,
                            lora_compute_device=lora_dev)
         _place_dit(dit, run, dev)
-        t5 = tok = clip = None
-        encoders = par is None or par.is_main  # multi-GPU: rank 0 encodes and broadcasts (_shared_inputs)
-        if encoders:
+        vae_path = find_weights("vae_path", run.vae_path, VAE_FILE, mp)
+        vae = _place_vae(vae_mod.load_vae(vae_path, device=cpu if run.vae_cpu_offload else dev,
+                                          dtype=_vae_dtype(run, dev)), dev)
+
+        def encoders():
             t5_path = _encoder_file(run, mp, "t5")
             # offloaded weights are kept on the CPU in the dtype they run in on `dev`
             t5 = t5_mod.load_t5(str(t5_path), device=cpu if run.t5_cpu_offload else dev, dtype=_t5_dtype(dev))
             tok = t5_mod.load_tokenizer(str(mp))
-        vae_path = find_weights("vae_path", run.vae_path, VAE_FILE, mp)
-        vae = _place_vae(vae_mod.load_vae(vae_path, device=cpu if run.vae_cpu_offload else dev,
-                                          dtype=_vae_dtype(run, dev)), dev)
-        if mcfg.is_i2v and encoders:
-            clip_path = _encoder_file(run, mp, "clip")
-            clip = clip_mod.load_clip(str(clip_path), device=cpu if run.clip_cpu_offload else dev,
-                                      dtype=_clip_dtype(dev))
+            clip = None
+            if mcfg.is_i2v:
+                clip_path = _encoder_file(run, mp, "clip")
+                clip = clip_mod.load_clip(str(clip_path), device=cpu if run.clip_cpu_offload else dev,
+                                          dtype=_clip_dtype(dev))
+            return t5, tok, clip
+        t5, tok, clip = _encoders_on_rank0(par, encoders)
         return cls(mcfg, run, dit, t5, tok, vae, clip, dev, (time.perf_counter() - t0) * 1e3,
                    use_cuda_graph=_graphs_on(run, dev), parallel=par)
 
@@ -323,11 +325,17 @@ class Pipeline:
         t5 = tok = vae = clip = None
         if with_encoders:
             cpu = torch.device("cpu")
-            encoders = par is None or par.is_main  # multi-GPU: rank 0 encodes and broadcasts (_shared_inputs)
             t5cfg = t5_mod.T5Config.tiny() if tiny else t5_mod.T5Config.umt5_xxl()
             if t5cfg.dim != mcfg.text_dim:
                 raise ValueError(f"preset {preset}: text_dim {mcfg.text_dim} != T5 width {t5cfg.dim}")
-            if encoders:
+            ccfg = clip_mod.CLIPConfig.tiny() if tiny else clip_mod.CLIPConfig.vit_h14()
+            if mcfg.is_i2v and ccfg.dim != mcfg.image_dim:
+                raise ValueError(f"preset {preset}: image_dim {mcfg.image_dim} != CLIP width {ccfg.dim}")
+            vcfg = vae_mod.VAEConfig.tiny() if tiny else vae_mod.VAEConfig.wan21()
+            vae = _place_vae(vae_mod.random_vae(vcfg, device=cpu if run.vae_cpu_offload else dev,
+                                                dtype=_vae_dtype(run, dev), seed=seed), dev)
+
+            def encoders():
                 t5 = t5_mod.random_t5(t5cfg, device=cpu if run.t5_cpu_offload else dev, dtype=_t5_dtype(dev),
                                       seed=seed)
                 if run.t5_quantized:
@@ -335,17 +343,14 @@ class Pipeline:
                 with tempfile.TemporaryDirectory(prefix="lx2v_tok_") as tok_dir:  # read into memory, then removed
                     t5_mod.make_tiny_tokenizer(tok_dir, vocab_size=min(t5cfg.vocab, 256))
                     tok = t5_mod.load_tokenizer(tok_dir)
-            vcfg = vae_mod.VAEConfig.tiny() if tiny else vae_mod.VAEConfig.wan21()
-            vae = _place_vae(vae_mod.random_vae(vcfg, device=cpu if run.vae_cpu_offload else dev,
-                                                dtype=_vae_dtype(run, dev), seed=seed), dev)
-            if mcfg.is_i2v and encoders:
-                ccfg = clip_mod.CLIPConfig.tiny() if tiny else clip_mod.CLIPConfig.vit_h14()
-                if ccfg.dim != mcfg.image_dim:
-                    raise ValueError(f"preset {preset}: image_dim {mcfg.image_dim} != CLIP width {ccfg.dim}")
-                clip = clip_mod.random_clip(ccfg, device=cpu if run.clip_cpu_offload else dev, dtype=_clip_dtype(dev),
-                                            seed=seed)
-                if run.clip_quantized:
-                    clip_mod.quantize_clip_(clip, run.clip_quant_scheme)
+                clip = None
+                if mcfg.is_i2v:
+                    clip = clip_mod.random_clip(ccfg, device=cpu if run.clip_cpu_offload else dev,
+                                                dtype=_clip_dtype(dev), seed=seed)
+                    if run.clip_quantized:
+                        clip_mod.quantize_clip_(clip, run.clip_quant_scheme)
+                return t5, tok, clip
+            t5, tok, clip = _encoders_on_rank0(par, encoders)
         return cls(mcfg, run, dit, t5, tok, vae, clip, dev, (time.perf_counter() - t0) * 1e3,
                    use_cuda_graph=_graphs_on(run, dev), parallel=par)
 
@@ -593,22 +598,27 @@ _NO_ENCODER = ("this pipeline has no {} encoder: built with with_encoders=False,
                "(global rank 0 encodes and broadcasts)")
 
 
+def _encoders_on_rank0(par: Parallel | None, load: Callable[[], tuple]) -> tuple:
+    """load() -> (t5, tokenizer, clip); under multi-GPU parallelism on global rank 0 only (the others get
+    Nones, or rank 0's failure as an error: no rank waits for a rank 0 that gave up)."""
+    if par is None:
+        return load()
+    return par.on_rank0(load, "load the text/image encoders") or (None, None, None)
+
+
 def _share_from_rank0(par: Parallel, encode: Callable[[], tuple], device: torch.device) -> tuple:
     """encode() -> (tensor or None, ..., picklable extra) on global rank 0; every rank returns rank 0's
-    values. Rank 0 sends their shapes and dtypes first (the control group), then the tensors; a failure of
-    encode() on rank 0 reaches the others as a ValueError naming it (no rank is left waiting)."""
+    values: their shapes and dtypes go over the control group, then the tensors. A failure of encode() on
+    rank 0 reaches every rank as an error naming it (parallel.Parallel.on_rank0: none is left waiting)."""
+    def run():
+        *tensors, extra = encode()
+        return [None if t is None else t.contiguous() for t in tensors], extra
+    out = par.on_rank0(run, "encode the inputs")
     if par.is_main:
-        try:
-            *tensors, extra = encode()
-        except Exception as e:
-            par.broadcast_object({"error": f"{type(e).__name__}: {e}"})
-            raise
-        par.broadcast_object({"specs": [None if t is None else (tuple(t.shape), t.dtype) for t in tensors],
-                              "extra": extra})
+        tensors, extra = out
+        par.send("inputs", specs=[None if t is None else (tuple(t.shape), t.dtype) for t in tensors], extra=extra)
     else:
-        head = par.broadcast_object(None)
-        if "error" in head:
-            raise ValueError(f"rank 0 could not encode the inputs: {head['error']}")
+        head = par.receive("inputs")
         tensors = [None if sp is None else torch.empty(sp[0], dtype=sp[1], device=device) for sp in head["specs"]]
         extra = head["extra"]
     for t in tensors:

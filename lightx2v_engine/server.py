@@ -622,11 +622,15 @@ def pipeline_generate(pipe) -> Callable[[dict, Path, threading.Event], None]:
         else:
             if pipe.device.type == "cuda":
                 torch.cuda.set_device(pipe.device)  # (this worker thread's current device)
-            par.broadcast_object({"params": params})
+            # (the image stays here: rank 0 alone encodes it; the others only need to know there is one)
+            par.send("task", params={**params, "image": RANK0_IMAGE} if params.get("image") is not None else params)
             out = _run_parallel_task(pipe, params, lambda: par.broadcast_flag(cancel.is_set()))
         path.parent.mkdir(parents=True, exist_ok=True)
         out.save(path)
     return generate
+
+
+RANK0_IMAGE = "<the image of rank 0>"  # what the other ranks get for a task's image (never read there)
 
 
 def _errors_every_rank_raises():
@@ -664,7 +668,7 @@ def serve_worker(pipe) -> None:
     rank 0 sends None. Errors every rank raises alike are rank 0's to report; others end the process."""
     par = pipe.parallel
     while True:
-        msg = par.broadcast_object(None)
+        msg = par.receive("task")
         if msg is None:
             return
         try:
@@ -718,6 +722,7 @@ def main(argv=None) -> int:
     from lightx2v_engine.parallel import log_format, rank_from_env
     logging.basicConfig(level=logging.INFO if rank_from_env() == 0 else logging.WARNING,
                         format=log_format("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.captureWarnings(True)  # config warnings through the log (with the rank under torchrun)
     pipe = load_pipeline(args)
     if not pipe.is_main:  # multi-GPU: rank 0 serves HTTP, the other ranks follow its tasks (until torchrun
         serve_worker(pipe)  # stops them: the default SIGTERM action, as they wait inside a collective)

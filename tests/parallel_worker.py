@@ -86,18 +86,22 @@ def pipeline_case(world: int, device: torch.device) -> dict:
     """A tiny I2V pipeline: the encoders live on rank 0 only; rank 0's failure to read the image reaches
     every rank as an error (none waits forever), and the next video is made in step on all ranks."""
     from lightx2v_engine.pipeline import Pipeline
-    pipe = Pipeline.random("tiny-i2v", {"target_video_length": 5, "target_height": 32, "target_width": 48,
-                                        "parallel": {"seq_p_size": world, "seq_p_attn_type":
-                                                     "ulysses" if world == 2 else "ring"}}, device=device)
+    size = {"target_video_length": 5, "target_height": 32, "target_width": 48}
+    image = torch.rand(3, 40, 56, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    torch.manual_seed(0)
+    pipe = Pipeline.random("tiny-i2v", {**size, "parallel": {"seq_p_size": world, "seq_p_attn_type":
+                                                             "ulysses" if world == 2 else "ring"}}, device=device)
     try:
         pipe.generate("a cat", image="/nonexistent/in.png", seed=1)
         error = None
     except (ValueError, FileNotFoundError) as e:
         error = f"{type(e).__name__}: {e}"
-    out = pipe.generate("a cat", image=torch.rand(3, 40, 56) * 2 - 1, seed=1)
+    out = pipe.generate("a cat", image=image, seed=1)
+    torch.manual_seed(0)  # the same random weights, on this rank alone
+    one = Pipeline.random("tiny-i2v", size, device=device).generate("a cat", image=image, seed=1).latents
     return {"t5": pipe.t5 is not None, "clip": pipe.clip is not None, "error": error,
             "frames": None if out.frames is None else list(out.frames.shape),
-            "latents_sum": out.latents.double().sum().item()}
+            "rel_vs_one_process": ((out.latents - one).norm() / one.norm()).item()}
 
 
 def main() -> None:
