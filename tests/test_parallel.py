@@ -195,6 +195,35 @@ def test_cli_model_folder_under_torchrun(t2v_folder, tmp_path, extra):
     assert ((two - one).norm() / one.norm()).item() < 1e-5
 
 
+LIGHTX2V_SCRIPT = """
+import sys
+from lightx2v_engine.lightx2v_api import LightX2VPipeline
+pipe = LightX2VPipeline(task="t2v", model_path=sys.argv[1], model_cls="wan2.1_distill", device="cpu")
+if sys.argv[3] == "parallel":
+    pipe.enable_parallel(seq_p_size=2, seq_p_attn_type="ulysses")
+pipe.create_generator(num_frames=9, height=64, width=96, guidance_scale=1.0)
+frames = pipe.generate(seed=7, prompt="a red car", negative_prompt="", save_result_path=sys.argv[2],
+                       return_result_tensor=True)
+print("RESULT", pipe.pipeline.is_main, frames is None)
+"""
+
+
+def test_lightx2v_api_script_under_torchrun(t2v_folder, tmp_path):
+    """A LightX2V script with enable_parallel, run by torchrun: rank 0 writes the video of the one-process
+    run and gets the frames; rank 1 gets None and writes nothing."""
+    from lightx2v_engine.video import read_mp4
+    script = tmp_path / "script.py"
+    script.write_text(LIGHTX2V_SCRIPT)
+    r = subprocess.run([sys.executable, str(script), str(t2v_folder), str(tmp_path / "one.mp4"), "single"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "RESULT True False" in r.stdout, r.stderr[-3000:]
+    r = torchrun(2, str(script), str(t2v_folder), str(tmp_path / "two.mp4"), "parallel")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(line for line in r.stdout.splitlines() if line.startswith("RESULT")) == \
+        ["RESULT False True", "RESULT True False"]
+    assert (read_mp4(tmp_path / "one.mp4") == read_mp4(tmp_path / "two.mp4")).all()
+
+
 def test_cli_vae_parallel_equals_tiled_decode(tmp_path):
     """vae_parallel: the VAE's tiles decoded on both ranks give the one-process use_tiling_vae video."""
     from lightx2v_engine.video import read_mp4
