@@ -452,10 +452,6 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
         out["parallel"], notes = parse_parallel(vals["parallel"], source)
         if notes and warn:
             warn_user(f"{source}: accepted but not acted on by lightx2v-engine: {', '.join(notes)}")
-        if out["parallel"].cfg_p_size > 1 and not out.get("enable_cfg", RunConfig.enable_cfg) and warn:
-            warn_user(f"{source}: parallel.cfg_p_size {out['parallel'].cfg_p_size} without CFG (enable_cfg false): "
-                      f"the CFG groups compute the same video (as in LightX2V); set cfg_p_size 1 and use the GPUs "
-                      f"for seq_p_size")
 
     if "lora_configs" in vals and vals["lora_configs"] is not None:
         loras = vals["lora_configs"]

@@ -28,6 +28,7 @@ go over a gloo control group (Parallel.send / receive / on_rank0). The VAE decod
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import datetime
 import difflib
 import logging
@@ -109,6 +110,25 @@ def parse_parallel(value: Any, source: str = "config") -> tuple[ParallelConfig, 
                 raise ValueError(f"{source}: unknown config key {name!r} (did you mean 'parallel.{close[0]}'?)")
             notes.append(name)
     return ParallelConfig(**vals), notes
+
+
+def effective_parallel(pcfg: ParallelConfig, enable_cfg: bool, num_heads: int) -> ParallelConfig:
+    """The mesh to run: without CFG the CFG groups have no branch of their own, so they join the sequence
+    split (seq_p_size * cfg_p_size ranks per sequence: the same video, sooner) where the attention type
+    allows it (Ulysses: the head count a multiple of the world size); otherwise they compute the same
+    thing, as in LightX2V (LightX2V's *_ulysses configs: cfg_p_size 2 with enable_cfg false)."""
+    if pcfg.cfg_p_size == 1 or enable_cfg:
+        return pcfg
+    world = pcfg.world_size
+    if pcfg.seq_p_attn_type == "ulysses" and num_heads % world:
+        from lightx2v_engine.config import warn_user
+        warn_user(f"parallel.cfg_p_size {pcfg.cfg_p_size} without CFG (enable_cfg false): the CFG groups compute "
+                  f"the same video (as in LightX2V); they cannot join the Ulysses split ({num_heads} heads over "
+                  f"{world} ranks): use seq_p_attn_type 'ring' or a seq_p_size that divides {num_heads}")
+        return pcfg
+    log.info("parallel: no CFG, so the %d CFG groups join the sequence split: seq_p_size %d", pcfg.cfg_p_size,
+             world)
+    return dataclasses.replace(pcfg, seq_p_size=world, cfg_p_size=1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -330,6 +350,16 @@ def log_format(fmt: str) -> str:
     return rank_prefix() + fmt
 
 
+def check_world(pcfg: ParallelConfig) -> int:
+    """The world size (torchrun's), which must be pcfg's: else an error saying how to launch."""
+    world = dist.get_world_size() if dist.is_initialized() else world_size_from_env()
+    if world != pcfg.world_size:
+        raise ValueError(f"parallel: seq_p_size {pcfg.seq_p_size} x cfg_p_size {pcfg.cfg_p_size} = {pcfg.world_size} "
+                         f"processes, but the world size is {world}: launch with torchrun "
+                         f"--nproc_per_node={pcfg.world_size} (or change the config's parallel section)")
+    return world
+
+
 def init_parallel(pcfg: ParallelConfig, device: torch.device) -> Parallel | None:
     """Joins the torchrun process group and builds the mesh; None when pcfg asks for one process. The CUDA
     device becomes cuda:LOCAL_RANK. Called once per process (later calls with the same config reuse it)."""
@@ -340,11 +370,7 @@ def init_parallel(pcfg: ParallelConfig, device: torch.device) -> Parallel | None
         if _STATE.config != pcfg:
             raise ValueError(f"parallel: this process already runs {_STATE.config}, cannot switch to {pcfg}")
         return _STATE
-    world = dist.get_world_size() if dist.is_initialized() else world_size_from_env()
-    if world != pcfg.world_size:
-        raise ValueError(f"parallel: seq_p_size {pcfg.seq_p_size} x cfg_p_size {pcfg.cfg_p_size} = {pcfg.world_size} "
-                         f"processes, but the world size is {world}: launch with torchrun "
-                         f"--nproc_per_node={pcfg.world_size} (or change the config's parallel section)")
+    world = check_world(pcfg)
     if device.type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if local >= torch.cuda.device_count():

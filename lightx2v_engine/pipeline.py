@@ -34,7 +34,7 @@ from lightx2v_engine.dit import WanDiT
 from lightx2v_engine.image import i2v_mask, load_image, prepare_i2v_image
 from lightx2v_engine.loading import DTYPES, build_dit, load_dit
 from lightx2v_engine.offload import attach_block_offload, blocks_detached, page_lock_module_
-from lightx2v_engine.parallel import Parallel, decode_tiled, init_parallel
+from lightx2v_engine.parallel import Parallel, check_world, decode_tiled, effective_parallel, init_parallel
 from lightx2v_engine.schedulers import DistillSampler, UniPCSampler, cfg_combine, make_generator, initial_noise
 from lightx2v_engine.video import save_latents, save_mp4, video_to_uint8
 
@@ -268,8 +268,6 @@ class Pipeline:
         """A pipeline from a Wan model folder and a LightX2V config (path, dict of its keys, or RunConfig)."""
         t0 = time.perf_counter()
         run = _run_config(config, model_cls)
-        par = init_parallel(run.parallel, _device(device))
-        dev = par.device if par is not None else _device(device)
         mp = Path(model_path)
         if not mp.is_dir():
             raise FileNotFoundError(f"model folder not found: {mp}")
@@ -278,6 +276,8 @@ class Pipeline:
             cfg_json = mp / "transformer" / "config.json"
         mcfg = model_config_from_json(cfg_json, preset)
         _check_task(task, mcfg)
+        par = _init_parallel(run, mcfg, device)
+        dev = par.device if par is not None else _device(device)
         cpu = torch.device("cpu")
         dit_dev = cpu if run.cpu_offload else dev  # an offloaded DiT is loaded into host memory ...
         lora_dev = dev if run.cpu_offload else None  # ... and its LoRAs merge on the run device
@@ -314,9 +314,9 @@ class Pipeline:
         ...); the tiny presets pair with tiny T5/VAE/CLIP, the real ones with real-size encoders."""
         t0 = time.perf_counter()
         run = _run_config(config, "wan2.1_distill")
-        par = init_parallel(run.parallel, _device(device))
-        dev = par.device if par is not None else _device(device)
         mcfg = get_preset(preset)
+        par = _init_parallel(run, mcfg, device)
+        dev = par.device if par is not None else _device(device)
         tiny = preset.startswith("tiny")
         dit = build_dit(mcfg, None, dtype=DTYPES[run.dtype], device=torch.device("cpu") if run.cpu_offload else dev)
         if par is not None:  # one set of random weights for every rank
@@ -596,6 +596,15 @@ class Pipeline:
 
 _NO_ENCODER = ("this pipeline has no {} encoder: built with with_encoders=False, or a rank > 0 of a multi-GPU run "
                "(global rank 0 encodes and broadcasts)")
+
+
+def _init_parallel(run: RunConfig, mcfg: ModelConfig, device) -> Parallel | None:
+    """Joins the torchrun group for run.parallel (None without one); without CFG the CFG groups join the
+    sequence split (parallel.effective_parallel)."""
+    if not run.parallel.enabled:
+        return None
+    check_world(run.parallel)  # (its error names the config's sizes)
+    return init_parallel(effective_parallel(run.parallel, run.enable_cfg, mcfg.num_heads), _device(device))
 
 
 def _encoders_on_rank0(par: Parallel | None, load: Callable[[], tuple]) -> tuple:

@@ -17,10 +17,7 @@ def test_shipped_configs_parse(path):
         warnings.simplefilter("always")
         cfg = load_run_config(path, model_cls="wan2.1" if "baseline" in path.name else "wan2.1_distill")
     assert isinstance(cfg, RunConfig)
-    for w in rec:  # the only warnings a shipped config may give: keys accepted but not acted on, and
-        # LightX2V's *_ulysses configs' two CFG groups without CFG (they compute the same, as in LightX2V)
-        if cfg.parallel.cfg_p_size == 2 and not cfg.enable_cfg and "cfg_p_size 2 without CFG" in str(w.message):
-            continue
+    for w in rec:  # the only warnings a shipped config may give: keys accepted but not acted on
         assert cfg.ignored_keys and all(k in str(w.message) for k in cfg.ignored_keys), str(w.message)
     assert cfg.offload_granularity in ("block", "model")
     if "distill" in str(path):

@@ -52,9 +52,18 @@ def test_bad_parallel_section_names_the_key(value, match):
         parse_run_config({"parallel": value})
 
 
-def test_cfg_parallel_without_cfg_warns():
-    with pytest.warns(UserWarning, match="cfg_p_size 2 without CFG"):
-        parse_run_config({"parallel": {"cfg_p_size": 2}, "enable_cfg": False})
+def test_cfg_groups_without_cfg_join_the_sequence_split():
+    """LightX2V's *_ulysses configs run cfg_p_size 2 with CFG off: the groups would compute the same video.
+    Here they join the sequence split where the attention allows it (the same video, sooner); where it
+    does not (Ulysses, heads not a multiple of the world size), they compute the same, with a warning."""
+    from lightx2v_engine.parallel import effective_parallel
+    lx = ParallelConfig(seq_p_size=4, cfg_p_size=2)
+    assert effective_parallel(lx, False, 40) == ParallelConfig(seq_p_size=8, cfg_p_size=1)  # 14B: 40 heads
+    assert effective_parallel(lx, True, 40) == lx  # with CFG each group has its branch
+    ring = ParallelConfig(seq_p_size=4, seq_p_attn_type="ring", cfg_p_size=2)
+    assert effective_parallel(ring, False, 12) == ParallelConfig(seq_p_size=8, seq_p_attn_type="ring")
+    with pytest.warns(UserWarning, match=r"compute the same video .* cannot join the Ulysses split \(12 heads over 8"):
+        assert effective_parallel(lx, False, 12) == lx  # 1.3B: 12 heads
 
 
 def test_world_size_must_match(monkeypatch):
@@ -232,6 +241,23 @@ def test_cli_vae_parallel_equals_tiled_decode(tmp_path):
     _cli(tmp_path, 2, "two", {**size, "parallel": {"seq_p_size": 2, "vae_parallel": True}})
     a, b = read_mp4(tmp_path / "one.mp4"), read_mp4(tmp_path / "two.mp4")
     assert a.shape == (5, 272, 240, 3) and (a == b).all()
+
+
+def test_cli_cfg_groups_without_cfg(tmp_path):
+    """cfg_p_size 2 without CFG (LightX2V's *_ulysses layout): the two ranks split the sequence instead of
+    computing the same thing; the latents are the one-process run's."""
+    one = _cli(tmp_path, 1, "one", {})
+    cfg = tmp_path / "two.json"
+    cfg.write_text(json.dumps({"target_video_length": 9, "target_height": 64, "target_width": 96,
+                               "parallel": {"seq_p_size": 1, "cfg_p_size": 2}}))
+    r = torchrun(2, "-m", "lightx2v_engine.infer", "--random-weights", "--device", "cpu", "--config_json", str(cfg),
+                 "--prompt", "a red fox", "--save_result_path", str(tmp_path / "two.mp4"), "--save_latents",
+                 str(tmp_path / "two.safetensors"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "the 2 CFG groups join the sequence split: seq_p_size 2" in r.stderr
+    assert "sequence shard 0 of 2" in r.stderr
+    two = load_latents(tmp_path / "two.safetensors")[0]
+    assert ((two - one).norm() / one.norm()).item() < 1e-5
 
 
 def test_cli_cfg_and_sequence_parallel_i2v(tmp_path):
