@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from lightx2v_engine.parallel import rank_prefix
+from lightx2v_engine.parallel import rank_from_env, rank_prefix, world_size_from_env
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TINY_DEFAULTS = {"target_video_length": 9, "target_height": 64, "target_width": 96}
@@ -76,22 +76,21 @@ def load_pipeline(args: argparse.Namespace):
         preset = args.preset or ("tiny-i2v" if args.task == "i2v" else "tiny")
         if preset.startswith("tiny") and args.config_json is None:
             overrides = {**TINY_DEFAULTS, **overrides}
-        run_cfg = _check_world(load_run_config(args.config_json, overrides, model_cls=args.model_cls))
+        run_cfg = _parallel_if_torchrun(load_run_config(args.config_json, overrides, model_cls=args.model_cls))
         pipe = Pipeline.random(preset, run_cfg, device=args.device)
         if pipe.task != args.task:
             raise ValueError(f"--task {args.task} does not fit preset {preset!r} ({pipe.task})")
         return pipe
     if args.model_path is None:
         raise ValueError("--model_path is required (or --random-weights --preset NAME)")
-    run_cfg = _check_world(load_run_config(args.config_json, overrides, model_cls=args.model_cls))
+    run_cfg = _parallel_if_torchrun(load_run_config(args.config_json, overrides, model_cls=args.model_cls))
     return Pipeline.load(args.model_path, run_cfg, task=args.task, model_cls=args.model_cls, device=args.device,
                          preset=args.preset)
 
 
-def _check_world(run_cfg):
+def _parallel_if_torchrun(run_cfg):
     """Started by torchrun as N > 1 processes: the config must have a parallel section (else every process
     would make and write the same video)."""
-    from lightx2v_engine.parallel import world_size_from_env
     n = world_size_from_env()
     if n > 1 and not run_cfg.parallel.enabled:
         raise ValueError(f"started as {n} processes (torchrun) but the config has no 'parallel' section: every "
@@ -145,9 +144,9 @@ def main(argv=None) -> int:
     from lightx2v_engine.checkpoint import CheckpointError
     from lightx2v_engine.pipeline import NonFiniteError
     args = build_parser().parse_args(argv)
-    from lightx2v_engine.parallel import log_format, rank_from_env
     quiet = args.quiet or rank_from_env() > 0  # under torchrun the other ranks log warnings and errors only
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format=log_format("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format=rank_prefix() + "%(levelname)s %(name)s: %(message)s")
     try:
         with warnings.catch_warnings():  # one "warning: ..." line each, like the "error: ..." lines
             warnings.simplefilter("default")

@@ -33,7 +33,7 @@ import datetime
 import difflib
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -177,28 +177,23 @@ class SeqParallel:
                              f"({num_heads}) to be a multiple of it; use a seq_p_size that divides {num_heads}, or "
                              f"seq_p_attn_type 'ring' (any head count)")
 
-    def shard(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, L, ...] -> this rank's rows [B, Ls, ...] (zeros past L)."""
-        L = x.shape[1]
-        ls = self.shard_len(L)
-        lo, hi = self.rank * ls, min((self.rank + 1) * ls, L)
-        part = x[:, lo:hi]
-        if hi - lo < ls:
-            part = torch.cat([part, part.new_zeros((x.shape[0], ls - max(hi - lo, 0)) + tuple(x.shape[2:]))], dim=1)
+    def shard(self, x: torch.Tensor, pad_value: float = 0.0) -> torch.Tensor:
+        """x [B, L, ...] -> this rank's rows [B, Ls, ...] of x padded with `pad_value` to size * Ls rows."""
+        ls = self.shard_len(x.shape[1])
+        part = x[:, self.rank * ls:(self.rank + 1) * ls]
+        if part.shape[1] < ls:
+            part = torch.cat([part, part.new_full((x.shape[0], ls - part.shape[1]) + tuple(x.shape[2:]), pad_value)],
+                             dim=1)
         return part.contiguous()
 
     def shard_rope(self, rope):
-        """The RoPE tables of this rank's rows (padding rows: angle 0). Cached per (grid, device)."""
+        """The RoPE tables of this rank's rows (padding rows: angle 0, cos 1 and sin 0). Cached per (grid,
+        device)."""
         from lightx2v_engine.ops import Rope
         key = (rope.grid, str(rope.cos.device))
         if key not in self._rope:
-            cos, sin = (self.shard(t[None])[0] for t in (rope.cos, rope.sin))
-            L = rope.cos.shape[0]
-            ls = self.shard_len(L)
-            pad = max(0, (self.rank + 1) * ls - max(L, self.rank * ls))
-            if pad:
-                cos[ls - pad:] = 1.0
-            self._rope[key] = Rope(cos=cos, sin=sin, grid=rope.grid, seq_len=L)
+            self._rope[key] = Rope(cos=self.shard(rope.cos[None], 1.0)[0], sin=self.shard(rope.sin[None])[0],
+                                   grid=rope.grid, seq_len=rope.cos.shape[0])
         return self._rope[key]
 
     def gather(self, x: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -247,7 +242,6 @@ class Parallel:
     cfg_group: Any = None       # the 2 ranks holding the same tokens of the two CFG branches
     cfg_rank: int = 0           # 0: the conditional branch, 1: the unconditional one
     control: Any = None         # all ranks over gloo with no practical timeout: messages between tasks
-    _groups: list = field(default_factory=list, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -341,13 +335,8 @@ def rank_from_env() -> int:
 
 
 def rank_prefix() -> str:
-    """"[rank R] " under torchrun with several processes, else ""."""
+    """"[rank R] " under torchrun with several processes, else "" (log and message lines)."""
     return f"[rank {rank_from_env()}] " if world_size_from_env() > 1 else ""
-
-
-def log_format(fmt: str) -> str:
-    """`fmt` with rank_prefix() in front."""
-    return rank_prefix() + fmt
 
 
 def check_world(pcfg: ParallelConfig) -> int:
@@ -389,12 +378,10 @@ def init_parallel(pcfg: ParallelConfig, device: torch.device) -> Parallel | None
     state.control = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=3650))
     for cc in range(C):  # every rank creates every group, in the same order
         g = dist.new_group([cc * S + j for j in range(S)]) if S > 1 else None
-        state._groups.append(g)
         if cc == c and g is not None:
             state.seq = SeqParallel(g, pcfg.seq_p_attn_type)
     for ss in range(S):
         g = dist.new_group([cc * S + ss for cc in range(C)]) if C > 1 else None
-        state._groups.append(g)
         if ss == s:
             state.cfg_group = g
     if created:

@@ -230,7 +230,7 @@ class Pipeline:
     use_cuda_graph: bool = False
     _graphs: dict = field(default_factory=dict, repr=False)
     _lora_switch: Any = field(default=None, repr=False)  # lora.LoraSwitch once set_request_loras is used
-    parallel: Any = None  # parallel.Parallel under torchrun with a `parallel` config section, else None
+    parallel: Parallel | None = None  # under torchrun with a `parallel` config section
 
     def __post_init__(self):
         if self.device.type == "cuda":  # offloaded weights move by DMA from page-locked host memory
@@ -242,10 +242,6 @@ class Pipeline:
         self.dit.set_attention_8bit(self.run_cfg.attn_8bit)
         if self.parallel is not None:
             _attach_parallel(self.dit, self.parallel)
-            if self.use_cuda_graph:
-                log.info("CUDA graphs are off under multi-GPU parallelism (their replay of NCCL collectives is not "
-                         "verified yet)")
-                self.use_cuda_graph = False
         if self.run_cfg.attn_8bit and not ops.attention_8bit_available(self.device):
             log.warning("self_attn_1_type %r: the 8-bit attention kernel needs a CUDA GPU of sm89 or newer "
                         "with triton; exact attention runs on %s", self.run_cfg.self_attn_1_type, self.device)
@@ -305,7 +301,7 @@ class Pipeline:
             return t5, tok, clip
         t5, tok, clip = _encoders_on_rank0(par, encoders)
         return cls(mcfg, run, dit, t5, tok, vae, clip, dev, (time.perf_counter() - t0) * 1e3,
-                   use_cuda_graph=_graphs_on(run, dev), parallel=par)
+                   use_cuda_graph=_graphs_on(run, dev, par), parallel=par)
 
     @classmethod
     def random(cls, preset: str = "tiny", config: str | Path | dict | RunConfig | None = None, *,
@@ -352,7 +348,7 @@ class Pipeline:
                 return t5, tok, clip
             t5, tok, clip = _encoders_on_rank0(par, encoders)
         return cls(mcfg, run, dit, t5, tok, vae, clip, dev, (time.perf_counter() - t0) * 1e3,
-                   use_cuda_graph=_graphs_on(run, dev), parallel=par)
+                   use_cuda_graph=_graphs_on(run, dev, par), parallel=par)
 
     def _dit_offloaded(self) -> bool:
         """Whether the DiT's weights move during a forward or between loops (no CUDA graphs then)."""
@@ -538,12 +534,6 @@ class Pipeline:
             h, w = lh * 8, lw * 8
         return context, neg_context, clip_fea, y, (h, w)
 
-    def _shared_inputs(self, prompt, negative_prompt, image, t_frames, h, w, timings):
-        """Multi-GPU: _encode on global rank 0 (the only rank with the text and image encoders), the results
-        broadcast to every rank."""
-        return _share_from_rank0(
-            self.parallel, lambda: self._encode(prompt, negative_prompt, image, t_frames, h, w, timings), self.device)
-
     def default_negative_prompt(self) -> str:
         """The negative prompt under CFG when none is given: the config's sample_neg_prompt, else Wan's
         (with I2V's "镜头晃动，" prefix)."""
@@ -575,12 +565,11 @@ class Pipeline:
             torch.cuda.reset_peak_memory_stats(self.device)
         timings = Timings()
         timings.items["load"] = self.load_ms
-        if self.parallel is None:
-            context, neg_context, clip_fea, y, (h, w) = self._encode(prompt, negative_prompt, image, t_frames, h, w,
-                                                                     timings)
-        else:
-            context, neg_context, clip_fea, y, (h, w) = self._shared_inputs(prompt, negative_prompt, image, t_frames,
-                                                                            h, w, timings)
+        def encode():
+            return self._encode(prompt, negative_prompt, image, t_frames, h, w, timings)
+        # multi-GPU: global rank 0 alone has the encoders; its results reach every rank
+        context, neg_context, clip_fea, y, (h, w) = \
+            encode() if self.parallel is None else _share_from_rank0(self.parallel, encode, self.device)
         noise = initial_noise(t_frames, h, w, seed, self.device)
         if self.parallel is not None:  # every rank starts from rank 0's noise, bit for bit
             self.parallel.broadcast_(noise)
@@ -726,12 +715,17 @@ def _place_dit(dit: WanDiT, run: RunConfig, dev: torch.device) -> None:
         attach_block_offload(dit, dev)
 
 
-def _graphs_on(run: RunConfig, dev: torch.device) -> bool:
+def _graphs_on(run: RunConfig, dev: torch.device, par: Parallel | None = None) -> bool:
     """CUDA graphs on a CUDA device unless turned off, or the DiT is offloaded: a replay would read the
-    weights from the addresses of its capture, which offload reuses for other blocks or moves."""
+    weights from the addresses of its capture, which offload reuses for other blocks or moves; or under
+    multi-GPU parallelism: their replay of NCCL collectives is not verified yet."""
     if run.use_cuda_graph and dev.type == "cuda" and run.cpu_offload:
         log.info("CUDA graphs are off: the DiT is offloaded (cpu_offload, offload_granularity %r)",
                  run.offload_granularity)
+        return False
+    if run.use_cuda_graph and dev.type == "cuda" and par is not None:
+        log.info("CUDA graphs are off under multi-GPU parallelism (their replay of NCCL collectives is not "
+                 "verified yet)")
         return False
     return run.use_cuda_graph and dev.type == "cuda"
 

@@ -719,9 +719,9 @@ def main(argv=None) -> int:
     from lightx2v_engine.infer import load_pipeline
     args, extra = build_parser().parse_known_args(argv)
     args.config_overrides = config_pairs(extra)
-    from lightx2v_engine.parallel import log_format, rank_from_env
+    from lightx2v_engine.parallel import rank_from_env, rank_prefix
     logging.basicConfig(level=logging.INFO if rank_from_env() == 0 else logging.WARNING,
-                        format=log_format("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+                        format=rank_prefix() + "%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.captureWarnings(True)  # config warnings through the log (with the rank under torchrun)
     pipe = load_pipeline(args)
     if not pipe.is_main:  # multi-GPU: rank 0 serves HTTP, the other ranks follow its tasks (until torchrun

@@ -472,21 +472,20 @@ class WanVAE(nn.Module):
         if z.dim() != 5 or z.shape[1] != self.cfg.z_dim:
             raise ValueError(f"WanVAE.decode expects latents [B, {self.cfg.z_dim}, F, h, w], got {tuple(z.shape)}")
         b, _, n, h, w = z.shape
-        tile = _tile_setting(tiled)
-        if tile is not None and (8 * h > tile[0] or 8 * w > tile[0]):
+        tile = _latent_tiling(z, tiled)
+        if tile is not None:
             out = torch.empty((b, 3, 1 + 4 * (n - 1), 8 * h, 8 * w), dtype=torch.float32, device=self.device)
-            fn = tile_results or (lambda k, zt: self._decode_full(zt, clamp=False))
-            return _tiled(fn, z, tile[0] // 8, tile[1] // 8, (8, 1), out).clamp_(-1.0, 1.0)
+            fn = tile_results or (lambda k, zt: self.decode_tile(zt))
+            return _tiled(fn, z, tile[0], tile[1], (8, 1), out).clamp_(-1.0, 1.0)
         return self._decode_full(z)
 
     def decode_tiles(self, z: torch.Tensor, tiled: bool | tuple[int, int] = True) -> list[torch.Tensor] | None:
         """The latent tiles decode(z, tiled) decodes, in its order (views of z); None when it would not tile."""
-        tile = _tile_setting(tiled)
-        h, w = z.shape[-2:]
-        if tile is None or not (8 * h > tile[0] or 8 * w > tile[0]):
+        tile = _latent_tiling(z, tiled)
+        if tile is None:
             return None
-        t, s = tile[0] // 8, tile[1] // 8
-        return [z[..., i:i + t, j:j + t] for i in range(0, h, s) for j in range(0, w, s)]
+        t, s = tile
+        return [z[..., i:i + t, j:j + t] for i in range(0, z.shape[-2], s) for j in range(0, z.shape[-1], s)]
 
     @torch.no_grad()
     def decode_tile(self, zt: torch.Tensor) -> torch.Tensor:
@@ -527,6 +526,16 @@ def _tile_setting(tiled: bool | tuple[int, int]) -> tuple[int, int] | None:
             and stride % 8 == 0):
         raise ValueError(f"VAE tiling: (tile, stride) = {tiled!r} must be multiples of 8 with 0 < stride <= tile")
     return tile, stride
+
+
+def _latent_tiling(z: torch.Tensor, tiled: bool | tuple[int, int]) -> tuple[int, int] | None:
+    """decode's (tile, stride) in latents for z [..., h, w], or None when it decodes z whole (no tiling
+    asked, or the video no larger than one tile)."""
+    tile = _tile_setting(tiled)
+    h, w = z.shape[-2:]
+    if tile is None or not (8 * h > tile[0] or 8 * w > tile[0]):
+        return None
+    return tile[0] // 8, tile[1] // 8
 
 
 def _blend(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> None:

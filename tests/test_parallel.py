@@ -404,3 +404,12 @@ def test_control_messages_check_their_kind():
         rank0.on_rank0(lambda: open("/nonexistent/x"), "load x")
     assert [m["error"] for m in sent] == [None, "ZeroDivisionError: division by zero",
                                           "FileNotFoundError: [Errno 2] No such file or directory: '/nonexistent/x'"]
+
+
+def test_cuda_graphs_are_off_under_parallelism():
+    from lightx2v_engine import pipeline as pipeline_mod
+    from lightx2v_engine.parallel import Parallel
+    cuda = torch.device("cuda")
+    par = Parallel(ParallelConfig(seq_p_size=2), rank=0, world_size=2, device=cuda)
+    assert pipeline_mod._graphs_on(parse_run_config({}), cuda)
+    assert not pipeline_mod._graphs_on(parse_run_config({}), cuda, par)
