@@ -185,6 +185,16 @@ class RunConfig:
     t5_original_ckpt: str | None = None
     clip_original_ckpt: str | None = None
     vae_path: str | None = None
+    # Light autoencoders (LightX2V's keys). use_lightvae: the Wan VAE with 75% of its channels pruned
+    # (lightvaew2_1, base width 24) decodes and I2V-encodes; vae_path names it (default lightvaew2_1.pth or
+    # .safetensors in the model folder). use_tae: the TAEHV tiny decoder (tae.py) at tae_path (default
+    # taew2_1.pth or .safetensors) decodes; I2V still encodes with the (light) Wan VAE, T2V loads none.
+    # need_scaled: the tiny decoder takes raw VAE latents (LightX2V's lighttaew2_1); unset, true when the
+    # file name contains "lighttae".
+    use_lightvae: bool = False
+    use_tae: bool = False
+    tae_path: str | None = None
+    need_scaled: bool | None = None
     sample_neg_prompt: str | None = None   # negative prompt under CFG when none is given (default: Wan's)
     self_attn_1_type: str = "flash_attn3"   # a name from ATTN_TYPES: sage_* -> the 8-bit kernel, else exact
     cross_attn_1_type: str = "flash_attn3"  # cross-attention is always exact (512/769 keys)
@@ -233,7 +243,7 @@ _ACCEPTED_IGNORED = {
     "attention_type", "attn_type",
     "offload_ratio", "lazy_load", "num_disk_workers", "unload_modules",
     "seq_parallel", "cfg_parallel", "feature_caching", "teacache_thresh", "use_ret_steps",
-    "use_lightvae", "use_tae", "use_stream_vae", "tae_path",
+    "use_stream_vae",
     "cfg_scale", "rope_type", "modulate_type", "rms_norm_type",
     "layer_norm_type", "use_compile", "compile_shapes", "model_cls", "task", "mm_config",
     "return_result_tensor", "vae_stride", "patch_size", "num_channels_latents", "sample_solver",
@@ -251,8 +261,6 @@ _IGNORED_NOTES = {
     "use_bfloat16": "the DiT's precision is the 'dtype' key, bf16 by default",
     "warmup": "CUDA graphs are captured on the first call per shape",
     "coefficients": "no feature caching",
-    "vae_path": "with use_lightvae/use_tae it names the light autoencoder, which is not run: the standard Wan "
-                "VAE decodes",
     "offload_ratio": "an offloaded DiT streams all of its blocks",
     "lazy_load": "offloaded DiT blocks are read from host memory: the whole DiT is loaded into RAM once",
     "seq_parallel": "derived from parallel.seq_p_size",
@@ -312,7 +320,7 @@ _TYPES = {
     "fps": int, "dit_quantized": bool, "cpu_offload": bool, "t5_cpu_offload": bool, "clip_cpu_offload": bool,
     "vae_cpu_offload": bool, "sampler": str, "distill_update": str, "dtype": str, "use_cuda_graph": bool,
     "vae_dtype": str, "lora_strict": bool, "offload_granularity": str, "use_tiling_vae": bool,
-    "t5_quantized": bool, "clip_quantized": bool,
+    "t5_quantized": bool, "clip_quantized": bool, "use_lightvae": bool, "use_tae": bool, "need_scaled": bool,
 }
 
 
@@ -353,14 +361,11 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
             out[key] = _as(key, vals[key], typ)
     for key in ("dit_original_ckpt", "dit_quantized_ckpt", "dit_quant_scheme", "t5_original_ckpt",
                 "t5_quant_scheme", "t5_quantized_ckpt", "clip_quant_scheme", "clip_quantized_ckpt",
-                "clip_original_ckpt", "vae_path", "sample_neg_prompt"):
+                "clip_original_ckpt", "vae_path", "tae_path", "sample_neg_prompt"):
         if vals.get(key) is not None:
             out[key] = _as(key, vals[key], str)
             if not out[key].strip():
                 raise _err(key, out[key], "must not be empty")
-    if out.get("vae_path") and any(raw.get(k) for k in ("use_lightvae", "use_tae")):
-        del out["vae_path"]  # LightX2V's light-VAE configs point vae_path at the pruned autoencoder
-        ignored.append("vae_path")
     for key in ("t5_cpu_offload", "clip_cpu_offload", "vae_cpu_offload"):  # LightX2V: default to cpu_offload
         out.setdefault(key, out.get("cpu_offload", False))
     dense = []

@@ -86,9 +86,11 @@ class LightX2VPipeline:
 
     def enable_lightvae(self, use_lightvae: bool = False, use_tae: bool = False, vae_path: str | None = None,
                         tae_path: str | None = None) -> None:
-        # the light autoencoders are not run: use_lightvae/use_tae go to the config (its warning names them),
-        # vae_path/tae_path (their files) are dropped, and the standard Wan VAE decodes
-        self._set(use_lightvae=use_lightvae or None, use_tae=use_tae or None)
+        """use_lightvae: the pruned Wan VAE at vae_path decodes (and I2V-encodes); use_tae: the tiny decoder at
+        tae_path decodes (raw latents for LightX2V's lighttae files, as LightX2V's need_scaled)."""
+        self._set(use_lightvae=use_lightvae, use_tae=use_tae, vae_path=vae_path, tae_path=tae_path)
+        if use_tae and tae_path is not None and "lighttae" in str(tae_path):
+            self._set(need_scaled=True)
 
     def enable_cache(self, cache_method: str = "Tea", coefficients=(), teacache_thresh: float = 0.15,
                      use_ret_steps: bool = False, **magcache: Any) -> None:

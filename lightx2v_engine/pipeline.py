@@ -26,6 +26,7 @@ import torch
 from lightx2v_engine import clip as clip_mod
 from lightx2v_engine import ops
 from lightx2v_engine import t5 as t5_mod
+from lightx2v_engine import tae as tae_mod
 from lightx2v_engine import vae as vae_mod
 from lightx2v_engine.checkpoint import candidate_paths
 from lightx2v_engine.config import (ModelConfig, RunConfig, get_preset, load_run_config, model_config_from_json,
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 VAE_FILE = "Wan2.1_VAE.pth"
+LIGHTVAE_FILES = ("lightvaew2_1.pth", "lightvaew2_1.safetensors")  # LightX2V's pruned VAE (use_lightvae)
 CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
 # LightX2V's quantized encoder files: named in the error when only they are there (t5/clip_quantized load
 # them; see _encoder_file).
@@ -74,11 +76,12 @@ def find_file(name: str, model_path: Path, subdirs=SEARCH_SUBDIRS) -> Path:
     raise FileNotFoundError(f"{name} not found; searched: {tried}")
 
 
-def find_weights(key: str, override: str | None, default_name: str, model_path: Path,
+def find_weights(key: str, override: str | None, default_name: str | tuple[str, ...], model_path: Path,
                  quantized_globs: tuple[str, ...] = ()) -> Path:
     """The file for one component: config key `key`'s path when given (as given, then under the model
-    folder), else `default_name` in the model folder. A missing file is an error naming the key or the
-    places searched; a missing default next to a LightX2V quantized variant names the keys that load it."""
+    folder), else `default_name` (or the first of several names found) in the model folder. A missing file
+    is an error naming the key or the places searched; a missing default next to a LightX2V quantized
+    variant names the keys that load it."""
     if override is not None:
         cands = candidate_paths(override, [model_path])
         for c in cands:
@@ -87,6 +90,8 @@ def find_weights(key: str, override: str | None, default_name: str, model_path: 
         raise FileNotFoundError(f"config key {key!r} = {override!r}: file not found; searched: "
                                 f"{[str(c) for c in cands]}")
     try:
+        if isinstance(default_name, tuple):
+            return _find_first(default_name, model_path, key)
         return find_file(default_name, model_path)
     except FileNotFoundError as e:
         quantized = sorted({p.name for sub in SEARCH_SUBDIRS for g in quantized_globs
@@ -96,6 +101,17 @@ def find_weights(key: str, override: str | None, default_name: str, model_path: 
                 f"{e}; the folder holds the quantized {', '.join(quantized)}: set {key.split('_')[0]}_quantized "
                 f"true with {key.split('_')[0]}_quant_scheme ('fp8-...' or 'int8-...') to run it") from None
         raise
+
+
+def _find_first(names: tuple[str, ...], model_path: Path, key: str) -> Path:
+    errors = []
+    for name in names:
+        try:
+            return find_file(name, model_path)
+        except FileNotFoundError as e:
+            errors.append(str(e))
+    raise FileNotFoundError(f"none of {list(names)} found (set config key {key!r} to name the file); "
+                            + "; ".join(errors))
 
 
 def _to_device(module: torch.nn.Module, device: torch.device) -> None:
@@ -223,7 +239,7 @@ class Pipeline:
     dit: WanDiT
     t5: torch.nn.Module
     tokenizer: Any
-    vae: torch.nn.Module
+    vae: torch.nn.Module | None  # the Wan VAE (or LightX2V's pruned one); None for T2V decoded by `tae`
     clip: torch.nn.Module | None
     device: torch.device
     load_ms: float = 0.0
@@ -231,6 +247,7 @@ class Pipeline:
     _graphs: dict = field(default_factory=dict, repr=False)
     _lora_switch: Any = field(default=None, repr=False)  # lora.LoraSwitch once set_request_loras is used
     parallel: Parallel | None = None  # under torchrun with a `parallel` config section
+    tae: tae_mod.TinyDecoder | None = None  # use_tae: decodes instead of the VAE
 
     def __post_init__(self):
         if self.device.type == "cuda":  # offloaded weights move by DMA from page-locked host memory
@@ -284,9 +301,15 @@ class Pipeline:
                            dtype=run.dtype, device=dit_dev, lora_specs=run.lora_configs, lora_strict=run.lora_strict,
                            lora_compute_device=lora_dev)
         _place_dit(dit, run, dev)
-        vae_path = find_weights("vae_path", run.vae_path, VAE_FILE, mp)
-        vae = _place_vae(vae_mod.load_vae(vae_path, device=cpu if run.vae_cpu_offload else dev,
-                                          dtype=_vae_dtype(run, dev)), dev)
+        vae = tae = None
+        if run.use_tae:
+            tae = tae_mod.load_tae(find_weights("tae_path", run.tae_path, tae_mod.TAE_FILES, mp), device=dev,
+                                   dtype=_vae_dtype(run, dev), need_scaled=run.need_scaled)
+        if mcfg.is_i2v or not run.use_tae:  # (T2V decoded by the tiny decoder needs no VAE)
+            vae_path = find_weights("vae_path", run.vae_path, LIGHTVAE_FILES if run.use_lightvae else VAE_FILE, mp)
+            vae = _place_vae(vae_mod.load_vae(vae_path, device=cpu if run.vae_cpu_offload else dev,
+                                              dtype=_vae_dtype(run, dev)), dev)
+            _check_light_vae(run, vae, vae_path)
 
         def encoders():
             t5_path = _encoder_file(run, mp, "t5")
@@ -301,7 +324,7 @@ class Pipeline:
             return t5, tok, clip
         t5, tok, clip = _encoders_on_rank0(par, encoders)
         return cls(mcfg, run, dit, t5, tok, vae, clip, dev, (time.perf_counter() - t0) * 1e3,
-                   use_cuda_graph=_graphs_on(run, dev, par), parallel=par)
+                   use_cuda_graph=_graphs_on(run, dev, par), parallel=par, tae=tae)
 
     @classmethod
     def random(cls, preset: str = "tiny", config: str | Path | dict | RunConfig | None = None, *,
@@ -318,7 +341,7 @@ class Pipeline:
         if par is not None:  # one set of random weights for every rank
             par.broadcast_module_(dit)
         _place_dit(dit, run, dev)
-        t5 = tok = vae = clip = None
+        t5 = tok = vae = clip = tae = None
         if with_encoders:
             cpu = torch.device("cpu")
             t5cfg = t5_mod.T5Config.tiny() if tiny else t5_mod.T5Config.umt5_xxl()
@@ -327,9 +350,15 @@ class Pipeline:
             ccfg = clip_mod.CLIPConfig.tiny() if tiny else clip_mod.CLIPConfig.vit_h14()
             if mcfg.is_i2v and ccfg.dim != mcfg.image_dim:
                 raise ValueError(f"preset {preset}: image_dim {mcfg.image_dim} != CLIP width {ccfg.dim}")
-            vcfg = vae_mod.VAEConfig.tiny() if tiny else vae_mod.VAEConfig.wan21()
-            vae = _place_vae(vae_mod.random_vae(vcfg, device=cpu if run.vae_cpu_offload else dev,
-                                                dtype=_vae_dtype(run, dev), seed=seed), dev)
+            if run.use_tae:
+                tae = tae_mod.random_tae(tae_mod.TAEConfig.tiny() if tiny else tae_mod.TAEConfig(), device=dev,
+                                         dtype=_vae_dtype(run, dev), seed=seed, need_scaled=bool(run.need_scaled))
+            if mcfg.is_i2v or not run.use_tae:
+                vcfg = vae_mod.VAEConfig.tiny() if tiny else vae_mod.VAEConfig.wan21()
+                if run.use_lightvae:  # LightX2V's lightvaew2_1: every width a quarter (96 -> 24)
+                    vcfg = vae_mod.VAEConfig(dim=max(1, vcfg.dim // 4))
+                vae = _place_vae(vae_mod.random_vae(vcfg, device=cpu if run.vae_cpu_offload else dev,
+                                                    dtype=_vae_dtype(run, dev), seed=seed), dev)
 
             def encoders():
                 t5 = t5_mod.random_t5(t5cfg, device=cpu if run.t5_cpu_offload else dev, dtype=_t5_dtype(dev),
@@ -348,7 +377,7 @@ class Pipeline:
                 return t5, tok, clip
             t5, tok, clip = _encoders_on_rank0(par, encoders)
         return cls(mcfg, run, dit, t5, tok, vae, clip, dev, (time.perf_counter() - t0) * 1e3,
-                   use_cuda_graph=_graphs_on(run, dev, par), parallel=par)
+                   use_cuda_graph=_graphs_on(run, dev, par), parallel=par, tae=tae)
 
     def _dit_offloaded(self) -> bool:
         """Whether the DiT's weights move during a forward or between loops (no CUDA graphs then)."""
@@ -503,7 +532,10 @@ class Pipeline:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor | None:
         """latents [16, F, h, w] -> uint8 frames [T, H, W, 3]. Multi-GPU: called on every rank when the
-        tiles spread over the ranks (_decode_everywhere), then the frames come back on rank 0 (else None)."""
+        tiles spread over the ranks (_decode_everywhere), then the frames come back on rank 0 (else None).
+        With use_tae the tiny decoder decodes (on the device, no tiling: it streams frames in chunks)."""
+        if self.tae is not None:
+            return video_to_uint8(self.tae.decode(latents[None].to(self.device)))
         with offloaded(self.vae, self.device, self.run_cfg.vae_cpu_offload):
             z = latents[None].to(self.device)
             if self._decode_everywhere():
@@ -515,7 +547,7 @@ class Pipeline:
     def _decode_everywhere(self) -> bool:
         """Multi-GPU with vae_parallel or use_tiling_vae: the VAE's tiles are decoded on all ranks."""
         par = self.parallel
-        return par is not None and (par.config.vae_parallel or self.run_cfg.use_tiling_vae)
+        return par is not None and self.tae is None and (par.config.vae_parallel or self.run_cfg.use_tiling_vae)
 
     def _encode(self, prompt, negative_prompt, image, t_frames, h, w, timings):
         """-> (context [1, 512, C], neg_context or None (without CFG), clip_fea, y (I2V, else None), (h, w) of
@@ -650,6 +682,12 @@ def _device(device) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def _check_light_vae(run: RunConfig, vae: vae_mod.WanVAE, path: Path) -> None:
+    """The VAE's width comes from its file; say so when use_lightvae names a full-width one."""
+    if run.use_lightvae and vae.cfg.dim >= vae_mod.VAEConfig.wan21().dim:
+        warn_user(f"use_lightvae: {path} is a full-width Wan VAE (base width {vae.cfg.dim}); it runs as such")
 
 
 def _vae_dtype(run: RunConfig, dev: torch.device) -> torch.dtype:

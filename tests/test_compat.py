@@ -189,13 +189,17 @@ def test_t5_quantized_file_runs_and_bf16_fallback(t2v_folder, tmp_path):
         Pipeline.load(folder, {**cfg, "t5_quantized_ckpt": "nope.pth"}, device="cpu")
 
 
-def test_vae_path_of_a_light_vae_is_not_loaded_as_the_wan_vae():
-    """With use_lightvae/use_tae, vae_path names the pruned autoencoder: ignored (with the warning), the
-    standard VAE file is used; without them vae_path is honoured."""
-    with pytest.warns(UserWarning, match=r"vae_path \(with use_lightvae/use_tae it names the light autoencoder"):
-        cfg = parse_run_config({"use_lightvae": True, "vae_path": "lightx2v/Autoencoders/lightvaew2_1.pth"})
-    assert cfg.vae_path is None
-    assert quiet_parse({"vae_path": "my_vae.pth"}).vae_path == "my_vae.pth"
+def test_light_autoencoder_keys_are_honoured():
+    """use_lightvae/use_tae/tae_path/need_scaled are read (tests/test_tae.py runs them), not warned about."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "accepted and ignored" warning
+        cfg = parse_run_config({"use_lightvae": True, "vae_path": "lightx2v/Autoencoders/lightvaew2_1.pth",
+                                "use_tae": True, "tae_path": "lighttaew2_1.pth", "need_scaled": True})
+    assert (cfg.use_lightvae, cfg.use_tae, cfg.need_scaled) == (True, True, True)
+    assert (cfg.vae_path, cfg.tae_path) == ("lightx2v/Autoencoders/lightvaew2_1.pth", "lighttaew2_1.pth")
+    assert quiet_parse({}).need_scaled is None
+    with pytest.raises(ValueError, match="'need_scaled' = 'yes': expected true/false"):
+        quiet_parse({"need_scaled": "yes"})
 
 
 @pytest.mark.usefixtures("torch_ops")

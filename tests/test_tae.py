@@ -5,6 +5,8 @@ TGrow 1x1 conv at the high resolution, then a plain 3x3 conv; MemBlocks on the w
 shifted by one frame; the first 3 frames trimmed), on a state dict in the checkpoint's key layout. The engine
 runs it reordered (TGrow before the upsample, sub-pixel convs) and streamed in chunks of frames.
 """
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -193,3 +195,126 @@ def test_cuda_matches_cpu(checkpoint):
         assert tae.memory_format == torch.channels_last
         for chunk in (None, 2):
             assert _rel(tae.decode(z.cuda(), chunk=chunk).cpu(), want) < tol
+
+
+# ---------------------------------------------------------------- in the pipeline (LightX2V's keys)
+
+def _folder_with(src, dst, **files):
+    import shutil
+    shutil.copytree(src, dst)
+    for name, source in files.items():
+        (dst / name).write_bytes(source.read_bytes())
+    return dst
+
+
+_RUN = {"target_video_length": 9, "target_height": 32, "target_width": 48}
+
+
+@pytest.mark.usefixtures("torch_ops")
+def test_t2v_with_use_tae_decodes_with_the_tiny_decoder(checkpoint, t2v_folder, tmp_path):
+    from lightx2v_engine.pipeline import VAE_FILE, Pipeline
+    from lightx2v_engine.video import video_to_uint8
+    ref, path = checkpoint
+    folder = _folder_with(t2v_folder, tmp_path / "m", **{"taew2_1.safetensors": path})
+    (folder / VAE_FILE).unlink()  # T2V with the tiny decoder loads no Wan VAE
+    pipe = Pipeline.load(folder, {**_RUN, "use_tae": True}, device="cpu")
+    assert pipe.vae is None and pipe.tae is not None and not pipe.tae.need_scaled
+    out = pipe.generate("a red fox", seed=3)
+    assert out.frames.shape == (9, 32, 48, 3)
+    want = video_to_uint8(reference_decode(ref, out.latents[None].float()))
+    assert (out.frames.int() - want.int()).abs().max() <= 1
+    # the same latents through the Wan VAE give another video
+    plain = Pipeline.load(t2v_folder, _RUN, device="cpu")
+    assert torch.equal(plain.generate("a red fox", seed=3).latents, out.latents)
+    assert not torch.equal(plain.decode(out.latents), out.frames)
+
+
+@pytest.mark.usefixtures("torch_ops")
+def test_tae_path_and_need_scaled_keys(checkpoint, t2v_folder, tmp_path):
+    from lightx2v_engine.pipeline import Pipeline
+    from lightx2v_engine.video import video_to_uint8
+    ref, path = checkpoint
+    light = tmp_path / "elsewhere" / "lighttaew2_1.pth"
+    light.parent.mkdir()
+    torch.save(load_tae(path).state_dict(), light)
+    pipe = Pipeline.load(t2v_folder, {**_RUN, "use_tae": True, "tae_path": str(light)}, device="cpu")
+    assert pipe.tae.need_scaled  # a lighttae file: raw latents, as LightX2V's enable_lightvae sets
+    z = torch.randn(16, 3, 4, 6)
+    assert torch.equal(pipe.decode(z), video_to_uint8(pipe.tae.decode(z[None])))
+    assert (pipe.decode(z).int() - video_to_uint8(reference_decode(ref, z[None], raw=True)).int()).abs().max() <= 1
+    off = Pipeline.load(t2v_folder, {**_RUN, "use_tae": True, "tae_path": str(light), "need_scaled": False},
+                        device="cpu")
+    assert not off.tae.need_scaled
+    with pytest.raises(FileNotFoundError, match=r"none of \['taew2_1.pth', 'taew2_1.safetensors'\] found.*tae_path"):
+        Pipeline.load(t2v_folder, {**_RUN, "use_tae": True}, device="cpu")
+    with pytest.raises(FileNotFoundError, match="'tae_path' = 'nope.pth'"):
+        Pipeline.load(t2v_folder, {**_RUN, "use_tae": True, "tae_path": "nope.pth"}, device="cpu")
+
+
+@pytest.mark.usefixtures("torch_ops")
+def test_i2v_with_use_tae_encodes_with_the_wan_vae(checkpoint, i2v_folder, tmp_path):
+    from PIL import Image
+
+    from lightx2v_engine.pipeline import Pipeline
+    _, path = checkpoint
+    folder = _folder_with(i2v_folder, tmp_path / "m", **{"taew2_1.safetensors": path})
+    pipe = Pipeline.load(folder, {**_RUN, "use_tae": True}, device="cpu", task="i2v")
+    assert pipe.vae is not None and pipe.tae is not None
+    image = Image.fromarray((torch.rand(40, 56, 3) * 255).to(torch.uint8).numpy())
+    out = pipe.generate("a red fox", image=image, seed=1)
+    assert out.frames.shape[0] == 9
+
+
+@pytest.mark.usefixtures("torch_ops")
+def test_use_lightvae_loads_the_pruned_vae(t2v_folder, tmp_path):
+    from lightx2v_engine.pipeline import Pipeline
+    from lightx2v_engine.vae import VAEConfig
+    from lightx2v_engine.vae import random_vae as random_wan_vae
+    folder = tmp_path / "m"
+    _folder_with(t2v_folder, folder)
+    light = random_wan_vae(VAEConfig(dim=4), seed=2)
+    torch.save(light.state_dict(), folder / "lightvaew2_1.pth")
+    pipe = Pipeline.load(folder, {**_RUN, "use_lightvae": True}, device="cpu")
+    assert pipe.vae.cfg.dim == 4 and pipe.tae is None
+    z = torch.randn(16, 2, 4, 6)
+    assert torch.equal(pipe.decode(z), Pipeline.load(folder, {**_RUN, "vae_path": "lightvaew2_1.pth"},
+                                                     device="cpu").decode(z))
+    # vae_path wins over the default name; a full-width file under use_lightvae runs, with a warning
+    assert Pipeline.load(folder, {**_RUN, "use_lightvae": True, "vae_path": "Wan2.1_VAE.pth"},
+                         device="cpu").vae.cfg.dim == 8
+    from lightx2v_engine.config import parse_run_config
+    from lightx2v_engine.pipeline import _check_light_vae
+    from lightx2v_engine.vae import WanVAE
+    with torch.device("meta"):
+        full = WanVAE(VAEConfig.wan21())
+    with pytest.warns(UserWarning, match="use_lightvae: Wan2.1_VAE.pth is a full-width Wan VAE"):
+        _check_light_vae(parse_run_config({"use_lightvae": True}), full, Path("Wan2.1_VAE.pth"))
+    (folder / "lightvaew2_1.pth").unlink()
+    with pytest.raises(FileNotFoundError, match=r"none of \['lightvaew2_1.pth', 'lightvaew2_1.safetensors'\]"):
+        Pipeline.load(folder, {**_RUN, "use_lightvae": True}, device="cpu")
+
+
+def test_random_weights_with_light_autoencoders():
+    from lightx2v_engine.pipeline import Pipeline
+    pipe = Pipeline.random("tiny", {**_RUN, "use_tae": True}, device="cpu")
+    assert pipe.vae is None and pipe.tae.cfg == TAEConfig.tiny()
+    assert pipe.generate("a red fox").frames.shape == (9, 32, 48, 3)
+    assert Pipeline.random("tiny", {**_RUN, "use_lightvae": True}, device="cpu").vae.cfg.dim == 2
+
+
+@pytest.mark.usefixtures("torch_ops")
+def test_lightx2v_api_enable_lightvae(checkpoint, t2v_folder, tmp_path):
+    """LightX2VPipeline.enable_lightvae(use_tae=True, tae_path=<lighttae file>) sets need_scaled, as LightX2V."""
+    from lightx2v_engine.lightx2v_api import LightX2VPipeline
+    from lightx2v_engine.pipeline import Pipeline
+    _, path = checkpoint
+    light = tmp_path / "lighttaew2_1.safetensors"
+    light.write_bytes(path.read_bytes())
+    api = LightX2VPipeline(task="t2v", model_path=str(t2v_folder), model_cls="wan2.1_distill", device="cpu")
+    api.enable_lightvae(use_tae=True, tae_path=str(light))
+    api.create_generator(num_frames=9, height=32, width=48, guidance_scale=1.0)
+    assert api.pipeline.tae.need_scaled and api.pipeline.vae is None
+    frames = api.generate(seed=4, prompt="a red fox", negative_prompt="", save_result_path=str(tmp_path / "a.mp4"),
+                          return_result_tensor=True)
+    ref = Pipeline.load(t2v_folder, {**_RUN, "use_tae": True, "tae_path": str(light)}, device="cpu")
+    assert torch.equal(frames, ref.generate("a red fox", seed=4).frames)

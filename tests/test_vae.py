@@ -346,3 +346,28 @@ def test_use_tiling_vae_reaches_encode_and_decode(monkeypatch):
         seen.clear()
         Pipeline.random("tiny-i2v", {**tiny, "use_tiling_vae": flag}, device="cpu").generate("a cat", image=img, seed=1)
         assert seen == [("encode", flag), ("decode", flag)]
+
+
+def test_lightvae_width_matches_diffusers(tmp_path):
+    """LightX2V's lightvaew2_1 is the Wan VAE with every width a quarter (base 24): read from the file and
+    checked against diffusers' AutoencoderKLWan(base_dim=24), encode and decode."""
+    torch.manual_seed(5)
+    ref = AutoencoderKLWan(base_dim=24, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                           temperal_downsample=[False, True, True]).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if not name.endswith("gamma"):
+                p.copy_(torch.randn(p.shape) / (p[0].numel() ** 0.5 if p.dim() > 1 else 20.0))
+    from safetensors.torch import save_file
+    path = tmp_path / "lightvaew2_1.safetensors"
+    save_file({_wan_key(k): v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+    ours = load_vae(path)
+    assert ours.cfg == VAEConfig(dim=24)
+    mean, std = _mean_std()
+    z = torch.randn(1, 16, 2, 3, 4)
+    x = torch.rand(1, 3, 5, 24, 32) * 2 - 1
+    with torch.no_grad():
+        want_dec = ref.decode(z * std + mean).sample
+        want_enc = (ref.encode(x).latent_dist.mean - mean) / std
+    assert _rel(ours.decode(z), want_dec) <= 1e-4
+    assert _rel(ours.encode(x), want_enc) <= 1e-4
