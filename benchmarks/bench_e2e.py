@@ -311,6 +311,29 @@ def bench_vae(args, device, run, rows, summary, absent):
             summary["vae_decode_ratio_vs_diffusers"] = ms_d / ms
             rows.append({"what": "vae_decode", "impl": "diffusers", "ms": round(ms_d, 3)})
     del ours, theirs
+    bench_light_decoders(args, device, run, rows, summary, z, dt, summary.get("vae_decode_ms"))
+
+
+def bench_light_decoders(args, device, run, rows, summary, z, dt, vae_ms):
+    """LightX2V's light autoencoders on the same latents: use_lightvae (the Wan VAE at a quarter of every
+    width) and use_tae (the TAEHV tiny decoder), random weights; speed-up against our Wan VAE decode."""
+    from lightx2v_engine import tae as tae_mod
+    from lightx2v_engine import vae as vae_mod
+    light_cfg = vae_mod.VAEConfig(dim=max(1, (vae_mod.VAEConfig.tiny() if args.dry_run
+                                              else vae_mod.VAEConfig.wan21()).dim // 4))
+    tae_cfg = tae_mod.TAEConfig.tiny() if args.dry_run else tae_mod.TAEConfig()
+    for name, build in (("lightvae", lambda: vae_mod.random_vae(light_cfg, device=device, dtype=dt)),
+                        ("tae", lambda: tae_mod.random_tae(tae_cfg, device=device, dtype=dt))):
+        peak_reset(device)
+        model = build()
+        with torch.no_grad():
+            ms = run(lambda: model.decode(z), warmup=1, iters=2)
+        summary[f"{name}_decode_ms"] = ms
+        summary[f"{name}_peak_gib"] = peak_gib(device)
+        if vae_ms:
+            summary[f"{name}_speedup_vs_vae"] = vae_ms / ms
+        rows.append({"what": "vae_decode", "impl": name, "ms": round(ms, 3)})
+        del model
 
 
 def bench_distill_speedup(preset, args, device, run, rows, summary):

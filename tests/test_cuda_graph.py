@@ -104,7 +104,8 @@ def test_bench_e2e_dry_run_and_summary(tmp_path):
     assert bench_e2e.main(["--dry-run", "--out", str(tmp_path)]) == 0
     e2e = json.loads((tmp_path / "e2e_summary.json").read_text())
     for k in ("step_ms_tiny_bf16", "step_ms_tiny_8bit", "vae_decode_ms", "distill_speedup_vs_50step_cfg",
-              "text_encode_ms", "step_ms_tiny_reference"):
+              "text_encode_ms", "step_ms_tiny_reference", "lightvae_decode_ms", "tae_decode_ms",
+              "tae_speedup_vs_vae"):
         assert e2e["figures"][k] > 0, k
     assert e2e["figures"]["engine_vs_reference_relerr_tiny"] < 1e-2
     assert e2e["figures"]["vae_decode_tiled_ms"] > 0 and 0 < e2e["figures"]["vae_tiled_vs_untiled_relerr"] < 1
