@@ -29,6 +29,7 @@ import importlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -302,6 +303,58 @@ def bench_attention_8bit(shapes: list[tuple[int, int, int]], configs: list[str],
 # summary / output
 # ----------------------------------------------------------------------------------------------------
 
+ROPE_ATTN_CONFIGS = ((128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2), (128, 64, 4, 3))
+
+
+def bench_self_attn_rope(shapes: list[tuple[int, int, int]], device: str, dtype) -> list[dict]:
+    """Self-attention with q/k RMSNorm + RoPE, [B, L, C] projections in, two placements of the norm+RoPE:
+    "pass" (the self_attention op: one norm+RoPE pass writing rotated q/k, then the attention backend it
+    is set to) against "prologue" (kernels/attention_rope.py: a 1/rms stats pass, the norm and rotation
+    inside the attention kernel) in a few tile configs. ratio = pass ms / this ms; error vs fp32."""
+    from lightx2v_engine.kernels.attention import _self_attention_op, self_attention_ref
+    from lightx2v_engine.kernels.attention_rope import RopeAttnConfig, attention_rope_prologue, set_rope_placement
+
+    rows = []
+    for H, Lq, _ in shapes:
+        C = H * HEAD_D
+        g = torch.Generator(device="cpu").manual_seed(0)
+        q, k, v = (torch.randn(1, Lq, C, generator=g).to(device=device, dtype=dtype) for _ in range(3))
+        wq, wk = (1.0 + 0.1 * torch.randn(C, generator=g)).to(device), (1.0 + 0.1 * torch.randn(C, generator=g)).to(device)
+        ang = torch.rand(Lq, HEAD_D // 2, generator=g) * 6.0
+        cos, sin = ang.cos().to(device), ang.sin().to(device)
+        ref32 = self_attention_ref(q.float(), k.float(), v.float(), wq, wk, cos, sin, H)
+        shape = f"B1 H{H} D{HEAD_D} L{Lq}"
+        flops = 4.0 * Lq * Lq * C
+        impls = {"pass": lambda: _self_attention_op(q, k, v, wq, wk, cos, sin, H, 1e-6)}
+        for bm, bn, w, st in ROPE_ATTN_CONFIGS:
+            cfg = RopeAttnConfig(bm, bn, w, st)
+            impls[f"prologue:{bm}x{bn}_w{w}_s{st}"] = (lambda cfg=cfg: attention_rope_prologue(
+                q, k, v, wq, wk, cos, sin, H, config=cfg))
+        set_rope_placement("pass")
+        errs, ms = {}, {}
+        try:
+            for name, fn in impls.items():
+                try:
+                    errs[name] = (fn().float() - ref32).abs().max().item()
+                    ms[name] = _bench_ms(fn, rep_ms=200)
+                except Exception as e:  # a config that does not compile here is reported, not fatal
+                    rows.append(dict(op="self_attn_rope", shape=shape, impl=name, ms=float("nan"),
+                                     tflops_or_gbps=float("nan"), unit="TFLOP/s", ratio=float("nan"),
+                                     ratio_kind="vs_pass", max_err=float("nan"), ok=False,
+                                     note=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"))
+        finally:
+            set_rope_placement("default")
+        base_err, base_ms = errs.get("pass", float("inf")), ms.get("pass")
+        for name, t in ms.items():
+            rows.append(dict(op="self_attn_rope", shape=shape, impl=name, ms=t,
+                             tflops_or_gbps=flops / (t * 1e-3) / 1e12, unit="TFLOP/s",
+                             ratio=(base_ms / t) if base_ms else float("nan"), ratio_kind="vs_pass",
+                             max_err=errs[name], ok=errs[name] <= 2 * base_err + 1e-3,
+                             note="norm+RoPE pass, then attention" if name == "pass" else "norm+RoPE in the kernel"))
+        del q, k, v, ref32
+    return rows
+
+
 def summarize(rows: list[dict], main_shape: str) -> dict:
     """The summary keys from the rows (None where a number is missing)."""
     def min_frac(op):
@@ -326,7 +379,17 @@ def summarize(rows: list[dict], main_shape: str) -> dict:
     a8k = [r for r in rows if r["op"] == "attention_8bit" and r["shape"] == main_shape and r["ok"]
            and r["impl"].startswith("triton8_kernel_only:")]
     best8k = min(a8k, key=lambda r: r["ms"]) if a8k else None
+    rope_shape = re.sub(r" Lq(\d+) Lk\d+$", r" L\1", main_shape)  # "B1 H12 D128 L32760"
+    rope = [r for r in rows if r["op"] == "self_attn_rope" and r["shape"] == rope_shape and r["ok"]
+            and r["impl"].startswith("prologue:") and not math.isnan(r["ms"])]
+    rope_default = next((r for r in rope if r["impl"] == "prologue:128x64_w8_s2"), None)
+    rope_best = min(rope, key=lambda r: r["ms"]) if rope else None
     return {
+        # norm+RoPE inside the attention kernel vs the pass + attention (ratio > 1: the kernel is faster);
+        # the default tile config is what the self_attention op runs under LX2V_SELF_ATTN_ROPE=prologue
+        "self_attn_rope_prologue_ratio": rope_default["ratio"] if rope_default else None,
+        "self_attn_rope_prologue_best": (f"{rope_best['impl'].split(':', 1)[1]} {rope_best['ratio']:.3f}x"
+                                         if rope_best else None),
         "modulate_bw_frac": min_frac("modulate"),
         "gate_residual_modulate_bw_frac": min_frac("gate_residual_modulate"),
         "rms_norm_bw_frac": min_frac("rms_norm"),
@@ -487,6 +550,8 @@ def main(argv=None) -> int:
         save(rows)
     cudnn_ms = {r["shape"]: r["ms"] for r in rows if r["op"] == "attention" and r["impl"] == "sdpa_cudnn"}
     rows += bench_attention_8bit([s for s in attn_shapes if s[1] == s[2]], configs8, device, dtype, cudnn_ms)
+    save(rows)
+    rows += bench_self_attn_rope([s for s in attn_shapes if s[1] == s[2]], device, dtype)
     save(rows)
     mean_pad = [c for c in configs if ATTN_CONFIGS[c].mean_pad]
     if mean_pad:  # self-attention shapes only (the padding is a self-attention feature)

@@ -24,7 +24,8 @@ ALSO = [
     "attn_bf16_best_ours", "attn_triton_tflops", "attn_gluon_best_config", "attn_gluon_tflops",
     "attn_gluon_ratio_vs_triton", "attn_cudnn_tflops", "attn_cross_best_impl", "attn_8bit_best_config",
     "qk_norm_rope_row_bw_frac", "qk_norm_rope_tile_bw_frac", "qk_norm_rope_chunk_bw_frac",
-    "qk_norm_rope_packed_bw_frac", "rms_norm_bw_frac",
+    "qk_norm_rope_packed_bw_frac", "rms_norm_bw_frac", "self_attn_rope_prologue_ratio",
+    "self_attn_rope_prologue_best",
     "vae_norm_bw_frac", "qlinear_lora_r32_overhead_max",
     "step_8bit_variant_1.3b", "step_8bit_variant_14b", "offload_step_ratio_vs_resident_1.3b",
     "offload_block_copy_vs_compute_1.3b", "offload_peak_gib_1.3b", "offload_step_ratio_vs_resident_14b",
@@ -93,11 +94,15 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+PROLOGUE_MARGIN = 1.02  # self_attn_rope_prologue_ratio needed to pick LX2V_SELF_ATTN_ROPE=prologue
+
+
 def pick_choices(s: dict) -> dict[str, str]:
     """The kernel choices a bench_kernels summary `s` measured as fastest and correct, as the environment
     variables / tuned-file keys of kernels/_util.py: self-attention's backend (a Triton config, the Gluon
     kernel with its config, or an SDPA backend), cross-attention's backend where it differs (it would
-    otherwise follow self-attention's), the 8-bit config and the fastest q/k norm+RoPE variant."""
+    otherwise follow self-attention's), the 8-bit config, the fastest q/k norm+RoPE variant, and the norm+RoPE
+    inside the attention kernel where it beats the pass (and self-attention's choice is Triton's)."""
     best, cfg = s.get("attn_best_impl") or "", s.get("attn_best_triton_config")
     choices: dict[str, str] = {}
     self_impl = "triton"
@@ -122,6 +127,9 @@ def pick_choices(s: dict) -> dict[str, str]:
     fracs = {v: f for v, f in fracs.items() if f is not None}
     if len(fracs) > 1:
         choices["LX2V_QK_ROPE"] = max(fracs, key=fracs.get)
+    # norm+RoPE inside the attention kernel only where it beats the pass + attention by a margin
+    if (s.get("self_attn_rope_prologue_ratio") or 0.0) >= PROLOGUE_MARGIN and self_impl == "triton":
+        choices["LX2V_SELF_ATTN_ROPE"] = "prologue"
     return choices
 
 
@@ -140,7 +148,9 @@ def _evidence(s: dict, choices: dict[str, str]) -> dict[str, str]:
              "LX2V_CROSS_ATTN": f"fastest correct at 512 keys: {s.get('attn_cross_best_impl')}",
              "LX2V_ATTN8_CONFIG": figs("attn_8bit_tops", "attn_8bit_relerr", "attn_8bit_ratio_vs_cudnn"),
              "LX2V_QK_ROPE": "fraction of copy bandwidth (worst shape): " + figs(
-                 *(f"qk_norm_rope_{v}_bw_frac" for v in ("row", "tile", "chunk", "packed")))}
+                 *(f"qk_norm_rope_{v}_bw_frac" for v in ("row", "tile", "chunk", "packed"))),
+             "LX2V_SELF_ATTN_ROPE": "pass ms / prologue ms: " + figs("self_attn_rope_prologue_ratio",
+                                                                     "self_attn_rope_prologue_best")}
     return {k: lines[k] for k in choices}
 
 

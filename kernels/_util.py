@@ -23,7 +23,7 @@ import torch
 TUNED_DIR = Path(__file__).with_name("tuned")
 # what a tuned file may choose (each value is checked against its module's choices where it is read)
 TUNED_KEYS = ("LX2V_ATTN", "LX2V_ATTN_CONFIG", "LX2V_ATTN_GLUON_CONFIG", "LX2V_CROSS_ATTN",
-              "LX2V_ATTN8_CONFIG", "LX2V_QK_ROPE")
+              "LX2V_ATTN8_CONFIG", "LX2V_QK_ROPE", "LX2V_SELF_ATTN_ROPE")
 _TUNED_FIELDS = ("device", "choices", "measured", "evidence")
 
 

@@ -511,6 +511,10 @@ def _self_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: to
                        attn_8bit: bool = False) -> torch.Tensor:
     B, L, C = q.shape
     H, D = num_heads, C // num_heads
+    if not attn_8bit:
+        from .attention_rope import attention_rope_prologue, rope_placement
+        if rope_placement(q.device) == "prologue":  # norm + RoPE inside the attention kernel
+            return attention_rope_prologue(q, k, v, wq, wk, cos, sin, H, eps)
     qh = torch.empty((B, L, H, D), dtype=q.dtype, device=q.device)
     vh = v.unflatten(-1, (H, -1))
     impl, cfg = _impl(q.device), ATTN_CONFIGS[_config(q.device)]
@@ -540,8 +544,9 @@ def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: torch.
     """softmax(rope(rms(q) wq) rope(rms(k) wk)^T / sqrt(D)) v with heads split from C.
 
     q, k, v [B, L, C] projections (run dtype, unit stride on C); wq, wk [C] fp32; cos, sin [L, D/2] fp32.
-    Returns a contiguous [B, L, C]. One norm+RoPE pass (RMS spans all heads, so it cannot live in the
-    attention prologue without a second read of q/k) writing [B, L, H, D] that the attention reads.
+    Returns a contiguous [B, L, C]. One norm+RoPE pass writing [B, L, H, D] that the attention reads; or,
+    with kernels.attention_rope.rope_placement() "prologue", the norm and RoPE inside the attention kernel
+    (a stats pass writes each token's 1/rms: RMS spans all heads).
     attn_8bit: INT8 q k^T / FP8 P.V (kernels/attention_8bit.py; approximate, needs sm89+).
     """
     _check_qk(q, k, wq, wk, cos, sin, num_heads)

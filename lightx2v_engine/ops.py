@@ -69,6 +69,7 @@ def describe(device: torch.device, attn_8bit: bool = False) -> str:
     attn = importlib.import_module("lightx2v_engine.kernels.attention")
     qk = importlib.import_module("lightx2v_engine.kernels.qk_norm_rope")
     a8 = importlib.import_module("lightx2v_engine.kernels.attention_8bit")
+    ar = importlib.import_module("lightx2v_engine.kernels.attention_rope")
     util = importlib.import_module("lightx2v_engine.kernels._util")
     impl, config = attn.attention_impl(device)
     a8_config = a8.attention_8bit_config(device)
@@ -77,6 +78,8 @@ def describe(device: torch.device, attn_8bit: bool = False) -> str:
                  if attn_8bit and attention_8bit_available(device)
                  else impl + (f" {config}" if impl in ("triton", "gluon") else "")
                  + (f" ({attn.gluon_status(device)})" if impl == "gluon" else ""))
+    if not (attn_8bit and attention_8bit_available(device)) and ar.rope_placement(device) == "prologue":
+        self_attn = "triton with q/k norm+RoPE in the kernel (attention_rope)"
     return (f"ops: Triton kernels; self-attention {self_attn}, cross-attention {attn.cross_attention_impl(device)}, "
             f"q/k norm+RoPE {qk.qk_rope_impl(device)}, FFN GELU epilogue "
             f"{'on' if gelu_epilogue_used(device, torch.bfloat16) else 'off'}; {util.tuned_status(device)}")

@@ -34,7 +34,7 @@ def test_dry_run_writes_csv_and_summary(bench, tmp_path):
     ops = {r["op"] for r in rows}
     assert ops == {"modulate", "gate_residual_modulate", "qk_norm_rope", "qk_norm_rope_tile", "qk_norm_rope_chunk",
                    "qk_norm_rope_packed",
-                   "rms_norm", "vae_rms_norm_silu", "attention", "attention_8bit"}
+                   "rms_norm", "vae_rms_norm_silu", "attention", "attention_8bit", "self_attn_rope"}
     assert all(r["ok"] == "True" for r in rows), [r for r in rows if r["ok"] != "True"]
     impls = {r["impl"] for r in rows if r["op"] == "attention"}
     assert impls == {"triton:ptr_256x64_w8_s3", "triton:ws_128x128_w4_s2", "sdpa_flash"}
@@ -42,7 +42,10 @@ def test_dry_run_writes_csv_and_summary(bench, tmp_path):
     assert impls8 == {f"{k}:{c}" for k in ("triton8", "triton8_kernel_only")
                       for c in ("ws_128x128_w4_s3", "tma_128x128_w8_s3", "ws_128x128_w4_s2_pv16")}
     assert {r["shape"] for r in rows if r["op"] == "attention_8bit"} == {"B1 H2 D128 Lq80 Lk80"}  # self-attention only
+    rope = {r["impl"] for r in rows if r["op"] == "self_attn_rope"}
+    assert rope == {"pass"} | {f"prologue:{m}x{n}_w{w}_s{s}" for m, n, w, s in bench.ROPE_ATTN_CONFIGS}
     summary = json.loads((tmp_path / "kernels_summary.json").read_text())
+    assert summary["self_attn_rope_prologue_ratio"] > 0 and summary["self_attn_rope_prologue_best"]
     assert summary["rms_norm_bw_frac"] is not None and summary["vae_norm_bw_frac"] is not None
     assert summary["qk_norm_rope_bw_frac"] == max(summary["qk_norm_rope_row_bw_frac"],
                                                   summary["qk_norm_rope_tile_bw_frac"],
@@ -120,6 +123,11 @@ def test_pick_choices_names_8bit_config_and_fastest_qk_variant():
     assert mod.pick_choices(s) == {"LX2V_ATTN": "triton", "LX2V_ATTN_CONFIG": "ws", "LX2V_CROSS_ATTN": "sdpa_cudnn",
                                    "LX2V_ATTN8_CONFIG": "tma_128x128_w8_s3", "LX2V_QK_ROPE": "packed"}
     assert mod.pick_choices({}) == {}  # nothing measured: nothing chosen
+    # norm+RoPE in the attention kernel: chosen only past the margin, and only under Triton self-attention
+    assert mod.pick_choices({**s, "self_attn_rope_prologue_ratio": 1.05})["LX2V_SELF_ATTN_ROPE"] == "prologue"
+    assert "LX2V_SELF_ATTN_ROPE" not in mod.pick_choices({**s, "self_attn_rope_prologue_ratio": 1.01})
+    assert "LX2V_SELF_ATTN_ROPE" not in mod.pick_choices({**s, "attn_best_impl": "sdpa_cudnn",
+                                                          "self_attn_rope_prologue_ratio": 1.5})
 
 
 def test_write_tuned_round_trips_through_the_engine_reader(tmp_path):

@@ -43,6 +43,28 @@ def test_tiny_dit_kernels_vs_reference(cfg):
     assert err <= 2 * base + 1e-3, (err, base)
 
 
+def test_tiny_dit_with_rope_in_the_attention_kernel():
+    """LX2V_SELF_ATTN_ROPE=prologue (kernels/attention_rope.py) inside the DiT: the same rule against the
+    fp32 reference, and a different computation from the norm+RoPE pass path."""
+    from lightx2v_engine.kernels.attention_rope import set_rope_placement
+    cfg = T2V
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    low = torch.bfloat16 if device == "cuda" else torch.float16
+    sd = build_dit(cfg, None, dtype=torch.float32).state_dict()
+    args = inputs(cfg, f=3, h=6, w=10, text_len=24)
+    ref32 = _run(cfg, sd, torch.float32, "torch", device, args)
+    torch_low = _run(cfg, sd, low, "torch", device, args)
+    passed = _run(cfg, sd, low, "kernels", device, args)
+    set_rope_placement("prologue")
+    try:
+        prologue = _run(cfg, sd, low, "kernels", device, args)
+    finally:
+        set_rope_placement("default")
+    base, err = rel_l2(torch_low, ref32), rel_l2(prologue, ref32)
+    assert not torch.equal(prologue, passed)
+    assert err <= 2 * base + 1e-3, (err, base)
+
+
 @pytest.mark.last
 def test_tiny_dit_8bit_self_attention():
     """set_attention_8bit(True): the INT8/FP8 self-attention runs inside the DiT (kernels backend) and the

@@ -17,6 +17,7 @@ A = importlib.import_module("lightx2v_engine.kernels.attention")
 A8 = importlib.import_module("lightx2v_engine.kernels.attention_8bit")
 QK = importlib.import_module("lightx2v_engine.kernels.qk_norm_rope")
 G = importlib.import_module("lightx2v_engine.kernels.attention_gluon")
+AR = importlib.import_module("lightx2v_engine.kernels.attention_rope")
 
 CUDA0, CUDA1 = torch.device("cuda", 0), torch.device("cuda", 1)
 NAMES = {0: "NVIDIA H100 80GB HBM3", 1: "NVIDIA GeForce RTX 4090"}
@@ -236,7 +237,8 @@ def test_shipped_files_are_valid():
     assert files, "kernels/tuned/ has no file"
     choices = {"LX2V_ATTN": A.ATTN_IMPLS, "LX2V_ATTN_CONFIG": A.ATTN_CONFIGS,
                "LX2V_ATTN_GLUON_CONFIG": G.GLUON_CONFIGS, "LX2V_CROSS_ATTN": A.ATTN_IMPLS,
-               "LX2V_ATTN8_CONFIG": A8.ATTN8_CONFIGS, "LX2V_QK_ROPE": QK.QK_ROPE_IMPLS}
+               "LX2V_ATTN8_CONFIG": A8.ATTN8_CONFIGS, "LX2V_QK_ROPE": QK.QK_ROPE_IMPLS,
+               "LX2V_SELF_ATTN_ROPE": AR.ROPE_PLACEMENTS}
     assert set(choices) == set(_util.TUNED_KEYS)
     for path in files:
         device = json.loads(path.read_text())["device"]
