@@ -243,6 +243,16 @@ def test_cli_vae_parallel_equals_tiled_decode(tmp_path):
     assert a.shape == (5, 272, 240, 3) and (a == b).all()
 
 
+def test_cli_tiny_decoder_under_torchrun(tmp_path):
+    """use_tae with vae_parallel: the tiny decoder runs on rank 0 alone (no tiles); the video is the
+    one-process one."""
+    from lightx2v_engine.video import read_mp4
+    _cli(tmp_path, 1, "one", {"use_tae": True})
+    _cli(tmp_path, 2, "two", {"use_tae": True, "parallel": {"seq_p_size": 2, "vae_parallel": True}})
+    a, b = read_mp4(tmp_path / "one.mp4"), read_mp4(tmp_path / "two.mp4")
+    assert a.shape == (9, 64, 96, 3) and (a == b).all()
+
+
 def test_cli_cfg_groups_without_cfg(tmp_path):
     """cfg_p_size 2 without CFG (LightX2V's *_ulysses layout): the two ranks split the sequence instead of
     computing the same thing; the latents are the one-process run's."""
