@@ -172,6 +172,10 @@ class RunConfig:
     t5_cpu_offload: bool = False
     clip_cpu_offload: bool = False
     vae_cpu_offload: bool = False
+    # unload_modules: the text/image encoders and the VAE (or tiny decoder) are loaded from their files for
+    # each use and freed after it (LightX2V's key; less host and GPU memory between uses, a load per use);
+    # the DiT stays loaded (cpu_offload keeps it in host memory)
+    unload_modules: bool = False
     # LightX2V's 8-bit encoders: t5_quantized loads t5_quantized_ckpt, else models_t5_umt5-xxl-enc-{fp8,int8}.pth
     # (by t5_quant_scheme); clip_quantized likewise (models_clip_open-clip-xlm-roberta-large-vit-huge-14-{..}.pth
     # or clip-{..}.pth); their linears run as QuantLinear. Without that file the unquantized one runs (a warning).
@@ -241,7 +245,7 @@ _MAPPED = {f.name for f in dataclasses.fields(RunConfig)} - {"ignored_keys"}
 # Keys LightX2V configs carry that this engine accepts but does not act on (one warning names them).
 _ACCEPTED_IGNORED = {
     "attention_type", "attn_type",
-    "offload_ratio", "lazy_load", "num_disk_workers", "unload_modules",
+    "offload_ratio", "lazy_load", "num_disk_workers",
     "seq_parallel", "cfg_parallel", "feature_caching", "teacache_thresh", "use_ret_steps",
     "use_stream_vae",
     "cfg_scale", "rope_type", "modulate_type", "rms_norm_type",
@@ -321,6 +325,7 @@ _TYPES = {
     "vae_cpu_offload": bool, "sampler": str, "distill_update": str, "dtype": str, "use_cuda_graph": bool,
     "vae_dtype": str, "lora_strict": bool, "offload_granularity": str, "use_tiling_vae": bool,
     "t5_quantized": bool, "clip_quantized": bool, "use_lightvae": bool, "use_tae": bool, "need_scaled": bool,
+    "unload_modules": bool,
 }
 
 

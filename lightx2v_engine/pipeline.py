@@ -248,6 +248,9 @@ class Pipeline:
     _lora_switch: Any = field(default=None, repr=False)  # lora.LoraSwitch once set_request_loras is used
     parallel: Parallel | None = None  # under torchrun with a `parallel` config section
     tae: tae_mod.TinyDecoder | None = None  # use_tae: decodes instead of the VAE
+    # unload_modules: builders of the models loaded for each use and freed after it (t5, clip, vae, tae;
+    # the attribute of that name stays None between uses)
+    loaders: dict[str, Callable[[], torch.nn.Module]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         if self.device.type == "cuda":  # offloaded weights move by DMA from page-locked host memory
@@ -301,30 +304,37 @@ class Pipeline:
                            dtype=run.dtype, device=dit_dev, lora_specs=run.lora_configs, lora_strict=run.lora_strict,
                            lora_compute_device=lora_dev)
         _place_dit(dit, run, dev)
-        vae = tae = None
+        builders: dict[str, Callable[[], torch.nn.Module]] = {}  # the files are found now, read when built
         if run.use_tae:
-            tae = tae_mod.load_tae(find_weights("tae_path", run.tae_path, tae_mod.TAE_FILES, mp), device=dev,
-                                   dtype=_vae_dtype(run, dev), need_scaled=run.need_scaled)
+            tae_path = find_weights("tae_path", run.tae_path, tae_mod.TAE_FILES, mp)
+            builders["tae"] = lambda: tae_mod.load_tae(tae_path, device=dev, dtype=_vae_dtype(run, dev),
+                                                       need_scaled=run.need_scaled)
         if mcfg.is_i2v or not run.use_tae:  # (T2V decoded by the tiny decoder needs no VAE)
             vae_path = find_weights("vae_path", run.vae_path, LIGHTVAE_FILES if run.use_lightvae else VAE_FILE, mp)
-            vae = _place_vae(vae_mod.load_vae(vae_path, device=cpu if run.vae_cpu_offload else dev,
-                                              dtype=_vae_dtype(run, dev)), dev)
-            _check_light_vae(run, vae, vae_path)
 
-        def encoders():
+            def load_vae():
+                vae = _place_vae(vae_mod.load_vae(vae_path, device=cpu if run.vae_cpu_offload else dev,
+                                                  dtype=_vae_dtype(run, dev)), dev)
+                _check_light_vae(run, vae, vae_path)
+                return vae
+            builders["vae"] = load_vae
+        models, loaders = _build_or_defer(builders, run.unload_modules)
+
+        def encoders():  # (on rank 0 only under multi-GPU: its failure reaches every rank)
             t5_path = _encoder_file(run, mp, "t5")
             # offloaded weights are kept on the CPU in the dtype they run in on `dev`
-            t5 = t5_mod.load_t5(str(t5_path), device=cpu if run.t5_cpu_offload else dev, dtype=_t5_dtype(dev))
-            tok = t5_mod.load_tokenizer(str(mp))
-            clip = None
+            enc = {"t5": lambda: t5_mod.load_t5(str(t5_path), device=cpu if run.t5_cpu_offload else dev,
+                                                dtype=_t5_dtype(dev))}
             if mcfg.is_i2v:
                 clip_path = _encoder_file(run, mp, "clip")
-                clip = clip_mod.load_clip(str(clip_path), device=cpu if run.clip_cpu_offload else dev,
-                                          dtype=_clip_dtype(dev))
-            return t5, tok, clip
+                enc["clip"] = lambda: clip_mod.load_clip(str(clip_path), device=cpu if run.clip_cpu_offload else dev,
+                                                         dtype=_clip_dtype(dev))
+            built, deferred = _build_or_defer(enc, run.unload_modules)
+            loaders.update(deferred)
+            return built.get("t5"), t5_mod.load_tokenizer(str(mp)), built.get("clip")
         t5, tok, clip = _encoders_on_rank0(par, encoders)
-        return cls(mcfg, run, dit, t5, tok, vae, clip, dev, (time.perf_counter() - t0) * 1e3,
-                   use_cuda_graph=_graphs_on(run, dev, par), parallel=par, tae=tae)
+        return cls(mcfg, run, dit, t5, tok, models.get("vae"), clip, dev, (time.perf_counter() - t0) * 1e3,
+                   use_cuda_graph=_graphs_on(run, dev, par), parallel=par, tae=models.get("tae"), loaders=loaders)
 
     @classmethod
     def random(cls, preset: str = "tiny", config: str | Path | dict | RunConfig | None = None, *,
@@ -341,7 +351,10 @@ class Pipeline:
         if par is not None:  # one set of random weights for every rank
             par.broadcast_module_(dit)
         _place_dit(dit, run, dev)
-        t5 = tok = vae = clip = tae = None
+        t5 = tok = clip = None
+        builders: dict[str, Callable[[], torch.nn.Module]] = {}
+        models: dict[str, torch.nn.Module] = {}
+        loaders: dict[str, Callable[[], torch.nn.Module]] = {}
         if with_encoders:
             cpu = torch.device("cpu")
             t5cfg = t5_mod.T5Config.tiny() if tiny else t5_mod.T5Config.umt5_xxl()
@@ -351,33 +364,67 @@ class Pipeline:
             if mcfg.is_i2v and ccfg.dim != mcfg.image_dim:
                 raise ValueError(f"preset {preset}: image_dim {mcfg.image_dim} != CLIP width {ccfg.dim}")
             if run.use_tae:
-                tae = tae_mod.random_tae(tae_mod.TAEConfig.tiny() if tiny else tae_mod.TAEConfig(), device=dev,
-                                         dtype=_vae_dtype(run, dev), seed=seed, need_scaled=bool(run.need_scaled))
+                builders["tae"] = lambda: tae_mod.random_tae(
+                    tae_mod.TAEConfig.tiny() if tiny else tae_mod.TAEConfig(), device=dev, dtype=_vae_dtype(run, dev),
+                    seed=seed, need_scaled=bool(run.need_scaled))
             if mcfg.is_i2v or not run.use_tae:
                 vcfg = vae_mod.VAEConfig.tiny() if tiny else vae_mod.VAEConfig.wan21()
                 if run.use_lightvae:  # LightX2V's lightvaew2_1: every width a quarter (96 -> 24)
                     vcfg = vae_mod.VAEConfig(dim=max(1, vcfg.dim // 4))
-                vae = _place_vae(vae_mod.random_vae(vcfg, device=cpu if run.vae_cpu_offload else dev,
-                                                    dtype=_vae_dtype(run, dev), seed=seed), dev)
+                builders["vae"] = lambda: _place_vae(vae_mod.random_vae(
+                    vcfg, device=cpu if run.vae_cpu_offload else dev, dtype=_vae_dtype(run, dev), seed=seed), dev)
 
-            def encoders():
+            def random_t5():
                 t5 = t5_mod.random_t5(t5cfg, device=cpu if run.t5_cpu_offload else dev, dtype=_t5_dtype(dev),
                                       seed=seed)
                 if run.t5_quantized:
                     t5_mod.quantize_t5_(t5, run.t5_quant_scheme)
+                return t5
+
+            def random_clip():
+                clip = clip_mod.random_clip(ccfg, device=cpu if run.clip_cpu_offload else dev,
+                                            dtype=_clip_dtype(dev), seed=seed)
+                if run.clip_quantized:
+                    clip_mod.quantize_clip_(clip, run.clip_quant_scheme)
+                return clip
+
+            models, loaders = _build_or_defer(builders, run.unload_modules)
+
+            def encoders():
+                enc = {"t5": random_t5, **({"clip": random_clip} if mcfg.is_i2v else {})}
+                built, deferred = _build_or_defer(enc, run.unload_modules)
+                loaders.update(deferred)
                 with tempfile.TemporaryDirectory(prefix="lx2v_tok_") as tok_dir:  # read into memory, then removed
                     t5_mod.make_tiny_tokenizer(tok_dir, vocab_size=min(t5cfg.vocab, 256))
-                    tok = t5_mod.load_tokenizer(tok_dir)
-                clip = None
-                if mcfg.is_i2v:
-                    clip = clip_mod.random_clip(ccfg, device=cpu if run.clip_cpu_offload else dev,
-                                                dtype=_clip_dtype(dev), seed=seed)
-                    if run.clip_quantized:
-                        clip_mod.quantize_clip_(clip, run.clip_quant_scheme)
-                return t5, tok, clip
+                    return built.get("t5"), t5_mod.load_tokenizer(tok_dir), built.get("clip")
             t5, tok, clip = _encoders_on_rank0(par, encoders)
-        return cls(mcfg, run, dit, t5, tok, vae, clip, dev, (time.perf_counter() - t0) * 1e3,
-                   use_cuda_graph=_graphs_on(run, dev, par), parallel=par, tae=tae)
+        return cls(mcfg, run, dit, t5, tok, models.get("vae"), clip, dev, (time.perf_counter() - t0) * 1e3,
+                   use_cuda_graph=_graphs_on(run, dev, par), parallel=par, tae=models.get("tae"), loaders=loaders)
+
+    def _available(self, name: str) -> bool:
+        """Whether the model `name` (t5, clip, vae, tae) is loaded, or loaded on use (unload_modules)."""
+        return getattr(self, name) is not None or name in self.loaders
+
+    @contextlib.contextmanager
+    def _use(self, name: str):
+        """The model `name` for the block: the resident one, or with unload_modules one built for it (from
+        its file) and freed after it, as LightX2V's unload_modules."""
+        build = self.loaders.get(name)
+        if build is None or getattr(self, name) is not None:
+            yield getattr(self, name)
+            return
+        t0 = time.perf_counter()
+        model = build()
+        log.info("unload_modules: %s loaded in %.0f ms", name, (time.perf_counter() - t0) * 1e3)
+        setattr(self, name, model)
+        try:
+            yield model
+        finally:
+            setattr(self, name, None)
+            del model
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     def _dit_offloaded(self) -> bool:
         """Whether the DiT's weights move during a forward or between loops (no CUDA graphs then)."""
@@ -416,29 +463,29 @@ class Pipeline:
         for p in prompts:
             if not isinstance(p, str):
                 raise ValueError(f"prompts must be strings, got {type(p).__name__}")
-        if self.t5 is None:
+        if not self._available("t5"):
             raise RuntimeError(_NO_ENCODER.format("text"))
-        with offloaded(self.t5, self.device, self.run_cfg.t5_cpu_offload):
-            ctx = t5_mod.encode_text(self.t5, self.tokenizer, prompts, text_len=self.run_cfg.text_len)
+        with self._use("t5") as t5, offloaded(t5, self.device, self.run_cfg.t5_cpu_offload):
+            ctx = t5_mod.encode_text(t5, self.tokenizer, prompts, text_len=self.run_cfg.text_len)
         if ctx.shape[1] < 512:  # the DiT always sees 512 rows (zero-padded), as Wan
             ctx = torch.nn.functional.pad(ctx, (0, 0, 0, 512 - ctx.shape[1]))
         return ctx.to(self.device, self.dit.run_dtype)
 
     def encode_image(self, image, num_frames: int, height: int, width: int):
         """I2V conditioning: (clip_fea [1, 257, 1280], y [1, 20, F, lat_h, lat_w], (lat_h, lat_w))."""
-        if self.clip is None:
+        if not self._available("clip"):
             raise RuntimeError(_NO_ENCODER.format("image"))
         img = load_image(image)
         resized = prepare_i2v_image(img, height, width)          # [3, lat_h*8, lat_w*8]
         lat_h, lat_w = resized.shape[1] // 8, resized.shape[2] // 8
-        with offloaded(self.clip, self.device, self.run_cfg.clip_cpu_offload):
-            cdev = self.clip.patch_embedding.weight.device
-            pixels = clip_mod.clip_preprocess(img[None].to(cdev), size=self.clip.cfg.image_size)
-            clip_fea = clip_mod.encode_image(self.clip, pixels.to(self.clip.patch_embedding.weight.dtype))
+        with self._use("clip") as clip, offloaded(clip, self.device, self.run_cfg.clip_cpu_offload):
+            cdev = clip.patch_embedding.weight.device
+            pixels = clip_mod.clip_preprocess(img[None].to(cdev), size=clip.cfg.image_size)
+            clip_fea = clip_mod.encode_image(clip, pixels.to(clip.patch_embedding.weight.dtype))
         video = torch.zeros(1, 3, num_frames, lat_h * 8, lat_w * 8, device=self.device)
         video[:, :, 0] = resized.to(self.device)
-        with offloaded(self.vae, self.device, self.run_cfg.vae_cpu_offload):
-            z = self.vae.encode(video, tiled=self.run_cfg.use_tiling_vae)  # [1, 16, F, lat_h, lat_w] fp32
+        with self._use("vae") as vae, offloaded(vae, self.device, self.run_cfg.vae_cpu_offload):
+            z = vae.encode(video, tiled=self.run_cfg.use_tiling_vae)  # [1, 16, F, lat_h, lat_w] fp32
         mask = i2v_mask(z.shape[2], lat_h, lat_w, num_frames, device=self.device)
         y = torch.cat([mask[None].to(z.dtype), z], dim=1)
         return clip_fea.to(self.device, self.dit.run_dtype), y, (lat_h, lat_w)
@@ -534,20 +581,21 @@ class Pipeline:
         """latents [16, F, h, w] -> uint8 frames [T, H, W, 3]. Multi-GPU: called on every rank when the
         tiles spread over the ranks (_decode_everywhere), then the frames come back on rank 0 (else None).
         With use_tae the tiny decoder decodes (on the device, no tiling: it streams frames in chunks)."""
-        if self.tae is not None:
-            return video_to_uint8(self.tae.decode(latents[None].to(self.device)))
-        with offloaded(self.vae, self.device, self.run_cfg.vae_cpu_offload):
+        if self._available("tae"):
+            with self._use("tae") as tae:
+                return video_to_uint8(tae.decode(latents[None].to(self.device)))
+        with self._use("vae") as vae, offloaded(vae, self.device, self.run_cfg.vae_cpu_offload):
             z = latents[None].to(self.device)
             if self._decode_everywhere():
-                video = decode_tiled(self.vae, z, True, self.parallel)
+                video = decode_tiled(vae, z, True, self.parallel)
                 return None if video is None else video_to_uint8(video)
-            video = self.vae.decode(z, tiled=self.run_cfg.use_tiling_vae)
+            video = vae.decode(z, tiled=self.run_cfg.use_tiling_vae)
         return video_to_uint8(video)
 
     def _decode_everywhere(self) -> bool:
         """Multi-GPU with vae_parallel or use_tiling_vae: the VAE's tiles are decoded on all ranks."""
         par = self.parallel
-        return par is not None and self.tae is None and (par.config.vae_parallel or self.run_cfg.use_tiling_vae)
+        return par is not None and not self._available("tae") and (par.config.vae_parallel or self.run_cfg.use_tiling_vae)
 
     def _encode(self, prompt, negative_prompt, image, t_frames, h, w, timings):
         """-> (context [1, 512, C], neg_context or None (without CFG), clip_fea, y (I2V, else None), (h, w) of
@@ -626,6 +674,15 @@ def _init_parallel(run: RunConfig, mcfg: ModelConfig, device) -> Parallel | None
         return None
     check_world(run.parallel)  # (its error names the config's sizes)
     return init_parallel(effective_parallel(run.parallel, run.enable_cfg, mcfg.num_heads), _device(device))
+
+
+def _build_or_defer(builders: dict[str, Callable[[], torch.nn.Module]], unload: bool
+                    ) -> tuple[dict[str, torch.nn.Module], dict[str, Callable[[], torch.nn.Module]]]:
+    """(models built now, builders kept for Pipeline._use): with unload_modules every model is built for
+    each use instead (LightX2V's unload_modules; the DiT stays loaded)."""
+    if unload:
+        return {}, dict(builders)
+    return {name: build() for name, build in builders.items()}, {}
 
 
 def _encoders_on_rank0(par: Parallel | None, load: Callable[[], tuple]) -> tuple:

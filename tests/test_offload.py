@@ -442,3 +442,57 @@ def test_refresh_waits_for_queued_copies_before_repacking():
     assert rec.log[n:n + 1] == [("sync",)] and off.packs[0] is not old and off.packs[1] is not None
     dit(x, t, ctx)  # the grown slots, the re-packed block
     check_ordering(rec.log)
+
+
+# ------------------------------------------------------------------------------------- unload_modules
+
+@pytest.mark.usefixtures("torch_ops")
+@pytest.mark.parametrize("task,extra", [("t2v", {}), ("i2v", {}), ("t2v", {"use_tae": True}),
+                                        ("t2v", {"t5_cpu_offload": True, "vae_cpu_offload": True})],
+                         ids=["t2v", "i2v", "t2v_tae", "t2v_offloaded"])
+def test_unload_modules_loads_each_model_for_its_use(task, extra, t2v_folder, i2v_folder, tmp_path, monkeypatch):
+    """LightX2V's unload_modules: the encoders and the VAE are read from their files for each use and freed
+    after it (None between uses); the video is the resident pipeline's, and the DiT stays loaded."""
+    from PIL import Image
+
+    from lightx2v_engine import tae as tae_mod
+    from lightx2v_engine import t5 as t5_mod
+    from lightx2v_engine import vae as vae_mod
+    folder = t2v_folder if task == "t2v" else i2v_folder
+    if extra.get("use_tae"):
+        import shutil
+        folder = tmp_path / "m"
+        shutil.copytree(t2v_folder, folder)
+        torch.save(tae_mod.random_tae(tae_mod.TAEConfig.tiny(), seed=1).state_dict(), folder / "taew2_1.pth")
+    cfg = {**TINY, **extra}
+    image = Image.fromarray((torch.rand(40, 56, 3, generator=torch.Generator().manual_seed(2)) * 255)
+                            .to(torch.uint8).numpy()) if task == "i2v" else None
+    want = Pipeline.load(folder, cfg, device="cpu", task=task).generate("a red fox", image=image, seed=3).frames
+    loads = []
+    for mod, name in ((t5_mod, "load_t5"), (vae_mod, "load_vae"), (tae_mod, "load_tae")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _real=real, _name=name, **kw: (loads.append(_name), _real(*a, **kw))[1])
+    pipe = Pipeline.load(folder, {**cfg, "unload_modules": True}, device="cpu", task=task)
+    assert loads == [] and pipe.t5 is None and pipe.vae is None and pipe.clip is None and pipe.tae is None
+    assert pipe.dit is not None and set(pipe.loaders) >= {"t5"}
+    for _ in range(2):
+        got = pipe.generate("a red fox", image=image, seed=3).frames
+        assert torch.equal(got, want)
+        assert pipe.t5 is None and pipe.vae is None and pipe.clip is None and pipe.tae is None
+    decoder = "load_tae" if extra.get("use_tae") else "load_vae"
+    per_video = ["load_t5"] + (["load_vae"] if task == "i2v" else []) + [decoder]
+    assert loads == per_video * 2
+
+
+def test_unload_modules_finds_files_at_load_and_works_with_random_weights(t2v_folder, tmp_path):
+    import shutil
+    folder = tmp_path / "m"
+    shutil.copytree(t2v_folder, folder)
+    (folder / pipeline_mod.VAE_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="Wan2.1_VAE.pth not found"):  # not at the first video
+        Pipeline.load(folder, {**TINY, "unload_modules": True}, device="cpu")
+    pipe = Pipeline.random("tiny", {**TINY, "unload_modules": True}, device="cpu")
+    assert pipe.t5 is None and pipe.vae is None
+    a = pipe.generate("a cat", seed=1).frames
+    assert torch.equal(a, Pipeline.random("tiny", TINY, device="cpu").generate("a cat", seed=1).frames)
+    assert parse_run_config({"unload_modules": True}).unload_modules
