@@ -303,38 +303,48 @@ def bench_attention_8bit(shapes: list[tuple[int, int, int]], configs: list[str],
 # summary / output
 # ----------------------------------------------------------------------------------------------------
 
-ROPE_ATTN_CONFIGS = ((128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2), (128, 64, 4, 3))
+ROPE_ATTN_CONFIGS = ((128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2), (128, 64, 4, 3))  # the first: the default
 
 
-def bench_self_attn_rope(shapes: list[tuple[int, int, int]], device: str, dtype,
-                         configs=ROPE_ATTN_CONFIGS) -> list[dict]:
-    """Self-attention with q/k RMSNorm + RoPE, [B, L, C] projections in, two placements of the norm+RoPE:
-    "pass" (the self_attention op: one norm+RoPE pass writing rotated q/k, then the attention backend it
-    is set to) against "prologue" (kernels/attention_rope.py: a 1/rms stats pass, the norm and rotation
-    inside the attention kernel) in a few tile configs. ratio = pass ms / this ms; error vs fp32."""
-    from lightx2v_engine.kernels.attention import _self_attention_op, self_attention_ref
+def bench_self_attn_rope(shapes: list[tuple[int, int, int]], device: str, dtype, configs=ROPE_ATTN_CONFIGS,
+                         attn_config: str | None = None, qk_impl: str | None = None) -> list[dict]:
+    """Self-attention with q/k RMSNorm + RoPE, [B, L, C] projections in, two placements of the norm+RoPE,
+    both through the self_attention op as the DiT calls it: "pass" (one norm+RoPE pass writing rotated q/k,
+    then the Triton attention; with `qk_impl` and `attn_config`, the variant and config this run measured
+    fastest, i.e. what its tuned file would run) against "prologue" (kernels/attention_rope.py, the default
+    tile config; the other `configs` through the kernel's launcher). ratio = pass ms / this ms."""
+    from lightx2v_engine.kernels.attention import _self_attention_op, self_attention_ref, set_attention_impl
     from lightx2v_engine.kernels.attention_rope import RopeAttnConfig, attention_rope_prologue, set_rope_placement
+    from lightx2v_engine.kernels.qk_norm_rope import qk_rope_impl, set_qk_rope_impl
 
+    default = RopeAttnConfig()
+    set_attention_impl(impl="triton", config=attn_config or "default")
+    set_qk_rope_impl(qk_impl or "default")
+    baseline = f"pass: q/k norm+RoPE {qk_rope_impl(torch.device(device))}, attention triton " \
+               f"{attn_config or 'default config'}"
     rows = []
-    for H, Lq, _ in shapes:
-        C = H * HEAD_D
-        g = torch.Generator(device="cpu").manual_seed(0)
-        q, k, v = (torch.randn(1, Lq, C, generator=g).to(device=device, dtype=dtype) for _ in range(3))
-        wq, wk = (1.0 + 0.1 * torch.randn(C, generator=g)).to(device), (1.0 + 0.1 * torch.randn(C, generator=g)).to(device)
-        ang = torch.rand(Lq, HEAD_D // 2, generator=g) * 6.0
-        cos, sin = ang.cos().to(device), ang.sin().to(device)
-        ref32 = self_attention_ref(q.float(), k.float(), v.float(), wq, wk, cos, sin, H)
-        shape = f"B1 H{H} D{HEAD_D} L{Lq}"
-        flops = 4.0 * Lq * Lq * C
-        impls = {"pass": lambda: _self_attention_op(q, k, v, wq, wk, cos, sin, H, 1e-6)}
-        for bm, bn, w, st in configs:
-            cfg = RopeAttnConfig(bm, bn, w, st)
-            impls[f"prologue:{bm}x{bn}_w{w}_s{st}"] = (lambda cfg=cfg: attention_rope_prologue(
-                q, k, v, wq, wk, cos, sin, H, config=cfg))
-        set_rope_placement("pass")
-        errs, ms = {}, {}
-        try:
-            for name, fn in impls.items():
+    try:
+        for H, Lq, _ in shapes:
+            C = H * HEAD_D
+            g = torch.Generator(device="cpu").manual_seed(0)
+            q, k, v = (torch.randn(1, Lq, C, generator=g).to(device=device, dtype=dtype) for _ in range(3))
+            wq = (1.0 + 0.1 * torch.randn(C, generator=g)).to(device)
+            wk = (1.0 + 0.1 * torch.randn(C, generator=g)).to(device)
+            ang = torch.rand(Lq, HEAD_D // 2, generator=g) * 6.0
+            cos, sin = ang.cos().to(device), ang.sin().to(device)
+            ref32 = self_attention_ref(q.float(), k.float(), v.float(), wq, wk, cos, sin, H)
+            shape = f"B1 H{H} D{HEAD_D} L{Lq}"
+            flops = 4.0 * Lq * Lq * C
+            op = lambda: _self_attention_op(q, k, v, wq, wk, cos, sin, H, 1e-6)  # noqa: E731
+            impls = {"pass": ("pass", op), f"prologue:{default.name}": ("prologue", op)}
+            for bm, bn, w, st in configs:
+                cfg = RopeAttnConfig(bm, bn, w, st)
+                if cfg != default:
+                    impls[f"prologue:{cfg.name}"] = ("pass", lambda cfg=cfg: attention_rope_prologue(
+                        q, k, v, wq, wk, cos, sin, H, config=cfg))
+            errs, ms = {}, {}
+            for name, (placement, fn) in impls.items():
+                set_rope_placement(placement)
                 try:
                     errs[name] = (fn().float() - ref32).abs().max().item()
                     ms[name] = _bench_ms(fn, rep_ms=200)
@@ -343,16 +353,18 @@ def bench_self_attn_rope(shapes: list[tuple[int, int, int]], device: str, dtype,
                                      tflops_or_gbps=float("nan"), unit="TFLOP/s", ratio=float("nan"),
                                      ratio_kind="vs_pass", max_err=float("nan"), ok=False,
                                      note=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"))
-        finally:
-            set_rope_placement("default")
-        base_err, base_ms = errs.get("pass", float("inf")), ms.get("pass")
-        for name, t in ms.items():
-            rows.append(dict(op="self_attn_rope", shape=shape, impl=name, ms=t,
-                             tflops_or_gbps=flops / (t * 1e-3) / 1e12, unit="TFLOP/s",
-                             ratio=(base_ms / t) if base_ms else float("nan"), ratio_kind="vs_pass",
-                             max_err=errs[name], ok=errs[name] <= 2 * base_err + 1e-3,
-                             note="norm+RoPE pass, then attention" if name == "pass" else "norm+RoPE in the kernel"))
-        del q, k, v, ref32
+            base_err, base_ms = errs.get("pass", float("inf")), ms.get("pass")
+            for name, t in ms.items():
+                rows.append(dict(op="self_attn_rope", shape=shape, impl=name, ms=t,
+                                 tflops_or_gbps=flops / (t * 1e-3) / 1e12, unit="TFLOP/s",
+                                 ratio=(base_ms / t) if base_ms else float("nan"), ratio_kind="vs_pass",
+                                 max_err=errs[name], ok=errs[name] <= 2 * base_err + 1e-3,
+                                 note=baseline if name == "pass" else "norm+RoPE in the attention kernel"))
+            del q, k, v, ref32
+    finally:
+        set_rope_placement("default")
+        set_attention_impl(impl="default", config="default")
+        set_qk_rope_impl("default")
     return rows
 
 
@@ -383,7 +395,10 @@ def summarize(rows: list[dict], main_shape: str) -> dict:
     rope_shape = re.sub(r" Lq(\d+) Lk\d+$", r" L\1", main_shape)  # "B1 H12 D128 L32760"
     rope = [r for r in rows if r["op"] == "self_attn_rope" and r["shape"] == rope_shape and r["ok"]
             and r["impl"].startswith("prologue:") and not math.isnan(r["ms"])]
-    rope_default = next((r for r in rope if r["impl"] == "prologue:128x64_w8_s2"), None)
+    from lightx2v_engine.kernels.attention_rope import RopeAttnConfig
+    rope_default = next((r for r in rope if r["impl"] == f"prologue:{RopeAttnConfig().name}"), None)
+    rope_pass = next((r for r in rows if r["op"] == "self_attn_rope" and r["shape"] == rope_shape
+                      and r["impl"] == "pass"), None)
     rope_best = min(rope, key=lambda r: r["ms"]) if rope else None
     return {
         # norm+RoPE inside the attention kernel vs the pass + attention (ratio > 1: the kernel is faster);
@@ -391,6 +406,7 @@ def summarize(rows: list[dict], main_shape: str) -> dict:
         "self_attn_rope_prologue_ratio": rope_default["ratio"] if rope_default else None,
         "self_attn_rope_prologue_best": (f"{rope_best['impl'].split(':', 1)[1]} {rope_best['ratio']:.3f}x"
                                          if rope_best else None),
+        "self_attn_rope_baseline": rope_pass["note"] if rope_pass else None,
         "modulate_bw_frac": min_frac("modulate"),
         "gate_residual_modulate_bw_frac": min_frac("gate_residual_modulate"),
         "rms_norm_bw_frac": min_frac("rms_norm"),
@@ -560,9 +576,15 @@ def main(argv=None) -> int:
     if gluon_configs:
         rows += bench_attention(attn_shapes, [], device, dtype, cudnn_ms, gluon_configs=gluon_configs)
         save(rows)
-    # the norm+RoPE-in-attention option after the figures the issues' targets need (never run on a GPU)
+    # the norm+RoPE-in-attention option after the figures the issues' targets need (never run on a GPU),
+    # against the pass path with this run's fastest Triton config and q/k variant (what its tuned file runs)
+    picked = summarize(rows, main_shape)
+    fracs = {v: picked.get(f"qk_norm_rope_{v}_bw_frac") for v in ("row", "tile", "chunk", "packed")}
+    fracs = {v: f for v, f in fracs.items() if f is not None}
     rows += bench_self_attn_rope([s for s in attn_shapes if s[1] == s[2]], device, dtype,
-                                 ROPE_ATTN_CONFIGS[:2] if args.quick else ROPE_ATTN_CONFIGS)
+                                 ROPE_ATTN_CONFIGS[:2] if args.quick else ROPE_ATTN_CONFIGS,
+                                 attn_config=picked.get("attn_best_triton_config"),
+                                 qk_impl=max(fracs, key=fracs.get) if fracs else None)
     summary, (csv_path, json_path) = save(rows)
     print_table(rows, copy_gbps)
     print(json.dumps(summary, indent=2))

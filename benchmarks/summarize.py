@@ -25,7 +25,7 @@ ALSO = [
     "attn_gluon_ratio_vs_triton", "attn_cudnn_tflops", "attn_cross_best_impl", "attn_8bit_best_config",
     "qk_norm_rope_row_bw_frac", "qk_norm_rope_tile_bw_frac", "qk_norm_rope_chunk_bw_frac",
     "qk_norm_rope_packed_bw_frac", "rms_norm_bw_frac", "self_attn_rope_prologue_ratio",
-    "self_attn_rope_prologue_best",
+    "self_attn_rope_prologue_best", "self_attn_rope_baseline",
     "vae_norm_bw_frac", "qlinear_lora_r32_overhead_max",
     "step_8bit_variant_1.3b", "step_8bit_variant_14b", "offload_step_ratio_vs_resident_1.3b",
     "offload_block_copy_vs_compute_1.3b", "offload_peak_gib_1.3b", "offload_step_ratio_vs_resident_14b",
@@ -128,7 +128,7 @@ def pick_choices(s: dict) -> dict[str, str]:
     if len(fracs) > 1:
         choices["LX2V_QK_ROPE"] = max(fracs, key=fracs.get)
     # norm+RoPE inside the attention kernel only where it beats the pass + attention by a margin
-    if (s.get("self_attn_rope_prologue_ratio") or 0.0) >= PROLOGUE_MARGIN and self_impl == "triton":
+    if (s.get("self_attn_rope_prologue_ratio") or 0.0) >= PROLOGUE_MARGIN and best.startswith("triton:"):
         choices["LX2V_SELF_ATTN_ROPE"] = "prologue"
     return choices
 
@@ -150,7 +150,8 @@ def _evidence(s: dict, choices: dict[str, str]) -> dict[str, str]:
              "LX2V_QK_ROPE": "fraction of copy bandwidth (worst shape): " + figs(
                  *(f"qk_norm_rope_{v}_bw_frac" for v in ("row", "tile", "chunk", "packed"))),
              "LX2V_SELF_ATTN_ROPE": "pass ms / prologue ms: " + figs("self_attn_rope_prologue_ratio",
-                                                                     "self_attn_rope_prologue_best")}
+                                                                     "self_attn_rope_prologue_best",
+                                                                     "self_attn_rope_baseline")}
     return {k: lines[k] for k in choices}
 
 

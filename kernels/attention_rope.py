@@ -12,15 +12,19 @@ for the query block once (prologue) and for every key block it visits. The score
 q.k = re_q . re_k + im_q . im_k: two K = D/2 dots on the split halves (the dot product does not care that
 the pairs are de-interleaved, as long as q and k are split alike). v and the output stay in [B, L, C].
 
-Trade: it saves the write and re-read of the rotated q/k (2 x L x C x 2 bytes each way per layer), and it
-pays the key blocks' norm and rotation once per query block instead of once per key: L / BLOCK_M times
-the elementwise work of the pass, on the CUDA cores the softmax already keeps busy. Which wins is measured
-(`bench_kernels.py`, section "self_attn_rope"); the choice is LX2V_SELF_ATTN_ROPE ("pass" | "prologue"),
-default "pass".
+Trade: the stats pass reads q and k as the norm+RoPE pass does but writes no rotated copies (a net
+saving of 2 x L x C x 2 bytes per layer), and the key blocks' norm and rotation are redone once per query
+block instead of once per key: L / BLOCK_M times the elementwise work of the pass, on the CUDA cores the
+softmax already keeps busy. Which wins is measured (`bench_kernels.py`, section "self_attn_rope"); the
+choice is LX2V_SELF_ATTN_ROPE ("pass" | "prologue"), default "pass". A tuned file's "prologue" applies
+only while self-attention runs the Triton backend (an explicit other backend wins); an explicit
+"prologue" always applies. Head dims 32, 64, 128 (two K = D/2 dots need D/2 >= 16; 256 exceeds sm90's
+shared memory at the default tiles).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -45,17 +49,26 @@ def set_rope_placement(placement: str) -> None:
 
 
 def rope_placement(device: torch.device | None = None) -> str:
-    """The placement used on `device`: the explicit choice, else the GPU's tuned file, else "pass"."""
-    return choose(_PLACEMENT, "LX2V_SELF_ATTN_ROPE", device, ROPE_PLACEMENTS, "pass", _WHERE)
+    """The placement used on `device`: the explicit choice, else the GPU's tuned file (only while
+    self-attention's backend is the Triton kernel), else "pass"."""
+    if _PLACEMENT is not None:
+        return _PLACEMENT
+    from .attention import _impl
+    if _impl(device) != "triton":
+        return "pass"
+    return choose(None, "LX2V_SELF_ATTN_ROPE", device, ROPE_PLACEMENTS, "pass", _WHERE)
 
 
+@dataclass(frozen=True)
 class RopeAttnConfig:
-    def __init__(self, block_m: int = 128, block_n: int = 64, num_warps: int = 8, num_stages: int = 2):
-        self.block_m, self.block_n, self.num_warps, self.num_stages = block_m, block_n, num_warps, num_stages
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 2
 
-    def __repr__(self) -> str:
-        return f"RopeAttnConfig(block_m={self.block_m}, block_n={self.block_n}, num_warps={self.num_warps}, " \
-               f"num_stages={self.num_stages})"
+    @property
+    def name(self) -> str:
+        return f"{self.block_m}x{self.block_n}_w{self.num_warps}_s{self.num_stages}"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -79,6 +92,7 @@ def _normed_rotated(X, R, W, COS, SIN, rows, row_ok, stride_l, stride_cl, h,
     """Head h of tokens `rows` of one sequence: (re, im) [BLOCK, D/2] in the run dtype."""
     d = tl.arange(0, HEAD_D)
     j = tl.arange(0, HEAD_D // 2)
+    rows = rows.to(tl.int64)  # L x row stride may pass 2^31 (fused [B, L, 3C] projections, long videos)
     x = tl.load(X + rows[:, None] * stride_l + h * HEAD_D + d[None, :], mask=row_ok[:, None], other=0.0)
     r = tl.load(R + rows, mask=row_ok, other=0.0)
     w = tl.load(W + h * HEAD_D + d).to(tl.float32)
@@ -118,18 +132,18 @@ def _attn_rope_kernel(Q, K, V, O, RQ, RK, WQ, WK, COS, SIN,
         rows = start_n + offs_n
         k_re, k_im = _normed_rotated(k_base, rk, WK, COS, SIN, rows, all_rows, stride_kl, stride_cl, h,
                                      HEAD_D, BLOCK_N)
-        v = tl.load(v_base + rows[:, None] * stride_vl + offs_d[None, :])
+        v = tl.load(v_base + rows.to(tl.int64)[:, None] * stride_vl + offs_d[None, :])
         qk = tl.dot(q_im, k_im.T, tl.dot(q_re, k_re.T))
         m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, qk_scale)
     if not EVEN_N:  # the ragged last key block: missing keys score -inf, their v rows are zero
         rows = n_full + offs_n
         ok = rows < L
         k_re, k_im = _normed_rotated(k_base, rk, WK, COS, SIN, rows, ok, stride_kl, stride_cl, h, HEAD_D, BLOCK_N)
-        v = tl.load(v_base + rows[:, None] * stride_vl + offs_d[None, :], mask=ok[:, None], other=0.0)
+        v = tl.load(v_base + rows.to(tl.int64)[:, None] * stride_vl + offs_d[None, :], mask=ok[:, None], other=0.0)
         qk = tl.where(ok[None, :], tl.dot(q_im, k_im.T, tl.dot(q_re, k_re.T)), float("-inf"))
         m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, qk_scale)
     out = (acc / l_i[:, None]).to(O.dtype.element_ty)
-    o_ptr = O + b * stride_ob + offs_m[:, None] * stride_ol + h * HEAD_D + offs_d[None, :]
+    o_ptr = O + b * stride_ob + offs_m.to(tl.int64)[:, None] * stride_ol + h * HEAD_D + offs_d[None, :]
     tl.store(o_ptr, out, mask=offs_m[:, None] < L)
 
 
@@ -140,7 +154,12 @@ def _attn_rope_kernel(Q, K, V, O, RQ, RK, WQ, WK, COS, SIN,
 def row_rstd(x: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """x [B, L, C] (unit stride on C) -> fp32 [B, L] of 1 / sqrt(mean(x^2 over C) + eps)."""
     B, L, C = x.shape
-    out = torch.empty((B, L), dtype=torch.float32, device=x.device) if out is None else out
+    if out is None:
+        out = torch.empty((B, L), dtype=torch.float32, device=x.device)
+    elif out.shape != (B, L) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"{_WHERE}: out must be a contiguous fp32 [{B}, {L}], got {out.dtype} {list(out.shape)}")
+    if x.stride(-1) != 1:
+        raise ValueError(f"{_WHERE}: x needs unit stride on C, got strides {x.stride()}")
     if B * L:
         block = triton.next_power_of_2(C)
         _row_rstd_kernel[(B * L,)](x, out, L, C, x.stride(0), x.stride(1), eps, BLOCK_C=block,
@@ -169,10 +188,14 @@ def attention_rope_prologue(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w
         raise ValueError(f"{_WHERE}: q, k, v must all be fp16 or bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
     B, L, C = q.shape
     H, D = num_heads, C // num_heads
-    if D not in (16, 32, 64, 128, 256):
-        raise ValueError(f"{_WHERE}: head dim D must be a power of two in [16, 256], got {D}")
+    if D not in (32, 64, 128):
+        raise ValueError(f"{_WHERE}: head dim D must be 32, 64 or 128, got {D}")
     cfg = config or RopeAttnConfig()
-    out = torch.empty((B, L, C), dtype=q.dtype, device=q.device) if out is None else out
+    if out is None:
+        out = torch.empty((B, L, C), dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1 or out.device != q.device:
+        raise ValueError(f"{_WHERE}: out must be {q.dtype} [B, L, C] = {list(q.shape)} with unit last stride on "
+                         f"{q.device}, got {out.dtype} {list(out.shape)} strides {out.stride()} on {out.device}")
     if out.numel() == 0:
         return out
     rq, rk = row_rstd(q, eps), row_rstd(k, eps)

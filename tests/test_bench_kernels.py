@@ -46,6 +46,9 @@ def test_dry_run_writes_csv_and_summary(bench, tmp_path):
     assert rope == {"pass"} | {f"prologue:{m}x{n}_w{w}_s{s}" for m, n, w, s in bench.ROPE_ATTN_CONFIGS}
     summary = json.loads((tmp_path / "kernels_summary.json").read_text())
     assert summary["self_attn_rope_prologue_ratio"] > 0 and summary["self_attn_rope_prologue_best"]
+    # the pass it is timed against runs this run's fastest Triton config and q/k variant
+    assert summary["self_attn_rope_baseline"].startswith("pass: q/k norm+RoPE ")
+    assert summary["attn_best_triton_config"] in summary["self_attn_rope_baseline"]
     assert summary["rms_norm_bw_frac"] is not None and summary["vae_norm_bw_frac"] is not None
     assert summary["qk_norm_rope_bw_frac"] == max(summary["qk_norm_rope_row_bw_frac"],
                                                   summary["qk_norm_rope_tile_bw_frac"],
@@ -126,6 +129,7 @@ def test_pick_choices_names_8bit_config_and_fastest_qk_variant():
     # norm+RoPE in the attention kernel: chosen only past the margin, and only under Triton self-attention
     assert mod.pick_choices({**s, "self_attn_rope_prologue_ratio": 1.05})["LX2V_SELF_ATTN_ROPE"] == "prologue"
     assert "LX2V_SELF_ATTN_ROPE" not in mod.pick_choices({**s, "self_attn_rope_prologue_ratio": 1.01})
+    assert mod.pick_choices({"self_attn_rope_prologue_ratio": 1.5}) == {}  # no attention measured
     assert "LX2V_SELF_ATTN_ROPE" not in mod.pick_choices({**s, "attn_best_impl": "sdpa_cudnn",
                                                           "self_attn_rope_prologue_ratio": 1.5})
 

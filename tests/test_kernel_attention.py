@@ -290,6 +290,17 @@ for per_row in (False, True):
         4 if per_row else 8, 3)
 out["attn8_quant_v"] = build(A8._quant_v_kernel, dict(V="*bf16", VS="*fp32", VT="*fp8e4nv"),
                              dict(HEAD_D=128, BLOCK=128, INTERP=False), 8, 3)
+AR = importlib.import_module("lightx2v_engine.kernels.attention_rope")
+ra = dict(Q="*bf16", K="*bf16", V="*bf16", O="*bf16", RQ="*fp32", RK="*fp32", WQ="*fp32", WK="*fp32", COS="*fp32",
+          SIN="*fp32", qk_scale="fp32")
+for bm, bn, w, st in ((128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2), (128, 64, 4, 3)):
+    for even in (False, True):
+        out[f"attn_rope_{bm}x{bn}_w{w}_s{st}/even={even}"] = build(
+            AR._attn_rope_kernel, ra, dict(HEAD_D=128, BLOCK_M=bm, BLOCK_N=bn, EVEN_N=even), w, st)
+for C in (1536, 5120):
+    block = triton.next_power_of_2(C)
+    out[f"attn_rope_rstd/C={C}"] = build(AR._row_rstd_kernel, dict(X="*bf16", R="*fp32", eps="fp32"),
+                                         dict(BLOCK_C=block), max(1, min(16, block // 512)), 3)
 print("AOT" + json.dumps(out))
 '''
 
@@ -312,8 +323,10 @@ def test_kernels_compile_for_sm90():
         assert r["smem"] <= 227 * 1024, f"{name}: {r['smem']} bytes of shared memory > 227 KB"
         if name.startswith(("ws_", "attn8_ws_")):
             assert r["ws"], f"{name}: the key loop was not warp-specialised"
-        if name.startswith(("ws_", "tma_", "modulate", "qk_norm", "rms_norm", "attn8_")):
+        if name.startswith(("ws_", "tma_", "modulate", "qk_norm", "rms_norm", "attn8_", "attn_rope_128x64_w8_s2",
+                            "attn_rope_rstd")):  # (the other norm+RoPE-in-attention tiles are benchmark options)
             assert r["spill"] == 0, f"{name}: {r['spill']} bytes of register spills"
+    assert any(name.startswith("attn_rope_128x64_w8_s2") for name in info)
 
 
 # ----------------------------------------------------------------------------------------------------

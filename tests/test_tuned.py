@@ -31,12 +31,13 @@ def fake_gpus(monkeypatch, tmp_path):
     (tmp_path / "package").mkdir()
     monkeypatch.setattr(_util, "TUNED_DIR", tmp_path / "package")  # the shipped files stay out of it
     _util.clear_tuned_cache()
-    saved = (A._IMPL, A._CONFIG, A._GLUON_CONFIG, A._CROSS_IMPL, A8._CONFIG, QK._QK_IMPL)
+    saved = (A._IMPL, A._CONFIG, A._GLUON_CONFIG, A._CROSS_IMPL, A8._CONFIG, QK._QK_IMPL, AR._PLACEMENT)
     A.set_attention_impl("default", "default", "default", "default")
     A8.set_attention_8bit_config("default")
     QK.set_qk_rope_impl("default")
+    AR.set_rope_placement("default")
     yield tmp_path
-    A._IMPL, A._CONFIG, A._GLUON_CONFIG, A._CROSS_IMPL, A8._CONFIG, QK._QK_IMPL = saved
+    A._IMPL, A._CONFIG, A._GLUON_CONFIG, A._CROSS_IMPL, A8._CONFIG, QK._QK_IMPL, AR._PLACEMENT = saved
     _util.clear_tuned_cache()
 
 
@@ -69,6 +70,22 @@ def test_choices_resolve_per_device(fake_gpus):
         assert QK.qk_rope_impl(dev) == "row"
     assert _util.tuned_status(CUDA0) == f"tuned defaults NVIDIA_H100_80GB_HBM3.json in {fake_gpus}"
     assert _util.tuned_status(CUDA1) == "built-in defaults (no tuned file for NVIDIA GeForce RTX 4090)"
+
+
+def test_tuned_rope_placement_follows_the_triton_backend(fake_gpus):
+    """A tuned "prologue" (norm+RoPE in the Triton attention kernel) applies while self-attention runs the
+    Triton backend; an explicit other backend (or a tuned one) runs the pass; an explicit placement wins."""
+    _write(fake_gpus, NAMES[0], {"LX2V_SELF_ATTN_ROPE": "prologue"})
+    assert AR.rope_placement(CUDA0) == "prologue" and AR.rope_placement(CUDA1) == "pass"
+    A.set_attention_impl("sdpa_cudnn")
+    assert AR.rope_placement(CUDA0) == "pass"
+    AR.set_rope_placement("prologue")
+    assert AR.rope_placement(CUDA0) == "prologue"
+    AR.set_rope_placement("default")
+    A.set_attention_impl("default")
+    _write(fake_gpus, NAMES[0], {"LX2V_SELF_ATTN_ROPE": "prologue", "LX2V_ATTN": "gluon"})
+    _util.clear_tuned_cache()
+    assert AR.rope_placement(CUDA0) == "pass"
 
 
 def test_explicit_choices_win_and_default_hands_back(fake_gpus):
