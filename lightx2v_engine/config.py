@@ -484,6 +484,9 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
     if out.get("cpu_offload") and out.get("offload_granularity") == "phase" and warn:
         warn_user(f"{source}: offload_granularity 'phase' runs as 'block' in lightx2v-engine (whole blocks stream "
                   f"through two device slots; phase granularity would save about one block of device memory)")
+    unused = [k for k in ("tae_path", "need_scaled") if out.get(k) is not None]
+    if unused and not out.get("use_tae") and warn:
+        warn_user(f"{source}: {', '.join(unused)} have no effect without use_tae (the Wan VAE decodes)")
     if ignored and warn:
         names = [k + (f" ({_IGNORED_NOTES[k]})" if k in _IGNORED_NOTES else "") for k in sorted(ignored)]
         warn_user(f"{source}: accepted but not acted on by lightx2v-engine: {', '.join(names)}")

@@ -88,7 +88,8 @@ class LightX2VPipeline:
                         tae_path: str | None = None) -> None:
         """use_lightvae: the pruned Wan VAE at vae_path decodes (and I2V-encodes); use_tae: the tiny decoder at
         tae_path decodes (raw latents for LightX2V's lighttae files, as LightX2V's need_scaled)."""
-        self._set(use_lightvae=use_lightvae, use_tae=use_tae, vae_path=vae_path, tae_path=tae_path)
+        # (false flags are not set: a config_json given to create_generator may still turn them on)
+        self._set(use_lightvae=use_lightvae or None, use_tae=use_tae or None, vae_path=vae_path, tae_path=tae_path)
         if use_tae and tae_path is not None and "lighttae" in str(tae_path):
             self._set(need_scaled=True)
 

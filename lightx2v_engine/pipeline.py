@@ -584,6 +584,8 @@ class Pipeline:
         if self._available("tae"):
             with self._use("tae") as tae:
                 return video_to_uint8(tae.decode(latents[None].to(self.device)))
+        if not self._available("vae"):
+            raise RuntimeError("this pipeline has no VAE: built with with_encoders=False")
         with self._use("vae") as vae, offloaded(vae, self.device, self.run_cfg.vae_cpu_offload):
             z = latents[None].to(self.device)
             if self._decode_everywhere():

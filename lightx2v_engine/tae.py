@@ -159,7 +159,8 @@ class TinyDecoder(nn.Module):
         return self
 
     def default_chunk(self, h: int, w: int) -> int:
-        """Latent frames per pass: the full-resolution [4T, n3, 8h, 8w] activation within CHUNK_BYTES."""
+        """Latent frames per pass: the full-resolution [4T, n3, 8h, 8w] activation within CHUNK_BYTES (the
+        last sub-pixel conv's [4T, 4 n2, 4h+1, 4w+1] output is as large: the peak is about 2.3x that)."""
         per_frame = 4 * self.cfg.widths[3] * 64 * h * w * self.dtype.itemsize
         return max(1, CHUNK_BYTES // per_frame)
 
@@ -213,17 +214,20 @@ class TinyDecoder(nn.Module):
         return self.layer(22)(F.relu_(x))
 
     def _grow(self, x: torch.Tensor, grow: TGrow) -> torch.Tensor:
-        """TGrow at the low resolution: [T, n, H, W] -> [s*T, n, H, W], frame s*t + k = channel group k."""
+        """TGrow at the low resolution: [T, n, H, W] -> [s*T, n, H, W], frame s*t + k = channel group k
+        (one copy, into the activations' memory format)."""
         y = grow.conv(x)
-        if grow.stride == 1:
+        s = grow.stride
+        if s == 1:
             return y
         t, sn, hh, ww = y.shape
-        n = sn // grow.stride
-        return y.reshape(t, grow.stride, n, hh, ww).flatten(0, 1).contiguous(memory_format=self.memory_format)
+        out = torch.empty((t * s, sn // s, hh, ww), dtype=y.dtype, device=y.device, memory_format=self.memory_format)
+        out.unflatten(0, (t, s)).copy_(y.unflatten(1, (s, sn // s)))
+        return out
 
     def _subpixel_for(self, i: int) -> torch.Tensor:
         w = self.layer(i).weight
-        key = (i, w.data_ptr(), w.dtype, w.device)
+        key = (id(w), w.data_ptr(), w._version, w.dtype, w.device)  # (_version: in-place loads change it)
         cached = self._subpixel.get(i)
         if cached is None or cached[0] != key:
             cached = (key, _subpixel_weight(w).contiguous(memory_format=self.memory_format))
@@ -270,7 +274,13 @@ def load_tae(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
         need_scaled = "lighttae" in path.name.lower()
     with torch.device("meta"):
         model = TinyDecoder(cfg, need_scaled=need_scaled)
-    dec = {k: v.to(device=device, dtype=dtype) for k, v in sd.items() if k.startswith("decoder.")}
+    dec = {k: v for k, v in sd.items() if k.startswith("decoder.")}
+    for g, _, stride in GROWS:  # a TGrow saved with more time outputs: its last ones (as TAEHV's loader)
+        key = f"decoder.{g}.conv.weight"
+        want = model.layer(g).conv.weight.shape[0]
+        if key in dec and dec[key].shape[0] > want and dec[key].shape[0] % want == 0:
+            dec[key] = dec[key][-want:]
+    dec = {k: v.to(device=device, dtype=dtype) for k, v in dec.items()}
     assign_checked(model, dec, str(path))
     log.info("tiny autoencoder %s: widths %s, %s latents", path.name, cfg.widths,
              "raw (need_scaled)" if need_scaled else "normalized")

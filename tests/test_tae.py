@@ -318,3 +318,58 @@ def test_lightx2v_api_enable_lightvae(checkpoint, t2v_folder, tmp_path):
                           return_result_tensor=True)
     ref = Pipeline.load(t2v_folder, {**_RUN, "use_tae": True, "tae_path": str(light)}, device="cpu")
     assert torch.equal(frames, ref.generate("a red fox", seed=4).frames)
+
+
+def test_tgrow_saved_with_more_time_outputs_keeps_the_last(checkpoint, tmp_path):
+    """A TGrow weight with more rows than the decoder's (a file saved for a longer time stride, e.g.
+    LightX2V's lighttaew2_1 layer 7) loads its last rows, as TAEHV's own loader does."""
+    ref, path = checkpoint
+    sd = {f"decoder.{k}": v.contiguous() for k, v in ref.state_dict().items()}
+    w7 = sd["decoder.7.conv.weight"]  # [16, 16, 1, 1] (stride 1)
+    sd["decoder.7.conv.weight"] = torch.cat([torch.randn_like(w7), w7])
+    save_file(sd, str(tmp_path / "lighttaew2_1.safetensors"))
+    tae = load_tae(tmp_path / "lighttaew2_1.safetensors", need_scaled=False)
+    z = torch.randn(1, 16, 2, 2, 3)
+    assert _rel(tae.decode(z), reference_decode(ref, z)) < 1e-5
+    sd["decoder.7.conv.weight"] = torch.randn(24, 16, 1, 1)  # not a multiple: an error naming it
+    save_file(sd, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match="decoder.7.conv.weight"):
+        load_tae(tmp_path / "bad.safetensors")
+
+
+def test_weights_changed_in_place_reach_the_subpixel_convs(checkpoint):
+    _, path = checkpoint
+    a, b = load_tae(path), random_tae(TAEConfig.tiny(), seed=9)
+    z = torch.randn(1, 16, 2, 2, 3)
+    a.decode(z)  # caches the sub-pixel weights
+    a.load_state_dict(b.state_dict())  # copies into the same storage
+    assert torch.equal(a.decode(z), b.decode(z))
+
+
+def test_channels_last_path_on_cpu(checkpoint):
+    """The CUDA layout (NHWC activations and weights) run on the CPU: the same video."""
+    ref, path = checkpoint
+    tae = load_tae(path).use_channels_last()
+    z = torch.randn(1, 16, 3, 3, 4)
+    for chunk in (None, 1):
+        assert _rel(tae.decode(z, chunk=chunk), reference_decode(ref, z)) < 1e-5
+
+
+def test_tiny_decoder_is_not_spread_over_ranks():
+    """Multi-GPU with vae_parallel: the tiny decoder runs on rank 0 alone (no tiles to share)."""
+    from types import SimpleNamespace
+
+    from lightx2v_engine.pipeline import Pipeline
+    par = SimpleNamespace(config=SimpleNamespace(vae_parallel=True))
+    plain = Pipeline.random("tiny", _RUN, device="cpu")
+    plain.parallel = par
+    assert plain._decode_everywhere()
+    tae = Pipeline.random("tiny", {**_RUN, "use_tae": True}, device="cpu")
+    tae.parallel = par
+    assert not tae._decode_everywhere()
+
+
+def test_tae_keys_without_use_tae_warn():
+    from lightx2v_engine.config import parse_run_config
+    with pytest.warns(UserWarning, match="tae_path, need_scaled have no effect without use_tae"):
+        parse_run_config({"tae_path": "taew2_1.pth", "need_scaled": True})
