@@ -176,11 +176,15 @@ def read_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        sd = load_file(path, device="cpu")
-    else:  # mmap needs the zip serialization format; legacy pickles load eagerly
-        sd = torch.load(path, mmap=zipfile.is_zipfile(path), weights_only=True, map_location="cpu")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            sd = load_file(path, device="cpu")
+        else:  # mmap needs the zip serialization format; legacy pickles load eagerly
+            sd = torch.load(path, mmap=zipfile.is_zipfile(path), weights_only=True, map_location="cpu")
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {first[:300]})") from e
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{path}: expected a plain state dict {{name: tensor}}, got {type(sd).__name__}"
                          " (nested or wrapped checkpoints are not accepted)")

@@ -407,24 +407,21 @@ class Pipeline:
 
     @contextlib.contextmanager
     def _use(self, name: str):
-        """The model `name` for the block: the resident one, or with unload_modules one built for it (from
-        its file) and freed after it, as LightX2V's unload_modules."""
+        """With unload_modules: the model `name` is built (from its file) into its attribute for the block
+        and freed after it, as LightX2V's unload_modules; otherwise the resident model is used. The block
+        reads the attribute (self.t5, ...) and keeps no other reference, so the memory is free at exit."""
         build = self.loaders.get(name)
         if build is None or getattr(self, name) is not None:
-            yield getattr(self, name)
+            yield
             return
         t0 = time.perf_counter()
-        model = build()
+        setattr(self, name, build())
         log.info("unload_modules: %s loaded in %.0f ms", name, (time.perf_counter() - t0) * 1e3)
-        setattr(self, name, model)
         try:
-            yield model
+            yield
         finally:
             setattr(self, name, None)
-            del model
-            gc.collect()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+            _release_memory(self.device)
 
     def _dit_offloaded(self) -> bool:
         """Whether the DiT's weights move during a forward or between loops (no CUDA graphs then)."""
@@ -465,8 +462,8 @@ class Pipeline:
                 raise ValueError(f"prompts must be strings, got {type(p).__name__}")
         if not self._available("t5"):
             raise RuntimeError(_NO_ENCODER.format("text"))
-        with self._use("t5") as t5, offloaded(t5, self.device, self.run_cfg.t5_cpu_offload):
-            ctx = t5_mod.encode_text(t5, self.tokenizer, prompts, text_len=self.run_cfg.text_len)
+        with self._use("t5"), offloaded(self.t5, self.device, self.run_cfg.t5_cpu_offload):
+            ctx = t5_mod.encode_text(self.t5, self.tokenizer, prompts, text_len=self.run_cfg.text_len)
         if ctx.shape[1] < 512:  # the DiT always sees 512 rows (zero-padded), as Wan
             ctx = torch.nn.functional.pad(ctx, (0, 0, 0, 512 - ctx.shape[1]))
         return ctx.to(self.device, self.dit.run_dtype)
@@ -478,14 +475,14 @@ class Pipeline:
         img = load_image(image)
         resized = prepare_i2v_image(img, height, width)          # [3, lat_h*8, lat_w*8]
         lat_h, lat_w = resized.shape[1] // 8, resized.shape[2] // 8
-        with self._use("clip") as clip, offloaded(clip, self.device, self.run_cfg.clip_cpu_offload):
-            cdev = clip.patch_embedding.weight.device
-            pixels = clip_mod.clip_preprocess(img[None].to(cdev), size=clip.cfg.image_size)
-            clip_fea = clip_mod.encode_image(clip, pixels.to(clip.patch_embedding.weight.dtype))
+        with self._use("clip"), offloaded(self.clip, self.device, self.run_cfg.clip_cpu_offload):
+            cdev = self.clip.patch_embedding.weight.device
+            pixels = clip_mod.clip_preprocess(img[None].to(cdev), size=self.clip.cfg.image_size)
+            clip_fea = clip_mod.encode_image(self.clip, pixels.to(self.clip.patch_embedding.weight.dtype))
         video = torch.zeros(1, 3, num_frames, lat_h * 8, lat_w * 8, device=self.device)
         video[:, :, 0] = resized.to(self.device)
-        with self._use("vae") as vae, offloaded(vae, self.device, self.run_cfg.vae_cpu_offload):
-            z = vae.encode(video, tiled=self.run_cfg.use_tiling_vae)  # [1, 16, F, lat_h, lat_w] fp32
+        with self._use("vae"), offloaded(self.vae, self.device, self.run_cfg.vae_cpu_offload):
+            z = self.vae.encode(video, tiled=self.run_cfg.use_tiling_vae)  # [1, 16, F, lat_h, lat_w] fp32
         mask = i2v_mask(z.shape[2], lat_h, lat_w, num_frames, device=self.device)
         y = torch.cat([mask[None].to(z.dtype), z], dim=1)
         return clip_fea.to(self.device, self.dit.run_dtype), y, (lat_h, lat_w)
@@ -582,16 +579,16 @@ class Pipeline:
         tiles spread over the ranks (_decode_everywhere), then the frames come back on rank 0 (else None).
         With use_tae the tiny decoder decodes (on the device, no tiling: it streams frames in chunks)."""
         if self._available("tae"):
-            with self._use("tae") as tae:
-                return video_to_uint8(tae.decode(latents[None].to(self.device)))
+            with self._use("tae"):
+                return video_to_uint8(self.tae.decode(latents[None].to(self.device)))
         if not self._available("vae"):
             raise RuntimeError("this pipeline has no VAE: built with with_encoders=False")
-        with self._use("vae") as vae, offloaded(vae, self.device, self.run_cfg.vae_cpu_offload):
+        with self._use("vae"), offloaded(self.vae, self.device, self.run_cfg.vae_cpu_offload):
             z = latents[None].to(self.device)
             if self._decode_everywhere():
-                video = decode_tiled(vae, z, True, self.parallel)
+                video = decode_tiled(self.vae, z, True, self.parallel)
                 return None if video is None else video_to_uint8(video)
-            video = vae.decode(z, tiled=self.run_cfg.use_tiling_vae)
+            video = self.vae.decode(z, tiled=self.run_cfg.use_tiling_vae)
         return video_to_uint8(video)
 
     def _decode_everywhere(self) -> bool:
@@ -681,10 +678,24 @@ def _init_parallel(run: RunConfig, mcfg: ModelConfig, device) -> Parallel | None
 def _build_or_defer(builders: dict[str, Callable[[], torch.nn.Module]], unload: bool
                     ) -> tuple[dict[str, torch.nn.Module], dict[str, Callable[[], torch.nn.Module]]]:
     """(models built now, builders kept for Pipeline._use): with unload_modules every model is built for
-    each use instead (LightX2V's unload_modules; the DiT stays loaded)."""
-    if unload:
-        return {}, dict(builders)
-    return {name: build() for name, build in builders.items()}, {}
+    each use instead (LightX2V's unload_modules; the DiT stays loaded). Each is still built once here and
+    freed, one at a time: a missing, corrupt or mismatched file fails the load, not a video after its
+    denoising loop."""
+    if not unload:
+        return {name: build() for name, build in builders.items()}, {}
+    for build in builders.values():
+        model = build()
+        device = next(model.parameters()).device
+        del model
+        _release_memory(device)
+    return {}, dict(builders)
+
+
+def _release_memory(device: torch.device | None) -> None:
+    """Frees what dropped references left: cycles now, and on CUDA the allocator's cached blocks."""
+    gc.collect()
+    if device is not None and device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _encoders_on_rank0(par: Parallel | None, load: Callable[[], tuple]) -> tuple:

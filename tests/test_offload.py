@@ -447,14 +447,18 @@ def test_refresh_waits_for_queued_copies_before_repacking():
 # ------------------------------------------------------------------------------------- unload_modules
 
 @pytest.mark.usefixtures("torch_ops")
-@pytest.mark.parametrize("task,extra", [("t2v", {}), ("i2v", {}), ("t2v", {"use_tae": True}),
-                                        ("t2v", {"t5_cpu_offload": True, "vae_cpu_offload": True})],
-                         ids=["t2v", "i2v", "t2v_tae", "t2v_offloaded"])
+@pytest.mark.parametrize("task,extra", [("t2v", {}), ("i2v", {}), ("t2v", {"use_tae": True})],
+                         ids=["t2v", "i2v", "t2v_tae"])
 def test_unload_modules_loads_each_model_for_its_use(task, extra, t2v_folder, i2v_folder, tmp_path, monkeypatch):
     """LightX2V's unload_modules: the encoders and the VAE are read from their files for each use and freed
-    after it (None between uses); the video is the resident pipeline's, and the DiT stays loaded."""
+    at its end (None between uses, no reference left when the memory is released); each is read once at
+    load to check it; the video is the resident pipeline's, and the DiT stays loaded."""
+    import gc
+    import weakref
+
     from PIL import Image
 
+    from lightx2v_engine import clip as clip_mod
     from lightx2v_engine import tae as tae_mod
     from lightx2v_engine import t5 as t5_mod
     from lightx2v_engine import vae as vae_mod
@@ -468,31 +472,67 @@ def test_unload_modules_loads_each_model_for_its_use(task, extra, t2v_folder, i2
     image = Image.fromarray((torch.rand(40, 56, 3, generator=torch.Generator().manual_seed(2)) * 255)
                             .to(torch.uint8).numpy()) if task == "i2v" else None
     want = Pipeline.load(folder, cfg, device="cpu", task=task).generate("a red fox", image=image, seed=3).frames
-    loads = []
-    for mod, name in ((t5_mod, "load_t5"), (vae_mod, "load_vae"), (tae_mod, "load_tae")):
-        real = getattr(mod, name)
-        monkeypatch.setattr(mod, name, lambda *a, _real=real, _name=name, **kw: (loads.append(_name), _real(*a, **kw))[1])
+    loads, alive = [], []
+    for mod, name in ((t5_mod, "load_t5"), (vae_mod, "load_vae"), (tae_mod, "load_tae"), (clip_mod, "load_clip")):
+        def counted(*a, _real=getattr(mod, name), _name=name, **kw):
+            model = _real(*a, **kw)
+            loads.append(_name)
+            alive.append(weakref.ref(model))
+            return model
+        monkeypatch.setattr(mod, name, counted)
+    real_collect = gc.collect
+
+    def collect(*a):  # _use releases the memory: by then no reference to the model may be left
+        n = real_collect(*a)
+        assert all(r() is None for r in alive), "a model outlived its use"
+        return n
+    monkeypatch.setattr(gc, "collect", collect)
     pipe = Pipeline.load(folder, {**cfg, "unload_modules": True}, device="cpu", task=task)
-    assert loads == [] and pipe.t5 is None and pipe.vae is None and pipe.clip is None and pipe.tae is None
-    assert pipe.dit is not None and set(pipe.loaders) >= {"t5"}
+    decoder = "load_tae" if extra.get("use_tae") else "load_vae"
+    models = {"t5": "load_t5", "clip": "load_clip", "vae": "load_vae", "tae": "load_tae"}
+    assert sorted(loads) == sorted(models[n] for n in pipe.loaders)  # each read once, to check it
+    assert set(pipe.loaders) == {"t5", decoder[5:]} | ({"clip", "vae"} if task == "i2v" else set())
+    assert pipe.t5 is None and pipe.vae is None and pipe.clip is None and pipe.tae is None
     for _ in range(2):
+        loads.clear()
         got = pipe.generate("a red fox", image=image, seed=3).frames
         assert torch.equal(got, want)
         assert pipe.t5 is None and pipe.vae is None and pipe.clip is None and pipe.tae is None
-    decoder = "load_tae" if extra.get("use_tae") else "load_vae"
-    per_video = ["load_t5"] + (["load_vae"] if task == "i2v" else []) + [decoder]
-    assert loads == per_video * 2
+        assert loads == ["load_t5"] + (["load_clip", "load_vae"] if task == "i2v" else []) + [decoder]
 
 
-def test_unload_modules_finds_files_at_load_and_works_with_random_weights(t2v_folder, tmp_path):
+def test_unload_modules_checks_files_at_load_and_recovers_from_failures(t2v_folder, tmp_path, monkeypatch):
     import shutil
+
+    from lightx2v_engine import t5 as t5_mod
     folder = tmp_path / "m"
     shutil.copytree(t2v_folder, folder)
-    (folder / pipeline_mod.VAE_FILE).unlink()
-    with pytest.raises(FileNotFoundError, match="Wan2.1_VAE.pth not found"):  # not at the first video
+    (folder / pipeline_mod.VAE_FILE).write_bytes(b"not a checkpoint")
+    with pytest.raises(Exception, match="Wan2.1_VAE.pth"):  # at load, not after a video's denoising loop
         Pipeline.load(folder, {**TINY, "unload_modules": True}, device="cpu")
+    (folder / pipeline_mod.VAE_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="Wan2.1_VAE.pth not found"):
+        Pipeline.load(folder, {**TINY, "unload_modules": True}, device="cpu")
+    pipe = Pipeline.load(t2v_folder, {**TINY, "unload_modules": True}, device="cpu")
+    want = pipe.generate("a cat", seed=1).frames
+    real = t5_mod.encode_text
+    monkeypatch.setattr(t5_mod, "encode_text", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):  # a failed use frees its model too
+        pipe.generate("a cat", seed=1)
+    assert pipe.t5 is None
+    monkeypatch.setattr(t5_mod, "encode_text", real)
+    assert torch.equal(pipe.generate("a cat", seed=1).frames, want)
+
+
+def test_unload_modules_with_random_weights():
     pipe = Pipeline.random("tiny", {**TINY, "unload_modules": True}, device="cpu")
     assert pipe.t5 is None and pipe.vae is None
     a = pipe.generate("a cat", seed=1).frames
     assert torch.equal(a, Pipeline.random("tiny", TINY, device="cpu").generate("a cat", seed=1).frames)
     assert parse_run_config({"unload_modules": True}).unload_modules
+    bare = Pipeline.random("tiny", {**TINY, "unload_modules": True}, device="cpu", with_encoders=False)
+    assert bare.loaders == {}
+    with pytest.raises(RuntimeError, match="no text encoder"):
+        bare.encode_text(["a cat"])
+    with pytest.raises(RuntimeError, match="no VAE"):
+        bare.decode(torch.zeros(16, 1, 2, 2))
