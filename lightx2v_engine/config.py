@@ -176,6 +176,9 @@ class RunConfig:
     # each use and freed after it (LightX2V's key; less host and GPU memory between uses, a load per use);
     # the DiT stays loaded (cpu_offload keeps it in host memory)
     unload_modules: bool = False
+    # lazy_load: LightX2V streams the offloaded DiT's blocks from disk and, as under unload_modules, loads
+    # the encoders and the VAE per use. Here it does the latter; the DiT is read into host memory once.
+    lazy_load: bool = False
     # LightX2V's 8-bit encoders: t5_quantized loads t5_quantized_ckpt, else models_t5_umt5-xxl-enc-{fp8,int8}.pth
     # (by t5_quant_scheme); clip_quantized likewise (models_clip_open-clip-xlm-roberta-large-vit-huge-14-{..}.pth
     # or clip-{..}.pth); their linears run as QuantLinear. Without that file the unquantized one runs (a warning).
@@ -245,7 +248,7 @@ _MAPPED = {f.name for f in dataclasses.fields(RunConfig)} - {"ignored_keys"}
 # Keys LightX2V configs carry that this engine accepts but does not act on (one warning names them).
 _ACCEPTED_IGNORED = {
     "attention_type", "attn_type",
-    "offload_ratio", "lazy_load", "num_disk_workers",
+    "offload_ratio", "num_disk_workers",
     "seq_parallel", "cfg_parallel", "feature_caching", "teacache_thresh", "use_ret_steps",
     "use_stream_vae",
     "cfg_scale", "rope_type", "modulate_type", "rms_norm_type",
@@ -266,7 +269,6 @@ _IGNORED_NOTES = {
     "warmup": "CUDA graphs are captured on the first call per shape",
     "coefficients": "no feature caching",
     "offload_ratio": "an offloaded DiT streams all of its blocks",
-    "lazy_load": "offloaded DiT blocks are read from host memory: the whole DiT is loaded into RAM once",
     "seq_parallel": "derived from parallel.seq_p_size",
     "cfg_parallel": "derived from parallel.cfg_p_size",
     "lora_dynamic_apply": "LoRAs on a quantized DiT always run as low-rank branches beside the 8-bit linears; "
@@ -325,7 +327,7 @@ _TYPES = {
     "vae_cpu_offload": bool, "sampler": str, "distill_update": str, "dtype": str, "use_cuda_graph": bool,
     "vae_dtype": str, "lora_strict": bool, "offload_granularity": str, "use_tiling_vae": bool,
     "t5_quantized": bool, "clip_quantized": bool, "use_lightvae": bool, "use_tae": bool, "need_scaled": bool,
-    "unload_modules": bool,
+    "unload_modules": bool, "lazy_load": bool,
 }
 
 
@@ -484,6 +486,9 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
     if out.get("cpu_offload") and out.get("offload_granularity") == "phase" and warn:
         warn_user(f"{source}: offload_granularity 'phase' runs as 'block' in lightx2v-engine (whole blocks stream "
                   f"through two device slots; phase granularity would save about one block of device memory)")
+    if out.get("lazy_load") and warn:
+        warn_user(f"{source}: lazy_load loads the encoders and the VAE per use (as unload_modules); the DiT's "
+                  f"blocks are not streamed from disk: the whole DiT is read into host memory once")
     unused = [k for k in ("tae_path", "need_scaled") if out.get(k) is not None]
     if unused and not out.get("use_tae") and warn:
         warn_user(f"{source}: {', '.join(unused)} have no effect without use_tae (the Wan VAE decodes)")

@@ -318,7 +318,7 @@ class Pipeline:
                 _check_light_vae(run, vae, vae_path)
                 return vae
             builders["vae"] = load_vae
-        models, loaders = _build_or_defer(builders, run.unload_modules)
+        models, loaders = _build_or_defer(builders, _per_use(run))
 
         def encoders():  # (on rank 0 only under multi-GPU: its failure reaches every rank)
             t5_path = _encoder_file(run, mp, "t5")
@@ -329,7 +329,7 @@ class Pipeline:
                 clip_path = _encoder_file(run, mp, "clip")
                 enc["clip"] = lambda: clip_mod.load_clip(str(clip_path), device=cpu if run.clip_cpu_offload else dev,
                                                          dtype=_clip_dtype(dev))
-            built, deferred = _build_or_defer(enc, run.unload_modules)
+            built, deferred = _build_or_defer(enc, _per_use(run))
             loaders.update(deferred)
             return built.get("t5"), t5_mod.load_tokenizer(str(mp)), built.get("clip")
         t5, tok, clip = _encoders_on_rank0(par, encoders)
@@ -388,11 +388,11 @@ class Pipeline:
                     clip_mod.quantize_clip_(clip, run.clip_quant_scheme)
                 return clip
 
-            models, loaders = _build_or_defer(builders, run.unload_modules)
+            models, loaders = _build_or_defer(builders, _per_use(run))
 
             def encoders():
                 enc = {"t5": random_t5, **({"clip": random_clip} if mcfg.is_i2v else {})}
-                built, deferred = _build_or_defer(enc, run.unload_modules)
+                built, deferred = _build_or_defer(enc, _per_use(run))
                 loaders.update(deferred)
                 with tempfile.TemporaryDirectory(prefix="lx2v_tok_") as tok_dir:  # read into memory, then removed
                     t5_mod.make_tiny_tokenizer(tok_dir, vocab_size=min(t5cfg.vocab, 256))
@@ -673,6 +673,11 @@ def _init_parallel(run: RunConfig, mcfg: ModelConfig, device) -> Parallel | None
         return None
     check_world(run.parallel)  # (its error names the config's sizes)
     return init_parallel(effective_parallel(run.parallel, run.enable_cfg, mcfg.num_heads), _device(device))
+
+
+def _per_use(run: RunConfig) -> bool:
+    """Encoders and VAE built per use: LightX2V's unload_modules, and its lazy_load (which implies it)."""
+    return run.unload_modules or run.lazy_load
 
 
 def _build_or_defer(builders: dict[str, Callable[[], torch.nn.Module]], unload: bool

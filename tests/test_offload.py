@@ -536,3 +536,11 @@ def test_unload_modules_with_random_weights():
         bare.encode_text(["a cat"])
     with pytest.raises(RuntimeError, match="no VAE"):
         bare.decode(torch.zeros(16, 1, 2, 2))
+
+
+def test_lazy_load_loads_the_encoders_per_use_and_says_what_it_does_not_do():
+    with pytest.warns(UserWarning, match="lazy_load loads the encoders and the VAE per use.*not streamed from disk"):
+        cfg = parse_run_config({**TINY, "lazy_load": True})
+    pipe = Pipeline.random("tiny", cfg, device="cpu")
+    assert pipe.t5 is None and set(pipe.loaders) == {"t5", "vae"}
+    assert pipe.generate("a cat", seed=1).frames.shape == (5, 32, 48, 3)
