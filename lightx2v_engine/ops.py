@@ -58,8 +58,9 @@ def kernel_status() -> str:
     return "available" if k is not None else f"unavailable ({getattr(_kernels, 'reason', '?')})"
 
 
-def describe(device: torch.device, attn_8bit: bool = False) -> str:
-    """One line naming what the hot ops run on `device`: references, or the kernels and their choices."""
+def describe(device: torch.device, attn_8bit: bool = False, seq_parallel: bool = False) -> str:
+    """One line naming what the hot ops run on `device`: references, or the kernels and their choices
+    (seq_parallel: the DiT's tokens are split over GPUs, so norm+RoPE is always its own pass)."""
     if _BACKEND == "torch" or (_BACKEND == "auto" and device.type != "cuda"):
         return f"ops: PyTorch references on {device}"
     k = _kernels()
@@ -78,7 +79,8 @@ def describe(device: torch.device, attn_8bit: bool = False) -> str:
                  if attn_8bit and attention_8bit_available(device)
                  else impl + (f" {config}" if impl in ("triton", "gluon") else "")
                  + (f" ({attn.gluon_status(device)})" if impl == "gluon" else ""))
-    if not (attn_8bit and attention_8bit_available(device)) and ar.rope_placement(device) == "prologue":
+    if not (attn_8bit and attention_8bit_available(device)) and not seq_parallel \
+            and ar.rope_placement(device) == "prologue":
         self_attn = "triton with q/k norm+RoPE in the kernel (attention_rope)"
     return (f"ops: Triton kernels; self-attention {self_attn}, cross-attention {attn.cross_attention_impl(device)}, "
             f"q/k norm+RoPE {qk.qk_rope_impl(device)}, FFN GELU epilogue "

@@ -265,7 +265,8 @@ class Pipeline:
         if self.run_cfg.attn_8bit and not ops.attention_8bit_available(self.device):
             log.warning("self_attn_1_type %r: the 8-bit attention kernel needs a CUDA GPU of sm89 or newer "
                         "with triton; exact attention runs on %s", self.run_cfg.self_attn_1_type, self.device)
-        log.info("%s", ops.describe(self.device, self.run_cfg.attn_8bit))
+        log.info("%s", ops.describe(self.device, self.run_cfg.attn_8bit,
+                                    seq_parallel=self.dit.seq_parallel is not None))
 
     @property
     def is_main(self) -> bool:
