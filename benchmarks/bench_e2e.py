@@ -336,6 +336,22 @@ def bench_light_decoders(args, device, run, rows, summary, z, dt, vae_ms):
         del model
 
 
+def video_figures(summary: dict, tags: list[str]) -> None:
+    """Whole-video seconds from parts timed in this run: text encode + 4 DiT steps (no CFG) + decode by the
+    Wan VAE (video_s_<tag>_<kind>) or by the tiny decoder (..._tae). A sum of parts: host work between them
+    and the mp4 write are not in it."""
+    text, vae, tae = (summary.get(k) for k in ("text_encode_ms", "vae_decode_ms", "tae_decode_ms"))
+    for tag in tags:
+        for kind in ("bf16", "8bit"):
+            step = summary.get(f"step_ms_{tag}_{kind}")
+            if step is None or text is None:
+                continue
+            if vae is not None:
+                summary[f"video_s_{tag}_{kind}"] = (text + 4 * step + vae) / 1e3
+            if tae is not None:
+                summary[f"video_s_{tag}_{kind}_tae"] = (text + 4 * step + tae) / 1e3
+
+
 def bench_distill_speedup(preset, args, device, run, rows, summary):
     """Wall time of the 50-step CFG UniPC baseline vs the 4-step distill loop (both engine bf16, eager CFG
     as a batch-2 forward). With --baseline-steps N < 50, the baseline is timed over N steps and scaled."""
@@ -539,6 +555,7 @@ def main(argv=None) -> int:
         for preset, tag in presets:
             bench_lora_switch(preset, args, device, rows, summary, tag)
             save()
+    video_figures(summary, [tag for _, tag in presets])
     for r in rows:
         r.update(info)
     append_csv(str(out / "e2e.csv"), ["what", "impl", "ms", "ratio_vs_reference", *info], rows)

@@ -30,6 +30,7 @@ ALSO = [
     "step_8bit_variant_1.3b", "step_8bit_variant_14b", "offload_step_ratio_vs_resident_1.3b",
     "offload_block_copy_vs_compute_1.3b", "offload_peak_gib_1.3b", "offload_step_ratio_vs_resident_14b",
     "lora_switch_first_ms_1.3b", "lora_switch_other_ms_1.3b", "lora_switch_host_gib_1.3b",
+    "video_s_1.3b_bf16", "video_s_1.3b_8bit", "video_s_1.3b_8bit_tae", "video_s_14b_8bit", "video_s_14b_8bit_tae",
     "vae_decode_tiled_ms", "vae_decode_tiled_peak_gib", "vae_peak_gib", "lightvae_decode_ms",
     "lightvae_speedup_vs_vae", "tae_decode_ms", "tae_speedup_vs_vae", "tae_peak_gib", "ops", "ops_attn8",
 ]

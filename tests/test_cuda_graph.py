@@ -105,8 +105,11 @@ def test_bench_e2e_dry_run_and_summary(tmp_path):
     e2e = json.loads((tmp_path / "e2e_summary.json").read_text())
     for k in ("step_ms_tiny_bf16", "step_ms_tiny_8bit", "vae_decode_ms", "distill_speedup_vs_50step_cfg",
               "text_encode_ms", "step_ms_tiny_reference", "lightvae_decode_ms", "tae_decode_ms",
-              "tae_speedup_vs_vae"):
+              "tae_speedup_vs_vae", "video_s_tiny_bf16", "video_s_tiny_8bit_tae"):
         assert e2e["figures"][k] > 0, k
+    f = e2e["figures"]
+    assert f["video_s_tiny_bf16"] == pytest.approx((f["text_encode_ms"] + 4 * f["step_ms_tiny_bf16"]
+                                                    + f["vae_decode_ms"]) / 1e3)
     assert e2e["figures"]["engine_vs_reference_relerr_tiny"] < 1e-2
     assert e2e["figures"]["vae_decode_tiled_ms"] > 0 and 0 < e2e["figures"]["vae_tiled_vs_untiled_relerr"] < 1
     assert e2e["figures"]["offload_relerr_tiny"] == 0  # the streamed blocks compute what the resident ones do
