@@ -489,6 +489,9 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
     if out.get("lazy_load") and warn:
         warn_user(f"{source}: lazy_load loads the encoders and the VAE per use (as unload_modules); the DiT's "
                   f"blocks are not streamed from disk: the whole DiT is read into host memory once")
+    if out.get("use_tae") and out.get("use_tiling_vae") and warn:
+        warn_user(f"{source}: use_tiling_vae does not apply to the tiny decoder (use_tae), which streams frames "
+                  f"in chunks; it still tiles I2V's image encode")
     unused = [k for k in ("tae_path", "need_scaled") if out.get(k) is not None]
     if unused and not out.get("use_tae") and warn:
         warn_user(f"{source}: {', '.join(unused)} have no effect without use_tae (the Wan VAE decodes)")

@@ -373,3 +373,9 @@ def test_tae_keys_without_use_tae_warn():
     from lightx2v_engine.config import parse_run_config
     with pytest.warns(UserWarning, match="tae_path, need_scaled have no effect without use_tae"):
         parse_run_config({"tae_path": "taew2_1.pth", "need_scaled": True})
+
+
+def test_tiling_with_the_tiny_decoder_is_said_not_to_apply():
+    from lightx2v_engine.config import parse_run_config
+    with pytest.warns(UserWarning, match="use_tiling_vae does not apply to the tiny decoder"):
+        parse_run_config({"use_tae": True, "use_tiling_vae": True})
