@@ -172,12 +172,12 @@ class RunConfig:
     t5_cpu_offload: bool = False
     clip_cpu_offload: bool = False
     vae_cpu_offload: bool = False
-    # unload_modules: the text/image encoders and the VAE (or tiny decoder) are loaded from their files for
-    # each use and freed after it (LightX2V's key; less host and GPU memory between uses, a load per use);
-    # the DiT stays loaded (cpu_offload keeps it in host memory)
+    # unload_modules: the DiT, the text/image encoders and the VAE (or tiny decoder) are loaded from their
+    # files for each use and freed after it (LightX2V's key: only the model in use holds memory, every
+    # model is loaded for every video)
     unload_modules: bool = False
     # lazy_load: LightX2V streams the offloaded DiT's blocks from disk and, as under unload_modules, loads
-    # the encoders and the VAE per use. Here it does the latter; the DiT is read into host memory once.
+    # every model per use. Here it does the latter; each DiT built is read whole into host memory.
     lazy_load: bool = False
     # LightX2V's 8-bit encoders: t5_quantized loads t5_quantized_ckpt, else models_t5_umt5-xxl-enc-{fp8,int8}.pth
     # (by t5_quant_scheme); clip_quantized likewise (models_clip_open-clip-xlm-roberta-large-vit-huge-14-{..}.pth
@@ -487,8 +487,8 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
         warn_user(f"{source}: offload_granularity 'phase' runs as 'block' in lightx2v-engine (whole blocks stream "
                   f"through two device slots; phase granularity would save about one block of device memory)")
     if out.get("lazy_load") and warn:
-        warn_user(f"{source}: lazy_load loads the encoders and the VAE per use (as unload_modules); the DiT's "
-                  f"blocks are not streamed from disk: the whole DiT is read into host memory once")
+        warn_user(f"{source}: lazy_load loads every model per use (as unload_modules); the DiT's "
+                  f"blocks are not streamed from disk: each DiT built is read whole into host memory")
     if out.get("use_tae") and out.get("use_tiling_vae") and warn:
         warn_user(f"{source}: use_tiling_vae does not apply to the tiny decoder (use_tae), which streams frames "
                   f"in chunks; it still tiles I2V's image encode")

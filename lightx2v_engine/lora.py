@@ -115,8 +115,9 @@ def plan_lora(lora: dict[str, torch.Tensor], params: dict[str, torch.Tensor], so
 @torch.no_grad()
 def merge_lora_(model: torch.nn.Module, lora: dict[str, torch.Tensor], strength: float = 1.0,
                 source: str = "lora", strict: bool = True, before_write=None,
-                compute_device: torch.device | str | None = None) -> int:
+                compute_device: torch.device | str | None = None, check_only: bool = False) -> int:
     """Merges one LoRA into the model's weights in place. Returns the number of merged tensors.
+    check_only: every check (keys, shapes, 8-bit diffs), no change (the model may live on `meta`).
 
     Unmatched LoRA keys raise LoraKeyError listing them (strict) or warn. Shapes are checked before any
     weight is touched, so a failing LoRA leaves the model unchanged. `before_write(name, target)` is called
@@ -160,6 +161,8 @@ def merge_lora_(model: torch.nn.Module, lora: dict[str, torch.Tensor], strength:
             if d.numel() != w.numel():
                 raise LoraKeyError(f"{source}: diff for {target!r} has shape {tuple(d.shape)}, weight {tuple(w.shape)}")
             deltas.append((target, w, kind, (d,), strength))
+    if check_only:
+        return len(deltas)
     for target, w, kind, ts, s in deltas:
         dev = torch.device(compute_device) if compute_device is not None else w.device
         if before_write is not None:

@@ -13,6 +13,7 @@ graph with random weights (benchmarks; the ``tiny`` preset runs on a CPU in seco
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import tempfile
@@ -236,7 +237,7 @@ class Output:
 class Pipeline:
     model_cfg: ModelConfig
     run_cfg: RunConfig
-    dit: WanDiT
+    dit: WanDiT | None  # None between uses with unload_modules / lazy_load (built per denoising loop)
     t5: torch.nn.Module
     tokenizer: Any
     vae: torch.nn.Module | None  # the Wan VAE (or LightX2V's pruned one); None for T2V decoded by `tae`
@@ -248,9 +249,11 @@ class Pipeline:
     _lora_switch: Any = field(default=None, repr=False)  # lora.LoraSwitch once set_request_loras is used
     parallel: Parallel | None = None  # under torchrun with a `parallel` config section
     tae: tae_mod.TinyDecoder | None = None  # use_tae: decodes instead of the VAE
-    # unload_modules: builders of the models loaded for each use and freed after it (t5, clip, vae, tae;
-    # the attribute of that name stays None between uses)
+    # unload_modules / lazy_load: builders of the models loaded for each use and freed after it (dit, t5,
+    # clip, vae, tae; the attribute of that name stays None between uses)
     loaders: dict[str, Callable[[], torch.nn.Module]] = field(default_factory=dict, repr=False)
+    _request_loras: tuple = field(default=(), repr=False)  # set_request_loras' specs, for a DiT built per use
+    dit_meta: Callable[[], WanDiT] | None = field(default=None, repr=False)  # the DiT's structure on `meta`
 
     def __post_init__(self):
         if self.device.type == "cuda":  # offloaded weights move by DMA from page-locked host memory
@@ -259,14 +262,21 @@ class Pipeline:
                                   (self.vae, run.vae_cpu_offload), (self.dit, _dit_moves_whole(run))):
                 if module is not None and moved:
                     page_lock_module_(module)  # (the module holds its packs: locked as long as it lives)
-        self.dit.set_attention_8bit(self.run_cfg.attn_8bit)
-        if self.parallel is not None:
-            _attach_parallel(self.dit, self.parallel)
+        if self.dit is not None:
+            self._setup_dit(self.dit)
+        elif self.parallel is not None and self.parallel.seq is not None:  # (a DiT built per use: check now)
+            self.parallel.seq.check_heads(self.model_cfg.num_heads)
         if self.run_cfg.attn_8bit and not ops.attention_8bit_available(self.device):
             log.warning("self_attn_1_type %r: the 8-bit attention kernel needs a CUDA GPU of sm89 or newer "
                         "with triton; exact attention runs on %s", self.run_cfg.self_attn_1_type, self.device)
         log.info("%s", ops.describe(self.device, self.run_cfg.attn_8bit,
-                                    seq_parallel=self.dit.seq_parallel is not None))
+                                    seq_parallel=self.parallel is not None and self.parallel.seq is not None))
+
+    def _setup_dit(self, dit: WanDiT) -> None:
+        """What every DiT of this pipeline runs with: 8-bit attention as configured, the sequence split."""
+        dit.set_attention_8bit(self.run_cfg.attn_8bit)
+        if self.parallel is not None:
+            _attach_parallel(dit, self.parallel)
 
     @property
     def is_main(self) -> bool:
@@ -298,14 +308,19 @@ class Pipeline:
         cpu = torch.device("cpu")
         dit_dev = cpu if run.cpu_offload else dev  # an offloaded DiT is loaded into host memory ...
         lora_dev = dev if run.cpu_offload else None  # ... and its LoRAs merge on the run device
-        if run.dit_quantized:
-            dit = _load_quantized_dit(mcfg, mp, run, dit_dev, lora_dev)
-        else:
-            dit = load_dit(mcfg, mp, dit_original_ckpt=run.dit_original_ckpt, distill=model_cls != "wan2.1",
-                           dtype=run.dtype, device=dit_dev, lora_specs=run.lora_configs, lora_strict=run.lora_strict,
-                           lora_compute_device=lora_dev)
-        _place_dit(dit, run, dev)
-        builders: dict[str, Callable[[], torch.nn.Module]] = {}  # the files are found now, read when built
+
+        def load_dit_(request_loras=()):  # (request LoRAs merge after the config's, before the placement)
+            run_l = dataclasses.replace(run, lora_configs=run.lora_configs + tuple(request_loras))
+            if run.dit_quantized:
+                dit = _load_quantized_dit(mcfg, mp, run_l, dit_dev, lora_dev)
+            else:
+                dit = load_dit(mcfg, mp, dit_original_ckpt=run.dit_original_ckpt, distill=model_cls != "wan2.1",
+                               dtype=run.dtype, device=dit_dev, lora_specs=run_l.lora_configs,
+                               lora_strict=run.lora_strict, lora_compute_device=lora_dev)
+            _place_dit(dit, run, dev)
+            return dit
+        # the files are found now, read when built
+        builders: dict[str, Callable[[], torch.nn.Module]] = {"dit": load_dit_}
         if run.use_tae:
             tae_path = find_weights("tae_path", run.tae_path, tae_mod.TAE_FILES, mp)
             builders["tae"] = lambda: tae_mod.load_tae(tae_path, device=dev, dtype=_vae_dtype(run, dev),
@@ -334,8 +349,10 @@ class Pipeline:
             loaders.update(deferred)
             return built.get("t5"), t5_mod.load_tokenizer(str(mp)), built.get("clip")
         t5, tok, clip = _encoders_on_rank0(par, encoders)
-        return cls(mcfg, run, dit, t5, tok, models.get("vae"), clip, dev, (time.perf_counter() - t0) * 1e3,
-                   use_cuda_graph=_graphs_on(run, dev, par), parallel=par, tae=models.get("tae"), loaders=loaders)
+        return cls(mcfg, run, models.get("dit"), t5, tok, models.get("vae"), clip, dev,
+                   (time.perf_counter() - t0) * 1e3, use_cuda_graph=_graphs_on(run, dev, par), parallel=par,
+                   tae=models.get("tae"), loaders=loaders,
+                   dit_meta=lambda: _dit_meta(mcfg, run.dit_quant_scheme if run.dit_quantized else None))
 
     @classmethod
     def random(cls, preset: str = "tiny", config: str | Path | dict | RunConfig | None = None, *,
@@ -348,14 +365,19 @@ class Pipeline:
         par = _init_parallel(run, mcfg, device)
         dev = par.device if par is not None else _device(device)
         tiny = preset.startswith("tiny")
-        dit = build_dit(mcfg, None, dtype=DTYPES[run.dtype], device=torch.device("cpu") if run.cpu_offload else dev)
-        if par is not None:  # one set of random weights for every rank
-            par.broadcast_module_(dit)
-        _place_dit(dit, run, dev)
+
+        def random_dit(request_loras=()):  # (build_dit's random weights are seeded: the same DiT each time)
+            dit = build_dit(mcfg, None, dtype=DTYPES[run.dtype], device=torch.device("cpu") if run.cpu_offload else dev)
+            if par is not None:  # one set of random weights for every rank
+                par.broadcast_module_(dit)
+            if request_loras:
+                from lightx2v_engine.lora import apply_loras_
+                apply_loras_(dit, request_loras, strict=run.lora_strict)
+            _place_dit(dit, run, dev)
+            return dit
         t5 = tok = clip = None
         builders: dict[str, Callable[[], torch.nn.Module]] = {}
-        models: dict[str, torch.nn.Module] = {}
-        loaders: dict[str, Callable[[], torch.nn.Module]] = {}
+        models, loaders = _build_or_defer({"dit": random_dit}, _per_use(run))
         if with_encoders:
             cpu = torch.device("cpu")
             t5cfg = t5_mod.T5Config.tiny() if tiny else t5_mod.T5Config.umt5_xxl()
@@ -389,7 +411,9 @@ class Pipeline:
                     clip_mod.quantize_clip_(clip, run.clip_quant_scheme)
                 return clip
 
-            models, loaders = _build_or_defer(builders, _per_use(run))
+            built, deferred = _build_or_defer(builders, _per_use(run))
+            models.update(built)
+            loaders.update(deferred)
 
             def encoders():
                 enc = {"t5": random_t5, **({"clip": random_clip} if mcfg.is_i2v else {})}
@@ -399,8 +423,27 @@ class Pipeline:
                     t5_mod.make_tiny_tokenizer(tok_dir, vocab_size=min(t5cfg.vocab, 256))
                     return built.get("t5"), t5_mod.load_tokenizer(tok_dir), built.get("clip")
             t5, tok, clip = _encoders_on_rank0(par, encoders)
-        return cls(mcfg, run, dit, t5, tok, models.get("vae"), clip, dev, (time.perf_counter() - t0) * 1e3,
-                   use_cuda_graph=_graphs_on(run, dev, par), parallel=par, tae=models.get("tae"), loaders=loaders)
+        return cls(mcfg, run, models.get("dit"), t5, tok, models.get("vae"), clip, dev,
+                   (time.perf_counter() - t0) * 1e3, use_cuda_graph=_graphs_on(run, dev, par), parallel=par,
+                   tae=models.get("tae"), loaders=loaders, dit_meta=lambda: _dit_meta(mcfg, None))
+
+    def _checked_request_loras(self, specs: tuple) -> tuple:
+        """specs with their files resolved, each read and checked against the DiT's structure (on meta)."""
+        from lightx2v_engine.config import LoraSpec
+        from lightx2v_engine.lora import _find, merge_lora_, read_lora
+        skeleton = self.dit_meta()
+        out = []
+        for spec in specs:
+            path = _find(spec.path, ())
+            merge_lora_(skeleton, read_lora(path), spec.strength, source=str(path), strict=self.run_cfg.lora_strict,
+                        check_only=True)
+            out.append(LoraSpec(str(path), spec.strength))
+        return tuple(out)
+
+    @property
+    def _run_dtype(self) -> torch.dtype:
+        """The DiT's run dtype (also while a DiT built per use is not there)."""
+        return self.dit.run_dtype if self.dit is not None else DTYPES[self.run_cfg.dtype]
 
     def _available(self, name: str) -> bool:
         """Whether the model `name` (t5, clip, vae, tae) is loaded, or loaded on use (unload_modules)."""
@@ -416,17 +459,22 @@ class Pipeline:
             yield
             return
         t0 = time.perf_counter()
-        setattr(self, name, build())
-        log.info("unload_modules: %s loaded in %.0f ms", name, (time.perf_counter() - t0) * 1e3)
         try:
+            if name == "dit":  # with set_request_loras' LoRAs merged in
+                self.dit = build(self._request_loras)
+                self._setup_dit(self.dit)
+            else:
+                setattr(self, name, build())
+            log.info("unload_modules: %s loaded in %.0f ms", name, (time.perf_counter() - t0) * 1e3)
             yield
         finally:
             setattr(self, name, None)
             _release_memory(self.device)
 
     def _dit_offloaded(self) -> bool:
-        """Whether the DiT's weights move during a forward or between loops (no CUDA graphs then)."""
-        return self.dit.block_offload is not None or _dit_moves_whole(self.run_cfg)
+        """Whether the DiT's weights move during a forward or between loops, or the DiT is built per loop
+        (unload_modules): no CUDA graphs then."""
+        return self.run_cfg.cpu_offload or "dit" in self.loaders
 
     def set_request_loras(self, specs=()) -> None:
         """LoRAs for the following generations, on top of the model as loaded (config LoRAs included):
@@ -434,9 +482,14 @@ class Pipeline:
         for none. What the previous call merged is restored exactly first (lora.LoraSwitch; the same specs
         again cost nothing). A failing LoRA raises and leaves the model as loaded. Offloaded blocks reload
         from the changed host weights; captured CUDA graphs are dropped where 8-bit branch tensors were
-        replaced (bf16 merges write the weights in place, which a replay reads)."""
+        replaced (bf16 merges write the weights in place, which a replay reads). With a DiT built per use
+        (unload_modules), each LoRA is read and checked against the DiT's structure now (a failing one
+        raises and changes nothing) and merged into every DiT built, after the config's LoRAs."""
         from lightx2v_engine.lora import LoraSwitch
         specs = tuple(specs)
+        if "dit" in self.loaders:
+            self._request_loras = self._checked_request_loras(specs)
+            return
         if self._lora_switch is None:
             if not specs:
                 return
@@ -467,7 +520,7 @@ class Pipeline:
             ctx = t5_mod.encode_text(self.t5, self.tokenizer, prompts, text_len=self.run_cfg.text_len)
         if ctx.shape[1] < 512:  # the DiT always sees 512 rows (zero-padded), as Wan
             ctx = torch.nn.functional.pad(ctx, (0, 0, 0, 512 - ctx.shape[1]))
-        return ctx.to(self.device, self.dit.run_dtype)
+        return ctx.to(self.device, self._run_dtype)
 
     def encode_image(self, image, num_frames: int, height: int, width: int):
         """I2V conditioning: (clip_fea [1, 257, 1280], y [1, 20, F, lat_h, lat_w], (lat_h, lat_w))."""
@@ -486,13 +539,18 @@ class Pipeline:
             z = self.vae.encode(video, tiled=self.run_cfg.use_tiling_vae)  # [1, 16, F, lat_h, lat_w] fp32
         mask = i2v_mask(z.shape[2], lat_h, lat_w, num_frames, device=self.device)
         y = torch.cat([mask[None].to(z.dtype), z], dim=1)
-        return clip_fea.to(self.device, self.dit.run_dtype), y, (lat_h, lat_w)
+        return clip_fea.to(self.device, self._run_dtype), y, (lat_h, lat_w)
 
     def denoise(self, noise: torch.Tensor, context: torch.Tensor, *, neg_context: torch.Tensor | None = None,
                 clip_fea=None, y=None, seed: int = 42, timings: Timings | None = None,
                 progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """noise [16, F, h, w] fp32 -> final latents [16, F, h, w] fp32, with the configured sampler."""
-        with offloaded(self.dit, self.device, _dit_moves_whole(self.run_cfg), stream_blocks=False):
+        timings = timings or Timings()
+        with contextlib.ExitStack() as stack:
+            if self.dit is None and "dit" in self.loaders:  # unload_modules: the DiT built for this loop
+                with timings.measure("dit load", self.device):
+                    stack.enter_context(self._use("dit"))
+            stack.enter_context(offloaded(self.dit, self.device, _dit_moves_whole(self.run_cfg), stream_blocks=False))
             return self._denoise(noise, context, neg_context, clip_fea, y, seed, timings, progress)
 
     def _denoise(self, noise, context, neg_context, clip_fea, y, seed, timings, progress) -> torch.Tensor:
@@ -676,15 +734,25 @@ def _init_parallel(run: RunConfig, mcfg: ModelConfig, device) -> Parallel | None
     return init_parallel(effective_parallel(run.parallel, run.enable_cfg, mcfg.num_heads), _device(device))
 
 
+def _dit_meta(mcfg: ModelConfig, quant_scheme: str | None) -> WanDiT:
+    """The DiT's structure without weights (on `meta`): what request LoRAs are checked against."""
+    with torch.device("meta"):
+        model = WanDiT(mcfg)
+    if quant_scheme is not None:
+        from lightx2v_engine.quant import swap_to_quant_linear_
+        swap_to_quant_linear_(model, quant_scheme)
+    return model
+
+
 def _per_use(run: RunConfig) -> bool:
-    """Encoders and VAE built per use: LightX2V's unload_modules, and its lazy_load (which implies it)."""
+    """Every model built per use: LightX2V's unload_modules, and its lazy_load (which implies it)."""
     return run.unload_modules or run.lazy_load
 
 
 def _build_or_defer(builders: dict[str, Callable[[], torch.nn.Module]], unload: bool
                     ) -> tuple[dict[str, torch.nn.Module], dict[str, Callable[[], torch.nn.Module]]]:
     """(models built now, builders kept for Pipeline._use): with unload_modules every model is built for
-    each use instead (LightX2V's unload_modules; the DiT stays loaded). Each is still built once here and
+    each use instead (LightX2V's unload_modules / lazy_load). Each is still built once here and
     freed, one at a time: a missing, corrupt or mismatched file fails the load, not a video after its
     denoising loop."""
     if not unload:
@@ -836,6 +904,9 @@ def _graphs_on(run: RunConfig, dev: torch.device, par: Parallel | None = None) -
     if run.use_cuda_graph and dev.type == "cuda" and run.cpu_offload:
         log.info("CUDA graphs are off: the DiT is offloaded (cpu_offload, offload_granularity %r)",
                  run.offload_granularity)
+        return False
+    if run.use_cuda_graph and dev.type == "cuda" and _per_use(run):
+        log.info("CUDA graphs are off: the DiT is built for each video (unload_modules / lazy_load)")
         return False
     if run.use_cuda_graph and dev.type == "cuda" and par is not None:
         log.info("CUDA graphs are off under multi-GPU parallelism (their replay of NCCL collectives is not "

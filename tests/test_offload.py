@@ -450,9 +450,9 @@ def test_refresh_waits_for_queued_copies_before_repacking():
 @pytest.mark.parametrize("task,extra", [("t2v", {}), ("i2v", {}), ("t2v", {"use_tae": True})],
                          ids=["t2v", "i2v", "t2v_tae"])
 def test_unload_modules_loads_each_model_for_its_use(task, extra, t2v_folder, i2v_folder, tmp_path, monkeypatch):
-    """LightX2V's unload_modules: the encoders and the VAE are read from their files for each use and freed
-    at its end (None between uses, no reference left when the memory is released); each is read once at
-    load to check it; the video is the resident pipeline's, and the DiT stays loaded."""
+    """LightX2V's unload_modules: the DiT, the encoders and the VAE are read from their files for each use
+    and freed at its end (None between uses, no reference left when the memory is released); each is read
+    once at load to check it; the video is the resident pipeline's."""
     import gc
     import weakref
 
@@ -473,7 +473,8 @@ def test_unload_modules_loads_each_model_for_its_use(task, extra, t2v_folder, i2
                             .to(torch.uint8).numpy()) if task == "i2v" else None
     want = Pipeline.load(folder, cfg, device="cpu", task=task).generate("a red fox", image=image, seed=3).frames
     loads, alive = [], []
-    for mod, name in ((t5_mod, "load_t5"), (vae_mod, "load_vae"), (tae_mod, "load_tae"), (clip_mod, "load_clip")):
+    for mod, name in ((t5_mod, "load_t5"), (vae_mod, "load_vae"), (tae_mod, "load_tae"), (clip_mod, "load_clip"),
+                      (pipeline_mod, "load_dit")):
         def counted(*a, _real=getattr(mod, name), _name=name, **kw):
             model = _real(*a, **kw)
             loads.append(_name)
@@ -489,16 +490,17 @@ def test_unload_modules_loads_each_model_for_its_use(task, extra, t2v_folder, i2
     monkeypatch.setattr(gc, "collect", collect)
     pipe = Pipeline.load(folder, {**cfg, "unload_modules": True}, device="cpu", task=task)
     decoder = "load_tae" if extra.get("use_tae") else "load_vae"
-    models = {"t5": "load_t5", "clip": "load_clip", "vae": "load_vae", "tae": "load_tae"}
+    models = {"t5": "load_t5", "clip": "load_clip", "vae": "load_vae", "tae": "load_tae", "dit": "load_dit"}
     assert sorted(loads) == sorted(models[n] for n in pipe.loaders)  # each read once, to check it
-    assert set(pipe.loaders) == {"t5", decoder[5:]} | ({"clip", "vae"} if task == "i2v" else set())
-    assert pipe.t5 is None and pipe.vae is None and pipe.clip is None and pipe.tae is None
+    assert set(pipe.loaders) == {"dit", "t5", decoder[5:]} | ({"clip", "vae"} if task == "i2v" else set())
+    assert pipe.dit is None and pipe.t5 is None and pipe.vae is None and pipe.clip is None and pipe.tae is None
+    assert not pipe.use_cuda_graph
     for _ in range(2):
         loads.clear()
         got = pipe.generate("a red fox", image=image, seed=3).frames
         assert torch.equal(got, want)
-        assert pipe.t5 is None and pipe.vae is None and pipe.clip is None and pipe.tae is None
-        assert loads == ["load_t5"] + (["load_clip", "load_vae"] if task == "i2v" else []) + [decoder]
+        assert pipe.dit is None and pipe.t5 is None and pipe.vae is None and pipe.clip is None and pipe.tae is None
+        assert loads == ["load_t5"] + (["load_clip", "load_vae"] if task == "i2v" else []) + ["load_dit", decoder]
 
 
 def test_unload_modules_checks_files_at_load_and_recovers_from_failures(t2v_folder, tmp_path, monkeypatch):
@@ -526,21 +528,103 @@ def test_unload_modules_checks_files_at_load_and_recovers_from_failures(t2v_fold
 
 def test_unload_modules_with_random_weights():
     pipe = Pipeline.random("tiny", {**TINY, "unload_modules": True}, device="cpu")
-    assert pipe.t5 is None and pipe.vae is None
+    assert pipe.t5 is None and pipe.vae is None and pipe.dit is None
     a = pipe.generate("a cat", seed=1).frames
+    assert torch.equal(a, pipe.generate("a cat", seed=1).frames)  # the same random DiT each time
     assert torch.equal(a, Pipeline.random("tiny", TINY, device="cpu").generate("a cat", seed=1).frames)
     assert parse_run_config({"unload_modules": True}).unload_modules
     bare = Pipeline.random("tiny", {**TINY, "unload_modules": True}, device="cpu", with_encoders=False)
-    assert bare.loaders == {}
+    assert set(bare.loaders) == {"dit"}
     with pytest.raises(RuntimeError, match="no text encoder"):
         bare.encode_text(["a cat"])
     with pytest.raises(RuntimeError, match="no VAE"):
         bare.decode(torch.zeros(16, 1, 2, 2))
 
 
-def test_lazy_load_loads_the_encoders_per_use_and_says_what_it_does_not_do():
-    with pytest.warns(UserWarning, match="lazy_load loads the encoders and the VAE per use.*not streamed from disk"):
+def test_lazy_load_loads_every_model_per_use_and_says_what_it_does_not_do():
+    with pytest.warns(UserWarning, match="lazy_load loads every model per use.*not streamed from disk"):
         cfg = parse_run_config({**TINY, "lazy_load": True})
     pipe = Pipeline.random("tiny", cfg, device="cpu")
-    assert pipe.t5 is None and set(pipe.loaders) == {"t5", "vae"}
+    assert pipe.t5 is None and set(pipe.loaders) == {"dit", "t5", "vae"}
     assert pipe.generate("a cat", seed=1).frames.shape == (5, 32, 48, 3)
+
+
+@pytest.mark.usefixtures("torch_ops")
+@pytest.mark.parametrize("extra", [{}, {"cpu_offload": True}], ids=["resident", "block_offload"])
+def test_request_loras_reach_a_dit_built_per_use(extra, tmp_path):
+    """set_request_loras with unload_modules: each DiT built for a video gets the LoRAs merged on top; the
+    latents are those of the resident pipeline with the same request LoRA; none gives the base again; a
+    missing file fails at the call."""
+    from lightx2v_engine.config import LoraSpec
+    from test_lora_switch import write_lora
+    resident = Pipeline.random("tiny", {**TINY, **extra}, device="cpu")
+    spec = write_lora(tmp_path / "a.safetensors", resident.dit, targets=["blocks.0.self_attn.q", "blocks.1.ffn.2"])
+    base = resident.generate("a cat", seed=1).latents
+    resident.set_request_loras([spec])
+    want = resident.generate("a cat", seed=1).latents
+    assert not torch.equal(want, base)
+    pipe = Pipeline.random("tiny", {**TINY, **extra, "unload_modules": True}, device="cpu")
+    pipe.set_request_loras([spec])
+    torch.testing.assert_close(pipe.generate("a cat", seed=1).latents, want, rtol=0, atol=1e-5)
+    pipe.set_request_loras([])
+    assert torch.equal(pipe.generate("a cat", seed=1).latents, base)
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        pipe.set_request_loras([LoraSpec(str(tmp_path / "missing.safetensors"), 1.0)])
+
+
+def test_a_failing_request_lora_fails_at_the_call_with_a_dit_built_per_use(tmp_path):
+    """With unload_modules the request LoRAs are read and checked against the DiT's structure when set
+    (not at the next video): unmatched keys, wrong shapes; a failure keeps the LoRAs set before."""
+    from lightx2v_engine.lora import LoraKeyError
+    from test_lora_switch import write_lora
+    pipe = Pipeline.random("tiny", {**TINY, "unload_modules": True}, device="cpu")
+    skeleton = pipe.dit_meta()
+    assert skeleton.blocks[0].self_attn.q.weight.device.type == "meta"
+    good = write_lora(tmp_path / "good.safetensors", skeleton, targets=["blocks.0.self_attn.q"])
+    pipe.set_request_loras([good])
+    bad = write_lora(tmp_path / "bad.safetensors", skeleton, targets=["blocks.0.self_attn.q"], seed=2,
+                     extra={"diffusion_model.blocks.0.nonsense.lora_up.weight": torch.zeros(4, 4),
+                            "diffusion_model.blocks.0.nonsense.lora_down.weight": torch.zeros(4, 4)})
+    with pytest.raises(LoraKeyError, match="blocks.0.nonsense"):
+        pipe.set_request_loras([bad])
+    wrong = tmp_path / "wrong.safetensors"
+    from safetensors.torch import save_file
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.zeros(7, 4),
+               "diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(4, 5)}, str(wrong))
+    with pytest.raises(LoraKeyError, match="does not give the weight's shape"):
+        pipe.set_request_loras([type(good)(str(wrong), 1.0)])
+    assert [s.path for s in pipe._request_loras] == [str(tmp_path / "good.safetensors")]
+    assert pipe.generate("a cat", seed=1).frames.shape == (5, 32, 48, 3)
+
+
+def test_no_cuda_graphs_for_a_dit_built_per_use():
+    from lightx2v_engine.pipeline import _graphs_on
+    assert _graphs_on(parse_run_config({}), torch.device("cuda"))
+    assert not _graphs_on(parse_run_config({"unload_modules": True}), torch.device("cuda"))
+    pipe = Pipeline.random("tiny", {**TINY, "unload_modules": True}, device="cpu")
+    assert pipe._dit_offloaded()  # what keeps a later use_cuda_graph = True from capturing a DiT freed after
+
+
+@pytest.mark.usefixtures("torch_ops")
+def test_request_lora_on_an_8bit_dit_built_per_use(t2v_folder, tmp_path):
+    """An 8-bit DiT with block offload, a config LoRA and a request LoRA (low-rank branches beside the
+    8-bit linears): built per use, the latents of the resident pipeline with the same LoRAs."""
+    from lightx2v_engine.loading import load_dit
+    from test_lora_switch import write_lora
+    dit = load_dit(get_preset("tiny"), t2v_folder, dtype="bf16")
+    quantize_dit_(dit, "int8-vllm")
+    qpath = tmp_path / "q.safetensors"
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, str(qpath))
+    cfg_lora = write_lora(tmp_path / "cfg.safetensors", dit, targets=["blocks.0.self_attn.q"], seed=6)
+    req = write_lora(tmp_path / "req.safetensors", dit, targets=["blocks.0.self_attn.q", "blocks.1.ffn.0"], seed=7)
+    cfg = {**TINY, "dit_quantized": True, "dit_quantized_ckpt": str(qpath), "dit_quant_scheme": "int8-vllm",
+           "cpu_offload": True, "lora_configs": [{"path": cfg_lora.path, "strength": 1.0}]}
+    resident = Pipeline.load(t2v_folder, cfg, device="cpu")
+    resident.set_request_loras([req])
+    want = resident.generate("a cat", seed=1).latents
+    pipe = Pipeline.load(t2v_folder, {**cfg, "unload_modules": True}, device="cpu")
+    pipe.set_request_loras([req])
+    out = pipe.generate("a cat", seed=1)
+    assert torch.equal(out.latents, want)
+    assert out.timings.items["dit load"] > 0

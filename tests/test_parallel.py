@@ -193,7 +193,8 @@ def test_cli_sequence_parallel_t2v(tmp_path):
                                                           "two.mp4", "two.safetensors"]
 
 
-@pytest.mark.parametrize("extra", [{}, {"cpu_offload": True}], ids=["resident", "block_offload"])
+@pytest.mark.parametrize("extra", [{}, {"cpu_offload": True}, {"unload_modules": True}],
+                         ids=["resident", "block_offload", "unload_modules"])
 def test_cli_model_folder_under_torchrun(t2v_folder, tmp_path, extra):
     """Pipeline.load (a model folder in the real layout) under torchrun, also with the DiT's blocks
     streamed from host memory: the latents of the one-process run."""
@@ -251,6 +252,14 @@ def test_cli_tiny_decoder_under_torchrun(tmp_path):
     _cli(tmp_path, 2, "two", {"use_tae": True, "parallel": {"seq_p_size": 2, "vae_parallel": True}})
     a, b = read_mp4(tmp_path / "one.mp4"), read_mp4(tmp_path / "two.mp4")
     assert a.shape == (9, 64, 96, 3) and (a == b).all()
+
+
+def test_cli_unload_modules_under_torchrun(tmp_path):
+    """unload_modules under torchrun: every rank builds its DiT per video (the random weights broadcast
+    from rank 0 again), rank 0 its encoders; the latents of the one-process run."""
+    one = _cli(tmp_path, 1, "one", {})
+    two = _cli(tmp_path, 2, "two", {"unload_modules": True, "parallel": {"seq_p_size": 2}})
+    assert ((two - one).norm() / one.norm()).item() < 1e-5
 
 
 def test_cli_cfg_groups_without_cfg(tmp_path):
