@@ -431,14 +431,14 @@ class Pipeline:
         """specs with their files resolved, each read and checked against the DiT's structure (on meta)."""
         from lightx2v_engine.config import LoraSpec
         from lightx2v_engine.lora import _find, merge_lora_, read_lora
+        resolved = tuple(LoraSpec(str(_find(spec.path, ())), spec.strength) for spec in specs)
+        if resolved == self._request_loras:  # the same LoRAs again (the server's next request): checked before
+            return resolved
         skeleton = self.dit_meta()
-        out = []
-        for spec in specs:
-            path = _find(spec.path, ())
-            merge_lora_(skeleton, read_lora(path), spec.strength, source=str(path), strict=self.run_cfg.lora_strict,
-                        check_only=True)
-            out.append(LoraSpec(str(path), spec.strength))
-        return tuple(out)
+        for spec in resolved:
+            merge_lora_(skeleton, read_lora(spec.path), spec.strength, source=spec.path,
+                        strict=self.run_cfg.lora_strict, check_only=True)
+        return resolved
 
     @property
     def _run_dtype(self) -> torch.dtype:

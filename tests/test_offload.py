@@ -628,3 +628,18 @@ def test_request_lora_on_an_8bit_dit_built_per_use(t2v_folder, tmp_path):
     out = pipe.generate("a cat", seed=1)
     assert torch.equal(out.latents, want)
     assert out.timings.items["dit load"] > 0
+
+
+def test_the_same_request_loras_again_are_not_read_again(tmp_path, monkeypatch):
+    from lightx2v_engine import lora as lora_mod
+    from test_lora_switch import write_lora
+    pipe = Pipeline.random("tiny", {**TINY, "unload_modules": True}, device="cpu")
+    spec = write_lora(tmp_path / "a.safetensors", pipe.dit_meta(), targets=["blocks.0.self_attn.q"])
+    reads = []
+    real = lora_mod.read_lora
+    monkeypatch.setattr(lora_mod, "read_lora", lambda p: (reads.append(p), real(p))[1])
+    pipe.set_request_loras([spec])
+    pipe.set_request_loras([spec])  # the server's next request with the same lora_name
+    assert len(reads) == 1
+    pipe.set_request_loras([type(spec)(spec.path, 0.5)])  # another strength is another set
+    assert len(reads) == 2
