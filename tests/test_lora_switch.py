@@ -171,10 +171,9 @@ def test_request_loras_with_block_offload_on_cuda(tmp_path):
     torch.testing.assert_close(out[1], out[0], rtol=1e-6, atol=1e-6)
 
 
-def test_pipeline_request_lora_on_an_8bit_offloaded_dit_repacks_and_keeps_no_old_packs(t2v_folder, tmp_path):
-    """Pipeline.set_request_loras re-packs the offloaded blocks whose 8-bit branches changed (on a GPU a
-    branch left outside the pack would stay on the CPU); the switch keeps copies of the earlier branches,
-    not views that would keep replaced packs (host memory) alive."""
+def int8_offload_case(t2v_folder, tmp_path):
+    """(config, request LoRA): the tiny folder's DiT as a LightX2V int8 checkpoint with block offload and a
+    config LoRA on blocks.0.self_attn.q, and a request LoRA on that linear and blocks.1.ffn.0."""
     from lightx2v_engine.loading import load_dit
     dit = load_dit(get_preset("tiny"), t2v_folder, dtype="bf16")
     quantize_dit_(dit, "int8-vllm")
@@ -184,6 +183,14 @@ def test_pipeline_request_lora_on_an_8bit_offloaded_dit_repacks_and_keeps_no_old
     req = write_lora(tmp_path / "req.safetensors", dit, targets=["blocks.0.self_attn.q", "blocks.1.ffn.0"], seed=7)
     cfg = {**TINY, "dit_quantized": True, "dit_quantized_ckpt": str(qpath), "dit_quant_scheme": "int8-vllm",
            "cpu_offload": True, "lora_configs": [{"path": cfg_lora.path, "strength": 1.0}]}
+    return cfg, req
+
+
+def test_pipeline_request_lora_on_an_8bit_offloaded_dit_repacks_and_keeps_no_old_packs(t2v_folder, tmp_path):
+    """Pipeline.set_request_loras re-packs the offloaded blocks whose 8-bit branches changed (on a GPU a
+    branch left outside the pack would stay on the CPU); the switch keeps copies of the earlier branches,
+    not views that would keep replaced packs (host memory) alive."""
+    cfg, req = int8_offload_case(t2v_folder, tmp_path)
     pipe = Pipeline.load(t2v_folder, cfg, device="cpu")
     pipe.set_request_loras([req])
     off = pipe.dit.block_offload

@@ -609,17 +609,8 @@ def test_no_cuda_graphs_for_a_dit_built_per_use():
 def test_request_lora_on_an_8bit_dit_built_per_use(t2v_folder, tmp_path):
     """An 8-bit DiT with block offload, a config LoRA and a request LoRA (low-rank branches beside the
     8-bit linears): built per use, the latents of the resident pipeline with the same LoRAs."""
-    from lightx2v_engine.loading import load_dit
-    from test_lora_switch import write_lora
-    dit = load_dit(get_preset("tiny"), t2v_folder, dtype="bf16")
-    quantize_dit_(dit, "int8-vllm")
-    qpath = tmp_path / "q.safetensors"
-    from safetensors.torch import save_file
-    save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, str(qpath))
-    cfg_lora = write_lora(tmp_path / "cfg.safetensors", dit, targets=["blocks.0.self_attn.q"], seed=6)
-    req = write_lora(tmp_path / "req.safetensors", dit, targets=["blocks.0.self_attn.q", "blocks.1.ffn.0"], seed=7)
-    cfg = {**TINY, "dit_quantized": True, "dit_quantized_ckpt": str(qpath), "dit_quant_scheme": "int8-vllm",
-           "cpu_offload": True, "lora_configs": [{"path": cfg_lora.path, "strength": 1.0}]}
+    from test_lora_switch import int8_offload_case
+    cfg, req = int8_offload_case(t2v_folder, tmp_path)
     resident = Pipeline.load(t2v_folder, cfg, device="cpu")
     resident.set_request_loras([req])
     want = resident.generate("a cat", seed=1).latents
