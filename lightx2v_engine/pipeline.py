@@ -310,7 +310,8 @@ class Pipeline:
         lora_dev = dev if run.cpu_offload else None  # ... and its LoRAs merge on the run device
 
         def load_dit_(request_loras=()):  # (request LoRAs merge after the config's, before the placement)
-            run_l = dataclasses.replace(run, lora_configs=run.lora_configs + tuple(request_loras))
+            run_l = (dataclasses.replace(run, lora_configs=tuple(run.lora_configs) + tuple(request_loras))
+                     if request_loras else run)
             if run.dit_quantized:
                 dit = _load_quantized_dit(mcfg, mp, run_l, dit_dev, lora_dev)
             else:
@@ -372,7 +373,7 @@ class Pipeline:
                 par.broadcast_module_(dit)
             if request_loras:
                 from lightx2v_engine.lora import apply_loras_
-                apply_loras_(dit, request_loras, strict=run.lora_strict)
+                apply_loras_(dit, request_loras, strict=run.lora_strict, compute_device=dev if run.cpu_offload else None)
             _place_dit(dit, run, dev)
             return dit
         t5 = tok = clip = None
@@ -431,7 +432,8 @@ class Pipeline:
         """specs with their files resolved, each read and checked against the DiT's structure (on meta)."""
         from lightx2v_engine.config import LoraSpec
         from lightx2v_engine.lora import _find, merge_lora_, read_lora
-        resolved = tuple(LoraSpec(str(_find(spec.path, ())), spec.strength) for spec in specs)
+        # (absolute: each DiT built reads them again, whatever the working directory is by then)
+        resolved = tuple(LoraSpec(str(_find(spec.path, ()).resolve()), spec.strength) for spec in specs)
         if resolved == self._request_loras:  # the same LoRAs again (the server's next request): checked before
             return resolved
         skeleton = self.dit_meta()
@@ -484,11 +486,15 @@ class Pipeline:
         from the changed host weights; captured CUDA graphs are dropped where 8-bit branch tensors were
         replaced (bf16 merges write the weights in place, which a replay reads). With a DiT built per use
         (unload_modules), each LoRA is read and checked against the DiT's structure now (a failing one
-        raises and changes nothing) and merged into every DiT built, after the config's LoRAs."""
+        raises, and the model as loaded runs next) and merged into every DiT built, after the config's."""
         from lightx2v_engine.lora import LoraSwitch
         specs = tuple(specs)
         if "dit" in self.loaders:
-            self._request_loras = self._checked_request_loras(specs)
+            try:
+                self._request_loras = self._checked_request_loras(specs)
+            except BaseException:
+                self._request_loras = ()  # as LoraSwitch: after a failure, the model as loaded
+                raise
             return
         if self._lora_switch is None:
             if not specs:

@@ -574,7 +574,8 @@ def test_request_loras_reach_a_dit_built_per_use(extra, tmp_path):
 
 def test_a_failing_request_lora_fails_at_the_call_with_a_dit_built_per_use(tmp_path):
     """With unload_modules the request LoRAs are read and checked against the DiT's structure when set
-    (not at the next video): unmatched keys, wrong shapes; a failure keeps the LoRAs set before."""
+    (not at the next video): unmatched keys, wrong shapes; after a failure the model as loaded runs (as
+    LoraSwitch leaves it)."""
     from lightx2v_engine.lora import LoraKeyError
     from test_lora_switch import write_lora
     pipe = Pipeline.random("tiny", {**TINY, "unload_modules": True}, device="cpu")
@@ -591,9 +592,25 @@ def test_a_failing_request_lora_fails_at_the_call_with_a_dit_built_per_use(tmp_p
     from safetensors.torch import save_file
     save_file({"diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.zeros(7, 4),
                "diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(4, 5)}, str(wrong))
+    pipe.set_request_loras([good])
+    assert [s.path for s in pipe._request_loras] == [str((tmp_path / "good.safetensors").resolve())]
     with pytest.raises(LoraKeyError, match="does not give the weight's shape"):
         pipe.set_request_loras([type(good)(str(wrong), 1.0)])
-    assert [s.path for s in pipe._request_loras] == [str(tmp_path / "good.safetensors")]
+    assert pipe._request_loras == ()
+    base = Pipeline.random("tiny", TINY, device="cpu").generate("a cat", seed=1).latents
+    assert torch.equal(pipe.generate("a cat", seed=1).latents, base)
+
+
+def test_relative_request_lora_paths_are_resolved_when_set(tmp_path, monkeypatch):
+    """A DiT built per use reads the request LoRAs again: a relative path means the file it named when set."""
+    from lightx2v_engine.config import LoraSpec
+    from test_lora_switch import write_lora
+    pipe = Pipeline.random("tiny", {**TINY, "unload_modules": True}, device="cpu")
+    (tmp_path / "a").mkdir()
+    write_lora(tmp_path / "a" / "x.safetensors", pipe.dit_meta(), targets=["blocks.0.self_attn.q"])
+    monkeypatch.chdir(tmp_path / "a")
+    pipe.set_request_loras([LoraSpec("x.safetensors", 1.0)])
+    monkeypatch.chdir(tmp_path)  # x.safetensors is not here
     assert pipe.generate("a cat", seed=1).frames.shape == (5, 32, 48, 3)
 
 
@@ -634,3 +651,13 @@ def test_the_same_request_loras_again_are_not_read_again(tmp_path, monkeypatch):
     assert len(reads) == 1
     pipe.set_request_loras([type(spec)(spec.path, 0.5)])  # another strength is another set
     assert len(reads) == 2
+
+
+@pytest.mark.usefixtures("torch_ops")
+def test_a_run_config_built_in_python_with_a_list_of_loras_loads(t2v_folder):
+    """RunConfig(lora_configs=[...]) (a list, not the parsed tuple) loads as before, resident and per use."""
+    from lightx2v_engine.config import RunConfig
+    for unload in (False, True):
+        run = RunConfig(target_video_length=5, target_height=32, target_width=48, lora_configs=[],
+                        unload_modules=unload)
+        assert Pipeline.load(t2v_folder, run, device="cpu").generate("a cat", seed=1).frames.shape == (5, 32, 48, 3)
