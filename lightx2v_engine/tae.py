@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightx2v_engine.checkpoint import assign_checked, read_state_dict_file
-from lightx2v_engine.vae import WAN21_LATENT_MEAN, WAN21_LATENT_STD, _subpixel_weight
+from lightx2v_engine.vae import WAN21_LATENT_MEAN, WAN21_LATENT_STD, _subpixel_weight, _upsample2x_conv
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ class TinyDecoder(nn.Module):
                 mem[i] = x[-1:].clone(memory_format=self.memory_format)
                 x = self.layer(i)(x, prev, self.memory_format)
             x = self._grow(x, self.layer(g))
-            x = _upsample2x_conv2d(x, self._subpixel_for(c), self.memory_format)
+            x = _upsample2x_conv(x, self._subpixel_for(c), None, self.memory_format)
         return self.layer(22)(F.relu_(x))
 
     def _grow(self, x: torch.Tensor, grow: TGrow) -> torch.Tensor:
@@ -233,22 +233,6 @@ class TinyDecoder(nn.Module):
             cached = (key, _subpixel_weight(w).contiguous(memory_format=self.memory_format))
             self._subpixel[i] = cached
         return cached[1]
-
-
-def _upsample2x_conv2d(x: torch.Tensor, weight: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
-    """conv3x3_pad1(nearest_x2(x)) without bias, [N, C, H, W] -> [N, O, 2H, 2W], as a sub-pixel conv
-    (weight = vae._subpixel_weight(w) [4*O, C, 2, 2]): out[.., 2h+a, 2w+b] = y[(2a+b)*O + o, .., h+a, w+b]
-    with y = conv2x2(x padded by 1)."""
-    n, _, h, w = x.shape
-    o = weight.shape[0] // 4
-    y = F.conv2d(x, weight, None, padding=1)
-    out = torch.empty((n, o, 2 * h, 2 * w), dtype=x.dtype, device=x.device, memory_format=fmt)
-    phases = out.view(n, o, h, 2, w, 2)
-    for a in (0, 1):
-        for c in (0, 1):
-            k = 2 * a + c
-            phases[:, :, :, a, :, c].copy_(y[:, k * o:(k + 1) * o, a:a + h, c:c + w])
-    return out
 
 
 def _place(model: TinyDecoder) -> TinyDecoder:

@@ -310,21 +310,23 @@ def _subpixel_weight(w: torch.Tensor) -> torch.Tensor:
     return torch.cat([fold(fold(wf, 2, a), 3, b) for a in (0, 1) for b in (0, 1)]).to(w.dtype)
 
 
-def _upsample2x_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, fmt: torch.memory_format
+def _upsample2x_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fmt: torch.memory_format
                      ) -> torch.Tensor:
-    """Conv2d_k3_pad1(nearest_x2(x)) per frame, [B, C, T, H, W] -> [B, O, T, 2H, 2W], as a sub-pixel conv
-    (weight = `_subpixel_weight(...)` [4*O, C, 1, 2, 2], bias [O]):
-    a (1,2,2) Conv3d with 4*O outputs on x padded by 1 (2.25x fewer FLOPs, no 4x upsampled input), then the
-    phases are scattered: out[.., 2h+a, 2w+b] = y[(2a+b)*O + o, .., h+a, w+b]."""
-    b, _, t, h, w = x.shape
+    """Conv2d_k3_pad1(nearest_x2(x)) per frame, x [B, C, T, H, W] -> [B, O, T, 2H, 2W] (or frames as the
+    batch, x [N, C, H, W] -> [N, O, 2H, 2W]), as a sub-pixel conv (weight = `_subpixel_weight(...)`,
+    [4*O, C, 1, 2, 2] for 5D x, [4*O, C, 2, 2] for 4D; bias [O] or None): a conv with 2x2 taps and 4*O
+    outputs on x padded by 1 (2.25x fewer FLOPs, no 4x upsampled input), then the phases are scattered:
+    out[.., 2h+a, 2w+b] = y[(2a+b)*O + o, .., h+a, w+b]."""
+    b, _, *frames, h, w = x.shape
     o = weight.shape[0] // 4
-    y = F.conv3d(x, weight, bias.repeat(4), padding=(0, 1, 1))
-    out = torch.empty((b, o, t, 2 * h, 2 * w), dtype=x.dtype, device=x.device, memory_format=fmt)
-    phases = out.view(b, o, t, h, 2, w, 2)
+    bias4 = None if bias is None else bias.repeat(4)
+    y = F.conv3d(x, weight, bias4, padding=(0, 1, 1)) if x.dim() == 5 else F.conv2d(x, weight, bias4, padding=1)
+    out = torch.empty((b, o, *frames, 2 * h, 2 * w), dtype=x.dtype, device=x.device, memory_format=fmt)
+    phases = out.view(b, o, *frames, h, 2, w, 2)
     for a in (0, 1):
         for c in (0, 1):
             k = 2 * a + c
-            phases[:, :, :, :, a, :, c].copy_(y[:, k * o:(k + 1) * o, :, a:a + h, c:c + w])
+            phases[..., a, :, c].copy_(y[:, k * o:(k + 1) * o, ..., a:a + h, c:c + w])
     return out
 
 
