@@ -177,7 +177,7 @@ class RunConfig:
     # model is loaded for every video)
     unload_modules: bool = False
     # lazy_load: LightX2V streams the offloaded DiT's blocks from disk and, as under unload_modules, loads
-    # every model per use. Here it does the latter; each DiT built is read whole into host memory.
+    # every model per use. Here it does the latter; each DiT built is read whole.
     lazy_load: bool = False
     # LightX2V's 8-bit encoders: t5_quantized loads t5_quantized_ckpt, else models_t5_umt5-xxl-enc-{fp8,int8}.pth
     # (by t5_quant_scheme); clip_quantized likewise (models_clip_open-clip-xlm-roberta-large-vit-huge-14-{..}.pth
@@ -488,7 +488,7 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
                   f"through two device slots; phase granularity would save about one block of device memory)")
     if out.get("lazy_load") and warn:
         warn_user(f"{source}: lazy_load loads every model per use (as unload_modules); the DiT's "
-                  f"blocks are not streamed from disk: each DiT built is read whole into host memory")
+                  f"blocks are not streamed from disk: each DiT built is read whole (into host memory with cpu_offload)")
     if out.get("use_tae") and out.get("use_tiling_vae") and warn:
         warn_user(f"{source}: use_tiling_vae does not apply to the tiny decoder (use_tae), which streams frames "
                   f"in chunks; it still tiles I2V's image encode")

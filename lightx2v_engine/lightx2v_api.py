@@ -11,7 +11,7 @@ Pipeline, for scripts written against LightX2V:
 The enable_* calls collect LightX2V config keys; create_generator validates them once (the config
 parser's errors and warnings) and loads the models; generate runs one video. What the engine does not
 support raises a clear error here (Wan2.2 checkpoints, tensor parallelism); keys it accepts without
-acting on (caching, light VAEs, compile) warn as they do in a JSON config.
+acting on (caching, compile) warn as they do in a JSON config.
 """
 from __future__ import annotations
 

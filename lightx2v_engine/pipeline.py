@@ -377,8 +377,7 @@ class Pipeline:
             _place_dit(dit, run, dev)
             return dit
         t5 = tok = clip = None
-        builders: dict[str, Callable[[], torch.nn.Module]] = {}
-        models, loaders = _build_or_defer({"dit": random_dit}, _per_use(run))
+        builders: dict[str, Callable[[], torch.nn.Module]] = {"dit": random_dit}
         if with_encoders:
             cpu = torch.device("cpu")
             t5cfg = t5_mod.T5Config.tiny() if tiny else t5_mod.T5Config.umt5_xxl()
@@ -411,11 +410,8 @@ class Pipeline:
                 if run.clip_quantized:
                     clip_mod.quantize_clip_(clip, run.clip_quant_scheme)
                 return clip
-
-            built, deferred = _build_or_defer(builders, _per_use(run))
-            models.update(built)
-            loaders.update(deferred)
-
+        models, loaders = _build_or_defer(builders, _per_use(run))
+        if with_encoders:
             def encoders():
                 enc = {"t5": random_t5, **({"clip": random_clip} if mcfg.is_i2v else {})}
                 built, deferred = _build_or_defer(enc, _per_use(run))
