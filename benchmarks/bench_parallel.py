@@ -8,7 +8,10 @@ timings (perf_counter on the CPU), inputs prepared outside the timed region:
 - `step_ms_seq_p<N>`: the forward with the tokens split over the N ranks (all ranks; rank 0's time);
 - `speedup` = 1gpu / seq_p, `efficiency` = speedup / N, and the relative L2 distance of the two outputs;
 - `comm_gbps`: the bus bandwidth of one layer's collective at the step's size ((N-1)/N x bytes / time): the
-  q/k/v all-to-all (ulysses) or the k/v all-gather (ring).
+  q/k/v all-to-all (ulysses) or the k/v all-gather (ring);
+- the same with seq_p_quant_scheme "fp8" (the collective moves fp8 rows + scales): `step_ms_seq_p<N>_fp8comm`,
+  `fp8comm_speedup` (bf16 collectives / fp8 ones, whole step), `relerr_fp8comm_vs_1gpu`, and `comm_ms_fp8`
+  (one layer's packing, collective and unpacking).
 Rank 0 prints a table and writes parallel_summary.json (+ a row in parallel.csv) into --out ($OUT or
 benchmarks/out). `--preset tiny --frames 9 --height 64 --width 96` runs on CPUs with gloo (the tests).
 """
@@ -30,7 +33,8 @@ from csv_history import append_csv  # noqa: E402
 
 from lightx2v_engine.config import PRESETS  # noqa: E402
 from lightx2v_engine.loading import build_dit  # noqa: E402
-from lightx2v_engine.parallel import ParallelConfig, all_gather, all_to_all, init_parallel  # noqa: E402
+from lightx2v_engine.parallel import (ParallelConfig, SeqParallel, all_gather, all_to_all, init_parallel,  # noqa: E402
+                                      pack_fp8_rows, unpack_fp8_rows)
 
 PRESET_NAMES = {"1.3b": "wan2.1-t2v-1.3b", "14b": "wan2.1-t2v-14b", "tiny": "tiny"}
 
@@ -79,29 +83,37 @@ def main(argv=None) -> int:
         model.seq_parallel = par.seq
         summary[f"step_ms_seq_p{world}"] = ms = run(lambda: model(x, t, ctx, clip, y), warmup=1)
         out = model(x, t, ctx, clip, y)
+        model.seq_parallel = SeqParallel(par.seq.group, args.mode, "fp8")
+        summary[f"step_ms_seq_p{world}_fp8comm"] = ms8 = run(lambda: model(x, t, ctx, clip, y), warmup=1)
+        out8 = model(x, t, ctx, clip, y)
+        model.seq_parallel = par.seq
         # one layer's collective at this step's size: the q/k/v all-to-all [world, 3, 1, Ls, H/world, D], or
         # the k/v all-gather of [Ls, 1, 2, H, D] per rank; bus bytes = (world-1)/world of the full buffer
         L = ((args.frames - 1) // 4 + 1) * (args.height // 16) * (args.width // 16)
         ls = -(-L // world)
         if args.mode == "ulysses":
             buf = torch.randn(world, 3, 1, ls, cfg.num_heads // world, cfg.head_dim, device=device).to(dt)
-            comm_ms = run(lambda: all_to_all(buf, par.seq.group), warmup=1)
+            collective = all_to_all
             nbytes = buf.numel() * buf.element_size()
         else:
             buf = torch.randn(ls, 1, 2, cfg.num_heads, cfg.head_dim, device=device).to(dt)
-            comm_ms = run(lambda: all_gather(buf, par.seq.group), warmup=1)
+            collective = all_gather
             nbytes = buf.numel() * buf.element_size() * world
+        comm_ms = run(lambda: collective(buf, par.seq.group), warmup=1)
+        comm_ms_fp8 = run(lambda: unpack_fp8_rows(collective(pack_fp8_rows(buf), par.seq.group), dt), warmup=1)
     if par.is_main:
         base = summary["step_ms_1gpu"]
         summary.update(speedup=base / ms, efficiency=base / ms / world, relerr_vs_1gpu=rel_l2(out, ref),
-                       comm_ms=comm_ms, comm_gbps=nbytes * (world - 1) / world / (comm_ms * 1e-3) / 1e9)
+                       comm_ms=comm_ms, comm_gbps=nbytes * (world - 1) / world / (comm_ms * 1e-3) / 1e9,
+                       fp8comm_speedup=ms / ms8, relerr_fp8comm_vs_1gpu=rel_l2(out8, ref), comm_ms_fp8=comm_ms_fp8)
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "parallel_summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         append_csv(os.path.join(args.out, "parallel.csv"), list(summary), [summary])
         print(f"{'figure':<24} value   ({summary['gpu']}, {args.preset}, {summary['shape']}, {args.mode})")
         for k in ("step_ms_1gpu", f"step_ms_seq_p{world}", "speedup", "efficiency", "relerr_vs_1gpu",
-                  "comm_ms", "comm_gbps"):
+                  "comm_ms", "comm_gbps", f"step_ms_seq_p{world}_fp8comm", "fp8comm_speedup",
+                  "relerr_fp8comm_vs_1gpu", "comm_ms_fp8"):
             print(f"{k:<24} {summary[k]:.4g}")
     return 0
 

@@ -461,7 +461,7 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
 
     if "parallel" in vals:
         from lightx2v_engine.parallel import parse_parallel
-        out["parallel"], notes = parse_parallel(vals["parallel"], source)
+        out["parallel"], notes = parse_parallel(vals["parallel"], source, warn)
         if notes and warn:
             warn_user(f"{source}: accepted but not acted on by lightx2v-engine: {', '.join(notes)}")
 

@@ -101,10 +101,13 @@ class LightX2VPipeline:
     def enable_compile(self) -> None:
         self._set(use_compile=True)
 
-    def enable_parallel(self, cfg_p_size: int = 1, seq_p_size: int = 1, seq_p_attn_type: str = "ulysses") -> None:
+    def enable_parallel(self, cfg_p_size: int = 1, seq_p_size: int = 1, seq_p_attn_type: str = "ulysses",
+                        seq_p_quant_scheme: str | None = None) -> None:
         """Multi-GPU under torchrun (world size = cfg_p_size * seq_p_size): see lightx2v_engine/parallel.py.
-        Every rank runs the same script; only rank 0 writes the video."""
-        self._set(parallel={"cfg_p_size": cfg_p_size, "seq_p_size": seq_p_size, "seq_p_attn_type": seq_p_attn_type})
+        Every rank runs the same script; only rank 0 writes the video. seq_p_quant_scheme "fp8": the
+        sequence-parallel collectives move fp8 rows with their scales."""
+        self._set(parallel={"cfg_p_size": cfg_p_size, "seq_p_size": seq_p_size, "seq_p_attn_type": seq_p_attn_type,
+                            "seq_p_quant_scheme": seq_p_quant_scheme})
 
     # ------------------------------------------------------------------ build and run
     def create_generator(self, attn_mode: str = "flash_attn2", infer_steps: int = 50, num_frames: int = 81,

@@ -15,7 +15,12 @@ Self-attention needs every key:
 - "ring" (LightX2V's ring attention): here the k/v shards are all-gathered and each rank attends its queries
   to the whole sequence - the same result as ring attention, any head count, more memory (full k and v).
 Padding rows never act as keys (the gathered sequence is cut back to its true length before attention), so
-the result equals the single-GPU one up to the GEMMs' summation order. The head runs on the shard and the
+the result equals the single-GPU one up to the GEMMs' summation order. With ``seq_p_quant_scheme: "fp8"`` (or
+LightX2V's older ``seq_p_fp8_comm: true``) the q/k/v all-to-all (ulysses) or the k/v all-gather (ring) moves
+each [head_dim] row as fp8 e4m3 with its fp32 scale (amax / 448): D + 4 bytes instead of 2D (1.94x less
+traffic at D = 128), at about 2-3% relative error per element; the attention output travels back in the
+model's dtype. It pays where the links are slow (PCIe); over NVLink the quantization can cost more than the
+traffic it saves (bench_parallel.py --fp8-comm measures both). The head runs on the shard and the
 outputs are all-gathered (as LightX2V).
 
 Collectives are torch's functional ones (``torch.ops._c10d_functional``: traceable, no host sync). The
@@ -51,6 +56,7 @@ class ParallelConfig:
     seq_p_attn_type: str = "ulysses"
     cfg_p_size: int = 1
     vae_parallel: bool = False  # the VAE decodes in spatial tiles spread over all ranks (decode_tiled)
+    seq_p_quant_scheme: str | None = None  # "fp8": q/k/v (ulysses) or k/v (ring) travel as fp8 rows + scales
 
     @property
     def world_size(self) -> int:
@@ -61,14 +67,18 @@ class ParallelConfig:
         return self.world_size > 1
 
 
+SEQ_P_QUANT_SCHEMES = ("fp8",)
+
 # parallel.* keys LightX2V has that change nothing here (what runs instead, for the warning)
 _PARALLEL_IGNORED = {
-    "seq_p_quant_scheme": "the all-to-all moves bf16",
-    "seq_p_fp8_comm": "the all-to-all moves bf16",
+    "seq_p_tensor_fusion": "q, k and v always travel in one collective",
+    "seq_p_head_parallel": "one collective for all heads",
+    "seq_p_a2a_backend": "torch's all_to_all_single",
+    "seq_p_prepost_backend": "torch",
 }
 
 
-def parse_parallel(value: Any, source: str = "config") -> tuple[ParallelConfig, list[str]]:
+def parse_parallel(value: Any, source: str = "config", warn: bool = True) -> tuple[ParallelConfig, list[str]]:
     """The ``parallel`` value (an object, or false/null/{} for none) -> (ParallelConfig, notes on keys that
     are accepted but not acted on). Errors name the key and the value."""
     if value is None or value is False or value == {}:
@@ -78,8 +88,10 @@ def parse_parallel(value: Any, source: str = "config") -> tuple[ParallelConfig, 
                          f"{{\"seq_p_size\": 4, \"seq_p_attn_type\": \"ulysses\", \"cfg_p_size\": 2}}")
     if not isinstance(value, dict):
         raise ValueError(f"{source}: config key 'parallel' = {value!r}: expected an object")
-    known = ("seq_p_size", "seq_p_attn_type", "cfg_p_size", "tensor_p_size", "vae_parallel")
+    known = ("seq_p_size", "seq_p_attn_type", "cfg_p_size", "tensor_p_size", "vae_parallel", "seq_p_quant_scheme",
+             "seq_p_fp8_comm", "seq_p_fp4_comm")
     vals, notes = {}, []
+    legacy = None  # the scheme LightX2V's older seq_p_fp8_comm / seq_p_fp4_comm flags ask for
     for key, v in value.items():
         name = f"parallel.{key}"
         if key in ("seq_p_size", "cfg_p_size", "tensor_p_size"):
@@ -102,6 +114,18 @@ def parse_parallel(value: Any, source: str = "config") -> tuple[ParallelConfig, 
             if v not in SEQ_P_ATTN_TYPES:
                 raise ValueError(f"{source}: config key {name!r} = {v!r}: expected one of {list(SEQ_P_ATTN_TYPES)}")
             vals[key] = v
+        elif key in ("seq_p_fp8_comm", "seq_p_fp4_comm"):
+            if not isinstance(v, bool):
+                raise ValueError(f"{source}: config key {name!r} = {v!r}: expected true/false")
+            if v:
+                if legacy is not None:
+                    raise ValueError(f"{source}: config keys 'parallel.seq_p_fp8_comm' and 'parallel.seq_p_fp4_comm' "
+                                     f"are both true: choose one (or set parallel.seq_p_quant_scheme)")
+                legacy = key[6:9]
+        elif key == "seq_p_quant_scheme":
+            if v is not None and v not in ("fp8", "fp4"):
+                raise ValueError(f"{source}: config key {name!r} = {v!r}: expected null, \"fp8\" or \"fp4\"")
+            vals[key] = v
         elif key in _PARALLEL_IGNORED:
             notes.append(f"{name} ({_PARALLEL_IGNORED[key]})")
         else:
@@ -109,6 +133,19 @@ def parse_parallel(value: Any, source: str = "config") -> tuple[ParallelConfig, 
             if close:
                 raise ValueError(f"{source}: unknown config key {name!r} (did you mean 'parallel.{close[0]}'?)")
             notes.append(name)
+    scheme = vals.get("seq_p_quant_scheme")
+    if legacy is not None:
+        if scheme is not None and scheme != legacy:
+            raise ValueError(f"{source}: config key 'parallel.seq_p_quant_scheme' = {scheme!r} conflicts with "
+                             f"'parallel.seq_p_{legacy}_comm' = true: keep one of them")
+        scheme = legacy
+    if scheme == "fp4":
+        from lightx2v_engine.config import warn_user
+        if warn:
+            warn_user(f"{source}: parallel fp4 communication (seq_p_quant_scheme / seq_p_fp4_comm) is not implemented "
+                      f"in lightx2v-engine; the sequence-parallel collectives move fp8 instead")
+        scheme = "fp8"
+    vals["seq_p_quant_scheme"] = scheme
     return ParallelConfig(**vals), notes
 
 
@@ -153,6 +190,24 @@ def all_gather(t: torch.Tensor, group) -> torch.Tensor:
     return _c10d().wait_tensor(out)
 
 
+def pack_fp8_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., D] float -> uint8 [..., D + 4]: each row's fp8 e4m3 values q = cvt(x * 448 / amax), then the
+    4 bytes of its fp32 scale s = amax / 448 (amax = max(max |row|, 1e-12); quant.per_token_quant: the csrc
+    kernel on CUDA). x ~= q * s; a row of zeros comes back as zeros."""
+    from lightx2v_engine.quant import per_token_quant
+    d = x.shape[-1]
+    q, s = per_token_quant(x.reshape(-1, d), "fp8")
+    return torch.cat([q.view(torch.uint8), s.view(torch.uint8)], dim=1).view(*x.shape[:-1], d + 4)
+
+
+def unpack_fp8_rows(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """pack_fp8_rows' bytes [..., D + 4] -> [..., D] in `dtype` (q * s, computed in fp32)."""
+    d = p.shape[-1] - 4
+    q = p[..., :d].view(torch.float8_e4m3fn)
+    s = p[..., d:].contiguous().view(torch.float32)
+    return (q.float() * s).to(dtype)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Sequence parallel
 # ----------------------------------------------------------------------------------------------------
@@ -161,10 +216,12 @@ class SeqParallel:
     """This rank's share of one sequence-parallel group: rows [rank * Ls, (rank + 1) * Ls) of the sequence
     zero-padded to size * Ls. Set as ``WanDiT.seq_parallel``."""
 
-    def __init__(self, group, mode: str = "ulysses"):
+    def __init__(self, group, mode: str = "ulysses", quant: str | None = None):
         if mode not in SEQ_P_ATTN_TYPES:
             raise ValueError(f"seq_p_attn_type must be one of {list(SEQ_P_ATTN_TYPES)}, got {mode!r}")
-        self.group, self.mode = group, mode
+        if quant is not None and quant not in SEQ_P_QUANT_SCHEMES:
+            raise ValueError(f"seq_p_quant_scheme must be None or one of {list(SEQ_P_QUANT_SCHEMES)}, got {quant!r}")
+        self.group, self.mode, self.quant = group, mode, quant
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
         self._rope: dict[tuple, Any] = {}
 
@@ -206,18 +263,25 @@ class SeqParallel:
         """Self-attention over the whole sequence for this rank's queries.
 
         q, k, v [B, Ls, H, D] (RoPE applied); seq_len the true length L; attn(q, k, v) -> o on [B, L, H', D]
-        inputs. Returns [B, Ls, H, D]."""
+        inputs. Returns [B, Ls, H, D]. With quant "fp8" the q/k/v (k/v) collective moves pack_fp8_rows' bytes."""
         B, ls, H, D = q.shape
         n = self.size
         if self.mode == "ring":  # every rank gathers all keys and values
-            kv = all_gather(torch.stack([k, v]).transpose(0, 2), self.group)  # [n*Ls, B, 2, H, D]
+            kv = torch.stack([k, v]).transpose(0, 2)  # [Ls, B, 2, H, D]
+            if self.quant:
+                kv = unpack_fp8_rows(all_gather(pack_fp8_rows(kv.contiguous()), self.group), k.dtype)
+            else:
+                kv = all_gather(kv, self.group)  # [n*Ls, B, 2, H, D]
             kv = kv[:seq_len].permute(2, 1, 0, 3, 4).contiguous()  # [2, B, L, H, D]
             return attn(q, kv[0], kv[1])
         self.check_heads(H)
         hs = H // n
         # [3, B, Ls, n, H/n, D] -> [n, 3, B, Ls, H/n, D]: chunk j (heads of rank j) goes to rank j
         send = torch.stack([q, k, v]).view(3, B, ls, n, hs, D).permute(3, 0, 1, 2, 4, 5)
-        recv = all_to_all(send, self.group)  # [n (token shard), 3, B, Ls, H/n, D]
+        if self.quant:
+            recv = unpack_fp8_rows(all_to_all(pack_fp8_rows(send.contiguous()), self.group), q.dtype)
+        else:
+            recv = all_to_all(send, self.group)  # [n (token shard), 3, B, Ls, H/n, D]
         full = recv.permute(1, 2, 0, 3, 4, 5).reshape(3, B, n * ls, hs, D)[:, :, :seq_len]
         o = attn(full[0], full[1], full[2])  # [B, L, H/n, D]
         if o.shape[1] < n * ls:
@@ -379,15 +443,16 @@ def init_parallel(pcfg: ParallelConfig, device: torch.device) -> Parallel | None
     for cc in range(C):  # every rank creates every group, in the same order
         g = dist.new_group([cc * S + j for j in range(S)]) if S > 1 else None
         if cc == c and g is not None:
-            state.seq = SeqParallel(g, pcfg.seq_p_attn_type)
+            state.seq = SeqParallel(g, pcfg.seq_p_attn_type, pcfg.seq_p_quant_scheme)
     for ss in range(S):
         g = dist.new_group([cc * S + ss for cc in range(C)]) if C > 1 else None
         if ss == s:
             state.cfg_group = g
     if created:
         atexit.register(_shutdown)  # (a gloo group left alive at exit aborts the process)
-    log.info("parallel: rank %d of %d (cfg branch %d, sequence shard %d of %d, %s) on %s", rank, world, c, s, S,
-             pcfg.seq_p_attn_type, device)
+    log.info("parallel: rank %d of %d (cfg branch %d, sequence shard %d of %d, %s%s) on %s", rank, world, c, s, S,
+             pcfg.seq_p_attn_type, f", {pcfg.seq_p_quant_scheme} collectives" if pcfg.seq_p_quant_scheme else "",
+             device)
     _STATE = state
     return state
 

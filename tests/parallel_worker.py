@@ -20,7 +20,7 @@ USE_CUDA = sys.argv[2] == "cuda"
 if not USE_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from lightx2v_engine import ops  # noqa: E402
+from lightx2v_engine import ops, parallel  # noqa: E402
 from lightx2v_engine.config import ModelConfig
 from lightx2v_engine.loading import build_dit  # noqa: E402
 from lightx2v_engine.parallel import ParallelConfig, SeqParallel, decode_tiled, init_parallel  # noqa: E402
@@ -37,11 +37,15 @@ CASES = [
     ("ulysses_tiny_len", 4, 32, "ulysses", (1, 4, 4), False, "torch"),
     ("ulysses_kernels", 2, 128, "ulysses", (3, 6, 10), False, "kernels"),  # 45 tokens
     ("ring_kernels", 2, 128, "ring", (3, 6, 10), False, "kernels"),
+    # seq_p_quant_scheme "fp8": the collectives move fp8 rows with their scales
+    ("ulysses_fp8", 2, 32, "ulysses", (3, 10, 14), False, "torch", "fp8"),
+    ("ring_fp8", 2, 32, "ring", (3, 10, 14), False, "torch", "fp8"),
+    ("ulysses_fp8_kernels", 2, 128, "ulysses", (3, 6, 10), False, "kernels", "fp8"),
 ]
 
 
 def run_case(heads: int, head_dim: int, mode: str, grid: tuple[int, int, int], i2v: bool, backend: str,
-             device: torch.device) -> dict:
+             quant: str | None, device: torch.device) -> dict:
     cfg = ModelConfig("custom", "i2v" if i2v else "t2v", heads * head_dim, 96, heads, 2, in_dim=36 if i2v else 16,
                       text_dim=48, image_dim=40)
     dtype = torch.float32 if backend == "torch" else (torch.bfloat16 if device.type == "cuda" else torch.float16)
@@ -53,19 +57,30 @@ def run_case(heads: int, head_dim: int, mode: str, grid: tuple[int, int, int], i
     ctx = torch.randn(1, 12, 48, generator=g).to(device)
     clip_fea = torch.randn(1, 257, 40, generator=g).to(device) if i2v else None
     y = torch.randn(1, 20, *grid, generator=g).to(device) if i2v else None
-    rows = []
+    rows, moved = [], set()
     dit.blocks[0].self_attn.o.register_forward_hook(lambda m, a, o: rows.append(a[0].shape[1]))
     ops.set_backend(backend)
     try:
         with torch.no_grad():
             ref = dit(x, t, ctx, clip_fea, y)
-            sp = SeqParallel(torch.distributed.group.WORLD, mode)
+            sp = SeqParallel(torch.distributed.group.WORLD, mode, quant)
             sp.check_heads(heads)
             dit.seq_parallel = sp
-            out = dit(x, t, ctx, clip_fea, y)
+            collective = parallel.all_gather if mode == "ring" else parallel.all_to_all
+            name = collective.__name__
+
+            def spy(t, group):  # the dtype the attention's collective moves
+                moved.add(str(t.dtype))
+                return collective(t, group)
+            setattr(parallel, name, spy)
+            try:
+                out = dit(x, t, ctx, clip_fea, y)
+            finally:
+                setattr(parallel, name, collective)
     finally:
         ops.set_backend("auto")
-    return {"rel": ((out - ref).norm() / ref.norm()).item(), "tokens": rows[-1], "shape": list(out.shape)}
+    return {"rel": ((out - ref).norm() / ref.norm()).item(), "tokens": rows[-1], "shape": list(out.shape),
+            "moved": sorted(moved)}
 
 
 def vae_case(par, device) -> dict:
@@ -113,7 +128,7 @@ def main() -> None:
     results = {}
     for name, *case in CASES:
         try:
-            results[name] = run_case(*case, par.device)
+            results[name] = run_case(*case, *([None] if len(case) == 6 else []), par.device)
         except ValueError as e:
             results[name] = {"error": str(e)}
     results["vae"] = vae_case(par, par.device)

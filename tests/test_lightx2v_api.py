@@ -41,8 +41,9 @@ def test_call_order_and_unsupported_options(folder, tmp_path):
         LightX2VPipeline(task="flf2v", model_path=str(folder), model_cls="wan2.1")
     pipe = LightX2VPipeline(task="t2v", model_path=str(folder), model_cls="wan2.1_distill", device="cpu")
     par = LightX2VPipeline(task="t2v", model_path=str(folder), model_cls="wan2.1_distill", device="cpu")
-    par.enable_parallel(seq_p_size=4, cfg_p_size=2)  # a torchrun world of 8 is checked at create_generator
-    assert par.config["parallel"] == {"cfg_p_size": 2, "seq_p_size": 4, "seq_p_attn_type": "ulysses"}
+    par.enable_parallel(seq_p_size=4, cfg_p_size=2, seq_p_quant_scheme="fp8")  # world 8: checked at create_generator
+    assert par.config["parallel"] == {"cfg_p_size": 2, "seq_p_size": 4, "seq_p_attn_type": "ulysses",
+                                      "seq_p_quant_scheme": "fp8"}
     with pytest.raises(ValueError, match="world size is 1"):
         par.create_generator(num_frames=9, height=64, width=96, guidance_scale=1.0)
     with pytest.raises(RuntimeError, match="create_generator first"):
