@@ -374,6 +374,24 @@ class Parallel:
         self.send(what, error=None)
         return value
 
+    def agree(self, what: str, error: BaseException | None) -> None:
+        """Every rank's outcome of a step all ranks ran (e.g. building the DiT), agreed by all: returns when
+        none failed; otherwise every rank raises RankError naming the ranks that failed and why (on a rank
+        that failed, chained to its own exception). Over the gloo control group."""
+        errors = [None] * self.world_size
+        dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}",
+                               group=self.control)
+        by_message: dict[str, list[int]] = {}
+        for r, e in enumerate(errors):
+            if e is not None:
+                by_message.setdefault(e, []).append(r)
+        if by_message:
+            where = ["every rank" if len(ranks) == self.world_size else
+                     ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
+                     for ranks in by_message.values()]
+            raise RankError(f"failed to {what} on " + "; ".join(f"{w}: {m}" for w, m in zip(where, by_message))) \
+                from error
+
     def cfg_gather(self, v: torch.Tensor) -> torch.Tensor:
         """v [B, ...] of this rank's CFG branch -> [2B, ...]: cond rows first, then uncond."""
         return all_gather(v, self.cfg_group)
@@ -384,6 +402,11 @@ class Parallel:
 
 class RankZeroError(ValueError):
     """A step run on rank 0 alone failed; every rank raises it at the same point (the ranks stay in step)."""
+
+
+class RankError(ValueError):
+    """A step every rank ran failed on some of them (Parallel.agree); every rank raises it at the same point
+    (the ranks stay in step)."""
 
 
 _STATE: Parallel | None = None

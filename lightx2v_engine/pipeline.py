@@ -448,21 +448,32 @@ class Pipeline:
         return getattr(self, name) is not None or name in self.loaders
 
     @contextlib.contextmanager
-    def _use(self, name: str):
+    def _use(self, name: str, everywhere: bool = False):
         """With unload_modules: the model `name` is built (from its file) into its attribute for the block
         and freed after it, as LightX2V's unload_modules; otherwise the resident model is used. The block
-        reads the attribute (self.t5, ...) and keeps no other reference, so the memory is free at exit."""
+        reads the attribute (self.t5, ...) and keeps no other reference, so the memory is free at exit.
+        everywhere (multi-GPU, the model built on every rank): the ranks agree on the builds' outcome first,
+        so that one rank's failure (out of memory, an unreadable file) is an error on all of them
+        (parallel.RankError) instead of leaving the others waiting in the model's first collective."""
         build = self.loaders.get(name)
         if build is None or getattr(self, name) is not None:
             yield
             return
         t0 = time.perf_counter()
         try:
-            if name == "dit":  # with set_request_loras' LoRAs merged in
-                self.dit = build(self._request_loras)
-                self._setup_dit(self.dit)
-            else:
-                setattr(self, name, build())
+            error = None
+            try:
+                if name == "dit":  # with set_request_loras' LoRAs merged in
+                    self.dit = build(self._request_loras)
+                    self._setup_dit(self.dit)
+                else:
+                    setattr(self, name, build())
+            except Exception as e:  # noqa: BLE001 (reported to every rank, then raised)
+                if not (everywhere and self.parallel is not None):
+                    raise
+                error = e
+            if everywhere and self.parallel is not None:
+                self.parallel.agree(f"build the {dict(dit='DiT', vae='VAE').get(name, name)}", error)
             log.info("unload_modules: %s loaded in %.0f ms", name, (time.perf_counter() - t0) * 1e3)
             yield
         finally:
@@ -551,7 +562,7 @@ class Pipeline:
         with contextlib.ExitStack() as stack:
             if self.dit is None and "dit" in self.loaders:  # unload_modules: the DiT built for this loop
                 with timings.measure("dit load", self.device):
-                    stack.enter_context(self._use("dit"))
+                    stack.enter_context(self._use("dit", everywhere=True))
             stack.enter_context(offloaded(self.dit, self.device, _dit_moves_whole(self.run_cfg), stream_blocks=False))
             return self._denoise(noise, context, neg_context, clip_fea, y, seed, timings, progress)
 
@@ -644,7 +655,8 @@ class Pipeline:
                 return video_to_uint8(self.tae.decode(latents[None].to(self.device)))
         if not self._available("vae"):
             raise RuntimeError("this pipeline has no VAE: built with with_encoders=False")
-        with self._use("vae"), offloaded(self.vae, self.device, self.run_cfg.vae_cpu_offload):
+        with self._use("vae", everywhere=self._decode_everywhere()), \
+                offloaded(self.vae, self.device, self.run_cfg.vae_cpu_offload):
             z = latents[None].to(self.device)
             if self._decode_everywhere():
                 video = decode_tiled(self.vae, z, True, self.parallel)

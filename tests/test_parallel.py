@@ -329,6 +329,54 @@ def test_cli_unload_modules_under_torchrun(tmp_path):
     assert ((two - one).norm() / one.norm()).item() < 1e-5
 
 
+BUILD_FAILURE_SCRIPT = """
+import sys
+import torch
+from lightx2v_engine.parallel import RankError
+from lightx2v_engine.pipeline import Pipeline
+size = {"target_video_length": 5, "target_height": 32, "target_width": 48}
+pipe = Pipeline.random("tiny", {**size, "unload_modules": True, "parallel": {"seq_p_size": 2, "vae_parallel": True}},
+                       device="cpu")
+rank = pipe.parallel.rank
+for name, failing_rank in (("dit", 1), ("vae", 0)):  # one rank's build fails (after its collectives, if any)
+    build = pipe.loaders[name]
+
+    def failing(*args, build=build, failing_rank=failing_rank):
+        model = build(*args)
+        if rank == failing_rank:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return model
+    pipe.loaders[name] = failing
+    try:
+        pipe.generate("a cat", seed=1)
+        print("NO ERROR", name, rank)
+    except RankError as e:
+        print("ERROR", name, rank, e, "| freed:", pipe.dit is None and pipe.vae is None)
+    pipe.loaders[name] = build
+out = pipe.generate("a cat", seed=1)  # the ranks are still in step
+print("NEXT", rank, out.frames is not None, float(out.latents.norm()))
+"""
+
+
+def test_build_failure_on_one_rank_is_an_error_on_all(tmp_path):
+    """unload_modules under torchrun: a DiT (or, with vae_parallel, a VAE) build that fails on one rank
+    alone (here an injected out-of-memory) is a RankError on every rank naming that rank and its error, the
+    models are freed, and the next video is made in step."""
+    script = tmp_path / "script.py"
+    script.write_text(BUILD_FAILURE_SCRIPT)
+    r = torchrun(2, str(script))
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = sorted(line for line in r.stdout.splitlines() if line.startswith(("ERROR", "NO ERROR", "NEXT")))
+    assert len(lines) == 6, r.stdout
+    for rank in (0, 1):
+        for name, who, what in (("dit", 1, "DiT"), ("vae", 0, "VAE")):
+            assert f"ERROR {name} {rank} failed to build the {what} on rank {who}: OutOfMemoryError: CUDA out of " \
+                   f"memory (injected) | freed: True" in lines, lines
+    next_lines = [line.split() for line in lines if line.startswith("NEXT")]
+    assert sorted(line[2] for line in next_lines) == ["False", "True"]  # rank 0 alone gets the frames
+    assert next_lines[0][3] == next_lines[1][3]  # the same latents on both ranks
+
+
 def test_cli_cfg_groups_without_cfg(tmp_path):
     """cfg_p_size 2 without CFG (LightX2V's *_ulysses layout): the two ranks split the sequence instead of
     computing the same thing; the latents are the one-process run's."""
