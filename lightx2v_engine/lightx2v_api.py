@@ -107,7 +107,7 @@ class LightX2VPipeline:
         Every rank runs the same script; only rank 0 writes the video. seq_p_quant_scheme "fp8": the
         sequence-parallel collectives move fp8 rows with their scales."""
         self._set(parallel={"cfg_p_size": cfg_p_size, "seq_p_size": seq_p_size, "seq_p_attn_type": seq_p_attn_type,
-                            "seq_p_quant_scheme": seq_p_quant_scheme})
+                            **({"seq_p_quant_scheme": seq_p_quant_scheme} if seq_p_quant_scheme else {})})
 
     # ------------------------------------------------------------------ build and run
     def create_generator(self, attn_mode: str = "flash_attn2", infer_steps: int = 50, num_frames: int = 81,
@@ -141,6 +141,8 @@ class LightX2VPipeline:
             if distill:
                 keys["denoising_step_list"] = steps
         config = {**keys, **self.config}
+        if isinstance(keys.get("parallel"), dict) and "parallel" in self.config:  # enable_parallel's keys on top
+            config["parallel"] = {**keys["parallel"], **self.config["parallel"]}
         dynamic = []
         self._dynamic_lora = config.pop("lora_dynamic_apply", None) is True  # (also from config_json)
         if self._dynamic_lora:  # switchable LoRAs: applied after loading, see switch_lora

@@ -20,7 +20,7 @@ LightX2V's older ``seq_p_fp8_comm: true``) the q/k/v all-to-all (ulysses) or the
 each [head_dim] row as fp8 e4m3 with its fp32 scale (amax / 448): D + 4 bytes instead of 2D (1.94x less
 traffic at D = 128), at about 2-3% relative error per element; the attention output travels back in the
 model's dtype. It pays where the links are slow (PCIe); over NVLink the quantization can cost more than the
-traffic it saves (bench_parallel.py --fp8-comm measures both). The head runs on the shard and the
+traffic it saves (bench_parallel.py measures both in one run). The head runs on the shard and the
 outputs are all-gathered (as LightX2V).
 
 Collectives are torch's functional ones (``torch.ops._c10d_functional``: traceable, no host sync). The
@@ -73,6 +73,7 @@ SEQ_P_QUANT_SCHEMES = ("fp8",)
 _PARALLEL_IGNORED = {
     "seq_p_tensor_fusion": "q, k and v always travel in one collective",
     "seq_p_head_parallel": "one collective for all heads",
+    "seq_p_head_parallel_group_size": "one collective for all heads",
     "seq_p_a2a_backend": "torch's all_to_all_single",
     "seq_p_prepost_backend": "torch",
 }
@@ -115,6 +116,8 @@ def parse_parallel(value: Any, source: str = "config", warn: bool = True) -> tup
                 raise ValueError(f"{source}: config key {name!r} = {v!r}: expected one of {list(SEQ_P_ATTN_TYPES)}")
             vals[key] = v
         elif key in ("seq_p_fp8_comm", "seq_p_fp4_comm"):
+            if v is None:
+                continue
             if not isinstance(v, bool):
                 raise ValueError(f"{source}: config key {name!r} = {v!r}: expected true/false")
             if v:
@@ -201,11 +204,11 @@ def pack_fp8_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_fp8_rows(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """pack_fp8_rows' bytes [..., D + 4] -> [..., D] in `dtype` (q * s, computed in fp32)."""
+    """pack_fp8_rows' bytes [..., D + 4] -> [..., D] in `dtype` (q * s, computed in `dtype`)."""
     d = p.shape[-1] - 4
     q = p[..., :d].view(torch.float8_e4m3fn)
-    s = p[..., d:].contiguous().view(torch.float32)
-    return (q.float() * s).to(dtype)
+    s = p[..., d:].clone(memory_format=torch.contiguous_format).view(torch.float32)  # (4-byte aligned)
+    return q.to(dtype).mul_(s.to(dtype))  # (no fp32 copy of the whole buffer: the rounding is fp8's anyway)
 
 
 # ----------------------------------------------------------------------------------------------------

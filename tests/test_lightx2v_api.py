@@ -34,6 +34,27 @@ def test_same_video_as_the_engine_pipeline(folder, tmp_path):
     assert read_mp4(tmp_path / "b.mp4").shape == (9, 32, 48, 3)
 
 
+def test_enable_parallel_merges_with_the_config_json_section(folder, tmp_path, monkeypatch):
+    """enable_parallel's keys go on top of a config_json's parallel section, key by key: the JSON's fp8
+    communication flag survives an enable_parallel call that does not mention it."""
+    import json
+    from lightx2v_engine.pipeline import Pipeline
+    seen = []
+
+    def fake_load(model_path, config, **kw):
+        seen.append(config)
+        raise RuntimeError("stop")
+    monkeypatch.setattr(Pipeline, "load", staticmethod(fake_load))
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"parallel": {"seq_p_size": 4, "seq_p_fp8_comm": True, "cfg_p_size": 2}}))
+    pipe = LightX2VPipeline(task="t2v", model_path=str(folder), model_cls="wan2.1_distill", device="cpu")
+    pipe.enable_parallel(seq_p_size=2)
+    with pytest.raises(RuntimeError, match="stop"):
+        pipe.create_generator(config_json=str(cfg))
+    assert seen[0]["parallel"] == {"seq_p_size": 2, "seq_p_fp8_comm": True, "cfg_p_size": 1,
+                                   "seq_p_attn_type": "ulysses"}
+
+
 def test_call_order_and_unsupported_options(folder, tmp_path):
     with pytest.raises(ValueError, match="low_noise_original_ckpt .*not supported"):
         LightX2VPipeline(task="i2v", model_path=str(folder), model_cls="wan2.2_moe", low_noise_original_ckpt="x")

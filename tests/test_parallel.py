@@ -34,14 +34,16 @@ def test_parse_parallel_section():
     assert (cfg.seq_p_size, cfg.cfg_p_size, cfg.world_size, cfg.enabled) == (4, 2, 8, True)
     assert not parse_run_config({"parallel": False}).parallel.enabled
     cfg, notes = parse_parallel({"seq_p_size": 2, "vae_parallel": True, "seq_p_quant_scheme": "fp8",
-                                 "seq_p_tensor_fusion": True})
+                                 "seq_p_tensor_fusion": True, "seq_p_head_parallel_group_size": 4})
     assert cfg.vae_parallel and cfg.seq_p_quant_scheme == "fp8"
-    assert notes == ["parallel.seq_p_tensor_fusion (q, k and v always travel in one collective)"]
+    assert notes == ["parallel.seq_p_tensor_fusion (q, k and v always travel in one collective)",
+                     "parallel.seq_p_head_parallel_group_size (one collective for all heads)"]
 
 
 @pytest.mark.parametrize("section, scheme", [
     ({"seq_p_fp8_comm": True}, "fp8"),  # LightX2V's older flag
     ({"seq_p_fp8_comm": False}, None),
+    ({"seq_p_fp8_comm": None, "seq_p_fp4_comm": None}, None),
     ({"seq_p_quant_scheme": None, "seq_p_fp8_comm": False}, None),
     ({"seq_p_quant_scheme": "fp8", "seq_p_fp8_comm": True}, "fp8"),
 ])
@@ -69,6 +71,21 @@ def test_fp8_row_packing_roundtrip(dtype):
     assert unpack_fp8_rows(p, dtype).dtype == dtype
     xf[0, 0, 0, 0] = float("nan")  # a NaN stays visible (the run's non-finite check names it)
     assert unpack_fp8_rows(pack_fp8_rows(xf), torch.float32)[0, 0, 0].isnan().any()
+    odd = torch.randn(3, 6, generator=g).to(dtype)  # a row width that is not a multiple of 4, one row at a time
+    p = pack_fp8_rows(odd)
+    for i in range(3):
+        assert torch.allclose(unpack_fp8_rows(p[i:i + 1], torch.float32), odd[i:i + 1].float(), rtol=2 ** -4, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fp8_row_packing_on_cuda_matches_the_cpu():
+    """On CUDA the rows are quantized by the csrc kernel (when built): the same bytes as the reference."""
+    from lightx2v_engine.parallel import pack_fp8_rows, unpack_fp8_rows
+    x = torch.randn(2, 3, 77, 5, 128, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    got = pack_fp8_rows(x.cuda())
+    assert torch.equal(got.cpu(), pack_fp8_rows(x))
+    assert torch.equal(unpack_fp8_rows(got, torch.bfloat16).cpu(), unpack_fp8_rows(pack_fp8_rows(x), torch.bfloat16))
 
 
 def test_parallel_fp4_communication_runs_as_fp8():
