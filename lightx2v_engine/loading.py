@@ -82,6 +82,20 @@ def _checkpoint_keys(files: list[Path]) -> list[str]:
     return keys
 
 
+def _eight_bit_dtypes(files: list[Path]) -> list[str]:
+    """The 8-bit dtypes ("float8_e4m3fn", "int8") among the files' tensors, from headers (mmap for .pth)."""
+    from lightx2v_engine.checkpoint import iter_torch_file, read_safetensors_header
+    names = {"I8": "int8", "F8_E4M3": "float8_e4m3fn"}
+    out = set()
+    for f in files:
+        if f.suffix == ".safetensors":
+            out |= {names[i["dtype"]] for i in read_safetensors_header(f)[0].values() if i["dtype"] in names}
+        else:
+            out |= {str(t.dtype).removeprefix("torch.") for _, t in iter_torch_file(f)
+                    if t.dtype in (torch.int8, torch.float8_e4m3fn)}
+    return sorted(out)
+
+
 def build_dit(cfg: ModelConfig, files: list[Path] | None = None, *, dtype: torch.dtype = torch.bfloat16,
               device: torch.device | str = "cpu", quant_scheme: str | None = None) -> WanDiT:
     """Builds the DiT on `meta` and assigns the checkpoint's tensors (or random weights when files is None).
@@ -96,7 +110,7 @@ def build_dit(cfg: ModelConfig, files: list[Path] | None = None, *, dtype: torch
     qkeys: set[str] = set()
     if quant_scheme is not None:
         from lightx2v_engine.quant import swap_to_quant_linear_
-        for name in swap_to_quant_linear_(model, quant_scheme):
+        for name in swap_to_quant_linear_(model, quant_scheme, dtype=dtype):  # (biases in the run dtype)
             qkeys |= {name + ".weight", name + ".weight_scale"}
     expected = {k: v for k, v in model.state_dict().items()}
 
@@ -111,8 +125,18 @@ def build_dit(cfg: ModelConfig, files: list[Path] | None = None, *, dtype: torch
         sd = random_state_dict(model, dtype, device)
         origin = {}
     else:
+        keys = _checkpoint_keys(files)
+        scales = [k for k in keys if k.endswith(".weight_scale")]
+        if not qkeys and scales:  # (checked before the 8-bit tensors are read and cast to the run dtype)
+            eight = _eight_bit_dtypes(files)
+            raise CheckpointError(
+                f"{', '.join(map(str, files))}: a quantized checkpoint ({', '.join(eight) or '8-bit'} weights with "
+                f"'*.weight_scale' keys, e.g. {scales[0]!r}) loaded as unquantized weights: "
+                f"set \"dit_quantized\": true, \"dit_quantized_ckpt\" to this file and \"dit_quant_scheme\" "
+                f"(e.g. \"{'int8' if 'int8' in eight else 'fp8'}-sgl\") in the config, or point dit_original_ckpt at "
+                f"the bf16 checkpoint")
         try:
-            rename = normalize_keys(_checkpoint_keys(files))
+            rename = normalize_keys(keys)
             sd, origin = load_state_dict(files, rename=rename, dtype_of=dtype_of, device=device)
         except KeyError as e:
             raise CheckpointError(f"{files[0]}: {e.args[0]}") from None
@@ -122,15 +146,6 @@ def build_dit(cfg: ModelConfig, files: list[Path] | None = None, *, dtype: torch
                               f"{quant_scheme} file")
     missing, unexpected = key_mismatch(expected, sd)
     where = ", ".join(sorted({str(p) for p in origin.values()})) or "random init"
-    if not qkeys and any(k.endswith(".weight_scale") for k in unexpected):
-        eight = sorted({str(t.dtype).removeprefix("torch.") for k, t in sd.items()
-                        if t.dtype in (torch.int8, torch.float8_e4m3fn)})
-        raise CheckpointError(
-            f"{where}: a quantized checkpoint ({', '.join(eight) or '8-bit'} weights with '*.weight_scale' keys, "
-            f"e.g. {next(k for k in unexpected if k.endswith('.weight_scale'))!r}) loaded as unquantized weights: "
-            f"set \"dit_quantized\": true, \"dit_quantized_ckpt\" to this file and \"dit_quant_scheme\" "
-            f"(e.g. \"{'int8' if 'int8' in eight else 'fp8'}-sgl\") in the config, or point dit_original_ckpt at "
-            f"the bf16 checkpoint")
     if missing or unexpected:
         parts = []
         if missing:

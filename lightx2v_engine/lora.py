@@ -2,12 +2,17 @@
 
 W += strength * (alpha / rank) * (up @ down)   for lora_up/lora_down, lora_B/lora_A (PEFT) and the other
                                                 pairs of _PAIRS (rank = down.shape[0]; alpha = rank when
-                                                absent)
+                                                absent or 0, as LightX2V and kohya read it)
 An 8-bit weight (QuantLinear of a quantized DiT) keeps the low-rank pair as a branch beside its GEMM
 instead (LightX2V's lora_dynamic_apply); a full-weight ``.diff`` cannot apply to it (an error).
-``.diff`` adds to ``.weight``, ``.diff_b`` to ``.bias``, ``.diff_m`` to ``.modulation`` (times strength).
-Keys may carry ``diffusion_model.``, ``model.``, ``unet.`` or ``transformer.`` prefixes; diffusers-named
-targets are mapped to Wan's names. The merge is computed in fp32 and cast back to the weight's dtype.
+``.diff`` adds to ``.weight`` (or to the parameter it names: ``blocks.0.modulation.diff``), ``.diff_b`` to
+``.bias``, ``.diff_m`` to ``.modulation`` (times strength); PEFT's ``lora_B.bias`` (diffusers' conversion of
+``.diff_b``) to ``.bias`` (times strength and the pair's alpha / rank, as PEFT applies it). Keys may carry
+``diffusion_model.``, ``model.``, ``unet.`` or ``transformer.`` prefixes; diffusers-named targets are mapped
+to Wan's names; kohya / musubi-tuner names (``lora_unet_blocks_0_self_attn_q``) to the Wan module whose
+dotted name they spell. A diff must have its parameter's shape (leading 1s aside). The merge is computed in
+fp32 and cast back to the weight's dtype. A LoRA of which nothing matches the model is an error even with
+``lora_strict`` false (it would change nothing).
 """
 from __future__ import annotations
 
@@ -29,7 +34,9 @@ _PAIRS = ((".lora_up.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_A.
           (".lora_B.default.weight", ".lora_A.default.weight"), (".lora_B", ".lora_A"),
           (".lora.up.weight", ".lora.down.weight"), ("_lora.up.weight", "_lora.down.weight"),
           (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"))
-_DIFFS = ((".diff_b", ".bias"), (".diff_m", ".modulation"), (".diff", ".weight"))
+_DIFFS = ((".diff_b", ".bias"), (".diff_m", ".modulation"), (".diff", ".weight"), (".lora_B.bias", ".bias"),
+          (".lora_B.default.bias", ".bias"))
+KOHYA_PREFIX = "lora_unet_"
 
 
 class LoraKeyError(ValueError):
@@ -46,10 +53,13 @@ def _strip(key: str) -> str:
     return key
 
 
-def _target(base: str, suffix: str, params: dict) -> str | None:
+def _target(base: str, suffix: str, params: dict, kohya: dict | None = None) -> str | None:
     """The model parameter name for a LoRA module `base` + `suffix`, trying Wan then diffusers names
     (diffusers' attention-processor LoRAs name '<attn>.processor.to_q' / '.to_out': '<attn>.to_q' /
-    '.to_out.0')."""
+    '.to_out.0'); `kohya` maps underscored module names (without 'lora_unet_') to dotted ones."""
+    if base.startswith(KOHYA_PREFIX) and kohya is not None:
+        module = kohya.get(base[len(KOHYA_PREFIX):])
+        return module + suffix if module is not None and module + suffix in params else None
     if ".processor." in base:
         base = base.replace(".processor.", ".")
         base = base + ".0" if base.endswith(".to_out") else base
@@ -61,6 +71,23 @@ def _target(base: str, suffix: str, params: dict) -> str | None:
     except KeyError:
         return None
     return wan if wan in params else None
+
+
+def _lora_scale(alpha, rank: int) -> float:
+    """alpha / rank; 1 without alpha or with alpha 0 (LightX2V and kohya read 0 as "not set")."""
+    if alpha is None or float(alpha) == 0:
+        return 1.0
+    return float(alpha) / rank
+
+
+def _same_shape(a: tuple, b: tuple) -> bool:
+    """Shapes equal once leading 1s are dropped ([1, 6, dim] modulation vs a [6, dim] diff)."""
+    def trim(s):
+        s = list(s)
+        while s and s[0] == 1:
+            s.pop(0)
+        return s
+    return trim(a) == trim(b)
 
 
 def read_lora(path: str | Path) -> dict[str, torch.Tensor]:
@@ -78,6 +105,10 @@ def plan_lora(lora: dict[str, torch.Tensor], params: dict[str, torch.Tensor], so
     if len(stripped) != len(lora):
         raise LoraKeyError(f"{source}: keys collide once their prefixes {LORA_PREFIXES} are stripped")
     lora = stripped
+    kohya = None
+    if any(k.startswith(KOHYA_PREFIX) for k in lora):
+        modules = {name.rpartition(".")[0] for name in params}
+        kohya = {m.replace(".", "_"): m for m in modules}
     used: set[str] = set()
     updates = []
     unmatched = []
@@ -86,12 +117,12 @@ def plan_lora(lora: dict[str, torch.Tensor], params: dict[str, torch.Tensor], so
             if key.endswith(up_sfx):
                 base = key[: -len(up_sfx)]
                 down_key = base + down_sfx
-                if down_key not in lora:
-                    raise LoraKeyError(f"{source}: {key!r} has no matching {down_key!r}")
                 alpha_key = base + ".alpha"
-                target = _target(base, ".weight", params)
                 group = [key, down_key] + ([alpha_key] if alpha_key in lora else [])
-                if target is None:
+                target = _target(base, ".weight", params, kohya)
+                if down_key not in lora:  # an up matrix alone: unmatched (an error unless lenient)
+                    unmatched.extend([key, down_key + " (missing)"])
+                elif target is None:
                     unmatched.extend(group)
                 else:
                     updates.append((target, "lowrank", (lora[key], lora[down_key], lora.get(alpha_key))))
@@ -101,11 +132,18 @@ def plan_lora(lora: dict[str, torch.Tensor], params: dict[str, torch.Tensor], so
             for diff_sfx, param_sfx in _DIFFS:
                 if key.endswith(diff_sfx):
                     base = key[: -len(diff_sfx)]
-                    target = _target(base, param_sfx, params)
+                    target = _target(base, param_sfx, params, kohya)
+                    if target is None and diff_sfx == ".diff":  # a diff of a parameter named in full
+                        target = _target(base, "", params, kohya)
+                    scale = 1.0
+                    if diff_sfx.startswith(".lora_B"):  # PEFT scales lora_B's bias like the pair
+                        down_key = base + diff_sfx.replace("lora_B", "lora_A").replace(".bias", ".weight")
+                        scale = _lora_scale(lora.get(base + ".alpha"), lora[down_key].shape[0]) \
+                            if down_key in lora else 1.0
                     if target is None:
                         unmatched.append(key)
                     else:
-                        updates.append((target, "diff", (lora[key],)))
+                        updates.append((target, "diff", (lora[key], scale)))
                     used.add(key)
                     break
     unmatched.extend(k for k in lora if k not in used)  # orphan down/alpha keys, unknown suffixes
@@ -135,6 +173,10 @@ def merge_lora_(model: torch.nn.Module, lora: dict[str, torch.Tensor], strength:
             if m.bias is not None:
                 params[f"{name}.bias"] = m.bias
     updates, unmatched = plan_lora(lora, params, source)
+    if lora and not updates:
+        raise LoraKeyError(f"{source}: none of its {len(lora)} LoRA keys matches a weight of the model (e.g. "
+                           f"{sorted(lora)[:5]}): not a LoRA for this Wan DiT, or in a key layout lightx2v-engine "
+                           f"does not read")
     if unmatched:
         msg = f"{source}: {len(unmatched)} LoRA key(s) match no model weight: {unmatched[:20]}" + (
             " ..." if len(unmatched) > 20 else "")
@@ -151,16 +193,15 @@ def merge_lora_(model: torch.nn.Module, lora: dict[str, torch.Tensor], strength:
             if up.dim() != 2 or down.dim() != 2 or up.shape[1] != rank or (up.shape[0], down.shape[1]) != tuple(w.shape):
                 raise LoraKeyError(f"{source}: LoRA for {target!r}: up {tuple(up.shape)} @ down {tuple(down.shape)} "
                                    f"does not give the weight's shape {tuple(w.shape)}")
-            scale = float(alpha) / rank if alpha is not None else 1.0
-            deltas.append((target, w, kind, (up, down), strength * scale))
+            deltas.append((target, w, kind, (up, down), strength * _lora_scale(alpha, rank)))
         else:
-            (d,) = ts
+            d, scale = ts
             if target in quantized:
                 raise LoraKeyError(f"{source}: a full-weight diff for {target!r}, an 8-bit weight of the quantized "
                                    f"DiT, cannot be applied; use the bf16 checkpoint (dit_quantized false)")
-            if d.numel() != w.numel():
+            if not _same_shape(tuple(d.shape), tuple(w.shape)):
                 raise LoraKeyError(f"{source}: diff for {target!r} has shape {tuple(d.shape)}, weight {tuple(w.shape)}")
-            deltas.append((target, w, kind, (d,), strength))
+            deltas.append((target, w, kind, (d,), strength * scale))
     if check_only:
         return len(deltas)
     for target, w, kind, ts, s in deltas:

@@ -433,15 +433,18 @@ def quantize_dit_(model: nn.Module, scheme: str) -> list[str]:
     return names
 
 
-def swap_to_quant_linear_(model: nn.Module, scheme: str, device: torch.device | str | None = None) -> list[str]:
+def swap_to_quant_linear_(model: nn.Module, scheme: str, device: torch.device | str | None = None,
+                          dtype: torch.dtype | None = None) -> list[str]:
     """Replaces the DiT's quantizable nn.Linear modules by empty QuantLinear (on `device`, default the
     linear's own device, e.g. meta) ready for ``model.load_state_dict(quantized_sd, assign=True)``.
-    The bias keeps the linear's dtype. Returns the swapped module names."""
+    The bias (and the LoRA branches) get `dtype`, the model's run dtype (default: the linear's dtype; a
+    model built on meta is fp32). Returns the swapped module names."""
     scheme = parse_quant_scheme(scheme)
     names = []
+    run_dtype = dtype
     for name, lin in _quantizable_linears(model):
         dev = device if device is not None else lin.weight.device
-        dtype = lin.bias.dtype if lin.bias is not None else lin.weight.dtype
+        dtype = run_dtype or (lin.bias.dtype if lin.bias is not None else lin.weight.dtype)
         _replace(model, name, QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, scheme,
                                           device=dev, dtype=dtype))
         names.append(name)

@@ -203,6 +203,84 @@ def test_unmatched_keys_error_says_how_to_skip_them():
     sd = wan_state_dict(diffusers_model(TINY_T2V))
     model = build_dit(TINY_T2V, None, dtype=torch.float32)
     model.load_state_dict(sd)
+    text_encoder = {"text_encoder.x.lora_up.weight": torch.zeros(2, 2), "text_encoder.x.lora_down.weight": torch.zeros(2, 2)}
     with pytest.raises(LoraKeyError, match='"lora_strict": false'):
-        merge_lora_(model, {"text_encoder.x.lora_up.weight": torch.zeros(2, 2),
-                            "text_encoder.x.lora_down.weight": torch.zeros(2, 2)}, 1.0)
+        merge_lora_(model, {**make_lora(sd, ["blocks.0.ffn.0"]), **text_encoder}, 1.0)
+    # a LoRA of which nothing matches changes nothing: an error even when lenient
+    for strict in (True, False):
+        with pytest.raises(LoraKeyError, match=r"x.safetensors: none of its 2 LoRA keys matches a weight of the model"):
+            merge_lora_(model, text_encoder, 1.0, source="x.safetensors", strict=strict)
+
+
+def _merged(model, sd, lora, **kw):
+    """{name: tensor that changed} after merging `lora` into a fresh copy of sd."""
+    model.load_state_dict(sd)
+    merge_lora_(model, lora, **kw)
+    return {k: v for k, v in model.state_dict().items() if not torch.equal(v, sd[k])}
+
+
+def test_alpha_zero_reads_as_unset():
+    """alpha 0 means "not set" (LightX2V's `if alpha:`, kohya): scale 1, not a LoRA that does nothing."""
+    sd = wan_state_dict(diffusers_model(TINY_T2V))
+    model = build_dit(TINY_T2V, None, dtype=torch.float32)
+    lora = make_lora(sd, ["blocks.0.ffn.0"], alpha=0.0)
+    changed = _merged(model, sd, lora)
+    up, down = lora["diffusion_model.blocks.0.ffn.0.lora_up.weight"], lora["diffusion_model.blocks.0.ffn.0.lora_down.weight"]
+    torch.testing.assert_close(changed["blocks.0.ffn.0.weight"], sd["blocks.0.ffn.0.weight"] + up @ down)
+
+
+def test_kohya_musubi_names_merge_like_wan_names():
+    """musubi-tuner / kohya files name modules lora_unet_<dotted name with underscores>: the same merge as the
+    Wan-named LoRA (self_attn, cross_attn's k_img, ffn and the embeddings, whose names hold underscores)."""
+    sd = wan_state_dict(diffusers_model(TINY_I2V))
+    model = build_dit(TINY_I2V, None, dtype=torch.float32)
+    targets = ["blocks.0.self_attn.q", "blocks.1.cross_attn.k_img", "blocks.0.ffn.2", "time_projection.1",
+               "img_emb.proj.1"]
+    wan = make_lora(sd, targets, seed=3)
+    kohya = {k.replace("diffusion_model.", "").replace(t, "lora_unet_" + t.replace(".", "_")): v
+             for k, v in wan.items() for t in targets if k.startswith("diffusion_model." + t + ".")}
+    assert len(kohya) == len(wan) and all(k.startswith("lora_unet_") for k in kohya)
+    want = _merged(model, sd, wan)
+    got = _merged(model, sd, kohya)
+    assert sorted(got) == sorted(want) == sorted(t + ".weight" for t in targets)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_diff_forms_of_converted_files():
+    """The diff spellings of converted LoRA files: PEFT's lora_B.bias (diffusers' conversion of .diff_b, scaled
+    by the pair's alpha / rank as PEFT applies it), a .diff on a parameter named in full (ComfyUI's
+    'modulation.diff', diffusers' 'scale_shift_table.diff')."""
+    sd = wan_state_dict(diffusers_model(TINY_T2V))
+    model = build_dit(TINY_T2V, None, dtype=torch.float32)
+    g = torch.Generator().manual_seed(4)
+    db = torch.randn(64, generator=g)
+    mod = torch.randn(1, 6, 64, generator=g)
+    head = torch.randn(1, 2, 64, generator=g)
+    peft = {"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.randn(RANK, 64, generator=g),
+            "transformer.blocks.0.attn1.to_q.lora_B.weight": torch.randn(64, RANK, generator=g),
+            "transformer.blocks.0.attn1.to_q.lora_B.bias": db,
+            "transformer.blocks.0.attn1.to_q.alpha": torch.tensor(2.0)}
+    changed = _merged(model, sd, {**peft, "diffusion_model.blocks.1.modulation.diff": mod,
+                                  "diffusion_model.head.modulation.diff": head}, strength=0.5)
+    torch.testing.assert_close(changed["blocks.0.self_attn.q.bias"], sd["blocks.0.self_attn.q.bias"] + 0.5 * 0.5 * db)
+    torch.testing.assert_close(changed["blocks.1.modulation"], sd["blocks.1.modulation"] + 0.5 * mod)
+    torch.testing.assert_close(changed["head.modulation"], sd["head.modulation"] + 0.5 * head)
+    changed = _merged(model, sd, {"transformer.blocks.1.scale_shift_table.diff": mod[0],  # [6, 64]: leading 1 dropped
+                                  "transformer.blocks.0.attn1.to_q.lora_B.bias": db})  # no pair: scale 1
+    torch.testing.assert_close(changed["blocks.1.modulation"], sd["blocks.1.modulation"] + mod)
+    torch.testing.assert_close(changed["blocks.0.self_attn.q.bias"], sd["blocks.0.self_attn.q.bias"] + db)
+
+
+def test_transposed_diff_and_lone_up_matrix_are_named():
+    sd = wan_state_dict(diffusers_model(TINY_T2V))
+    model = build_dit(TINY_T2V, None, dtype=torch.float32)
+    model.load_state_dict(sd)
+    w = sd["blocks.0.ffn.0.weight"]  # [96, 64]
+    with pytest.raises(LoraKeyError, match=r"diff for 'blocks.0.ffn.0.weight' has shape \(64, 96\), weight \(96, 64\)"):
+        merge_lora_(model, {"blocks.0.ffn.0.diff": torch.zeros(w.shape[1], w.shape[0])})
+    lone = {**make_lora(sd, ["blocks.0.ffn.2"]), "blocks.1.ffn.2.lora_up.weight": torch.zeros(64, RANK)}
+    with pytest.raises(LoraKeyError, match=r"blocks.1.ffn.2.lora_down.weight \(missing\)"):
+        merge_lora_(model, lone)
+    with pytest.warns(UserWarning, match=r"blocks.1.ffn.2.lora_up.weight"):  # lenient: skipped, the rest merges
+        assert merge_lora_(model, lone, strict=False) == 1

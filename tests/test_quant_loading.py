@@ -38,6 +38,13 @@ def test_quantized_checkpoint_round_trip(cfg, scheme, tmp_path):
         a, b, c = model(x, t, ctx, clip, y), ref(x, t, ctx, clip, y), full(x, t, ctx, clip, y)
     assert rel_l2(a, b) < 1e-6  # the same quantized weights
     assert rel_l2(a, c) < 0.1   # close to the unquantized model
+    # loaded to run in bf16: the 8-bit linears' biases (and LoRA branches) in bf16 too, not the fp32 of the
+    # meta skeleton (twice the memory, and a cast per forward)
+    bf = load_quantized_dit(cfg, tmp_path, "q.safetensors", scheme, dtype="bf16")
+    lin = bf.blocks[0].self_attn.q
+    assert lin.bias.dtype == torch.bfloat16 and lin.run_dtype == torch.bfloat16
+    lin.add_lora(torch.randn(lin.out_features, 2), torch.randn(2, lin.in_features), 1.0)
+    assert lin.lora_up.dtype == lin.lora_down.dtype == torch.bfloat16
 
 
 def test_quantized_checkpoint_errors(tmp_path):
@@ -71,6 +78,13 @@ def test_quantized_checkpoint_given_as_original_names_the_keys_to_set(tmp_path):
     _quantized_file(TINY_T2V, sd, "int8", tmp_path / "int8.safetensors")
     with pytest.raises(CheckpointError, match=r'int8 weights .*set "dit_quantized": true, "dit_quantized_ckpt".*int8-sgl'):
         load_dit(TINY_T2V, tmp_path, dit_original_ckpt=str(tmp_path / "int8.safetensors"), dtype="fp32")
+    # an fp8 file (also as .pth) is named as fp8: told from the headers, before any tensor is cast
+    _quantized_file(TINY_T2V, sd, "fp8", tmp_path / "fp8.safetensors")
+    from safetensors.torch import load_file
+    torch.save(load_file(str(tmp_path / "fp8.safetensors")), tmp_path / "fp8.pth")
+    for name in ("fp8.safetensors", "fp8.pth"):
+        with pytest.raises(CheckpointError, match=rf'{name}: a quantized checkpoint \(float8_e4m3fn weights .*"fp8-sgl"'):
+            load_dit(TINY_T2V, tmp_path, dit_original_ckpt=str(tmp_path / name), dtype="bf16")
 
 
 @pytest.mark.parametrize("scheme", ["fp8-sgl", "int8-vllm"])
