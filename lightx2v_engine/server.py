@@ -41,6 +41,7 @@ import signal
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
@@ -58,10 +59,13 @@ MAX_DOWNLOAD = 32 << 20  # image_path URLs
 MAX_SIDE, MAX_FRAMES = 2048, 321  # per-request sizes (720p is 1280 x 720, 81 frames)
 MAX_FINISHED = 1000      # finished tasks kept for status queries (oldest dropped first)
 MAX_IMAGE_PIXELS = 64_000_000  # input images (decoded in the request thread)
-# VideoTaskRequest fields this server cannot honour per request: a 400 naming them when set
+# VideoTaskRequest fields this server cannot honour per request: a 400 naming them when set (to anything but
+# LightX2V's schema default, which clients that send every field send: it asks for nothing)
 UNSUPPORTED = {"last_frame_path": "FLF2V is not supported (Wan2.1 T2V/I2V)", "audio_path": "audio is not supported",
                "target_fps": "the frame rate is the config's fps", "video_duration": "use target_video_length",
                "resize_mode": "I2V resizes as Wan does", "use_prompt_enhancer": "no prompt enhancer"}
+SCHEMA_DEFAULTS = {"target_fps": 16, "video_duration": 5, "resize_mode": "adaptive"}
+LIGHTX2V_DEFAULT_STEPS = 5  # VideoTaskRequest.infer_steps' default (no effect on a built Wan scheduler there)
 # VideoTaskRequest fields (LightX2V's server/schema.py); unknown fields are a 400 naming them
 FIELDS = {"task_id", "prompt", "negative_prompt", "image_path", "last_frame_path", "audio_path", "save_result_path",
           "infer_steps", "seed", "target_shape", "target_video_length", "lora_name", "lora_strength",
@@ -143,9 +147,14 @@ class TaskQueue:
 
     def status(self) -> dict:
         with self._cond:
+            running = self.current.task_id if self.current else None
+            # (LightX2V's names too where they do not clash: is_processing, current_task, pending_count,
+            # active_count, queue_available)
             return {"max_queue_size": self.max_queue_size, "queue_size": len(self._pending),
-                    "pending_tasks": [t.task_id for t in self._pending],
-                    "running_task": self.current.task_id if self.current else None}
+                    "pending_tasks": [t.task_id for t in self._pending], "running_task": running,
+                    "is_processing": running is not None, "current_task": running,
+                    "pending_count": len(self._pending), "active_count": len(self._pending) + (running is not None),
+                    "queue_available": len(self._pending) < self.max_queue_size}
 
     def cancel(self, task_id: str) -> dict:
         """A pending task is dropped; a running one stops before its next denoising step."""
@@ -224,7 +233,9 @@ def check_request(body: dict, *, output_dir: Path, infer_steps: int, task: str,
     if unknown:
         raise RequestError(f"unknown field(s) {[_short(k, 40) for k in unknown]}; accepted: {sorted(FIELDS)}")
     for name, why in UNSUPPORTED.items():
-        if body.get(name) not in (None, "", False):
+        value = body.get(name)
+        if value not in (None, "", False) and not (name in SCHEMA_DEFAULTS and value == SCHEMA_DEFAULTS[name]
+                                                   and type(value) is type(SCHEMA_DEFAULTS[name])):
             raise RequestError(f"{name} is not supported by this server: {why}")
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
@@ -233,9 +244,10 @@ def check_request(body: dict, *, output_dir: Path, infer_steps: int, task: str,
     if neg is not None and not isinstance(neg, str):
         raise RequestError(f"negative_prompt must be a string, got {type(neg).__name__}")
     steps = body.get("infer_steps")
-    if steps is not None and steps != infer_steps:
+    if steps is not None and (isinstance(steps, bool) or steps not in (infer_steps, LIGHTX2V_DEFAULT_STEPS)):
         raise RequestError(f"infer_steps {_short(steps)}: this server's models run {infer_steps} steps (set at "
-                           f"start by the config)")
+                           f"start by the config; LightX2V's default {LIGHTX2V_DEFAULT_STEPS} is accepted and "
+                           f"changes nothing, as there)")
     params: dict[str, Any] = {"prompt": prompt, "negative_prompt": neg,
                               "loras": request_loras(body.get("lora_name"), body.get("lora_strength"), lora_dir)}
     seed = body.get("seed")
@@ -246,7 +258,7 @@ def check_request(body: dict, *, output_dir: Path, infer_steps: int, task: str,
     params["seed"] = seed
     sizes = {}
     shape = body.get("target_shape")
-    if shape:
+    if shape is not None and shape != []:  # ([] is LightX2V's "not set")
         if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(v, int) and 0 < v <= MAX_SIDE
                                                                     for v in shape)):
             raise RequestError(f"target_shape must be [height, width], integers in (0, {MAX_SIDE}], got "
@@ -273,22 +285,25 @@ def check_request(body: dict, *, output_dir: Path, infer_steps: int, task: str,
                            "image_file is required")
     if task == "t2v" and (image or image_bytes is not None):
         raise RequestError("this server runs text-to-video: no image is accepted")
+    img = None
     if image_bytes is not None:
-        params["image"] = _open_image(image_bytes, "image_file")
+        img = _open_image(image_bytes, "image_file")
+        params["image"] = image_bytes
     elif image:
-        params["image"] = read_image_input(image)
-    if "image" in params:  # I2V's size follows the image's aspect ratio at the target area: checked now
+        img, params["image"] = read_image_input(image, keep_encoded=True)
+    if img is not None:  # I2V's size follows the image's aspect ratio at the target area: checked now
         from lightx2v_engine.image import i2v_latent_size
         th, tw = params.get("height", default_size[0]), params.get("width", default_size[1])
         try:
-            lat_h, lat_w = i2v_latent_size(params["image"].height, params["image"].width, th, tw)
+            lat_h, lat_w = i2v_latent_size(img.height, img.width, th, tw)
         except ValueError as e:
             raise RequestError(str(e)) from None
         if max(lat_h, lat_w) * 8 > MAX_SIDE:
-            raise RequestError(f"the image's aspect ratio ({params['image'].width}x{params['image'].height}) at "
+            raise RequestError(f"the image's aspect ratio ({img.width}x{img.height}) at "
                                f"area {th}x{tw} gives a {lat_h * 8}x{lat_w * 8} video, over {MAX_SIDE} pixels a side")
+        img.close()  # (a queued task keeps the encoded image, not its decoded pixels: decoded when it runs)
     task_id = body.get("task_id") or uuid.uuid4().hex
-    if not isinstance(task_id, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", task_id):
+    if not isinstance(task_id, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", task_id) or set(task_id) == {"."}:
         raise RequestError(f"task_id must be 1-128 letters, digits, '_', '-' or '.', got {_short(task_id)!r}")
     save = body.get("save_result_path")
     if save is not None and not isinstance(save, str):
@@ -337,8 +352,11 @@ def list_loras(lora_dir: Path | None) -> list[str]:
 
 
 def result_path(requested: str | None, task_id: str, output_dir: Path) -> Path:
-    """Where a task's video goes: output_dir / (save_result_path or task_id) with .mp4; inside output_dir."""
+    """Where a task's video goes: output_dir / (save_result_path or task_id) with .mp4; inside output_dir.
+    Control characters (which would also end up in the download's headers) are refused."""
     name = requested or task_id
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in name):
+        raise RequestError(f"save_result_path {_short(requested)!r}: control characters are not allowed")
     try:
         path = (output_dir / name).resolve()
     except (OSError, ValueError) as e:
@@ -348,6 +366,13 @@ def result_path(requested: str | None, task_id: str, output_dir: Path) -> Path:
     if not path.is_relative_to(output_dir.resolve()) or path == output_dir.resolve():
         raise RequestError(f"save_result_path {_short(requested)!r} leaves the output folder {output_dir}")
     return path
+
+
+def content_disposition(name: str) -> str:
+    """An attachment header for any file name (RFC 6266): an ASCII fallback without quotes, backslashes or
+    control characters, and the UTF-8 name percent-encoded (RFC 5987)."""
+    fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in name)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{urllib.parse.quote(name, safe='')}"
 
 
 def _open_image(data, what: str):
@@ -375,9 +400,10 @@ def _is_file(value: str) -> bool:
         return False
 
 
-def read_image_input(value: str):
+def read_image_input(value: str, keep_encoded: bool = False):
     """image_path as LightX2V takes it: an http(s) URL, a data: URL, a file path on the server, or plain
-    base64 (standard or URL-safe). Returns a PIL image or a path."""
+    base64 (standard or URL-safe). Returns the decoded PIL image (checked), or with keep_encoded
+    (image, what to decode again when the task runs: the file's path or the image's bytes)."""
     if not isinstance(value, str):
         raise RequestError(f"image_path must be a string (URL, base64 or path), got {type(value).__name__}")
     if value.startswith(("http://", "https://")):
@@ -388,16 +414,21 @@ def read_image_input(value: str):
             raise RequestError(f"image_path {_short(value)!r}: download failed ({e})") from None
         if len(data) > MAX_DOWNLOAD:
             raise RequestError(f"image_path {_short(value)!r}: larger than {MAX_DOWNLOAD >> 20} MiB")
-        return _open_image(data, "image_path")
+        img = _open_image(data, "image_path")
+        return (img, data) if keep_encoded else img
     if value.startswith("data:"):
-        return _open_image(_b64(value.split(",", 1)[-1]), "image_path")
+        data = _b64(value.split(",", 1)[-1])
+        img = _open_image(data, "image_path")
+        return (img, data) if keep_encoded else img
     if _is_file(value):  # opened now: a file that is no image is a 400, not a failed task
-        return _open_image(value, "image_path (file)")
+        img = _open_image(value, "image_path (file)")
+        return (img, value) if keep_encoded else img
     try:
         data = _b64(value)
     except RequestError:
         raise RequestError(f"image_path {_short(value)!r}: not a URL, base64 image data or a file on the server")
-    return _open_image(data, "image_path (base64)")
+    img = _open_image(data, "image_path (base64)")
+    return (img, data) if keep_encoded else img
 
 
 def _b64(text: str) -> bytes:
@@ -473,7 +504,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_response(HTTPStatus.OK)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(size))
-            self.send_header("Content-Disposition", f'attachment; filename="{path.name}"')
+            self.send_header("Content-Disposition", content_disposition(path.name))
             self.end_headers()
             self._headers_sent = True
             while chunk := f.read(1 << 20):
@@ -603,7 +634,10 @@ def _run_task(pipe, params: dict, cancelled: Callable[[], bool]):
         if cancelled():
             raise TaskCancelled()
     pipe.set_request_loras(params.get("loras", ()))  # () puts the model as loaded back
-    return pipe.generate(params["prompt"], negative_prompt=params.get("negative_prompt"), image=params.get("image"),
+    image = params.get("image")
+    if isinstance(image, bytes):  # (queued encoded; checked when the request came)
+        image = _open_image(image, "image")
+    return pipe.generate(params["prompt"], negative_prompt=params.get("negative_prompt"), image=image,
                          seed=params["seed"], num_frames=params.get("num_frames"), height=params.get("height"),
                          width=params.get("width"), progress=progress)
 

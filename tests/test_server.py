@@ -111,6 +111,12 @@ def test_t2v_task_end_to_end(t2v_pipe, tmp_path):
     ({"prompt": "x", "target_shape": [480]}, 400, "target_shape must be"),
     ({"prompt": "x", "save_result_path": "../../evil"}, 400, "leaves the output folder"),
     ({"prompt": "x", "task_id": "a/b"}, 400, "task_id must be"),
+    ({"prompt": "x", "task_id": ".."}, 400, "task_id must be"),
+    ({"prompt": "x", "save_result_path": "x\r\nSet-Cookie: a=1"}, 400, "control characters are not allowed"),
+    ({"prompt": "x", "target_shape": 0}, 400, "target_shape must be"),
+    ({"prompt": "x", "infer_steps": 5.5}, 400, "infer_steps 5.5"),
+    ({"prompt": "x", "video_duration": 10}, 400, "video_duration is not supported"),
+    ({"prompt": "x", "resize_mode": "crop"}, 400, "resize_mode is not supported"),
 ])
 def test_bad_requests_are_named(tmp_path, body, status, match):
     app = S.App(lambda p, path, cancel: None, output_dir=tmp_path, infer_steps=4, task="t2v")
@@ -120,6 +126,56 @@ def test_bad_requests_are_named(tmp_path, body, status, match):
         assert code == status
         assert re.search(match, resp["detail"]), resp
     finally:
+        c.close(app)
+
+
+def test_lightx2v_schema_defaults_and_unusual_names(tmp_path):
+    """A client that sends every VideoTaskRequest field with LightX2V's defaults (infer_steps 5, target_fps 16,
+    video_duration 5, resize_mode "adaptive", target_shape []) is served; a result name outside ASCII downloads
+    with an RFC 5987 file name (and an ASCII fallback), not a broken header."""
+    def fake(params, path, cancel):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"video")
+    app = S.App(fake, output_dir=tmp_path, infer_steps=4, task="t2v")
+    c = Client(app)
+    try:
+        code, created = c.call("POST", "/v1/tasks/video/", {
+            "prompt": "x", "infer_steps": 5, "target_fps": 16, "video_duration": 5, "resize_mode": "adaptive",
+            "target_shape": [], "save_result_path": "猫 \"cat\""})
+        assert code == 200, created
+        assert c.wait(created["task_id"])["status"] == "completed"
+        req = urllib.request.Request(f"{c.base}/v1/tasks/{created['task_id']}/result")
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert r.read() == b"video"
+            cd = r.headers["Content-Disposition"]
+        assert cd == "attachment; filename=\"_ _cat_.mp4\"; filename*=UTF-8''%E7%8C%AB%20%22cat%22.mp4", cd
+    finally:
+        c.close(app)
+
+
+def test_queued_images_are_kept_encoded(tmp_path):
+    """A waiting I2V task holds the image as sent (bytes, or the server path), not its decoded pixels: a large
+    image in a queue of tasks would otherwise hold gigabytes."""
+    seen, release = [], threading.Event()
+
+    def fake(params, path, cancel):
+        seen.append(params["image"])
+        release.wait(60)
+    app = S.App(fake, output_dir=tmp_path, infer_steps=4, task="i2v", default_size=(32, 48))
+    c = Client(app)
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(buf, format="PNG")
+    (tmp_path / "in.png").write_bytes(buf.getvalue())
+    try:
+        ids = [c.call("POST", "/v1/tasks/video/", {"prompt": "x", "image_path": image})[1]["task_id"]
+               for image in (base64.b64encode(buf.getvalue()).decode(), str(tmp_path / "in.png"))]
+        assert app.queue.get(ids[1]).params["image"] == str(tmp_path / "in.png")
+        release.set()
+        for t in ids:
+            assert c.wait(t)["status"] == "completed"
+        assert seen == [buf.getvalue(), str(tmp_path / "in.png")]
+    finally:
+        release.set()
         c.close(app)
 
 
@@ -145,7 +201,9 @@ def test_queue_full_cancel_and_unknown_routes(tmp_path):
         assert c.call("POST", "/v1/tasks/video/", {"prompt": "t3"})[0] == 503
         assert c.call("POST", "/v1/tasks/video/", {"prompt": "dup", "task_id": "t0"})[0] == 400
         q = c.call("GET", "/v1/tasks/queue/status")[1]
-        assert q == {"max_queue_size": 2, "queue_size": 2, "pending_tasks": ["t1", "t2"], "running_task": "t0"}
+        assert q == {"max_queue_size": 2, "queue_size": 2, "pending_tasks": ["t1", "t2"], "running_task": "t0",
+                     "is_processing": True, "current_task": "t0", "pending_count": 2, "active_count": 3,
+                     "queue_available": False}
         assert c.call("GET", "/v1/service/status")[1]["service_status"] == "busy"
         assert c.call("DELETE", "/v1/tasks/t1")[1]["stop_status"] == "success"
         assert c.call("GET", "/v1/tasks/t1/status")[1]["status"] == "cancelled"
