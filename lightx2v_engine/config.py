@@ -283,6 +283,11 @@ _UNSUPPORTED_IF_TRUE = {
                           "use enable_cfg with sample_guide_scale for classifier-free guidance",
 }
 
+MAX_SEED = 2 ** 63 - 1  # (torch generators take int64 seeds; the renoise sampler also draws with seed + 1)
+
+# LightX2V's model classes this engine runs (the CLI's --model_cls choices)
+MODEL_CLASSES = ("wan2.1", "wan2.1_distill")
+
 # LightX2V's Wan schedulers: "WanScheduler" is UniPC, "WanStepDistillScheduler" the 4-step distill sampler
 # (the one "wan2.1_distill" always runs); only read under model_cls "wan2.1".
 SCHEDULER_TYPES = ("WanScheduler", "WanStepDistillScheduler")
@@ -342,6 +347,10 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
     """
     if not isinstance(raw, dict):
         raise ValueError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+    if model_cls is not None and model_cls not in MODEL_CLASSES:
+        raise ValueError(f"model_cls {model_cls!r} is not supported by lightx2v-engine; choose one of "
+                         f"{list(MODEL_CLASSES)} (Wan2.1 T2V/I2V; wan2.1_distill runs the step-distilled 4-step "
+                         f"models)")
     vals: dict[str, Any] = {}
     ignored, unknown = [], []
     for key, value in raw.items():
@@ -351,7 +360,8 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
         elif key in _MAPPED or key == "scheduler_type":
             vals[key] = value
         elif key in _ACCEPTED_IGNORED:
-            ignored.append(key)
+            if not (key == "feature_caching" and value in (None, "NoCaching")):  # (what runs anyway)
+                ignored.append(key)
         else:
             unknown.append(key)
     if unknown:
@@ -371,7 +381,7 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
                 "clip_original_ckpt", "vae_path", "tae_path", "sample_neg_prompt"):
         if vals.get(key) is not None:
             out[key] = _as(key, vals[key], str)
-            if not out[key].strip():
+            if not out[key].strip() and key != "sample_neg_prompt":  # ("" is an empty negative prompt)
                 raise _err(key, out[key], "must not be empty")
     for key in ("t5_cpu_offload", "clip_cpu_offload", "vae_cpu_offload"):  # LightX2V: default to cpu_offload
         out.setdefault(key, out.get("cpu_offload", False))
@@ -424,7 +434,10 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
             raise _err("denoising_step_list", None, "the distill sampler needs a step list")
         n = out.get("infer_steps", len(lst))
         if n != len(lst):
-            raise _err("infer_steps", n, f"must equal len(denoising_step_list) = {len(lst)}")
+            given = "" if "denoising_step_list" in out else f" (the default step list {list(lst)})"
+            raise _err("infer_steps", n, f"must equal len(denoising_step_list) = {len(lst)}{given} for the distill "
+                                         f"sampler; for a {n}-step UniPC run use model_cls wan2.1 (--model_cls "
+                                         f"wan2.1) or \"sampler\": \"unipc\"")
         out["infer_steps"] = n
     else:
         out.setdefault("infer_steps", 50)
@@ -448,6 +461,14 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
         raise _err("fps", out["fps"], "must be > 0")
     if out.get("dit_quantized") and out.get("dit_quant_scheme") is None:
         raise _err("dit_quant_scheme", None, "required when dit_quantized is true")
+    if out.get("dit_quantized"):
+        from lightx2v_engine.quant import parse_quant_scheme
+        try:
+            parse_quant_scheme(out["dit_quant_scheme"])
+        except ValueError as e:
+            raise _err("dit_quant_scheme", out["dit_quant_scheme"], str(e)) from None
+    if "seed" in out and not 0 <= out["seed"] < MAX_SEED:
+        raise _err("seed", out["seed"], f"must be an integer in [0, {MAX_SEED})")
     for enc in ("t5", "clip"):
         if out.get(f"{enc}_quantized"):
             key = f"{enc}_quant_scheme"

@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None)
     p.add_argument("--negative_prompt", default=None)
     p.add_argument("--image_path", default=None, help="input image for i2v")
+    p.add_argument("--last_frame_path", default=None, help="LightX2V's FLF2V input: not supported (an error)")
     p.add_argument("--save_result_path", default="output.mp4")
     p.add_argument("--seed", type=int, default=None, help="default: the config's seed (42)")
     p.add_argument("--target_shape", type=int, nargs=2, metavar=("H", "W"), default=None)
@@ -109,6 +110,18 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--image_path is required for --task i2v")
     if args.task == "t2v" and args.image_path:
         raise ValueError("--image_path is only for --task i2v")
+    if args.last_frame_path:
+        raise ValueError("--last_frame_path (LightX2V's first-last-frame task, flf2v) is not supported by "
+                         "lightx2v-engine (Wan2.1 T2V and I2V)")
+    if args.image_path and "," in args.image_path and not Path(args.image_path).is_file():
+        raise ValueError(f"--image_path {args.image_path!r}: several comma-separated images are not supported "
+                         f"(Wan2.1 I2V takes one image)")
+    # the output paths are checked before anything loads (not after minutes of generation)
+    for flag, value in (("--save_result_path", args.save_result_path), ("--save_latents", args.save_latents)):
+        if value and Path(value).is_dir():
+            raise ValueError(f"{flag} {value!r} is a directory: give a file name")
+    if args.save_latents and Path(args.save_latents).resolve() == Path(args.save_result_path).resolve():
+        raise ValueError("--save_latents and --save_result_path name the same file")
     pipe = load_pipeline(args)
     run_cfg = pipe.run_cfg
     if not pipe.is_main:  # ranks > 0 compute their share and write nothing
@@ -129,10 +142,10 @@ def run(args: argparse.Namespace) -> int:
     if bar is not None:
         bar.close()
     with out.timings.measure("save", pipe.device):
-        path = out.save(args.save_result_path)
-        if args.save_latents:
+        if args.save_latents:  # (first: the video is the result, written last)
             out.save_latents(args.save_latents, prompt=args.prompt, seed=args.seed if args.seed is not None else run_cfg.seed,
                              task=args.task, model=pipe.model_cfg.name)
+        path = out.save(args.save_result_path)
     if not args.quiet:
         print(out.timings.table(out.peak_gpu_bytes), file=sys.stderr)
     print(json.dumps({"video": str(path), "frames": int(out.frames.shape[0]), "height": int(out.frames.shape[1]),

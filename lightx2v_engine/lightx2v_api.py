@@ -42,6 +42,10 @@ class LightX2VPipeline:
             if value is not None:
                 raise ValueError(f"LightX2VPipeline: {name} (Wan2.2 / Self-Forcing model layouts) is not supported "
                                  f"by this engine (Wan2.1 only)")
+        from lightx2v_engine.config import MODEL_CLASSES
+        if model_cls not in MODEL_CLASSES:
+            raise ValueError(f"LightX2VPipeline: model_cls {model_cls!r} is not supported by lightx2v-engine; choose "
+                             f"one of {list(MODEL_CLASSES)} (Wan2.1 T2V/I2V)")
         self.task, self.model_path, self.model_cls, self.device = task, model_path, model_cls, device
         self.config: dict[str, Any] = {}
         if dit_original_ckpt is not None:
@@ -140,9 +144,11 @@ class LightX2VPipeline:
                     "self_attn_1_type": attn_mode, "cross_attn_1_type": attn_mode, "cross_attn_2_type": attn_mode}
             if distill:
                 keys["denoising_step_list"] = steps
-        config = {**keys, **self.config}
-        if isinstance(keys.get("parallel"), dict) and "parallel" in self.config:  # enable_parallel's keys on top
-            config["parallel"] = {**keys["parallel"], **self.config["parallel"]}
+        # a config_json is applied after the enable_* calls, as in LightX2V (its keys win; a parallel section
+        # merges key by key); create_generator's own arguments set other keys than enable_* do
+        config = {**self.config, **keys}
+        if isinstance(keys.get("parallel"), dict) and isinstance(self.config.get("parallel"), dict):
+            config["parallel"] = {**self.config["parallel"], **keys["parallel"]}
         dynamic = []
         self._dynamic_lora = config.pop("lora_dynamic_apply", None) is True  # (also from config_json)
         if self._dynamic_lora:  # switchable LoRAs: applied after loading, see switch_lora
@@ -179,12 +185,13 @@ class LightX2VPipeline:
                                                                                       "strength": strength})])
 
     @torch.no_grad()
-    def generate(self, seed: int, prompt: str, negative_prompt: str, save_result_path: str,
+    def generate(self, seed: int = 42, prompt: str = "", negative_prompt: str = "", save_result_path: str | None = None,
                  image_path: str | None = None, last_frame_path: str | None = None, audio_path: str | None = None,
                  src_ref_images=None, src_video=None, src_mask=None, return_result_tensor: bool = False,
                  target_shape=()) -> torch.Tensor | None:
-        """One video saved to save_result_path (mp4). Returns the frames (uint8 [T, H, W, 3]) when
-        return_result_tensor, else None. target_shape [H, W] overrides the generator's size."""
+        """One video saved to save_result_path (mp4; None: not saved). Returns the frames (uint8 [T, H, W, 3])
+        when return_result_tensor, else None. target_shape [H, W] overrides the generator's size. Defaults as
+        LightX2V's newer API (seed 42, empty negative prompt)."""
         if self.pipeline is None:
             raise RuntimeError("LightX2VPipeline.generate: call create_generator first")
         for name, value in (("last_frame_path", last_frame_path), ("audio_path", audio_path),
@@ -197,7 +204,8 @@ class LightX2VPipeline:
                                      height=h, width=w)
         if out.frames is None:  # a rank > 0 of a multi-GPU run: rank 0 writes the video
             return None
-        out.save(save_result_path)
+        if save_result_path is not None:
+            out.save(save_result_path)
         return out.frames if return_result_tensor else None
 
 

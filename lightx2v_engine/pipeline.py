@@ -839,7 +839,20 @@ def _run_config(config, model_cls: str) -> RunConfig:
 def _device(device) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r}: not a torch device ({e}); use 'cuda', 'cuda:N' or 'cpu'") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"device {device!r}: CUDA is not available here (torch {torch.__version__}, "
+                             f"{'a CPU-only build' if torch.version.cuda is None else 'no visible GPU'}); use 'cpu'")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"device {device!r}: only {n} CUDA device(s) visible")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r}: lightx2v-engine runs on 'cuda' or 'cpu'")
+    return dev
 
 
 def _check_light_vae(run: RunConfig, vae: vae_mod.WanVAE, path: Path) -> None:

@@ -289,8 +289,8 @@ def latent_shape(num_frames: int, height: int, width: int) -> tuple[int, int, in
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     """A torch.Generator on `device` seeded with `seed`."""
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63:
+        raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
     return torch.Generator(device=torch.device(device)).manual_seed(seed)
 
 

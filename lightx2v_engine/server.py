@@ -253,7 +253,7 @@ def check_request(body: dict, *, output_dir: Path, infer_steps: int, task: str,
     seed = body.get("seed")
     if seed is None:
         seed = secrets.randbelow(2 ** 32)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63 - 1:
         raise RequestError(f"seed must be a non-negative integer, got {_short(seed)}")
     params["seed"] = seed
     sizes = {}

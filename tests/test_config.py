@@ -55,11 +55,29 @@ def test_mapped_and_ignored_keys_warn_once_naming_them():
     ({"lora_configs": [{"strength": 1.0}]}, "lora_configs[0]"),
     ({"dit_quantized": True}, "dit_quant_scheme"),
     ({"sampler": "euler"}, "sampler"),
+    ({"seed": -3}, "seed"),
+    ({"seed": 2 ** 64}, "seed"),
+    ({"dit_quantized": True, "dit_quant_scheme": "fp8-bogus"}, "dit_quant_scheme"),
 ])
 def test_bad_values_name_key_and_value(raw, key):
     with pytest.raises(ValueError) as e:
         parse_run_config(raw)
     assert repr(key) in str(e.value) or key in str(e.value)
+
+
+def test_lightx2v_values_that_ask_for_what_runs():
+    """An empty sample_neg_prompt is an empty negative prompt; feature_caching "NoCaching" is what runs (no
+    warning); an 8-step config without a step list under the distill sampler says what to do."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = parse_run_config({"sample_neg_prompt": "", "feature_caching": "NoCaching"})
+    assert cfg.sample_neg_prompt == ""
+    with pytest.raises(ValueError, match=r"infer_steps' = 8: must equal .* = 4 \(the default step list "
+                                         r"\[1000, 750, 500, 250\]\).*model_cls wan2.1"):
+        parse_run_config({"infer_steps": 8})
+    with pytest.raises(ValueError, match=r"model_cls 'wan2.2_moe' is not supported"):
+        parse_run_config({}, model_cls="wan2.2_moe")
 
 
 def test_unknown_key_is_an_error_with_suggestion():

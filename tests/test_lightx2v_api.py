@@ -34,9 +34,10 @@ def test_same_video_as_the_engine_pipeline(folder, tmp_path):
     assert read_mp4(tmp_path / "b.mp4").shape == (9, 32, 48, 3)
 
 
-def test_enable_parallel_merges_with_the_config_json_section(folder, tmp_path, monkeypatch):
-    """enable_parallel's keys go on top of a config_json's parallel section, key by key: the JSON's fp8
-    communication flag survives an enable_parallel call that does not mention it."""
+def test_config_json_is_applied_after_enable_calls(folder, tmp_path, monkeypatch):
+    """As in LightX2V, create_generator applies a config_json after the enable_* calls: its keys win (also
+    over enable_*'s default arguments), and a parallel section merges key by key (the JSON's fp8 flag and
+    sizes, enable_parallel's attention type where the JSON has none)."""
     import json
     from lightx2v_engine.pipeline import Pipeline
     seen = []
@@ -46,13 +47,27 @@ def test_enable_parallel_merges_with_the_config_json_section(folder, tmp_path, m
         raise RuntimeError("stop")
     monkeypatch.setattr(Pipeline, "load", staticmethod(fake_load))
     cfg = tmp_path / "c.json"
-    cfg.write_text(json.dumps({"parallel": {"seq_p_size": 4, "seq_p_fp8_comm": True, "cfg_p_size": 2}}))
+    cfg.write_text(json.dumps({"parallel": {"seq_p_size": 4, "seq_p_fp8_comm": True, "cfg_p_size": 2},
+                               "cpu_offload": True, "dit_quantized": True, "dit_quant_scheme": "fp8-q8f"}))
     pipe = LightX2VPipeline(task="t2v", model_path=str(folder), model_cls="wan2.1_distill", device="cpu")
-    pipe.enable_parallel(seq_p_size=2)
+    pipe.enable_parallel(seq_p_size=2, seq_p_attn_type="ring")
+    pipe.enable_offload(text_encoder_offload=True)  # (cpu_offload False by default)
+    pipe.enable_quantize(text_encoder_quantized=True, text_encoder_quant_scheme="fp8-q8f")
     with pytest.raises(RuntimeError, match="stop"):
         pipe.create_generator(config_json=str(cfg))
-    assert seen[0]["parallel"] == {"seq_p_size": 2, "seq_p_fp8_comm": True, "cfg_p_size": 1,
-                                   "seq_p_attn_type": "ulysses"}
+    assert seen[0]["parallel"] == {"seq_p_size": 4, "seq_p_fp8_comm": True, "cfg_p_size": 2,
+                                   "seq_p_attn_type": "ring"}
+    assert seen[0]["cpu_offload"] is True and seen[0]["dit_quantized"] is True
+    assert seen[0]["t5_quantized"] is True and seen[0]["t5_cpu_offload"] is True
+
+
+@pytest.mark.parametrize("model_cls", ["wan2.2_moe_distill", "Wan2.1", "wan2.1_mean_flow_distill"])
+def test_unsupported_model_classes_are_errors(folder, model_cls):
+    with pytest.raises(ValueError, match=rf"model_cls '{model_cls}' is not supported .*'wan2.1', 'wan2.1_distill'"):
+        LightX2VPipeline(task="t2v", model_path=str(folder), model_cls=model_cls)
+    from lightx2v_engine.pipeline import Pipeline
+    with pytest.raises(ValueError, match=rf"model_cls '{model_cls}' is not supported"):
+        Pipeline.load(str(folder), {}, model_cls=model_cls, device="cpu")
 
 
 def test_call_order_and_unsupported_options(folder, tmp_path):

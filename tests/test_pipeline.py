@@ -115,6 +115,31 @@ def test_bad_inputs_fail_cleanly(case, t2v_folder, i2v_folder, tmp_path, capsys)
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".mp4" or ".tmp" in p.name]
 
 
+@pytest.mark.parametrize("args, match", [
+    (["--device", "bogus"], "device 'bogus': not a torch device"),
+    (["--device", "mps"], "runs on 'cuda' or 'cpu'"),
+    (["--last_frame_path", "b.png"], "--last_frame_path .* is not supported"),
+    (["--task", "i2v", "--image_path", "a.png,b.png"], "several comma-separated images are not supported"),
+    (["--save_result_path", "."], "--save_result_path '.' is a directory"),
+    (["--save_latents", "."], "--save_latents '.' is a directory"),
+])
+def test_cli_argument_errors_before_loading(tmp_path, monkeypatch, capsys, args, match):
+    """Argument errors are one 'error:' line and exit 2, found before any model loads or any file is written."""
+    import re
+    monkeypatch.chdir(tmp_path)
+    rc = main(["--random-weights", "--prompt", "a cat", "--quiet", *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and re.search(match, err), err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_cuda_device_without_cuda(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["--random-weights", "--prompt", "a cat", "--quiet", "--device", "cuda"]) == 2
+    assert "device 'cuda': CUDA is not available here" in capsys.readouterr().err
+
+
 def test_random_weights_tiny_preset(tmp_path):
     rc = main(["--random-weights", "--preset", "tiny", "--prompt", "a red car", "--save_result_path",
                str(tmp_path / "r.mp4"), "--quiet"])
