@@ -830,6 +830,7 @@ def _check_finite(x: torch.Tensor, step: int) -> None:
 
 def _run_config(config, model_cls: str) -> RunConfig:
     if isinstance(config, RunConfig):
+        parse_run_config({}, model_cls=model_cls, warn=False)  # (checks model_cls)
         return config
     if isinstance(config, dict):
         return parse_run_config(config, model_cls=model_cls)
