@@ -97,7 +97,7 @@ def _eight_bit_dtypes(files: list[Path]) -> list[str]:
 
 
 def build_dit(cfg: ModelConfig, files: list[Path] | None = None, *, dtype: torch.dtype = torch.bfloat16,
-              device: torch.device | str = "cpu", quant_scheme: str | None = None) -> WanDiT:
+              device: torch.device | str = "cpu", quant_scheme: str | None = None, random_device=None) -> WanDiT:
     """Builds the DiT on `meta` and assigns the checkpoint's tensors (or random weights when files is None).
 
     Weights are stored in `dtype` except the fp32 regions (dit.param_dtype). With `quant_scheme`, the
@@ -122,7 +122,7 @@ def build_dit(cfg: ModelConfig, files: list[Path] | None = None, *, dtype: torch
     if files is None:
         if qkeys:
             raise ValueError("random weights with quant_scheme: build in bf16, then quant.quantize_dit_")
-        sd = random_state_dict(model, dtype, device)
+        sd = random_state_dict(model, dtype, device, random_device=random_device)
         origin = {}
     else:
         keys = _checkpoint_keys(files)
@@ -167,15 +167,19 @@ def build_dit(cfg: ModelConfig, files: list[Path] | None = None, *, dtype: torch
     return model.eval().requires_grad_(False)
 
 
-def random_state_dict(model: WanDiT, dtype: torch.dtype, device, seed: int = 0) -> dict[str, torch.Tensor]:
+def random_state_dict(model: WanDiT, dtype: torch.dtype, device, seed: int = 0,
+                      random_device=None) -> dict[str, torch.Tensor]:
     """Random weights of realistic scale for the model's own keys (for benchmarks and the tiny preset):
     Linear/Conv weights ~ U(+-1/sqrt(fan_in)) like nn.Linear's init, biases small, norms 1, modulation
-    ~ N(0, 1/dim). Generated directly on `device`."""
-    g = torch.Generator(device=device).manual_seed(seed)
+    ~ N(0, 1/dim). Drawn on `random_device` (default `device`; CPU and CUDA generators draw different
+    numbers: a DiT kept in host memory for offload draws on the GPU it runs on, to be the same model as the
+    resident one), one tensor at a time, stored on `device`."""
+    rdev = torch.device(random_device if random_device is not None else device)
+    g = torch.Generator(device=rdev).manual_seed(seed)
     sd = {}
     for k, p in model.state_dict().items():
         dt = param_dtype(k, dtype)
-        t = torch.empty(p.shape, dtype=torch.float32, device=device)
+        t = torch.empty(p.shape, dtype=torch.float32, device=rdev)
         if "norm" in k and k.endswith(".weight") or k.endswith("proj.0.weight") or k.endswith("proj.4.weight"):
             t.fill_(1.0)
         elif k.endswith(".bias"):
@@ -186,7 +190,7 @@ def random_state_dict(model: WanDiT, dtype: torch.dtype, device, seed: int = 0) 
             fan_in = p[0].numel() if p.dim() > 1 else p.numel()
             bound = fan_in ** -0.5
             t.uniform_(-bound, bound, generator=g)
-        sd[k] = t.to(dt)
+        sd[k] = t.to(device=device, dtype=dt)
     return sd
 
 

@@ -368,7 +368,8 @@ class Pipeline:
         tiny = preset.startswith("tiny")
 
         def random_dit(request_loras=()):  # (build_dit's random weights are seeded: the same DiT each time)
-            dit = build_dit(mcfg, None, dtype=DTYPES[run.dtype], device=torch.device("cpu") if run.cpu_offload else dev)
+            dit = build_dit(mcfg, None, dtype=DTYPES[run.dtype], device=torch.device("cpu") if run.cpu_offload else dev,
+                            random_device=dev)  # (drawn where it runs: offloaded or not, the same weights)
             if par is not None:  # one set of random weights for every rank
                 par.broadcast_module_(dit)
             if request_loras:
@@ -394,19 +395,21 @@ class Pipeline:
                 vcfg = vae_mod.VAEConfig.tiny() if tiny else vae_mod.VAEConfig.wan21()
                 if run.use_lightvae:  # LightX2V's lightvaew2_1: every width a quarter (96 -> 24)
                     vcfg = vae_mod.VAEConfig(dim=max(1, vcfg.dim // 4))
-                builders["vae"] = lambda: _place_vae(vae_mod.random_vae(
-                    vcfg, device=cpu if run.vae_cpu_offload else dev, dtype=_vae_dtype(run, dev), seed=seed), dev)
+                builders["vae"] = lambda: _place_vae(vae_mod.random_vae(  # (drawn where it runs, as the DiT)
+                    vcfg, device=dev, dtype=_vae_dtype(run, dev), seed=seed).to(cpu if run.vae_cpu_offload else dev), dev)
 
             def random_t5():
-                t5 = t5_mod.random_t5(t5cfg, device=cpu if run.t5_cpu_offload else dev, dtype=_t5_dtype(dev),
-                                      seed=seed)
+                t5 = t5_mod.random_t5(t5cfg, device=dev, dtype=_t5_dtype(dev), seed=seed)
+                if run.t5_cpu_offload:
+                    t5 = t5.to(cpu)
                 if run.t5_quantized:
                     t5_mod.quantize_t5_(t5, run.t5_quant_scheme)
                 return t5
 
             def random_clip():
-                clip = clip_mod.random_clip(ccfg, device=cpu if run.clip_cpu_offload else dev,
-                                            dtype=_clip_dtype(dev), seed=seed)
+                clip = clip_mod.random_clip(ccfg, device=dev, dtype=_clip_dtype(dev), seed=seed)
+                if run.clip_cpu_offload:
+                    clip = clip.to(cpu)
                 if run.clip_quantized:
                     clip_mod.quantize_clip_(clip, run.clip_quant_scheme)
                 return clip

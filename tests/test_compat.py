@@ -132,7 +132,8 @@ def test_vae_offload_on_cuda_keeps_weights_on_the_cpu_between_uses(monkeypatch):
     assert pipe.dit.patch_embedding.weight.device.type == "cuda"
     during = []
     real_decode = type(pipe.vae).decode
-    monkeypatch.setattr(type(pipe.vae), "decode", lambda self, z: (during.append(self.device.type), real_decode(self, z))[1])
+    monkeypatch.setattr(type(pipe.vae), "decode",
+                        lambda self, z, **kw: (during.append(self.device.type), real_decode(self, z, **kw))[1])
     out = pipe.generate("a cat", seed=1)
     assert during == ["cuda"] and pipe.vae.device.type == "cpu"
     assert next(pipe.t5.parameters()).device.type == "cpu"
@@ -272,8 +273,10 @@ def test_sample_neg_prompt_is_the_default_negative_prompt(monkeypatch):
     seen = _record_prompts(monkeypatch, plain)
     plain.generate("a cat", seed=1)
     assert seen == [["a cat", WAN_NEGATIVE_PROMPT]]
-    with pytest.raises(ValueError, match="'sample_neg_prompt' = ' ': must not be empty"):
-        parse_run_config({"sample_neg_prompt": " "})
+    empty = Pipeline.random("tiny", {**cfg, "sample_neg_prompt": ""}, device="cpu")  # an empty negative prompt
+    seen = _record_prompts(monkeypatch, empty)
+    empty.generate("a cat", seed=1)
+    assert seen == [["a cat", ""]]
 
 
 @pytest.mark.usefixtures("torch_ops")
