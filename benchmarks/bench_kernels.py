@@ -261,6 +261,7 @@ def bench_attention_8bit(shapes: list[tuple[int, int, int]], configs: list[str],
     as rel. L2 vs fp32 attention (ok: < 0.06 and finite); ratio to cuDNN bf16 from the same run."""
     from lightx2v_engine.kernels.attention_8bit import (ATTN8_CONFIGS, attention_8bit_quantized,
                                                         attention_8bit_triton, fp8_supported, quantize_qkv)
+    from lightx2v_engine.kernels.attention_8bit import _resolve as _resolve8
     G = importlib.import_module("lightx2v_engine.kernels.attention_gluon")
     rows = []
     if not fp8_supported(torch.device(device)):
@@ -289,11 +290,15 @@ def bench_attention_8bit(shapes: list[tuple[int, int, int]], configs: list[str],
                                  note=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"))
                 continue
             ok = math.isfinite(err) and err < 0.06
+            ran = _resolve8(cfg, torch.device(device))  # what launched (e.g. ws_ configs without WS on a GPU)
+            ran_as = "" if ran == cfg else (f"; ran as num_warps {ran.num_warps}, warp_specialize "
+                                            f"{ran.warp_specialize}")
             for impl, ms in ((f"triton8:{c}", ms_all), (f"triton8_kernel_only:{c}", ms_kernel)):
                 rows.append(dict(op="attention_8bit", shape=shape, impl=impl, ms=ms,
                                  tflops_or_gbps=flops / (ms * 1e-3) / 1e12, unit="TOPS",
                                  ratio=(base / ms) if base else float("nan"), ratio_kind="vs_cudnn", max_err=err,
-                                 ok=ok, note="err = rel. L2 vs fp32" + ("" if "only" not in impl else "; q/k/v pre-quantised")))
+                                 ok=ok, note="err = rel. L2 vs fp32" + ("" if "only" not in impl else "; q/k/v pre-quantised")
+                                 + ran_as))
             del quant
         del q, k, v, ref32
     return rows

@@ -11,6 +11,7 @@ Facts (Wan2.1 `wan/image2video.py`, LightX2V `WanRunner.run_vae_encoder` with re
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 from pathlib import Path
@@ -23,7 +24,7 @@ from PIL import Image, UnidentifiedImageError
 VAE_STRIDE = (4, 8, 8)
 PATCH_HW = 2
 
-ImageInput = str | os.PathLike | Image.Image | torch.Tensor
+ImageInput = str | os.PathLike | Image.Image | torch.Tensor | bytes
 
 
 def _pil_to_tensor(img: Image.Image) -> torch.Tensor:
@@ -37,7 +38,7 @@ def _uint8_chw_to_float(x: torch.Tensor) -> torch.Tensor:
 
 
 def load_image(img: ImageInput) -> torch.Tensor:
-    """Image path / PIL image / tensor -> float32 [3, H, W] in [-1, 1].
+    """Image path / encoded image bytes (PNG, JPEG, ...) / PIL image / tensor -> float32 [3, H, W] in [-1, 1].
 
     Tensors: [3, H, W] (or [1, 3, H, W]) uint8 in [0, 255] or float in [-1, 1]. Missing file ->
     FileNotFoundError, unreadable file -> ValueError, both naming the path.
@@ -52,6 +53,13 @@ def load_image(img: ImageInput) -> torch.Tensor:
                 return _pil_to_tensor(im)
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
             raise ValueError(f"cannot read image file {path}: {e}") from e
+    if isinstance(img, (bytes, bytearray)):
+        try:  # (PIL's decompression-bomb limit applies)
+            with Image.open(io.BytesIO(img)) as im:
+                im.load()
+                return _pil_to_tensor(im)
+        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+            raise ValueError(f"cannot read the image data ({len(img)} bytes): {e}") from e
     if isinstance(img, Image.Image):
         return _pil_to_tensor(img)
     if isinstance(img, torch.Tensor):

@@ -128,9 +128,9 @@ def is_page_locked(t: torch.Tensor) -> bool:
     run by DMA: 54.6 GB/s host-to-device on an H200, 2026-11-27)."""
     if t.device.type != "cpu" or not t.numel():
         return False
-    ptr = t.data_ptr()
-    return any(start <= ptr and ptr + t.numel() * t.element_size() <= start + n for start, n in _LOCKED.items()) \
-        or t.is_pinned()
+    ptr = t.data_ptr()  # the bytes t spans: its last element's offset (strided views too), plus one element
+    end = ptr + (sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) + 1) * t.element_size()
+    return any(start <= ptr and end <= start + n for start, n in tuple(_LOCKED.items())) or t.is_pinned()
 
 
 def _host_buffer(nbytes: int, pin: bool, owner) -> torch.Tensor:

@@ -18,6 +18,7 @@ import gc
 import logging
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -36,7 +37,8 @@ from lightx2v_engine.dit import WanDiT
 from lightx2v_engine.image import i2v_mask, load_image, prepare_i2v_image
 from lightx2v_engine.loading import DTYPES, build_dit, load_dit
 from lightx2v_engine.offload import attach_block_offload, blocks_detached, page_lock_module_
-from lightx2v_engine.parallel import Parallel, check_world, decode_tiled, effective_parallel, init_parallel
+from lightx2v_engine.parallel import (Parallel, RankError, check_world, decode_tiled, effective_parallel,
+                                      init_parallel)
 from lightx2v_engine.schedulers import DistillSampler, UniPCSampler, cfg_combine, make_generator, initial_noise
 from lightx2v_engine.video import save_latents, save_mp4, video_to_uint8
 
@@ -399,9 +401,8 @@ class Pipeline:
                     vcfg, device=dev, dtype=_vae_dtype(run, dev), seed=seed).to(cpu if run.vae_cpu_offload else dev), dev)
 
             def random_t5():
-                t5 = t5_mod.random_t5(t5cfg, device=dev, dtype=_t5_dtype(dev), seed=seed)
-                if run.t5_cpu_offload:
-                    t5 = t5.to(cpu)
+                t5 = t5_mod.random_t5(t5cfg, device=cpu if run.t5_cpu_offload else dev, dtype=_t5_dtype(dev),
+                                      seed=seed, random_device=dev)  # (umT5-XXL: 10.6 GiB, never whole on dev)
                 if run.t5_quantized:
                     t5_mod.quantize_t5_(t5, run.t5_quant_scheme)
                 return t5
@@ -471,12 +472,19 @@ class Pipeline:
                     self._setup_dit(self.dit)
                 else:
                     setattr(self, name, build())
-            except Exception as e:  # noqa: BLE001 (reported to every rank, then raised)
+            except BaseException as e:  # noqa: BLE001 (reported to every rank, then raised)
                 if not (everywhere and self.parallel is not None):
                     raise
                 error = e
+                setattr(self, name, None)
+                traceback.clear_frames(e.__traceback__)  # (the frames would keep the half-built model alive)
             if everywhere and self.parallel is not None:
-                self.parallel.agree(f"build the {dict(dit='DiT', vae='VAE').get(name, name)}", error)
+                try:
+                    self.parallel.agree(f"build the {dict(dit='DiT', vae='VAE').get(name, name)}", error)
+                except RankError:
+                    if error is not None and not isinstance(error, Exception):  # (Ctrl-C, exit: as they were)
+                        raise error from None
+                    raise
             log.info("unload_modules: %s loaded in %.0f ms", name, (time.perf_counter() - t0) * 1e3)
             yield
         finally:

@@ -420,9 +420,16 @@ def read_image_input(value: str, keep_encoded: bool = False):
         data = _b64(value.split(",", 1)[-1])
         img = _open_image(data, "image_path")
         return (img, data) if keep_encoded else img
-    if _is_file(value):  # opened now: a file that is no image is a 400, not a failed task
-        img = _open_image(value, "image_path (file)")
-        return (img, value) if keep_encoded else img
+    if _is_file(value):  # read and opened now: a file that is no image is a 400, not a failed task
+        try:
+            with open(value, "rb") as f:
+                data = f.read(MAX_BODY + 1)
+        except OSError as e:
+            raise RequestError(f"image_path (file): cannot read it ({e})") from None
+        if len(data) > MAX_BODY:
+            raise RequestError(f"image_path (file): larger than {MAX_BODY >> 20} MiB")
+        img = _open_image(data, "image_path (file)")
+        return (img, data) if keep_encoded else img  # (the bytes checked, not the file as it may be later)
     try:
         data = _b64(value)
     except RequestError:
@@ -634,10 +641,9 @@ def _run_task(pipe, params: dict, cancelled: Callable[[], bool]):
         if cancelled():
             raise TaskCancelled()
     pipe.set_request_loras(params.get("loras", ()))  # () puts the model as loaded back
-    image = params.get("image")
-    if isinstance(image, bytes):  # (queued encoded; checked when the request came)
-        image = _open_image(image, "image")
-    return pipe.generate(params["prompt"], negative_prompt=params.get("negative_prompt"), image=image,
+    # (a queued image is its encoded bytes, checked when the request came; the pipeline decodes them where it
+    # encodes the image: on rank 0 within its agreed step under multi-GPU)
+    return pipe.generate(params["prompt"], negative_prompt=params.get("negative_prompt"), image=params.get("image"),
                          seed=params["seed"], num_frames=params.get("num_frames"), height=params.get("height"),
                          width=params.get("width"), progress=progress)
 

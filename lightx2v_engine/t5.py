@@ -248,12 +248,15 @@ def quantize_t5_(model: T5Encoder, scheme: str) -> T5Encoder:
 
 @torch.no_grad()
 def random_t5(cfg: T5Config, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
-              seed: int = 0) -> T5Encoder:
-    """T5Encoder with seeded random weights (Wan's init scales), allocated and filled on `device` directly."""
+              seed: int = 0, random_device: str | torch.device | None = None) -> T5Encoder:
+    """T5Encoder with seeded random weights (Wan's init scales), allocated on `device`; the numbers are drawn
+    on `random_device` (default `device`) one parameter at a time (CPU and CUDA generators differ: a model
+    kept in host memory draws where it runs, to be the resident one's twin without the whole of it there)."""
     with torch.device("meta"):
         model = T5Encoder(cfg).to(dtype)
     model = model.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
+    rdev = torch.device(random_device if random_device is not None else device)
+    gen = torch.Generator(device=rdev).manual_seed(seed)
     for name, p in model.named_parameters():
         if name.endswith(("norm1.weight", "norm2.weight")) or name == "norm.weight":
             p.fill_(1.0)
@@ -270,7 +273,10 @@ def random_t5(cfg: T5Config, device: str | torch.device = "cpu", dtype: torch.dt
             std = (2 * cfg.num_buckets * cfg.num_heads) ** -0.5
         else:  # k, v, fc1, gate.0
             std = cfg.dim ** -0.5
-        p.normal_(0.0, std, generator=gen)
+        if rdev == p.device:
+            p.normal_(0.0, std, generator=gen)
+        else:
+            p.copy_(torch.empty(p.shape, dtype=p.dtype, device=rdev).normal_(0.0, std, generator=gen))
     return model.eval().requires_grad_(False)
 
 

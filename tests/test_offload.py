@@ -673,4 +673,5 @@ def test_is_page_locked_knows_registered_ranges(monkeypatch):
     monkeypatch.setattr(offload, "_LOCKED", {buf.data_ptr(): 1024})
     assert is_page_locked(buf[:1024]) and is_page_locked(buf[100:200])
     assert not is_page_locked(buf[1000:1100]) and not is_page_locked(other)
+    assert is_page_locked(buf[:1024:2]) and not is_page_locked(buf[:2048:2])  # strided views: their true span
     assert not is_page_locked(torch.empty(0, dtype=torch.uint8))

@@ -347,7 +347,9 @@ def test_cli_unload_modules_under_torchrun(tmp_path):
 
 
 BUILD_FAILURE_SCRIPT = """
+import gc
 import sys
+import weakref
 import torch
 from lightx2v_engine.parallel import RankError
 from lightx2v_engine.pipeline import Pipeline
@@ -355,11 +357,13 @@ size = {"target_video_length": 5, "target_height": 32, "target_width": 48}
 pipe = Pipeline.random("tiny", {**size, "unload_modules": True, "parallel": {"seq_p_size": 2, "vae_parallel": True}},
                        device="cpu")
 rank = pipe.parallel.rank
+refs = []  # every model built: none may outlive the failed step (a traceback's frames would keep it)
 for name, failing_rank in (("dit", 1), ("vae", 0)):  # one rank's build fails (after its collectives, if any)
     build = pipe.loaders[name]
 
     def failing(*args, build=build, failing_rank=failing_rank):
         model = build(*args)
+        refs.append(weakref.ref(model))
         if rank == failing_rank:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return model
@@ -368,7 +372,9 @@ for name, failing_rank in (("dit", 1), ("vae", 0)):  # one rank's build fails (a
         pipe.generate("a cat", seed=1)
         print("NO ERROR", name, rank)
     except RankError as e:
-        print("ERROR", name, rank, e, "| freed:", pipe.dit is None and pipe.vae is None)
+        gc.collect()
+        print("ERROR", name, rank, e, "| freed:", pipe.dit is None and pipe.vae is None and
+              all(r() is None for r in refs))
     pipe.loaders[name] = build
 out = pipe.generate("a cat", seed=1)  # the ranks are still in step
 print("NEXT", rank, out.frames is not None, float(out.latents.norm()))

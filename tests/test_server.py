@@ -154,8 +154,9 @@ def test_lightx2v_schema_defaults_and_unusual_names(tmp_path):
 
 
 def test_queued_images_are_kept_encoded(tmp_path):
-    """A waiting I2V task holds the image as sent (bytes, or the server path), not its decoded pixels: a large
-    image in a queue of tasks would otherwise hold gigabytes."""
+    """A waiting I2V task holds the image's encoded bytes (also those of a server path: the file as checked,
+    not as it may be when the task runs), not its decoded pixels: a large image in a queue of tasks would
+    otherwise hold gigabytes."""
     seen, release = [], threading.Event()
 
     def fake(params, path, cancel):
@@ -169,11 +170,12 @@ def test_queued_images_are_kept_encoded(tmp_path):
     try:
         ids = [c.call("POST", "/v1/tasks/video/", {"prompt": "x", "image_path": image})[1]["task_id"]
                for image in (base64.b64encode(buf.getvalue()).decode(), str(tmp_path / "in.png"))]
-        assert app.queue.get(ids[1]).params["image"] == str(tmp_path / "in.png")
+        (tmp_path / "in.png").write_bytes(b"changed after the request")
+        assert app.queue.get(ids[1]).params["image"] == buf.getvalue()
         release.set()
         for t in ids:
             assert c.wait(t)["status"] == "completed"
-        assert seen == [buf.getvalue(), str(tmp_path / "in.png")]
+        assert seen == [buf.getvalue(), buf.getvalue()]
     finally:
         release.set()
         c.close(app)
