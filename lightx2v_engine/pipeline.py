@@ -663,7 +663,7 @@ class Pipeline:
         With use_tae the tiny decoder decodes (on the device, no tiling: it streams frames in chunks)."""
         if self._available("tae"):
             with self._use("tae"):
-                return video_to_uint8(self.tae.decode(latents[None].to(self.device)))
+                return _frames(self.tae.decode(latents[None].to(self.device)), "tiny decoder")
         if not self._available("vae"):
             raise RuntimeError("this pipeline has no VAE: built with with_encoders=False")
         with self._use("vae", everywhere=self._decode_everywhere()), \
@@ -671,9 +671,9 @@ class Pipeline:
             z = latents[None].to(self.device)
             if self._decode_everywhere():
                 video = decode_tiled(self.vae, z, True, self.parallel)
-                return None if video is None else video_to_uint8(video)
+                return None if video is None else _frames(video, "VAE decode")
             video = self.vae.decode(z, tiled=self.run_cfg.use_tiling_vae)
-        return video_to_uint8(video)
+        return _frames(video, "VAE decode")
 
     def _decode_everywhere(self) -> bool:
         """Multi-GPU with vae_parallel or use_tiling_vae: the VAE's tiles are decoded on all ranks."""
@@ -830,6 +830,16 @@ def _attach_parallel(dit: WanDiT, par: Parallel) -> None:
     if par.seq is not None:
         par.seq.check_heads(dit.cfg.num_heads)
     dit.seq_parallel = par.seq
+
+
+def _frames(video: torch.Tensor, what: str) -> torch.Tensor:
+    """A decoded video -> uint8 frames; NaN/Inf in it (which the conversion would turn into black pixels)
+    are a NonFiniteError naming the decoder (one host sync, after the decode)."""
+    if not torch.isfinite(video).all():
+        bad = (~torch.isfinite(video)).sum().item()
+        raise NonFiniteError(f"the {what} produced {bad} NaN/Inf values out of finite latents (try vae_dtype "
+                             f"fp32, or use_tiling_vae)")
+    return video_to_uint8(video)
 
 
 def _check_finite(x: torch.Tensor, step: int) -> None:

@@ -145,3 +145,20 @@ def test_random_weights_tiny_preset(tmp_path):
                str(tmp_path / "r.mp4"), "--quiet"])
     assert rc == 0
     assert read_mp4(tmp_path / "r.mp4").shape == (9, 64, 96, 3)
+
+
+def test_non_finite_values_are_errors_naming_where():
+    """NaN produced at run time is an error naming where: a denoising step (the DiT), or the VAE decode of
+    finite latents (which the uint8 conversion would otherwise write as black pixels)."""
+    from lightx2v_engine.pipeline import NonFiniteError, Pipeline
+    size = {"target_video_length": 5, "target_height": 32, "target_width": 48}
+    pipe = Pipeline.random("tiny", size, device="cpu")
+    with torch.no_grad():
+        next(pipe.vae.decoder.parameters()).fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match=r"the VAE decode produced \d+ NaN/Inf values"):
+        pipe.generate("a cat", seed=1)
+    pipe = Pipeline.random("tiny", size, device="cpu")
+    with torch.no_grad():
+        pipe.dit.head.head.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match="step 1"):
+        pipe.generate("a cat", seed=1)
