@@ -14,6 +14,11 @@
 # stage runs under `timeout` at the smaller of its own cap and the time left; a stage with under 30 s left
 # is skipped. Cut or skipped stages are listed in $OUT/stages_cut.txt and named in the summary's absent
 # figures; the benchmarks write their outputs after every section, so a cut stage keeps what it measured.
+#
+# GPU_CHECK_PACK=1 (for a transfer that brings back few files, e.g. 8): at the end every file under $OUT goes
+# into $OUT/all.tar.gz, and only what a reader needs first stays beside it, flat: summary.json,
+# summary_table.txt (the table printed last), the tuned-defaults file (tuned_<device>.json), gpu_tests.log
+# and stages_cut.txt.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out}
@@ -118,5 +123,18 @@ fi
 echo "total $(( $(date +%s) - T0 )) s"
 if has summary; then
   stage summary
-  $PY benchmarks/summarize.py "$OUT"
+  $PY benchmarks/summarize.py "$OUT" | tee "$OUT/summary_table.txt"
+fi
+
+if [ "${GPU_CHECK_PACK:-0}" = 1 ]; then
+  # everything into one archive; the first-read files stay beside it, flat (at most 7 files in all)
+  tar -czf /tmp/lx2v_all.tar.gz -C "$OUT" . && rm -rf "${OUT:?}"/.[!.]* "${OUT:?}"/* 2>/dev/null
+  mv /tmp/lx2v_all.tar.gz "$OUT/all.tar.gz"
+  for f in summary.json stages_cut.txt gpu_tests.log summary_table.txt; do
+    tar -xzf "$OUT/all.tar.gz" -C "$OUT" "./$f" 2>/dev/null
+  done
+  for t in $(tar -tzf "$OUT/all.tar.gz" | grep '^\./tuned/.*\.json$'); do
+    tar -xzOf "$OUT/all.tar.gz" "$t" >"$OUT/tuned_$(basename "$t")"
+  done
+  echo "packed: $(ls "$OUT" | tr '\n' ' ')"
 fi

@@ -117,3 +117,24 @@ def test_gpu_check_ignores_a_kernels_summary_of_an_earlier_run(tmp_path):
     res = _run(tmp_path, fake, stages="kernels,e2e,summary")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "e2e LX2V_TUNED=unset" in res.stdout and not (out / "tuned").exists()
+
+
+def test_gpu_check_packs_its_outputs_for_a_small_transfer(tmp_path):
+    """GPU_CHECK_PACK=1: every output in one archive, and beside it, flat, the files a reader needs first
+    (at most 7: the device tool brings back 8), the tuned file included."""
+    import tarfile
+    fake = _fake_python(tmp_path, '  benchmarks/bench_kernels.py) mkdir -p "$OUT/deep/er"; echo x >"$OUT/deep/er/f.csv";'
+                                  ' echo k >"$OUT/kernels.csv";;')
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tuned").mkdir()
+    (out / "tuned" / "NVIDIA_H200.json").write_text('{"device": "NVIDIA H200"}')
+    res = _run(tmp_path, fake, GPU_CHECK_PACK="1")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    left = sorted(p.name for p in out.iterdir())
+    assert left == ["all.tar.gz", "stages_cut.txt", "summary.json", "summary_table.txt", "tuned_NVIDIA_H200.json"], left
+    assert all(p.is_file() for p in out.iterdir())
+    with tarfile.open(out / "all.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {"./deep/er/f.csv", "./kernels.csv", "./summary.json", "./tuned/NVIDIA_H200.json"} <= names
+    assert "step_ms_1.3b_bf16" in (out / "summary_table.txt").read_text()
