@@ -369,10 +369,10 @@ class Pipeline:
         dev = par.device if par is not None else _device(device)
         tiny = preset.startswith("tiny")
 
-        def random_dit(request_loras=()):  # (build_dit's random weights are seeded: the same DiT each time)
+        def random_dit(request_loras=(), broadcast=True):  # (seeded random weights: the same DiT each time)
             dit = build_dit(mcfg, None, dtype=DTYPES[run.dtype], device=torch.device("cpu") if run.cpu_offload else dev,
                             random_device=dev)  # (drawn where it runs: offloaded or not, the same weights)
-            if par is not None:  # one set of random weights for every rank
+            if par is not None and broadcast:  # one set of random weights for every rank
                 par.broadcast_module_(dit)
             if request_loras:
                 from lightx2v_engine.lora import apply_loras_
@@ -380,6 +380,7 @@ class Pipeline:
             _place_dit(dit, run, dev)
             return dit
         t5 = tok = clip = None
+        random_dit.defers_broadcast = True  # (Pipeline._use: after the ranks agree on the builds)
         builders: dict[str, Callable[[], torch.nn.Module]] = {"dit": random_dit}
         if with_encoders:
             cpu = torch.device("cpu")
@@ -464,27 +465,33 @@ class Pipeline:
             yield
             return
         t0 = time.perf_counter()
+        agree = everywhere and self.parallel is not None
+        # a builder with a collective inside (the random DiT's broadcast) runs it after the agreement instead:
+        # a rank failing before it would leave the others waiting in it
+        defer = agree and name == "dit" and getattr(build, "defers_broadcast", False)
         try:
             error = None
             try:
                 if name == "dit":  # with set_request_loras' LoRAs merged in
-                    self.dit = build(self._request_loras)
+                    self.dit = build(self._request_loras, **({"broadcast": False} if defer else {}))
                     self._setup_dit(self.dit)
                 else:
                     setattr(self, name, build())
             except BaseException as e:  # noqa: BLE001 (reported to every rank, then raised)
-                if not (everywhere and self.parallel is not None):
+                if not agree:
                     raise
                 error = e
                 setattr(self, name, None)
                 traceback.clear_frames(e.__traceback__)  # (the frames would keep the half-built model alive)
-            if everywhere and self.parallel is not None:
+            if agree:
                 try:
                     self.parallel.agree(f"build the {dict(dit='DiT', vae='VAE').get(name, name)}", error)
                 except RankError:
                     if error is not None and not isinstance(error, Exception):  # (Ctrl-C, exit: as they were)
                         raise error from None
                     raise
+                if defer:
+                    self.parallel.broadcast_module_(self.dit)
             log.info("unload_modules: %s loaded in %.0f ms", name, (time.perf_counter() - t0) * 1e3)
             yield
         finally:

@@ -358,15 +358,18 @@ pipe = Pipeline.random("tiny", {**size, "unload_modules": True, "parallel": {"se
                        device="cpu")
 rank = pipe.parallel.rank
 refs = []  # every model built: none may outlive the failed step (a traceback's frames would keep it)
-for name, failing_rank in (("dit", 1), ("vae", 0)):  # one rank's build fails (after its collectives, if any)
+for name, failing_rank, early in (("dit", 1, False), ("dit", 1, True), ("vae", 0, False)):  # one rank fails
     build = pipe.loaders[name]
 
-    def failing(*args, build=build, failing_rank=failing_rank):
-        model = build(*args)
+    def failing(*args, build=build, failing_rank=failing_rank, early=early, **kw):
+        if early and rank == failing_rank:  # before the random DiT's weight broadcast: the others wait in
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")  # the agreement, not in it
+        model = build(*args, **kw)
         refs.append(weakref.ref(model))
         if rank == failing_rank:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return model
+    failing.defers_broadcast = getattr(build, "defers_broadcast", False)
     pipe.loaders[name] = failing
     try:
         pipe.generate("a cat", seed=1)
@@ -390,11 +393,11 @@ def test_build_failure_on_one_rank_is_an_error_on_all(tmp_path):
     r = torchrun(2, str(script))
     assert r.returncode == 0, r.stderr[-3000:]
     lines = sorted(line for line in r.stdout.splitlines() if line.startswith(("ERROR", "NO ERROR", "NEXT")))
-    assert len(lines) == 6, r.stdout
+    assert len(lines) == 8, r.stdout
     for rank in (0, 1):
-        for name, who, what in (("dit", 1, "DiT"), ("vae", 0, "VAE")):
-            assert f"ERROR {name} {rank} failed to build the {what} on rank {who}: OutOfMemoryError: CUDA out of " \
-                   f"memory (injected) | freed: True" in lines, lines
+        for name, who, what, times in (("dit", 1, "DiT", 2), ("vae", 0, "VAE", 1)):
+            assert lines.count(f"ERROR {name} {rank} failed to build the {what} on rank {who}: OutOfMemoryError: "
+                               f"CUDA out of memory (injected) | freed: True") == times, lines
     next_lines = [line.split() for line in lines if line.startswith("NEXT")]
     assert sorted(line[2] for line in next_lines) == ["False", "True"]  # rank 0 alone gets the frames
     assert next_lines[0][3] == next_lines[1][3]  # the same latents on both ranks
