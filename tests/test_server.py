@@ -471,3 +471,24 @@ def test_per_request_loras(tmp_path):
     for name, frames in (("lora", want_lora), ("base", want_base)):
         save_mp4(frames, ref_dir / f"{name}.mp4", fps=16)
         assert np.array_equal(videos[name], read_mp4(ref_dir / f"{name}.mp4")), name
+
+
+def test_expect_100_continue_is_answered(tmp_path):
+    """A client that asks 'Expect: 100-continue' (curl, for bodies over 1 MB) gets the interim 100 before it
+    sends the body, instead of waiting out its own timeout (about 1 s per upload)."""
+    import socket
+    app = S.App(lambda p, path, cancel: None, output_dir=tmp_path, infer_steps=4, task="t2v")
+    c = Client(app)
+    try:
+        body = json.dumps({"prompt": "a cat"}).encode()
+        with socket.create_connection(("127.0.0.1", c.httpd.server_port), timeout=30) as sock:
+            sock.sendall(b"POST /v1/tasks/video/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Expect: 100-continue\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+            assert sock.recv(64).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+            sock.sendall(body)
+            reply = b""
+            while chunk := sock.recv(4096):
+                reply += chunk
+        assert b" 200 " in reply.split(b"\r\n", 1)[0] and b'"task_status": "pending"' in reply
+    finally:
+        c.close(app)
