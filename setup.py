@@ -78,6 +78,7 @@ setup(
         "imageio-ffmpeg>=0.5",
         "pillow",
         "tqdm",
+        "ftfy",  # Wan's prompt cleaning (curly quotes, mojibake, ...): the same token ids as Wan and LightX2V
     ],
     extras_require={
         "test": ["pytest>=8", "diffusers==0.42.1", "transformers==5.23.0", "peft==0.21.2"],

@@ -9,8 +9,9 @@ norm2, mlp.0, mlp.2}.{weight,bias}`.
     x = x + proj(softmax(q kᵀ / sqrt(D)) v)   (q, k, v from the fused to_qkv of norm1(x))
     x = x + mlp.2(gelu_erf(mlp.0(norm2(x))))
 Wan runs only the first num_layers - 1 blocks (31 of 32) and no post-norm: output [B, 257, 1280].
-LayerNorms are computed in fp32 (eps 1e-5); the residual stream is kept in fp32 and every matmul runs
-in the weights' dtype (fp16 on CUDA), as under Wan's fp16 autocast.
+LayerNorms are computed in fp32 (eps 1e-5); the residual stream is kept in fp32 (Wan keeps it in fp16: this
+is a little more accurate, about 1e-3 relative apart) and every matmul runs in the weights' dtype (fp16 on
+CUDA).
 """
 from __future__ import annotations
 
@@ -43,6 +44,9 @@ class CLIPConfig:
 
     @property
     def use_blocks(self) -> int:
+        """Wan runs all but the last block (31 of ViT-H/14's 32); a ViT-H file pruned to those 31 runs them all."""
+        if self.dim == 1280 and self.num_layers == 31:
+            return 31
         return self.num_layers - 1
 
     @property

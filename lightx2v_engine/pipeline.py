@@ -549,8 +549,9 @@ class Pipeline:
             raise RuntimeError(_NO_ENCODER.format("text"))
         with self._use("t5"), offloaded(self.t5, self.device, self.run_cfg.t5_cpu_offload):
             ctx = t5_mod.encode_text(self.t5, self.tokenizer, prompts, text_len=self.run_cfg.text_len)
-        if ctx.shape[1] < 512:  # the DiT always sees 512 rows (zero-padded), as Wan
-            ctx = torch.nn.functional.pad(ctx, (0, 0, 0, 512 - ctx.shape[1]))
+        n = self.run_cfg.text_len  # the DiT sees text_len rows (zero-padded): 512 as Wan, else as LightX2V
+        if ctx.shape[1] < n:
+            ctx = torch.nn.functional.pad(ctx, (0, 0, 0, n - ctx.shape[1]))
         return ctx.to(self.device, self._run_dtype)
 
     def encode_image(self, image, num_frames: int, height: int, width: int):
@@ -574,23 +575,34 @@ class Pipeline:
 
     def denoise(self, noise: torch.Tensor, context: torch.Tensor, *, neg_context: torch.Tensor | None = None,
                 clip_fea=None, y=None, seed: int = 42, timings: Timings | None = None,
-                progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """noise [16, F, h, w] fp32 -> final latents [16, F, h, w] fp32, with the configured sampler."""
+                progress: Callable[[int, int], None] | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """noise [16, F, h, w] fp32 -> final latents [16, F, h, w] fp32, with the configured sampler.
+
+        The "renoise" update's fresh noise is drawn, as in LightX2V, from the generator that drew `noise`,
+        after it: `generator` when given (generate() passes its own), else one seeded with `seed` and run past
+        the initial noise (so that noise = initial_noise(..., seed) gives generate()'s result). The latents
+        stay fp32 between steps (the engine keeps the residual stream in fp32, as LightX2V's
+        sensitive_layer_dtype fp32 mode; its default rounds them to bf16 between steps)."""
         timings = timings or Timings()
         with contextlib.ExitStack() as stack:
             if self.dit is None and "dit" in self.loaders:  # unload_modules: the DiT built for this loop
                 with timings.measure("dit load", self.device):
                     stack.enter_context(self._use("dit", everywhere=True))
             stack.enter_context(offloaded(self.dit, self.device, _dit_moves_whole(self.run_cfg), stream_blocks=False))
-            return self._denoise(noise, context, neg_context, clip_fea, y, seed, timings, progress)
+            return self._denoise(noise, context, neg_context, clip_fea, y, seed, timings, progress, generator)
 
-    def _denoise(self, noise, context, neg_context, clip_fea, y, seed, timings, progress) -> torch.Tensor:
+    def _denoise(self, noise, context, neg_context, clip_fea, y, seed, timings, progress,
+                 generator=None) -> torch.Tensor:
         run = self.run_cfg
         x = noise[None].to(self.device)
         timings = timings or Timings()
         if run.sampler == "distill":
             sampler = DistillSampler.from_step_list(run.denoising_step_list, run.sample_shift, run.distill_update)
-            renoise = sampler.make_renoise_noise(x.shape, make_generator(seed + 1, self.device), self.device)
+            if sampler.mode == "renoise" and generator is None:  # the seed's generator, past the initial noise
+                generator = make_generator(seed, self.device)
+                torch.randn(noise.shape, generator=generator, device=generator.device, dtype=torch.float32)
+            renoise = sampler.make_renoise_noise(x.shape, generator, self.device) if generator is not None else []
             if self.parallel is not None:
                 for r in renoise or ():
                     self.parallel.broadcast_(r)
@@ -740,11 +752,12 @@ class Pipeline:
         # multi-GPU: global rank 0 alone has the encoders; its results reach every rank
         context, neg_context, clip_fea, y, (h, w) = \
             encode() if self.parallel is None else _share_from_rank0(self.parallel, encode, self.device)
-        noise = initial_noise(t_frames, h, w, seed, self.device)
+        generator = make_generator(seed, self.device)  # the initial noise, then the renoise update's (LightX2V)
+        noise = initial_noise(t_frames, h, w, seed, self.device, generator=generator)
         if self.parallel is not None:  # every rank starts from rank 0's noise, bit for bit
             self.parallel.broadcast_(noise)
         latents = self.denoise(noise, context, neg_context=neg_context, clip_fea=clip_fea, y=y, seed=seed,
-                               timings=timings, progress=progress)
+                               timings=timings, progress=progress, generator=generator)
         frames = None  # multi-GPU: the frames come back on global rank 0
         if self.is_main or self._decode_everywhere():
             with timings.measure("decode", self.device):

@@ -16,6 +16,7 @@ import html
 import json
 import math
 import os
+import warnings
 import re
 from dataclasses import dataclass
 
@@ -282,12 +283,22 @@ def random_t5(cfg: T5Config, device: str | torch.device = "cpu", dtype: torch.dt
 
 # ------------------------------------------------------------------------------------------- tokenizer
 
+_FTFY_WARNED = False
+
+
 def clean_text(text: str) -> str:
-    """Wan's cleaning: ftfy.fix_text (only if ftfy is installed), html-unescape twice, collapse whitespace."""
+    """Wan's cleaning: ftfy.fix_text, html-unescape twice, collapse whitespace. (ftfy is a dependency; an
+    install without it warns once and skips that part: prompts with curly quotes or mojibake then tokenize
+    differently from Wan's.)"""
+    global _FTFY_WARNED
     try:
         import ftfy
     except ImportError:
         ftfy = None
+        if not _FTFY_WARNED:
+            _FTFY_WARNED = True
+            warnings.warn("ftfy is not installed: prompts are cleaned without ftfy.fix_text, unlike Wan's "
+                          "(pip install ftfy)", stacklevel=2)
     if ftfy is not None:
         text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text)).strip()
@@ -346,8 +357,12 @@ def load_tokenizer(model_path: str) -> UMT5Tokenizer:
 
     path = os.path.join(os.fspath(model_path), TOKENIZER_SUBDIR, "tokenizer.json")
     if not os.path.isfile(path):
+        spiece = os.path.join(os.fspath(model_path), TOKENIZER_SUBDIR, "spiece.model")
+        hint = (f"; {spiece} alone is not read (the sentencepiece model needs the sentencepiece package): put "
+                f"google/umt5-xxl's tokenizer.json beside it (from the Hugging Face repo google/umt5-xxl)"
+                if os.path.isfile(spiece) else "")
         raise FileNotFoundError(f"umT5 tokenizer not found: {path} (expected google/umt5-xxl's tokenizer.json"
-                                " inside the model folder)")
+                                f" inside the model folder){hint}")
     return UMT5Tokenizer(Tokenizer.from_file(path), source=path)
 
 

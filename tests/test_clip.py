@@ -1,4 +1,5 @@
 """CLIP vision tower against transformers' CLIPVisionModel (random tiny weights, CPU fp32)."""
+import dataclasses
 import math
 
 import pytest
@@ -178,6 +179,8 @@ def test_random_clip():
     assert 0.3 < out.std().item() < 3.0
     assert random_clip(cfg, "cpu", torch.bfloat16).transformer[0].mlp[0].weight.dtype == torch.bfloat16
     assert CLIPConfig.vit_h14().num_tokens == 257 and CLIPConfig.vit_h14().use_blocks == 31
+    # a ViT-H file pruned to the 31 blocks Wan runs runs them all (not 30)
+    assert dataclasses.replace(CLIPConfig.vit_h14(), num_layers=31).use_blocks == 31
 
 
 def test_bf16_close_to_fp32(tmp_path):

@@ -162,3 +162,34 @@ def test_non_finite_values_are_errors_naming_where():
         pipe.dit.head.head.weight.fill_(float("nan"))
     with pytest.raises(NonFiniteError, match="step 1"):
         pipe.generate("a cat", seed=1)
+
+
+def test_renoise_draws_from_the_initial_noise_generator():
+    """distill_update "renoise": the fresh noise of each update comes from the generator that drew the initial
+    noise, after it (LightX2V / Self-Forcing), in generate() and in denoise() called with the same seed."""
+    from lightx2v_engine.pipeline import Pipeline
+    from lightx2v_engine.schedulers import DistillSampler, initial_noise, make_generator
+    size = {"target_video_length": 5, "target_height": 32, "target_width": 48, "distill_update": "renoise"}
+    pipe = Pipeline.random("tiny", size, device="cpu")
+    got = pipe.generate("a cat", seed=5).latents
+    ctx = pipe.encode_text(["a cat"])
+    assert torch.equal(pipe.denoise(initial_noise(5, 32, 48, 5, "cpu"), ctx, seed=5), got)
+    # by hand: the sampler's update with noise drawn after the initial noise from one generator
+    g = make_generator(5, "cpu")
+    x = initial_noise(5, 32, 48, 0, "cpu", generator=g)[None]
+    sampler = DistillSampler.from_step_list([1000, 750, 500, 250], 5.0, "renoise")
+    noises = sampler.make_renoise_noise(x.shape, g, "cpu")
+    ts = sampler.timestep_tensor("cpu")
+    with torch.no_grad():
+        for i in range(4):
+            x = sampler.step(i, x, pipe.dit(x, ts[i:i + 1], ctx), noises[i] if i < 3 else None)
+    torch.testing.assert_close(x[0], got, rtol=0, atol=0)
+
+
+def test_text_len_sets_the_context_rows():
+    """The DiT sees text_len context rows (zero-padded), as LightX2V pads to its config's text_len (512: Wan)."""
+    from lightx2v_engine.pipeline import Pipeline
+    size = {"target_video_length": 5, "target_height": 32, "target_width": 48}
+    assert Pipeline.random("tiny", size, device="cpu").encode_text(["a cat"]).shape[1] == 512
+    ctx = Pipeline.random("tiny", {**size, "text_len": 64}, device="cpu").encode_text(["a cat", "a dog"])
+    assert ctx.shape[:2] == (2, 64) and ctx[:, 10:].abs().sum() == 0

@@ -151,6 +151,9 @@ def test_tokenizer_matches_transformers(tok_dir):
 
 def test_clean_text():
     assert clean_text("  a &amp;amp; b \n\t c  ") == "a & b c"
+    # ftfy.fix_text, as Wan (a dependency): curly quotes, ligatures and mojibake come out as Wan's tokens see them
+    assert clean_text("A \u201ccinematic\u201d shot of a cat\u2019s \ufb01sh") == 'A "cinematic" shot of a cat\'s fish'
+    assert clean_text("caf\u00c3\u00a9 at night") == "caf\u00e9 at night"
 
 
 def test_bad_prompts(wan_file, tok_dir):
