@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 mkdir -p .whl
-for spec in diffusers==0.42.1 importlib_metadata==10.2.0 lazy-importer==0.1.0; do
+# (+ ftfy and wcwidth: the engine's prompt cleaning, as Wan's)
+for spec in diffusers==0.42.1 importlib_metadata==10.2.0 lazy-importer==0.1.0 ftfy==6.3.1 wcwidth==0.9.4; do
   $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl "$spec"
