@@ -20,7 +20,8 @@ def _default_arch_list(torch) -> str:
     except (RuntimeError, AssertionError):
         caps = []
     caps = [c for c in caps if c >= (8, 0)]
-    return ";".join(f"{a}.{b}" for a, b in caps) if caps else "8.0;8.6;8.9;9.0"
+    # "+PTX" on the newest: a newer GPU (sm_100, sm_120) JIT-compiles the kernels instead of finding no image
+    return (";".join(f"{a}.{b}" for a, b in caps) if caps else "8.0;8.6;8.9;9.0") + "+PTX"
 
 
 def _cuda_extensions():

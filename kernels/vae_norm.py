@@ -30,7 +30,7 @@ def _rms_norm_act_kernel(X, G, Y, P, C, stride_xb, stride_yb, scale, eps,
     offs = rows[:, None] * C + cols[None, :]
     x = tl.load(X + b * stride_xb + offs, mask=mask, other=0.0).to(tl.float32)
     norm = tl.sqrt(tl.sum(x * x, axis=1))
-    r = scale / tl.maximum(norm, eps)
+    r = scale / tl.maximum(norm, eps, propagate_nan=tl.PropagateNan.ALL)  # (a NaN pixel stays NaN, as F.normalize)
     g = tl.load(G + cols, mask=cols < C, other=0.0).to(tl.float32)
     y = x * r[:, None] * g[None, :]
     if SILU:
@@ -51,9 +51,17 @@ def pixel_rows(t: torch.Tensor) -> int | None:
     return t.stride(0)
 
 
+def _spatial_order(t: torch.Tensor) -> list[int]:
+    """The spatial dims of `t` (size > 1) from the fastest-varying to the slowest."""
+    return [d for d, _ in sorted(((d, t.stride(d)) for d in range(2, t.dim()) if t.shape[d] != 1),
+                                 key=lambda ds: ds[1])]
+
+
 def supports(x: torch.Tensor, out: torch.Tensor | None) -> bool:
+    """x (and out) dense rows of C channels, out's pixels in x's order (the kernel reads and writes one offset)."""
     return (x.dim() >= 3 and pixel_rows(x) is not None
-            and (out is None or (out.shape == x.shape and pixel_rows(out) is not None)))
+            and (out is None or (out.shape == x.shape and pixel_rows(out) is not None
+                                 and _spatial_order(out) == _spatial_order(x))))
 
 
 def rms_norm_act(x: torch.Tensor, gamma: torch.Tensor, silu: bool, out: torch.Tensor | None = None) -> torch.Tensor:

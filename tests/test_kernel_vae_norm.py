@@ -48,6 +48,20 @@ def test_layout_checks():
         vae_norm.rms_norm_act(x, torch.ones(8, device=DEVICE), True)
     with pytest.raises(ValueError, match="gamma has 4 values"):
         vae_norm.rms_norm_act(x.contiguous(memory_format=CL), torch.ones(4, device=DEVICE), True)
+    # an `out` of dense channel rows whose pixels run in another order than x's: not one offset for both
+    xc = torch.randn(1, 4, 2, 3, 8, device=DEVICE).contiguous(memory_format=CL)
+    other = torch.empty(1, 8, 3, 2, 4, device=DEVICE).permute(0, 4, 3, 2, 1)  # [1, 4, 2, 3, 8], W slowest
+    assert vae_norm.pixel_rows(other) is not None and not vae_norm.supports(xc, other)
+    assert vae_norm.supports(xc, torch.empty_like(xc))
+
+
+def test_nan_pixels_stay_nan():
+    """A pixel with a NaN channel comes out NaN (as F.normalize's), not huge values from a max() that drops
+    the NaN (Triton's default on a GPU; the interpreter propagates it either way)."""
+    x = torch.randn(1, 8, 1, 2, 2, device=DEVICE).contiguous(memory_format=CL)
+    x[0, 3, 0, 1, 1] = float("nan")
+    y = vae_norm.rms_norm_act(x, torch.ones(8, 1, 1, 1, device=DEVICE), False)
+    assert y[0, :, 0, 1, 1].isnan().all() and torch.isfinite(y[0, :, 0, 0]).all()
 
 
 _AOT_SCRIPT = r'''
