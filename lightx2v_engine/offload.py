@@ -183,8 +183,12 @@ def _page_lock(buf: torch.Tensor) -> bool:
 def _page_unlock(buf: torch.Tensor) -> None:
     _LOCKED.pop(buf.data_ptr(), None)
     try:
-        if torch.cuda.is_initialized():  # no copy queued on any stream may still read or write the buffer
-            torch.cuda.synchronize()
+        if torch.cuda.is_initialized():  # no copy queued on any stream of any device may still use the buffer
+            for d in range(torch.cuda.device_count()):
+                torch.cuda.synchronize(d)
+    except Exception:  # noqa: BLE001 - a sticky CUDA error: unregister anyway (the memory is freed next)
+        pass
+    try:
         torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
     except Exception:  # noqa: BLE001 - at interpreter exit the CUDA runtime may be gone
         pass
@@ -310,8 +314,10 @@ class BlockOffload:
             try:
                 yield block
             finally:
-                self.freed[slot] = self.runtime.mark()  # after this block's kernels (also a failed forward's)
-                _bind(pack.entries, pack.host)
+                try:
+                    self.freed[slot] = self.runtime.mark()  # after this block's kernels (also a failed forward's)
+                finally:
+                    _bind(pack.entries, pack.host)  # (the block back on its host pack even if that fails)
             prev = slot
 
     def drop_prefetch(self) -> None:

@@ -423,6 +423,31 @@ def test_block_offload_on_cuda_with_real_width_blocks_is_exact():
         assert torch.equal(a, b)
 
 
+@pytest.mark.gpu
+@pytest.mark.last
+def test_block_offload_on_cuda_with_slow_compute_is_exact():
+    """The other order: each block's compute made much longer than its copy (a GPU sleep before it), so that
+    the prefetch of block i+1 into the slot block i-1 used would overwrite it while still being read if the
+    copy did not wait for that compute's "freed" event. Against the resident model, bitwise."""
+    cfg = dataclasses.replace(get_preset("wan2.1-t2v-1.3b"), num_layers=4)
+    torch.manual_seed(0)
+    dit = build_dit(cfg, None, dtype=torch.bfloat16, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(1, 16, 3, 16, 24, generator=g, device="cuda")
+    ctx = torch.randn(1, 512, cfg.text_dim, generator=g, device="cuda").to(torch.bfloat16)
+    t = torch.tensor([700.0], device="cuda")
+    with torch.no_grad():
+        want = [dit(x, t * (k + 1) / 4, ctx) for k in range(2)]
+        attach_block_offload(dit, "cuda")
+        hooks = [b.register_forward_pre_hook(lambda m, a: torch.cuda._sleep(50_000_000)) for b in dit.blocks]
+        got = [dit(x, t * (k + 1) / 4, ctx) for k in range(2)]  # (about 25 ms of sleep per block)
+        for h in hooks:
+            h.remove()
+    torch.cuda.synchronize()
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.usefixtures("torch_ops")
 def test_refresh_waits_for_queued_copies_before_repacking():
     """refresh() (after a LoRA switch) synchronizes the copy stream before a pack or slot can go: block 0's
