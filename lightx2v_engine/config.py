@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lightx2v_engine.parallel import ParallelConfig
+from lightx2v_engine.schedulers import MAX_SEED
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -283,10 +284,16 @@ _UNSUPPORTED_IF_TRUE = {
                           "use enable_cfg with sample_guide_scale for classifier-free guidance",
 }
 
-MAX_SEED = 2 ** 63 - 1  # (torch generators take int64 seeds; the renoise sampler also draws with seed + 1)
-
 # LightX2V's model classes this engine runs (the CLI's --model_cls choices)
 MODEL_CLASSES = ("wan2.1", "wan2.1_distill")
+
+
+def check_model_cls(model_cls: str, who: str = "") -> None:
+    """A ValueError naming `model_cls` unless this engine runs it."""
+    if model_cls not in MODEL_CLASSES:
+        raise ValueError(f"{who}model_cls {model_cls!r} is not supported by lightx2v-engine; choose one of "
+                         f"{list(MODEL_CLASSES)} (Wan2.1 T2V/I2V; wan2.1_distill runs the step-distilled 4-step "
+                         f"models)")
 
 # LightX2V's Wan schedulers: "WanScheduler" is UniPC, "WanStepDistillScheduler" the 4-step distill sampler
 # (the one "wan2.1_distill" always runs); only read under model_cls "wan2.1".
@@ -347,10 +354,8 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
     """
     if not isinstance(raw, dict):
         raise ValueError(f"{source}: expected a JSON object, got {type(raw).__name__}")
-    if model_cls is not None and model_cls not in MODEL_CLASSES:
-        raise ValueError(f"model_cls {model_cls!r} is not supported by lightx2v-engine; choose one of "
-                         f"{list(MODEL_CLASSES)} (Wan2.1 T2V/I2V; wan2.1_distill runs the step-distilled 4-step "
-                         f"models)")
+    if model_cls is not None:
+        check_model_cls(model_cls)
     vals: dict[str, Any] = {}
     ignored, unknown = [], []
     for key, value in raw.items():
@@ -468,7 +473,7 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
         except ValueError as e:
             raise _err("dit_quant_scheme", out["dit_quant_scheme"], str(e)) from None
     if "seed" in out and not 0 <= out["seed"] < MAX_SEED:
-        raise _err("seed", out["seed"], f"must be an integer in [0, {MAX_SEED})")
+        raise _err("seed", out["seed"], "must be an integer in [0, 2^63)")
     for enc in ("t5", "clip"):
         if out.get(f"{enc}_quantized"):
             key = f"{enc}_quant_scheme"

@@ -42,10 +42,8 @@ class LightX2VPipeline:
             if value is not None:
                 raise ValueError(f"LightX2VPipeline: {name} (Wan2.2 / Self-Forcing model layouts) is not supported "
                                  f"by this engine (Wan2.1 only)")
-        from lightx2v_engine.config import MODEL_CLASSES
-        if model_cls not in MODEL_CLASSES:
-            raise ValueError(f"LightX2VPipeline: model_cls {model_cls!r} is not supported by lightx2v-engine; choose "
-                             f"one of {list(MODEL_CLASSES)} (Wan2.1 T2V/I2V)")
+        from lightx2v_engine.config import check_model_cls
+        check_model_cls(model_cls, "LightX2VPipeline: ")
         self.task, self.model_path, self.model_cls, self.device = task, model_path, model_cls, device
         self.config: dict[str, Any] = {}
         if dit_original_ckpt is not None:

@@ -261,6 +261,12 @@ class SeqParallel:
         g = all_gather(x.transpose(0, 1), self.group)  # [size * Ls, B, ...]
         return g[:seq_len].transpose(0, 1).contiguous()
 
+    def _move(self, collective: Callable, t: torch.Tensor) -> torch.Tensor:
+        """collective(t, group) (all_gather / all_to_all); with quant "fp8" it moves pack_fp8_rows' bytes."""
+        if not self.quant:
+            return collective(t, self.group)
+        return unpack_fp8_rows(collective(pack_fp8_rows(t.contiguous()), self.group), t.dtype)
+
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: int,
                   attn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Self-attention over the whole sequence for this rank's queries.
@@ -270,21 +276,14 @@ class SeqParallel:
         B, ls, H, D = q.shape
         n = self.size
         if self.mode == "ring":  # every rank gathers all keys and values
-            kv = torch.stack([k, v]).transpose(0, 2)  # [Ls, B, 2, H, D]
-            if self.quant:
-                kv = unpack_fp8_rows(all_gather(pack_fp8_rows(kv.contiguous()), self.group), k.dtype)
-            else:
-                kv = all_gather(kv, self.group)  # [n*Ls, B, 2, H, D]
+            kv = self._move(all_gather, torch.stack([k, v]).transpose(0, 2))  # [Ls, B, 2, H, D] -> [n*Ls, ...]
             kv = kv[:seq_len].permute(2, 1, 0, 3, 4).contiguous()  # [2, B, L, H, D]
             return attn(q, kv[0], kv[1])
         self.check_heads(H)
         hs = H // n
         # [3, B, Ls, n, H/n, D] -> [n, 3, B, Ls, H/n, D]: chunk j (heads of rank j) goes to rank j
         send = torch.stack([q, k, v]).view(3, B, ls, n, hs, D).permute(3, 0, 1, 2, 4, 5)
-        if self.quant:
-            recv = unpack_fp8_rows(all_to_all(pack_fp8_rows(send.contiguous()), self.group), q.dtype)
-        else:
-            recv = all_to_all(send, self.group)  # [n (token shard), 3, B, Ls, H/n, D]
+        recv = self._move(all_to_all, send)  # [n (token shard), 3, B, Ls, H/n, D]
         full = recv.permute(1, 2, 0, 3, 4, 5).reshape(3, B, n * ls, hs, D)[:, :, :seq_len]
         o = attn(full[0], full[1], full[2])  # [B, L, H/n, D]
         if o.shape[1] < n * ls:

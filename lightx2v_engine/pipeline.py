@@ -31,8 +31,8 @@ from lightx2v_engine import t5 as t5_mod
 from lightx2v_engine import tae as tae_mod
 from lightx2v_engine import vae as vae_mod
 from lightx2v_engine.checkpoint import candidate_paths
-from lightx2v_engine.config import (ModelConfig, RunConfig, get_preset, load_run_config, model_config_from_json,
-                                    parse_run_config, warn_user)
+from lightx2v_engine.config import (ModelConfig, RunConfig, check_model_cls, get_preset, load_run_config,
+                                    model_config_from_json, parse_run_config, warn_user)
 from lightx2v_engine.dit import WanDiT
 from lightx2v_engine.image import i2v_mask, load_image, prepare_i2v_image
 from lightx2v_engine.loading import DTYPES, build_dit, load_dit
@@ -871,7 +871,7 @@ def _check_finite(x: torch.Tensor, step: int) -> None:
 
 def _run_config(config, model_cls: str) -> RunConfig:
     if isinstance(config, RunConfig):
-        parse_run_config({}, model_cls=model_cls, warn=False)  # (checks model_cls)
+        check_model_cls(model_cls)
         return config
     if isinstance(config, dict):
         return parse_run_config(config, model_cls=model_cls)

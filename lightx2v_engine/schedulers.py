@@ -287,9 +287,12 @@ def latent_shape(num_frames: int, height: int, width: int) -> tuple[int, int, in
     return (LATENT_CHANNELS, (num_frames - 1) // VAE_STRIDE[0] + 1, height // VAE_STRIDE[1], width // VAE_STRIDE[2])
 
 
+MAX_SEED = 2 ** 63  # (exclusive: torch generators take int64 seeds)
+
+
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     """A torch.Generator on `device` seeded with `seed`."""
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63:
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < MAX_SEED:
         raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
     return torch.Generator(device=torch.device(device)).manual_seed(seed)
 

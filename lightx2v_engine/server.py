@@ -52,6 +52,8 @@ from typing import Any, Callable
 
 import torch
 
+from lightx2v_engine.schedulers import MAX_SEED
+
 log = logging.getLogger(__name__)
 
 MAX_BODY = 64 << 20      # request bodies (a base64 or uploaded image fits)
@@ -253,7 +255,7 @@ def check_request(body: dict, *, output_dir: Path, infer_steps: int, task: str,
     seed = body.get("seed")
     if seed is None:
         seed = secrets.randbelow(2 ** 32)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63 - 1:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_SEED:
         raise RequestError(f"seed must be a non-negative integer, got {_short(seed)}")
     params["seed"] = seed
     sizes = {}
@@ -286,11 +288,10 @@ def check_request(body: dict, *, output_dir: Path, infer_steps: int, task: str,
     if task == "t2v" and (image or image_bytes is not None):
         raise RequestError("this server runs text-to-video: no image is accepted")
     img = None
-    if image_bytes is not None:
-        img = _open_image(image_bytes, "image_file")
-        params["image"] = image_bytes
-    elif image:
-        img, params["image"] = read_image_input(image, keep_encoded=True)
+    if image_bytes is not None or image:  # opened now: data that is no image is a 400, not a failed task
+        data, what = (image_bytes, "image_file") if image_bytes is not None else read_image_input(image)
+        img = _open_image(data, what)
+        params["image"] = data
     if img is not None:  # I2V's size follows the image's aspect ratio at the target area: checked now
         from lightx2v_engine.image import i2v_latent_size
         th, tw = params.get("height", default_size[0]), params.get("width", default_size[1])
@@ -400,10 +401,10 @@ def _is_file(value: str) -> bool:
         return False
 
 
-def read_image_input(value: str, keep_encoded: bool = False):
+def read_image_input(value: str) -> tuple[bytes, str]:
     """image_path as LightX2V takes it: an http(s) URL, a data: URL, a file path on the server, or plain
-    base64 (standard or URL-safe). Returns the decoded PIL image (checked), or with keep_encoded
-    (image, what to decode again when the task runs: the file's path or the image's bytes)."""
+    base64 (standard or URL-safe) -> (the encoded image's bytes, what they came from, for messages). A queued
+    task keeps these bytes (a file as read now, not as it may be when the task runs)."""
     if not isinstance(value, str):
         raise RequestError(f"image_path must be a string (URL, base64 or path), got {type(value).__name__}")
     if value.startswith(("http://", "https://")):
@@ -414,13 +415,10 @@ def read_image_input(value: str, keep_encoded: bool = False):
             raise RequestError(f"image_path {_short(value)!r}: download failed ({e})") from None
         if len(data) > MAX_DOWNLOAD:
             raise RequestError(f"image_path {_short(value)!r}: larger than {MAX_DOWNLOAD >> 20} MiB")
-        img = _open_image(data, "image_path")
-        return (img, data) if keep_encoded else img
+        return data, "image_path"
     if value.startswith("data:"):
-        data = _b64(value.split(",", 1)[-1])
-        img = _open_image(data, "image_path")
-        return (img, data) if keep_encoded else img
-    if _is_file(value):  # read and opened now: a file that is no image is a 400, not a failed task
+        return _b64(value.split(",", 1)[-1]), "image_path"
+    if _is_file(value):
         try:
             with open(value, "rb") as f:
                 data = f.read(MAX_BODY + 1)
@@ -428,14 +426,11 @@ def read_image_input(value: str, keep_encoded: bool = False):
             raise RequestError(f"image_path (file): cannot read it ({e})") from None
         if len(data) > MAX_BODY:
             raise RequestError(f"image_path (file): larger than {MAX_BODY >> 20} MiB")
-        img = _open_image(data, "image_path (file)")
-        return (img, data) if keep_encoded else img  # (the bytes checked, not the file as it may be later)
+        return data, "image_path (file)"
     try:
-        data = _b64(value)
+        return _b64(value), "image_path (base64)"
     except RequestError:
         raise RequestError(f"image_path {_short(value)!r}: not a URL, base64 image data or a file on the server")
-    img = _open_image(data, "image_path (base64)")
-    return (img, data) if keep_encoded else img
 
 
 def _b64(text: str) -> bytes:

@@ -283,22 +283,16 @@ def random_t5(cfg: T5Config, device: str | torch.device = "cpu", dtype: torch.dt
 
 # ------------------------------------------------------------------------------------------- tokenizer
 
-_FTFY_WARNED = False
-
-
 def clean_text(text: str) -> str:
     """Wan's cleaning: ftfy.fix_text, html-unescape twice, collapse whitespace. (ftfy is a dependency; an
     install without it warns once and skips that part: prompts with curly quotes or mojibake then tokenize
     differently from Wan's.)"""
-    global _FTFY_WARNED
     try:
         import ftfy
-    except ImportError:
+    except ImportError:  # (the default warning filter shows it once)
         ftfy = None
-        if not _FTFY_WARNED:
-            _FTFY_WARNED = True
-            warnings.warn("ftfy is not installed: prompts are cleaned without ftfy.fix_text, unlike Wan's "
-                          "(pip install ftfy)", stacklevel=2)
+        warnings.warn("ftfy is not installed: prompts are cleaned without ftfy.fix_text, unlike Wan's "
+                      "(pip install ftfy)", stacklevel=2)
     if ftfy is not None:
         text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text)).strip()

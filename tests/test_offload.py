@@ -400,19 +400,25 @@ def test_offloaded_encoders_and_vae_are_page_locked_on_cuda():
     assert next(pipe.t5.parameters()).device.type == "cpu"
 
 
+def _real_width_dit(num_layers: int):
+    """A 1.3B-wide bf16 DiT of `num_layers` blocks on CUDA (about 90 MB a block) and a small input for it:
+    (dit, x, t, ctx)."""
+    cfg = dataclasses.replace(get_preset("wan2.1-t2v-1.3b"), num_layers=num_layers)
+    torch.manual_seed(0)
+    dit = build_dit(cfg, None, dtype=torch.bfloat16, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(1, 16, 3, 16, 24, generator=g, device="cuda")
+    ctx = torch.randn(1, 512, cfg.text_dim, generator=g, device="cuda").to(torch.bfloat16)
+    return dit, x, torch.tensor([700.0], device="cuda"), ctx
+
+
 @pytest.mark.gpu
 @pytest.mark.last
 def test_block_offload_on_cuda_with_real_width_blocks_is_exact():
     """1.3B-wide blocks (about 90 MB each, copies of milliseconds) over a small latent, so that the copies
     outlast the compute: a missing event wait would let a copy overwrite a slot still being read. Several
     forwards in a row, against the same model resident, bitwise."""
-    cfg = dataclasses.replace(get_preset("wan2.1-t2v-1.3b"), num_layers=5)
-    torch.manual_seed(0)
-    dit = build_dit(cfg, None, dtype=torch.bfloat16, device="cuda")
-    g = torch.Generator(device="cuda").manual_seed(1)
-    x = torch.randn(1, 16, 3, 16, 24, generator=g, device="cuda")
-    ctx = torch.randn(1, 512, cfg.text_dim, generator=g, device="cuda").to(torch.bfloat16)
-    t = torch.tensor([700.0], device="cuda")
+    dit, x, t, ctx = _real_width_dit(5)
     with torch.no_grad():
         want = [dit(x, t * (k + 1) / 4, ctx) for k in range(3)]
         off = attach_block_offload(dit, "cuda")
@@ -429,13 +435,7 @@ def test_block_offload_on_cuda_with_slow_compute_is_exact():
     """The other order: each block's compute made much longer than its copy (a GPU sleep before it), so that
     the prefetch of block i+1 into the slot block i-1 used would overwrite it while still being read if the
     copy did not wait for that compute's "freed" event. Against the resident model, bitwise."""
-    cfg = dataclasses.replace(get_preset("wan2.1-t2v-1.3b"), num_layers=4)
-    torch.manual_seed(0)
-    dit = build_dit(cfg, None, dtype=torch.bfloat16, device="cuda")
-    g = torch.Generator(device="cuda").manual_seed(1)
-    x = torch.randn(1, 16, 3, 16, 24, generator=g, device="cuda")
-    ctx = torch.randn(1, 512, cfg.text_dim, generator=g, device="cuda").to(torch.bfloat16)
-    t = torch.tensor([700.0], device="cuda")
+    dit, x, t, ctx = _real_width_dit(4)
     with torch.no_grad():
         want = [dit(x, t * (k + 1) / 4, ctx) for k in range(2)]
         attach_block_offload(dit, "cuda")
