@@ -111,7 +111,7 @@ def _memory_op_rows(op: str, shape: str, fn, ref_fn, ref32_fn, nbytes: int, devi
 def bench_memory_ops(Ls: list[int], Cs: list[int], device: str, copy_gbps: float) -> list[dict]:
     from lightx2v_engine.kernels import gate_residual_modulate, modulate, rms_norm
     from lightx2v_engine.ops import gate_residual_modulate_ref, modulate_ref, rms_norm_ref
-    from lightx2v_engine.kernels.qk_norm_rope import launch_qk_norm_rope, qk_norm_rope_ref
+    from lightx2v_engine.kernels.qk_norm_rope import QK_ROPE_IMPLS, launch_qk_norm_rope, qk_norm_rope_ref
 
     rows = []
     for Lx in Ls:
@@ -142,7 +142,7 @@ def bench_memory_ops(Ls: list[int], Cs: list[int], device: str, copy_gbps: float
             qo, ko = torch.empty_like(q), torch.empty_like(k)
             # every variant named explicitly (the op's default may come from a tuned file); "row" is
             # "qk_norm_rope" in the CSV history
-            for variant in ("row", "tile", "chunk", "packed"):
+            for variant in QK_ROPE_IMPLS:
                 def qk_variant(q=q, k=k, wq=wq, wk=wk, cos=cos, sin=sin, qo=qo, ko=ko, H=H, variant=variant):
                     launch_qk_norm_rope(q, k, wq, wk, cos, sin, H, 1e-6, qo, ko, impl=variant)
                     return qo.unflatten(-1, (H, -1)), ko.unflatten(-1, (H, -1))
@@ -379,6 +379,10 @@ def summarize(rows: list[dict], main_shape: str) -> dict:
         fr = [r["ratio"] for r in rows if r["op"] == op and r["impl"] == "triton" and r["ok"]]
         return min(fr) if fr else None
 
+    # q/k norm+RoPE by variant ("row" is op "qk_norm_rope", the others "qk_norm_rope_<variant>")
+    qk_ops = dict.fromkeys(r["op"] for r in rows if r["op"].startswith("qk_norm_rope"))
+    qk_fracs = {"row" if op == "qk_norm_rope" else op[len("qk_norm_rope_"):]: min_frac(op) for op in qk_ops}
+
     attn = [r for r in rows if r["op"] == "attention" and r["shape"] == main_shape and r["ok"]
             and not math.isnan(r["ms"])]
     tri = [r for r in attn if r["impl"].startswith("triton:")]
@@ -416,14 +420,9 @@ def summarize(rows: list[dict], main_shape: str) -> dict:
         "gate_residual_modulate_bw_frac": min_frac("gate_residual_modulate"),
         "rms_norm_bw_frac": min_frac("rms_norm"),
         "vae_norm_bw_frac": min_frac("vae_rms_norm_silu"),
-        # the best of the kernel variants ("row" is the default until "tile"/"chunk" are measured)
-        "qk_norm_rope_bw_frac": max((f for f in (min_frac("qk_norm_rope"), min_frac("qk_norm_rope_tile"),
-                                                 min_frac("qk_norm_rope_chunk"), min_frac("qk_norm_rope_packed"))
-                                     if f is not None), default=None),
-        "qk_norm_rope_row_bw_frac": min_frac("qk_norm_rope"),
-        "qk_norm_rope_tile_bw_frac": min_frac("qk_norm_rope_tile"),
-        "qk_norm_rope_chunk_bw_frac": min_frac("qk_norm_rope_chunk"),
-        "qk_norm_rope_packed_bw_frac": min_frac("qk_norm_rope_packed"),
+        # the best of the kernel variants (each at its worst shape); "row" is "qk_norm_rope" in the CSV
+        "qk_norm_rope_bw_frac": max((f for f in qk_fracs.values() if f is not None), default=None),
+        **{f"qk_norm_rope_{v}_bw_frac": f for v, f in qk_fracs.items()},
         # our best kernel (Triton or Gluon) against cuDNN
         "attn_bf16_ratio_vs_cudnn": (cudnn["ms"] / best_ours["ms"]) if (best_ours and cudnn) else None,
         "attn_bf16_best_ours": best_ours["impl"] if best_ours else None,
@@ -584,8 +583,9 @@ def main(argv=None) -> int:
     # the norm+RoPE-in-attention option after the figures the issues' targets need (never run on a GPU),
     # against the pass path with this run's fastest Triton config and q/k variant (what its tuned file runs)
     picked = summarize(rows, main_shape)
-    fracs = {v: picked.get(f"qk_norm_rope_{v}_bw_frac") for v in ("row", "tile", "chunk", "packed")}
-    fracs = {v: f for v, f in fracs.items() if f is not None}
+    fracs = {k[len("qk_norm_rope_"):-len("_bw_frac")]: f for k, f in picked.items()
+             if k.startswith("qk_norm_rope_") and k.endswith("_bw_frac") and k != "qk_norm_rope_bw_frac"
+             and f is not None}
     rows += bench_self_attn_rope([s for s in attn_shapes if s[1] == s[2]], device, dtype,
                                  ROPE_ATTN_CONFIGS[:2] if args.quick else ROPE_ATTN_CONFIGS,
                                  attn_config=picked.get("attn_best_triton_config"),

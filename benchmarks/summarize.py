@@ -24,7 +24,9 @@ ALSO = [
     "attn_bf16_best_ours", "attn_triton_tflops", "attn_gluon_best_config", "attn_gluon_tflops",
     "attn_gluon_ratio_vs_triton", "attn_cudnn_tflops", "attn_cross_best_impl", "attn_8bit_best_config",
     "qk_norm_rope_row_bw_frac", "qk_norm_rope_tile_bw_frac", "qk_norm_rope_chunk_bw_frac",
-    "qk_norm_rope_packed_bw_frac", "rms_norm_bw_frac", "self_attn_rope_prologue_ratio",
+    "qk_norm_rope_packed_bw_frac", "qk_norm_rope_onepass_r1_bw_frac", "qk_norm_rope_onepass_r2_bw_frac",
+    "qk_norm_rope_onepass_r4_bw_frac", "qk_norm_rope_onepass_r1_t8_bw_frac", "qk_norm_rope_onepass_r2_t8_bw_frac",
+    "rms_norm_bw_frac", "self_attn_rope_prologue_ratio",
     "self_attn_rope_prologue_best", "self_attn_rope_baseline",
     "vae_norm_bw_frac", "qlinear_lora_r32_overhead_max",
     "step_8bit_variant_1.3b", "step_8bit_variant_14b", "offload_step_ratio_vs_resident_1.3b",
@@ -124,14 +126,20 @@ def pick_choices(s: dict) -> dict[str, str]:
         choices["LX2V_CROSS_ATTN"] = cross_impl
     if s.get("attn_8bit_best_config"):
         choices["LX2V_ATTN8_CONFIG"] = s["attn_8bit_best_config"]
-    fracs = {v: s.get(f"qk_norm_rope_{v}_bw_frac") for v in ("row", "tile", "chunk", "packed")}
-    fracs = {v: f for v, f in fracs.items() if f is not None}
+    fracs = _qk_fracs(s)
     if len(fracs) > 1:
         choices["LX2V_QK_ROPE"] = max(fracs, key=fracs.get)
     # norm+RoPE inside the attention kernel only where it beats the pass + attention by a margin
     if (s.get("self_attn_rope_prologue_ratio") or 0.0) >= PROLOGUE_MARGIN and best.startswith("triton:"):
         choices["LX2V_SELF_ATTN_ROPE"] = "prologue"
     return choices
+
+
+def _qk_fracs(s: dict) -> dict[str, float]:
+    """{q/k norm+RoPE variant: fraction of copy bandwidth} from the qk_norm_rope_<variant>_bw_frac keys."""
+    return {k[len("qk_norm_rope_"):-len("_bw_frac")]: v for k, v in s.items()
+            if k.startswith("qk_norm_rope_") and k.endswith("_bw_frac") and k != "qk_norm_rope_bw_frac"
+            and v is not None}
 
 
 def _fmt(v) -> str:
@@ -149,7 +157,7 @@ def _evidence(s: dict, choices: dict[str, str]) -> dict[str, str]:
              "LX2V_CROSS_ATTN": f"fastest correct at 512 keys: {s.get('attn_cross_best_impl')}",
              "LX2V_ATTN8_CONFIG": figs("attn_8bit_tops", "attn_8bit_relerr", "attn_8bit_ratio_vs_cudnn"),
              "LX2V_QK_ROPE": "fraction of copy bandwidth (worst shape): " + figs(
-                 *(f"qk_norm_rope_{v}_bw_frac" for v in ("row", "tile", "chunk", "packed"))),
+                 *(f"qk_norm_rope_{v}_bw_frac" for v in _qk_fracs(s))),
              "LX2V_SELF_ATTN_ROPE": "pass ms / prologue ms: " + figs("self_attn_rope_prologue_ratio",
                                                                      "self_attn_rope_prologue_best",
                                                                      "self_attn_rope_baseline")}

@@ -188,6 +188,134 @@ def _rms_rope_packed_kernel(X, W2, COS, SIN, O, R, L, C2, stride_b, stride_l, st
         tl.store(o_row + i * CHUNK2 + p[None, :], out, mask=rmask[:, None])
 
 
+@triton.jit
+def _cvt_run(f, IS_BF16: tl.constexpr):
+    """f rounded to the run dtype by the hardware conversion (round to nearest even on a GPU), in fp32."""
+    if IS_BF16:
+        return f.to(tl.bfloat16).to(tl.float32)
+    return f.to(tl.float16).to(tl.float32)
+
+
+@triton.jit
+def _cvt_bits(f, IS_BF16: tl.constexpr):
+    """f -> the run dtype's 16 bits (hardware conversion) in the low half of an int32."""
+    if IS_BF16:
+        return f.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return f.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+
+
+@triton.jit
+def _heads_part(x_row, ok, H0: tl.constexpr, NH: tl.constexpr, H: tl.constexpr, HALF_D: tl.constexpr):
+    """Heads [H0, H0 + NH) of one token row as int32 pair words [NH, HALF_D] (heads >= H and rows past
+    the end masked): (words, pair offsets [NH, HALF_D], mask)."""
+    h = H0 + tl.arange(0, NH)
+    off = h[:, None] * HALF_D + tl.arange(0, HALF_D)[None, :]
+    mask = (h < H)[:, None] & ok
+    return tl.load(x_row + off, mask=mask, other=0), off, mask
+
+
+@triton.jit
+def _heads_weights(W2, C2, H0: tl.constexpr, NH: tl.constexpr, H: tl.constexpr, HALF_D: tl.constexpr):
+    """The weights of the even and of the odd elements of heads [H0, H0 + NH), [NH, HALF_D] fp32 each."""
+    h = H0 + tl.arange(0, NH)
+    off = h[:, None] * HALF_D + tl.arange(0, HALF_D)[None, :]
+    hmask = (h < H)[:, None]
+    return tl.load(W2 + off, mask=hmask, other=0.0), tl.load(W2 + C2 + off, mask=hmask, other=0.0)
+
+
+@triton.jit
+def _heads_store(o_row, xi, off, mask, rstd, w_re, w_im, c, s, IS_BF16: tl.constexpr):
+    """Normalises, weights and rotates the words xi of _heads_part and stores them (same layout)."""
+    re, im = _unpack_pair(xi, IS_BF16)
+    # Wan's RMSNorm rounds twice to the run dtype: after the normalisation and after the weight
+    re = _cvt_run(_cvt_run(re * rstd, IS_BF16) * w_re, IS_BF16)
+    im = _cvt_run(_cvt_run(im * rstd, IS_BF16) * w_im, IS_BF16)
+    c = c[None, :]
+    s = s[None, :]
+    out = (_cvt_bits(re * s + im * c, IS_BF16) << 16) | _cvt_bits(re * c - im * s, IS_BF16)
+    tl.store(o_row + off, out, mask=mask)
+
+
+@triton.jit
+def _rms_rope_onepass_kernel(X, W2, COS, SIN, O, R, L, C2, stride_b, stride_l, stride_cl, eps,
+                             H: tl.constexpr, HALF_D: tl.constexpr, NH_A: tl.constexpr, NH_B: tl.constexpr,
+                             ROWS: tl.constexpr, IS_BF16: tl.constexpr):
+    """ROWS token rows per program, one after the other, each read from memory once and kept in registers
+    between the sum of squares and the rotation (the "chunk" and "packed" variants read every row twice).
+    int32 views as in "packed" (a word per rotation pair); a row is [heads, HALF_D] pairs in two
+    power-of-two parts of NH_A and NH_B heads (40 = 32 + 8, 12 = 8 + 4: no padded lanes; other head counts
+    pad part A), so that the weights (loaded once per program) and the token's cos/sin [HALF_D] share the
+    row's register layout: no layout conversion. Hardware conversions round."""
+    wa_re, wa_im = _heads_weights(W2, C2, 0, NH_A, H, HALF_D)
+    if NH_B > 0:
+        wb_re, wb_im = _heads_weights(W2, C2, NH_A, NH_B, H, HALF_D)
+    j = tl.arange(0, HALF_D)
+    for i in tl.static_range(ROWS):
+        row = tl.program_id(0) * ROWS + i
+        ok = row < R
+        b = (row // L).to(tl.int64)
+        l = (row % L).to(tl.int64)
+        x_row = X + b * stride_b + l * stride_l
+        o_row = O + row.to(tl.int64) * C2
+        xa, off_a, m_a = _heads_part(x_row, ok, 0, NH_A, H, HALF_D)
+        re, im = _unpack_pair(xa, IS_BF16)
+        ss = tl.sum(tl.sum(re * re + im * im, axis=1), axis=0)
+        if NH_B > 0:
+            xb, off_b, m_b = _heads_part(x_row, ok, NH_A, NH_B, H, HALF_D)
+            re_b, im_b = _unpack_pair(xb, IS_BF16)
+            ss += tl.sum(tl.sum(re_b * re_b + im_b * im_b, axis=1), axis=0)
+        rstd = 1.0 / tl.sqrt(ss / (2 * C2) + eps)
+        c = tl.load(COS + l * stride_cl + j, mask=ok, other=1.0)
+        s = tl.load(SIN + l * stride_cl + j, mask=ok, other=0.0)
+        _heads_store(o_row, xa, off_a, m_a, rstd, wa_re, wa_im, c, s, IS_BF16)
+        if NH_B > 0:
+            _heads_store(o_row, xb, off_b, m_b, rstd, wb_re, wb_im, c, s, IS_BF16)
+
+
+def _head_parts(H: int) -> tuple[int, int]:
+    """H heads as NH_A + NH_B, both powers of two (NH_B may be 0): 40 -> (32, 8), 12 -> (8, 4), 16 -> (16, 0);
+    a count with more than two bits set pads part A: 7 -> (8, 0)."""
+    a = 1 << (H.bit_length() - 1)
+    b = H - a
+    if b & (b - 1) == 0:
+        return a, b
+    return triton.next_power_of_2(H), 0
+
+
+# the "onepass" variants: (token rows per program, int32 words of a row per thread); the warps follow
+# from the width (C 5120: 4 warps at 16 words, 8 at 8; C 1536: 1 and 2). Their sm_90a SASS has no
+# layout conversion and issues ~2,500-3,600 warp instructions per 5120-wide row, about half the time the
+# row's 20 KB of traffic take at the H100's bandwidth.
+ONEPASS_CONFIGS = {"onepass_r1": (1, 16), "onepass_r2": (2, 16), "onepass_r4": (4, 16),
+                   "onepass_r1_t8": (1, 8), "onepass_r2_t8": (2, 8)}
+
+
+def _launch_onepass(q, k, wq, wk, cos, sin, num_heads, eps, qo, ko, config: tuple[int, int]) -> bool:
+    """The "onepass" variants; False where int32 views are impossible, the half head is not a power of two
+    or a row would not fit in registers, so that the caller runs another variant."""
+    B, L, C = q.shape
+    half_d = C // num_heads // 2
+    if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or half_d & (half_d - 1):
+        return False
+    nh_a, nh_b = _head_parts(num_heads)
+    words = (nh_a + nh_b) * half_d  # int32 words of a row
+    if words > 16384:
+        return False
+    try:
+        views = [(x.view(torch.int32), o.view(torch.int32)) for x, o in ((q, qo), (k, ko))]
+    except RuntimeError:
+        return False
+    rows, per_thread = config
+    warps = max(1, min(16, 1 << (max(1, words // (per_thread * 32)).bit_length() - 1)))
+    for (xi, oi), w in zip(views, (wq, wk)):
+        w2 = w.view(-1, 2).t().contiguous()  # [2, C/2]: the weights of the even and of the odd elements
+        _rms_rope_onepass_kernel[(triton.cdiv(B * L, rows),)](
+            xi, w2, cos, sin, oi, B * L, L, C // 2, xi.stride(0), xi.stride(1), cos.stride(0), eps,
+            H=num_heads, HALF_D=half_d, NH_A=nh_a, NH_B=nh_b, ROWS=rows,
+            IS_BF16=q.dtype == torch.bfloat16, num_warps=warps)
+    return True
+
+
 def _launch_packed(q, k, wq, wk, cos, sin, num_heads, eps, qo, ko) -> bool:
     """The "packed" variant; False where int32 views are impossible (odd strides or offsets, 32-bit
     inputs) or no chunk fits, so that the caller runs another variant."""
@@ -226,13 +354,17 @@ def _chunk_size(C: int, head_d: int, largest: int = 512) -> int | None:
 # pairs split in registers), "chunk" (as tile, without the padding: C in exact chunks) or "packed" (as
 # chunk, on int32 views: a word per rotation pair). In sm_90a SASS "tile" loads x 2 bytes at a time, "tile"
 # and "chunk" store 2 bytes at a time after shared-memory layout conversions, "packed" moves 16 bytes per
-# instruction with no conversion. None of the three is measured on a GPU yet; "chunk" and "packed" fall
-# back to "tile" where their chunking or int32 views do not fit.
-QK_ROPE_IMPLS = ("row", "tile", "chunk", "packed")
+# instruction with no conversion. On an H200 (2026-11-27) at C 1536 / 5120: chunk 0.794 / 0.679 of copy
+# bandwidth, packed 0.601 / 0.656, tile 0.531 / 0.412, row 0.352 / 0.196. "onepass_r<N>" (N token rows per
+# program) reads each row once and keeps it in registers (chunk and packed read it twice), in int32 words
+# like packed but rounding by hardware conversion (packed's integer rounding costs ~4x the ALU work).
+# "chunk" and "packed" fall back to "tile", "onepass" to "chunk", where their chunking or int32 views
+# do not fit.
+QK_ROPE_IMPLS = ("row", "tile", "chunk", "packed", *ONEPASS_CONFIGS)
 
 
 # the explicit choice (LX2V_QK_ROPE, read once; set_qk_rope_impl); None: the GPU's tuned file
-# (kernels/tuned/), else "row"
+# (kernels/tuned/), else "chunk" (the fastest of the four measured on an H200)
 _QK_IMPL = env_choice("LX2V_QK_ROPE", QK_ROPE_IMPLS, None, "kernels/qk_norm_rope.py")
 
 
@@ -244,7 +376,7 @@ def set_qk_rope_impl(impl: str) -> None:
 
 def qk_rope_impl(device: torch.device | None = None) -> str:
     """The variant used on `device` (default: the current CUDA device, if any)."""
-    return choose(_QK_IMPL, "LX2V_QK_ROPE", device, QK_ROPE_IMPLS, "row", "kernels/qk_norm_rope.py")
+    return choose(_QK_IMPL, "LX2V_QK_ROPE", device, QK_ROPE_IMPLS, "chunk", "kernels/qk_norm_rope.py")
 
 
 def _check(q, k, wq, wk, cos, sin, num_heads):
@@ -276,7 +408,10 @@ def launch_qk_norm_rope(q, k, wq, wk, cos, sin, num_heads, eps, qo, ko, impl: st
     head_d = C // num_heads
     if impl == "packed" and _launch_packed(q, k, wq, wk, cos, sin, num_heads, eps, qo, ko):
         return
-    chunk = _chunk_size(C, head_d) if impl == "chunk" else None
+    if impl in ONEPASS_CONFIGS and _launch_onepass(q, k, wq, wk, cos, sin, num_heads, eps, qo, ko,
+                                                ONEPASS_CONFIGS[impl]):
+        return
+    chunk = _chunk_size(C, head_d) if impl == "chunk" or impl in ONEPASS_CONFIGS else None
     if chunk is not None:
         block_r = 4
         for x, w, o in ((q, wq, qo), (k, wk, ko)):
@@ -285,7 +420,7 @@ def launch_qk_norm_rope(q, k, wq, wk, cos, sin, num_heads, eps, qo, ko, impl: st
                 HEAD_D=head_d, BLOCK_R=block_r, CHUNK=chunk, N_CHUNKS=C // chunk,
                 num_warps=max(1, min(8, block_r * chunk // 256)))
         return
-    if impl in ("tile", "chunk", "packed"):
+    if impl != "row":
         block_r = max(1, min(8, 8192 // block))
         for x, w, o in ((q, wq, qo), (k, wk, ko)):
             _rms_rope_tile_kernel[(triton.cdiv(B * L, block_r),)](

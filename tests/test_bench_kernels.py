@@ -8,6 +8,10 @@ import os
 import pytest
 import torch
 
+from lightx2v_engine.kernels import qk_norm_rope as _qk  # noqa: F401 (the function; the module below)
+
+QK = importlib.import_module("lightx2v_engine.kernels.qk_norm_rope")
+
 _PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_kernels.py")
 
 
@@ -32,8 +36,9 @@ def test_dry_run_writes_csv_and_summary(bench, tmp_path):
     with open(tmp_path / "kernels.csv") as f:
         rows = list(csv.DictReader(f))
     ops = {r["op"] for r in rows}
-    assert ops == {"modulate", "gate_residual_modulate", "qk_norm_rope", "qk_norm_rope_tile", "qk_norm_rope_chunk",
-                   "qk_norm_rope_packed",
+    qk_variants = [v for v in QK.QK_ROPE_IMPLS if v != "row"]
+    assert {"tile", "chunk", "packed", "onepass_r1", "onepass_r2_t8"} <= set(qk_variants)
+    assert ops == {"modulate", "gate_residual_modulate", "qk_norm_rope", *(f"qk_norm_rope_{v}" for v in qk_variants),
                    "rms_norm", "vae_rms_norm_silu", "attention", "attention_8bit", "self_attn_rope"}
     assert all(r["ok"] == "True" for r in rows), [r for r in rows if r["ok"] != "True"]
     impls = {r["impl"] for r in rows if r["op"] == "attention"}
@@ -50,10 +55,7 @@ def test_dry_run_writes_csv_and_summary(bench, tmp_path):
     assert summary["self_attn_rope_baseline"].startswith("pass: q/k norm+RoPE ")
     assert summary["attn_best_triton_config"] in summary["self_attn_rope_baseline"]
     assert summary["rms_norm_bw_frac"] is not None and summary["vae_norm_bw_frac"] is not None
-    assert summary["qk_norm_rope_bw_frac"] == max(summary["qk_norm_rope_row_bw_frac"],
-                                                  summary["qk_norm_rope_tile_bw_frac"],
-                                                  summary["qk_norm_rope_chunk_bw_frac"],
-                                                  summary["qk_norm_rope_packed_bw_frac"])
+    assert summary["qk_norm_rope_bw_frac"] == max(summary[f"qk_norm_rope_{v}_bw_frac"] for v in QK.QK_ROPE_IMPLS)
     for key in ("modulate_bw_frac", "qk_norm_rope_bw_frac", "attn_bf16_ratio_vs_cudnn", "attn_best_impl",
                 "attn_triton_tflops", "attn_cudnn_tflops", "gpu", "torch", "triton", "commit", "date"):
         assert key in summary

@@ -5,12 +5,16 @@ interpreter casts fp32 -> bf16 by truncation instead of round-to-nearest, and Wa
 times (norm, weight, output), each losing up to a full ulp instead of half: bf16 on CPU gets FACTOR 4
 (fp16 casts are exact in the interpreter and keep FACTOR 2).
 """
+import importlib
+
 import pytest
 import torch
 
 from lightx2v_engine.kernels import qk_norm_rope
 from lightx2v_engine.kernels.qk_norm_rope import qk_norm_rope_ref
 from lightx2v_engine.ops import rope_tables
+
+QK = importlib.import_module("lightx2v_engine.kernels.qk_norm_rope")  # the module, not the function
 
 EPS = 1e-6
 
@@ -98,13 +102,14 @@ def test_qk_norm_rope_gpu_real_shapes(H):
     _run(1, (21, 30, 52), H, torch.bfloat16, "cuda")
 
 
-@pytest.mark.parametrize("impl", ["tile", "chunk", "packed"])
+@pytest.mark.parametrize("impl", ["tile", "chunk", "packed", "onepass_r2", "onepass_r1_t8"])
 @pytest.mark.parametrize("fused_qkv", [False, True])
 @pytest.mark.parametrize("B", [1, 2])
 def test_qk_norm_rope_tile_variant(B, fused_qkv, impl):
-    """The "tile", "chunk" and "packed" kernel variants (several tokens per program, pairs split in
-    registers; chunk: C = 384 in three exact 128-column chunks; packed: int32 words of pairs) under the
-    same rule."""
+    """The "tile", "chunk", "packed" and "onepass" kernel variants (several tokens per program, pairs split
+    in registers; chunk: C = 384 in three exact 128-column chunks; packed: int32 words of pairs; onepass:
+    a row in registers, 3 heads = 2 + 1 in two parts, B * L = 105 or 210 rows: the last program of
+    onepass_r2 has a row past the end) under the same rule."""
     import importlib
     mod = importlib.import_module("lightx2v_engine.kernels.qk_norm_rope")  # the module, not the function
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -196,9 +201,41 @@ for C in (1536, 5120):
         assert re.fullmatch(r"\d", ops.get("STS", "0")), (C, bf, ops)
 
 
+def test_onepass_head_parts_and_fallback():
+    """Head counts split into two power-of-two parts (padding part A where that is impossible), and the
+    variant falls back to "chunk" where a half head is not a power of two (D = 96: 48 pairs)."""
+    assert QK._head_parts(40) == (32, 8) and QK._head_parts(12) == (8, 4) and QK._head_parts(16) == (16, 0)
+    assert QK._head_parts(3) == (2, 1) and QK._head_parts(1) == (1, 0) and QK._head_parts(7) == (8, 0)
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 1, 5, 7 * 96).to(torch.float16).unbind(0)
+    w = torch.rand(7 * 96) + 0.5
+    ang = torch.rand(5, 48) * 6
+    qo, ko = torch.empty_like(q), torch.empty_like(k)
+    assert not QK._launch_onepass(q, k, w, w, ang.cos(), ang.sin(), 7, EPS, qo, ko, (1, 16))
+    QK.set_qk_rope_impl("onepass_r1")
+    try:
+        got = qk_norm_rope(q, k, w, w, ang.cos(), ang.sin(), 7, EPS)
+    finally:
+        QK.set_qk_rope_impl("default")
+    want = qk_norm_rope_ref(q, k, w, w, ang.cos(), ang.sin(), 7, EPS)
+    for g, r in zip(got, want):
+        assert (g.float() - r.float()).abs().max().item() <= 2 ** -9 * r.float().abs().max().item()
+
+
+@pytest.mark.parametrize("H", [7, 5])
+def test_onepass_padded_and_split_heads(H):
+    """onepass at 7 heads (part A padded to 8, its eighth head masked) and 5 heads (4 + 1), fp16."""
+    QK.set_qk_rope_impl("onepass_r4")
+    try:
+        _run(1, (1, 3, 5), H, torch.float16, "cpu")
+    finally:
+        QK.set_qk_rope_impl("default")
+
+
 @pytest.mark.gpu
 @pytest.mark.last
-@pytest.mark.parametrize("impl", ["tile", "chunk", "packed"])
+@pytest.mark.parametrize("impl", ["tile", "chunk", "packed", "onepass_r1", "onepass_r2", "onepass_r4",
+                                  "onepass_r1_t8", "onepass_r2_t8"])
 @pytest.mark.parametrize("H", [12, 40])
 def test_qk_norm_rope_variants_gpu_real_shapes(H, impl):
     import importlib

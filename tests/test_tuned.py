@@ -67,7 +67,7 @@ def test_choices_resolve_per_device(fake_gpus):
         assert A.attention_impl(dev) == ("triton", A.DEFAULT_ATTN_CONFIG)
         assert A.cross_attention_impl(dev) == "triton"
         assert A8.attention_8bit_config(dev) == A8.DEFAULT_ATTN8_CONFIG
-        assert QK.qk_rope_impl(dev) == "row"
+        assert QK.qk_rope_impl(dev) == "chunk"
     assert _util.tuned_status(CUDA0) == f"tuned defaults NVIDIA_H100_80GB_HBM3.json in {fake_gpus}"
     assert _util.tuned_status(CUDA1) == "built-in defaults (no tuned file for NVIDIA GeForce RTX 4090)"
 
@@ -220,7 +220,7 @@ def test_tuned_files_can_be_switched_off(fake_gpus, monkeypatch):
     _write(fake_gpus, NAMES[0], {"LX2V_QK_ROPE": "packed"})
     assert QK.qk_rope_impl(CUDA0) == "packed"
     monkeypatch.setenv("LX2V_TUNED", "0")
-    assert QK.qk_rope_impl(CUDA0) == "row"
+    assert QK.qk_rope_impl(CUDA0) == "chunk"
     assert _util.tuned_status(CUDA0) == "built-in defaults (LX2V_TUNED=0)"
 
 
