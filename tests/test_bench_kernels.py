@@ -8,9 +8,7 @@ import os
 import pytest
 import torch
 
-from lightx2v_engine.kernels import qk_norm_rope as _qk  # noqa: F401 (the function; the module below)
-
-QK = importlib.import_module("lightx2v_engine.kernels.qk_norm_rope")
+QK = importlib.import_module("lightx2v_engine.kernels.qk_norm_rope")  # the module, not the function
 
 _PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_kernels.py")
 
