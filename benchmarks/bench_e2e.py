@@ -399,6 +399,7 @@ def env_info(device) -> dict:
                                 cwd=ROOT).stdout.strip() or "unknown"
     except OSError:
         commit = "unknown"
+    commit = os.environ.get("LX2V_COMMIT") or commit  # a copied tree's git metadata can be stale
     import triton
     return {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
             "triton": triton.__version__, "commit": commit,

@@ -458,6 +458,7 @@ def _env_info(device: str) -> dict:
                                 cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
+    commit = os.environ.get("LX2V_COMMIT") or commit  # a copied tree's git metadata can be stale
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)"
     return dict(gpu=gpu, torch=torch.__version__, triton=triton_v, commit=commit,
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))

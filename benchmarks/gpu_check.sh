@@ -15,6 +15,9 @@
 # is skipped. Cut or skipped stages are listed in $OUT/stages_cut.txt and named in the summary's absent
 # figures; the benchmarks write their outputs after every section, so a cut stage keeps what it measured.
 #
+# LX2V_COMMIT=<hash> names the measured code in every output where the checkout's git metadata may be stale
+# (a working tree copied to the GPU machine printed an older commit twice).
+#
 # GPU_CHECK_PACK=1 (for a transfer that brings back few files, e.g. 8): at the end every file under $OUT goes
 # into $OUT/all.tar.gz, and only what a reader needs first stays beside it, flat: summary.json,
 # summary_table.txt (the table printed last), the tuned-defaults file (tuned_<device>.json), gpu_tests.log
