@@ -23,10 +23,7 @@ REQUIRED = [
 ALSO = [
     "attn_bf16_best_ours", "attn_triton_tflops", "attn_gluon_best_config", "attn_gluon_tflops",
     "attn_gluon_ratio_vs_triton", "attn_cudnn_tflops", "attn_cross_best_impl", "attn_8bit_best_config",
-    "qk_norm_rope_row_bw_frac", "qk_norm_rope_tile_bw_frac", "qk_norm_rope_chunk_bw_frac",
-    "qk_norm_rope_packed_bw_frac", "qk_norm_rope_onepass_r1_bw_frac", "qk_norm_rope_onepass_r2_bw_frac",
-    "qk_norm_rope_onepass_r4_bw_frac", "qk_norm_rope_onepass_r1_t8_bw_frac", "qk_norm_rope_onepass_r2_t8_bw_frac",
-    "rms_norm_bw_frac", "self_attn_rope_prologue_ratio",
+    "qk_norm_rope_*_bw_frac", "rms_norm_bw_frac", "self_attn_rope_prologue_ratio",
     "self_attn_rope_prologue_best", "self_attn_rope_baseline",
     "vae_norm_bw_frac", "qlinear_lora_r32_overhead_max",
     "step_8bit_variant_1.3b", "step_8bit_variant_14b", "offload_step_ratio_vs_resident_1.3b",
@@ -84,7 +81,10 @@ def table(summary: dict) -> str:
     for k in REQUIRED:
         v = summary["figures"].get(k)
         lines.append(f"  {k:<36} " + (f"{v:.4g}" if isinstance(v, (int, float)) else f"absent: {summary['absent'].get(k)}"))
-    also = [k for k in ALSO if summary["figures"].get(k) is not None]
+    # "qk_norm_rope_*_bw_frac" stands for every variant's key the run produced, in the run's order
+    variants = [k for k in summary["figures"] if k in _qk_keys(summary["figures"])]
+    also = [x for k in ALSO for x in (variants if k == "qk_norm_rope_*_bw_frac" else [k])
+            if summary["figures"].get(x) is not None]
     if also:
         lines.append("  also:")
     for k in also:
@@ -135,11 +135,14 @@ def pick_choices(s: dict) -> dict[str, str]:
     return choices
 
 
+def _qk_keys(s: dict) -> list[str]:
+    """The qk_norm_rope_<variant>_bw_frac keys of a summary (not the best-of figure qk_norm_rope_bw_frac)."""
+    return [k for k in s if k.startswith("qk_norm_rope_") and k.endswith("_bw_frac") and k != "qk_norm_rope_bw_frac"]
+
+
 def _qk_fracs(s: dict) -> dict[str, float]:
     """{q/k norm+RoPE variant: fraction of copy bandwidth} from the qk_norm_rope_<variant>_bw_frac keys."""
-    return {k[len("qk_norm_rope_"):-len("_bw_frac")]: v for k, v in s.items()
-            if k.startswith("qk_norm_rope_") and k.endswith("_bw_frac") and k != "qk_norm_rope_bw_frac"
-            and v is not None}
+    return {k[len("qk_norm_rope_"):-len("_bw_frac")]: s[k] for k in _qk_keys(s) if s[k] is not None}
 
 
 def _fmt(v) -> str:

@@ -5,7 +5,6 @@ contiguous, i.e. the same memory as [B, L, C]; the attention kernel reads it thr
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
@@ -237,39 +236,57 @@ def _heads_store(o_row, xi, off, mask, rstd, w_re, w_im, c, s, IS_BF16: tl.const
 
 
 @triton.jit
+def _onepass_row(X, COS, SIN, O, row, ok, L, C2, stride_b, stride_l, stride_cl, eps, wa_re, wa_im, wb_re, wb_im,
+                 H: tl.constexpr, HALF_D: tl.constexpr, NH_A: tl.constexpr, NH_B: tl.constexpr,
+                 IS_BF16: tl.constexpr):
+    """One token row (masked off where `ok` is false): loaded once, sum of squares, then normalised, weighted,
+    rotated and stored from registers."""
+    b = (row // L).to(tl.int64)
+    l = (row % L).to(tl.int64)
+    x_row = X + b * stride_b + l * stride_l
+    o_row = O + row.to(tl.int64) * C2
+    xa, off_a, m_a = _heads_part(x_row, ok, 0, NH_A, H, HALF_D)
+    re, im = _unpack_pair(xa, IS_BF16)
+    ss = tl.sum(tl.sum(re * re + im * im, axis=1), axis=0)
+    if NH_B > 0:
+        xb, off_b, m_b = _heads_part(x_row, ok, NH_A, NH_B, H, HALF_D)
+        re_b, im_b = _unpack_pair(xb, IS_BF16)
+        ss += tl.sum(tl.sum(re_b * re_b + im_b * im_b, axis=1), axis=0)
+    rstd = 1.0 / tl.sqrt(ss / (2 * C2) + eps)
+    j = tl.arange(0, HALF_D)
+    c = tl.load(COS + l * stride_cl + j, mask=ok, other=1.0)
+    s = tl.load(SIN + l * stride_cl + j, mask=ok, other=0.0)
+    _heads_store(o_row, xa, off_a, m_a, rstd, wa_re, wa_im, c, s, IS_BF16)
+    if NH_B > 0:
+        _heads_store(o_row, xb, off_b, m_b, rstd, wb_re, wb_im, c, s, IS_BF16)
+
+
+@triton.jit
 def _rms_rope_onepass_kernel(X, W2, COS, SIN, O, R, L, C2, stride_b, stride_l, stride_cl, eps,
                              H: tl.constexpr, HALF_D: tl.constexpr, NH_A: tl.constexpr, NH_B: tl.constexpr,
-                             ROWS: tl.constexpr, IS_BF16: tl.constexpr):
-    """ROWS token rows per program, one after the other, each read from memory once and kept in registers
-    between the sum of squares and the rotation (the "chunk" and "packed" variants read every row twice).
-    int32 views as in "packed" (a word per rotation pair); a row is [heads, HALF_D] pairs in two
-    power-of-two parts of NH_A and NH_B heads (40 = 32 + 8, 12 = 8 + 4: no padded lanes; other head counts
-    pad part A), so that the weights (loaded once per program) and the token's cos/sin [HALF_D] share the
-    row's register layout: no layout conversion. Hardware conversions round."""
+                             ROWS: tl.constexpr, IS_BF16: tl.constexpr, STAGES: tl.constexpr):
+    """Token rows, each read from memory once and kept in registers between the sum of squares and the
+    rotation (the "chunk" and "packed" variants read every row twice). int32 views as in "packed" (a word
+    per rotation pair); a row is [heads, HALF_D] pairs in two power-of-two parts of NH_A and NH_B heads
+    (40 = 32 + 8, 12 = 8 + 4: no padded lanes; other head counts pad part A), so that the weights (loaded
+    once per program) and the token's cos/sin [HALF_D] share the row's register layout: no layout
+    conversion. Hardware conversions round. ROWS consecutive rows per program: unrolled (STAGES 0), or in a
+    loop software-pipelined over STAGES (the next row's loads issued by cp.async while this one is
+    computed)."""
     wa_re, wa_im = _heads_weights(W2, C2, 0, NH_A, H, HALF_D)
+    wb_re, wb_im = wa_re, wa_im
     if NH_B > 0:
         wb_re, wb_im = _heads_weights(W2, C2, NH_A, NH_B, H, HALF_D)
-    j = tl.arange(0, HALF_D)
-    for i in tl.static_range(ROWS):
-        row = tl.program_id(0) * ROWS + i
-        ok = row < R
-        b = (row // L).to(tl.int64)
-        l = (row % L).to(tl.int64)
-        x_row = X + b * stride_b + l * stride_l
-        o_row = O + row.to(tl.int64) * C2
-        xa, off_a, m_a = _heads_part(x_row, ok, 0, NH_A, H, HALF_D)
-        re, im = _unpack_pair(xa, IS_BF16)
-        ss = tl.sum(tl.sum(re * re + im * im, axis=1), axis=0)
-        if NH_B > 0:
-            xb, off_b, m_b = _heads_part(x_row, ok, NH_A, NH_B, H, HALF_D)
-            re_b, im_b = _unpack_pair(xb, IS_BF16)
-            ss += tl.sum(tl.sum(re_b * re_b + im_b * im_b, axis=1), axis=0)
-        rstd = 1.0 / tl.sqrt(ss / (2 * C2) + eps)
-        c = tl.load(COS + l * stride_cl + j, mask=ok, other=1.0)
-        s = tl.load(SIN + l * stride_cl + j, mask=ok, other=0.0)
-        _heads_store(o_row, xa, off_a, m_a, rstd, wa_re, wa_im, c, s, IS_BF16)
-        if NH_B > 0:
-            _heads_store(o_row, xb, off_b, m_b, rstd, wb_re, wb_im, c, s, IS_BF16)
+    if STAGES > 0:
+        for it in tl.range(0, ROWS, num_stages=STAGES):
+            row = tl.program_id(0) * ROWS + it
+            _onepass_row(X, COS, SIN, O, row, row < R, L, C2, stride_b, stride_l, stride_cl, eps,
+                         wa_re, wa_im, wb_re, wb_im, H, HALF_D, NH_A, NH_B, IS_BF16)
+    else:
+        for i in tl.static_range(ROWS):
+            row = tl.program_id(0) * ROWS + i
+            _onepass_row(X, COS, SIN, O, row, row < R, L, C2, stride_b, stride_l, stride_cl, eps,
+                         wa_re, wa_im, wb_re, wb_im, H, HALF_D, NH_A, NH_B, IS_BF16)
 
 
 def _head_parts(H: int) -> tuple[int, int]:
@@ -282,15 +299,22 @@ def _head_parts(H: int) -> tuple[int, int]:
     return triton.next_power_of_2(H), 0
 
 
-# the "onepass" variants: (token rows per program, int32 words of a row per thread); the warps follow
-# from the width (C 5120: 4 warps at 16 words, 8 at 8; C 1536: 1 and 2). Their sm_90a SASS has no
-# layout conversion and issues ~2,500-3,600 warp instructions per 5120-wide row, about half the time the
-# row's 20 KB of traffic take at the H100's bandwidth.
-ONEPASS_CONFIGS = {"onepass_r1": (1, 16), "onepass_r2": (2, 16), "onepass_r4": (4, 16),
-                   "onepass_r1_t8": (1, 8), "onepass_r2_t8": (2, 8)}
+# the "onepass" variants: (token rows per program, int32 words of a row per thread, pipeline stages); the
+# warps follow from the width (C 5120: 4 warps at 16 words, 8 at 8; C 1536: 1 and 2). Their sm_90a SASS has
+# no layout conversion and issues ~2,500-3,600 warp instructions per 5120-wide row, about half the time the
+# row's 20 KB of traffic take at the H100's bandwidth. On the H100 (2026-11-27) at C 1536 / 5120: r1 0.817 /
+# 0.747 of copy bandwidth, r2 0.825 / 0.711, r4 0.744 / 0.731, r1_t8 0.734 / 0.658, r2_t8 0.772 / 0.688.
+# "onepass_loop<N>_*" (not measured yet): N rows per program in a loop the compiler software-pipelines
+# (STAGES 2 or 3: the next row's loads issued by cp.async, LDGSTS in the SASS, while this row is computed),
+# the weights read once per N rows (the unrolled ones re-read 20 KB of them from L2 per 1-4 rows at C 5120);
+# many short programs rather than persistent ones, so that the hardware balances them.
+ONEPASS_CONFIGS = {"onepass_r1": (1, 16, 0), "onepass_r2": (2, 16, 0), "onepass_r4": (4, 16, 0),
+                   "onepass_r1_t8": (1, 8, 0), "onepass_r2_t8": (2, 8, 0),
+                   "onepass_loop8_s2": (8, 16, 2), "onepass_loop8_t8_s2": (8, 8, 2),
+                   "onepass_loop16_t8_s3": (16, 8, 3)}
 
 
-def _launch_onepass(q, k, wq, wk, cos, sin, num_heads, eps, qo, ko, config: tuple[int, int]) -> bool:
+def _launch_onepass(q, k, wq, wk, cos, sin, num_heads, eps, qo, ko, config: tuple[int, int, int]) -> bool:
     """The "onepass" variants; False where int32 views are impossible, the half head is not a power of two
     or a row would not fit in registers, so that the caller runs another variant."""
     B, L, C = q.shape
@@ -305,14 +329,14 @@ def _launch_onepass(q, k, wq, wk, cos, sin, num_heads, eps, qo, ko, config: tupl
         views = [(x.view(torch.int32), o.view(torch.int32)) for x, o in ((q, qo), (k, ko))]
     except RuntimeError:
         return False
-    rows, per_thread = config
+    rows, per_thread, stages = config
     warps = max(1, min(16, 1 << (max(1, words // (per_thread * 32)).bit_length() - 1)))
     for (xi, oi), w in zip(views, (wq, wk)):
         w2 = w.view(-1, 2).t().contiguous()  # [2, C/2]: the weights of the even and of the odd elements
         _rms_rope_onepass_kernel[(triton.cdiv(B * L, rows),)](
             xi, w2, cos, sin, oi, B * L, L, C // 2, xi.stride(0), xi.stride(1), cos.stride(0), eps,
             H=num_heads, HALF_D=half_d, NH_A=nh_a, NH_B=nh_b, ROWS=rows,
-            IS_BF16=q.dtype == torch.bfloat16, num_warps=warps)
+            IS_BF16=q.dtype == torch.bfloat16, STAGES=stages, num_warps=warps, num_stages=max(1, stages))
     return True
 
 

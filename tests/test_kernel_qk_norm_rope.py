@@ -102,14 +102,15 @@ def test_qk_norm_rope_gpu_real_shapes(H):
     _run(1, (21, 30, 52), H, torch.bfloat16, "cuda")
 
 
-@pytest.mark.parametrize("impl", ["tile", "chunk", "packed", "onepass_r2", "onepass_r1_t8"])
+@pytest.mark.parametrize("impl", ["tile", "chunk", "packed", "onepass_r2", "onepass_r1_t8", "onepass_loop8_s2"])
 @pytest.mark.parametrize("fused_qkv", [False, True])
 @pytest.mark.parametrize("B", [1, 2])
 def test_qk_norm_rope_tile_variant(B, fused_qkv, impl):
     """The "tile", "chunk", "packed" and "onepass" kernel variants (several tokens per program, pairs split
     in registers; chunk: C = 384 in three exact 128-column chunks; packed: int32 words of pairs; onepass:
     a row in registers, 3 heads = 2 + 1 in two parts, B * L = 105 or 210 rows: the last program of
-    onepass_r2 has a row past the end) under the same rule."""
+    onepass_r2 and of onepass_loop8_s2, a pipelined loop over 8 rows, has rows past the end) under the same
+    rule."""
     import importlib
     mod = importlib.import_module("lightx2v_engine.kernels.qk_norm_rope")  # the module, not the function
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -201,6 +202,44 @@ for C in (1536, 5120):
         assert re.fullmatch(r"\d", ops.get("STS", "0")), (C, bf, ops)
 
 
+def test_onepass_sass_has_no_layout_conversion_and_pipelines_its_loop():
+    """sm_90a SASS of "onepass" at the 1.3B and 14B widths: no spills, no shared-memory layout conversion
+    (the weights and cos/sin share the row's layout; STS/LDS only for the row reduction), 128-bit stores;
+    the loop variants load the next row by cp.async (LDGSTS)."""
+    import os
+    import subprocess
+    import sys
+    code = r"""
+import importlib, re, sys
+from collections import Counter
+spec = importlib.util.spec_from_file_location("sass_stats", sys.argv[1])
+S = importlib.util.module_from_spec(spec); spec.loader.exec_module(S)
+Q = importlib.import_module("lightx2v_engine.kernels.qk_norm_rope")
+types = dict(X="*i32", W2="*fp32", COS="*fp32", SIN="*fp32", O="*i32", eps="fp32")
+for C in (1536, 5120):
+    a, b = Q._head_parts(C // 128)
+    for name in ("onepass_r1", "onepass_loop8_t8_s2"):
+        rows, t, st = Q.ONEPASS_CONFIGS[name]
+        warps = max(1, min(16, 1 << (max(1, (a + b) * 64 // (t * 32)).bit_length() - 1)))
+        consts = dict(H=C // 128, HALF_D=64, NH_A=a, NH_B=b, ROWS=rows, IS_BF16=True, STAGES=st)
+        r = S.compile_sm90(Q._rms_rope_onepass_kernel, types, consts, warps, max(1, st), div16=("C2",))
+        ops = Counter(re.findall(r"\b((?:LDG|STG|LDS|STS|LDSM|STSM|LDGSTS)[.\w]*)", r["sass"]))
+        print("SASS", C, name, r["spill"], " ".join(f"{k}={v}" for k, v in sorted(ops.items())))
+"""
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "sass_stats.py")
+    env = {kk: vv for kk, vv in os.environ.items() if kk != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, env=env, timeout=300)
+    lines = [ln.split() for ln in res.stdout.splitlines() if ln.startswith("SASS")]
+    assert len(lines) == 4, res.stdout[-2000:] + res.stderr[-2000:]
+    for _, C, name, spill, *ops in lines:
+        ops = dict(o.split("=") for o in ops)
+        assert spill == "0", (C, name, spill)
+        assert not any(k.startswith(("LDSM", "STSM")) for k in ops), (C, name, ops)
+        assert "STG.E.128" in ops and not any(k.startswith("STS.") for k in ops), (C, name, ops)
+        assert int(ops.get("STS", "0")) <= 4, (C, name, ops)  # the two-level row reduction's scratch
+        assert ("loop" in name) == any(k.startswith("LDGSTS") for k in ops), (C, name, ops)
+
+
 def test_onepass_head_parts_and_fallback():
     """Head counts split into two power-of-two parts (padding part A where that is impossible), and the
     variant falls back to "chunk" where a half head is not a power of two (D = 96: 48 pairs)."""
@@ -211,7 +250,7 @@ def test_onepass_head_parts_and_fallback():
     w = torch.rand(7 * 96) + 0.5
     ang = torch.rand(5, 48) * 6
     qo, ko = torch.empty_like(q), torch.empty_like(k)
-    assert not QK._launch_onepass(q, k, w, w, ang.cos(), ang.sin(), 7, EPS, qo, ko, (1, 16))
+    assert not QK._launch_onepass(q, k, w, w, ang.cos(), ang.sin(), 7, EPS, qo, ko, (1, 16, 0))
     QK.set_qk_rope_impl("onepass_r1")
     try:
         got = qk_norm_rope(q, k, w, w, ang.cos(), ang.sin(), 7, EPS)
@@ -234,8 +273,7 @@ def test_onepass_padded_and_split_heads(H):
 
 @pytest.mark.gpu
 @pytest.mark.last
-@pytest.mark.parametrize("impl", ["tile", "chunk", "packed", "onepass_r1", "onepass_r2", "onepass_r4",
-                                  "onepass_r1_t8", "onepass_r2_t8"])
+@pytest.mark.parametrize("impl", ["tile", "chunk", "packed", *QK.ONEPASS_CONFIGS])
 @pytest.mark.parametrize("H", [12, 40])
 def test_qk_norm_rope_variants_gpu_real_shapes(H, impl):
     import importlib
