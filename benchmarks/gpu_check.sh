@@ -4,7 +4,10 @@
 #   the kernel and 8-bit GEMM microbenchmarks, the 1.3B end-to-end benchmark (14B with --with-14b),
 #   then one summary.json and a short table, printed last.
 #
-#   bash benchmarks/gpu_check.sh [--stages install,tests,kernels,quant,e2e,summary] [bench_e2e args...]
+#   bash benchmarks/gpu_check.sh [--stages install,tests,kernels,quant,e2e,profile,summary] [bench_e2e args...]
+#
+# "profile" (not in the default stages): where one DiT step's GPU time goes, by kernel (profile_step.py),
+# for the 1.3B and 14B presets, bf16 and fp8 linears + 8-bit attention, into profile.log.
 #
 # Results (CSV, JSON, logs) go to $OUT when set, else benchmarks/out/. Wheels of missing packages
 # (diffusers, as the baseline) are installed from .whl/ when that folder exists (benchmarks/fetch_wheels.sh
@@ -20,8 +23,8 @@
 #
 # GPU_CHECK_PACK=1 (for a transfer that brings back few files, e.g. 8): at the end every file under $OUT goes
 # into $OUT/all.tar.gz, and only what a reader needs first stays beside it, flat: summary.json,
-# summary_table.txt (the table printed last), the tuned-defaults file (tuned_<device>.json), gpu_tests.log
-# and stages_cut.txt.
+# summary_table.txt (the table printed last), the tuned-defaults file (tuned_<device>.json), gpu_tests.log,
+# gpu_test_times.txt (seconds per test, written as they finish) and stages_cut.txt.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out}
@@ -115,7 +118,15 @@ fi
 
 if has tests; then
   stage "gpu tests"
-  capped gpu_tests 300 gpu_tests.log 25 $PY -m pytest -q -m gpu -p no:cacheprovider tests
+  capped gpu_tests 300 gpu_tests.log 25 env LX2V_TEST_TIMES="$OUT/gpu_test_times.txt" \
+    $PY -m pytest -q -m gpu -p no:cacheprovider --durations=25 tests
+fi
+
+if has profile; then
+  stage "profile_step"
+  capped profile 200 profile.log 60 bash -c "for p in wan2.1-t2v-1.3b wan2.1-t2v-14b; do
+      $PY benchmarks/profile_step.py --preset \$p --top 20 && $PY benchmarks/profile_step.py --preset \$p --attn8 --top 20
+    done"
 fi
 
 if has quant; then
@@ -133,7 +144,7 @@ if [ "${GPU_CHECK_PACK:-0}" = 1 ]; then
   # everything into one archive; the first-read files stay beside it, flat (at most 7 files in all)
   tar -czf /tmp/lx2v_all.tar.gz -C "$OUT" . && rm -rf "${OUT:?}"/.[!.]* "${OUT:?}"/* 2>/dev/null
   mv /tmp/lx2v_all.tar.gz "$OUT/all.tar.gz"
-  for f in summary.json stages_cut.txt gpu_tests.log summary_table.txt; do
+  for f in summary.json stages_cut.txt gpu_tests.log gpu_test_times.txt summary_table.txt; do
     tar -xzf "$OUT/all.tar.gz" -C "$OUT" "./$f" 2>/dev/null
   done
   for t in $(tar -tzf "$OUT/all.tar.gz" | grep '^\./tuned/.*\.json$'); do

@@ -1,6 +1,6 @@
 """Where one DiT step's GPU time goes: torch.profiler over one forward at real shapes, CUDA time by kernel.
 
-    python benchmarks/profile_step.py [--preset wan2.1-t2v-1.3b] [--8bit] [--top 25]
+    python benchmarks/profile_step.py [--preset wan2.1-t2v-1.3b] [--8bit] [--attn8] [--top 25]
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import torch
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="wan2.1-t2v-1.3b")
-    p.add_argument("--8bit", dest="eight", action="store_true")
+    p.add_argument("--8bit", dest="eight", action="store_true", help="fp8 linears")
+    p.add_argument("--attn8", action="store_true", help="and 8-bit self-attention (implies --8bit)")
     p.add_argument("--top", type=int, default=25)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -23,9 +24,11 @@ def main(argv=None) -> int:
     from lightx2v_engine.loading import build_dit
     cfg = PRESETS[args.preset]
     model = build_dit(cfg, None, dtype=torch.bfloat16, device="cuda")
-    if args.eight:
+    if args.eight or args.attn8:
         from lightx2v_engine.quant import quantize_dit_
         quantize_dit_(model, "fp8")
+    if args.attn8:
+        model.set_attention_8bit(True)
     x = torch.randn(1, 16, 21, 60, 104, device="cuda")
     ctx = torch.randn(1, 512, cfg.text_dim, device="cuda", dtype=torch.bfloat16)
     t = torch.tensor([937.5], device="cuda")

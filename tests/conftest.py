@@ -32,6 +32,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_runtest_logreport(report):
+    # LX2V_TEST_TIMES=<file>: one line per test as it finishes (seconds, outcome, id), so that a run cut by
+    # a time budget (gpu_check.sh) still says which tests ran and which were slow
+    path = os.environ.get("LX2V_TEST_TIMES")
+    if path and (report.when == "call" or report.outcome != "passed"):
+        with open(path, "a") as f:
+            f.write(f"{report.duration:8.2f} {report.when:<8} {report.outcome:<7} {report.nodeid}\n")
+
+
 @pytest.fixture
 def torch_ops():
     """Runs a test with the plain-PyTorch reference ops (ops backend "torch"), restoring "auto"."""
