@@ -108,7 +108,22 @@ def _memory_op_rows(op: str, shape: str, fn, ref_fn, ref32_fn, nbytes: int, devi
                  max_err=base, ok=True, note="reference")]
 
 
-def bench_memory_ops(Ls: list[int], Cs: list[int], device: str, copy_gbps: float) -> list[dict]:
+def _guarded_rows(op: str, shape: str, *args) -> list[dict]:
+    """_memory_op_rows, or one failed "triton" row naming the error (a variant that fails to compile or
+    launch costs its own figure, not the section's)."""
+    try:
+        return _memory_op_rows(op, shape, *args)
+    except Exception as e:  # noqa: BLE001 - recorded as a failed row
+        print(f"bench_kernels: {op} {shape} failed: {type(e).__name__}: {e}")
+        return [dict(op=op, shape=shape, impl="triton", ms=float("nan"), tflops_or_gbps=float("nan"), unit="GB/s",
+                     ratio=float("nan"), ratio_kind="frac_of_copy_bw", max_err=float("nan"), ok=False,
+                     note=f"failed: {type(e).__name__}: {e}"[:300])]
+
+
+def bench_memory_ops(Ls: list[int], Cs: list[int], device: str, copy_gbps: float,
+                     qk_variants=None, qk_only: bool = False) -> list[dict]:
+    """The memory-bound ops at every (L, C); `qk_variants` (default: all of QK_ROPE_IMPLS) the q/k
+    norm+RoPE variants timed; `qk_only`: those alone."""
     from lightx2v_engine.kernels import gate_residual_modulate, modulate, rms_norm
     from lightx2v_engine.ops import gate_residual_modulate_ref, modulate_ref, rms_norm_ref
     from lightx2v_engine.kernels.qk_norm_rope import QK_ROPE_IMPLS, launch_qk_norm_rope, qk_norm_rope_ref
@@ -142,7 +157,7 @@ def bench_memory_ops(Ls: list[int], Cs: list[int], device: str, copy_gbps: float
             qo, ko = torch.empty_like(q), torch.empty_like(k)
             # every variant named explicitly (the op's default may come from a tuned file); "row" is
             # "qk_norm_rope" in the CSV history
-            for variant in QK_ROPE_IMPLS:
+            for variant in (QK_ROPE_IMPLS if qk_variants is None else qk_variants):
                 def qk_variant(q=q, k=k, wq=wq, wk=wk, cos=cos, sin=sin, qo=qo, ko=ko, H=H, variant=variant):
                     launch_qk_norm_rope(q, k, wq, wk, cos, sin, H, 1e-6, qo, ko, impl=variant)
                     return qo.unflatten(-1, (H, -1)), ko.unflatten(-1, (H, -1))
@@ -156,7 +171,8 @@ def bench_memory_ops(Ls: list[int], Cs: list[int], device: str, copy_gbps: float
             cases["rms_norm"] = (lambda: rms_norm(q, wq, 1e-6), lambda: rms_norm_ref(q, wq, 1e-6),
                                  lambda: rms_norm_ref(q.float(), wq, 1e-6), 2 * Lx * C * 2)
             for op, (fn, ref_fn, ref32_fn, nbytes) in cases.items():
-                rows += _memory_op_rows(op, shape, fn, ref_fn, ref32_fn, nbytes, device, copy_gbps)
+                if not qk_only or op.startswith("qk_norm_rope"):
+                    rows += _guarded_rows(op, shape, fn, ref_fn, ref32_fn, nbytes, device, copy_gbps)
             del x, y, q, k
     return rows
 
@@ -376,8 +392,10 @@ def bench_self_attn_rope(shapes: list[tuple[int, int, int]], device: str, dtype,
 def summarize(rows: list[dict], main_shape: str) -> dict:
     """The summary keys from the rows (None where a number is missing)."""
     def min_frac(op):
-        fr = [r["ratio"] for r in rows if r["op"] == op and r["impl"] == "triton" and r["ok"]]
-        return min(fr) if fr else None
+        """The op's worst fraction of copy bandwidth; None if it failed or was wrong at any shape (it must
+        not become a tuned default on the strength of the shapes it got right)."""
+        kern = [r for r in rows if r["op"] == op and r["impl"] == "triton"]
+        return min(r["ratio"] for r in kern) if kern and all(r["ok"] for r in kern) else None
 
     # q/k norm+RoPE by variant ("row" is op "qk_norm_rope", the others "qk_norm_rope_<variant>")
     qk_ops = dict.fromkeys(r["op"] for r in rows if r["op"].startswith("qk_norm_rope"))
@@ -560,7 +578,11 @@ def main(argv=None) -> int:
         written = len(rows)
         return summary, paths
 
-    rows = bench_memory_ops(Ls, Cs, device, copy_gbps)
+    # q/k variants never run on a GPU (QK_ROPE_UNMEASURED) after the attention figures: an illegal memory
+    # access there would poison the CUDA context for everything after it
+    from lightx2v_engine.kernels.qk_norm_rope import QK_ROPE_IMPLS, QK_ROPE_UNMEASURED
+    rows = bench_memory_ops(Ls, Cs, device, copy_gbps,
+                            qk_variants=[v for v in QK_ROPE_IMPLS if v not in QK_ROPE_UNMEASURED])
     rows += bench_vae_norm(vae_shapes, device, copy_gbps)
     save(rows)
     rows += bench_attention(attn_shapes, [c for c in configs if not ATTN_CONFIGS[c].mean_pad], device, dtype)
@@ -580,6 +602,9 @@ def main(argv=None) -> int:
     # the Gluon kernel last of all (written without a GPU; gpu_check switches it off when its smoke test fails)
     if gluon_configs:
         rows += bench_attention(attn_shapes, [], device, dtype, cudnn_ms, gluon_configs=gluon_configs)
+        save(rows)
+    if QK_ROPE_UNMEASURED:
+        rows += bench_memory_ops(Ls, Cs, device, copy_gbps, qk_variants=list(QK_ROPE_UNMEASURED), qk_only=True)
         save(rows)
     # the norm+RoPE-in-attention option after the figures the issues' targets need (never run on a GPU),
     # against the pass path with this run's fastest Triton config and q/k variant (what its tuned file runs)

@@ -385,6 +385,8 @@ def _chunk_size(C: int, head_d: int, largest: int = 512) -> int | None:
 # "chunk" and "packed" fall back to "tile", "onepass" to "chunk", where their chunking or int32 views
 # do not fit.
 QK_ROPE_IMPLS = ("row", "tile", "chunk", "packed", *ONEPASS_CONFIGS)
+# never run on a GPU yet: bench_kernels times them after the attention figures
+QK_ROPE_UNMEASURED = ("onepass_loop8_s2", "onepass_loop8_t8_s2", "onepass_loop16_t8_s3")
 
 
 # the explicit choice (LX2V_QK_ROPE, read once; set_qk_rope_impl); None: the GPU's tuned file
@@ -428,7 +430,7 @@ def launch_qk_norm_rope(q, k, wq, wk, cos, sin, num_heads, eps, qo, ko, impl: st
     """Writes the normalised, rotated q/k into the contiguous [B, L, C] buffers qo/ko (no allocation)."""
     B, L, C = q.shape
     block = triton.next_power_of_2(C)
-    impl = impl or qk_rope_impl(q.device)
+    impl = check_choice("qk norm+rope impl", impl, QK_ROPE_IMPLS) if impl else qk_rope_impl(q.device)
     head_d = C // num_heads
     if impl == "packed" and _launch_packed(q, k, wq, wk, cos, sin, num_heads, eps, qo, ko):
         return

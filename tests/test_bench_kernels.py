@@ -87,6 +87,9 @@ def test_summary_on_fake_timings(bench):
         row("modulate", "triton", 0.3, 2400.0, 0.80, shape="B1 L32760 C5120"),
         row("modulate", "torch_eager", 1.0, 300.0, 0.1, shape="B1 L32760 C5120"),
         row("qk_norm_rope", "triton", 0.2, 2000.0, 0.7, shape="B1 L32760 C1536"),
+        # right and fast at one width, wrong at the other: no figure (it must not become a tuned default)
+        row("qk_norm_rope_onepass_r1", "triton", 0.1, 2900.0, 0.95, shape="B1 L32760 C1536"),
+        row("qk_norm_rope_onepass_r1", "triton", 0.4, 2000.0, 0.75, ok=False, shape="B1 L32760 C5120"),
         row("attention", "triton:a", 12.0, 550.0, 11.0 / 12.0),
         row("attention", "triton:b", 10.0, 660.0, 1.1),
         row("attention", "triton:c", 9.0, 733.0, 1.2, ok=False),  # fast but wrong: never chosen
@@ -101,6 +104,7 @@ def test_summary_on_fake_timings(bench):
     ]
     s = bench.summarize(rows, shape)
     assert s["modulate_bw_frac"] == 0.80 and s["qk_norm_rope_bw_frac"] == 0.7
+    assert s["qk_norm_rope_onepass_r1_bw_frac"] is None
     assert s["attn_best_triton_config"] == "b" and s["attn_best_impl"] == "triton:b"
     assert s["attn_bf16_ratio_vs_cudnn"] == pytest.approx(1.1)
     assert s["attn_triton_tflops"] == 660.0 and s["attn_cudnn_tflops"] == 600.0
@@ -108,6 +112,18 @@ def test_summary_on_fake_timings(bench):
     assert s["attn_8bit_best_config"] == "x" and s["attn_8bit_relerr"] == 0.03
     assert s["attn_8bit_ratio_vs_cudnn"] == pytest.approx(11 / 8.0)
     assert s["attn_8bit_kernel_only_ratio_vs_cudnn"] == pytest.approx(11 / 7.0)
+
+
+def test_a_failing_memory_op_costs_its_own_row_only(bench):
+    """A kernel that raises (compile or launch error) becomes one failed row; the section goes on."""
+    def boom():
+        raise RuntimeError("triton compile error")
+    x = torch.randn(4)
+    rows = bench._guarded_rows("qk_norm_rope_x", "B1 L4 C4", boom, lambda: x, lambda: x, 32, "cpu", 1.0)
+    assert len(rows) == 1 and rows[0]["ok"] is False and "triton compile error" in rows[0]["note"]
+    assert math.isnan(rows[0]["ms"])
+    good = bench._guarded_rows("modulate", "B1 L4 C4", lambda: x, lambda: x, lambda: x, 32, "cpu", 1.0)
+    assert [r["impl"] for r in good] == ["triton", "torch_eager"] and good[0]["ok"]
 
 
 def _summarize_module():

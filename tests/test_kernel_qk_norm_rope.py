@@ -241,10 +241,17 @@ for C in (1536, 5120):
 
 
 def test_onepass_head_parts_and_fallback():
-    """Head counts split into two power-of-two parts (padding part A where that is impossible), and the
-    variant falls back to "chunk" where a half head is not a power of two (D = 96: 48 pairs)."""
+    """Head counts split into two power-of-two parts (padding part A where that is impossible); the variant
+    launches where it applies, and falls back where a half head is not a power of two (D = 96: 48 pairs;
+    "chunk" does not apply there either, so "tile" runs)."""
     assert QK._head_parts(40) == (32, 8) and QK._head_parts(12) == (8, 4) and QK._head_parts(16) == (16, 0)
     assert QK._head_parts(3) == (2, 1) and QK._head_parts(1) == (1, 0) and QK._head_parts(7) == (8, 0)
+    q, k, wq, wk, cos, sin = _inputs(1, (1, 2, 3), 3, torch.float16, "cpu")
+    qo, ko = torch.empty_like(q), torch.empty_like(k)
+    assert QK._launch_onepass(q, k, wq, wk, cos, sin, 3, EPS, qo, ko, QK.ONEPASS_CONFIGS["onepass_r1"])
+    want = qk_norm_rope_ref(q, k, wq, wk, cos, sin, 3, EPS)
+    for g, r in zip((qo, ko), want):  # PyTorch's fp16 result up to a rounding flip (summation order)
+        assert (g.view_as(r).float() - r.float()).abs().max().item() <= 2 ** -10 * r.float().abs().max().item()
     torch.manual_seed(0)
     q, k = torch.randn(2, 1, 5, 7 * 96).to(torch.float16).unbind(0)
     w = torch.rand(7 * 96) + 0.5
@@ -259,6 +266,8 @@ def test_onepass_head_parts_and_fallback():
     want = qk_norm_rope_ref(q, k, w, w, ang.cos(), ang.sin(), 7, EPS)
     for g, r in zip(got, want):
         assert (g.float() - r.float()).abs().max().item() <= 2 ** -9 * r.float().abs().max().item()
+    with pytest.raises(ValueError, match="onepass_r1"):  # an explicit variant name is checked
+        QK.launch_qk_norm_rope(q, k, w, w, ang.cos(), ang.sin(), 7, EPS, qo, ko, impl="onepass_r3")
 
 
 @pytest.mark.parametrize("H", [7, 5])
@@ -269,6 +278,21 @@ def test_onepass_padded_and_split_heads(H):
         _run(1, (1, 3, 5), H, torch.float16, "cpu")
     finally:
         QK.set_qk_rope_impl("default")
+
+
+@pytest.mark.gpu
+@pytest.mark.last
+@pytest.mark.parametrize("impl", list(QK.ONEPASS_CONFIGS))
+@pytest.mark.parametrize("H", [5, 7])
+def test_onepass_variants_gpu_odd_shapes(H, impl):
+    """On the GPU: two batches of q/k as column slices of a fused qkv projection, 105 tokens (the last
+    program of every multi-row variant has rows past the end), 5 heads (4 + 1) and 7 (part A padded)."""
+    mod = importlib.import_module("lightx2v_engine.kernels.qk_norm_rope")
+    mod.set_qk_rope_impl(impl)
+    try:
+        _run(2, (3, 5, 7), H, torch.bfloat16, "cuda", fused_qkv=True)
+    finally:
+        mod.set_qk_rope_impl("default")
 
 
 @pytest.mark.gpu
