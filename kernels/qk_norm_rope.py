@@ -307,11 +307,14 @@ def _head_parts(H: int) -> tuple[int, int]:
 # "onepass_loop<N>_*" (not measured yet): N rows per program in a loop the compiler software-pipelines
 # (STAGES 2 or 3: the next row's loads issued by cp.async, LDGSTS in the SASS, while this row is computed),
 # the weights read once per N rows (the unrolled ones re-read 20 KB of them from L2 per 1-4 rows at C 5120);
-# many short programs rather than persistent ones, so that the hardware balances them.
+# many short programs rather than persistent ones, so that the hardware balances them. "*_t4" (not measured
+# yet): 16 warps a 5120-wide row, as the modulate kernel that reaches 0.96 of copy bandwidth on the H100
+# (its 8192-wide padded row over 16 warps; its 20 KB of shift/scale re-read from L2 per row did not stop
+# it), against 4 warps and ~4 resident programs per SM (16 warps) for onepass_r1 at ~115 registers.
 ONEPASS_CONFIGS = {"onepass_r1": (1, 16, 0), "onepass_r2": (2, 16, 0), "onepass_r4": (4, 16, 0),
                    "onepass_r1_t8": (1, 8, 0), "onepass_r2_t8": (2, 8, 0),
                    "onepass_loop8_s2": (8, 16, 2), "onepass_loop8_t8_s2": (8, 8, 2),
-                   "onepass_loop16_t8_s3": (16, 8, 3)}
+                   "onepass_loop16_t8_s3": (16, 8, 3), "onepass_r1_t4": (1, 4, 0), "onepass_loop4_t4_s2": (4, 4, 2)}
 
 
 def _launch_onepass(q, k, wq, wk, cos, sin, num_heads, eps, qo, ko, config: tuple[int, int, int]) -> bool:
@@ -386,7 +389,8 @@ def _chunk_size(C: int, head_d: int, largest: int = 512) -> int | None:
 # do not fit.
 QK_ROPE_IMPLS = ("row", "tile", "chunk", "packed", *ONEPASS_CONFIGS)
 # never run on a GPU yet: bench_kernels times them after the attention figures
-QK_ROPE_UNMEASURED = ("onepass_loop8_s2", "onepass_loop8_t8_s2", "onepass_loop16_t8_s3")
+QK_ROPE_UNMEASURED = ("onepass_loop8_s2", "onepass_loop8_t8_s2", "onepass_loop16_t8_s3", "onepass_r1_t4",
+                      "onepass_loop4_t4_s2")
 
 
 # the explicit choice (LX2V_QK_ROPE, read once; set_qk_rope_impl); None: the GPU's tuned file
