@@ -483,10 +483,20 @@ def init_parallel(pcfg: ParallelConfig, device: torch.device) -> Parallel | None
 
 
 def _shutdown() -> None:
+    """At exit: every rank reaches this point (a gloo barrier on the control group, at most a minute: a peer
+    that died does not hold the exit longer) before any tears the groups down; one rank destroying its gloo
+    groups while a peer still ran aborted a CPU run once under load ("terminate called without an active
+    exception", not reproduced)."""
     global _STATE
-    _STATE = None
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    state, _STATE = _STATE, None
+    if not dist.is_initialized():
+        return
+    if state is not None and state.control is not None and state.world_size > 1:
+        try:
+            dist.monitored_barrier(group=state.control, timeout=datetime.timedelta(seconds=60))
+        except Exception as e:  # noqa: BLE001 - a peer gone at exit: tear down regardless
+            log.warning("parallel: exit barrier failed (%s: %s); tearing down anyway", type(e).__name__, e)
+    dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------------

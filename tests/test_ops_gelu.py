@@ -95,4 +95,4 @@ def test_describe_names_the_op_choices():
     finally:
         ops.set_backend("auto")
     assert line.startswith("ops: Triton kernels; self-attention 8-bit ws_128x128_w4_s2, cross-attention triton")
-    assert "q/k norm+RoPE row" in line and line.endswith("FFN GELU epilogue off; built-in defaults")
+    assert "q/k norm+RoPE chunk" in line and line.endswith("FFN GELU epilogue off; built-in defaults")
