@@ -317,6 +317,11 @@ ONEPASS_CONFIGS = {"onepass_r1": (1, 16, 0), "onepass_r2": (2, 16, 0), "onepass_
                    "onepass_loop16_t8_s3": (16, 8, 3), "onepass_r1_t4": (1, 4, 0), "onepass_loop4_t4_s2": (4, 4, 2)}
 
 
+def _onepass_warps(words: int, per_thread: int) -> int:
+    """Warps for a row of `words` int32 words at about `per_thread` words a thread (a power of two, 1-16)."""
+    return max(1, min(16, 1 << (max(1, words // (per_thread * 32)).bit_length() - 1)))
+
+
 def _launch_onepass(q, k, wq, wk, cos, sin, num_heads, eps, qo, ko, config: tuple[int, int, int]) -> bool:
     """The "onepass" variants; False where int32 views are impossible, the half head is not a power of two
     or a row would not fit in registers, so that the caller runs another variant."""
@@ -333,7 +338,7 @@ def _launch_onepass(q, k, wq, wk, cos, sin, num_heads, eps, qo, ko, config: tupl
     except RuntimeError:
         return False
     rows, per_thread, stages = config
-    warps = max(1, min(16, 1 << (max(1, words // (per_thread * 32)).bit_length() - 1)))
+    warps = _onepass_warps(words, per_thread)
     for (xi, oi), w in zip(views, (wq, wk)):
         w2 = w.view(-1, 2).t().contiguous()  # [2, C/2]: the weights of the even and of the odd elements
         _rms_rope_onepass_kernel[(triton.cdiv(B * L, rows),)](

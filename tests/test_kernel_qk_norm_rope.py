@@ -6,6 +6,7 @@ times (norm, weight, output), each losing up to a full ulp instead of half: bf16
 (fp16 casts are exact in the interpreter and keep FACTOR 2).
 """
 import importlib
+import re
 
 import pytest
 import torch
@@ -165,36 +166,46 @@ def test_packed_variant_is_pytorchs_rounding_and_falls_back(dtype):
         q.float(), k.float(), wq, wk, cos, sin, 3, EPS)[0]).abs().max().item() + 1e-3
 
 
-def test_packed_variant_sass_moves_16_bytes_per_instruction():
-    """sm_90a SASS of "packed" at the 1.3B and 14B widths, bf16 and fp16: every global load and store is
-    128-bit and no shared-memory layout conversion remains (only the row reduction's STS/LDS)."""
-    import os
-    import re
-    import subprocess
-    import sys
-    code = r"""
+_SASS_PRELUDE = r"""
 import importlib, re, sys
 from collections import Counter
 spec = importlib.util.spec_from_file_location("sass_stats", sys.argv[1])
 S = importlib.util.module_from_spec(spec); spec.loader.exec_module(S)
 Q = importlib.import_module("lightx2v_engine.kernels.qk_norm_rope")
 types = dict(X="*i32", W2="*fp32", COS="*fp32", SIN="*fp32", O="*i32", eps="fp32")
+def report(tag, r):
+    ops = Counter(re.findall(r"\b((?:LDG|STG|LDS|STS|LDSM|STSM|LDGSTS)[.\w]*)", r["sass"]))
+    print("SASS", tag, r["spill"], " ".join(f"{k}={v}" for k, v in sorted(ops.items())))
+"""
+
+
+def _sass_reports(body: str, n: int) -> list[tuple[str, str, str, dict]]:
+    """Runs _SASS_PRELUDE + body (which compiles kernels for sm_90a and calls report("<C> <tag>", result))
+    in a process without the interpreter; returns n (C, tag, spill bytes, {instruction: count})."""
+    import os
+    import subprocess
+    import sys
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "sass_stats.py")
+    env = {kk: vv for kk, vv in os.environ.items() if kk != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _SASS_PRELUDE + body, path], capture_output=True, text=True, env=env,
+                         timeout=300)
+    lines = [ln.split() for ln in res.stdout.splitlines() if ln.startswith("SASS")]
+    assert len(lines) == n, res.stdout[-2000:] + res.stderr[-2000:]
+    return [(C, tag, spill, dict(o.split("=") for o in ops)) for _, C, tag, spill, *ops in lines]
+
+
+def test_packed_variant_sass_moves_16_bytes_per_instruction():
+    """sm_90a SASS of "packed" at the 1.3B and 14B widths, bf16 and fp16: every global load and store is
+    128-bit and no shared-memory layout conversion remains (only the row reduction's STS/LDS)."""
+    body = """
 for C in (1536, 5120):
     for bf in (True, False):
         chunk = Q._chunk_size(C // 2, 64, largest=256)
         consts = dict(HEAD_D=128, BLOCK_R=4, CHUNK2=chunk, N_CHUNKS=C // 2 // chunk, IS_BF16=bf)
-        r = S.compile_sm90(Q._rms_rope_packed_kernel, types, consts, max(1, min(8, 4 * chunk // 128)), 1,
-                           div16=("C2",))
-        ops = Counter(re.findall(r"\b((?:LDG|STG|LDS|STS|LDSM|STSM)[.\w]*)", r["sass"]))
-        print("SASS", C, bf, r["spill"], " ".join(f"{k}={v}" for k, v in sorted(ops.items())))
+        report(f"{C} {bf}", S.compile_sm90(Q._rms_rope_packed_kernel, types, consts,
+                                           max(1, min(8, 4 * chunk // 128)), 1, div16=("C2",)))
 """
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "sass_stats.py")
-    env = {kk: vv for kk, vv in os.environ.items() if kk != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, env=env, timeout=300)
-    lines = [ln.split() for ln in res.stdout.splitlines() if ln.startswith("SASS")]
-    assert len(lines) == 4, res.stdout[-2000:] + res.stderr[-2000:]
-    for _, C, bf, spill, *ops in lines:
-        ops = dict(o.split("=") for o in ops)
+    for C, bf, spill, ops in _sass_reports(body, 4):
         assert spill == "0", (C, bf, spill)
         glob = {k: v for k, v in ops.items() if k.startswith(("LDG", "STG"))}
         assert set(glob) == {"LDG.E.128", "STG.E.128"}, (C, bf, ops)
@@ -206,33 +217,17 @@ def test_onepass_sass_has_no_layout_conversion_and_pipelines_its_loop():
     """sm_90a SASS of "onepass" at the 1.3B and 14B widths: no spills, no shared-memory layout conversion
     (the weights and cos/sin share the row's layout; STS/LDS only for the row reduction), 128-bit stores;
     the loop variants load the next row by cp.async (LDGSTS)."""
-    import os
-    import subprocess
-    import sys
-    code = r"""
-import importlib, re, sys
-from collections import Counter
-spec = importlib.util.spec_from_file_location("sass_stats", sys.argv[1])
-S = importlib.util.module_from_spec(spec); spec.loader.exec_module(S)
-Q = importlib.import_module("lightx2v_engine.kernels.qk_norm_rope")
-types = dict(X="*i32", W2="*fp32", COS="*fp32", SIN="*fp32", O="*i32", eps="fp32")
+    body = """
 for C in (1536, 5120):
     a, b = Q._head_parts(C // 128)
     for name in ("onepass_r1", "onepass_loop8_t8_s2"):
         rows, t, st = Q.ONEPASS_CONFIGS[name]
-        warps = max(1, min(16, 1 << (max(1, (a + b) * 64 // (t * 32)).bit_length() - 1)))
+        warps = Q._onepass_warps((a + b) * 64, t)
         consts = dict(H=C // 128, HALF_D=64, NH_A=a, NH_B=b, ROWS=rows, IS_BF16=True, STAGES=st)
-        r = S.compile_sm90(Q._rms_rope_onepass_kernel, types, consts, warps, max(1, st), div16=("C2",))
-        ops = Counter(re.findall(r"\b((?:LDG|STG|LDS|STS|LDSM|STSM|LDGSTS)[.\w]*)", r["sass"]))
-        print("SASS", C, name, r["spill"], " ".join(f"{k}={v}" for k, v in sorted(ops.items())))
+        report(f"{C} {name}", S.compile_sm90(Q._rms_rope_onepass_kernel, types, consts, warps, max(1, st),
+                                             div16=("C2",)))
 """
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "sass_stats.py")
-    env = {kk: vv for kk, vv in os.environ.items() if kk != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, env=env, timeout=300)
-    lines = [ln.split() for ln in res.stdout.splitlines() if ln.startswith("SASS")]
-    assert len(lines) == 4, res.stdout[-2000:] + res.stderr[-2000:]
-    for _, C, name, spill, *ops in lines:
-        ops = dict(o.split("=") for o in ops)
+    for C, name, spill, ops in _sass_reports(body, 4):
         assert spill == "0", (C, name, spill)
         assert not any(k.startswith(("LDSM", "STSM")) for k in ops), (C, name, ops)
         assert "STG.E.128" in ops and not any(k.startswith("STS.") for k in ops), (C, name, ops)
