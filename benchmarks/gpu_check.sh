@@ -4,10 +4,12 @@
 #   the kernel and 8-bit GEMM microbenchmarks, the 1.3B end-to-end benchmark (14B with --with-14b),
 #   then one summary.json and a short table, printed last.
 #
-#   bash benchmarks/gpu_check.sh [--stages install,tests,kernels,quant,e2e,profile,summary] [bench_e2e args...]
+#   bash benchmarks/gpu_check.sh [--stages install,tests,kernels,quant,e2e,compile,profile,summary] [bench_e2e args...]
 #
 # "profile" (not in the default stages): where one DiT step's GPU time goes, by kernel (profile_step.py),
 # for the 1.3B and 14B presets, bf16 and fp8 linears + 8-bit attention, into profile.log.
+# "compile" (not in the default stages; ~150 s): diffusers' torch.compile'd 1.3B step (and its eager step)
+# in a bench_e2e run of its own, into $OUT/compile/ (summarize.py merges it: diffusers_step_ms_1.3b_compiled).
 #
 # Results (CSV, JSON, logs) go to $OUT when set, else benchmarks/out/. Wheels of missing packages
 # (diffusers, as the baseline) are installed from .whl/ when that folder exists (benchmarks/fetch_wheels.sh
@@ -121,6 +123,12 @@ if has tests; then
   : >"$OUT/gpu_test_times.txt"
   capped gpu_tests 300 gpu_tests.log 25 env LX2V_TEST_TIMES="$(realpath "$OUT")/gpu_test_times.txt" \
     $PY -m pytest -q -m gpu -p no:cacheprovider --durations=25 tests
+fi
+
+if has compile; then
+  stage "diffusers torch.compile baseline"
+  capped compile 240 compile.log 20 $PY benchmarks/bench_e2e.py --out "$OUT/compile" --presets 1.3b \
+    --skip dit text vae distill --diffusers-compile
 fi
 
 if has profile; then

@@ -38,6 +38,9 @@ NOT_IMPLEMENTED: dict[str, str] = {}
 # Where a stage's failure shows up: summary files expected from each benchmark.
 SOURCES = {"kernels_summary.json": "bench_kernels.py", "quant_summary.json": "bench_quant.py",
            "e2e_summary.json": "bench_e2e.py"}
+# Summaries of optional stages (gpu_check.sh's "compile": diffusers' torch.compile baseline in its own
+# bench_e2e run): merged where present, their figures never replacing the main ones, no note where absent.
+OPTIONAL_SOURCES = {"compile/e2e_summary.json": "bench_e2e.py --diffusers-compile"}
 # gpu_check.sh's record of the stages its time budget cut ("name: cut at N s") or skipped
 CUT_FILE = "stages_cut.txt"
 
@@ -65,6 +68,15 @@ def merge(out: Path) -> dict:
         else:
             for k, v in data.items():
                 (env if k in ("gpu", "torch", "triton", "cuda", "commit", "date", "git_commit") else figures)[k] = v
+    for name in OPTIONAL_SOURCES:
+        path = out / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            for k, v in data.get("figures", {}).items():
+                if figures.get(k) is None:
+                    figures[k] = v
+            for k, v in data.get("absent", {}).items():
+                absent.setdefault(k, v)
     for k in REQUIRED:
         if figures.get(k) is None and k not in absent:
             absent[k] = NOT_IMPLEMENTED.get(k, "not produced in this run (see the logs)")

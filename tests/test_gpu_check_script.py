@@ -138,3 +138,23 @@ def test_gpu_check_packs_its_outputs_for_a_small_transfer(tmp_path):
         names = set(tar.getnames())
     assert {"./deep/er/f.csv", "./kernels.csv", "./summary.json", "./tuned/NVIDIA_H200.json"} <= names
     assert "step_ms_1.3b_bf16" in (out / "summary_table.txt").read_text()
+
+
+def test_gpu_check_compile_stage_feeds_the_compiled_diffusers_figure(tmp_path):
+    """The optional "compile" stage runs bench_e2e with --diffusers-compile into $OUT/compile/; the summary
+    takes diffusers_step_ms_1.3b_compiled from there, while the main run's figures keep precedence."""
+    fake = _fake_python(tmp_path, """  benchmarks/bench_e2e.py)
+    shift; out=""; args="$*"
+    while [ $# -gt 0 ]; do [ "$1" = --out ] && out=$2; shift; done
+    mkdir -p "$out"
+    case "$args" in
+      *--diffusers-compile*) echo '{"env": {}, "figures": {"diffusers_step_ms_1.3b_compiled": 500.0, "diffusers_step_ms_1.3b_eager": 1.0}, "absent": {}}' >"$out/e2e_summary.json";;
+      *) echo '{"env": {"gpu": "fake"}, "figures": {"diffusers_step_ms_1.3b_eager": 620.0}, "absent": {}}' >"$out/e2e_summary.json";;
+    esac;;""")
+    res = _run(tmp_path, fake, stages="e2e,compile,summary")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["figures"]["diffusers_step_ms_1.3b_compiled"] == 500.0
+    assert summary["figures"]["diffusers_step_ms_1.3b_eager"] == 620.0
+    assert "diffusers_step_ms_1.3b_compiled" not in summary["absent"]
+    assert "diffusers torch.compile baseline" in res.stdout
