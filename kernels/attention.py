@@ -189,11 +189,13 @@ def cross_attention_impl(device: torch.device | None = None) -> str:
 
 @triton.jit
 def _load_tile(desc, base, row, stride_row, offs_r, offs_d, USE_TMA: tl.constexpr):
-    """Rows [row, row + len(offs_r)) of a [L, D] operand (full tile: no mask)."""
+    """Rows [row, row + len(offs_r)) of a [L, D] operand (full tile: no mask). Row offsets in int64 here and
+    in every pointer load and store of the kernel: L x row stride passes 2^31 for a [B, L, 3C] fused
+    projection's slices beyond ~140k tokens at C = 5120 (the TMA descriptors take 64-bit strides)."""
     if USE_TMA:
         return desc.load([row, 0])
     else:
-        return tl.load(base + (row + offs_r)[:, None] * stride_row + offs_d[None, :])
+        return tl.load(base + (row + offs_r).to(tl.int64)[:, None] * stride_row + offs_d[None, :])
 
 
 @triton.jit
@@ -252,7 +254,8 @@ def _attn_fwd_kernel(Q, K, V, O, C_SCRATCH,
     else:
         desc_k = k_base  # unused placeholders for _load_tile
         desc_v = v_base
-        q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :], mask=offs_m[:, None] < Lq, other=0.0)
+        q = tl.load(q_base + offs_m.to(tl.int64)[:, None] * stride_ql + offs_d[None, :], mask=offs_m[:, None] < Lq,
+                    other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -262,8 +265,8 @@ def _attn_fwd_kernel(Q, K, V, O, C_SCRATCH,
         # [B*H, Lq] and read back after the loop: triton 3.6's sm90 warp specialisation fails when a [BM]
         # tensor computed before the loop, or a [BM, D] load after it, is used after it
         mean = tl.load(k_base + Lk.to(tl.int64) * stride_kl + offs_d).to(tl.float32)
-        q_rows = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :], mask=offs_m[:, None] < Lq,
-                         other=0.0)
+        q_rows = tl.load(q_base + offs_m.to(tl.int64)[:, None] * stride_ql + offs_d[None, :],
+                         mask=offs_m[:, None] < Lq, other=0.0)
         c_pad = tl.sum(q_rows.to(tl.float32) * mean[None, :], 1) * qk_scale
         tl.store(C_SCRATCH + pid_bh.to(tl.int64) * Lq + offs_m, c_pad, mask=offs_m < Lq)
         tl.debug_barrier()
@@ -276,10 +279,9 @@ def _attn_fwd_kernel(Q, K, V, O, C_SCRATCH,
             k = desc_k.load([n_full, 0])
             v = desc_v.load([n_full, 0])
         else:
-            k = tl.load(k_base + (n_full + offs_n)[:, None] * stride_kl + offs_d[None, :],
-                        mask=kv_mask[:, None], other=0.0)
-            v = tl.load(v_base + (n_full + offs_n)[:, None] * stride_vl + offs_d[None, :],
-                        mask=kv_mask[:, None], other=0.0)
+            rows_n = (n_full + offs_n).to(tl.int64)
+            k = tl.load(k_base + rows_n[:, None] * stride_kl + offs_d[None, :], mask=kv_mask[:, None], other=0.0)
+            v = tl.load(v_base + rows_n[:, None] * stride_vl + offs_d[None, :], mask=kv_mask[:, None], other=0.0)
         qk = tl.where(kv_mask[None, :], tl.dot(q, k.T), float("-inf"))
         m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, qk_scale)
 
@@ -323,7 +325,7 @@ def _attn_fwd_kernel(Q, K, V, O, C_SCRATCH,
     if USE_TMA:
         desc_o.store([start_m, 0], out)
     else:
-        tl.store(o_base + offs_m[:, None] * stride_ol + offs_d[None, :], out, mask=offs_m[:, None] < Lq)
+        tl.store(o_base + offs_m.to(tl.int64)[:, None] * stride_ol + offs_d[None, :], out, mask=offs_m[:, None] < Lq)
 
 
 def _tma_alloc(size: int, alignment: int, stream) -> torch.Tensor:

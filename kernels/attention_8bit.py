@@ -421,12 +421,14 @@ def _attn8_fwd_kernel(Q8, K8, VT, QS, KS, VS, O,
             else:
                 vt = desc_v.load([start_n, 0])
         else:
+            # q8, k8 are quantize_qkv's contiguous buffers: the launcher checks that their offsets fit int32;
+            # v (unquantised, any row stride, e.g. a fused projection's slice) and out take int64 offsets
             k = tl.load(k_base + (start_n + offs_n)[:, None] * stride_kl + offs_d[None, :],
                         mask=(start_n + offs_n)[:, None] < Lk, other=0)
             if PV_FP8:
                 vt = tl.load(vt_base + offs_d[:, None] * Lk_pad + (start_n + offs_n)[None, :])
             else:
-                vt = tl.load(vt_base + (start_n + offs_n)[:, None] * stride_vl + offs_d[None, :],
+                vt = tl.load(vt_base + (start_n + offs_n).to(tl.int64)[:, None] * stride_vl + offs_d[None, :],
                              mask=(start_n + offs_n)[:, None] < Lk, other=0.0)
         sc = qs * tl.load(KS + bh * n_blk + j)  # [BM] score scale of this block
         # qs is carried through the loop (+ 0 * l_i, kept: NaN semantics): triton 3.6's sm90 warp
@@ -467,7 +469,7 @@ def _attn8_fwd_kernel(Q8, K8, VT, QS, KS, VS, O,
                                            block_shape=[BLOCK_M, HEAD_D])
         desc_o.store([start_m, 0], out)
     else:
-        tl.store(o_base + offs_m[:, None] * stride_ol + offs_d[None, :], out, mask=offs_m[:, None] < Lq)
+        tl.store(o_base + offs_m.to(tl.int64)[:, None] * stride_ol + offs_d[None, :], out, mask=offs_m[:, None] < Lq)
 
 
 def _tma_alloc(size: int, alignment: int, stream) -> torch.Tensor:
@@ -534,6 +536,11 @@ def attention_8bit_quantized(quantized: tuple, Lk: int, out: torch.Tensor, confi
     if cfg.pv_fp8 and vt.shape[-1] != n_blk * cfg.block_n:
         raise ValueError(f"kernels/attention_8bit.py: quantised with block_n {vt.shape[-1] // n_blk}, "
                          f"config has {cfg.block_n}")
+    for name, t in (("q", q8), ("k", k8)):  # the kernel's int32 row offsets into them
+        if t.shape[1] * t.stride(1) >= 2 ** 31:
+            raise ValueError(f"kernels/attention_8bit.py: {t.shape[1]} tokens x {t.stride(1)} elements a row of the "
+                             f"quantised {name} pass 2^31: too long for the Triton 8-bit kernel (the bf16 attention "
+                             f"takes it: attn_8bit off)")
     interp = interpreting()
     cfg = _resolve(cfg, q8.device)
     use_tma = _tma_available(q8.device) and (q8.is_cuda or cfg.warp_specialize)

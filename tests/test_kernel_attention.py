@@ -4,6 +4,10 @@ Rule: max |kernel - fp32 ref| <= 2 * max |PyTorch SDPA in the run dtype - fp32 r
 interpreter the inputs are fp16: its tl.dot on bf16 operands is not usable (the GPU runs bf16, tested
 under the gpu marker).
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -416,3 +420,56 @@ def test_self_attention_mean_pad_gpu_graph():
     ref32 = attn_ref32(qh, kh, v.float().unflatten(-1, (12, 128))).flatten(-2)
     base = (self_attention_ref(q, k, v, wq, wk, rope.cos, rope.sin, 12).float() - ref32).abs().max().item()
     assert (out.float() - ref32).abs().max().item() <= 2 * base + 1e-3
+
+
+_LONG_ROWS_SCRIPT = r"""
+import sys, torch
+from lightx2v_engine.kernels.attention import attention_triton
+from lightx2v_engine.kernels.attention_8bit import attention_8bit_triton
+dev = sys.argv[1]
+torch.manual_seed(0)
+B, L, H, D = 1, 3, 1, 16
+stride_l = 2 ** 30  # row 2 of q and of v starts at element 2^31: past int32 offsets
+base_q = torch.empty(stride_l * (L - 1) + H * D, dtype=torch.float16, device=dev)  # virtual: 3 rows touched
+base_v = torch.empty(stride_l * (L - 1) + H * D, dtype=torch.float16, device=dev)
+q = base_q.as_strided((B, L, H, D), (0, stride_l, D, 1))
+v = base_v.as_strided((B, L, H, D), (0, stride_l, D, 1))
+q.copy_(torch.randn(B, L, H, D, device=dev).half())
+v.copy_(torch.randn(B, L, H, D, device=dev).half())
+k = torch.randn(B, L, H, D, device=dev).half()
+ref = torch.nn.functional.scaled_dot_product_attention(
+    q.float().transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2)).transpose(1, 2)
+for cfg in ("ptr_256x64_w8_s3", "tma_128x128_w8_s2"):
+    print("ERR", cfg, (attention_triton(q, k, v, cfg).float() - ref).abs().max().item())
+import dataclasses
+from lightx2v_engine.kernels.attention_8bit import ATTN8_CONFIGS
+for ws in (True, False):  # the TMA path (where available), then the pointer path
+    cfg8 = dataclasses.replace(ATTN8_CONFIGS["ws_128x128_w4_s2_pv16"], warp_specialize=ws)
+    print("ERR8", (attention_8bit_triton(q, k, v, cfg8).float() - ref).abs().max().item())
+# the quantised q, k are contiguous buffers read with int32 offsets: past 2^31 the launcher refuses
+from lightx2v_engine.kernels.attention_8bit import attention_8bit_quantized, quantize_qkv
+qz = list(quantize_qkv(q.contiguous(), k, v, cfg8.block_n, quant_v=False))
+qz[0] = torch.empty(stride_l * 2 + 16, dtype=torch.int8, device=dev).as_strided((1, 3, 1, 16), (0, stride_l, 16, 1))
+try:
+    attention_8bit_quantized(tuple(qz), L, torch.empty(B, L, H, D, dtype=torch.float16, device=dev), cfg8)
+    print("REFUSED no")
+except ValueError as e:
+    print("REFUSED", "2^31" in str(e))
+"""
+
+
+def test_attention_rows_past_int32_offsets(tmp_path):
+    """q and v as views whose rows lie 2^30 elements apart (a fused projection's slices at > 140k tokens
+    reach such offsets): the kernels' pointer arithmetic must not wrap (it read out of bounds and crashed
+    before). In a subprocess, so that a regression fails the test instead of killing the run; the tensors
+    are mostly untouched virtual memory."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    env = dict(os.environ, TRITON_INTERPRET="0" if dev == "cuda" else "1")
+    res = subprocess.run([sys.executable, "-c", _LONG_ROWS_SCRIPT, dev], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert res.returncode == 0, f"rc {res.returncode}: {res.stdout[-1000:]} {res.stderr[-3000:]}"
+    errs = {ln.split()[1]: float(ln.split()[2]) for ln in res.stdout.splitlines() if ln.startswith("ERR ")}
+    assert set(errs) == {"ptr_256x64_w8_s3", "tma_128x128_w8_s2"} and max(errs.values()) < 5e-3, res.stdout
+    err8 = [float(ln.split()[1]) for ln in res.stdout.splitlines() if ln.startswith("ERR8")]
+    assert len(err8) == 2 and max(err8) < 0.1, res.stdout
+    assert "REFUSED True" in res.stdout, res.stdout
