@@ -190,8 +190,9 @@ def cross_attention_impl(device: torch.device | None = None) -> str:
 @triton.jit
 def _load_tile(desc, base, row, stride_row, offs_r, offs_d, USE_TMA: tl.constexpr):
     """Rows [row, row + len(offs_r)) of a [L, D] operand (full tile: no mask). Row offsets in int64 here and
-    in every pointer load and store of the kernel: L x row stride passes 2^31 for a [B, L, 3C] fused
-    projection's slices beyond ~140k tokens at C = 5120 (the TMA descriptors take 64-bit strides)."""
+    in every pointer load and store of the kernel: L x row stride passes 2^31 beyond ~419k tokens for the
+    DiT's [B, L, C] projections at C = 5120, and beyond ~140k for a caller's slices of a fused [B, L, 3C]
+    projection (the TMA descriptors take 64-bit strides)."""
     if USE_TMA:
         return desc.load([row, 0])
     else:
