@@ -4,7 +4,10 @@
     python -m lightx2v_engine.server --random-weights --preset tiny          # no weights: the tiny preset
 
 Like LightX2V's server it takes the CLI's arguments plus --host, --port, --max_queue_size, --lora_dir,
---metric_port, and extra `--key value` pairs as config keys (e.g. --sample_shift 3).
+--metric_port, and extra `--key value` pairs as config keys (e.g. --sample_shift 3). Like LightX2V's, a
+request's image_path may name any file on the server or any URL (the server downloads it); a server open to
+others can confine files to --image_dir and refuse URLs with --no_image_urls (base64 data and uploads
+always work).
 
 The models load once at start. Tasks queue (at most --max_queue_size waiting: HTTP 503 beyond) and run one
 at a time on one worker thread, like LightX2V's server. A request carries LightX2V's VideoTaskRequest
@@ -223,9 +226,19 @@ def _short(value, n: int = 80) -> str:
     return text if len(text) <= n else text[:n] + f"... ({len(text)} characters)"
 
 
+@dataclass(frozen=True)
+class ImageSources:
+    """Where a request's image_path may come from besides base64 data: files (image_dir None: any file the
+    server can read, as LightX2V's server; else only files inside image_dir, a relative path taken from
+    it) and http(s) URLs (urls: downloaded by the server, as LightX2V's; False: refused)."""
+    image_dir: Path | None = None
+    urls: bool = True
+
+
 def check_request(body: dict, *, output_dir: Path, infer_steps: int, task: str,
                   image_bytes: bytes | None = None, default_size: tuple[int, int] = (480, 832),
-                  lora_dir: Path | None = None) -> tuple[str, dict, Path]:
+                  lora_dir: Path | None = None,
+                  image_sources: ImageSources = ImageSources()) -> tuple[str, dict, Path]:
     """A VideoTaskRequest dict (+ an uploaded image) -> (task_id, generate() parameters, result path);
     RequestError on bad input, before the task is queued."""
     from lightx2v_engine.config import parse_run_config
@@ -289,7 +302,8 @@ def check_request(body: dict, *, output_dir: Path, infer_steps: int, task: str,
         raise RequestError("this server runs text-to-video: no image is accepted")
     img = None
     if image_bytes is not None or image:  # opened now: data that is no image is a 400, not a failed task
-        data, what = (image_bytes, "image_file") if image_bytes is not None else read_image_input(image)
+        data, what = ((image_bytes, "image_file") if image_bytes is not None
+                      else read_image_input(image, image_sources))
         img = _open_image(data, what)
         params["image"] = data
     if img is not None:  # I2V's size follows the image's aspect ratio at the target area: checked now
@@ -401,13 +415,18 @@ def _is_file(value: str) -> bool:
         return False
 
 
-def read_image_input(value: str) -> tuple[bytes, str]:
+def read_image_input(value: str, sources: ImageSources = ImageSources()) -> tuple[bytes, str]:
     """image_path as LightX2V takes it: an http(s) URL, a data: URL, a file path on the server, or plain
     base64 (standard or URL-safe) -> (the encoded image's bytes, what they came from, for messages). A queued
-    task keeps these bytes (a file as read now, not as it may be when the task runs)."""
+    task keeps these bytes (a file as read now, not as it may be when the task runs). `sources` may confine
+    files to a folder and refuse URLs; a path outside the folder is not looked at (no file-existence oracle:
+    it is then only tried as base64)."""
     if not isinstance(value, str):
         raise RequestError(f"image_path must be a string (URL, base64 or path), got {type(value).__name__}")
     if value.startswith(("http://", "https://")):
+        if not sources.urls:
+            raise RequestError("image_path: this server does not download URLs (--no_image_urls); send base64 "
+                               "data or an image_file upload")
         try:
             with urllib.request.urlopen(value, timeout=30) as r:
                 data = r.read(MAX_DOWNLOAD + 1)
@@ -418,9 +437,10 @@ def read_image_input(value: str) -> tuple[bytes, str]:
         return data, "image_path"
     if value.startswith("data:"):
         return _b64(value.split(",", 1)[-1]), "image_path"
-    if _is_file(value):
+    path = value if sources.image_dir is None else _file_inside(sources.image_dir, value)
+    if path is not None and _is_file(path):
         try:
-            with open(value, "rb") as f:
+            with open(path, "rb") as f:
                 data = f.read(MAX_BODY + 1)
         except OSError as e:
             raise RequestError(f"image_path (file): cannot read it ({e})") from None
@@ -430,7 +450,8 @@ def read_image_input(value: str) -> tuple[bytes, str]:
     try:
         return _b64(value), "image_path (base64)"
     except RequestError:
-        raise RequestError(f"image_path {_short(value)!r}: not a URL, base64 image data or a file on the server")
+        where = "a file on the server" if sources.image_dir is None else "a file in the server's --image_dir"
+        raise RequestError(f"image_path {_short(value)!r}: not a URL, base64 image data or {where}")
 
 
 def _b64(text: str) -> bytes:
@@ -571,8 +592,10 @@ class App:
 
     def __init__(self, generate: Callable[[dict, Path, threading.Event], None], *, output_dir: Path,
                  infer_steps: int, task: str, max_queue_size: int = 10, metadata: dict | None = None,
-                 default_size: tuple[int, int] = (480, 832), lora_dir: str | Path | None = None):
+                 default_size: tuple[int, int] = (480, 832), lora_dir: str | Path | None = None,
+                 image_sources: ImageSources = ImageSources()):
         self.output_dir, self.infer_steps, self.task = Path(output_dir), infer_steps, task
+        self.image_sources = image_sources  # where image_path may read from (--image_dir, --no_image_urls)
         self.lora_dir = Path(lora_dir) if lora_dir is not None else None  # per-request LoRA files (lora_name)
         self.default_size = default_size  # (height, width) of requests without target_shape
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -582,7 +605,8 @@ class App:
     def _create(self, body: dict, image_bytes: bytes | None = None) -> tuple[HTTPStatus, dict]:
         task_id, params, path = check_request(body, output_dir=self.output_dir, infer_steps=self.infer_steps,
                                               task=self.task, image_bytes=image_bytes,
-                                              default_size=self.default_size, lora_dir=self.lora_dir)
+                                              default_size=self.default_size, lora_dir=self.lora_dir,
+                                              image_sources=self.image_sources)
         task = self.queue.submit(Task(task_id, params, path))
         return HTTPStatus.OK, {"task_id": task.task_id, "task_status": task.status,
                                "save_result_path": str(task.save_result_path)}
@@ -733,7 +757,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora_dir", default=None, help="folder of LoRA files a request may name (lora_name, "
                    "lora_strength), merged on top of the config's LoRAs for that request")
     p.add_argument("--metric_port", type=int, default=None, help="accepted for LightX2V compatibility; no metrics")
+    p.add_argument("--image_dir", default=None, help="image_path files must lie in this folder (relative paths "
+                   "are taken from it); default: any file the server can read, as LightX2V's server")
+    p.add_argument("--no_image_urls", action="store_true", help="refuse http(s) image_path URLs (the server "
+                   "would download them); base64 data and image_file uploads still work")
     return p
+
+
+def image_sources(args) -> ImageSources:
+    """--image_dir / --no_image_urls -> ImageSources; a --image_dir that is no folder stops the start."""
+    folder = None
+    if args.image_dir is not None:
+        folder = Path(args.image_dir)
+        if not folder.is_dir():
+            raise SystemExit(f"server: --image_dir {args.image_dir!r} is not a folder")
+    return ImageSources(image_dir=folder, urls=not args.no_image_urls)
 
 
 def config_pairs(extra: list[str]) -> dict[str, Any]:
@@ -758,6 +796,7 @@ def main(argv=None) -> int:
     from lightx2v_engine.infer import load_pipeline
     args, extra = build_parser().parse_known_args(argv)
     args.config_overrides = config_pairs(extra)
+    sources = image_sources(args)  # (checked before the models load)
     from lightx2v_engine.parallel import rank_from_env, rank_prefix
     logging.basicConfig(level=logging.INFO if rank_from_env() == 0 else logging.WARNING,
                         format=rank_prefix() + "%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -773,7 +812,8 @@ def main(argv=None) -> int:
             "world_size": pipe.parallel.world_size if pipe.parallel else 1}
     app = App(pipeline_generate(pipe), output_dir=Path(args.output_dir), infer_steps=pipe.run_cfg.infer_steps,
               task=pipe.task, max_queue_size=args.max_queue_size, metadata=meta,
-              default_size=(pipe.run_cfg.target_height, pipe.run_cfg.target_width), lora_dir=args.lora_dir)
+              default_size=(pipe.run_cfg.target_height, pipe.run_cfg.target_width), lora_dir=args.lora_dir,
+              image_sources=sources)
     signal.signal(signal.SIGTERM, _interrupt)  # a termination ends like Ctrl-C: the server closes its socket
     httpd = serve(app, args.host, args.port)
     log.info("serving %s on http://%s:%d (results in %s)", pipe.model_cfg.name, args.host, httpd.server_port,

@@ -492,3 +492,43 @@ def test_expect_100_continue_is_answered(tmp_path):
         assert b" 200 " in reply.split(b"\r\n", 1)[0] and b'"task_status": "pending"' in reply
     finally:
         c.close(app)
+
+
+def test_image_sources_confine_files_and_refuse_urls(tmp_path):
+    """--image_dir: image_path files only inside it (relative paths from it; a path outside, or a link or
+    '..' out of it, is not read and is refused like a non-image); --no_image_urls: no download. Base64
+    data works either way; the defaults read any file (LightX2V's behaviour)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buf, format="PNG")
+    png = buf.getvalue()
+    inside, outside = tmp_path / "images", tmp_path / "private"
+    inside.mkdir()
+    outside.mkdir()
+    (inside / "a.png").write_bytes(png)
+    (outside / "b.png").write_bytes(png)
+    (inside / "link.png").symlink_to(outside / "b.png")
+    confined = S.ImageSources(image_dir=inside, urls=False)
+    assert S.read_image_input(str(inside / "a.png"), confined)[0] == png
+    assert S.read_image_input("a.png", confined)[0] == png  # relative to the folder
+    for bad in (str(outside / "b.png"), "../private/b.png", "link.png"):
+        with pytest.raises(S.RequestError, match="a file in the server's --image_dir"):
+            S.read_image_input(bad, confined)
+    assert S.read_image_input(str(outside / "b.png"))[0] == png  # the default: any file
+    with pytest.raises(S.RequestError, match="does not download URLs"):
+        S.read_image_input("http://127.0.0.1:9/x.png", confined)
+    assert S.read_image_input(base64.b64encode(png).decode(), confined)[0] == png
+    # through the app and the CLI's flags
+    app = S.App(lambda p, path, cancel: None, output_dir=tmp_path / "out", infer_steps=4, task="i2v",
+                default_size=(32, 48), image_sources=confined)
+    c = Client(app)
+    try:
+        code, resp = c.call("POST", "/v1/tasks/video/", {"prompt": "x", "image_path": str(outside / "b.png")})
+        assert code == 400 and "--image_dir" in resp["detail"]
+        assert c.call("POST", "/v1/tasks/video/", {"prompt": "x", "image_path": "a.png"})[0] == 200
+    finally:
+        c.close(app)
+    args = S.build_parser().parse_args(["--image_dir", str(inside), "--no_image_urls"])
+    assert S.image_sources(args) == confined
+    with pytest.raises(SystemExit, match="not a folder"):
+        S.image_sources(S.build_parser().parse_args(["--image_dir", str(tmp_path / "missing")]))
+    assert S.image_sources(S.build_parser().parse_args([])) == S.ImageSources()
