@@ -327,13 +327,14 @@ class BlockOffload:
 
     def refresh(self) -> None:
         """After the blocks' weights changed between forwards (a LoRA switch): re-packs the blocks whose
-        tensors were replaced or added (an 8-bit linear's LoRA branches), grows the slots if a block grew,
-        and forgets the prefetched copies (in-place changes of host weights are read at the next copy)."""
+        tensors were replaced or added (an 8-bit linear's LoRA branches), resizes the slots to the largest
+        block (grown by a LoRA's branches, shrunk back when they go), and forgets the prefetched copies
+        (in-place changes of host weights are read at the next copy)."""
         self.runtime.synchronize()  # no copy may still read a pack that goes, or write a slot that goes
         for i, block in enumerate(self.module_list):
             if not self.packs[i].is_current():
                 self.packs[i] = _Pack(block.modules(), self.pin)
-        if max((p.nbytes for p in self.packs), default=0) > (self.slots[0].numel() if self.slots else 0):
+        if max((p.nbytes for p in self.packs), default=0) != (self.slots[0].numel() if self.slots else 0):
             self._make_slots()
         self.drop_prefetch()
 

@@ -153,6 +153,8 @@ def test_request_loras_on_an_8bit_dit_with_block_offload(tmp_path, config_lora):
         if specs:
             assert off.slots[0].numel() > slot_size  # the branches made the blocks bigger
             assert offloaded.blocks[0].self_attn.q.lora_down.shape[0] == 8 + 0  # q has no config branch
+        else:  # and the slots shrink back when they go
+            assert off.slots[0].numel() == slot_size == max(p.nbytes for p in off.packs)
     assert all(p.is_current() for p in off.packs)
 
 
