@@ -223,6 +223,15 @@ def _heads_weights(W2, C2, H0: tl.constexpr, NH: tl.constexpr, H: tl.constexpr, 
 
 
 @triton.jit
+def _heads_weight_pairs(W64, H0: tl.constexpr, NH: tl.constexpr, H: tl.constexpr, HALF_D: tl.constexpr):
+    """As _heads_weights, from the [C] fp32 weights read as int64 words (w[2i] in the low half): no
+    de-interleaved copy of them per call."""
+    h = H0 + tl.arange(0, NH)
+    wd = tl.load(W64 + h[:, None] * HALF_D + tl.arange(0, HALF_D)[None, :], mask=(h < H)[:, None], other=0)
+    return wd.to(tl.int32).to(tl.float32, bitcast=True), (wd >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _heads_store(o_row, xi, off, mask, rstd, w_re, w_im, c, s, IS_BF16: tl.constexpr):
     """Normalises, weights and rotates the words xi of _heads_part and stores them (same layout)."""
     re, im = _unpack_pair(xi, IS_BF16)
@@ -262,21 +271,21 @@ def _onepass_row(X, COS, SIN, O, row, ok, L, C2, stride_b, stride_l, stride_cl, 
 
 
 @triton.jit
-def _rms_rope_onepass_kernel(X, W2, COS, SIN, O, R, L, C2, stride_b, stride_l, stride_cl, eps,
-                             H: tl.constexpr, HALF_D: tl.constexpr, NH_A: tl.constexpr, NH_B: tl.constexpr,
-                             ROWS: tl.constexpr, IS_BF16: tl.constexpr, STAGES: tl.constexpr):
-    """Token rows, each read from memory once and kept in registers between the sum of squares and the
-    rotation (the "chunk" and "packed" variants read every row twice). int32 views as in "packed" (a word
-    per rotation pair); a row is [heads, HALF_D] pairs in two power-of-two parts of NH_A and NH_B heads
-    (40 = 32 + 8, 12 = 8 + 4: no padded lanes; other head counts pad part A), so that the weights (loaded
-    once per program) and the token's cos/sin [HALF_D] share the row's register layout: no layout
-    conversion. Hardware conversions round. ROWS consecutive rows per program: unrolled (STAGES 0), or in a
-    loop software-pipelined over STAGES (the next row's loads issued by cp.async while this one is
-    computed)."""
-    wa_re, wa_im = _heads_weights(W2, C2, 0, NH_A, H, HALF_D)
+def _onepass_rows(X, W, COS, SIN, O, R, L, C2, stride_b, stride_l, stride_cl, eps,
+                  H: tl.constexpr, HALF_D: tl.constexpr, NH_A: tl.constexpr, NH_B: tl.constexpr,
+                  ROWS: tl.constexpr, IS_BF16: tl.constexpr, STAGES: tl.constexpr, PAIRS: tl.constexpr):
+    """Program program_id(0)'s ROWS token rows of one tensor. W: the de-interleaved [2, C/2] weights, or
+    (PAIRS) the [C] weights as int64 pair words."""
+    if PAIRS:
+        wa_re, wa_im = _heads_weight_pairs(W, 0, NH_A, H, HALF_D)
+    else:
+        wa_re, wa_im = _heads_weights(W, C2, 0, NH_A, H, HALF_D)
     wb_re, wb_im = wa_re, wa_im
     if NH_B > 0:
-        wb_re, wb_im = _heads_weights(W2, C2, NH_A, NH_B, H, HALF_D)
+        if PAIRS:
+            wb_re, wb_im = _heads_weight_pairs(W, NH_A, NH_B, H, HALF_D)
+        else:
+            wb_re, wb_im = _heads_weights(W, C2, NH_A, NH_B, H, HALF_D)
     if STAGES > 0:
         for it in tl.range(0, ROWS, num_stages=STAGES):
             row = tl.program_id(0) * ROWS + it
@@ -289,6 +298,37 @@ def _rms_rope_onepass_kernel(X, W2, COS, SIN, O, R, L, C2, stride_b, stride_l, s
                          wa_re, wa_im, wb_re, wb_im, H, HALF_D, NH_A, NH_B, IS_BF16)
 
 
+@triton.jit
+def _rms_rope_onepass_kernel(X, W2, COS, SIN, O, R, L, C2, stride_b, stride_l, stride_cl, eps,
+                             H: tl.constexpr, HALF_D: tl.constexpr, NH_A: tl.constexpr, NH_B: tl.constexpr,
+                             ROWS: tl.constexpr, IS_BF16: tl.constexpr, STAGES: tl.constexpr):
+    """Token rows, each read from memory once and kept in registers between the sum of squares and the
+    rotation (the "chunk" and "packed" variants read every row twice). int32 views as in "packed" (a word
+    per rotation pair); a row is [heads, HALF_D] pairs in two power-of-two parts of NH_A and NH_B heads
+    (40 = 32 + 8, 12 = 8 + 4: no padded lanes; other head counts pad part A), so that the weights (loaded
+    once per program) and the token's cos/sin [HALF_D] share the row's register layout: no layout
+    conversion. Hardware conversions round. ROWS consecutive rows per program: unrolled (STAGES 0), or in a
+    loop software-pipelined over STAGES (the next row's loads issued by cp.async while this one is
+    computed)."""
+    _onepass_rows(X, W2, COS, SIN, O, R, L, C2, stride_b, stride_l, stride_cl, eps,
+                  H, HALF_D, NH_A, NH_B, ROWS, IS_BF16, STAGES, False)
+
+
+@triton.jit
+def _rms_rope_onepass_qk_kernel(Q, K, WQ, WK, COS, SIN, QO, KO, R, L, C2, stride_qb, stride_ql, stride_kb,
+                                stride_kl, stride_cl, eps,
+                                H: tl.constexpr, HALF_D: tl.constexpr, NH_A: tl.constexpr, NH_B: tl.constexpr,
+                                ROWS: tl.constexpr, IS_BF16: tl.constexpr, STAGES: tl.constexpr):
+    """_rms_rope_onepass_kernel for q (program_id(1) 0) and k (1) in one launch (one tail instead of two),
+    the weights read as int64 pair words from the [C] parameters (no de-interleaved copies per call)."""
+    if tl.program_id(1) == 0:
+        _onepass_rows(Q, WQ, COS, SIN, QO, R, L, C2, stride_qb, stride_ql, stride_cl, eps,
+                      H, HALF_D, NH_A, NH_B, ROWS, IS_BF16, STAGES, True)
+    else:
+        _onepass_rows(K, WK, COS, SIN, KO, R, L, C2, stride_kb, stride_kl, stride_cl, eps,
+                      H, HALF_D, NH_A, NH_B, ROWS, IS_BF16, STAGES, True)
+
+
 def _head_parts(H: int) -> tuple[int, int]:
     """H heads as NH_A + NH_B, both powers of two (NH_B may be 0): 40 -> (32, 8), 12 -> (8, 4), 16 -> (16, 0);
     a count with more than two bits set pads part A: 7 -> (8, 0)."""
@@ -299,7 +339,8 @@ def _head_parts(H: int) -> tuple[int, int]:
     return triton.next_power_of_2(H), 0
 
 
-# the "onepass" variants: (token rows per program, int32 words of a row per thread, pipeline stages); the
+# the "onepass" variants: (token rows per program, int32 words of a row per thread, pipeline stages, q and k
+# in one launch with the weights read in place); the
 # warps follow from the width (C 5120: 4 warps at 16 words, 8 at 8; C 1536: 1 and 2). Their sm_90a SASS has
 # no layout conversion and issues ~2,500-3,600 warp instructions per 5120-wide row, about half the time the
 # row's 20 KB of traffic take at the H100's bandwidth. On the H100 (2026-11-27) at C 1536 / 5120: r1 0.817 /
@@ -307,14 +348,18 @@ def _head_parts(H: int) -> tuple[int, int]:
 # "onepass_loop<N>_*" (not measured yet): N rows per program in a loop the compiler software-pipelines
 # (STAGES 2 or 3: the next row's loads issued by cp.async, LDGSTS in the SASS, while this row is computed),
 # the weights read once per N rows (the unrolled ones re-read 20 KB of them from L2 per 1-4 rows at C 5120);
-# many short programs rather than persistent ones, so that the hardware balances them. "*_t4" (not measured
+# many short programs rather than persistent ones, so that the hardware balances them. "*_qk1" (not
+# measured yet): q and k in one launch (one tail instead of two), the weights read in place as int64 pair
+# words instead of the two [2, C/2] de-interleaved copies (two allocations and copy kernels) per call. "*_t4" (not measured
 # yet): 16 warps a 5120-wide row, as the modulate kernel that reaches 0.96 of copy bandwidth on the H100
 # (its 8192-wide padded row over 16 warps; its 20 KB of shift/scale re-read from L2 per row did not stop
 # it), against 4 warps and ~4 resident programs per SM (16 warps) for onepass_r1 at ~115 registers.
-ONEPASS_CONFIGS = {"onepass_r1": (1, 16, 0), "onepass_r2": (2, 16, 0), "onepass_r4": (4, 16, 0),
-                   "onepass_r1_t8": (1, 8, 0), "onepass_r2_t8": (2, 8, 0),
-                   "onepass_loop8_s2": (8, 16, 2), "onepass_loop8_t8_s2": (8, 8, 2),
-                   "onepass_loop16_t8_s3": (16, 8, 3), "onepass_r1_t4": (1, 4, 0), "onepass_loop4_t4_s2": (4, 4, 2)}
+ONEPASS_CONFIGS = {"onepass_r1": (1, 16, 0, False), "onepass_r2": (2, 16, 0, False), "onepass_r4": (4, 16, 0, False),
+                   "onepass_r1_t8": (1, 8, 0, False), "onepass_r2_t8": (2, 8, 0, False),
+                   "onepass_loop8_s2": (8, 16, 2, False), "onepass_loop8_t8_s2": (8, 8, 2, False),
+                   "onepass_loop16_t8_s3": (16, 8, 3, False), "onepass_r1_t4": (1, 4, 0, False),
+                   "onepass_loop4_t4_s2": (4, 4, 2, False),
+                   "onepass_r1_qk1": (1, 16, 0, True), "onepass_loop8_t8_s2_qk1": (8, 8, 2, True)}
 
 
 def _onepass_warps(words: int, per_thread: int) -> int:
@@ -322,7 +367,7 @@ def _onepass_warps(words: int, per_thread: int) -> int:
     return max(1, min(16, 1 << (max(1, words // (per_thread * 32)).bit_length() - 1)))
 
 
-def _launch_onepass(q, k, wq, wk, cos, sin, num_heads, eps, qo, ko, config: tuple[int, int, int]) -> bool:
+def _launch_onepass(q, k, wq, wk, cos, sin, num_heads, eps, qo, ko, config: tuple) -> bool:
     """The "onepass" variants; False where int32 views are impossible, the half head is not a power of two
     or a row would not fit in registers, so that the caller runs another variant."""
     B, L, C = q.shape
@@ -337,14 +382,26 @@ def _launch_onepass(q, k, wq, wk, cos, sin, num_heads, eps, qo, ko, config: tupl
         views = [(x.view(torch.int32), o.view(torch.int32)) for x, o in ((q, qo), (k, ko))]
     except RuntimeError:
         return False
-    rows, per_thread, stages = config
+    rows, per_thread, stages, one_launch = config
     warps = _onepass_warps(words, per_thread)
+    meta = dict(H=num_heads, HALF_D=half_d, NH_A=nh_a, NH_B=nh_b, ROWS=rows, IS_BF16=q.dtype == torch.bfloat16,
+                STAGES=stages, num_warps=warps, num_stages=max(1, stages))
+    grid = triton.cdiv(B * L, rows)
+    if one_launch:
+        try:  # the weights as int64 pair words, in place (an odd storage offset cannot be viewed so)
+            w64 = [w.view(torch.int64) for w in (wq, wk)]
+        except RuntimeError:
+            w64 = None
+        if w64 is not None:
+            (qi, qoi), (ki, koi) = views
+            _rms_rope_onepass_qk_kernel[(grid, 2)](
+                qi, ki, w64[0], w64[1], cos, sin, qoi, koi, B * L, L, C // 2, qi.stride(0), qi.stride(1),
+                ki.stride(0), ki.stride(1), cos.stride(0), eps, **meta)
+            return True
     for (xi, oi), w in zip(views, (wq, wk)):
         w2 = w.view(-1, 2).t().contiguous()  # [2, C/2]: the weights of the even and of the odd elements
-        _rms_rope_onepass_kernel[(triton.cdiv(B * L, rows),)](
-            xi, w2, cos, sin, oi, B * L, L, C // 2, xi.stride(0), xi.stride(1), cos.stride(0), eps,
-            H=num_heads, HALF_D=half_d, NH_A=nh_a, NH_B=nh_b, ROWS=rows,
-            IS_BF16=q.dtype == torch.bfloat16, STAGES=stages, num_warps=warps, num_stages=max(1, stages))
+        _rms_rope_onepass_kernel[(grid,)](
+            xi, w2, cos, sin, oi, B * L, L, C // 2, xi.stride(0), xi.stride(1), cos.stride(0), eps, **meta)
     return True
 
 
@@ -395,7 +452,7 @@ def _chunk_size(C: int, head_d: int, largest: int = 512) -> int | None:
 QK_ROPE_IMPLS = ("row", "tile", "chunk", "packed", *ONEPASS_CONFIGS)
 # never run on a GPU yet: bench_kernels times them after the attention figures
 QK_ROPE_UNMEASURED = ("onepass_loop8_s2", "onepass_loop8_t8_s2", "onepass_loop16_t8_s3", "onepass_r1_t4",
-                      "onepass_loop4_t4_s2")
+                      "onepass_loop4_t4_s2", "onepass_r1_qk1", "onepass_loop8_t8_s2_qk1")
 
 
 # the explicit choice (LX2V_QK_ROPE, read once; set_qk_rope_impl); None: the GPU's tuned file

@@ -103,7 +103,8 @@ def test_qk_norm_rope_gpu_real_shapes(H):
     _run(1, (21, 30, 52), H, torch.bfloat16, "cuda")
 
 
-@pytest.mark.parametrize("impl", ["tile", "chunk", "packed", "onepass_r2", "onepass_r1_t8", "onepass_loop8_s2"])
+@pytest.mark.parametrize("impl", ["tile", "chunk", "packed", "onepass_r2", "onepass_r1_t8", "onepass_loop8_s2",
+                                  "onepass_r1_qk1"])
 @pytest.mark.parametrize("fused_qkv", [False, True])
 @pytest.mark.parametrize("B", [1, 2])
 def test_qk_norm_rope_tile_variant(B, fused_qkv, impl):
@@ -221,7 +222,7 @@ def test_onepass_sass_has_no_layout_conversion_and_pipelines_its_loop():
 for C in (1536, 5120):
     a, b = Q._head_parts(C // 128)
     for name in ("onepass_r1", "onepass_loop8_t8_s2"):
-        rows, t, st = Q.ONEPASS_CONFIGS[name]
+        rows, t, st, _ = Q.ONEPASS_CONFIGS[name]
         warps = Q._onepass_warps((a + b) * 64, t)
         consts = dict(H=C // 128, HALF_D=64, NH_A=a, NH_B=b, ROWS=rows, IS_BF16=True, STAGES=st)
         report(f"{C} {name}", S.compile_sm90(Q._rms_rope_onepass_kernel, types, consts, warps, max(1, st),
@@ -252,7 +253,7 @@ def test_onepass_head_parts_and_fallback():
     w = torch.rand(7 * 96) + 0.5
     ang = torch.rand(5, 48) * 6
     qo, ko = torch.empty_like(q), torch.empty_like(k)
-    assert not QK._launch_onepass(q, k, w, w, ang.cos(), ang.sin(), 7, EPS, qo, ko, (1, 16, 0))
+    assert not QK._launch_onepass(q, k, w, w, ang.cos(), ang.sin(), 7, EPS, qo, ko, (1, 16, 0, False))
     QK.set_qk_rope_impl("onepass_r1")
     try:
         got = qk_norm_rope(q, k, w, w, ang.cos(), ang.sin(), 7, EPS)
@@ -261,6 +262,15 @@ def test_onepass_head_parts_and_fallback():
     want = qk_norm_rope_ref(q, k, w, w, ang.cos(), ang.sin(), 7, EPS)
     for g, r in zip(got, want):
         assert (g.float() - r.float()).abs().max().item() <= 2 ** -9 * r.float().abs().max().item()
+    # "_qk1" reads the weights in place as int64 words; weights at an odd storage offset cannot be viewed
+    # so, and the two-launch path runs with the same config
+    q, k, wq, wk, cos, sin = _inputs(1, (1, 2, 3), 3, torch.float16, "cpu")
+    want = qk_norm_rope_ref(q, k, wq, wk, cos, sin, 3, EPS)
+    for wq_, wk_ in ((wq, wk), (torch.cat([wq[:1], wq])[1:], torch.cat([wk[:1], wk])[1:])):
+        qo, ko = torch.empty_like(q), torch.empty_like(k)
+        assert QK._launch_onepass(q, k, wq_, wk_, cos, sin, 3, EPS, qo, ko, QK.ONEPASS_CONFIGS["onepass_r1_qk1"])
+        for g, r in zip((qo, ko), want):
+            assert (g.view_as(r).float() - r.float()).abs().max().item() <= 2 ** -10 * r.float().abs().max().item()
     with pytest.raises(ValueError, match="onepass_r1"):  # an explicit variant name is checked
         QK.launch_qk_norm_rope(q, k, w, w, ang.cos(), ang.sin(), 7, EPS, qo, ko, impl="onepass_r3")
 
