@@ -204,7 +204,9 @@ if HAVE_GLUON:
         o = gl.convert_layout(o.to(o_base.dtype.element_ty), st_layout)
         rows = row0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, st_layout))
         cols = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, st_layout))
-        gl.store(o_base + gl.expand_dims(rows, 1) * stride_ol + gl.expand_dims(cols, 0), o,
+        # int64 row offsets: Lq x the row stride passes 2^31 beyond ~419k tokens for a contiguous out at
+        # C 5120 (~140k for a slice of a [B, L, 3C] buffer)
+        gl.store(o_base + gl.expand_dims(rows.to(gl.int64), 1) * stride_ol + gl.expand_dims(cols, 0), o,
                  mask=gl.expand_dims(rows < Lq, 1))
 
     @gluon.jit

@@ -387,11 +387,12 @@ def _launch_onepass(q, k, wq, wk, cos, sin, num_heads, eps, qo, ko, config: tupl
     meta = dict(H=num_heads, HALF_D=half_d, NH_A=nh_a, NH_B=nh_b, ROWS=rows, IS_BF16=q.dtype == torch.bfloat16,
                 STAGES=stages, num_warps=warps, num_stages=max(1, stages))
     grid = triton.cdiv(B * L, rows)
-    if one_launch:
+    w64 = None
+    if one_launch and wq.dtype == wk.dtype == torch.float32:  # (other weight dtypes: the two launches)
         try:  # the weights as int64 pair words, in place (an odd storage offset cannot be viewed so)
             w64 = [w.view(torch.int64) for w in (wq, wk)]
         except RuntimeError:
-            w64 = None
+            pass
         if w64 is not None:
             (qi, qoi), (ki, koi) = views
             _rms_rope_onepass_qk_kernel[(grid, 2)](

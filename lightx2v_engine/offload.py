@@ -273,6 +273,7 @@ class BlockOffload:
 
     def _make_slots(self) -> None:
         size = max((p.nbytes for p in self.packs), default=0)
+        self.slots = []  # the old slots go first (refresh synchronized): no peak of old plus new
         self.slots = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(NUM_SLOTS)]
         for slot in self.slots:
             self.runtime.adopt(slot)

@@ -348,12 +348,30 @@ def request_loras(name, strength, lora_dir: Path | None) -> tuple:
 
 
 def _file_inside(root: Path, rel: str) -> Path | None:
-    """root / rel resolved, if it is a file inside root (no '..' or link out of it), else None."""
+    """root / rel resolved, if it is a file inside root (no '..' or link out of it), else None. A path whose
+    text already leaves root (absolute elsewhere, or '..' past it) is refused before the file system is
+    touched: nothing outside root is looked at."""
     try:
-        path = (root / rel).resolve()
-        return path if path.is_relative_to(root.resolve()) and path.is_file() else None
-    except (OSError, ValueError):  # a NUL byte, a name too long
+        base = root.resolve()
+        text = os.path.normpath(os.path.join(base, rel))  # (an absolute rel replaces base)
+        if not any(text == r or text.startswith(r.rstrip(os.sep) + os.sep) for r in (str(base), os.path.abspath(root))):
+            return None
+        path = Path(text).resolve()
+        return path if path.is_relative_to(base) and path.is_file() else None
+    except (OSError, ValueError, RuntimeError):  # a NUL byte, a name too long, a symlink loop
         return None
+
+
+def _read_inside(path: Path | str, root: Path | None, limit: int) -> bytes:
+    """Up to `limit` bytes of the file; with a root, the file opened must still lie inside it (checked on
+    the open descriptor where /proc shows it: a link swapped in after the path was checked is refused)."""
+    fd = os.open(path, os.O_RDONLY)
+    with os.fdopen(fd, "rb") as f:
+        if root is not None and os.path.isdir("/proc/self/fd"):
+            real = Path(os.path.realpath(f"/proc/self/fd/{fd}"))
+            if not real.is_relative_to(root.resolve()):
+                raise OSError(f"{path} no longer lies inside {root}")
+        return f.read(limit)
 
 
 def list_loras(lora_dir: Path | None) -> list[str]:
@@ -440,8 +458,7 @@ def read_image_input(value: str, sources: ImageSources = ImageSources()) -> tupl
     path = value if sources.image_dir is None else _file_inside(sources.image_dir, value)
     if path is not None and _is_file(path):
         try:
-            with open(path, "rb") as f:
-                data = f.read(MAX_BODY + 1)
+            data = _read_inside(path, sources.image_dir, MAX_BODY + 1)
         except OSError as e:
             raise RequestError(f"image_path (file): cannot read it ({e})") from None
         if len(data) > MAX_BODY:

@@ -271,6 +271,14 @@ def test_onepass_head_parts_and_fallback():
         assert QK._launch_onepass(q, k, wq_, wk_, cos, sin, 3, EPS, qo, ko, QK.ONEPASS_CONFIGS["onepass_r1_qk1"])
         for g, r in zip((qo, ko), want):
             assert (g.view_as(r).float() - r.float()).abs().max().item() <= 2 ** -10 * r.float().abs().max().item()
+    # weights in another dtype (bf16) would be misread as int64 pairs of fp32: the two launches run
+    wb, kb = wq.to(torch.bfloat16), wk.to(torch.bfloat16)
+    outs = []
+    for name in ("onepass_r1", "onepass_r1_qk1"):
+        qo, ko = torch.empty_like(q), torch.empty_like(k)
+        assert QK._launch_onepass(q, k, wb, kb, cos, sin, 3, EPS, qo, ko, QK.ONEPASS_CONFIGS[name])
+        outs.append((qo, ko))
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
     with pytest.raises(ValueError, match="onepass_r1"):  # an explicit variant name is checked
         QK.launch_qk_norm_rope(q, k, w, w, ang.cos(), ang.sin(), 7, EPS, qo, ko, impl="onepass_r3")
 

@@ -9,6 +9,8 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -510,9 +512,24 @@ def test_image_sources_confine_files_and_refuse_urls(tmp_path):
     confined = S.ImageSources(image_dir=inside, urls=False)
     assert S.read_image_input(str(inside / "a.png"), confined)[0] == png
     assert S.read_image_input("a.png", confined)[0] == png  # relative to the folder
-    for bad in (str(outside / "b.png"), "../private/b.png", "link.png"):
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")  # a symlink loop outside: refused, not a 500
+    (inside / "loop.png").symlink_to(inside / "loop.png")
+    for bad in (str(outside / "b.png"), "../private/b.png", "link.png", str(tmp_path / "loop.png"), "loop.png"):
         with pytest.raises(S.RequestError, match="a file in the server's --image_dir"):
             S.read_image_input(bad, confined)
+    # a path whose text leaves the folder is refused before the file system is looked at
+    seen = []
+    real_resolve = Path.resolve
+    def spy(self, *a, **k):
+        seen.append(str(self))
+        return real_resolve(self, *a, **k)
+    with mock.patch.object(Path, "resolve", spy):
+        assert S._file_inside(inside, str(outside / "b.png")) is None
+        assert S._file_inside(inside, "../private/b.png") is None
+    assert not any(str(outside) in p for p in seen), seen
+    # a link swapped in after the path was checked: the open descriptor is checked too
+    with pytest.raises(OSError, match="no longer lies inside"):
+        S._read_inside(inside / "link.png", inside, 100)
     assert S.read_image_input(str(outside / "b.png"))[0] == png  # the default: any file
     with pytest.raises(S.RequestError, match="does not download URLs"):
         S.read_image_input("http://127.0.0.1:9/x.png", confined)
