@@ -60,6 +60,9 @@ from lightx2v_engine.schedulers import MAX_SEED
 log = logging.getLogger(__name__)
 
 MAX_BODY = 64 << 20      # request bodies (a base64 or uploaded image fits)
+# prompt characters: umT5 reads 512 tokens (~2-3k characters of English); text cleaning (ftfy) and
+# tokenising a body-sized prompt would hold the worker for seconds to minutes for nothing
+MAX_PROMPT_CHARS = 1 << 16
 MAX_DOWNLOAD = 32 << 20  # image_path URLs
 MAX_SIDE, MAX_FRAMES = 2048, 321  # per-request sizes (720p is 1280 x 720, 81 frames)
 MAX_FINISHED = 1000      # finished tasks kept for status queries (oldest dropped first)
@@ -258,6 +261,10 @@ def check_request(body: dict, *, output_dir: Path, infer_steps: int, task: str,
     neg = body.get("negative_prompt")
     if neg is not None and not isinstance(neg, str):
         raise RequestError(f"negative_prompt must be a string, got {type(neg).__name__}")
+    for name, text in (("prompt", prompt), ("negative_prompt", neg or "")):
+        if len(text) > MAX_PROMPT_CHARS:
+            raise RequestError(f"{name} has {len(text)} characters; this server takes at most {MAX_PROMPT_CHARS} "
+                               f"(the text encoder reads the first 512 tokens)")
     steps = body.get("infer_steps")
     if steps is not None and (isinstance(steps, bool) or steps not in (infer_steps, LIGHTX2V_DEFAULT_STEPS)):
         raise RequestError(f"infer_steps {_short(steps)}: this server's models run {infer_steps} steps (set at "

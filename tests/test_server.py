@@ -100,6 +100,8 @@ def test_t2v_task_end_to_end(t2v_pipe, tmp_path):
 @pytest.mark.parametrize("body, status, match", [
     ({"prompt": "x", "promt": "y"}, 400, r"unknown field\(s\) \['promt'\]"),
     ({"prompt": ""}, 400, "prompt must be a non-empty string"),
+    ({"prompt": "a" * (S.MAX_PROMPT_CHARS + 1)}, 400, "prompt has 65537 characters; this server takes at most"),
+    ({"prompt": "x", "negative_prompt": "b" * (S.MAX_PROMPT_CHARS + 1)}, 400, "negative_prompt has 65537"),
     ({"prompt": "x", "infer_steps": 8}, 400, "infer_steps 8: this server's models run 4 steps"),
     ({"prompt": "x", "lora_name": "style"}, 400, "lora_name needs a server started with --lora_dir"),
     ({"prompt": "x", "image_path": "a.png"}, 400, "text-to-video: no image is accepted"),
