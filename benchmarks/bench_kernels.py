@@ -389,17 +389,26 @@ def bench_self_attn_rope(shapes: list[tuple[int, int, int]], device: str, dtype,
     return rows
 
 
+def _min_frac(rows: list[dict], op: str) -> float | None:
+    """The op's worst fraction of copy bandwidth; None if it failed or was wrong at any shape (it must not
+    become a tuned default on the strength of the shapes it got right)."""
+    kern = [r for r in rows if r["op"] == op and r["impl"] == "triton"]
+    return min(r["ratio"] for r in kern) if kern and all(r["ok"] for r in kern) else None
+
+
+def qk_variant_fracs(rows: list[dict]) -> dict[str, float | None]:
+    """{q/k norm+RoPE variant: _min_frac} for the variants in rows ("row" is op "qk_norm_rope", the others
+    "qk_norm_rope_<variant>")."""
+    ops = dict.fromkeys(r["op"] for r in rows if r["op"].startswith("qk_norm_rope"))
+    return {"row" if op == "qk_norm_rope" else op[len("qk_norm_rope_"):]: _min_frac(rows, op) for op in ops}
+
+
 def summarize(rows: list[dict], main_shape: str) -> dict:
     """The summary keys from the rows (None where a number is missing)."""
     def min_frac(op):
-        """The op's worst fraction of copy bandwidth; None if it failed or was wrong at any shape (it must
-        not become a tuned default on the strength of the shapes it got right)."""
-        kern = [r for r in rows if r["op"] == op and r["impl"] == "triton"]
-        return min(r["ratio"] for r in kern) if kern and all(r["ok"] for r in kern) else None
+        return _min_frac(rows, op)
 
-    # q/k norm+RoPE by variant ("row" is op "qk_norm_rope", the others "qk_norm_rope_<variant>")
-    qk_ops = dict.fromkeys(r["op"] for r in rows if r["op"].startswith("qk_norm_rope"))
-    qk_fracs = {"row" if op == "qk_norm_rope" else op[len("qk_norm_rope_"):]: min_frac(op) for op in qk_ops}
+    qk_fracs = qk_variant_fracs(rows)
 
     attn = [r for r in rows if r["op"] == "attention" and r["shape"] == main_shape and r["ok"]
             and not math.isnan(r["ms"])]
@@ -609,9 +618,7 @@ def main(argv=None) -> int:
     # the norm+RoPE-in-attention option after the figures the issues' targets need (never run on a GPU),
     # against the pass path with this run's fastest Triton config and q/k variant (what its tuned file runs)
     picked = summarize(rows, main_shape)
-    fracs = {k[len("qk_norm_rope_"):-len("_bw_frac")]: f for k, f in picked.items()
-             if k.startswith("qk_norm_rope_") and k.endswith("_bw_frac") and k != "qk_norm_rope_bw_frac"
-             and f is not None}
+    fracs = {v: f for v, f in qk_variant_fracs(rows).items() if f is not None}
     rows += bench_self_attn_rope([s for s in attn_shapes if s[1] == s[2]], device, dtype,
                                  ROPE_ATTN_CONFIGS[:2] if args.quick else ROPE_ATTN_CONFIGS,
                                  attn_config=picked.get("attn_best_triton_config"),

@@ -94,7 +94,7 @@ def table(summary: dict) -> str:
         v = summary["figures"].get(k)
         lines.append(f"  {k:<36} " + (f"{v:.4g}" if isinstance(v, (int, float)) else f"absent: {summary['absent'].get(k)}"))
     # "qk_norm_rope_*_bw_frac" stands for every variant's key the run produced, in the run's order
-    variants = [k for k in summary["figures"] if k in _qk_keys(summary["figures"])]
+    variants = _qk_keys(summary["figures"])
     also = [x for k in ALSO for x in (variants if k == "qk_norm_rope_*_bw_frac" else [k])
             if summary["figures"].get(x) is not None]
     if also:

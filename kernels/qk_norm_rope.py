@@ -204,21 +204,25 @@ def _cvt_bits(f, IS_BF16: tl.constexpr):
 
 
 @triton.jit
+def _heads_offsets(H0: tl.constexpr, NH: tl.constexpr, H: tl.constexpr, HALF_D: tl.constexpr):
+    """Pair offsets [NH, HALF_D] of heads [H0, H0 + NH) within a row, and the mask [NH, 1] of heads < H."""
+    h = H0 + tl.arange(0, NH)
+    return h[:, None] * HALF_D + tl.arange(0, HALF_D)[None, :], (h < H)[:, None]
+
+
+@triton.jit
 def _heads_part(x_row, ok, H0: tl.constexpr, NH: tl.constexpr, H: tl.constexpr, HALF_D: tl.constexpr):
     """Heads [H0, H0 + NH) of one token row as int32 pair words [NH, HALF_D] (heads >= H and rows past
     the end masked): (words, pair offsets [NH, HALF_D], mask)."""
-    h = H0 + tl.arange(0, NH)
-    off = h[:, None] * HALF_D + tl.arange(0, HALF_D)[None, :]
-    mask = (h < H)[:, None] & ok
+    off, hmask = _heads_offsets(H0, NH, H, HALF_D)
+    mask = hmask & ok
     return tl.load(x_row + off, mask=mask, other=0), off, mask
 
 
 @triton.jit
 def _heads_weights(W2, C2, H0: tl.constexpr, NH: tl.constexpr, H: tl.constexpr, HALF_D: tl.constexpr):
     """The weights of the even and of the odd elements of heads [H0, H0 + NH), [NH, HALF_D] fp32 each."""
-    h = H0 + tl.arange(0, NH)
-    off = h[:, None] * HALF_D + tl.arange(0, HALF_D)[None, :]
-    hmask = (h < H)[:, None]
+    off, hmask = _heads_offsets(H0, NH, H, HALF_D)
     return tl.load(W2 + off, mask=hmask, other=0.0), tl.load(W2 + C2 + off, mask=hmask, other=0.0)
 
 
@@ -226,8 +230,8 @@ def _heads_weights(W2, C2, H0: tl.constexpr, NH: tl.constexpr, H: tl.constexpr, 
 def _heads_weight_pairs(W64, H0: tl.constexpr, NH: tl.constexpr, H: tl.constexpr, HALF_D: tl.constexpr):
     """As _heads_weights, from the [C] fp32 weights read as int64 words (w[2i] in the low half): no
     de-interleaved copy of them per call."""
-    h = H0 + tl.arange(0, NH)
-    wd = tl.load(W64 + h[:, None] * HALF_D + tl.arange(0, HALF_D)[None, :], mask=(h < H)[:, None], other=0)
+    off, hmask = _heads_offsets(H0, NH, H, HALF_D)
+    wd = tl.load(W64 + off, mask=hmask, other=0)
     return wd.to(tl.int32).to(tl.float32, bitcast=True), (wd >> 32).to(tl.int32).to(tl.float32, bitcast=True)
 
 
@@ -340,20 +344,20 @@ def _head_parts(H: int) -> tuple[int, int]:
 
 
 # the "onepass" variants: (token rows per program, int32 words of a row per thread, pipeline stages, q and k
-# in one launch with the weights read in place); the
-# warps follow from the width (C 5120: 4 warps at 16 words, 8 at 8; C 1536: 1 and 2). Their sm_90a SASS has
-# no layout conversion and issues ~2,500-3,600 warp instructions per 5120-wide row, about half the time the
-# row's 20 KB of traffic take at the H100's bandwidth. On the H100 (2026-11-27) at C 1536 / 5120: r1 0.817 /
-# 0.747 of copy bandwidth, r2 0.825 / 0.711, r4 0.744 / 0.731, r1_t8 0.734 / 0.658, r2_t8 0.772 / 0.688.
-# "onepass_loop<N>_*" (not measured yet): N rows per program in a loop the compiler software-pipelines
-# (STAGES 2 or 3: the next row's loads issued by cp.async, LDGSTS in the SASS, while this row is computed),
-# the weights read once per N rows (the unrolled ones re-read 20 KB of them from L2 per 1-4 rows at C 5120);
-# many short programs rather than persistent ones, so that the hardware balances them. "*_qk1" (not
-# measured yet): q and k in one launch (one tail instead of two), the weights read in place as int64 pair
-# words instead of the two [2, C/2] de-interleaved copies (two allocations and copy kernels) per call. "*_t4" (not measured
-# yet): 16 warps a 5120-wide row, as the modulate kernel that reaches 0.96 of copy bandwidth on the H100
-# (its 8192-wide padded row over 16 warps; its 20 KB of shift/scale re-read from L2 per row did not stop
-# it), against 4 warps and ~4 resident programs per SM (16 warps) for onepass_r1 at ~115 registers.
+# in one launch with the weights read in place); the warps follow from the width (C 5120: 4 warps at 16
+# words, 8 at 8; C 1536: 1 and 2). Their sm_90a SASS has no layout conversion and issues ~2,500-3,600 warp
+# instructions per 5120-wide row, about half the time the row's 20 KB of traffic take at the H100's
+# bandwidth. On the H100 (2026-11-27) at C 1536 / 5120: r1 0.817 / 0.747 of copy bandwidth, r2 0.825 /
+# 0.711, r4 0.744 / 0.731, r1_t8 0.734 / 0.658, r2_t8 0.772 / 0.688. Not measured yet (QK_ROPE_UNMEASURED):
+# - "onepass_loop<N>_*": N rows per program in a loop the compiler software-pipelines (STAGES 2 or 3: the
+#   next row's loads issued by cp.async, LDGSTS in the SASS, while this row is computed), the weights read
+#   once per N rows (the unrolled ones re-read 20 KB of them from L2 per 1-4 rows at C 5120); many short
+#   programs rather than persistent ones, so that the hardware balances them;
+# - "*_qk1": q and k in one launch (one tail instead of two), the weights read in place as int64 pair words
+#   instead of the two [2, C/2] de-interleaved copies (two allocations and copy kernels) per call;
+# - "*_t4": 16 warps a 5120-wide row, as the modulate kernel that reaches 0.96 of copy bandwidth on the
+#   H100 (its 8192-wide padded row over 16 warps; its 20 KB of shift/scale re-read from L2 per row did not
+#   stop it), against 4 warps and ~4 resident programs per SM (16 warps) for onepass_r1 at ~115 registers.
 ONEPASS_CONFIGS = {"onepass_r1": (1, 16, 0, False), "onepass_r2": (2, 16, 0, False), "onepass_r4": (4, 16, 0, False),
                    "onepass_r1_t8": (1, 8, 0, False), "onepass_r2_t8": (2, 8, 0, False),
                    "onepass_loop8_s2": (8, 16, 2, False), "onepass_loop8_t8_s2": (8, 8, 2, False),
