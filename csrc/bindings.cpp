@@ -77,9 +77,24 @@ TORCH_LIBRARY_IMPL(lightx2v_C, CUDA, m) {
   m.impl("per_token_quant_int8_gelu", &per_token_quant_int8_gelu);
 }
 
-// `import lightx2v_engine._C` runs the registrations above; the module itself has no attributes.
+// kernel_image_error(device: int) -> str: "" when the build has a kernel image that runs on CUDA device
+// `device`, else the CUDA error's name and text (csrc_ops.csrc_available asks once per device).
+static PyObject* kernel_image_error(PyObject*, PyObject* arg) {
+  const long device = PyLong_AsLong(arg);
+  if (device == -1 && PyErr_Occurred()) return nullptr;
+  const cudaError_t err = lx2v::kernel_image_check(static_cast<int>(device));
+  if (err == cudaSuccess) return PyUnicode_FromString("");
+  return PyUnicode_FromFormat("%s: %s", cudaGetErrorName(err), cudaGetErrorString(err));
+}
+
+static PyMethodDef module_methods[] = {
+    {"kernel_image_error", kernel_image_error, METH_O,
+     "kernel_image_error(device) -> '' when the kernels run on that CUDA device, else the CUDA error"},
+    {nullptr, nullptr, 0, nullptr}};
+
+// `import lightx2v_engine._C` runs the registrations above; the module's one function is kernel_image_error.
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "lightx2v_engine CUDA ops (torch.ops.lightx2v_C)",
-                                   -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+                                   -1, module_methods, nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module_def);
 }

@@ -268,4 +268,20 @@ cudaError_t per_token_quant(const PerTokenQuantParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+cudaError_t kernel_image_check(int device) {
+  int prev = 0;
+  cudaError_t err = cudaGetDevice(&prev);
+  if (err != cudaSuccess) return err;
+  if (prev != device && (err = cudaSetDevice(device)) != cudaSuccess) return err;
+  cudaFuncAttributes attr{};
+  // one kernel of each template: all come from the same fatbinary, so they share its architectures
+  err = cudaFuncGetAttributes(&attr, per_token_quant_scalar_kernel<__nv_bfloat16, QuantDType::kFP8E4M3, false>);
+  if (err == cudaSuccess) {
+    err = cudaFuncGetAttributes(&attr, per_token_quant_vec_kernel<__half, QuantDType::kINT8, 1, true, true>);
+  }
+  if (prev != device) cudaSetDevice(prev);
+  cudaGetLastError();  // (a failed query is not sticky; clear it so the next launch check does not see it)
+  return err;
+}
+
 }  // namespace lx2v

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import sys
 import warnings
 
 import torch
@@ -51,6 +52,8 @@ def _load() -> None:
         warnings.warn(f"lightx2v_engine: {_STATUS}", RuntimeWarning, stacklevel=2)
         return
     missing = [n for n in _OPS if not hasattr(torch.ops.lightx2v_C, n)]
+    if not hasattr(sys.modules[_EXTENSION], "kernel_image_error"):
+        missing.append("kernel_image_error")
     if missing:
         _STATUS = f"unavailable: {_EXTENSION} loaded but does not register {missing} (stale build?)"
         warnings.warn(f"lightx2v_engine: {_STATUS}", RuntimeWarning, stacklevel=2)
@@ -71,17 +74,29 @@ else:
 
 def csrc_available(device: torch.device | None = None) -> bool:
     """True when torch.ops.lightx2v_C ops are registered; given a device, when they can run there: a CUDA
-    device of sm_80 or newer (the kernels use sm_80 instructions; setup.py builds for the GPUs it sees, else
-    sm_80..sm_90)."""
+    device of sm_80 or newer (the kernels use sm_80 instructions) for which the build holds a kernel image
+    (setup.py builds for the GPUs it sees, else sm_80..sm_90 + PTX; an extension built elsewhere may lack
+    the card: it is then skipped with a warning, and the PyTorch path runs)."""
     if not _AVAILABLE or device is None:
         return _AVAILABLE
     device = torch.device(device)
-    return device.type == "cuda" and _capability_ok(device.index)
+    if device.type != "cuda":
+        return False
+    return _capability_ok(torch.cuda.current_device() if device.index is None else device.index)
 
 
 @functools.lru_cache(maxsize=None)
-def _capability_ok(index: int | None) -> bool:
-    return torch.cuda.get_device_capability(index) >= (8, 0)
+def _capability_ok(index: int) -> bool:
+    if torch.cuda.get_device_capability(index) < (8, 0):
+        return False
+    error = sys.modules[_EXTENSION].kernel_image_error(index)
+    if error:
+        cap = "%d.%d" % torch.cuda.get_device_capability(index)
+        warnings.warn(f"lightx2v_engine: {_EXTENSION} has no kernel image for cuda:{index} (compute capability "
+                      f"{cap}; {error}): its quantization kernels are skipped there and the PyTorch path runs; "
+                      f"rebuild with TORCH_CUDA_ARCH_LIST={cap} (pip install --no-build-isolation -e .)",
+                      RuntimeWarning, stacklevel=2)
+    return not error
 
 
 def csrc_status() -> str:

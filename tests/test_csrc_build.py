@@ -27,3 +27,24 @@ def test_quant_kernels_build_for_sm90_without_spills_or_fast_tanh(tmp_path):
     sass = subprocess.run([cuobjdump, "-sass", str(obj)], capture_output=True, text=True, timeout=300).stdout
     assert "per_token_quant_vec_kernel" in sass
     assert "MUFU.TANH" not in sass
+
+
+def test_bindings_compile_against_torch_headers(tmp_path):
+    """csrc/bindings.cpp (the torch boundary: op registrations and the kernel-image query) is valid C++20
+    against this torch's headers: g++ -fsyntax-only, with the one header a CPU wheel lacks stubbed."""
+    gxx = shutil.which("g++")
+    torch = pytest.importorskip("torch")
+    inc = os.path.join(os.path.dirname(torch.__file__), "include")
+    cuda_inc = [d for d in ("/usr/local/cuda/include", os.path.join(os.environ.get("CUDA_HOME", "/nonexistent"), "include"))
+                if os.path.exists(os.path.join(d, "cuda_runtime.h"))]
+    if gxx is None or not cuda_inc or not os.path.exists(os.path.join(inc, "c10", "cuda", "CUDAGuard.h")):
+        pytest.skip("needs g++, the CUDA headers and torch's c10/cuda headers")
+    stub = tmp_path / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    if not os.path.exists(os.path.join(inc, "c10", "cuda", "impl", "cuda_cmake_macros.h")):
+        (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    import sysconfig
+    res = subprocess.run([gxx, "-std=c++20", "-fsyntax-only", f"-I{tmp_path}", f"-I{sysconfig.get_paths()['include']}",
+                          f"-I{inc}", f"-I{os.path.join(inc, 'torch', 'csrc', 'api', 'include')}", f"-I{cuda_inc[0]}",
+                          os.path.join(ROOT, "csrc", "bindings.cpp")], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]

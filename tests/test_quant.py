@@ -334,16 +334,45 @@ def test_quantize_dit_rejects_meta_weights():
         quant.quantize_dit_(model, "fp8")
 
 
+def _fake_extension(monkeypatch, errors: dict):
+    """A built extension (as far as csrc_ops can tell) whose kernel-image query returns errors[device]."""
+    import sys
+    import types
+    ext = types.ModuleType(csrc_ops._EXTENSION)
+    ext.kernel_image_error = lambda index: errors.get(index, "")
+    monkeypatch.setitem(sys.modules, csrc_ops._EXTENSION, ext)
+    monkeypatch.setattr(csrc_ops, "_AVAILABLE", True)
+
+
 def test_csrc_available_needs_sm80(monkeypatch):
     """A built extension serves sm_80+ devices only; elsewhere the reference path runs (no launch that
     could fail for want of a kernel image)."""
-    monkeypatch.setattr(csrc_ops, "_AVAILABLE", True)
+    _fake_extension(monkeypatch, {})
     caps = {0: (7, 5), 1: (9, 0)}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: caps[i])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     csrc_ops._capability_ok.cache_clear()
     try:
         assert csrc_ops.csrc_available() and not csrc_ops.csrc_available("cpu")
         assert not csrc_ops.csrc_available("cuda:0") and csrc_ops.csrc_available("cuda:1")
+        assert csrc_ops.csrc_available("cuda")  # (the current device)
+    finally:
+        csrc_ops._capability_ok.cache_clear()
+
+
+def test_csrc_available_needs_a_kernel_image_for_the_card(monkeypatch):
+    """An extension built for other cards (a 9.0-only build on an sm_80 GPU) is skipped on the card it has no
+    kernel image for, with a warning naming the card and the rebuild, instead of failing at every launch."""
+    _fake_extension(monkeypatch, {0: "cudaErrorNoKernelImageForDevice: no kernel image is available"})
+    caps = {0: (8, 0), 1: (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: caps[i])
+    csrc_ops._capability_ok.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"no kernel image for cuda:0 \(compute capability 8\.0.*"
+                                                r"TORCH_CUDA_ARCH_LIST=8\.0"):
+            assert not csrc_ops.csrc_available("cuda:0")
+        assert csrc_ops.csrc_available("cuda:1")
+        assert not csrc_ops.csrc_available("cuda:0")  # asked once per device
     finally:
         csrc_ops._capability_ok.cache_clear()
 
@@ -382,6 +411,21 @@ def _quant_case(case: str, m: int, k: int, dtype) -> torch.Tensor:
     if case == "misaligned":  # rows start 2 bytes off a 16-byte boundary -> scalar kernel
         return x[:, 1:]
     return x
+
+
+@pytest.mark.gpu
+def test_csrc_has_a_kernel_image_for_this_gpu():
+    """The real query of the built extension (cudaFuncGetAttributes): a build on this machine covers its GPU,
+    and asking does not disturb the current device or leave an error behind."""
+    import sys
+    assert csrc_ops.csrc_available(), csrc_ops.csrc_status()
+    dev = torch.cuda.current_device()
+    assert sys.modules[csrc_ops._EXTENSION].kernel_image_error(dev) == ""
+    assert torch.cuda.current_device() == dev
+    csrc_ops._capability_ok.cache_clear()
+    assert csrc_ops.csrc_available(torch.device("cuda", dev))
+    torch.ones(1, device="cuda").add_(1)  # (no sticky error)
+    torch.cuda.synchronize()
 
 
 @pytest.mark.gpu
