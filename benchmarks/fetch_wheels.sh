@@ -11,7 +11,9 @@ PY=${PYTHON:-python3}
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 mkdir -p .whl
 # (+ ftfy and wcwidth: the engine's prompt cleaning, as Wan's)
-for spec in diffusers==0.42.1 importlib_metadata==10.2.0 lazy-importer==0.1.0 ftfy==6.3.1 wcwidth==0.9.4; do
+# (+ pytest-xdist and execnet: gpu_check.sh runs the `gpu` tests in 4 processes when xdist is importable)
+for spec in diffusers==0.42.1 importlib_metadata==10.2.0 lazy-importer==0.1.0 ftfy==6.3.1 wcwidth==0.9.4 \
+    pytest-xdist==3.8.0 execnet==2.1.2; do
   $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl "$spec"

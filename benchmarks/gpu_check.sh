@@ -121,8 +121,16 @@ fi
 if has tests; then
   stage "gpu tests"
   : >"$OUT/gpu_test_times.txt"
+  # With pytest-xdist (carried in .whl/ by fetch_wheels.sh), GPU_TEST_WORKERS processes share the GPU: the
+  # tests' Triton compiles (CPU-bound) and small launches overlap. "--dist load" hands tests out in run order,
+  # so the `last`-marked ones still come last. GPU_TEST_WORKERS=0 (or no xdist): one process.
+  XDIST=()
+  if (( ${GPU_TEST_WORKERS:-4} > 0 )) && $PY -c "import xdist" 2>/dev/null; then
+    XDIST=(-n "${GPU_TEST_WORKERS:-4}" --dist load)
+  fi
+  echo "gpu tests: ${XDIST[*]:-one process}"
   capped gpu_tests 300 gpu_tests.log 25 env LX2V_TEST_TIMES="$(realpath "$OUT")/gpu_test_times.txt" \
-    $PY -m pytest -q -m gpu -p no:cacheprovider --durations=25 tests
+    $PY -m pytest -q -m gpu -p no:cacheprovider --durations=25 "${XDIST[@]}" tests
 fi
 
 if has compile; then

@@ -35,8 +35,9 @@ def pytest_collection_modifyitems(config, items):
 def pytest_runtest_logreport(report):
     # LX2V_TEST_TIMES=<file>: one line per test as it finishes (seconds, outcome, id), so that a run cut by
     # a time budget (gpu_check.sh) still says which tests ran and which were slow
+    # (under pytest-xdist the controller writes: it receives every worker's reports)
     path = os.environ.get("LX2V_TEST_TIMES")
-    if path and (report.when == "call" or report.outcome != "passed"):
+    if path and "PYTEST_XDIST_WORKER" not in os.environ and (report.when == "call" or report.outcome != "passed"):
         with open(path, "a") as f:
             f.write(f"{report.duration:8.2f} {report.when:<8} {report.outcome:<7} {report.nodeid}\n")
 

@@ -158,3 +158,21 @@ def test_gpu_check_compile_stage_feeds_the_compiled_diffusers_figure(tmp_path):
     assert summary["figures"]["diffusers_step_ms_1.3b_eager"] == 620.0
     assert "diffusers_step_ms_1.3b_compiled" not in summary["absent"]
     assert "diffusers torch.compile baseline" in res.stdout
+
+
+def test_gpu_check_runs_the_gpu_tests_in_worker_processes_when_xdist_is_there(tmp_path):
+    """The tests stage: with pytest-xdist importable, GPU_TEST_WORKERS processes (default 4) share the GPU,
+    handed tests in run order (--dist load, so `last`-marked ones stay last); GPU_TEST_WORKERS=0, or no
+    xdist, one process. Per-test times go to $OUT/gpu_test_times.txt either way."""
+    for workers, xdist, expect in (("3", True, "-n 3 --dist load"), ("0", True, None), ("2", False, None)):
+        fake = _fake_python(tmp_path, f"""  -c) case "$2" in *xdist*) exit {0 if xdist else 1};; *) echo fake-env; exit 0;; esac;;
+  -m) echo "ARGS $* TIMES=$LX2V_TEST_TIMES" >"$OUT/pytest_args.txt";;""")
+        out = tmp_path / "out"
+        res = _run(tmp_path, fake, stages="tests", GPU_TEST_WORKERS=workers)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        args = (out / "pytest_args.txt").read_text()
+        assert args.startswith("ARGS -m pytest -q -m gpu") and args.rstrip().endswith(f"TIMES={out.resolve()}/gpu_test_times.txt")
+        if expect:
+            assert expect in args and f"gpu tests: {expect}" in res.stdout
+        else:
+            assert " -n " not in args and "gpu tests: one process" in res.stdout
