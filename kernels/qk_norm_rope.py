@@ -11,7 +11,7 @@ import triton.language as tl
 
 from lightx2v_engine.ops import Rope, qk_norm_rope_ref as _qk_norm_rope_ref_rope
 
-from ._util import check_choice, choose, env_choice
+from ._util import check_choice, choose, env_choice, interpreting
 
 __all__ = ["qk_norm_rope", "qk_norm_rope_ref", "set_qk_rope_impl", "qk_rope_impl", "QK_ROPE_IMPLS"]
 
@@ -204,6 +204,19 @@ def _cvt_bits(f, IS_BF16: tl.constexpr):
 
 
 @triton.jit
+def _pack_bf16x2(lo, hi, CVT2: tl.constexpr):
+    """Two fp32 tensors -> int32 words holding (bf16(lo) | bf16(hi) << 16), round to nearest even: one packed
+    conversion per word by PTX (CVT2 1: cvt.rn.bf16x2.f32, F2FP.BF16.F32.PACK_AB in the SASS, against two
+    F2F.BF16.F32 for the two halves converted apart), or the same bits by two conversions (2: the
+    interpreter, which runs no PTX)."""
+    if CVT2 == 1:
+        # cvt d, a, b puts a's conversion in the upper half of d and b's in the lower
+        return tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    return (_cvt_bits(hi, True) << 16) | _cvt_bits(lo, True)
+
+
+@triton.jit
 def _heads_offsets(H0: tl.constexpr, NH: tl.constexpr, H: tl.constexpr, HALF_D: tl.constexpr):
     """Pair offsets [NH, HALF_D] of heads [H0, H0 + NH) within a row, and the mask [NH, 1] of heads < H."""
     h = H0 + tl.arange(0, NH)
@@ -236,22 +249,28 @@ def _heads_weight_pairs(W64, H0: tl.constexpr, NH: tl.constexpr, H: tl.constexpr
 
 
 @triton.jit
-def _heads_store(o_row, xi, off, mask, rstd, w_re, w_im, c, s, IS_BF16: tl.constexpr):
-    """Normalises, weights and rotates the words xi of _heads_part and stores them (same layout)."""
+def _heads_store(o_row, xi, off, mask, rstd, w_re, w_im, c, s, IS_BF16: tl.constexpr, CVT2: tl.constexpr):
+    """Normalises, weights and rotates the words xi of _heads_part and stores them (same layout). CVT2 (bf16
+    only; see _pack_bf16x2): each rounding converts a word's two halves in one packed conversion."""
     re, im = _unpack_pair(xi, IS_BF16)
-    # Wan's RMSNorm rounds twice to the run dtype: after the normalisation and after the weight
-    re = _cvt_run(_cvt_run(re * rstd, IS_BF16) * w_re, IS_BF16)
-    im = _cvt_run(_cvt_run(im * rstd, IS_BF16) * w_im, IS_BF16)
     c = c[None, :]
     s = s[None, :]
-    out = (_cvt_bits(re * s + im * c, IS_BF16) << 16) | _cvt_bits(re * c - im * s, IS_BF16)
+    # Wan's RMSNorm rounds twice to the run dtype: after the normalisation and after the weight
+    if CVT2 > 0:
+        re, im = _unpack_pair(_pack_bf16x2(re * rstd, im * rstd, CVT2), True)
+        re, im = _unpack_pair(_pack_bf16x2(re * w_re, im * w_im, CVT2), True)
+        out = _pack_bf16x2(re * c - im * s, re * s + im * c, CVT2)
+    else:
+        re = _cvt_run(_cvt_run(re * rstd, IS_BF16) * w_re, IS_BF16)
+        im = _cvt_run(_cvt_run(im * rstd, IS_BF16) * w_im, IS_BF16)
+        out = (_cvt_bits(re * s + im * c, IS_BF16) << 16) | _cvt_bits(re * c - im * s, IS_BF16)
     tl.store(o_row + off, out, mask=mask)
 
 
 @triton.jit
 def _onepass_row(X, COS, SIN, O, row, ok, L, C2, stride_b, stride_l, stride_cl, eps, wa_re, wa_im, wb_re, wb_im,
                  H: tl.constexpr, HALF_D: tl.constexpr, NH_A: tl.constexpr, NH_B: tl.constexpr,
-                 IS_BF16: tl.constexpr):
+                 IS_BF16: tl.constexpr, CVT2: tl.constexpr):
     """One token row (masked off where `ok` is false): loaded once, sum of squares, then normalised, weighted,
     rotated and stored from registers."""
     b = (row // L).to(tl.int64)
@@ -269,15 +288,16 @@ def _onepass_row(X, COS, SIN, O, row, ok, L, C2, stride_b, stride_l, stride_cl, 
     j = tl.arange(0, HALF_D)
     c = tl.load(COS + l * stride_cl + j, mask=ok, other=1.0)
     s = tl.load(SIN + l * stride_cl + j, mask=ok, other=0.0)
-    _heads_store(o_row, xa, off_a, m_a, rstd, wa_re, wa_im, c, s, IS_BF16)
+    _heads_store(o_row, xa, off_a, m_a, rstd, wa_re, wa_im, c, s, IS_BF16, CVT2)
     if NH_B > 0:
-        _heads_store(o_row, xb, off_b, m_b, rstd, wb_re, wb_im, c, s, IS_BF16)
+        _heads_store(o_row, xb, off_b, m_b, rstd, wb_re, wb_im, c, s, IS_BF16, CVT2)
 
 
 @triton.jit
 def _onepass_rows(X, W, COS, SIN, O, R, L, C2, stride_b, stride_l, stride_cl, eps,
                   H: tl.constexpr, HALF_D: tl.constexpr, NH_A: tl.constexpr, NH_B: tl.constexpr,
-                  ROWS: tl.constexpr, IS_BF16: tl.constexpr, STAGES: tl.constexpr, PAIRS: tl.constexpr):
+                  ROWS: tl.constexpr, IS_BF16: tl.constexpr, STAGES: tl.constexpr, PAIRS: tl.constexpr,
+                  CVT2: tl.constexpr):
     """Program program_id(0)'s ROWS token rows of one tensor. W: the de-interleaved [2, C/2] weights, or
     (PAIRS) the [C] weights as int64 pair words."""
     if PAIRS:
@@ -294,18 +314,19 @@ def _onepass_rows(X, W, COS, SIN, O, R, L, C2, stride_b, stride_l, stride_cl, ep
         for it in tl.range(0, ROWS, num_stages=STAGES):
             row = tl.program_id(0) * ROWS + it
             _onepass_row(X, COS, SIN, O, row, row < R, L, C2, stride_b, stride_l, stride_cl, eps,
-                         wa_re, wa_im, wb_re, wb_im, H, HALF_D, NH_A, NH_B, IS_BF16)
+                         wa_re, wa_im, wb_re, wb_im, H, HALF_D, NH_A, NH_B, IS_BF16, CVT2)
     else:
         for i in tl.static_range(ROWS):
             row = tl.program_id(0) * ROWS + i
             _onepass_row(X, COS, SIN, O, row, row < R, L, C2, stride_b, stride_l, stride_cl, eps,
-                         wa_re, wa_im, wb_re, wb_im, H, HALF_D, NH_A, NH_B, IS_BF16)
+                         wa_re, wa_im, wb_re, wb_im, H, HALF_D, NH_A, NH_B, IS_BF16, CVT2)
 
 
 @triton.jit
 def _rms_rope_onepass_kernel(X, W2, COS, SIN, O, R, L, C2, stride_b, stride_l, stride_cl, eps,
                              H: tl.constexpr, HALF_D: tl.constexpr, NH_A: tl.constexpr, NH_B: tl.constexpr,
-                             ROWS: tl.constexpr, IS_BF16: tl.constexpr, STAGES: tl.constexpr):
+                             ROWS: tl.constexpr, IS_BF16: tl.constexpr, STAGES: tl.constexpr,
+                             CVT2: tl.constexpr):
     """Token rows, each read from memory once and kept in registers between the sum of squares and the
     rotation (the "chunk" and "packed" variants read every row twice). int32 views as in "packed" (a word
     per rotation pair); a row is [heads, HALF_D] pairs in two power-of-two parts of NH_A and NH_B heads
@@ -315,22 +336,23 @@ def _rms_rope_onepass_kernel(X, W2, COS, SIN, O, R, L, C2, stride_b, stride_l, s
     loop software-pipelined over STAGES (the next row's loads issued by cp.async while this one is
     computed)."""
     _onepass_rows(X, W2, COS, SIN, O, R, L, C2, stride_b, stride_l, stride_cl, eps,
-                  H, HALF_D, NH_A, NH_B, ROWS, IS_BF16, STAGES, False)
+                  H, HALF_D, NH_A, NH_B, ROWS, IS_BF16, STAGES, False, CVT2)
 
 
 @triton.jit
 def _rms_rope_onepass_qk_kernel(Q, K, WQ, WK, COS, SIN, QO, KO, R, L, C2, stride_qb, stride_ql, stride_kb,
                                 stride_kl, stride_cl, eps,
                                 H: tl.constexpr, HALF_D: tl.constexpr, NH_A: tl.constexpr, NH_B: tl.constexpr,
-                                ROWS: tl.constexpr, IS_BF16: tl.constexpr, STAGES: tl.constexpr):
+                                ROWS: tl.constexpr, IS_BF16: tl.constexpr, STAGES: tl.constexpr,
+                                CVT2: tl.constexpr):
     """_rms_rope_onepass_kernel for q (program_id(1) 0) and k (1) in one launch (one tail instead of two),
     the weights read as int64 pair words from the [C] parameters (no de-interleaved copies per call)."""
     if tl.program_id(1) == 0:
         _onepass_rows(Q, WQ, COS, SIN, QO, R, L, C2, stride_qb, stride_ql, stride_cl, eps,
-                      H, HALF_D, NH_A, NH_B, ROWS, IS_BF16, STAGES, True)
+                      H, HALF_D, NH_A, NH_B, ROWS, IS_BF16, STAGES, True, CVT2)
     else:
         _onepass_rows(K, WK, COS, SIN, KO, R, L, C2, stride_kb, stride_kl, stride_cl, eps,
-                      H, HALF_D, NH_A, NH_B, ROWS, IS_BF16, STAGES, True)
+                      H, HALF_D, NH_A, NH_B, ROWS, IS_BF16, STAGES, True, CVT2)
 
 
 def _head_parts(H: int) -> tuple[int, int]:
@@ -358,12 +380,21 @@ def _head_parts(H: int) -> tuple[int, int]:
 # - "*_t4": 16 warps a 5120-wide row, as the modulate kernel that reaches 0.96 of copy bandwidth on the
 #   H100 (its 8192-wide padded row over 16 warps; its 20 KB of shift/scale re-read from L2 per row did not
 #   stop it), against 4 warps and ~4 resident programs per SM (16 warps) for onepass_r1 at ~115 registers.
-ONEPASS_CONFIGS = {"onepass_r1": (1, 16, 0, False), "onepass_r2": (2, 16, 0, False), "onepass_r4": (4, 16, 0, False),
-                   "onepass_r1_t8": (1, 8, 0, False), "onepass_r2_t8": (2, 8, 0, False),
-                   "onepass_loop8_s2": (8, 16, 2, False), "onepass_loop8_t8_s2": (8, 8, 2, False),
-                   "onepass_loop16_t8_s3": (16, 8, 3, False), "onepass_r1_t4": (1, 4, 0, False),
-                   "onepass_loop4_t4_s2": (4, 4, 2, False),
-                   "onepass_r1_qk1": (1, 16, 0, True), "onepass_loop8_t8_s2_qk1": (8, 8, 2, True)}
+# - "*_cvt2" (bf16; fp16 runs as without it): each of the three roundings of a pair word (after the
+#   normalisation, after the weight, the output) by one packed conversion (F2FP.BF16.F32.PACK_AB), where the
+#   others convert each half apart (F2F.BF16.F32, 120 of onepass_r1's 712 instructions a thread at C 5120,
+#   on the conversion unit: ~16 results/clk/SM, by NVIDIA's throughput table, i.e. ~960 of the ~1,600 cycles
+#   a 5120-wide row's traffic takes per SM at copy bandwidth); same bits.
+ONEPASS_CONFIGS = {"onepass_r1": (1, 16, 0, False, False), "onepass_r2": (2, 16, 0, False, False),
+                   "onepass_r4": (4, 16, 0, False, False),
+                   "onepass_r1_t8": (1, 8, 0, False, False), "onepass_r2_t8": (2, 8, 0, False, False),
+                   "onepass_loop8_s2": (8, 16, 2, False, False), "onepass_loop8_t8_s2": (8, 8, 2, False, False),
+                   "onepass_loop16_t8_s3": (16, 8, 3, False, False), "onepass_r1_t4": (1, 4, 0, False, False),
+                   "onepass_loop4_t4_s2": (4, 4, 2, False, False),
+                   "onepass_r1_qk1": (1, 16, 0, True, False), "onepass_loop8_t8_s2_qk1": (8, 8, 2, True, False),
+                   "onepass_r1_cvt2": (1, 16, 0, False, True), "onepass_r2_cvt2": (2, 16, 0, False, True),
+                   "onepass_r1_t4_cvt2": (1, 4, 0, False, True),
+                   "onepass_loop8_t8_s2_cvt2": (8, 8, 2, False, True)}
 
 
 def _onepass_warps(words: int, per_thread: int) -> int:
@@ -386,10 +417,13 @@ def _launch_onepass(q, k, wq, wk, cos, sin, num_heads, eps, qo, ko, config: tupl
         views = [(x.view(torch.int32), o.view(torch.int32)) for x, o in ((q, qo), (k, ko))]
     except RuntimeError:
         return False
-    rows, per_thread, stages, one_launch = config
+    rows, per_thread, stages, one_launch, cvt2 = config
     warps = _onepass_warps(words, per_thread)
-    meta = dict(H=num_heads, HALF_D=half_d, NH_A=nh_a, NH_B=nh_b, ROWS=rows, IS_BF16=q.dtype == torch.bfloat16,
-                STAGES=stages, num_warps=warps, num_stages=max(1, stages))
+    is_bf16 = q.dtype == torch.bfloat16
+    # the packed conversion is PTX: the interpreter runs the same bits converted apart
+    cvt2 = (2 if interpreting() else 1) if cvt2 and is_bf16 else 0
+    meta = dict(H=num_heads, HALF_D=half_d, NH_A=nh_a, NH_B=nh_b, ROWS=rows, IS_BF16=is_bf16,
+                STAGES=stages, CVT2=cvt2, num_warps=warps, num_stages=max(1, stages))
     grid = triton.cdiv(B * L, rows)
     w64 = None
     if one_launch and wq.dtype == wk.dtype == torch.float32:  # (other weight dtypes: the two launches)
@@ -457,7 +491,8 @@ def _chunk_size(C: int, head_d: int, largest: int = 512) -> int | None:
 QK_ROPE_IMPLS = ("row", "tile", "chunk", "packed", *ONEPASS_CONFIGS)
 # never run on a GPU yet: bench_kernels times them after the attention figures
 QK_ROPE_UNMEASURED = ("onepass_loop8_s2", "onepass_loop8_t8_s2", "onepass_loop16_t8_s3", "onepass_r1_t4",
-                      "onepass_loop4_t4_s2", "onepass_r1_qk1", "onepass_loop8_t8_s2_qk1")
+                      "onepass_loop4_t4_s2", "onepass_r1_qk1", "onepass_loop8_t8_s2_qk1", "onepass_r1_cvt2",
+                      "onepass_r2_cvt2", "onepass_r1_t4_cvt2", "onepass_loop8_t8_s2_cvt2")
 
 
 # the explicit choice (LX2V_QK_ROPE, read once; set_qk_rope_impl); None: the GPU's tuned file

@@ -222,9 +222,9 @@ def test_onepass_sass_has_no_layout_conversion_and_pipelines_its_loop():
 for C in (1536, 5120):
     a, b = Q._head_parts(C // 128)
     for name in ("onepass_r1", "onepass_loop8_t8_s2"):
-        rows, t, st, _ = Q.ONEPASS_CONFIGS[name]
+        rows, t, st, _, _ = Q.ONEPASS_CONFIGS[name]
         warps = Q._onepass_warps((a + b) * 64, t)
-        consts = dict(H=C // 128, HALF_D=64, NH_A=a, NH_B=b, ROWS=rows, IS_BF16=True, STAGES=st)
+        consts = dict(H=C // 128, HALF_D=64, NH_A=a, NH_B=b, ROWS=rows, IS_BF16=True, STAGES=st, CVT2=0)
         report(f"{C} {name}", S.compile_sm90(Q._rms_rope_onepass_kernel, types, consts, warps, max(1, st),
                                              div16=("C2",)))
 """
@@ -234,6 +234,44 @@ for C in (1536, 5120):
         assert "STG.E.128" in ops and not any(k.startswith("STS.") for k in ops), (C, name, ops)
         assert int(ops.get("STS", "0")) <= 4, (C, name, ops)  # the two-level row reduction's scratch
         assert ("loop" in name) == any(k.startswith("LDGSTS") for k in ops), (C, name, ops)
+
+
+def test_onepass_cvt2_rounds_each_pair_in_one_packed_conversion():
+    """"*_cvt2": in bf16 the same bits as the variant without it (on the CPU its packed conversion is
+    emulated: the interpreter runs no PTX), fp16 unchanged; in the sm_90a SASS at both widths each rounding
+    of a pair word is one F2FP.BF16.F32.PACK_AB (3 a word) and no F2F.BF16.F32 is left (the PTX's operand
+    order is checked by the GPU tests, which compare the outputs with the reference)."""
+    for dtype in (torch.bfloat16, torch.float16):
+        q, k, wq, wk, cos, sin = _inputs(2, (3, 5, 7), 3, dtype, "cpu", True)
+        outs = []
+        for name in ("onepass_r1", "onepass_r1_cvt2", "onepass_loop8_t8_s2_cvt2"):
+            qo, ko = torch.empty_like(q), torch.empty_like(k)
+            assert QK._launch_onepass(q, k, wq, wk, cos, sin, 3, EPS, qo, ko, QK.ONEPASS_CONFIGS[name])
+            outs.append(torch.cat([qo, ko]))
+        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2]), dtype
+    QK.set_qk_rope_impl("onepass_r2_cvt2")
+    try:
+        _run(1, (3, 5, 7), 3, torch.bfloat16, "cpu")
+    finally:
+        QK.set_qk_rope_impl("default")
+    body = """
+for C in (1536, 5120):
+    a, b = Q._head_parts(C // 128)
+    for name in ("onepass_r1", "onepass_r1_cvt2"):
+        rows, t, st, _, cvt2 = Q.ONEPASS_CONFIGS[name]
+        warps = Q._onepass_warps((a + b) * 64, t)
+        consts = dict(H=C // 128, HALF_D=64, NH_A=a, NH_B=b, ROWS=rows, IS_BF16=True, STAGES=st, CVT2=int(cvt2))
+        r = S.compile_sm90(Q._rms_rope_onepass_kernel, types, consts, warps, max(1, st), div16=("C2",))
+        ops = Counter(re.findall(r"\\b(F2FP?\\.[\\w.]+)", r["sass"]))
+        words = (a + b) * 64 // (warps * 32)
+        print("SASS", C, name, r["spill"], f"words={words}", " ".join(f"{k}={v}" for k, v in sorted(ops.items())))
+"""
+    got = {(C, name): ops for C, name, spill, ops in _sass_reports(body, 4)}
+    for C in ("1536", "5120"):
+        plain, cvt2 = got[(C, "onepass_r1")], got[(C, "onepass_r1_cvt2")]
+        words = int(cvt2["words"])
+        assert int(plain.get("F2F.BF16.F32", 0)) >= 6 * words and "F2FP.BF16.F32.PACK_AB" not in plain, plain
+        assert int(cvt2.get("F2FP.BF16.F32.PACK_AB", 0)) == 3 * words and "F2F.BF16.F32" not in cvt2, cvt2
 
 
 def test_onepass_head_parts_and_fallback():
@@ -253,7 +291,7 @@ def test_onepass_head_parts_and_fallback():
     w = torch.rand(7 * 96) + 0.5
     ang = torch.rand(5, 48) * 6
     qo, ko = torch.empty_like(q), torch.empty_like(k)
-    assert not QK._launch_onepass(q, k, w, w, ang.cos(), ang.sin(), 7, EPS, qo, ko, (1, 16, 0, False))
+    assert not QK._launch_onepass(q, k, w, w, ang.cos(), ang.sin(), 7, EPS, qo, ko, (1, 16, 0, False, False))
     QK.set_qk_rope_impl("onepass_r1")
     try:
         got = qk_norm_rope(q, k, w, w, ang.cos(), ang.sin(), 7, EPS)
