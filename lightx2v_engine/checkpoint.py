@@ -40,16 +40,36 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, expected an "
+                              "object of tensor entries)")
     header.pop("__metadata__", None)
     start = 8 + n
     for key, info in header.items():
-        b, e = info["data_offsets"]
-        if info["dtype"] not in _ST_DTYPES:
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{path}: corrupt safetensors header: entry {key!r} is {str(info)[:100]!r}, "
+                                  "expected an object with 'dtype', 'shape' and 'data_offsets'")
+        lacking = [f for f in ("dtype", "shape", "data_offsets") if f not in info]
+        if lacking:
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {key!r} has no {lacking}")
+        shape, offsets = info["shape"], info["data_offsets"]
+        if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {key!r} has shape {shape!r}, "
+                                  "expected a list of non-negative ints")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_uint(o) for o in offsets):
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {key!r} has data_offsets "
+                                  f"{offsets!r}, expected [begin, end] (two non-negative ints)")
+        b, e = offsets
+        if not isinstance(info["dtype"], str) or info["dtype"] not in _ST_DTYPES:
             raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}")
         if e > size - start or b > e:
             raise CheckpointError(f"{path}: truncated or corrupt file: tensor {key!r} needs bytes {b}..{e} of the "
                                   f"data section, which has {size - start}")
     return header, start
+
+
+def _is_uint(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def iter_safetensors(path: Path, keys: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -83,10 +103,10 @@ def safetensors_keys(path: Path) -> list[str]:
 
 
 def iter_torch_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (key, tensor) of a torch-saved state dict (mmap'd, weights only). Nested 'state_dict'/'model'
-    containers (as training code saves them) are unwrapped."""
+    """Yields (key, tensor) of a torch-saved state dict (weights only; mmap'd when in the zip format, legacy
+    pickles load eagerly). Nested 'state_dict'/'model' containers (as training code saves them) are unwrapped."""
     try:
-        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        obj = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read torch checkpoint ({type(e).__name__}: {e})") from None
     for wrapper in ("state_dict", "model", "generator", "generator_ema"):

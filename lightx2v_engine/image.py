@@ -47,11 +47,11 @@ def load_image(img: ImageInput) -> torch.Tensor:
         path = Path(img)
         if not path.is_file():
             raise FileNotFoundError(f"image file not found: {path}")
-        try:
+        try:  # (PIL's decompression-bomb limit applies)
             with Image.open(path) as im:
                 im.load()
                 return _pil_to_tensor(im)
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
             raise ValueError(f"cannot read image file {path}: {e}") from e
     if isinstance(img, (bytes, bytearray)):
         try:  # (PIL's decompression-bomb limit applies)

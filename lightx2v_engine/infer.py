@@ -116,16 +116,21 @@ def run(args: argparse.Namespace) -> int:
     if args.image_path and "," in args.image_path and not Path(args.image_path).is_file():
         raise ValueError(f"--image_path {args.image_path!r}: several comma-separated images are not supported "
                          f"(Wan2.1 I2V takes one image)")
-    # the output paths are checked before anything loads (not after minutes of generation)
+    # the output paths and the image are checked before anything loads (not after minutes of generation)
+    from lightx2v_engine.video import check_output_file
     for flag, value in (("--save_result_path", args.save_result_path), ("--save_latents", args.save_latents)):
-        if value and Path(value).is_dir():
-            raise ValueError(f"{flag} {value!r} is a directory: give a file name")
+        if value:
+            check_output_file(value, flag)
     if args.save_latents and Path(args.save_latents).resolve() == Path(args.save_result_path).resolve():
         raise ValueError("--save_latents and --save_result_path name the same file")
+    image = args.image_path
+    if image:
+        from lightx2v_engine.image import load_image
+        image = load_image(image)  # (decoded once: a missing or unreadable file is an error now)
     pipe = load_pipeline(args)
     run_cfg = pipe.run_cfg
     if not pipe.is_main:  # ranks > 0 compute their share and write nothing
-        pipe.generate(args.prompt, negative_prompt=args.negative_prompt, image=args.image_path, seed=args.seed)
+        pipe.generate(args.prompt, negative_prompt=args.negative_prompt, image=image, seed=args.seed)
         return 0
 
     bar = None
@@ -137,10 +142,12 @@ def run(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.update(1)
 
-    out = pipe.generate(args.prompt, negative_prompt=args.negative_prompt, image=args.image_path, seed=args.seed,
-                        progress=progress)
-    if bar is not None:
-        bar.close()
+    try:
+        out = pipe.generate(args.prompt, negative_prompt=args.negative_prompt, image=image, seed=args.seed,
+                            progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
     with out.timings.measure("save", pipe.device):
         if args.save_latents:  # (first: the video is the result, written last)
             out.save_latents(args.save_latents, prompt=args.prompt, seed=args.seed if args.seed is not None else run_cfg.seed,

@@ -15,7 +15,6 @@ acting on (caching, compile) warn as they do in a JSON config.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -130,9 +129,8 @@ class LightX2VPipeline:
         if self.pipeline is not None:
             raise RuntimeError("LightX2VPipeline.create_generator: already created")
         if config_json is not None:
-            keys = json.loads(Path(config_json).read_text())
-            if not isinstance(keys, dict):
-                raise ValueError(f"{config_json}: expected a JSON object of config keys")
+            from lightx2v_engine.config import _read_json_object
+            keys = _read_json_object(Path(config_json), "config_json")
         else:
             steps = list(denoising_step_list)
             distill = self.model_cls != "wan2.1"
@@ -197,6 +195,8 @@ class LightX2VPipeline:
             if value:
                 raise ValueError(f"LightX2VPipeline.generate: {name} (FLF2V / audio / VACE tasks) is not supported "
                                  f"by this engine")
+        if target_shape and (isinstance(target_shape, (str, bytes)) or len(target_shape) != 2):
+            raise ValueError(f"LightX2VPipeline.generate: target_shape must be [height, width], got {target_shape!r}")
         h, w = (target_shape[0], target_shape[1]) if target_shape else (None, None)
         out = self.pipeline.generate(prompt, negative_prompt=negative_prompt, image=image_path, seed=seed,
                                      height=h, width=w)

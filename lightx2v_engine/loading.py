@@ -4,7 +4,8 @@ Checkpoint sources, in the order searched (lightx2v.md §2):
   1. ``dit_original_ckpt`` (a file or folder; relative paths also tried under the model folder);
   2. distilled checkpoints: ``{model_path}/distill_models/distill_model.{safetensors,pt}``,
      ``{model_path}/distill_model.{safetensors,pt}`` (only for the distill model class);
-  3. the Wan model folder: ``diffusion_pytorch_model.safetensors`` or shards with their index;
+  3. the Wan model folder: ``diffusion_pytorch_model.safetensors``, shards with their index, else every
+     ``*.safetensors`` that is not a LoRA file (LoRA files are skipped, logged);
   4. the diffusers layout: ``{model_path}/transformer/`` with diffusers names.
 Keys may carry ``model.``, ``diffusion_model.`` or ``model.diffusion_model.`` prefixes.
 """
@@ -57,13 +58,35 @@ def find_dit_checkpoint(model_path: str | Path | None, dit_original_ckpt: str | 
         if found:
             return found
     tried.append(str(mp / "*.safetensors"))
-    files = sorted(mp.glob("*.safetensors")) if mp.is_dir() else []
+    files, skipped = folder_safetensors(mp)
     if files:
         return files
     found = attempt(mp / "transformer")
     if found:
         return found
-    raise FileNotFoundError(f"no DiT checkpoint found; searched: {tried}")
+    raise FileNotFoundError(f"no DiT checkpoint found in {mp}; searched: {tried}"
+                            + (f" (skipped LoRA files: {[p.name for p in skipped]})" if skipped else ""))
+
+
+_LORA_MARKERS = ("lora_up", "lora_down", "lora_A", "lora_B", "lora.up", "lora.down", "lora_linear_layer")
+_LORA_SUFFIXES = (".alpha", ".diff", ".diff_b", ".diff_m")
+
+
+def _is_lora_file(path: Path) -> bool:
+    """Whether every tensor of a safetensors file is a LoRA tensor (from its header only)."""
+    from lightx2v_engine.checkpoint import safetensors_keys
+    keys = safetensors_keys(path)
+    return bool(keys) and all(any(m in k for m in _LORA_MARKERS) or k.endswith(_LORA_SUFFIXES) for k in keys)
+
+
+def folder_safetensors(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(DiT files, skipped LoRA files): the folder's `*.safetensors` (non-recursive, sorted), LoRA files
+    (lora_configs may name them relative to the model folder) set apart and logged."""
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    skipped = [f for f in files if _is_lora_file(f)]
+    if skipped:
+        log.info("%s: skipping LoRA file(s) %s (not part of the DiT)", folder, [f.name for f in skipped])
+    return [f for f in files if f not in skipped], skipped
 
 
 def normalize_keys(keys: list[str]):
@@ -155,6 +178,14 @@ def build_dit(cfg: ModelConfig, files: list[Path] | None = None, *, dtype: torch
         raise CheckpointError(f"{where}: checkpoint does not fit {cfg.name} (dim {cfg.dim}, {cfg.num_layers} layers, "
                               f"{cfg.model_type}): " + "; ".join(parts))
     for k, v in expected.items():
+        if k not in qkeys and v.is_floating_point() and not sd[k].is_floating_point():
+            msg = (f"{origin.get(k, where)}: tensor {k!r} is {sd[k].dtype}, {cfg.name} expects a floating-point "
+                   f"tensor ({param_dtype(k, dtype)})")
+            if sd[k].dtype == torch.int8 and k.endswith(".weight") and not qkeys:
+                msg += (f": an 8-bit quantized weight whose 'weight_scale' keys are missing (no {k + '_scale'!r}); "
+                        "a quantized checkpoint needs them, and \"dit_quantized\": true with a \"dit_quant_scheme\" "
+                        "(e.g. \"int8-sgl\") in the config")
+            raise CheckpointError(msg)
         if k in qkeys and k.endswith("_scale") and sd[k].numel() == v.numel():
             sd[k] = sd[k].reshape(v.shape)
         if k in qkeys and not k.endswith("_scale") and sd[k].dtype != v.dtype:
@@ -213,19 +244,28 @@ def load_dit(cfg: ModelConfig, model_path: str | Path | None, *, dit_original_ck
 def load_quantized_dit(cfg: ModelConfig, model_path: str | Path | None, ckpt: str | None, scheme: str, *,
                        dtype: str | torch.dtype = "bf16", device="cpu", lora_specs=(),
                        lora_strict: bool = True, lora_compute_device=None) -> WanDiT:
-    """A LightX2V quantized checkpoint (``dit_quantized_ckpt``: file or folder): blocks' linears 8-bit.
+    """A LightX2V quantized checkpoint (``dit_quantized_ckpt``: file or folder; unset: the model folder's
+    ``*.safetensors``, LoRA files skipped, as LightX2V does): blocks' linears 8-bit.
     LoRAs on 8-bit linears run as low-rank branches beside them (LightX2V's lora_dynamic_apply); the rest
     of the model merges them as load_dit does."""
     from lightx2v_engine.lora import apply_loras_
     dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    if not ckpt:
-        raise ValueError("dit_quantized is true but dit_quantized_ckpt is not set")
-    tried = candidate_paths(ckpt, [model_path])
-    for cand in tried:
-        if cand.exists():
-            model = build_dit(cfg, resolve_files(cand), dtype=dt, device=device, quant_scheme=scheme)
-            if lora_specs:
-                apply_loras_(model, lora_specs, strict=lora_strict, search_dirs=[model_path] if model_path else [],
-                             compute_device=lora_compute_device)
-            return model
-    raise FileNotFoundError(f"dit_quantized_ckpt not found; searched: {[str(t) for t in tried]}")
+    if ckpt:
+        tried = candidate_paths(ckpt, [model_path])
+        found = [cand for cand in tried if cand.exists()]
+        if not found:
+            raise FileNotFoundError(f"dit_quantized_ckpt not found; searched: {[str(t) for t in tried]}")
+        files = resolve_files(found[0])
+    else:
+        files, skipped = folder_safetensors(Path(model_path)) if model_path is not None else ([], [])
+        if not files:
+            raise FileNotFoundError(
+                f"dit_quantized is true and dit_quantized_ckpt is not set, but the model folder {model_path} holds "
+                f"no DiT *.safetensors file" + (f" (only LoRA files {[p.name for p in skipped]})" if skipped else "")
+                + ": set dit_quantized_ckpt to the quantized checkpoint")
+        log.info("DiT weights (dit_quantized_ckpt not set: the model folder's): %s", ", ".join(map(str, files)))
+    model = build_dit(cfg, files, dtype=dt, device=device, quant_scheme=scheme)
+    if lora_specs:
+        apply_loras_(model, lora_specs, strict=lora_strict, search_dirs=[model_path] if model_path else [],
+                     compute_device=lora_compute_device)
+    return model

@@ -33,6 +33,7 @@ import binascii
 import collections
 import email.parser
 import email.policy
+import http.client
 import io
 import json
 import logging
@@ -71,13 +72,15 @@ MAX_IMAGE_PIXELS = 64_000_000  # input images (decoded in the request thread)
 # LightX2V's schema default, which clients that send every field send: it asks for nothing)
 UNSUPPORTED = {"last_frame_path": "FLF2V is not supported (Wan2.1 T2V/I2V)", "audio_path": "audio is not supported",
                "target_fps": "the frame rate is the config's fps", "video_duration": "use target_video_length",
-               "resize_mode": "I2V resizes as Wan does", "use_prompt_enhancer": "no prompt enhancer"}
-SCHEMA_DEFAULTS = {"target_fps": 16, "video_duration": 5, "resize_mode": "adaptive"}
+               "resize_mode": "I2V resizes as Wan does", "use_prompt_enhancer": "no prompt enhancer",
+               "num_fragments": "one fragment per task (multi-fragment audio tasks are not supported)",
+               "talk_objects": "talking-head tasks are not supported"}
+SCHEMA_DEFAULTS = {"target_fps": 16, "video_duration": 5, "resize_mode": "adaptive", "num_fragments": 1}
 LIGHTX2V_DEFAULT_STEPS = 5  # VideoTaskRequest.infer_steps' default (no effect on a built Wan scheduler there)
 # VideoTaskRequest fields (LightX2V's server/schema.py); unknown fields are a 400 naming them
 FIELDS = {"task_id", "prompt", "negative_prompt", "image_path", "last_frame_path", "audio_path", "save_result_path",
           "infer_steps", "seed", "target_shape", "target_video_length", "lora_name", "lora_strength",
-          "use_prompt_enhancer", "video_duration", "target_fps", "resize_mode"}
+          "use_prompt_enhancer", "video_duration", "target_fps", "resize_mode", "num_fragments", "talk_objects"}
 
 
 class RequestError(ValueError):
@@ -252,7 +255,7 @@ def check_request(body: dict, *, output_dir: Path, infer_steps: int, task: str,
         raise RequestError(f"unknown field(s) {[_short(k, 40) for k in unknown]}; accepted: {sorted(FIELDS)}")
     for name, why in UNSUPPORTED.items():
         value = body.get(name)
-        if value not in (None, "", False) and not (name in SCHEMA_DEFAULTS and value == SCHEMA_DEFAULTS[name]
+        if value not in (None, "", False, []) and not (name in SCHEMA_DEFAULTS and value == SCHEMA_DEFAULTS[name]
                                                    and type(value) is type(SCHEMA_DEFAULTS[name])):
             raise RequestError(f"{name} is not supported by this server: {why}")
     prompt = body.get("prompt")
@@ -265,6 +268,10 @@ def check_request(body: dict, *, output_dir: Path, infer_steps: int, task: str,
         if len(text) > MAX_PROMPT_CHARS:
             raise RequestError(f"{name} has {len(text)} characters; this server takes at most {MAX_PROMPT_CHARS} "
                                f"(the text encoder reads the first 512 tokens)")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate (JSON "\ud800"): the tokenizer would fail in the task
+            raise RequestError(f"{name}: not valid Unicode text ({e.reason} at character {e.start})") from None
     steps = body.get("infer_steps")
     if steps is not None and (isinstance(steps, bool) or steps not in (infer_steps, LIGHTX2V_DEFAULT_STEPS)):
         raise RequestError(f"infer_steps {_short(steps)}: this server's models run {infer_steps} steps (set at "
@@ -405,6 +412,11 @@ def result_path(requested: str | None, task_id: str, output_dir: Path) -> Path:
         path = path.with_name(path.name + ".mp4")
     if not path.is_relative_to(output_dir.resolve()) or path == output_dir.resolve():
         raise RequestError(f"save_result_path {_short(requested)!r} leaves the output folder {output_dir}")
+    from lightx2v_engine.video import check_output_file
+    try:  # (a folder, or a path through a file: refused now, not after the task has run)
+        check_output_file(path, "save_result_path")
+    except ValueError as e:
+        raise RequestError(str(e)) from None
     return path
 
 
@@ -455,8 +467,9 @@ def read_image_input(value: str, sources: ImageSources = ImageSources()) -> tupl
         try:
             with urllib.request.urlopen(value, timeout=30) as r:
                 data = r.read(MAX_DOWNLOAD + 1)
-        except (OSError, ValueError) as e:
-            raise RequestError(f"image_path {_short(value)!r}: download failed ({e})") from None
+        except (OSError, ValueError, http.client.HTTPException) as e:  # (HTTPException: a malformed reply)
+            raise RequestError(f"image_path {_short(value)!r}: download failed ({type(e).__name__}: "
+                               f"{_short(e)})") from None
         if len(data) > MAX_DOWNLOAD:
             raise RequestError(f"image_path {_short(value)!r}: larger than {MAX_DOWNLOAD >> 20} MiB")
         return data, "image_path"
@@ -513,7 +526,7 @@ def parse_multipart(content_type: str, body: bytes) -> tuple[dict, bytes | None]
         except UnicodeDecodeError:
             raise RequestError(f"form field {_short(name, 40)!r}: not UTF-8 text") from None
         if name in ("seed", "infer_steps", "target_video_length", "target_shape", "lora_strength", "video_duration",
-                    "target_fps", "use_prompt_enhancer"):
+                    "target_fps", "use_prompt_enhancer", "num_fragments", "talk_objects"):
             try:
                 fields[name] = json.loads(text) if text else None
             except (ValueError, RecursionError):
@@ -763,10 +776,26 @@ def serve_worker(pipe) -> None:
         except _errors_every_rank_raises():
             pass
 
-def serve(app: App, host: str = "0.0.0.0", port: int = 8000) -> ThreadingHTTPServer:
-    """An HTTP server for `app` bound to (host, port) (port 0: any free one); call serve_forever()."""
-    handler = type("BoundHandler", (Handler,), {"app": app})
-    return ThreadingHTTPServer((host, port), handler)
+def bind(host: str = "0.0.0.0", port: int = 8000) -> ThreadingHTTPServer:
+    """The server's socket bound to (host, port) (port 0: any free one) but not listening yet (connections
+    are refused until serve() attaches the app): main() binds before the models load, so that a taken port
+    is an error at once, not after minutes of loading."""
+    httpd = ThreadingHTTPServer((host, port), Handler, bind_and_activate=False)
+    try:
+        httpd.server_bind()
+    except BaseException:
+        httpd.server_close()
+        raise
+    return httpd
+
+
+def serve(app: App, host: str = "0.0.0.0", port: int = 8000,
+          httpd: ThreadingHTTPServer | None = None) -> ThreadingHTTPServer:
+    """An HTTP server for `app` listening on (host, port), or on the socket of bind(); call serve_forever()."""
+    httpd = httpd or bind(host, port)
+    httpd.RequestHandlerClass = type("BoundHandler", (Handler,), {"app": app})
+    httpd.server_activate()
+    return httpd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -825,7 +854,20 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if rank_from_env() == 0 else logging.WARNING,
                         format=rank_prefix() + "%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.captureWarnings(True)  # config warnings through the log (with the rank under torchrun)
-    pipe = load_pipeline(args)
+    from lightx2v_engine.checkpoint import CheckpointError
+    from lightx2v_engine.pipeline import NonFiniteError
+    httpd = None
+    try:
+        if rank_from_env() == 0:
+            httpd = bind(args.host, args.port)
+        pipe = load_pipeline(args)
+    except (ValueError, FileNotFoundError, CheckpointError, NonFiniteError, OSError) as e:
+        # (as the CLI: one line naming the problem, no traceback)
+        if httpd is not None:
+            httpd.server_close()
+        where = f" (--host {args.host} --port {args.port})" if httpd is None and rank_from_env() == 0 else ""
+        print(f"{rank_prefix()}error: {str(e).replace(chr(10), ' ')}{where}", file=sys.stderr)
+        return 2
     if not pipe.is_main:  # multi-GPU: rank 0 serves HTTP, the other ranks follow its tasks (until torchrun
         serve_worker(pipe)  # stops them: the default SIGTERM action, as they wait inside a collective)
         return 0
@@ -839,7 +881,7 @@ def main(argv=None) -> int:
               default_size=(pipe.run_cfg.target_height, pipe.run_cfg.target_width), lora_dir=args.lora_dir,
               image_sources=sources)
     signal.signal(signal.SIGTERM, _interrupt)  # a termination ends like Ctrl-C: the server closes its socket
-    httpd = serve(app, args.host, args.port)
+    httpd = serve(app, args.host, args.port, httpd)
     log.info("serving %s on http://%s:%d (results in %s)", pipe.model_cfg.name, args.host, httpd.server_port,
              app.output_dir)
     try:

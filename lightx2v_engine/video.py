@@ -86,6 +86,39 @@ def _frame_stream(frames: Frames | Iterable[Frames]) -> tuple[tuple[int, int], I
     return (h, w), chain()
 
 
+def check_output_file(path: str | os.PathLike, what: str) -> None:
+    """ValueError naming `what` when no file can be written at `path`: it is a folder, a component of its
+    folder is a file, or the nearest existing folder is not writable (checked before a run, not after it)."""
+    p = Path(path)
+    try:
+        if p.is_dir():
+            raise ValueError(f"{what} {str(path)!r} is a directory: give a file name")
+        folder = p.absolute().parent
+        while not folder.exists() and folder != folder.parent:  # (a path through a file does not exist either)
+            folder = folder.parent
+    except OSError as e:  # too long a name
+        raise ValueError(f"{what} {str(path)[:200]!r}: not a usable path ({e.strerror})") from None
+    if not folder.is_dir():
+        raise ValueError(f"{what} {str(path)!r}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {str(path)!r}: the folder {folder} is not writable")
+
+
+def _process_umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (/proc/self/status): setting it
+    to read it would, for that moment, apply to files other threads create."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 @contextmanager
 def _atomic_path(path: str | os.PathLike, suffix: str) -> Iterator[Path]:
     """Yields a temp path next to `path`; on success moves it to `path`, on any failure deletes it."""
@@ -96,9 +129,7 @@ def _atomic_path(path: str | os.PathLike, suffix: str) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600; give the final file normal permissions
+        os.chmod(tmp_path, 0o666 & ~_process_umask())  # mkstemp creates 0600; give the final file normal permissions
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)

@@ -78,6 +78,18 @@ def test_load_image_errors(tmp_path):
         load_image(bad)
     with pytest.raises(FileNotFoundError):
         load_image(tmp_path)  # a directory is not an image file
+    # a decompression bomb (a PNG header claiming 20000 x 20000 pixels) from a file, as from bytes
+    import struct
+    import zlib
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data
+                                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+    (tmp_path / "bomb.png").write_bytes(bomb)
+    with pytest.raises(ValueError, match="bomb.png.*decompression bomb"):
+        load_image(tmp_path / "bomb.png")
+    with pytest.raises(ValueError, match="decompression bomb"):
+        load_image(bomb)
     with pytest.raises(ValueError, match="range"):
         load_image(torch.full((3, 4, 4), 255.0))
     with pytest.raises(ValueError, match="shape"):

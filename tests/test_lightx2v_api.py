@@ -87,10 +87,20 @@ def test_call_order_and_unsupported_options(folder, tmp_path):
     pipe.enable_lora([{"path": "missing_lora.safetensors", "strength": 1.0}])
     with pytest.raises(FileNotFoundError, match="missing_lora.safetensors"):
         pipe.create_generator(num_frames=9, height=64, width=96, guidance_scale=1.0)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{'infer_steps': 4}")
+    for path, err, match in ((bad, ValueError, "bad.json: not valid JSON"),
+                             (tmp_path / "none.json", FileNotFoundError, "config_json not found: .*none.json")):
+        with pytest.raises(err, match=match):
+            LightX2VPipeline(task="t2v", model_path=str(folder), model_cls="wan2.1_distill",
+                             device="cpu").create_generator(config_json=str(path))
     pipe = LightX2VPipeline(task="t2v", model_path=str(folder), model_cls="wan2.1_distill", device="cpu")
     pipe.create_generator(num_frames=5, height=32, width=48, guidance_scale=1.0)
     with pytest.raises(RuntimeError, match="before create_generator"):
         pipe.enable_quantize(dit_quantized=True)
+    for shape in ([48], "48x64", [1, 2, 3]):
+        with pytest.raises(ValueError, match="target_shape must be \\[height, width\\]"):
+            pipe.generate(seed=1, prompt="x", negative_prompt="", target_shape=shape)
     with pytest.raises(ValueError, match="audio_path .*not supported"):
         pipe.generate(seed=1, prompt="x", negative_prompt="", save_result_path=str(tmp_path / "x.mp4"), audio_path="a.wav")
 

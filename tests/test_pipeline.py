@@ -122,15 +122,24 @@ def test_bad_inputs_fail_cleanly(case, t2v_folder, i2v_folder, tmp_path, capsys)
     (["--task", "i2v", "--image_path", "a.png,b.png"], "several comma-separated images are not supported"),
     (["--save_result_path", "."], "--save_result_path '.' is a directory"),
     (["--save_latents", "."], "--save_latents '.' is a directory"),
+    (["--save_result_path", "taken/out.mp4"], r"--save_result_path 'taken/out.mp4': .*taken is a file, not a folder"),
+    (["--task", "i2v", "--image_path", "nope.png"], "image file not found: nope.png"),
+    (["--task", "i2v", "--image_path", "taken"], "cannot read image file taken"),
 ])
 def test_cli_argument_errors_before_loading(tmp_path, monkeypatch, capsys, args, match):
     """Argument errors are one 'error:' line and exit 2, found before any model loads or any file is written."""
     import re
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken").write_bytes(b"not an image")
+    import lightx2v_engine.infer as infer
+    loads, real = [], infer.load_pipeline
+    monkeypatch.setattr(infer, "load_pipeline", lambda a: loads.append(a) or real(a))
     rc = main(["--random-weights", "--prompt", "a cat", "--quiet", *args])
     err = capsys.readouterr().err
     assert rc == 2 and re.search(match, err), err
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]
+    if "--device" not in args:  # (the device is checked where the models are made)
+        assert loads == []
 
 
 def test_cli_cuda_device_without_cuda(capsys):

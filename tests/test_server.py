@@ -121,6 +121,11 @@ def test_t2v_task_end_to_end(t2v_pipe, tmp_path):
     ({"prompt": "x", "infer_steps": 5.5}, 400, "infer_steps 5.5"),
     ({"prompt": "x", "video_duration": 10}, 400, "video_duration is not supported"),
     ({"prompt": "x", "resize_mode": "crop"}, 400, "resize_mode is not supported"),
+    ({"prompt": "x", "num_fragments": 2}, 400, "num_fragments is not supported by this server: one fragment"),
+    ({"prompt": "x", "talk_objects": [{"audio": "a.wav"}]}, 400, "talk_objects is not supported"),
+    ({"prompt": "\ud800"}, 400, "prompt: not valid Unicode text"),
+    ({"prompt": "x", "negative_prompt": "\udfff"}, 400, "negative_prompt: not valid Unicode text"),
+    ({"prompt": "x", "save_result_path": "a" * 5000}, 400, "save_result_path .*: not a usable path"),
 ])
 def test_bad_requests_are_named(tmp_path, body, status, match):
     app = S.App(lambda p, path, cancel: None, output_dir=tmp_path, infer_steps=4, task="t2v")
@@ -145,7 +150,7 @@ def test_lightx2v_schema_defaults_and_unusual_names(tmp_path):
     try:
         code, created = c.call("POST", "/v1/tasks/video/", {
             "prompt": "x", "infer_steps": 5, "target_fps": 16, "video_duration": 5, "resize_mode": "adaptive",
-            "target_shape": [], "save_result_path": "猫 \"cat\""})
+            "target_shape": [], "num_fragments": 1, "talk_objects": None, "save_result_path": "猫 \"cat\""})
         assert code == 200, created
         assert c.wait(created["task_id"])["status"] == "completed"
         req = urllib.request.Request(f"{c.base}/v1/tasks/{created['task_id']}/result")
@@ -551,3 +556,76 @@ def test_image_sources_confine_files_and_refuse_urls(tmp_path):
     with pytest.raises(SystemExit, match="not a folder"):
         S.image_sources(S.build_parser().parse_args(["--image_dir", str(tmp_path / "missing")]))
     assert S.image_sources(S.build_parser().parse_args([])) == S.ImageSources()
+
+
+def test_a_result_path_through_a_file_is_refused_before_the_task_runs(tmp_path):
+    """save_result_path "taken.mp4/clip" where taken.mp4 is a file (or a name that is a folder) is a 400 when
+    the request arrives, not a task that fails after generating."""
+    ran = []
+    app = S.App(lambda p, path, cancel: ran.append(path), output_dir=tmp_path, infer_steps=4, task="t2v")
+    (tmp_path / "taken.mp4").write_bytes(b"x")
+    (tmp_path / "folder.mp4").mkdir()
+    c = Client(app)
+    try:
+        code, resp = c.call("POST", "/v1/tasks/video/", {"prompt": "x", "save_result_path": "taken.mp4/clip"})
+        assert code == 400 and re.search(r"taken\.mp4 is a file, not a folder", resp["detail"]), resp
+        code, resp = c.call("POST", "/v1/tasks/video/", {"prompt": "x", "save_result_path": "folder"})
+        assert code == 400 and "is a directory" in resp["detail"], resp
+        code, resp = c.call("POST", "/v1/tasks/video/", {"prompt": "x", "save_result_path": "new/sub/clip"})
+        assert code == 200, resp  # (folders that do not exist yet are made)
+        assert c.wait(resp["task_id"])["status"] == "completed"
+        assert ran == [tmp_path.resolve() / "new" / "sub" / "clip.mp4"]
+    finally:
+        c.close(app)
+
+
+def test_a_malformed_reply_to_an_image_download_is_a_400(tmp_path):
+    """An image_path URL whose server answers something that is not HTTP (http.client.BadStatusLine, not an
+    OSError) is a 400 naming the download, not a 500."""
+    import socket
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+
+    def answer():
+        conn, _ = srv.accept()
+        conn.recv(65536)
+        conn.sendall(b"garbage\r\n\r\n")
+        conn.close()
+    t = threading.Thread(target=answer, daemon=True)
+    t.start()
+    app = S.App(lambda p, path, cancel: None, output_dir=tmp_path, infer_steps=4, task="i2v")
+    c = Client(app)
+    try:
+        url = f"http://127.0.0.1:{srv.getsockname()[1]}/a.png"
+        code, resp = c.call("POST", "/v1/tasks/video/", {"prompt": "x", "image_path": url})
+        assert code == 400 and "download failed (BadStatusLine" in resp["detail"], resp
+    finally:
+        c.close(app)
+        srv.close()
+
+
+def test_server_start_errors_are_one_line_and_a_taken_port_is_found_before_loading(tmp_path, capsys, monkeypatch):
+    """Start-up errors end like the CLI's: one "error:" line, exit 2, no traceback. The port is bound before
+    the models load: a taken port fails at once (the pipeline is never loaded)."""
+    import socket
+    monkeypatch.chdir(tmp_path)
+    assert S.main(["--random-weights", "--preset", "tiny", "--cpu_offload", "True", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "error: config key 'cpu_offload' = 'True'" in err and "Traceback" not in err, err
+    assert S.main(["--model_path", str(tmp_path / "nowhere"), "--port", "0"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    loads = []
+    import lightx2v_engine.infer as infer
+    monkeypatch.setattr(infer, "load_pipeline", lambda args: loads.append(args))
+    try:
+        port = taken.getsockname()[1]
+        assert S.main(["--random-weights", "--preset", "tiny", "--host", "127.0.0.1", "--port", str(port)]) == 2
+    finally:
+        taken.close()
+    err = capsys.readouterr().err
+    assert f"(--host 127.0.0.1 --port {port})" in err and "in use" in err, err
+    assert loads == []

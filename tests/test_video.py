@@ -181,3 +181,46 @@ def test_latents_failures_leave_no_file(tmp_path):
     assert _files(tmp_path) == []
     with pytest.raises(FileNotFoundError, match="lat.safetensors"):
         load_latents(path)
+
+
+def test_check_output_file_names_what_cannot_be_written(tmp_path):
+    """check_output_file (the CLI's and the server's check before a run): a folder, a path through a file, a
+    read-only folder and an over-long name are ValueErrors naming the flag; new folders are fine."""
+    import os
+    from lightx2v_engine.video import check_output_file
+    (tmp_path / "file").write_bytes(b"x")
+    check_output_file(tmp_path / "new" / "sub" / "v.mp4", "--out")
+    with pytest.raises(ValueError, match="--out .* is a directory"):
+        check_output_file(tmp_path, "--out")
+    with pytest.raises(ValueError, match=r"--out .*: .*file is a file, not a folder"):
+        check_output_file(tmp_path / "file" / "deeper" / "v.mp4", "--out")
+    with pytest.raises(ValueError, match="not a usable path"):
+        check_output_file(tmp_path / ("a" * 5000), "--out")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    from lightx2v_engine import video
+    real = os.access  # (a permission check root would pass: the folder is reported read-only instead)
+    video.os.access = lambda p, mode: False if os.fspath(p) == os.fspath(ro) else real(p, mode)
+    try:
+        with pytest.raises(ValueError, match="ro is not writable"):
+            check_output_file(ro / "new" / "v.mp4", "--out")
+    finally:
+        video.os.access = real
+
+
+def test_saved_files_get_the_umask_permissions_without_touching_the_umask(tmp_path, monkeypatch):
+    """The final file gets 0o666 & ~umask, read without setting the umask (which would, for a moment, apply
+    to files that other threads create)."""
+    import os
+    from lightx2v_engine import video
+    old = os.umask(0o027)
+    try:
+        calls = []
+        real = os.umask
+        monkeypatch.setattr(video.os, "umask", lambda m: calls.append(m) or real(m))
+        save_mp4(_smooth_video(t=1, h=16, w=16), tmp_path / "v.mp4")
+        if os.path.exists("/proc/self/status"):
+            assert calls == []
+    finally:
+        os.umask(old)
+    assert (tmp_path / "v.mp4").stat().st_mode & 0o777 == 0o640
