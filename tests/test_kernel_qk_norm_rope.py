@@ -175,7 +175,7 @@ S = importlib.util.module_from_spec(spec); spec.loader.exec_module(S)
 Q = importlib.import_module("lightx2v_engine.kernels.qk_norm_rope")
 types = dict(X="*i32", W2="*fp32", COS="*fp32", SIN="*fp32", O="*i32", eps="fp32")
 def report(tag, r):
-    ops = Counter(re.findall(r"\b((?:LDG|STG|LDS|STS|LDSM|STSM|LDGSTS)[.\w]*)", r["sass"]))
+    ops = Counter(re.findall(r"\b((?:LDG|STG|LDS|STS|LDSM|STSM|LDGSTS|F2F)[.\w]*)", r["sass"]))
     print("SASS", tag, r["spill"], " ".join(f"{k}={v}" for k, v in sorted(ops.items())))
 """
 
@@ -214,21 +214,32 @@ for C in (1536, 5120):
         assert re.fullmatch(r"\d", ops.get("STS", "0")), (C, bf, ops)
 
 
+def _onepass_sass(names: tuple[str, ...]) -> list[tuple[str, str, str, dict]]:
+    """_sass_reports of the bf16 onepass kernel at C 1536 and 5120 for each variant in names."""
+    body = f"""
+for C in (1536, 5120):
+    a, b = Q._head_parts(C // 128)
+    for name in {names!r}:
+        rows, t, st, _, cvt2 = Q.ONEPASS_CONFIGS[name]
+        warps = Q._onepass_warps((a + b) * 64, t)
+        consts = dict(H=C // 128, HALF_D=64, NH_A=a, NH_B=b, ROWS=rows, IS_BF16=True, STAGES=st, CVT2=int(cvt2))
+        report(f"{{C}} {{name}}", S.compile_sm90(Q._rms_rope_onepass_kernel, types, consts, warps, max(1, st),
+                                               div16=("C2",)))
+"""
+    return _sass_reports(body, 2 * len(names))
+
+
+def _words_per_thread(C: int, name: str) -> int:
+    """int32 words of a C-wide row that one thread of the onepass variant `name` handles."""
+    a, b = QK._head_parts(C // 128)
+    return (a + b) * 64 // (QK._onepass_warps((a + b) * 64, QK.ONEPASS_CONFIGS[name][1]) * 32)
+
+
 def test_onepass_sass_has_no_layout_conversion_and_pipelines_its_loop():
     """sm_90a SASS of "onepass" at the 1.3B and 14B widths: no spills, no shared-memory layout conversion
     (the weights and cos/sin share the row's layout; STS/LDS only for the row reduction), 128-bit stores;
     the loop variants load the next row by cp.async (LDGSTS)."""
-    body = """
-for C in (1536, 5120):
-    a, b = Q._head_parts(C // 128)
-    for name in ("onepass_r1", "onepass_loop8_t8_s2"):
-        rows, t, st, _, _ = Q.ONEPASS_CONFIGS[name]
-        warps = Q._onepass_warps((a + b) * 64, t)
-        consts = dict(H=C // 128, HALF_D=64, NH_A=a, NH_B=b, ROWS=rows, IS_BF16=True, STAGES=st, CVT2=0)
-        report(f"{C} {name}", S.compile_sm90(Q._rms_rope_onepass_kernel, types, consts, warps, max(1, st),
-                                             div16=("C2",)))
-"""
-    for C, name, spill, ops in _sass_reports(body, 4):
+    for C, name, spill, ops in _onepass_sass(("onepass_r1", "onepass_loop8_t8_s2")):
         assert spill == "0", (C, name, spill)
         assert not any(k.startswith(("LDSM", "STSM")) for k in ops), (C, name, ops)
         assert "STG.E.128" in ops and not any(k.startswith("STS.") for k in ops), (C, name, ops)
@@ -254,22 +265,10 @@ def test_onepass_cvt2_rounds_each_pair_in_one_packed_conversion():
         _run(1, (3, 5, 7), 3, torch.bfloat16, "cpu")
     finally:
         QK.set_qk_rope_impl("default")
-    body = """
-for C in (1536, 5120):
-    a, b = Q._head_parts(C // 128)
-    for name in ("onepass_r1", "onepass_r1_cvt2"):
-        rows, t, st, _, cvt2 = Q.ONEPASS_CONFIGS[name]
-        warps = Q._onepass_warps((a + b) * 64, t)
-        consts = dict(H=C // 128, HALF_D=64, NH_A=a, NH_B=b, ROWS=rows, IS_BF16=True, STAGES=st, CVT2=int(cvt2))
-        r = S.compile_sm90(Q._rms_rope_onepass_kernel, types, consts, warps, max(1, st), div16=("C2",))
-        ops = Counter(re.findall(r"\\b(F2FP?\\.[\\w.]+)", r["sass"]))
-        words = (a + b) * 64 // (warps * 32)
-        print("SASS", C, name, r["spill"], f"words={words}", " ".join(f"{k}={v}" for k, v in sorted(ops.items())))
-"""
-    got = {(C, name): ops for C, name, spill, ops in _sass_reports(body, 4)}
+    got = {(C, name): ops for C, name, spill, ops in _onepass_sass(("onepass_r1", "onepass_r1_cvt2"))}
     for C in ("1536", "5120"):
         plain, cvt2 = got[(C, "onepass_r1")], got[(C, "onepass_r1_cvt2")]
-        words = int(cvt2["words"])
+        words = _words_per_thread(int(C), "onepass_r1_cvt2")
         assert int(plain.get("F2F.BF16.F32", 0)) >= 6 * words and "F2FP.BF16.F32.PACK_AB" not in plain, plain
         assert int(cvt2.get("F2FP.BF16.F32.PACK_AB", 0)) == 3 * words and "F2F.BF16.F32" not in cvt2, cvt2
 
