@@ -374,9 +374,13 @@ class Pipeline:
                             random_device=dev)  # (drawn where it runs: offloaded or not, the same weights)
             if par is not None and broadcast:  # one set of random weights for every rank
                 par.broadcast_module_(dit)
-            if request_loras:
+            if run.dit_quantized:  # the random weights quantised in place (no checkpoint to read)
+                from lightx2v_engine.quant import quantize_dit_
+                quantize_dit_(dit, run.dit_quant_scheme)
+            loras = tuple(run.lora_configs) + tuple(request_loras)  # (the config's first, as Pipeline.load)
+            if loras:  # (on 8-bit linears: low-rank branches beside them)
                 from lightx2v_engine.lora import apply_loras_
-                apply_loras_(dit, request_loras, strict=run.lora_strict, compute_device=dev if run.cpu_offload else None)
+                apply_loras_(dit, loras, strict=run.lora_strict, compute_device=dev if run.cpu_offload else None)
             _place_dit(dit, run, dev)
             return dit
         t5 = tok = clip = None
@@ -608,8 +612,8 @@ class Pipeline:
                     self.parallel.broadcast_(r)
             ts = sampler.timestep_tensor(self.device)
             guided = run.enable_cfg and neg_context is not None
-            runner = self._graph_runner(x, context, neg_context if guided else None, clip_fea, y, sampler, renoise, ts) \
-                if self.use_cuda_graph and not self._dit_offloaded() else None  # (see _graphs_on)
+            runner = self._graph_runner(x, context, neg_context if guided else None, clip_fea, y, sampler, renoise, ts,
+                                        timings) if self.use_cuda_graph and not self._dit_offloaded() else None  # (_graphs_on)
             for i in range(sampler.num_steps):
                 with timings.measure(f"step {i + 1}", self.device):
                     if runner is not None:
@@ -645,7 +649,9 @@ class Pipeline:
         v = self.dit(b2(x), t.expand(2), torch.cat([context, neg_context], dim=0), b2(clip_fea), b2(y))
         return cfg_combine(v[1:], v[:1], self.run_cfg.sample_guide_scale)
 
-    def _graph_runner(self, x, context, neg_context, clip_fea, y, sampler, renoise, ts):
+    def _graph_runner(self, x, context, neg_context, clip_fea, y, sampler, renoise, ts, timings=None):
+        """The cached graphs of this shape key, their inputs set (a first call captures them: the warm-up and
+        capture time is timings' "graph capture"); None when capture fails (then eager from now on)."""
         from lightx2v_engine.cuda_graph import DistillGraphs
         # everything a replay bakes in: shapes, sampler, dtype, the CFG scale, the model object and the ops
         # it runs (backend, kernels and their configs, 8-bit attention)
@@ -658,9 +664,10 @@ class Pipeline:
                 del self._graphs[next(iter(self._graphs))]
                 _release_graph_memory()
             try:
-                graphs = DistillGraphs(lambda xx, t: self._velocity(xx, t, *graphs.static_conds()), sampler,
-                                       x, context, neg_context, clip_fea, y, renoise, ts)
-                graphs.capture()
+                with (timings or Timings()).measure("graph capture", self.device):
+                    graphs = DistillGraphs(lambda xx, t: self._velocity(xx, t, *graphs.static_conds()), sampler,
+                                           x, context, neg_context, clip_fea, y, renoise, ts)
+                    graphs.capture()
             except Exception as e:  # capture failed: say why, then run eagerly
                 log.error("CUDA graph capture failed (%s: %s); running eagerly", type(e).__name__, e,
                           exc_info=log.isEnabledFor(logging.DEBUG))
@@ -732,11 +739,12 @@ class Pipeline:
         negative_prompt (under CFG) to default_negative_prompt() when None ("" is an empty one)."""
         run = self.run_cfg
         seed = run.seed if seed is None else seed
-        t_frames = num_frames or run.target_video_length
-        h, w = height or run.target_height, width or run.target_width
-        # validates sizes like the config does (errors name the value)
-        parse_run_config({"target_video_length": t_frames, "target_height": h, "target_width": w}, warn=False,
-                         source="generate()")
+        # (None: the config's; 0 or a bad value is an error naming it, as in the config; 64.0 is 64)
+        sizes = parse_run_config({"target_video_length": run.target_video_length if num_frames is None else num_frames,
+                                  "target_height": run.target_height if height is None else height,
+                                  "target_width": run.target_width if width is None else width},
+                                 warn=False, source="generate()")
+        t_frames, h, w = sizes.target_video_length, sizes.target_height, sizes.target_width
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("prompt is empty: a text prompt is required")
         if self.task == "i2v" and image is None:

@@ -19,7 +19,9 @@ def test_graph_replay_equals_eager(preset):
     pipe.use_cuda_graph = True
     graphed = pipe.generate("a cat", image=image, seed=3)
     assert pipe._graphs, "no graph was captured"
+    assert graphed.timings.items["graph capture"] > 0 and "graph capture" not in eager.timings.items
     again = pipe.generate("a cat", image=image, seed=4)  # replay with new inputs
+    assert "graph capture" not in again.timings.items  # (the cached graphs)
     err = ((graphed.latents - eager.latents).norm() / eager.latents.norm()).item()
     assert err <= 1e-6, err
     assert not torch.equal(again.latents, graphed.latents)

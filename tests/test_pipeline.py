@@ -202,3 +202,41 @@ def test_text_len_sets_the_context_rows():
     assert Pipeline.random("tiny", size, device="cpu").encode_text(["a cat"]).shape[1] == 512
     ctx = Pipeline.random("tiny", {**size, "text_len": 64}, device="cpu").encode_text(["a cat", "a dog"])
     assert ctx.shape[:2] == (2, 64) and ctx[:, 10:].abs().sum() == 0
+
+
+def test_random_pipeline_honours_dit_quantized_and_lora_configs(tmp_path):
+    """Pipeline.random (--random-weights) with dit_quantized quantises its random DiT (8-bit linears), and
+    with lora_configs merges them: the same latents as the same LoRA set per request (it was ignored)."""
+    from safetensors.torch import save_file
+    from lightx2v_engine.config import LoraSpec
+    from lightx2v_engine.pipeline import Pipeline
+    from lightx2v_engine.quant import QuantLinear
+    size = {"target_height": 32, "target_width": 48, "target_video_length": 5}
+    q = Pipeline.random("tiny", {**size, "dit_quantized": True, "dit_quant_scheme": "int8-triton"}, device="cpu")
+    assert sum(isinstance(m, QuantLinear) for m in q.dit.modules()) > 0
+    g = torch.Generator().manual_seed(0)
+    lora = {}
+    for name, (out, inp) in (("blocks.0.self_attn.q", (256, 256)), ("blocks.1.ffn.0", (512, 256))):
+        lora[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(out, 4, generator=g) * 0.5
+        lora[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(4, inp, generator=g) * 0.5
+    save_file(lora, str(tmp_path / "style.safetensors"))
+    plain = Pipeline.random("tiny", size, device="cpu")
+    base = plain.generate("a cat", seed=1).latents
+    plain.set_request_loras([LoraSpec(str(tmp_path / "style.safetensors"), 1.0)])
+    want = plain.generate("a cat", seed=1).latents
+    assert (want - base).abs().max().item() > 1e-2
+    with_lora = Pipeline.random("tiny", {**size, "lora_configs": [{"path": str(tmp_path / "style.safetensors")}]},
+                                device="cpu")
+    assert torch.equal(with_lora.generate("a cat", seed=1).latents, want)
+
+
+def test_generate_sizes_zero_and_whole_floats():
+    """generate(): 0 frames / height / width is an error naming the key (it fell back to the config's size),
+    and a whole-number float size is that integer (it failed with a message saying 64.0 is no multiple of 16)."""
+    from lightx2v_engine.pipeline import Pipeline
+    pipe = Pipeline.random("tiny", {"target_height": 32, "target_width": 48, "target_video_length": 5}, device="cpu")
+    for kw, key in (({"height": 0}, "target_height"), ({"width": 0}, "target_width"),
+                    ({"num_frames": 0}, "target_video_length")):
+        with pytest.raises(ValueError, match=f"{key}' = 0"):
+            pipe.generate("a cat", seed=1, **kw)
+    assert tuple(pipe.generate("a cat", seed=1, height=64.0).frames.shape) == (5, 64, 48, 3)
