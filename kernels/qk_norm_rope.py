@@ -394,7 +394,8 @@ ONEPASS_CONFIGS = {"onepass_r1": (1, 16, 0, False, False), "onepass_r2": (2, 16,
                    "onepass_r1_qk1": (1, 16, 0, True, False), "onepass_loop8_t8_s2_qk1": (8, 8, 2, True, False),
                    "onepass_r1_cvt2": (1, 16, 0, False, True), "onepass_r2_cvt2": (2, 16, 0, False, True),
                    "onepass_r1_t4_cvt2": (1, 4, 0, False, True),
-                   "onepass_loop8_t8_s2_cvt2": (8, 8, 2, False, True)}
+                   "onepass_loop8_t8_s2_cvt2": (8, 8, 2, False, True),
+                   "onepass_r1_qk1_cvt2": (1, 16, 0, True, True), "onepass_r1_t4_qk1_cvt2": (1, 4, 0, True, True)}
 
 
 def _onepass_warps(words: int, per_thread: int) -> int:
@@ -492,7 +493,8 @@ QK_ROPE_IMPLS = ("row", "tile", "chunk", "packed", *ONEPASS_CONFIGS)
 # never run on a GPU yet: bench_kernels times them after the attention figures
 QK_ROPE_UNMEASURED = ("onepass_loop8_s2", "onepass_loop8_t8_s2", "onepass_loop16_t8_s3", "onepass_r1_t4",
                       "onepass_loop4_t4_s2", "onepass_r1_qk1", "onepass_loop8_t8_s2_qk1", "onepass_r1_cvt2",
-                      "onepass_r2_cvt2", "onepass_r1_t4_cvt2", "onepass_loop8_t8_s2_cvt2")
+                      "onepass_r2_cvt2", "onepass_r1_t4_cvt2", "onepass_loop8_t8_s2_cvt2", "onepass_r1_qk1_cvt2",
+                      "onepass_r1_t4_qk1_cvt2")
 
 
 # the explicit choice (LX2V_QK_ROPE, read once; set_qk_rope_impl); None: the GPU's tuned file

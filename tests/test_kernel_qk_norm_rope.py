@@ -255,11 +255,11 @@ def test_onepass_cvt2_rounds_each_pair_in_one_packed_conversion():
     for dtype in (torch.bfloat16, torch.float16):
         q, k, wq, wk, cos, sin = _inputs(2, (3, 5, 7), 3, dtype, "cpu", True)
         outs = []
-        for name in ("onepass_r1", "onepass_r1_cvt2", "onepass_loop8_t8_s2_cvt2"):
+        for name in ("onepass_r1", "onepass_r1_cvt2", "onepass_loop8_t8_s2_cvt2", "onepass_r1_qk1_cvt2"):
             qo, ko = torch.empty_like(q), torch.empty_like(k)
             assert QK._launch_onepass(q, k, wq, wk, cos, sin, 3, EPS, qo, ko, QK.ONEPASS_CONFIGS[name])
             outs.append(torch.cat([qo, ko]))
-        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2]), dtype
+        assert all(torch.equal(outs[0], o) for o in outs[1:]), dtype
     QK.set_qk_rope_impl("onepass_r2_cvt2")
     try:
         _run(1, (3, 5, 7), 3, torch.bfloat16, "cpu")
