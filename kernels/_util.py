@@ -27,10 +27,15 @@ TUNED_KEYS = ("LX2V_ATTN", "LX2V_ATTN_CONFIG", "LX2V_ATTN_GLUON_CONFIG", "LX2V_C
 _TUNED_FIELDS = ("device", "choices", "measured", "evidence")
 
 
+class ChoiceError(ValueError):
+    """An invalid kernel choice (a mistyped LX2V_* variable or setter value): the user's error, which
+    lightx2v_engine.ops raises instead of counting the kernels as unavailable."""
+
+
 def check_choice(what: str, value, choices):
-    """`value` when it is one of `choices`, else a ValueError naming `what` and the choices."""
+    """`value` when it is one of `choices`, else a ChoiceError naming `what` and the choices."""
     if value not in choices:
-        raise ValueError(f"{what} must be one of {list(choices)}, got {value!r}")
+        raise ChoiceError(f"{what} must be one of {list(choices)}, got {value!r}")
     return value
 
 

@@ -343,6 +343,14 @@ def _tma_ok(*ts: torch.Tensor) -> bool:
     return True
 
 
+def attention_supports(dtype: torch.dtype, head_dim: int, attn_8bit: bool = False) -> bool:
+    """Whether the attention kernels take this run dtype and head dim (fp16/bf16; D a power of two in
+    [16, 256], the 8-bit kernel and the RoPE prologue 32, 64 or 128): ops falls back to the reference
+    where not (an fp32 model, 48-wide heads)."""
+    return dtype in (torch.float16, torch.bfloat16) and head_dim in ((32, 64, 128) if attn_8bit else
+                                                                    (16, 32, 64, 128, 256))
+
+
 def _check_qkv(q, k, v):
     where = "kernels/attention.py"
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -514,7 +522,7 @@ def _self_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: to
                        attn_8bit: bool = False) -> torch.Tensor:
     B, L, C = q.shape
     H, D = num_heads, C // num_heads
-    if not attn_8bit:
+    if not attn_8bit and attention_supports(q.dtype, D, attn_8bit=True):  # (the prologue's D: 32, 64, 128)
         from .attention_rope import attention_rope_prologue, rope_placement
         if rope_placement(q.device) == "prologue":  # norm + RoPE inside the attention kernel
             return attention_rope_prologue(q, k, v, wq, wk, cos, sin, H, eps)
@@ -556,6 +564,11 @@ def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: torch.
     if v.shape != q.shape or v.stride(-1) != 1:
         raise ValueError(f"kernels/attention.py: v must be [B, L, C] = {list(q.shape)} with unit last stride, "
                          f"got {list(v.shape)} strides {v.stride()}")
+    D = q.shape[-1] // num_heads
+    if not attention_supports(q.dtype, D, attn_8bit) or v.dtype != q.dtype or k.dtype != q.dtype:
+        raise ValueError(f"kernels/attention.py: self_attention{' (8-bit)' if attn_8bit else ''} takes fp16/bf16 q, "
+                         f"k, v and a head dim of {'32, 64 or 128' if attn_8bit else 'a power of two in [16, 256]'}, "
+                         f"got {q.dtype}/{k.dtype}/{v.dtype} and D = {D}")
     if attn_8bit and not fp8_supported(q.device):
         raise RuntimeError(f"kernels/attention.py: 8-bit self-attention needs an sm89+ GPU (fp8 MMA) or "
                            f"TRITON_INTERPRET=1, got device {q.device}")

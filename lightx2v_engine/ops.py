@@ -49,6 +49,8 @@ def _kernels():
         from lightx2v_engine import kernels
         return kernels
     except Exception as e:  # recorded, not hidden: see kernel_status()
+        if type(e).__name__ == "ChoiceError":  # a mistyped LX2V_* choice: an error, not a silent slow path
+            raise
         _kernels.reason = f"{type(e).__name__}: {e}"
         return None
 
@@ -332,9 +334,12 @@ def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: torch.
     seq_parallel (parallel.SeqParallel): q, k, v hold this rank's token shard and `rope` its rows; the
     attention spans the whole sequence (rope.seq_len tokens) through the group's collectives.
     """
+    D = q.shape[-1] // num_heads
     kern = _fast(q, "self_attention")
-    if kern is not None and seq_parallel is None:
-        eight = attn_8bit and attention_8bit_available(q.device)
+    # (the attention kernels take fp16/bf16 and their head dims; an fp32 model or 48-wide heads: the reference)
+    ok = kern is not None and kern.attention_supports(q.dtype, D)
+    eight = ok and attn_8bit and attention_8bit_available(q.device) and kern.attention_supports(q.dtype, D, True)
+    if ok and seq_parallel is None:
         return kern.self_attention(q, k, v, wq, wk, rope.cos, rope.sin, num_heads, eps, attn_8bit=eight)
     kern = _fast(q, "qk_norm_rope")
     if kern is not None:
@@ -346,11 +351,11 @@ def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: torch.
         return attention(qh, kh, vh).flatten(-2)
     # the shard's rows are normed and rotated; the group's attention (Ulysses all-to-all or k/v all-gather)
     # runs our attention op (or the 8-bit one) over the whole sequence
-    if attn_8bit and attention_8bit_available(q.device):
+    if eight:
         attn = _kernels().attention_8bit
     else:  # self-attention's kernel choice (kernels.attention_impl), not cross-attention's
         kern = _fast(q, "self_attention_heads")
-        attn = kern.self_attention_heads if kern is not None else attention
+        attn = kern.self_attention_heads if kern is not None and ok else attention
     seq_len = rope.seq_len if rope.seq_len is not None else rope.cos.shape[0]
     return seq_parallel.attention(qh, kh, vh, seq_len, attn).flatten(-2)
 
@@ -358,6 +363,6 @@ def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: torch.
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Non-causal attention, q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D]."""
     kern = _fast(q, "attention")
-    if kern is not None:
+    if kern is not None and kern.attention_supports(q.dtype, q.shape[-1]):
         return kern.attention(q, k, v)
     return attention_ref(q, k, v)

@@ -134,7 +134,8 @@ def rms_norm_act(x: torch.Tensor, gamma: torch.Tensor, silu: bool, out: torch.Te
         if k is not None and x.dim() == 5 and (out is None or k.supports(out, None)):
             if not k.supports(x, None):  # one copy + one fused pass still beats the 4-pass reference
                 x = x.contiguous(memory_format=torch.channels_last_3d)
-            return k.rms_norm_act(x, gamma, silu, out)
+            if k.supports(x, out):  # (out's pixels in x's order: else the reference, which takes any strides)
+                return k.rms_norm_act(x, gamma, silu, out)
     return rms_norm_act_ref(x, gamma, silu, out)
 
 

@@ -43,6 +43,25 @@ def test_tiny_dit_kernels_vs_reference(cfg):
     assert err <= 2 * base + 1e-3, (err, base)
 
 
+def test_fp32_and_48_wide_heads_run_the_reference_attention():
+    """Models the attention kernels cannot take: an fp32 run dtype (the config's "dtype": "fp32") and heads of
+    48 (a head dim no kernel has). Through the kernel dispatch their attention falls back to the reference
+    (the other kernels still run): the output equals the reference backend's to fp32 rounding (the kernels
+    backend raised for fp32 and for 48-wide heads before)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for cfg in (ModelConfig("custom", "t2v", dim=64, ffn_dim=96, num_heads=2, num_layers=1, in_dim=16, text_dim=32),
+                ModelConfig("custom", "t2v", dim=96, ffn_dim=96, num_heads=2, num_layers=1, in_dim=16, text_dim=32)):
+        sd = build_dit(cfg, None, dtype=torch.float32).state_dict()
+        args = inputs(cfg, f=1, h=4, w=4, text_len=8)
+        ref = _run(cfg, sd, torch.float32, "torch", device, args)
+        got = _run(cfg, sd, torch.float32, "kernels", device, args)
+        assert rel_l2(got, ref) < 1e-5, cfg.dim
+    from lightx2v_engine.kernels import attention_supports
+    assert attention_supports(torch.bfloat16, 128) and attention_supports(torch.float16, 16, False)
+    assert not attention_supports(torch.float32, 128) and not attention_supports(torch.bfloat16, 48)
+    assert attention_supports(torch.bfloat16, 64, True) and not attention_supports(torch.bfloat16, 16, True)
+
+
 def test_tiny_dit_with_rope_in_the_attention_kernel():
     """LX2V_SELF_ATTN_ROPE=prologue (kernels/attention_rope.py) inside the DiT: the same rule against the
     fp32 reference, and a different computation from the norm+RoPE pass path."""

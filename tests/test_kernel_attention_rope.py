@@ -19,16 +19,16 @@ LOW = torch.bfloat16 if DEV == "cuda" else torch.float16
 EPS = 1e-6
 
 
-def _inputs(B, grid, H, dtype=LOW, device=DEV, seed=0):
+def _inputs(B, grid, H, dtype=LOW, device=DEV, seed=0, D=128):
     g = torch.Generator().manual_seed(seed)
     L = grid[0] * grid[1] * grid[2]
-    C = H * 128
+    C = H * D
     q = (torch.randn(B, L, C, generator=g) * 2).to(device, dtype)
     k = (torch.randn(B, L, C, generator=g) + 0.3).to(device, dtype)
     v = torch.randn(B, L, C, generator=g).to(device, dtype)
     wq = (torch.rand(C, generator=g) + 0.5).to(device)
     wk = (torch.rand(C, generator=g) + 0.5).to(device)
-    rope = rope_tables(grid, 128, device=device)
+    rope = rope_tables(grid, D, device=device)
     return q, k, v, wq, wk, rope.cos, rope.sin
 
 
@@ -129,6 +129,20 @@ def test_self_attention_op_runs_the_prologue_kernel(monkeypatch):
         set_rope_placement("default")
     self_attention(q, k, v, wq, wk, cos, sin, 2, EPS)  # "pass": the prologue kernel is not called
     assert calls == [1]
+    # head dims the prologue kernel does not take (16, 256) run the pass path under "prologue" too (they
+    # raised), and a head dim no attention kernel takes (48) is a ValueError naming it
+    for H, D in ((2, 16), (1, 256)):
+        q, k, v, wq, wk, cos, sin = _inputs(1, (1, 2, 3), H, D=D)
+        want = self_attention(q, k, v, wq, wk, cos, sin, H, EPS)
+        set_rope_placement("prologue")
+        try:
+            torch.testing.assert_close(self_attention(q, k, v, wq, wk, cos, sin, H, EPS), want, rtol=0, atol=0)
+        finally:
+            set_rope_placement("default")
+    assert calls == [1]
+    q, k, v, wq, wk, cos, sin = _inputs(1, (1, 2, 3), 2, D=48)
+    with pytest.raises(ValueError, match="head dim of a power of two in \\[16, 256\\], got .* D = 48"):
+        self_attention(q, k, v, wq, wk, cos, sin, 2, EPS)
 
 
 @pytest.mark.gpu

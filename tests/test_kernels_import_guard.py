@@ -37,3 +37,18 @@ def test_top_level_kernels_import_is_inert():
     env = dict(os.environ, TRITON_INTERPRET="1")
     res = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0 and "OK (1, 30, 256)" in res.stdout, res.stdout[-2000:] + res.stderr[-3000:]
+
+
+def test_a_mistyped_kernel_choice_is_an_error_not_a_silent_slow_path():
+    """LX2V_QK_ROPE=onepass_r3 (no such variant) made the whole kernel package "unavailable", so every op on
+    CUDA ran the slow reference and only ops.describe() said why; now asking for the kernels (the pipeline
+    logs ops.describe(device) when it is built) raises the message naming the variable and its choices."""
+    env = dict(os.environ, TRITON_INTERPRET="1", LX2V_QK_ROPE="onepass_r3")
+    script = ("import torch\nfrom lightx2v_engine import ops\n"
+              "for f in (ops.kernel_status, lambda: ops.describe(torch.device('cuda'))):\n"
+              "    try:\n        f()\n    except ValueError as e:\n        print('RAISED', e)\n")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    raised = [ln for ln in res.stdout.splitlines() if ln.startswith("RAISED")]
+    assert len(raised) == 2, res.stdout + res.stderr[-2000:]
+    assert all("kernels/qk_norm_rope.py: LX2V_QK_ROPE must be one of" in ln and "got 'onepass_r3'" in ln
+               for ln in raised), raised

@@ -371,3 +371,21 @@ def test_lightvae_width_matches_diffusers(tmp_path):
         want_enc = (ref.encode(x).latent_dist.mean - mean) / std
     assert _rel(ours.decode(z), want_dec) <= 1e-4
     assert _rel(ours.encode(x), want_enc) <= 1e-4
+
+
+def test_rms_norm_act_out_in_another_pixel_order_runs_the_reference():
+    """An `out` of channels-last rows whose pixels run in another order than x's: the kernel cannot write it
+    (one offset for both), so the reference runs (it raised before), into that buffer."""
+    from lightx2v_engine import vae as V
+    x = torch.randn(1, 4, 2, 3, 3).contiguous(memory_format=torch.channels_last_3d)
+    g = torch.randn(4, 1, 1, 1)
+    out = torch.empty(1, 2, 3, 3, 4).permute(0, 4, 1, 3, 2)  # [1, 4, 2, 3, 3], W slower than H
+    V.set_norm_kernel("kernel")
+    try:
+        if V._norm_kernel() is None:
+            pytest.skip(f"the VAE norm kernel is {V.norm_kernel_status()}")
+        got = V.rms_norm_act(x, g, True, out)
+    finally:
+        V.set_norm_kernel("auto")
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(got, V.rms_norm_act_ref(x, g, True), rtol=1e-6, atol=1e-6)
