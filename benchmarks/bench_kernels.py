@@ -44,7 +44,7 @@ L720 = 75600
 HEAD_D = 128
 # the 8-bit configs --quick times (sass_stats.py: the f16x2 and warp-specialised polynomial loops are longer)
 QUICK_ATTN8 = ("ws_128x128_w4_s2", "ws_128x128_w4_s3", "ws_128x128_w4_s3_i2f", "ws_128x128_w4_s2_pv16",
-               "tma_128x128_w8_s3_poly", "gluon_fa3_128x128_s2", "gluon_fa3_128x128_s3")
+               "tma_128x128_w8_s3_poly", "gluon_fa3_128x128_s2", "gluon_fa3_128x128_s3", "gluon_fa3_128x128_s3_preg")
 CSV_FIELDS = ["op", "shape", "impl", "ms", "tflops_or_gbps", "unit", "ratio", "ratio_kind", "max_err", "ok",
               "gpu", "torch", "triton", "commit", "date", "note"]
 
@@ -276,7 +276,7 @@ def bench_attention_8bit(shapes: list[tuple[int, int, int]], configs: list[str],
     """Every 8-bit config (quantisation + kernel, and the kernel alone) at the self-attention shapes; error
     as rel. L2 vs fp32 attention (ok: < 0.06 and finite); ratio to cuDNN bf16 from the same run."""
     from lightx2v_engine.kernels.attention_8bit import (ATTN8_CONFIGS, attention_8bit_quantized,
-                                                        attention_8bit_triton, fp8_supported, quantize_qkv)
+                                                        attention_8bit_triton, fp8_supported, quantize_for)
     from lightx2v_engine.kernels.attention_8bit import _resolve as _resolve8
     G = importlib.import_module("lightx2v_engine.kernels.attention_gluon")
     rows = []
@@ -291,7 +291,7 @@ def bench_attention_8bit(shapes: list[tuple[int, int, int]], configs: list[str],
                 continue
             out = torch.empty_like(q)
             try:
-                quant = quantize_qkv(q, k, v, cfg.block_n, quant_v=cfg.pv_fp8)
+                quant = quantize_for(q, k, v, cfg)
                 res = attention_8bit_triton(q, k, v, c, out=out).float()
                 if cfg.gluon and G.failure():  # it failed and fell back to the Triton kernel
                     raise RuntimeError(G.failure())
@@ -602,7 +602,9 @@ def main(argv=None) -> int:
         rows += bench_attention([(12, 32768, 32768)], [DEFAULT_ATTN_CONFIG], device, dtype)
         save(rows)
     cudnn_ms = {r["shape"]: r["ms"] for r in rows if r["op"] == "attention" and r["impl"] == "sdpa_cudnn"}
-    rows += bench_attention_8bit([s for s in attn_shapes if s[1] == s[2]], configs8, device, dtype, cudnn_ms)
+    from lightx2v_engine.kernels.attention_8bit import ATTN8_UNMEASURED
+    rows += bench_attention_8bit([s for s in attn_shapes if s[1] == s[2]],
+                                 [c for c in configs8 if c not in ATTN8_UNMEASURED], device, dtype, cudnn_ms)
     save(rows)
     mean_pad = [c for c in configs if ATTN_CONFIGS[c].mean_pad]
     if mean_pad:  # self-attention shapes only (the padding is a self-attention feature)
@@ -623,6 +625,10 @@ def main(argv=None) -> int:
                                  ROPE_ATTN_CONFIGS[:2] if args.quick else ROPE_ATTN_CONFIGS,
                                  attn_config=picked.get("attn_best_triton_config"),
                                  qk_impl=max(fracs, key=fracs.get) if fracs else None)
+    save(rows)
+    # 8-bit attention configs never run on a GPU, last of all (ATTN8_UNMEASURED)
+    rows += bench_attention_8bit([s for s in attn_shapes if s[1] == s[2]],
+                                 [c for c in configs8 if c in ATTN8_UNMEASURED], device, dtype, cudnn_ms)
     summary, (csv_path, json_path) = save(rows)
     print_table(rows, copy_gbps)
     print(json.dumps(summary, indent=2))

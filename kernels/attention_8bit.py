@@ -71,6 +71,7 @@ class Attn8Config:
     pv_fp8: bool = True     # FP8 P.V; False: P.V in the input dtype with v unquantised (SageAttention-1)
     gluon: bool = False     # the FA3-style Gluon kernel (kernels/attention_gluon.py; sm90, head_dim 128) with
     #                         block_n and num_stages from here; elsewhere DEFAULT_ATTN8_CONFIG's Triton kernel
+    p_regs: bool = False    # (gluon) P8 in registers as P.V's A operand; v quantised with key_perm (key_perm32)
 
 
 # Candidates for benchmarks/bench_kernels.py (none measured on a GPU yet; the bf16 analogue of
@@ -91,7 +92,15 @@ ATTN8_CONFIGS: dict[str, Attn8Config] = {
     # SASS 571 instructions per warp and key block against 584; written without a GPU
     "gluon_fa3_128x128_s2": Attn8Config(128, 128, 4, 2, gluon=True),
     "gluon_fa3_128x128_s3": Attn8Config(128, 128, 4, 3, gluon=True),
+    # P8 stays in registers as P.V's A operand (no shared-memory round trip, fence or warpgroup barrier per
+    # block): vt's keys are stored in the accumulator's register order (key_perm32), so the layout change
+    # moves no data between threads. sm_90a SASS of the key loop: 748 instructions per warp and block
+    # against 576 (no STS/BAR for P, but 112 PRMT byte moves). Never run on a GPU.
+    "gluon_fa3_128x128_s3_preg": Attn8Config(128, 128, 4, 3, gluon=True, p_regs=True),
 }
+# never run on a GPU: benchmarks/bench_kernels.py times them after every other figure (a crash there, e.g. an
+# illegal memory access that poisons the CUDA context, costs nothing else)
+ATTN8_UNMEASURED = ("gluon_fa3_128x128_s3_preg",)
 # the 2-stage ring of the measured bf16 default (ws_128x128_w4_s2, 582 TFLOP/s); a 3-stage warp-specialised
 # bf16 sibling (BLOCK_N 64) returned NaN on an H100 for reasons never found, so s3 waits for a GPU run
 DEFAULT_ATTN8_CONFIG = "ws_128x128_w4_s2"
@@ -155,12 +164,23 @@ def _round_int8(y: torch.Tensor) -> torch.Tensor:
     return torch.where(y >= 0, y + 0.5, y - 0.5).to(torch.int8)
 
 
-def quantize_qkv_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int):
+def key_perm32(n: int, device=None) -> torch.Tensor:
+    """The key order of vt under key_perm (n a multiple of 32): column k' holds key perm[k'], where within
+    each 16 keys k' = 4t + 2c + e holds key 8c + 2t + e. It is the order in which a wgmma accumulator's
+    registers hold a row of P (thread t of a quad: columns 2t, 2t + 1, 8 + 2t, 9 + 2t of each 16), read as an
+    fp8 A operand (thread t: k = 4t .. 4t + 3): P V summed in this order needs no register shuffles."""
+    k = torch.arange(n, device=device)
+    t, c, e = (k >> 2) & 3, (k >> 1) & 1, k & 1
+    return (k & ~15) | (c << 3) | (t << 1) | e
+
+
+def quantize_qkv_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int, key_perm: bool = False):
     """Reference quantisation. q [B, Lq, H, D], k/v [B, Lk, H, D] (any float dtype).
 
     Returns q8 [B, Lq, H, D] int8, qs [B, H, Lq] fp32 (log2(e)/sqrt(D) folded in), k8 [B, Lk, H, D] int8,
     ks [B, H, ceil(Lk/block_n)] fp32, vt [B, H, D, Lk_pad] e4m3 of v - mean_L(v), vs [B, H, 2, D] fp32 (the
-    channel scale, then the channel mean).
+    channel scale, then the channel mean). key_perm: vt's keys in key_perm32 order (the Gluon kernel with P
+    in registers).
     """
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
@@ -182,6 +202,8 @@ def quantize_qkv_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n:
     v8 = (vc * (448.0 / amax_v)[:, None]).to(torch.float8_e4m3fn)
     vt = torch.zeros(B, H, D, nblk * block_n, dtype=torch.float8_e4m3fn, device=v.device)
     vt[..., :Lk] = v8.permute(0, 2, 3, 1)
+    if key_perm:
+        vt = vt[..., key_perm32(vt.shape[-1], vt.device)].contiguous()
     vs = torch.stack([amax_v / 448.0, mean_v], dim=2).contiguous()        # [B, H, 2, D]: scale, mean
     return q8.contiguous(), qs, k8.contiguous(), ks, vt, vs
 
@@ -233,9 +255,9 @@ def _quant_rows_kernel(X, MEAN, Y, S, stride_xb, stride_xl, stride_xh, H, L, n_b
 
 @triton.jit
 def _quant_v_kernel(V, VS, VT, stride_vb, stride_vl, stride_vh, H, L, L_pad,
-                    HEAD_D: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr):
+                    HEAD_D: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr, KEY_PERM: tl.constexpr):
     """v [B, L, H, D] -> vt [B, H, D, L_pad] e4m3 = (v - mean) * 448 / amax_channel (zero past L); VS
-    [B, H, 2, D] holds amax / 448 and the mean."""
+    [B, H, 2, D] holds amax / 448 and the mean. KEY_PERM: key r stored in column key_perm32^-1(r)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -249,12 +271,16 @@ def _quant_v_kernel(V, VS, VT, stride_vb, stride_vl, stride_vh, H, L, L_pad,
     x = tl.where((rows < L)[:, None], x - mean[None, :], 0.0)
     y = _to_e4m3(x * (1.0 / vs)[None, :], INTERP)
     base = VT + bh.to(tl.int64) * HEAD_D * L_pad
-    tl.store(base + offs_d[:, None] * L_pad + rows[None, :], tl.trans(y), mask=(rows < L_pad)[None, :])
+    cols = rows
+    if KEY_PERM:  # within 16 keys: key 8c + 2t + e -> column 4t + 2c + e
+        cols = (rows & -16) | (((rows >> 1) & 3) << 2) | (((rows >> 3) & 1) << 1) | (rows & 1)
+    tl.store(base + offs_d[:, None] * L_pad + cols[None, :], tl.trans(y), mask=(rows < L_pad)[None, :])
 
 
-def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int, quant_v: bool = True):
+def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int, quant_v: bool = True,
+                 key_perm: bool = False):
     """Triton quantisation with quantize_qkv_ref's contract (three launches plus two PyTorch reductions).
-    quant_v=False leaves v as it is: (q8, qs, k8, ks, v, None)."""
+    quant_v=False leaves v as it is: (q8, qs, k8, ks, v, None). key_perm: vt's keys in key_perm32 order."""
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     nblk = triton.cdiv(Lk, block_n)
@@ -280,7 +306,7 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int
     vs = torch.stack([amax / 448.0, vmean], dim=2).contiguous()                      # [B, H, 2, D]
     _quant_v_kernel[(nblk, B * H)](
         v, vs, vt, v.stride(0), v.stride(1), v.stride(2), H, Lk, nblk * block_n,
-        HEAD_D=D, BLOCK=block_n, INTERP=interpreting(), num_warps=8)
+        HEAD_D=D, BLOCK=block_n, INTERP=interpreting(), KEY_PERM=key_perm, num_warps=8)
     return q8, qs, k8, ks, vt, vs
 
 
@@ -508,7 +534,21 @@ def attention_8bit_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return out
     if Lk == 0:
         return out.zero_()
-    return attention_8bit_quantized(quantize_qkv(q, k, v, cfg.block_n, quant_v=cfg.pv_fp8), Lk, out, cfg)
+    return attention_8bit_quantized(quantize_for(q, k, v, cfg), Lk, out, cfg)
+
+
+def quantize_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: str | Attn8Config) -> tuple:
+    """quantize_qkv as `config`'s kernel reads it (its block_n; v quantised for FP8 P.V; keys in key_perm32
+    order for P in registers)."""
+    cfg = config if isinstance(config, Attn8Config) else ATTN8_CONFIGS[config]
+    return quantize_qkv(q, k, v, cfg.block_n, quant_v=cfg.pv_fp8, key_perm=cfg.p_regs)
+
+
+def unpermute_keys(vt: torch.Tensor) -> torch.Tensor:
+    """vt [..., Lk_pad] quantised with key_perm -> the keys in their order (a copy)."""
+    out = torch.empty_like(vt)
+    out[..., key_perm32(vt.shape[-1], vt.device)] = vt
+    return out
 
 
 def attention_8bit_quantized(quantized: tuple, Lk: int, out: torch.Tensor, config: str | Attn8Config) -> torch.Tensor:
@@ -522,9 +562,12 @@ def attention_8bit_quantized(quantized: tuple, Lk: int, out: torch.Tensor, confi
                 and q8.is_contiguous() and k8.is_contiguous()):
             try:
                 return _gluon.attention_8bit_gluon_quantized(quantized, Lk, out, _gluon.GluonAttnConfig(
-                    cfg.block_n, cfg.num_stages))
+                    cfg.block_n, cfg.num_stages, p_regs=cfg.p_regs))
             except Exception as e:  # noqa: BLE001 - any failure: warn once and use the Triton kernel
                 _gluon.record_failure(e, "kernels/attention_8bit.py")
+        if cfg.p_regs:  # the Triton kernel reads the keys in their order
+            vt = unpermute_keys(vt)
+            quantized = (q8, qs, k8, ks, vt, vs)
         cfg = dataclasses.replace(ATTN8_CONFIGS[DEFAULT_ATTN8_CONFIG], block_n=cfg.block_n)
     if (vs is None) == cfg.pv_fp8:
         raise ValueError(f"kernels/attention_8bit.py: config pv_fp8={cfg.pv_fp8} but v was "

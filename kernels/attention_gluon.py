@@ -83,6 +83,7 @@ class GluonAttnConfig:
     pingpong: bool = True
     consumer_regs: int = 240
     block_m: int = 128  # two consumer warpgroups of 64 rows (wgmma M = 64 per warpgroup)
+    p_regs: bool = False  # 8-bit kernel: P8 as a register operand of P.V (vt quantised with key_perm)
 
 
 # smem: q 32 KB + K and V 2 x stages x block_n x 256 B + 16 KB epilogue scratch; 128x128 with 2 stages
@@ -401,15 +402,30 @@ if HAVE_GLUON:
         gl.thread_barrier()
 
     @gluon.jit
+    def _p8_operand(p, o_layout: gl.constexpr):
+        """P (fp32 [64, BLOCK_N], the S accumulator's layout) as the fp8 A operand of P.V, in registers: its
+        columns reordered within each 32 keys (k' = 32a + 16b + 4t + 2c + e takes key 32a + 16b + 8c + 2t + e,
+        attention_8bit.key_perm32, the order in which quantize_qkv(key_perm=True) wrote vt) so that each
+        thread already holds its operand bytes: the layout conversion moves no data (asserted)."""
+        ROWS: gl.constexpr = p.type.shape[0]
+        COLS: gl.constexpr = p.type.shape[1]
+        p8 = gl.reshape(gl.permute(gl.reshape(p.to(gl.float8e4nv), [ROWS, COLS // 32, 2, 2, 4, 2]),
+                                   [0, 1, 2, 4, 3, 5]), [ROWS, COLS])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+        return gl.convert_layout(p8, a_layout, assert_trivial=True)
+
+    @gluon.jit
     def _step8(q_smem, k_bufs, v_bufs, p_smem, k_ready, k_empty, v_ready, v_empty, turn, j, Lk, ks_ptr, qs_row,
-               s, pv, m_i, l_i, acc, alpha_prev, WG: gl.constexpr, MASK: gl.constexpr):
+               s, pv, m_i, l_i, acc, alpha_prev, p_op, WG: gl.constexpr, MASK: gl.constexpr,
+               P_REGS: gl.constexpr):
         """Turn j >= 1: issue S_j = q8 k8_j^T (int32, on top of the 1.5*2^23 bit pattern, so that its bits
         are the fp32 1.5*2^23 + S_j) and PV_{j-1} = P8_{j-1} V8_{j-1} into a fresh fp32 block; the softmax of
         S_j runs while PV_{j-1} does; then acc = acc * alpha_{j-1} + PV_{j-1} (one FFMA per element; fp8
         wgmma accumulates imprecisely, so each block's sum is added in fp32). P8 goes through this
         warpgroup's shared buffer p_smem (written once PV_{j-1}, its reader, is done): in registers its
         accumulator layout would need ~240 byte shuffles per thread and block to become an fp8 A operand.
-        Returns the new state."""
+        P_REGS: P8 stays in registers instead (p_op, _p8_operand: no shuffles, no shared-memory round trip,
+        no warpgroup barrier), on vt quantised with key_perm. Returns the new state."""
         STAGES: gl.constexpr = k_bufs.type.shape[0]
         BLOCK_N: gl.constexpr = k_bufs.type.shape[1]
         s_layout: gl.constexpr = s.type.layout
@@ -420,7 +436,10 @@ if HAVE_GLUON:
         s = warpgroup_mma(q_smem, k_bufs.index(st).permute((1, 0)),
                           gl.full([s.type.shape[0], BLOCK_N], MAGIC_I, gl.int32, s_layout), is_async=True)
         mbarrier.wait(v_ready.index(pst), ((j - 1) // STAGES) & 1)
-        pv = warpgroup_mma(p_smem, v_bufs.index(pst).permute((1, 0)), pv, use_acc=False, is_async=True)
+        if P_REGS:
+            pv = warpgroup_mma(p_op, v_bufs.index(pst).permute((1, 0)), pv, use_acc=False, is_async=True)
+        else:
+            pv = warpgroup_mma(p_smem, v_bufs.index(pst).permute((1, 0)), pv, use_acc=False, is_async=True)
         _pass_turn(turn, WG)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
         mbarrier.arrive(k_empty.index(st), count=1)
@@ -433,19 +452,26 @@ if HAVE_GLUON:
         alpha = gl.exp2(m_i - m_new)
         l_i = l_i * alpha + gl.sum(p, axis=1)
         l_i = _anchor_pv_wait(l_i)
-        pv = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
-        mbarrier.arrive(v_empty.index(pst), count=1)
         o_layout: gl.constexpr = acc.type.layout
-        _store_p8(p_smem, p)
+        if P_REGS:
+            # (p_op cannot be a dep: the wait's lowering takes no 8-bit values; ptxas keeps a wgmma's A registers
+            # until its wait_group, or serialises the wgmmas with a warning, which the SASS test looks for)
+            pv = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
+            mbarrier.arrive(v_empty.index(pst), count=1)
+            p_op = _p8_operand(p, o_layout)
+        else:
+            pv = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
+            mbarrier.arrive(v_empty.index(pst), count=1)
+            _store_p8(p_smem, p)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha_prev, gl.SliceLayout(1, o_layout)), 1) + pv
-        return s, pv, m_new, l_i, acc, alpha
+        return s, pv, m_new, l_i, acc, alpha, p_op
 
     @gluon.jit
     def _consumer8(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, p_bufs, q_ready, k_ready, k_empty, v_ready,
                    v_empty, turn, row_q, row_k, col, row_v, n_blocks, o_ptr, stride_ob, stride_ol, stride_oh, b, h, Lq,
-                   Lk, qs_ptr, ks_ptr, vs_ptr, WG: gl.constexpr):
+                   Lk, qs_ptr, ks_ptr, vs_ptr, WG: gl.constexpr, P_REGS: gl.constexpr):
         """The 8-bit consumer: the bf16 consumer's schedule (turns, peeled masked block) with the 8-bit
-        arithmetic; o = acc / l * scale_v + mean_v."""
+        arithmetic; o = acc / l * scale_v + mean_v. P_REGS: see _step8."""
         HALF: gl.constexpr = q_desc.block_type.shape[0]
         HEAD_D: gl.constexpr = q_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
@@ -475,24 +501,32 @@ if HAVE_GLUON:
         m_i = (gl.max(sb, axis=1) - MAGIC_F) * sc
         p = gl.exp2(sb * gl.expand_dims(sc, 1) - gl.expand_dims(m_i - P_SHIFT + MAGIC_F * sc, 1))
         l_i = gl.sum(p, axis=1)
-        _store_p8(p_smem, p)
+        if P_REGS:
+            p_op = _p8_operand(p, o_layout)
+        else:
+            _store_p8(p_smem, p)
+            p_op = 0  # (unused)
         acc = gl.zeros([HALF, HEAD_D], gl.float32, o_layout)
         pv = gl.zeros([HALF, HEAD_D], gl.float32, o_layout)
         alpha = gl.full([HALF], 1.0, gl.float32, gl.SliceLayout(1, s_layout))
 
         for j in range(1, n_full):
-            s, pv, m_i, l_i, acc, alpha = _step8(q_smem, k_bufs, v_bufs, p_smem, k_ready, k_empty, v_ready,
-                                                 v_empty, turn, j, Lk, ks_ptr, qs_row, s, pv, m_i, l_i, acc,
-                                                 alpha, WG, False)
+            s, pv, m_i, l_i, acc, alpha, p_op = _step8(q_smem, k_bufs, v_bufs, p_smem, k_ready, k_empty, v_ready,
+                                                       v_empty, turn, j, Lk, ks_ptr, qs_row, s, pv, m_i, l_i, acc,
+                                                       alpha, p_op, WG, False, P_REGS)
         if n_full >= 1 and n_full < n_blocks:
-            s, pv, m_i, l_i, acc, alpha = _step8(q_smem, k_bufs, v_bufs, p_smem, k_ready, k_empty, v_ready,
-                                                 v_empty, turn, n_full, Lk, ks_ptr, qs_row, s, pv, m_i, l_i,
-                                                 acc, alpha, WG, True)
+            s, pv, m_i, l_i, acc, alpha, p_op = _step8(q_smem, k_bufs, v_bufs, p_smem, k_ready, k_empty, v_ready,
+                                                       v_empty, turn, n_full, Lk, ks_ptr, qs_row, s, pv, m_i, l_i,
+                                                       acc, alpha, p_op, WG, True, P_REGS)
 
         last = n_blocks - 1
         mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
         _take_turn(turn, n_blocks, WG)
-        pv = warpgroup_mma(p_smem, v_bufs.index(last % STAGES).permute((1, 0)), pv, use_acc=False, is_async=True)
+        if P_REGS:
+            pv = warpgroup_mma(p_op, v_bufs.index(last % STAGES).permute((1, 0)), pv, use_acc=False, is_async=True)
+        else:
+            pv = warpgroup_mma(p_smem, v_bufs.index(last % STAGES).permute((1, 0)), pv, use_acc=False,
+                               is_async=True)
         _pass_turn(turn, WG)
         pv = warpgroup_mma_wait(num_outstanding=0, deps=(pv, ))
         mbarrier.arrive(v_empty.index(last % STAGES), count=1)
@@ -512,7 +546,7 @@ if HAVE_GLUON:
                      Lk, qs_ptr, ks_ptr, vs_ptr):
         _consumer8(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, p_bufs, q_ready, k_ready, k_empty, v_ready,
                    v_empty, turn, row_q, row_k, col, row_v, n_blocks, o_ptr, stride_ob, stride_ol, stride_oh, b, h, Lq,
-                   Lk, qs_ptr, ks_ptr, vs_ptr, 0)
+                   Lk, qs_ptr, ks_ptr, vs_ptr, 0, False)
 
     @gluon.jit
     def _consumer8_1(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, p_bufs, q_ready, k_ready, k_empty, v_ready,
@@ -520,14 +554,32 @@ if HAVE_GLUON:
                      Lk, qs_ptr, ks_ptr, vs_ptr):
         _consumer8(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, p_bufs, q_ready, k_ready, k_empty, v_ready,
                    v_empty, turn, row_q, row_k, col, row_v, n_blocks, o_ptr, stride_ob, stride_ol, stride_oh, b, h, Lq,
-                   Lk, qs_ptr, ks_ptr, vs_ptr, 1)
+                   Lk, qs_ptr, ks_ptr, vs_ptr, 1, False)
+
+    @gluon.jit
+    def _consumer8p_0(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, p_bufs, q_ready, k_ready, k_empty, v_ready,
+                      v_empty, turn, row_q, row_k, col, row_v, n_blocks, o_ptr, stride_ob, stride_ol, stride_oh, b, h,
+                      Lq, Lk, qs_ptr, ks_ptr, vs_ptr):
+        """_consumer8_0 with P in registers (a partition's arguments cannot carry a constexpr)."""
+        _consumer8(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, p_bufs, q_ready, k_ready, k_empty, v_ready,
+                   v_empty, turn, row_q, row_k, col, row_v, n_blocks, o_ptr, stride_ob, stride_ol, stride_oh, b, h, Lq,
+                   Lk, qs_ptr, ks_ptr, vs_ptr, 0, True)
+
+    @gluon.jit
+    def _consumer8p_1(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, p_bufs, q_ready, k_ready, k_empty, v_ready,
+                      v_empty, turn, row_q, row_k, col, row_v, n_blocks, o_ptr, stride_ob, stride_ol, stride_oh, b, h,
+                      Lq, Lk, qs_ptr, ks_ptr, vs_ptr):
+        _consumer8(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, p_bufs, q_ready, k_ready, k_empty, v_ready,
+                   v_empty, turn, row_q, row_k, col, row_v, n_blocks, o_ptr, stride_ob, stride_ol, stride_oh, b, h, Lq,
+                   Lk, qs_ptr, ks_ptr, vs_ptr, 1, True)
 
     @gluon.jit
     def _attn8_fwd_gluon(q_desc, k_desc, v_desc, o_ptr, qs_ptr, ks_ptr, vs_ptr, stride_ob, stride_ol, stride_oh,
                          H, Lq, Lk, n_blk, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                         CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr):
+                         CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr, P_REGS: gl.constexpr):
         """One CTA per (128 query rows, batch x head) on quantize_qkv's q8 [B*Lq, H*D], k8 [B*Lk, H*D] and
-        vt [B*H*D, Lk_pad] (2D TMA views), scales qs [B, H, Lq], ks [B, H, n_blk], vs [B, H, 2, D]."""
+        vt [B*H*D, Lk_pad] (2D TMA views; P_REGS: quantised with key_perm), scales qs [B, H, Lq], ks [B, H,
+        n_blk], vs [B, H, 2, D]."""
         HALF: gl.constexpr = BLOCK_M // 2
         HEAD_D: gl.constexpr = q_desc.block_type.shape[1]
         pid_m = gl.program_id(0)
@@ -550,12 +602,14 @@ if HAVE_GLUON:
         common = (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, p_bufs, q_ready, k_ready, k_empty, v_ready,
                   v_empty, turn, row_q, row_k, col, row_v, n_blocks, o_ptr, stride_ob, stride_ol, stride_oh, b, h, Lq, Lk,
                   qs_ptr + bh * Lq, ks_ptr + bh * n_blk, vs_ptr + bh * 2 * HEAD_D)
-        gl.warp_specialize([
-            (_consumer8_0, common),
-            (_consumer8_1, common),
-            (_producer, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready,
-                         v_empty, row_q, row_k, col, row_v, n_blocks)),
-        ], [4, 1], [CONSUMER_REGS, 24])
+        produce = (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, k_ready, k_empty, v_ready, v_empty, row_q,
+                   row_k, col, row_v, n_blocks)
+        if P_REGS:  # (the partitions are chosen here: their arguments cannot carry a constexpr)
+            gl.warp_specialize([(_consumer8p_0, common), (_consumer8p_1, common), (_producer, produce)], [4, 1],
+                               [CONSUMER_REGS, 24])
+        else:
+            gl.warp_specialize([(_consumer8_0, common), (_consumer8_1, common), (_producer, produce)], [4, 1],
+                               [CONSUMER_REGS, 24])
 
 
 def _descriptor_2d(t: torch.Tensor, shape: list, stride0: int, block: list, gl_dtype):
@@ -588,6 +642,11 @@ def _constexprs(cfg: GluonAttnConfig) -> dict:
     """Both kernels' compile-time arguments for `cfg`."""
     return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.stages, CONSUMER_REGS=cfg.consumer_regs,
                 PINGPONG=cfg.pingpong)
+
+
+def _constexprs8(cfg: GluonAttnConfig) -> dict:
+    """The 8-bit kernel's compile-time arguments."""
+    return dict(_constexprs(cfg), P_REGS=cfg.p_regs)
 
 
 _OPTIONS = dict(num_warps=4, maxnreg=MAXNREG)
@@ -624,13 +683,13 @@ def compile_signature8(config: str | GluonAttnConfig, out_dtype: torch.dtype = t
     types = dict(q_desc=mangle_type(qd), k_desc=mangle_type(kd), v_desc=mangle_type(vd),
                  o_ptr="*bf16" if out_dtype == torch.bfloat16 else "*fp16", qs_ptr="*fp32", ks_ptr="*fp32",
                  vs_ptr="*fp32")
-    return _attn8_fwd_gluon, types, _constexprs(cfg), dict(_OPTIONS)
+    return _attn8_fwd_gluon, types, _constexprs8(cfg), dict(_OPTIONS)
 
 
 def attention_8bit_gluon_quantized(quantized: tuple, Lk: int, out: torch.Tensor,
                                    config: str | GluonAttnConfig | None = None) -> torch.Tensor:
     """The 8-bit Gluon kernel on kernels/attention_8bit.quantize_qkv's output (quantised with block_n =
-    the config's block_n, FP8 v) into out [B, Lq, H, D] (unit last stride). Same arithmetic as
+    the config's block_n, FP8 v, key_perm = the config's p_regs) into out [B, Lq, H, D] (unit last stride). Same arithmetic as
     attention_8bit.attention_8bit_quantized, except that the keys past Lk are masked instead of
     corrected for."""
     if not HAVE_GLUON:
@@ -649,7 +708,7 @@ def attention_8bit_gluon_quantized(quantized: tuple, Lk: int, out: torch.Tensor,
     qd, kd, vd = _descriptors8(q8, k8, vt, cfg.block_n)
     _attn8_fwd_gluon[(triton.cdiv(Lq, cfg.block_m), B * H)](
         qd, kd, vd, out, qs, ks, vs, out.stride(0), out.stride(1), out.stride(2), H, Lq, Lk, n_blk,
-        **_constexprs(cfg), **_OPTIONS)
+        **_constexprs8(cfg), **_OPTIONS)
     return out
 
 
@@ -662,7 +721,8 @@ def attention_8bit_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _check_inputs(q, k, v)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    return attention_8bit_gluon_quantized(quantize_qkv(q, k, v, cfg.block_n), k.shape[1], out, cfg)
+    return attention_8bit_gluon_quantized(quantize_qkv(q, k, v, cfg.block_n, key_perm=cfg.p_regs), k.shape[1], out,
+                                          cfg)
 
 
 def attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: str | GluonAttnConfig | None = None,

@@ -252,3 +252,29 @@ def test_v_smoothing_keeps_the_error_of_offset_values():
     for vv in (v, (v.float() + offset).half()):
         errs.append((attention_8bit(q, k, vv).float() - _exact(q, k, vv)).norm().item())
     assert errs[1] <= 1.5 * errs[0], errs
+
+
+def test_key_permuted_v_matches_the_register_order_of_p():
+    """quantize_qkv(key_perm=True) stores v's keys in key_perm32 order (as the reference does); the Gluon
+    kernel reorders P's columns by the same reshape/permute before P.V, so the sum over keys is unchanged;
+    unpermute_keys undoes it (the Triton fallback of a p_regs config)."""
+    from lightx2v_engine.kernels.attention_8bit import key_perm32, quantize_for, quantize_qkv_ref, unpermute_keys
+    q, k, v = _qkv(2, 50, 200, 2, torch.float16, "cpu")
+    plain = quantize_qkv(q, k, v, 128)
+    perm = quantize_qkv(q, k, v, 128, key_perm=True)
+    idx = key_perm32(plain[4].shape[-1])
+    assert sorted(idx.tolist()) == list(range(256)) and not torch.equal(idx, torch.arange(256))
+    assert torch.equal(perm[4].view(torch.uint8), plain[4][..., idx].view(torch.uint8))
+    assert torch.equal(unpermute_keys(perm[4]).view(torch.uint8), plain[4].view(torch.uint8))
+    for a, b in zip(perm[:4] + perm[5:], plain[:4] + plain[5:]):
+        assert torch.equal(a, b)
+    ref = quantize_qkv_ref(q, k, v, 128, key_perm=True)
+    assert torch.equal(ref[4].view(torch.uint8), quantize_qkv_ref(q, k, v, 128)[4][..., idx].view(torch.uint8))
+    assert torch.equal(quantize_for(q, k, v, "gluon_fa3_128x128_s3_preg")[4].view(torch.uint8),
+                       perm[4].view(torch.uint8))
+    # the kernel's reordering of P (attention_gluon._p8_operand), in PyTorch: P'[:, k'] = P[:, idx[k']]
+    p = torch.randn(64, 256, dtype=torch.float64)
+    p_perm = p.reshape(64, 8, 2, 2, 4, 2).permute(0, 1, 2, 4, 3, 5).reshape(64, 256)
+    assert torch.equal(p_perm, p[:, idx])
+    vt = torch.randn(128, 256, dtype=torch.float64)
+    torch.testing.assert_close(p_perm @ vt[:, idx].T, p @ vt.T, rtol=1e-12, atol=1e-12)
