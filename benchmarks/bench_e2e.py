@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+# the 8-bit step figure's variants must agree with the reference path to this rel. L2 (measured 7-8e-3)
+EIGHT_BIT_MAX_RELERR = 2e-2
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the sibling csv_history, also when imported
 from csv_history import append_csv  # noqa: E402
 
@@ -137,6 +139,8 @@ def bench_dit(preset: str, args, device, run, rows, summary, tag: str, attn8_onl
         if not attn8_only:
             res["reference_eager"] = run(lambda: model(x, t, ctx, clip, y))
         ops.set_backend("auto")
+        # the engine's peaks from here: the weights and inputs, not the reference path's activations
+        peak_reset(device)
 
         def graphed(name: str):
             """The 4-step loop captured into CUDA graphs, or None (a failed capture is recorded, not fatal:
@@ -202,12 +206,32 @@ def bench_dit(preset: str, args, device, run, rows, summary, tag: str, attn8_onl
         summary[f"step_ms_{tag}_bf16_eager"] = res["bf16_eager"]
         summary[f"step_ms_{tag}_8bit_linears"] = res.get("8bit_graph", res["8bit_eager"])
         summary[f"step_ms_{tag}_8bit_eager"] = res["8bit_eager"]
-    # the 8-bit figure is the faster 8-bit variant measured so far; which one is recorded beside it
-    choice = min(("8bit_linears", "8bit_attn8"), key=lambda v: summary.get(f"step_ms_{tag}_{v}", float("inf")))
-    if f"step_ms_{tag}_{choice}" in summary:
+    pick_8bit(summary, tag)
+    return res
+
+
+def pick_8bit(summary: dict, tag: str) -> None:
+    """step_ms_<tag>_8bit: the faster 8-bit variant measured so far whose output agrees with the reference
+    path's (rel. L2 < EIGHT_BIT_MAX_RELERR: 7-8e-3 measured on the H100), named in step_8bit_variant_<tag>;
+    the others in step_8bit_rejected_<tag> with their error."""
+    ok, rejected = [], {}
+    for v, err_key in (("8bit_linears", f"engine_8bit_vs_reference_relerr_{tag}"),
+                       ("8bit_attn8", f"engine_8bit_attn8_vs_reference_relerr_{tag}")):
+        if f"step_ms_{tag}_{v}" not in summary:
+            continue
+        err = summary.get(err_key)
+        if err is not None and err < EIGHT_BIT_MAX_RELERR:
+            ok.append(v)
+        else:
+            rejected[v] = f"rel. L2 vs the reference path {err} (limit {EIGHT_BIT_MAX_RELERR})"
+    for k in (f"step_ms_{tag}_8bit", f"step_8bit_variant_{tag}", f"step_8bit_rejected_{tag}"):
+        summary.pop(k, None)
+    if rejected:
+        summary[f"step_8bit_rejected_{tag}"] = rejected
+    if ok:
+        choice = min(ok, key=lambda v: summary[f"step_ms_{tag}_{v}"])
         summary[f"step_ms_{tag}_8bit"] = summary[f"step_ms_{tag}_{choice}"]
         summary[f"step_8bit_variant_{tag}"] = choice
-    return res
 
 
 def bench_diffusers_dit(preset: str, args, device, run, rows, summary, tag: str, absent):
@@ -218,7 +242,6 @@ def bench_diffusers_dit(preset: str, args, device, run, rows, summary, tag: str,
         absent[f"diffusers_step_ms_{tag}_compiled"] = absent[f"diffusers_step_ms_{tag}_eager"]
         return
     cfg = PRESETS[preset]
-    peak_reset(device)
     kw = dict(num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim, in_channels=cfg.in_dim,
               ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, text_dim=cfg.text_dim)
     if cfg.is_i2v:
@@ -228,6 +251,9 @@ def bench_diffusers_dit(preset: str, args, device, run, rows, summary, tag: str,
     x, ctx, clip, y = dit_inputs(cfg, args.frames, args.height, args.width, device, torch.bfloat16)
     hs = (torch.cat([x, y], 1) if y is not None else x).to(torch.bfloat16)
     t = torch.tensor([937.5], device=device)
+    # (reset after the model is built in fp32 and cast: the peak is the bf16 weights, the inputs and the forward,
+    # as the engine's; it counted the fp32 construction before, 53.6 GiB at 14B)
+    peak_reset(device)
     fwd = lambda m: m(hidden_states=hs, timestep=t, encoder_hidden_states=ctx,  # noqa: E731
                       encoder_hidden_states_image=clip, return_dict=False)[0]
     with torch.no_grad():
@@ -381,6 +407,9 @@ def bench_distill_speedup(preset, args, device, run, rows, summary):
         return xx
 
     with torch.no_grad():
+        # one batch-2 forward first: the first call at a new shape (kernel compiles and specialisations, cuBLAS
+        # heuristics) must not be counted, let alone scaled by 50 / n
+        model(torch.cat([x, x]), ts[:1].expand(2), torch.cat([ctx, neg]))
         ms_base = run(baseline, warmup=0, iters=1) * n_total / n
         ms_dist = run(four_step, warmup=1, iters=1)
     summary["baseline_50step_cfg_ms"] = ms_base

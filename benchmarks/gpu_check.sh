@@ -154,7 +154,8 @@ fi
 echo "total $(( $(date +%s) - T0 )) s"
 if has summary; then
   stage summary
-  $PY benchmarks/summarize.py "$OUT" | tee "$OUT/summary_table.txt"
+  # (--since: summaries an earlier run left in $OUT are named stale, not merged as this run's figures)
+  $PY benchmarks/summarize.py "$OUT" --since "$T0" | tee "$OUT/summary_table.txt"
 fi
 
 if [ "${GPU_CHECK_PACK:-0}" = 1 ]; then

@@ -1,7 +1,9 @@
 """Merges the benchmarks' *_summary.json files in OUT into one summary.json of named figures, lists each
 required figure that is absent with its reason, and prints a short table (the last thing gpu_check.sh prints).
 
-    python benchmarks/summarize.py OUT_DIR
+    python benchmarks/summarize.py OUT_DIR [--since EPOCH_SECONDS]
+        (--since: files in OUT_DIR older than that, from an earlier run, are ignored and named as such;
+        gpu_check.sh passes its start time)
     python benchmarks/summarize.py --write-tuned OUT_DIR/kernels_summary.json FOLDER
         (the measured winners as the GPU's tuned-defaults file, FOLDER/<device name>.json)
 """
@@ -45,7 +47,18 @@ OPTIONAL_SOURCES = {"compile/e2e_summary.json": "bench_e2e.py --diffusers-compil
 CUT_FILE = "stages_cut.txt"
 
 
-def merge(out: Path) -> dict:
+def _stale(path: Path, since: float | None) -> str | None:
+    """Why `path` is not this run's (written before `since`), else None."""
+    if since is None or path.stat().st_mtime >= since:
+        return None
+    import datetime
+    when = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"{path.name} is from an earlier run (written {when}), ignored"
+
+
+def merge(out: Path, since: float | None = None) -> dict:
+    """The summary of the run in `out`; with `since`, files written before it (an earlier run's, left in the
+    folder) are not merged: their producers are named absent, so that no old figure passes as this run's."""
     figures: dict = {}
     absent: dict = {}
     env: dict = {}
@@ -60,6 +73,10 @@ def merge(out: Path) -> dict:
             absent[f"<{producer}>"] = (f"{name} missing: {producer} did not run or did not finish "
                                        f"(see its log in {out})")
             continue
+        stale = _stale(path, since)
+        if stale:
+            absent[f"<{producer}>"] = f"{stale}: {producer} did not write it in this run (see its log in {out})"
+            continue
         data = json.loads(path.read_text())
         if "figures" in data:
             figures.update(data["figures"])
@@ -70,7 +87,9 @@ def merge(out: Path) -> dict:
                 (env if k in ("gpu", "torch", "triton", "cuda", "commit", "date", "git_commit") else figures)[k] = v
     for name in OPTIONAL_SOURCES:
         path = out / name
-        if path.is_file():
+        if path.is_file() and _stale(path, since):
+            absent[f"<{OPTIONAL_SOURCES[name]}>"] = _stale(path, since)
+        elif path.is_file():
             data = json.loads(path.read_text())
             for k, v in data.get("figures", {}).items():
                 if figures.get(k) is None:
@@ -83,7 +102,8 @@ def merge(out: Path) -> dict:
     for k in list(absent):
         if figures.get(k) is not None:
             del absent[k]
-    tuned = {str(p): json.loads(p.read_text()).get("choices", {}) for p in sorted((out / "tuned").glob("*.json"))}
+    tuned = {str(p): json.loads(p.read_text()).get("choices", {}) for p in sorted((out / "tuned").glob("*.json"))
+             if not _stale(p, since)}
     return {"env": env, "figures": figures, "absent": absent, "tuned": tuned}
 
 
@@ -131,10 +151,14 @@ def pick_choices(s: dict) -> dict[str, str]:
     if cfg and best:  # the Triton config also serves the Gluon backend's fallback shapes
         choices["LX2V_ATTN_CONFIG"] = cfg
     cross = s.get("attn_cross_best_impl") or ""
-    cross_impl = cross.split(":", 1)[0]
+    cross_impl, _, cross_cfg = cross.partition(":")
     if cross_impl == "gluon" and self_impl != "gluon":
-        choices["LX2V_ATTN_GLUON_CONFIG"] = cross.split(":", 1)[1]
-    if cross_impl and cross_impl != self_impl:
+        choices["LX2V_ATTN_GLUON_CONFIG"] = cross_cfg
+    # a backend's config is shared by self- and cross-attention: cross-attention takes the measured winner's
+    # backend only where the file runs it with the winner's config (else it would run a config never timed
+    # at 512 keys, and follows self-attention's choice instead)
+    key = {"triton": "LX2V_ATTN_CONFIG", "gluon": "LX2V_ATTN_GLUON_CONFIG"}.get(cross_impl)
+    if cross_impl and cross_impl != self_impl and (key is None or choices.get(key) == cross_cfg):
         choices["LX2V_CROSS_ATTN"] = cross_impl
     if s.get("attn_8bit_best_config"):
         choices["LX2V_ATTN8_CONFIG"] = s["attn_8bit_best_config"]
@@ -218,8 +242,13 @@ def main(argv=None) -> int:
             return 1
         print(f"tuned defaults for this GPU: {path}: {json.loads(path.read_text())['choices']}")
         return 0
+    since = None
+    if "--since" in argv:
+        i = argv.index("--since")
+        since = float(argv[i + 1])
+        argv = argv[:i] + argv[i + 2:]
     out = Path(argv[0] if argv else "benchmarks/out")
-    summary = merge(out)
+    summary = merge(out, since)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(table(summary))
     return 0

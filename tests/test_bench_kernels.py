@@ -126,6 +126,36 @@ def test_a_failing_memory_op_costs_its_own_row_only(bench):
     assert [r["impl"] for r in good] == ["triton", "torch_eager"] and good[0]["ok"]
 
 
+def test_a_variant_that_writes_nothing_or_skips_work_is_wrong(bench, monkeypatch):
+    """The q/k variants share their output buffers: a variant that launches nothing was checked against the
+    previous variant's results, passed, and won at 34x the copy bandwidth. The checked call now fills the
+    outputs with NaN first, and a fraction of the copy bandwidth above MAX_BW_FRAC is a failure."""
+    real = QK.launch_qk_norm_rope
+
+    def lazy(*a, impl=None, **kw):
+        if impl != "chunk":  # "chunk" does nothing
+            real(*a, impl=impl, **kw)
+    monkeypatch.setattr(QK, "launch_qk_norm_rope", lazy)
+    rows = bench.bench_memory_ops([16], [256], "cpu", 1e9, qk_variants=["row", "chunk"], qk_only=True)
+    ok = {r["op"]: r["ok"] for r in rows if r["impl"] == "triton"}
+    assert ok == {"qk_norm_rope": True, "qk_norm_rope_chunk": False}, rows
+    fracs = bench.qk_variant_fracs(rows)
+    assert fracs["chunk"] is None and fracs["row"] is not None
+    fast = [dict(op="modulate", shape="s", impl="triton", ratio=33.9, ok=True)]
+    assert bench._min_frac(fast, "modulate") is None
+    assert bench._min_frac([dict(fast[0], ratio=0.95)], "modulate") == 0.95
+
+
+def test_attention_without_an_sdpa_baseline_is_held_to_an_absolute_bound(bench, monkeypatch):
+    """Where no SDPA backend runs, the error rule had an infinite baseline and passed anything: a kernel
+    returning zeros was reported correct and written into the tuned file."""
+    A = importlib.import_module("lightx2v_engine.kernels.attention")
+    monkeypatch.setattr(bench, "_sdpa_available", lambda sd, device: False)
+    monkeypatch.setattr(A, "attention_triton", lambda q, k, v, c, **kw: torch.zeros_like(q))
+    rows = bench.bench_attention([(1, 20, 20)], ["ptr_256x64_w8_s3"], "cpu", torch.float16)
+    assert rows and all(not r["ok"] for r in rows if r["op"] == "attention"), rows
+
+
 def _summarize_module():
     spec = importlib.util.spec_from_file_location("summarize", os.path.join(os.path.dirname(_PATH), "summarize.py"))
     mod = importlib.util.module_from_spec(spec)
@@ -197,6 +227,13 @@ def test_summary_and_pick_with_gluon(bench):
     assert mod.pick_choices({"attn_best_impl": "triton:b", "attn_best_triton_config": "b",
                              "attn_cross_best_impl": "gluon:fa3"}) == {
         "LX2V_ATTN": "triton", "LX2V_ATTN_CONFIG": "b", "LX2V_ATTN_GLUON_CONFIG": "fa3", "LX2V_CROSS_ATTN": "gluon"}
+    # a Triton cross-attention winner whose config is not the one the file sets for the backend: the file
+    # would run a config never timed at 512 keys, so cross-attention follows self-attention's choice
+    assert mod.pick_choices({"attn_best_impl": "sdpa_cudnn", "attn_best_triton_config": "ws_mp",
+                             "attn_cross_best_impl": "triton:ptr"}) == {"LX2V_ATTN": "sdpa_cudnn",
+                                                                        "LX2V_ATTN_CONFIG": "ws_mp"}
+    assert mod.pick_choices({"attn_best_impl": "sdpa_cudnn", "attn_best_triton_config": "ptr",
+                             "attn_cross_best_impl": "triton:ptr"})["LX2V_CROSS_ATTN"] == "triton"
 
 
 def test_csv_files_are_histories(bench, tmp_path):

@@ -130,6 +130,24 @@ def test_bench_e2e_dry_run_and_summary(tmp_path):
     assert "<bench_kernels.py>" in s["absent"]  # its summary file is missing in this run
 
 
+def test_bench_e2e_8bit_figure_needs_agreement_with_the_reference():
+    """step_ms_<tag>_8bit is the faster 8-bit variant whose output agrees with the reference path (a wrong
+    8-bit attention must not become the published figure), the rejected ones named with their error."""
+    pick = _load("bench_e2e").pick_8bit
+    s = {"step_ms_x_8bit_linears": 10.0, "engine_8bit_vs_reference_relerr_x": 7e-3,
+         "step_ms_x_8bit_attn8": 8.0, "engine_8bit_attn8_vs_reference_relerr_x": 7.7e-3}
+    pick(s, "x")
+    assert s["step_ms_x_8bit"] == 8.0 and s["step_8bit_variant_x"] == "8bit_attn8"
+    s["engine_8bit_attn8_vs_reference_relerr_x"] = 0.9
+    pick(s, "x")
+    assert s["step_ms_x_8bit"] == 10.0 and s["step_8bit_variant_x"] == "8bit_linears"
+    assert "rel. L2 vs the reference path 0.9" in s["step_8bit_rejected_x"]["8bit_attn8"]
+    s["engine_8bit_vs_reference_relerr_x"] = float("nan")
+    pick(s, "x")
+    assert "step_ms_x_8bit" not in s and "step_8bit_variant_x" not in s
+    assert set(s["step_8bit_rejected_x"]) == {"8bit_linears", "8bit_attn8"}
+
+
 def test_evicted_graph_sets_are_freed(monkeypatch):
     """An evicted graph set refers to itself through its velocity closure: without the cycle collector its
     memory pool would stay alive past eviction. Checked on the CPU with a stand-in for DistillGraphs."""

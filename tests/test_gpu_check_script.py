@@ -176,3 +176,42 @@ def test_gpu_check_runs_the_gpu_tests_in_worker_processes_when_xdist_is_there(tm
             assert expect in args and f"gpu tests: {expect}" in res.stdout
         else:
             assert " -n " not in args and "gpu tests: one process" in res.stdout
+
+
+def test_summaries_of_an_earlier_run_are_not_this_runs_figures(tmp_path):
+    """Summaries an earlier run left in $OUT (a crashed benchmark writes none) were merged as this run's
+    figures, under this run's name: now summarize.py --since (gpu_check passes its start) names them stale
+    and lists their producers absent; the optional compile stage's old file and old tuned files likewise."""
+    out = tmp_path / "out"
+    (out / "compile").mkdir(parents=True)
+    (out / "tuned").mkdir()
+    old_files = {"kernels_summary.json": {"gpu": "OLD", "modulate_bw_frac": 0.11},
+                 "quant_summary.json": {"figures": {"gemm_fp8_ratio_vs_scaled_mm_min": 7.7}},
+                 "e2e_summary.json": {"env": {"gpu": "OLD"}, "figures": {"step_ms_1.3b_bf16": 111.0}, "absent": {}},
+                 "compile/e2e_summary.json": {"figures": {"diffusers_step_ms_1.3b_compiled": 42.0}},
+                 "tuned/OLD.json": {"device": "OLD", "choices": {"LX2V_QK_ROPE": "chunk"}}}
+    t_old = time.time() - 2 * 86400
+    for name, data in old_files.items():
+        (out / name).write_text(json.dumps(data))
+        os.utime(out / name, (t_old, t_old))
+    fake = _fake_python(tmp_path, "  benchmarks/gluon_smoke.py) echo 'gluon smoke: ok'; exit 0;;\n"
+                                  "  benchmarks/bench_kernels.py) exit 1;;\n  benchmarks/bench_quant.py) exit 1;;\n"
+                                  "  benchmarks/bench_e2e.py) exit 1;;")
+    res = _run(tmp_path, fake, stages="kernels,quant,e2e,summary")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["figures"] == {} and s["tuned"] == {}, s["figures"]
+    for producer in ("bench_kernels.py", "bench_quant.py", "bench_e2e.py", "bench_e2e.py --diffusers-compile"):
+        assert "from an earlier run" in s["absent"][f"<{producer}>"], s["absent"]
+    assert "OLD" not in (out / "summary_table.txt").read_text()
+    # without --since (merging the outputs of several calls by hand) they are read
+    summarize = _load_summarize()
+    assert summarize.merge(out)["figures"]["step_ms_1.3b_bf16"] == 111.0
+
+
+def _load_summarize():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("summarize", ROOT / "benchmarks" / "summarize.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
