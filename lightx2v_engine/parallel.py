@@ -49,6 +49,11 @@ log = logging.getLogger(__name__)
 SEQ_P_ATTN_TYPES = ("ulysses", "ring")
 
 
+# fp8 dtypes (broadcast as bytes: gloo has none)
+_FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+             if hasattr(torch, n))
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     """LightX2V's ``parallel`` section. world_size = seq_p_size * cfg_p_size processes (torchrun)."""
@@ -322,14 +327,16 @@ class Parallel:
         return t
 
     def broadcast_module_(self, module: torch.nn.Module) -> None:
-        """Global rank 0's parameters and buffers, in place on every rank (through the device under NCCL)."""
+        """Global rank 0's parameters and buffers, in place on every rank (through the device under NCCL).
+        fp8 tensors (a quantized DiT) travel as their bytes: gloo has no float8 type."""
         for t in list(module.parameters()) + list(module.buffers()):
+            data = t.data.view(torch.uint8) if t.dtype in _FP8 else t.data
             if self._nccl() and t.device != self.device:
-                tmp = t.data.to(self.device)
+                tmp = data.to(self.device)
                 dist.broadcast(tmp, src=0)
-                t.data.copy_(tmp)
+                data.copy_(tmp)
             else:
-                dist.broadcast(t.data, src=0)
+                dist.broadcast(data, src=0)
 
     def broadcast_flag(self, flag: bool) -> bool:
         """Global rank 0's `flag`, on every rank (e.g. a cancellation between steps)."""

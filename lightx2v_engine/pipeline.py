@@ -431,7 +431,8 @@ class Pipeline:
             t5, tok, clip = _encoders_on_rank0(par, encoders)
         return cls(mcfg, run, models.get("dit"), t5, tok, models.get("vae"), clip, dev,
                    (time.perf_counter() - t0) * 1e3, use_cuda_graph=_graphs_on(run, dev, par), parallel=par,
-                   tae=models.get("tae"), loaders=loaders, dit_meta=lambda: _dit_meta(mcfg, None))
+                   tae=models.get("tae"), loaders=loaders,
+                   dit_meta=lambda: _dit_meta(mcfg, run.dit_quant_scheme if run.dit_quantized else None))
 
     def _checked_request_loras(self, specs: tuple) -> tuple:
         """specs with their files resolved, each read and checked against the DiT's structure (on meta)."""

@@ -576,3 +576,26 @@ def test_cuda_graphs_are_off_under_parallelism():
     par = Parallel(ParallelConfig(seq_p_size=2), rank=0, world_size=2, device=cuda)
     assert pipeline_mod._graphs_on(parse_run_config({}), cuda)
     assert not pipeline_mod._graphs_on(parse_run_config({}), cuda, par)
+
+
+def test_broadcast_module_carries_fp8_tensors_over_gloo(tmp_path):
+    """A quantized DiT's fp8 weights are broadcast as bytes (gloo has no float8 type: a deferred broadcast
+    of a random fp8 DiT under unload_modules failed with "Invalid scalar type"); in a one-process gloo group
+    in a subprocess."""
+    import subprocess
+    import sys
+    script = f"""
+import torch, torch.distributed as dist
+from types import SimpleNamespace
+from lightx2v_engine.parallel import Parallel
+dist.init_process_group("gloo", init_method="file://{tmp_path}/store", rank=0, world_size=1)
+m = torch.nn.Linear(4, 4)
+m.register_buffer("w8", torch.randn(4, 4).to(torch.float8_e4m3fn))
+want = m.w8.view(torch.uint8).clone()
+Parallel.broadcast_module_(SimpleNamespace(_nccl=lambda: False, device=torch.device("cpu")), m)
+assert m.w8.dtype == torch.float8_e4m3fn and torch.equal(m.w8.view(torch.uint8), want)
+dist.destroy_process_group()
+print("OK")
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stdout[-2000:] + res.stderr[-3000:]

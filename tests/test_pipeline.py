@@ -228,6 +228,18 @@ def test_random_pipeline_honours_dit_quantized_and_lora_configs(tmp_path):
     with_lora = Pipeline.random("tiny", {**size, "lora_configs": [{"path": str(tmp_path / "style.safetensors")}]},
                                 device="cpu")
     assert torch.equal(with_lora.generate("a cat", seed=1).latents, want)
+    # built per use (unload_modules), a quantized random DiT checks request LoRAs against its 8-bit
+    # skeleton: a full-weight diff for an 8-bit weight is refused at the call (it was accepted, then broke
+    # every generate)
+    from lightx2v_engine.lora import LoraKeyError
+    w = plain.dit.state_dict()["blocks.0.self_attn.q.weight"]
+    save_file({"diffusion_model.blocks.0.self_attn.q.diff": torch.randn_like(w.float()) * 0.01},
+              str(tmp_path / "diff.safetensors"))
+    per_use = Pipeline.random("tiny", {**size, "dit_quantized": True, "dit_quant_scheme": "int8-triton",
+                                       "unload_modules": True}, device="cpu")
+    with pytest.raises(LoraKeyError, match="8-bit weight"):
+        per_use.set_request_loras([LoraSpec(str(tmp_path / "diff.safetensors"), 1.0)])
+    assert per_use.generate("a cat", seed=1).latents.shape == base.shape
 
 
 def test_generate_sizes_zero_and_whole_floats():
