@@ -606,6 +606,23 @@ def test_bench_quant_dry_run(tmp_path):
     rows = (tmp_path / "quant.csv").read_text().splitlines()
     assert rows[0].startswith("gpu,torch,op,M,K,N,ms") and any(",qlinear_fp8," in r for r in rows)
     assert any(",qlinear_fp8_lora_r32," in r for r in rows) and "qlinear_lora_r32_overhead_max" in summary
+    # the GEMM ratios count only after the kernels' outputs agree with _scaled_mm's; rows and summary name
+    # the code and the date
+    assert summary["quant_checks_failed"] == [] and summary["gemm_fp8_ratio_vs_scaled_mm_min"] > 0
+    assert summary["commit"] and summary["date"] and summary["triton"]
+    assert ",triton,commit,date" in rows[0]
+    # a GEMM kernel that computes garbage: named, and its ratio left out (it was reported as a speed-up)
+    import importlib as _il
+    fg = _il.import_module("lightx2v_engine.kernels.fp8_gemm")
+    real = fg.fp8_gemm
+    fg.fp8_gemm = lambda *a, **kw: torch.zeros_like(real(*a, **kw))
+    try:
+        assert bench.main(["--dry-run", "--out", str(tmp_path / "bad")]) == 0
+    finally:
+        fg.fp8_gemm = real
+    bad = json.loads((tmp_path / "bad" / "quant_summary.json").read_text())
+    assert any("triton_fp8_gemm K=" in c for c in bad["quant_checks_failed"])
+    assert "gemm_fp8_ratio_vs_scaled_mm_min" not in bad and "gemm_fp8_gate_residual_ratio" not in bad
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
