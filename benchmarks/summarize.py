@@ -122,6 +122,9 @@ def table(summary: dict) -> str:
     for k in also:
         v = summary["figures"][k]
         lines.append(f"  {k:<36} " + (f"{v:.4g}" if isinstance(v, float) else str(v)))
+    # a failed CUDA-graph capture: the step figures above are then the eager times
+    for k in sorted(x for x in summary["figures"] if x.startswith(("graph_capture_error_", "step_8bit_rejected_"))):
+        lines.append(f"  {k}: {summary['figures'][k]} (the step figure is then the eager time / the other variant)")
     for path, choices in summary.get("tuned", {}).items():  # before the absent stages, which come last
         lines.append(f"  tuned defaults of this run: {path} {choices} (copy into kernels/tuned/ to adopt)")
     extra = [k for k in summary["absent"] if k.startswith("<")]

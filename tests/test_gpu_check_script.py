@@ -215,3 +215,15 @@ def _load_summarize():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def test_summary_table_says_when_a_step_figure_is_eager_or_a_variant_was_rejected(tmp_path):
+    """A failed CUDA-graph capture leaves the eager time in step_ms_*; an 8-bit variant rejected for its
+    error is not the 8-bit figure: the table says both."""
+    summarize = _load_summarize()
+    (tmp_path / "e2e_summary.json").write_text(json.dumps({"env": {}, "absent": {}, "figures": {
+        "step_ms_1.3b_bf16": 500.0, "graph_capture_error_bf16_1.3b": "RuntimeError: capture failed",
+        "step_8bit_rejected_1.3b": {"8bit_attn8": "rel. L2 vs the reference path 0.5 (limit 0.02)"}}}))
+    table = summarize.table(summarize.merge(tmp_path))
+    assert "graph_capture_error_bf16_1.3b: RuntimeError: capture failed" in table
+    assert "step_8bit_rejected_1.3b: {'8bit_attn8'" in table
