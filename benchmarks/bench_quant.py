@@ -155,7 +155,7 @@ def main(argv=None) -> int:
             lora_cost.append(t_lora / t_q8 - 1.0)
             if k not in quant_bw:
                 qbytes = m * k * 2 + m * k + m * 4
-                if csrc_ops.csrc_available() and _DEV == "cuda":
+                if _DEV == "cuda" and csrc_ops.csrc_available(torch.device(_DEV)):  # (asks about this card)
                     t = record("per_token_quant_fp8_csrc", k, 0, _bench_ms(lambda: csrc_ops.per_token_quant_fp8(x)),
                                nbytes=qbytes)
                     quant_bw[k] = qbytes / (t * 1e-3) / copy_bw

@@ -195,8 +195,11 @@ class LightX2VPipeline:
             if value:
                 raise ValueError(f"LightX2VPipeline.generate: {name} (FLF2V / audio / VACE tasks) is not supported "
                                  f"by this engine")
-        if target_shape and (isinstance(target_shape, (str, bytes)) or len(target_shape) != 2):
+        if target_shape is not None and not (isinstance(target_shape, (list, tuple)) and len(target_shape) in (0, 2)):
             raise ValueError(f"LightX2VPipeline.generate: target_shape must be [height, width], got {target_shape!r}")
+        if save_result_path is not None:  # (checked before the run, not after it)
+            from lightx2v_engine.video import check_output_file
+            check_output_file(save_result_path, "LightX2VPipeline.generate: save_result_path")
         h, w = (target_shape[0], target_shape[1]) if target_shape else (None, None)
         out = self.pipeline.generate(prompt, negative_prompt=negative_prompt, image=image_path, seed=seed,
                                      height=h, width=w)

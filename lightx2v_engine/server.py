@@ -255,8 +255,10 @@ def check_request(body: dict, *, output_dir: Path, infer_steps: int, task: str,
         raise RequestError(f"unknown field(s) {[_short(k, 40) for k in unknown]}; accepted: {sorted(FIELDS)}")
     for name, why in UNSUPPORTED.items():
         value = body.get(name)
-        if value not in (None, "", False, []) and not (name in SCHEMA_DEFAULTS and value == SCHEMA_DEFAULTS[name]
-                                                   and type(value) is type(SCHEMA_DEFAULTS[name])):
+        # "not given": null, "", false, [] (0 is a value: 0 == False, so the comparison is by type)
+        given = not (value is None or value is False or (isinstance(value, (str, list)) and len(value) == 0))
+        if given and not (name in SCHEMA_DEFAULTS and value == SCHEMA_DEFAULTS[name]
+                          and type(value) is type(SCHEMA_DEFAULTS[name])):
             raise RequestError(f"{name} is not supported by this server: {why}")
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():

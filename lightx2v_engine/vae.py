@@ -105,6 +105,8 @@ def _norm_kernel():
         from lightx2v_engine.kernels import vae_norm
         return vae_norm
     except Exception as e:  # recorded, not hidden: see norm_kernel_status()
+        if type(e).__name__ == "ChoiceError":  # a mistyped LX2V_* kernel choice: an error (as in ops)
+            raise
         _norm_kernel.reason = f"{type(e).__name__}: {e}"
         return None
 

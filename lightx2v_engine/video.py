@@ -86,6 +86,11 @@ def _frame_stream(frames: Frames | Iterable[Frames]) -> tuple[tuple[int, int], I
     return (h, w), chain()
 
 
+# a file name's bytes (ext4 and most others: 255) less what _atomic_path's temporary name adds (".", ".",
+# 8 random characters, ".tmp" and the suffix, ".safetensors" at most: 26)
+_MAX_NAME = 255 - 28
+
+
 def check_output_file(path: str | os.PathLike, what: str) -> None:
     """ValueError naming `what` when no file can be written at `path`: it is a folder, a component of its
     folder is a file, or the nearest existing folder is not writable (checked before a run, not after it)."""
@@ -100,6 +105,9 @@ def check_output_file(path: str | os.PathLike, what: str) -> None:
         raise ValueError(f"{what} {str(path)[:200]!r}: not a usable path ({e.strerror})") from None
     if not folder.is_dir():
         raise ValueError(f"{what} {str(path)!r}: {folder} is a file, not a folder")
+    if len(os.fsencode(p.name)) > _MAX_NAME:  # (the temporary file beside it adds ~20 bytes to the name)
+        raise ValueError(f"{what} {str(path)[:200]!r}: the file name has {len(os.fsencode(p.name))} bytes; at most "
+                         f"{_MAX_NAME} (the file system's 255, less the temporary file's additions)")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"{what} {str(path)!r}: the folder {folder} is not writable")
 

@@ -133,12 +133,16 @@ def test_a_variant_that_writes_nothing_or_skips_work_is_wrong(bench, monkeypatch
     real = QK.launch_qk_norm_rope
 
     def lazy(*a, impl=None, **kw):
-        if impl != "chunk":  # "chunk" does nothing
+        if impl == "tile":  # "tile" writes q only (k stays NaN)
+            q, k, wq, wk, cos, sin, H, eps, qo, ko = a
+            tmp = torch.empty_like(ko)
+            real(q, k, wq, wk, cos, sin, H, eps, qo, tmp, impl="row")
+        elif impl != "chunk":  # "chunk" does nothing
             real(*a, impl=impl, **kw)
     monkeypatch.setattr(QK, "launch_qk_norm_rope", lazy)
-    rows = bench.bench_memory_ops([16], [256], "cpu", 1e9, qk_variants=["row", "chunk"], qk_only=True)
+    rows = bench.bench_memory_ops([16], [256], "cpu", 1e9, qk_variants=["row", "chunk", "tile"], qk_only=True)
     ok = {r["op"]: r["ok"] for r in rows if r["impl"] == "triton"}
-    assert ok == {"qk_norm_rope": True, "qk_norm_rope_chunk": False}, rows
+    assert ok == {"qk_norm_rope": True, "qk_norm_rope_chunk": False, "qk_norm_rope_tile": False}, rows
     fracs = bench.qk_variant_fracs(rows)
     assert fracs["chunk"] is None and fracs["row"] is not None
     fast = [dict(op="modulate", shape="s", impl="triton", ratio=33.9, ok=True)]

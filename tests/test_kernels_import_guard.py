@@ -44,11 +44,11 @@ def test_a_mistyped_kernel_choice_is_an_error_not_a_silent_slow_path():
     CUDA ran the slow reference and only ops.describe() said why; now asking for the kernels (the pipeline
     logs ops.describe(device) when it is built) raises the message naming the variable and its choices."""
     env = dict(os.environ, TRITON_INTERPRET="1", LX2V_QK_ROPE="onepass_r3")
-    script = ("import torch\nfrom lightx2v_engine import ops\n"
-              "for f in (ops.kernel_status, lambda: ops.describe(torch.device('cuda'))):\n"
+    script = ("import torch\nfrom lightx2v_engine import ops, vae\n"
+              "for f in (ops.kernel_status, lambda: ops.describe(torch.device('cuda')), vae.norm_kernel_status):\n"
               "    try:\n        f()\n    except ValueError as e:\n        print('RAISED', e)\n")
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     raised = [ln for ln in res.stdout.splitlines() if ln.startswith("RAISED")]
-    assert len(raised) == 2, res.stdout + res.stderr[-2000:]
+    assert len(raised) == 3, res.stdout + res.stderr[-2000:]
     assert all("kernels/qk_norm_rope.py: LX2V_QK_ROPE must be one of" in ln and "got 'onepass_r3'" in ln
                for ln in raised), raised

@@ -98,7 +98,10 @@ def test_call_order_and_unsupported_options(folder, tmp_path):
     pipe.create_generator(num_frames=5, height=32, width=48, guidance_scale=1.0)
     with pytest.raises(RuntimeError, match="before create_generator"):
         pipe.enable_quantize(dit_quantized=True)
-    for shape in ([48], "48x64", [1, 2, 3]):
+    (tmp_path / "f").write_bytes(b"x")
+    with pytest.raises(ValueError, match="save_result_path .*f is a file, not a folder"):
+        pipe.generate(seed=1, prompt="x", negative_prompt="", save_result_path=str(tmp_path / "f" / "x.mp4"))
+    for shape in ([48], "48x64", [1, 2, 3], 480):
         with pytest.raises(ValueError, match="target_shape must be \\[height, width\\]"):
             pipe.generate(seed=1, prompt="x", negative_prompt="", target_shape=shape)
     with pytest.raises(ValueError, match="audio_path .*not supported"):

@@ -122,6 +122,8 @@ def test_t2v_task_end_to_end(t2v_pipe, tmp_path):
     ({"prompt": "x", "video_duration": 10}, 400, "video_duration is not supported"),
     ({"prompt": "x", "resize_mode": "crop"}, 400, "resize_mode is not supported"),
     ({"prompt": "x", "num_fragments": 2}, 400, "num_fragments is not supported by this server: one fragment"),
+    ({"prompt": "x", "num_fragments": 0}, 400, "num_fragments is not supported"),
+    ({"prompt": "x", "target_fps": 0}, 400, "target_fps is not supported"),
     ({"prompt": "x", "talk_objects": [{"audio": "a.wav"}]}, 400, "talk_objects is not supported"),
     ({"prompt": "\ud800"}, 400, "prompt: not valid Unicode text"),
     ({"prompt": "x", "negative_prompt": "\udfff"}, 400, "negative_prompt: not valid Unicode text"),

@@ -196,6 +196,14 @@ def test_check_output_file_names_what_cannot_be_written(tmp_path):
         check_output_file(tmp_path / "file" / "deeper" / "v.mp4", "--out")
     with pytest.raises(ValueError, match="not a usable path"):
         check_output_file(tmp_path / ("a" * 5000), "--out")
+    # a name the file system takes but the temporary file beside it would not (255 bytes at most)
+    with pytest.raises(ValueError, match="the file name has 240 bytes; at most 227"):
+        check_output_file(tmp_path / ("b" * 236 + ".mp4"), "--out")
+    check_output_file(tmp_path / ("b" * 223 + ".mp4"), "--out")
+    save_latents_ok = tmp_path / ("c" * 215 + ".safetensors")  # 227 bytes: its temporary name fits
+    check_output_file(save_latents_ok, "--out")
+    fd = os.open(tmp_path / ("." + save_latents_ok.name + ".12345678.tmp.safetensors"), os.O_CREAT | os.O_WRONLY)
+    os.close(fd)
     ro = tmp_path / "ro"
     ro.mkdir()
     from lightx2v_engine import video
