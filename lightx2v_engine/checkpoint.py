@@ -7,6 +7,7 @@ Corrupt or truncated files give an error naming the file and what is wrong.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import zipfile
@@ -65,6 +66,10 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
         if e > size - start or b > e:
             raise CheckpointError(f"{path}: truncated or corrupt file: tensor {key!r} needs bytes {b}..{e} of the "
                                   f"data section, which has {size - start}")
+        nbytes = math.prod(shape) * _ST_DTYPES[info["dtype"]].itemsize  # (before any tensor of that shape exists)
+        if nbytes != e - b:
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {key!r} has {e - b} bytes, shape "
+                                  f"{shape} {info['dtype']} needs {nbytes}")
     return header, start
 
 
@@ -82,11 +87,8 @@ def iter_safetensors(path: Path, keys: set[str] | None = None) -> Iterator[tuple
                 continue
             b, e = info["data_offsets"]
             dtype, shape = _ST_DTYPES[info["dtype"]], info["shape"]
-            t = torch.empty(shape, dtype=dtype)
+            t = torch.empty(shape, dtype=dtype)  # (its size was checked against the header's offsets)
             nbytes = t.numel() * t.element_size()
-            if nbytes != e - b:
-                raise CheckpointError(f"{path}: tensor {key!r} has {e - b} bytes, shape {shape} {info['dtype']} "
-                                      f"needs {nbytes}")
             f.seek(start + b)
             buf = memoryview(t.view(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b"")
             got = 0

@@ -119,7 +119,10 @@ def _raw_safetensors(path, header, data: int = 64):
     ({"w": {"dtype": "F32", "shape": [4.0], "data_offsets": [0, 16]}}, "'w'.*shape"),
     ({"w": {"dtype": ["F32"], "shape": [4], "data_offsets": [0, 16]}}, "'w'.*dtype"),
     ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 1000]}}, "'w'.*1000"),
-], ids=["list", "no_offsets", "string_entry", "one_offset", "str_shape", "float_dim", "list_dtype", "past_end"])
+    # a huge shape on a few bytes: refused from the header (not an out-of-memory error allocating it)
+    ({"w": {"dtype": "F32", "shape": [1 << 20, 1 << 20], "data_offsets": [0, 16]}}, "'w' has 16 bytes.*needs"),
+], ids=["list", "no_offsets", "string_entry", "one_offset", "str_shape", "float_dim", "list_dtype", "past_end",
+        "huge_shape"])
 def test_corrupt_safetensors_header_names_file_and_key(tmp_path, header, match):
     path = _raw_safetensors(tmp_path / "bad.safetensors", header)
     with pytest.raises(CheckpointError, match=rf"bad\.safetensors.*{match}"):
