@@ -60,9 +60,11 @@ def kernel_status() -> str:
     return "available" if k is not None else f"unavailable ({getattr(_kernels, 'reason', '?')})"
 
 
-def describe(device: torch.device, attn_8bit: bool = False, seq_parallel: bool = False) -> str:
+def describe(device: torch.device, attn_8bit: bool = False, seq_parallel: bool = False,
+             dtype: torch.dtype | None = None, head_dim: int | None = None) -> str:
     """One line naming what the hot ops run on `device`: references, or the kernels and their choices
-    (seq_parallel: the DiT's tokens are split over GPUs, so norm+RoPE is always its own pass)."""
+    (seq_parallel: the DiT's tokens are split over GPUs, so norm+RoPE is always its own pass; dtype and
+    head_dim, where given: a model the attention kernels do not take runs the reference attention)."""
     if _BACKEND == "torch" or (_BACKEND == "auto" and device.type != "cuda"):
         return f"ops: PyTorch references on {device}"
     k = _kernels()
@@ -81,9 +83,15 @@ def describe(device: torch.device, attn_8bit: bool = False, seq_parallel: bool =
                  if attn_8bit and attention_8bit_available(device)
                  else impl + (f" {config}" if impl in ("triton", "gluon") else "")
                  + (f" ({attn.gluon_status(device)})" if impl == "gluon" else ""))
-    if not (attn_8bit and attention_8bit_available(device)) and not seq_parallel \
-            and ar.rope_placement(device) == "prologue":
+    d, dt = head_dim or 128, dtype or torch.bfloat16
+    eight = attn_8bit and attention_8bit_available(device) and k.attention_supports(dt, d, True)
+    if attn_8bit and attention_8bit_available(device) and not eight:
+        self_attn = impl + (f" {config}" if impl in ("triton", "gluon") else "") + " (no 8-bit kernel for this model)"
+    if not eight and not seq_parallel and ar.rope_placement(device) == "prologue" \
+            and k.attention_supports(dt, d, True):
         self_attn = "triton with q/k norm+RoPE in the kernel (attention_rope)"
+    if not k.attention_supports(dt, d):
+        self_attn = f"PyTorch reference ({dt}, head dim {d}: no attention kernel)"
     return (f"ops: Triton kernels; self-attention {self_attn}, cross-attention {attn.cross_attention_impl(device)}, "
             f"q/k norm+RoPE {qk.qk_rope_impl(device)}, FFN GELU epilogue "
             f"{'on' if gelu_epilogue_used(device, torch.bfloat16) else 'off'}; {util.tuned_status(device)}")

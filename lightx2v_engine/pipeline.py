@@ -272,7 +272,8 @@ class Pipeline:
             log.warning("self_attn_1_type %r: the 8-bit attention kernel needs a CUDA GPU of sm89 or newer "
                         "with triton; exact attention runs on %s", self.run_cfg.self_attn_1_type, self.device)
         log.info("%s", ops.describe(self.device, self.run_cfg.attn_8bit,
-                                    seq_parallel=self.parallel is not None and self.parallel.seq is not None))
+                                    seq_parallel=self.parallel is not None and self.parallel.seq is not None,
+                                    dtype=DTYPES[self.run_cfg.dtype], head_dim=self.model_cfg.head_dim))
 
     def _setup_dit(self, dit: WanDiT) -> None:
         """What every DiT of this pipeline runs with: 8-bit attention as configured, the sequence split."""
