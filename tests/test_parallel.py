@@ -298,7 +298,8 @@ if sys.argv[3] == "parallel":
 pipe.create_generator(num_frames=9, height=64, width=96, guidance_scale=1.0)
 frames = pipe.generate(seed=7, prompt="a red car", negative_prompt="", save_result_path=sys.argv[2],
                        return_result_tensor=True)
-print("RESULT", pipe.pipeline.is_main, frames is None)
+import os  # (one write() a line: the two ranks share stdout)
+os.write(1, f"RESULT {pipe.pipeline.is_main} {frames is None}\\n".encode())
 """
 
 
@@ -348,11 +349,18 @@ def test_cli_unload_modules_under_torchrun(tmp_path):
 
 BUILD_FAILURE_SCRIPT = """
 import gc
+import os
 import sys
 import weakref
 import torch
 from lightx2v_engine.parallel import RankError
 from lightx2v_engine.pipeline import Pipeline
+
+
+def print(*parts):  # one write() a line: the two ranks share stdout (print's pieces interleaved: "ERRORERROR")
+    os.write(1, (" ".join(map(str, parts)) + "\\n").encode())
+
+
 size = {"target_video_length": 5, "target_height": 32, "target_width": 48}
 pipe = Pipeline.random("tiny", {**size, "unload_modules": True, "parallel": {"seq_p_size": 2, "vae_parallel": True}},
                        device="cpu")
