@@ -469,6 +469,10 @@ def init_parallel(pcfg: ParallelConfig, device: torch.device) -> Parallel | None
                                 **({"device_id": device} if device.type == "cuda" else {}))
     rank = dist.get_rank()
     S, C = pcfg.seq_p_size, pcfg.cfg_p_size
+    if S == 1 and pcfg.seq_p_quant_scheme:  # (it compresses the sequence split's collectives: there are none)
+        from lightx2v_engine.config import warn_user
+        warn_user(f"parallel: seq_p_quant_scheme {pcfg.seq_p_quant_scheme!r} has no effect without a sequence split "
+                  f"(seq_p_size 1: the {C} processes split the CFG branches only)")
     c, s = divmod(rank, S)
     state = Parallel(pcfg, rank, world, device, cfg_rank=c)
     state.control = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=3650))

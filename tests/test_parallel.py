@@ -428,6 +428,19 @@ def test_cli_cfg_groups_without_cfg(tmp_path):
     assert ((two - one).norm() / one.norm()).item() < 1e-5
 
 
+def test_cli_fp8_communication_without_a_sequence_split_warns(tmp_path):
+    """seq_p_quant_scheme compresses the sequence split's collectives; with CFG groups only (seq_p_size 1)
+    there are none, and the key would be silently ignored: a warning says so."""
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"target_video_length": 5, "target_height": 32, "target_width": 48, "enable_cfg": True,
+                               "sample_guide_scale": 5.0,
+                               "parallel": {"seq_p_size": 1, "cfg_p_size": 2, "seq_p_quant_scheme": "fp8"}}))
+    r = torchrun(2, "-m", "lightx2v_engine.infer", "--random-weights", "--device", "cpu", "--config_json", str(cfg),
+                 "--prompt", "a red fox", "--save_result_path", str(tmp_path / "v.mp4"), "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "seq_p_quant_scheme 'fp8' has no effect without a sequence split" in r.stderr, r.stderr[-3000:]
+
+
 def test_cli_cfg_and_sequence_parallel_i2v(tmp_path):
     """4 ranks: 2 CFG groups (cond / uncond) x 2 sequence shards, against CFG as one batch-2 forward (fp32:
     in bf16 the batch-1 and batch-2 GEMMs round differently)."""
