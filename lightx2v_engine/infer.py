@@ -160,9 +160,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The errors a command line ends with as one "error: ..." line and exit code 2 (bad input, missing or
+    corrupt files, NaN at run time), not a traceback: the CLI's and the server's start-up."""
     from lightx2v_engine.checkpoint import CheckpointError
     from lightx2v_engine.pipeline import NonFiniteError
+    return ValueError, FileNotFoundError, CheckpointError, NonFiniteError, OSError
+
+
+def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     quiet = args.quiet or rank_from_env() > 0  # under torchrun the other ranks log warnings and errors only
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
@@ -172,7 +178,7 @@ def main(argv=None) -> int:
             warnings.simplefilter("default")
             warnings.showwarning = _show_warning
             return run(args)
-    except (ValueError, FileNotFoundError, CheckpointError, NonFiniteError, OSError) as e:
+    except user_errors() as e:
         msg = str(e).replace("\n", " ")
         print(f"{rank_prefix()}error: {msg}", file=sys.stderr)
         return 2

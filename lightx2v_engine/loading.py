@@ -68,15 +68,12 @@ def find_dit_checkpoint(model_path: str | Path | None, dit_original_ckpt: str | 
                             + (f" (skipped LoRA files: {[p.name for p in skipped]})" if skipped else ""))
 
 
-_LORA_MARKERS = ("lora_up", "lora_down", "lora_A", "lora_B", "lora.up", "lora.down", "lora_linear_layer")
-_LORA_SUFFIXES = (".alpha", ".diff", ".diff_b", ".diff_m")
-
-
 def _is_lora_file(path: Path) -> bool:
     """Whether every tensor of a safetensors file is a LoRA tensor (from its header only)."""
     from lightx2v_engine.checkpoint import safetensors_keys
+    from lightx2v_engine.lora import is_lora_key
     keys = safetensors_keys(path)
-    return bool(keys) and all(any(m in k for m in _LORA_MARKERS) or k.endswith(_LORA_SUFFIXES) for k in keys)
+    return bool(keys) and all(is_lora_key(k) for k in keys)
 
 
 def folder_safetensors(folder: Path) -> tuple[list[Path], list[Path]]:

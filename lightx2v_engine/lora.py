@@ -39,6 +39,12 @@ _DIFFS = ((".diff_b", ".bias"), (".diff_m", ".modulation"), (".diff", ".weight")
 KOHYA_PREFIX = "lora_unet_"
 
 
+def is_lora_key(key: str) -> bool:
+    """Whether a tensor name is a LoRA file's (a pair's up/down, a diff, an alpha), not a model weight's."""
+    return (key.endswith(".alpha") or key.startswith(KOHYA_PREFIX)
+            or any(key.endswith(s) for pair in _PAIRS for s in pair) or any(key.endswith(d) for d, _ in _DIFFS))
+
+
 class LoraKeyError(ValueError):
     """LoRA keys that match no weight of the model."""
 

@@ -78,20 +78,20 @@ def describe(device: torch.device, attn_8bit: bool = False, seq_parallel: bool =
     util = importlib.import_module("lightx2v_engine.kernels._util")
     impl, config = attn.attention_impl(device)
     a8_config = a8.attention_8bit_config(device)
-    self_attn = (f"8-bit {a8_config}" + (f" ({attn.gluon_status(device)})" if a8.ATTN8_CONFIGS[a8_config].gluon
-                                         else "")
-                 if attn_8bit and attention_8bit_available(device)
-                 else impl + (f" {config}" if impl in ("triton", "gluon") else "")
-                 + (f" ({attn.gluon_status(device)})" if impl == "gluon" else ""))
     d, dt = head_dim or 128, dtype or torch.bfloat16
-    eight = attn_8bit and attention_8bit_available(device) and k.attention_supports(dt, d, True)
-    if attn_8bit and attention_8bit_available(device) and not eight:
-        self_attn = impl + (f" {config}" if impl in ("triton", "gluon") else "") + " (no 8-bit kernel for this model)"
-    if not eight and not seq_parallel and ar.rope_placement(device) == "prologue" \
-            and k.attention_supports(dt, d, True):
-        self_attn = "triton with q/k norm+RoPE in the kernel (attention_rope)"
+    wanted8 = attn_8bit and attention_8bit_available(device)
+    eight = wanted8 and k.attention_supports(dt, d, True)
+    exact = (impl + (f" {config}" if impl in ("triton", "gluon") else "")
+             + (f" ({attn.gluon_status(device)})" if impl == "gluon" else ""))
     if not k.attention_supports(dt, d):
         self_attn = f"PyTorch reference ({dt}, head dim {d}: no attention kernel)"
+    elif eight:
+        self_attn = f"8-bit {a8_config}" + (f" ({attn.gluon_status(device)})" if a8.ATTN8_CONFIGS[a8_config].gluon
+                                            else "")
+    elif not seq_parallel and ar.rope_placement(device) == "prologue" and k.attention_supports(dt, d, True):
+        self_attn = "triton with q/k norm+RoPE in the kernel (attention_rope)"
+    else:
+        self_attn = exact + (" (no 8-bit kernel for this model)" if wanted8 else "")
     return (f"ops: Triton kernels; self-attention {self_attn}, cross-attention {attn.cross_attention_impl(device)}, "
             f"q/k norm+RoPE {qk.qk_rope_impl(device)}, FFN GELU epilogue "
             f"{'on' if gelu_epilogue_used(device, torch.bfloat16) else 'off'}; {util.tuned_status(device)}")

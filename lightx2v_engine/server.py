@@ -848,7 +848,7 @@ def _interrupt(signum, frame):
 
 
 def main(argv=None) -> int:
-    from lightx2v_engine.infer import load_pipeline
+    from lightx2v_engine.infer import load_pipeline, user_errors
     args, extra = build_parser().parse_known_args(argv)
     args.config_overrides = config_pairs(extra)
     sources = image_sources(args)  # (checked before the models load)
@@ -856,15 +856,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if rank_from_env() == 0 else logging.WARNING,
                         format=rank_prefix() + "%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.captureWarnings(True)  # config warnings through the log (with the rank under torchrun)
-    from lightx2v_engine.checkpoint import CheckpointError
-    from lightx2v_engine.pipeline import NonFiniteError
     httpd = None
     try:
         if rank_from_env() == 0:
             httpd = bind(args.host, args.port)
         pipe = load_pipeline(args)
-    except (ValueError, FileNotFoundError, CheckpointError, NonFiniteError, OSError) as e:
-        # (as the CLI: one line naming the problem, no traceback)
+    except user_errors() as e:  # (as the CLI: one line naming the problem, no traceback)
         if httpd is not None:
             httpd.server_close()
         where = f" (--host {args.host} --port {args.port})" if httpd is None and rank_from_env() == 0 else ""

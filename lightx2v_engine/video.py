@@ -105,7 +105,7 @@ def check_output_file(path: str | os.PathLike, what: str) -> None:
         raise ValueError(f"{what} {str(path)[:200]!r}: not a usable path ({e.strerror})") from None
     if not folder.is_dir():
         raise ValueError(f"{what} {str(path)!r}: {folder} is a file, not a folder")
-    if len(os.fsencode(p.name)) > _MAX_NAME:  # (the temporary file beside it adds ~20 bytes to the name)
+    if len(os.fsencode(p.name)) > _MAX_NAME:  # (the temporary file beside it has a longer name)
         raise ValueError(f"{what} {str(path)[:200]!r}: the file name has {len(os.fsencode(p.name))} bytes; at most "
                          f"{_MAX_NAME} (the file system's 255, less the temporary file's additions)")
     if not os.access(folder, os.W_OK | os.X_OK):
