@@ -14,11 +14,9 @@ resident; with --lora-switch, (f) the per-request LoRA switch times. Writes e2e.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # the 8-bit step figure's variants must agree with the reference path to this rel. L2 (measured 7-8e-3)
 EIGHT_BIT_MAX_RELERR = 2e-2
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the sibling csv_history, also when imported
-from csv_history import append_csv  # noqa: E402
+from csv_history import append_csv, run_env  # noqa: E402
 
 try:
     import lightx2v_engine  # noqa: F401  (installed, e.g. pip install -e .)
@@ -423,16 +421,7 @@ def bench_distill_speedup(preset, args, device, run, rows, summary):
 
 
 def env_info(device) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=ROOT).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
-    commit = os.environ.get("LX2V_COMMIT") or commit  # a copied tree's git metadata can be stale
-    import triton
-    return {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-            "triton": triton.__version__, "commit": commit,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    return run_env(torch.cuda.get_device_name() if device.type == "cuda" else "cpu")
 
 
 def bench_lora_switch(preset: str, args, device, rows, summary, tag: str):

@@ -24,20 +24,18 @@ shapes through the Triton interpreter (wall-clock timing, numbers meaningless).
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib
 import json
 import math
 import os
 import re
-import subprocess
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling csv_history, also when imported
-from csv_history import append_csv  # noqa: E402
+from csv_history import append_csv, run_env  # noqa: E402
 
 L = 32760
 L720 = 75600
@@ -499,20 +497,7 @@ def summarize(rows: list[dict], main_shape: str) -> dict:
 
 
 def _env_info(device: str) -> dict:
-    try:
-        import triton
-        triton_v = triton.__version__
-    except ImportError:
-        triton_v = "none"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    commit = os.environ.get("LX2V_COMMIT") or commit  # a copied tree's git metadata can be stale
-    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)"
-    return dict(gpu=gpu, torch=torch.__version__, triton=triton_v, commit=commit,
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    return run_env(torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)")
 
 
 def write_outputs(new_rows: list[dict], summary: dict, env: dict, out_dir: str) -> tuple[str, str]:

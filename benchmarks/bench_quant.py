@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling csv_history, also when imported
-from csv_history import append_csv  # noqa: E402
+from csv_history import append_csv, run_env  # noqa: E402
 
 M = 32760
 _DEV = "cuda"
@@ -32,24 +32,6 @@ SHAPES = [(1536, 1536), (1536, 8960), (8960, 1536), (5120, 5120), (5120, 13824),
 
 
 MAX_RELERR = 2e-2  # a kernel's rel. L2 vs the library's output (the same fp8 inputs) before its ratio counts
-
-
-def _env() -> dict:
-    """triton version, commit (LX2V_COMMIT wins: a copied tree's git metadata can be stale) and date."""
-    import datetime
-    import subprocess
-    try:
-        import triton
-        triton_v = triton.__version__
-    except ImportError:
-        triton_v = "none"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    return dict(triton=triton_v, commit=os.environ.get("LX2V_COMMIT") or commit,
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
 
 
 _DRY_RUN = False
@@ -109,7 +91,7 @@ def main(argv=None) -> int:
     print(f"device-to-device copy: {copy_bw / 1e12:.3f} TB/s")
 
     rows: list[dict] = []
-    env = _env()
+    env = run_env(gpu)
     checks_failed: list[str] = []
 
     def agrees(what: str, got: torch.Tensor, want: torch.Tensor) -> bool:

@@ -3,7 +3,9 @@ every row), so that runs on different cards and commits can be compared from one
 from __future__ import annotations
 
 import csv
+import datetime
 import os
+import subprocess
 import time
 
 
@@ -23,3 +25,21 @@ def append_csv(path: str, fieldnames: list[str], rows: list[dict]) -> None:
         if new:
             w.writeheader()
         w.writerows(rows)
+
+
+def run_env(gpu: str) -> dict:
+    """What names a run in every row and summary: the GPU, torch and triton versions, the commit (LX2V_COMMIT
+    wins: a copied tree's git metadata can be stale) and the UTC date."""
+    import torch
+    try:
+        import triton
+        triton_v = triton.__version__
+    except ImportError:
+        triton_v = "none"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return dict(gpu=gpu, torch=torch.__version__, triton=triton_v, commit=os.environ.get("LX2V_COMMIT") or commit,
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))

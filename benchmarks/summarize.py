@@ -85,11 +85,14 @@ def merge(out: Path, since: float | None = None) -> dict:
         else:
             for k, v in data.items():
                 (env if k in ("gpu", "torch", "triton", "cuda", "commit", "date", "git_commit") else figures)[k] = v
-    for name in OPTIONAL_SOURCES:
+    for name, producer in OPTIONAL_SOURCES.items():
         path = out / name
-        if path.is_file() and _stale(path, since):
-            absent[f"<{OPTIONAL_SOURCES[name]}>"] = _stale(path, since)
-        elif path.is_file():
+        if not path.is_file():
+            continue
+        stale = _stale(path, since)
+        if stale:
+            absent[f"<{producer}>"] = stale
+        else:
             data = json.loads(path.read_text())
             for k, v in data.get("figures", {}).items():
                 if figures.get(k) is None:
