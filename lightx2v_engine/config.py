@@ -259,7 +259,7 @@ _ACCEPTED_IGNORED = {
     "rotary_chunk_size", "audio_sr", "boundary", "boundary_step_index", "changing_resolution",
     "resolution_rate", "enable_cfg_parallel", "infer_dtype", "sensitive_layer_dtype", "cpu_offload_activations",
     "use_31_block", "use_image_encoder", "lora_merge_force_fp32", "coefficients", "max_area", "do_mm_calib",
-    "use_bfloat16", "warmup",
+    "use_bfloat16", "warmup", "t5_offload_granularity",
 }
 # What the engine does instead, for ignored keys where that is worth saying (appended in the warning).
 _IGNORED_NOTES = {
@@ -268,6 +268,9 @@ _IGNORED_NOTES = {
     "use_image_encoder": "I2V always encodes the image with CLIP",
     "use_bfloat16": "the DiT's precision is the 'dtype' key, bf16 by default",
     "warmup": "CUDA graphs are captured on the first call per shape",
+    "t5_offload_granularity": "t5_cpu_offload always streams the umT5 block by block",
+    "offload_plan.resident_blocks": "an offloaded DiT streams all of its blocks",
+    "offload_plan.use_event_offload": "the block stream is ordered by CUDA events anyway",
     "coefficients": "no feature caching",
     "offload_ratio": "an offloaded DiT streams all of its blocks",
     "seq_parallel": "derived from parallel.seq_p_size",
@@ -362,7 +365,7 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
         if key in _UNSUPPORTED_IF_TRUE:
             if value is not None and _as(key, value, bool):
                 raise _err(key, value, _UNSUPPORTED_IF_TRUE[key])
-        elif key in _MAPPED or key == "scheduler_type":
+        elif key in _MAPPED or key in ("scheduler_type", "offload_plan"):
             vals[key] = value
         elif key in _ACCEPTED_IGNORED:
             if not (key == "feature_caching" and value in (None, "NoCaching")):  # (what runs anyway)
@@ -370,12 +373,26 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
         else:
             unknown.append(key)
     if unknown:
-        known = sorted(_MAPPED | _ACCEPTED_IGNORED | set(_UNSUPPORTED_IF_TRUE))
+        known = sorted(_MAPPED | _ACCEPTED_IGNORED | set(_UNSUPPORTED_IF_TRUE) | {"scheduler_type", "offload_plan"})
         hints = []
         for k in unknown:
             close = difflib.get_close_matches(k, known, n=1)
             hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ValueError(f"{source}: unknown config key(s): {', '.join(hints)}")
+
+    if raw.get("t5_offload_granularity") not in (None, "model", "block"):
+        raise _err("t5_offload_granularity", raw["t5_offload_granularity"], "expected 'model' or 'block'")
+    plan = vals.pop("offload_plan", None)
+    if plan is not None:  # newer LightX2V: {offload_granularity, resident_blocks, use_event_offload}; it wins
+        if not isinstance(plan, dict):
+            raise _err("offload_plan", plan, "expected an object with offload_granularity (resident_blocks, "
+                                             "use_event_offload)")
+        extra = set(plan) - {"offload_granularity", "resident_blocks", "use_event_offload"}
+        if extra:
+            raise _err("offload_plan", plan, f"unknown keys {sorted(extra)}")
+        if plan.get("offload_granularity") is not None:
+            vals["offload_granularity"] = plan["offload_granularity"]
+        ignored += [f"offload_plan.{k}" for k in ("resident_blocks", "use_event_offload") if plan.get(k)]
 
     out: dict[str, Any] = {}
     for key, typ in _TYPES.items():
@@ -446,8 +463,11 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
         out["infer_steps"] = n
     else:
         out.setdefault("infer_steps", 50)
-        if "enable_cfg" not in out:
-            out["enable_cfg"] = True
+        if "enable_cfg" not in out and warn:
+            # LightX2V's default (set_config.get_default_config): the same file runs the same computation here
+            warn_user(f"{source}: no enable_cfg: classifier-free guidance is off (LightX2V's default); Wan's "
+                      f"{out['infer_steps']}-step UniPC sampler is normally run with \"enable_cfg\": true and a "
+                      f"sample_guide_scale of 5-6")
 
     if out.get("infer_steps", 1) < 1:
         raise _err("infer_steps", out["infer_steps"], "must be >= 1")
@@ -459,7 +479,9 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
     if "target_video_length" in out:
         t = out["target_video_length"]
         if t < 1 or (t - 1) % 4:
-            raise _err("target_video_length", t, "frame count must be 4k+1 (1, 5, ..., 81)")
+            near = " or ".join(str(v) for v in sorted({max(1, (t - 1) // 4 * 4 + 1), max(1, (t + 2) // 4 * 4 + 1)}))
+            raise _err("target_video_length", t, f"frame count must be 4k+1 (1, 5, ..., 81): the VAE maps 4k+1 "
+                                                 f"frames to k+1 latents; nearest: {near}")
     if "text_len" in out and not 1 <= out["text_len"] <= 512:
         raise _err("text_len", out["text_len"], "must lie in [1, 512]")
     if "fps" in out and out["fps"] <= 0:

@@ -109,8 +109,16 @@ def plan_lora(lora: dict[str, torch.Tensor], params: dict[str, torch.Tensor], so
     Unmatched keys are reported with their prefixes stripped."""
     stripped = {_strip(k): v for k, v in lora.items()}
     if len(stripped) != len(lora):
-        raise LoraKeyError(f"{source}: keys collide once their prefixes {LORA_PREFIXES} are stripped")
+        groups: dict[str, list[str]] = {}
+        for k in lora:
+            groups.setdefault(_strip(k), []).append(k)
+        clashes = [g for g in groups.values() if len(g) > 1]
+        raise LoraKeyError(f"{source}: {len(clashes)} key(s) collide once their prefixes {LORA_PREFIXES} are "
+                           f"stripped, e.g. {' and '.join(map(repr, clashes[0]))}")
     lora = stripped
+    for k, v in lora.items():  # an alpha is one number (read with float() at merge time)
+        if k.endswith(".alpha") and v.numel() != 1:
+            raise LoraKeyError(f"{source}: {k} must hold one number (the LoRA alpha), got shape {tuple(v.shape)}")
     kohya = None
     if any(k.startswith(KOHYA_PREFIX) for k in lora):
         modules = {name.rpartition(".")[0] for name in params}

@@ -78,7 +78,8 @@ class _Pack:
     """The parameters and buffers of `modules` (a block's: ``block.modules()``) in one host byte buffer, a
     single copy moving them all; the modules' tensors become views of it."""
 
-    def __init__(self, modules, pin: bool):
+    def __init__(self, modules, pin: bool, where: tuple[nn.Module, str] | None = None):
+        """where: (the block, its name in the model), for error messages only."""
         entries, off = [], 0
         for m in modules:
             for store, is_param in ((m._parameters, True), (m._buffers, False)):
@@ -86,7 +87,12 @@ class _Pack:
                     if t is None:
                         continue
                     if t.device.type == "meta":
-                        raise ValueError(f"block offload: {name} has no data (meta tensor)")
+                        path = type(m).__name__
+                        if where is not None:
+                            path = next((f"{where[1]}.{n}".rstrip(".") for n, mm in where[0].named_modules()
+                                         if mm is m), path)
+                        raise ValueError(f"block offload: {path}.{name} {tuple(t.shape)} has no data (meta "
+                                         f"tensor): load the weights before offloading")
                     nbytes = t.numel() * t.element_size()
                     entries.append(_Entry(m, name, is_param, off, nbytes, tuple(t.shape), _dense_stride(t),
                                           t.dtype))
@@ -265,7 +271,7 @@ class BlockOffload:
         self.device = device
         self.runtime = runtime if runtime is not None else (
             CudaRuntime(device) if device.type == "cuda" else SyncRuntime())
-        self.packs = [_Pack(b.modules(), self.pin) for b in blocks]
+        self.packs = [_Pack(b.modules(), self.pin, (b, f"blocks.{i}")) for i, b in enumerate(blocks)]
         self.slots: list[torch.Tensor] = []
         self._make_slots()
         # queued side-stream copies finish before the packs (and their page-locking) go
@@ -334,7 +340,7 @@ class BlockOffload:
         self.runtime.synchronize()  # no copy may still read a pack that goes, or write a slot that goes
         for i, block in enumerate(self.module_list):
             if not self.packs[i].is_current():
-                self.packs[i] = _Pack(block.modules(), self.pin)
+                self.packs[i] = _Pack(block.modules(), self.pin, (block, f"blocks.{i}"))
         if max((p.nbytes for p in self.packs), default=0) != (self.slots[0].numel() if self.slots else 0):
             self._make_slots()
         self.drop_prefetch()
@@ -354,9 +360,14 @@ def page_lock_module_(module: nn.Module) -> list[_Pack]:
     groups.append([m for m in module.modules() if id(m) not in in_blocks])
     packs = []
     for g in groups:
-        if any(t is not None and t.device.type != "cpu" for m in g for t in (*m._parameters.values(),
-                                                                            *m._buffers.values())):
-            raise ValueError(f"page_lock_module_: {type(module).__name__} has tensors off the CPU")
+        off_cpu = [t for m in g for t in (*m._parameters.values(), *m._buffers.values())
+                   if t is not None and t.device.type != "cpu"]
+        if off_cpu:
+            where = {id(t): n for n, t in (*module.named_parameters(remove_duplicate=False),
+                                           *module.named_buffers(remove_duplicate=False))}
+            named = [f"{where.get(id(t), '?')} ({t.device})" for t in off_cpu[:3]]
+            raise ValueError(f"page_lock_module_: {type(module).__name__} has {len(off_cpu)} tensor(s) off the CPU, "
+                             f"e.g. {', '.join(named)}: page-locking needs the model in host memory")
         packs.append(_Pack(g, pin=True))
     module.__dict__["_lx2v_page_locked"] = packs
     return packs

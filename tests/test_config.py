@@ -87,8 +87,11 @@ def test_unknown_key_is_an_error_with_suggestion():
 
 def test_sampler_choice_follows_model_cls():
     assert parse_run_config({}, model_cls="wan2.1_distill").sampler == "distill"
-    base = parse_run_config({}, model_cls="wan2.1")
-    assert base.sampler == "unipc" and base.infer_steps == 50 and base.enable_cfg
+    # enable_cfg defaults to false, as LightX2V's get_default_config: the same file computes the same thing
+    with pytest.warns(UserWarning, match="no enable_cfg: classifier-free guidance is off"):
+        base = parse_run_config({}, model_cls="wan2.1")
+    assert base.sampler == "unipc" and base.infer_steps == 50 and not base.enable_cfg
+    assert parse_run_config({"enable_cfg": True}, model_cls="wan2.1").enable_cfg
     # as LightX2V: wan2.1 runs UniPC and ignores a step list (with a warning) unless scheduler_type says
     # WanStepDistillScheduler
     with pytest.warns(UserWarning, match="model_cls wan2.1 runs the UniPC sampler for infer_steps=4"):
@@ -149,3 +152,31 @@ def test_attention_types():
         parse_run_config({"self_attn_1_type": "sage_atn2"})
     with pytest.raises(ValueError, match="'cross_attn_2_type' = 3: expected a string"):
         parse_run_config({"cross_attn_2_type": 3})
+
+
+def test_lightx2v_offload_keys():
+    """LightX2V's wan_t2v.json carries t5_offload_granularity; newer configs an offload_plan object whose
+    offload_granularity wins over the top-level key."""
+    with pytest.warns(UserWarning, match="t5_offload_granularity .t5_cpu_offload always streams"):
+        cfg = parse_run_config({"t5_cpu_offload": True, "t5_offload_granularity": "block"})
+    assert cfg.t5_cpu_offload and "t5_offload_granularity" in cfg.ignored_keys
+    with pytest.raises(ValueError, match="'t5_offload_granularity' = 'blok': expected 'model' or 'block'"):
+        parse_run_config({"t5_offload_granularity": "blok"})
+    cfg = parse_run_config({"cpu_offload": True, "offload_granularity": "block",
+                            "offload_plan": {"offload_granularity": "model"}})
+    assert cfg.offload_granularity == "model"
+    with pytest.warns(UserWarning, match=r"offload_plan.resident_blocks \(an offloaded DiT streams all"):
+        parse_run_config({"offload_plan": {"offload_granularity": "block", "resident_blocks": {"blocks": 4}}})
+    with pytest.raises(ValueError, match=r"'offload_plan'.*unknown keys \['granularity'\]"):
+        parse_run_config({"offload_plan": {"granularity": "block"}})
+    with pytest.raises(ValueError, match="'offload_plan' = 'block': expected an object"):
+        parse_run_config({"offload_plan": "block"})
+    with pytest.raises(ValueError, match="'offload_granularity' = 'rows'"):
+        parse_run_config({"offload_plan": {"offload_granularity": "rows"}})
+
+
+def test_frame_count_error_names_the_nearest_valid_counts():
+    with pytest.raises(ValueError, match=r"'target_video_length' = 80: frame count must be 4k\+1.*nearest: 77 or 81"):
+        parse_run_config({"target_video_length": 80})
+    with pytest.raises(ValueError, match="nearest: 1 or 5"):
+        parse_run_config({"target_video_length": 2})

@@ -284,3 +284,23 @@ def test_transposed_diff_and_lone_up_matrix_are_named():
         merge_lora_(model, lone)
     with pytest.warns(UserWarning, match=r"blocks.1.ffn.2.lora_up.weight"):  # lenient: skipped, the rest merges
         assert merge_lora_(model, lone, strict=False) == 1
+
+
+def test_malformed_alpha_and_colliding_keys_are_named():
+    """An alpha that is not one number, and two keys equal once their prefixes are stripped, are errors
+    naming the file and the keys (not a bare torch error at merge time)."""
+    from lightx2v_engine.config import get_preset
+    from lightx2v_engine.loading import build_dit
+    from lightx2v_engine.lora import LoraKeyError, merge_lora_
+    dit = build_dit(get_preset("tiny"), None, dtype=torch.float32)
+    pair = {"diffusion_model.blocks.0.ffn.0.lora_up.weight": torch.zeros(512, 4),
+            "diffusion_model.blocks.0.ffn.0.lora_down.weight": torch.zeros(4, 256)}
+    with pytest.raises(LoraKeyError, match=r"my_lora\.safetensors: blocks\.0\.ffn\.0\.alpha must hold one number.*"
+                                           r"shape \(2,\)"):
+        merge_lora_(dit, {**pair, "diffusion_model.blocks.0.ffn.0.alpha": torch.tensor([4.0, 4.0])},
+                    source="my_lora.safetensors")
+    clash = {**pair, "model.blocks.0.ffn.0.lora_down.weight": torch.zeros(4, 256)}
+    with pytest.raises(LoraKeyError, match=r"my_lora\.safetensors: 1 key\(s\) collide.*"
+                                           r"'diffusion_model\.blocks\.0\.ffn\.0\.lora_down\.weight' and "
+                                           r"'model\.blocks\.0\.ffn\.0\.lora_down\.weight'"):
+        merge_lora_(dit, clash, source="my_lora.safetensors")

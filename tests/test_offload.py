@@ -700,3 +700,19 @@ def test_is_page_locked_knows_registered_ranges(monkeypatch):
     assert not is_page_locked(buf[1000:1100]) and not is_page_locked(other)
     assert is_page_locked(buf[:1024:2]) and not is_page_locked(buf[:2048:2])  # strided views: their true span
     assert not is_page_locked(torch.empty(0, dtype=torch.uint8))
+
+
+def test_offload_errors_name_the_tensor():
+    """A meta (unloaded) tensor in a block, and a tensor off the CPU for page-locking, are named by their
+    path in the model (at 14B one of ~1000 tensors called "weight")."""
+    from lightx2v_engine.config import get_preset
+    from lightx2v_engine.loading import build_dit
+    from lightx2v_engine.offload import attach_block_offload, page_lock_module_
+    dit = build_dit(get_preset("tiny"), None, dtype=torch.float32)
+    dit.blocks[1].cross_attn.v.weight = torch.nn.Parameter(torch.empty(256, 256, device="meta"))
+    with pytest.raises(ValueError, match=r"blocks\.1\.cross_attn\.v\.weight \(256, 256\) has no data"):
+        attach_block_offload(dit, "cpu")
+    dit = build_dit(get_preset("tiny"), None, dtype=torch.float32)
+    dit.blocks[0].norm3.bias = torch.nn.Parameter(torch.empty(256, device="meta"))  # stands in for a CUDA tensor
+    with pytest.raises(ValueError, match=r"1 tensor\(s\) off the CPU, e\.g\. blocks\.0\.norm3\.bias \(meta\)"):
+        page_lock_module_(dit)
