@@ -187,6 +187,17 @@ def bench_dit(preset: str, args, device, run, rows, summary, tag: str, attn8_onl
         if not attn8_only:
             variant("8bit")
             summary[f"peak_gib_{tag}_8bit"] = peak_gib(device)
+            # the 8-bit linears' inputs quantized inside the modulation kernels, against two passes
+            from lightx2v_engine.quant import set_input_quant_fusion
+            fused_out = model(x, t, ctx, clip, y)
+            set_input_quant_fusion(False)
+            try:
+                summary[f"input_quant_fusion_bitwise_{tag}"] = bool(torch.equal(model(x, t, ctx, clip, y), fused_out))
+                res["8bit_eager_input_quant_unfused"] = run(lambda: model(x, t, ctx, clip, y))
+            finally:
+                set_input_quant_fusion(True)
+            del fused_out
+            summary[f"input_quant_fusion_speedup_{tag}"] = res["8bit_eager_input_quant_unfused"] / res["8bit_eager"]
         else:  # ... plus 8-bit self-attention (INT8 q k^T, FP8 P.V; self_attn_1_type "sage_attn2")
             model.set_attention_8bit(True)
             variant("8bit_attn8")

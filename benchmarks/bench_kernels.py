@@ -189,6 +189,65 @@ def bench_memory_ops(Ls: list[int], Cs: list[int], device: str, copy_gbps: float
     return rows
 
 
+def _fused_quant_rows(op: str, shape: str, fused, two_pass, nbytes: int, copy_gbps: float) -> list[dict]:
+    """A modulation kernel that quantizes its output for an 8-bit linear (`fused`, returning (.., q, scale))
+    against the two passes it replaces (`two_pass`: our modulate kernel, then quant.per_token_quant):
+    ok when q and the scales are the same bits; one "triton" row (GB/s of its own traffic, fraction of the
+    copy bandwidth) and one "two_pass" row."""
+    def bits(t):
+        return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+    a, b = fused(), two_pass()
+    (qa, sa), (qb, sb) = a[-2:], b[-2:]
+    ok = torch.equal(bits(qa.reshape(qb.shape)), bits(qb)) and torch.equal(sa, sb) and bool(torch.isfinite(sa).all())
+    err = (qa.reshape(qb.shape).float() * sa - qb.float() * sb).abs().max().item()
+    del a, b, qa, qb, sa, sb
+    ms_f, ms_t = _bench_ms(fused), _bench_ms(two_pass)
+    gbps = nbytes / (ms_f * 1e-3) / 1e9
+    return [dict(op=op, shape=shape, impl="triton", ms=ms_f, tflops_or_gbps=gbps, unit="GB/s",
+                 ratio=gbps / copy_gbps, ratio_kind="frac_of_copy_bw", max_err=err, ok=ok,
+                 note=f"speedup vs modulate + per_token_quant {ms_t / ms_f:.2f}x"),
+            dict(op=op, shape=shape, impl="two_pass", ms=ms_t, tflops_or_gbps=float("nan"), unit="GB/s",
+                 ratio=ms_t / ms_f, ratio_kind="two_pass_over_fused", max_err=0.0, ok=True,
+                 note="modulate kernel, then quant.per_token_quant (the csrc kernel when built)")]
+
+
+def bench_fused_quant(Ls: list[int], Cs: list[int], device: str, copy_gbps: float, scheme: str = "fp8") -> list[dict]:
+    """modulate_quant / gate_residual_modulate_quant (the 8-bit DiT's linear inputs quantized inside the
+    modulation) at every (L, C), against modulate + per_token_quant."""
+    from lightx2v_engine.kernels import gate_residual_modulate, gate_residual_modulate_quant, modulate, modulate_quant
+    from lightx2v_engine.quant import per_token_quant
+    rows = []
+    bf = torch.bfloat16
+    for Lx in Ls:
+        for C in Cs:
+            shape = f"B1 L{Lx} C{C}"
+            shift, scale, gate, *_ = _mod_views(1, C, device)
+            x = torch.randn(1, Lx, C, device=device)
+            y = torch.randn(1, Lx, C, device=device, dtype=bf)
+            cases = {
+                # bytes: x fp32 read, q written (1 byte), the scale; + y read and x' written
+                f"modulate_quant_{scheme}": (
+                    lambda: modulate_quant(x, shift, scale, 1e-6, bf, scheme),
+                    lambda: per_token_quant(modulate(x, shift, scale, 1e-6, bf).view(-1, C), scheme),
+                    Lx * C * (4 + 1) + 4 * Lx),
+                f"gate_residual_modulate_quant_{scheme}": (
+                    lambda: gate_residual_modulate_quant(x, y, gate, shift, scale, 1e-6, bf, scheme),
+                    lambda: per_token_quant(gate_residual_modulate(x, y, gate, shift, scale, 1e-6, bf)[1].view(-1, C),
+                                            scheme),
+                    Lx * C * (4 + 2 + 4 + 1) + 4 * Lx),
+            }
+            for op, (fused, two_pass, nbytes) in cases.items():
+                try:
+                    rows += _fused_quant_rows(op, shape, fused, two_pass, nbytes, copy_gbps)
+                except Exception as e:  # noqa: BLE001 - recorded as a failed row
+                    print(f"bench_kernels: {op} {shape} failed: {type(e).__name__}: {e}")
+                    rows.append(dict(op=op, shape=shape, impl="triton", ms=float("nan"), tflops_or_gbps=float("nan"),
+                                     unit="GB/s", ratio=float("nan"), ratio_kind="frac_of_copy_bw",
+                                     max_err=float("nan"), ok=False, note=f"failed: {type(e).__name__}: {e}"[:300]))
+            del x, y
+    return rows
+
+
 def bench_vae_norm(shapes: list[tuple[int, int, int, int]], device: str, copy_gbps: float) -> list[dict]:
     """The VAE decoder's fused channel RMSNorm + SiLU (kernels/vae_norm.py) on channels_last_3d
     [1, C, T, H, W] activations against the eager reference (lightx2v_engine.vae.rms_norm_act_ref), bf16."""
@@ -467,6 +526,13 @@ def summarize(rows: list[dict], main_shape: str) -> dict:
         "self_attn_rope_baseline": rope_pass["note"] if rope_pass else None,
         "modulate_bw_frac": min_frac("modulate"),
         "gate_residual_modulate_bw_frac": min_frac("gate_residual_modulate"),
+        # the 8-bit path's modulation with its output quantized in the same pass, and what that saves
+        "modulate_quant_bw_frac": min((f for f in (min_frac("modulate_quant_fp8"),
+                                                   min_frac("gate_residual_modulate_quant_fp8")) if f is not None),
+                                      default=None),
+        "modulate_quant_speedup_vs_two_pass": min((r["ratio"] for r in rows if r["impl"] == "two_pass"
+                                                   and r["op"].endswith("_fp8") and r["ratio"] == r["ratio"]),
+                                                  default=None),
         "rms_norm_bw_frac": min_frac("rms_norm"),
         "vae_norm_bw_frac": min_frac("vae_rms_norm_silu"),
         # the best of the kernel variants (each at its worst shape); "row" is "qk_norm_rope" in the CSV
@@ -626,6 +692,9 @@ def main(argv=None) -> int:
     if QK_ROPE_UNMEASURED:
         rows += bench_memory_ops(Ls, Cs, device, copy_gbps, qk_variants=list(QK_ROPE_UNMEASURED), qk_only=True)
         save(rows)
+    # the modulation with its output quantized for the 8-bit linears (added 2026-11-27 without a GPU)
+    rows += bench_fused_quant(Ls, Cs, device, copy_gbps)
+    save(rows)
     # the norm+RoPE-in-attention option after the figures the issues' targets need (never run on a GPU),
     # against the pass path with this run's fastest Triton config and q/k variant (what its tuned file runs)
     picked = summarize(rows, main_shape)

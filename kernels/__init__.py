@@ -53,10 +53,11 @@ if _OURS:
     from .attention_8bit import attention_8bit, fp8_supported  # noqa: E402
     from .attention import (ATTN_IMPLS, attention, attention_impl, attention_supports,  # noqa: E402
                             self_attention, self_attention_heads, set_attention_impl)
-    from .modulate import gate_residual_modulate, modulate  # noqa: E402
+    from .modulate import gate_residual_modulate, gate_residual_modulate_quant, modulate, modulate_quant  # noqa: E402
     from .qk_norm_rope import qk_norm_rope  # noqa: E402
     from .rms_norm import rms_norm  # noqa: E402
 
-__all__ = ["modulate", "gate_residual_modulate", "qk_norm_rope", "rms_norm", "attention", "self_attention",
+__all__ = ["modulate", "gate_residual_modulate", "modulate_quant", "gate_residual_modulate_quant", "qk_norm_rope",
+           "rms_norm", "attention", "self_attention",
            "self_attention_heads", "attention_impl", "set_attention_impl", "ATTN_IMPLS", "attention_8bit", "fp8_supported",
            "attention_supports"]

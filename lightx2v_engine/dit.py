@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from lightx2v_engine import ops
 from lightx2v_engine.config import ModelConfig
-from lightx2v_engine.quant import QuantLinear, quant_linears_same_input
+from lightx2v_engine.quant import QuantizedInput, QuantLinear, quant_linears_same_input, takes_quantized_input
 
 # Parameters that stay fp32 whatever the run dtype (the official fp32 regions, plus every norm).
 FP32_PREFIXES = ("time_embedding.", "time_projection.", "head.")
@@ -35,6 +35,23 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int = 256) -> torch.Tensor:
     freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
     ang = t.to(torch.float64)[:, None] * freqs[None, :]
     return torch.cat([torch.cos(ang), torch.sin(ang)], dim=1).float()
+
+
+def modulate_into(mods: list[nn.Module], x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                  dtype: torch.dtype, y: torch.Tensor | None = None, gate: torch.Tensor | None = None):
+    """The modulated input of the linears `mods`: ops.modulate(x, ...) (y None) or ops.gate_residual_modulate
+    (x, y, gate, ...), in `dtype`; when `mods` are 8-bit linears that take it (quant.takes_quantized_input),
+    quantized per token in the same kernel (a QuantizedInput: the run-dtype tensor is never written).
+    Returns h (y None) or (x', h)."""
+    scheme = takes_quantized_input(mods)
+    if y is None:
+        if scheme is None:
+            return ops.modulate(x, shift, scale, eps, out_dtype=dtype)
+        return QuantizedInput(*ops.modulate_quant(x, shift, scale, eps, dtype, scheme), dtype)
+    if scheme is None:
+        return ops.gate_residual_modulate(x, y, gate, shift, scale, eps, out_dtype=dtype)
+    x, q, qs = ops.gate_residual_modulate_quant(x, y, gate, shift, scale, eps, dtype, scheme)
+    return x, QuantizedInput(q, qs, dtype)
 
 
 class RMSNorm(nn.Module):
@@ -57,8 +74,9 @@ class SelfAttention(nn.Module):
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
         self.attn_8bit = False  # INT8 q k^T / FP8 P.V kernel (set by WanDiT.set_attention_8bit)
 
-    def forward(self, h: torch.Tensor, rope: ops.Rope, seq_parallel=None) -> torch.Tensor:
-        """h [B, L, C] modulated input (run dtype) -> [B, L, C] (a token shard under seq_parallel)."""
+    def forward(self, h: torch.Tensor | QuantizedInput, rope: ops.Rope, seq_parallel=None) -> torch.Tensor:
+        """h [B, L, C] modulated input (run dtype, or quantized for 8-bit q/k/v) -> [B, L, C] (a token shard
+        under seq_parallel)."""
         if isinstance(self.q, QuantLinear) and isinstance(self.k, QuantLinear) and isinstance(self.v, QuantLinear):
             q, k, v = quant_linears_same_input(h, [self.q, self.k, self.v])  # h quantized once
         else:
@@ -83,8 +101,8 @@ class CrossAttention(nn.Module):
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.unflatten(-1, (self.num_heads, -1))
 
-    def forward(self, h: torch.Tensor, text: torch.Tensor, img: torch.Tensor | None) -> torch.Tensor:
-        """h [B, L, C]; text [B, Lt, C]; img [B, Li, C] or None -> [B, L, C]."""
+    def forward(self, h: torch.Tensor | QuantizedInput, text: torch.Tensor, img: torch.Tensor | None) -> torch.Tensor:
+        """h [B, L, C] (or quantized for an 8-bit q); text [B, Lt, C]; img [B, Li, C] or None -> [B, L, C]."""
         q = self._heads(self.norm_q(self.q(h)))
         out = ops.attention(q, self._heads(self.norm_k(self.k(text))), self._heads(self.v(text)))
         if img is not None:
@@ -108,7 +126,8 @@ class WanBlock(nn.Module):
         """One block, with the last gated residual add left to the caller for fusion.
 
         x [B, L, C] fp32 residual; h = modulate(x, shift1, scale1) [B, L, C] run dtype (computed by the
-        caller, fused with the previous block's last residual add); mod [B, 6, C] fp32 = modulation + e0.
+        caller with modulate_into, fused with the previous block's last residual add; quantized for 8-bit
+        q/k/v); mod [B, 6, C] fp32 = modulation + e0.
         Returns (x, y, gate2): the caller applies x + gate2 * y. seq_parallel (parallel.SeqParallel): x and
         h hold this rank's token shard and `rope` its rows; only the self-attention talks to the group.
         """
@@ -118,11 +137,11 @@ class WanBlock(nn.Module):
         b = x.shape[0]
         n3_scale = (self.norm3.weight.float() - 1.0).view(1, 1, -1).expand(b, 1, -1)
         n3_shift = self.norm3.bias.float().view(1, 1, -1).expand(b, 1, -1)
-        x, n3 = ops.gate_residual_modulate(x, self.self_attn(h, rope, seq_parallel), gate1, n3_shift, n3_scale, self.eps,
-                                           out_dtype=h.dtype)
-        ca = self.cross_attn(n3, text, img)
-        x, h2 = ops.gate_residual_modulate(x, ca, ones, shift2, scale2, self.eps, out_dtype=h.dtype)
         fc1, act, fc2 = self.ffn
+        x, n3 = modulate_into([self.cross_attn.q], x, n3_shift, n3_scale, self.eps, h.dtype,
+                              self.self_attn(h, rope, seq_parallel), gate1)
+        ca = self.cross_attn(n3, text, img)
+        x, h2 = modulate_into([fc1], x, shift2, scale2, self.eps, h.dtype, ca, ones)
         if type(fc1) is nn.Linear:  # bias + GELU in the GEMM's epilogue on CUDA
             return x, fc2(ops.linear_gelu_tanh(h2, fc1.weight, fc1.bias)), gate2
         if isinstance(fc2, QuantLinear):  # 8-bit: GELU inside ffn.2's activation quantization
@@ -255,10 +274,11 @@ class WanDiT(nn.Module):
         for block in (self.blocks if self.block_offload is None else self.block_offload.blocks()):
             mod = block.modulation.float() + e0
             shift1, scale1 = mod[:, 0:1], mod[:, 1:2]
+            qkv = [block.self_attn.q, block.self_attn.k, block.self_attn.v]
             if y_prev is None:
-                hmod = ops.modulate(x, shift1, scale1, cfg.eps, out_dtype=dt)
+                hmod = modulate_into(qkv, x, shift1, scale1, cfg.eps, dt)
             else:
-                x, hmod = ops.gate_residual_modulate(x, y_prev, gate_prev, shift1, scale1, cfg.eps, out_dtype=dt)
+                x, hmod = modulate_into(qkv, x, shift1, scale1, cfg.eps, dt, y_prev, gate_prev)
             x, y_prev, gate_prev = block(x, hmod, mod, text, img, rope, ones, sp)
 
         hm = self.head.modulation.float() + e[:, None, :]

@@ -149,6 +149,37 @@ def gate_residual_modulate(x, y, gate, shift, scale, eps: float = 1e-6, out_dtyp
     return gate_residual_modulate_ref(x, y, gate, shift, scale, eps, out_dtype)
 
 
+def modulate_quant_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                       round_dtype: torch.dtype, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """modulate_ref(..., out_dtype=round_dtype) quantized per token (quant.per_token_quant_ref of its
+    [B*L, C] rows): returns (q [B, L, C] fp8 e4m3 / int8, scale [B*L, 1] fp32)."""
+    from lightx2v_engine.quant import per_token_quant_ref
+    h = modulate_ref(x, shift, scale, eps, round_dtype)
+    q, s = per_token_quant_ref(h.reshape(-1, h.shape[-1]), scheme)
+    return q.view(h.shape), s
+
+
+def modulate_quant(x, shift, scale, eps: float, round_dtype: torch.dtype, scheme: str):
+    """The input of an 8-bit linear straight from the modulation: see modulate_quant_ref."""
+    k = _fast(x, "modulate_quant")
+    if k is not None:
+        return k.modulate_quant(x, shift, scale, eps, round_dtype, scheme)
+    return modulate_quant_ref(x, shift, scale, eps, round_dtype, scheme)
+
+
+def gate_residual_modulate_quant_ref(x, y, gate, shift, scale, eps: float, round_dtype: torch.dtype, scheme: str):
+    """(x', q, scale): gate_residual_modulate_ref's x', and its modulation quantized per token."""
+    x_new = (x.float() + y.float() * gate.float()).to(x.dtype)
+    return (x_new, *modulate_quant_ref(x_new, shift, scale, eps, round_dtype, scheme))
+
+
+def gate_residual_modulate_quant(x, y, gate, shift, scale, eps: float, round_dtype: torch.dtype, scheme: str):
+    k = _fast(x, "gate_residual_modulate_quant")
+    if k is not None:
+        return k.gate_residual_modulate_quant(x, y, gate, shift, scale, eps, round_dtype, scheme)
+    return gate_residual_modulate_quant_ref(x, y, gate, shift, scale, eps, round_dtype, scheme)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Linear + GELU(tanh)
 # ----------------------------------------------------------------------------------------------------

@@ -16,6 +16,9 @@ CPU: ``quant_linear_ref``, the same math in fp32.
 """
 from __future__ import annotations
 
+import os
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -118,13 +121,59 @@ def quant_linear_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
 
     x [M, K]; weight [N, K] fp8/int8; weight_scale [N, 1]; bias [N] or None; xq, sx = per_token_quant_ref(x).
     """
-    scheme = scheme_of_dtype(weight.dtype)
-    xq, sx = per_token_quant_ref(x, scheme)
+    xq, sx = per_token_quant_ref(x, scheme_of_dtype(weight.dtype))
+    return _gemm_8bit_ref(xq, sx, weight, weight_scale, bias, x.dtype)
+
+
+def _gemm_8bit_ref(xq: torch.Tensor, sx: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                   bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """(xq @ wq^T) * sx * sw^T + b in fp32, returned in out_dtype (xq [M, K] 8-bit, sx [M, 1])."""
     acc = xq.float() @ weight.float().t()
     y = acc * sx * weight_scale.float().reshape(1, -1)
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype)
+    return y.to(out_dtype)
+
+
+class QuantizedInput(NamedTuple):
+    """An 8-bit linear's input quantized ahead, by the kernel that produced it (ops.modulate_quant):
+    q [..., K] fp8 e4m3 / int8, scale [M, 1] fp32 per row of the flattened [M, K], dtype the run dtype
+    the unquantized tensor would have had (the linear's output dtype). QuantLinear and
+    quant_linears_same_input take it in place of that tensor."""
+    q: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+
+def takes_quantized_input(mods: list) -> str | None:
+    """The scheme in which an input may be quantized ahead for all of `mods` (QuantizedInput), or None:
+    every one a QuantLinear of that scheme with the same in_features and no LoRA branch (a LoRA reads the
+    unquantized input), the switch set_input_quant_fusion not turned off."""
+    if not _FUSE_INPUT_QUANT or not mods or not all(isinstance(m, QuantLinear) for m in mods):
+        return None
+    first = mods[0]
+    if any(m.lora_down is not None or m.scheme != first.scheme or m.in_features != first.in_features for m in mods):
+        return None
+    return first.scheme
+
+
+# LX2V_FUSED_INPUT_QUANT=0 or set_input_quant_fusion(False): the modulation writes its run-dtype output and each
+# 8-bit linear quantizes it (two passes; what bench_e2e.py compares against)
+_FUSE_INPUT_QUANT = os.environ.get("LX2V_FUSED_INPUT_QUANT", "1") != "0"
+
+
+def set_input_quant_fusion(enabled: bool) -> None:
+    """Whether the DiT quantizes the inputs of its 8-bit linears inside the modulation kernels (default on)."""
+    global _FUSE_INPUT_QUANT
+    _FUSE_INPUT_QUANT = bool(enabled)
+
+
+def input_quant_fusion() -> bool:
+    return _FUSE_INPUT_QUANT
 
 
 def _int_mm_scaled(xq: torch.Tensor, sx: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -194,9 +243,12 @@ def _gemm_8bit(xq: torch.Tensor, sx: torch.Tensor, weight: torch.Tensor, weight_
     return y if out_dtype == torch.bfloat16 else y.to(out_dtype)
 
 
-def quant_linears_same_input(x: torch.Tensor, mods: list["QuantLinear"]) -> list[torch.Tensor]:
+def quant_linears_same_input(x: torch.Tensor | QuantizedInput, mods: list["QuantLinear"]) -> list[torch.Tensor]:
     """[m(x) for m in mods] with x quantized once (e.g. q, k, v of self-attention: one pass over x instead of
-    three). x [..., K]; every module takes K inputs and shares its scheme; same results as calling each."""
+    three). x [..., K] or a QuantizedInput; every module takes K inputs and shares its scheme; same results
+    as calling each."""
+    if isinstance(x, QuantizedInput):
+        return [m(x) for m in mods]
     k = x.shape[-1]
     first = mods[0]
     same = all(m.in_features == k and m.scheme == first.scheme for m in mods)
@@ -269,9 +321,12 @@ class QuantLinear(nn.Module):
             q.bias = bias.detach().clone()
         return q
 
-    def forward(self, x: torch.Tensor, input_gelu: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedInput, input_gelu: bool = False) -> torch.Tensor:
         """self(x); input_gelu: self(F.gelu(x, approximate="tanh")) with the GELU inside the activation
-        quantization (the FFN's ffn.2: one pass over [M, K] instead of two)."""
+        quantization (the FFN's ffn.2: one pass over [M, K] instead of two). x may come quantized already
+        (QuantizedInput, takes_quantized_input): the GEMM alone runs."""
+        if isinstance(x, QuantizedInput):
+            return self._forward_quantized(x)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantLinear: expected input [..., {self.in_features}], got {tuple(x.shape)}")
         x2 = x.reshape(-1, self.in_features)
@@ -279,6 +334,21 @@ class QuantLinear(nn.Module):
         if self.lora_down is not None:
             y = self._add_lora(y, F.gelu(x2, approximate="tanh") if input_gelu else x2)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _forward_quantized(self, x: QuantizedInput) -> torch.Tensor:
+        q, sx = x.q, x.scale
+        if q.shape[-1] != self.in_features or q.dtype != self.weight.dtype:
+            raise ValueError(f"QuantLinear: expected a quantized input [..., {self.in_features}] of "
+                             f"{self.weight.dtype}, got {tuple(q.shape)} of {q.dtype}")
+        if self.lora_down is not None:
+            raise ValueError("QuantLinear: a quantized input cannot feed a LoRA branch (it reads the unquantized "
+                             "input); see takes_quantized_input")
+        q2 = q.reshape(-1, self.in_features)
+        if q2.is_cuda and _gemm_shape_ok(self.scheme, self.in_features, self.out_features):
+            y = _gemm_8bit(q2, sx, self.weight, self.weight_scale, self.bias, x.dtype)
+        else:
+            y = _gemm_8bit_ref(q2, sx, self.weight, self.weight_scale, self.bias, x.dtype)
+        return y.reshape(*q.shape[:-1], self.out_features)
 
     def _apply(self, fn, recurse=True):
         # nn.Module.to(dtype) / .half() / .bfloat16() cast every floating tensor, float8 included: keep the

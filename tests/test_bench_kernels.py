@@ -37,7 +37,8 @@ def test_dry_run_writes_csv_and_summary(bench, tmp_path):
     qk_variants = [v for v in QK.QK_ROPE_IMPLS if v != "row"]
     assert {"tile", "chunk", "packed", "onepass_r1", "onepass_r2_t8"} <= set(qk_variants)
     assert ops == {"modulate", "gate_residual_modulate", "qk_norm_rope", *(f"qk_norm_rope_{v}" for v in qk_variants),
-                   "rms_norm", "vae_rms_norm_silu", "attention", "attention_8bit", "self_attn_rope"}
+                   "rms_norm", "vae_rms_norm_silu", "attention", "attention_8bit", "self_attn_rope",
+                   "modulate_quant_fp8", "gate_residual_modulate_quant_fp8"}
     assert all(r["ok"] == "True" for r in rows), [r for r in rows if r["ok"] != "True"]
     impls = {r["impl"] for r in rows if r["op"] == "attention"}
     assert impls == {"triton:ptr_256x64_w8_s3", "triton:ws_128x128_w4_s2", "sdpa_flash"}
@@ -53,6 +54,9 @@ def test_dry_run_writes_csv_and_summary(bench, tmp_path):
     assert summary["self_attn_rope_baseline"].startswith("pass: q/k norm+RoPE ")
     assert summary["attn_best_triton_config"] in summary["self_attn_rope_baseline"]
     assert summary["rms_norm_bw_frac"] is not None and summary["vae_norm_bw_frac"] is not None
+    # the fused quantization: the same bits as the two passes (ok), both timed
+    assert summary["modulate_quant_bw_frac"] is not None and summary["modulate_quant_speedup_vs_two_pass"] > 0
+    assert {r["impl"] for r in rows if r["op"] == "modulate_quant_fp8"} == {"triton", "two_pass"}
     assert summary["qk_norm_rope_bw_frac"] == max(summary[f"qk_norm_rope_{v}_bw_frac"] for v in QK.QK_ROPE_IMPLS)
     for key in ("modulate_bw_frac", "qk_norm_rope_bw_frac", "attn_bf16_ratio_vs_cudnn", "attn_best_impl",
                 "attn_triton_tflops", "attn_cudnn_tflops", "gpu", "torch", "triton", "commit", "date"):

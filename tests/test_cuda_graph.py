@@ -115,6 +115,9 @@ def test_bench_e2e_dry_run_and_summary(tmp_path):
     assert e2e["figures"]["engine_vs_reference_relerr_tiny"] < 1e-2
     assert e2e["figures"]["vae_decode_tiled_ms"] > 0 and 0 < e2e["figures"]["vae_tiled_vs_untiled_relerr"] < 1
     assert e2e["figures"]["offload_relerr_tiny"] == 0  # the streamed blocks compute what the resident ones do
+    # the 8-bit inputs quantized in the modulation: the same output as the two passes, both timed
+    assert e2e["figures"]["input_quant_fusion_bitwise_tiny"] is True
+    assert e2e["figures"]["input_quant_fusion_speedup_tiny"] > 0
     f = e2e["figures"]
     assert f["lora_switch_first_ms_tiny"] > 0 and f["lora_switch_host_gib_tiny"] > 0
     assert f["lora_switch_same_ms_tiny"] < f["lora_switch_other_ms_tiny"]  # the same LoRA again: no work

@@ -119,3 +119,57 @@ def test_tiny_dit_8bit_self_attention():
         ops.set_backend("auto")
     assert not torch.equal(out8, exact_low)
     assert rel_l2(out8, ref32) < 0.05, rel_l2(out8, ref32)
+
+
+@pytest.mark.parametrize("backend", ["torch", "kernels"])
+@pytest.mark.parametrize("scheme", ["fp8", "int8"])
+def test_tiny_dit_8bit_inputs_quantized_in_the_modulation(backend, scheme):
+    """A DiT with 8-bit linears quantizes the inputs of q/k/v, cross-attention q and ffn.0 inside the
+    modulation kernels (ops.modulate_quant / gate_residual_modulate_quant): the output equals the two-pass
+    path's (set_input_quant_fusion(False)) to the bit, on the references and on the kernels (interpreter on
+    CPU); a LoRA on one of those linears sends its site back to the two-pass path."""
+    from lightx2v_engine import quant
+    cfg = T2V
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    low = torch.bfloat16 if device == "cuda" else torch.float16
+    torch.manual_seed(0)
+    model = build_dit(cfg, None, dtype=low, device=device)
+    quant.quantize_dit_(model, scheme)
+    args = [a.to(device) if a is not None else None for a in inputs(cfg, f=1, h=4, w=6, text_len=16)]
+    calls = []
+    fused = {name: getattr(ops, name) for name in ("modulate_quant", "gate_residual_modulate_quant")}
+
+    def counting(name):
+        def f(*a, **kw):
+            calls.append(name)
+            return fused[name](*a, **kw)
+        return f
+
+    def run(fuse):
+        quant.set_input_quant_fusion(fuse)
+        ops.set_backend(backend)
+        try:
+            with torch.no_grad():
+                return model(*args).float().cpu()
+        finally:
+            ops.set_backend("auto")
+            quant.set_input_quant_fusion(True)
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name in fused:
+            mp.setattr(ops, name, counting(name))
+        two_pass = run(False)
+        assert calls == []
+        one_pass = run(True)
+        # per block: q/k/v's input (modulate_quant in block 0, fused with the residual add after), norm3 -> cross q,
+        # and ffn.0's input
+        assert calls.count("modulate_quant") == 1 and len(calls) == 3 * cfg.num_layers, calls
+        assert torch.equal(one_pass, two_pass)
+        assert torch.isfinite(one_pass).all()
+        calls.clear()
+        q = model.blocks[0].cross_attn.q
+        q.add_lora(torch.randn(q.out_features, 4, device=device), torch.randn(4, q.in_features, device=device), 0.1)
+        with_lora = run(True)
+        assert len(calls) == 3 * cfg.num_layers - 1, calls
+        assert torch.equal(with_lora, run(False))
+        assert not torch.equal(with_lora, one_pass)

@@ -116,6 +116,90 @@ def test_opcheck_and_compile():
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+def _bits(q):
+    return q.view(torch.uint8) if q.dtype == torch.float8_e4m3fn else q
+
+
+def _run_quant(B, L, C, x_dtype, round_dtype, scheme, device, nan_row=None):
+    """modulate_quant / gate_residual_modulate_quant against the two-pass path they replace (our modulate
+    kernel, then the quantization: quant.per_token_quant, the csrc kernel on CUDA, its bit-exact reference
+    on CPU): equal to the bit; and dequantized, against fp32 within the quantization's own error."""
+    from lightx2v_engine.kernels import gate_residual_modulate_quant, modulate_quant
+    from lightx2v_engine.quant import per_token_quant
+    torch.manual_seed(2)
+    shift, scale, gate, shift2, scale2, _ = _mod_views(B, C, device)
+    x = (torch.randn(B, L, C, device=device) * 2 + 0.5).to(x_dtype)
+    y = torch.randn(B, L, C, device=device).to(round_dtype if round_dtype != torch.float32 else torch.bfloat16)
+    if nan_row is not None:
+        x.view(-1, C)[nan_row, C // 3] = float("nan")
+    q, qs = modulate_quant(x, shift, scale, EPS, round_dtype, scheme)
+    assert q.shape == (B, L, C) and qs.shape == (B * L, 1) and qs.dtype == torch.float32
+    h = modulate(x, shift, scale, EPS, round_dtype)
+    q2, qs2 = per_token_quant(h.reshape(-1, C), scheme)
+    x_new, qg, qgs = gate_residual_modulate_quant(x, y, gate, shift2, scale2, EPS, round_dtype, scheme)
+    x_new2, hg = gate_residual_modulate(x, y, gate, shift2, scale2, EPS, round_dtype)
+    qg2, qgs2 = per_token_quant(hg.reshape(-1, C), scheme)
+    torch.testing.assert_close(x_new, x_new2, rtol=0, atol=0, equal_nan=True)
+    for got, gots, want, wants in ((q, qs, q2, qs2), (qg, qgs, qg2, qgs2)):
+        if nan_row is None:
+            assert torch.equal(_bits(got.view(-1, C)), _bits(want)), "not the two-pass quantization's bits"
+            assert torch.equal(gots, wants)
+        else:  # the NaN row's scale is NaN (the GEMM's output row NaN, caught by the NaN checks); the rest exact
+            keep = torch.arange(B * L, device=device) != nan_row
+            assert torch.isnan(gots[nan_row]).all() and torch.isnan(wants[nan_row]).all()
+            assert torch.equal(_bits(got.view(-1, C)[keep]), _bits(want[keep]))
+            assert torch.equal(gots[keep], wants[keep])
+    if nan_row is None:  # dequantized vs fp32: the file's rule against the same quantization done by torch
+        ref32 = modulate_ref(x.float(), shift, scale, EPS, torch.float32).reshape(-1, C)
+        from lightx2v_engine.quant import per_token_quant_ref
+        tq, ts = per_token_quant_ref(modulate_ref(x.float(), shift, scale, EPS, round_dtype).reshape(-1, C), scheme)
+        base = (tq.float() * ts - ref32).abs().max().item()
+        err = (q.view(-1, C).float() * qs - ref32).abs().max().item()
+        assert err <= _factor(round_dtype, device) * base + 1e-6, f"dequantized error {err:.3e} vs torch's {base:.3e}"
+
+
+@pytest.mark.parametrize("B, L, C, x_dtype, round_dtype", [(1, 77, 384, torch.float32, torch.bfloat16),
+                                                          (2, 19, 320, torch.bfloat16, torch.bfloat16),
+                                                          (1, 23, 200, torch.float32, torch.float16)])
+@pytest.mark.parametrize("scheme", ["fp8", "int8"])
+def test_modulate_quant_equals_modulate_then_quant(B, L, C, x_dtype, round_dtype, scheme):
+    _run_quant(B, L, C, x_dtype, round_dtype, scheme, "cpu")
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "int8"])
+def test_modulate_quant_nan_row(scheme):
+    _run_quant(1, 9, 64, torch.float32, torch.bfloat16, scheme, "cpu", nan_row=4)
+
+
+def test_modulate_quant_checks_and_opcheck():
+    from lightx2v_engine.kernels import modulate_quant
+    torch.manual_seed(0)
+    shift, scale, gate, *_ = _mod_views(1, 64, "cpu")
+    x = torch.randn(1, 9, 64)
+    with pytest.raises(ValueError, match="scheme must be 'fp8' or 'int8', got 'fp4'"):
+        modulate_quant(x, shift, scale, EPS, torch.bfloat16, "fp4")
+    with pytest.raises(ValueError, match="round_dtype"):
+        modulate_quant(x, shift, scale, EPS, torch.int8, "fp8")
+    with pytest.raises(ValueError, match="shift must be"):
+        modulate_quant(x, shift[..., :32], scale, EPS, torch.bfloat16, "fp8")
+    y = torch.randn(1, 9, 64).bfloat16()
+    for scheme in ("fp8", "int8"):
+        torch.library.opcheck(torch.ops.lightx2v.modulate_quant.default, (x, shift, scale, EPS, torch.bfloat16, scheme),
+                              test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(torch.ops.lightx2v.gate_residual_modulate_quant.default,
+                              (x, y, gate, shift, scale, EPS, torch.bfloat16, scheme),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("C", [1536, 5120])
+@pytest.mark.parametrize("scheme", ["fp8", "int8"])
+def test_modulate_quant_gpu_real_shapes(C, scheme):
+    """On the GPU the two-pass reference is our modulate kernel + the csrc quantization (when built)."""
+    _run_quant(1, 32760, C, torch.float32, torch.bfloat16, scheme, "cuda")
+    _run_quant(1, 1001, C, torch.float32, torch.bfloat16, scheme, "cuda", nan_row=500)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("C", [1536, 5120])
 def test_modulate_gpu_real_shapes(C):
@@ -131,3 +215,56 @@ def test_import_without_triton_is_a_clean_importerror():
             "try:\n    import lightx2v_engine.kernels\nexcept ImportError as e:\n    print('IMPORTERROR', e)\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "IMPORTERROR lightx2v_engine.kernels needs triton" in res.stdout, res.stdout + res.stderr
+
+
+_AOT_SCRIPT = r'''
+import json, os, re, subprocess, tempfile
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import importlib
+M = importlib.import_module("lightx2v_engine.kernels.modulate")
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+out = {}
+for c in (1536, 5120):
+    block, warps = M._launch_cfg(c)
+    for scheme in ("fp8", "int8"):
+        for res in (False, True):
+            fn = M._modulate_kernel
+            consts = dict(HAS_RESIDUAL=res, BLOCK_C=block, QUANT=M._QUANT[scheme], ROUND=1, INTERP=False)
+            types = dict(X="*fp32", Y="*bf16", GATE="*fp32", SHIFT="*fp32", SCALE="*fp32", XOUT="*fp32",
+                         OUT="*fp8e4nv" if scheme == "fp8" else "*i8", QS="*fp32", eps="fp32")
+            sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+            k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                               options=dict(num_warps=warps))
+            ptx = k.asm["ptx"]
+            with tempfile.TemporaryDirectory() as d:
+                open(os.path.join(d, "k.ptx"), "w").write(ptx)
+                err = subprocess.run([PTXAS, "-v", "--gpu-name=sm_90a", os.path.join(d, "k.ptx"), "-o",
+                                      os.path.join(d, "k.cubin")], capture_output=True, text=True).stderr
+            out[f"C={c}/{scheme}/res={res}"] = dict(
+                spills=sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", err)),
+                e4m3_rn_satfinite=len(re.findall(r"cvt\.rn\.satfinite\.e4m3x2\.f32", ptx)),
+                div_rn=len(re.findall(r"div\.rn\.f32", ptx)))
+print("AOT" + json.dumps(out))
+'''
+
+
+def test_modulate_quant_compiles_for_sm90():
+    """The quantizing variants build for sm_90a (Triton's bundled ptxas, no GPU needed) at the 1.3B and 14B
+    widths without spills; fp8 rounds with cvt.rn.satfinite (the csrc kernel's conversion) and both
+    schemes divide with div.rn (the csrc kernel's __fdiv_rn), which the bitwise GPU test relies on."""
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    line = next((ln for ln in res.stdout.splitlines() if ln.startswith("AOT")), None)
+    assert line is not None, res.stdout[-3000:] + res.stderr[-3000:]
+    got = json.loads(line[3:])
+    assert len(got) == 8, got
+    for name, v in got.items():
+        assert v["spills"] == 0 and v["div_rn"] >= 2, (name, v)
+        assert (v["e4m3_rn_satfinite"] > 0) == ("fp8" in name), (name, v)
