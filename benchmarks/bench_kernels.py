@@ -693,7 +693,7 @@ def main(argv=None) -> int:
         rows += bench_memory_ops(Ls, Cs, device, copy_gbps, qk_variants=list(QK_ROPE_UNMEASURED), qk_only=True)
         save(rows)
     # the modulation with its output quantized for the 8-bit linears (added 2026-11-27 without a GPU)
-    rows += bench_fused_quant(Ls, Cs, device, copy_gbps)
+    rows += bench_fused_quant(Ls, Cs, device, copy_gbps, "fp8") + bench_fused_quant(Ls, Cs, device, copy_gbps, "int8")
     save(rows)
     # the norm+RoPE-in-attention option after the figures the issues' targets need (never run on a GPU),
     # against the pass path with this run's fastest Triton config and q/k variant (what its tuned file runs)

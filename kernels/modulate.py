@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from ._util import interpreting
 from lightx2v_engine.ops import (gate_residual_modulate_quant_ref, gate_residual_modulate_ref, modulate_quant_ref,
@@ -85,11 +86,22 @@ def _modulate_kernel(X, Y, GATE, SHIFT, SCALE, XOUT, OUT, QS,
         amax = tl.where(has_nan > 0, float("nan"), amax)
         inv = tl.div_rn(tl.full([1], QMAX, tl.float32), amax)
         v = out * inv
+        # clamps that keep NaN (tl.maximum/minimum lower to max.f32/min.f32, which drop it): a NaN row's codes
+        # are the csrc kernel's, e4m3 NaN (cvt.satfinite keeps NaN) and int8 0 (cvt.rni of NaN is 0)
         if QUANT == 1:
-            q = _to_e4m3_rn(tl.minimum(tl.maximum(v, -QMAX), QMAX), INTERP)
+            v = tl.maximum(v, -QMAX, propagate_nan=tl.PropagateNan.ALL)
+            q = _to_e4m3_rn(tl.minimum(v, QMAX, propagate_nan=tl.PropagateNan.ALL), INTERP)
         else:
-            v = (v + 12582912.0) - 12582912.0  # round half to even (|v| <= 127), as __float2int_rn
-            q = tl.minimum(tl.maximum(v, -QMAX), QMAX).to(tl.int8)
+            # round half to even like __float2int_rn, of the fp32-rounded product: on the GPU with cvt.rni
+            # (libdevice rint); the 1.5 * 2^23 trick would be contracted with the product into one FMA there
+            # (one rounding of the exact product: a different code at near-ties), so only the interpreter,
+            # which does not contract (and has no libdevice), uses it
+            if INTERP:
+                v = (v + 12582912.0) - 12582912.0
+            else:
+                v = libdevice.rint(v)
+            v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+            q = tl.where(v != v, 0.0, v).to(tl.int8)
         tl.store(OUT + b * stride_ob + l * stride_ol + cols, q, mask=mask)
         sx = tl.div_rn(amax, tl.full([1], QMAX, tl.float32))
         tl.store(QS + row + tl.arange(0, 1), sx)

@@ -151,11 +151,11 @@ def gate_residual_modulate(x, y, gate, shift, scale, eps: float = 1e-6, out_dtyp
 
 def modulate_quant_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
                        round_dtype: torch.dtype, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """modulate_ref(..., out_dtype=round_dtype) quantized per token (quant.per_token_quant_ref of its
-    [B*L, C] rows): returns (q [B, L, C] fp8 e4m3 / int8, scale [B*L, 1] fp32)."""
-    from lightx2v_engine.quant import per_token_quant_ref
+    """modulate_ref(..., out_dtype=round_dtype) quantized per token (quant.per_token_quant of its [B*L, C]
+    rows, bit-exact with per_token_quant_ref): returns (q [B, L, C] fp8 e4m3 / int8, scale [B*L, 1] fp32)."""
+    from lightx2v_engine.quant import per_token_quant  # (the csrc kernel on CUDA: the same bits, one pass)
     h = modulate_ref(x, shift, scale, eps, round_dtype)
-    q, s = per_token_quant_ref(h.reshape(-1, h.shape[-1]), scheme)
+    q, s = per_token_quant(h.reshape(-1, h.shape[-1]), scheme)
     return q.view(h.shape), s
 
 

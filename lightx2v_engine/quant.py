@@ -326,6 +326,9 @@ class QuantLinear(nn.Module):
         quantization (the FFN's ffn.2: one pass over [M, K] instead of two). x may come quantized already
         (QuantizedInput, takes_quantized_input): the GEMM alone runs."""
         if isinstance(x, QuantizedInput):
+            if input_gelu:
+                raise ValueError("QuantLinear: input_gelu needs the unquantized input (the GELU is applied before "
+                                 "the quantization), got a QuantizedInput")
             return self._forward_quantized(x)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"QuantLinear: expected input [..., {self.in_features}], got {tuple(x.shape)}")

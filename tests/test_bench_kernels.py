@@ -38,7 +38,8 @@ def test_dry_run_writes_csv_and_summary(bench, tmp_path):
     assert {"tile", "chunk", "packed", "onepass_r1", "onepass_r2_t8"} <= set(qk_variants)
     assert ops == {"modulate", "gate_residual_modulate", "qk_norm_rope", *(f"qk_norm_rope_{v}" for v in qk_variants),
                    "rms_norm", "vae_rms_norm_silu", "attention", "attention_8bit", "self_attn_rope",
-                   "modulate_quant_fp8", "gate_residual_modulate_quant_fp8"}
+                   "modulate_quant_fp8", "gate_residual_modulate_quant_fp8", "modulate_quant_int8",
+                   "gate_residual_modulate_quant_int8"}
     assert all(r["ok"] == "True" for r in rows), [r for r in rows if r["ok"] != "True"]
     impls = {r["impl"] for r in rows if r["op"] == "attention"}
     assert impls == {"triton:ptr_256x64_w8_s3", "triton:ws_128x128_w4_s2", "sdpa_flash"}

@@ -173,3 +173,8 @@ def test_tiny_dit_8bit_inputs_quantized_in_the_modulation(backend, scheme):
         assert len(calls) == 3 * cfg.num_layers - 1, calls
         assert torch.equal(with_lora, run(False))
         assert not torch.equal(with_lora, one_pass)
+    # a quantized input cannot take the GELU that ffn.2's quantization applies
+    fc2 = model.blocks[0].ffn[2]
+    qi = quant.QuantizedInput(*quant.per_token_quant_ref(torch.randn(3, fc2.in_features), scheme), low)
+    with pytest.raises(ValueError, match="input_gelu needs the unquantized input"):
+        fc2(qi, input_gelu=True)
