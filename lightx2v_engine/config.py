@@ -238,7 +238,8 @@ class RunConfig:
 # radial ones are accepted and run dense exact attention (a warning says so).
 ATTN_EXACT = ("flash_attn2", "flash_attn3", "flash_attn4", "torch_sdpa", "flex_attn")
 ATTN_8BIT = ("sage_attn2", "sage_attn2_k_int8_v_fp8", "sage_attn3")
-ATTN_DENSE_FALLBACK = ("spas_flash_attn4", "spas_sage_attn2", "spas_sage_attn3", "radial_attn", "nbhd_attn",
+ATTN_DENSE_FALLBACK = ("spas_flash_attn4", "spas_sage_attn2", "spas_sage_attn3", "radial_attn", "nbhd_attn", "sla_attn",
+                       "ssta_attn_hyflex",
                        "nbhd_attn_flashinfer", "svg_attn", "svg2_attn", "sparge_attn", "sol_attn", "draft_attn",
                        "dynamic_sparse_attn", "general_sparse_attn", "rainfusion_attn")
 ATTN_TYPES = ATTN_EXACT + ATTN_8BIT + ATTN_DENSE_FALLBACK
@@ -260,7 +261,27 @@ _ACCEPTED_IGNORED = {
     "resolution_rate", "enable_cfg_parallel", "infer_dtype", "sensitive_layer_dtype", "cpu_offload_activations",
     "use_31_block", "use_image_encoder", "lora_merge_force_fp32", "coefficients", "max_area", "do_mm_calib",
     "use_bfloat16", "warmup", "t5_offload_granularity",
+    # sparse-attention settings (dense exact attention runs; the attention names warn)
+    "draft_attn_sparsity_ratio", "nbhd_attn_setting", "sla_attn_setting", "general_sparse_attn_setting",
+    "rainfusion_attn_setting", "sol_attn_setting", "sparge", "sparge_ckpt", "sparge_attn_setting",
+    "spas_sage_attn2_setting", "spas_sage_attn3_setting", "spas_flash_attn4_setting", "svg_sample_mse_max_row",
+    "svg_num_sampled_rows", "svg_context_length", "svg_sparsity",
+    # feature-caching parameters (no feature caching here)
+    "residual_diff_threshold", "downsample_factor", "magcache_K", "magcache_thresh", "magcache_retention_ratio",
+    "magcache_ratios", "teacache_cache_target", "teacache_log_cache_stats",
+    "changing_resolution_steps",
+    # host-memory layout and device knobs that do not change the computation
+    "shared_cpu_weights", "shared_cpu_weight_scope", "shared_cpu_weight_backend", "shared_cpu_weight_strict_numa",
+    "shared_cpu_weight_register_chunk_mb", "cpu_offload_layout", "scheduler_coefficient_device", "t5_rms_norm_type",
+    "sub_servers",
 }
+_SPARSE_SETTINGS = {"draft_attn_sparsity_ratio", "nbhd_attn_setting", "sla_attn_setting", "general_sparse_attn_setting",
+                    "rainfusion_attn_setting", "sol_attn_setting", "sparge", "sparge_ckpt", "sparge_attn_setting",
+                    "spas_sage_attn2_setting", "spas_sage_attn3_setting", "spas_flash_attn4_setting",
+                    "svg_sample_mse_max_row", "svg_num_sampled_rows", "svg_context_length", "svg_sparsity"}
+_CACHING_PARAMS = {"residual_diff_threshold", "downsample_factor", "magcache_K", "magcache_thresh",
+                   "magcache_retention_ratio", "magcache_ratios", "teacache_cache_target", "teacache_log_cache_stats",
+                   "coefficients", "teacache_thresh", "use_ret_steps"}
 # What the engine does instead, for ignored keys where that is worth saying (appended in the warning).
 _IGNORED_NOTES = {
     "lora_merge_force_fp32": "LoRA merges always run in fp32 here",
@@ -271,6 +292,10 @@ _IGNORED_NOTES = {
     "t5_offload_granularity": "t5_cpu_offload always streams the umT5 block by block",
     "offload_plan.resident_blocks": "an offloaded DiT streams all of its blocks",
     "offload_plan.use_event_offload": "the block stream is ordered by CUDA events anyway",
+    **{k: "sparse attention is not implemented: dense exact attention runs" for k in _SPARSE_SETTINGS},
+    **{k: "no feature caching" for k in _CACHING_PARAMS},
+    "changing_resolution_steps": "the whole run is at the target resolution",
+    "sub_servers": "every model runs in this process",
     "coefficients": "no feature caching",
     "offload_ratio": "an offloaded DiT streams all of its blocks",
     "seq_parallel": "derived from parallel.seq_p_size",
@@ -282,9 +307,26 @@ _IGNORED_NOTES = {
 # Keys whose true value asks for something this engine cannot do: an error, not a warning.
 # (key -> what is supported instead); false is accepted.
 _UNSUPPORTED_IF_TRUE = {
+    "magcache_calibration": "a MagCache calibration run measures feature-caching ratios; lightx2v-engine has no "
+                            "feature caching, so there is nothing to calibrate (set it to false)",
     "enable_dynamic_cfg": "dynamic CFG adds a guidance embedding (guidance_embedding.linear_1/2) to the DiT, which "
                           "lightx2v-engine does not implement; set it to false (cfg_scale then has no effect), or "
                           "use enable_cfg with sample_guide_scale for classifier-free guidance",
+}
+
+# Keys of LightX2V features this engine does not have, with what to say (an error whatever the value,
+# instead of an "unknown key" hint pointing at a look-alike key).
+_cv = "CausVid (autoregressive Wan, LightX2V's causvid model classes) is not supported"
+_sf = "self-forcing autoregressive Wan (model_cls wan2.1_sf) is not supported"
+_lt = "the LTX-2 upsampler bridge (changing_resolution with an LTX-2 upsampler) is not supported"
+_UNSUPPORTED_FEATURES = {
+    "disagg_mode": "disaggregated serving (encoder, transformer and decoder on separate nodes) is not supported: "
+                   "one process runs the whole pipeline",
+    "disagg_config": "disaggregated serving is not supported: one process runs the whole pipeline",
+    "video_frame_interpolation": "frame interpolation (RIFE) is not implemented: the video has the sampled frames",
+    "num_frame_per_block": _cv, "num_blocks": _cv, "frame_seq_length": _cv,
+    "ar_config": _sf, "causal_rope_type": _sf,
+    "ltx2_cpu_offload": _lt, "ltx2_vae_ckpt": _lt, "ltx2_upsampler_ckpt": _lt,
 }
 
 # LightX2V's model classes this engine runs (the CLI's --model_cls choices)
@@ -297,6 +339,26 @@ def check_model_cls(model_cls: str, who: str = "") -> None:
         raise ValueError(f"{who}model_cls {model_cls!r} is not supported by lightx2v-engine; choose one of "
                          f"{list(MODEL_CLASSES)} (Wan2.1 T2V/I2V; wan2.1_distill runs the step-distilled 4-step "
                          f"models)")
+
+def _new_schema_keys(vals: dict[str, Any]) -> None:
+    """Newer LightX2V configs spell the video size num_frames and size [H, W] (and run the step-distilled
+    models under model_cls wan2.1 with distill_method "dmd2"): mapped onto target_video_length and
+    target_height / target_width in place; both spellings with different values are an error."""
+    pairs = []
+    if vals.get("num_frames") is not None:
+        pairs.append(("num_frames", "target_video_length", vals.pop("num_frames")))
+    else:
+        vals.pop("num_frames", None)
+    size = vals.pop("size", None)
+    if size is not None:
+        if not isinstance(size, (list, tuple)) or len(size) != 2:
+            raise _err("size", size, "expected [height, width]")
+        pairs += [("size[0]", "target_height", size[0]), ("size[1]", "target_width", size[1])]
+    for alias, key, v in pairs:
+        if vals.get(key) is not None and vals[key] != v:
+            raise _err(alias, v, f"disagrees with {key} = {vals[key]!r} (the same setting, two spellings)")
+        vals[key] = v
+
 
 # LightX2V's Wan schedulers: "WanScheduler" is UniPC, "WanStepDistillScheduler" the 4-step distill sampler
 # (the one "wan2.1_distill" always runs); only read under model_cls "wan2.1".
@@ -362,10 +424,12 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
     vals: dict[str, Any] = {}
     ignored, unknown = [], []
     for key, value in raw.items():
+        if key in _UNSUPPORTED_FEATURES:
+            raise _err(key, value, _UNSUPPORTED_FEATURES[key])
         if key in _UNSUPPORTED_IF_TRUE:
             if value is not None and _as(key, value, bool):
                 raise _err(key, value, _UNSUPPORTED_IF_TRUE[key])
-        elif key in _MAPPED or key in ("scheduler_type", "offload_plan"):
+        elif key in _MAPPED or key in ("scheduler_type", "offload_plan", "distill_method", "num_frames", "size"):
             vals[key] = value
         elif key in _ACCEPTED_IGNORED:
             if not (key == "feature_caching" and value in (None, "NoCaching")):  # (what runs anyway)
@@ -373,7 +437,8 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
         else:
             unknown.append(key)
     if unknown:
-        known = sorted(_MAPPED | _ACCEPTED_IGNORED | set(_UNSUPPORTED_IF_TRUE) | {"scheduler_type", "offload_plan"})
+        known = sorted(_MAPPED | _ACCEPTED_IGNORED | set(_UNSUPPORTED_IF_TRUE)
+                       | {"scheduler_type", "offload_plan", "distill_method", "num_frames", "size"})
         hints = []
         for k in unknown:
             close = difflib.get_close_matches(k, known, n=1)
@@ -382,6 +447,7 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
 
     if raw.get("t5_offload_granularity") not in (None, "model", "block"):
         raise _err("t5_offload_granularity", raw["t5_offload_granularity"], "expected 'model' or 'block'")
+    _new_schema_keys(vals)
     plan = vals.pop("offload_plan", None)
     if plan is not None:  # newer LightX2V: {offload_granularity, resident_blocks, use_event_offload}; it wins
         if not isinstance(plan, dict):
@@ -441,8 +507,12 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
         scheduler_type = _as("scheduler_type", scheduler_type, str)
         if scheduler_type not in SCHEDULER_TYPES:
             raise _err("scheduler_type", scheduler_type, f"expected one of {list(SCHEDULER_TYPES)}")
+    distill_method = vals.get("distill_method")
+    if distill_method is not None and distill_method != "dmd2":
+        raise _err("distill_method", distill_method, "lightx2v-engine runs the DMD step-distilled Wan2.1 models "
+                                                     "(\"dmd2\"); mean-flow distillation is not implemented")
     if "sampler" not in out:
-        if model_cls == "wan2.1" and scheduler_type != "WanStepDistillScheduler":
+        if model_cls == "wan2.1" and scheduler_type != "WanStepDistillScheduler" and distill_method is None:
             out["sampler"] = "unipc"
             if steps_given and vals["denoising_step_list"] is not None and warn:
                 warn_user(f"{source}: model_cls wan2.1 runs the UniPC sampler for infer_steps="
@@ -570,5 +640,12 @@ def load_run_config(path: str | Path | None, overrides: dict[str, Any] | None = 
         path = Path(path)
         source = str(path)
         raw = _read_json_object(path, "config file")
-    raw = {**raw, **(overrides or {})}
+    overrides = overrides or {}
+    for alias, keys in (("num_frames", ("target_video_length",)), ("size", ("target_height", "target_width"))):
+        if any(k in overrides for k in keys):  # an override of one spelling replaces the file's other one
+            raw.pop(alias, None)
+        if alias in overrides:
+            for k in keys:
+                raw.pop(k, None)
+    raw = {**raw, **overrides}
     return parse_run_config(raw, model_cls=model_cls, source=source)

@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_result_path", default="output.mp4")
     p.add_argument("--seed", type=int, default=None, help="default: the config's seed (42)")
     p.add_argument("--target_shape", type=int, nargs=2, metavar=("H", "W"), default=None)
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="newer LightX2V's spelling of --target_shape")
+    p.add_argument("--num_frames", type=int, default=None, help="frame count (target_video_length), 4k+1")
     p.add_argument("--save_latents", default=None, metavar="PATH",
                    help="also write the final denoised latents [16, F, H/8, W/8] as safetensors")
     p.add_argument("--random-weights", "--random_weights", dest="random_weights", action="store_true",
@@ -68,8 +71,13 @@ def load_pipeline(args: argparse.Namespace):
     from lightx2v_engine.pipeline import Pipeline
 
     overrides = {}
-    if args.target_shape:
-        overrides.update(target_height=args.target_shape[0], target_width=args.target_shape[1])
+    shape = args.target_shape or getattr(args, "size", None)
+    if args.target_shape and getattr(args, "size", None) and list(args.target_shape) != list(args.size):
+        raise ValueError(f"--target_shape {args.target_shape} and --size {args.size} disagree (the same setting)")
+    if shape:
+        overrides.update(target_height=shape[0], target_width=shape[1])
+    if getattr(args, "num_frames", None) is not None:
+        overrides["target_video_length"] = args.num_frames
     if args.no_cuda_graph:
         overrides["use_cuda_graph"] = False
     overrides.update(getattr(args, "config_overrides", None) or {})  # the server's extra --key value pairs

@@ -117,6 +117,8 @@ def parse_parallel(value: Any, source: str = "config", warn: bool = True) -> tup
                 raise ValueError(f"{source}: config key {name!r} = {v!r}: expected true/false")
             vals[key] = v
         elif key == "seq_p_attn_type":
+            if v == "fast_ulysses":  # LightX2V's Ulysses with a faster all-to-all transport: the same computation
+                v = "ulysses"
             if v not in SEQ_P_ATTN_TYPES:
                 raise ValueError(f"{source}: config key {name!r} = {v!r}: expected one of {list(SEQ_P_ATTN_TYPES)}")
             vals[key] = v

@@ -180,3 +180,59 @@ def test_frame_count_error_names_the_nearest_valid_counts():
         parse_run_config({"target_video_length": 80})
     with pytest.raises(ValueError, match="nearest: 1 or 5"):
         parse_run_config({"target_video_length": 2})
+
+
+def test_newer_lightx2v_schema():
+    """Newer LightX2V configs: num_frames and size [H, W] for the video size, and the step-distilled models run
+    under model_cls wan2.1 with distill_method "dmd2" (the distill sampler, not UniPC)."""
+    raw = {"num_frames": 81, "size": [480, 832], "distill_method": "dmd2", "infer_steps": 4,
+           "denoising_step_list": [1000, 750, 500, 250], "sample_shift": 5, "enable_cfg": False}
+    cfg = parse_run_config(raw, model_cls="wan2.1")
+    assert (cfg.sampler, cfg.target_video_length, cfg.target_height, cfg.target_width) == ("distill", 81, 480, 832)
+    assert parse_run_config(raw, model_cls="wan2.1_distill").sampler == "distill"
+    with pytest.raises(ValueError, match="'distill_method' = 'mean_flow'.*mean-flow distillation is not implemented"):
+        parse_run_config({**raw, "distill_method": "mean_flow"}, model_cls="wan2.1")
+    with pytest.raises(ValueError, match="'num_frames' = 21: disagrees with target_video_length = 81"):
+        parse_run_config({"num_frames": 21, "target_video_length": 81})
+    with pytest.raises(ValueError, match=r"'size' = \[480\]: expected \[height, width\]"):
+        parse_run_config({"size": [480]})
+    with pytest.raises(ValueError, match="'target_height' = 100: must be a positive multiple of 16"):
+        parse_run_config({"size": [100, 832]})
+
+
+def test_overrides_replace_the_other_spelling(tmp_path):
+    from lightx2v_engine.config import load_run_config
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"num_frames": 81, "size": [480, 832]}))
+    cfg = load_run_config(path, {"target_height": 64, "target_width": 96, "target_video_length": 9})
+    assert (cfg.target_video_length, cfg.target_height, cfg.target_width) == (9, 64, 96)
+    path.write_text(json.dumps({"target_video_length": 81, "target_height": 480, "target_width": 832}))
+    cfg = load_run_config(path, {"size": [64, 96], "num_frames": 9})
+    assert (cfg.target_video_length, cfg.target_height, cfg.target_width) == (9, 64, 96)
+
+
+def test_lightx2v_settings_of_absent_features_are_accepted_or_named():
+    """Sparse-attention and feature-caching settings, changing_resolution_steps, host-memory knobs and
+    sub_servers are accepted (one warning names them); features this engine lacks are errors saying so."""
+    with pytest.warns(UserWarning) as rec:
+        cfg = parse_run_config({"self_attn_1_type": "sla_attn", "sla_attn_setting": {"topk": 0.1},
+                                "feature_caching": "Mag", "magcache_K": 2, "magcache_calibration": False,
+                                "changing_resolution_steps": [2], "shared_cpu_weights": True,
+                                "sub_servers": {"dit": ["http://x"]}})
+    text = " ".join(str(w.message) for w in rec)
+    assert "sla_attn_setting (sparse attention is not implemented" in text and "magcache_K (no feature caching)" in text
+    assert "sub_servers (every model runs in this process)" in text and "self_attn_1_type=sla_attn" in text
+    assert cfg.self_attn_1_type == "sla_attn"
+    with pytest.raises(ValueError, match="'magcache_calibration' = True: a MagCache calibration run"):
+        parse_run_config({"magcache_calibration": True})
+    for key, value, match in (("disagg_mode", "encoder", "disaggregated serving"),
+                              ("video_frame_interpolation", {"algo": "rife"}, "frame interpolation"),
+                              ("num_frame_per_block", 3, "CausVid"), ("ar_config", {}, "self-forcing"),
+                              ("ltx2_vae_ckpt", "x", "LTX-2")):
+        with pytest.raises(ValueError, match=f"'{key}' = .*{match}"):
+            parse_run_config({key: value})
+
+
+def test_fast_ulysses_runs_as_ulysses():
+    cfg = parse_run_config({"parallel": {"seq_p_size": 2, "seq_p_attn_type": "fast_ulysses"}})
+    assert cfg.parallel.seq_p_attn_type == "ulysses"

@@ -142,6 +142,17 @@ def test_cli_argument_errors_before_loading(tmp_path, monkeypatch, capsys, args,
         assert loads == []
 
 
+def test_cli_newer_lightx2v_size_flags(tmp_path, capsys):
+    """Newer LightX2V spells --target_shape H W as --size H W, and the frame count --num_frames."""
+    rc = main(["--random-weights", "--preset", "tiny", "--prompt", "a red car", "--size", "32", "48",
+               "--num_frames", "5", "--save_result_path", str(tmp_path / "r.mp4"), "--quiet"])
+    assert rc == 0
+    assert read_mp4(tmp_path / "r.mp4").shape == (5, 32, 48, 3)
+    assert main(["--random-weights", "--prompt", "a cat", "--quiet", "--target_shape", "64", "96", "--size", "32",
+                 "48"]) == 2
+    assert "--target_shape [64, 96] and --size [32, 48] disagree" in capsys.readouterr().err
+
+
 def test_cli_cuda_device_without_cuda(capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
