@@ -122,6 +122,18 @@ def _check_x(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"kernels/modulate.py: {name} must have unit stride on C, got strides {x.stride()}")
 
 
+def _check_inputs(x, shift, scale, y=None, gate=None) -> None:
+    """x [B, L, C] (unit stride on C); shift/scale (and gate) [B, 1, C] views; y (if given) x's shape."""
+    _check_x("x", x)
+    if y is not None:
+        _check_x("y", y)
+        if y.shape != x.shape:
+            raise ValueError(f"kernels/modulate.py: y must have x's shape {list(x.shape)}, got {list(y.shape)}")
+        _check_vec("gate", gate, x)
+    _check_vec("shift", shift, x)
+    _check_vec("scale", scale, x)
+
+
 def _launch_cfg(C: int) -> tuple[int, int]:
     block = triton.next_power_of_2(C)
     # ~8-16 elements per thread keeps the row in registers without spilling
@@ -227,9 +239,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: flo
     x [B, L, C] fp32/bf16 with unit stride on C; shift, scale [B, 1, C] (any strides, e.g. chunk(6) views);
     returns a new [B, L, C] tensor in out_dtype (default x.dtype).
     """
-    _check_x("x", x)
-    _check_vec("shift", shift, x)
-    _check_vec("scale", scale, x)
+    _check_inputs(x, shift, scale)
     return _modulate_op(x, shift, scale, float(eps), out_dtype or x.dtype)
 
 
@@ -240,12 +250,7 @@ def gate_residual_modulate(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
 
     x [B, L, C] residual; y [B, L, C] branch output; gate/shift/scale [B, 1, C] views. One pass, new tensors.
     """
-    _check_x("x", x)
-    _check_x("y", y)
-    if y.shape != x.shape:
-        raise ValueError(f"kernels/modulate.py: y must have x's shape {list(x.shape)}, got {list(y.shape)}")
-    for name, t in (("gate", gate), ("shift", shift), ("scale", scale)):
-        _check_vec(name, t, x)
+    _check_inputs(x, shift, scale, y, gate)
     return _gate_residual_modulate_op(x, y, gate, shift, scale, float(eps), out_dtype or y.dtype)
 
 
@@ -254,9 +259,7 @@ def modulate_quant(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, ep
     """modulate(x, shift, scale, eps, round_dtype) quantized per token in the same pass: returns
     (q [B, L, C] fp8 e4m3 / int8, scale [B*L, 1] fp32), equal to quant.per_token_quant of the modulated
     [B*L, C] rows (ops.modulate_quant_ref)."""
-    _check_x("x", x)
-    _check_vec("shift", shift, x)
-    _check_vec("scale", scale, x)
+    _check_inputs(x, shift, scale)
     _check_quant(scheme, round_dtype)
     return _modulate_quant_op(x, shift, scale, float(eps), round_dtype, scheme)
 
@@ -266,11 +269,6 @@ def gate_residual_modulate_quant(x: torch.Tensor, y: torch.Tensor, gate: torch.T
                                  scheme: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """gate_residual_modulate with the modulated rows quantized per token: returns (x', q, scale) as
     (gate_residual_modulate's x', then modulate_quant's pair)."""
-    _check_x("x", x)
-    _check_x("y", y)
-    if y.shape != x.shape:
-        raise ValueError(f"kernels/modulate.py: y must have x's shape {list(x.shape)}, got {list(y.shape)}")
-    for name, t in (("gate", gate), ("shift", shift), ("scale", scale)):
-        _check_vec(name, t, x)
+    _check_inputs(x, shift, scale, y, gate)
     _check_quant(scheme, round_dtype)
     return _gate_residual_modulate_quant_op(x, y, gate, shift, scale, float(eps), round_dtype, scheme)
