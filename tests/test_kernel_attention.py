@@ -246,11 +246,13 @@ for name, c in A.ATTN_CONFIGS.items():
                       WARP_SPEC=ws, PIPE_QK=c.pipe_qk, EVEN_N=even, MEAN_PAD=mean_pad)
         out[f"{name}/even={even}/mean_pad={mean_pad}"] = build(A._attn_fwd_kernel, bf, consts, c.num_warps,
                                                                c.num_stages)
-mt = dict(X="*fp32", Y="*bf16", GATE="*fp32", SHIFT="*fp32", SCALE="*fp32", XOUT="*fp32", OUT="*bf16", eps="fp32")
+mt = dict(X="*fp32", Y="*bf16", GATE="*fp32", SHIFT="*fp32", SCALE="*fp32", XOUT="*fp32", OUT="*bf16", QS="*fp32",
+          eps="fp32")
 for C in (1536, 5120):
     block, warps = M._launch_cfg(C)
     for res in (False, True):
-        out[f"modulate/C={C}/res={res}"] = build(M._modulate_kernel, mt, dict(HAS_RESIDUAL=res, BLOCK_C=block), warps, 3)
+        out[f"modulate/C={C}/res={res}"] = build(M._modulate_kernel, mt, dict(HAS_RESIDUAL=res, BLOCK_C=block, QUANT=0,
+                                                                    ROUND=0, INTERP=False), warps, 3)
     rt = dict(Q="*bf16", K="*bf16", WQ="*fp32", WK="*fp32", COS="*fp32", SIN="*fp32", QO="*bf16", KO="*bf16", eps="fp32")
     out[f"qk_norm_rope/C={C}"] = build(R._qk_norm_rope_kernel, rt, dict(HEAD_D=128, BLOCK_C=block),
                                        max(1, min(16, block // 512)), 3)
