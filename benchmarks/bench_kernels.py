@@ -119,10 +119,15 @@ def _guarded_rows(op: str, shape: str, *args) -> list[dict]:
     try:
         return _memory_op_rows(op, shape, *args)
     except Exception as e:  # noqa: BLE001 - recorded as a failed row
-        print(f"bench_kernels: {op} {shape} failed: {type(e).__name__}: {e}")
-        return [dict(op=op, shape=shape, impl="triton", ms=float("nan"), tflops_or_gbps=float("nan"), unit="GB/s",
-                     ratio=float("nan"), ratio_kind="frac_of_copy_bw", max_err=float("nan"), ok=False,
-                     note=f"failed: {type(e).__name__}: {e}"[:300])]
+        return [_failed_row(op, shape, e)]
+
+
+def _failed_row(op: str, shape: str, e: BaseException) -> dict:
+    """The "triton" row of a memory-bound op that failed, naming the error (also printed)."""
+    print(f"bench_kernels: {op} {shape} failed: {type(e).__name__}: {e}")
+    return dict(op=op, shape=shape, impl="triton", ms=float("nan"), tflops_or_gbps=float("nan"), unit="GB/s",
+                ratio=float("nan"), ratio_kind="frac_of_copy_bw", max_err=float("nan"), ok=False,
+                note=f"failed: {type(e).__name__}: {e}"[:300])
 
 
 def bench_memory_ops(Ls: list[int], Cs: list[int], device: str, copy_gbps: float,
@@ -240,10 +245,7 @@ def bench_fused_quant(Ls: list[int], Cs: list[int], device: str, copy_gbps: floa
                 try:
                     rows += _fused_quant_rows(op, shape, fused, two_pass, nbytes, copy_gbps)
                 except Exception as e:  # noqa: BLE001 - recorded as a failed row
-                    print(f"bench_kernels: {op} {shape} failed: {type(e).__name__}: {e}")
-                    rows.append(dict(op=op, shape=shape, impl="triton", ms=float("nan"), tflops_or_gbps=float("nan"),
-                                     unit="GB/s", ratio=float("nan"), ratio_kind="frac_of_copy_bw",
-                                     max_err=float("nan"), ok=False, note=f"failed: {type(e).__name__}: {e}"[:300]))
+                    rows.append(_failed_row(op, shape, e))
             del x, y
     return rows
 

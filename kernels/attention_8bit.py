@@ -348,13 +348,15 @@ def attention_8bit_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_
 
 @triton.jit
 def _to_e4m3(x, INTERP: tl.constexpr):
-    """x -> float8e4nv. triton 3.6's interpreter drops the carry when rounding crosses a power of two
-    (125.8 -> 64 instead of 128), so there x is first rounded onto the e4m3 grid (half up), which makes
-    its conversion exact. The GPU converts with cvt.rn.satfinite."""
+    """x (|x| <= 448) -> float8e4nv, round to nearest even. The GPU converts with cvt.rn.satfinite; triton
+    3.6's interpreter drops the carry when rounding crosses a power of two (125.8 -> 64 instead of 128), so
+    there x is first rounded onto the e4m3 grid (ties to even, by the 1.5 * 2^23 trick: the interpreter
+    does not contract it into an FMA), which makes its conversion exact. kernels/modulate.py uses it too."""
     if INTERP:
-        e = tl.maximum(tl.floor(tl.math.log2(tl.maximum(tl.abs(x.to(tl.float32)), 1e-30))), -6.0)
+        xf = x.to(tl.float32)
+        e = tl.maximum(tl.floor(tl.math.log2(tl.maximum(tl.abs(xf), 1e-30))), -6.0)
         step = tl.math.exp2(e - 3.0)
-        x = tl.floor(x.to(tl.float32) / step + 0.5) * step
+        x = ((xf / step + 12582912.0) - 12582912.0) * step
     return x.to(tl.float8e4nv)
 
 

@@ -17,6 +17,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ._util import interpreting
+from .attention_8bit import _to_e4m3
 from lightx2v_engine.ops import (gate_residual_modulate_quant_ref, gate_residual_modulate_ref, modulate_quant_ref,
                                  modulate_ref)
 
@@ -27,19 +28,6 @@ __all__ = ["modulate", "gate_residual_modulate", "modulate_quant", "gate_residua
 _QUANT = {None: 0, "fp8": 1, "int8": 2}
 # ROUND constexpr: the dtype the quantized path rounds the row to first (the run dtype of the unfused path)
 _ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
-
-@triton.jit
-def _to_e4m3_rn(x, INTERP: tl.constexpr):
-    """x (fp32, |x| <= 448) -> float8e4nv, round to nearest even. The GPU converts with cvt.rn.satfinite;
-    triton 3.6's interpreter drops the carry when rounding crosses a power of two (126.6 -> 64), so there
-    x is first rounded onto the e4m3 grid (ties to even, by the 1.5 * 2^23 trick), which makes the
-    conversion exact."""
-    if INTERP:
-        e = tl.maximum(tl.floor(tl.math.log2(tl.maximum(tl.abs(x), 1e-30))), -6.0)
-        step = tl.math.exp2(e - 3.0)
-        x = ((x / step + 12582912.0) - 12582912.0) * step
-    return x.to(tl.float8e4nv)
 
 
 @triton.jit
@@ -90,7 +78,7 @@ def _modulate_kernel(X, Y, GATE, SHIFT, SCALE, XOUT, OUT, QS,
         # are the csrc kernel's, e4m3 NaN (cvt.satfinite keeps NaN) and int8 0 (cvt.rni of NaN is 0)
         if QUANT == 1:
             v = tl.maximum(v, -QMAX, propagate_nan=tl.PropagateNan.ALL)
-            q = _to_e4m3_rn(tl.minimum(v, QMAX, propagate_nan=tl.PropagateNan.ALL), INTERP)
+            q = _to_e4m3(tl.minimum(v, QMAX, propagate_nan=tl.PropagateNan.ALL), INTERP)
         else:
             # round half to even like __float2int_rn, of the fp32-rounded product: on the GPU with cvt.rni
             # (libdevice rint); the 1.5 * 2^23 trick would be contracted with the product into one FMA there

@@ -260,21 +260,14 @@ _ACCEPTED_IGNORED = {
     "rotary_chunk_size", "audio_sr", "boundary", "boundary_step_index", "changing_resolution",
     "resolution_rate", "enable_cfg_parallel", "infer_dtype", "sensitive_layer_dtype", "cpu_offload_activations",
     "use_31_block", "use_image_encoder", "lora_merge_force_fp32", "coefficients", "max_area", "do_mm_calib",
-    "use_bfloat16", "warmup", "t5_offload_granularity",
-    # sparse-attention settings (dense exact attention runs; the attention names warn)
-    "draft_attn_sparsity_ratio", "nbhd_attn_setting", "sla_attn_setting", "general_sparse_attn_setting",
-    "rainfusion_attn_setting", "sol_attn_setting", "sparge", "sparge_ckpt", "sparge_attn_setting",
-    "spas_sage_attn2_setting", "spas_sage_attn3_setting", "spas_flash_attn4_setting", "svg_sample_mse_max_row",
-    "svg_num_sampled_rows", "svg_context_length", "svg_sparsity",
-    # feature-caching parameters (no feature caching here)
-    "residual_diff_threshold", "downsample_factor", "magcache_K", "magcache_thresh", "magcache_retention_ratio",
-    "magcache_ratios", "teacache_cache_target", "teacache_log_cache_stats",
-    "changing_resolution_steps",
+    "use_bfloat16", "warmup", "t5_offload_granularity", "changing_resolution_steps",
     # host-memory layout and device knobs that do not change the computation
     "shared_cpu_weights", "shared_cpu_weight_scope", "shared_cpu_weight_backend", "shared_cpu_weight_strict_numa",
     "shared_cpu_weight_register_chunk_mb", "cpu_offload_layout", "scheduler_coefficient_device", "t5_rms_norm_type",
     "sub_servers",
 }
+# sparse-attention settings (dense exact attention runs; the attention names warn) and feature-caching
+# parameters (no feature caching here): accepted, each group with its note
 _SPARSE_SETTINGS = {"draft_attn_sparsity_ratio", "nbhd_attn_setting", "sla_attn_setting", "general_sparse_attn_setting",
                     "rainfusion_attn_setting", "sol_attn_setting", "sparge", "sparge_ckpt", "sparge_attn_setting",
                     "spas_sage_attn2_setting", "spas_sage_attn3_setting", "spas_flash_attn4_setting",
@@ -282,6 +275,7 @@ _SPARSE_SETTINGS = {"draft_attn_sparsity_ratio", "nbhd_attn_setting", "sla_attn_
 _CACHING_PARAMS = {"residual_diff_threshold", "downsample_factor", "magcache_K", "magcache_thresh",
                    "magcache_retention_ratio", "magcache_ratios", "teacache_cache_target", "teacache_log_cache_stats",
                    "coefficients", "teacache_thresh", "use_ret_steps"}
+_ACCEPTED_IGNORED |= _SPARSE_SETTINGS | _CACHING_PARAMS
 # What the engine does instead, for ignored keys where that is worth saying (appended in the warning).
 _IGNORED_NOTES = {
     "lora_merge_force_fp32": "LoRA merges always run in fp32 here",
@@ -296,7 +290,6 @@ _IGNORED_NOTES = {
     **{k: "no feature caching" for k in _CACHING_PARAMS},
     "changing_resolution_steps": "the whole run is at the target resolution",
     "sub_servers": "every model runs in this process",
-    "coefficients": "no feature caching",
     "offload_ratio": "an offloaded DiT streams all of its blocks",
     "seq_parallel": "derived from parallel.seq_p_size",
     "cfg_parallel": "derived from parallel.cfg_p_size",
@@ -340,24 +333,29 @@ def check_model_cls(model_cls: str, who: str = "") -> None:
                          f"{list(MODEL_CLASSES)} (Wan2.1 T2V/I2V; wan2.1_distill runs the step-distilled 4-step "
                          f"models)")
 
+# Newer LightX2V configs' spellings of the video size (they also run the step-distilled models under
+# model_cls wan2.1 with distill_method "dmd2"): alias -> the RunConfig fields it spells
+_NEW_SPELLINGS = {"num_frames": ("target_video_length",), "size": ("target_height", "target_width")}
+# Keys read by parse_run_config itself besides the RunConfig fields
+_READ_TOO = ("scheduler_type", "offload_plan", "distill_method", *_NEW_SPELLINGS)
+
+
 def _new_schema_keys(vals: dict[str, Any]) -> None:
-    """Newer LightX2V configs spell the video size num_frames and size [H, W] (and run the step-distilled
-    models under model_cls wan2.1 with distill_method "dmd2"): mapped onto target_video_length and
-    target_height / target_width in place; both spellings with different values are an error."""
-    pairs = []
-    if vals.get("num_frames") is not None:
-        pairs.append(("num_frames", "target_video_length", vals.pop("num_frames")))
-    else:
-        vals.pop("num_frames", None)
-    size = vals.pop("size", None)
-    if size is not None:
-        if not isinstance(size, (list, tuple)) or len(size) != 2:
-            raise _err("size", size, "expected [height, width]")
-        pairs += [("size[0]", "target_height", size[0]), ("size[1]", "target_width", size[1])]
-    for alias, key, v in pairs:
-        if vals.get(key) is not None and vals[key] != v:
-            raise _err(alias, v, f"disagrees with {key} = {vals[key]!r} (the same setting, two spellings)")
-        vals[key] = v
+    """Maps _NEW_SPELLINGS onto their fields in place; both spellings with different values are an error."""
+    for alias, keys in _NEW_SPELLINGS.items():
+        v = vals.pop(alias, None)
+        if v is None:
+            continue
+        if len(keys) == 1:
+            parts = [(alias, keys[0], v)]
+        elif not isinstance(v, (list, tuple)) or len(v) != len(keys):
+            raise _err(alias, v, "expected [height, width]")
+        else:
+            parts = [(f"{alias}[{i}]", key, x) for i, (key, x) in enumerate(zip(keys, v))]
+        for name, key, x in parts:
+            if vals.get(key) is not None and vals[key] != x:
+                raise _err(name, x, f"disagrees with {key} = {vals[key]!r} (the same setting, two spellings)")
+            vals[key] = x
 
 
 # LightX2V's Wan schedulers: "WanScheduler" is UniPC, "WanStepDistillScheduler" the 4-step distill sampler
@@ -429,7 +427,7 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
         if key in _UNSUPPORTED_IF_TRUE:
             if value is not None and _as(key, value, bool):
                 raise _err(key, value, _UNSUPPORTED_IF_TRUE[key])
-        elif key in _MAPPED or key in ("scheduler_type", "offload_plan", "distill_method", "num_frames", "size"):
+        elif key in _MAPPED or key in _READ_TOO:
             vals[key] = value
         elif key in _ACCEPTED_IGNORED:
             if not (key == "feature_caching" and value in (None, "NoCaching")):  # (what runs anyway)
@@ -437,8 +435,7 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
         else:
             unknown.append(key)
     if unknown:
-        known = sorted(_MAPPED | _ACCEPTED_IGNORED | set(_UNSUPPORTED_IF_TRUE)
-                       | {"scheduler_type", "offload_plan", "distill_method", "num_frames", "size"})
+        known = sorted(_MAPPED | _ACCEPTED_IGNORED | set(_UNSUPPORTED_IF_TRUE) | set(_READ_TOO))
         hints = []
         for k in unknown:
             close = difflib.get_close_matches(k, known, n=1)
@@ -641,7 +638,7 @@ def load_run_config(path: str | Path | None, overrides: dict[str, Any] | None = 
         source = str(path)
         raw = _read_json_object(path, "config file")
     overrides = overrides or {}
-    for alias, keys in (("num_frames", ("target_video_length",)), ("size", ("target_height", "target_width"))):
+    for alias, keys in _NEW_SPELLINGS.items():
         if any(k in overrides for k in keys):  # an override of one spelling replaces the file's other one
             raw.pop(alias, None)
         if alias in overrides:

@@ -71,9 +71,10 @@ def load_pipeline(args: argparse.Namespace):
     from lightx2v_engine.pipeline import Pipeline
 
     overrides = {}
-    shape = args.target_shape or getattr(args, "size", None)
-    if args.target_shape and getattr(args, "size", None) and list(args.target_shape) != list(args.size):
-        raise ValueError(f"--target_shape {args.target_shape} and --size {args.size} disagree (the same setting)")
+    size = getattr(args, "size", None)  # (the server's namespace has no --size)
+    if args.target_shape and size and list(args.target_shape) != list(size):
+        raise ValueError(f"--target_shape {args.target_shape} and --size {size} disagree (the same setting)")
+    shape = args.target_shape or size
     if shape:
         overrides.update(target_height=shape[0], target_width=shape[1])
     if getattr(args, "num_frames", None) is not None:

@@ -153,8 +153,13 @@ def modulate_quant_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
                        round_dtype: torch.dtype, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
     """modulate_ref(..., out_dtype=round_dtype) quantized per token (quant.per_token_quant of its [B*L, C]
     rows, bit-exact with per_token_quant_ref): returns (q [B, L, C] fp8 e4m3 / int8, scale [B*L, 1] fp32)."""
-    from lightx2v_engine.quant import per_token_quant  # (the csrc kernel on CUDA: the same bits, one pass)
-    h = modulate_ref(x, shift, scale, eps, round_dtype)
+    return _quant_rows(modulate_ref(x, shift, scale, eps, round_dtype), scheme)
+
+
+def _quant_rows(h: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """h [B, L, C] -> (q [B, L, C], scale [B*L, 1]): quant.per_token_quant of its rows (the csrc kernel on
+    CUDA, bit-exact with per_token_quant_ref)."""
+    from lightx2v_engine.quant import per_token_quant
     q, s = per_token_quant(h.reshape(-1, h.shape[-1]), scheme)
     return q.view(h.shape), s
 
@@ -169,8 +174,8 @@ def modulate_quant(x, shift, scale, eps: float, round_dtype: torch.dtype, scheme
 
 def gate_residual_modulate_quant_ref(x, y, gate, shift, scale, eps: float, round_dtype: torch.dtype, scheme: str):
     """(x', q, scale): gate_residual_modulate_ref's x', and its modulation quantized per token."""
-    x_new = (x.float() + y.float() * gate.float()).to(x.dtype)
-    return (x_new, *modulate_quant_ref(x_new, shift, scale, eps, round_dtype, scheme))
+    x_new, h = gate_residual_modulate_ref(x, y, gate, shift, scale, eps, round_dtype)
+    return (x_new, *_quant_rows(h, scheme))
 
 
 def gate_residual_modulate_quant(x, y, gate, shift, scale, eps: float, round_dtype: torch.dtype, scheme: str):

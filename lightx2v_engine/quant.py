@@ -144,10 +144,6 @@ class QuantizedInput(NamedTuple):
     scale: torch.Tensor
     dtype: torch.dtype
 
-    @property
-    def shape(self) -> torch.Size:
-        return self.q.shape
-
 
 def takes_quantized_input(mods: list) -> str | None:
     """The scheme in which an input may be quantized ahead for all of `mods` (QuantizedInput), or None:
@@ -170,10 +166,6 @@ def set_input_quant_fusion(enabled: bool) -> None:
     """Whether the DiT quantizes the inputs of its 8-bit linears inside the modulation kernels (default on)."""
     global _FUSE_INPUT_QUANT
     _FUSE_INPUT_QUANT = bool(enabled)
-
-
-def input_quant_fusion() -> bool:
-    return _FUSE_INPUT_QUANT
 
 
 def _int_mm_scaled(xq: torch.Tensor, sx: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
