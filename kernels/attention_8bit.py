@@ -351,12 +351,21 @@ def _to_e4m3(x, INTERP: tl.constexpr):
     """x (|x| <= 448) -> float8e4nv, round to nearest even. The GPU converts with cvt.rn.satfinite; triton
     3.6's interpreter drops the carry when rounding crosses a power of two (125.8 -> 64 instead of 128), so
     there x is first rounded onto the e4m3 grid (ties to even, by the 1.5 * 2^23 trick: the interpreter
-    does not contract it into an FMA), which makes its conversion exact. kernels/modulate.py uses it too."""
+    does not contract it into an FMA), which makes its conversion exact. The magnitude is rounded and the
+    sign put back from the sign bit, so that a negative value rounding to zero gives -0 as cvt.rn (and
+    torch's conversion) do; the interpreter's own conversion drops the sign of a zero, so that bit is set
+    by hand. kernels/modulate.py uses it too."""
     if INTERP:
         xf = x.to(tl.float32)
-        e = tl.maximum(tl.floor(tl.math.log2(tl.maximum(tl.abs(xf), 1e-30))), -6.0)
+        ax = tl.abs(xf)
+        e = tl.maximum(tl.floor(tl.math.log2(tl.maximum(ax, 1e-30))), -6.0)
         step = tl.math.exp2(e - 3.0)
-        x = ((xf / step + 12582912.0) - 12582912.0) * step
+        r = ((ax / step + 12582912.0) - 12582912.0) * step
+        neg = xf.to(tl.int32, bitcast=True) < 0
+        y = tl.where(neg, -r, r).to(tl.float8e4nv)
+        # (the interpreter's conversion drops the sign of zero: set the bit)
+        y8 = tl.where(neg & (r == 0.0), 128, y.to(tl.uint8, bitcast=True).to(tl.int32))
+        return y8.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
     return x.to(tl.float8e4nv)
 
 

@@ -8,11 +8,14 @@ CPU inputs are fp16 (the interpreter's bf16 tl.dot is unusable); the GPU tests r
 """
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from lightx2v_engine import ops
 from lightx2v_engine.kernels import attention_8bit, self_attention
 from lightx2v_engine.kernels.attention import self_attention_ref
-from lightx2v_engine.kernels.attention_8bit import (ATTN8_CONFIGS, DEFAULT_ATTN8_CONFIG, attention_8bit_ref,
+from lightx2v_engine.kernels._util import interpreting
+from lightx2v_engine.kernels.attention_8bit import (ATTN8_CONFIGS, DEFAULT_ATTN8_CONFIG, _to_e4m3, attention_8bit_ref,
                                                     attention_8bit_triton, quantize_qkv, quantize_qkv_ref)
 from lightx2v_engine.ops import attention_ref
 
@@ -278,3 +281,35 @@ def test_key_permuted_v_matches_the_register_order_of_p():
     assert torch.equal(p_perm, p[:, idx])
     vt = torch.randn(128, 256, dtype=torch.float64)
     torch.testing.assert_close(p_perm @ vt[:, idx].T, p @ vt.T, rtol=1e-12, atol=1e-12)
+
+
+@triton.jit
+def _e4m3_kernel(X, Y, n, BLOCK: tl.constexpr, INTERP: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(X + offs, mask=offs < n, other=0.0)
+    tl.store(Y + offs, _to_e4m3(x, INTERP), mask=offs < n)
+
+
+def _e4m3_cases() -> torch.Tensor:
+    """Every finite e4m3 value, the midpoints between neighbours (ties), points just off them, +-0, values
+    that round to zero from either side, and the saturation edge: the inputs of _to_e4m3 (|x| <= 448)."""
+    grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = grid[torch.isfinite(grid)].unique()                      # sorted, -448 .. 448 (one zero)
+    mids = (grid[1:] + grid[:-1]) / 2
+    tiny = torch.tensor([2.0 ** -11, 2.0 ** -10, 3 * 2.0 ** -11, 1e-30, 1e-6, 2.0 ** -9 * 0.75])
+    return torch.cat([grid, mids, mids * (1 + 2 ** -20), mids * (1 - 2 ** -20), tiny, -tiny,
+                      torch.tensor([0.0, -0.0, 447.9, -447.9, 440.0, 464.0 * (1 - 2 ** -20)])]).clamp(-448, 448)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_e4m3_conversion_matches_torch_to_the_bit(device):
+    """The kernels' shared fp32 -> e4m3 conversion (attention_8bit._to_e4m3; the modulation's fused quant
+    uses it too) gives torch's bits: round to nearest even, -0 for negatives that round to zero (the
+    interpreter's emulation once dropped that sign, so the fused quant differed from the two-pass one)."""
+    x = _e4m3_cases().to(device)
+    y = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=device)
+    _e4m3_kernel[(triton.cdiv(x.numel(), 256),)](x, y, x.numel(), BLOCK=256, INTERP=interpreting())
+    want = x.to(torch.float8_e4m3fn)
+    bad = (y.view(torch.uint8) != want.view(torch.uint8)).nonzero().flatten()
+    assert bad.numel() == 0, [(x[i].item(), y[i].view(torch.uint8).item(), want[i].view(torch.uint8).item())
+                              for i in bad[:8]]
