@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from lightx2v_engine.parallel import rank_from_env, rank_prefix, world_size_from_env
+from lightx2v_engine.schedulers import MAX_SEED
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TINY_DEFAULTS = {"target_video_length": 9, "target_height": 64, "target_width": 96}
@@ -32,14 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_path", default=None, help="Wan2.1 model folder")
     p.add_argument("--config_json", default=None, help="LightX2V JSON config")
     p.add_argument("--prompt", default=None)
-    p.add_argument("--negative_prompt", default=None)
-    p.add_argument("--image_path", default=None, help="input image for i2v")
+    p.add_argument("--negative_prompt", default=None,
+                   help="under CFG; default: the config's sample_neg_prompt, else empty (as LightX2V's)")
+    p.add_argument("--image_path", default=None, help="input image for i2v (\"\" counts as none, as LightX2V's default)")
     p.add_argument("--last_frame_path", default=None, help="LightX2V's FLF2V input: not supported (an error)")
-    p.add_argument("--save_result_path", default="output.mp4")
-    p.add_argument("--seed", type=int, default=None, help="default: the config's seed (42)")
+    p.add_argument("--save_result_path", default="output.mp4", help="the video: .mp4 (or .m4v, .mov, .mkv)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="default 42, as LightX2V's (a config's \"seed\" is not used here either: a warning names it)")
     p.add_argument("--target_shape", type=int, nargs=2, metavar=("H", "W"), default=None)
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                   help="newer LightX2V's spelling of --target_shape")
+                   help="--target_shape under the name of newer LightX2V configs' \"size\" key, in its order: height "
+                        "first (not Wan's generate.py --size W*H)")
     p.add_argument("--num_frames", type=int, default=None, help="frame count (target_video_length), 4k+1")
     p.add_argument("--save_latents", default=None, metavar="PATH",
                    help="also write the final denoised latents [16, F, H/8, W/8] as safetensors")
@@ -64,11 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_pipeline(args: argparse.Namespace):
-    """The Pipeline the arguments describe: --random-weights --preset, or --model_path (+ --config_json),
-    with --target_shape / --no-cuda-graph as config overrides (also used by the HTTP server)."""
+def run_config_from_args(args: argparse.Namespace):
+    """The RunConfig the arguments describe: --config_json with --target_shape / --size / --num_frames /
+    --no-cuda-graph (and the server's extra --key value pairs) as overrides; the tiny presets' small default
+    size without a config."""
     from lightx2v_engine.config import load_run_config
-    from lightx2v_engine.pipeline import Pipeline
 
     overrides = {}
     size = getattr(args, "size", None)  # (the server's namespace has no --size)
@@ -82,18 +86,30 @@ def load_pipeline(args: argparse.Namespace):
     if args.no_cuda_graph:
         overrides["use_cuda_graph"] = False
     overrides.update(getattr(args, "config_overrides", None) or {})  # the server's extra --key value pairs
+    if args.random_weights and _preset(args).startswith("tiny") and args.config_json is None:
+        overrides = {**TINY_DEFAULTS, **overrides}
+    return _parallel_if_torchrun(load_run_config(args.config_json, overrides, model_cls=args.model_cls))
+
+
+def _preset(args: argparse.Namespace) -> str:
+    return args.preset or ("tiny-i2v" if args.task == "i2v" else "tiny")
+
+
+def load_pipeline(args: argparse.Namespace, run_cfg=None):
+    """The Pipeline the arguments describe: --random-weights --preset, or --model_path (+ --config_json),
+    under run_config_from_args(args) unless run_cfg is given (also used by the HTTP server)."""
+    from lightx2v_engine.pipeline import Pipeline
+
+    if run_cfg is None:
+        run_cfg = run_config_from_args(args)
     if args.random_weights:
-        preset = args.preset or ("tiny-i2v" if args.task == "i2v" else "tiny")
-        if preset.startswith("tiny") and args.config_json is None:
-            overrides = {**TINY_DEFAULTS, **overrides}
-        run_cfg = _parallel_if_torchrun(load_run_config(args.config_json, overrides, model_cls=args.model_cls))
+        preset = _preset(args)
         pipe = Pipeline.random(preset, run_cfg, device=args.device)
         if pipe.task != args.task:
             raise ValueError(f"--task {args.task} does not fit preset {preset!r} ({pipe.task})")
         return pipe
     if args.model_path is None:
         raise ValueError("--model_path is required (or --random-weights --preset NAME)")
-    run_cfg = _parallel_if_torchrun(load_run_config(args.config_json, overrides, model_cls=args.model_cls))
     return Pipeline.load(args.model_path, run_cfg, task=args.task, model_cls=args.model_cls, device=args.device,
                          preset=args.preset)
 
@@ -115,6 +131,9 @@ def run(args: argparse.Namespace) -> int:
                          "is a separate LLM); pass the final prompt with --prompt")
     if args.prompt is None or not args.prompt.strip():
         raise ValueError("--prompt is required and must not be empty")
+    args.image_path = args.image_path or None  # ("" is LightX2V's default: no image)
+    if args.seed is not None and not 0 <= args.seed < MAX_SEED:
+        raise ValueError(f"--seed {args.seed}: must be an integer in [0, 2^63)")
     if args.task == "i2v" and not args.image_path:
         raise ValueError("--image_path is required for --task i2v")
     if args.task == "t2v" and args.image_path:
@@ -125,21 +144,32 @@ def run(args: argparse.Namespace) -> int:
     if args.image_path and "," in args.image_path and not Path(args.image_path).is_file():
         raise ValueError(f"--image_path {args.image_path!r}: several comma-separated images are not supported "
                          f"(Wan2.1 I2V takes one image)")
-    # the output paths and the image are checked before anything loads (not after minutes of generation)
-    from lightx2v_engine.video import check_output_file
-    for flag, value in (("--save_result_path", args.save_result_path), ("--save_latents", args.save_latents)):
-        if value:
-            check_output_file(value, flag)
-    if args.save_latents and Path(args.save_latents).resolve() == Path(args.save_result_path).resolve():
-        raise ValueError("--save_latents and --save_result_path name the same file")
+    # the output paths, the encoder, the config and the image are checked before anything loads (not after
+    # minutes of generation)
+    from lightx2v_engine.video import atomic_path, check_output_file, check_video_file
+    if args.save_result_path is None:
+        raise ValueError("--save_result_path is required (the video file to write, e.g. output.mp4)")
+    check_video_file(args.save_result_path, "--save_result_path")
+    if args.save_latents is not None:
+        check_output_file(args.save_latents, "--save_latents")
+        if Path(args.save_latents).resolve() == Path(args.save_result_path).resolve():
+            raise ValueError("--save_latents and --save_result_path name the same file")
+    run_cfg = run_config_from_args(args)
+    seed = args.seed
+    if seed is None:
+        seed = 42
+        if run_cfg.seed != seed:
+            warnings.warn(f"the config's \"seed\": {run_cfg.seed} is not used: the seed is --seed, default 42, as in "
+                          f"LightX2V's command line (which ignores a config seed too); pass --seed {run_cfg.seed} "
+                          f"for it")
     image = args.image_path
     if image:
-        from lightx2v_engine.image import load_image
+        from lightx2v_engine.image import i2v_latent_size, load_image
         image = load_image(image)  # (decoded once: a missing or unreadable file is an error now)
-    pipe = load_pipeline(args)
-    run_cfg = pipe.run_cfg
+        i2v_latent_size(image.shape[-2], image.shape[-1], run_cfg.target_height, run_cfg.target_width)
+    pipe = load_pipeline(args, run_cfg)
     if not pipe.is_main:  # ranks > 0 compute their share and write nothing
-        pipe.generate(args.prompt, negative_prompt=args.negative_prompt, image=image, seed=args.seed)
+        pipe.generate(args.prompt, negative_prompt=args.negative_prompt, image=image, seed=seed)
         return 0
 
     bar = None
@@ -152,16 +182,18 @@ def run(args: argparse.Namespace) -> int:
             bar.update(1)
 
     try:
-        out = pipe.generate(args.prompt, negative_prompt=args.negative_prompt, image=image, seed=args.seed,
+        out = pipe.generate(args.prompt, negative_prompt=args.negative_prompt, image=image, seed=seed,
                             progress=progress)
     finally:
         if bar is not None:
             bar.close()
     with out.timings.measure("save", pipe.device):
-        if args.save_latents:  # (first: the video is the result, written last)
-            out.save_latents(args.save_latents, prompt=args.prompt, seed=args.seed if args.seed is not None else run_cfg.seed,
-                             task=args.task, model=pipe.model_cfg.name)
-        path = out.save(args.save_result_path)
+        if args.save_latents is None:
+            path = out.save(args.save_result_path)
+        else:  # both or neither: the latents move into place only once the video is written
+            with atomic_path(args.save_latents, ".safetensors") as tmp:
+                out.save_latents(tmp, prompt=args.prompt, seed=seed, task=args.task, model=pipe.model_cfg.name)
+                path = out.save(args.save_result_path)
     if not args.quiet:
         print(out.timings.table(out.peak_gpu_bytes), file=sys.stderr)
     print(json.dumps({"video": str(path), "frames": int(out.frames.shape[0]), "height": int(out.frames.shape[1]),

@@ -184,10 +184,12 @@ class LightX2VPipeline:
     def generate(self, seed: int = 42, prompt: str = "", negative_prompt: str = "", save_result_path: str | None = None,
                  image_path: str | None = None, last_frame_path: str | None = None, audio_path: str | None = None,
                  src_ref_images=None, src_video=None, src_mask=None, return_result_tensor: bool = False,
-                 target_shape=()) -> torch.Tensor | None:
-        """One video saved to save_result_path (mp4; None: not saved). Returns the frames (uint8 [T, H, W, 3])
-        when return_result_tensor, else None. target_shape [H, W] overrides the generator's size. Defaults as
-        LightX2V's newer API (seed 42, empty negative prompt)."""
+                 target_shape=()) -> dict | None:
+        """One video, as LightX2V's runners return it: with return_result_tensor {"video": float32 [T, H, W, 3]
+        in [0, 1]} (the 8-bit frames / 255) and nothing written; else the video saved to save_result_path (mp4;
+        None: not saved) and {"video": None}. target_shape [H, W] overrides the generator's size. Defaults as
+        LightX2V's newer API (seed 42, empty negative prompt; image_path "" is none). A rank > 0 of a multi-GPU
+        run returns None (rank 0 has the video)."""
         if self.pipeline is None:
             raise RuntimeError("LightX2VPipeline.generate: call create_generator first")
         for name, value in (("last_frame_path", last_frame_path), ("audio_path", audio_path),
@@ -197,17 +199,20 @@ class LightX2VPipeline:
                                  f"by this engine")
         if target_shape is not None and not (isinstance(target_shape, (list, tuple)) and len(target_shape) in (0, 2)):
             raise ValueError(f"LightX2VPipeline.generate: target_shape must be [height, width], got {target_shape!r}")
-        if save_result_path is not None:  # (checked before the run, not after it)
-            from lightx2v_engine.video import check_output_file
-            check_output_file(save_result_path, "LightX2VPipeline.generate: save_result_path")
+        save = save_result_path is not None and not return_result_tensor
+        if save:  # (checked before the run, not after it)
+            from lightx2v_engine.video import check_video_file
+            check_video_file(save_result_path, "LightX2VPipeline.generate: save_result_path")
         h, w = (target_shape[0], target_shape[1]) if target_shape else (None, None)
-        out = self.pipeline.generate(prompt, negative_prompt=negative_prompt, image=image_path, seed=seed,
+        out = self.pipeline.generate(prompt, negative_prompt=negative_prompt, image=image_path or None, seed=seed,
                                      height=h, width=w)
         if out.frames is None:  # a rank > 0 of a multi-GPU run: rank 0 writes the video
             return None
-        if save_result_path is not None:
+        if return_result_tensor:
+            return {"video": out.frames.float() / 255.0}
+        if save:
             out.save(save_result_path)
-        return out.frames if return_result_tensor else None
+        return {"video": None}
 
 
 __all__ = ["LightX2VPipeline"]

@@ -55,7 +55,8 @@ CLIP_QUANTIZED_GLOBS = ("*clip*fp8*.pth", "*clip*int8*.pth")
 # captured graph sets kept per Pipeline (one per shape/sampler/ops key, each with its own memory pool): a
 # server taking many sizes would otherwise grow GPU memory with every new one
 MAX_GRAPH_SHAPES = 2
-# Wan's default negative prompt (shared_config.sample_neg_prompt); I2V prefixes "镜头晃动，".
+# Wan's default negative prompt (shared_config.sample_neg_prompt; its I2V scripts prefix "镜头晃动，"): not a
+# default here (LightX2V encodes the negative prompt given, "" when none); pass it as negative_prompt for Wan's.
 WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
                        "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
                        "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
@@ -717,20 +718,21 @@ class Pipeline:
                 # None: the default; "" is an empty negative prompt, as in LightX2V
                 prompts.append(negative_prompt if negative_prompt is not None else self.default_negative_prompt())
             ctx = self.encode_text(prompts)
+            _check_encoder(ctx, "text encoder (umT5)")
             context, neg_context = ctx[:1], (ctx[1:] if self.run_cfg.enable_cfg else None)
         clip_fea = y = None
         if self.task == "i2v":
             with timings.measure("image encode", self.device):
                 clip_fea, y, (lh, lw) = self.encode_image(image, t_frames, h, w)
+                _check_encoder(clip_fea, "image encoder (CLIP)")
+                _check_encoder(y, "VAE encoder (the image's latents)")
             h, w = lh * 8, lw * 8
         return context, neg_context, clip_fea, y, (h, w)
 
     def default_negative_prompt(self) -> str:
-        """The negative prompt under CFG when none is given: the config's sample_neg_prompt, else Wan's
-        (with I2V's "镜头晃动，" prefix)."""
-        if self.run_cfg.sample_neg_prompt is not None:
-            return self.run_cfg.sample_neg_prompt
-        return ("镜头晃动，" + WAN_NEGATIVE_PROMPT) if self.task == "i2v" else WAN_NEGATIVE_PROMPT
+        """The negative prompt under CFG when none is given: the config's sample_neg_prompt, else none ("",
+        what LightX2V's Wan runner encodes without --negative_prompt; WAN_NEGATIVE_PROMPT is Wan's own)."""
+        return self.run_cfg.sample_neg_prompt if self.run_cfg.sample_neg_prompt is not None else ""
 
     # ------------------------------------------------------------------ one call
     @torch.no_grad()
@@ -870,6 +872,13 @@ def _frames(video: torch.Tensor, what: str) -> torch.Tensor:
         raise NonFiniteError(f"the {what} produced {bad} NaN/Inf values out of finite latents (try vae_dtype "
                              f"fp32, or use_tiling_vae)")
     return video_to_uint8(video)
+
+
+def _check_encoder(x: torch.Tensor, what: str) -> None:
+    """NaN/Inf out of an encoder: a NonFiniteError naming it (not blamed on the denoising steps later)."""
+    if not torch.isfinite(x).all():
+        raise NonFiniteError(f"the {what} produced {(~torch.isfinite(x)).sum().item()} NaN/Inf values (check its "
+                             f"weights file)")
 
 
 def _check_finite(x: torch.Tensor, step: int) -> None:

@@ -1,7 +1,9 @@
 """Video output: decoded video -> uint8 frames -> H.264 mp4 (atomic), plus latent dumps.
 
 Every writer here is atomic: it writes a temp file in the target directory and `os.replace`s it into place,
-so `path` either holds a complete file or is untouched (on failure the temp file is removed).
+so `path` either holds a complete file or is untouched (on failure the temp file is removed). The container
+follows the file's extension (VIDEO_CONTAINERS: .mp4/.m4v, .mov, .mkv; any other is an error, not an mp4
+under another name).
 """
 from __future__ import annotations
 
@@ -86,9 +88,37 @@ def _frame_stream(frames: Frames | Iterable[Frames]) -> tuple[tuple[int, int], I
     return (h, w), chain()
 
 
-# a file name's bytes (ext4 and most others: 255) less what _atomic_path's temporary name adds (".", ".",
+# a file name's bytes (ext4 and most others: 255) less what atomic_path's temporary name adds (".", ".",
 # 8 random characters, ".tmp" and the suffix, ".safetensors" at most: 26)
 _MAX_NAME = 255 - 28
+
+
+# extension -> ffmpeg muxer; every one takes H.264 yuv420p
+VIDEO_CONTAINERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}
+
+
+class VideoWriteError(OSError):
+    """ffmpeg could not write the video (its own message included)."""
+
+
+def video_container(path: str | os.PathLike, what: str = "video path") -> str:
+    """The ffmpeg muxer for `path`'s extension; ValueError naming the accepted extensions otherwise."""
+    ext = Path(path).suffix.lower()
+    if ext not in VIDEO_CONTAINERS:
+        raise ValueError(f"{what} {str(path)!r}: the video is H.264 in one of {', '.join(VIDEO_CONTAINERS)}; "
+                         f"got {('extension ' + repr(ext)) if ext else 'no extension'}")
+    return VIDEO_CONTAINERS[ext]
+
+
+def check_video_file(path: str | os.PathLike, what: str) -> None:
+    """check_output_file, plus a video container the extension names and an ffmpeg that exists (checked
+    before a run: a bad path or a missing encoder must not cost the generated video)."""
+    check_output_file(path, what)
+    video_container(path, what)
+    exe = _ffmpeg_exe()
+    if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
+        raise VideoWriteError(f"{what}: the ffmpeg executable {exe!r} does not exist or is not executable "
+                              f"(IMAGEIO_FFMPEG_EXE, or the imageio-ffmpeg package's binary)")
 
 
 def check_output_file(path: str | os.PathLike, what: str) -> None:
@@ -128,7 +158,7 @@ def _process_umask() -> int:
 
 
 @contextmanager
-def _atomic_path(path: str | os.PathLike, suffix: str) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, suffix: str) -> Iterator[Path]:
     """Yields a temp path next to `path`; on success moves it to `path`, on any failure deletes it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,7 +177,10 @@ def _atomic_path(path: str | os.PathLike, suffix: str) -> Iterator[Path]:
 def _ffmpeg_exe() -> str:
     import imageio_ffmpeg
 
-    return imageio_ffmpeg.get_ffmpeg_exe()
+    try:
+        return imageio_ffmpeg.get_ffmpeg_exe()
+    except RuntimeError as e:  # no binary found
+        raise VideoWriteError(f"no ffmpeg executable: {e}") from None
 
 
 def save_mp4(
@@ -157,24 +190,26 @@ def save_mp4(
     crf: int = 18,
     preset: str = "medium",
 ) -> Path:
-    """Encodes uint8 RGB frames [T, H, W, 3] (numpy/torch, or an iterable of [H, W, 3]) as H.264 yuv420p mp4.
+    """Encodes uint8 RGB frames [T, H, W, 3] (numpy/torch, or an iterable of [H, W, 3]) as H.264 yuv420p in
+    the container `path`'s extension names (VIDEO_CONTAINERS; .mp4 usually).
 
     crf: x264 constant rate factor (0 lossless .. 51 worst; 18 ~ visually lossless). H and W must be even.
     Atomic: nothing is created at `path` unless the whole encode succeeds. Parent directories are created.
-    Returns the path.
+    Returns the path. An ffmpeg failure is a VideoWriteError (an OSError) with ffmpeg's message.
     """
     if not (isinstance(crf, int) and 0 <= crf <= 51):
         raise ValueError(f"crf must be an integer in [0, 51], got {crf!r}")
     if not (isinstance(fps, (int, float, Fraction)) and fps > 0):
         raise ValueError(f"fps must be > 0, got {fps!r}")
+    muxer = video_container(path)
     (h, w), stream = _frame_stream(frames)
     fps_arg = str(Fraction(fps).limit_denominator(100000))
-    with _atomic_path(path, ".mp4") as tmp, tempfile.TemporaryFile() as err:
+    with atomic_path(path, Path(path).suffix) as tmp, tempfile.TemporaryFile() as err:
         cmd = [
             _ffmpeg_exe(), "-nostdin", "-y", "-loglevel", "error",
             "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", fps_arg, "-i", "pipe:0",
             "-an", "-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
-            "-movflags", "+faststart", "-f", "mp4", str(tmp),
+            *(["-movflags", "+faststart"] if muxer != "matroska" else []), "-f", muxer, str(tmp),
         ]
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
         try:
@@ -198,7 +233,7 @@ def save_mp4(
         if rc != 0:
             err.seek(0)
             msg = err.read().decode(errors="replace").strip()
-            raise RuntimeError(f"ffmpeg failed writing {path} (exit code {rc}): {msg}")
+            raise VideoWriteError(f"ffmpeg failed writing {path} (exit code {rc}): {msg}")
     return Path(path)
 
 
@@ -235,7 +270,7 @@ def save_latents(latents: torch.Tensor, path: str | os.PathLike, metadata: dict[
         if not isinstance(k, str):
             raise ValueError(f"metadata keys must be str, got {k!r}")
         meta[k] = json.dumps(v)
-    with _atomic_path(path, ".safetensors") as tmp:
+    with atomic_path(path, ".safetensors") as tmp:
         save_file({"latents": latents.detach().contiguous().cpu()}, str(tmp), metadata=meta)
     return Path(path)
 

@@ -269,10 +269,11 @@ def test_sample_neg_prompt_is_the_default_negative_prompt(monkeypatch):
     pipe.generate("a cat", seed=1)
     pipe.generate("a cat", negative_prompt="ugly", seed=1)
     assert seen == [["a cat", "blurry, static"], ["a cat", "ugly"]]
-    plain = Pipeline.random("tiny", cfg, device="cpu")  # without the key: Wan's default, as before
+    plain = Pipeline.random("tiny", cfg, device="cpu")  # without the key: none, as LightX2V's Wan runner
     seen = _record_prompts(monkeypatch, plain)
     plain.generate("a cat", seed=1)
-    assert seen == [["a cat", WAN_NEGATIVE_PROMPT]]
+    plain.generate("a cat", negative_prompt=WAN_NEGATIVE_PROMPT, seed=1)
+    assert seen == [["a cat", ""], ["a cat", WAN_NEGATIVE_PROMPT]]
     empty = Pipeline.random("tiny", {**cfg, "sample_neg_prompt": ""}, device="cpu")  # an empty negative prompt
     seen = _record_prompts(monkeypatch, empty)
     empty.generate("a cat", seed=1)

@@ -23,14 +23,15 @@ def test_same_video_as_the_engine_pipeline(folder, tmp_path):
                           guidance_scale=1.0, sample_shift=5.0, fps=16)
     assert pipe.pipeline.run_cfg.infer_steps == 4 and pipe.pipeline.run_cfg.enable_cfg is False
     assert pipe.pipeline.run_cfg.attn_8bit  # sage_attn2 -> the 8-bit kernel where it runs
-    frames = pipe.generate(seed=7, prompt="a red car", negative_prompt="", save_result_path=str(tmp_path / "a.mp4"),
-                           return_result_tensor=True)
-    assert read_mp4(tmp_path / "a.mp4").shape == (9, 64, 96, 3)
+    # return_result_tensor: LightX2V's {"video": float [T, H, W, 3] in [0, 1]}, and no file written
+    res = pipe.generate(seed=7, prompt="a red car", negative_prompt="", save_result_path=str(tmp_path / "a.mp4"),
+                        return_result_tensor=True)
+    assert list(res) == ["video"] and res["video"].dtype == torch.float32 and not (tmp_path / "a.mp4").exists()
     ref = Pipeline.load(folder, {"target_video_length": 9, "target_height": 64, "target_width": 96,
                                  "self_attn_1_type": "sage_attn2"}, device="cpu")
-    torch.testing.assert_close(frames, ref.generate("a red car", seed=7).frames, rtol=0, atol=0)
+    torch.testing.assert_close(res["video"], ref.generate("a red car", seed=7).frames.float() / 255, rtol=0, atol=0)
     assert pipe.generate(seed=7, prompt="a red car", negative_prompt="", save_result_path=str(tmp_path / "b.mp4"),
-                         target_shape=[32, 48]) is None
+                         target_shape=[32, 48], image_path="") == {"video": None}  # ("" is no image)
     assert read_mp4(tmp_path / "b.mp4").shape == (9, 32, 48, 3)
 
 
@@ -110,15 +111,15 @@ def test_call_order_and_unsupported_options(folder, tmp_path):
 
 def test_keyword_construction_and_empty_negative_prompt(folder, tmp_path):
     """LightX2VPipeline(model_path=..., model_cls=..., task=...) as lightx2v.md writes it; under CFG an empty
-    negative prompt is used as given (LightX2V), not replaced by the default one."""
+    negative prompt is used as given (LightX2V; also the engine's default), Wan's own only when passed."""
+    from lightx2v_engine.pipeline import WAN_NEGATIVE_PROMPT
     pipe = LightX2VPipeline(model_path=str(folder), model_cls="wan2.1_distill", device="cpu")  # task t2v
     pipe.create_generator(num_frames=5, height=32, width=48, guidance_scale=5.0)
     assert pipe.pipeline.run_cfg.enable_cfg
-    empty = pipe.generate(seed=2, prompt="x", negative_prompt="", save_result_path=str(tmp_path / "e.mp4"),
-                          return_result_tensor=True)
-    default = pipe.pipeline.generate("x", seed=2, negative_prompt=None).frames
-    explicit = pipe.pipeline.generate("x", seed=2, negative_prompt=pipe.pipeline.default_negative_prompt()).frames
-    assert torch.equal(default, explicit) and not torch.equal(empty, default)
+    empty = pipe.generate(seed=2, prompt="x", negative_prompt="", return_result_tensor=True)["video"]
+    default = pipe.pipeline.generate("x", seed=2, negative_prompt=None).frames.float() / 255
+    wan = pipe.generate(seed=2, prompt="x", negative_prompt=WAN_NEGATIVE_PROMPT, return_result_tensor=True)["video"]
+    assert torch.equal(default, empty) and not torch.equal(empty, wan)
     with pytest.raises(ValueError, match="resize_mode"):
         LightX2VPipeline(model_path=str(folder), device="cpu").create_generator(resize_mode="adaptive")
 

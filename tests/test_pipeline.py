@@ -125,19 +125,27 @@ def test_bad_inputs_fail_cleanly(case, t2v_folder, i2v_folder, tmp_path, capsys)
     (["--save_result_path", "taken/out.mp4"], r"--save_result_path 'taken/out.mp4': .*taken is a file, not a folder"),
     (["--task", "i2v", "--image_path", "nope.png"], "image file not found: nope.png"),
     (["--task", "i2v", "--image_path", "taken"], "cannot read image file taken"),
+    (["--task", "i2v", "--image_path", ""], "--image_path is required"),  # ("" is LightX2V's default: none)
+    (["--task", "i2v", "--image_path", "tall.png"], r"image aspect ratio 400x8 .* too extreme"),
+    (["--seed", "-1"], r"--seed -1: must be an integer in \[0, 2\^63\)"),
+    (["--save_result_path", ""], "--save_result_path '' is a directory"),
+    (["--save_latents", ""], "--save_latents '' is a directory"),
+    (["--save_result_path", "out.gif"], r"--save_result_path 'out.gif': the video is H.264 in one of \.mp4"),
 ])
 def test_cli_argument_errors_before_loading(tmp_path, monkeypatch, capsys, args, match):
     """Argument errors are one 'error:' line and exit 2, found before any model loads or any file is written."""
     import re
     monkeypatch.chdir(tmp_path)
     (tmp_path / "taken").write_bytes(b"not an image")
+    from PIL import Image
+    Image.new("RGB", (8, 400)).save(tmp_path / "tall.png")
     import lightx2v_engine.infer as infer
     loads, real = [], infer.load_pipeline
-    monkeypatch.setattr(infer, "load_pipeline", lambda a: loads.append(a) or real(a))
+    monkeypatch.setattr(infer, "load_pipeline", lambda *a: loads.append(a) or real(*a))
     rc = main(["--random-weights", "--prompt", "a cat", "--quiet", *args])
     err = capsys.readouterr().err
     assert rc == 2 and re.search(match, err), err
-    assert [p.name for p in tmp_path.iterdir()] == ["taken"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken", "tall.png"]
     if "--device" not in args:  # (the device is checked where the models are made)
         assert loads == []
 
@@ -182,6 +190,22 @@ def test_non_finite_values_are_errors_naming_where():
         pipe.dit.head.head.weight.fill_(float("nan"))
     with pytest.raises(NonFiniteError, match="step 1"):
         pipe.generate("a cat", seed=1)
+    # the encoders: named where they produce it, not blamed on the DiT's first step
+    pipe = Pipeline.random("tiny", size, device="cpu")
+    with torch.no_grad():
+        pipe.t5.token_embedding.weight.fill_(float("inf"))
+    with pytest.raises(NonFiniteError, match=r"the text encoder \(umT5\) produced \d+ NaN/Inf"):
+        pipe.generate("a cat", seed=1)
+    pipe = Pipeline.random("tiny-i2v", size, device="cpu")
+    with torch.no_grad():
+        next(pipe.clip.parameters()).fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match=r"the image encoder \(CLIP\) produced \d+ NaN/Inf"):
+        pipe.generate("a cat", image=torch.zeros(3, 32, 48), seed=1)
+    pipe = Pipeline.random("tiny-i2v", size, device="cpu")
+    with torch.no_grad():
+        next(pipe.vae.encoder.parameters()).fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match=r"the VAE encoder \(the image's latents\) produced \d+ NaN/Inf"):
+        pipe.generate("a cat", image=torch.zeros(3, 32, 48), seed=1)
 
 
 def test_renoise_draws_from_the_initial_noise_generator():

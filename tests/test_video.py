@@ -148,10 +148,41 @@ def test_mp4_bad_params(tmp_path):
 
 
 def test_ffmpeg_failure_leaves_no_file(tmp_path):
-    # an invalid x264 preset makes ffmpeg itself fail
-    with pytest.raises(RuntimeError, match="ffmpeg failed"):
+    # an invalid x264 preset makes ffmpeg itself fail: an OSError (the CLI's one-line errors) with its message
+    from lightx2v_engine.video import VideoWriteError
+    with pytest.raises(VideoWriteError, match="ffmpeg failed"):
         save_mp4(_smooth_video(t=2, h=16, w=16), tmp_path / "f.mp4", preset="no-such-preset")
+    assert issubclass(VideoWriteError, OSError)
     assert _files(tmp_path) == []
+
+
+@pytest.mark.parametrize("ext, brand", [(".mov", b"qt  "), (".mkv", b"\x1aE\xdf\xa3"), (".M4V", b"ftyp")])
+def test_container_follows_the_extension(tmp_path, ext, brand):
+    """.mov is a QuickTime file, .mkv Matroska, .m4v (any case) an mp4; each holds the .mp4's video stream
+    (decoded: the same frames)."""
+    frames = _smooth_video(t=3, h=16, w=32)
+    path = save_mp4(frames, tmp_path / f"v{ext}")
+    head = path.read_bytes()[:12]
+    assert (head[:4] == brand) if ext == ".mkv" else (head[4:8] == b"ftyp" and (brand == b"ftyp" or head[8:12] == brand)), head
+    assert np.array_equal(read_mp4(path), read_mp4(save_mp4(frames, tmp_path / "ref.mp4")))
+
+
+@pytest.mark.parametrize("name", ["v.gif", "v.webm", "video"])
+def test_other_extensions_are_an_error_before_encoding(tmp_path, name):
+    from lightx2v_engine.video import check_video_file
+    with pytest.raises(ValueError, match=r"\.mp4, \.m4v, \.mov, \.mkv"):
+        check_video_file(tmp_path / name, "--save_result_path")
+    with pytest.raises(ValueError, match="extension" if "." in name else "no extension"):
+        save_mp4(_smooth_video(t=1, h=16, w=16), tmp_path / name)
+    assert _files(tmp_path) == []
+
+
+def test_missing_ffmpeg_is_found_before_a_run(tmp_path, monkeypatch):
+    from lightx2v_engine.video import VideoWriteError, check_video_file
+    check_video_file(tmp_path / "ok.mp4", "--save_result_path")
+    monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", str(tmp_path / "no-ffmpeg"))
+    with pytest.raises(VideoWriteError, match="no-ffmpeg.*does not exist"):
+        check_video_file(tmp_path / "ok.mp4", "--save_result_path")
 
 
 def test_read_mp4_missing(tmp_path):
