@@ -4,26 +4,32 @@
     python -m lightx2v_engine.server --random-weights --preset tiny          # no weights: the tiny preset
 
 Like LightX2V's server it takes the CLI's arguments plus --host, --port, --max_queue_size, --lora_dir,
---metric_port, and extra `--key value` pairs as config keys (e.g. --sample_shift 3). Like LightX2V's, a
+--metric_port, and extra `--key value` pairs as config keys (e.g. --sample_shift 3); --max_request_tokens
+caps a request's work (its DiT tokens, latent frames x H/16 x W/16: by default Wan's 720p x 81 frames,
+75,600, or the default size's if more; a 400 beyond). Like LightX2V's, a
 request's image_path may name any file on the server or any URL (the server downloads it); a server open to
 others can confine files to --image_dir and refuse URLs with --no_image_urls (base64 data and uploads
 always work).
 
-The models load once at start. Tasks queue (at most --max_queue_size waiting: HTTP 503 beyond) and run one
-at a time on one worker thread, like LightX2V's server. A request carries LightX2V's VideoTaskRequest
+The models load once at start. Tasks queue (at most --max_queue_size pending or processing: HTTP 503 beyond)
+and run one at a time on one worker thread, like LightX2V's server. A request carries LightX2V's VideoTaskRequest
 fields; the ones this engine cannot honour per request (another step count, a last frame) are a 400
 naming the field, as are sizes the model cannot take (checked before the task is queued). `lora_name`
 names a file in --lora_dir, merged for that request on top of the config's LoRAs and taken off again
 exactly before a request with another (or none) - see lora.LoraSwitch; consecutive requests with the same
 LoRA pay nothing. Results are
 written under --output_dir; a request's save_result_path must stay inside it. The last MAX_FINISHED
-finished tasks stay queryable.
+finished tasks stay queryable. Stopping the server (SIGTERM, Ctrl-C) cancels the pending tasks and the
+running one (before its next step) and waits STOP_WAIT seconds for it.
 
 Endpoints: POST /v1/tasks/video/ (JSON), POST /v1/tasks/video/form (multipart: image_file + form fields),
 POST /v1/tasks/ (old alias), GET /v1/tasks/, GET /v1/tasks/queue/status, GET /v1/tasks/{id}/status,
 GET /v1/tasks/{id}/result, DELETE /v1/tasks/{id}, DELETE /v1/tasks/all/running,
-GET /v1/files/download/{path}, GET /v1/service/status, GET /v1/service/metadata. Image tasks
-(/v1/tasks/image/...) answer 501: this engine generates video.
+GET /v1/files/download/{path}, GET /v1/service/status, GET /v1/service/metadata. POST /v1/tasks/image/
+and /v1/tasks/image/form answer 501: this engine generates video. The answers have LightX2V's shapes: the
+task list is {task_id: status}, a status is {task_id, status, start_time, end_time, error,
+save_result_path} with ISO 8601 local times, the queue and service status carry LightX2V's keys (its
+queue_size is max_queue_size), and DELETE of an unknown or finished task is 200 "do_nothing".
 """
 from __future__ import annotations
 
@@ -43,12 +49,14 @@ import re
 import secrets
 import signal
 import sys
+import tempfile
 import threading
-import time
 import urllib.parse
 import urllib.request
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -68,6 +76,13 @@ MAX_DOWNLOAD = 32 << 20  # image_path URLs
 MAX_SIDE, MAX_FRAMES = 2048, 321  # per-request sizes (720p is 1280 x 720, 81 frames)
 MAX_FINISHED = 1000      # finished tasks kept for status queries (oldest dropped first)
 MAX_IMAGE_PIXELS = 64_000_000  # input images (decoded in the request thread)
+WAN_720P_TOKENS = 21 * 45 * 80  # DiT tokens of Wan's 720p x 81 frames: the least per-request cap by default
+MAX_DRAIN = 8 << 20      # unread request body read (and dropped) before an early refusal
+MAX_PARSING = 2          # create requests reading or parsing their bodies at once (multipart takes ~10x the body)
+PARSE_WAIT = 60          # seconds a create request waits for a parsing slot before a 503
+STOP_WAIT = 5.0          # seconds a stopping server waits for the running task to stop
+# task ids that would clash with the routes under /v1/tasks/ (queue/status, all/running, video/, image/)
+RESERVED_IDS = ("all", "image", "queue", "video")
 # VideoTaskRequest fields this server cannot honour per request: a 400 naming them when set (to anything but
 # LightX2V's schema default, which clients that send every field send: it asks for nothing)
 UNSUPPORTED = {"last_frame_path": "FLF2V is not supported (Wan2.1 T2V/I2V)", "audio_path": "audio is not supported",
@@ -101,19 +116,22 @@ class Task:
     params: dict               # checked generation parameters (see check_request)
     save_result_path: Path
     status: str = "pending"    # pending | processing | completed | failed | cancelled
-    created: float = field(default_factory=time.time)
-    start_time: float | None = None
-    end_time: float | None = None
+    # (local time, as LightX2V's: set when created, reset when it starts processing)
+    start_time: datetime = field(default_factory=datetime.now)
+    end_time: datetime | None = None
     error: str | None = None
     cancel: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def info(self) -> dict:
-        return {"task_id": self.task_id, "status": self.status, "start_time": self.start_time,
-                "end_time": self.end_time, "error": self.error, "save_result_path": str(self.save_result_path)}
+        """LightX2V's task status (times as ISO 8601 text, as its FastAPI server writes them)."""
+        return {"task_id": self.task_id, "status": self.status, "start_time": self.start_time.isoformat(),
+                "end_time": self.end_time.isoformat() if self.end_time else None, "error": self.error,
+                "save_result_path": str(self.save_result_path)}
 
 
 class TaskQueue:
-    """Tasks in arrival order, run one at a time by one worker thread through `run(task)`."""
+    """Tasks in arrival order, run one at a time by one worker thread through `run(task)`; at most
+    max_queue_size pending or processing (LightX2V's rule)."""
 
     def __init__(self, run: Callable[[Task], None], max_queue_size: int = 10):
         self._run, self.max_queue_size = run, max_queue_size
@@ -122,6 +140,7 @@ class TaskQueue:
         self._cond = threading.Condition()
         self.current: Task | None = None
         self._stop = False
+        self.total = self.completed = self.failed = 0  # tasks created, completed, failed since the start
         self._worker = threading.Thread(target=self._loop, name="lx2v-worker", daemon=True)
         self._worker.start()
 
@@ -133,13 +152,20 @@ class TaskQueue:
                 if other.status in ("pending", "processing") and other.save_result_path == task.save_result_path:
                     raise RequestError(f"save_result_path {task.save_result_path.name!r} belongs to task "
                                        f"{other.task_id}, which has not finished", HTTPStatus.CONFLICT)
-            if len(self._pending) >= self.max_queue_size:
-                raise RequestError(f"the queue is full ({self.max_queue_size} tasks waiting); retry later",
-                                   HTTPStatus.SERVICE_UNAVAILABLE)
+            if self._stop:
+                raise RequestError("the server is stopping", HTTPStatus.SERVICE_UNAVAILABLE)
+            if self._active() >= self.max_queue_size:
+                raise RequestError(f"the queue is full ({self._active()} tasks pending or processing, "
+                                   f"max_queue_size {self.max_queue_size}); retry later", HTTPStatus.SERVICE_UNAVAILABLE)
             self._tasks[task.task_id] = task
             self._pending.append(task)
+            self.total += 1
             self._cond.notify()
         return task
+
+    def _active(self) -> int:
+        """Tasks pending or processing (caller holds the lock)."""
+        return len(self._pending) + (self.current is not None)
 
     def get(self, task_id: str) -> Task:
         with self._cond:
@@ -152,28 +178,38 @@ class TaskQueue:
         with self._cond:
             return self.get(task_id).info()
 
-    def all(self) -> list[dict]:
+    def all(self) -> dict[str, dict]:
+        """LightX2V's task list: {task_id: status, ...}."""
         with self._cond:
-            return [t.info() for t in self._tasks.values()]
+            return {t.task_id: t.info() for t in self._tasks.values()}
 
     def status(self) -> dict:
+        """LightX2V's /v1/tasks/queue/status (+ pending_task_ids, in order: this server's own)."""
         with self._cond:
             running = self.current.task_id if self.current else None
-            # (LightX2V's names too where they do not clash: is_processing, current_task, pending_count,
-            # active_count, queue_available)
-            return {"max_queue_size": self.max_queue_size, "queue_size": len(self._pending),
-                    "pending_tasks": [t.task_id for t in self._pending], "running_task": running,
-                    "is_processing": running is not None, "current_task": running,
-                    "pending_count": len(self._pending), "active_count": len(self._pending) + (running is not None),
-                    "queue_available": len(self._pending) < self.max_queue_size}
+            return {"is_processing": running is not None, "current_task": running,
+                    "pending_count": len(self._pending), "active_count": self._active(),
+                    "queue_size": self.max_queue_size, "queue_available": self.max_queue_size - self._active(),
+                    "pending_task_ids": [t.task_id for t in self._pending]}
+
+    def service_status(self) -> dict:
+        """LightX2V's /v1/service/status."""
+        with self._cond:
+            running = self.current.task_id if self.current else None
+            return {"service_status": "busy" if running else "idle", "current_task": running,
+                    "active_tasks": [running] if running else [], "pending_tasks": len(self._pending),
+                    "queue_size": self.max_queue_size, "total_tasks": self.total,
+                    "completed_tasks": self.completed, "failed_tasks": self.failed}
 
     def cancel(self, task_id: str) -> dict:
-        """A pending task is dropped; a running one stops before its next denoising step."""
+        """A pending task is dropped; a running one stops before its next denoising step; an unknown or
+        finished one is left as it is ("do_nothing", as LightX2V answers)."""
         with self._cond:
-            task = self.get(task_id)
+            task = self._tasks.get(task_id)
+            if task is None:
+                return {"stop_status": "do_nothing", "reason": f"no task {_short(task_id)!r}"}
             if task.status == "pending":
-                self._pending.remove(task)
-                task.status, task.end_time, task.params = "cancelled", time.time(), {}
+                self._drop_pending(task)
                 self._forget_old()
                 return {"stop_status": "success", "reason": "cancelled before it started"}
             if task.status == "processing":
@@ -189,10 +225,25 @@ class TaskQueue:
             self.cancel(task_id)
         return {"stop_status": "success" if ids else "do_nothing", "reason": f"cancelled {len(ids)} task(s)"}
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = STOP_WAIT) -> bool:
+        """Stops the worker: pending tasks are cancelled, the running one stops before its next denoising
+        step; waits up to `timeout` seconds for the worker to end. True if it has ended (a worker still
+        inside the model at interpreter shutdown aborts the process)."""
         with self._cond:
             self._stop = True
-            self._cond.notify()
+            while self._pending:
+                self._drop_pending(self._pending[0])
+            if self.current is not None:
+                self.current.cancel.set()
+            self._forget_old()
+            self._cond.notify_all()
+        self._worker.join(timeout)
+        return not self._worker.is_alive()
+
+    def _drop_pending(self, task: Task) -> None:
+        """A pending task cancelled (caller holds the lock)."""
+        self._pending.remove(task)
+        task.status, task.end_time, task.params = "cancelled", datetime.now(), {}
 
     def _loop(self) -> None:
         while True:
@@ -202,17 +253,20 @@ class TaskQueue:
                 if self._stop:
                     return
                 task = self.current = self._pending.popleft()
-                task.status, task.start_time = "processing", time.time()
+                task.status, task.start_time = "processing", datetime.now()
             try:
                 self._run(task)
                 status, error = "completed", None
             except TaskCancelled:
                 status, error = "cancelled", None
+                log.info("task %s cancelled", task.task_id)
             except BaseException as e:  # noqa: BLE001 - a failed task is reported, the worker goes on
                 log.exception("task %s failed", task.task_id)
                 status, error = "failed", f"{type(e).__name__}: {str(e)[:500]}"
             with self._cond:
-                task.status, task.error, task.end_time = status, error, time.time()
+                task.status, task.error, task.end_time = status, error, datetime.now()
+                self.completed += status == "completed"
+                self.failed += status == "failed"
                 task.params = {}  # its decoded image and prompt are no longer needed
                 self.current = None
                 self._forget_old()
@@ -241,12 +295,18 @@ class ImageSources:
     urls: bool = True
 
 
+def request_tokens(frames: int, height: int, width: int) -> int:
+    """The DiT's tokens for a video: latent frames x H/16 x W/16 (VAE stride 4 x 8 x 8, patch 1 x 2 x 2)."""
+    return ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
+
+
 def check_request(body: dict, *, output_dir: Path, infer_steps: int, task: str,
                   image_bytes: bytes | None = None, default_size: tuple[int, int] = (480, 832),
-                  lora_dir: Path | None = None,
-                  image_sources: ImageSources = ImageSources()) -> tuple[str, dict, Path]:
+                  lora_dir: Path | None = None, image_sources: ImageSources = ImageSources(),
+                  default_frames: int = 81, max_tokens: int | None = None) -> tuple[str, dict, Path]:
     """A VideoTaskRequest dict (+ an uploaded image) -> (task_id, generate() parameters, result path);
-    RequestError on bad input, before the task is queued."""
+    RequestError on bad input, before the task is queued. `max_tokens` caps a request's work (its DiT
+    tokens, see request_tokens; None: no cap)."""
     from lightx2v_engine.config import parse_run_config
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object of VideoTaskRequest fields")
@@ -317,6 +377,7 @@ def check_request(body: dict, *, output_dir: Path, infer_steps: int, task: str,
     if task == "t2v" and (image or image_bytes is not None):
         raise RequestError("this server runs text-to-video: no image is accepted")
     img = None
+    height, width = params.get("height", default_size[0]), params.get("width", default_size[1])
     if image_bytes is not None or image:  # opened now: data that is no image is a 400, not a failed task
         data, what = ((image_bytes, "image_file") if image_bytes is not None
                       else read_image_input(image, image_sources))
@@ -332,10 +393,20 @@ def check_request(body: dict, *, output_dir: Path, infer_steps: int, task: str,
         if max(lat_h, lat_w) * 8 > MAX_SIDE:
             raise RequestError(f"the image's aspect ratio ({img.width}x{img.height}) at "
                                f"area {th}x{tw} gives a {lat_h * 8}x{lat_w * 8} video, over {MAX_SIDE} pixels a side")
+        height, width = lat_h * 8, lat_w * 8
         img.close()  # (a queued task keeps the encoded image, not its decoded pixels: decoded when it runs)
+    frames = params.get("num_frames", default_frames)
+    tokens = request_tokens(frames, height, width)
+    if max_tokens is not None and tokens > max_tokens:
+        raise RequestError(f"the request asks for {tokens} tokens ({height}x{width}, {frames} frames: "
+                           f"{(frames - 1) // 4 + 1} latent frames x {height // 16} x {width // 16}); this server "
+                           f"takes at most {max_tokens} per request (--max_request_tokens)")
     task_id = body.get("task_id") or uuid.uuid4().hex
     if not isinstance(task_id, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", task_id) or set(task_id) == {"."}:
         raise RequestError(f"task_id must be 1-128 letters, digits, '_', '-' or '.', got {_short(task_id)!r}")
+    if task_id in RESERVED_IDS:
+        raise RequestError(f"task_id {task_id!r} is reserved: the ids {', '.join(map(repr, RESERVED_IDS))} would "
+                           f"clash with the endpoints under /v1/tasks/")
     save = body.get("save_result_path")
     if save is not None and not isinstance(save, str):
         raise RequestError(f"save_result_path must be a string, got {type(save).__name__}")
@@ -550,6 +621,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: HTTPStatus, obj) -> None:
         data = json.dumps(obj).encode()
+        self._drain()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -562,7 +634,8 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:
             raise RequestError(f"file {path.name!r} is gone", HTTPStatus.NOT_FOUND) from None
         with f:
-            size = path.stat().st_size
+            size = os.fstat(f.fileno()).st_size  # (the file opened: the path may name another one by now)
+            self._drain()
             self.send_response(HTTPStatus.OK)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(size))
@@ -584,15 +657,36 @@ class Handler(BaseHTTPRequestHandler):
         n = int(text)
         if n > MAX_BODY:
             raise RequestError(f"request body over {MAX_BODY >> 20} MiB", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-        if self.headers.get("Expect", "").strip().lower() == "100-continue" and self.request_version != "HTTP/1.0":
+        if self._expects_continue():
             # (curl asks so for bodies over 1 MB and otherwise waits a second before sending the body)
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             self.wfile.flush()
+        self._body_read = True
         return self.rfile.read(n)
+
+    def _expects_continue(self) -> bool:
+        return self.headers.get("Expect", "").strip().lower() == "100-continue" and self.request_version != "HTTP/1.0"
+
+    def _drain(self) -> None:
+        """Before a reply to a request whose body was not read (an early refusal: 413, 501, 404): reads and
+        drops up to MAX_DRAIN bytes of it, so that a client still sending it reads the reply rather than a
+        broken pipe; the connection then closes. (A client waiting for '100 Continue' sent nothing yet.)"""
+        if self._body_read:
+            return
+        self._body_read = True
+        text, chunked = self.headers.get("Content-Length"), self.headers.get("Transfer-Encoding")
+        if not chunked and (text is None or text.strip() == "0"):
+            return  # no body: nothing to drain, the connection may go on
+        self.close_connection = True
+        if chunked or not re.fullmatch(r"[0-9]+", text.strip()) or self._expects_continue():
+            return
+        left = min(int(text), MAX_DRAIN)
+        while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
+            left -= len(chunk)
 
     def _dispatch(self, method: str) -> None:
         path = self.path.split("?", 1)[0]
-        self._headers_sent = False
+        self._headers_sent = self._body_read = False
         try:
             status, obj = self.app.route(method, path, self)
             if obj is not None:
@@ -632,40 +726,62 @@ class App:
     def __init__(self, generate: Callable[[dict, Path, threading.Event], None], *, output_dir: Path,
                  infer_steps: int, task: str, max_queue_size: int = 10, metadata: dict | None = None,
                  default_size: tuple[int, int] = (480, 832), lora_dir: str | Path | None = None,
-                 image_sources: ImageSources = ImageSources()):
+                 image_sources: ImageSources = ImageSources(), default_frames: int = 81,
+                 max_request_tokens: int | None = None):
         self.output_dir, self.infer_steps, self.task = Path(output_dir), infer_steps, task
         self.image_sources = image_sources  # where image_path may read from (--image_dir, --no_image_urls)
         self.lora_dir = Path(lora_dir) if lora_dir is not None else None  # per-request LoRA files (lora_name)
         self.default_size = default_size  # (height, width) of requests without target_shape
+        self.default_frames = default_frames  # of requests without target_video_length
+        # a request's work: at most its tokens (default: Wan's 720p x 81 frames, or the default size's if more)
+        self.max_request_tokens = max_request_tokens or max(WAN_720P_TOKENS,
+                                                            request_tokens(default_frames, *default_size))
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.metadata = metadata or {}
         self.queue = TaskQueue(lambda t: generate(t.params, t.save_result_path, t.cancel), max_queue_size)
+        self._parsing = threading.BoundedSemaphore(MAX_PARSING)
+
+    @contextmanager
+    def _parse_slot(self):
+        """One of MAX_PARSING slots for reading and parsing a create request's body (bounds their memory)."""
+        if not self._parsing.acquire(timeout=PARSE_WAIT):
+            raise RequestError(f"the server is busy reading other requests (waited {PARSE_WAIT} s); retry later",
+                               HTTPStatus.SERVICE_UNAVAILABLE)
+        try:
+            yield
+        finally:
+            self._parsing.release()
 
     def _create(self, body: dict, image_bytes: bytes | None = None) -> tuple[HTTPStatus, dict]:
         task_id, params, path = check_request(body, output_dir=self.output_dir, infer_steps=self.infer_steps,
                                               task=self.task, image_bytes=image_bytes,
                                               default_size=self.default_size, lora_dir=self.lora_dir,
-                                              image_sources=self.image_sources)
+                                              image_sources=self.image_sources, default_frames=self.default_frames,
+                                              max_tokens=self.max_request_tokens)
         task = self.queue.submit(Task(task_id, params, path))
-        return HTTPStatus.OK, {"task_id": task.task_id, "task_status": task.status,
+        # (a new task is pending: its status read now, outside the queue's lock, could be a later one)
+        return HTTPStatus.OK, {"task_id": task.task_id, "task_status": "pending",
                                "save_result_path": str(task.save_result_path)}
 
     def route(self, method: str, path: str, h: Handler) -> tuple[HTTPStatus, dict | None]:
         path = path.rstrip("/") or "/"
         if method == "POST" and path in ("/v1/tasks/video", "/v1/tasks"):
-            raw = h._body()  # (its RequestError, a ValueError too, must not be caught below)
-            try:
-                body = json.loads(raw or b"{}")
-            except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, over-long integers, deep nesting
-                raise RequestError(f"the request body is not JSON ({e})") from e
+            with self._parse_slot():
+                raw = h._body()  # (its RequestError, a ValueError too, must not be caught below)
+                try:
+                    body = json.loads(raw or b"{}")
+                except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, over-long integers, deep nesting
+                    raise RequestError(f"the request body is not JSON ({e})") from e
+                del raw
             return self._create(body)
         if method == "POST" and path == "/v1/tasks/video/form":
-            fields, image = parse_multipart(h.headers.get("Content-Type", ""), h._body())
+            with self._parse_slot():
+                fields, image = parse_multipart(h.headers.get("Content-Type", ""), h._body())
             return self._create(fields, image)
-        if path.startswith("/v1/tasks/image"):
+        if method == "POST" and path in ("/v1/tasks/image", "/v1/tasks/image/form"):
             raise RequestError("image tasks are not supported: this engine generates video", HTTPStatus.NOT_IMPLEMENTED)
         if method == "GET" and path == "/v1/tasks":
-            return HTTPStatus.OK, {"tasks": self.queue.all()}
+            return HTTPStatus.OK, self.queue.all()
         if method == "GET" and path == "/v1/tasks/queue/status":
             return HTTPStatus.OK, self.queue.status()
         if method == "DELETE" and path == "/v1/tasks/all/running":
@@ -690,8 +806,7 @@ class App:
             h._file(target, "video/mp4" if target.suffix == ".mp4" else "application/octet-stream")
             return HTTPStatus.OK, None
         if method == "GET" and path == "/v1/service/status":
-            st = self.queue.status()
-            return HTTPStatus.OK, {"service_status": "busy" if st["running_task"] else "idle", **st}
+            return HTTPStatus.OK, self.queue.service_status()
         if method == "GET" and path == "/v1/service/metadata":
             return HTTPStatus.OK, {**self.metadata, "loras": list_loras(self.lora_dir)}
         raise RequestError(f"no endpoint {method} {path}", HTTPStatus.NOT_FOUND)
@@ -807,7 +922,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.allow_abbrev = False  # '--config' must not silently mean --config_json (extra pairs are config keys)
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max_queue_size", type=int, default=10)
+    p.add_argument("--max_queue_size", type=int, default=10, help="tasks pending or processing at most (HTTP 503 "
+                   "beyond)")
+    p.add_argument("--max_request_tokens", type=int, default=None, help="the most DiT tokens (latent frames x H/16 x "
+                   f"W/16) a request may ask for; default: {WAN_720P_TOKENS} (720p x 81 frames) or the default "
+                   "size's, if more")
     p.add_argument("--output_dir", default="save_results", help="where task results are written")
     p.add_argument("--lora_dir", default=None, help="folder of LoRA files a request may name (lora_name, "
                    "lora_strength), merged on top of the config's LoRAs for that request")
@@ -817,6 +936,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_image_urls", action="store_true", help="refuse http(s) image_path URLs (the server "
                    "would download them); base64 data and image_file uploads still work")
     return p
+
+
+def check_options(args, rank: int = 0) -> None:
+    """Server options that would otherwise fail late or with a traceback: a ValueError naming the option,
+    before the models load. Rank 0 (which writes the results) makes --output_dir and tries writing to it."""
+    if args.max_queue_size < 1:
+        raise ValueError(f"--max_queue_size must be at least 1, got {args.max_queue_size}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    if args.max_request_tokens is not None and args.max_request_tokens < 1:
+        raise ValueError(f"--max_request_tokens must be at least 1, got {args.max_request_tokens}")
+    if rank == 0:
+        try:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=args.output_dir):
+                pass
+        except OSError as e:
+            raise ValueError(f"--output_dir {args.output_dir!r} cannot be created or written "
+                             f"({e.strerror or type(e).__name__})") from None
 
 
 def image_sources(args) -> ImageSources:
@@ -847,12 +985,21 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _exit_at_once(signum, frame):
+    _exit_now(0)
+
+
 def main(argv=None) -> int:
     from lightx2v_engine.infer import load_pipeline, user_errors
     args, extra = build_parser().parse_known_args(argv)
     args.config_overrides = config_pairs(extra)
     sources = image_sources(args)  # (checked before the models load)
     from lightx2v_engine.parallel import rank_from_env, rank_prefix
+    try:
+        check_options(args, rank_from_env())
+    except ValueError as e:
+        print(f"{rank_prefix()}error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO if rank_from_env() == 0 else logging.WARNING,
                         format=rank_prefix() + "%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.captureWarnings(True)  # config warnings through the log (with the rank under torchrun)
@@ -875,24 +1022,37 @@ def main(argv=None) -> int:
             "defaults": {"target_video_length": pipe.run_cfg.target_video_length,
                          "target_shape": [pipe.run_cfg.target_height, pipe.run_cfg.target_width]},
             "world_size": pipe.parallel.world_size if pipe.parallel else 1}
+    meta["nproc_per_node"] = meta["world_size"]  # (LightX2V's name)
     app = App(pipeline_generate(pipe), output_dir=Path(args.output_dir), infer_steps=pipe.run_cfg.infer_steps,
               task=pipe.task, max_queue_size=args.max_queue_size, metadata=meta,
               default_size=(pipe.run_cfg.target_height, pipe.run_cfg.target_width), lora_dir=args.lora_dir,
-              image_sources=sources)
+              image_sources=sources, default_frames=pipe.run_cfg.target_video_length,
+              max_request_tokens=args.max_request_tokens)
     signal.signal(signal.SIGTERM, _interrupt)  # a termination ends like Ctrl-C: the server closes its socket
     httpd = serve(app, args.host, args.port, httpd)
     log.info("serving %s on http://%s:%d (results in %s)", pipe.model_cfg.name, args.host, httpd.server_port,
              app.output_dir)
+    code = 0
     try:
         httpd.serve_forever()
     except KeyboardInterrupt:
         pass
-    finally:
-        httpd.server_close()
-        app.queue.close()
-        if pipe.parallel is not None:  # torchrun signals every rank: the others are gone or going, and a
-            _exit_now(0)               # running task's collectives would never finish
-    return 0
+    except Exception:  # noqa: BLE001 - logged; the worker is still stopped below
+        log.exception("the server failed")
+        code = 1
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal while stopping: exit at once
+        signal.signal(sig, _exit_at_once)
+    httpd.server_close()
+    if pipe.parallel is not None:  # torchrun signals every rank: the others are gone or going, and a
+        app.queue.close(timeout=0)  # running task's collectives would never finish
+        _exit_now(code)
+    # pending tasks are cancelled and the running one stops before its next step: the worker must be out of
+    # the model before the interpreter shuts down (a thread inside torch then aborts the process)
+    if not app.queue.close(timeout=STOP_WAIT):
+        log.warning("the running task did not stop within %g s; exiting without waiting for it", STOP_WAIT)
+        _exit_now(code)
+    log.info("stopped")
+    return code
 
 
 if __name__ == "__main__":

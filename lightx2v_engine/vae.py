@@ -73,7 +73,13 @@ class VAEConfig:
         for key in ("encoder.conv1.weight", "conv2.weight"):
             if key not in sd:
                 raise KeyError(f"{source}: missing key {key!r}; not a Wan2.1 VAE checkpoint?")
-        return cls(dim=int(sd["encoder.conv1.weight"].shape[0]), z_dim=int(sd["conv2.weight"].shape[0]))
+        z_dim = int(sd["conv2.weight"].shape[0])
+        if z_dim != len(WAN21_LATENT_MEAN):
+            hint = (": this looks like a Wan2.2 VAE (Wan2.2_VAE.pth, 48 latent channels); only the Wan2.1 VAE "
+                    "(Wan2.1_VAE.pth) is supported" if z_dim == 48 else "; not a Wan2.1 VAE checkpoint?")
+            raise ValueError(f"{source}: conv2.weight {tuple(sd['conv2.weight'].shape)} gives z_dim {z_dim}, "
+                             f"expected {len(WAN21_LATENT_MEAN)} (Wan2.1 VAE){hint}")
+        return cls(dim=int(sd["encoder.conv1.weight"].shape[0]), z_dim=z_dim)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -437,11 +443,14 @@ class WanVAE(nn.Module):
         blended (see _tiled), when the video is larger than a tile."""
         if video.dim() != 5 or video.shape[1] != 3:
             raise ValueError(f"WanVAE.encode expects video [B, 3, T, H, W], got {tuple(video.shape)}")
+        if not video.is_floating_point():
+            raise ValueError(f"WanVAE.encode expects a floating-point video in [-1, 1], got dtype {video.dtype} "
+                             f"(uint8 pixels p: p / 127.5 - 1)")
         b, _, t, h, w = video.shape
         if t % 4 != 1:
             raise ValueError(f"WanVAE.encode: frame count T={t} must be 1 + 4k (e.g. 81)")
-        if h % 8 or w % 8:
-            raise ValueError(f"WanVAE.encode: height {h} and width {w} must be multiples of 8")
+        if h % 8 or w % 8 or h == 0 or w == 0:
+            raise ValueError(f"WanVAE.encode: height {h} and width {w} must be positive multiples of 8")
         tile = _tile_setting(tiled)
         if tile is not None and (h > tile[0] or w > tile[0]):
             out = torch.empty((b, self.cfg.z_dim, (t - 1) // 4 + 1, h // 8, w // 8), dtype=torch.float32,
@@ -474,8 +483,7 @@ class WanVAE(nn.Module):
         GPUs short of memory (activation memory of one tile instead of the frame; about 1.5-2x the work).
         tile_results(k, zt) -> the decoded tile k (of decode_tiles(); unclamped fp32) instead of decoding it
         here: multi-GPU decode (parallel.decode_tiled) hands in tiles decoded by other ranks."""
-        if z.dim() != 5 or z.shape[1] != self.cfg.z_dim:
-            raise ValueError(f"WanVAE.decode expects latents [B, {self.cfg.z_dim}, F, h, w], got {tuple(z.shape)}")
+        self._check_latents(z, "decode")
         b, _, n, h, w = z.shape
         tile = _latent_tiling(z, tiled)
         if tile is not None:
@@ -484,8 +492,16 @@ class WanVAE(nn.Module):
             return _tiled(fn, z, tile[0], tile[1], (8, 1), out).clamp_(-1.0, 1.0)
         return self._decode_full(z)
 
+    def _check_latents(self, z: torch.Tensor, what: str) -> None:
+        """z must be [B, z_dim, F, h, w] with F, h, w >= 1 (an empty latent has nothing to decode)."""
+        if z.dim() != 5 or z.shape[1] != self.cfg.z_dim:
+            raise ValueError(f"WanVAE.{what} expects latents [B, {self.cfg.z_dim}, F, h, w], got {tuple(z.shape)}")
+        if min(z.shape[2:]) < 1:
+            raise ValueError(f"WanVAE.{what}: latents {tuple(z.shape)} are empty: need F >= 1 frames and h, w >= 1")
+
     def decode_tiles(self, z: torch.Tensor, tiled: bool | tuple[int, int] = True) -> list[torch.Tensor] | None:
         """The latent tiles decode(z, tiled) decodes, in its order (views of z); None when it would not tile."""
+        self._check_latents(z, "decode_tiles")
         tile = _latent_tiling(z, tiled)
         if tile is None:
             return None
@@ -523,14 +539,19 @@ class WanVAE(nn.Module):
 TILE_PIXELS = (256, 192)
 
 
-def _tile_setting(tiled: bool | tuple[int, int]) -> tuple[int, int] | None:
+def _tile_setting(tiled: bool | tuple[int, int] | None) -> tuple[int, int] | None:
+    """`tiled` -> (tile, stride) in pixels, or None (no tiling): False / None -> None, True -> TILE_PIXELS,
+    a (tile, stride) pair of ints (tuple or list) -> itself, checked: multiples of 8, 0 < stride <= tile."""
     if tiled is False or tiled is None:
         return None
-    tile, stride = TILE_PIXELS if tiled is True else tiled
-    if not (isinstance(tile, int) and isinstance(stride, int) and 0 < stride <= tile and tile % 8 == 0
-            and stride % 8 == 0):
-        raise ValueError(f"VAE tiling: (tile, stride) = {tiled!r} must be multiples of 8 with 0 < stride <= tile")
-    return tile, stride
+    if tiled is True:
+        return TILE_PIXELS
+    pair = tuple(tiled) if isinstance(tiled, (tuple, list)) else None
+    if not (pair is not None and len(pair) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+            and 0 < pair[1] <= pair[0] and pair[0] % 8 == 0 and pair[1] % 8 == 0):
+        raise ValueError(f"VAE tiling: tiled must be True, False or a (tile, stride) pair of pixel counts, "
+                         f"multiples of 8 with 0 < stride <= tile (e.g. {TILE_PIXELS}); got {tiled!r}")
+    return pair
 
 
 def _latent_tiling(z: torch.Tensor, tiled: bool | tuple[int, int]) -> tuple[int, int] | None:

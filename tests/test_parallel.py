@@ -446,7 +446,8 @@ def test_cli_cfg_and_sequence_parallel_i2v(tmp_path):
     from PIL import Image
     Image.fromarray((torch.rand(64, 96, 3) * 255).to(torch.uint8).numpy()).save(tmp_path / "in.png")
     cfg = {"enable_cfg": True, "sample_guide_scale": 5.0, "dtype": "fp32"}
-    extra = ("--task", "i2v", "--preset", "tiny-i2v", "--image_path", str(tmp_path / "in.png"))
+    extra = ("--task", "i2v", "--preset", "tiny-i2v", "--image_path", str(tmp_path / "in.png"),
+             "--negative_prompt", "grey, blurry, static, overexposed")
     one = _cli(tmp_path, 1, "one", cfg, *extra)
     four = _cli(tmp_path, 4, "four", {**cfg, "parallel": {"seq_p_size": 2, "cfg_p_size": 2}}, *extra)
     assert ((four - one).norm() / one.norm()).item() < 1e-5

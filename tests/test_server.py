@@ -3,12 +3,15 @@ pipeline end to end and a controllable fake for the queue's states (503, cancell
 import base64
 import io
 import json
+import os
 import re
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
+from datetime import datetime
 from pathlib import Path
 from unittest import mock
 
@@ -71,7 +74,10 @@ def test_t2v_task_end_to_end(t2v_pipe, tmp_path):
         assert code == 200 and created["task_status"] == "pending"
         assert created["save_result_path"] == str((tmp_path / "out" / "cars" / "red.mp4").resolve())
         info = c.wait(created["task_id"])
-        assert info["status"] == "completed" and info["error"] is None and info["end_time"] >= info["start_time"]
+        assert info["status"] == "completed" and info["error"] is None
+        # LightX2V's times: ISO 8601 local time (datetime.now().isoformat()), end_time set when finished
+        start, end = (datetime.fromisoformat(info[k]) for k in ("start_time", "end_time"))
+        assert start.tzinfo is None and start <= end and abs((datetime.now() - end).total_seconds()) < 600
         code, video = c.call("GET", f"/v1/tasks/{created['task_id']}/result")
         assert code == 200 and video[4:8] == b"ftyp"
         (tmp_path / "got.mp4").write_bytes(video)
@@ -89,9 +95,12 @@ def test_t2v_task_end_to_end(t2v_pipe, tmp_path):
         code, video2 = c.call("GET", f"/v1/tasks/{created2['task_id']}/result")
         (tmp_path / "got2.mp4").write_bytes(video2)
         assert read_mp4(tmp_path / "got2.mp4").shape == (9, 48, 32, 3)
-        code, listing = c.call("GET", "/v1/tasks/")
-        assert {t["task_id"] for t in listing["tasks"]} == {created["task_id"], created2["task_id"]}
-        assert c.call("GET", "/v1/service/status")[1]["service_status"] == "idle"
+        code, listing = c.call("GET", "/v1/tasks/")  # LightX2V's shape: {task_id: status}
+        assert set(listing) == {created["task_id"], created2["task_id"]}
+        assert listing[created["task_id"]] == c.call("GET", f"/v1/tasks/{created['task_id']}/status")[1]
+        assert c.call("GET", "/v1/service/status")[1] == {
+            "service_status": "idle", "current_task": None, "active_tasks": [], "pending_tasks": 0, "queue_size": 10,
+            "total_tasks": 2, "completed_tasks": 2, "failed_tasks": 0}
         assert c.call("GET", "/v1/service/metadata")[1] == {"model": "tiny", "loras": []}
     finally:
         c.close(app)
@@ -193,8 +202,10 @@ def test_queued_images_are_kept_encoded(tmp_path):
 
 
 def test_queue_full_cancel_and_unknown_routes(tmp_path):
-    """One task runs (held by an event), max_queue_size wait, the next is a 503; a pending task is dropped
-    on cancel, the running one stops at its next step; unknown tasks and files are 404, image tasks 501."""
+    """One task runs (held by an event) and two wait: max_queue_size 3 pending or processing (LightX2V's
+    rule), the next is a 503; a pending task is dropped on cancel, the running one stops at its next step;
+    unknown tasks are 404 (cancelling one is LightX2V's 200 "do_nothing"), image tasks 501. The queue and
+    service status have LightX2V's keys."""
     release, started = threading.Event(), threading.Event()
 
     def generate(params, path, cancel):
@@ -205,19 +216,21 @@ def test_queue_full_cancel_and_unknown_routes(tmp_path):
             time.sleep(0.01)
         path.write_bytes(b"video")
 
-    app = S.App(generate, output_dir=tmp_path, infer_steps=4, task="t2v", max_queue_size=2)
+    app = S.App(generate, output_dir=tmp_path, infer_steps=4, task="t2v", max_queue_size=3)
     c = Client(app)
     try:
-        ids = [c.call("POST", "/v1/tasks/video/", {"prompt": f"p{i}", "task_id": f"t{i}"})[1]["task_id"]
-               for i in range(3)]
-        assert ids == ["t0", "t1", "t2"] and started.wait(10)
-        assert c.call("POST", "/v1/tasks/video/", {"prompt": "t3"})[0] == 503
+        created = [c.call("POST", "/v1/tasks/video/", {"prompt": f"p{i}", "task_id": f"t{i}"})[1] for i in range(3)]
+        assert [r["task_id"] for r in created] == ["t0", "t1", "t2"] and started.wait(10)
+        assert all(r["task_status"] == "pending" for r in created)
+        code, resp = c.call("POST", "/v1/tasks/video/", {"prompt": "t3"})
+        assert code == 503 and "3 tasks pending or processing" in resp["detail"], resp
         assert c.call("POST", "/v1/tasks/video/", {"prompt": "dup", "task_id": "t0"})[0] == 400
         q = c.call("GET", "/v1/tasks/queue/status")[1]
-        assert q == {"max_queue_size": 2, "queue_size": 2, "pending_tasks": ["t1", "t2"], "running_task": "t0",
-                     "is_processing": True, "current_task": "t0", "pending_count": 2, "active_count": 3,
-                     "queue_available": False}
-        assert c.call("GET", "/v1/service/status")[1]["service_status"] == "busy"
+        assert q == {"is_processing": True, "current_task": "t0", "pending_count": 2, "active_count": 3,
+                     "queue_size": 3, "queue_available": 0, "pending_task_ids": ["t1", "t2"]}
+        assert c.call("GET", "/v1/service/status")[1] == {
+            "service_status": "busy", "current_task": "t0", "active_tasks": ["t0"], "pending_tasks": 2,
+            "queue_size": 3, "total_tasks": 3, "completed_tasks": 0, "failed_tasks": 0}
         assert c.call("DELETE", "/v1/tasks/t1")[1]["stop_status"] == "success"
         assert c.call("GET", "/v1/tasks/t1/status")[1]["status"] == "cancelled"
         assert c.call("GET", "/v1/tasks/t1/result")[0] == 404
@@ -229,7 +242,10 @@ def test_queue_full_cancel_and_unknown_routes(tmp_path):
         assert c.call("DELETE", "/v1/tasks/t2")[1]["stop_status"] == "do_nothing"
         assert c.call("DELETE", "/v1/tasks/all/running")[1]["stop_status"] == "do_nothing"
         assert c.call("GET", f"/v1/tasks/{uuid.uuid4().hex}/status")[0] == 404
-        assert c.call("GET", "/v1/files/download/../../etc/passwd")[0] == 404
+        assert c.call("DELETE", "/v1/tasks/nope") == (200, {"stop_status": "do_nothing", "reason": "no task 'nope'"})
+        st = c.call("GET", "/v1/service/status")[1]
+        assert (st["total_tasks"], st["completed_tasks"], st["failed_tasks"]) == (3, 1, 0)  # (cancelled: neither)
+        assert c.call("GET", "/v1/tasks/queue/status")[1]["queue_available"] == 3
         assert c.call("POST", "/v1/tasks/image/", {"prompt": "x"})[0] == 501
         assert c.call("GET", "/v1/nothing")[0] == 404
         assert c.call("POST", "/v1/tasks/video/", raw=b"{not json")[0] == 400
@@ -353,12 +369,12 @@ def test_http_edge_cases(tmp_path, monkeypatch):
         assert c.call("GET", "/v1/files/download/" + "x" * 5000)[0] == 404
         ids = [c.call("POST", "/v1/tasks/video/", {"prompt": f"p{i}"})[1]["task_id"] for i in range(4)]
         t0 = time.time()
-        while c.call("GET", "/v1/service/status")[1]["service_status"] == "busy" or \
-                c.call("GET", "/v1/tasks/queue/status")[1]["queue_size"]:
+        while c.call("GET", "/v1/tasks/queue/status")[1]["active_count"]:
             assert time.time() - t0 < 60
             time.sleep(0.05)
-        kept = [x["task_id"] for x in c.call("GET", "/v1/tasks/")[1]["tasks"]]
-        assert kept == ids[-2:]
+        listing = c.call("GET", "/v1/tasks/")[1]
+        kept = list(listing)
+        assert kept == ids[-2:] and all(listing[t]["task_id"] == t for t in kept)
         assert all(not app.queue.get(t).params for t in kept)
         for raw, why in ((b"[" * 100000, "deep nesting"), (b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", "long int")):
             assert c.call("POST", "/v1/tasks/video/", raw=raw)[0] == 400, why
@@ -631,3 +647,284 @@ def test_server_start_errors_are_one_line_and_a_taken_port_is_found_before_loadi
     err = capsys.readouterr().err
     assert f"(--host 127.0.0.1 --port {port})" in err and "in use" in err, err
     assert loads == []
+
+
+def test_close_cancels_the_pending_tasks_and_stops_the_running_one(tmp_path):
+    """TaskQueue.close cancels the pending tasks and the running one (its cancel event: it stops before its
+    next step) and joins the worker, so that no thread is inside the model at interpreter shutdown; a run
+    that ignores the cancel is waited for `timeout` seconds only (close says so: False)."""
+    started = threading.Event()
+
+    def run(task):  # ~30 s of "denoising steps" unless cancelled
+        started.set()
+        for _ in range(3000):
+            if task.cancel.is_set():
+                raise S.TaskCancelled()
+            time.sleep(0.01)
+    q = S.TaskQueue(run, max_queue_size=5)
+    tasks = [q.submit(S.Task(f"t{i}", {"prompt": "x"}, tmp_path / f"t{i}.mp4")) for i in range(3)]
+    assert started.wait(10)
+    t0 = time.time()
+    assert q.close(timeout=20) is True
+    assert time.time() - t0 < 10 and not q._worker.is_alive()
+    assert [t.status for t in tasks] == ["cancelled"] * 3
+    assert all(t.end_time is not None and t.params == {} for t in tasks)
+    with pytest.raises(S.RequestError, match="stopping") as e:
+        q.submit(S.Task("late", {"prompt": "x"}, tmp_path / "late.mp4"))
+    assert e.value.status == 503
+    release, started = threading.Event(), threading.Event()
+    stuck = S.TaskQueue(lambda task: (started.set(), release.wait(30)), max_queue_size=5)
+    stuck.submit(S.Task("s", {"prompt": "x"}, tmp_path / "s.mp4"))
+    try:
+        assert started.wait(10)
+        t0 = time.time()
+        assert stuck.close(timeout=0.2) is False and time.time() - t0 < 5
+    finally:
+        release.set()
+
+
+def test_sigterm_while_a_task_runs_exits_cleanly(tmp_path):
+    """SIGTERM to a server whose worker is inside a task: the task is cancelled at its next step, the worker
+    joined, exit code 0 (it was SIGABRT, "terminate called without an active exception": the daemon worker
+    was still inside torch at interpreter shutdown). /v1/service/metadata carries nproc_per_node."""
+    import signal
+    import subprocess
+    import sys
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lightx2v_engine.server", "--random-weights", "--preset", "tiny",
+                             "--device", "cpu", "--host", "127.0.0.1", "--port", "0", "--output_dir",
+                             str(tmp_path / "out"), "--target_shape", "256", "256", "--num_frames", "9",
+                             "--infer_steps", "200"],  # (~0.1 s a step on the CPU: the task runs ~20 s)
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    lines, up = [], threading.Event()
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+            if " serving " in line:
+                up.set()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert up.wait(60), "".join(lines)[-3000:]
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)", "".join(lines)).group(1))
+
+        def call(method, path, body=None):
+            req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
+                                         data=json.dumps(body).encode() if body is not None else None,
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return json.loads(r.read())
+        assert call("GET", "/v1/service/metadata")["nproc_per_node"] == 1
+        task = call("POST", "/v1/tasks/video/", {"prompt": "a red fox", "seed": 1})["task_id"]
+        t0 = time.time()
+        while call("GET", f"/v1/tasks/{task}/status")["status"] == "pending":
+            assert time.time() - t0 < 30
+            time.sleep(0.02)
+        assert call("GET", f"/v1/tasks/{task}/status")["status"] == "processing"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, "".join(lines)[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(10)
+    log = "".join(lines)
+    assert "terminate called" not in log and "did not stop" not in log, log[-3000:]
+    assert f"task {task} cancelled" in log
+
+
+def test_task_ids_that_look_like_routes(tmp_path):
+    """A task named image1 (or queue1) is queried and cancelled like any other (only POST to exactly
+    /v1/tasks/image/ and /v1/tasks/image/form is a 501); the ids the routes use (queue, all, video, image)
+    are refused with a 400 naming them."""
+    app = S.App(lambda p, path, cancel: path.write_bytes(b"v"), output_dir=tmp_path, infer_steps=4, task="t2v")
+    c = Client(app)
+    try:
+        for name in ("image1", "queue1", "imagery"):
+            code, created = c.call("POST", "/v1/tasks/video/", {"prompt": "x", "task_id": name})
+            assert code == 200, created
+            assert c.wait(name)["status"] == "completed"
+            assert c.call("GET", f"/v1/tasks/{name}/result") == (200, b"v")
+            assert c.call("DELETE", f"/v1/tasks/{name}")[1]["stop_status"] == "do_nothing"
+        for name in ("queue", "all", "video", "image"):
+            code, resp = c.call("POST", "/v1/tasks/video/", {"prompt": "x", "task_id": name})
+            assert code == 400 and f"task_id {name!r} is reserved" in resp["detail"], resp
+            assert "'all', 'image', 'queue', 'video'" in resp["detail"]
+        assert c.call("GET", "/v1/tasks/queue/status")[1]["pending_count"] == 0
+        for path in ("/v1/tasks/image", "/v1/tasks/image/", "/v1/tasks/image/form"):
+            assert c.call("POST", path, {"prompt": "x"})[0] == 501, path
+        assert c.call("POST", "/v1/tasks/image1", {"prompt": "x"})[0] == 404
+    finally:
+        c.close(app)
+
+
+def test_downloads_stay_inside_the_output_folder(tmp_path):
+    """/v1/files/download/ serves files inside --output_dir only: a file beside the folder (which exists,
+    unlike /etc/passwd seen from a deep tmp folder) is a 404 through '..', an encoded '..', an absolute path
+    and a link inside the folder that points to it."""
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (tmp_path / "secret").write_bytes(b"the secret")
+    (out / "inside.bin").write_bytes(b"inside")
+    (out / "sub" / "clip.mp4").write_bytes(b"clip")
+    (out / "link.mp4").symlink_to(tmp_path / "secret")
+    (out / "sub" / "link").symlink_to("../../secret")
+    app = S.App(lambda p, path, cancel: None, output_dir=out, infer_steps=4, task="t2v")
+    c = Client(app)
+    try:
+        assert c.call("GET", "/v1/files/download/inside.bin") == (200, b"inside")
+        assert c.call("GET", "/v1/files/download/sub/clip.mp4") == (200, b"clip")
+        assert c.call("GET", "/v1/files/download/sub/../inside.bin") == (200, b"inside")
+        for probe in ("../secret", "..%2fsecret", "%2e%2e/secret", "%2E%2E%2Fsecret", "sub/../../secret",
+                      "sub/..%2f..%2fsecret", "link.mp4", "sub/link", urllib.parse.quote(str(tmp_path / "secret"))):
+            code, resp = c.call("GET", "/v1/files/download/" + probe)
+            assert code == 404 and "no file" in resp["detail"], (probe, code, resp)
+    finally:
+        c.close(app)
+
+
+def test_start_options_are_checked_before_loading(tmp_path, capsys, monkeypatch):
+    """--max_queue_size < 1, a --port outside 0..65535 (was an OverflowError traceback), --max_request_tokens
+    < 1 and an --output_dir that cannot be created or written (was a traceback after loading) are one
+    "error:" line and exit code 2, before the models load."""
+    import lightx2v_engine.infer as infer
+    loads = []
+    monkeypatch.setattr(infer, "load_pipeline", lambda args: loads.append(args))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    for argv, message in ((["--max_queue_size", "0"], "--max_queue_size must be at least 1, got 0"),
+                          (["--port", "70000"], "--port must be in 0..65535, got 70000"),
+                          (["--port", "-1"], "--port must be in 0..65535, got -1"),
+                          (["--max_request_tokens", "0"], "--max_request_tokens must be at least 1, got 0"),
+                          (["--output_dir", str(tmp_path / "afile" / "out")],
+                           f"--output_dir {str(tmp_path / 'afile' / 'out')!r} cannot be created or written (Not a "
+                           f"directory)"),
+                          (["--output_dir", str(tmp_path / "afile")],
+                           f"--output_dir {str(tmp_path / 'afile')!r} cannot be created or written (File exists)")):
+        assert S.main(["--random-weights", "--preset", "tiny", "--host", "127.0.0.1", "--port", "0", *argv]) == 2
+        assert capsys.readouterr().err == f"error: {message}\n"
+    assert loads == []
+
+
+def test_request_work_is_capped_by_its_tokens(tmp_path):
+    """A request's DiT tokens (latent frames x H/16 x W/16) are capped: by default Wan's 720p x 81 frames
+    (75,600) or the default size's if more, else --max_request_tokens; the 400 names both numbers. I2V counts
+    the size the image's aspect ratio gives."""
+    def app_for(**kw):
+        return S.App(lambda p, path, cancel: None, output_dir=tmp_path, infer_steps=4, **kw)
+    assert S.request_tokens(81, 720, 1280) == S.WAN_720P_TOKENS == 75600
+    assert app_for(task="t2v", default_size=(32, 48), default_frames=5).max_request_tokens == 75600
+    assert app_for(task="t2v", default_size=(1024, 1024), default_frames=81).max_request_tokens == 21 * 64 * 64
+    assert app_for(task="t2v", max_request_tokens=7).max_request_tokens == 7
+    app = app_for(task="t2v", default_size=(32, 48), default_frames=5)
+    c = Client(app)
+    try:
+        code, resp = c.call("POST", "/v1/tasks/video/", {"prompt": "x", "target_shape": [2048, 2048],
+                                                          "target_video_length": 321})
+        assert code == 400 and resp["detail"].startswith(
+            "the request asks for 1327104 tokens (2048x2048, 321 frames: 81 latent frames x 128 x 128); this "
+            "server takes at most 75600 per request (--max_request_tokens)"), resp
+        assert c.call("POST", "/v1/tasks/video/", {"prompt": "x", "target_shape": [720, 1280],
+                                                    "target_video_length": 81})[0] == 200
+        code, resp = c.call("POST", "/v1/tasks/video/", {"prompt": "x", "target_shape": [720, 1280],
+                                                          "target_video_length": 85})
+        assert code == 400 and "79200 tokens" in resp["detail"]
+    finally:
+        c.close(app)
+    # I2V: a square image at the area of 480x832 is 624x624 (2 x 39 x 39 = 3042 tokens at 5 frames; 480x832
+    # itself would be 3120)
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(buf, format="PNG")
+    image = base64.b64encode(buf.getvalue()).decode()
+    for cap, status in ((3042, 200), (3041, 400)):
+        app = app_for(task="i2v", default_size=(480, 832), default_frames=5, max_request_tokens=cap)
+        c = Client(app)
+        try:
+            code, resp = c.call("POST", "/v1/tasks/video/", {"prompt": "x", "image_path": image})
+            assert code == status, resp
+            if status == 400:
+                assert "3042 tokens (624x624, 5 frames" in resp["detail"] and "at most 3041" in resp["detail"]
+        finally:
+            c.close(app)
+
+
+def test_early_refusals_reach_the_client(tmp_path, monkeypatch):
+    """A refusal sent before the body is read (413, 501, unknown endpoint) first reads (up to MAX_DRAIN) the
+    body the client is still sending: the client gets the reason, not a broken pipe."""
+    monkeypatch.setattr(S, "MAX_BODY", 1 << 20)
+    app = S.App(lambda p, path, cancel: None, output_dir=tmp_path, infer_steps=4, task="t2v")
+    c = Client(app)
+    try:
+        body = b" " * (6 << 20)
+        for path, status, detail in (("/v1/tasks/video/", 413, "request body over 1 MiB"),
+                                     ("/v1/tasks/image/", 501, "image tasks are not supported"),
+                                     ("/v1/nothing", 404, "no endpoint POST /v1/nothing")):
+            code, resp = c.call("POST", path, raw=body)
+            assert (code, resp["detail"]) == (status, detail)
+        assert c.call("GET", "/v1/tasks/queue/status")[0] == 200
+    finally:
+        c.close(app)
+
+
+def test_create_requests_parse_two_at_a_time(tmp_path, monkeypatch):
+    """Reading and parsing create bodies (multipart takes ~10x the upload) is bounded: at most MAX_PARSING
+    requests at once, the others wait their turn."""
+    lock, now, peak = threading.Lock(), [0], [0]
+
+    def tracked(fn):
+        def wrapper(*a, **k):
+            with lock:
+                now[0] += 1
+                peak[0] = max(peak[0], now[0])
+            try:
+                time.sleep(0.2)
+                return fn(*a, **k)
+            finally:
+                with lock:
+                    now[0] -= 1
+        return wrapper
+    monkeypatch.setattr(S.Handler, "_body", tracked(S.Handler._body))
+    monkeypatch.setattr(S, "parse_multipart", tracked(S.parse_multipart))
+    app = S.App(lambda p, path, cancel: None, output_dir=tmp_path, infer_steps=4, task="t2v", max_queue_size=100)
+    c = Client(app)
+    boundary = "b1"
+    form = f"--{boundary}\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nx\r\n--{boundary}--\r\n".encode()
+    codes = []
+
+    def post(i):
+        if i % 2:
+            codes.append(c.call("POST", "/v1/tasks/video/form", raw=form,
+                                content_type=f"multipart/form-data; boundary={boundary}")[0])
+        else:
+            codes.append(c.call("POST", "/v1/tasks/video/", {"prompt": "x"})[0])
+    try:
+        threads = [threading.Thread(target=post, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert codes == [200] * 6 and peak[0] == S.MAX_PARSING == 2, (codes, peak)
+    finally:
+        c.close(app)
+
+
+def test_a_download_sends_the_file_it_opened(tmp_path, monkeypatch):
+    """The download's Content-Length is the opened file's size (fstat), not that of whatever the path names
+    a moment later (a result rewritten meanwhile): header and body agree."""
+    (tmp_path / "clip.mp4").write_bytes(b"old video")
+    real_open = open
+
+    def open_then_replace(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        if str(path).endswith("clip.mp4"):
+            (tmp_path / "new.mp4").write_bytes(b"a new, longer video")
+            os.replace(tmp_path / "new.mp4", tmp_path / "clip.mp4")
+        return f
+    monkeypatch.setattr(S, "open", open_then_replace, raising=False)
+    app = S.App(lambda p, path, cancel: None, output_dir=tmp_path, infer_steps=4, task="t2v")
+    c = Client(app)
+    try:
+        assert c.call("GET", "/v1/files/download/clip.mp4") == (200, b"old video")
+    finally:
+        c.close(app)
