@@ -157,7 +157,7 @@ class RunConfig:
     target_width: int = 832
     text_len: int = 512
     seed: int = 42
-    fps: int = 16
+    fps: float = 16.0                   # frame rate of the written video (LightX2V: 16; 23.976 and the like too)
     lora_configs: tuple[LoraSpec, ...] = ()
     dit_original_ckpt: str | None = None
     dit_quantized: bool = False
@@ -398,7 +398,7 @@ def _as(key: str, value: Any, typ: type):
 _TYPES = {
     "infer_steps": int, "sample_shift": float, "enable_cfg": bool, "sample_guide_scale": float,
     "target_video_length": int, "target_height": int, "target_width": int, "text_len": int, "seed": int,
-    "fps": int, "dit_quantized": bool, "cpu_offload": bool, "t5_cpu_offload": bool, "clip_cpu_offload": bool,
+    "fps": float, "dit_quantized": bool, "cpu_offload": bool, "t5_cpu_offload": bool, "clip_cpu_offload": bool,
     "vae_cpu_offload": bool, "sampler": str, "distill_update": str, "dtype": str, "use_cuda_graph": bool,
     "vae_dtype": str, "lora_strict": bool, "offload_granularity": str, "use_tiling_vae": bool,
     "t5_quantized": bool, "clip_quantized": bool, "use_lightvae": bool, "use_tae": bool, "need_scaled": bool,

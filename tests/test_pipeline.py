@@ -150,6 +150,19 @@ def test_cli_argument_errors_before_loading(tmp_path, monkeypatch, capsys, args,
         assert loads == []
 
 
+def test_fractional_fps_is_the_videos_rate(tmp_path):
+    """"fps": 23.976 (LightX2V takes any number) is the written video's frame rate (24000/1001 ~ 2997/125)."""
+    import subprocess
+    import imageio_ffmpeg
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"fps": 23.976, "target_video_length": 5, "target_height": 32, "target_width": 48}))
+    assert main(["--random-weights", "--prompt", "a cat", "--config_json", str(cfg), "--quiet",
+                 "--save_result_path", str(tmp_path / "f.mp4")]) == 0
+    probe = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-i", str(tmp_path / "f.mp4")], capture_output=True,
+                           text=True).stderr
+    assert "23.98 fps" in probe, probe[-800:]
+
+
 def test_cli_newer_lightx2v_size_flags(tmp_path, capsys):
     """Newer LightX2V spells --target_shape H W as --size H W, and the frame count --num_frames."""
     rc = main(["--random-weights", "--preset", "tiny", "--prompt", "a red car", "--size", "32", "48",

@@ -861,7 +861,7 @@ def test_early_refusals_reach_the_client(tmp_path, monkeypatch):
                                      ("/v1/tasks/image/", 501, "image tasks are not supported"),
                                      ("/v1/nothing", 404, "no endpoint POST /v1/nothing")):
             code, resp = c.call("POST", path, raw=body)
-            assert (code, resp["detail"]) == (status, detail)
+            assert code == status and resp["detail"].startswith(detail), (path, code, resp)
         assert c.call("GET", "/v1/tasks/queue/status")[0] == 200
     finally:
         c.close(app)
