@@ -1,8 +1,11 @@
-"""umT5 encoder + tokenizer against transformers' UMT5EncoderModel (random tiny weights, CPU fp32)."""
+"""umT5 encoder + tokenizer against transformers' UMT5EncoderModel (random tiny weights, CPU fp32), and bf16
+against a literal restatement of Wan's encoder in Wan's rounding order."""
+import math
 import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lightx2v_engine.t5 import (T5Config, T5Encoder, clean_text, encode_text, load_t5, load_tokenizer,
                                 make_tiny_tokenizer, random_t5, relative_position_bucket)
@@ -110,6 +113,81 @@ def test_bf16_close_to_fp32(wan_file, tok_dir):
     assert rel_l2(out.float(), ref) < 3e-2
 
 
+def wan_t5_reference(sd: dict, ids: torch.Tensor, mask: torch.Tensor, num_heads: int, bucket, eps: float = 1e-6
+                     ) -> torch.Tensor:
+    """Wan's wan/modules/t5.py T5Encoder forward, op by op in the tensors' dtype, on a Wan-layout state dict:
+    RMSNorm x * rsqrt(mean(x.float()^2) + eps), cast to the weight's dtype, times the weight; scores
+    einsum(q, k) + (zeros + position bias, dtype-min at padded keys), softmax in fp32 cast back; Wan's GELU
+    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). `bucket(rel_pos)`: the relative-position bucket."""
+    def norm(x, w):
+        x = x * torch.rsqrt(x.float().pow(2).mean(dim=-1, keepdim=True) + eps)
+        return w * x.type_as(w)
+
+    def gelu(x):
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+    b, n = ids.shape
+    x = F.embedding(ids, sd["token_embedding.weight"])
+    rel = bucket(torch.arange(n)[None, :] - torch.arange(n)[:, None])
+    for i in range(len({k.split(".")[1] for k in sd if k.startswith("blocks.")})):
+        w = {k[len(f"blocks.{i}."):-len(".weight")]: v for k, v in sd.items() if k.startswith(f"blocks.{i}.")}
+        h = norm(x, w["norm1"])
+        q, k, v = (F.linear(h, w[f"attn.{c}"]).view(b, n, num_heads, -1) for c in "qkv")
+        bias = x.new_zeros(b, num_heads, n, n) + F.embedding(rel, w["pos_embedding.embedding"]).permute(2, 0, 1)
+        bias = bias.masked_fill(mask.view(b, 1, 1, n) == 0, torch.finfo(x.dtype).min)
+        attn = torch.einsum("binc,bjnc->bnij", q, k) + bias
+        attn = F.softmax(attn.float(), dim=-1).type_as(attn)
+        x = x + F.linear(torch.einsum("bnij,bjnc->binc", attn, v).reshape(b, n, -1), w["attn.o"])
+        h = norm(x, w["norm2"])
+        x = x + F.linear(F.linear(h, w["ffn.fc1"]) * gelu(F.linear(h, w["ffn.gate.0"])), w["ffn.fc2"])
+    return norm(x, sd["norm.weight"])
+
+
+def test_bf16_matches_wan_order_reference(hf_model, wan_file, tok_dir):
+    """bf16 against Wan's encoder restated in bf16 (wan_t5_reference): the same rounding order gives the
+    same numbers (measured rel L2 0). A bf16 RMSNorm variance gives ~1e-2, nn.GELU("tanh") (fp32 inside,
+    one rounding) instead of Wan's formula ~6e-3; the bf16 model is ~1e-2 from fp32, so only a bf16 reference
+    can see these."""
+    model = load_t5(wan_file, dtype=torch.bfloat16)
+    sd = {k: v.to(torch.bfloat16) for k, v in torch.load(wan_file, weights_only=True).items()}
+    tok = load_tokenizer(tok_dir)
+    ids, mask = tok(["a dog running in the snow at night with a red car", "the sky", "a small bird " * 6], 24)
+    bucket = hf_model.encoder.block[0].layer[0].SelfAttention._relative_position_bucket
+    with torch.no_grad():
+        got = model(ids, mask) * mask[..., None]
+        want = wan_t5_reference(sd, ids, mask, 2, bucket) * mask[..., None]
+    assert got.dtype == want.dtype == torch.bfloat16
+    err = rel_l2(got, want)
+    assert err <= 2e-3, err
+
+
+def test_bf16_softmax_and_norm_variance_run_in_fp32(wan_file):
+    """Wan's fp32 regions in a bf16 forward, by the dtypes reaching softmax and mean (the RMSNorm variance):
+    PyTorch's bf16 softmax accumulates in fp32 and rounds once, so a softmax on bf16 scores gives the same
+    outputs here, and only its input dtype shows it."""
+    from torch.overrides import TorchFunctionMode
+
+    class Record(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.seen: list[tuple[str, torch.dtype]] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            if name in ("softmax", "mean"):
+                self.seen.append((name, args[0].dtype))
+            return func(*args, **(kwargs or {}))
+
+    model = load_t5(wan_file, dtype=torch.bfloat16)
+    ids = torch.tensor([[5, 9, 17, 1, 0], [7, 1, 0, 0, 0]])
+    with torch.no_grad(), Record() as rec:
+        out = model(ids, (ids != 0).long())
+    assert out.dtype == torch.bfloat16
+    layers = model.cfg.num_layers
+    assert [d for f, d in rec.seen if f == "softmax"] == [torch.float32] * layers, rec.seen
+    assert [d for f, d in rec.seen if f == "mean"] == [torch.float32] * (2 * layers + 1), rec.seen
+
+
 def test_tokenizer(tok_dir):
     tok = load_tokenizer(tok_dir)
     assert tok.eos_id == 1 and tok.pad_id == 0
@@ -161,6 +239,19 @@ def test_bad_prompts(wan_file, tok_dir):
     for bad in ([], "a string", ["ok", 3], None):
         with pytest.raises(ValueError):
             encode_text(model, tok, bad, text_len=8)
+
+
+def test_tokenizer_larger_than_checkpoint_vocab(wan_file, tmp_path):
+    """A tokenizer whose ids run past the encoder's vocabulary: a ValueError naming both sizes (not the bare
+    IndexError of the embedding lookup)."""
+    make_tiny_tokenizer(str(tmp_path), VOCAB + 100)
+    tok, model = load_tokenizer(str(tmp_path)), load_t5(wan_file, dtype=torch.float32)
+    word = f"tok{VOCAB + 50 - tok.tokenizer.token_to_id('tok0')}"
+    assert tok.tokenizer.token_to_id(word) == VOCAB + 50
+    assert encode_text(model, tok, ["a dog"], text_len=8).shape == (1, 8, 64)  # ids in range: fine
+    with pytest.raises(ValueError, match=rf"tokenizer .*tokenizer\.json \(vocab size {VOCAB + 100}\) gave token id "
+                                         rf"{VOCAB + 50}, but the umT5 checkpoint's vocab is {VOCAB}"):
+        encode_text(model, tok, [f"a {word} dog"], text_len=8)
 
 
 def test_missing_files(tmp_path):

@@ -5,6 +5,7 @@ TGrow 1x1 conv at the high resolution, then a plain 3x3 conv; MemBlocks on the w
 shifted by one frame; the first 3 frames trimmed), on a state dict in the checkpoint's key layout. The engine
 runs it reordered (TGrow before the upsample, sub-pixel convs) and streamed in chunks of frames.
 """
+import functools
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,6 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from lightx2v_engine.tae import TAEConfig, TinyDecoder, load_tae, random_tae
-from lightx2v_engine.vae import WAN21_LATENT_MEAN, WAN21_LATENT_STD
 
 
 def _rel(a, b):
@@ -60,10 +60,22 @@ def reference_decoder(widths):
         nn.ReLU(), nn.Conv2d(n[3], 3, 3, padding=1))
 
 
+@functools.lru_cache(maxsize=1)
+def _wan21_mean_std():
+    """Wan2.1's latent mean/std [1, 16, 1, 1, 1] x 2 as diffusers' AutoencoderKLWan config holds them (the
+    reference's own copy, not the engine's constants)."""
+    diffusers = pytest.importorskip("diffusers")
+    with torch.device("meta"):
+        cfg = diffusers.AutoencoderKLWan().config
+    return torch.tensor(cfg.latents_mean).view(1, 16, 1, 1, 1), torch.tensor(cfg.latents_std).view(1, 16, 1, 1, 1)
+
+
 def reference_decode(dec, z, raw=False):
-    """z [1, 16, F, h, w] -> [1, 3, 4F-3, 8h, 8w] in [-1, 1] (TAEHV decode_video, then x2 - 1)."""
+    """z [1, 16, F, h, w] -> [1, 3, 4F-3, 8h, 8w] in [-1, 1] (TAEHV decode_video, then x2 - 1); raw: the
+    decoder takes raw latents (a lighttae file, need_scaled), so z is unnormalized first: z * std + mean."""
     if raw:
-        z = z * torch.tensor(WAN21_LATENT_STD).view(1, 16, 1, 1, 1) + torch.tensor(WAN21_LATENT_MEAN).view(1, 16, 1, 1, 1)
+        mean, std = _wan21_mean_std()
+        z = z * std + mean
     frames = dec(z[0].transpose(0, 1))  # [4F, 3, 8h, 8w]
     return (frames.clamp(0, 1)[3:].transpose(0, 1) * 2 - 1)[None]
 

@@ -1,12 +1,15 @@
 """Wan2.1 VAE against diffusers' AutoencoderKLWan (independent implementation) with random tiny weights."""
+import copy
+import functools
 import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lightx2v_engine.vae import (WAN21_LATENT_MEAN, WAN21_LATENT_STD, VAEConfig, WanVAE, _expected_shapes,
-                                 _subpixel_weight, _upsample2x_conv, load_vae, norm_kernel_status, random_vae,
-                                 rms_norm_act_ref, set_norm_kernel)
+                                 _subpixel_weight, _tile_setting, _upsample2x_conv, load_vae, norm_kernel_status,
+                                 random_vae, rms_norm_act_ref, set_norm_kernel)
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKLWan  # noqa: E402
@@ -58,8 +61,23 @@ def pair(tmp_path_factory):
     return ref, load_vae(path), path
 
 
+@functools.lru_cache(maxsize=1)
+def _diffusers_wan21_config():
+    """diffusers' full-size AutoencoderKLWan config (built on the meta device): Wan2.1's latents_mean/std."""
+    with torch.device("meta"):
+        return AutoencoderKLWan().config
+
+
 def _mean_std():
-    return (torch.tensor(WAN21_LATENT_MEAN).view(1, 16, 1, 1, 1), torch.tensor(WAN21_LATENT_STD).view(1, 16, 1, 1, 1))
+    """The reference latent normalisation [1, 16, 1, 1, 1] x 2, from diffusers' config (not the engine's)."""
+    cfg = _diffusers_wan21_config()
+    return (torch.tensor(cfg.latents_mean).view(1, 16, 1, 1, 1), torch.tensor(cfg.latents_std).view(1, 16, 1, 1, 1))
+
+
+def test_latent_mean_std_match_diffusers():
+    cfg = _diffusers_wan21_config()
+    assert WAN21_LATENT_MEAN == tuple(cfg.latents_mean)
+    assert WAN21_LATENT_STD == tuple(cfg.latents_std)
 
 
 def test_config_from_checkpoint(pair):
@@ -145,10 +163,15 @@ def test_tiled_encode_matches_diffusers_tiling(pair, tiled_ref):
 
 def test_tiling_setting_is_checked(pair):
     _, ours, _ = pair
-    z = torch.zeros(1, 16, 1, 4, 4)
-    for bad in ((64, 0), (64, 80), (60, 48), "yes"):
-        with pytest.raises((ValueError, TypeError), match="tile|unpack"):
+    z, x = torch.zeros(1, 16, 1, 4, 4), torch.zeros(1, 3, 1, 16, 16)
+    for bad in ((64, 0), (64, 80), (60, 48), "yes", 1, 0, (64,), (64, 48, 16), (64.0, 48), (True, True)):
+        msg = rf"VAE tiling: tiled must be True, False or a \(tile, stride\) pair.*got {re.escape(repr(bad))}$"
+        with pytest.raises(ValueError, match=msg):
             ours.decode(z, tiled=bad)
+        with pytest.raises(ValueError, match=msg):
+            ours.encode(x, tiled=bad)
+    assert _tile_setting([64, 48]) == _tile_setting((64, 48)) == (64, 48)
+    assert _tile_setting(True) == (256, 192) and _tile_setting(False) is None and _tile_setting(None) is None
 
 
 def test_single_frame_and_batch(pair):
@@ -205,6 +228,29 @@ def test_bf16_close_to_fp32(pair):
     assert _rel(got, ours.decode(z)) <= 3e-2
     x = torch.rand(1, 3, 5, 32, 48, generator=torch.Generator().manual_seed(6)) * 2 - 1
     assert _rel(ours16.encode(x), ours.encode(x)) <= 3e-2
+
+
+def test_bf16_encode_matches_wan_order_reference(pair, monkeypatch):
+    """bf16 encode against diffusers' model in bf16 with Wan's RMS_norm, F.normalize(x) * sqrt(C), computed
+    in fp32 and rounded once, then * gamma (the engine's fp32 norm region). Any two bf16 rounding orders (the
+    engine's x * (sqrt(C) / ||x||) against x / ||x|| * sqrt(C), its linear against diffusers' 1x1 conv in the
+    attention) drift apart through the encoder: measured 3.2e-3 rel L2; the norm in bf16 (F.normalize on bf16
+    x) gives 7.0e-3, invisible against fp32 (bf16 itself is ~1e-2 from it). Decode is not compared: its
+    sub-pixel conv sums pairs of the upsampler's weights in bf16 (~1.2e-2 from diffusers' bf16 decode)."""
+    ref, _, path = pair
+    ours16 = load_vae(path, dtype=torch.bfloat16)
+    ref16 = copy.deepcopy(ref).to(torch.bfloat16)
+
+    def wan_norm(self, x):
+        return (F.normalize(x.float(), dim=1) * self.scale).to(x.dtype) * self.gamma + self.bias
+
+    monkeypatch.setattr(type(ref16.encoder.norm_out), "forward", wan_norm)
+    x = torch.rand(1, 3, 5, 32, 48, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    mean, std = _mean_std()
+    with torch.no_grad():
+        want = (ref16.encode(x.bfloat16()).latent_dist.mean.float() - mean) / std
+    err = _rel(ours16.encode(x), want)
+    assert err <= 4.5e-3, err
 
 
 def test_rms_norm_act_ref_matches_definition():
@@ -267,6 +313,42 @@ def test_missing_keys_named(pair, tmp_path):
     torch.save(sd, bad)
     with pytest.raises(ValueError, match=r"encoder\.head\.0\.gamma has shape \(5, 1, 1, 1\)"):
         load_vae(bad)
+
+
+def test_wan22_vae_file_named(tmp_path):
+    """A Wan2.2 VAE (z_dim 48, 12 patchified input channels) is refused naming the file, not as a bare
+    VAEConfig error; another latent width is named as not a Wan2.1 VAE."""
+    path = tmp_path / "Wan2.2_VAE.pth"
+    torch.save({"encoder.conv1.weight": torch.zeros(160, 12, 3, 3, 3), "conv2.weight": torch.zeros(48, 48, 1, 1, 1)},
+               path)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: conv2\.weight \(48, 48, 1, 1, 1\) gives z_dim "
+                                         r"48, expected 16 \(Wan2\.1 VAE\): this looks like a Wan2\.2 VAE"):
+        load_vae(path)
+    torch.save({"encoder.conv1.weight": torch.zeros(8, 3, 3, 3, 3), "conv2.weight": torch.zeros(4, 4, 1, 1, 1)}, path)
+    with pytest.raises(ValueError, match=r"gives z_dim 4, expected 16 \(Wan2\.1 VAE\); not a Wan2\.1 VAE"):
+        load_vae(path)
+
+
+def test_decode_of_empty_latents_named(pair):
+    _, ours, _ = pair
+    for shape in ((1, 16, 0, 4, 4), (1, 16, 1, 0, 4), (1, 16, 2, 4, 0)):
+        msg = rf"WanVAE\.decode: latents {re.escape(str(shape))} are empty: need F >= 1 frames and h, w >= 1"
+        with pytest.raises(ValueError, match=msg):
+            ours.decode(torch.zeros(shape))
+        with pytest.raises(ValueError, match=msg):
+            ours.decode(torch.zeros(shape), tiled=(64, 48))
+    with pytest.raises(ValueError, match=r"WanVAE\.decode_tiles: latents \(1, 16, 0, 9, 9\) are empty"):
+        ours.decode_tiles(torch.zeros(1, 16, 0, 9, 9), (64, 48))
+    with pytest.raises(ValueError, match="positive multiples of 8"):
+        ours.encode(torch.zeros(1, 3, 1, 0, 16))
+
+
+def test_encode_rejects_integer_video(pair):
+    _, ours, _ = pair
+    for dtype in (torch.uint8, torch.int64):
+        video = torch.zeros(1, 3, 1, 16, 16, dtype=dtype)
+        with pytest.raises(ValueError, match=rf"floating-point video in \[-1, 1\], got dtype {dtype}"):
+            ours.encode(video)
 
 
 def test_missing_file_names_path(tmp_path):
