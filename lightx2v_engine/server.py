@@ -156,7 +156,8 @@ class TaskQueue:
                 raise RequestError("the server is stopping", HTTPStatus.SERVICE_UNAVAILABLE)
             if self._active() >= self.max_queue_size:
                 raise RequestError(f"the queue is full ({self._active()} tasks pending or processing, "
-                                   f"max_queue_size {self.max_queue_size}); retry later", HTTPStatus.SERVICE_UNAVAILABLE)
+                                   f"max_queue_size {self.max_queue_size}); retry later",
+                                   HTTPStatus.SERVICE_UNAVAILABLE)
             self._tasks[task.task_id] = task
             self._pending.append(task)
             self.total += 1

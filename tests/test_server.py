@@ -695,7 +695,7 @@ def test_sigterm_while_a_task_runs_exits_cleanly(tmp_path):
                              "--device", "cpu", "--host", "127.0.0.1", "--port", "0", "--output_dir",
                              str(tmp_path / "out"), "--target_shape", "256", "256", "--num_frames", "9",
                              "--sampler", "unipc", "--infer_steps", "200"],  # (~0.06 s a step on the CPU: ~20 s)
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+                            stderr=subprocess.PIPE, text=True, env=env)
     lines, up = [], threading.Event()
 
     def read():
@@ -721,6 +721,7 @@ def test_sigterm_while_a_task_runs_exits_cleanly(tmp_path):
         while call("GET", f"/v1/tasks/{task}/status")["status"] == "pending":
             assert time.time() - t0 < 30
             time.sleep(0.02)
+        time.sleep(1)  # (into the denoising steps: the text encoder is done)
         assert call("GET", f"/v1/tasks/{task}/status")["status"] == "processing"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, "".join(lines)[-3000:]
