@@ -375,6 +375,15 @@ def _err(key: str, value: Any, why: str) -> ValueError:
     return ValueError(f"config key {key!r} = {value!r}: {why}")
 
 
+def distill_step_list(n: int) -> tuple[int, ...]:
+    """The distill sampler's timesteps for n steps when a config gives no denoising_step_list (newer
+    LightX2V's rule, ComfyUI's "simple" schedule): 1000 - i for i in range(0, 1000, 1000 // n), first n.
+    n = 4 gives the default (1000, 750, 500, 250)."""
+    if n > 1000:
+        raise _err("infer_steps", n, "at most 1000 distill steps")
+    return tuple(1000 - i for i in range(0, 1000, 1000 // n))[:n]
+
+
 def _as(key: str, value: Any, typ: type):
     if typ is bool:
         if not isinstance(value, bool):
@@ -518,16 +527,20 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
         else:
             out["sampler"] = "distill"
     if out["sampler"] == "distill":
-        lst = out.get("denoising_step_list", RunConfig.denoising_step_list)
-        if lst is None:
+        lst = out.get("denoising_step_list")
+        if lst is None and "denoising_step_list" in out:
             raise _err("denoising_step_list", None, "the distill sampler needs a step list")
-        n = out.get("infer_steps", len(lst))
-        if n != len(lst):
-            given = "" if "denoising_step_list" in out else f" (the default step list {list(lst)})"
-            raise _err("infer_steps", n, f"must equal len(denoising_step_list) = {len(lst)}{given} for the distill "
-                                         f"sampler; for a {n}-step UniPC run use model_cls wan2.1 (--model_cls "
-                                         f"wan2.1) or \"sampler\": \"unipc\"")
-        out["infer_steps"] = n
+        if lst is None:  # (newer LightX2V: the step list from infer_steps, ComfyUI's "simple" timesteps)
+            n = out.get("infer_steps", len(RunConfig.denoising_step_list))
+            if n < 1:
+                raise _err("infer_steps", n, "must be >= 1")
+            lst = out["denoising_step_list"] = distill_step_list(n)
+        elif out.get("infer_steps", len(lst)) != len(lst) and warn:
+            # (LightX2V's distill scheduler runs the list and overrides infer_steps, with a warning)
+            warn_user(f"{source}: infer_steps={out['infer_steps']} does not match the {len(lst)} steps of "
+                      f"denoising_step_list {list(lst)}: the list runs (as in LightX2V); for a "
+                      f"{out['infer_steps']}-step UniPC run use model_cls wan2.1")
+        out["infer_steps"] = len(lst)
     else:
         out.setdefault("infer_steps", 50)
         if "enable_cfg" not in out and warn:

@@ -48,7 +48,6 @@ def test_mapped_and_ignored_keys_warn_once_naming_them():
     ({"denoising_step_list": [250, 500, 750, 1000]}, "denoising_step_list"),
     ({"denoising_step_list": [1001, 750, 500, 250]}, "denoising_step_list"),
     ({"denoising_step_list": [1000, 750, 500, 0]}, "denoising_step_list"),
-    ({"infer_steps": 5, "denoising_step_list": [1000, 750, 500, 250]}, "infer_steps"),
     ({"sample_shift": -1}, "sample_shift"),
     ({"enable_cfg": "yes"}, "enable_cfg"),
     ({"seed": 1.5}, "seed"),
@@ -67,15 +66,25 @@ def test_bad_values_name_key_and_value(raw, key):
 
 def test_lightx2v_values_that_ask_for_what_runs():
     """An empty sample_neg_prompt is an empty negative prompt; feature_caching "NoCaching" is what runs (no
-    warning); an 8-step config without a step list under the distill sampler says what to do."""
+    warning). Under the distill sampler, as LightX2V's distill scheduler: infer_steps without a step list
+    makes newer LightX2V's list (ComfyUI's "simple" timesteps; 4 gives the default list); with a list of
+    another length the list runs, with a warning naming both."""
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cfg = parse_run_config({"sample_neg_prompt": "", "feature_caching": "NoCaching"})
+        assert parse_run_config({"infer_steps": 4}).denoising_step_list == (1000, 750, 500, 250)
+        eight = parse_run_config({"infer_steps": 8})
+        three = parse_run_config({"infer_steps": 3})
     assert cfg.sample_neg_prompt == ""
-    with pytest.raises(ValueError, match=r"infer_steps' = 8: must equal .* = 4 \(the default step list "
-                                         r"\[1000, 750, 500, 250\]\).*model_cls wan2.1"):
-        parse_run_config({"infer_steps": 8})
+    assert eight.infer_steps == 8 and eight.denoising_step_list == (1000, 875, 750, 625, 500, 375, 250, 125)
+    assert three.denoising_step_list == (1000, 667, 334)
+    with pytest.warns(UserWarning, match=r"infer_steps=5 does not match the 4 steps of denoising_step_list "
+                                         r"\[1000, 750, 500, 250\]: the list runs"):
+        five = parse_run_config({"infer_steps": 5, "denoising_step_list": [1000, 750, 500, 250]})
+    assert five.infer_steps == 4
+    with pytest.raises(ValueError, match="infer_steps"):
+        parse_run_config({"infer_steps": 0})
     with pytest.raises(ValueError, match=r"model_cls 'wan2.2_moe' is not supported"):
         parse_run_config({}, model_cls="wan2.2_moe")
 
