@@ -14,6 +14,7 @@ resident; with --lora-switch, (f) the per-request LoRA switch times. Writes e2e.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -69,6 +70,9 @@ def rel_l2(a, b) -> float:
 
 
 def peak_reset(device):
+    """Frees what earlier sections left (a graph object's closure refers back to it: a reference cycle that
+    only the collector frees, with its model and graph pools) and restarts the peak from here."""
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -126,7 +130,7 @@ def dit_setup(preset: str, args, device):
 
 def bench_dit(preset: str, args, device, run, rows, summary, tag: str, attn8_only: bool = False):
     """The DiT step: reference, bf16 (eager, graph, without the GELU epilogue), fp8 linears; or, with
-    attn8_only, fp8 linears plus 8-bit self-attention alone (run last: its kernels are the newest)."""
+    attn8_only, fp8 linears plus 8-bit self-attention alone (right after the preset's other variants)."""
     dt = torch.bfloat16
     model, (x, ctx, clip, y), t = dit_setup(preset, args, device)
     sampler = DistillSampler.from_step_list((1000, 750, 500, 250), 5.0)
@@ -544,21 +548,34 @@ def main(argv=None) -> int:
     # what the engine's hot ops ran (attention backend and config, q/k variant, GELU epilogue)
     summary["ops"] = ops.describe(device)
     summary["ops_attn8"] = ops.describe(device, attn_8bit=True)
+    from lightx2v_engine.csrc_ops import csrc_status  # (the 8-bit paths' quantization: csrc or its fallback)
+    summary["csrc"] = csrc_status()
     if "14b" not in tags:
         for k in ("step_ms_14b_bf16", "step_ms_14b_8bit"):
             absent[k] = "14B not run (pass --with-14b)"
     if "1.3b" not in tags:
         for k in ("step_ms_1.3b_bf16", "step_ms_1.3b_8bit", "diffusers_step_ms_1.3b_eager"):
             absent[k] = "1.3B not run in this invocation (--presets)"
+    skipped = {"dit": [f"step_ms_{t}_{v}" for t in tags for v in ("bf16", "8bit")],
+               "diffusers": [f"diffusers_step_ms_{t}_eager" for t in tags],
+               "vae": ["vae_decode_ms", "vae_decode_ratio_vs_diffusers"],
+               "distill": ["distill_speedup_vs_50step_cfg"]}
+    for section in args.skip:
+        for k in skipped.get(section, []):
+            absent.setdefault(k, f"skipped in this invocation (--skip {section})")
 
     def save():
         """The summary after every section: a run that dies later keeps what it measured."""
         (out / "e2e_summary.json").write_text(json.dumps({"env": info, "figures": summary, "absent": absent},
                                                          indent=2))
 
+    attn8 = "dit" not in args.skip and (args.dry_run or ops.attention_8bit_available(device))
     for preset, tag in presets:
         if "dit" not in args.skip:
             bench_dit(preset, args, device, run, rows, summary, tag)
+            save()
+        if attn8:  # (before the diffusers baseline: a cut 14B stage lost it there, and with it step_ms_14b_8bit)
+            bench_dit(preset, args, device, run, rows, summary, tag, attn8_only=True)
             save()
         if "diffusers" not in args.skip and not args.dry_run:
             bench_diffusers_dit(preset, args, device, run, rows, summary, tag, absent)
@@ -572,11 +589,6 @@ def main(argv=None) -> int:
     if "distill" not in args.skip:
         bench_distill_speedup("tiny" if args.dry_run else names["1.3b"], args, device, run, rows, summary)
         save()
-    # 8-bit self-attention last: its kernels have the least GPU mileage
-    if "dit" not in args.skip and (args.dry_run or ops.attention_8bit_available(device)):
-        for preset, tag in presets:
-            bench_dit(preset, args, device, run, rows, summary, tag, attn8_only=True)
-            save()
     if "dit" not in args.skip and (args.offload or args.dry_run):
         for preset, tag in presets:
             bench_offload(preset, args, device, run, rows, summary, tag)

@@ -212,7 +212,15 @@ def _fused_quant_rows(op: str, shape: str, fused, two_pass, nbytes: int, copy_gb
                  note=f"speedup vs modulate + per_token_quant {ms_t / ms_f:.2f}x"),
             dict(op=op, shape=shape, impl="two_pass", ms=ms_t, tflops_or_gbps=float("nan"), unit="GB/s",
                  ratio=ms_t / ms_f, ratio_kind="two_pass_over_fused", max_err=0.0, ok=True,
-                 note="modulate kernel, then quant.per_token_quant (the csrc kernel when built)")]
+                 note="modulate kernel, then quant.per_token_quant (" + _per_token_quant_impl() + ")")]
+
+
+def _per_token_quant_impl() -> str:
+    """Which per_token_quant the two-pass baseline ran (the csrc kernel, or its PyTorch reference where the
+    extension is not loaded: gpu_check.sh builds it while the kernels are timed)."""
+    from lightx2v_engine.csrc_ops import csrc_status
+    status = csrc_status()
+    return "the csrc kernel" if status == "available" else f"PyTorch reference; csrc {status}"
 
 
 def bench_fused_quant(Ls: list[int], Cs: list[int], device: str, copy_gbps: float, scheme: str = "fp8") -> list[dict]:
@@ -659,6 +667,7 @@ def main(argv=None) -> int:
         nonlocal written
         summary = summarize(rows, main_shape)
         summary["copy_gbps"] = copy_gbps
+        summary["csrc"] = _per_token_quant_impl()
         paths = write_outputs(rows[written:], summary, env, args.out)
         written = len(rows)
         return summary, paths

@@ -117,6 +117,16 @@ def main(argv=None) -> int:
 
     quant_bw: dict[int, float] = {}
     fp8_ratio, gemm_ratio, gate_ratio, gelu_ratio, lora_cost = [], [], [], [], []
+    written = 0
+
+    def write_summary() -> dict:
+        summary = _summary(gpu, env, m, copy_bw, checks_failed, quant_bw, fp8_ratio, gemm_ratio, gate_ratio,
+                           gelu_ratio, lora_cost)
+        summary["shapes_done"] = f"{len(fp8_ratio)} of {len(shapes)}"
+        with open(os.path.join(args.out, "quant_summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        return summary
+
     for k, n in shapes:
         x = torch.randn(m, k, device=_DEV, dtype=torch.bfloat16)
         lin = torch.nn.Linear(k, n, device=_DEV, dtype=torch.bfloat16)
@@ -153,15 +163,18 @@ def main(argv=None) -> int:
                        nbytes=qbytes)
             del q8
             qi = quant.QuantLinear.from_linear(lin, "int8")
-            record("qlinear_int8", k, n, _bench_ms(lambda: qi(x)), flops)
+            record(f"qlinear_int8_{quant._int8_gemm}", k, n, _bench_ms(lambda: qi(x)), flops)
             xi, sxi = quant.per_token_quant(x, "int8")
             record("int_mm_gemm_only", k, n, _bench_ms(lambda: torch._int_mm(xi, qi.weight.t())), flops)
             if fp8_gemm is not None:
                 record("triton_int8_gemm", k, n, _bench_ms(
                     lambda: fp8_gemm.fp8_gemm(xi, qi.weight, sxi, qi.weight_scale, b)), flops)
+                prev = quant._int8_gemm  # (the default, restored: "qlinear_int8" above ran it)
                 quant.set_int8_gemm("triton")
-                record("qlinear_int8_triton", k, n, _bench_ms(lambda: qi(x)), flops)
-                quant.set_int8_gemm("cublas")
+                try:
+                    record("qlinear_int8_triton", k, n, _bench_ms(lambda: qi(x)), flops)
+                finally:
+                    quant.set_int8_gemm(prev)
             del qi, xi, sxi
             if fp8_gemm is not None:
                 t_tr = record("triton_fp8_gemm", k, n, _bench_ms(lambda: fp8_gemm.fp8_gemm(xq, wt.t(), sx, sw, b)),
@@ -188,8 +201,17 @@ def main(argv=None) -> int:
             del xq, sx, x, lin, w, b
         if _DEV == "cuda":
             torch.cuda.empty_cache()
+        # outputs after every shape: a run cut by its time limit keeps what it measured
+        append_csv(os.path.join(args.out, "quant.csv"), list(rows[0]), rows[written:])
+        written = len(rows)
+        summary = write_summary()
+    print(json.dumps(summary, indent=2))
+    return 0
 
-    append_csv(os.path.join(args.out, "quant.csv"), list(rows[0]), rows)
+
+def _summary(gpu, env, m, copy_bw, checks_failed, quant_bw, fp8_ratio, gemm_ratio, gate_ratio, gelu_ratio,
+             lora_cost) -> dict:
+    from lightx2v_engine import csrc_ops
     summary = {
         "gpu": gpu,
         "torch": torch.__version__,
@@ -214,10 +236,7 @@ def main(argv=None) -> int:
     if gate_ratio:
         # t(_scaled_mm + torch residual op) / t(Triton fused epilogue), min over the output projections
         summary["gemm_fp8_gate_residual_ratio"] = round(min(gate_ratio), 3)
-    with open(os.path.join(args.out, "quant_summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(json.dumps(summary, indent=2))
-    return 0
+    return summary
 
 
 if __name__ == "__main__":

@@ -6,8 +6,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
+
+try:
+    import lightx2v_engine  # noqa: F401  (installed, e.g. pip install -e .)
+except ImportError:  # (a bare checkout, e.g. gpu_check.sh without its install stage)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main(argv=None) -> int:
@@ -44,7 +50,7 @@ def main(argv=None) -> int:
     rows = sorted((e for e in events if e.device_time_total > 0 and not e.key.startswith("aten::")),
                   key=lambda e: -e.device_time_total)[: args.top]
     from lightx2v_engine import ops
-    print(f"{args.preset} one step, CUDA kernel time {total / 1e3:.1f} ms; {ops.describe(x.device)}")
+    print(f"{args.preset} one step, CUDA kernel time {total / 1e3:.1f} ms; {ops.describe(x.device, attn_8bit=args.attn8)}")
     for e in rows:
         print(f"  {e.device_time_total / 1e3:9.2f} ms {100 * e.device_time_total / total:5.1f}%  x{e.count:<4} {e.key[:90]}")
     return 0

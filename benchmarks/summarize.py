@@ -34,7 +34,7 @@ ALSO = [
     "lora_switch_first_ms_1.3b", "lora_switch_other_ms_1.3b", "lora_switch_host_gib_1.3b",
     "video_s_1.3b_bf16", "video_s_1.3b_8bit", "video_s_1.3b_8bit_tae", "video_s_14b_8bit", "video_s_14b_8bit_tae",
     "vae_decode_tiled_ms", "vae_decode_tiled_peak_gib", "vae_peak_gib", "lightvae_decode_ms",
-    "lightvae_speedup_vs_vae", "tae_decode_ms", "tae_speedup_vs_vae", "tae_peak_gib", "ops", "ops_attn8",
+    "lightvae_speedup_vs_vae", "tae_decode_ms", "tae_speedup_vs_vae", "tae_peak_gib", "ops", "ops_attn8", "csrc",
 ]
 # Figures with no producer yet, and why (none at present).
 NOT_IMPLEMENTED: dict[str, str] = {}
@@ -95,6 +95,8 @@ def merge(out: Path, since: float | None = None) -> dict:
             absent[f"<{producer}>"] = stale
         else:
             data = json.loads(path.read_text())
+            for k, v in data.get("env", {}).items():  # (a run of the optional stage alone names its card)
+                env.setdefault(k, v)
             for k, v in data.get("figures", {}).items():
                 if figures.get(k) is None:
                     figures[k] = v

@@ -102,6 +102,34 @@ def test_gpu_check_hands_the_measured_winners_to_e2e_as_a_tuned_file(tmp_path):
     assert json.loads((out / "summary.json").read_text())["tuned"] == {str(tuned): data["choices"]}
 
 
+def test_a_cut_kernels_stage_writes_no_tuned_file(tmp_path):
+    """bench_kernels cut by its timeout (exit 124) after writing a summary without the configs it times last
+    (Gluon): no tuned file, so the package's defaults stay (the cut run's choice would override them)."""
+    summary = {"gpu": "NVIDIA H100 80GB HBM3", "attn_best_impl": "triton:ws_128x128_w4_s2",
+               "attn_best_triton_config": "ws_128x128_w4_s2"}
+    out = tmp_path / "out"
+    fake = _fake_python(tmp_path, "  benchmarks/gluon_smoke.py) echo 'gluon smoke: ok'; exit 0;;\n"
+                                  f"  benchmarks/bench_kernels.py) echo '{json.dumps(summary)}' > {out}/kernels_summary.json;"
+                                  " exit 124;;\n"
+                                  "  benchmarks/bench_e2e.py) echo \"e2e LX2V_TUNED=${LX2V_TUNED:-unset}\"; exit 0;;")
+    res = _run(tmp_path, fake, stages="kernels,e2e,summary")
+    assert "e2e LX2V_TUNED=unset" in res.stdout and not (out / "tuned").exists(), res.stdout[-3000:]
+    assert "no tuned file from this run (bench_kernels exit code 124)" in res.stdout
+
+
+def test_stages_run_in_the_order_that_keeps_the_required_figures(tmp_path):
+    """kernels, then bench_quant (its three required figures were lost to the budget when it ran last), then
+    e2e, then the gpu tests, whatever order --stages names them in."""
+    fake = _fake_python(tmp_path, "  benchmarks/gluon_smoke.py) echo 'gluon smoke: ok'; exit 0;;\n"
+                                  "  benchmarks/bench_kernels.py) echo RAN-kernels; exit 0;;\n"
+                                  "  benchmarks/bench_quant.py) echo RAN-quant; exit 0;;\n"
+                                  "  benchmarks/bench_e2e.py) echo RAN-e2e; exit 0;;\n"
+                                  "  -m) echo RAN-tests; exit 0;;")
+    res = _run(tmp_path, fake, stages="tests,e2e,quant,kernels")
+    ran = [line for line in res.stdout.splitlines() if line.startswith("RAN-")]
+    assert ran == ["RAN-kernels", "RAN-quant", "RAN-e2e", "RAN-tests"], res.stdout[-3000:]
+
+
 def test_gpu_check_ignores_a_kernels_summary_of_an_earlier_run(tmp_path):
     """A kernels_summary.json already in $OUT when the run starts (kernels stage not run, or it wrote
     nothing) is not turned into tuned defaults."""

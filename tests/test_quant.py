@@ -600,9 +600,12 @@ def test_bench_quant_dry_run(tmp_path):
     spec.loader.exec_module(bench)
     if torch.cuda.is_available():
         pytest.skip("dry run is the CPU smoke path")
+    from lightx2v_engine import quant
+    before = quant._int8_gemm
     assert bench.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    assert quant._int8_gemm == before  # (the script restores the int8 GEMM it switched)
     summary = json.loads((tmp_path / "quant_summary.json").read_text())
-    assert summary["qlinear_fp8_ratio_vs_bf16_min"] > 0
+    assert summary["qlinear_fp8_ratio_vs_bf16_min"] > 0 and summary["shapes_done"] == "2 of 2"
     rows = (tmp_path / "quant.csv").read_text().splitlines()
     assert rows[0].startswith("gpu,torch,op,M,K,N,ms") and any(",qlinear_fp8," in r for r in rows)
     assert any(",qlinear_fp8_lora_r32," in r for r in rows) and "qlinear_lora_r32_overhead_max" in summary
