@@ -7,6 +7,7 @@ Corrupt or truncated files give an error naming the file and what is wrong.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import struct
@@ -16,6 +17,8 @@ from typing import Callable, Iterator
 
 import torch
 
+log = logging.getLogger(__name__)
+
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -23,8 +26,18 @@ _ST_DTYPES = {
 }
 
 
+SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")  # the checkpoint formats read (torch files: the rest)
+
+
 class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt, or does not fit the model."""
+
+
+def check_format(path: Path) -> None:
+    """CheckpointError naming the file and the supported formats unless its suffix is one of them."""
+    if path.suffix not in SUFFIXES:
+        raise CheckpointError(f"{path}: unsupported checkpoint format {path.suffix!r} "
+                              f"(expected {', '.join(SUFFIXES[:-1])} or {SUFFIXES[-1]})")
 
 
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
@@ -104,9 +117,10 @@ def safetensors_keys(path: Path) -> list[str]:
     return list(read_safetensors_header(path)[0])
 
 
-def iter_torch_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_torch_file(path: Path, log_wrapper: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """Yields (key, tensor) of a torch-saved state dict (weights only; mmap'd when in the zip format, legacy
-    pickles load eagerly). Nested 'state_dict'/'model' containers (as training code saves them) are unwrapped."""
+    pickles load eagerly). Nested 'state_dict'/'model' containers (as training code saves them) are unwrapped;
+    of 'generator' and 'generator_ema' (self-forcing training), 'generator' (logged when both are there)."""
     try:
         obj = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
     except Exception as e:
@@ -114,6 +128,9 @@ def iter_torch_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for wrapper in ("state_dict", "model", "generator", "generator_ema"):
         if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict) and not any(
                 isinstance(v, torch.Tensor) for v in obj.values()):
+            if log_wrapper and wrapper == "generator" and isinstance(obj.get("generator_ema"), dict):
+                log.info("%s: holds both 'generator' and 'generator_ema' weights; loading 'generator' "
+                         "('generator_ema' is not used)", path)
             obj = obj[wrapper]
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a state dict, got {type(obj).__name__}")
@@ -151,9 +168,21 @@ def resolve_files(path: Path) -> list[Path]:
 
 def _index_shards(index: Path) -> list[Path]:
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError) as e:
+        data = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{index}: corrupt shard index ({e})") from None
+    if not isinstance(data, dict) or "weight_map" not in data:
+        got = f"a JSON {type(data).__name__}" if not isinstance(data, dict) else "an object without 'weight_map'"
+        raise CheckpointError(f"{index}: corrupt shard index: {got}, expected an object with a 'weight_map'")
+    weight_map = data["weight_map"]
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        got = (f"a JSON {type(weight_map).__name__}" if not isinstance(weight_map, dict) else
+               "an object with " + next(f"{k!r}: {str(v)[:60]!r}" for k, v in weight_map.items()
+                                        if not isinstance(v, str)))
+        raise CheckpointError(f"{index}: corrupt shard index: 'weight_map' is {got}, expected an object mapping "
+                              "tensor names to shard file names")
+    if not weight_map:
+        raise CheckpointError(f"{index}: corrupt shard index: 'weight_map' is empty (names no shard file)")
     shards = sorted({index.parent / name for name in weight_map.values()})
     missing = [str(s) for s in shards if not s.is_file()]
     if missing:
@@ -163,28 +192,46 @@ def _index_shards(index: Path) -> list[Path]:
 
 def iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]:
     for path in files:
+        check_format(path)
         if path.suffix == ".safetensors":
             for k, t in iter_safetensors(path):
                 yield k, t, path
-        elif path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        else:
             for k, t in iter_torch_file(path):
                 yield k, t, path
+
+
+def tensor_meta(files: list[Path]) -> list[tuple[str, tuple[int, ...], torch.dtype, Path]]:
+    """(key, shape, dtype, file) of every tensor, without reading tensor data: safetensors headers, torch zip
+    files mmap'd (legacy pickles load eagerly). Every file's format is checked before any is opened."""
+    for path in files:
+        check_format(path)
+    out = []
+    for path in files:
+        if path.suffix == ".safetensors":
+            out += [(k, tuple(i["shape"]), _ST_DTYPES[i["dtype"]], path)
+                    for k, i in read_safetensors_header(path)[0].items()]
         else:
-            raise CheckpointError(f"{path}: unsupported checkpoint format {path.suffix!r} "
-                                  "(expected .safetensors, .pt or .pth)")
+            out += [(k, tuple(t.shape), t.dtype, path) for k, t in iter_torch_file(path, log_wrapper=False)]
+    return out
 
 
 def load_state_dict(files: list[Path], rename: Callable[[str], str] = lambda k: k,
                     dtype_of: Callable[[str, torch.Tensor], torch.dtype | None] = lambda k, t: None,
-                    device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
-    """Reads every tensor, renames its key, casts it to dtype_of(new_key) (None keeps it) and moves it to
-    `device`, one tensor at a time. Returns (state dict, key -> source file). Duplicate keys are an error."""
+                    device: torch.device | str = "cpu",
+                    check: Callable[[str, torch.Tensor, Path], None] | None = None,
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+    """Reads every tensor, renames its key, checks it as read (`check(new_key, tensor, file)`, on the file's
+    dtype, may raise), casts it to dtype_of(new_key) (None keeps it) and moves it to `device`, one tensor at
+    a time. Returns (state dict, key -> source file). Duplicate keys are an error."""
     sd: dict[str, torch.Tensor] = {}
     origin: dict[str, Path] = {}
     for key, t, path in iter_checkpoint(files):
         name = rename(key)
         if name in sd:
             raise CheckpointError(f"key {name!r} appears twice (in {origin[name]} and {path})")
+        if check is not None:
+            check(name, t, path)
         dt = dtype_of(name, t)
         if dt is not None and t.is_floating_point() and t.dtype != dt:
             t = t.to(dt)

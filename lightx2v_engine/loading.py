@@ -5,21 +5,26 @@ Checkpoint sources, in the order searched (lightx2v.md §2):
   2. distilled checkpoints: ``{model_path}/distill_models/distill_model.{safetensors,pt}``,
      ``{model_path}/distill_model.{safetensors,pt}`` (only for the distill model class);
   3. the Wan model folder: ``diffusion_pytorch_model.safetensors``, shards with their index, else every
-     ``*.safetensors`` that is not a LoRA file (LoRA files are skipped, logged);
+     ``*.safetensors`` that holds DiT keys (LoRA files and files with no DiT key, such as the pipeline's
+     ``lightvaew2_1`` / ``taew2_1``, are skipped, logged);
   4. the diffusers layout: ``{model_path}/transformer/`` with diffusers names.
 Keys may carry ``model.``, ``diffusion_model.`` or ``model.diffusion_model.`` prefixes.
+Whether a checkpoint fits (names, shapes, dtypes, the quantization scheme) is checked from the files' headers
+before any tensor is read: a wrong file fails fast, not out of memory.
 """
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
 
-from lightx2v_engine.checkpoint import CheckpointError, candidate_paths, key_mismatch, load_state_dict, resolve_files
+from lightx2v_engine.checkpoint import (CheckpointError, candidate_paths, key_mismatch, load_state_dict,
+                                        resolve_files, safetensors_keys, tensor_meta)
 from lightx2v_engine.config import ModelConfig
 from lightx2v_engine.dit import WanDiT, param_dtype
-from lightx2v_engine.keymap import diffusers_to_wan, is_diffusers_layout, strip_prefix
+from lightx2v_engine.keymap import WAN_TO_DIFFUSERS, diffusers_to_wan, is_diffusers_layout, strip_prefix
 
 log = logging.getLogger(__name__)
 
@@ -65,25 +70,37 @@ def find_dit_checkpoint(model_path: str | Path | None, dit_original_ckpt: str | 
     if found:
         return found
     raise FileNotFoundError(f"no DiT checkpoint found in {mp}; searched: {tried}"
-                            + (f" (skipped LoRA files: {[p.name for p in skipped]})" if skipped else ""))
+                            + (f" (skipped LoRA / non-DiT files: {[p.name for p in skipped]})" if skipped else ""))
 
 
-def _is_lora_file(path: Path) -> bool:
-    """Whether every tensor of a safetensors file is a LoRA tensor (from its header only)."""
-    from lightx2v_engine.checkpoint import safetensors_keys
-    from lightx2v_engine.lora import is_lora_key
-    keys = safetensors_keys(path)
-    return bool(keys) and all(is_lora_key(k) for k in keys)
+# The DiT's top-level names, Wan's and diffusers' ("blocks", "head", "condition_embedder", ...).
+DIT_TOP_NAMES = frozenset(name.split(".")[0] for pair in WAN_TO_DIFFUSERS for name in pair)
+
+
+def holds_dit_keys(keys) -> bool:
+    """Whether any key (its DiT prefix stripped) is under one of the DiT's top-level names."""
+    return any(strip_prefix(k).split(".")[0] in DIT_TOP_NAMES for k in keys)
 
 
 def folder_safetensors(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(DiT files, skipped LoRA files): the folder's `*.safetensors` (non-recursive, sorted), LoRA files
-    (lora_configs may name them relative to the model folder) set apart and logged."""
+    """(DiT files, skipped files): the folder's `*.safetensors` (non-recursive, sorted) less, told from their
+    headers and logged, LoRA files (lora_configs may name them relative to the model folder) and files holding
+    no DiT key (the VAE / tiny decoder the pipeline finds in the folder: lightvaew2_1, taew2_1)."""
+    from lightx2v_engine.lora import is_lora_key
     files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
-    skipped = [f for f in files if _is_lora_file(f)]
-    if skipped:
-        log.info("%s: skipping LoRA file(s) %s (not part of the DiT)", folder, [f.name for f in skipped])
-    return [f for f in files if f not in skipped], skipped
+    lora, other = [], []
+    for f in files:
+        keys = safetensors_keys(f)
+        if keys and all(is_lora_key(k) for k in keys):
+            lora.append(f)
+        elif not holds_dit_keys(keys):
+            other.append(f)
+    if lora:
+        log.info("%s: skipping LoRA file(s) %s (not part of the DiT)", folder, [f.name for f in lora])
+    if other:
+        log.info("%s: skipping %s (no DiT keys, e.g. the VAE or tiny decoder; not part of the DiT)", folder,
+                 [f.name for f in other])
+    return [f for f in files if f not in lora and f not in other], sorted(lora + other)
 
 
 def normalize_keys(keys: list[str]):
@@ -94,26 +111,73 @@ def normalize_keys(keys: list[str]):
     return strip_prefix
 
 
-def _checkpoint_keys(files: list[Path]) -> list[str]:
-    from lightx2v_engine.checkpoint import safetensors_keys, iter_torch_file
-    keys: list[str] = []
-    for f in files:
-        keys += safetensors_keys(f) if f.suffix == ".safetensors" else [k for k, _ in iter_torch_file(f)]
-    return keys
+def _row_scaled_fp8(t: torch.Tensor) -> bool:
+    """Whether a 2-D float8_e4m3fn tensor looks per-row scaled: every row's |max| is 448, the fp8 maximum
+    (all-zero rows aside; a plain cast of real weights saturates no row). From the bits: e4m3fn is
+    sign-magnitude, |x| = 448 is 0x7E (0x7F is NaN)."""
+    if t.dim() != 2 or t.numel() == 0:
+        return False
+    rowmax = (t.view(torch.uint8) & 0x7F).amax(dim=1)
+    return bool((rowmax == 0x7E).any()) and bool(((rowmax == 0x7E) | (rowmax == 0)).all())
 
 
-def _eight_bit_dtypes(files: list[Path]) -> list[str]:
-    """The 8-bit dtypes ("float8_e4m3fn", "int8") among the files' tensors, from headers (mmap for .pth)."""
-    from lightx2v_engine.checkpoint import iter_torch_file, read_safetensors_header
-    names = {"I8": "int8", "F8_E4M3": "float8_e4m3fn"}
-    out = set()
-    for f in files:
-        if f.suffix == ".safetensors":
-            out |= {names[i["dtype"]] for i in read_safetensors_header(f)[0].values() if i["dtype"] in names}
-        else:
-            out |= {str(t.dtype).removeprefix("torch.") for _, t in iter_torch_file(f)
-                    if t.dtype in (torch.int8, torch.float8_e4m3fn)}
-    return sorted(out)
+def _check_fits(cfg: ModelConfig, files: list[Path], expected: dict, qkeys: set[str], quant_scheme: str | None,
+                dtype: torch.dtype):
+    """Every check that names, shapes and dtypes allow, from the files' headers (no tensor data read):
+    CheckpointError naming file, key and what was expected. Returns (rename, key -> source file)."""
+    meta = tensor_meta(files)
+    scales = [k for k, *_ in meta if k.endswith(".weight_scale")]
+    if not qkeys and scales:  # (before the 8-bit tensors are read and cast to the run dtype)
+        eight = sorted({str(dt).removeprefix("torch.") for *_, dt, _ in meta
+                        if dt in (torch.int8, torch.float8_e4m3fn)})
+        raise CheckpointError(
+            f"{', '.join(map(str, files))}: a quantized checkpoint ({', '.join(eight) or '8-bit'} weights with "
+            f"'*.weight_scale' keys, e.g. {scales[0]!r}) loaded as unquantized weights: "
+            f"set \"dit_quantized\": true, \"dit_quantized_ckpt\" to this file and \"dit_quant_scheme\" "
+            f"(e.g. \"{'int8' if 'int8' in eight else 'fp8'}-sgl\") in the config, or point dit_original_ckpt at "
+            f"the bf16 checkpoint")
+    if qkeys and not scales:
+        raise CheckpointError(f"{files[0]}: not a quantized checkpoint (no '*.weight_scale' keys); use "
+                              "dit_original_ckpt for unquantized weights, or point dit_quantized_ckpt at a "
+                              f"{quant_scheme} file")
+    rename = normalize_keys([k for k, *_ in meta])
+    info: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    origin: dict[str, Path] = {}
+    for key, shape, dt, path in meta:
+        try:
+            name = rename(key)
+        except KeyError as e:
+            raise CheckpointError(f"{path}: {e.args[0]}") from None
+        if name in info:
+            raise CheckpointError(f"key {name!r} appears twice (in {origin[name]} and {path})")
+        info[name], origin[name] = (shape, dt), path
+    missing, unexpected = key_mismatch(expected, info)
+    if missing or unexpected:
+        where = ", ".join(sorted({str(p) for p in origin.values()}))
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s) {missing[:12]}{' ...' if len(missing) > 12 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} key(s) {unexpected[:12]}{' ...' if len(unexpected) > 12 else ''}")
+        raise CheckpointError(f"{where}: checkpoint does not fit {cfg.name} (dim {cfg.dim}, {cfg.num_layers} layers, "
+                              f"{cfg.model_type}): " + "; ".join(parts))
+    for k, v in expected.items():
+        shape, dt = info[k]
+        scale = k in qkeys and k.endswith("_scale")
+        if (k not in qkeys or scale) and v.is_floating_point() and not dt.is_floating_point:
+            msg = (f"{origin[k]}: tensor {k!r} is {dt}, {cfg.name} expects a floating-point "
+                   f"tensor ({v.dtype if scale else param_dtype(k, dtype)})")
+            if dt == torch.int8 and k.endswith(".weight") and not qkeys:
+                msg += (f": an 8-bit quantized weight whose 'weight_scale' keys are missing (no {k + '_scale'!r}); "
+                        "a quantized checkpoint needs them, and \"dit_quantized\": true with a \"dit_quant_scheme\" "
+                        "(e.g. \"int8-sgl\") in the config")
+            raise CheckpointError(msg)
+        if k in qkeys and not scale and dt != v.dtype:
+            raise CheckpointError(f"{origin[k]}: tensor {k!r} is {dt}, the {quant_scheme} scheme needs {v.dtype}")
+        if shape != tuple(v.shape) and not (scale and math.prod(shape) == v.numel()):
+            raise CheckpointError(f"{origin[k]}: tensor {k!r} has shape {shape}, {cfg.name} expects "
+                                  f"{tuple(v.shape)}")
+    return rename, origin
 
 
 def build_dit(cfg: ModelConfig, files: list[Path] | None = None, *, dtype: torch.dtype = torch.bfloat16,
@@ -122,8 +186,9 @@ def build_dit(cfg: ModelConfig, files: list[Path] | None = None, *, dtype: torch
 
     Weights are stored in `dtype` except the fp32 regions (dit.param_dtype). With `quant_scheme`, the
     blocks' linears are QuantLinear and the checkpoint is a LightX2V quantized one (8-bit `weight` +
-    fp32 `weight_scale`). Missing, unexpected or mis-shaped keys raise CheckpointError naming them;
-    nothing partially loaded is returned.
+    fp32 `weight_scale`). Missing, unexpected, mis-shaped or mis-typed keys raise CheckpointError naming
+    them before any tensor is read; fp8 weights that are per-row scaled but lack their scale, as they are
+    read; nothing partially loaded is returned.
     """
     with torch.device("meta"):
         model = WanDiT(cfg)
@@ -143,54 +208,21 @@ def build_dit(cfg: ModelConfig, files: list[Path] | None = None, *, dtype: torch
         if qkeys:
             raise ValueError("random weights with quant_scheme: build in bf16, then quant.quantize_dit_")
         sd = random_state_dict(model, dtype, device, random_device=random_device)
-        origin = {}
     else:
-        keys = _checkpoint_keys(files)
-        scales = [k for k in keys if k.endswith(".weight_scale")]
-        if not qkeys and scales:  # (checked before the 8-bit tensors are read and cast to the run dtype)
-            eight = _eight_bit_dtypes(files)
-            raise CheckpointError(
-                f"{', '.join(map(str, files))}: a quantized checkpoint ({', '.join(eight) or '8-bit'} weights with "
-                f"'*.weight_scale' keys, e.g. {scales[0]!r}) loaded as unquantized weights: "
-                f"set \"dit_quantized\": true, \"dit_quantized_ckpt\" to this file and \"dit_quant_scheme\" "
-                f"(e.g. \"{'int8' if 'int8' in eight else 'fp8'}-sgl\") in the config, or point dit_original_ckpt at "
-                f"the bf16 checkpoint")
-        try:
-            rename = normalize_keys(keys)
-            sd, origin = load_state_dict(files, rename=rename, dtype_of=dtype_of, device=device)
-        except KeyError as e:
-            raise CheckpointError(f"{files[0]}: {e.args[0]}") from None
-    if qkeys and files is not None and not any(k.endswith("weight_scale") for k in sd):
-        raise CheckpointError(f"{files[0]}: not a quantized checkpoint (no '*.weight_scale' keys); use "
-                              "dit_original_ckpt for unquantized weights, or point dit_quantized_ckpt at a "
-                              f"{quant_scheme} file")
-    missing, unexpected = key_mismatch(expected, sd)
-    where = ", ".join(sorted({str(p) for p in origin.values()})) or "random init"
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s) {missing[:12]}{' ...' if len(missing) > 12 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s) {unexpected[:12]}{' ...' if len(unexpected) > 12 else ''}")
-        raise CheckpointError(f"{where}: checkpoint does not fit {cfg.name} (dim {cfg.dim}, {cfg.num_layers} layers, "
-                              f"{cfg.model_type}): " + "; ".join(parts))
-    for k, v in expected.items():
-        if k not in qkeys and v.is_floating_point() and not sd[k].is_floating_point():
-            msg = (f"{origin.get(k, where)}: tensor {k!r} is {sd[k].dtype}, {cfg.name} expects a floating-point "
-                   f"tensor ({param_dtype(k, dtype)})")
-            if sd[k].dtype == torch.int8 and k.endswith(".weight") and not qkeys:
-                msg += (f": an 8-bit quantized weight whose 'weight_scale' keys are missing (no {k + '_scale'!r}); "
-                        "a quantized checkpoint needs them, and \"dit_quantized\": true with a \"dit_quant_scheme\" "
-                        "(e.g. \"int8-sgl\") in the config")
-            raise CheckpointError(msg)
-        if k in qkeys and k.endswith("_scale") and sd[k].numel() == v.numel():
-            sd[k] = sd[k].reshape(v.shape)
-        if k in qkeys and not k.endswith("_scale") and sd[k].dtype != v.dtype:
-            raise CheckpointError(f"{origin.get(k, where)}: tensor {k!r} is {sd[k].dtype}, the {quant_scheme} "
-                                  f"scheme needs {v.dtype}")
-        if tuple(sd[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"{origin.get(k, where)}: tensor {k!r} has shape {tuple(sd[k].shape)}, "
-                                  f"{cfg.name} expects {tuple(v.shape)}")
+        rename, origin = _check_fits(cfg, files, expected, qkeys, quant_scheme, dtype)
+
+        def check(k: str, t: torch.Tensor, path: Path):
+            if k not in qkeys and t.dtype == torch.float8_e4m3fn and _row_scaled_fp8(t):
+                raise CheckpointError(
+                    f"{path}: tensor {k!r} is float8_e4m3fn with every non-zero row's |max| at 448, the fp8 maximum: a "
+                    f"per-row scaled quantized weight whose scale is missing (no {k + '_scale'!r}); read as is, its "
+                    "values are off by that scale. A quantized checkpoint needs its 'weight_scale' keys, and "
+                    "\"dit_quantized\": true with a \"dit_quant_scheme\" (e.g. \"fp8-sgl\") in the config")
+
+        sd, _ = load_state_dict(files, rename=rename, dtype_of=dtype_of, device=device, check=check)
+        for k in qkeys:  # (scales of [out] or [1, out] to the layers' [out, 1]; the sizes were checked)
+            if k.endswith("_scale"):
+                sd[k] = sd[k].reshape(expected[k].shape)
     model.load_state_dict(sd, assign=True, strict=True)
     return model.eval().requires_grad_(False)
 
@@ -258,7 +290,8 @@ def load_quantized_dit(cfg: ModelConfig, model_path: str | Path | None, ckpt: st
         if not files:
             raise FileNotFoundError(
                 f"dit_quantized is true and dit_quantized_ckpt is not set, but the model folder {model_path} holds "
-                f"no DiT *.safetensors file" + (f" (only LoRA files {[p.name for p in skipped]})" if skipped else "")
+                f"no DiT *.safetensors file" + (f" (only LoRA / non-DiT files {[p.name for p in skipped]})"
+                                                if skipped else "")
                 + ": set dit_quantized_ckpt to the quantized checkpoint")
         log.info("DiT weights (dit_quantized_ckpt not set: the model folder's): %s", ", ".join(map(str, files)))
     model = build_dit(cfg, files, dtype=dt, device=device, quant_scheme=scheme)

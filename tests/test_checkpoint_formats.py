@@ -1,13 +1,17 @@
-"""Checkpoint files as users have them: quantized DiT in the model folder, LoRA files beside the DiT, legacy
-torch pickles, corrupt safetensors headers, integer tensors where float weights belong."""
+"""Checkpoint files as users have them: quantized DiT in the model folder, LoRA, VAE and tiny-decoder files
+beside the DiT, legacy torch pickles, corrupt safetensors headers and shard indexes, integer tensors where
+float weights belong, files that do not fit (refused before any tensor is read)."""
 import json
 import logging
+import re
 import struct
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+import lightx2v_engine.checkpoint as checkpoint_mod
+import lightx2v_engine.loading as loading_mod
 from lightx2v_engine.checkpoint import CheckpointError, read_safetensors_header
 from lightx2v_engine.config import LoraSpec
 from lightx2v_engine.loading import build_dit, find_dit_checkpoint, load_dit, load_quantized_dit
@@ -53,11 +57,15 @@ def test_dit_quantized_without_ckpt_loads_the_model_folder(tmp_path, caplog):
         assert isinstance(model.blocks[0].self_attn.q, QuantLinear)
         assert model.blocks[0].self_attn.q.weight.dtype == torch.float8_e4m3fn
         assert _same(model, qsd)
-    # the LoRA file beside it still applies when named
-    with caplog.at_level(logging.INFO, logger="lightx2v_engine.loading"):
-        load_quantized_dit(CFG, folder, None, "fp8-sgl", dtype="fp32",
-                           lora_specs=[LoraSpec("style_lora.safetensors")])
-    assert "style_lora.safetensors" in caplog.text
+    # the LoRA file beside it still applies when named: a branch beside the 8-bit o, up @ down * alpha / rank
+    lora = _lora(_state_dict())
+    o = load_quantized_dit(CFG, folder, None, "fp8-sgl", dtype="fp32",
+                           lora_specs=[LoraSpec("style_lora.safetensors")]).blocks[0].self_attn.o
+    pre = "diffusion_model.blocks.0.self_attn.o"
+    want = lora[f"{pre}.lora_up.weight"] @ lora[f"{pre}.lora_down.weight"] * (lora[f"{pre}.alpha"] / 4)
+    assert o.lora_down is not None
+    torch.testing.assert_close(o.lora_up.float() @ o.lora_down.float(), want, rtol=1e-5, atol=1e-5)
+    assert model.blocks[0].self_attn.o.lora_down is None
     # a bf16 folder is refused as not quantized, as a named bf16 file is
     bf16 = tmp_path / "bf16"
     bf16.mkdir()
@@ -129,9 +137,18 @@ def test_corrupt_safetensors_header_names_file_and_key(tmp_path, header, match):
         read_safetensors_header(path)
 
 
-def test_integer_tensors_where_float_weights_belong(tmp_path):
+def _refuse_reading(monkeypatch):
+    """Makes reading any tensor's data (loading's load_state_dict, checkpoint's safetensors reader) fail."""
+    def read(*a, **k):
+        raise AssertionError("tensor data read before the checkpoint was checked")
+    monkeypatch.setattr(loading_mod, "load_state_dict", read)
+    monkeypatch.setattr(checkpoint_mod, "iter_safetensors", read)
+
+
+def test_integer_tensors_where_float_weights_belong(tmp_path, monkeypatch):
     """int8 linear weights without their weight_scale keys, an int64 modulation: an error naming the file,
     key and dtype (and, for 8-bit weights, what a quantized checkpoint needs) before anything loads."""
+    _refuse_reading(monkeypatch)
     sd = _state_dict()
     key = "blocks.0.self_attn.q.weight"
     save_file({**sd, key: sd[key].clamp(-1, 1).mul(127).round().to(torch.int8)}, str(tmp_path / "i8.safetensors"))
@@ -142,3 +159,120 @@ def test_integer_tensors_where_float_weights_belong(tmp_path):
               str(tmp_path / "i64.safetensors"))
     with pytest.raises(CheckpointError, match=r"i64\.safetensors: tensor 'head\.modulation' is torch\.int64"):
         build_dit(CFG, [tmp_path / "i64.safetensors"], dtype=torch.bfloat16)
+
+
+def test_a_file_that_does_not_fit_is_refused_before_any_tensor_is_read(tmp_path, monkeypatch):
+    """Names, shapes and dtypes come from the headers (mmap'd metadata for zip .pth): a wrong file fails
+    with its error before a tensor is read (not out of memory reading a 14B file for a 1.3B config, or the
+    bf16 Wan shards of the model folder for dit_quantized without dit_quantized_ckpt)."""
+    import dataclasses
+    sd = _state_dict()
+    wider = {k: v.contiguous() for k, v in build_dit(dataclasses.replace(CFG, dim=96, ffn_dim=128), None,
+                                                     dtype=torch.float32).state_dict().items()}
+    deeper = {k: v.contiguous() for k, v in build_dit(dataclasses.replace(CFG, num_layers=3), None,
+                                                      dtype=torch.float32).state_dict().items()}
+    save_file(wider, str(tmp_path / "wider.safetensors"))
+    torch.save(wider, tmp_path / "wider.pth")
+    save_file(deeper, str(tmp_path / "deeper.safetensors"))
+    bf16 = tmp_path / "wan"
+    bf16.mkdir()
+    keys = sorted(sd)
+    save_file({k: sd[k] for k in keys[:20]}, str(bf16 / "diffusion_pytorch_model-00001-of-00002.safetensors"))
+    save_file({k: sd[k] for k in keys[20:]}, str(bf16 / "diffusion_pytorch_model-00002-of-00002.safetensors"))
+    ref = build_dit(CFG, None, dtype=torch.float32)
+    ref.load_state_dict(sd)
+    quantize_dit_(ref, "int8")
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "int8.safetensors"))
+    _refuse_reading(monkeypatch)
+    for name in ("wider.safetensors", "wider.pth"):
+        with pytest.raises(CheckpointError, match=rf"{name}: tensor '\S+' has shape \(\d+, \d+.*expects"):
+            build_dit(CFG, [tmp_path / name], dtype=torch.bfloat16)
+    with pytest.raises(CheckpointError, match=r"deeper\.safetensors: checkpoint does not fit .*unexpected \d+ "
+                                              r"key\(s\) \['blocks\.2\."):
+        build_dit(CFG, [tmp_path / "deeper.safetensors"], dtype=torch.bfloat16)
+    with pytest.raises(CheckpointError, match=r"00001-of-00002\.safetensors: not a quantized checkpoint"):
+        load_quantized_dit(CFG, bf16, None, "fp8-sgl")
+    with pytest.raises(CheckpointError, match=r"int8\.safetensors: tensor '\S+' is torch\.int8, the fp8-sgl scheme"):
+        load_quantized_dit(CFG, None, str(tmp_path / "int8.safetensors"), "fp8-sgl")
+    with pytest.raises(CheckpointError, match=r"key 'blocks\.0\.\S+' appears twice \(in \S+00001-of-00002\."
+                                              r"safetensors and \S+deeper\.safetensors\)"):
+        build_dit(CFG, [*sorted(bf16.glob("*.safetensors")), tmp_path / "deeper.safetensors"])
+
+
+def test_vae_and_tiny_decoder_files_in_the_model_folder_are_not_dit_shards(tmp_path, caplog):
+    """The DiT under a LightX2V name (no diffusion_pytorch_model.safetensors): the folder's lightvaew2_1 /
+    taew2_1 .safetensors, which the pipeline looks for there, hold no DiT keys: skipped (logged), for the
+    bf16 and the quantized (dit_quantized_ckpt unset) DiT alike."""
+    from safetensors.torch import load_file
+    from lightx2v_engine import tae as tae_mod
+    from lightx2v_engine.config import model_config_from_json
+    from lightx2v_engine.tiny import make_tiny_model_folder
+    folder = make_tiny_model_folder(tmp_path / "m")
+    cfg = model_config_from_json(folder / "config.json")
+    dit = folder / "wan2.1_t2v_lightx2v_4step.safetensors"
+    (folder / "diffusion_pytorch_model.safetensors").rename(dit)
+    vae = torch.load(folder / "Wan2.1_VAE.pth", weights_only=True)
+    save_file({k: v.contiguous() for k, v in vae.items()}, str(folder / "lightvaew2_1.safetensors"))
+    tae = tae_mod.random_tae(tae_mod.TAEConfig((8, 8, 8, 8))).state_dict()
+    save_file({k: v.contiguous() for k, v in tae.items()}, str(folder / "taew2_1.safetensors"))
+    with caplog.at_level(logging.INFO, logger="lightx2v_engine.loading"):
+        assert find_dit_checkpoint(folder) == [dit]
+    assert re.search(r"skipping \['lightvaew2_1\.safetensors', 'taew2_1\.safetensors'\] \(no DiT keys", caplog.text)
+    assert _same(load_dit(cfg, folder), load_file(str(dit)))
+    from lightx2v_engine.pipeline import Pipeline  # (the pipeline that looks for lightvaew2_1 there)
+    pipe = Pipeline.load(folder, {"target_video_length": 5, "target_height": 32, "target_width": 48,
+                                  "use_lightvae": True}, device="cpu")
+    assert _same(pipe.dit, load_file(str(dit)))
+    ref = build_dit(cfg, None, dtype=torch.float32)
+    ref.load_state_dict({k: v.float() for k, v in load_file(str(dit)).items()})
+    quantize_dit_(ref, "fp8")
+    dit.unlink()
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(folder / "wan_fp8.safetensors"))
+    assert _same(load_quantized_dit(cfg, folder, None, "fp8-sgl", dtype="fp32"), ref.state_dict())
+    (folder / "wan_fp8.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no DiT \*\.safetensors file.*lightvaew2_1\.safetensors"):
+        load_quantized_dit(cfg, folder, None, "fp8-sgl")
+
+
+@pytest.mark.parametrize("index, match", [
+    ({"weight_map": ["a.safetensors"]}, r"'weight_map' is a JSON list, expected an object mapping tensor names"),
+    ({"weight_map": {"w": 3}}, r"'weight_map' is an object with 'w': '3', expected"),
+    ({"metadata": {}}, r"an object without 'weight_map'"),
+    (["weight_map"], r"a JSON list, expected an object with a 'weight_map'"),
+    ({"weight_map": {}}, r"'weight_map' is empty"),
+], ids=["list_map", "int_shard", "no_map", "list_index", "empty_map"])
+def test_corrupt_shard_index_names_the_index(tmp_path, index, match):
+    (tmp_path / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=rf"index\.json: corrupt shard index: {match}"):
+        find_dit_checkpoint(tmp_path, distill=False)
+
+
+def test_unsupported_format_and_unknown_diffusers_name_name_their_file(tmp_path):
+    """A .gguf is an unsupported format (not a torch unpickling error); an unknown diffusers name is
+    reported in the shard that holds it."""
+    from dit_fixtures import diffusers_model
+    gguf = tmp_path / "wan.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 60)
+    with pytest.raises(CheckpointError, match=r"wan\.gguf: unsupported checkpoint format '\.gguf' \(expected "
+                                              r"\.safetensors, \.pt, \.pth, \.bin or \.ckpt\)"):
+        load_dit(CFG, None, dit_original_ckpt=str(gguf))
+    dsd = {k: v.detach().contiguous() for k, v in diffusers_model(CFG).state_dict().items()}
+    keys = sorted(dsd)
+    save_file({k: dsd[k] for k in keys[:10]}, str(tmp_path / "part1.safetensors"))
+    save_file({**{k: dsd[k] for k in keys[10:]}, "blocks.0.attn2.norm_added_q.weight": torch.ones(CFG.dim)},
+              str(tmp_path / "part2.safetensors"))
+    with pytest.raises(CheckpointError, match=r"part2\.safetensors: no Wan name for diffusers key "
+                                              r"'blocks\.0\.attn2\.norm_added_q\.weight'"):
+        build_dit(CFG, [tmp_path / "part1.safetensors", tmp_path / "part2.safetensors"], dtype=torch.float32)
+
+
+def test_self_forcing_checkpoint_with_generator_and_ema_logs_its_choice(tmp_path, caplog):
+    """{'generator': ..., 'generator_ema': ...}: the 'generator' weights load, and the log says so."""
+    sd, ema = _state_dict(0, torch.bfloat16), _state_dict(1, torch.bfloat16)
+    torch.save({"generator": {"model." + k: v for k, v in sd.items()},
+                "generator_ema": {"model." + k: v for k, v in ema.items()}, "step": 100}, tmp_path / "sf.pt")
+    with caplog.at_level(logging.INFO, logger="lightx2v_engine.checkpoint"):
+        model = load_dit(CFG, None, dit_original_ckpt=str(tmp_path / "sf.pt"))
+    assert _same(model, sd)
+    assert re.search(r"sf\.pt: holds both 'generator' and 'generator_ema' weights; loading 'generator'", caplog.text)
+    assert len([r for r in caplog.records if "generator_ema" in r.getMessage()]) == 1  # (not once per pass)

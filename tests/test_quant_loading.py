@@ -87,6 +87,34 @@ def test_quantized_checkpoint_given_as_original_names_the_keys_to_set(tmp_path):
             load_dit(TINY_T2V, tmp_path, dit_original_ckpt=str(tmp_path / name), dtype="bf16")
 
 
+def test_fp8_weights_without_their_scales(tmp_path):
+    """fp8 weights whose every row (all-zero ones aside) reaches 448 are per-row scaled: without their
+    weight_scale keys they are refused (naming file, key and the missing scale key), not loaded 100x too
+    large; a plain fp8 cast of real weights (no row saturates) loads as its values; .safetensors and .pth."""
+    from safetensors.torch import load_file
+    from lightx2v_engine.loading import load_dit
+    sd = wan_state_dict(diffusers_model(TINY_T2V))
+    _quantized_file(TINY_T2V, sd, "fp8", tmp_path / "q.safetensors")
+    scaled = {k: v for k, v in load_file(str(tmp_path / "q.safetensors")).items() if not k.endswith("_scale")}
+    for v in scaled.values():  # (an all-zero row quantizes to zeros whatever its scale)
+        if v.dtype == torch.float8_e4m3fn:
+            v[1] = 0
+    save_file({"model." + k: v for k, v in scaled.items()}, str(tmp_path / "noscale.safetensors"))
+    torch.save(scaled, tmp_path / "noscale.pth")
+    for name in ("noscale.safetensors", "noscale.pth"):
+        with pytest.raises(CheckpointError, match=rf"{name}: tensor '(blocks\.\d+\.\w+\.\w+\.weight)' is "
+                                                  r"float8_e4m3fn with every non-zero row's \|max\| at 448.*"
+                                                  r"\(no '\1_scale'\).*\"fp8-sgl\""):
+            load_dit(TINY_T2V, None, dit_original_ckpt=str(tmp_path / name), dtype="bf16")
+    plain = {k: v.to(torch.float8_e4m3fn) if v.dim() == 2 else v for k, v in sd.items()}
+    save_file(plain, str(tmp_path / "plain.safetensors"))
+    torch.save(plain, tmp_path / "plain.pth")
+    for name in ("plain.safetensors", "plain.pth"):
+        model = load_dit(TINY_T2V, None, dit_original_ckpt=str(tmp_path / name), dtype="fp32")
+        got = model.state_dict()
+        assert all(torch.equal(got[k], plain[k].float()) for k in plain)
+
+
 @pytest.mark.parametrize("scheme", ["fp8-sgl", "int8-vllm"])
 def test_lora_on_a_quantized_dit_runs_beside_the_8bit_linears(scheme, tmp_path):
     """lora_configs with dit_quantized: the low-rank pairs of the 8-bit linears become branches (LightX2V's
