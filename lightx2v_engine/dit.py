@@ -121,16 +121,20 @@ class WanBlock(nn.Module):
         self.cross_attn = CrossAttention(d, cfg.num_heads, cfg.eps, cfg.is_i2v)
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor, mod: torch.Tensor, text: torch.Tensor,
-                img: torch.Tensor | None, rope: ops.Rope, ones: torch.Tensor, seq_parallel=None):
+    def forward(self, xh: list, mod: torch.Tensor, text: torch.Tensor, img: torch.Tensor | None, rope: ops.Rope,
+                ones: torch.Tensor, seq_parallel=None):
         """One block, with the last gated residual add left to the caller for fusion.
 
-        x [B, L, C] fp32 residual; h = modulate(x, shift1, scale1) [B, L, C] run dtype (computed by the
-        caller with modulate_into, fused with the previous block's last residual add; quantized for 8-bit
-        q/k/v); mod [B, 6, C] fp32 = modulation + e0.
+        xh = [x, h], which the block empties (it owns them from here, so that each is freed once used: an
+        argument would stay referenced by the caller and nn.Module.__call__ for the whole block, ~3 [B, L, C]
+        units of activation memory): x [B, L, C] fp32 residual; h = modulate(x, shift1, scale1) [B, L, C] run
+        dtype (computed by the caller with modulate_into, fused with the previous block's last residual add;
+        quantized for 8-bit q/k/v); mod [B, 6, C] fp32 = modulation + e0.
         Returns (x, y, gate2): the caller applies x + gate2 * y. seq_parallel (parallel.SeqParallel): x and
         h hold this rank's token shard and `rope` its rows; only the self-attention talks to the group.
         """
+        x, h = xh
+        xh.clear()
         _, _, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=1)
         # norm3 (affine LayerNorm) is modulate with scale = weight - 1 and shift = bias, so the self-attention
         # residual add and norm3 are one fused pass: x += gate1 * sa; n3 = LN(x) * weight + bias
@@ -138,10 +142,15 @@ class WanBlock(nn.Module):
         n3_scale = (self.norm3.weight.float() - 1.0).view(1, 1, -1).expand(b, 1, -1)
         n3_shift = self.norm3.bias.float().view(1, 1, -1).expand(b, 1, -1)
         fc1, act, fc2 = self.ffn
-        x, n3 = modulate_into([self.cross_attn.q], x, n3_shift, n3_scale, self.eps, h.dtype,
-                              self.self_attn(h, rope, seq_parallel), gate1)
+        dt = h.dtype
+        sa = self.self_attn(h, rope, seq_parallel)
+        del h
+        x, n3 = modulate_into([self.cross_attn.q], x, n3_shift, n3_scale, self.eps, dt, sa, gate1)
+        del sa
         ca = self.cross_attn(n3, text, img)
-        x, h2 = modulate_into([fc1], x, shift2, scale2, self.eps, h.dtype, ca, ones)
+        del n3
+        x, h2 = modulate_into([fc1], x, shift2, scale2, self.eps, dt, ca, ones)
+        del ca
         if type(fc1) is nn.Linear:  # bias + GELU in the GEMM's epilogue on CUDA
             return x, fc2(ops.linear_gelu_tanh(h2, fc1.weight, fc1.bias)), gate2
         if isinstance(fc2, QuantLinear):  # 8-bit: GELU inside ffn.2's activation quantization
@@ -258,7 +267,10 @@ class WanDiT(nn.Module):
         pt, ph, pw = cfg.patch_size
         grid = (f // pt, h // ph, w // pw)
         tokens = self.patch_embedding(x.to(dt)).flatten(2).transpose(1, 2)  # [B, L, C]
-        x = tokens.float().contiguous()  # fp32 residual stream [B, L, C], row-major
+        # the fp32 residual stream [B, L, C], row-major, in one copy (.float() keeps the transposed strides
+        # and needs a second; .to(memory_format=...) returns the view itself for an fp32 run)
+        x = torch.empty(tokens.shape, dtype=torch.float32, device=tokens.device).copy_(tokens)
+        del tokens
 
         e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim))          # [B, C] fp32
         e0 = self.time_projection(e).unflatten(1, (6, cfg.dim))                 # [B, 6, C] fp32
@@ -276,10 +288,11 @@ class WanDiT(nn.Module):
             shift1, scale1 = mod[:, 0:1], mod[:, 1:2]
             qkv = [block.self_attn.q, block.self_attn.k, block.self_attn.v]
             if y_prev is None:
-                hmod = modulate_into(qkv, x, shift1, scale1, cfg.eps, dt)
+                xh = [x, modulate_into(qkv, x, shift1, scale1, cfg.eps, dt)]
             else:
-                x, hmod = modulate_into(qkv, x, shift1, scale1, cfg.eps, dt, y_prev, gate_prev)
-            x, y_prev, gate_prev = block(x, hmod, mod, text, img, rope, ones, sp)
+                xh = list(modulate_into(qkv, x, shift1, scale1, cfg.eps, dt, y_prev, gate_prev))
+            x = y_prev = gate_prev = None  # (the block owns x and h now: freed inside it once used)
+            x, y_prev, gate_prev = block(xh, mod, text, img, rope, ones, sp)
 
         hm = self.head.modulation.float() + e[:, None, :]
         shift, scale = hm[:, 0:1], hm[:, 1:2]
