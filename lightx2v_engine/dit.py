@@ -22,6 +22,9 @@ FP32_PREFIXES = ("time_embedding.", "time_projection.", "head.")
 FP32_SUBSTRINGS = ("modulation", "norm_q", "norm_k", "norm3", "img_emb.proj.0.", "img_emb.proj.4.")
 
 
+ROPE_SHAPES = 4  # patch grids whose RoPE tables WanDiT keeps cached
+
+
 def param_dtype(key: str, run_dtype: torch.dtype) -> torch.dtype:
     """The storage dtype of parameter `key` when the model runs in `run_dtype`."""
     if key.startswith(FP32_PREFIXES) or any(s in key for s in FP32_SUBSTRINGS):
@@ -214,12 +217,23 @@ class WanDiT(nn.Module):
         for blk in self.blocks:
             blk.self_attn.attn_8bit = bool(enabled)
 
+    def grid(self, x_shape) -> tuple[int, int, int]:
+        """The patch grid (F, H/2, W/2) of latents [B, C, F, H, W]."""
+        pt, ph, pw = self.cfg.patch_size
+        return x_shape[-3] // pt, x_shape[-2] // ph, x_shape[-1] // pw
+
     def rope(self, grid: tuple[int, int, int], device: torch.device) -> ops.Rope:
-        """RoPE tables for a patch grid, computed once per (grid, device)."""
+        """RoPE tables for a patch grid, computed once per (grid, device) and kept for the ROPE_SHAPES most
+        recently used (a server taking many sizes would otherwise keep every size's tables: 17 MB at 480p,
+        ~0.7 GB at 2048x2048x321). A captured CUDA graph holds its own shape's tables (Pipeline)."""
         key = (grid, str(device))
-        if key not in self._rope_cache:
-            self._rope_cache[key] = ops.rope_tables(grid, self.cfg.head_dim, device=device)
-        return self._rope_cache[key]
+        r = self._rope_cache.pop(key, None)
+        if r is None:
+            r = ops.rope_tables(grid, self.cfg.head_dim, device=device)
+        self._rope_cache[key] = r  # (last: the dict is in least-recently-used order)
+        while len(self._rope_cache) > ROPE_SHAPES:
+            del self._rope_cache[next(iter(self._rope_cache))]
+        return r
 
     def _ones(self, batch: int, device: torch.device) -> torch.Tensor:
         key = (batch, str(device))
@@ -263,9 +277,8 @@ class WanDiT(nn.Module):
         cfg, dt = self.cfg, self.run_dtype
         if y is not None:
             x = torch.cat([x, y.to(x.dtype)], dim=1)
-        b, _, f, h, w = x.shape
-        pt, ph, pw = cfg.patch_size
-        grid = (f // pt, h // ph, w // pw)
+        b = x.shape[0]
+        grid = self.grid(x.shape)
         tokens = self.patch_embedding(x.to(dt)).flatten(2).transpose(1, 2)  # [B, L, C]
         # the fp32 residual stream [B, L, C], row-major, in one copy (.float() keeps the transposed strides
         # and needs a second; .to(memory_format=...) returns the view itself for an fp32 run)

@@ -255,13 +255,18 @@ class SeqParallel:
 
     def shard_rope(self, rope):
         """The RoPE tables of this rank's rows (padding rows: angle 0, cos 1 and sin 0). Cached per (grid,
-        device)."""
+        device), for the dit.ROPE_SHAPES most recently used (CUDA graphs are off under parallelism)."""
+        from lightx2v_engine.dit import ROPE_SHAPES
         from lightx2v_engine.ops import Rope
         key = (rope.grid, str(rope.cos.device))
-        if key not in self._rope:
-            self._rope[key] = Rope(cos=self.shard(rope.cos[None], 1.0)[0], sin=self.shard(rope.sin[None])[0],
-                                   grid=rope.grid, seq_len=rope.cos.shape[0])
-        return self._rope[key]
+        r = self._rope.pop(key, None)
+        if r is None:
+            r = Rope(cos=self.shard(rope.cos[None], 1.0)[0], sin=self.shard(rope.sin[None])[0],
+                     grid=rope.grid, seq_len=rope.cos.shape[0])
+        self._rope[key] = r
+        while len(self._rope) > ROPE_SHAPES:
+            del self._rope[next(iter(self._rope))]
+        return r
 
     def gather(self, x: torch.Tensor, seq_len: int) -> torch.Tensor:
         """x [B, Ls, ...] from every rank -> [B, seq_len, ...]."""

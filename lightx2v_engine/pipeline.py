@@ -671,6 +671,8 @@ class Pipeline:
                     graphs = DistillGraphs(lambda xx, t: self._velocity(xx, t, *graphs.static_conds()), sampler,
                                            x, context, neg_context, clip_fea, y, renoise, ts)
                     graphs.capture()
+                # the RoPE tables the replays read: held by the graphs, whatever the DiT's cache keeps
+                graphs.keepalive = self.dit.rope(self.dit.grid(x.shape), x.device)
             except Exception as e:  # capture failed: say why, then run eagerly
                 log.error("CUDA graph capture failed (%s: %s); running eagerly", type(e).__name__, e,
                           exc_info=log.isEnabledFor(logging.DEBUG))

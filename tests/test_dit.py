@@ -221,3 +221,17 @@ def test_dead_activations_are_freed_within_a_block():
             assert len(alive) == 2, alive  # x (fp32) and h2
     finally:
         ops.set_backend("auto")
+
+
+def test_rope_tables_are_cached_for_the_recent_shapes_only():
+    """A server taking many sizes keeps the RoPE tables of the ROPE_SHAPES most recently used grids (it kept
+    every size's: ~0.7 GB at 2048x2048x321); a grid in use is computed once."""
+    from lightx2v_engine.dit import ROPE_SHAPES
+    model = build_dit(TINY_T2V, None, dtype=torch.float32)
+    first = model.rope((1, 2, 2), torch.device("cpu"))
+    for i in range(ROPE_SHAPES + 3):
+        model.rope((1, 2, 4 + 2 * i), torch.device("cpu"))
+        assert model.rope((1, 2, 4 + 2 * i), torch.device("cpu")) is model.rope((1, 2, 4 + 2 * i), torch.device("cpu"))
+    assert len(model._rope_cache) == ROPE_SHAPES
+    assert model.rope((1, 2, 2), torch.device("cpu")) is not first  # evicted, then made again
+    assert torch.equal(model.rope((1, 2, 2), torch.device("cpu")).cos, first.cos)
