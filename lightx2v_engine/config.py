@@ -203,7 +203,7 @@ class RunConfig:
     use_tae: bool = False
     tae_path: str | None = None
     need_scaled: bool | None = None
-    sample_neg_prompt: str | None = None   # negative prompt under CFG when none is given (default: Wan's)
+    sample_neg_prompt: str | None = None   # negative prompt under CFG when none is given (default: none, "")
     self_attn_1_type: str = "flash_attn3"   # a name from ATTN_TYPES: sage_* -> the 8-bit kernel, else exact
     cross_attn_1_type: str = "flash_attn3"  # cross-attention is always exact (512/769 keys)
     cross_attn_2_type: str = "flash_attn3"

@@ -75,7 +75,7 @@ def run_config_from_args(args: argparse.Namespace):
     from lightx2v_engine.config import load_run_config
 
     overrides = {}
-    size = getattr(args, "size", None)  # (the server's namespace has no --size)
+    size = getattr(args, "size", None)
     if args.target_shape and size and list(args.target_shape) != list(size):
         raise ValueError(f"--target_shape {args.target_shape} and --size {size} disagree (the same setting)")
     shape = args.target_shape or size

@@ -113,7 +113,7 @@ class LightX2VPipeline:
     # ------------------------------------------------------------------ build and run
     def create_generator(self, attn_mode: str = "flash_attn2", infer_steps: int = 50, num_frames: int = 81,
                          height: int = 480, width: int = 832, guidance_scale: float = 5.0, sample_shift: float = 5.0,
-                         fps: int = 16, aspect_ratio: str = "16:9", boundary: float = 0.900,
+                         fps: float = 16, aspect_ratio: str = "16:9", boundary: float = 0.900,
                          boundary_step_index: int = 2, denoising_step_list=(1000, 750, 500, 250),
                          config_json: str | None = None, rope_type: str = "torch", resize_mode=None) -> None:
         """Validates the collected keys and loads the models. With config_json, that file's keys (the
@@ -186,9 +186,9 @@ class LightX2VPipeline:
                  src_ref_images=None, src_video=None, src_mask=None, return_result_tensor: bool = False,
                  target_shape=()) -> dict | None:
         """One video, as LightX2V's runners return it: with return_result_tensor {"video": float32 [T, H, W, 3]
-        in [0, 1]} (the 8-bit frames / 255) and nothing written; else the video saved to save_result_path (mp4;
-        None: not saved) and {"video": None}. target_shape [H, W] overrides the generator's size. Defaults as
-        LightX2V's newer API (seed 42, empty negative prompt; image_path "" is none). A rank > 0 of a multi-GPU
+        in [0, 1]} (the 8-bit frames / 255) and nothing written; else the video saved to save_result_path (H.264
+        in .mp4/.m4v, .mov or .mkv by its extension, checked before the run; None: not saved) and
+        {"video": None}. target_shape [H, W] overrides the generator's size. Defaults as LightX2V's newer API (seed 42, empty negative prompt; image_path "" is none). A rank > 0 of a multi-GPU
         run returns None (rank 0 has the video)."""
         if self.pipeline is None:
             raise RuntimeError("LightX2VPipeline.generate: call create_generator first")

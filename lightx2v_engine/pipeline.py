@@ -226,7 +226,7 @@ class Output:
     frames: torch.Tensor | None   # uint8 [T, H, W, 3]; None on the ranks > 0 of a multi-GPU run
     latents: torch.Tensor         # fp32 [16, F, H/8, W/8], the final denoised latents
     timings: Timings
-    fps: int = 16
+    fps: float = 16.0
     peak_gpu_bytes: int | None = None
 
     def save(self, path: str | Path) -> Path:

@@ -89,13 +89,16 @@ UNSUPPORTED = {"last_frame_path": "FLF2V is not supported (Wan2.1 T2V/I2V)", "au
                "target_fps": "the frame rate is the config's fps", "video_duration": "use target_video_length",
                "resize_mode": "I2V resizes as Wan does", "use_prompt_enhancer": "no prompt enhancer",
                "num_fragments": "one fragment per task (multi-fragment audio tasks are not supported)",
-               "talk_objects": "talking-head tasks are not supported"}
-SCHEMA_DEFAULTS = {"target_fps": 16, "video_duration": 5, "resize_mode": "adaptive", "num_fragments": 1}
+               "talk_objects": "talking-head tasks are not supported",
+               "aspect_ratio": "the video's shape is target_shape (LightX2V's aspect_ratio is for text-to-image)"}
+SCHEMA_DEFAULTS = {"target_fps": 16, "video_duration": 5, "resize_mode": "adaptive", "num_fragments": 1,
+                   "aspect_ratio": "16:9"}
 LIGHTX2V_DEFAULT_STEPS = 5  # VideoTaskRequest.infer_steps' default (no effect on a built Wan scheduler there)
 # VideoTaskRequest fields (LightX2V's server/schema.py); unknown fields are a 400 naming them
 FIELDS = {"task_id", "prompt", "negative_prompt", "image_path", "last_frame_path", "audio_path", "save_result_path",
           "infer_steps", "seed", "target_shape", "target_video_length", "lora_name", "lora_strength",
-          "use_prompt_enhancer", "video_duration", "target_fps", "resize_mode", "num_fragments", "talk_objects"}
+          "use_prompt_enhancer", "video_duration", "target_fps", "resize_mode", "num_fragments", "talk_objects",
+          "aspect_ratio"}
 
 
 class RequestError(ValueError):

@@ -1,4 +1,5 @@
-"""Video output: decoded video -> uint8 frames -> H.264 mp4 (atomic), plus latent dumps.
+"""Video output: decoded video -> uint8 frames -> H.264 video, .mp4/.m4v, .mov or .mkv by extension (atomic),
+plus latent dumps.
 
 Every writer here is atomic: it writes a temp file in the target directory and `os.replace`s it into place,
 so `path` either holds a complete file or is untouched (on failure the temp file is removed). The container

@@ -129,6 +129,7 @@ def test_t2v_task_end_to_end(t2v_pipe, tmp_path):
     ({"prompt": "x", "target_shape": 0}, 400, "target_shape must be"),
     ({"prompt": "x", "infer_steps": 5.5}, 400, "infer_steps 5.5"),
     ({"prompt": "x", "video_duration": 10}, 400, "video_duration is not supported"),
+    ({"prompt": "x", "aspect_ratio": "1:1"}, 400, "aspect_ratio is not supported"),
     ({"prompt": "x", "resize_mode": "crop"}, 400, "resize_mode is not supported"),
     ({"prompt": "x", "num_fragments": 2}, 400, "num_fragments is not supported by this server: one fragment"),
     ({"prompt": "x", "num_fragments": 0}, 400, "num_fragments is not supported"),
@@ -161,7 +162,8 @@ def test_lightx2v_schema_defaults_and_unusual_names(tmp_path):
     try:
         code, created = c.call("POST", "/v1/tasks/video/", {
             "prompt": "x", "infer_steps": 5, "target_fps": 16, "video_duration": 5, "resize_mode": "adaptive",
-            "target_shape": [], "num_fragments": 1, "talk_objects": None, "save_result_path": "猫 \"cat\""})
+            "target_shape": [], "num_fragments": 1, "talk_objects": None, "aspect_ratio": "16:9",
+            "save_result_path": "猫 \"cat\""})
         assert code == 200, created
         assert c.wait(created["task_id"])["status"] == "completed"
         req = urllib.request.Request(f"{c.base}/v1/tasks/{created['task_id']}/result")
