@@ -26,9 +26,10 @@ outputs are all-gathered (as LightX2V).
 Collectives are torch's functional ones (``torch.ops._c10d_functional``: traceable, no host sync). The
 text/image encoders load and run on global rank 0 only; their outputs and the noise are broadcast, so that
 every rank runs the sampler on the same bits. Messages between steps (a server's tasks, shapes, failures)
-go over a gloo control group (Parallel.send / receive / on_rank0). The VAE decodes on global rank 0, or with
-``vae_parallel`` (or ``use_tiling_vae``) in spatial tiles spread over all ranks and blended on rank 0
-(decode_tiled: the tiled decode's result, bit for bit).
+go over a gloo control group (Parallel.send / receive / on_rank0). The VAE decodes in spatial tiles spread
+over all ranks and blended on rank 0 (decode_tiled: the tiled decode's result, bit for bit): ``vae_parallel``
+defaults to true in a parallel section, as in LightX2V; with ``"vae_parallel": false`` (and no
+``use_tiling_vae``) rank 0 decodes whole frames alone.
 """
 from __future__ import annotations
 
@@ -60,7 +61,9 @@ class ParallelConfig:
     seq_p_size: int = 1
     seq_p_attn_type: str = "ulysses"
     cfg_p_size: int = 1
-    vae_parallel: bool = False  # the VAE decodes in spatial tiles spread over all ranks (decode_tiled)
+    # the VAE decodes in spatial tiles spread over all ranks (decode_tiled) unless a section says
+    # "vae_parallel": false (LightX2V's get_vae_parallel; without parallelism it means nothing)
+    vae_parallel: bool = True
     seq_p_quant_scheme: str | None = None  # "fp8": q/k/v (ulysses) or k/v (ring) travel as fp8 rows + scales
 
     @property

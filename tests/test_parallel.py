@@ -32,6 +32,8 @@ def test_parse_parallel_section():
     cfg = parse_run_config({"parallel": {"seq_p_size": 4, "seq_p_attn_type": "ulysses", "cfg_p_size": 2},
                             "enable_cfg": True}).parallel
     assert (cfg.seq_p_size, cfg.cfg_p_size, cfg.world_size, cfg.enabled) == (4, 2, 8, True)
+    # LightX2V's get_vae_parallel: a parallel section decodes the VAE on all ranks unless it says false
+    assert cfg.vae_parallel and not parse_parallel({"seq_p_size": 2, "vae_parallel": False})[0].vae_parallel
     assert not parse_run_config({"parallel": False}).parallel.enabled
     cfg, notes = parse_parallel({"seq_p_size": 2, "vae_parallel": True, "seq_p_quant_scheme": "fp8",
                                  "seq_p_tensor_fusion": True, "seq_p_head_parallel_group_size": 4})
