@@ -1047,8 +1047,15 @@ def main(argv=None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal while stopping: exit at once
         signal.signal(sig, _exit_at_once)
     httpd.server_close()
-    if pipe.parallel is not None:  # torchrun signals every rank: the others are gone or going, and a
-        app.queue.close(timeout=0)  # running task's collectives would never finish
+    if pipe.parallel is not None:
+        app.queue.close(timeout=0)  # (a running task's collectives would never finish: no waiting for it)
+        if app.queue.current is None:  # idle: the other ranks wait for rank 0's next message, stop: None
+            try:
+                pipe.parallel.broadcast_object(None)
+            except Exception as e:  # noqa: BLE001 - they are gone already (torchrun signalled them too)
+                log.info("the other ranks had stopped (%s)", type(e).__name__)
+        else:  # mid-task: a non-zero exit makes torchrun stop the ranks left inside the task's collectives
+            code = code or 1
         _exit_now(code)
     # pending tasks are cancelled and the running one stops before its next step: the worker must be out of
     # the model before the interpreter shuts down (a thread inside torch then aborts the process)

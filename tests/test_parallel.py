@@ -468,6 +468,20 @@ def _http(base, method, path, body=None):
         return json.loads(r.read())
 
 
+def _rank0_pid(torchrun_pid: int) -> int:
+    """The pid of torchrun's child process with RANK=0 (Linux /proc)."""
+    import glob
+    for stat_path in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            ppid = int(open(stat_path).read().rsplit(")", 1)[1].split()[1])
+            env = open(stat_path[:-4] + "environ", "rb").read().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == torchrun_pid and b"RANK=0" in env:
+            return int(stat_path.split("/")[2])
+    raise AssertionError(f"no RANK=0 child of torchrun {torchrun_pid}")
+
+
 def test_server_under_torchrun(tmp_path):
     """rank 0 serves HTTP and sends each task to rank 1; two tasks in a row; the video equals the
     single-process CLI's for the same seed."""
@@ -505,14 +519,19 @@ def test_server_under_torchrun(tmp_path):
             while (info := _http(base, "GET", f"/v1/tasks/{task['task_id']}/status"))["status"] in ("pending", "processing"):
                 time.sleep(0.2)
             assert info["status"] == "completed", info
+        # SIGTERM to rank 0 alone (a supervisor stopping the serving process): it tells the idle rank 1 to
+        # stop, and the job ends cleanly (rank 1 died in its receive, and torchrun failed, before)
+        os.kill(_rank0_pid(proc.pid), signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, proc.stdout.read()[-3000:]
     finally:
-        proc.send_signal(signal.SIGTERM)  # torchrun passes it to both ranks: all end, none hangs
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise AssertionError("the ranks did not stop within 60 s of SIGTERM")
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # torchrun passes it to both ranks: all end, none hangs
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise AssertionError("the ranks did not stop within 60 s of SIGTERM")
     one = tmp_path / "one.mp4"
     r = subprocess.run([sys.executable, "-m", "lightx2v_engine.infer", "--random-weights", "--device", "cpu",
                         "--config_json",
