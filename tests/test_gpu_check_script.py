@@ -78,6 +78,17 @@ def test_gpu_check_switches_gluon_off_when_its_smoke_test_fails(tmp_path):
     assert "LX2V_ATTN_GLUON_OFF=1" in res.stdout
 
 
+def _kernels_then_e2e(tmp_path, summary: dict, kernels_rc: int):
+    """gpu_check's kernels and e2e stages with stand-ins: bench_kernels writes `summary` and exits with
+    kernels_rc, bench_e2e prints the LX2V_TUNED it got."""
+    out = tmp_path / "out"
+    fake = _fake_python(tmp_path, "  benchmarks/gluon_smoke.py) echo 'gluon smoke: ok'; exit 0;;\n"
+                                  f"  benchmarks/bench_kernels.py) echo '{json.dumps(summary)}' > {out}/kernels_summary.json;"
+                                  f" exit {kernels_rc};;\n"
+                                  "  benchmarks/bench_e2e.py) echo \"e2e LX2V_TUNED=${LX2V_TUNED:-unset}\"; exit 0;;")
+    return _run(tmp_path, fake, stages="kernels,e2e,summary")
+
+
 def test_gpu_check_hands_the_measured_winners_to_e2e_as_a_tuned_file(tmp_path):
     """After bench_kernels, the fastest correct kernels become $OUT/tuned/<device>.json and the end-to-end
     stage runs with LX2V_TUNED pointing there."""
@@ -86,11 +97,7 @@ def test_gpu_check_hands_the_measured_winners_to_e2e_as_a_tuned_file(tmp_path):
                "attn_cross_best_impl": "sdpa_cudnn", "qk_norm_rope_row_bw_frac": 0.5,
                "qk_norm_rope_packed_bw_frac": 0.85}
     out = tmp_path / "out"
-    fake = _fake_python(tmp_path, "  benchmarks/gluon_smoke.py) echo 'gluon smoke: ok'; exit 0;;\n"
-                                  f"  benchmarks/bench_kernels.py) echo '{json.dumps(summary)}' > {out}/kernels_summary.json;"
-                                  " exit 0;;\n"
-                                  "  benchmarks/bench_e2e.py) echo \"e2e LX2V_TUNED=${LX2V_TUNED:-unset}\"; exit 0;;")
-    res = _run(tmp_path, fake, stages="kernels,e2e,summary")
+    res = _kernels_then_e2e(tmp_path, summary, 0)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     tuned = out / "tuned" / "NVIDIA_H100_80GB_HBM3.json"
     assert f"e2e LX2V_TUNED={out}/tuned" in res.stdout
@@ -108,11 +115,7 @@ def test_a_cut_kernels_stage_writes_no_tuned_file(tmp_path):
     summary = {"gpu": "NVIDIA H100 80GB HBM3", "attn_best_impl": "triton:ws_128x128_w4_s2",
                "attn_best_triton_config": "ws_128x128_w4_s2"}
     out = tmp_path / "out"
-    fake = _fake_python(tmp_path, "  benchmarks/gluon_smoke.py) echo 'gluon smoke: ok'; exit 0;;\n"
-                                  f"  benchmarks/bench_kernels.py) echo '{json.dumps(summary)}' > {out}/kernels_summary.json;"
-                                  " exit 124;;\n"
-                                  "  benchmarks/bench_e2e.py) echo \"e2e LX2V_TUNED=${LX2V_TUNED:-unset}\"; exit 0;;")
-    res = _run(tmp_path, fake, stages="kernels,e2e,summary")
+    res = _kernels_then_e2e(tmp_path, summary, 124)
     assert "e2e LX2V_TUNED=unset" in res.stdout and not (out / "tuned").exists(), res.stdout[-3000:]
     assert "no tuned file from this run (bench_kernels exit code 124)" in res.stdout
 
