@@ -124,7 +124,7 @@ def _row_scaled_fp8(t: torch.Tensor) -> bool:
 def _check_fits(cfg: ModelConfig, files: list[Path], expected: dict, qkeys: set[str], quant_scheme: str | None,
                 dtype: torch.dtype):
     """Every check that names, shapes and dtypes allow, from the files' headers (no tensor data read):
-    CheckpointError naming file, key and what was expected. Returns (rename, key -> source file)."""
+    CheckpointError naming file, key and what was expected. Returns the key renaming (normalize_keys)."""
     meta = tensor_meta(files)
     scales = [k for k, *_ in meta if k.endswith(".weight_scale")]
     if not qkeys and scales:  # (before the 8-bit tensors are read and cast to the run dtype)
@@ -177,7 +177,7 @@ def _check_fits(cfg: ModelConfig, files: list[Path], expected: dict, qkeys: set[
         if shape != tuple(v.shape) and not (scale and math.prod(shape) == v.numel()):
             raise CheckpointError(f"{origin[k]}: tensor {k!r} has shape {shape}, {cfg.name} expects "
                                   f"{tuple(v.shape)}")
-    return rename, origin
+    return rename
 
 
 def build_dit(cfg: ModelConfig, files: list[Path] | None = None, *, dtype: torch.dtype = torch.bfloat16,
@@ -209,7 +209,7 @@ def build_dit(cfg: ModelConfig, files: list[Path] | None = None, *, dtype: torch
             raise ValueError("random weights with quant_scheme: build in bf16, then quant.quantize_dit_")
         sd = random_state_dict(model, dtype, device, random_device=random_device)
     else:
-        rename, origin = _check_fits(cfg, files, expected, qkeys, quant_scheme, dtype)
+        rename = _check_fits(cfg, files, expected, qkeys, quant_scheme, dtype)
 
         def check(k: str, t: torch.Tensor, path: Path):
             if k not in qkeys and t.dtype == torch.float8_e4m3fn and _row_scaled_fp8(t):

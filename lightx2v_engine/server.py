@@ -64,7 +64,7 @@ from typing import Any, Callable
 
 import torch
 
-from lightx2v_engine.schedulers import MAX_SEED
+from lightx2v_engine.schedulers import MAX_SEED, latent_shape
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ MAX_DOWNLOAD = 32 << 20  # image_path URLs
 MAX_SIDE, MAX_FRAMES = 2048, 321  # per-request sizes (720p is 1280 x 720, 81 frames)
 MAX_FINISHED = 1000      # finished tasks kept for status queries (oldest dropped first)
 MAX_IMAGE_PIXELS = 64_000_000  # input images (decoded in the request thread)
-WAN_720P_TOKENS = 21 * 45 * 80  # DiT tokens of Wan's 720p x 81 frames: the least per-request cap by default
+WAN_720P_TOKENS = 21 * 45 * 80  # request_tokens(81, 720, 1280): the least per-request cap by default
 MAX_DRAIN = 8 << 20      # unread request body read (and dropped) before an early refusal
 MAX_PARSING = 2          # create requests reading or parsing their bodies at once (multipart takes ~10x the body)
 PARSE_WAIT = 60          # seconds a create request waits for a parsing slot before a 503
@@ -300,8 +300,10 @@ class ImageSources:
 
 
 def request_tokens(frames: int, height: int, width: int) -> int:
-    """The DiT's tokens for a video: latent frames x H/16 x W/16 (VAE stride 4 x 8 x 8, patch 1 x 2 x 2)."""
-    return ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
+    """The DiT's tokens for a video: latent frames x H/16 x W/16 (schedulers.latent_shape over the 1 x 2 x 2
+    patch)."""
+    _, f, h, w = latent_shape(frames, height, width)
+    return f * (h // 2) * (w // 2)
 
 
 def check_request(body: dict, *, output_dir: Path, infer_steps: int, task: str,
@@ -402,9 +404,10 @@ def check_request(body: dict, *, output_dir: Path, infer_steps: int, task: str,
     frames = params.get("num_frames", default_frames)
     tokens = request_tokens(frames, height, width)
     if max_tokens is not None and tokens > max_tokens:
+        _, lf, lh, lw = latent_shape(frames, height, width)
         raise RequestError(f"the request asks for {tokens} tokens ({height}x{width}, {frames} frames: "
-                           f"{(frames - 1) // 4 + 1} latent frames x {height // 16} x {width // 16}); this server "
-                           f"takes at most {max_tokens} per request (--max_request_tokens)")
+                           f"{lf} latent frames x {lh // 2} x {lw // 2}); this server takes at most {max_tokens} "
+                           f"per request (--max_request_tokens)")
     task_id = body.get("task_id") or uuid.uuid4().hex
     if not isinstance(task_id, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", task_id) or set(task_id) == {"."}:
         raise RequestError(f"task_id must be 1-128 letters, digits, '_', '-' or '.', got {_short(task_id)!r}")
