@@ -259,7 +259,7 @@ _ACCEPTED_IGNORED = {
     "lora_dynamic_apply", "use_prompt_enhancer", "sf_config", "clean_cuda_cache", "rotary_chunk",
     "rotary_chunk_size", "audio_sr", "boundary", "boundary_step_index", "changing_resolution",
     "resolution_rate", "enable_cfg_parallel", "infer_dtype", "sensitive_layer_dtype", "cpu_offload_activations",
-    "use_31_block", "use_image_encoder", "lora_merge_force_fp32", "coefficients", "max_area", "do_mm_calib",
+    "use_image_encoder", "lora_merge_force_fp32", "coefficients", "max_area", "do_mm_calib",
     "use_bfloat16", "warmup", "t5_offload_granularity", "changing_resolution_steps",
     # host-memory layout and device knobs that do not change the computation
     "shared_cpu_weights", "shared_cpu_weight_scope", "shared_cpu_weight_backend", "shared_cpu_weight_strict_numa",
@@ -279,7 +279,6 @@ _ACCEPTED_IGNORED |= _SPARSE_SETTINGS | _CACHING_PARAMS
 # What the engine does instead, for ignored keys where that is worth saying (appended in the warning).
 _IGNORED_NOTES = {
     "lora_merge_force_fp32": "LoRA merges always run in fp32 here",
-    "use_31_block": "the CLIP tower always runs Wan's 31 of 32 blocks",
     "use_image_encoder": "I2V always encodes the image with CLIP",
     "use_bfloat16": "the DiT's precision is the 'dtype' key, bf16 by default",
     "warmup": "CUDA graphs are captured on the first call per shape",
@@ -305,6 +304,14 @@ _UNSUPPORTED_IF_TRUE = {
     "enable_dynamic_cfg": "dynamic CFG adds a guidance embedding (guidance_embedding.linear_1/2) to the DiT, which "
                           "lightx2v-engine does not implement; set it to false (cfg_scale then has no effect), or "
                           "use enable_cfg with sample_guide_scale for classifier-free guidance",
+}
+
+# Keys whose value asks for something else than what this engine does: key -> (the values accepted, why).
+_ONLY_VALUES = {
+    "use_31_block": ((True, None), "Wan2.1's image tokens are the CLIP tower's 31st block output (LightX2V's "
+                                   "default); use_31_block false (all 32 blocks) is not supported"),
+    "resize_mode": ((None,), "I2V images are resized by Wan2.1's area rule (LightX2V's resize_mode null); other "
+                             "resize modes are not supported"),
 }
 
 # Keys of LightX2V features this engine does not have, with what to say (an error whatever the value,
@@ -333,9 +340,11 @@ def check_model_cls(model_cls: str, who: str = "") -> None:
                          f"{list(MODEL_CLASSES)} (Wan2.1 T2V/I2V; wan2.1_distill runs the step-distilled 4-step "
                          f"models)")
 
-# Newer LightX2V configs' spellings of the video size (they also run the step-distilled models under
-# model_cls wan2.1 with distill_method "dmd2"): alias -> the RunConfig fields it spells
-_NEW_SPELLINGS = {"num_frames": ("target_video_length",), "size": ("target_height", "target_width")}
+# Other LightX2V spellings of RunConfig fields: alias -> the fields it spells. Newer configs' video size
+# (they also run the step-distilled models under model_cls wan2.1 with distill_method "dmd2"); older
+# runners' tiny-decoder keys (use_tiny_vae / tiny_vae_path, the gradio app's tiny_vae).
+_NEW_SPELLINGS = {"num_frames": ("target_video_length",), "size": ("target_height", "target_width"),
+                  "use_tiny_vae": ("use_tae",), "tiny_vae": ("use_tae",), "tiny_vae_path": ("tae_path",)}
 # Keys read by parse_run_config itself besides the RunConfig fields
 _READ_TOO = ("scheduler_type", "offload_plan", "distill_method", *_NEW_SPELLINGS)
 
@@ -433,7 +442,11 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
     for key, value in raw.items():
         if key in _UNSUPPORTED_FEATURES:
             raise _err(key, value, _UNSUPPORTED_FEATURES[key])
-        if key in _UNSUPPORTED_IF_TRUE:
+        if key in _ONLY_VALUES:
+            ok, why = _ONLY_VALUES[key]
+            if not any(value is v for v in ok):
+                raise _err(key, value, why)
+        elif key in _UNSUPPORTED_IF_TRUE:
             if value is not None and _as(key, value, bool):
                 raise _err(key, value, _UNSUPPORTED_IF_TRUE[key])
         elif key in _MAPPED or key in _READ_TOO:
@@ -444,7 +457,7 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
         else:
             unknown.append(key)
     if unknown:
-        known = sorted(_MAPPED | _ACCEPTED_IGNORED | set(_UNSUPPORTED_IF_TRUE) | set(_READ_TOO))
+        known = sorted(_MAPPED | _ACCEPTED_IGNORED | set(_UNSUPPORTED_IF_TRUE) | set(_READ_TOO) | set(_ONLY_VALUES))
         hints = []
         for k in unknown:
             close = difflib.get_close_matches(k, known, n=1)

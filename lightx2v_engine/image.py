@@ -1,7 +1,8 @@
 """I2V input: image loading, Wan2.1's area-preserving target size, resize, and the conditioning mask.
 
 Facts (Wan2.1 `wan/image2video.py`, LightX2V `WanRunner.run_vae_encoder` with resize_mode None):
-- The image is read as RGB and mapped to [-1, 1] ((u8 / 255 - 0.5) / 0.5).
+- The image is read as RGB and mapped to [-1, 1] ((u8 / 255 - 0.5) / 0.5). As there, an alpha channel is
+  dropped (not composited) and EXIF orientation is not applied (a phone photo stored sideways stays sideways).
 - With max_area = target_h * target_w and a = h / w of the image:
   lat_h = round(sqrt(max_area * a) // 8 // 2 * 2), lat_w = round(sqrt(max_area / a) // 8 // 2 * 2).
 - The [-1, 1] float image is resized to (lat_h * 8, lat_w * 8) with torch bicubic interpolation
@@ -28,6 +29,16 @@ ImageInput = str | os.PathLike | Image.Image | torch.Tensor | bytes
 
 
 def _pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB as Wan (`Image.open(...).convert("RGB")`; alpha dropped, EXIF orientation not applied), except
+    16-bit grey (PIL modes I;16*, and I holding values above 255), which convert("RGB") clips to white:
+    scaled to 8 bits (v / 257, rounded) first. 32-bit float images are an error."""
+    if img.mode == "F":
+        raise ValueError("32-bit float images (PIL mode F) are not supported: save the image as 8- or 16-bit")
+    if img.mode.startswith("I;16") or img.mode == "I":
+        a = np.asarray(img).astype(np.float64)
+        if img.mode.startswith("I;16") or a.max(initial=0) > 255:
+            a = a / 257
+        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
     arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
     return _uint8_chw_to_float(torch.from_numpy(arr.copy()).permute(2, 0, 1))
 
@@ -40,7 +51,8 @@ def _uint8_chw_to_float(x: torch.Tensor) -> torch.Tensor:
 def load_image(img: ImageInput) -> torch.Tensor:
     """Image path / encoded image bytes (PNG, JPEG, ...) / PIL image / tensor -> float32 [3, H, W] in [-1, 1].
 
-    Tensors: [3, H, W] (or [1, 3, H, W]) uint8 in [0, 255] or float in [-1, 1]. Missing file ->
+    Tensors: [3, H, W] (or [1, 3, H, W]) uint8 in [0, 255] or float in [-1, 1] (not torchvision's [0, 1]:
+    such a tensor is taken as [-1, 1], a washed-out image; map it with x * 2 - 1). Missing file ->
     FileNotFoundError, unreadable file -> ValueError, both naming the path.
     """
     if isinstance(img, (str, os.PathLike)):
@@ -77,7 +89,8 @@ def load_image(img: ImageInput) -> torch.Tensor:
         if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -1.0 - 1e-3 or hi > 1.0 + 1e-3:
             raise ValueError(f"float image tensor must be in [-1, 1], got range [{lo:.4g}, {hi:.4g}]")
         return x
-    raise TypeError(f"image must be a path, PIL.Image or torch.Tensor, got {type(img).__name__}")
+    raise TypeError(f"image must be a path, encoded image bytes, PIL.Image or torch.Tensor, got "
+                    f"{type(img).__name__}")
 
 
 def i2v_latent_size(img_h: int, img_w: int, target_h: int, target_w: int) -> tuple[int, int]:

@@ -242,7 +242,7 @@ def test_cli_prompt_enhancer_is_not_supported(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------ 4. config keys
 
-@pytest.mark.parametrize("key,value", [("use_31_block", True), ("use_image_encoder", True),
+@pytest.mark.parametrize("key,value", [("use_image_encoder", True),
                                        ("lora_merge_force_fp32", False), ("coefficients", [[1.0, 2.0]]),
                                        ("max_area", True), ("do_mm_calib", False), ("use_bfloat16", True),
                                        ("warmup", False)])
@@ -252,6 +252,33 @@ def test_lightx2v_keys_accepted_with_warning(key, value):
     assert cfg.ignored_keys == (key,)
     if key == "lora_merge_force_fp32":
         assert "LoRA merges always run in fp32" in str(rec[0].message)
+
+
+@pytest.mark.parametrize("raw", [{"use_31_block": True}, {"use_31_block": None}, {"resize_mode": None}])
+def test_lightx2v_keys_at_what_runs_are_silent(raw, recwarn):
+    """use_31_block true (LightX2V's default) and resize_mode null are what this engine runs: no warning."""
+    assert parse_run_config(raw).ignored_keys == ()
+    assert not [w for w in recwarn if "accepted but not acted on" in str(w.message)]
+
+
+@pytest.mark.parametrize("raw,match", [({"use_31_block": False}, "'use_31_block' = False: .*32 blocks.* not supported"),
+                                       ({"resize_mode": "adaptive"}, "'resize_mode' = 'adaptive': .*area rule"),
+                                       ({"resize_mode": 0}, "'resize_mode' = 0")])
+def test_lightx2v_keys_asking_for_something_else_are_errors(raw, match):
+    """LightX2V runs all 32 CLIP blocks under use_31_block false and bucket resizes under a resize_mode:
+    another video than this engine's, so an error instead of a warning."""
+    with pytest.raises(ValueError, match=match):
+        parse_run_config(raw)
+
+
+@pytest.mark.parametrize("alias,field", [("use_tiny_vae", "use_tae"), ("tiny_vae", "use_tae")])
+def test_older_tiny_vae_keys_spell_use_tae(alias, field):
+    """Older LightX2V runners read use_tiny_vae / tiny_vae_path (the gradio app tiny_vae); they were 'unknown
+    key, did you mean use_tiling_vae?' - a hint that turns on tiled decoding instead of the tiny decoder."""
+    cfg = parse_run_config({alias: True, "tiny_vae_path": "/w/taew2_1.pth"})
+    assert cfg.use_tae is True and cfg.tae_path == "/w/taew2_1.pth" and not cfg.use_tiling_vae
+    with pytest.raises(ValueError, match=f"'{alias}' = False: disagrees with use_tae = True"):
+        parse_run_config({alias: False, "use_tae": True})
 
 
 def _record_prompts(monkeypatch, pipe):

@@ -68,6 +68,25 @@ def test_load_image_file_pil_tensor(tmp_path):
     torch.testing.assert_close(load_image(x[None] * 0.5), x * 0.5)
 
 
+def test_load_image_16bit_grey_is_scaled_not_clipped(tmp_path):
+    """A 16-bit grey PNG (PIL mode I;16; I when held as 32-bit ints) was clipped to white by convert("RGB"):
+    now v / 257 rounded, the 8-bit image it stands for."""
+    g16 = (np.arange(30 * 40, dtype=np.float64).reshape(30, 40) / (30 * 40 - 1) * 65535).astype(np.uint16)
+    p = tmp_path / "g16.png"
+    Image.fromarray(g16).save(p)
+    with Image.open(p) as im:
+        assert im.mode.startswith("I;16")  # (what Pillow opens a 16-bit grey PNG as)
+    g8 = np.rint(g16 / 257).astype(np.uint8)
+    ref = load_image(Image.fromarray(g8))
+    torch.testing.assert_close(load_image(p), ref, rtol=0, atol=0)
+    assert abs(load_image(Image.fromarray(np.full((4, 4), 32768, np.uint16))).mean().item()) < 0.01
+    torch.testing.assert_close(load_image(Image.fromarray(g16.astype(np.int32), "I")), ref, rtol=0, atol=0)
+    small = np.full((4, 4), 200, np.int32)  # mode I holding 8-bit values: taken as they are
+    torch.testing.assert_close(load_image(Image.fromarray(small, "I")), load_image(Image.fromarray(small.astype(np.uint8))))
+    with pytest.raises(ValueError, match="mode F"):
+        load_image(Image.fromarray(np.zeros((4, 4), np.float32), "F"))
+
+
 def test_load_image_errors(tmp_path):
     missing = tmp_path / "nope.png"
     with pytest.raises(FileNotFoundError, match="nope.png"):
