@@ -165,8 +165,11 @@ class LightX2VPipeline:
                 or set(item) - {"path", "strength", "name"}:
             raise ValueError(f"LightX2VPipeline: a LoRA entry must be {{'path': ..., 'strength': ...}}, got {item!r}")
         strength = _as("lora strength", item.get("strength", 1.0), float)  # (no bool, text or NaN)
-        found = [c for c in candidate_paths(item["path"], [self.model_path]) if c.is_file()]
-        return LoraSpec(str(found[0].resolve()) if found else item["path"], strength)
+        tried = candidate_paths(item["path"], [self.model_path])
+        found = [c for c in tried if c.is_file()]
+        if not found:
+            raise FileNotFoundError(f"LoRA file not found: {item['path']} (searched {[str(t) for t in tried]})")
+        return LoraSpec(str(found[0].resolve()), strength)
 
     def switch_lora(self, lora_path: str, strength: float = 1.0) -> None:
         """Replaces the switchable LoRA (LightX2V: needs enable_lora(..., lora_dynamic_apply=True)); "" removes

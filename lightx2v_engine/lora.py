@@ -10,9 +10,12 @@ instead (LightX2V's lora_dynamic_apply); a full-weight ``.diff`` cannot apply to
 ``.diff_b``) to ``.bias`` (times strength and the pair's alpha / rank, as PEFT applies it). Keys may carry
 ``diffusion_model.``, ``model.``, ``unet.`` or ``transformer.`` prefixes; diffusers-named targets are mapped
 to Wan's names; kohya / musubi-tuner names (``lora_unet_blocks_0_self_attn_q``) to the Wan module whose
-dotted name they spell. A diff must have its parameter's shape (leading 1s aside). The merge is computed in
-fp32 and cast back to the weight's dtype. A LoRA of which nothing matches the model is an error even with
-``lora_strict`` false (it would change nothing).
+dotted name they spell. A diff must have its parameter's shape (leading 1s aside); a convolution's pair
+(patch_embedding) merges as up.flatten(1) @ down.flatten(1). PEFT files without ``.alpha`` keys take their
+scale from the LoraConfig saved with them (read_lora). The merge is computed in fp32 and cast back to the
+weight's dtype. Unmatched keys and tensors that cannot apply are an error, or skipped with a warning under
+``lora_strict`` false (LightX2V skips them); a LoRA of which nothing matches or applies is an error either
+way (it would change nothing).
 """
 from __future__ import annotations
 
@@ -96,16 +99,99 @@ def _same_shape(a: tuple, b: tuple) -> bool:
     return trim(a) == trim(b)
 
 
+def _pair_2d(up: torch.Tensor, down: torch.Tensor, shape: tuple, conv_ok: bool):
+    """(up [out, r], down [r, in...] flattened) when up @ down gives a weight of `shape`, else None.
+    A convolution's pair (kohya's, on patch_embedding: up [out, r, 1, 1, 1], down [r, in, kt, kh, kw])
+    flattens to that (conv_ok; its product is reshaped to the kernel). Rank 0 is no pair."""
+    if up.dim() < 2 or down.dim() < 2 or up.shape[1] != down.shape[0] or down.shape[0] == 0:
+        return None
+    if up.dim() == 2 and down.dim() == 2:
+        return (up, down) if (up.shape[0], down.shape[1]) == shape else None
+    if not conv_ok or any(d != 1 for d in up.shape[2:]) or len(shape) < 3 or up.shape[0] != shape[0] \
+            or tuple(down.shape[1:]) != shape[1:]:
+        return None
+    return up.flatten(1), down.flatten(1)
+
+
+def _model_dim(params: dict) -> int | str:
+    w = params.get("head.head.weight") if "head.head.weight" in params else params.get("text_embedding.0.weight")
+    return int(w.shape[-1]) if w is not None and w.dim() == 2 else "?"
+
+
 def read_lora(path: str | Path) -> dict[str, torch.Tensor]:
+    """A LoRA file's tensors. The PEFT LoraConfig it was saved with (diffusers' save_lora_weights: the
+    safetensors header's lora_adapter_metadata; PEFT's save_pretrained: adapter_config.json beside an
+    adapter_model file) gives each pair without an ``.alpha`` key its scale, as diffusers loads it:
+    lora_alpha (or its alpha_pattern entry) / rank, / sqrt(rank) under use_rslora. An empty file is an
+    error (it would change nothing)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"LoRA file not found: {p}")
-    return {k: t for k, t, _ in iter_checkpoint([p])}
+    lora = {k: t for k, t, _ in iter_checkpoint([p])}
+    if not lora:
+        raise CheckpointError(f"{p}: the LoRA file holds no tensors")
+    cfg = _peft_config(p)
+    if cfg is not None:
+        _peft_alphas_(lora, cfg, str(p))
+    return lora
+
+
+def _peft_config(path: Path) -> dict | None:
+    """The PEFT LoraConfig fields a LoRA file was saved with, or None."""
+    import json
+    if path.name.startswith("adapter_model") and (path.parent / "adapter_config.json").is_file():
+        try:
+            cfg = json.loads((path.parent / "adapter_config.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path.parent / 'adapter_config.json'}: unreadable PEFT config ({e})") from None
+        return cfg if isinstance(cfg, dict) else None
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        raw = (f.metadata() or {}).get("lora_adapter_metadata")
+    if raw is None:
+        return None
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: corrupt lora_adapter_metadata in the safetensors header ({e})") from None
+    if not isinstance(meta, dict):
+        return None
+    # diffusers prefixes each field with its component ("transformer."); a file for the DiT has that one
+    comp = {k[len("transformer."):]: v for k, v in meta.items() if k.startswith("transformer.")}
+    return comp or meta
+
+
+def _peft_alphas_(lora: dict[str, torch.Tensor], cfg: dict, source: str) -> None:
+    """Adds `<module>.alpha` = scale * rank for each PEFT pair without one (so _lora_scale gives scale)."""
+    import re
+    if cfg.get("use_dora"):
+        raise LoraKeyError(f"{source}: a DoRA adapter (use_dora in its PEFT config): DoRA's magnitude "
+                           "re-normalisation is not supported, only plain LoRA")
+    alpha, patterns = cfg.get("lora_alpha"), cfg.get("alpha_pattern") or {}
+    if alpha is None and not patterns:
+        return
+    for key in list(lora):
+        for up_sfx, down_sfx in _PAIRS:
+            if key.endswith(down_sfx) and ".lora_A" in down_sfx:
+                base = key[: -len(down_sfx)]
+                if base + ".alpha" in lora:
+                    break
+                module = _strip(base)
+                a = next((v for pat, v in patterns.items() if re.fullmatch(rf"(.*\.)?({pat})", module)), alpha)
+                rank = lora[key].shape[0]
+                if a is None or rank == 0:
+                    break
+                scale = float(a) / (rank ** 0.5 if cfg.get("use_rslora") else rank)
+                lora[base + ".alpha"] = torch.tensor(scale * rank, dtype=torch.float64)
+                break
 
 
 def plan_lora(lora: dict[str, torch.Tensor], params: dict[str, torch.Tensor], source: str = "lora"):
     """Pairs LoRA tensors with model parameters. Returns (updates, unmatched keys), where each update is
-    (param name, kind, tensors): kind "lowrank" with (up, down, alpha or None), or "diff" with (delta,).
+    (param name, kind, tensors, LoRA key): kind "lowrank" with (up, down, alpha or None), or "diff" with
+    (delta, scale).
     Unmatched keys are reported with their prefixes stripped."""
     stripped = {_strip(k): v for k, v in lora.items()}
     if len(stripped) != len(lora):
@@ -139,7 +225,7 @@ def plan_lora(lora: dict[str, torch.Tensor], params: dict[str, torch.Tensor], so
                 elif target is None:
                     unmatched.extend(group)
                 else:
-                    updates.append((target, "lowrank", (lora[key], lora[down_key], lora.get(alpha_key))))
+                    updates.append((target, "lowrank", (lora[key], lora[down_key], lora.get(alpha_key)), key))
                 used.update(group)
                 break
         else:
@@ -157,7 +243,7 @@ def plan_lora(lora: dict[str, torch.Tensor], params: dict[str, torch.Tensor], so
                     if target is None:
                         unmatched.append(key)
                     else:
-                        updates.append((target, "diff", (lora[key], scale)))
+                        updates.append((target, "diff", (lora[key], scale), key))
                     used.add(key)
                     break
     unmatched.extend(k for k in lora if k not in used)  # orphan down/alpha keys, unknown suffixes
@@ -171,7 +257,8 @@ def merge_lora_(model: torch.nn.Module, lora: dict[str, torch.Tensor], strength:
     """Merges one LoRA into the model's weights in place. Returns the number of merged tensors.
     check_only: every check (keys, shapes, 8-bit diffs), no change (the model may live on `meta`).
 
-    Unmatched LoRA keys raise LoraKeyError listing them (strict) or warn. Shapes are checked before any
+    Unmatched LoRA keys, and tensors that cannot apply (shape, rank 0, a full-weight diff on an 8-bit weight),
+    raise LoraKeyError naming them (strict) or warn and are skipped. Shapes are checked before any
     weight is touched, so a failing LoRA leaves the model unchanged. `before_write(name, target)` is called
     before each change: target is the parameter about to change, or the QuantLinear about to get a branch.
     `compute_device`: where the fp32 merge arithmetic runs (default: each weight's device; a CUDA device
@@ -198,24 +285,38 @@ def merge_lora_(model: torch.nn.Module, lora: dict[str, torch.Tensor], strength:
             raise LoraKeyError(msg + ' (set "lora_strict": false in the config to skip them with a warning, as '
                                      "LightX2V does silently)")
         warnings.warn(msg, stacklevel=2)
-    deltas = []
-    for target, kind, ts in updates:
+    deltas, bad = [], []  # bad: (LoRA key, why) of updates that cannot apply
+    for target, kind, ts, key in updates:
         w = params[target]
         if kind == "lowrank":
             up, down, alpha = ts
-            rank = down.shape[0]
-            if up.dim() != 2 or down.dim() != 2 or up.shape[1] != rank or (up.shape[0], down.shape[1]) != tuple(w.shape):
-                raise LoraKeyError(f"{source}: LoRA for {target!r}: up {tuple(up.shape)} @ down {tuple(down.shape)} "
-                                   f"does not give the weight's shape {tuple(w.shape)}")
-            deltas.append((target, w, kind, (up, down), strength * _lora_scale(alpha, rank)))
+            pair = _pair_2d(up, down, tuple(w.shape), conv_ok=target not in quantized)
+            if pair is None:
+                bad.append((key, f"up {tuple(up.shape)} @ down {tuple(down.shape)} does not give {target!r}'s shape "
+                                 f"{tuple(w.shape)}" + (" (rank 0)" if 0 in (up.numel(), down.numel()) else "")))
+                continue
+            deltas.append((target, w, kind, pair, strength * _lora_scale(alpha, pair[1].shape[0])))
         else:
             d, scale = ts
             if target in quantized:
-                raise LoraKeyError(f"{source}: a full-weight diff for {target!r}, an 8-bit weight of the quantized "
-                                   f"DiT, cannot be applied; use the bf16 checkpoint (dit_quantized false)")
-            if not _same_shape(tuple(d.shape), tuple(w.shape)):
-                raise LoraKeyError(f"{source}: diff for {target!r} has shape {tuple(d.shape)}, weight {tuple(w.shape)}")
-            deltas.append((target, w, kind, (d,), strength * scale))
+                bad.append((key, f"a full-weight diff for {target!r}, an 8-bit weight of the quantized DiT, cannot "
+                                 f"be applied (use the bf16 checkpoint: dit_quantized false)"))
+            elif not _same_shape(tuple(d.shape), tuple(w.shape)):
+                bad.append((key, f"diff of shape {tuple(d.shape)} for {target!r} of shape {tuple(w.shape)}"))
+            else:
+                deltas.append((target, w, kind, (d,), strength * scale))
+    if bad:
+        msg = f"{source}: {len(bad)} LoRA tensor(s) cannot apply to the model: " + "; ".join(
+            f"{k}: {why}" for k, why in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        if len(bad) > 1 and not deltas:
+            dims = sorted({int(t[0].shape[0] if kind == "lowrank" else t[0].shape[-1])
+                           for _, kind, t, _ in updates if t[0].dim() >= 1})
+            msg += (f" - none applies: a LoRA for another model (its tensors' sizes include {dims[:6]}; this "
+                    f"model's dim is {_model_dim(params)}; Wan2.1 1.3B has 1536, 14B 5120)?")
+        if strict or not deltas:
+            raise LoraKeyError(msg + ("" if not deltas else
+                                      ' (set "lora_strict": false in the config to skip them with a warning)'))
+        warnings.warn(msg + " - skipped", stacklevel=2)
     if check_only:
         return len(deltas)
     for target, w, kind, ts, s in deltas:
@@ -226,7 +327,7 @@ def merge_lora_(model: torch.nn.Module, lora: dict[str, torch.Tensor], strength:
             quantized[target].add_lora(ts[0], ts[1], s)
         elif kind == "lowrank":
             up, down = (t.to(dev, torch.float32) for t in ts)
-            w.copy_((w.to(dev, torch.float32) + s * (up @ down)).to(w.dtype))
+            w.copy_((w.to(dev, torch.float32) + s * (up @ down).reshape(w.shape)).to(w.dtype))
         else:
             w.copy_((w.to(dev, torch.float32) + s * ts[0].to(dev, torch.float32).reshape(w.shape)).to(w.dtype))
     log.info("%s: merged %d tensors (strength %g)", source, len(deltas), strength)

@@ -154,6 +154,9 @@ def test_switch_lora_with_dynamic_apply(folder, tmp_path):
     torch.testing.assert_close(run(), ref([]), rtol=0, atol=0)
     with pytest.raises(ValueError, match="lora strength.*expected a finite number"):
         pipe.switch_lora(str(paths[1]), True)
+    # a relative path found nowhere names both places it was looked for (the model folder was left out)
+    with pytest.raises(FileNotFoundError, match=rf"LoRA file not found: missing.safetensors \(searched .*{folder.name}"):
+        pipe.switch_lora("missing.safetensors")
     # dynamic apply from a config_json too, and a LoRA path relative to the model folder
     import json
     import shutil

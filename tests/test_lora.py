@@ -277,7 +277,7 @@ def test_transposed_diff_and_lone_up_matrix_are_named():
     model = build_dit(TINY_T2V, None, dtype=torch.float32)
     model.load_state_dict(sd)
     w = sd["blocks.0.ffn.0.weight"]  # [96, 64]
-    with pytest.raises(LoraKeyError, match=r"diff for 'blocks.0.ffn.0.weight' has shape \(64, 96\), weight \(96, 64\)"):
+    with pytest.raises(LoraKeyError, match=r"blocks.0.ffn.0.diff: diff of shape \(64, 96\) for 'blocks.0.ffn.0.weight' of shape \(96, 64\)"):
         merge_lora_(model, {"blocks.0.ffn.0.diff": torch.zeros(w.shape[1], w.shape[0])})
     lone = {**make_lora(sd, ["blocks.0.ffn.2"]), "blocks.1.ffn.2.lora_up.weight": torch.zeros(64, RANK)}
     with pytest.raises(LoraKeyError, match=r"blocks.1.ffn.2.lora_down.weight \(missing\)"):
@@ -304,3 +304,103 @@ def test_malformed_alpha_and_colliding_keys_are_named():
                                            r"'diffusion_model\.blocks\.0\.ffn\.0\.lora_down\.weight' and "
                                            r"'model\.blocks\.0\.ffn\.0\.lora_down\.weight'"):
         merge_lora_(dit, clash, source="my_lora.safetensors")
+
+
+@pytest.mark.parametrize("peft_kw", [{}, {"use_rslora": True}, {"alpha_pattern": {"to_q": 2}, "rank_pattern": {"to_q": 2}}],
+                         ids=["alpha", "rslora", "patterns"])
+def test_diffusers_saved_lora_keeps_its_alpha(tmp_path, peft_kw):
+    """A LoRA saved by diffusers' save_lora_weights keeps lora_alpha / r in the safetensors header (no
+    .alpha keys): it merged at scale 1 (~75% of the LoRA's effect lost at alpha 16, r 4). Reference: the
+    trained diffusers model itself, and diffusers reloading the file."""
+    pytest.importorskip("peft", reason="peft is a test extra")
+    from diffusers import WanPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+    from lightx2v_engine.lora import read_lora
+    train = diffusers_model(TINY_T2V)
+    sd = wan_state_dict(train)
+    cfg = LoraConfig(r=4, lora_alpha=16, target_modules=["to_q", "to_k", "to_v", "to_out.0"], **peft_kw)
+    train.add_adapter(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in train.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    WanPipeline.save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(train),
+                                  transformer_lora_adapter_metadata=cfg.to_dict())
+    f = tmp_path / "pytorch_lora_weights.safetensors"
+    x, t, ctx, clip, y = inputs(TINY_T2V)
+    want = diffusers_forward(train, x, t, ctx, clip, y)
+    ours = build_dit(TINY_T2V, None, dtype=torch.float32)
+    ours.load_state_dict(sd)
+    assert merge_lora_(ours, read_lora(f), 1.0, source=str(f)) == 16  # 4 linears x 2 attentions x 2 blocks
+    base = build_dit(TINY_T2V, None, dtype=torch.float32)
+    base.load_state_dict(sd)
+    with torch.no_grad():
+        a, c = ours(x, t, ctx), base(x, t, ctx)
+    assert rel_l2(c, want) > 1e-2  # the LoRA matters
+    assert rel_l2(a, want) <= 1e-4
+
+
+def test_peft_adapter_config_beside_the_file_and_dora(tmp_path):
+    """PEFT's save_pretrained layout (adapter_model.safetensors + adapter_config.json) scales by its config;
+    a DoRA adapter is refused by name (its magnitude vectors would be silently wrong)."""
+    import json
+    from lightx2v_engine.lora import read_lora
+    sd = wan_state_dict(diffusers_model(TINY_T2V))
+    lora = make_lora(sd, ["blocks.0.ffn.0"], alpha=None, prefix="base_model.model.", style=("lora_B", "lora_A"))
+    save_file(lora, str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": RANK, "lora_alpha": 2 * RANK}))
+    model = build_dit(TINY_T2V, None, dtype=torch.float32)
+    model.load_state_dict(sd)
+    merge_lora_(model, read_lora(tmp_path / "adapter_model.safetensors"))
+    up, down = lora["base_model.model.blocks.0.ffn.0.lora_B.weight"], lora["base_model.model.blocks.0.ffn.0.lora_A.weight"]
+    want = sd["blocks.0.ffn.0.weight"].double() + 2.0 * up.double() @ down.double()  # lora_alpha / r = 2
+    torch.testing.assert_close(model.state_dict()["blocks.0.ffn.0.weight"].double(), want)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": RANK, "lora_alpha": RANK, "use_dora": True}))
+    with pytest.raises(LoraKeyError, match="adapter_model.safetensors: a DoRA adapter"):
+        read_lora(tmp_path / "adapter_model.safetensors")
+
+
+def test_conv_pair_on_patch_embedding_merges():
+    """kohya's pair on the Conv3d patch_embedding (up [out, r, 1, 1, 1], down [r, in, 1, 2, 2]) merges as
+    up.flatten(1) @ down.flatten(1) reshaped to the kernel (it was a shape error even when lenient)."""
+    sd = wan_state_dict(diffusers_model(TINY_T2V))
+    w = sd["patch_embedding.weight"]
+    g = torch.Generator().manual_seed(1)
+    up = torch.randn(w.shape[0], RANK, 1, 1, 1, generator=g)
+    down = torch.randn(RANK, *w.shape[1:], generator=g)
+    model = build_dit(TINY_T2V, None, dtype=torch.float32)
+    model.load_state_dict(sd)
+    merge_lora_(model, {"patch_embedding.lora_up.weight": up, "patch_embedding.lora_down.weight": down,
+                        "patch_embedding.alpha": torch.tensor(2.0)}, strength=0.5)
+    want = w.double() + 0.5 * (2.0 / RANK) * torch.einsum("or,rithw->oithw", up[..., 0, 0, 0].double(), down.double())
+    torch.testing.assert_close(model.state_dict()["patch_embedding.weight"].double(), want)
+
+
+def test_bad_tensors_skip_when_lenient_and_are_all_named_when_strict(tmp_path):
+    """lora_strict false skips tensors that cannot apply (a shape mismatch, rank 0) with a warning and merges
+    the rest, as LightX2V does; strict names every one with its LoRA key. A LoRA of which nothing applies is
+    an error either way (with a model-size hint); an empty file too; rank 0 was a bare ZeroDivisionError."""
+    from lightx2v_engine.checkpoint import CheckpointError
+    from lightx2v_engine.lora import read_lora
+    sd = wan_state_dict(diffusers_model(TINY_T2V))
+    good = make_lora(sd, ["blocks.0.ffn.0"])
+    bad = {"blocks.1.ffn.0.lora_up.weight": torch.zeros(64, RANK), "blocks.1.ffn.0.lora_down.weight": torch.zeros(RANK, 64),
+           "blocks.0.ffn.2.lora_up.weight": torch.zeros(64, 0), "blocks.0.ffn.2.lora_down.weight": torch.zeros(0, 96)}
+    model = build_dit(TINY_T2V, None, dtype=torch.float32)
+    model.load_state_dict(sd)
+    with pytest.raises(LoraKeyError, match=r"2 LoRA tensor\(s\) cannot apply.*blocks.0.ffn.2.lora_up.weight: .*\(rank 0\)"
+                                           r".*blocks.1.ffn.0.lora_up.weight: up \(64, 4\)"):
+        merge_lora_(model, {**good, **bad})
+    assert torch.equal(model.state_dict()["blocks.0.ffn.0.weight"], sd["blocks.0.ffn.0.weight"])
+    with pytest.warns(UserWarning, match="cannot apply.* - skipped"):
+        assert merge_lora_(model, {**good, **bad}, strict=False) == 1
+    want = expected_after(sd, [(good, 1.0)])["blocks.0.ffn.0.weight"]
+    torch.testing.assert_close(model.state_dict()["blocks.0.ffn.0.weight"].double(), want)
+    big = {"blocks.0.ffn.0.lora_up.weight": torch.zeros(192, RANK), "blocks.0.ffn.0.lora_down.weight": torch.zeros(RANK, 128),
+           "blocks.0.ffn.2.lora_up.weight": torch.zeros(128, RANK), "blocks.0.ffn.2.lora_down.weight": torch.zeros(RANK, 192)}
+    with pytest.raises(LoraKeyError, match=r"none applies: a LoRA for another model .*\[128, 192\]; this model's dim is 64"):
+        merge_lora_(model, big, strict=False)
+    save_file({}, str(tmp_path / "empty.safetensors"))
+    with pytest.raises(CheckpointError, match="empty.safetensors: the LoRA file holds no tensors"):
+        read_lora(tmp_path / "empty.safetensors")

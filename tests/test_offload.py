@@ -619,7 +619,7 @@ def test_a_failing_request_lora_fails_at_the_call_with_a_dit_built_per_use(tmp_p
                "diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(4, 5)}, str(wrong))
     pipe.set_request_loras([good])
     assert [s.path for s in pipe._request_loras] == [str((tmp_path / "good.safetensors").resolve())]
-    with pytest.raises(LoraKeyError, match="does not give the weight's shape"):
+    with pytest.raises(LoraKeyError, match="does not give .* shape"):
         pipe.set_request_loras([type(good)(str(wrong), 1.0)])
     assert pipe._request_loras == ()
     base = Pipeline.random("tiny", TINY, device="cpu").generate("a cat", seed=1).latents
