@@ -1,13 +1,17 @@
 """Build script.
 
 The C++/CUDA extension ``lightx2v_engine._C`` (sources in ``csrc/``) is built only when the installed
-torch has CUDA and ``nvcc`` is found; ``LX2V_SKIP_CUDA_BUILD=1`` forces a pure-Python install.
+torch has CUDA and an ``nvcc`` of torch's CUDA major version is found (``$CUDA_HOME/bin/nvcc``); a build
+that fails anyway leaves a pure-Python install with a warning (``LX2V_REQUIRE_CUDA_BUILD=1`` makes it an
+error instead); ``LX2V_SKIP_CUDA_BUILD=1`` forces a pure-Python install.
 Honours ``TORCH_CUDA_ARCH_LIST`` (default: the architectures of the GPUs visible at build time, else
 ``8.0;8.6;8.9;9.0``: the kernels need sm_80 or newer), ``MAX_JOBS`` and ``NVCC_THREADS``.
 Torch is imported from the installing environment, so build with ``pip install --no-build-isolation``.
 """
 import glob
 import os
+import re
+import subprocess
 
 from setuptools import setup
 
@@ -24,6 +28,46 @@ def _default_arch_list(torch) -> str:
     return (";".join(f"{a}.{b}" for a, b in caps) if caps else "8.0;8.6;8.9;9.0") + "+PTX"
 
 
+def _no_build_reason(torch_cuda: str | None, cuda_home: str | None) -> str | None:
+    """Why the extension cannot be built here (None: it can): torch without CUDA, no nvcc under CUDA_HOME
+    (torch's CUDA_HOME is /usr/local/cuda when that folder exists, nvcc or not: CUDA runtime images), or an
+    nvcc of another CUDA major version than torch's (torch's build refuses it)."""
+    if torch_cuda is None:
+        return "torch without CUDA"
+    if cuda_home is None:
+        return "nvcc not found (no CUDA_HOME)"
+    nvcc = os.path.join(cuda_home, "bin", "nvcc")
+    if not os.path.isfile(nvcc):
+        return f"nvcc not found at {nvcc}"
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"{nvcc} --version failed ({e})"
+    found = re.search(r"release (\d+)\.(\d+)", out)
+    if found is None:
+        return f"{nvcc} --version names no CUDA release"
+    if found.group(1) != torch_cuda.split(".")[0]:
+        return f"{nvcc} is CUDA {found.group(1)}.{found.group(2)}, torch is built for CUDA {torch_cuda}"
+    return None
+
+
+def _optional(build_ext_cls):
+    """build_ext_cls whose failure leaves a pure-Python install (a warning naming the error), unless
+    LX2V_REQUIRE_CUDA_BUILD=1."""
+    class OptionalBuild(build_ext_cls):
+        def build_extensions(self):
+            try:
+                super().build_extensions()
+            except Exception as e:  # noqa: BLE001 (any compiler / toolchain failure)
+                if os.environ.get("LX2V_REQUIRE_CUDA_BUILD", "0") == "1":
+                    raise
+                print(f"lightx2v_engine: WARNING: the CUDA extension failed to build ({type(e).__name__}: {e}); "
+                      "pure-Python install (Triton kernels and PyTorch paths only). Set LX2V_REQUIRE_CUDA_BUILD=1 "
+                      "to make this an error.")
+                self.extensions = []
+    return OptionalBuild
+
+
 def _cuda_extensions():
     """Returns ([ext], cmdclass) when the CUDA extension can be built, else ([], {}) with a printed reason."""
     if os.environ.get("LX2V_SKIP_CUDA_BUILD", "0") == "1":
@@ -35,8 +79,9 @@ def _cuda_extensions():
     except ImportError as e:  # no torch in the build environment (build isolation)
         print(f"lightx2v_engine: torch not importable at build time ({e}), pure-Python install")
         return [], {}
-    if torch.version.cuda is None or CUDA_HOME is None:
-        print("lightx2v_engine: torch without CUDA or nvcc not found, pure-Python install")
+    reason = _no_build_reason(torch.version.cuda, CUDA_HOME)
+    if reason is not None:
+        print(f"lightx2v_engine: {reason}, pure-Python install")
         return [], {}
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu"))
     if not sources:
@@ -52,7 +97,7 @@ def _cuda_extensions():
         sources=sources,
         extra_compile_args={"cxx": ["-O3", std], "nvcc": nvcc_flags},
     )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": _optional(BuildExtension.with_options(use_ninja=True))}
 
 
 ext_modules, cmdclass = _cuda_extensions()

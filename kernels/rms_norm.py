@@ -39,6 +39,8 @@ def _launch_cfg(C: int) -> tuple[int, int, int]:
 @torch.library.custom_op("lightx2v::rms_norm", mutates_args=())
 def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     C = x.shape[-1]
+    if x.numel() == 0:  # (reshape(-1, 0) is ambiguous)
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
     x2 = x.reshape(-1, C)
     out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     if x2.numel():

@@ -74,7 +74,9 @@ def rms_norm_act(x: torch.Tensor, gamma: torch.Tensor, silu: bool, out: torch.Te
     if gamma.numel() != x.shape[1]:
         raise ValueError(f"kernels/vae_norm.py: gamma has {gamma.numel()} values, x has {x.shape[1]} channels")
     b, c = x.shape[:2]
-    p = x[0, 0].numel()
+    p = math.prod(x.shape[2:])
+    if out.numel() == 0:
+        return out
     block_c, block_p = _blocks(c, p)
     grid = (triton.cdiv(p, block_p), b)
     _rms_norm_act_kernel[grid](x, gamma.reshape(c).contiguous(), out, p, c, pixel_rows(x), pixel_rows(out),

@@ -111,6 +111,9 @@ def _check_quant_input(x: torch.Tensor, op: str) -> None:
         raise RuntimeError(f"{op}: lightx2v_engine._C is {csrc_status()}")
     if not x.is_cuda:
         raise ValueError(f"{op}: x must be a CUDA tensor, got device {x.device}")
+    if not csrc_available(x.device):  # (no kernel image for this GPU: the launch's TORCH_CHECK would crash)
+        raise RuntimeError(f"{op}: lightx2v_engine._C has no kernel for {x.device} (compute capability "
+                           f"{torch.cuda.get_device_capability(x.device)}); rebuild it for this GPU")
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"{op}: x must be bfloat16 or float16, got {x.dtype}")
     if x.dim() != 2:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import logging
 import tempfile
@@ -234,6 +235,20 @@ class Output:
 
     def save_latents(self, path: str | Path, **metadata: Any) -> Path:
         return save_latents(self.latents.cpu(), path, metadata)
+
+
+def _on_own_device(method):
+    """Runs a Pipeline method with the pipeline's CUDA device current: Triton launches, CUDA-graph capture
+    and their side streams use the current device, not their tensors' (a pipeline on cuda:1 ran its
+    kernels on GPU 0)."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        if self.device.type != "cuda":
+            return method(self, *args, **kwargs)
+        with torch.cuda.device(self.device):
+            return method(self, *args, **kwargs)
+    run.on_own_device = True
+    return run
 
 
 @dataclass
@@ -510,6 +525,7 @@ class Pipeline:
         (unload_modules): no CUDA graphs then."""
         return self.run_cfg.cpu_offload or "dit" in self.loaders
 
+    @_on_own_device
     def set_request_loras(self, specs=()) -> None:
         """LoRAs for the following generations, on top of the model as loaded (config LoRAs included):
         `specs` a sequence of config.LoraSpec (absolute paths, or relative to the working directory), ()
@@ -546,6 +562,7 @@ class Pipeline:
                 _release_graph_memory()
 
     # ------------------------------------------------------------------ stages
+    @_on_own_device
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """prompts -> [B, text_len(512), text_dim] in the DiT's run dtype, zero rows past each prompt (an
         empty string encodes as its end-of-text token alone: an empty negative prompt)."""
@@ -561,6 +578,7 @@ class Pipeline:
             ctx = torch.nn.functional.pad(ctx, (0, 0, 0, n - ctx.shape[1]))
         return ctx.to(self.device, self._run_dtype)
 
+    @_on_own_device
     def encode_image(self, image, num_frames: int, height: int, width: int):
         """I2V conditioning: (clip_fea [1, 257, 1280], y [1, 20, F, lat_h, lat_w], (lat_h, lat_w))."""
         if not self._available("clip"):
@@ -580,6 +598,7 @@ class Pipeline:
         y = torch.cat([mask[None].to(z.dtype), z], dim=1)
         return clip_fea.to(self.device, self._run_dtype), y, (lat_h, lat_w)
 
+    @_on_own_device
     def denoise(self, noise: torch.Tensor, context: torch.Tensor, *, neg_context: torch.Tensor | None = None,
                 clip_fea=None, y=None, seed: int = 42, timings: Timings | None = None,
                 progress: Callable[[int, int], None] | None = None,
@@ -688,6 +707,7 @@ class Pipeline:
         graphs.set_inputs(x, context, neg_context, clip_fea, y, renoise)
         return graphs.run_step
 
+    @_on_own_device
     def decode(self, latents: torch.Tensor) -> torch.Tensor | None:
         """latents [16, F, h, w] -> uint8 frames [T, H, W, 3]. Multi-GPU: called on every rank when the
         tiles spread over the ranks (_decode_everywhere), then the frames come back on rank 0 (else None).
@@ -738,6 +758,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------ one call
     @torch.no_grad()
+    @_on_own_device
     def generate(self, prompt: str, *, negative_prompt: str | None = None, image=None, seed: int | None = None,
                  num_frames: int | None = None, height: int | None = None, width: int | None = None,
                  progress: Callable[[int, int], None] | None = None) -> Output:

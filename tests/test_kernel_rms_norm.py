@@ -53,3 +53,10 @@ def test_rms_norm_gpu_real_shape(C):
     x = torch.randn(1, 32760, C, device="cuda", dtype=torch.bfloat16) * 2
     w = 1 + 0.1 * torch.randn(C, device="cuda")
     _check(x, w)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 0), (0, 64), (2, 0, 64)])
+def test_rms_norm_empty(shape):
+    """No rows or no channels: an empty result of x's shape (C = 0 failed in reshape(-1, 0))."""
+    out = rms_norm(torch.randn(shape, device=DEV).half(), torch.ones(shape[-1], device=DEV))
+    assert out.shape == shape and out.dtype == torch.float16

@@ -104,3 +104,11 @@ def test_kernel_compiles_for_sm90_without_spills():
     assert line is not None, res.stdout[-3000:] + res.stderr[-3000:]
     spills = json.loads(line[3:])
     assert len(spills) == 16 and not any(spills.values()), spills
+
+
+@pytest.mark.parametrize("shape", [(0, 8, 2, 3, 4), (1, 8, 0, 3, 4)])
+def test_empty_batch_or_frames(shape):
+    """B = 0 indexed x[0, 0] (IndexError); no pixels: an empty result as the reference's."""
+    x = torch.randn(shape, device=DEVICE).contiguous(memory_format=CL)
+    y = vae_norm.rms_norm_act(x, torch.ones(8, 1, 1, 1, device=DEVICE), True)
+    assert y.shape == x.shape and y.numel() == 0

@@ -52,3 +52,20 @@ def test_a_mistyped_kernel_choice_is_an_error_not_a_silent_slow_path():
     assert len(raised) == 3, res.stdout + res.stderr[-2000:]
     assert all("kernels/qk_norm_rope.py: LX2V_QK_ROPE must be one of" in ln and "got 'onepass_r3'" in ln
                for ln in raised), raised
+
+
+def test_8bit_gemm_without_triton_uses_the_cublas_path(monkeypatch):
+    """quant's int8 GEMM and gated-residual epilogue imported kernels.fp8_gemm unguarded on CUDA: without
+    triton an 8-bit DiT failed with ImportError, and the ops backend "torch" did not turn them off."""
+    from lightx2v_engine import ops, quant
+    from lightx2v_engine.kernels.fp8_gemm import scaled_gemm
+    assert quant._triton_scaled_gemm() is scaled_gemm
+    monkeypatch.setattr(ops, "_kernels", lambda: None)  # (what ops sees when triton cannot be imported)
+    assert quant._triton_scaled_gemm() is None
+    monkeypatch.undo()
+    prev = ops.get_backend()
+    ops.set_backend("torch")
+    try:
+        assert quant._triton_scaled_gemm() is None
+    finally:
+        ops.set_backend(prev)

@@ -300,3 +300,43 @@ def test_generate_sizes_zero_and_whole_floats():
         with pytest.raises(ValueError, match=f"{key}' = 0"):
             pipe.generate("a cat", seed=1, **kw)
     assert tuple(pipe.generate("a cat", seed=1, height=64.0).frames.shape) == (5, 64, 48, 3)
+
+
+def test_pipeline_methods_run_with_their_device_current(monkeypatch):
+    """Triton launches, CUDA-graph capture and side streams use the current CUDA device, not their tensors':
+    every public stage runs under torch.cuda.device(pipeline.device) (a pipeline on cuda:1 ran its kernels
+    on GPU 0). CPU check through a recording stand-in for torch.cuda.device; the gpu twin below runs it."""
+    from lightx2v_engine.pipeline import Pipeline
+    stages = ("set_request_loras", "encode_text", "encode_image", "denoise", "decode", "generate")
+    assert all(getattr(getattr(Pipeline, n), "on_own_device", False) for n in stages)
+    entered = []
+
+    class Current:
+        def __init__(self, dev):
+            self.dev = dev
+
+        def __enter__(self):
+            entered.append(self.dev)
+
+        def __exit__(self, *exc):
+            return False
+    monkeypatch.setattr(torch.cuda, "device", Current)
+    pipe = Pipeline.random("tiny", {"target_video_length": 5, "target_height": 32, "target_width": 48}, device="cpu")
+    pipe.set_request_loras([])
+    assert entered == []  # (a CPU pipeline: no device switch)
+    pipe.device = torch.device("cuda", 1)
+    pipe.set_request_loras([])
+    assert entered == [torch.device("cuda", 1)]
+
+
+@pytest.mark.gpu
+def test_pipeline_on_a_second_gpu_matches_the_first():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    from lightx2v_engine.pipeline import Pipeline
+    size = {"target_video_length": 5, "target_height": 32, "target_width": 48}
+    torch.cuda.set_device(0)
+    a = Pipeline.random("tiny", size, device="cuda:0").generate("a cat", seed=1).latents
+    b = Pipeline.random("tiny", size, device="cuda:1").generate("a cat", seed=1).latents
+    assert torch.cuda.current_device() == 0 and b.device == torch.device("cuda", 1)
+    torch.testing.assert_close(a.cpu(), b.cpu(), rtol=0, atol=0)
