@@ -380,7 +380,7 @@ class LoraSwitch:
         if held is None or held[1].shape != w.shape or held[1].dtype != w.dtype:
             from lightx2v_engine.offload import _host_buffer
             owner = _BufferOwner()  # dropping the entry unlocks and frees the buffer
-            raw = _host_buffer(w.numel() * w.element_size(), w.is_cuda, owner)
+            raw = _host_buffer(w.numel() * w.element_size(), w.is_cuda, owner, w.device)
             held = self._host[name] = (owner, raw.view(w.dtype).view(w.shape))
             self._fresh.discard(name)
         if name in self._fresh:  # restored from this very buffer in this set(): nothing to copy

@@ -166,8 +166,8 @@ def offloaded(module: torch.nn.Module | None, device: torch.device, enabled: boo
     cpu = torch.device("cpu")
     blocks = getattr(module, "blocks", None)
     if not stream_blocks or not isinstance(blocks, torch.nn.ModuleList):
-        _to_device(module, device)
-        try:
+        try:  # (the move too: a move that fails part-way, e.g. out of memory, leaves nothing on the device)
+            _to_device(module, device)
             yield module
         finally:
             _to_device(module, cpu)
@@ -279,7 +279,7 @@ class Pipeline:
             for module, moved in ((self.t5, run.t5_cpu_offload), (self.clip, run.clip_cpu_offload),
                                   (self.vae, run.vae_cpu_offload), (self.dit, _dit_moves_whole(run))):
                 if module is not None and moved:
-                    page_lock_module_(module)  # (the module holds its packs: locked as long as it lives)
+                    page_lock_module_(module, self.device)  # (the module holds its packs: locked while it lives)
         if self.dit is not None:
             self._setup_dit(self.dit)
         elif self.parallel is not None and self.parallel.seq is not None:  # (a DiT built per use: check now)

@@ -716,3 +716,65 @@ def test_offload_errors_name_the_tensor():
     dit.blocks[0].norm3.bias = torch.nn.Parameter(torch.empty(256, device="meta"))  # stands in for a CUDA tensor
     with pytest.raises(ValueError, match=r"1 tensor\(s\) off the CPU, e\.g\. blocks\.0\.norm3\.bias \(meta\)"):
         page_lock_module_(dit)
+
+
+def test_page_unlock_synchronizes_only_the_device_the_buffer_served(monkeypatch):
+    """Unlocking synchronized every visible GPU (torch.cuda.synchronize(d) for all d), creating a CUDA context
+    on each card the process never used (every torchrun rank on every GPU); now the pack's own device, or the
+    current one. A CLIP's page-locked packs were also held in a reference cycle (module -> packs -> entries
+    -> module): unlocked only when the cyclic garbage collector ran; now at once when the module goes."""
+    import gc
+    import weakref
+    from lightx2v_engine import clip as clip_mod
+    from lightx2v_engine.offload import page_lock_module_
+    fake = FakeCudart()
+    synced = []
+    monkeypatch.setattr(offload_mod, "_PIN_WARNED", False)
+    monkeypatch.setattr(offload_mod.torch.cuda, "cudart", lambda: fake)
+    monkeypatch.setattr(offload_mod.torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(offload_mod.torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(offload_mod.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(offload_mod.torch.cuda, "synchronize", lambda d=None: synced.append(d))
+    packs = [offload_mod._Pack(b.modules(), True, device=torch.device("cuda", 2)) for b in _dit(2).blocks]
+    del packs
+    gc.collect()
+    assert len(fake.unregistered) == 2 and set(synced) == {2}
+    synced.clear()
+    clip = clip_mod.random_clip(clip_mod.CLIPConfig.tiny(), device="cpu", dtype=torch.float32, seed=0)
+    assert any(True for _ in clip.named_parameters(recurse=False))  # (top-level tensors: the cycle's case)
+    packs = page_lock_module_(clip)
+    n = len(packs)
+    alive = weakref.ref(clip)
+    gc.disable()
+    try:
+        del clip, packs
+        assert alive() is None and len(fake.unregistered) == 2 + n
+    finally:
+        gc.enable()
+    assert set(synced) == {0}  # (no device given: the current one)
+
+
+def test_a_failed_whole_module_move_leaves_nothing_on_the_device(monkeypatch):
+    """offloaded(..., stream_blocks=False) (CLIP, the VAE, a DiT moved whole) moved the module before its
+    try: a move failing part-way (out of memory) left the moved tensors on the device. "meta" stands in for
+    the GPU; the second tensor's move fails."""
+    from lightx2v_engine import t5 as t5_mod
+    model = t5_mod.random_t5(t5_mod.T5Config.tiny(), dtype=torch.float32, seed=0)
+    before = _state(model)
+    real_to, moved = torch.Tensor.to, [0]
+
+    def to(self, *args, **kwargs):
+        if args and isinstance(args[0], torch.device) and args[0].type == "meta":
+            moved[0] += 1
+            if moved[0] == 2:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_to(self, *args, **kwargs)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    for stream in (False, True):
+        moved[0] = 0
+        with pytest.raises(torch.OutOfMemoryError):
+            with pipeline_mod.offloaded(model, torch.device("meta"), True, stream_blocks=stream):
+                pass
+        assert {p.device.type for p in model.parameters()} == {"cpu"}, stream
+    monkeypatch.undo()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
