@@ -264,7 +264,7 @@ _ACCEPTED_IGNORED = {
     # host-memory layout and device knobs that do not change the computation
     "shared_cpu_weights", "shared_cpu_weight_scope", "shared_cpu_weight_backend", "shared_cpu_weight_strict_numa",
     "shared_cpu_weight_register_chunk_mb", "cpu_offload_layout", "scheduler_coefficient_device", "t5_rms_norm_type",
-    "sub_servers",
+    "sub_servers", "use_event_offload", "t5_lazy_load", "offload_use_block_slab",
 }
 # sparse-attention settings (dense exact attention runs; the attention names warn) and feature-caching
 # parameters (no feature caching here): accepted, each group with its note
@@ -285,6 +285,13 @@ _IGNORED_NOTES = {
     "t5_offload_granularity": "t5_cpu_offload always streams the umT5 block by block",
     "offload_plan.resident_blocks": "an offloaded DiT streams all of its blocks",
     "offload_plan.use_event_offload": "the block stream is ordered by CUDA events anyway",
+    "use_event_offload": "the block stream is ordered by CUDA events anyway",
+    "offload_plan.use_block_slab": "each offloaded block is one page-locked host buffer anyway",
+    "offload_use_block_slab": "each offloaded block is one page-locked host buffer anyway",
+    "t5_lazy_load": "umT5's weights stay in host memory (t5_cpu_offload streams them block by block; lazy_load "
+                    "builds every model per use)",
+    "shared_cpu_weights": "each process keeps its own host copy of offloaded weights (under torchrun with "
+                          "cpu_offload: one per rank, not one per host)",
     **{k: "sparse attention is not implemented: dense exact attention runs" for k in _SPARSE_SETTINGS},
     **{k: "no feature caching" for k in _CACHING_PARAMS},
     "changing_resolution_steps": "the whole run is at the target resolution",
@@ -328,6 +335,9 @@ _UNSUPPORTED_FEATURES = {
     "ar_config": _sf, "causal_rope_type": _sf,
     "ltx2_cpu_offload": _lt, "ltx2_vae_ckpt": _lt, "ltx2_upsampler_ckpt": _lt,
 }
+
+# offload_plan keys LightX2V's runners read and this engine does not act on (each one's note below)
+_PLAN_KEYS_IGNORED = ("resident_blocks", "use_event_offload", "use_block_slab")
 
 # LightX2V's model classes this engine runs (the CLI's --model_cls choices)
 MODEL_CLASSES = ("wan2.1", "wan2.1_distill")
@@ -472,12 +482,21 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
         if not isinstance(plan, dict):
             raise _err("offload_plan", plan, "expected an object with offload_granularity (resident_blocks, "
                                              "use_event_offload)")
-        extra = set(plan) - {"offload_granularity", "resident_blocks", "use_event_offload"}
+        # LightX2V's get_offload_plan: the plan wins wholly, its granularity "block" when it has none; its
+        # other keys are read by its runners only (accepted with a warning; another key is a typo: an error)
+        extra = set(plan) - {"offload_granularity", *_PLAN_KEYS_IGNORED}
         if extra:
-            raise _err("offload_plan", plan, f"unknown keys {sorted(extra)}")
-        if plan.get("offload_granularity") is not None:
-            vals["offload_granularity"] = plan["offload_granularity"]
-        ignored += [f"offload_plan.{k}" for k in ("resident_blocks", "use_event_offload") if plan.get(k)]
+            raise _err("offload_plan", plan, f"unknown keys {sorted(extra)} (it takes offload_granularity, "
+                                             f"{', '.join(_PLAN_KEYS_IGNORED)})")
+        g = plan.get("offload_granularity", "block")
+        if g not in _CHOICES["offload_granularity"]:
+            raise _err("offload_plan.offload_granularity", g, f"expected one of {list(_CHOICES['offload_granularity'])}")
+        top = vals.get("offload_granularity")
+        if top is not None and top != g and warn:
+            warn_user(f"{source}: offload_granularity {top!r} is overridden by offload_plan (granularity {g!r}"
+                      f"{'' if 'offload_granularity' in plan else ', its default'}), as in LightX2V")
+        vals["offload_granularity"] = g
+        ignored += [f"offload_plan.{k}" for k in sorted(set(plan) - {"offload_granularity"}) if plan.get(k)]
 
     out: dict[str, Any] = {}
     for key, typ in _TYPES.items():

@@ -180,8 +180,21 @@ def test_lightx2v_offload_keys():
         parse_run_config({"offload_plan": {"granularity": "block"}})
     with pytest.raises(ValueError, match="'offload_plan' = 'block': expected an object"):
         parse_run_config({"offload_plan": "block"})
-    with pytest.raises(ValueError, match="'offload_granularity' = 'rows'"):
+    with pytest.raises(ValueError, match="'offload_plan.offload_granularity' = 'rows'"):
         parse_run_config({"offload_plan": {"offload_granularity": "rows"}})
+    # LightX2V's get_offload_plan: a plan without a granularity means "block", whatever the top-level key
+    # says (it kept the top-level "model"); its model-specific use_block_slab and a top-level
+    # use_event_offload / t5_lazy_load are LightX2V keys (they were "unknown key" errors)
+    with pytest.warns(UserWarning, match=r"offload_granularity 'model' is overridden by offload_plan "
+                                         r"\(granularity 'block', its default\)"):
+        cfg = parse_run_config({"cpu_offload": True, "offload_granularity": "model",
+                                "offload_plan": {"resident_blocks": {}}})
+    assert cfg.offload_granularity == "block"
+    with pytest.warns(UserWarning, match="offload_plan.use_block_slab.*offload_use_block_slab.*t5_lazy_load.*"
+                                         "use_event_offload"):
+        cfg = parse_run_config({"cpu_offload": True, "offload_plan": {"use_block_slab": True},
+                                "use_event_offload": True, "t5_lazy_load": True, "offload_use_block_slab": True})
+    assert cfg.offload_granularity == "block"
 
 
 def test_frame_count_error_names_the_nearest_valid_counts():
