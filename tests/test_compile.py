@@ -37,3 +37,34 @@ def test_block_compiles_fullgraph():
                 assert rel_l2(b, a) < 1e-6
     finally:
         ops.set_backend("auto")
+
+
+def test_block_with_the_kernels_compiles_fullgraph():
+    """The same with the Triton kernels (custom ops with fake implementations; on the CPU through the
+    interpreter, fp16): the compiled graph holds lightx2v:: ops and gives the eager result."""
+    from torch._dynamo.backends.registry import lookup_backend
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return lookup_backend("aot_eager")(gm, example_inputs)
+    ops.set_backend("kernels")
+    try:
+        torch._dynamo.reset()
+        cfg = TINY_T2V
+        torch.manual_seed(0)
+        model = build_dit(cfg, None, dtype=torch.float16)
+        x = torch.randn(1, 45, cfg.dim)
+        mod = torch.randn(1, 6, cfg.dim) * 0.1
+        h = ops.modulate(x, mod[:, 0:1], mod[:, 1:2], out_dtype=torch.float16)
+        args = (mod, torch.randn(1, 16, cfg.dim, dtype=torch.float16), None, model.rope((3, 3, 5), x.device),
+                torch.ones(1, 1, cfg.dim))
+        with torch.no_grad():
+            eager = model.blocks[0]([x, h], *args)
+            compiled = torch.compile(model.blocks[0], fullgraph=True, backend=recording)([x, h], *args)
+        targets = {str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"}
+        assert any("lightx2v." in t for t in targets), sorted(targets)
+        for a, b in zip(eager, compiled):
+            assert a.dtype == b.dtype and rel_l2(b.float(), a.float()) < 1e-6
+    finally:
+        ops.set_backend("auto")
