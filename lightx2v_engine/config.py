@@ -562,7 +562,8 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
         lst = out.get("denoising_step_list")
         if lst is None and "denoising_step_list" in out:
             raise _err("denoising_step_list", None, "the distill sampler needs a step list")
-        if lst is None:  # (newer LightX2V: the step list from infer_steps, ComfyUI's "simple" timesteps)
+        if lst is None:  # (as one LightX2V variant: the step list from infer_steps, ComfyUI's "simple" timesteps;
+            # upstream LightX2V requires the list)
             n = out.get("infer_steps", len(RunConfig.denoising_step_list))
             if n < 1:
                 raise _err("infer_steps", n, "must be >= 1")
@@ -583,6 +584,9 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
 
     if out.get("infer_steps", 1) < 1:
         raise _err("infer_steps", out["infer_steps"], "must be >= 1")
+    if out.get("enable_cfg") and out.get("sample_guide_scale", RunConfig.sample_guide_scale) == 1.0 and warn:
+        warn_user(f"{source}: enable_cfg with sample_guide_scale 1: the unconditional pass is computed and has no "
+                  f"effect (v_u + 1 * (v_c - v_u) = v_c), as in LightX2V; set enable_cfg false to halve the DiT work")
     if out.get("sample_shift", 1.0) <= 0:
         raise _err("sample_shift", out["sample_shift"], "must be > 0")
     for key in ("target_height", "target_width"):
@@ -607,7 +611,7 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
         except ValueError as e:
             raise _err("dit_quant_scheme", out["dit_quant_scheme"], str(e)) from None
     if "seed" in out and not 0 <= out["seed"] < MAX_SEED:
-        raise _err("seed", out["seed"], "must be an integer in [0, 2^63)")
+        raise _err("seed", out["seed"], "must be an integer in [0, 2^64)")
     for enc in ("t5", "clip"):
         if out.get(f"{enc}_quantized"):
             key = f"{enc}_quant_scheme"

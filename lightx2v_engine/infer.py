@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--prompt is required and must not be empty")
     args.image_path = args.image_path or None  # ("" is LightX2V's default: no image)
     if args.seed is not None and not 0 <= args.seed < MAX_SEED:
-        raise ValueError(f"--seed {args.seed}: must be an integer in [0, 2^63)")
+        raise ValueError(f"--seed {args.seed}: must be an integer in [0, 2^64)")
     if args.task == "i2v" and not args.image_path:
         raise ValueError("--image_path is required for --task i2v")
     if args.task == "t2v" and args.image_path:

@@ -610,6 +610,9 @@ class Pipeline:
         the initial noise (so that noise = initial_noise(..., seed) gives generate()'s result). The latents
         stay fp32 between steps (the engine keeps the residual stream in fp32, as LightX2V's
         sensitive_layer_dtype fp32 mode; its default rounds them to bf16 between steps)."""
+        if self.run_cfg.enable_cfg and neg_context is None:  # (it ran unguided without a word)
+            raise ValueError("denoise: enable_cfg is on, so neg_context (the encoded negative prompt) is needed; "
+                             "encode one with encode_text, or run with enable_cfg false")
         timings = timings or Timings()
         with contextlib.ExitStack() as stack:
             if self.dit is None and "dit" in self.loaders:  # unload_modules: the DiT built for this loop

@@ -70,8 +70,8 @@ class DistillSampler:
         x0 = x - sigma_i * v
         last step:             return x0
         mode "deterministic":  x_next = x0 + sigma_{i+1} * v     (LightX2V's default since 2025-11)
-        mode "renoise":        x_next = (1 - sigma_{i+1}) * x0 + sigma_{i+1} * noise_i  (Self-Forcing; noise
-                               pre-drawn with `make_renoise_noise`, so the loop itself does no RNG)
+        mode "renoise":        x_next = (1 - sigma_{i+1}) * x0 + sigma_{i+1} * noise_i  (Self-Forcing's update;
+                               noise pre-drawn with `make_renoise_noise`, so the loop itself does no RNG)
     """
 
     timesteps: tuple[float, ...]
@@ -112,8 +112,9 @@ class DistillSampler:
     ) -> list[torch.Tensor]:
         """fp32 noise for steps 0..num_steps-2 of mode "renoise", drawn in step order from `generator`.
 
-        LightX2V/Self-Forcing draw it from the generator that made the initial noise, after it: pass that
-        generator here (see `make_generator` / `initial_noise(generator=...)`). The generator's device must match
+        LightX2V's renoise-era scheduler (2025) drew it from the generator that made the initial noise, after
+        it (Self-Forcing itself and another LightX2V version draw from the global RNG, with torch.randn_like:
+        not reproducible here); pass that generator here (see `make_generator` / `initial_noise(generator=...)`). The generator's device must match
         `device` (defaults to the generator's device). Returns [] in deterministic mode.
         """
         if self.mode != "renoise":
@@ -151,6 +152,13 @@ class DistillSampler:
 # UniPC baseline (Wan2.1 FlowUniPCMultistepScheduler; order 2, bh2, x0-prediction, lower-order final steps)
 # ----------------------------------------------------------------------------------------------------------------
 
+def _linspace64(start: float, num_steps: int) -> torch.Tensor:
+    """np.linspace(start, 0, num_steps + 1)[:-1] in float64, as Wan and LightX2V compute it (torch.linspace
+    differs in the last bit for some elements: 1 fp32 ulp of sigma at shift 1, N = 60)."""
+    import numpy as np
+    return torch.from_numpy(np.linspace(start, 0.0, num_steps + 1)[:-1].copy())
+
+
 def unipc_sigmas(num_steps: int, shift: float, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
     """Wan2.1 UniPC sigmas: linspace(sigma_max, 0, N+1)[:-1] (float64), shifted, then a final 0; fp32 [N+1].
 
@@ -160,7 +168,7 @@ def unipc_sigmas(num_steps: int, shift: float, num_train_timesteps: int = NUM_TR
         raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
     _check_shift(shift)
     sigma_max = float(torch.tensor(1.0 - 1.0 / num_train_timesteps, dtype=torch.float32))
-    s = torch.linspace(sigma_max, 0.0, num_steps + 1, dtype=torch.float64)[:-1]
+    s = _linspace64(sigma_max, num_steps)
     s = shift_sigmas(s, float(shift))
     return torch.cat([s, s.new_zeros(1)]).to(torch.float32)
 
@@ -185,9 +193,8 @@ class UniPCSampler:
         self.shift = float(shift)
         self.sigmas = unipc_sigmas(num_steps, shift, num_train_timesteps)  # fp32 [N+1]
         # int64 truncation of N * sigma' (computed in float64 before the fp32 cast, as Wan does)
-        s64 = shift_sigmas(torch.linspace(float(torch.tensor(1.0 - 1.0 / num_train_timesteps,
-                                                                dtype=torch.float32)),
-                                          0.0, num_steps + 1, dtype=torch.float64)[:-1], self.shift)
+        s64 = shift_sigmas(_linspace64(float(torch.tensor(1.0 - 1.0 / num_train_timesteps, dtype=torch.float32)),
+                                       num_steps), self.shift)
         self.timesteps = (s64 * num_train_timesteps).to(torch.int64)
         self._coef = self._precompute()
         self.reset()
@@ -287,13 +294,13 @@ def latent_shape(num_frames: int, height: int, width: int) -> tuple[int, int, in
     return (LATENT_CHANNELS, (num_frames - 1) // VAE_STRIDE[0] + 1, height // VAE_STRIDE[1], width // VAE_STRIDE[2])
 
 
-MAX_SEED = 2 ** 63  # (exclusive: torch generators take int64 seeds)
+MAX_SEED = 2 ** 64  # (exclusive: torch.Generator.manual_seed takes any unsigned 64-bit value)
 
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     """A torch.Generator on `device` seeded with `seed`."""
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < MAX_SEED:
-        raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
+        raise ValueError(f"seed must be an integer in [0, 2^64), got {seed!r}")
     return torch.Generator(device=torch.device(device)).manual_seed(seed)
 
 

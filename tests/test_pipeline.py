@@ -127,7 +127,7 @@ def test_bad_inputs_fail_cleanly(case, t2v_folder, i2v_folder, tmp_path, capsys)
     (["--task", "i2v", "--image_path", "taken"], "cannot read image file taken"),
     (["--task", "i2v", "--image_path", ""], "--image_path is required"),  # ("" is LightX2V's default: none)
     (["--task", "i2v", "--image_path", "tall.png"], r"image aspect ratio 400x8 .* too extreme"),
-    (["--seed", "-1"], r"--seed -1: must be an integer in \[0, 2\^63\)"),
+    (["--seed", "-1"], r"--seed -1: must be an integer in \[0, 2\^64\)"),
     (["--save_result_path", ""], "--save_result_path '' is a directory"),
     (["--save_latents", ""], "--save_latents '' is a directory"),
     (["--save_result_path", "out.gif"], r"--save_result_path 'out.gif': the video is H.264 in one of \.mp4"),
@@ -340,3 +340,68 @@ def test_pipeline_on_a_second_gpu_matches_the_first():
     b = Pipeline.random("tiny", size, device="cuda:1").generate("a cat", seed=1).latents
     assert torch.cuda.current_device() == 0 and b.device == torch.device("cuda", 1)
     torch.testing.assert_close(a.cpu(), b.cpu(), rtol=0, atol=0)
+
+
+def test_unipc_with_cfg_matches_diffusers_driving_the_same_dit():
+    """model_cls wan2.1 (UniPC, CFG) against diffusers' UniPCMultistepScheduler (flow sigmas, bh2, order 2,
+    Wan's shifted grid) driving the same DiT with two separate passes, v_u + g (v_c - v_u), fp32. A reversed
+    CFG or a UniPC without its corrector passed every test before (review)."""
+    import numpy as np
+    from diffusers import UniPCMultistepScheduler
+    from lightx2v_engine.config import parse_run_config
+    from lightx2v_engine.pipeline import Pipeline
+    from lightx2v_engine.schedulers import latent_shape
+    n, shift, g = 12, 3.0, 5.0
+    size = {"target_video_length": 9, "target_height": 32, "target_width": 48}
+    run = parse_run_config({**size, "infer_steps": n, "sample_shift": shift, "enable_cfg": True,
+                            "sample_guide_scale": g, "dtype": "fp32"}, model_cls="wan2.1", warn=False)
+    pipe = Pipeline.random("tiny", run, device="cpu")
+    with torch.no_grad():
+        got = pipe.generate("a cat", negative_prompt="blurry", seed=3).latents
+        ctx = pipe.encode_text(["a cat", "blurry"])
+        sch = UniPCMultistepScheduler(num_train_timesteps=1000, use_flow_sigmas=True, flow_shift=shift,
+                                      prediction_type="flow_prediction", solver_order=2, solver_type="bh2",
+                                      predict_x0=True, lower_order_final=True, final_sigmas_type="zero")
+        sch.set_timesteps(sigmas=np.linspace(float(np.float32(1 - 1 / 1000)), 0, n + 1)[:-1])
+        x = torch.randn(latent_shape(9, 32, 48), generator=torch.Generator().manual_seed(3))[None]
+        for t in sch.timesteps:
+            ts = t.reshape(1)
+            v_c, v_u = pipe.dit(x, ts, ctx[:1]), pipe.dit(x, ts, ctx[1:])
+            x = sch.step(v_u + g * (v_c - v_u), t, x).prev_sample
+    assert (got - x[0]).abs().max().item() < 1e-4 * max(1.0, x.abs().max().item())
+    assert (got - pipe.generate("a cat", negative_prompt="a dog", seed=3).latents).abs().max() > 1e-2
+
+
+def test_cfg_direction_and_guidance_one():
+    """Guidance 0 is the unconditional prediction alone: the video of the negative prompt without CFG (a
+    swapped combine gives the positive prompt's). Guidance 1 under enable_cfg is warned about (the
+    unconditional pass does nothing), and denoise() under CFG without a negative context is an error (it ran
+    unguided)."""
+    from lightx2v_engine.pipeline import Pipeline
+    size = {"target_video_length": 5, "target_height": 32, "target_width": 48, "dtype": "fp32"}
+    guided = Pipeline.random("tiny", {**size, "enable_cfg": True, "sample_guide_scale": 0.0}, device="cpu")
+    plain = Pipeline.random("tiny", size, device="cpu")
+    a = guided.generate("a cat", negative_prompt="a dog", seed=5).latents
+    b = plain.generate("a dog", seed=5).latents
+    c = plain.generate("a cat", seed=5).latents
+    assert (a - b).abs().max().item() < 1e-5 < (a - c).abs().max().item()
+    with pytest.warns(UserWarning, match="sample_guide_scale 1: the unconditional pass is computed and has no effect"):
+        Pipeline.random("tiny", {**size, "enable_cfg": True, "sample_guide_scale": 1.0}, device="cpu")
+    ctx = guided.encode_text(["a cat"])
+    with pytest.raises(ValueError, match="enable_cfg is on, so neg_context"):
+        guided.denoise(torch.zeros(16, 2, 4, 6), ctx)
+
+
+def test_seeds_cover_torchs_range():
+    """torch.Generator takes any unsigned 64-bit seed (LightX2V passes --seed to it); 2^63..2^64-1 were refused."""
+    from lightx2v_engine.config import parse_run_config
+    from lightx2v_engine.schedulers import make_generator
+    top = 2 ** 64 - 1
+    assert torch.equal(torch.randn(3, generator=make_generator(top, "cpu")),
+                       torch.randn(3, generator=torch.Generator().manual_seed(top)))
+    assert parse_run_config({"seed": top}).seed == top
+    for bad in (2 ** 64, -1):
+        with pytest.raises(ValueError, match=r"\[0, 2\^64\)"):
+            make_generator(bad, "cpu")
+        with pytest.raises(ValueError, match=r"'seed'.*\[0, 2\^64\)"):
+            parse_run_config({"seed": bad})

@@ -300,3 +300,15 @@ def test_initial_noise_bad_sizes(frames, h, w, match):
 def test_bad_seed():
     with pytest.raises(ValueError, match="seed"):
         initial_noise(5, 32, 32, -1, "cpu")
+
+
+@pytest.mark.parametrize("n,shift", [(60, 1.0), (120, 1.0), (50, 5.0)])
+def test_unipc_sigmas_bitwise_as_wans_numpy_grid(n, shift):
+    """Wan / LightX2V build the grid with np.linspace (float64), shift it, cast to fp32: torch.linspace
+    differed in the last bit (1 fp32 ulp at shift 1, N 60 and 120)."""
+    import numpy as np
+    from lightx2v_engine.schedulers import unipc_sigmas
+    s = np.linspace(float(np.float32(1 - 1 / 1000)), 0, n + 1)[:-1]
+    s = shift * s / (1 + (shift - 1) * s)
+    want = torch.from_numpy(np.append(s, 0.0).astype(np.float32))
+    assert torch.equal(unipc_sigmas(n, shift), want)
