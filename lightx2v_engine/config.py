@@ -597,7 +597,8 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
         if t < 1 or (t - 1) % 4:
             near = " or ".join(str(v) for v in sorted({max(1, (t - 1) // 4 * 4 + 1), max(1, (t + 2) // 4 * 4 + 1)}))
             raise _err("target_video_length", t, f"frame count must be 4k+1 (1, 5, ..., 81): the VAE maps 4k+1 "
-                                                 f"frames to k+1 latents; nearest: {near}")
+                                                 f"frames to k+1 latents; nearest: {near}"
+                                                 + (f" (LightX2V silently makes {(t - 1) // 4 * 4 + 1})" if t > 1 else ""))
     if "text_len" in out and not 1 <= out["text_len"] <= 512:
         raise _err("text_len", out["text_len"], "must lie in [1, 512]")
     if "fps" in out and out["fps"] <= 0:
