@@ -55,6 +55,7 @@ if _OURS:
                             self_attention, self_attention_heads, set_attention_impl)
     from .modulate import gate_residual_modulate, gate_residual_modulate_quant, modulate, modulate_quant  # noqa: E402
     from .qk_norm_rope import qk_norm_rope  # noqa: E402
+    from . import attention_rope  # noqa: E402,F401  (its LX2V_SELF_ATTN_ROPE is checked at import, as every choice)
     from .rms_norm import rms_norm  # noqa: E402
 
 __all__ = ["modulate", "gate_residual_modulate", "modulate_quant", "gate_residual_modulate_quant", "qk_norm_rope",

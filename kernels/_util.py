@@ -46,8 +46,10 @@ def env_choice(var: str, choices, default: str | None, where: str) -> str | None
 
 
 def interpreting() -> bool:
-    """TRITON_INTERPRET=1: kernels run on the CPU through Triton's interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """TRITON_INTERPRET set to a value Triton 3.6 reads as true (1, true, on, yes; any case): kernels run on the
+    CPU through Triton's interpreter. (Read in Python: triton.knobs' C++ getenv breaks torch.compile's
+    tracing.)"""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
 def tuned_file_name(device_name: str) -> str:
@@ -125,9 +127,34 @@ def _tuned(device: torch.device | None) -> list[tuple[Path, dict[str, str]]]:
         device = current_device()
     if device is None or device.type != "cuda":
         return []
-    name = device_name(device)
+    return _tuned_named(tuned_device_name(device_name(device)))
+
+
+def _tuned_named(name: str) -> list[tuple[Path, dict[str, str]]]:
     found = (_tuned_for(str(folder), name) for folder in tuned_dirs())
     return [(path, choices) for path, choices in found if path is not None]
+
+
+# GPUs whose tuned files stand in for others of the same architecture without one of their own (the
+# kernels' choices depend on the SM and its shared memory, which these share): pattern -> tuned GPU name
+_STAND_INS = ((r"\bH200\b", ("NVIDIA H200", "NVIDIA H100 80GB HBM3")),
+              (r"\b(GH200|H100|H800|H20)\b", ("NVIDIA H100 80GB HBM3", "NVIDIA H200")))
+
+
+def tuned_device_name(name: str) -> str:
+    """The GPU name whose tuned files apply to `name`: its own when a file exists; else a MIG slice's whole
+    GPU ("NVIDIA H100 80GB HBM3 MIG 1g.10gb"); else a GPU of the same architecture (H100 PCIe / NVL, H800,
+    H20, GH200 -> the H100 SXM's file, else the H200's; H200 NVL -> the H200's, else the H100's); else
+    `name` (built-in defaults)."""
+    if _tuned_named(name):
+        return name
+    whole = re.sub(r"\s+MIG\s.*$", "", name)
+    if whole != name and _tuned_named(whole):
+        return whole
+    for pattern, stand_ins in _STAND_INS:
+        if re.search(pattern, whole):
+            return next((g for g in stand_ins if _tuned_named(g)), name)
+    return name
 
 
 def tuned_path(device: torch.device | None) -> Path | None:
@@ -166,6 +193,9 @@ def tuned_status(device: torch.device | None) -> str:
     note = f" (LX2V_TUNED folder {missing[0]} does not exist)" if missing else ""
     if not files:
         return f"built-in defaults (no tuned file for {device_name(device)}){note}"
+    name = device_name(device)
+    stand_in = tuned_device_name(name)
+    note = (f" (for {name}: none of its own, {stand_in}'s)" if stand_in != name else "") + note
     return "tuned defaults " + " over ".join(str(f.name) if isinstance(f, Path) else f for f in files) + note
 
 

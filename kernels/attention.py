@@ -18,6 +18,7 @@ are opaque to torch.compile, so the choice is made at every call.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -66,7 +67,8 @@ ATTN_CONFIGS: dict[str, AttnConfig] = {
     # Measured on an H100 (2026-11-26): 582 TFLOP/s at 12 heads, L=32760, 1.075x cuDNN SDPA in the same run.
     "ws_128x128_w4_s2": AttnConfig(128, 128, 4, 2, tma=True, warp_specialize=True),
     # the same, with the keys of self-attention padded to whole blocks by their mean so that the loop has
-    # no mask (sm90 SASS: 453 instead of 580 instructions per warp and key block); not yet run on a GPU
+    # no mask (sm90 SASS: 453 instead of 580 instructions per warp and key block); H200 2026-11-27: 11.46 ms
+    # vs 11.18 for ws_128x128 at L=32760 (kernels/tuned/*.json evidence)
     "ws_mp_128x128_w4_s2": AttnConfig(128, 128, 4, 2, tma=True, warp_specialize=True, mean_pad=True),
     # Removed: "ws_128x64_w4_s3" (128x64, 3 stages, warp-specialised) compiled but returned NaN at
     # L=32760 on the H100 while right in the interpreter at small shapes (not investigated).
@@ -265,7 +267,7 @@ def _attn_fwd_kernel(Q, K, V, O, C_SCRATCH,
         # the padded keys' score q . mean(k) * scale (row Lk of K holds the mean), parked in global scratch
         # [B*H, Lq] and read back after the loop: triton 3.6's sm90 warp specialisation fails when a [BM]
         # tensor computed before the loop, or a [BM, D] load after it, is used after it
-        mean = tl.load(k_base + Lk.to(tl.int64) * stride_kl + offs_d).to(tl.float32)
+        mean = tl.load(k_base + tl.cast(Lk, tl.int64) * stride_kl + offs_d).to(tl.float32)  # (Lk == 1: a constexpr)
         q_rows = tl.load(q_base + offs_m.to(tl.int64)[:, None] * stride_ql + offs_d[None, :],
                          mask=offs_m[:, None] < Lq, other=0.0)
         c_pad = tl.sum(q_rows.to(tl.float32) * mean[None, :], 1) * qk_scale
@@ -334,6 +336,20 @@ def _tma_alloc(size: int, alignment: int, stream) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
+def _resolve(cfg: AttnConfig, device: torch.device) -> AttnConfig:
+    """Before sm90 (A100, L40S, RTX 4090: no warp specialisation, no TMA) a warp-specialised config runs its
+    tile plainly with 8 warps and pointer loads: at 4 warps the 128x128 tile spills (ptxas: 23,796 bytes
+    of spill stores on sm_80, ~2,700 on sm_89; 8 warps: none, 96 KB of shared memory, within sm_86/89's 99
+    KB). Unmeasured on those GPUs."""
+    return _plain_before_sm90(cfg, torch.cuda.get_device_capability(device) if device.type == "cuda" else None)
+
+
+def _plain_before_sm90(cfg: AttnConfig, capability: tuple[int, int] | None) -> AttnConfig:
+    if cfg.warp_specialize and capability is not None and capability < (9, 0):
+        return dataclasses.replace(cfg, warp_specialize=False, num_warps=8, tma=False)
+    return cfg
+
+
 def _tma_ok(*ts: torch.Tensor) -> bool:
     """TMA needs 16-byte aligned bases and 16-byte multiples for every non-unit stride."""
     for t in ts:
@@ -343,12 +359,16 @@ def _tma_ok(*ts: torch.Tensor) -> bool:
     return True
 
 
+# head dims the kernels take: at 256 every config needs 384-448 KB of shared memory (sm90 has 227 KB)
+HEAD_DIMS = (16, 32, 64, 128)
+
+
 def attention_supports(dtype: torch.dtype, head_dim: int, attn_8bit: bool = False) -> bool:
     """Whether the attention kernels take this run dtype and head dim (fp16/bf16; D a power of two in
-    [16, 256], the 8-bit kernel and the RoPE prologue 32, 64 or 128): ops falls back to the reference
-    where not (an fp32 model, 48-wide heads)."""
+    [16, 128], the 8-bit kernel and the RoPE prologue 32, 64 or 128): ops falls back to the reference
+    where not (an fp32 model, 48- or 256-wide heads: no config's tiles fit sm90's shared memory at 256)."""
     return dtype in (torch.float16, torch.bfloat16) and head_dim in ((32, 64, 128) if attn_8bit else
-                                                                    (16, 32, 64, 128, 256))
+                                                                    HEAD_DIMS)
 
 
 def _check_qkv(q, k, v):
@@ -360,8 +380,8 @@ def _check_qkv(q, k, v):
     if k.shape[0] != B or k.shape[2:] != (H, D) or v.shape != k.shape:
         raise ValueError(f"{where}: k, v must be [B={B}, Lk, H={H}, D={D}] and equal, got {list(k.shape)}, "
                          f"{list(v.shape)}")
-    if D not in (16, 32, 64, 128, 256):
-        raise ValueError(f"{where}: head dim D must be a power of two in [16, 256], got {D}")
+    if D not in HEAD_DIMS:
+        raise ValueError(f"{where}: head dim D must be a power of two in [16, 128], got {D}")
     if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"{where}: q, k, v must all be fp16 or bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
 
@@ -371,7 +391,7 @@ def mean_pad_ok(cfg: AttnConfig, Lk: int, device: torch.device) -> bool:
     interpreter) and a ragged last key block."""
     tma = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0) or \
         (device.type == "cpu" and interpreting())
-    return cfg.warp_specialize and tma and Lk % cfg.block_n != 0
+    return cfg.warp_specialize and tma and Lk % cfg.block_n != 0 and Lk > 1
 
 
 def pad_keys_with_mean(k_pad: torch.Tensor, Lk: int) -> None:
@@ -389,6 +409,7 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: 
     >= Lk filled by pad_keys_with_mean (then the warp-specialised loop runs without a mask; needs
     mean_pad_ok)."""
     cfg = ATTN_CONFIGS[config or _config(q.device)] if not isinstance(config, AttnConfig) else config
+    cfg = _resolve(cfg, q.device)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     B, Lq, H, D = q.shape
     Lk = v.shape[1]
@@ -436,9 +457,12 @@ def _attention_gluon_or_triton(q, k, v) -> torch.Tensor:
     A failure of the Gluon kernel (e.g. a compile error on this GPU) switches it off for the process with
     one warning; the Triton kernel then computes this call and the following ones."""
     if _gluon.failure() is None and _gluon.gluon_ok(q, k, v) and _gluon.available(q.device):
+        config = _gluon_config(q.device)  # (a bad tuned choice is the user's error: raised, not a kernel failure)
         try:
-            return _gluon.attention_gluon(q, k, v, _gluon_config(q.device))
-        except Exception as e:  # noqa: BLE001 - any failure: warn once and use the proven kernel
+            return _gluon.attention_gluon(q, k, v, config)
+        except torch.OutOfMemoryError:  # (transient: not the kernel's fault, it stays on)
+            raise
+        except Exception as e:  # noqa: BLE001 - any other failure: warn once and use the proven kernel
             _gluon.record_failure(e, "kernels/attention.py")
     return attention_triton(q, k, v)
 
@@ -567,7 +591,7 @@ def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: torch.
     D = q.shape[-1] // num_heads
     if not attention_supports(q.dtype, D, attn_8bit) or v.dtype != q.dtype or k.dtype != q.dtype:
         raise ValueError(f"kernels/attention.py: self_attention{' (8-bit)' if attn_8bit else ''} takes fp16/bf16 q, "
-                         f"k, v and a head dim of {'32, 64 or 128' if attn_8bit else 'a power of two in [16, 256]'}, "
+                         f"k, v and a head dim of {'32, 64 or 128' if attn_8bit else 'a power of two in [16, 128]'}, "
                          f"got {q.dtype}/{k.dtype}/{v.dtype} and D = {D}")
     if attn_8bit and not fp8_supported(q.device):
         raise RuntimeError(f"kernels/attention.py: 8-bit self-attention needs an sm89+ GPU (fp8 MMA) or "

@@ -74,8 +74,8 @@ class Attn8Config:
     p_regs: bool = False    # (gluon) P8 in registers as P.V's A operand; v quantised with key_perm (key_perm32)
 
 
-# Candidates for benchmarks/bench_kernels.py (none measured on a GPU yet; the bf16 analogue of
-# "ws_128x128_w4_s2" measured 582 TFLOP/s). The smem budget at 128x128: q 16 KB + (k 16 KB + v 16 KB) per
+# Candidates for benchmarks/bench_kernels.py (measured on the H100 and H200: kernels/tuned/*.json evidence;
+# the Gluon ones win there, the Triton ws_ ones run plain on GPUs: WS_BROKEN_ON_GPU). The smem budget at 128x128: q 16 KB + (k 16 KB + v 16 KB) per
 # stage.
 ATTN8_CONFIGS: dict[str, Attn8Config] = {
     "ws_128x128_w4_s2": Attn8Config(128, 128, 4, 2, warp_specialize=True),
@@ -574,7 +574,9 @@ def attention_8bit_quantized(quantized: tuple, Lk: int, out: torch.Tensor, confi
             try:
                 return _gluon.attention_8bit_gluon_quantized(quantized, Lk, out, _gluon.GluonAttnConfig(
                     cfg.block_n, cfg.num_stages, p_regs=cfg.p_regs))
-            except Exception as e:  # noqa: BLE001 - any failure: warn once and use the Triton kernel
+            except torch.OutOfMemoryError:  # (transient: not the kernel's fault, it stays on)
+                raise
+            except Exception as e:  # noqa: BLE001 - any other failure: warn once and use the Triton kernel
                 _gluon.record_failure(e, "kernels/attention_8bit.py")
         if cfg.p_regs:  # the Triton kernel reads the keys in their order
             vt = unpermute_keys(vt)

@@ -50,11 +50,11 @@ def set_rope_placement(placement: str) -> None:
 
 def rope_placement(device: torch.device | None = None) -> str:
     """The placement used on `device`: the explicit choice, else the GPU's tuned file (only while
-    self-attention's backend is the Triton kernel), else "pass"."""
+    self-attention's backend is the Triton kernel with no explicit config), else "pass"."""
     if _PLACEMENT is not None:
         return _PLACEMENT
-    from .attention import _impl
-    if _impl(device) != "triton":
+    from .attention import _CONFIG, _impl
+    if _impl(device) != "triton" or _CONFIG is not None:  # (an explicit Triton config is the one to run)
         return "pass"
     return choose(None, "LX2V_SELF_ATTN_ROPE", device, ROPE_PLACEMENTS, "pass", _WHERE)
 

@@ -92,7 +92,8 @@ def describe(device: torch.device, attn_8bit: bool = False, seq_parallel: bool =
         self_attn = "triton with q/k norm+RoPE in the kernel (attention_rope)"
     else:
         self_attn = exact + (" (no 8-bit kernel for this model)" if wanted8 else "")
-    return (f"ops: Triton kernels; self-attention {self_attn}, cross-attention {attn.cross_attention_impl(device)}, "
+    cross = attn.cross_attention_impl(device) if k.attention_supports(dt, d) else "PyTorch reference"
+    return (f"ops: Triton kernels; self-attention {self_attn}, cross-attention {cross}, "
             f"q/k norm+RoPE {qk.qk_rope_impl(device)}, FFN GELU epilogue "
             f"{'on' if gelu_epilogue_used(device, torch.bfloat16) else 'off'}; {util.tuned_status(device)}")
 

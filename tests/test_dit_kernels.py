@@ -59,14 +59,17 @@ def test_fp32_and_48_wide_heads_run_the_reference_attention():
     from lightx2v_engine.kernels import attention_supports
     assert attention_supports(torch.bfloat16, 128) and attention_supports(torch.float16, 16, False)
     assert not attention_supports(torch.float32, 128) and not attention_supports(torch.bfloat16, 48)
+    assert not attention_supports(torch.bfloat16, 256)  # (no config's tiles fit sm90's shared memory)
     assert attention_supports(torch.bfloat16, 64, True) and not attention_supports(torch.bfloat16, 16, True)
     ops.set_backend("kernels")  # (the one line the pipeline logs says so)
     try:
         cpu = torch.device("cpu")
         assert "self-attention PyTorch reference (torch.float32, head dim 128" in ops.describe(cpu, dtype=torch.float32)
-        assert "PyTorch reference (torch.bfloat16, head dim 48" in ops.describe(cpu, dtype=torch.bfloat16, head_dim=48)
+        line = ops.describe(cpu, dtype=torch.bfloat16, head_dim=48)
+        assert "PyTorch reference (torch.bfloat16, head dim 48" in line and "cross-attention PyTorch reference" in line
+        assert "PyTorch reference (torch.bfloat16, head dim 256" in ops.describe(cpu, dtype=torch.bfloat16, head_dim=256)
         assert "self-attention PyTorch reference" not in ops.describe(cpu, dtype=torch.bfloat16, head_dim=128)
-        line = ops.describe(cpu, attn_8bit=True, dtype=torch.float16, head_dim=256)
+        line = ops.describe(cpu, attn_8bit=True, dtype=torch.float16, head_dim=16)
         assert "no 8-bit kernel for this model" in line, line
     finally:
         ops.set_backend("auto")

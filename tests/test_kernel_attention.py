@@ -246,6 +246,20 @@ for name, c in A.ATTN_CONFIGS.items():
                       WARP_SPEC=ws, PIPE_QK=c.pipe_qk, EVEN_N=even, MEAN_PAD=mean_pad)
         out[f"{name}/even={even}/mean_pad={mean_pad}"] = build(A._attn_fwd_kernel, bf, consts, c.num_warps,
                                                                c.num_stages)
+# sizes of 1: Triton makes an int argument equal to 1 a constexpr (the interpreter does not): Lk.to() on it
+# failed to compile (the mean-padded loop, L == 1)
+for name in ("ws_mp_128x128_w4_s2",):
+    c = A.ATTN_CONFIGS[name]
+    ws = c.warp_specialize and c.tma
+    consts = dict(HEAD_D=128, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=c.tma, WARP_SPEC=ws, PIPE_QK=c.pipe_qk,
+                  EVEN_N=False, MEAN_PAD=ws, Lk=1, Lq=1, H=1)
+    out[f"size1_{name}"] = build(A._attn_fwd_kernel, bf, consts, c.num_warps, c.num_stages)
+# before sm90 a warp-specialised config runs as A._resolve makes it (8 warps, pointer loads)
+for arch in (80, 89):
+    c = A._plain_before_sm90(A.ATTN_CONFIGS[A.DEFAULT_ATTN_CONFIG], divmod(arch, 10))
+    consts = dict(HEAD_D=128, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=c.tma, WARP_SPEC=c.warp_specialize,
+                  PIPE_QK=c.pipe_qk, EVEN_N=False, MEAN_PAD=False)
+    out[f"pre90_sm{arch}_default"] = build(A._attn_fwd_kernel, bf, consts, c.num_warps, c.num_stages, arch=arch)
 mt = dict(X="*fp32", Y="*bf16", GATE="*fp32", SHIFT="*fp32", SCALE="*fp32", XOUT="*fp32", OUT="*bf16", QS="*fp32",
           eps="fp32")
 for C in (1536, 5120):
@@ -333,6 +347,10 @@ def test_kernels_compile_for_sm90():
                             "attn_rope_rstd")):  # (the other norm+RoPE-in-attention tiles are benchmark options)
             assert r["spill"] == 0, f"{name}: {r['spill']} bytes of register spills"
     assert any(name.startswith("attn_rope_128x64_w8_s2") for name in info)
+    assert "size1_ws_mp_128x128_w4_s2" in info
+    for arch in (80, 89):  # (sm_86/89 give a block 99 KB of shared memory)
+        r = info[f"pre90_sm{arch}_default"]
+        assert r["spill"] == 0 and r["smem"] <= 99 * 1024 and not r["ws"], (arch, r)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -475,3 +493,17 @@ def test_attention_rows_past_int32_offsets(tmp_path):
     err8 = [float(ln.split()[1]) for ln in res.stdout.splitlines() if ln.startswith("ERR8")]
     assert len(err8) == 2 and max(err8) < 0.1, res.stdout
     assert "REFUSED True" in res.stdout, res.stdout
+
+
+def test_warp_specialised_default_runs_plain_before_sm90(monkeypatch):
+    """The default ws 128x128 tile at 4 warps spills before sm90 (no warp specialisation there): A100 / L40S /
+    RTX 4090 run it with 8 warps and pointer loads (the AOT test above compiles that for sm_80 and sm_89)."""
+    import importlib
+    A = importlib.import_module("lightx2v_engine.kernels.attention")  # (the package re-exports a function of that name)
+    cfg = ATTN_CONFIGS["ws_128x128_w4_s2"]
+    for cap, plain in (((8, 0), True), ((8, 9), True), ((9, 0), False), ((10, 0), False)):
+        monkeypatch.setattr(A.torch.cuda, "get_device_capability", lambda device=None, cap=cap: cap)
+        got = A._resolve(cfg, torch.device("cuda", 0))
+        assert (got.warp_specialize, got.num_warps, got.tma) == ((False, 8, False) if plain else (True, 4, True))
+    assert A._resolve(cfg, torch.device("cpu")) is cfg
+    assert A._resolve(ATTN_CONFIGS["ptr_256x64_w8_s3"], torch.device("cpu")) is ATTN_CONFIGS["ptr_256x64_w8_s3"]

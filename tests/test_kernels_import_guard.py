@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _SCRIPT = r'''
@@ -39,19 +41,21 @@ def test_top_level_kernels_import_is_inert():
     assert res.returncode == 0 and "OK (1, 30, 256)" in res.stdout, res.stdout[-2000:] + res.stderr[-3000:]
 
 
-def test_a_mistyped_kernel_choice_is_an_error_not_a_silent_slow_path():
+@pytest.mark.parametrize("var,value,module", [("LX2V_QK_ROPE", "onepass_r3", "qk_norm_rope"),
+                                               ("LX2V_SELF_ATTN_ROPE", "prolog", "attention_rope")])
+def test_a_mistyped_kernel_choice_is_an_error_not_a_silent_slow_path(var, value, module):
     """LX2V_QK_ROPE=onepass_r3 (no such variant) made the whole kernel package "unavailable", so every op on
     CUDA ran the slow reference and only ops.describe() said why; now asking for the kernels (the pipeline
     logs ops.describe(device) when it is built) raises the message naming the variable and its choices."""
-    env = dict(os.environ, TRITON_INTERPRET="1", LX2V_QK_ROPE="onepass_r3")
+    env = dict(os.environ, TRITON_INTERPRET="1", **{var: value})  # (LX2V_SELF_ATTN_ROPE was read at the first
+    # self-attention call only: never for 8-bit runs or other head dims)
     script = ("import torch\nfrom lightx2v_engine import ops, vae\n"
               "for f in (ops.kernel_status, lambda: ops.describe(torch.device('cuda')), vae.norm_kernel_status):\n"
               "    try:\n        f()\n    except ValueError as e:\n        print('RAISED', e)\n")
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     raised = [ln for ln in res.stdout.splitlines() if ln.startswith("RAISED")]
     assert len(raised) == 3, res.stdout + res.stderr[-2000:]
-    assert all("kernels/qk_norm_rope.py: LX2V_QK_ROPE must be one of" in ln and "got 'onepass_r3'" in ln
-               for ln in raised), raised
+    assert all(f"kernels/{module}.py: {var} must be one of" in ln and f"got '{value}'" in ln for ln in raised), raised
 
 
 def test_8bit_gemm_without_triton_uses_the_cublas_path(monkeypatch):
@@ -69,3 +73,12 @@ def test_8bit_gemm_without_triton_uses_the_cublas_path(monkeypatch):
         assert quant._triton_scaled_gemm() is None
     finally:
         ops.set_backend(prev)
+
+
+@pytest.mark.parametrize("value", ["1", "true", "On", "yes", "0", "false", ""])
+def test_interpreting_reads_triton_interpret_as_triton_does(value, monkeypatch):
+    """Only "1" counted: TRITON_INTERPRET=true ran the interpreter without the engine's interpreter fixes."""
+    from triton import knobs
+    from lightx2v_engine.kernels._util import interpreting
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert interpreting() == bool(knobs.runtime.interpret)

@@ -83,6 +83,9 @@ def test_tuned_rope_placement_follows_the_triton_backend(fake_gpus):
     assert AR.rope_placement(CUDA0) == "prologue"
     AR.set_rope_placement("default")
     A.set_attention_impl("default")
+    A.set_attention_impl(config="ptr_256x64_w8_s3")  # an explicit Triton config is the kernel to run (the
+    assert AR.rope_placement(CUDA0) == "pass"          # prologue kernel ran instead, the config ignored)
+    A.set_attention_impl(config="default")
     _write(fake_gpus, NAMES[0], {"LX2V_SELF_ATTN_ROPE": "prologue", "LX2V_ATTN": "gluon"})
     _util.clear_tuned_cache()
     assert AR.rope_placement(CUDA0) == "pass"
@@ -262,3 +265,22 @@ def test_shipped_files_are_valid():
         assert path.name == _util.tuned_file_name(device)
         for key, value in _util.read_tuned(str(path), device).items():
             assert value in choices[key], (path, key, value)
+
+
+def test_gpus_without_a_file_take_their_architectures(fake_gpus, monkeypatch):
+    """Tuned files were matched by the exact GPU name: an H100 PCIe / NVL, a MIG slice, an H800 got the built-in
+    defaults (Triton instead of Gluon, ~11% slower attention). A MIG slice takes its whole GPU's file, an sm90
+    GPU without one the H100 SXM's (H200s the H200's); a GPU of another family keeps the built-in defaults."""
+    names = {**NAMES, 2: "NVIDIA H100 PCIe", 3: "NVIDIA H100 80GB HBM3 MIG 1g.10gb", 4: "NVIDIA H800",
+             5: "NVIDIA H200 NVL", 6: "NVIDIA A100-SXM4-80GB"}
+    monkeypatch.setattr(_util, "device_name", lambda d: names[d.index])
+    _write(fake_gpus, NAMES[0], {"LX2V_ATTN": "gluon", "LX2V_QK_ROPE": "packed"})
+    for i in (2, 3, 4, 5):
+        dev = torch.device("cuda", i)
+        assert A.attention_impl(dev)[0] == "gluon" and QK.qk_rope_impl(dev) == "packed", names[i]
+        assert _util.tuned_status(dev).endswith(f"(for {names[i]}: none of its own, {NAMES[0]}'s)")
+    _write(fake_gpus, "NVIDIA H200", {"LX2V_QK_ROPE": "chunk"})
+    _util.clear_tuned_cache()
+    assert QK.qk_rope_impl(torch.device("cuda", 5)) == "chunk"  # (an H200 NVL: the H200's file)
+    assert A.attention_impl(torch.device("cuda", 6)) == ("triton", A.DEFAULT_ATTN_CONFIG)
+    assert A.attention_impl(CUDA1) == ("triton", A.DEFAULT_ATTN_CONFIG)
