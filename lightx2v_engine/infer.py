@@ -13,17 +13,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
 import torch
 
 from lightx2v_engine.parallel import rank_from_env, rank_prefix, world_size_from_env
+from lightx2v_engine.config import TINY_SIZE
 from lightx2v_engine.schedulers import MAX_SEED
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-TINY_DEFAULTS = {"target_video_length": 9, "target_height": 64, "target_width": 96}
+TINY_DEFAULTS = TINY_SIZE  # the tiny presets' video size where the config gives none
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,9 +89,9 @@ def run_config_from_args(args: argparse.Namespace):
     if args.no_cuda_graph:
         overrides["use_cuda_graph"] = False
     overrides.update(getattr(args, "config_overrides", None) or {})  # the server's extra --key value pairs
-    if args.random_weights and _preset(args).startswith("tiny") and args.config_json is None:
-        overrides = {**TINY_DEFAULTS, **overrides}
-    return _parallel_if_torchrun(load_run_config(args.config_json, overrides, model_cls=args.model_cls))
+    tiny = args.random_weights and _preset(args).startswith("tiny")
+    return _parallel_if_torchrun(load_run_config(args.config_json, overrides, model_cls=args.model_cls,
+                                                 defaults=TINY_DEFAULTS if tiny else None))
 
 
 def _preset(args: argparse.Namespace) -> str:
@@ -104,10 +107,16 @@ def load_pipeline(args: argparse.Namespace, run_cfg=None):
         run_cfg = run_config_from_args(args)
     if args.random_weights:
         preset = _preset(args)
-        pipe = Pipeline.random(preset, run_cfg, device=args.device)
-        if pipe.task != args.task:
-            raise ValueError(f"--task {args.task} does not fit preset {preset!r} ({pipe.task})")
-        return pipe
+        if args.model_path is not None:  # (it was ignored: random weights where the user meant theirs)
+            raise ValueError("--random-weights builds a model with random weights: drop --model_path, or drop "
+                             "--random-weights to load the weights in --model_path")
+        from lightx2v_engine.config import get_preset
+        made_for = "i2v" if get_preset(preset).is_i2v else "t2v"
+        if made_for != args.task:  # (checked before the build)
+            hint = {("tiny", "i2v"): " (use --preset tiny-i2v)", ("tiny-i2v", "t2v"): " (use --preset tiny)"}
+            raise ValueError(f"--task {args.task} does not fit preset {preset!r} ({made_for})"
+                             + hint.get((preset, args.task), ""))
+        return Pipeline.random(preset, run_cfg, device=args.device)
     if args.model_path is None:
         raise ValueError("--model_path is required (or --random-weights --preset NAME)")
     return Pipeline.load(args.model_path, run_cfg, task=args.task, model_cls=args.model_cls, device=args.device,
@@ -152,6 +161,9 @@ def run(args: argparse.Namespace) -> int:
     check_video_file(args.save_result_path, "--save_result_path")
     if args.save_latents is not None:
         check_output_file(args.save_latents, "--save_latents")
+        if Path(args.save_latents).suffix != ".safetensors":  # (a safetensors file under a .pt name before)
+            raise ValueError(f"--save_latents {args.save_latents!r}: the latents are written as safetensors; give "
+                             f"a .safetensors file name")
         if Path(args.save_latents).resolve() == Path(args.save_result_path).resolve():
             raise ValueError("--save_latents and --save_result_path name the same file")
     run_cfg = run_config_from_args(args)
@@ -214,11 +226,20 @@ def main(argv=None) -> int:
     quiet = args.quiet or rank_from_env() > 0  # under torchrun the other ranks log warnings and errors only
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format=rank_prefix() + "%(levelname)s %(name)s: %(message)s")
+    stopped, previous = [], None
+    if threading.current_thread() is threading.main_thread():  # SIGTERM (kill, docker stop) ends like Ctrl-C:
+        def terminate(signum, frame):  # the temporary output files are removed on the way out
+            stopped.append(signum)
+            raise KeyboardInterrupt
+        previous = signal.signal(signal.SIGTERM, terminate)
     try:
         with warnings.catch_warnings():  # one "warning: ..." line each, like the "error: ..." lines
             warnings.simplefilter("default")
             warnings.showwarning = _show_warning
             return run(args)
+    except KeyboardInterrupt:  # (a traceback from wherever it landed before)
+        print(f"{rank_prefix()}interrupted{' (SIGTERM)' if stopped else ''}", file=sys.stderr)
+        return 128 + (stopped[0] if stopped else signal.SIGINT)
     except user_errors() as e:
         msg = str(e).replace("\n", " ")
         print(f"{rank_prefix()}error: {msg}", file=sys.stderr)
@@ -226,6 +247,9 @@ def main(argv=None) -> int:
     except torch.cuda.OutOfMemoryError as e:
         print(f"{rank_prefix()}error: out of GPU memory ({str(e).splitlines()[0]})", file=sys.stderr)
         return 3
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

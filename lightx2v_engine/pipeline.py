@@ -32,8 +32,8 @@ from lightx2v_engine import t5 as t5_mod
 from lightx2v_engine import tae as tae_mod
 from lightx2v_engine import vae as vae_mod
 from lightx2v_engine.checkpoint import candidate_paths
-from lightx2v_engine.config import (ModelConfig, RunConfig, check_model_cls, get_preset, load_run_config,
-                                    model_config_from_json, parse_run_config, warn_user)
+from lightx2v_engine.config import (TINY_SIZE, ModelConfig, RunConfig, check_model_cls, get_preset, load_run_config,
+                                    model_config_from_json, parse_run_config, warn_user, with_defaults)
 from lightx2v_engine.dit import WanDiT
 from lightx2v_engine.image import i2v_mask, load_image, prepare_i2v_image
 from lightx2v_engine.loading import DTYPES, build_dit, load_dit
@@ -380,7 +380,7 @@ class Pipeline:
         """The same graph with random weights: `preset` names the DiT ("tiny", "tiny-i2v", "wan2.1-t2v-1.3b",
         ...); the tiny presets pair with tiny T5/VAE/CLIP, the real ones with real-size encoders."""
         t0 = time.perf_counter()
-        run = _run_config(config, "wan2.1_distill")
+        run = _run_config(config, "wan2.1_distill", TINY_SIZE if preset.startswith("tiny") else None)
         mcfg = get_preset(preset)
         par = _init_parallel(run, mcfg, device)
         dev = par.device if par is not None else _device(device)
@@ -914,13 +914,15 @@ def _check_finite(x: torch.Tensor, step: int) -> None:
         raise NonFiniteError(f"non-finite values (NaN/Inf) in the latents after denoising step {step}")
 
 
-def _run_config(config, model_cls: str) -> RunConfig:
+def _run_config(config, model_cls: str, defaults: dict | None = None) -> RunConfig:
+    """config (RunConfig, dict of LightX2V keys, JSON path or None) as a RunConfig; `defaults` fill the keys
+    a dict or file does not set (the tiny presets' size)."""
     if isinstance(config, RunConfig):
         check_model_cls(model_cls)
         return config
     if isinstance(config, dict):
-        return parse_run_config(config, model_cls=model_cls)
-    return load_run_config(config, model_cls=model_cls)
+        return parse_run_config(with_defaults(config, defaults or {}), model_cls=model_cls)
+    return load_run_config(config, model_cls=model_cls, defaults=defaults)
 
 
 def _device(device) -> torch.device:

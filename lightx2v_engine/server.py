@@ -227,7 +227,10 @@ class TaskQueue:
             ids = [t.task_id for t in self._pending] + ([self.current.task_id] if self.current else [])
         for task_id in ids:
             self.cancel(task_id)
-        return {"stop_status": "success" if ids else "do_nothing", "reason": f"cancelled {len(ids)} task(s)"}
+        running = int(bool(ids) and self.current is not None and ids[-1] == self.current.task_id)
+        return {"stop_status": "success" if ids else "do_nothing",
+                "reason": f"cancelled {len(ids) - running} pending task(s)"
+                          + (", stopping the running one before its next denoising step" if running else "")}
 
     def close(self, timeout: float | None = STOP_WAIT) -> bool:
         """Stops the worker: pending tasks are cancelled, the running one stops before its next denoising
@@ -925,9 +928,14 @@ def serve(app: App, host: str = "0.0.0.0", port: int = 8000,
 def build_parser() -> argparse.ArgumentParser:
     from lightx2v_engine.infer import build_parser as infer_parser
     p = infer_parser()
-    p.description = "HTTP server with LightX2V's task API"
+    p.prog = "python -m lightx2v_engine.server"
+    p.description = ("HTTP server with LightX2V's task API. It takes the CLI's model and config options; the "
+                     "CLI's per-video ones (--prompt, --image_path, --seed, --save_result_path, ...) come with each "
+                     "request instead. Extra --key value pairs are config keys.")
     p.allow_abbrev = False  # '--config' must not silently mean --config_json (extra pairs are config keys)
-    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: every interface, as "
+                   "LightX2V's; use 127.0.0.1 for this machine only - requests may read image files and URLs, see "
+                   "--image_dir and --no_image_urls)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max_queue_size", type=int, default=10, help="tasks pending or processing at most (HTTP 503 "
                    "beyond)")
@@ -954,6 +962,8 @@ def check_options(args, rank: int = 0) -> None:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     if args.max_request_tokens is not None and args.max_request_tokens < 1:
         raise ValueError(f"--max_request_tokens must be at least 1, got {args.max_request_tokens}")
+    if args.lora_dir is not None and not Path(args.lora_dir).is_dir():  # (it failed each request naming a LoRA)
+        raise ValueError(f"--lora_dir {args.lora_dir!r} is not a folder")
     if rank == 0:
         try:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -970,7 +980,7 @@ def image_sources(args) -> ImageSources:
     if args.image_dir is not None:
         folder = Path(args.image_dir)
         if not folder.is_dir():
-            raise SystemExit(f"server: --image_dir {args.image_dir!r} is not a folder")
+            raise ValueError(f"--image_dir {args.image_dir!r} is not a folder")
     return ImageSources(image_dir=folder, urls=not args.no_image_urls)
 
 
@@ -978,7 +988,7 @@ def config_pairs(extra: list[str]) -> dict[str, Any]:
     """LightX2V's server also takes `--key value` pairs as config keys: ['--sample_shift', '3'] ->
     {'sample_shift': 3} (values read as JSON where they parse, else as text; checked by the config parser)."""
     if len(extra) % 2 or any(not k.startswith("--") or len(k) < 3 for k in extra[::2]):
-        raise SystemExit(f"server: unrecognized arguments {extra}; extra config keys go as --key value pairs")
+        raise ValueError(f"unrecognized arguments {extra}; extra config keys go as --key value pairs")
     out = {}
     for key, text in zip(extra[::2], extra[1::2]):
         try:
@@ -999,10 +1009,10 @@ def _exit_at_once(signum, frame):
 def main(argv=None) -> int:
     from lightx2v_engine.infer import load_pipeline, user_errors
     args, extra = build_parser().parse_known_args(argv)
-    args.config_overrides = config_pairs(extra)
-    sources = image_sources(args)  # (checked before the models load)
     from lightx2v_engine.parallel import rank_from_env, rank_prefix
-    try:
+    try:  # (checked before the models load)
+        args.config_overrides = config_pairs(extra)
+        sources = image_sources(args)
         check_options(args, rank_from_env())
     except ValueError as e:
         print(f"{rank_prefix()}error: {e}", file=sys.stderr)

@@ -42,7 +42,8 @@ def make_tiny_model_folder(path: str | Path, task: str = "t2v", seed: int = 0) -
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="write a tiny random Wan2.1 model folder")
+    p = argparse.ArgumentParser(prog="python -m lightx2v_engine.tiny",
+                                description="write a tiny random Wan2.1 model folder")
     p.add_argument("out")
     p.add_argument("--task", default="t2v", choices=["t2v", "i2v"])
     a = p.parse_args(argv)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from fractions import Fraction
@@ -141,6 +143,12 @@ def check_output_file(path: str | os.PathLike, what: str) -> None:
                          f"{_MAX_NAME} (the file system's 255, less the temporary file's additions)")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"{what} {str(path)!r}: the folder {folder} is not writable")
+    try:  # (os.access says yes to root everywhere, also on a read-only or special file system: /proc)
+        fd, probe = tempfile.mkstemp(prefix=".lx2v-write-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{what} {str(path)!r}: cannot write in the folder {folder} ({e.strerror})") from None
 
 
 def _process_umask() -> int:
@@ -163,16 +171,33 @@ def atomic_path(path: str | os.PathLike, suffix: str) -> Iterator[Path]:
     """Yields a temp path next to `path`; on success moves it to `path`, on any failure deletes it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
+    tmp_path = None
+    try:  # (the temp file's creation too: an interrupt right after it must not leave it behind)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+        tmp_path = Path(tmp)
+        os.close(fd)
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_process_umask())  # mkstemp creates 0600; give the final file normal permissions
         os.replace(tmp_path, path)
     except BaseException:
-        tmp_path.unlink(missing_ok=True)
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM held back for the block (delivered after it) in the main thread; elsewhere (no
+    pthread_sigmask, another thread: signals go to the main thread anyway) nothing changes."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _ffmpeg_exe() -> str:
@@ -212,8 +237,10 @@ def save_mp4(
             "-an", "-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
             *(["-movflags", "+faststart"] if muxer != "matroska" else []), "-f", muxer, str(tmp),
         ]
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
+        proc = None
         try:
+            with _signals_held():  # (an interrupt inside Popen would orphan ffmpeg, which then writes tmp)
+                proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
             for f in stream:
                 proc.stdin.write(np.ascontiguousarray(f).tobytes())
             proc.stdin.close()
@@ -222,11 +249,12 @@ def save_mp4(
             rc = proc.wait()
             rc = rc if rc != 0 else -1
         except BaseException:
-            proc.kill()
-            proc.wait()
+            if proc is not None:
+                proc.kill()
+                proc.wait()
             raise
         finally:
-            if proc.stdin and not proc.stdin.closed:
+            if proc is not None and proc.stdin and not proc.stdin.closed:
                 try:
                     proc.stdin.close()
                 except BrokenPipeError:

@@ -409,7 +409,7 @@ def test_extra_key_value_pairs_are_config_keys():
     args.config_overrides = S.config_pairs(["--sample_shfit", "3"])
     with pytest.raises(ValueError, match="did you mean 'sample_shift'"):
         load_pipeline(args)
-    with pytest.raises(SystemExit, match="key value pairs"):
+    with pytest.raises(ValueError, match="key value pairs"):
         S.config_pairs(["--lonely"])
 
 
@@ -573,7 +573,7 @@ def test_image_sources_confine_files_and_refuse_urls(tmp_path):
         c.close(app)
     args = S.build_parser().parse_args(["--image_dir", str(inside), "--no_image_urls"])
     assert S.image_sources(args) == confined
-    with pytest.raises(SystemExit, match="not a folder"):
+    with pytest.raises(ValueError, match="not a folder"):
         S.image_sources(S.build_parser().parse_args(["--image_dir", str(tmp_path / "missing")]))
     assert S.image_sources(S.build_parser().parse_args([])) == S.ImageSources()
 
@@ -666,6 +666,10 @@ def test_close_cancels_the_pending_tasks_and_stops_the_running_one(tmp_path):
     q = S.TaskQueue(run, max_queue_size=5)
     tasks = [q.submit(S.Task(f"t{i}", {"prompt": "x"}, tmp_path / f"t{i}.mp4")) for i in range(3)]
     assert started.wait(10)
+    # (DELETE /v1/tasks/all/running's answer: it counted the running task among the cancelled ones, though it
+    # may still complete if past its last step)
+    assert q.cancel_all() == {"stop_status": "success", "reason": "cancelled 2 pending task(s), stopping the "
+                                                                  "running one before its next denoising step"}
     t0 = time.time()
     assert q.close(timeout=20) is True
     assert time.time() - t0 < 10 and not q._worker.is_alive()
@@ -804,7 +808,14 @@ def test_start_options_are_checked_before_loading(tmp_path, capsys, monkeypatch)
                            f"--output_dir {str(tmp_path / 'afile' / 'out')!r} cannot be created or written (Not a "
                            f"directory)"),
                           (["--output_dir", str(tmp_path / "afile")],
-                           f"--output_dir {str(tmp_path / 'afile')!r} cannot be created or written (File exists)")):
+                           f"--output_dir {str(tmp_path / 'afile')!r} cannot be created or written (File exists)"),
+                          # (these three exited 1 with a bare message, or - --lora_dir - failed each request)
+                          (["--image_dir", str(tmp_path / "none")], f"--image_dir {str(tmp_path / 'none')!r} is not "
+                                                                    f"a folder"),
+                          (["--lora_dir", str(tmp_path / "afile")], f"--lora_dir {str(tmp_path / 'afile')!r} is not "
+                                                                    f"a folder"),
+                          (["--lonely"], "unrecognized arguments ['--lonely']; extra config keys go as --key value "
+                                         "pairs")):
         assert S.main(["--random-weights", "--preset", "tiny", "--host", "127.0.0.1", "--port", "0", *argv]) == 2
         assert capsys.readouterr().err == f"error: {message}\n"
     assert loads == []
