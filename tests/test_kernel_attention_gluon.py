@@ -117,6 +117,15 @@ def test_gluon_backend_falls_back_to_triton_where_unavailable():
     assert_attn_rule(out, q, k, v, atol=1e-4)
 
 
+def _gluon_standing_in(monkeypatch, kernel):
+    """The Gluon path taken on the CPU with `kernel` as its kernel (not switched off); returns q, k, v."""
+    monkeypatch.setattr(G, "available", lambda device=None: True)
+    monkeypatch.setattr(G, "gluon_ok", lambda q, k, v: True)
+    monkeypatch.setattr(G, "attention_gluon", kernel)
+    monkeypatch.setattr(G, "_FAILED", None)
+    return attn_qkv(1, 40, 40, 2, torch.float16, "cpu")
+
+
 def test_gluon_failure_switches_it_off_with_one_warning(monkeypatch):
     """A Gluon kernel that fails (e.g. does not compile on some GPU) is switched off for the process after
     one warning naming the error; the call and later ones get the Triton kernel's result."""
@@ -126,11 +135,7 @@ def test_gluon_failure_switches_it_off_with_one_warning(monkeypatch):
         calls.append(1)
         raise RuntimeError("PassManager::run failed")
 
-    monkeypatch.setattr(G, "available", lambda device=None: True)
-    monkeypatch.setattr(G, "gluon_ok", lambda q, k, v: True)
-    monkeypatch.setattr(G, "attention_gluon", broken)
-    monkeypatch.setattr(G, "_FAILED", None)
-    q, k, v = attn_qkv(1, 40, 40, 2, torch.float16, "cpu")
+    q, k, v = _gluon_standing_in(monkeypatch, broken)
     try:
         set_attention_impl("gluon")
         with pytest.warns(RuntimeWarning, match="PassManager::run failed"):
@@ -151,11 +156,7 @@ def test_gluon_out_of_memory_is_raised_and_leaves_it_on(monkeypatch):
     def oom(*a, **kw):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(G, "available", lambda device=None: True)
-    monkeypatch.setattr(G, "gluon_ok", lambda q, k, v: True)
-    monkeypatch.setattr(G, "attention_gluon", oom)
-    monkeypatch.setattr(G, "_FAILED", None)
-    q, k, v = attn_qkv(1, 40, 40, 2, torch.float16, "cpu")
+    q, k, v = _gluon_standing_in(monkeypatch, oom)
     try:
         set_attention_impl("gluon")
         with pytest.raises(torch.OutOfMemoryError):
