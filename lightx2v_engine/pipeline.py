@@ -231,6 +231,9 @@ class Output:
     peak_gpu_bytes: int | None = None
 
     def save(self, path: str | Path) -> Path:
+        if self.frames is None:
+            raise RuntimeError("this Output has no frames: on a multi-GPU run only rank 0 decodes the video "
+                               "(save it there: Parallel.rank == 0), or save_latents() on any rank")
         return save_mp4(self.frames.cpu().numpy(), path, fps=self.fps)
 
     def save_latents(self, path: str | Path, **metadata: Any) -> Path:

@@ -370,7 +370,15 @@ def load_tokenizer(model_path: str) -> UMT5Tokenizer:
                 if os.path.isfile(spiece) else "")
         raise FileNotFoundError(f"umT5 tokenizer not found: {path} (expected google/umt5-xxl's tokenizer.json"
                                 f" inside the model folder){hint}")
-    return UMT5Tokenizer(Tokenizer.from_file(path), source=path)
+    try:
+        tok = Tokenizer.from_file(path)
+    except Exception as e:  # (the tokenizers library raises a bare Exception naming no file)
+        with open(path, "rb") as f:
+            head = f.read(64)
+        hint = (": it is a Git LFS pointer, not the file (git lfs pull, or download it from google/umt5-xxl)"
+                if head.startswith(b"version https://git-lfs") else " (download it again from google/umt5-xxl)")
+        raise ValueError(f"umT5 tokenizer {path}: not a readable tokenizer.json ({e}){hint}") from None
+    return UMT5Tokenizer(tok, source=path)
 
 
 _TINY_WORDS = (

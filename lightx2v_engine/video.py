@@ -9,7 +9,10 @@ under another name).
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -41,7 +44,7 @@ def video_to_uint8(video: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"video must be [3, T, H, W] or [1, 3, T, H, W], got shape {tuple(video.shape)}")
     if not video.is_floating_point():
         raise ValueError(f"video must be a float tensor in [-1, 1], got dtype {video.dtype}")
-    x = ((video.float() + 1.0) * 0.5).clamp_(0.0, 1.0).mul_(255.0).round_()
+    x = video.to(torch.float32, copy=True).add_(1.0).mul_(0.5).clamp_(0.0, 1.0).mul_(255.0).round_()  # one fp32 copy
     return x.to(torch.uint8).permute(1, 2, 3, 0).contiguous()
 
 
@@ -119,6 +122,8 @@ def check_video_file(path: str | os.PathLike, what: str) -> None:
     check_output_file(path, what)
     video_container(path, what)
     exe = _ffmpeg_exe()
+    if not os.path.dirname(exe):  # a bare name (IMAGEIO_FFMPEG_EXE=ffmpeg, imageio-ffmpeg's fallback): on PATH
+        exe = shutil.which(exe) or exe
     if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
         raise VideoWriteError(f"{what}: the ffmpeg executable {exe!r} does not exist or is not executable "
                               f"(IMAGEIO_FFMPEG_EXE, or the imageio-ffmpeg package's binary)")
@@ -187,17 +192,29 @@ def atomic_path(path: str | os.PathLike, suffix: str) -> Iterator[Path]:
 
 @contextmanager
 def _signals_held():
-    """SIGINT and SIGTERM held back for the block (delivered after it) in the main thread; elsewhere (no
-    pthread_sigmask, another thread: signals go to the main thread anyway) nothing changes."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    """SIGINT and SIGTERM deferred to the end of the block in the main thread: Python-level handlers note
+    them, the old handlers come back and the noted signals are raised again after it. (Not the signal
+    mask: a child inherits a blocked mask through exec - ffmpeg ignored SIGTERM and SIGINT for its whole
+    life - while caught signals are reset to their defaults there.) Elsewhere nothing changes: Python runs
+    signal handlers in the main thread only."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    noted: list[int] = []
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if handler is None or handler == signal.SIG_IGN:  # not set from Python / ignored: left as it is
+            continue
+        old[sig] = handler
+        signal.signal(sig, lambda signum, frame: noted.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for signum in dict.fromkeys(noted):
+            signal.raise_signal(signum)
 
 
 def _ffmpeg_exe() -> str:
@@ -223,10 +240,11 @@ def save_mp4(
     Atomic: nothing is created at `path` unless the whole encode succeeds. Parent directories are created.
     Returns the path. An ffmpeg failure is a VideoWriteError (an OSError) with ffmpeg's message.
     """
-    if not (isinstance(crf, int) and 0 <= crf <= 51):
+    if isinstance(crf, bool) or not (isinstance(crf, numbers.Integral) and 0 <= crf <= 51):
         raise ValueError(f"crf must be an integer in [0, 51], got {crf!r}")
-    if not (isinstance(fps, (int, float, Fraction)) and fps > 0):
-        raise ValueError(f"fps must be > 0, got {fps!r}")
+    if isinstance(fps, bool) or not (isinstance(fps, numbers.Real) and math.isfinite(fps) and fps > 0):
+        raise ValueError(f"fps must be a finite number > 0, got {fps!r}")
+    crf, fps = int(crf), (fps if isinstance(fps, (int, Fraction)) else float(fps))
     muxer = video_container(path)
     (h, w), stream = _frame_stream(frames)
     fps_arg = str(Fraction(fps).limit_denominator(100000))

@@ -211,6 +211,19 @@ def test_tokenizer(tok_dir):
     assert ids[0].tolist() == [2, 1, 0]
 
 
+def test_unreadable_tokenizer_names_the_file(tmp_path):
+    """A Git LFS pointer (a clone without git-lfs) or a broken tokenizer.json: a ValueError naming the file
+    (the tokenizers library's bare Exception named none and ended the CLI with a traceback)."""
+    path = tmp_path / "google" / "umt5-xxl" / "tokenizer.json"
+    path.parent.mkdir(parents=True)
+    path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 16837417\n")
+    with pytest.raises(ValueError, match=r"tokenizer\.json.*Git LFS pointer"):
+        load_tokenizer(str(tmp_path))
+    path.write_text('{"version": "1.0", "trunc')
+    with pytest.raises(ValueError, match=r"umt5-xxl/tokenizer\.json: not a readable tokenizer\.json"):
+        load_tokenizer(str(tmp_path))
+
+
 def test_tokenizer_matches_transformers(tok_dir):
     """Same ids/mask as transformers' T5TokenizerFast (what Wan's AutoTokenizer gives) on cleaned text."""
     from transformers import T5TokenizerFast

@@ -144,7 +144,18 @@ def test_mp4_bad_params(tmp_path):
         save_mp4(f, tmp_path / "a.mp4", crf=60)
     with pytest.raises(ValueError, match="fps"):
         save_mp4(f, tmp_path / "a.mp4", fps=0)
+    for bad in (dict(fps=True), dict(fps=float("inf")), dict(crf=True), dict(crf=18.0)):
+        with pytest.raises(ValueError, match="fps" if "fps" in bad else "crf"):
+            save_mp4(f, tmp_path / "a.mp4", **bad)
     assert _files(tmp_path) == []
+
+
+def test_mp4_numpy_scalars(tmp_path):
+    """fps / crf as numpy scalars (read from arrays, configs) are numbers like any other (were refused with
+    'fps must be > 0, got np.int64(16)')."""
+    path = save_mp4(_smooth_video(t=2, h=16, w=16), tmp_path / "a.mp4", fps=np.int64(8), crf=np.int64(20))
+    assert len(read_mp4(path)) == 2
+    save_mp4(_smooth_video(t=2, h=16, w=16), tmp_path / "b.mp4", fps=np.float32(12.5))
 
 
 def test_ffmpeg_failure_leaves_no_file(tmp_path):
@@ -183,6 +194,49 @@ def test_missing_ffmpeg_is_found_before_a_run(tmp_path, monkeypatch):
     monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", str(tmp_path / "no-ffmpeg"))
     with pytest.raises(VideoWriteError, match="no-ffmpeg.*does not exist"):
         check_video_file(tmp_path / "ok.mp4", "--save_result_path")
+
+
+def test_ffmpeg_by_bare_name_is_looked_up_on_path(tmp_path, monkeypatch):
+    """IMAGEIO_FFMPEG_EXE=ffmpeg (and imageio-ffmpeg without a binary of its own) give a bare name that
+    Popen finds on PATH: the pre-run check looks there too (it refused a working ffmpeg)."""
+    import imageio_ffmpeg
+    from lightx2v_engine.video import VideoWriteError, check_video_file
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    os.symlink(imageio_ffmpeg.get_ffmpeg_exe(), bin_dir / "my-ffmpeg")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", "my-ffmpeg")
+    check_video_file(tmp_path / "ok.mp4", "--save_result_path")
+    assert len(read_mp4(save_mp4(_smooth_video(t=2, h=16, w=16), tmp_path / "ok.mp4"))) == 2
+    monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", "no-such-ffmpeg")
+    with pytest.raises(VideoWriteError, match="no-such-ffmpeg.*does not exist"):
+        check_video_file(tmp_path / "ok.mp4", "--save_result_path")
+
+
+def test_ffmpeg_starts_with_signals_deliverable():
+    """The interrupt guard around ffmpeg's start must not reach ffmpeg: a signal mask is inherited through
+    exec (ffmpeg ignored SIGTERM and SIGINT for its whole life, a process-group stop left it running); a
+    SIGTERM arriving during the start is delivered after it, to the handler set before."""
+    import signal
+    import subprocess
+    from lightx2v_engine.video import _signals_held
+    seen = []
+    old = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    proc = None
+    try:
+        with _signals_held():
+            proc = subprocess.Popen(["sleep", "30"])
+            with open(f"/proc/{proc.pid}/status") as f:
+                blocked = [int(line.split()[1], 16) for line in f if line.startswith("SigBlk:")]
+            os.kill(os.getpid(), signal.SIGTERM)  # during the start: held back until the block ends
+            assert seen == []
+        assert seen == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        if proc is not None:
+            proc.terminate()  # (a child with SIGTERM blocked would not end here)
+            assert proc.wait(timeout=10) == -signal.SIGTERM
+    assert blocked and blocked[0] & ((1 << (signal.SIGTERM - 1)) | (1 << (signal.SIGINT - 1))) == 0, hex(blocked[0])
 
 
 def test_read_mp4_missing(tmp_path):
@@ -263,3 +317,12 @@ def test_saved_files_get_the_umask_permissions_without_touching_the_umask(tmp_pa
     finally:
         os.umask(old)
     assert (tmp_path / "v.mp4").stat().st_mode & 0o777 == 0o640
+
+
+def test_output_without_frames_says_why(tmp_path):
+    """Ranks > 0 of a multi-GPU run get Output.frames None: save() says so (was an AttributeError on None)."""
+    from lightx2v_engine.pipeline import Output, Timings
+    out = Output(frames=None, latents=torch.zeros(16, 1, 2, 2), timings=Timings())
+    with pytest.raises(RuntimeError, match="rank 0"):
+        out.save(tmp_path / "a.mp4")
+    assert _files(tmp_path) == []
