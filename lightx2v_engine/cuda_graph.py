@@ -3,14 +3,31 @@
 For one shape key (latent shape, context shape, CFG, I2V inputs, sampler, dtype) every denoising step
 (DiT forward + scheduler update, written into one static latent buffer) is captured once into its own
 graph; the graphs share one memory pool and are replayed in order. Everything per-shape (RoPE tables,
-the ones tensor, Triton autotuning, cuBLAS workspaces) is prepared by one eager warm-up step on a side
-stream before capture. Replay allocates nothing and does no host synchronisation.
+the ones tensor, Triton autotuning, cuBLAS workspaces) is prepared by one eager warm-up step before
+capture. Warm-up and capture run on a stream of the latents' device (torch.cuda.graph's default capture
+stream belongs to whichever device was current at the process's first capture). Replay allocates nothing
+and does no host synchronisation.
 """
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
+
+
+class CaptureError(RuntimeError):
+    """A denoising step could not be captured (its cause chained)."""
+
+
+def _clear_frames(error: BaseException) -> None:
+    """Drops the local variables of the frames in `error`'s traceback and its causes' (a captured step's
+    tensors and graphs would live as long as the error, or a log record holding it)."""
+    import traceback
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
 
 
 class DistillGraphs:
@@ -30,6 +47,9 @@ class DistillGraphs:
         self.renoise = [n.clone() for n in renoise]
         self.ts = timesteps.clone()
         self.graphs: list[torch.cuda.CUDAGraph] = []
+        # warm-up and capture on a stream of x's device: torch.cuda.graph's own capture stream is made once
+        # per process, on the device current then (a pipeline on cuda:1 after one on cuda:0 captured on GPU 0)
+        self.stream = torch.cuda.Stream(device=x.device)
 
     def static_conds(self):
         return self.context, self.neg_context, self.clip_fea, self.y
@@ -39,22 +59,30 @@ class DistillGraphs:
         noise = self.renoise[i] if i < len(self.renoise) else None
         self.x.copy_(self.sampler.step(i, self.x, v, noise))
 
-    def capture(self) -> None:
+    def warm_up(self) -> None:
+        """One eager step on the capture stream (x is restored after it): per-shape plans, autotuning,
+        workspaces. Its errors are the model's, not the graphs'."""
         x0 = self.x.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._body(0)  # warm-up: per-shape plans, autotuning, workspaces
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        stream = torch.cuda.current_stream()
+        main = torch.cuda.current_stream(self.x.device)
+        self.stream.wait_stream(main)
+        with torch.cuda.stream(self.stream):
+            self._body(0)
+        main.wait_stream(self.stream)
+        torch.cuda.synchronize(self.x.device)
+        self.x.copy_(x0)
+
+    def capture(self) -> None:
+        """One graph per step (after warm_up). Raises CaptureError naming the step (the cause chained)."""
+        x0 = self.x.clone()
+        main = torch.cuda.current_stream(self.x.device)
         pool = None
+        error = None
         try:
             for i in range(self.sampler.num_steps):
                 g = torch.cuda.CUDAGraph()
                 cause = None
                 try:
-                    with torch.cuda.graph(g, pool=pool):
+                    with torch.cuda.graph(g, pool=pool, stream=self.stream):
                         try:
                             self._body(i)
                         except Exception as e:  # kept: ending the broken capture raises an error of its own
@@ -62,16 +90,28 @@ class DistillGraphs:
                             raise
                 except Exception as e:
                     first = cause or e
-                    raise RuntimeError(f"CUDA-graph capture of denoising step {i + 1} failed: "
-                                       f"{type(first).__name__}: {first}") from first
+                    error = CaptureError(f"CUDA-graph capture of denoising step {i + 1} failed: "
+                                         f"{type(first).__name__}: {first}")
+                    error.__cause__ = first
+                    del g, cause, first, e  # (no frame of this method kept alive by the error: its graphs
+                    break                   #  and their memory pool must be freeable at once)
                 pool = g.pool()
                 self.graphs.append(g)
         finally:
-            torch.cuda.set_stream(stream)  # a capture that failed to end leaves its stream current
+            torch.cuda.set_stream(main)  # a capture that failed to end leaves its stream current
+        if error is not None:
+            self.graphs.clear()
+            _clear_frames(error)
+            raise error
         self.x.copy_(x0)
 
     def set_inputs(self, x, context, neg_context, clip_fea, y, renoise) -> None:
-        """Copies this call's inputs into the static buffers (shapes are those of the key)."""
+        """Copies this call's inputs into the static buffers (shapes are those of the key). Buffers made
+        under torch.inference_mode are inference tensors: written in that mode whatever the caller's."""
+        with torch.inference_mode(self.x.is_inference()):
+            self._set_inputs(x, context, neg_context, clip_fea, y, renoise)
+
+    def _set_inputs(self, x, context, neg_context, clip_fea, y, renoise) -> None:
         self.x.copy_(x)
         self.context.copy_(context)
         for dst, src in ((self.neg_context, neg_context), (self.clip_fea, clip_fea), (self.y, y)):

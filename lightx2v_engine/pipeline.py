@@ -28,6 +28,7 @@ import torch
 
 from lightx2v_engine import clip as clip_mod
 from lightx2v_engine import ops
+from lightx2v_engine import quant
 from lightx2v_engine import t5 as t5_mod
 from lightx2v_engine import tae as tae_mod
 from lightx2v_engine import vae as vae_mod
@@ -267,6 +268,7 @@ class Pipeline:
     load_ms: float = 0.0
     use_cuda_graph: bool = False
     _graphs: dict = field(default_factory=dict, repr=False)
+    _graph_skip: set = field(default_factory=set, repr=False)  # shape keys whose capture ran out of memory
     _lora_switch: Any = field(default=None, repr=False)  # lora.LoraSwitch once set_request_loras is used
     parallel: Parallel | None = None  # under torchrun with a `parallel` config section
     tae: tae_mod.TinyDecoder | None = None  # use_tae: decodes instead of the VAE
@@ -677,38 +679,65 @@ class Pipeline:
         v = self.dit(b2(x), t.expand(2), torch.cat([context, neg_context], dim=0), b2(clip_fea), b2(y))
         return cfg_combine(v[1:], v[:1], self.run_cfg.sample_guide_scale)
 
+    def _graph_key(self, x, context, neg_context, clip_fea, sampler) -> tuple:
+        """Everything a replay bakes in: shapes, sampler, dtype, the CFG scale, the model object and the ops
+        it runs (backend, kernels and their configs, 8-bit attention, the 8-bit linears' switches)."""
+        return (tuple(x.shape), tuple(context.shape), neg_context is not None, clip_fea is not None,
+                sampler, self.dit.run_dtype, self.run_cfg.sample_guide_scale if neg_context is not None else None,
+                id(self.dit), ops.describe(x.device, attn_8bit=self.dit.blocks[0].self_attn.attn_8bit),
+                quant.kernel_choices())
+
     def _graph_runner(self, x, context, neg_context, clip_fea, y, sampler, renoise, ts, timings=None):
         """The cached graphs of this shape key, their inputs set (a first call captures them: the warm-up and
-        capture time is timings' "graph capture"); None when capture fails (then eager from now on)."""
-        from lightx2v_engine.cuda_graph import DistillGraphs
-        # everything a replay bakes in: shapes, sampler, dtype, the CFG scale, the model object and the ops
-        # it runs (backend, kernels and their configs, 8-bit attention)
-        key = (tuple(x.shape), tuple(context.shape), neg_context is not None, clip_fea is not None,
-               sampler, self.dit.run_dtype, self.run_cfg.sample_guide_scale if neg_context is not None else None,
-               id(self.dit), ops.describe(x.device, attn_8bit=self.dit.blocks[0].self_attn.attn_8bit))
+        capture time is timings' "graph capture"); None runs this call eagerly: the warm-up step failed (the
+        model's error, met again eagerly), the capture ran out of memory (this shape stays eager), or the
+        capture failed otherwise (graphs are off from then on)."""
+        from lightx2v_engine.cuda_graph import CaptureError, DistillGraphs, _clear_frames
+        key = self._graph_key(x, context, neg_context, clip_fea, sampler)
+        if key in self._graph_skip:
+            return None
         graphs = self._graphs.pop(key, None)
         if graphs is None:
             while len(self._graphs) >= MAX_GRAPH_SHAPES:  # the least recently used shape gives its pool back
                 del self._graphs[next(iter(self._graphs))]
                 _release_graph_memory()
+            failure = None
             try:
                 with (timings or Timings()).measure("graph capture", self.device):
                     graphs = DistillGraphs(lambda xx, t: self._velocity(xx, t, *graphs.static_conds()), sampler,
                                            x, context, neg_context, clip_fea, y, renoise, ts)
+                    graphs.warm_up()
                     graphs.capture()
-                # the RoPE tables the replays read: held by the graphs, whatever the DiT's cache keeps
+                # the RoPE tables the replays read: held by the graphs, whatever the DiT's cache keeps; the
+                # model too (its id is in the key: no other model may take that id while the graphs live)
                 graphs.keepalive = self.dit.rope(self.dit.grid(x.shape), x.device)
-            except Exception as e:  # capture failed: say why, then run eagerly
-                log.error("CUDA graph capture failed (%s: %s); running eagerly", type(e).__name__, e,
-                          exc_info=log.isEnabledFor(logging.DEBUG))
-                self.use_cuda_graph = False
-                graphs = None  # drop the half-captured graphs and every cached set (graphs are off from now on)
-                self._graphs.clear()
-                try:  # give their memory back before the eager run
+                graphs.dit = self.dit
+            except Exception as e:
+                failure = (type(e).__name__, str(e), isinstance(e, CaptureError),
+                           isinstance(e.__cause__, torch.OutOfMemoryError))
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("CUDA graph capture failed", exc_info=True)
+                _clear_frames(e)  # (the failed set and its pool are then freed at once, not by a later GC)
+                del e
+            if failure is not None:
+                name, msg, capturing, oom = failure
+                graphs = None
+                if not capturing:  # the warm-up (an eager step) failed: the eager run meets it again
+                    log.warning("CUDA-graph warm-up step failed (%s); running this call eagerly", name)
+                elif oom:
+                    self._graph_skip.add(key)
+                    log.warning("%s; this shape runs eagerly (not enough GPU memory for its graphs)", msg)
+                else:
+                    log.error("CUDA graph capture failed (%s); running eagerly from now on", msg)
+                    self.use_cuda_graph = False
+                    self._graphs.clear()  # every cached set too: graphs are off from now on
+                try:  # give the failed set's memory back before the eager run
                     _release_graph_memory()
                 except RuntimeError:
                     pass
                 return None
+            key = self._graph_key(x, context, neg_context, clip_fea, sampler)  # (a kernel failing in the
+            # warm-up turns itself off, which changes the ops the key names)
         self._graphs[key] = graphs  # (re)inserted last: the dict is in least-recently-used order
         graphs.set_inputs(x, context, neg_context, clip_fea, y, renoise)
         return graphs.run_step

@@ -182,6 +182,12 @@ def _int_mm_scaled(xq: torch.Tensor, sx: torch.Tensor, weight: torch.Tensor, wei
     return y.to(out_dtype)
 
 
+def kernel_choices() -> tuple[bool, str]:
+    """The process-wide switches QuantLinear reads when it runs (a captured CUDA graph bakes them in):
+    (input quantization fused into the modulation, the int8 GEMM)."""
+    return _FUSE_INPUT_QUANT, _int8_gemm
+
+
 _INT8_GEMMS = ("cublas", "triton")
 # "triton" won at every Wan shape on an H100 (2026-11-26, M=32760): e.g. K=N=1536 0.243 vs 0.790 ms,
 # K=N=5120 1.81 vs 3.57 ms, K=13824 N=5120 4.62 vs 6.82 ms (benchmarks/RESULTS.md).

@@ -173,6 +173,9 @@ def test_evicted_graph_sets_are_freed(monkeypatch):
             self.velocity, self.pool = velocity, torch.empty(1)
             alive.append(weakref.ref(self))
 
+        def warm_up(self):
+            pass
+
         def capture(self):
             pass
 
@@ -196,3 +199,183 @@ def test_evicted_graph_sets_are_freed(monkeypatch):
         assert alive[0]() is None and alive[1]() is not None and alive[2]() is not None
     finally:
         gc.enable()
+
+
+class _FakeCuda:
+    """torch.cuda's stream/graph primitives as CPU stand-ins (a captured body runs eagerly), so that the
+    capture and fallback logic of DistillGraphs and Pipeline._graph_runner runs on the CPU."""
+
+    def __init__(self, monkeypatch):
+        import contextlib
+        import gc
+        import weakref
+        from lightx2v_engine import cuda_graph, pipeline as pipeline_mod
+        self.graphs, self.streams, self.graph_kwargs, self.released = [], [], [], []
+        fake = self
+
+        class Stream:
+            def __init__(self, device=None):
+                self.device = device
+                fake.streams.append(self)
+
+            def wait_stream(self, other):
+                pass
+
+        class Graph:
+            def __init__(self):
+                fake.graphs.append(weakref.ref(self))
+
+            def pool(self):
+                return ("pool", id(self))
+
+            def replay(self):
+                pass
+
+        @contextlib.contextmanager
+        def graph(g, pool=None, stream=None, **kwargs):
+            fake.graph_kwargs.append(dict(pool=pool, stream=stream))
+            yield
+
+        for name, value in dict(Stream=Stream, CUDAGraph=Graph, graph=graph,
+                                stream=lambda s: contextlib.nullcontext(), current_stream=lambda *a: Stream(),
+                                set_stream=lambda s: None, synchronize=lambda *a: None,
+                                empty_cache=lambda: None).items():
+            monkeypatch.setattr(torch.cuda, name, value)
+        init = cuda_graph.DistillGraphs.__init__
+
+        def cpu_init(self, *args):  # (only the CUDA-tensor check is bypassed)
+            torch.Tensor.is_cuda = property(lambda t: True)
+            try:
+                init(self, *args)
+            finally:
+                del torch.Tensor.is_cuda
+        monkeypatch.setattr(cuda_graph.DistillGraphs, "__init__", cpu_init)
+
+        def release():  # which fake graphs are still alive once the collector has run
+            gc.collect()
+            fake.released.append([r() is not None for r in fake.graphs])
+        monkeypatch.setattr(pipeline_mod, "_release_graph_memory", release)
+
+
+def _graph_case(monkeypatch):
+    """A tiny CPU pipeline with graphs on; plan["at"] = n makes velocity call n (counted in `calls`: 1 is a
+    new shape's warm-up step, 2.. the capture of step 1..) raise plan["error"]. -> fake, pipe, call, calls, plan"""
+    from lightx2v_engine.schedulers import DistillSampler
+    fake = _FakeCuda(monkeypatch)
+    pipe = Pipeline.random("tiny", {"target_video_length": 5, "target_height": 32, "target_width": 48}, device="cpu")
+    pipe.use_cuda_graph = True
+    calls, plan = [], {"at": None, "error": None}
+    velocity = pipe._velocity
+
+    def counted(*a, **k):
+        calls.append(1)
+        if len(calls) == plan["at"]:
+            raise plan["error"]
+        return velocity(*a, **k)
+    monkeypatch.setattr(pipe, "_velocity", counted)
+    sampler = DistillSampler.from_step_list((1000, 750, 500, 250), 5.0, "deterministic")
+    ctx = torch.zeros(1, 512, pipe.model_cfg.text_dim)
+
+    def call(h=4):
+        calls.clear()
+        return pipe._graph_runner(torch.randn(1, 16, 2, h, 6), ctx, None, None, None, sampler, [],
+                                  sampler.timestep_tensor())
+    return fake, pipe, call, calls, plan
+
+
+def test_capture_out_of_memory_keeps_graphs_for_other_shapes(monkeypatch, caplog):
+    """Out of memory while capturing one shape: that shape runs eagerly (and is not captured again), the
+    other cached sets stay and graphs stay on (one oversized server request turned them off for good), and
+    the failed set's graphs are freed by the time their memory is given back (the error's traceback held
+    the capture's frames: the pool stayed reserved through the eager run)."""
+    fake, pipe, call, calls, plan = _graph_case(monkeypatch)
+    assert call(h=6) is not None and len(pipe._graphs) == 1 and len(calls) == 5
+    plan.update(at=4, error=torch.OutOfMemoryError("CUDA out of memory (simulated)"))
+    with caplog.at_level("WARNING"):
+        assert call(h=4) is None
+    assert "denoising step 3" in caplog.text and "this shape runs eagerly" in caplog.text, caplog.text
+    assert pipe.use_cuda_graph and len(pipe._graphs) == 1 and len(pipe._graph_skip) == 1
+    assert fake.released and not any(fake.released[-1][-3:]), fake.released  # steps 1-3's graphs: freed
+    assert call(h=4) is None and calls == []  # not tried again
+    assert call(h=6) is not None and calls == []  # the cached shape replays
+
+
+def test_capture_failure_turns_graphs_off(monkeypatch, caplog):
+    """Any other capture failure (an op illegal in capture): graphs off, every cached set dropped, freed."""
+    fake, pipe, call, calls, plan = _graph_case(monkeypatch)
+    assert call(h=6) is not None
+    plan.update(at=2, error=RuntimeError("operation not permitted when stream is capturing"))
+    with caplog.at_level("ERROR"):
+        assert call(h=4) is None
+    assert "CUDA graph capture failed" in caplog.text and "denoising step 1" in caplog.text
+    assert not pipe.use_cuda_graph and not pipe._graphs and not any(fake.released[-1]), fake.released
+
+
+def test_warm_up_failure_is_not_a_graph_failure(monkeypatch, caplog):
+    """The warm-up step is an eager step: its error (bad input, out of memory) is the model's, met again by
+    the eager run of this call; graphs stay on and the next call captures."""
+    fake, pipe, call, calls, plan = _graph_case(monkeypatch)
+    plan.update(at=1, error=ValueError("something the eager step says too"))
+    with caplog.at_level("WARNING"):
+        assert call() is None
+    assert "warm-up step failed" in caplog.text
+    assert pipe.use_cuda_graph and not pipe._graph_skip
+    plan.update(at=None)
+    assert call() is not None and len(pipe._graphs) == 1
+
+
+def test_capture_runs_on_a_stream_of_the_tensors_device(monkeypatch):
+    """torch.cuda.graph's own capture stream is made once per process on the device current then: a
+    pipeline on cuda:1 after one on cuda:0 captured on GPU 0. Warm-up and capture use a stream of x's device."""
+    fake, pipe, call, calls, plan = _graph_case(monkeypatch)
+    assert call() is not None
+    graphs = next(iter(pipe._graphs.values()))
+    assert graphs.stream.device == torch.device("cpu")  # x's device (here the CPU stand-in)
+    assert len(fake.graph_kwargs) == 4 and all(k["stream"] is graphs.stream for k in fake.graph_kwargs)
+
+
+def test_graph_key_follows_the_8bit_linear_switches(monkeypatch):
+    """set_int8_gemm / set_input_quant_fusion change the kernels a captured step runs: a new capture."""
+    from lightx2v_engine import quant
+    fake, pipe, call, calls, plan = _graph_case(monkeypatch)
+    call()
+    monkeypatch.setattr(quant, "_int8_gemm", "cublas" if quant.kernel_choices()[1] == "triton" else "triton")
+    call()
+    monkeypatch.setattr(quant, "_FUSE_INPUT_QUANT", not quant.kernel_choices()[0])
+    call()
+    assert len(pipe._graphs) == 2 and len({k[-1] for k in pipe._graphs}) == 2  # (MAX_GRAPH_SHAPES: 2 kept)
+
+
+def test_graph_key_is_taken_after_the_warm_up(monkeypatch):
+    """A kernel failing in the warm-up turns itself off, which changes the ops the key names: the set is
+    stored under the key after it (it was stored under the stale one, never found, and captured again)."""
+    from lightx2v_engine import ops
+    fake, pipe, call, calls, plan = _graph_case(monkeypatch)
+    state = ["gluon available"]
+    monkeypatch.setattr(ops, "describe", lambda *a, **k: state[0])
+    velocity = pipe._velocity
+
+    def turning_off(*a, **k):
+        state[0] = "gluon off after a failure"
+        return velocity(*a, **k)
+    monkeypatch.setattr(pipe, "_velocity", turning_off)
+    call()
+    assert call() is not None and calls == [] and len(pipe._graphs) == 1  # found: no second capture
+
+
+def test_graph_inputs_made_under_inference_mode(monkeypatch):
+    """A first call under torch.inference_mode makes the static buffers inference tensors: a later call
+    outside it wrote into them and failed ('Inplace update to inference tensor outside InferenceMode')."""
+    fake, pipe, call, calls, plan = _graph_case(monkeypatch)
+    with torch.inference_mode():
+        assert call() is not None
+    assert call() is not None
+    with torch.no_grad():
+        assert call() is not None
+
+
+def test_graphs_hold_their_model(monkeypatch):
+    """id(dit) is in the key: the set holds the model so that no other model can take that id."""
+    fake, pipe, call, calls, plan = _graph_case(monkeypatch)
+    call()
+    assert next(iter(pipe._graphs.values())).dit is pipe.dit
