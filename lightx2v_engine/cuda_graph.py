@@ -93,8 +93,8 @@ class DistillGraphs:
                     error = CaptureError(f"CUDA-graph capture of denoising step {i + 1} failed: "
                                          f"{type(first).__name__}: {first}")
                     error.__cause__ = first
-                    del g, cause, first, e  # (no frame of this method kept alive by the error: its graphs
-                    break                   #  and their memory pool must be freeable at once)
+                    g = cause = first = None  # (the error must keep no graph of this frame alive: the
+                    break                     #  failed set and its memory pool are freed at once)
                 pool = g.pool()
                 self.graphs.append(g)
         finally:
