@@ -117,26 +117,37 @@ def safetensors_keys(path: Path) -> list[str]:
     return list(read_safetensors_header(path)[0])
 
 
+# containers training code saves a state dict in (unwrapped, outermost first, as often as they nest):
+# plain torch / Lightning, DeepSpeed, a model wrapper, self-forcing training (its EMA weights first, as
+# LightX2V's sf_model reads: generator_ema, else the whole file)
+TORCH_WRAPPERS = ("state_dict", "module", "model", "generator_ema", "generator")
+
+
 def iter_torch_file(path: Path, log_wrapper: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """Yields (key, tensor) of a torch-saved state dict (weights only; mmap'd when in the zip format, legacy
-    pickles load eagerly). Nested 'state_dict'/'model' containers (as training code saves them) are unwrapped;
-    of 'generator' and 'generator_ema' (self-forcing training), 'generator' (logged when both are there)."""
+    pickles load eagerly and each tensor is let go once yielded). A dict without tensors of its own is
+    unwrapped through TORCH_WRAPPERS; of 'generator_ema' and 'generator' the EMA weights (logged)."""
     try:
         obj = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read torch checkpoint ({type(e).__name__}: {e})") from None
-    for wrapper in ("state_dict", "model", "generator", "generator_ema"):
-        if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict) and not any(
-                isinstance(v, torch.Tensor) for v in obj.values()):
-            if log_wrapper and wrapper == "generator" and isinstance(obj.get("generator_ema"), dict):
-                log.info("%s: holds both 'generator' and 'generator_ema' weights; loading 'generator' "
-                         "('generator_ema' is not used)", path)
-            obj = obj[wrapper]
+    while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        wrapper = next((w for w in TORCH_WRAPPERS if isinstance(obj.get(w), dict)), None)
+        if wrapper is None:
+            break
+        if log_wrapper and wrapper == "generator_ema" and isinstance(obj.get("generator"), dict):
+            log.info("%s: holds 'generator' and 'generator_ema' weights; loading 'generator_ema' (as LightX2V)",
+                     path)
+        obj = obj[wrapper]
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a state dict, got {type(obj).__name__}")
-    for k, v in obj.items():
-        if isinstance(v, torch.Tensor):
-            yield k, v
+    keys = [k for k, v in obj.items() if isinstance(v, torch.Tensor)]
+    if not keys:
+        shown = [str(k)[:40] for k in list(obj)[:8]]
+        raise CheckpointError(f"{path}: holds no tensors (keys {shown}{' ...' if len(obj) > 8 else ''}; "
+                              f"unwrapped containers: {list(TORCH_WRAPPERS)})")
+    for k in keys:
+        yield k, obj.pop(k)
 
 
 def candidate_paths(path: str | os.PathLike, bases=()) -> list[Path]:

@@ -127,9 +127,26 @@ def _check_fits(cfg: ModelConfig, files: list[Path], expected: dict, qkeys: set[
     CheckpointError naming file, key and what was expected. Returns the key renaming (normalize_keys)."""
     meta = tensor_meta(files)
     scales = [k for k, *_ in meta if k.endswith(".weight_scale")]
+    comfy = [k for k, *_ in meta if k.endswith(".scale_weight") or k == "scaled_fp8"]
+    if comfy:
+        raise CheckpointError(
+            f"{', '.join(map(str, files))}: a ComfyUI scaled-fp8 checkpoint (one scale per tensor, "
+            f"'*.scale_weight' keys, e.g. {comfy[0]!r}), which lightx2v-engine does not load: use LightX2V's "
+            f"per-channel fp8 file (the '*_scaled_fp8_e4m3_lightx2v_*.safetensors' beside it in LightX2V's model "
+            f"repositories, or tools/convert/converter.py without --comfyui_mode) as dit_quantized_ckpt, or the "
+            f"bf16 checkpoint as dit_original_ckpt")
     if not qkeys and scales:  # (before the 8-bit tensors are read and cast to the run dtype)
         eight = sorted({str(dt).removeprefix("torch.") for *_, dt, _ in meta
                         if dt in (torch.int8, torch.float8_e4m3fn)})
+        quantized = sorted({p for k, *_, p in meta if k.endswith(".weight_scale")})
+        plain = [p for p in files if p not in quantized]
+        if plain:  # a folder holding a bf16 DiT and a quantized one
+            raise CheckpointError(
+                f"{', '.join(map(str, files))}: two DiT checkpoints in one place: quantized "
+                f"{', '.join(map(str, quantized))} ({', '.join(eight) or '8-bit'} weights with '*.weight_scale' "
+                f"keys) and unquantized {', '.join(map(str, plain))}: set dit_original_ckpt to the unquantized "
+                f"one, or \"dit_quantized\": true, \"dit_quantized_ckpt\" to the quantized one and "
+                f"\"dit_quant_scheme\" (e.g. \"{'int8' if 'int8' in eight else 'fp8'}-sgl\")")
         raise CheckpointError(
             f"{', '.join(map(str, files))}: a quantized checkpoint ({', '.join(eight) or '8-bit'} weights with "
             f"'*.weight_scale' keys, e.g. {scales[0]!r}) loaded as unquantized weights: "
@@ -153,7 +170,7 @@ def _check_fits(cfg: ModelConfig, files: list[Path], expected: dict, qkeys: set[
         info[name], origin[name] = (shape, dt), path
     missing, unexpected = key_mismatch(expected, info)
     if missing or unexpected:
-        where = ", ".join(sorted({str(p) for p in origin.values()}))
+        where = ", ".join(sorted({str(p) for p in origin.values()}) or map(str, files))
         parts = []
         if missing:
             parts.append(f"missing {len(missing)} key(s) {missing[:12]}{' ...' if len(missing) > 12 else ''}")
@@ -285,6 +302,7 @@ def load_quantized_dit(cfg: ModelConfig, model_path: str | Path | None, ckpt: st
         if not found:
             raise FileNotFoundError(f"dit_quantized_ckpt not found; searched: {[str(t) for t in tried]}")
         files = resolve_files(found[0])
+        log.info("DiT weights (dit_quantized_ckpt, %s): %s", scheme, ", ".join(map(str, files)))
     else:
         files, skipped = folder_safetensors(Path(model_path)) if model_path is not None else ([], [])
         if not files:

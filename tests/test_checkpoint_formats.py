@@ -267,12 +267,38 @@ def test_unsupported_format_and_unknown_diffusers_name_name_their_file(tmp_path)
 
 
 def test_self_forcing_checkpoint_with_generator_and_ema_logs_its_choice(tmp_path, caplog):
-    """{'generator': ..., 'generator_ema': ...}: the 'generator' weights load, and the log says so."""
+    """{'generator': ..., 'generator_ema': ...} (Self-Forcing's released files): the EMA weights load, as
+    LightX2V's sf_model reads them ('generator' loaded before: other weights than LightX2V's), logged."""
     sd, ema = _state_dict(0, torch.bfloat16), _state_dict(1, torch.bfloat16)
     torch.save({"generator": {"model." + k: v for k, v in sd.items()},
                 "generator_ema": {"model." + k: v for k, v in ema.items()}, "step": 100}, tmp_path / "sf.pt")
     with caplog.at_level(logging.INFO, logger="lightx2v_engine.checkpoint"):
         model = load_dit(CFG, None, dit_original_ckpt=str(tmp_path / "sf.pt"))
-    assert _same(model, sd)
-    assert re.search(r"sf\.pt: holds both 'generator' and 'generator_ema' weights; loading 'generator'", caplog.text)
+    assert _same(model, ema)
+    assert re.search(r"sf\.pt: holds 'generator' and 'generator_ema' weights; loading 'generator_ema'", caplog.text)
     assert len([r for r in caplog.records if "generator_ema" in r.getMessage()]) == 1  # (not once per pass)
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda sd: {"module": sd, "epoch": 3},  # DeepSpeed
+    lambda sd: {"module": {"state_dict": sd}},
+    lambda sd: {"state_dict": {"model": sd}, "optimizer": {}},
+], ids=["module", "module_state_dict", "state_dict_model"])
+def test_torch_file_containers_unwrap_at_any_depth(tmp_path, wrap):
+    """DeepSpeed's {'module': sd} and nested containers unwrap (were read as holding no tensors: every key
+    'missing', in an error naming no file)."""
+    sd = _state_dict(0, torch.bfloat16)
+    torch.save(wrap(sd), tmp_path / "w.pt")
+    assert _same(load_dit(CFG, None, dit_original_ckpt=str(tmp_path / "w.pt")), sd)
+
+
+def test_torch_file_without_tensors_names_the_file(tmp_path):
+    torch.save({"weights": {"a": 1}, "epoch": 3}, tmp_path / "w.pt")
+    with pytest.raises(CheckpointError, match=r"w\.pt: holds no tensors \(keys \['weights', 'epoch'\]"):
+        load_dit(CFG, None, dit_original_ckpt=str(tmp_path / "w.pt"))
+
+
+def test_empty_safetensors_error_names_the_file(tmp_path):
+    save_file({}, str(tmp_path / "empty.safetensors"))
+    with pytest.raises(CheckpointError, match=r"empty\.safetensors: checkpoint does not fit"):
+        build_dit(CFG, [tmp_path / "empty.safetensors"], dtype=torch.float32)

@@ -71,6 +71,40 @@ def _quantized_file(cfg, sd, scheme, path):
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
 
 
+def test_comfyui_scaled_fp8_file_is_named_as_such(tmp_path):
+    """LightX2V's converter --comfyui_mode writes per-tensor '*.scale_weight' and a 'scaled_fp8' marker; the
+    file sits beside the LightX2V-format one. As dit_quantized_ckpt it was 'not a quantized checkpoint', and
+    the advice (dit_original_ckpt) then failed on unexpected keys: both now say what the file is."""
+    from lightx2v_engine.loading import load_dit
+    sd = wan_state_dict(diffusers_model(TINY_T2V))
+    comfy = {}
+    for k, v in sd.items():
+        if k.startswith("blocks.") and k.endswith(".weight") and v.dim() == 2 and ".norm" not in k:
+            scale = v.float().abs().amax().clamp(min=1e-8) / 448
+            comfy[k] = (v.float() / scale).to(torch.float8_e4m3fn)
+            comfy[k.replace(".weight", ".scale_weight")] = scale.reshape(1)
+        else:
+            comfy[k] = v
+    comfy["scaled_fp8"] = torch.zeros(2, dtype=torch.float8_e4m3fn)
+    save_file(comfy, str(tmp_path / "wan_comfyui_fp8.safetensors"))
+    with pytest.raises(CheckpointError, match=r"wan_comfyui_fp8\.safetensors: a ComfyUI scaled-fp8 checkpoint"):
+        load_quantized_dit(TINY_T2V, None, str(tmp_path / "wan_comfyui_fp8.safetensors"), "fp8-sgl")
+    with pytest.raises(CheckpointError, match=r"ComfyUI scaled-fp8 .*scaled_fp8_e4m3_lightx2v"):
+        load_dit(TINY_T2V, None, dit_original_ckpt=str(tmp_path / "wan_comfyui_fp8.safetensors"))
+
+
+def test_folder_with_a_bf16_and_a_quantized_dit_names_both(tmp_path):
+    """LightX2V's model repositories hold the bf16 and the scaled-fp8 DiT side by side: without dit_quantized
+    the folder's files all load; the error names which is which (it said to load both as quantized)."""
+    from lightx2v_engine.loading import load_dit
+    sd = wan_state_dict(diffusers_model(TINY_T2V))
+    save_file(sd, str(tmp_path / "wan_4step.safetensors"))
+    _quantized_file(TINY_T2V, sd, "fp8", tmp_path / "wan_scaled_fp8_e4m3_lightx2v_4step.safetensors")
+    with pytest.raises(CheckpointError, match=r"two DiT checkpoints in one place: quantized \S*scaled_fp8\S* \("
+                                              r"float8_e4m3fn weights.* and unquantized \S*wan_4step\.safetensors"):
+        load_dit(TINY_T2V, tmp_path, distill=False)
+
+
 def test_quantized_checkpoint_given_as_original_names_the_keys_to_set(tmp_path):
     """LightX2V's own I2V config points dit_original_ckpt at an int8 file: the error says what to set."""
     from lightx2v_engine.loading import load_dit
