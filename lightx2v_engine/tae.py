@@ -173,8 +173,9 @@ class TinyDecoder(nn.Module):
         if z.dim() != 5 or z.shape[1] != self.cfg.z_dim:
             raise ValueError(f"TinyDecoder.decode expects latents [B, {self.cfg.z_dim}, F, h, w], got {tuple(z.shape)}")
         b, _, n, h, w = z.shape
-        if n < 1:
-            raise ValueError("TinyDecoder.decode: no latent frames")
+        if min(n, h, w) < 1:
+            raise ValueError(f"TinyDecoder.decode: latents {tuple(z.shape)} are empty: need F >= 1 frames and "
+                             f"h, w >= 1")
         chunk = self.default_chunk(h, w) if chunk is None else int(chunk)
         if chunk < 1:
             raise ValueError(f"TinyDecoder.decode: chunk must be >= 1 latent frame, got {chunk}")

@@ -390,3 +390,11 @@ def test_tiling_with_the_tiny_decoder_is_said_not_to_apply():
     from lightx2v_engine.config import parse_run_config
     with pytest.warns(UserWarning, match="use_tiling_vae does not apply to the tiny decoder"):
         parse_run_config({"use_tae": True, "use_tiling_vae": True})
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 0, 2, 2), (1, 16, 2, 0, 4), (1, 16, 2, 4, 0)])
+def test_empty_latents_are_named(shape):
+    """No frames, or a latent height/width of 0: a ValueError naming the shape (a ZeroDivisionError in the
+    chunk size for h or w 0), as WanVAE.decode says."""
+    with pytest.raises(ValueError, match=r"latents \(1, 16, \d, \d, \d\) are empty"):
+        random_tae(TAEConfig.tiny()).decode(torch.zeros(shape))
