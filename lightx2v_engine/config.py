@@ -11,6 +11,7 @@ import difflib
 import json
 import math
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -167,6 +168,10 @@ class RunConfig:
     dit_quantized: bool = False
     dit_quantized_ckpt: str | None = None
     dit_quant_scheme: str | None = None
+    # LightX2V's weight_auto_quant: with dit_quantized, the unquantized DiT checkpoint (dit_original_ckpt or
+    # the model folder's) is read and its blocks' linears quantized per output channel at load (LoRAs merge
+    # before), instead of reading a quantized checkpoint
+    weight_auto_quant: bool = False
     # Offload. cpu_offload: the DiT's weights stay in host memory; offload_granularity "block" (LightX2V's
     # default; "phase" runs as "block") streams its blocks through two device slots, "model" moves the
     # whole DiT in for the denoising loop and out after it. CUDA graphs are off while the DiT is offloaded.
@@ -258,7 +263,7 @@ _ACCEPTED_IGNORED = {
     "seq_parallel", "cfg_parallel", "feature_caching", "teacache_thresh", "use_ret_steps",
     "use_stream_vae",
     "cfg_scale", "rope_type", "modulate_type", "rms_norm_type",
-    "layer_norm_type", "use_compile", "compile_shapes", "model_cls", "task", "mm_config",
+    "layer_norm_type", "use_compile", "compile_shapes", "model_cls", "task",
     "return_result_tensor", "vae_stride", "patch_size", "num_channels_latents", "sample_solver",
     "lora_dynamic_apply", "use_prompt_enhancer", "sf_config", "clean_cuda_cache", "rotary_chunk",
     "rotary_chunk_size", "audio_sr", "boundary", "boundary_step_index", "changing_resolution",
@@ -360,7 +365,7 @@ def check_model_cls(model_cls: str, who: str = "") -> None:
 _NEW_SPELLINGS = {"num_frames": ("target_video_length",), "size": ("target_height", "target_width"),
                   "use_tiny_vae": ("use_tae",), "tiny_vae": ("use_tae",), "tiny_vae_path": ("tae_path",)}
 # Keys read by parse_run_config itself besides the RunConfig fields
-_READ_TOO = ("scheduler_type", "offload_plan", "distill_method", *_NEW_SPELLINGS)
+_READ_TOO = ("scheduler_type", "offload_plan", "distill_method", "mm_config", *_NEW_SPELLINGS)
 
 
 def _new_schema_keys(vals: dict[str, Any]) -> None:
@@ -434,7 +439,7 @@ _TYPES = {
     "vae_cpu_offload": bool, "sampler": str, "distill_update": str, "dtype": str, "use_cuda_graph": bool,
     "vae_dtype": str, "lora_strict": bool, "offload_granularity": str, "use_tiling_vae": bool,
     "t5_quantized": bool, "clip_quantized": bool, "use_lightvae": bool, "use_tae": bool, "need_scaled": bool,
-    "unload_modules": bool, "lazy_load": bool,
+    "unload_modules": bool, "lazy_load": bool, "weight_auto_quant": bool,
 }
 
 
@@ -481,6 +486,7 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
     if raw.get("t5_offload_granularity") not in (None, "model", "block"):
         raise _err("t5_offload_granularity", raw["t5_offload_granularity"], "expected 'model' or 'block'")
     _new_schema_keys(vals)
+    _mm_config(vals, ignored)
     plan = vals.pop("offload_plan", None)
     if plan is not None:  # newer LightX2V: {offload_granularity, resident_blocks, use_event_offload}; it wins
         if not isinstance(plan, dict):
@@ -609,6 +615,15 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
         raise _err("fps", out["fps"], "must be > 0")
     if out.get("dit_quantized") and out.get("dit_quant_scheme") is None:
         raise _err("dit_quant_scheme", None, "required when dit_quantized is true")
+    if warn and not out.get("dit_quantized"):
+        unread = (["dit_quantized_ckpt"] if out.get("dit_quantized_ckpt") else []) + (
+            ["weight_auto_quant"] if out.get("weight_auto_quant") else [])
+        if unread:  # (as in LightX2V: they are read with dit_quantized only)
+            warn_user(f"{source}: {', '.join(unread)} set but dit_quantized is not true: the DiT loads unquantized "
+                      f"(set \"dit_quantized\": true to use them)")
+    if warn and out.get("dit_quantized") and out.get("weight_auto_quant") and out.get("dit_quantized_ckpt"):
+        warn_user(f"{source}: weight_auto_quant quantizes the unquantized DiT checkpoint at load: "
+                  f"dit_quantized_ckpt ({out['dit_quantized_ckpt']}) is not read")
     if out.get("dit_quantized"):
         from lightx2v_engine.quant import parse_quant_scheme
         try:
@@ -671,6 +686,41 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+# older LightX2V's mm_config.mm_type names of the per-channel 8-bit schemes:
+# W-{fp8|int8}-channel-sym-A-{same}-channel-sym-dynamic-{Vllm|Sgl|Q8F|Torchao}[-Act{...}]
+_MM_TYPE = re.compile(r"W-(fp8|int8)-channel-sym-A-\1-channel-sym-dynamic-(Vllm|Sgl|Q8F|Torchao|Triton)(-Act\w+)?")
+
+
+def _mm_config(vals: dict[str, Any], ignored: list[str]) -> None:
+    """Older LightX2V's ``mm_config: {mm_type, weight_auto_quant}`` onto dit_quantized / dit_quant_scheme /
+    weight_auto_quant in place (a top-level key that says otherwise is an error naming both)."""
+    mm = vals.pop("mm_config", None)
+    if mm is None or mm == {}:
+        return
+    if not isinstance(mm, dict):
+        raise _err("mm_config", mm, "expected an object such as {\"mm_type\": "
+                                    "\"W-fp8-channel-sym-A-fp8-channel-sym-dynamic-Vllm\", \"weight_auto_quant\": true}")
+    mm_type = mm.get("mm_type", "Default")
+    implied: dict[str, Any] = {}
+    if mm_type in (None, "Default"):
+        implied["dit_quantized"] = False
+    else:
+        m = _MM_TYPE.fullmatch(mm_type) if isinstance(mm_type, str) else None
+        if m is None:
+            raise _err("mm_config.mm_type", mm_type, "lightx2v-engine runs the per-channel 8-bit schemes "
+                       "(W-fp8-channel-sym-A-fp8-channel-sym-dynamic-Vllm / -Sgl / -Q8F / -Torchao, the int8 ones "
+                       "alike) or \"Default\"; newer configs say dit_quantized + dit_quant_scheme")
+        implied.update(dit_quantized=True, dit_quant_scheme=f"{m.group(1)}-{m.group(2).lower()}")
+    if "weight_auto_quant" in mm:
+        implied["weight_auto_quant"] = mm["weight_auto_quant"]
+    for key, value in implied.items():
+        if vals.get(key) is None:
+            vals[key] = value
+        elif vals[key] != value and not (key == "dit_quantized" and value is False):  # (a top-level true wins
+            raise _err(key, vals[key], f"mm_config says {value!r} (mm_config {mm}): set one of them")  # Default)
+    ignored += [f"mm_config.{k}" for k in sorted(set(mm) - {"mm_type", "weight_auto_quant"})]
 
 
 def warn_user(message: str, category: type[Warning] = UserWarning) -> None:

@@ -336,12 +336,16 @@ class Pipeline:
         def load_dit_(request_loras=()):  # (request LoRAs merge after the config's, before the placement)
             run_l = (dataclasses.replace(run, lora_configs=tuple(run.lora_configs) + tuple(request_loras))
                      if request_loras else run)
-            if run.dit_quantized:
+            if run.dit_quantized and not run.weight_auto_quant:
                 dit = _load_quantized_dit(mcfg, mp, run_l, dit_dev, lora_dev)
             else:
                 dit = load_dit(mcfg, mp, dit_original_ckpt=run.dit_original_ckpt, distill=model_cls != "wan2.1",
                                dtype=run.dtype, device=dit_dev, lora_specs=run_l.lora_configs,
                                lora_strict=run.lora_strict, lora_compute_device=lora_dev)
+                if run.dit_quantized:  # weight_auto_quant: quantized here, its LoRAs merged before
+                    from lightx2v_engine.quant import quantize_dit_
+                    quantize_dit_(dit, run.dit_quant_scheme)
+                    log.info("DiT quantized at load (weight_auto_quant, %s)", run.dit_quant_scheme)
             _place_dit(dit, run, dev)
             return dit
         # the files are found now, read when built

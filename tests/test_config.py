@@ -258,3 +258,37 @@ def test_lightx2v_settings_of_absent_features_are_accepted_or_named():
 def test_fast_ulysses_runs_as_ulysses():
     cfg = parse_run_config({"parallel": {"seq_p_size": 2, "seq_p_attn_type": "fast_ulysses"}})
     assert cfg.parallel.seq_p_attn_type == "ulysses"
+
+
+def test_older_mm_config_maps_onto_the_quantization_keys():
+    """Older LightX2V configs turn quantization on with mm_config.mm_type (was 'accepted, not acted on': the
+    DiT loaded bf16); a mm_type without an 8-bit per-channel scheme here, or one a top-level key contradicts,
+    is an error naming both."""
+    from lightx2v_engine.config import parse_run_config
+    run = parse_run_config({"mm_config": {"mm_type": "W-fp8-channel-sym-A-fp8-channel-sym-dynamic-Vllm",
+                                          "weight_auto_quant": True}})
+    assert (run.dit_quantized, run.dit_quant_scheme, run.weight_auto_quant) == (True, "fp8-vllm", True)
+    run = parse_run_config({"mm_config": {"mm_type": "W-int8-channel-sym-A-int8-channel-sym-dynamic-Sgl-ActVllm"}})
+    assert (run.dit_quantized, run.dit_quant_scheme, run.weight_auto_quant) == (True, "int8-sgl", False)
+    run = parse_run_config({"mm_config": {"mm_type": "Default"}, "dit_quantized": True, "dit_quant_scheme": "fp8-sgl"})
+    assert (run.dit_quantized, run.dit_quant_scheme) == (True, "fp8-sgl")
+    with pytest.raises(ValueError, match=r"'mm_config\.mm_type' = 'W-fp8-block128.*per-channel 8-bit"):
+        parse_run_config({"mm_config": {"mm_type": "W-fp8-block128-sym-A-fp8-channel-group128-sym-dynamic-Deepgemm"}})
+    with pytest.raises(ValueError, match=r"'dit_quant_scheme' = 'int8-sgl': mm_config says 'fp8-vllm'"):
+        parse_run_config({"mm_config": {"mm_type": "W-fp8-channel-sym-A-fp8-channel-sym-dynamic-Vllm"},
+                          "dit_quant_scheme": "int8-sgl"})
+    with pytest.raises(ValueError, match=r"'mm_config' = 'fp8'"):
+        parse_run_config({"mm_config": "fp8"})
+
+
+def test_quantization_keys_without_dit_quantized_warn():
+    """dit_quantized_ckpt or weight_auto_quant without dit_quantized: the DiT loads unquantized, said once."""
+    from lightx2v_engine.config import parse_run_config
+    with pytest.warns(UserWarning, match=r"dit_quantized_ckpt, weight_auto_quant set but dit_quantized is not true"):
+        parse_run_config({"dit_quantized_ckpt": "/x/fp8.safetensors", "weight_auto_quant": True})
+    with pytest.warns(UserWarning, match=r"weight_auto_quant quantizes .*dit_quantized_ckpt \(/x/fp8\.safetensors\) is not read"):
+        parse_run_config({"dit_quantized": True, "dit_quant_scheme": "fp8-sgl", "weight_auto_quant": True,
+                          "dit_quantized_ckpt": "/x/fp8.safetensors"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parse_run_config({"dit_quantized": False, "dit_quant_scheme": "Default"})  # (LightX2V's plain spelling)
