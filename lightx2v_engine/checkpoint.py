@@ -165,6 +165,9 @@ def resolve_files(path: Path) -> list[Path]:
         return [path]
     if path.is_dir():
         indexes = sorted(path.glob("*.safetensors.index.json"))
+        if len(indexes) > 1:
+            raise CheckpointError(f"{path}: several shard indexes {[p.name for p in indexes]}: give the one to "
+                                  f"load (its path)")
         if indexes:
             return _index_shards(indexes[0])
         files = sorted(path.glob("*.safetensors"))

@@ -352,10 +352,12 @@ class Pipeline:
         builders: dict[str, Callable[[], torch.nn.Module]] = {"dit": load_dit_}
         if run.use_tae:
             tae_path = find_weights("tae_path", run.tae_path, tae_mod.TAE_FILES, mp)
+            log.info("tiny decoder weights: %s", tae_path)
             builders["tae"] = lambda: tae_mod.load_tae(tae_path, device=dev, dtype=_vae_dtype(run, dev),
                                                        need_scaled=run.need_scaled)
         if mcfg.is_i2v or not run.use_tae:  # (T2V decoded by the tiny decoder needs no VAE)
             vae_path = find_weights("vae_path", run.vae_path, LIGHTVAE_FILES if run.use_lightvae else VAE_FILE, mp)
+            log.info("VAE weights: %s", vae_path)
 
             def load_vae():
                 vae = _place_vae(vae_mod.load_vae(vae_path, device=cpu if run.vae_cpu_offload else dev,
@@ -367,11 +369,13 @@ class Pipeline:
 
         def encoders():  # (on rank 0 only under multi-GPU: its failure reaches every rank)
             t5_path = _encoder_file(run, mp, "t5")
+            log.info("umT5 weights: %s", t5_path)
             # offloaded weights are kept on the CPU in the dtype they run in on `dev`
             enc = {"t5": lambda: t5_mod.load_t5(str(t5_path), device=cpu if run.t5_cpu_offload else dev,
                                                 dtype=_t5_dtype(dev))}
             if mcfg.is_i2v:
                 clip_path = _encoder_file(run, mp, "clip")
+                log.info("CLIP weights: %s", clip_path)
                 enc["clip"] = lambda: clip_mod.load_clip(str(clip_path), device=cpu if run.clip_cpu_offload else dev,
                                                          dtype=_clip_dtype(dev))
             built, deferred = _build_or_defer(enc, _per_use(run))

@@ -302,3 +302,14 @@ def test_empty_safetensors_error_names_the_file(tmp_path):
     save_file({}, str(tmp_path / "empty.safetensors"))
     with pytest.raises(CheckpointError, match=r"empty\.safetensors: checkpoint does not fit"):
         build_dit(CFG, [tmp_path / "empty.safetensors"], dtype=torch.float32)
+
+
+def test_folder_with_two_shard_indexes_is_an_error(tmp_path):
+    """Two *.safetensors.index.json in a checkpoint folder: which to load is the user's call (the first by
+    name was taken silently)."""
+    from lightx2v_engine.checkpoint import resolve_files
+    for name in ("a.safetensors.index.json", "b.safetensors.index.json"):
+        (tmp_path / name).write_text(json.dumps({"weight_map": {"x": "s.safetensors"}}))
+    with pytest.raises(CheckpointError, match=r"several shard indexes \['a\.safetensors\.index\.json', "
+                                              r"'b\.safetensors\.index\.json'\]"):
+        resolve_files(tmp_path)
