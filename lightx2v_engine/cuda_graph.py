@@ -50,6 +50,7 @@ class DistillGraphs:
         # warm-up and capture on a stream of x's device: torch.cuda.graph's own capture stream is made once
         # per process, on the device current then (a pipeline on cuda:1 after one on cuda:0 captured on GPU 0)
         self.stream = torch.cuda.Stream(device=x.device)
+        self.warmed_up = False
 
     def static_conds(self):
         return self.context, self.neg_context, self.clip_fea, self.y
@@ -70,9 +71,13 @@ class DistillGraphs:
         main.wait_stream(self.stream)
         torch.cuda.synchronize(self.x.device)
         self.x.copy_(x0)
+        self.warmed_up = True
 
     def capture(self) -> None:
-        """One graph per step (after warm_up). Raises CaptureError naming the step (the cause chained)."""
+        """One graph per step (warm_up first, when not run yet). Raises CaptureError naming the step (the
+        cause chained); a warm-up error as it is."""
+        if not self.warmed_up:
+            self.warm_up()
         x0 = self.x.clone()
         main = torch.cuda.current_stream(self.x.device)
         pool = None

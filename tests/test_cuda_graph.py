@@ -379,3 +379,21 @@ def test_graphs_hold_their_model(monkeypatch):
     fake, pipe, call, calls, plan = _graph_case(monkeypatch)
     call()
     assert next(iter(pipe._graphs.values())).dit is pipe.dit
+
+
+def test_capture_alone_warms_up_first(monkeypatch):
+    """capture() without warm_up() (bench_e2e calls it so) runs the warm-up step first: first-time work
+    (Triton compilation, autotuning) inside a capture fails it."""
+    from lightx2v_engine.cuda_graph import DistillGraphs
+    from lightx2v_engine.schedulers import DistillSampler
+    _FakeCuda(monkeypatch)
+    sampler = DistillSampler.from_step_list((1000, 750, 500, 250), 5.0, "deterministic")
+    seen = []
+
+    def velocity(x, t):
+        seen.append(1)
+        return torch.zeros_like(x)
+    g = DistillGraphs(velocity, sampler, torch.randn(1, 16, 1, 2, 2), torch.zeros(1, 4, 8), None, None, None, [],
+                      sampler.timestep_tensor())
+    g.capture()
+    assert g.warmed_up and len(seen) == 1 + 4 and len(g.graphs) == 4
