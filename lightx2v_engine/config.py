@@ -73,7 +73,8 @@ PRESETS: dict[str, ModelConfig] = {
     "wan2.1-i2v-14b-720p": ModelConfig("wan2.1-i2v-14b-720p", "i2v", 5120, 13824, 40, 40, in_dim=36),
     # Tiny graphs with the same structure, for tests and CPU demos (pair with the tiny T5/CLIP/VAE).
     "tiny": ModelConfig("tiny", "t2v", 256, 512, 2, 2, text_dim=64, image_dim=160),
-    "tiny-i2v": ModelConfig("tiny-i2v", "i2v", 256, 512, 2, 2, in_dim=36, text_dim=64, image_dim=160),
+    "tiny-i2v": ModelConfig("tiny-i2v", "i2v", 256, 512, 2, 2, in_dim=36, text_dim=64, image_dim=160,
+                            image_tokens=5),  # (the tiny CLIP: 28 px in 14 px patches, + the class token)
 }
 
 

@@ -250,6 +250,10 @@ class WanDiT(nn.Module):
         b, c, f, h, w = x.shape
         if cfg.is_i2v and (clip_fea is None or y is None):
             raise ValueError(f"{cfg.name} is an I2V model: clip_fea and y are required")
+        if not cfg.is_i2v and (clip_fea is not None or y is not None):
+            raise ValueError(f"{cfg.name} is a T2V model: clip_fea/y must not be given")
+        if y is not None and (y.dim() != 5 or y.shape[0] != b or y.shape[2:] != x.shape[2:]):
+            raise ValueError(f"y must be [{b}, {cfg.in_dim - c}, {f}, {h}, {w}], got {tuple(y.shape)}")
         c_total = c + (y.shape[1] if y is not None else 0)
         if c_total != cfg.in_dim:
             raise ValueError(f"input channels (x {c} + y {c_total - c}) = {c_total}, model {cfg.name} expects {cfg.in_dim}")
@@ -258,15 +262,16 @@ class WanDiT(nn.Module):
             raise ValueError(f"latent size F={f} H={h} W={w} is not divisible by the patch size {cfg.patch_size}")
         if t.shape != (b,):
             raise ValueError(f"t must have shape [{b}], got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"t is on {t.device}, x on {x.device}: they must be on one device")
         if context.dim() != 3 or context.shape[0] != b or context.shape[2] != cfg.text_dim:
             raise ValueError(f"context must be [{b}, Lt, {cfg.text_dim}], got {tuple(context.shape)}")
-        if cfg.is_i2v:
-            if clip_fea.shape[0] != b or clip_fea.shape[2] != cfg.image_dim:
-                raise ValueError(f"clip_fea must be [{b}, 257, {cfg.image_dim}], got {tuple(clip_fea.shape)}")
-            if y.shape[0] != b or y.shape[2:] != x.shape[2:]:
-                raise ValueError(f"y must be [{b}, 20, {f}, {h}, {w}], got {tuple(y.shape)}")
-        elif clip_fea is not None or y is not None:
-            raise ValueError(f"{cfg.name} is a T2V model: clip_fea/y must not be given")
+        if not 1 <= context.shape[1] <= cfg.text_len:  # (Wan pads every context to text_len rows)
+            raise ValueError(f"context has {context.shape[1]} rows: 1 to {cfg.text_len} (text_len) expected, "
+                             f"zero rows after the prompt's")
+        if cfg.is_i2v and (clip_fea.dim() != 3 or clip_fea.shape[0] != b or clip_fea.shape[1] != cfg.image_tokens
+                           or clip_fea.shape[2] != cfg.image_dim):
+            raise ValueError(f"clip_fea must be [{b}, {cfg.image_tokens}, {cfg.image_dim}], got {tuple(clip_fea.shape)}")
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 clip_fea: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:

@@ -609,7 +609,8 @@ class Pipeline:
             z = self.vae.encode(video, tiled=self.run_cfg.use_tiling_vae)  # [1, 16, F, lat_h, lat_w] fp32
         mask = i2v_mask(z.shape[2], lat_h, lat_w, num_frames, device=self.device)
         y = torch.cat([mask[None].to(z.dtype), z], dim=1)
-        return clip_fea.to(self.device, self._run_dtype), y, (lat_h, lat_w)
+        # (in CLIP's own dtype: the DiT's image MLP starts with an fp32 LayerNorm, as Wan's, no bf16 rounding first)
+        return clip_fea.to(self.device), y, (lat_h, lat_w)
 
     @_on_own_device
     def denoise(self, noise: torch.Tensor, context: torch.Tensor, *, neg_context: torch.Tensor | None = None,

@@ -245,3 +245,23 @@ def test_rope_tables_are_cached_for_the_recent_shapes_only():
     assert len(model._rope_cache) == ROPE_SHAPES
     assert model.rope((1, 2, 2), torch.device("cpu")) is not first  # evicted, then made again
     assert torch.equal(model.rope((1, 2, 2), torch.device("cpu")).cos, first.cos)
+
+
+def test_bad_inputs_name_the_tensor():
+    """Every shape a Wan DiT cannot take is a ValueError naming the tensor: a context longer than text_len
+    (Wan pads to it) or empty, a CLIP feature count other than 257 (a 514-token first-last-frame input ran as
+    plain I2V), y on a T2V model (was a channel-count error), a 4-D y, t on another device."""
+    i2v, t2v = build_dit(TINY_I2V, None, dtype=torch.float32), build_dit(TINY_T2V, None, dtype=torch.float32)
+    x, t, ctx, clip, y = inputs(TINY_I2V)
+    cases = [
+        (i2v, (x, t, torch.zeros(1, 513, TINY_I2V.text_dim), clip, y), r"context has 513 rows: 1 to 512"),
+        (i2v, (x, t, ctx[:, :0], clip, y), r"context has 0 rows"),
+        (i2v, (x, t, ctx, clip[:, :100], y), r"clip_fea must be \[1, 257, \d+\], got \(1, 100"),
+        (i2v, (x, t, ctx, torch.cat([clip, clip], 1), y), r"clip_fea must be \[1, 257"),
+        (i2v, (x, t, ctx, clip, y[0]), r"y must be \[1, 20, 3, 6, 10\], got \(20, 3, 6, 10\)"),
+        (t2v, (x, t, ctx, None, y), r"T2V model: clip_fea/y must not be given"),
+        (t2v, (x, t.to("meta"), ctx, None, None), r"t is on meta, x on cpu"),
+    ]
+    for model, args, match in cases:
+        with pytest.raises(ValueError, match=match):
+            model(*args)

@@ -476,3 +476,18 @@ def test_tiny_presets_default_to_a_tiny_video(tmp_path):
     args = build_parser().parse_args(["--random-weights", "--preset", "tiny", "--prompt", "x", "--config_json", str(cfg),
                                       "--num_frames", "13", "--save_result_path", str(tmp_path / "v.mp4")])
     assert sizes(run_config_from_args(args)) == (13, 64, 96)
+
+
+def test_clip_features_reach_the_dit_in_clip_s_dtype():
+    """The image MLP starts with an fp32 LayerNorm (as Wan's, whose fp16 CLIP output goes straight in): the
+    features are not rounded to the run dtype (bf16) on the way (2^-9 relative, for nothing)."""
+    from lightx2v_engine.pipeline import Pipeline
+    pipe = Pipeline.random("tiny-i2v", {"dtype": "bf16", "target_video_length": 5, "target_height": 32,
+                                        "target_width": 48}, device="cpu")
+    seen = []
+    hook = pipe.dit.img_emb.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    try:
+        pipe.generate("a cat", image=torch.rand(3, 32, 48) * 2 - 1, seed=1)
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {next(pipe.clip.parameters()).dtype} == {torch.float32}, seen
