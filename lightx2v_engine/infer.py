@@ -158,9 +158,12 @@ def run(args: argparse.Namespace) -> int:
     from lightx2v_engine.video import atomic_path, check_output_file, check_video_file
     if args.save_result_path is None:
         raise ValueError("--save_result_path is required (the video file to write, e.g. output.mp4)")
-    check_video_file(args.save_result_path, "--save_result_path")
+    writes = rank_from_env() == 0  # (ranks > 0 write nothing: their folders and ffmpeg do not matter; a check
+    if writes:                      # failing on one node alone left the others waiting at the rendezvous)
+        check_video_file(args.save_result_path, "--save_result_path")
     if args.save_latents is not None:
-        check_output_file(args.save_latents, "--save_latents")
+        if writes:
+            check_output_file(args.save_latents, "--save_latents")
         if Path(args.save_latents).suffix != ".safetensors":  # (a safetensors file under a .pt name before)
             raise ValueError(f"--save_latents {args.save_latents!r}: the latents are written as safetensors; give "
                              f"a .safetensors file name")

@@ -203,7 +203,7 @@ class LightX2VPipeline:
         if target_shape is not None and not (isinstance(target_shape, (list, tuple)) and len(target_shape) in (0, 2)):
             raise ValueError(f"LightX2VPipeline.generate: target_shape must be [height, width], got {target_shape!r}")
         save = save_result_path is not None and not return_result_tensor
-        if save:  # (checked before the run, not after it)
+        if save and getattr(self.pipeline, "is_main", True):  # (checked before the run; ranks > 0 write nothing)
             from lightx2v_engine.video import check_video_file
             check_video_file(save_result_path, "LightX2VPipeline.generate: save_result_path")
         h, w = (target_shape[0], target_shape[1]) if target_shape else (None, None)

@@ -48,6 +48,12 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 SEQ_P_ATTN_TYPES = ("ulysses", "ring")
+# LightX2V's Ulysses attention types that differ only in how the all-to-all travels (what runs here instead)
+ULYSSES_VARIANTS = {
+    "fast_ulysses": "torch's all_to_all_single",
+    "ulysses-4090": "one all_to_all_single, not its round-robin peer-to-peer rounds for PCIe GPUs",
+    "ulysses-opt": "one all_to_all_single for q/k/v, not its fused pre/post stages",
+}
 
 
 # fp8 dtypes (broadcast as bytes: gloo has none)
@@ -120,10 +126,13 @@ def parse_parallel(value: Any, source: str = "config", warn: bool = True) -> tup
                 raise ValueError(f"{source}: config key {name!r} = {v!r}: expected true/false")
             vals[key] = v
         elif key == "seq_p_attn_type":
-            if v == "fast_ulysses":  # LightX2V's Ulysses with a faster all-to-all transport: the same computation
+            if v in ULYSSES_VARIANTS:  # LightX2V's Ulysses with another all-to-all transport: the same computation
+                if v != "fast_ulysses":
+                    notes.append(f"{name} {v!r} (runs as 'ulysses': {ULYSSES_VARIANTS[v]})")
                 v = "ulysses"
             if v not in SEQ_P_ATTN_TYPES:
-                raise ValueError(f"{source}: config key {name!r} = {v!r}: expected one of {list(SEQ_P_ATTN_TYPES)}")
+                raise ValueError(f"{source}: config key {name!r} = {v!r}: expected one of {list(SEQ_P_ATTN_TYPES)} "
+                                 f"(or LightX2V's Ulysses variants {list(ULYSSES_VARIANTS)}, run as 'ulysses')")
             vals[key] = v
         elif key in ("seq_p_fp8_comm", "seq_p_fp4_comm"):
             if v is None:
@@ -376,8 +385,9 @@ class Parallel:
 
     def on_rank0(self, fn: Callable[[], Any], what: str) -> Any:
         """fn() on rank 0 alone, its outcome agreed by all: rank 0 returns fn()'s value; the others return
-        None, or raise RankZeroError naming rank 0's failure. On rank 0 a failure is re-raised (wrapped in
-        RankZeroError unless a ValueError / FileNotFoundError, which every rank raises alike)."""
+        None, or raise RankZeroError naming rank 0's failure. On rank 0 a failure is re-raised: as it is for a
+        ValueError / FileNotFoundError (which every rank raises alike), an interrupt (Ctrl-C, SystemExit) and
+        out of memory (the CLI's exit codes tell them apart); wrapped in RankZeroError otherwise."""
         if not self.is_main:
             msg = self.receive(what)
             if msg["error"] is not None:
@@ -387,7 +397,7 @@ class Parallel:
             value = fn()
         except BaseException as e:
             self.send(what, error=f"{type(e).__name__}: {e}")
-            if isinstance(e, (ValueError, FileNotFoundError)):
+            if isinstance(e, (ValueError, FileNotFoundError, torch.OutOfMemoryError)) or not isinstance(e, Exception):
                 raise
             raise RankZeroError(f"rank 0 failed to {what}: {type(e).__name__}: {e}") from e
         self.send(what, error=None)

@@ -827,7 +827,16 @@ def _run_task(pipe, params: dict, cancelled: Callable[[], bool]):
     def progress(i, n):
         if cancelled():
             raise TaskCancelled()
-    pipe.set_request_loras(params.get("loras", ()))  # () puts the model as loaded back
+    par = pipe.parallel
+    error = None
+    try:
+        pipe.set_request_loras(params.get("loras", ()))  # () puts the model as loaded back
+    except Exception as e:  # noqa: BLE001
+        if par is None:
+            raise
+        error = e
+    if par is not None:  # each rank reads the LoRA files itself: a failure on some (an unreadable file, a full
+        par.agree("apply the request's LoRAs", error)  # disk) is every rank's RankError, the ranks stay in step
     # (a queued image is its encoded bytes, checked when the request came; the pipeline decodes them where it
     # encodes the image: on rank 0 within its agreed step under multi-GPU)
     return pipe.generate(params["prompt"], negative_prompt=params.get("negative_prompt"), image=params.get("image"),

@@ -260,6 +260,18 @@ def test_fast_ulysses_runs_as_ulysses():
     assert cfg.parallel.seq_p_attn_type == "ulysses"
 
 
+@pytest.mark.parametrize("name", ["ulysses-4090", "ulysses-opt"])
+def test_lightx2v_ulysses_transports_run_as_ulysses(name):
+    """LightX2V's ulysses-4090 (round-robin peer-to-peer rounds, its parallel docs' RTX 4090 setting) and
+    ulysses-opt are Ulysses over another transport: they run as 'ulysses', with a note (were errors)."""
+    with pytest.warns(UserWarning, match=rf"parallel\.seq_p_attn_type '{name}' \(runs as 'ulysses'"):
+        cfg = parse_run_config({"parallel": {"seq_p_size": 2, "seq_p_attn_type": name}})
+    assert cfg.parallel.seq_p_attn_type == "ulysses"
+    with pytest.raises(ValueError, match=r"'ulysses_sparse_l2': expected one of \['ulysses', 'ring'\] \(or "
+                                         r"LightX2V's Ulysses variants"):
+        parse_run_config({"parallel": {"seq_p_size": 2, "seq_p_attn_type": "ulysses_sparse_l2"}})
+
+
 def test_older_mm_config_maps_onto_the_quantization_keys():
     """Older LightX2V configs turn quantization on with mm_config.mm_type (was 'accepted, not acted on': the
     DiT loaded bf16); a mm_type without an 8-bit per-channel scheme here, or one a top-level key contradicts,

@@ -609,6 +609,14 @@ def test_control_messages_check_their_kind():
         rank0.on_rank0(lambda: open("/nonexistent/x"), "load x")
     assert [m["error"] for m in sent] == [None, "ZeroDivisionError: division by zero",
                                           "FileNotFoundError: [Errno 2] No such file or directory: '/nonexistent/x'"]
+    # an interrupt and out of memory stay what they are on rank 0 (the CLI's 'interrupted' exit 130/143 and
+    # its out-of-memory exit; they were a RankZeroError, a ValueError: 'error: ...', exit 2); rank 1 is told
+    for error in (KeyboardInterrupt(), SystemExit(3), torch.cuda.OutOfMemoryError("CUDA out of memory")):
+        def fail(error=error):
+            raise error
+        with pytest.raises(type(error)):
+            rank0.on_rank0(fail, "load x")
+    assert [m["error"].split(":")[0] for m in sent[3:]] == ["KeyboardInterrupt", "SystemExit", "OutOfMemoryError"]
 
 
 def test_cuda_graphs_are_off_under_parallelism():
@@ -641,3 +649,28 @@ print("OK")
 """
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "OK" in res.stdout, res.stdout[-2000:] + res.stderr[-3000:]
+
+
+def test_server_request_lora_failure_on_one_rank_is_agreed(monkeypatch):
+    """Each rank reads a request's LoRA files itself: one rank failing (an unreadable file, EIO) made that rank
+    exit the whole multi-GPU server (OSError is not an every-rank error) or left the others in the DiT's
+    collectives. The outcome is agreed: every rank raises RankError (a ValueError) and the server goes on."""
+    from types import SimpleNamespace
+    from lightx2v_engine import server as S
+    from lightx2v_engine.parallel import RankError
+    agreed, generated, exits = [], [], []
+    monkeypatch.setattr(S, "_exit_now", lambda code: exits.append(code))
+
+    def agree(what, error):  # (as Parallel.agree with one failing peer: every rank raises)
+        agreed.append(error)
+        raise RankError(f"failed to {what} on rank 1: OSError: [Errno 5] Input/output error")
+
+    def failing(specs):
+        raise OSError(5, "Input/output error")
+    for set_loras in (failing, lambda specs: None):  # the failing rank, then one whose read went well
+        pipe = SimpleNamespace(parallel=SimpleNamespace(rank=0, agree=agree), set_request_loras=set_loras,
+                               generate=lambda *a, **k: generated.append(1))
+        with pytest.raises(RankError, match="apply the request's LoRAs on rank 1"):
+            S._run_parallel_task(pipe, {"prompt": "a", "seed": 1, "loras": ("x.safetensors",)}, lambda: False)
+    assert isinstance(agreed[0], OSError) and agreed[1] is None and generated == [] and exits == []
+    assert issubclass(RankError, S._errors_every_rank_raises())

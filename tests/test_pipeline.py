@@ -491,3 +491,25 @@ def test_clip_features_reach_the_dit_in_clip_s_dtype():
     finally:
         hook.remove()
     assert seen and set(seen) == {next(pipe.clip.parameters()).dtype} == {torch.float32}, seen
+
+
+def test_cli_ranks_above_0_do_not_check_what_they_never_write(t2v_folder, tmp_path, monkeypatch, capsys):
+    """Under torchrun only rank 0 writes the video: the other ranks skip the output-path and ffmpeg checks (one
+    failing on a node alone stopped that rank before the rendezvous, leaving the others waiting); rank 0
+    still checks before loading."""
+    from lightx2v_engine import infer
+
+    class Loaded(Exception):
+        pass
+
+    def load(*a, **k):
+        raise Loaded()
+    monkeypatch.setattr(infer, "load_pipeline", load)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", str(tmp_path / "no-ffmpeg"))
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(Loaded):  # past the checks
+        cli(t2v_folder, tmp_path, config=write_config(tmp_path / "c.json", parallel={"seq_p_size": 2}))
+    monkeypatch.setenv("RANK", "0")
+    assert cli(t2v_folder, tmp_path, config=write_config(tmp_path / "c.json", parallel={"seq_p_size": 2})) == 2
+    assert "no-ffmpeg" in capsys.readouterr().err
