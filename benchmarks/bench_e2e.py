@@ -14,12 +14,14 @@ resident; with --lora-switch, (f) the per-request LoRA switch times. Writes e2e.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -137,10 +139,12 @@ def bench_dit(preset: str, args, device, run, rows, summary, tag: str, attn8_onl
     res = {}
     with torch.no_grad():
         ops.set_backend("torch")
-        ref_out = model(x, t, ctx, clip, y)
-        if not attn8_only:
-            res["reference_eager"] = run(lambda: model(x, t, ctx, clip, y))
-        ops.set_backend("auto")
+        try:
+            ref_out = model(x, t, ctx, clip, y)
+            if not attn8_only:
+                res["reference_eager"] = run(lambda: model(x, t, ctx, clip, y))
+        finally:
+            ops.set_backend("auto")
         # the engine's peaks from here: the weights and inputs, not the reference path's activations
         peak_reset(device)
 
@@ -183,7 +187,36 @@ def bench_dit(preset: str, args, device, run, rows, summary, tag: str, attn8_onl
                 res["bf16_graph"] = run(fn, warmup=1, iters=2) / sampler.num_steps
             del fn
             summary[f"peak_gib_{tag}_bf16"] = peak_gib(device)
+            # kept now: an error in the 8-bit part below must not cost them
+            summary[f"step_ms_{tag}_reference"] = res["reference_eager"]
+            summary[f"step_ms_{tag}_bf16"] = res.get("bf16_graph", res["bf16_eager"])
+            summary[f"step_ms_{tag}_bf16_eager"] = res["bf16_eager"]
+        try:
+            _bench_dit_8bit(model, x, t, ctx, clip, y, args, device, run, summary, tag, attn8_only, res, variant)
+        except Exception as e:  # noqa: BLE001 - recorded; the bf16 figures and the later sections stand
+            summary[f"section_error_dit_8bit_{tag}{'_attn8' if attn8_only else ''}"] = f"{type(e).__name__}: {e}"[:500]
+            print(f"bench_e2e: the 8-bit DiT pass ({tag}) failed: {type(e).__name__}: {e}")
+            traceback.print_exc()
+            traceback.clear_frames(e.__traceback__)
+        del ref_out
+    del model
+    base = summary.get(f"step_ms_{tag}_reference") or res.get("reference_eager")
+    for k, v in res.items():
+        rows.append({"what": f"dit_step_{tag}", "impl": k, "ms": round(v, 3),
+                     "ratio_vs_reference": round(base / v, 3) if base else ""})
+    if attn8_only:
+        if "8bit_attn8_eager" in res:
+            summary[f"step_ms_{tag}_8bit_attn8"] = res.get("8bit_attn8_graph", res["8bit_attn8_eager"])
+    elif "8bit_eager" in res:
+        summary[f"step_ms_{tag}_8bit_linears"] = res.get("8bit_graph", res["8bit_eager"])
+        summary[f"step_ms_{tag}_8bit_eager"] = res["8bit_eager"]
+    pick_8bit(summary, tag)
+    return res
 
+
+def _bench_dit_8bit(model, x, t, ctx, clip, y, args, device, run, summary, tag, attn8_only, res, variant):
+    """bench_dit's 8-bit part: the model's linears quantized in place, then its variants timed."""
+    with torch.no_grad():
         # 8-bit linears (fp8 e4m3, per-channel weights, per-token activations)
         from lightx2v_engine.quant import quantize_dit_
         peak_reset(device)
@@ -205,22 +238,6 @@ def bench_dit(preset: str, args, device, run, rows, summary, tag: str, attn8_onl
         else:  # ... plus 8-bit self-attention (INT8 q k^T, FP8 P.V; self_attn_1_type "sage_attn2")
             model.set_attention_8bit(True)
             variant("8bit_attn8")
-        del ref_out
-    del model
-    base = summary.get(f"step_ms_{tag}_reference") or res.get("reference_eager")
-    for k, v in res.items():
-        rows.append({"what": f"dit_step_{tag}", "impl": k, "ms": round(v, 3),
-                     "ratio_vs_reference": round(base / v, 3) if base else ""})
-    if attn8_only:
-        summary[f"step_ms_{tag}_8bit_attn8"] = res.get("8bit_attn8_graph", res["8bit_attn8_eager"])
-    else:
-        summary[f"step_ms_{tag}_reference"] = res["reference_eager"]
-        summary[f"step_ms_{tag}_bf16"] = res.get("bf16_graph", res["bf16_eager"])
-        summary[f"step_ms_{tag}_bf16_eager"] = res["bf16_eager"]
-        summary[f"step_ms_{tag}_8bit_linears"] = res.get("8bit_graph", res["8bit_eager"])
-        summary[f"step_ms_{tag}_8bit_eager"] = res["8bit_eager"]
-    pick_8bit(summary, tag)
-    return res
 
 
 def pick_8bit(summary: dict, tag: str) -> None:
@@ -566,37 +583,58 @@ def main(argv=None) -> int:
 
     def save():
         """The summary after every section: a run that dies later keeps what it measured."""
-        (out / "e2e_summary.json").write_text(json.dumps({"env": info, "figures": summary, "absent": absent},
-                                                         indent=2))
+        tmp = out / ".e2e_summary.json.tmp"  # (whole or not at all: a stage cut mid-write left half a file)
+        tmp.write_text(json.dumps({"env": info, "figures": summary, "absent": absent}, indent=2))
+        os.replace(tmp, out / "e2e_summary.json")
+
+    def section(name: str, fn, *fn_args, produces=()):
+        """One section, its time printed; an error is recorded (section_error_<name>, and as the reason its
+        figures are absent) and the run goes on to the next section, the summary saved either way."""
+        t0 = time.perf_counter()
+        print(f"bench_e2e: {name} ...", flush=True)
+        try:
+            fn(*fn_args)
+        except Exception as e:  # noqa: BLE001 - one section's failure must not cost the others' figures
+            msg = f"{type(e).__name__}: {e}"[:500]
+            summary[f"section_error_{name}"] = msg
+            for k in produces:
+                if k not in summary:
+                    absent.setdefault(k, f"section {name} failed: {msg}")
+            print(f"bench_e2e: {name} failed: {msg}")
+            traceback.print_exc()
+            traceback.clear_frames(e.__traceback__)  # (its tensors: freed before the next section)
+            del e
+            ops.set_backend("auto")
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        print(f"bench_e2e: {name} done in {time.perf_counter() - t0:.1f} s", flush=True)
+        save()
 
     attn8 = "dit" not in args.skip and (args.dry_run or ops.attention_8bit_available(device))
     for preset, tag in presets:
         if "dit" not in args.skip:
-            bench_dit(preset, args, device, run, rows, summary, tag)
-            save()
+            section(f"dit_{tag}", bench_dit, preset, args, device, run, rows, summary, tag,
+                    produces=[f"step_ms_{tag}_{v}" for v in ("bf16", "8bit")])
         if attn8:  # (before the diffusers baseline: a cut 14B stage lost it there, and with it step_ms_14b_8bit)
-            bench_dit(preset, args, device, run, rows, summary, tag, attn8_only=True)
-            save()
+            section(f"dit_attn8_{tag}", functools.partial(bench_dit, attn8_only=True), preset, args, device, run,
+                    rows, summary, tag)
         if "diffusers" not in args.skip and not args.dry_run:
-            bench_diffusers_dit(preset, args, device, run, rows, summary, tag, absent)
-            save()
+            section(f"diffusers_{tag}", bench_diffusers_dit, preset, args, device, run, rows, summary, tag, absent,
+                    produces=[f"diffusers_step_ms_{tag}_eager"])
     if "text" not in args.skip:
-        bench_text(args, device, run, rows, summary)
-        save()
+        section("text", bench_text, args, device, run, rows, summary)
     if "vae" not in args.skip:
-        bench_vae(args, device, run, rows, summary, absent)
-        save()
+        section("vae", bench_vae, args, device, run, rows, summary, absent, produces=skipped["vae"])
     if "distill" not in args.skip:
-        bench_distill_speedup("tiny" if args.dry_run else names["1.3b"], args, device, run, rows, summary)
-        save()
+        section("distill", bench_distill_speedup, "tiny" if args.dry_run else names["1.3b"], args, device, run,
+                rows, summary, produces=skipped["distill"])
     if "dit" not in args.skip and (args.offload or args.dry_run):
         for preset, tag in presets:
-            bench_offload(preset, args, device, run, rows, summary, tag)
-            save()
+            section(f"offload_{tag}", bench_offload, preset, args, device, run, rows, summary, tag)
     if "dit" not in args.skip and (args.lora_switch or args.dry_run):
         for preset, tag in presets:
-            bench_lora_switch(preset, args, device, rows, summary, tag)
-            save()
+            section(f"lora_switch_{tag}", bench_lora_switch, preset, args, device, rows, summary, tag)
     video_figures(summary, [tag for _, tag in presets])
     for r in rows:
         r.update(info)

@@ -37,6 +37,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling csv_history, also when imported
 from csv_history import append_csv, run_env  # noqa: E402
 
+try:
+    import lightx2v_engine  # noqa: F401  (installed, e.g. pip install -e .)
+except ImportError:  # (run from a checkout without the install: the engine from the source tree)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 L = 32760
 L720 = 75600
 HEAD_D = 128
@@ -267,7 +272,7 @@ def bench_vae_norm(shapes: list[tuple[int, int, int, int]], device: str, copy_gb
         x = torch.randn(1, C, T, Hh, W, device=device, dtype=torch.bfloat16).to(
             memory_format=torch.channels_last_3d)
         gamma = (torch.rand(C, 1, 1, 1, device=device) + 0.5).to(torch.bfloat16)
-        rows += _memory_op_rows("vae_rms_norm_silu", f"B1 C{C} T{T} H{Hh} W{W}",
+        rows += _guarded_rows("vae_rms_norm_silu", f"B1 C{C} T{T} H{Hh} W{W}",
                                 lambda: rms_norm_act(x, gamma, True), lambda: rms_norm_act_ref(x, gamma, True),
                                 lambda: rms_norm_act_ref(x.float(), gamma.float(), True), 2 * x.numel() * 2,
                                 device, copy_gbps)
@@ -582,8 +587,10 @@ def write_outputs(new_rows: list[dict], summary: dict, env: dict, out_dir: str) 
     append_csv(csv_path, CSV_FIELDS, [{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in {**env, **r}.items()}
                                       for r in new_rows])
     json_path = os.path.join(out_dir, "kernels_summary.json")
-    with open(json_path, "w") as f:
+    tmp = os.path.join(out_dir, ".kernels_summary.json.tmp")  # (whole or not at all: a cut stage left half)
+    with open(tmp, "w") as f:
         json.dump({**summary, **env}, f, indent=2)
+    os.replace(tmp, json_path)
     return csv_path, json_path
 
 
@@ -677,6 +684,7 @@ def main(argv=None) -> int:
     from lightx2v_engine.kernels.qk_norm_rope import QK_ROPE_IMPLS, QK_ROPE_UNMEASURED
     rows = bench_memory_ops(Ls, Cs, device, copy_gbps,
                             qk_variants=[v for v in QK_ROPE_IMPLS if v not in QK_ROPE_UNMEASURED])
+    save(rows)
     rows += bench_vae_norm(vae_shapes, device, copy_gbps)
     save(rows)
     rows += bench_attention(attn_shapes, [c for c in configs if not ATTN_CONFIGS[c].mean_pad], device, dtype)

@@ -19,12 +19,18 @@ import json
 import os
 import sys
 import time
+import traceback
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling csv_history, also when imported
 from csv_history import append_csv, run_env  # noqa: E402
+
+try:
+    import lightx2v_engine  # noqa: F401  (installed, e.g. pip install -e .)
+except ImportError:  # (run from a checkout without the install: the engine from the source tree)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 M = 32760
 _DEV = "cuda"
@@ -93,6 +99,7 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     env = run_env(gpu)
     checks_failed: list[str] = []
+    errors: list[str] = []  # rows that raised (recorded; the run goes on)
 
     def agrees(what: str, got: torch.Tensor, want: torch.Tensor) -> bool:
         """A kernel's output against the library's (rel. L2 < MAX_RELERR) before its time becomes a ratio."""
@@ -122,46 +129,89 @@ def main(argv=None) -> int:
     def write_summary() -> dict:
         summary = _summary(gpu, env, m, copy_bw, checks_failed, quant_bw, fp8_ratio, gemm_ratio, gate_ratio,
                            gelu_ratio, lora_cost)
+        summary["quant_errors"] = errors
         summary["shapes_done"] = f"{len(fp8_ratio)} of {len(shapes)}"
-        with open(os.path.join(args.out, "quant_summary.json"), "w") as f:
+        tmp = os.path.join(args.out, ".quant_summary.json.tmp")  # (whole or not at all: a cut run left half)
+        with open(tmp, "w") as f:
             json.dump(summary, f, indent=2)
+        os.replace(tmp, os.path.join(args.out, "quant_summary.json"))
         return summary
+
+    def guarded(what: str, fn) -> bool:
+        """fn() with its error recorded (quant_errors) instead of ending the run: the other rows and shapes
+        are still measured. True when it ran through."""
+        try:
+            fn()
+            return True
+        except Exception as e:  # noqa: BLE001 - one kernel's failure must not cost the other figures
+            errors.append(f"{what}: {type(e).__name__}: {e}"[:400])
+            print(f"bench_quant: {errors[-1]}")
+            traceback.print_exc()
+            return False
 
     for k, n in shapes:
         x = torch.randn(m, k, device=_DEV, dtype=torch.bfloat16)
         lin = torch.nn.Linear(k, n, device=_DEV, dtype=torch.bfloat16)
         w, b = lin.weight.detach(), lin.bias.detach()
         flops = 2.0 * m * k * n
-        with torch.no_grad():
+        ctx: dict = {}
+
+        def fp8_rows():
             t_bf16 = record("bf16_linear", k, n, _bench_ms(lambda: F.linear(x, w, b)), flops)
             q8 = quant.QuantLinear.from_linear(lin, "fp8")
             t_q8 = record("qlinear_fp8", k, n, _bench_ms(lambda: q8(x)), flops)
             xq, sx = quant.per_token_quant(x, "fp8")
             wt, sw = q8.weight.t(), q8.weight_scale.reshape(1, -1)
-            t_mm = record("scaled_mm_rowwise_gemm_only", k, n, _bench_ms(lambda: torch._scaled_mm(
+            ctx.update(xq=xq, sx=sx, wt=wt, sw=sw)
+            ctx["t_mm"] = record("scaled_mm_rowwise_gemm_only", k, n, _bench_ms(lambda: torch._scaled_mm(
                 xq, wt, scale_a=sx, scale_b=sw, bias=b, out_dtype=torch.bfloat16, use_fast_accum=True)), flops)
             fp8_ratio.append(t_bf16 / t_q8)
             # a rank-32 LoRA beside the 8-bit linear (quantized DiT + lora_configs): its cost over the linear
             q8.add_lora(torch.randn(n, 32, device=_DEV) * 0.01, torch.randn(32, k, device=_DEV) * 0.01, 1.0)
             t_lora = record("qlinear_fp8_lora_r32", k, n, _bench_ms(lambda: q8(x)), flops)
             lora_cost.append(t_lora / t_q8 - 1.0)
-            if k not in quant_bw:
-                qbytes = m * k * 2 + m * k + m * 4
-                if _DEV == "cuda" and csrc_ops.csrc_available(torch.device(_DEV)):  # (asks about this card)
-                    t = record("per_token_quant_fp8_csrc", k, 0, _bench_ms(lambda: csrc_ops.per_token_quant_fp8(x)),
-                               nbytes=qbytes)
-                    quant_bw[k] = qbytes / (t * 1e-3) / copy_bw
-                    record("per_token_quant_int8_csrc", k, 0, _bench_ms(lambda: csrc_ops.per_token_quant_int8(x)),
+
+        def csrc_rows():
+            qbytes = m * k * 2 + m * k + m * 4
+            if _DEV == "cuda" and csrc_ops.csrc_available(torch.device(_DEV)):  # (asks about this card)
+                t = record("per_token_quant_fp8_csrc", k, 0, _bench_ms(lambda: csrc_ops.per_token_quant_fp8(x)),
                            nbytes=qbytes)
-                    if k > n:  # ffn.2's input: GELU fused into the quantization vs F.gelu then the kernel
-                        t_gf = record("gelu_quant_fp8_csrc_fused", k, 0, _bench_ms(
-                            lambda: csrc_ops.per_token_quant_fp8(x, gelu=True)), nbytes=qbytes)
-                        t_gu = record("gelu_then_quant_fp8_csrc", k, 0, _bench_ms(
-                            lambda: csrc_ops.per_token_quant_fp8(F.gelu(x, approximate="tanh"))), nbytes=qbytes)
-                        gelu_ratio.append(t_gu / t_gf)
-                record("per_token_quant_fp8_torch", k, 0, _bench_ms(lambda: quant.per_token_quant_ref(x, "fp8")),
+                quant_bw[k] = qbytes / (t * 1e-3) / copy_bw
+                record("per_token_quant_int8_csrc", k, 0, _bench_ms(lambda: csrc_ops.per_token_quant_int8(x)),
                        nbytes=qbytes)
-            del q8
+                if k > n:  # ffn.2's input: GELU fused into the quantization vs F.gelu then the kernel
+                    t_gf = record("gelu_quant_fp8_csrc_fused", k, 0, _bench_ms(
+                        lambda: csrc_ops.per_token_quant_fp8(x, gelu=True)), nbytes=qbytes)
+                    t_gu = record("gelu_then_quant_fp8_csrc", k, 0, _bench_ms(
+                        lambda: csrc_ops.per_token_quant_fp8(F.gelu(x, approximate="tanh"))), nbytes=qbytes)
+                    gelu_ratio.append(t_gu / t_gf)
+            record("per_token_quant_fp8_torch", k, 0, _bench_ms(lambda: quant.per_token_quant_ref(x, "fp8")),
+                   nbytes=qbytes)
+
+        def triton_fp8_rows():
+            xq, sx, wt, sw, t_mm = ctx["xq"], ctx["sx"], ctx["wt"], ctx["sw"], ctx["t_mm"]
+            t_tr = record("triton_fp8_gemm", k, n, _bench_ms(lambda: fp8_gemm.fp8_gemm(xq, wt.t(), sx, sw, b)),
+                          flops)
+            if agrees(f"triton_fp8_gemm K={k} N={n}", fp8_gemm.fp8_gemm(xq, wt.t(), sx, sw, b), torch._scaled_mm(
+                    xq, wt, scale_a=sx, scale_b=sw, bias=b, out_dtype=torch.bfloat16, use_fast_accum=True)):
+                gemm_ratio.append(t_mm / t_tr)
+            if k > n or k == n:  # output projections (o, ffn.2) are followed by x += gate * y
+                res = torch.randn(m, n, device=_DEV, dtype=torch.float32)
+                gate = torch.randn(1, n, device=_DEV, dtype=torch.float32)
+
+                def unfused():
+                    y = torch._scaled_mm(xq, wt, scale_a=sx, scale_b=sw, bias=b, out_dtype=torch.bfloat16,
+                                         use_fast_accum=True)
+                    return torch.addcmul(res, gate, y)  # one fused torch kernel: res + gate * y
+
+                t_un = record("scaled_mm_then_gate_residual", k, n, _bench_ms(unfused), flops)
+                t_fu = record("triton_fp8_gemm_gate_residual", k, n, _bench_ms(
+                    lambda: fp8_gemm.fp8_gemm(xq, wt.t(), sx, sw, b, residual=res, gate=gate)), flops)
+                if agrees(f"triton_fp8_gemm_gate_residual K={k} N={n}",
+                          fp8_gemm.fp8_gemm(xq, wt.t(), sx, sw, b, residual=res.clone(), gate=gate), unfused()):
+                    gate_ratio.append(t_un / t_fu)
+
+        def int8_rows():
             qi = quant.QuantLinear.from_linear(lin, "int8")
             record(f"qlinear_int8_{quant._int8_gemm}", k, n, _bench_ms(lambda: qi(x)), flops)
             xi, sxi = quant.per_token_quant(x, "int8")
@@ -175,34 +225,23 @@ def main(argv=None) -> int:
                     record("qlinear_int8_triton", k, n, _bench_ms(lambda: qi(x)), flops)
                 finally:
                     quant.set_int8_gemm(prev)
-            del qi, xi, sxi
+
+        with torch.no_grad():  # (the required figures' rows first; the int8 ones, optional, last)
+            fp8_ok = guarded(f"fp8 linear rows K={k} N={n}", fp8_rows)
+            if k not in quant_bw:
+                guarded(f"per-token quantization rows K={k}", csrc_rows)
             if fp8_gemm is not None:
-                t_tr = record("triton_fp8_gemm", k, n, _bench_ms(lambda: fp8_gemm.fp8_gemm(xq, wt.t(), sx, sw, b)),
-                              flops)
-                if agrees(f"triton_fp8_gemm K={k} N={n}", fp8_gemm.fp8_gemm(xq, wt.t(), sx, sw, b), torch._scaled_mm(
-                        xq, wt, scale_a=sx, scale_b=sw, bias=b, out_dtype=torch.bfloat16, use_fast_accum=True)):
-                    gemm_ratio.append(t_mm / t_tr)
-                if k > n or k == n:  # output projections (o, ffn.2) are followed by x += gate * y
-                    res = torch.randn(m, n, device=_DEV, dtype=torch.float32)
-                    gate = torch.randn(1, n, device=_DEV, dtype=torch.float32)
-
-                    def unfused():
-                        y = torch._scaled_mm(xq, wt, scale_a=sx, scale_b=sw, bias=b, out_dtype=torch.bfloat16,
-                                             use_fast_accum=True)
-                        return torch.addcmul(res, gate, y)  # one fused torch kernel: res + gate * y
-
-                    t_un = record("scaled_mm_then_gate_residual", k, n, _bench_ms(unfused), flops)
-                    t_fu = record("triton_fp8_gemm_gate_residual", k, n, _bench_ms(
-                        lambda: fp8_gemm.fp8_gemm(xq, wt.t(), sx, sw, b, residual=res, gate=gate)), flops)
-                    if agrees(f"triton_fp8_gemm_gate_residual K={k} N={n}",
-                              fp8_gemm.fp8_gemm(xq, wt.t(), sx, sw, b, residual=res.clone(), gate=gate), unfused()):
-                        gate_ratio.append(t_un / t_fu)
-                    del res
-            del xq, sx, x, lin, w, b
+                if fp8_ok:
+                    guarded(f"Triton fp8 GEMM rows K={k} N={n}", triton_fp8_rows)
+                else:
+                    errors.append(f"Triton fp8 GEMM rows K={k} N={n}: not run (the fp8 linear rows failed)")
+            guarded(f"int8 rows K={k} N={n}", int8_rows)
+        del x, lin, w, b, ctx
         if _DEV == "cuda":
             torch.cuda.empty_cache()
         # outputs after every shape: a run cut by its time limit keeps what it measured
-        append_csv(os.path.join(args.out, "quant.csv"), list(rows[0]), rows[written:])
+        if rows[written:]:
+            append_csv(os.path.join(args.out, "quant.csv"), list(rows[0]), rows[written:])
         written = len(rows)
         summary = write_summary()
     print(json.dumps(summary, indent=2))
@@ -225,9 +264,9 @@ def _summary(gpu, env, m, copy_bw, checks_failed, quant_bw, fp8_ratio, gemm_rati
         "csrc_memory_bound_bw_frac": round(min(quant_bw.values()), 3) if quant_bw else None,
         "csrc_bw_frac_by_K": {str(k): round(v, 3) for k, v in quant_bw.items()},
         # min over shapes of t(bf16 F.linear) / t(QuantLinear fp8 incl. quantization)
-        "qlinear_fp8_ratio_vs_bf16_min": round(min(fp8_ratio), 3),
+        "qlinear_fp8_ratio_vs_bf16_min": round(min(fp8_ratio), 3) if fp8_ratio else None,
         # max over shapes of t(QuantLinear fp8 + rank-32 LoRA branch) / t(QuantLinear fp8) - 1
-        "qlinear_lora_r32_overhead_max": round(max(lora_cost), 3),
+        "qlinear_lora_r32_overhead_max": round(max(lora_cost), 3) if lora_cost else None,
     }
     if gemm_ratio:
         summary["gemm_fp8_ratio_vs_scaled_mm_min"] = round(min(gemm_ratio), 3)  # t(_scaled_mm) / t(Triton)

@@ -78,7 +78,11 @@ def merge(out: Path, since: float | None = None) -> dict:
         if stale:
             absent[f"<{producer}>"] = f"{stale}: {producer} did not write it in this run (see its log in {out})"
             continue
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # (a stage killed mid-write, before atomic writes)
+            absent[f"<{producer}>"] = f"{name} unreadable ({e}): {producer} was cut while writing it"
+            continue
         if "figures" in data:
             figures.update(data["figures"])
             absent.update(data.get("absent", {}))
@@ -102,6 +106,15 @@ def merge(out: Path, since: float | None = None) -> dict:
                     figures[k] = v
             for k, v in data.get("absent", {}).items():
                 absent.setdefault(k, v)
+    # bench_quant's ratios left out because the kernel's output disagreed with the library's, or its rows
+    # raised: the reason for those figures
+    failed = [str(x) for x in (figures.get("quant_checks_failed") or []) + (figures.get("quant_errors") or [])]
+    for k, op in (("gemm_fp8_ratio_vs_scaled_mm_min", "triton_fp8_gemm"),
+                  ("gemm_fp8_gate_residual_ratio", "triton_fp8_gemm_gate_residual"),
+                  ("csrc_memory_bound_bw_frac", "per-token quantization")):
+        why = [x for x in failed if x.startswith(op) or (op == "triton_fp8_gemm" and "Triton fp8 GEMM" in x)]
+        if figures.get(k) is None and why and k not in absent:
+            absent[k] = "bench_quant: " + "; ".join(why)[:400]
     for k in REQUIRED:
         if figures.get(k) is None and k not in absent:
             absent[k] = NOT_IMPLEMENTED.get(k, "not produced in this run (see the logs)")
@@ -131,6 +144,11 @@ def table(summary: dict) -> str:
     # a failed CUDA-graph capture: the step figures above are then the eager times
     for k in sorted(x for x in summary["figures"] if x.startswith(("graph_capture_error_", "step_8bit_rejected_"))):
         lines.append(f"  {k}: {summary['figures'][k]} (the step figure is then the eager time / the other variant)")
+    # a benchmark section or row group that raised (the run went on without its figures)
+    for k in sorted(x for x in summary["figures"] if x.startswith("section_error_")):
+        lines.append(f"  {k}: {summary['figures'][k]}")
+    for e in summary["figures"].get("quant_errors") or []:
+        lines.append(f"  quant_error: {e}")
     for path, choices in summary.get("tuned", {}).items():  # before the absent stages, which come last
         lines.append(f"  tuned defaults of this run: {path} {choices} (copy into kernels/tuned/ to adopt)")
     extra = [k for k in summary["absent"] if k.startswith("<")]

@@ -397,3 +397,34 @@ def test_capture_alone_warms_up_first(monkeypatch):
                       sampler.timestep_tensor())
     g.capture()
     assert g.warmed_up and len(seen) == 1 + 4 and len(g.graphs) == 4
+
+
+def test_bench_e2e_keeps_going_past_a_failing_section(tmp_path, monkeypatch):
+    """One error (the 8-bit pass's first GPU run of a kernel; a section's) cost every end-to-end figure: the
+    summary was written after whole sections only, and nothing caught. Now the bf16 figures stand, the
+    error is recorded and named as the absent figures' reason, and the later sections run."""
+    bench_e2e = _load("bench_e2e")
+    from lightx2v_engine import quant
+
+    def broken(*a, **k):
+        raise RuntimeError("simulated 8-bit failure")
+    monkeypatch.setattr(quant, "quantize_dit_", broken)
+    monkeypatch.setattr(bench_e2e, "bench_text", broken)
+    assert bench_e2e.main(["--dry-run", "--out", str(tmp_path), "--skip", "distill"]) == 0
+    e2e = json.loads((tmp_path / "e2e_summary.json").read_text())
+    f = e2e["figures"]
+    assert f["step_ms_tiny_bf16"] > 0 and f["step_ms_tiny_reference"] > 0  # measured before the failure
+    assert "simulated 8-bit failure" in f["section_error_dit_8bit_tiny"]
+    assert "step_ms_tiny_8bit" not in f
+    assert "simulated" in f["section_error_text"] and f["vae_decode_ms"] > 0  # a later section still ran
+    assert not list(tmp_path.glob(".*.tmp"))  # (written whole, then moved into place)
+
+
+def test_summarize_names_a_half_written_summary(tmp_path):
+    """A stage killed while writing its summary (before the writes were atomic) made summarize raise: no
+    table at all. Now that producer is named absent and the table is printed."""
+    summarize = _load("summarize")
+    (tmp_path / "e2e_summary.json").write_text('{"env": {"gpu": "H100"}, "figures": {"step_ms_1.3b_bf16": 46')
+    s = summarize.merge(tmp_path)
+    assert "unreadable" in s["absent"]["<bench_e2e.py>"] and "cut while writing" in s["absent"]["<bench_e2e.py>"]
+    assert "step_ms_1.3b_bf16" in summarize.table(s)

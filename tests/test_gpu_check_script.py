@@ -53,7 +53,7 @@ def test_gpu_check_skips_stages_the_time_budget_has_no_room_for(tmp_path):
 
 def test_gpu_check_cuts_a_stage_at_the_time_left(tmp_path):
     """A benchmark that overruns is cut at the time left in the budget (not at its own 300 s cap), what it
-    wrote stays, and the next stage and the summary still run."""
+    wrote stays, the stage after it is skipped with its reason (no time left), and the summary still runs."""
     fake = _fake_python(tmp_path, "  benchmarks/gluon_smoke.py) echo 'gluon smoke: ok'; exit 0;;\n"
                                   "  benchmarks/bench_kernels.py) echo measuring; exec sleep 60;;\n"
                                   "  benchmarks/bench_e2e.py) echo e2e-ran; exit 0;;")
@@ -65,6 +65,7 @@ def test_gpu_check_cuts_a_stage_at_the_time_left(tmp_path):
     assert "measuring" in (tmp_path / "out" / "bench_kernels.log").read_text()
     assert "<stage bench_kernels>" in res.stdout
     assert "switched off" not in res.stdout
+    assert "bench_e2e: skipped" in res.stdout and "e2e-ran" not in res.stdout and "<stage bench_e2e>" in res.stdout
 
 
 def test_gpu_check_switches_gluon_off_when_its_smoke_test_fails(tmp_path):
@@ -169,6 +170,25 @@ def test_gpu_check_packs_its_outputs_for_a_small_transfer(tmp_path):
         names = set(tar.getnames())
     assert {"./deep/er/f.csv", "./kernels.csv", "./summary.json", "./tuned/NVIDIA_H200.json"} <= names
     assert "step_ms_1.3b_bf16" in (out / "summary_table.txt").read_text()
+    table = (out / "summary_table.txt").read_text().rstrip().splitlines()
+    assert res.stdout.rstrip().splitlines()[-len(table):] == table  # the table is printed last, after "packed:"
+
+
+def test_gpu_check_waits_for_the_extension_build_within_the_budget_only(tmp_path):
+    """The extension build (background) is waited for only by stages that use it, and no longer than the
+    budget's time left (the wait, up to 300 s, was outside the budget); a build no stage needs is stopped."""
+    fake = _fake_python(tmp_path, "  -m) exit 0;;\n  setup.py) exec sleep 120;;\n"
+                                  "  benchmarks/bench_quant.py) echo quant-ran; exit 0;;\n"
+                                  "  benchmarks/bench_e2e.py) echo compile-ran; exit 0;;")
+    t0 = time.time()
+    res = _run(tmp_path, fake, stages="install,compile,summary", GPU_CHECK_BUDGET="200", GPU_CHECK_MIN_STAGE="1")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "compile-ran" in res.stdout and "extension build stopped: no stage of this run needed it" in res.stdout
+    assert time.time() - t0 < 60
+    t0 = time.time()
+    res = _run(tmp_path, fake, stages="install,quant,summary", GPU_CHECK_BUDGET="35", GPU_CHECK_MIN_STAGE="1")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "extension build: stopped after" in res.stdout and time.time() - t0 < 60
 
 
 def test_gpu_check_compile_stage_feeds_the_compiled_diffusers_figure(tmp_path):

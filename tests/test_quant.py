@@ -589,7 +589,7 @@ def test_quant_linear_traces_fullgraph_cuda(scheme, gemm, int8_gemm):
     assert torch.equal(compiled(x), q(x))
 
 
-def test_bench_quant_dry_run(tmp_path):
+def test_bench_quant_dry_run(tmp_path, monkeypatch):
     """The benchmark script runs every code path (CPU, tiny shapes) and writes its csv and summary."""
     import importlib.util
     import json
@@ -626,6 +626,27 @@ def test_bench_quant_dry_run(tmp_path):
     bad = json.loads((tmp_path / "bad" / "quant_summary.json").read_text())
     assert any("triton_fp8_gemm K=" in c for c in bad["quant_checks_failed"])
     assert "gemm_fp8_ratio_vs_scaled_mm_min" not in bad and "gemm_fp8_gate_residual_ratio" not in bad
+    # ... and summarize names that as the reason (it said 'not produced in this run')
+    spec = importlib.util.spec_from_file_location("summarize", path.parent / "summarize.py")
+    summarize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize)
+    absent = summarize.merge(tmp_path / "bad")["absent"]
+    assert absent["gemm_fp8_ratio_vs_scaled_mm_min"].startswith("bench_quant: triton_fp8_gemm K=")
+    # an int8 kernel that raises (optional rows, now after the required fp8 ones): recorded, every fp8 figure
+    # still measured, the run goes on to the next shape (a raise ended the script)
+    real_int8 = quant.QuantLinear.from_linear
+
+    def from_linear(cls, lin, scheme):
+        if scheme == "int8":
+            raise RuntimeError("simulated int8 failure")
+        return real_int8(lin, scheme)
+    monkeypatch.setattr(quant.QuantLinear, "from_linear", classmethod(from_linear))
+    assert bench.main(["--dry-run", "--out", str(tmp_path / "int8")]) == 0
+    monkeypatch.undo()
+    got = json.loads((tmp_path / "int8" / "quant_summary.json").read_text())
+    assert len(got["quant_errors"]) == 2 and all("simulated int8 failure" in e for e in got["quant_errors"])
+    assert got["gemm_fp8_ratio_vs_scaled_mm_min"] > 0 and got["gemm_fp8_gate_residual_ratio"] > 0
+    assert "quant_error: int8 rows K=64 N=48" in summarize.table(summarize.merge(tmp_path / "int8"))
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
