@@ -28,12 +28,17 @@ PATCH_HW = 2
 ImageInput = str | os.PathLike | Image.Image | torch.Tensor | bytes
 
 
+def check_pil_mode(img: Image.Image) -> None:
+    """ValueError for the PIL modes _pil_to_tensor does not take (32-bit float)."""
+    if img.mode == "F":
+        raise ValueError("32-bit float images (PIL mode F) are not supported: save the image as 8- or 16-bit")
+
+
 def _pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB as Wan (`Image.open(...).convert("RGB")`; alpha dropped, EXIF orientation not applied), except
     16-bit grey (PIL modes I;16*, and I holding values above 255), which convert("RGB") clips to white:
     scaled to 8 bits (v / 257, rounded) first. 32-bit float images are an error."""
-    if img.mode == "F":
-        raise ValueError("32-bit float images (PIL mode F) are not supported: save the image as 8- or 16-bit")
+    check_pil_mode(img)
     if img.mode.startswith("I;16") or img.mode == "I":
         a = np.asarray(img).astype(np.float64)
         if img.mode.startswith("I;16") or a.max(initial=0) > 255:

@@ -51,6 +51,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 import urllib.parse
 import urllib.request
 import uuid
@@ -78,8 +79,12 @@ MAX_FINISHED = 1000      # finished tasks kept for status queries (oldest droppe
 MAX_IMAGE_PIXELS = 64_000_000  # input images (decoded in the request thread)
 WAN_720P_TOKENS = 21 * 45 * 80  # request_tokens(81, 720, 1280): the least per-request cap by default
 MAX_DRAIN = 8 << 20      # unread request body read (and dropped) before an early refusal
-MAX_PARSING = 2          # create requests reading or parsing their bodies at once (multipart takes ~10x the body)
+MAX_PARSING = 2          # create requests parsing their bodies and images at once (multipart takes ~10x the body)
 PARSE_WAIT = 60          # seconds a create request waits for a parsing slot before a 503
+MAX_READING = 16         # create requests reading their bodies at once (memory: at most 16 x MAX_BODY)
+BODY_RATE = 256 << 10    # bytes/s a body must arrive at, on average (a deadline of its own beside the per-read
+BODY_MIN_S = 60          # timeout: a client sending a byte now and then held a slot for good), at least 60 s
+DOWNLOAD_DEADLINE = 60   # seconds an image_path URL's download may take in all
 STOP_WAIT = 5.0          # seconds a stopping server waits for the running task to stop
 # task ids that would clash with the routes under /v1/tasks/ (queue/status, all/running, video/, image/)
 RESERVED_IDS = ("all", "image", "queue", "video")
@@ -166,6 +171,17 @@ class TaskQueue:
             self.total += 1
             self._cond.notify()
         return task
+
+    def check_room(self) -> None:
+        """RequestError 503 when a new task could not be queued now (full, or stopping): asked before a
+        request's body and image are read, so that refused requests cost no memory."""
+        with self._cond:
+            if self._stop:
+                raise RequestError("the server is stopping", HTTPStatus.SERVICE_UNAVAILABLE)
+            if self._active() >= self.max_queue_size:
+                raise RequestError(f"the queue is full ({self._active()} tasks pending or processing, "
+                                   f"max_queue_size {self.max_queue_size}); retry later",
+                                   HTTPStatus.SERVICE_UNAVAILABLE)
 
     def _active(self) -> int:
         """Tasks pending or processing (caller holds the lock)."""
@@ -309,6 +325,16 @@ def request_tokens(frames: int, height: int, width: int) -> int:
     return f * (h // 2) * (w // 2)
 
 
+def _lax_int(value):
+    """An integer field's value as LightX2V's pydantic schema (lax mode) takes it: an integral float (9.0) or
+    a decimal string ("42") is that integer; anything else is returned as it is (and refused by its check)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]{1,30}\s*", value):
+        return int(value)
+    return value
+
+
 def check_request(body: dict, *, output_dir: Path, infer_steps: int, task: str,
                   image_bytes: bytes | None = None, default_size: tuple[int, int] = (480, 832),
                   lora_dir: Path | None = None, image_sources: ImageSources = ImageSources(),
@@ -343,6 +369,9 @@ def check_request(body: dict, *, output_dir: Path, infer_steps: int, task: str,
             text.encode("utf-8")
         except UnicodeEncodeError as e:  # a lone surrogate (JSON "\ud800"): the tokenizer would fail in the task
             raise RequestError(f"{name}: not valid Unicode text ({e.reason} at character {e.start})") from None
+    body = {k: (_lax_int(v) if k in ("seed", "infer_steps", "target_video_length") else
+                [_lax_int(x) for x in v] if k == "target_shape" and isinstance(v, list) else v)
+            for k, v in body.items()}
     steps = body.get("infer_steps")
     if steps is not None and (isinstance(steps, bool) or steps not in (infer_steps, LIGHTX2V_DEFAULT_STEPS)):
         raise RequestError(f"infer_steps {_short(steps)}: this server's models run {infer_steps} steps (set at "
@@ -391,6 +420,11 @@ def check_request(body: dict, *, output_dir: Path, infer_steps: int, task: str,
         data, what = ((image_bytes, "image_file") if image_bytes is not None
                       else read_image_input(image, image_sources))
         img = _open_image(data, what)
+        from lightx2v_engine.image import check_pil_mode
+        try:  # (a mode the pipeline cannot take: a 400 now, not a failed task later)
+            check_pil_mode(img)
+        except ValueError as e:
+            raise RequestError(f"{what}: {e}") from None
         params["image"] = data
     if img is not None:  # I2V's size follows the image's aspect ratio at the target area: checked now
         from lightx2v_engine.image import i2v_latent_size
@@ -535,6 +569,24 @@ def _is_file(value: str) -> bool:
         return False
 
 
+def _read_within(f, n: int, seconds: float, what: str, until_eof: bool = False) -> bytes:
+    """n bytes from the stream f (fewer at its end) within `seconds` in all (each read has its socket's own
+    timeout as well); RequestError 408 past the deadline. until_eof: a short read is not the end (an HTTP
+    response read in pieces)."""
+    deadline = time.monotonic() + seconds
+    parts, got = [], 0
+    while got < n:
+        if time.monotonic() > deadline:
+            raise RequestError(f"{what}: not received within {seconds:.0f} s ({got} of {n} bytes)",
+                               HTTPStatus.REQUEST_TIMEOUT)
+        chunk = f.read(min(n - got, 1 << 16)) if until_eof else f.read1(min(n - got, 1 << 16))
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
 def read_image_input(value: str, sources: ImageSources = ImageSources()) -> tuple[bytes, str]:
     """image_path as LightX2V takes it: an http(s) URL, a data: URL, a file path on the server, or plain
     base64 (standard or URL-safe) -> (the encoded image's bytes, what they came from, for messages). A queued
@@ -549,8 +601,11 @@ def read_image_input(value: str, sources: ImageSources = ImageSources()) -> tupl
                                "data or an image_file upload")
         try:
             with urllib.request.urlopen(value, timeout=30) as r:
-                data = r.read(MAX_DOWNLOAD + 1)
+                data = _read_within(r, MAX_DOWNLOAD + 1, DOWNLOAD_DEADLINE, f"image_path {_short(value)!r}",
+                                    until_eof=True)
         except (OSError, ValueError, http.client.HTTPException) as e:  # (HTTPException: a malformed reply)
+            if isinstance(e, RequestError):
+                raise
             raise RequestError(f"image_path {_short(value)!r}: download failed ({type(e).__name__}: "
                                f"{_short(e)})") from None
         if len(data) > MAX_DOWNLOAD:
@@ -621,13 +676,16 @@ def parse_multipart(content_type: str, body: bytes) -> tuple[dict, bytes | None]
 
 # ---------------------------------------------------------------------------------------------- HTTP
 
+_LOG_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
+
+
 class Handler(BaseHTTPRequestHandler):
     server_version = "lightx2v-engine"
     timeout = 60  # seconds a client may stall (e.g. a body shorter than its Content-Length)
     app: "App"  # set on the subclass made by serve()
 
-    def log_message(self, fmt, *args):  # through logging, not stderr
-        log.info("%s %s", self.address_string(), fmt % args)
+    def log_message(self, fmt, *args):  # through logging, not stderr; control characters escaped (a request
+        log.info("%s %s", self.address_string(), (fmt % args).translate(_LOG_ESCAPES))  # line forging log lines)
 
     def _send(self, status: HTTPStatus, obj) -> None:
         data = json.dumps(obj).encode()
@@ -672,7 +730,7 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             self.wfile.flush()
         self._body_read = True
-        return self.rfile.read(n)
+        return _read_within(self.rfile, n, max(BODY_MIN_S, n / BODY_RATE), "the request body")
 
     def _expects_continue(self) -> bool:
         return self.headers.get("Expect", "").strip().lower() == "100-continue" and self.request_version != "HTTP/1.0"
@@ -749,20 +807,36 @@ class App:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.metadata = metadata or {}
         self.queue = TaskQueue(lambda t: generate(t.params, t.save_result_path, t.cancel), max_queue_size)
+        self._reading = threading.BoundedSemaphore(MAX_READING)
         self._parsing = threading.BoundedSemaphore(MAX_PARSING)
 
     @contextmanager
-    def _parse_slot(self):
-        """One of MAX_PARSING slots for reading and parsing a create request's body (bounds their memory)."""
-        if not self._parsing.acquire(timeout=PARSE_WAIT):
-            raise RequestError(f"the server is busy reading other requests (waited {PARSE_WAIT} s); retry later",
+    def _slot(self, sem: threading.BoundedSemaphore, what: str):
+        """One of `sem`'s slots (bounds the memory of the requests reading or parsing at once), else a 503
+        after PARSE_WAIT seconds."""
+        if not sem.acquire(timeout=PARSE_WAIT):
+            raise RequestError(f"the server is busy {what} other requests (waited {PARSE_WAIT} s); retry later",
                                HTTPStatus.SERVICE_UNAVAILABLE)
         try:
             yield
         finally:
-            self._parsing.release()
+            sem.release()
+
+    def _read_body(self, h: "Handler") -> bytes:
+        """The create request's body: refused at once when the queue is full (before reading it), read in
+        one of MAX_READING slots within its own deadline (a stalled client is dropped, not waited on)."""
+        self.queue.check_room()
+        with self._slot(self._reading, "reading"):
+            return h._body()
 
     def _create(self, body: dict, image_bytes: bytes | None = None) -> tuple[HTTPStatus, dict]:
+        """check_request (an image_path download and the image's decode included) in one of MAX_PARSING
+        slots, after a check that the queue has room (no image work for a request refused anyway)."""
+        self.queue.check_room()
+        with self._slot(self._parsing, "parsing"):
+            return self._create_checked(body, image_bytes)
+
+    def _create_checked(self, body: dict, image_bytes: bytes | None) -> tuple[HTTPStatus, dict]:
         task_id, params, path = check_request(body, output_dir=self.output_dir, infer_steps=self.infer_steps,
                                               task=self.task, image_bytes=image_bytes,
                                               default_size=self.default_size, lora_dir=self.lora_dir,
@@ -776,8 +850,8 @@ class App:
     def route(self, method: str, path: str, h: Handler) -> tuple[HTTPStatus, dict | None]:
         path = path.rstrip("/") or "/"
         if method == "POST" and path in ("/v1/tasks/video", "/v1/tasks"):
-            with self._parse_slot():
-                raw = h._body()  # (its RequestError, a ValueError too, must not be caught below)
+            raw = self._read_body(h)  # (its RequestError, a ValueError too, must not be caught below)
+            with self._slot(self._parsing, "parsing"):
                 try:
                     body = json.loads(raw or b"{}")
                 except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, over-long integers, deep nesting
@@ -785,9 +859,13 @@ class App:
                 del raw
             return self._create(body)
         if method == "POST" and path == "/v1/tasks/video/form":
-            with self._parse_slot():
-                fields, image = parse_multipart(h.headers.get("Content-Type", ""), h._body())
+            raw = self._read_body(h)
+            with self._slot(self._parsing, "parsing"):
+                fields, image = parse_multipart(h.headers.get("Content-Type", ""), raw)
+                del raw
             return self._create(fields, image)
+        if method == "GET" and path == "/health":  # (LightX2V's liveness probe)
+            return HTTPStatus.OK, {"status": "ok"}
         if method == "POST" and path in ("/v1/tasks/image", "/v1/tasks/image/form"):
             raise RequestError("image tasks are not supported: this engine generates video", HTTPStatus.NOT_IMPLEMENTED)
         if method == "GET" and path == "/v1/tasks":
@@ -912,11 +990,15 @@ def serve_worker(pipe) -> None:
         except _errors_every_rank_raises():
             pass
 
+class _HTTPServer(ThreadingHTTPServer):
+    request_queue_size = 128  # the listen backlog (5 by default: a burst of status polls waited on TCP retries)
+
+
 def bind(host: str = "0.0.0.0", port: int = 8000) -> ThreadingHTTPServer:
     """The server's socket bound to (host, port) (port 0: any free one) but not listening yet (connections
     are refused until serve() attaches the app): main() binds before the models load, so that a taken port
     is an error at once, not after minutes of loading."""
-    httpd = ThreadingHTTPServer((host, port), Handler, bind_and_activate=False)
+    httpd = _HTTPServer((host, port), Handler, bind_and_activate=False)
     try:
         httpd.server_bind()
     except BaseException:
@@ -934,6 +1016,18 @@ def serve(app: App, host: str = "0.0.0.0", port: int = 8000,
     return httpd
 
 
+def _env_int(name: str, default: int) -> int:
+    """An integer environment variable (LightX2V's server settings), else `default`; a bad value warns."""
+    text = os.environ.get(name)
+    if not text:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        log.warning("$%s=%r is not an integer: %d is used", name, text, default)
+        return default
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lightx2v_engine.infer import build_parser as infer_parser
     p = infer_parser()
@@ -942,12 +1036,15 @@ def build_parser() -> argparse.ArgumentParser:
                      "CLI's per-video ones (--prompt, --image_path, --seed, --save_result_path, ...) come with each "
                      "request instead. Extra --key value pairs are config keys.")
     p.allow_abbrev = False  # '--config' must not silently mean --config_json (extra pairs are config keys)
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: every interface, as "
-                   "LightX2V's; use 127.0.0.1 for this machine only - requests may read image files and URLs, see "
-                   "--image_dir and --no_image_urls)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max_queue_size", type=int, default=10, help="tasks pending or processing at most (HTTP 503 "
-                   "beyond)")
+    # (defaults from LightX2V's server environment variables where set, as its ServerConfig.from_env)
+    p.add_argument("--host", default=os.environ.get("LIGHTX2V_HOST") or "0.0.0.0", help="address to listen on "
+                   "(default: $LIGHTX2V_HOST, else every interface, as LightX2V's; use 127.0.0.1 for this machine "
+                   "only - requests may read image files and URLs, see --image_dir and --no_image_urls)")
+    p.add_argument("--port", type=int, default=_env_int("LIGHTX2V_PORT", 8000), help="default: $LIGHTX2V_PORT, "
+                   "else 8000")
+    p.add_argument("--max_queue_size", type=int, default=_env_int("LIGHTX2V_MAX_QUEUE_SIZE", 10),
+                   help="tasks pending or processing at most (HTTP 503 beyond); default: $LIGHTX2V_MAX_QUEUE_SIZE, "
+                   "else 10")
     p.add_argument("--max_request_tokens", type=int, default=None, help="the most DiT tokens (latent frames x H/16 x "
                    f"W/16) a request may ask for; default: {WAN_720P_TOKENS} (720p x 81 frames) or the default "
                    "size's, if more")

@@ -226,7 +226,8 @@ def test_queue_full_cancel_and_unknown_routes(tmp_path):
         assert all(r["task_status"] == "pending" for r in created)
         code, resp = c.call("POST", "/v1/tasks/video/", {"prompt": "t3"})
         assert code == 503 and "3 tasks pending or processing" in resp["detail"], resp
-        assert c.call("POST", "/v1/tasks/video/", {"prompt": "dup", "task_id": "t0"})[0] == 400
+        # (a full queue refuses before reading the request: a duplicate id is then a 503 too)
+        assert c.call("POST", "/v1/tasks/video/", {"prompt": "dup", "task_id": "t0"})[0] == 503
         q = c.call("GET", "/v1/tasks/queue/status")[1]
         assert q == {"is_processing": True, "current_task": "t0", "pending_count": 2, "active_count": 3,
                      "queue_size": 3, "queue_available": 0, "pending_task_ids": ["t1", "t2"]}
@@ -248,6 +249,7 @@ def test_queue_full_cancel_and_unknown_routes(tmp_path):
         st = c.call("GET", "/v1/service/status")[1]
         assert (st["total_tasks"], st["completed_tasks"], st["failed_tasks"]) == (3, 1, 0)  # (cancelled: neither)
         assert c.call("GET", "/v1/tasks/queue/status")[1]["queue_available"] == 3
+        assert c.call("POST", "/v1/tasks/video/", {"prompt": "dup", "task_id": "t0"})[0] == 400  # (room now)
         assert c.call("POST", "/v1/tasks/image/", {"prompt": "x"})[0] == 501
         assert c.call("GET", "/v1/nothing")[0] == 404
         assert c.call("POST", "/v1/tasks/video/", raw=b"{not json")[0] == 400
@@ -882,8 +884,9 @@ def test_early_refusals_reach_the_client(tmp_path, monkeypatch):
 
 
 def test_create_requests_parse_two_at_a_time(tmp_path, monkeypatch):
-    """Reading and parsing create bodies (multipart takes ~10x the upload) is bounded: at most MAX_PARSING
-    requests at once, the others wait their turn."""
+    """Parsing create bodies (multipart takes ~10x the upload) and checking them (an image's download and
+    decode) is bounded: at most MAX_PARSING requests at once, the others wait their turn (reading bodies has
+    its own, wider bound, MAX_READING, and a deadline)."""
     lock, now, peak = threading.Lock(), [0], [0]
 
     def tracked(fn):
@@ -898,7 +901,7 @@ def test_create_requests_parse_two_at_a_time(tmp_path, monkeypatch):
                 with lock:
                     now[0] -= 1
         return wrapper
-    monkeypatch.setattr(S.Handler, "_body", tracked(S.Handler._body))
+    monkeypatch.setattr(S, "check_request", tracked(S.check_request))
     monkeypatch.setattr(S, "parse_multipart", tracked(S.parse_multipart))
     app = S.App(lambda p, path, cancel: None, output_dir=tmp_path, infer_steps=4, task="t2v", max_queue_size=100)
     c = Client(app)
@@ -942,3 +945,109 @@ def test_a_download_sends_the_file_it_opened(tmp_path, monkeypatch):
         assert c.call("GET", "/v1/files/download/clip.mp4") == (200, b"old video")
     finally:
         c.close(app)
+
+
+def test_health_lax_integers_and_float_images(tmp_path):
+    """LightX2V's GET /health; integer fields as its pydantic schema takes them ("42", 9.0); a 32-bit float
+    image is a 400 when the request comes (it was a task failing in the worker)."""
+    seen = []
+    app = S.App(lambda p, path, cancel: seen.append(p), output_dir=tmp_path, infer_steps=4, task="i2v",
+                default_size=(32, 48))
+    c = Client(app)
+    try:
+        assert c.call("GET", "/health") == (200, {"status": "ok"})
+        png = io.BytesIO()
+        Image.new("RGB", (64, 48), (10, 200, 30)).save(png, format="PNG")
+        image = base64.b64encode(png.getvalue()).decode()
+        code, created = c.call("POST", "/v1/tasks/video/", {"prompt": "x", "image_path": image, "seed": "42",
+                                                             "target_video_length": 9.0, "infer_steps": "4"})
+        assert code == 200, created
+        c.wait(created["task_id"])
+        assert seen[0]["seed"] == 42 and seen[0]["num_frames"] == 9
+        for bad in ({"seed": "4.5"}, {"seed": True}, {"target_video_length": 9.5}):
+            code, resp = c.call("POST", "/v1/tasks/video/", {"prompt": "x", "image_path": image, **bad})
+            assert code == 400, (bad, resp)
+        tif = io.BytesIO()
+        Image.fromarray(np.random.rand(48, 64).astype(np.float32), mode="F").save(tif, format="TIFF")
+        code, resp = c.call("POST", "/v1/tasks/video/", {"prompt": "x",
+                                                          "image_path": base64.b64encode(tif.getvalue()).decode()})
+        assert code == 400 and "32-bit float images (PIL mode F)" in resp["detail"], resp
+    finally:
+        c.close(app)
+
+
+def test_full_queue_refuses_before_reading_or_decoding(tmp_path, monkeypatch):
+    """With the queue full, a create request is a 503 before its body is read and its image decoded (images
+    were decoded for requests refused anyway: 8 at once took 2 GB)."""
+    release = threading.Event()
+    app = S.App(lambda p, path, cancel: release.wait(60), output_dir=tmp_path, infer_steps=4, task="i2v",
+                default_size=(32, 48), max_queue_size=1)
+    opened = []
+    real_open = S._open_image
+    monkeypatch.setattr(S, "_open_image", lambda data, what: opened.append(what) or real_open(data, what))
+    c = Client(app)
+    try:
+        png = io.BytesIO()
+        Image.new("RGB", (64, 48)).save(png, format="PNG")
+        body = {"prompt": "x", "image_path": base64.b64encode(png.getvalue()).decode()}
+        assert c.call("POST", "/v1/tasks/video/", body)[0] == 200 and len(opened) == 1
+        code, resp = c.call("POST", "/v1/tasks/video/", body)
+        assert code == 503 and "queue is full" in resp["detail"] and len(opened) == 1
+    finally:
+        release.set()
+        c.close(app)
+
+
+def test_a_trickling_body_is_cut_at_its_deadline(tmp_path, monkeypatch):
+    """A client sending its body a byte now and then held a reading slot for good (each read had its own
+    60 s timeout): two such clients made every create request wait, then a 503. The body has a deadline of
+    its own now (BODY_MIN_S, or its size at BODY_RATE): past it, a 408 and the slot is free."""
+    import socket
+    monkeypatch.setattr(S, "BODY_MIN_S", 1)
+    app = S.App(lambda p, path, cancel: path.write_bytes(b"v"), output_dir=tmp_path, infer_steps=4, task="t2v")
+    c = Client(app)
+    socks = []
+    try:
+        t0 = time.time()
+        for _ in range(S.MAX_READING):  # every reading slot taken by a trickling client
+            s = socket.create_connection(("127.0.0.1", c.httpd.server_port))
+            s.sendall(b"POST /v1/tasks/video HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000\r\n\r\n{")
+            socks.append(s)
+        time.sleep(0.3)
+        for s in socks:
+            s.sendall(b" ")
+        time.sleep(1.2)
+        for s in socks:  # a byte after the deadline: the server answers 408 and frees the slot
+            s.sendall(b" ")
+        replies = []
+        for s in socks:
+            s.settimeout(10)
+            replies.append(s.recv(200))
+        assert all(r.startswith(b"HTTP/1.0 408") or r.startswith(b"HTTP/1.1 408") for r in replies), replies[:2]
+        code, created = c.call("POST", "/v1/tasks/video/", {"prompt": "x"})
+        assert code == 200 and time.time() - t0 < 30
+    finally:
+        for s in socks:
+            s.close()
+        c.close(app)
+
+
+def test_request_lines_are_logged_with_control_characters_escaped(caplog):
+    """A request line holding ESC / CR wrote them raw into the log (forged lines, terminal escapes)."""
+    h = S.Handler.__new__(S.Handler)
+    h.client_address = ("127.0.0.1", 1)
+    with caplog.at_level("INFO", logger="lightx2v_engine.server"):
+        h.log_message('"%s" %s', "GET /x\x1b[31mRED\rFAKE HTTP/1.0", "400")
+    assert "\x1b" not in caplog.text and "\r" not in caplog.text and "\\x1b[31mRED\\x0dFAKE" in caplog.text
+
+
+def test_server_flags_default_to_lightx2v_environment_variables(monkeypatch):
+    monkeypatch.setenv("LIGHTX2V_HOST", "127.0.0.1")
+    monkeypatch.setenv("LIGHTX2V_PORT", "9123")
+    monkeypatch.setenv("LIGHTX2V_MAX_QUEUE_SIZE", "33")
+    args = S.build_parser().parse_args([])
+    assert (args.host, args.port, args.max_queue_size) == ("127.0.0.1", 9123, 33)
+    assert S.build_parser().parse_args(["--port", "7"]).port == 7  # (a flag wins)
+    monkeypatch.setenv("LIGHTX2V_PORT", "eighty")
+    assert S.build_parser().parse_args([]).port == 8000
