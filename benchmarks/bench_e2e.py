@@ -619,6 +619,11 @@ def main(argv=None) -> int:
         if attn8:  # (before the diffusers baseline: a cut 14B stage lost it there, and with it step_ms_14b_8bit)
             section(f"dit_attn8_{tag}", functools.partial(bench_dit, attn8_only=True), preset, args, device, run,
                     rows, summary, tag)
+        errors = [summary[k] for k in (f"section_error_dit_8bit_{tag}", f"section_error_dit_8bit_{tag}_attn8")
+                  if k in summary]
+        if errors and f"step_ms_{tag}_8bit" not in summary:  # (bench_dit's 8-bit pass failed inside)
+            absent.setdefault(f"step_ms_{tag}_8bit", "the 8-bit DiT pass failed: " + "; ".join(errors))
+            save()
         if "diffusers" not in args.skip and not args.dry_run:
             section(f"diffusers_{tag}", bench_diffusers_dit, preset, args, device, run, rows, summary, tag, absent,
                     produces=[f"diffusers_step_ms_{tag}_eager"])

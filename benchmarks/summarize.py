@@ -109,10 +109,10 @@ def merge(out: Path, since: float | None = None) -> dict:
     # bench_quant's ratios left out because the kernel's output disagreed with the library's, or its rows
     # raised: the reason for those figures
     failed = [str(x) for x in (figures.get("quant_checks_failed") or []) + (figures.get("quant_errors") or [])]
-    for k, op in (("gemm_fp8_ratio_vs_scaled_mm_min", "triton_fp8_gemm"),
-                  ("gemm_fp8_gate_residual_ratio", "triton_fp8_gemm_gate_residual"),
-                  ("csrc_memory_bound_bw_frac", "per-token quantization")):
-        why = [x for x in failed if x.startswith(op) or (op == "triton_fp8_gemm" and "Triton fp8 GEMM" in x)]
+    for k, prefixes in (("gemm_fp8_ratio_vs_scaled_mm_min", ("triton_fp8_gemm K=", "Triton fp8 GEMM rows")),
+                        ("gemm_fp8_gate_residual_ratio", ("triton_fp8_gemm_gate_residual K=", "Triton fp8 GEMM rows")),
+                        ("csrc_memory_bound_bw_frac", ("per-token quantization rows",))):
+        why = [x for x in failed if x.startswith(prefixes)]
         if figures.get(k) is None and why and k not in absent:
             absent[k] = "bench_quant: " + "; ".join(why)[:400]
     for k in REQUIRED:

@@ -131,7 +131,10 @@ def iter_torch_file(path: Path, log_wrapper: bool = True) -> Iterator[tuple[str,
         obj = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read torch checkpoint ({type(e).__name__}: {e})") from None
-    while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+    seen = set()  # (a dict that holds itself must not unwrap for ever)
+    while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()) \
+            and id(obj) not in seen:
+        seen.add(id(obj))
         wrapper = next((w for w in TORCH_WRAPPERS if isinstance(obj.get(w), dict)), None)
         if wrapper is None:
             break

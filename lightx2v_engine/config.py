@@ -487,7 +487,7 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
     if raw.get("t5_offload_granularity") not in (None, "model", "block"):
         raise _err("t5_offload_granularity", raw["t5_offload_granularity"], "expected 'model' or 'block'")
     _new_schema_keys(vals)
-    _mm_config(vals, ignored)
+    _mm_config(vals, ignored, source, warn)
     plan = vals.pop("offload_plan", None)
     if plan is not None:  # newer LightX2V: {offload_granularity, resident_blocks, use_event_offload}; it wins
         if not isinstance(plan, dict):
@@ -694,9 +694,10 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _MM_TYPE = re.compile(r"W-(fp8|int8)-channel-sym-A-\1-channel-sym-dynamic-(Vllm|Sgl|Q8F|Torchao|Triton)(-Act\w+)?")
 
 
-def _mm_config(vals: dict[str, Any], ignored: list[str]) -> None:
+def _mm_config(vals: dict[str, Any], ignored: list[str], source: str = "config", warn: bool = True) -> None:
     """Older LightX2V's ``mm_config: {mm_type, weight_auto_quant}`` onto dit_quantized / dit_quant_scheme /
-    weight_auto_quant in place (a top-level key that says otherwise is an error naming both)."""
+    weight_auto_quant in place; a top-level key (or an override: the CLI's, the server's, enable_quantize)
+    that says otherwise wins, with a warning."""
     mm = vals.pop("mm_config", None)
     if mm is None or mm == {}:
         return
@@ -716,11 +717,19 @@ def _mm_config(vals: dict[str, Any], ignored: list[str]) -> None:
         implied.update(dit_quantized=True, dit_quant_scheme=f"{m.group(1)}-{m.group(2).lower()}")
     if "weight_auto_quant" in mm:
         implied["weight_auto_quant"] = mm["weight_auto_quant"]
+    from lightx2v_engine.quant import parse_quant_scheme
     for key, value in implied.items():
         if vals.get(key) is None:
             vals[key] = value
-        elif vals[key] != value and not (key == "dit_quantized" and value is False):  # (a top-level true wins
-            raise _err(key, vals[key], f"mm_config says {value!r} (mm_config {mm}): set one of them")  # Default)
+            continue
+        same = vals[key] == value
+        if key == "dit_quant_scheme" and not same:  # ("fp8" and mm_type's "fp8-vllm": the same format)
+            try:
+                same = parse_quant_scheme(vals[key]) == parse_quant_scheme(value)
+            except ValueError:
+                pass
+        if not same and not (key == "dit_quantized" and value is False) and warn:  # the newer top-level key
+            warn_user(f"{source}: {key} {vals[key]!r} is used over mm_config's {value!r} (mm_config {mm})")  # wins
     ignored += [f"mm_config.{k}" for k in sorted(set(mm) - {"mm_type", "weight_auto_quant"})]
 
 

@@ -16,7 +16,9 @@ import torch
 
 
 class CaptureError(RuntimeError):
-    """A denoising step could not be captured (its cause chained)."""
+    """A denoising step could not be captured (its cause chained; ended_cleanly: whether the capture itself
+    was ended without an error of its own)."""
+    ended_cleanly = False
 
 
 def _clear_frames(error: BaseException) -> None:
@@ -98,6 +100,9 @@ class DistillGraphs:
                     error = CaptureError(f"CUDA-graph capture of denoising step {i + 1} failed: "
                                          f"{type(first).__name__}: {first}")
                     error.__cause__ = first
+                    # the capture ended cleanly (only the step's own error came out): else ending it failed
+                    # too, and PyTorch may keep that graph's pool and a capture-underway mark in its allocator
+                    error.ended_cleanly = cause is not None and e is cause
                     g = cause = first = None  # (the error must keep no graph of this frame alive: the
                     break                     #  failed set and its memory pool are freed at once)
                 pool = g.pool()

@@ -266,8 +266,9 @@ class WanDiT(nn.Module):
             raise ValueError(f"t is on {t.device}, x on {x.device}: they must be on one device")
         if context.dim() != 3 or context.shape[0] != b or context.shape[2] != cfg.text_dim:
             raise ValueError(f"context must be [{b}, Lt, {cfg.text_dim}], got {tuple(context.shape)}")
-        if not 1 <= context.shape[1] <= cfg.text_len:  # (Wan pads every context to text_len rows)
-            raise ValueError(f"context has {context.shape[1]} rows: 1 to {cfg.text_len} (text_len) expected, "
+        text_rows = max(cfg.text_len, 512)  # (Wan pads every context to text_len rows, 512 in its configs)
+        if not 1 <= context.shape[1] <= text_rows:
+            raise ValueError(f"context has {context.shape[1]} rows: 1 to {text_rows} (text_len) expected, "
                              f"zero rows after the prompt's")
         if cfg.is_i2v and (clip_fea.dim() != 3 or clip_fea.shape[0] != b or clip_fea.shape[1] != cfg.image_tokens
                            or clip_fea.shape[2] != cfg.image_dim):

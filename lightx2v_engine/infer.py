@@ -243,13 +243,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # (a traceback from wherever it landed before)
         print(f"{rank_prefix()}interrupted{' (SIGTERM)' if stopped else ''}", file=sys.stderr)
         return 128 + (stopped[0] if stopped else signal.SIGINT)
+    except torch.cuda.OutOfMemoryError as e:  # (first: rank 0's RankZeroOutOfMemory is a ValueError too)
+        print(f"{rank_prefix()}error: out of GPU memory ({str(e).splitlines()[0]})", file=sys.stderr)
+        return 3
     except user_errors() as e:
         msg = str(e).replace("\n", " ")
         print(f"{rank_prefix()}error: {msg}", file=sys.stderr)
         return 2
-    except torch.cuda.OutOfMemoryError as e:
-        print(f"{rank_prefix()}error: out of GPU memory ({str(e).splitlines()[0]})", file=sys.stderr)
-        return 3
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -139,7 +139,10 @@ def _check_fits(cfg: ModelConfig, files: list[Path], expected: dict, qkeys: set[
         eight = sorted({str(dt).removeprefix("torch.") for *_, dt, _ in meta
                         if dt in (torch.int8, torch.float8_e4m3fn)})
         quantized = sorted({p for k, *_, p in meta if k.endswith(".weight_scale")})
-        plain = [p for p in files if p not in quantized]
+        # files without scales that hold block linears: another DiT (not the non-block part of a checkpoint
+        # split per block, as LightX2V's converter writes it)
+        plain = sorted({p for k, _, dt, p in meta if p not in quantized and ".blocks." in f".{strip_prefix(k)}"
+                        and k.endswith(".weight") and dt not in (torch.int8, torch.float8_e4m3fn)})
         if plain:  # a folder holding a bf16 DiT and a quantized one
             raise CheckpointError(
                 f"{', '.join(map(str, files))}: two DiT checkpoints in one place: quantized "

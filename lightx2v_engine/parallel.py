@@ -386,8 +386,9 @@ class Parallel:
     def on_rank0(self, fn: Callable[[], Any], what: str) -> Any:
         """fn() on rank 0 alone, its outcome agreed by all: rank 0 returns fn()'s value; the others return
         None, or raise RankZeroError naming rank 0's failure. On rank 0 a failure is re-raised: as it is for a
-        ValueError / FileNotFoundError (which every rank raises alike), an interrupt (Ctrl-C, SystemExit) and
-        out of memory (the CLI's exit codes tell them apart); wrapped in RankZeroError otherwise."""
+        ValueError / FileNotFoundError (which every rank raises alike) and an interrupt (Ctrl-C, SystemExit);
+        out of memory as RankZeroOutOfMemory (a RankZeroError the ranks agree on, and an OutOfMemoryError
+        for the CLI's exit code); wrapped in RankZeroError otherwise."""
         if not self.is_main:
             msg = self.receive(what)
             if msg["error"] is not None:
@@ -397,9 +398,10 @@ class Parallel:
             value = fn()
         except BaseException as e:
             self.send(what, error=f"{type(e).__name__}: {e}")
-            if isinstance(e, (ValueError, FileNotFoundError, torch.OutOfMemoryError)) or not isinstance(e, Exception):
+            if isinstance(e, (ValueError, FileNotFoundError)) or not isinstance(e, Exception):
                 raise
-            raise RankZeroError(f"rank 0 failed to {what}: {type(e).__name__}: {e}") from e
+            cls = RankZeroOutOfMemory if isinstance(e, torch.OutOfMemoryError) else RankZeroError
+            raise cls(f"rank 0 failed to {what}: {type(e).__name__}: {e}") from e
         self.send(what, error=None)
         return value
 
@@ -431,6 +433,11 @@ class Parallel:
 
 class RankZeroError(ValueError):
     """A step run on rank 0 alone failed; every rank raises it at the same point (the ranks stay in step)."""
+
+
+class RankZeroOutOfMemory(RankZeroError, torch.OutOfMemoryError):
+    """Rank 0 ran out of memory in a step run on rank 0 alone: every rank raises (a RankZeroError elsewhere),
+    so the ranks stay in step; an OutOfMemoryError too (the CLI's out-of-memory exit code)."""
 
 
 class RankError(ValueError):

@@ -698,9 +698,10 @@ class Pipeline:
 
     def _graph_runner(self, x, context, neg_context, clip_fea, y, sampler, renoise, ts, timings=None):
         """The cached graphs of this shape key, their inputs set (a first call captures them: the warm-up and
-        capture time is timings' "graph capture"); None runs this call eagerly: the warm-up step failed (the
-        model's error, met again eagerly), the capture ran out of memory (this shape stays eager), or the
-        capture failed otherwise (graphs are off from then on)."""
+        capture time is timings' "graph capture"); None runs this call eagerly: the warm-up step or a capture
+        that ended cleanly ran out of memory (this shape stays eager), the warm-up failed otherwise (the
+        model's error, met again eagerly), or the capture failed otherwise - ending it included (graphs are
+        off from then on)."""
         from lightx2v_engine.cuda_graph import CaptureError, DistillGraphs, _clear_frames
         key = self._graph_key(x, context, neg_context, clip_fea, sampler)
         if key in self._graph_skip:
@@ -722,8 +723,10 @@ class Pipeline:
                 graphs.keepalive = self.dit.rope(self.dit.grid(x.shape), x.device)
                 graphs.dit = self.dit
             except Exception as e:
-                failure = (type(e).__name__, str(e), isinstance(e, CaptureError),
-                           isinstance(e.__cause__, torch.OutOfMemoryError))
+                capturing = isinstance(e, CaptureError)
+                oom = (isinstance(e.__cause__, torch.OutOfMemoryError) and e.ended_cleanly if capturing
+                       else isinstance(e, torch.OutOfMemoryError))
+                failure = (type(e).__name__, str(e), capturing, oom)
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("CUDA graph capture failed", exc_info=True)
                 _clear_frames(e)  # (the failed set and its pool are then freed at once, not by a later GC)
@@ -731,11 +734,12 @@ class Pipeline:
             if failure is not None:
                 name, msg, capturing, oom = failure
                 graphs = None
-                if not capturing:  # the warm-up (an eager step) failed: the eager run meets it again
-                    log.warning("CUDA-graph warm-up step failed (%s); running this call eagerly", name)
-                elif oom:
+                if oom:  # (in the warm-up step, or a capture that ended cleanly): this shape stays eager
                     self._graph_skip.add(key)
-                    log.warning("%s; this shape runs eagerly (not enough GPU memory for its graphs)", msg)
+                    log.warning("%s%s; this shape runs eagerly (not enough GPU memory for its graphs)",
+                                "" if capturing else "CUDA-graph warm-up step: ", msg)
+                elif not capturing:  # the warm-up (an eager step) failed: the eager run meets it again
+                    log.warning("CUDA-graph warm-up step failed (%s); running this call eagerly", name)
                 else:
                     log.error("CUDA graph capture failed (%s); running eagerly from now on", msg)
                     self.use_cuda_graph = False

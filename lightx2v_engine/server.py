@@ -81,7 +81,7 @@ WAN_720P_TOKENS = 21 * 45 * 80  # request_tokens(81, 720, 1280): the least per-r
 MAX_DRAIN = 8 << 20      # unread request body read (and dropped) before an early refusal
 MAX_PARSING = 2          # create requests parsing their bodies and images at once (multipart takes ~10x the body)
 PARSE_WAIT = 60          # seconds a create request waits for a parsing slot before a 503
-MAX_READING = 16         # create requests reading their bodies at once (memory: at most 16 x MAX_BODY)
+MAX_READING = 16         # create requests in progress at once (memory: at most 16 bodies of MAX_BODY)
 BODY_RATE = 256 << 10    # bytes/s a body must arrive at, on average (a deadline of its own beside the per-read
 BODY_MIN_S = 60          # timeout: a client sending a byte now and then held a slot for good), at least 60 s
 DOWNLOAD_DEADLINE = 60   # seconds an image_path URL's download may take in all
@@ -336,7 +336,8 @@ def _lax_int(value):
 
 
 def check_request(body: dict, *, output_dir: Path, infer_steps: int, task: str,
-                  image_bytes: bytes | None = None, default_size: tuple[int, int] = (480, 832),
+                  image_bytes: bytes | None = None, fetched: tuple[bytes, str] | None = None,
+                  default_size: tuple[int, int] = (480, 832),
                   lora_dir: Path | None = None, image_sources: ImageSources = ImageSources(),
                   default_frames: int = 81, max_tokens: int | None = None) -> tuple[str, dict, Path]:
     """A VideoTaskRequest dict (+ an uploaded image) -> (task_id, generate() parameters, result path);
@@ -418,7 +419,7 @@ def check_request(body: dict, *, output_dir: Path, infer_steps: int, task: str,
     height, width = params.get("height", default_size[0]), params.get("width", default_size[1])
     if image_bytes is not None or image:  # opened now: data that is no image is a 400, not a failed task
         data, what = ((image_bytes, "image_file") if image_bytes is not None
-                      else read_image_input(image, image_sources))
+                      else fetched if fetched is not None else read_image_input(image, image_sources))
         img = _open_image(data, what)
         from lightx2v_engine.image import check_pil_mode
         try:  # (a mode the pipeline cannot take: a 400 now, not a failed task later)
@@ -569,17 +570,16 @@ def _is_file(value: str) -> bool:
         return False
 
 
-def _read_within(f, n: int, seconds: float, what: str, until_eof: bool = False) -> bytes:
-    """n bytes from the stream f (fewer at its end) within `seconds` in all (each read has its socket's own
-    timeout as well); RequestError 408 past the deadline. until_eof: a short read is not the end (an HTTP
-    response read in pieces)."""
+def _read_within(f, n: int, seconds: float, what: str, status: HTTPStatus = HTTPStatus.REQUEST_TIMEOUT) -> bytes:
+    """n bytes from the stream f (fewer at its end) within `seconds` in all: read1 returns what has come
+    (each read also has its socket's own timeout), so the deadline is checked between arrivals; past it a
+    RequestError with `status` (408: the client's body; a download's: 400)."""
     deadline = time.monotonic() + seconds
     parts, got = [], 0
     while got < n:
         if time.monotonic() > deadline:
-            raise RequestError(f"{what}: not received within {seconds:.0f} s ({got} of {n} bytes)",
-                               HTTPStatus.REQUEST_TIMEOUT)
-        chunk = f.read(min(n - got, 1 << 16)) if until_eof else f.read1(min(n - got, 1 << 16))
+            raise RequestError(f"{what}: not received within {seconds:.0f} s ({got} of {n} bytes)", status)
+        chunk = f.read1(min(n - got, 1 << 16))
         if not chunk:
             break
         parts.append(chunk)
@@ -602,7 +602,7 @@ def read_image_input(value: str, sources: ImageSources = ImageSources()) -> tupl
         try:
             with urllib.request.urlopen(value, timeout=30) as r:
                 data = _read_within(r, MAX_DOWNLOAD + 1, DOWNLOAD_DEADLINE, f"image_path {_short(value)!r}",
-                                    until_eof=True)
+                                    HTTPStatus.BAD_REQUEST)
         except (OSError, ValueError, http.client.HTTPException) as e:  # (HTTPException: a malformed reply)
             if isinstance(e, RequestError):
                 raise
@@ -822,23 +822,45 @@ class App:
         finally:
             sem.release()
 
-    def _read_body(self, h: "Handler") -> bytes:
-        """The create request's body: refused at once when the queue is full (before reading it), read in
-        one of MAX_READING slots within its own deadline (a stalled client is dropped, not waited on)."""
+    def _create_request(self, h: "Handler", form: bool) -> tuple[HTTPStatus, dict]:
+        """A create request: refused at once when the queue is full (before its body is read); then, in one of
+        MAX_READING slots held to the end (memory: at most MAX_READING bodies), its body read within its own
+        deadline (a stalled client is dropped, not waited on), parsed in one of MAX_PARSING slots, an
+        image_path URL downloaded (outside those two slots, within its own deadline), and the request checked
+        (the image decoded) and queued in a parsing slot again."""
         self.queue.check_room()
         with self._slot(self._reading, "reading"):
-            return h._body()
+            raw = h._body()  # (its RequestError, a ValueError too, must not be caught below)
+            with self._slot(self._parsing, "parsing"):
+                if form:
+                    body, image_bytes = parse_multipart(h.headers.get("Content-Type", ""), raw)
+                else:
+                    image_bytes = None
+                    try:
+                        body = json.loads(raw or b"{}")
+                    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, over-long integers, nesting
+                        raise RequestError(f"the request body is not JSON ({e})") from e
+                del raw
+            fetched = None
+            url = body.get("image_path") if isinstance(body, dict) else None
+            if (self.task == "i2v" and image_bytes is None and isinstance(url, str)
+                    and url.startswith(("http://", "https://")) and self.image_sources.urls):
+                self.queue.check_room()
+                fetched = read_image_input(url, self.image_sources)
+            return self._create(body, image_bytes, fetched)
 
-    def _create(self, body: dict, image_bytes: bytes | None = None) -> tuple[HTTPStatus, dict]:
-        """check_request (an image_path download and the image's decode included) in one of MAX_PARSING
-        slots, after a check that the queue has room (no image work for a request refused anyway)."""
+    def _create(self, body: dict, image_bytes: bytes | None = None,
+                fetched: tuple[bytes, str] | None = None) -> tuple[HTTPStatus, dict]:
+        """check_request (the image's decode included) in one of MAX_PARSING slots, after a check that the
+        queue has room (no image work for a request refused anyway)."""
         self.queue.check_room()
         with self._slot(self._parsing, "parsing"):
-            return self._create_checked(body, image_bytes)
+            return self._create_checked(body, image_bytes, fetched)
 
-    def _create_checked(self, body: dict, image_bytes: bytes | None) -> tuple[HTTPStatus, dict]:
+    def _create_checked(self, body: dict, image_bytes: bytes | None,
+                        fetched: tuple[bytes, str] | None = None) -> tuple[HTTPStatus, dict]:
         task_id, params, path = check_request(body, output_dir=self.output_dir, infer_steps=self.infer_steps,
-                                              task=self.task, image_bytes=image_bytes,
+                                              task=self.task, image_bytes=image_bytes, fetched=fetched,
                                               default_size=self.default_size, lora_dir=self.lora_dir,
                                               image_sources=self.image_sources, default_frames=self.default_frames,
                                               max_tokens=self.max_request_tokens)
@@ -850,20 +872,9 @@ class App:
     def route(self, method: str, path: str, h: Handler) -> tuple[HTTPStatus, dict | None]:
         path = path.rstrip("/") or "/"
         if method == "POST" and path in ("/v1/tasks/video", "/v1/tasks"):
-            raw = self._read_body(h)  # (its RequestError, a ValueError too, must not be caught below)
-            with self._slot(self._parsing, "parsing"):
-                try:
-                    body = json.loads(raw or b"{}")
-                except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, over-long integers, deep nesting
-                    raise RequestError(f"the request body is not JSON ({e})") from e
-                del raw
-            return self._create(body)
+            return self._create_request(h, form=False)
         if method == "POST" and path == "/v1/tasks/video/form":
-            raw = self._read_body(h)
-            with self._slot(self._parsing, "parsing"):
-                fields, image = parse_multipart(h.headers.get("Content-Type", ""), raw)
-                del raw
-            return self._create(fields, image)
+            return self._create_request(h, form=True)
         if method == "GET" and path == "/health":  # (LightX2V's liveness probe)
             return HTTPStatus.OK, {"status": "ok"}
         if method == "POST" and path in ("/v1/tasks/image", "/v1/tasks/image/form"):

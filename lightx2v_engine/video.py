@@ -213,8 +213,14 @@ def _signals_held():
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
-        for signum in dict.fromkeys(noted):
-            signal.raise_signal(signum)
+        first = None
+        for signum in dict.fromkeys(noted):  # each one delivered, also after one raised (Ctrl-C + SIGTERM)
+            try:
+                signal.raise_signal(signum)
+            except BaseException as e:  # noqa: BLE001 - re-raised below, after the others
+                first = first or e
+        if first is not None:
+            raise first
 
 
 def _ffmpeg_exe() -> str:

@@ -313,3 +313,11 @@ def test_folder_with_two_shard_indexes_is_an_error(tmp_path):
     with pytest.raises(CheckpointError, match=r"several shard indexes \['a\.safetensors\.index\.json', "
                                               r"'b\.safetensors\.index\.json'\]"):
         resolve_files(tmp_path)
+
+
+def test_torch_file_holding_itself_does_not_unwrap_for_ever(tmp_path):
+    d = {}
+    d["model"] = d
+    torch.save(d, tmp_path / "loop.pt")
+    with pytest.raises(CheckpointError, match=r"loop\.pt: holds no tensors"):
+        load_dit(CFG, None, dit_original_ckpt=str(tmp_path / "loop.pt"))

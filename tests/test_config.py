@@ -274,8 +274,7 @@ def test_lightx2v_ulysses_transports_run_as_ulysses(name):
 
 def test_older_mm_config_maps_onto_the_quantization_keys():
     """Older LightX2V configs turn quantization on with mm_config.mm_type (was 'accepted, not acted on': the
-    DiT loaded bf16); a mm_type without an 8-bit per-channel scheme here, or one a top-level key contradicts,
-    is an error naming both."""
+    DiT loaded bf16); a mm_type without an 8-bit per-channel scheme here is an error naming it."""
     from lightx2v_engine.config import parse_run_config
     run = parse_run_config({"mm_config": {"mm_type": "W-fp8-channel-sym-A-fp8-channel-sym-dynamic-Vllm",
                                           "weight_auto_quant": True}})
@@ -286,9 +285,21 @@ def test_older_mm_config_maps_onto_the_quantization_keys():
     assert (run.dit_quantized, run.dit_quant_scheme) == (True, "fp8-sgl")
     with pytest.raises(ValueError, match=r"'mm_config\.mm_type' = 'W-fp8-block128.*per-channel 8-bit"):
         parse_run_config({"mm_config": {"mm_type": "W-fp8-block128-sym-A-fp8-channel-group128-sym-dynamic-Deepgemm"}})
-    with pytest.raises(ValueError, match=r"'dit_quant_scheme' = 'int8-sgl': mm_config says 'fp8-vllm'"):
-        parse_run_config({"mm_config": {"mm_type": "W-fp8-channel-sym-A-fp8-channel-sym-dynamic-Vllm"},
-                          "dit_quant_scheme": "int8-sgl"})
+    # a top-level key (or an override: CLI, server, enable_quantize) that says otherwise wins, with a warning;
+    # "fp8" and mm_type's fp8-vllm are the same format (no warning)
+    with pytest.warns(UserWarning, match=r"dit_quant_scheme 'int8-sgl' is used over mm_config's 'fp8-vllm'"):
+        run = parse_run_config({"mm_config": {"mm_type": "W-fp8-channel-sym-A-fp8-channel-sym-dynamic-Vllm"},
+                                "dit_quant_scheme": "int8-sgl"})
+    assert (run.dit_quantized, run.dit_quant_scheme) == (True, "int8-sgl")
+    with pytest.warns(UserWarning, match=r"dit_quantized False is used over mm_config's True"):
+        run = parse_run_config({"mm_config": {"mm_type": "W-fp8-channel-sym-A-fp8-channel-sym-dynamic-Vllm"},
+                                "dit_quantized": False})
+    assert not run.dit_quantized
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run = parse_run_config({"mm_config": {"mm_type": "W-fp8-channel-sym-A-fp8-channel-sym-dynamic-Vllm"},
+                                "dit_quant_scheme": "fp8"})
+    assert run.dit_quant_scheme == "fp8"
     with pytest.raises(ValueError, match=r"'mm_config' = 'fp8'"):
         parse_run_config({"mm_config": "fp8"})
 

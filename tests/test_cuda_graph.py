@@ -231,10 +231,17 @@ class _FakeCuda:
             def replay(self):
                 pass
 
+        fake.end_error = None  # raised when a capture ends after its body raised (an invalidated capture)
+
         @contextlib.contextmanager
         def graph(g, pool=None, stream=None, **kwargs):
             fake.graph_kwargs.append(dict(pool=pool, stream=stream))
-            yield
+            try:
+                yield
+            except Exception:
+                if fake.end_error is not None:
+                    raise fake.end_error
+                raise
 
         for name, value in dict(Stream=Stream, CUDAGraph=Graph, graph=graph,
                                 stream=lambda s: contextlib.nullcontext(), current_stream=lambda *a: Stream(),
@@ -415,7 +422,7 @@ def test_bench_e2e_keeps_going_past_a_failing_section(tmp_path, monkeypatch):
     f = e2e["figures"]
     assert f["step_ms_tiny_bf16"] > 0 and f["step_ms_tiny_reference"] > 0  # measured before the failure
     assert "simulated 8-bit failure" in f["section_error_dit_8bit_tiny"]
-    assert "step_ms_tiny_8bit" not in f
+    assert "step_ms_tiny_8bit" not in f and "simulated 8-bit failure" in e2e["absent"]["step_ms_tiny_8bit"]
     assert "simulated" in f["section_error_text"] and f["vae_decode_ms"] > 0  # a later section still ran
     assert not list(tmp_path.glob(".*.tmp"))  # (written whole, then moved into place)
 
@@ -428,3 +435,25 @@ def test_summarize_names_a_half_written_summary(tmp_path):
     s = summarize.merge(tmp_path)
     assert "unreadable" in s["absent"]["<bench_e2e.py>"] and "cut while writing" in s["absent"]["<bench_e2e.py>"]
     assert "step_ms_1.3b_bf16" in summarize.table(s)
+
+
+def test_out_of_memory_in_the_warm_up_keeps_the_shape_eager(monkeypatch, caplog):
+    """An out-of-memory warm-up step (an eager step) is remembered for its shape like a capture's: it was
+    tried again, a failing partial step, on every call."""
+    fake, pipe, call, calls, plan = _graph_case(monkeypatch)
+    plan.update(at=1, error=torch.OutOfMemoryError("CUDA out of memory (simulated)"))
+    with caplog.at_level("WARNING"):
+        assert call() is None
+    assert "warm-up step" in caplog.text and pipe.use_cuda_graph and len(pipe._graph_skip) == 1
+    assert call() is None and calls == []
+
+
+def test_out_of_memory_whose_capture_failed_to_end_turns_graphs_off(monkeypatch, caplog):
+    """Out of memory inside a capture that then failed to end (an invalidated capture: PyTorch may keep that
+    graph's pool and a capture-underway mark in its allocator): a graph failure, not a shape to skip."""
+    fake, pipe, call, calls, plan = _graph_case(monkeypatch)
+    fake.end_error = RuntimeError("CUDA error: operation failed due to a previous error during capture")
+    plan.update(at=3, error=torch.OutOfMemoryError("CUDA out of memory (simulated)"))
+    with caplog.at_level("ERROR"):
+        assert call() is None
+    assert not pipe.use_cuda_graph and not pipe._graph_skip and "denoising step 2" in caplog.text

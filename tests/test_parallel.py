@@ -609,13 +609,19 @@ def test_control_messages_check_their_kind():
         rank0.on_rank0(lambda: open("/nonexistent/x"), "load x")
     assert [m["error"] for m in sent] == [None, "ZeroDivisionError: division by zero",
                                           "FileNotFoundError: [Errno 2] No such file or directory: '/nonexistent/x'"]
-    # an interrupt and out of memory stay what they are on rank 0 (the CLI's 'interrupted' exit 130/143 and
-    # its out-of-memory exit; they were a RankZeroError, a ValueError: 'error: ...', exit 2); rank 1 is told
+    # an interrupt stays what it is on rank 0 (the CLI's 'interrupted' exit 130/143; it was a RankZeroError,
+    # a ValueError: 'error: ...', exit 2); out of memory is a RankZeroError (the ranks stay in step: the
+    # multi-GPU server goes on) and an OutOfMemoryError (the CLI's exit 3); rank 1 is told either way
+    from lightx2v_engine.parallel import RankZeroOutOfMemory
     for error in (KeyboardInterrupt(), SystemExit(3), torch.cuda.OutOfMemoryError("CUDA out of memory")):
         def fail(error=error):
             raise error
-        with pytest.raises(type(error)):
+        with pytest.raises(type(error)) as got:
             rank0.on_rank0(fail, "load x")
+        if isinstance(error, torch.cuda.OutOfMemoryError):
+            assert isinstance(got.value, RankZeroOutOfMemory) and isinstance(got.value, RankZeroError)
+            from lightx2v_engine import server as S
+            assert isinstance(got.value, S._errors_every_rank_raises())
     assert [m["error"].split(":")[0] for m in sent[3:]] == ["KeyboardInterrupt", "SystemExit", "OutOfMemoryError"]
 
 

@@ -513,3 +513,16 @@ def test_cli_ranks_above_0_do_not_check_what_they_never_write(t2v_folder, tmp_pa
     monkeypatch.setenv("RANK", "0")
     assert cli(t2v_folder, tmp_path, config=write_config(tmp_path / "c.json", parallel={"seq_p_size": 2})) == 2
     assert "no-ffmpeg" in capsys.readouterr().err
+
+
+def test_cli_out_of_memory_exit_code_also_for_rank0_only_steps(monkeypatch, capsys):
+    """Rank 0's out of memory in a step it runs alone is a RankZeroOutOfMemory (a ValueError for the other
+    ranks' agreement): the CLI still ends it with the out-of-memory exit code 3, not a user error's 2."""
+    from lightx2v_engine import infer
+    from lightx2v_engine.parallel import RankZeroOutOfMemory
+
+    def run(args):
+        raise RankZeroOutOfMemory("rank 0 failed to encode the inputs: OutOfMemoryError: CUDA out of memory")
+    monkeypatch.setattr(infer, "run", run)
+    assert main(["--random-weights", "--preset", "tiny", "--prompt", "x", "--save_result_path", "o.mp4"]) == 3
+    assert "out of GPU memory" in capsys.readouterr().err

@@ -105,6 +105,22 @@ def test_folder_with_a_bf16_and_a_quantized_dit_names_both(tmp_path):
         load_dit(TINY_T2V, tmp_path, distill=False)
 
 
+def test_quantized_checkpoint_split_per_block_is_one_checkpoint(tmp_path):
+    """LightX2V's converter may split a quantized DiT into block files and a non_block file (no scales):
+    loaded as unquantized, that is one quantized checkpoint (what to set), not 'two DiT checkpoints'."""
+    from lightx2v_engine.loading import load_dit
+    sd = wan_state_dict(diffusers_model(TINY_T2V))
+    _quantized_file(TINY_T2V, sd, "fp8", tmp_path / "all.safetensors")
+    from safetensors.torch import load_file
+    q = load_file(str(tmp_path / "all.safetensors"))
+    (tmp_path / "all.safetensors").unlink()
+    save_file({k: v for k, v in q.items() if k.startswith("blocks.")}, str(tmp_path / "block_0.safetensors"))
+    save_file({k: v for k, v in q.items() if not k.startswith("blocks.")}, str(tmp_path / "non_block.safetensors"))
+    with pytest.raises(CheckpointError, match=r"a quantized checkpoint \(float8_e4m3fn weights") as e:
+        load_dit(TINY_T2V, tmp_path, distill=False)
+    assert "two DiT checkpoints" not in str(e.value)
+
+
 def test_quantized_checkpoint_given_as_original_names_the_keys_to_set(tmp_path):
     """LightX2V's own I2V config points dit_original_ckpt at an int8 file: the error says what to set."""
     from lightx2v_engine.loading import load_dit

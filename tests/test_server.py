@@ -1051,3 +1051,53 @@ def test_server_flags_default_to_lightx2v_environment_variables(monkeypatch):
     assert S.build_parser().parse_args(["--port", "7"]).port == 7  # (a flag wins)
     monkeypatch.setenv("LIGHTX2V_PORT", "eighty")
     assert S.build_parser().parse_args([]).port == 8000
+
+
+def test_slow_image_downloads_hit_their_deadline_outside_the_parsing_slots(tmp_path, monkeypatch):
+    """An image_path URL served a byte now and then: the download has a deadline of its own (a blocking
+    read of 64 KiB never looked at it), and it runs outside the two parsing slots (two such requests made
+    every other create request wait, then a 503)."""
+    import http.server
+    monkeypatch.setattr(S, "DOWNLOAD_DEADLINE", 2)
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            for _ in range(40):
+                try:
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.2)
+
+        def log_message(self, *a):
+            pass
+    slow = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=slow.serve_forever, daemon=True).start()
+    app = S.App(lambda p, path, cancel: None, output_dir=tmp_path, infer_steps=4, task="i2v", default_size=(32, 48))
+    c = Client(app)
+    results = []
+    try:
+        url = f"http://127.0.0.1:{slow.server_port}/img.png"
+        threads = [threading.Thread(target=lambda: results.append(
+            c.call("POST", "/v1/tasks/video/", {"prompt": "x", "image_path": url}))) for _ in range(S.MAX_PARSING)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        png = io.BytesIO()
+        Image.new("RGB", (64, 48)).save(png, format="PNG")
+        t0 = time.time()
+        code, resp = c.call("POST", "/v1/tasks/video/", {"prompt": "x",
+                                                          "image_path": base64.b64encode(png.getvalue()).decode()})
+        assert code == 200 and time.time() - t0 < 1.5, (code, resp, time.time() - t0)
+        for t in threads:
+            t.join(30)
+        assert len(results) == S.MAX_PARSING
+        assert all(code == 400 and "not received within 2 s" in r["detail"] for code, r in results), results
+    finally:
+        slow.shutdown()
+        slow.server_close()
+        c.close(app)

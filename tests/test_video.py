@@ -239,6 +239,26 @@ def test_ffmpeg_starts_with_signals_deliverable():
     assert blocked and blocked[0] & ((1 << (signal.SIGTERM - 1)) | (1 << (signal.SIGINT - 1))) == 0, hex(blocked[0])
 
 
+def test_both_signals_held_during_the_start_are_delivered():
+    """Ctrl-C and SIGTERM both arriving during ffmpeg's start: each reaches its handler afterwards (the first
+    handler's KeyboardInterrupt lost the second signal)."""
+    import signal
+    from lightx2v_engine.video import _signals_held
+    seen = []
+
+    def on_term(signum, frame):
+        seen.append(signum)
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with _signals_held():
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGTERM)
+        assert seen == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def test_read_mp4_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.mp4"):
         read_mp4(tmp_path / "missing.mp4")
