@@ -1162,6 +1162,7 @@ def main(argv=None) -> int:
               default_size=(pipe.run_cfg.target_height, pipe.run_cfg.target_width), lora_dir=args.lora_dir,
               image_sources=sources, default_frames=pipe.run_cfg.target_video_length,
               max_request_tokens=args.max_request_tokens)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}  # (back on return)
     signal.signal(signal.SIGTERM, _interrupt)  # a termination ends like Ctrl-C: the server closes its socket
     httpd = serve(app, args.host, args.port, httpd)
     log.info("serving %s on http://%s:%d (results in %s)", pipe.model_cfg.name, args.host, httpd.server_port,
@@ -1192,6 +1193,9 @@ def main(argv=None) -> int:
     if not app.queue.close(timeout=STOP_WAIT):
         log.warning("the running task did not stop within %g s; exiting without waiting for it", STOP_WAIT)
         _exit_now(code)
+    for sig, handler in previous.items():  # (main called in-process: its caller's handlers again)
+        if handler is not None:
+            signal.signal(sig, handler)
     log.info("stopped")
     return code
 

@@ -249,6 +249,7 @@ def test_both_signals_held_during_the_start_are_delivered():
     def on_term(signum, frame):
         seen.append(signum)
     old = signal.signal(signal.SIGTERM, on_term)
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)  # (whatever an earlier test left)
     try:
         with pytest.raises(KeyboardInterrupt):
             with _signals_held():
@@ -257,6 +258,7 @@ def test_both_signals_held_during_the_start_are_delivered():
         assert seen == [signal.SIGTERM]
     finally:
         signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGINT, old_int)
 
 
 def test_read_mp4_missing(tmp_path):
