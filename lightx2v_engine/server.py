@@ -160,12 +160,7 @@ class TaskQueue:
                 if other.status in ("pending", "processing") and other.save_result_path == task.save_result_path:
                     raise RequestError(f"save_result_path {task.save_result_path.name!r} belongs to task "
                                        f"{other.task_id}, which has not finished", HTTPStatus.CONFLICT)
-            if self._stop:
-                raise RequestError("the server is stopping", HTTPStatus.SERVICE_UNAVAILABLE)
-            if self._active() >= self.max_queue_size:
-                raise RequestError(f"the queue is full ({self._active()} tasks pending or processing, "
-                                   f"max_queue_size {self.max_queue_size}); retry later",
-                                   HTTPStatus.SERVICE_UNAVAILABLE)
+            self._refuse_if_full()
             self._tasks[task.task_id] = task
             self._pending.append(task)
             self.total += 1
@@ -176,12 +171,15 @@ class TaskQueue:
         """RequestError 503 when a new task could not be queued now (full, or stopping): asked before a
         request's body and image are read, so that refused requests cost no memory."""
         with self._cond:
-            if self._stop:
-                raise RequestError("the server is stopping", HTTPStatus.SERVICE_UNAVAILABLE)
-            if self._active() >= self.max_queue_size:
-                raise RequestError(f"the queue is full ({self._active()} tasks pending or processing, "
-                                   f"max_queue_size {self.max_queue_size}); retry later",
-                                   HTTPStatus.SERVICE_UNAVAILABLE)
+            self._refuse_if_full()
+
+    def _refuse_if_full(self) -> None:
+        """(caller holds the lock) RequestError 503 when stopping or full."""
+        if self._stop:
+            raise RequestError("the server is stopping", HTTPStatus.SERVICE_UNAVAILABLE)
+        if self._active() >= self.max_queue_size:
+            raise RequestError(f"the queue is full ({self._active()} tasks pending or processing, "
+                               f"max_queue_size {self.max_queue_size}); retry later", HTTPStatus.SERVICE_UNAVAILABLE)
 
     def _active(self) -> int:
         """Tasks pending or processing (caller holds the lock)."""
