@@ -265,9 +265,9 @@ _ACCEPTED_IGNORED = {
     "use_stream_vae",
     "cfg_scale", "rope_type", "modulate_type", "rms_norm_type",
     "layer_norm_type", "use_compile", "compile_shapes", "model_cls", "task",
-    "return_result_tensor", "vae_stride", "patch_size", "num_channels_latents", "sample_solver",
-    "lora_dynamic_apply", "use_prompt_enhancer", "sf_config", "clean_cuda_cache", "rotary_chunk",
-    "rotary_chunk_size", "audio_sr", "boundary", "boundary_step_index", "changing_resolution",
+    "return_result_tensor", "sample_solver",
+    "lora_dynamic_apply", "use_prompt_enhancer", "clean_cuda_cache", "rotary_chunk",
+    "rotary_chunk_size", "audio_sr", "changing_resolution",
     "resolution_rate", "enable_cfg_parallel", "infer_dtype", "sensitive_layer_dtype", "cpu_offload_activations",
     "use_image_encoder", "lora_merge_force_fp32", "coefficients", "max_area", "do_mm_calib",
     "use_bfloat16", "warmup", "t5_offload_granularity", "changing_resolution_steps",
@@ -323,6 +323,16 @@ _UNSUPPORTED_IF_TRUE = {
                           "use enable_cfg with sample_guide_scale for classifier-free guidance",
 }
 
+# Wan2.2 (TI2V, MoE) settings: only Wan2.1's values (which change nothing) are accepted, silently.
+_w22 = "is Wan2.2's (TI2V / MoE), which lightx2v-engine does not support: Wan2.1 has "
+_WAN21_ONLY = {
+    "vae_stride": (([4, 8, 8], (4, 8, 8)), _w22 + "[4, 8, 8]"),
+    "patch_size": (([1, 2, 2], (1, 2, 2)), _w22 + "[1, 2, 2]"),
+    "num_channels_latents": ((16,), _w22 + "16"),
+    "boundary": ((), "the MoE boundary " + _w22 + "one DiT"),
+    "boundary_step_index": ((), "the MoE boundary " + _w22 + "one DiT"),
+}
+
 # Keys whose value asks for something else than what this engine does: key -> (the values accepted, why).
 _ONLY_VALUES = {
     "use_31_block": ((True, None), "Wan2.1's image tokens are the CLIP tower's 31st block output (LightX2V's "
@@ -342,7 +352,12 @@ _UNSUPPORTED_FEATURES = {
     "disagg_config": "disaggregated serving is not supported: one process runs the whole pipeline",
     "video_frame_interpolation": "frame interpolation (RIFE) is not implemented: the video has the sampled frames",
     "num_frame_per_block": _cv, "num_blocks": _cv, "frame_seq_length": _cv,
-    "ar_config": _sf, "causal_rope_type": _sf,
+    "ar_config": _sf, "causal_rope_type": _sf, "sf_config": _sf,
+    # older LightX2V's sequence-parallel switches (all torchrun ranks): the parallel section says it now
+    "parallel_attn_type": "older LightX2V's sequence parallelism: write it as the parallel section, e.g. "
+                          "\"parallel\": {\"seq_p_size\": <torchrun's process count>, \"seq_p_attn_type\": "
+                          "\"ulysses\"} (or \"ring\")",
+    "parallel_vae": "older LightX2V's parallel VAE: the parallel section's vae_parallel (true by default)",
     "ltx2_cpu_offload": _lt, "ltx2_vae_ckpt": _lt, "ltx2_upsampler_ckpt": _lt,
 }
 
@@ -462,6 +477,14 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
     for key, value in raw.items():
         if key in _UNSUPPORTED_FEATURES:
             raise _err(key, value, _UNSUPPORTED_FEATURES[key])
+        if key in _WAN21_ONLY:  # (Wan2.2's TI2V / MoE settings: Wan2.1's values only, which change nothing)
+            ok, why = _WAN21_ONLY[key]
+            if value is not None and value not in ok:
+                raise _err(key, value, why)
+            continue
+        if key == "sample_guide_scale" and isinstance(value, (list, tuple)):
+            raise _err(key, value, "two guidance scales are Wan2.2 MoE's (its high- and low-noise experts): "
+                                   "Wan2.1 takes one number; Wan2.2 is not supported by lightx2v-engine")
         if key in _ONLY_VALUES:
             ok, why = _ONLY_VALUES[key]
             if not any(value is v for v in ok):

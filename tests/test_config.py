@@ -315,3 +315,21 @@ def test_quantization_keys_without_dit_quantized_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         parse_run_config({"dit_quantized": False, "dit_quant_scheme": "Default"})  # (LightX2V's plain spelling)
+
+
+def test_configs_of_other_wan_versions_and_modes_are_refused_by_name():
+    """Config sweep of LightX2V's stored files: a self-forcing sf_config ran as plain Wan2.1 with a warning;
+    Wan2.2's TI2V / MoE values (vae_stride, patch_size, latent channels, the MoE boundary, two guidance scales)
+    were ignored or misnamed; older configs' parallel_attn_type got a look-alike-key hint. Wan2.1's own
+    values of those keys change nothing and pass silently."""
+    from lightx2v_engine.config import parse_run_config
+    for raw, match in [({"sf_config": {"sf_type": "dmd"}}, "self-forcing"),
+                       ({"vae_stride": [4, 16, 16]}, "Wan2.2's"), ({"num_channels_latents": 48}, "Wan2.2's"),
+                       ({"boundary": 0.875}, "MoE boundary"), ({"sample_guide_scale": [3.5, 3.5]}, "Wan2.2 MoE"),
+                       ({"parallel_attn_type": "ulysses"}, "write it as the parallel section")]:
+        with pytest.raises(ValueError, match=match):
+            parse_run_config(raw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parse_run_config({"vae_stride": [4, 8, 8], "patch_size": [1, 2, 2], "num_channels_latents": 16,
+                          "boundary": None})
