@@ -343,8 +343,7 @@ class Pipeline:
                                dtype=run.dtype, device=dit_dev, lora_specs=run_l.lora_configs,
                                lora_strict=run.lora_strict, lora_compute_device=lora_dev)
                 if run.dit_quantized:  # weight_auto_quant: quantized here, its LoRAs merged before
-                    from lightx2v_engine.quant import quantize_dit_
-                    quantize_dit_(dit, run.dit_quant_scheme)
+                    quant.quantize_dit_(dit, run.dit_quant_scheme)
                     log.info("DiT quantized at load (weight_auto_quant, %s)", run.dit_quant_scheme)
             _place_dit(dit, run, dev)
             return dit
