@@ -421,8 +421,9 @@ def _err(key: str, value: Any, why: str) -> ValueError:
 
 def distill_step_list(n: int) -> tuple[int, ...]:
     """The distill sampler's timesteps for n steps when a config gives no denoising_step_list (newer
-    LightX2V's rule, ComfyUI's "simple" schedule): 1000 - i for i in range(0, 1000, 1000 // n), first n.
-    n = 4 gives the default (1000, 750, 500, 250)."""
+    LightX2V's rule): 1000 - i for i in range(0, 1000, 1000 // n), first n. n = 4 gives the default
+    (1000, 750, 500, 250); equal to ComfyUI's "simple" schedule only where n divides 1000 (n = 6: 834, 668, ...
+    here, 834, 667, ... there)."""
     if n > 1000:
         raise _err("infer_steps", n, "at most 1000 distill steps")
     return tuple(1000 - i for i in range(0, 1000, 1000 // n))[:n]
@@ -632,7 +633,8 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
             near = " or ".join(str(v) for v in sorted({max(1, (t - 1) // 4 * 4 + 1), max(1, (t + 2) // 4 * 4 + 1)}))
             raise _err("target_video_length", t, f"frame count must be 4k+1 (1, 5, ..., 81): the VAE maps 4k+1 "
                                                  f"frames to k+1 latents; nearest: {near}"
-                                                 + (f" (LightX2V silently makes {(t - 1) // 4 * 4 + 1})" if t > 1 else ""))
+                                                 + (f" (LightX2V makes {(t - 1) // 4 * 4 + 1} for T2V silently, "
+                                                    f"{t // 4 * 4 + 1} for I2V with a warning)" if t > 1 else ""))
     if "text_len" in out and not 1 <= out["text_len"] <= 512:
         raise _err("text_len", out["text_len"], "must lie in [1, 512]")
     if "fps" in out and out["fps"] <= 0:

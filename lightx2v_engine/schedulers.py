@@ -113,15 +113,17 @@ class DistillSampler:
         """fp32 noise for steps 0..num_steps-2 of mode "renoise", drawn in step order from `generator`.
 
         LightX2V's renoise-era scheduler (2025) drew it from the generator that made the initial noise, after
-        it (Self-Forcing itself and another LightX2V version draw from the global RNG, with torch.randn_like:
-        not reproducible here); pass that generator here (see `make_generator` / `initial_noise(generator=...)`). The generator's device must match
-        `device` (defaults to the generator's device). Returns [] in deterministic mode.
+        it; pass that generator here (see `make_generator` / `initial_noise(generator=...)`). (Self-Forcing and
+        another LightX2V version draw with torch.randn_like from the global CUDA RNG, seeded with the same seed:
+        probably the initial noise's own stream restarted, not this one; unverified.) Drawn on the generator's
+        device (a CPU generator gives device-independent noise, as in `initial_noise`), then moved to `device`
+        (default: the generator's). Returns [] in deterministic mode.
         """
         if self.mode != "renoise":
             return []
         if device is None:
             device = generator.device
-        return [torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
+        return [torch.randn(tuple(shape), generator=generator, device=generator.device, dtype=torch.float32).to(device)
                 for _ in range(self.num_steps - 1)]
 
     def step(self, i: int, x: torch.Tensor, v: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:

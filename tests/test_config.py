@@ -200,6 +200,8 @@ def test_lightx2v_offload_keys():
 def test_frame_count_error_names_the_nearest_valid_counts():
     with pytest.raises(ValueError, match=r"'target_video_length' = 80: frame count must be 4k\+1.*nearest: 77 or 81"):
         parse_run_config({"target_video_length": 80})
+    with pytest.raises(ValueError, match=r"LightX2V makes 81 for T2V silently, 85 for I2V with a warning"):
+        parse_run_config({"target_video_length": 84})  # (LightX2V's I2V rounding: T // 4 * 4 + 1)
     with pytest.raises(ValueError, match="nearest: 1 or 5"):
         parse_run_config({"target_video_length": 2})
 

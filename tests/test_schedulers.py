@@ -140,6 +140,29 @@ def test_distill_bad_inputs():
     assert DistillSampler.from_step_list([1000, 500], 5.0).make_renoise_noise((2,), make_generator(0, "cpu")) == []
 
 
+def test_renoise_noise_drawn_on_the_generators_device(monkeypatch):
+    """A CPU generator with a pipeline on another device (initial_noise's device-independent advice): the
+    noise is drawn on the generator's device (torch refuses a CPU generator for CUDA draws), then moved."""
+    import lightx2v_engine.schedulers as sch
+    real = torch.randn
+    seen = []
+
+    def randn(*a, generator=None, device=None, **k):
+        seen.append(torch.device(device))
+        if torch.device(device) != generator.device:
+            raise RuntimeError(f"Expected a '{torch.device(device).type}' device type for generator")
+        return real(*a, generator=generator, device=device, **k)
+
+    monkeypatch.setattr(sch.torch, "randn", randn)
+    sm = DistillSampler.from_step_list([1000, 750, 500, 250], 5.0, mode="renoise")
+    out = sm.make_renoise_noise((2, 3), make_generator(7, "cpu"), "meta")
+    monkeypatch.undo()
+    assert seen == [torch.device("cpu")] * 3 and all(o.device.type == "meta" for o in out)
+    ref = DistillSampler.from_step_list([1000, 750, 500, 250], 5.0, mode="renoise").make_renoise_noise(
+        (2, 3), make_generator(7, "cpu"))
+    assert len(ref) == 3 and not torch.equal(ref[0], ref[1])
+
+
 def test_distill_timestep_tensor():
     sm = DistillSampler.from_step_list()
     t = sm.timestep_tensor("cpu")
