@@ -31,16 +31,21 @@ TINY_DEFAULTS = TINY_SIZE  # the tiny presets' video size where the config gives
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lightx2v_engine.infer", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model_cls", default="wan2.1_distill", choices=["wan2.1", "wan2.1_distill"])
+    p.add_argument("--model_cls", default=None, choices=["wan2.1", "wan2.1_distill"],
+                   help="wan2.1_distill: the 4-step distill sampler; wan2.1: Wan's UniPC sampler (infer_steps, CFG). "
+                        "Default wan2.1_distill, except with a --config_json that sets infer_steps or enable_cfg "
+                        "and no denoising_step_list (a base-model config): then required, as always in LightX2V")
     p.add_argument("--task", default="t2v", choices=["t2v", "i2v"])
     p.add_argument("--model_path", default=None, help="Wan2.1 model folder")
     p.add_argument("--config_json", default=None, help="LightX2V JSON config")
     p.add_argument("--prompt", default=None)
     p.add_argument("--negative_prompt", default=None,
-                   help="under CFG; default: the config's sample_neg_prompt, else empty (as LightX2V's)")
+                   help="under CFG; default: the config's sample_neg_prompt, else empty (LightX2V's Wan runner "
+                        "encodes \"\" without this flag and does not read sample_neg_prompt)")
     p.add_argument("--image_path", default=None, help="input image for i2v (\"\" counts as none, as LightX2V's default)")
     p.add_argument("--last_frame_path", default=None, help="LightX2V's FLF2V input: not supported (an error)")
-    p.add_argument("--save_result_path", default="output.mp4", help="the video: .mp4 (or .m4v, .mov, .mkv)")
+    p.add_argument("--save_result_path", "--save_video_path", dest="save_result_path", default="output.mp4",
+                   help="the video: .mp4 (or .m4v, .mov, .mkv); --save_video_path is older LightX2V's name")
     p.add_argument("--seed", type=int, default=None,
                    help="default 42, as LightX2V's (a config's \"seed\" is not used here either: a warning names it)")
     p.add_argument("--target_shape", type=int, nargs=2, metavar=("H", "W"), default=None)
@@ -89,9 +94,33 @@ def run_config_from_args(args: argparse.Namespace):
     if args.no_cuda_graph:
         overrides["use_cuda_graph"] = False
     overrides.update(getattr(args, "config_overrides", None) or {})  # the server's extra --key value pairs
+    args.model_cls = resolve_model_cls(args.model_cls, args.config_json, overrides)
     tiny = args.random_weights and _preset(args).startswith("tiny")
     return _parallel_if_torchrun(load_run_config(args.config_json, overrides, model_cls=args.model_cls,
                                                  defaults=TINY_DEFAULTS if tiny else None))
+
+
+
+
+def resolve_model_cls(model_cls: str | None, config_json: str | None, overrides: dict) -> str:
+    """--model_cls, or its default: wan2.1_distill - except for a config file that sets infer_steps or
+    enable_cfg true and names no distill sampler (no denoising_step_list, distill_method, the distill
+    scheduler_type, this engine's sampler key): a base model's config (LightX2V's wan_t2v.json: 50 steps, CFG),
+    which would otherwise run as a 50-step distill sampler without a word. Then the flag is required, as it
+    always is in LightX2V."""
+    if model_cls is not None:
+        return model_cls
+    if config_json is not None:
+        from lightx2v_engine.config import _read_json_object
+        raw = {**_read_json_object(Path(config_json), "config file"), **overrides}
+        distill = any(k in raw for k in ("denoising_step_list", "distill_method", "sampler")) \
+            or raw.get("scheduler_type") == "WanStepDistillScheduler"
+        if not distill and ("infer_steps" in raw or raw.get("enable_cfg") is True):
+            raise ValueError(f"--model_cls is required with {config_json}: it sets infer_steps/enable_cfg and no "
+                             f"denoising_step_list (a base model's config?); --model_cls wan2.1 runs Wan's UniPC "
+                             f"sampler for its infer_steps, --model_cls wan2.1_distill the distill sampler "
+                             f"(LightX2V always requires the flag)")
+    return "wan2.1_distill"
 
 
 def _preset(args: argparse.Namespace) -> str:
@@ -105,6 +134,8 @@ def load_pipeline(args: argparse.Namespace, run_cfg=None):
 
     if run_cfg is None:
         run_cfg = run_config_from_args(args)
+    elif args.model_cls is None:
+        args.model_cls = resolve_model_cls(None, args.config_json, getattr(args, "config_overrides", None) or {})
     if args.random_weights:
         preset = _preset(args)
         if args.model_path is not None:  # (it was ignored: random weights where the user meant theirs)

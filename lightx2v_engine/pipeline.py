@@ -41,7 +41,7 @@ from lightx2v_engine.loading import DTYPES, build_dit, load_dit
 from lightx2v_engine.offload import attach_block_offload, blocks_detached, page_lock_module_
 from lightx2v_engine.parallel import (Parallel, RankError, check_world, decode_tiled, effective_parallel,
                                       init_parallel)
-from lightx2v_engine.schedulers import DistillSampler, UniPCSampler, cfg_combine, make_generator, initial_noise
+from lightx2v_engine.schedulers import DistillSampler, UniPCSampler, cfg_combine, check_seed, make_generator, initial_noise
 from lightx2v_engine.video import save_latents, save_mp4, video_to_uint8
 
 log = logging.getLogger(__name__)
@@ -812,7 +812,7 @@ class Pipeline:
         """prompt (+ image for I2V) -> Output(frames, latents, timings). Sizes default to the config's;
         negative_prompt (under CFG) to default_negative_prompt() when None ("" is an empty one)."""
         run = self.run_cfg
-        seed = run.seed if seed is None else seed
+        seed = check_seed(run.seed if seed is None else seed)  # (before the encoders run)
         # (None: the config's; 0 or a bad value is an error naming it, as in the config; 64.0 is 64)
         sizes = parse_run_config({"target_video_length": run.target_video_length if num_frames is None else num_frames,
                                   "target_height": run.target_height if height is None else height,

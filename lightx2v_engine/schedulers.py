@@ -299,11 +299,16 @@ def latent_shape(num_frames: int, height: int, width: int) -> tuple[int, int, in
 MAX_SEED = 2 ** 64  # (exclusive: torch.Generator.manual_seed takes any unsigned 64-bit value)
 
 
-def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
-    """A torch.Generator on `device` seeded with `seed`."""
+def check_seed(seed) -> int:
+    """seed, or a ValueError naming it unless an integer in [0, 2^64)."""
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < MAX_SEED:
         raise ValueError(f"seed must be an integer in [0, 2^64), got {seed!r}")
-    return torch.Generator(device=torch.device(device)).manual_seed(seed)
+    return seed
+
+
+def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    """A torch.Generator on `device` seeded with `seed`."""
+    return torch.Generator(device=torch.device(device)).manual_seed(check_seed(seed))
 
 
 def initial_noise(

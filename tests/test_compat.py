@@ -426,3 +426,25 @@ def test_clip_quantized_file_runs(i2v_folder, tmp_path):
     with pytest.warns(UserWarning, match="clip_quantized: .*not found.*unquantized"):
         pipe = Pipeline.load(folder, cfg, task="i2v", device="cpu")
     assert not isinstance(pipe.clip.transformer[0].attn.to_qkv, QuantLinear)
+
+
+def test_cli_model_cls_required_for_a_base_config_and_save_video_path(tmp_path, capsys):
+    """A base model's config (infer_steps, CFG, no step list) without --model_cls is an error (it ran as a
+    50-step distill sampler; LightX2V requires the flag); a distill or size-only config defaults to distill;
+    older LightX2V's --save_video_path names the output."""
+    from lightx2v_engine.infer import run_config_from_args
+    base = tmp_path / "wan_t2v.json"
+    base.write_text(json.dumps({"infer_steps": 50, "enable_cfg": True, "sample_guide_scale": 6, "sample_shift": 8}))
+    args = build_parser().parse_args(["--random-weights", "--prompt", "x", "--config_json", str(base)])
+    with pytest.raises(ValueError, match="--model_cls is required with .*wan_t2v.json"):
+        run_config_from_args(args)
+    args = build_parser().parse_args(["--random-weights", "--prompt", "x", "--config_json", str(base),
+                                      "--model_cls", "wan2.1"])
+    assert run_config_from_args(args).sampler == "unipc"
+    sizes = tmp_path / "sizes.json"
+    sizes.write_text(json.dumps(TINY))
+    args = build_parser().parse_args(["--random-weights", "--prompt", "x", "--config_json", str(sizes)])
+    assert run_config_from_args(args).sampler == "distill" and args.model_cls == "wan2.1_distill"
+    rc = main(["--random-weights", "--preset", "tiny", "--prompt", "a red car", "--quiet",
+               "--save_video_path", str(tmp_path / "old.mp4")])
+    assert rc == 0 and (tmp_path / "old.mp4").is_file()

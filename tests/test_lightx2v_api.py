@@ -40,13 +40,13 @@ def test_config_json_is_applied_after_enable_calls(folder, tmp_path, monkeypatch
     over enable_*'s default arguments), and a parallel section merges key by key (the JSON's fp8 flag and
     sizes, enable_parallel's attention type where the JSON has none)."""
     import json
-    from lightx2v_engine.pipeline import Pipeline
+    import lightx2v_engine.config as config_mod
     seen = []
 
-    def fake_load(model_path, config, **kw):
+    def fake_parse(config, **kw):
         seen.append(config)
         raise RuntimeError("stop")
-    monkeypatch.setattr(Pipeline, "load", staticmethod(fake_load))
+    monkeypatch.setattr(config_mod, "parse_run_config", fake_parse)
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"parallel": {"seq_p_size": 4, "seq_p_fp8_comm": True, "cfg_p_size": 2},
                                "cpu_offload": True, "dit_quantized": True, "dit_quant_scheme": "fp8-q8f"}))
@@ -176,3 +176,54 @@ def test_switch_lora_with_dynamic_apply(folder, tmp_path):
     merged.create_generator(num_frames=5, height=32, width=48, guidance_scale=1.0)
     with pytest.raises(RuntimeError, match="lora_dynamic_apply=True"):
         merged.switch_lora(str(paths[1]))
+
+
+def test_lightx2v_signatures_and_their_checks(folder, tmp_path, monkeypatch):
+    """LightX2V's other keyword arguments are accepted where they do not matter for Wan2.1 and named errors
+    where they ask for something else; an empty model_path is an error, not the current directory; a
+    config_json's problems name the file; N torchrun processes without a parallel section are refused."""
+    import json
+    with pytest.raises(ValueError, match="model_path is required"):
+        LightX2VPipeline(task="t2v", model_path="", model_cls="wan2.1_distill")
+    with pytest.raises(ValueError, match=r"support_tasks \['flf2v'\]"):
+        LightX2VPipeline(task="t2v", model_path=str(folder), support_tasks=["t2v", "flf2v"])
+    pipe = LightX2VPipeline(task="t2v", model_path=str(folder), model_cls="wan2.1_distill", support_tasks=["t2v"],
+                            device="cpu")
+    pipe.enable_quantize(skip_fp8_block_index=[0, 43])
+    pipe.enable_offload(cpu_offload=True)  # (CLIP's offload follows cpu_offload, as LightX2V's misspelled key)
+    assert "clip_cpu_offload" not in pipe.config and pipe.config["cpu_offload"] is True
+    pipe.config.clear()
+    with pytest.raises(ValueError, match="distilled_sigma_values"):
+        pipe.create_generator(distilled_sigma_values=[1.0, 0.5, 0.0])
+    bad = tmp_path / "typo.json"
+    bad.write_text(json.dumps({"infer_step": 4}))
+    with pytest.raises(ValueError, match=r"typo\.json.*'infer_step'"):
+        pipe.create_generator(config_json=str(bad))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="started as 2 processes"):
+        pipe.create_generator(num_frames=5, height=32, width=48, guidance_scale=1.0)
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")
+    mag = LightX2VPipeline(task="t2v", model_path=str(folder), device="cpu")
+    mag.enable_cache(cache_method="Mag", magcache_calibration=True)
+    with pytest.raises(ValueError, match="magcache_calibration"):
+        mag.create_generator(num_frames=5, height=32, width=48, guidance_scale=1.0)
+    pipe.create_generator(num_frames=5, height=32, width=48, guidance_scale=1.0, denoising_step_list=None,
+                          infer_steps=2, audio_fps=24000, double_precision_rope=True, norm_modulate_backend="triton",
+                          rmsnorm_type="torch", modulate_with_rmsnorm_type="torch")
+    assert pipe.pipeline.run_cfg.denoising_step_list == (1000, 500)
+    with pytest.raises(ValueError, match="task 'i2v': this pipeline was created for 't2v'"):
+        pipe.generate(seed=1, prompt="x", task="i2v", return_result_tensor=True)
+    with pytest.raises(ValueError, match="video_path .*not supported"):
+        pipe.generate(seed=1, prompt="x", video_path="v.mp4", return_result_tensor=True)
+    with pytest.warns(UserWarning, match="not kept"):
+        assert pipe.generate(seed=1, prompt="x", task="t2v", sr_ratio=2.0) == {"video": None}
+
+
+def test_a_bad_seed_is_refused_before_the_encoders_run(folder, monkeypatch):
+    pipe = Pipeline.load(folder, {"target_video_length": 5, "target_height": 32, "target_width": 48}, device="cpu")
+    monkeypatch.setattr(pipe, "_encode", lambda *a, **k: pytest.fail("encoders ran before the seed check"))
+    for seed in (-1, 2 ** 64, 1.5, "42"):
+        with pytest.raises(ValueError, match="seed must be an integer"):
+            pipe.generate("x", seed=seed)
