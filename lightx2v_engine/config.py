@@ -177,12 +177,13 @@ class RunConfig:
     # default; "phase" runs as "block") streams its blocks through two device slots, "model" moves the
     # whole DiT in for the denoising loop and out after it. CUDA graphs are off while the DiT is offloaded.
     # t5/clip/vae_cpu_offload: that model's weights stay on the CPU between uses and move to the run device
-    # for each use; each defaults to cpu_offload (as LightX2V).
+    # for each use; each defaults to cpu_offload (as LightX2V; None: that default, also for a RunConfig
+    # made in Python).
     cpu_offload: bool = False
     offload_granularity: str = "block"
-    t5_cpu_offload: bool = False
-    clip_cpu_offload: bool = False
-    vae_cpu_offload: bool = False
+    t5_cpu_offload: bool | None = None
+    clip_cpu_offload: bool | None = None
+    vae_cpu_offload: bool | None = None
     # unload_modules: the DiT, the text/image encoders and the VAE (or tiny decoder) are loaded from their
     # files for each use and freed after it (LightX2V's key: only the model in use holds memory, every
     # model is loaded for every video)
@@ -225,10 +226,20 @@ class RunConfig:
     vae_dtype: str = "bf16"             # VAE decode precision on CUDA
     use_tiling_vae: bool = False        # LightX2V's: VAE encode/decode in overlapping 256-pixel tiles (less memory)
     lora_strict: bool = True            # unmatched LoRA keys are an error (False: a warning)
+    # LightX2V's: the config's LoRAs can be switched off or replaced later. The HTTP server then runs them as
+    # the default per-request LoRAs (a request's lora_name replaces them, as LightX2V's server; a request
+    # without one gets them back); elsewhere they merge at load as without it (LoRAs on 8-bit linears are
+    # low-rank branches either way)
+    lora_dynamic_apply: bool = False
     # LightX2V's multi-GPU section (parallel.py): sequence parallel (Ulysses, or k/v all-gather for "ring")
     # and CFG parallel, seq_p_size * cfg_p_size processes started by torchrun
     parallel: ParallelConfig = ParallelConfig()
     ignored_keys: tuple[str, ...] = field(default=(), compare=False)
+
+    def __post_init__(self):
+        for key in ("t5_cpu_offload", "clip_cpu_offload", "vae_cpu_offload"):
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, bool(self.cpu_offload))
 
     @property
     def attn_8bit(self) -> bool:
@@ -266,7 +277,7 @@ _ACCEPTED_IGNORED = {
     "cfg_scale", "rope_type", "modulate_type", "rms_norm_type",
     "layer_norm_type", "use_compile", "compile_shapes", "model_cls", "task",
     "return_result_tensor", "sample_solver",
-    "lora_dynamic_apply", "use_prompt_enhancer", "clean_cuda_cache", "rotary_chunk",
+    "use_prompt_enhancer", "clean_cuda_cache", "rotary_chunk",
     "rotary_chunk_size", "audio_sr", "changing_resolution",
     "resolution_rate", "enable_cfg_parallel", "infer_dtype", "sensitive_layer_dtype", "cpu_offload_activations",
     "use_image_encoder", "lora_merge_force_fp32", "coefficients", "max_area", "do_mm_calib",
@@ -309,8 +320,6 @@ _IGNORED_NOTES = {
     "offload_ratio": "an offloaded DiT streams all of its blocks",
     "seq_parallel": "derived from parallel.seq_p_size",
     "cfg_parallel": "derived from parallel.cfg_p_size",
-    "lora_dynamic_apply": "LoRAs on a quantized DiT always run as low-rank branches beside the 8-bit linears; "
-                          "on bf16 weights they merge at load (the same function)",
 }
 
 # Keys whose true value asks for something this engine cannot do: an error, not a warning.
@@ -454,7 +463,7 @@ _TYPES = {
     "target_video_length": int, "target_height": int, "target_width": int, "text_len": int, "seed": int,
     "fps": float, "dit_quantized": bool, "cpu_offload": bool, "t5_cpu_offload": bool, "clip_cpu_offload": bool,
     "vae_cpu_offload": bool, "sampler": str, "distill_update": str, "dtype": str, "use_cuda_graph": bool,
-    "vae_dtype": str, "lora_strict": bool, "offload_granularity": str, "use_tiling_vae": bool,
+    "vae_dtype": str, "lora_strict": bool, "lora_dynamic_apply": bool, "offload_granularity": str, "use_tiling_vae": bool,
     "t5_quantized": bool, "clip_quantized": bool, "use_lightvae": bool, "use_tae": bool, "need_scaled": bool,
     "unload_modules": bool, "lazy_load": bool, "weight_auto_quant": bool,
 }

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lightx2v_engine.infer", description=__doc__.split("\n\n")[0])
     p.add_argument("--model_cls", default=None, choices=["wan2.1", "wan2.1_distill"],
                    help="wan2.1_distill: the 4-step distill sampler; wan2.1: Wan's UniPC sampler (infer_steps, CFG). "
-                        "Default wan2.1_distill, except with a --config_json that sets infer_steps or enable_cfg "
+                        "Default wan2.1_distill, except with a --config_json that sets infer_steps > 8 "
                         "and no denoising_step_list (a base-model config): then required, as always in LightX2V")
     p.add_argument("--task", default="t2v", choices=["t2v", "i2v"])
     p.add_argument("--model_path", default=None, help="Wan2.1 model folder")
@@ -100,11 +100,9 @@ def run_config_from_args(args: argparse.Namespace):
                                                  defaults=TINY_DEFAULTS if tiny else None))
 
 
-
-
 def resolve_model_cls(model_cls: str | None, config_json: str | None, overrides: dict) -> str:
-    """--model_cls, or its default: wan2.1_distill - except for a config file that sets infer_steps or
-    enable_cfg true and names no distill sampler (no denoising_step_list, distill_method, the distill
+    """--model_cls, or its default: wan2.1_distill - except for a config file that sets infer_steps > 8 and
+    names no distill sampler (no denoising_step_list, distill_method, the distill
     scheduler_type, this engine's sampler key): a base model's config (LightX2V's wan_t2v.json: 50 steps, CFG),
     which would otherwise run as a 50-step distill sampler without a word. Then the flag is required, as it
     always is in LightX2V."""
@@ -115,8 +113,10 @@ def resolve_model_cls(model_cls: str | None, config_json: str | None, overrides:
         raw = {**_read_json_object(Path(config_json), "config file"), **overrides}
         distill = any(k in raw for k in ("denoising_step_list", "distill_method", "sampler")) \
             or raw.get("scheduler_type") == "WanStepDistillScheduler"
-        if not distill and ("infer_steps" in raw or raw.get("enable_cfg") is True):
-            raise ValueError(f"--model_cls is required with {config_json}: it sets infer_steps/enable_cfg and no "
+        steps = raw.get("infer_steps")
+        many = isinstance(steps, (int, float)) and not isinstance(steps, bool) and steps > 8
+        if not distill and many:
+            raise ValueError(f"--model_cls is required with {config_json}: it sets infer_steps {steps} and no "
                              f"denoising_step_list (a base model's config?); --model_cls wan2.1 runs Wan's UniPC "
                              f"sampler for its infer_steps, --model_cls wan2.1_distill the distill sampler "
                              f"(LightX2V always requires the flag)")

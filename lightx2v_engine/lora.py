@@ -11,7 +11,7 @@ instead (LightX2V's lora_dynamic_apply); a full-weight ``.diff`` cannot apply to
 ``diffusion_model.``, ``model.``, ``unet.`` or ``transformer.`` prefixes; diffusers-named targets are mapped
 to Wan's names; kohya / musubi-tuner names (``lora_unet_blocks_0_self_attn_q``) to the Wan module whose
 dotted name they spell. A diff must have its parameter's shape (leading 1s aside); a convolution's pair
-(patch_embedding) merges as up.flatten(1) @ down.flatten(1). PEFT files without ``.alpha`` keys take their
+(patch_embedding) merges as up.flatten(1) @ down.flatten(1) (as ComfyUI; LightX2V skips non-2-D pairs). PEFT files without ``.alpha`` keys take their
 scale from the LoraConfig saved with them (read_lora). The merge is computed in fp32 and cast back to the
 weight's dtype. Unmatched keys and tensors that cannot apply are an error, or skipped with a warning under
 ``lora_strict`` false (LightX2V skips them); a LoRA of which nothing matches or applies is an error either
@@ -246,7 +246,15 @@ def plan_lora(lora: dict[str, torch.Tensor], params: dict[str, torch.Tensor], so
                         updates.append((target, "diff", (lora[key], scale), key))
                     used.add(key)
                     break
-    unmatched.extend(k for k in lora if k not in used)  # orphan down/alpha keys, unknown suffixes
+    # orphan down keys, unknown suffixes (an alpha without its pair is ignored, as LightX2V does: files pruned
+    # or converted keep them)
+    unmatched.extend(k for k in lora if k not in used and not k.endswith(".alpha"))
+    seen: dict[tuple[str, str], str] = {}
+    for target, kind, _, key in updates:  # one weight reached under two key layouts would be merged twice
+        other = seen.setdefault((target, kind), key)
+        if other != key:
+            raise LoraKeyError(f"{source}: LoRA keys {other!r} and {key!r} both update {target!r} (the same weight "
+                               f"under two key layouts): it would be merged twice")
     return updates, sorted(set(unmatched))
 
 
@@ -300,7 +308,9 @@ def merge_lora_(model: torch.nn.Module, lora: dict[str, torch.Tensor], strength:
             d, scale = ts
             if target in quantized:
                 bad.append((key, f"a full-weight diff for {target!r}, an 8-bit weight of the quantized DiT, cannot "
-                                 f"be applied (use the bf16 checkpoint: dit_quantized false)"))
+                                 f"be applied (it merges only into bf16 weights: with weight_auto_quant, list the "
+                                 f"LoRA in the config's lora_configs, merged before quantizing; else use the bf16 "
+                                 f"checkpoint: dit_quantized false)"))
             elif not _same_shape(tuple(d.shape), tuple(w.shape)):
                 bad.append((key, f"diff of shape {tuple(d.shape)} for {target!r} of shape {tuple(w.shape)}"))
             else:

@@ -281,6 +281,7 @@ class BlockOffload:
         self.packs = [_Pack(b.modules(), self.pin, (b, f"blocks.{i}"), device) for i, b in enumerate(blocks)]
         release_freed_host_memory()  # (the loader's tensors the packs replaced)
         self.slots: list[torch.Tensor] = []
+        self._stale = False  # a refresh has not finished (it failed): the next forward refreshes first
         self._make_slots()
         # queued side-stream copies finish before the packs (and their page-locking) go
         weakref.finalize(self, self.runtime.synchronize)
@@ -312,6 +313,8 @@ class BlockOffload:
 
     def blocks(self):
         """Yields the blocks in order, each bound to a device slot holding its weights."""
+        if self._stale:  # (a refresh that failed - out of memory for the new slots - is retried here)
+            self.refresh()
         n = len(self.packs)
         prev = None  # the slot of the previous block
         for i, block in enumerate(self.module_list):
@@ -345,13 +348,15 @@ class BlockOffload:
         tensors were replaced or added (an 8-bit linear's LoRA branches), resizes the slots to the largest
         block (grown by a LoRA's branches, shrunk back when they go), and forgets the prefetched copies
         (in-place changes of host weights are read at the next copy)."""
+        self._stale = True  # (until it completes: a failure part-way leaves no slots or an old pack)
         self.runtime.synchronize()  # no copy may still read a pack that goes, or write a slot that goes
         for i, block in enumerate(self.module_list):
             if not self.packs[i].is_current():
                 self.packs[i] = _Pack(block.modules(), self.pin, (block, f"blocks.{i}"), self.device)
-        if max((p.nbytes for p in self.packs), default=0) != (self.slots[0].numel() if self.slots else 0):
+        if not self.slots or max((p.nbytes for p in self.packs), default=0) != self.slots[0].numel():
             self._make_slots()
         self.drop_prefetch()
+        self._stale = False
 
 
 def release_freed_host_memory() -> None:

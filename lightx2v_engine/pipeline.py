@@ -127,6 +127,8 @@ def _to_device(module: torch.nn.Module, device: torch.device) -> None:
     weights are not changed while on the device (a change made there would be undone on the way back)."""
     for m in module.modules():
         kept = m.__dict__.setdefault("_lx2v_cpu_copies", {})
+        if device.type == "cpu" and hasattr(m, "drop_device_caches"):  # (tensors derived from the weights)
+            m.drop_device_caches()
         if device.type == "cpu":  # entries whose tensor went away or came back by another route are stale
             for name in list(kept):
                 t = m._parameters[name] if name in m._parameters else m._buffers.get(name)
@@ -276,6 +278,8 @@ class Pipeline:
     # clip, vae, tae; the attribute of that name stays None between uses)
     loaders: dict[str, Callable[[], torch.nn.Module]] = field(default_factory=dict, repr=False)
     _request_loras: tuple = field(default=(), repr=False)  # set_request_loras' specs, for a DiT built per use
+    # the server's LoRAs for a task without lora_name (lora_dynamic_apply's config LoRAs; server.dynamic_loras)
+    default_request_loras: tuple = field(default=(), repr=False)
     dit_meta: Callable[[], WanDiT] | None = field(default=None, repr=False)  # the DiT's structure on `meta`
 
     def __post_init__(self):
@@ -339,12 +343,18 @@ class Pipeline:
             if run.dit_quantized and not run.weight_auto_quant:
                 dit = _load_quantized_dit(mcfg, mp, run_l, dit_dev, lora_dev)
             else:
+                # weight_auto_quant: quantized here, the config's LoRAs merged before; request LoRAs (a DiT built
+                # per use) then run as low-rank branches, as on the resident DiT (set_request_loras)
                 dit = load_dit(mcfg, mp, dit_original_ckpt=run.dit_original_ckpt, distill=model_cls != "wan2.1",
-                               dtype=run.dtype, device=dit_dev, lora_specs=run_l.lora_configs,
+                               dtype=run.dtype, device=dit_dev,
+                               lora_specs=run.lora_configs if run.dit_quantized else run_l.lora_configs,
                                lora_strict=run.lora_strict, lora_compute_device=lora_dev)
-                if run.dit_quantized:  # weight_auto_quant: quantized here, its LoRAs merged before
+                if run.dit_quantized:
                     quant.quantize_dit_(dit, run.dit_quant_scheme)
                     log.info("DiT quantized at load (weight_auto_quant, %s)", run.dit_quant_scheme)
+                    if request_loras:
+                        from lightx2v_engine.lora import apply_loras_
+                        apply_loras_(dit, request_loras, strict=run.lora_strict, compute_device=lora_dev)
             _place_dit(dit, run, dev)
             return dit
         # the files are found now, read when built
@@ -403,13 +413,17 @@ class Pipeline:
                             random_device=dev)  # (drawn where it runs: offloaded or not, the same weights)
             if par is not None and broadcast:  # one set of random weights for every rank
                 par.broadcast_module_(dit)
-            if run.dit_quantized:  # the random weights quantised in place (no checkpoint to read)
+            from lightx2v_engine.lora import apply_loras_
+            lora_dev = dev if run.cpu_offload else None
+            # as Pipeline.load's weight_auto_quant: the config's LoRAs merge into the bf16 weights, which are then
+            # quantised in place (no checkpoint to read); request LoRAs come after (8-bit: low-rank branches)
+            if run.lora_configs:
+                apply_loras_(dit, run.lora_configs, strict=run.lora_strict, compute_device=lora_dev)
+            if run.dit_quantized:
                 from lightx2v_engine.quant import quantize_dit_
                 quantize_dit_(dit, run.dit_quant_scheme)
-            loras = tuple(run.lora_configs) + tuple(request_loras)  # (the config's first, as Pipeline.load)
-            if loras:  # (on 8-bit linears: low-rank branches beside them)
-                from lightx2v_engine.lora import apply_loras_
-                apply_loras_(dit, loras, strict=run.lora_strict, compute_device=dev if run.cpu_offload else None)
+            if request_loras:
+                apply_loras_(dit, request_loras, strict=run.lora_strict, compute_device=lora_dev)
             _place_dit(dit, run, dev)
             return dit
         t5 = tok = clip = None
@@ -527,7 +541,15 @@ class Pipeline:
                 if defer:
                     self.parallel.broadcast_module_(self.dit)
             log.info("unload_modules: %s loaded in %.0f ms", name, (time.perf_counter() - t0) * 1e3)
-            yield
+            try:
+                yield
+            except BaseException as e:
+                # the error's traceback holds the failed forward's frames (self = this model): kept by a
+                # notebook or a caller, it would keep the model alive past the finally below, and a retry would
+                # build a second one (28 GB at 14B)
+                from lightx2v_engine.cuda_graph import _clear_frames
+                _clear_frames(e)
+                raise
         finally:
             setattr(self, name, None)
             _release_memory(self.device)
@@ -567,11 +589,23 @@ class Pipeline:
         try:
             self._lora_switch.set(specs)
         finally:  # also after a failure: the weights went back to the model as loaded
-            if self.dit.block_offload is not None:  # re-packs blocks whose branch tensors changed
-                self.dit.block_offload.refresh()
-            if self._lora_switch.touched_quantized and self._graphs:
-                self._graphs.clear()
-                _release_graph_memory()
+            try:
+                if self.dit.block_offload is not None:  # re-packs blocks whose branch tensors changed
+                    self.dit.block_offload.refresh()
+            except BaseException:
+                # (out of memory for the re-packed blocks' slots) the LoRAs go too: this call failed, and the
+                # model as loaded runs next (the offload retries its refresh at the next forward); the same
+                # specs again are then a new switch, not "nothing to do"
+                if self._lora_switch.current:
+                    try:
+                        self._lora_switch.set(())
+                    except Exception:  # noqa: BLE001 (the first error is the one to report)
+                        log.exception("restoring the model as loaded after a failed LoRA switch")
+                raise
+            finally:
+                if self._lora_switch.touched_quantized and self._graphs:
+                    self._graphs.clear()
+                    _release_graph_memory()
 
     # ------------------------------------------------------------------ stages
     @_on_own_device

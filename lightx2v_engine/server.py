@@ -909,6 +909,21 @@ class App:
         raise RequestError(f"no endpoint {method} {path}", HTTPStatus.NOT_FOUND)
 
 
+def dynamic_loras(run_cfg, model_path=None):
+    """(run_cfg, default request LoRAs): with lora_dynamic_apply, the config's LoRAs are not merged at load but
+    run as every task's default LoRAs, which a task's lora_name replaces (LightX2V's server switches them
+    out: its worker removes the dynamic LoRAs, then registers the request's) and a task without one gets back.
+    Their paths are found now (as given, else under the model folder)."""
+    import dataclasses
+    from lightx2v_engine.config import LoraSpec
+    from lightx2v_engine.lora import _find
+    if not (run_cfg.lora_dynamic_apply and run_cfg.lora_configs):
+        return run_cfg, ()
+    dirs = [model_path] if model_path else []
+    specs = tuple(LoraSpec(str(_find(s.path, dirs).resolve()), s.strength) for s in run_cfg.lora_configs)
+    return dataclasses.replace(run_cfg, lora_configs=()), specs
+
+
 def _run_task(pipe, params: dict, cancelled: Callable[[], bool]):
     """One video from a task's parameters; `cancelled()` is asked between denoising steps."""
     def progress(i, n):
@@ -917,7 +932,8 @@ def _run_task(pipe, params: dict, cancelled: Callable[[], bool]):
     par = pipe.parallel
     error = None
     try:
-        pipe.set_request_loras(params.get("loras", ()))  # () puts the model as loaded back
+        # a task's LoRAs replace the default ones (lora_dynamic_apply's config LoRAs); none: the defaults
+        pipe.set_request_loras(params.get("loras") or pipe.default_request_loras)
     except Exception as e:  # noqa: BLE001
         if par is None:
             raise
@@ -1122,7 +1138,7 @@ def _exit_at_once(signum, frame):
 
 
 def main(argv=None) -> int:
-    from lightx2v_engine.infer import load_pipeline, user_errors
+    from lightx2v_engine.infer import load_pipeline, run_config_from_args, user_errors
     args, extra = build_parser().parse_known_args(argv)
     from lightx2v_engine.parallel import rank_from_env, rank_prefix
     try:  # (checked before the models load)
@@ -1139,7 +1155,10 @@ def main(argv=None) -> int:
     try:
         if rank_from_env() == 0:
             httpd = bind(args.host, args.port)
-        pipe = load_pipeline(args)
+        run_cfg, default_loras = dynamic_loras(run_config_from_args(args), args.model_path)
+        pipe = load_pipeline(args, run_cfg)
+        pipe.default_request_loras = default_loras  # (every rank: a task without lora_name runs them)
+        pipe.set_request_loras(default_loras)
     except user_errors() as e:  # (as the CLI: one line naming the problem, no traceback)
         if httpd is not None:
             httpd.server_close()

@@ -226,6 +226,10 @@ class TinyDecoder(nn.Module):
         out.unflatten(0, (t, s)).copy_(y.unflatten(1, (s, sn // s)))
         return out
 
+    def drop_device_caches(self) -> None:
+        """Forgets the derived weights (see vae.Resample.drop_device_caches)."""
+        self._subpixel.clear()
+
     def _subpixel_for(self, i: int) -> torch.Tensor:
         w = self.layer(i).weight
         key = (id(w), w.data_ptr(), w._version, w.dtype, w.device)  # (_version: in-place loads change it)

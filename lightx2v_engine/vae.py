@@ -270,12 +270,17 @@ class Resample(nn.Module):
     def _subpixel_weight(self, fmt: torch.memory_format) -> torch.Tensor:
         """`_subpixel_weight` of resample.1 as a [4*O, I, 1, 2, 2] Conv3d weight, cached per weight version."""
         w = self.resample[1].weight
-        key = (w.data_ptr(), w._version, w.dtype, w.device, fmt)
+        key = (id(w), w.data_ptr(), w._version, w.dtype, w.device, fmt)
         cached = getattr(self, "_subpixel", None)
         if cached is None or cached[0] != key:
             cached = (key, _subpixel_weight(w).unsqueeze(2).contiguous(memory_format=fmt))
             self._subpixel = cached
         return cached[1]
+
+    def drop_device_caches(self) -> None:
+        """Forgets the derived weight (pipeline._to_device calls it when an offloaded VAE goes back to the CPU:
+        it would stay on the GPU, 5 MB at Wan's size)."""
+        self._subpixel = None
 
     def forward(self, x: torch.Tensor, st: _Stream) -> torch.Tensor:
         conv = self.resample[1]

@@ -76,6 +76,32 @@ def test_vae_offload_moves_the_vae_around_decode_only(monkeypatch):
     assert moves == []
 
 
+def test_a_run_config_made_in_python_offloads_the_encoders_with_cpu_offload():
+    """RunConfig(cpu_offload=True) made in Python: t5/clip/vae offload follow it, as parsed from a config."""
+    from lightx2v_engine.config import RunConfig
+    for made in (RunConfig(cpu_offload=True), parse_run_config({"cpu_offload": True})):
+        assert made.t5_cpu_offload and made.clip_cpu_offload and made.vae_cpu_offload
+    assert RunConfig(cpu_offload=True, vae_cpu_offload=False).vae_cpu_offload is False
+    assert RunConfig().t5_cpu_offload is False
+
+
+def test_offloaded_vae_and_tae_drop_their_derived_weights_on_the_way_back():
+    """The sub-pixel upsampling weights derived from the VAE's / tiny decoder's convs are cached beside them:
+    moved back to the CPU (vae_cpu_offload), the cache went with nothing and stayed on the GPU."""
+    from lightx2v_engine.tae import random_tae
+    from lightx2v_engine.vae import Resample
+    pipe = Pipeline.random("tiny", TINY, device="cpu")
+    pipe.decode(torch.randn(16, 2, 4, 6))
+    resamples = [m for m in pipe.vae.modules() if isinstance(m, Resample) and m.mode.startswith("up")]
+    assert resamples and all(getattr(m, "_subpixel", None) is not None for m in resamples)
+    pipeline_mod._to_device(pipe.vae, torch.device("cpu"))
+    assert all(m._subpixel is None for m in resamples)
+    tae = random_tae()
+    tae._subpixel[0] = ("key", torch.zeros(1))
+    pipeline_mod._to_device(tae, torch.device("cpu"))
+    assert tae._subpixel == {}
+
+
 @pytest.mark.usefixtures("torch_ops")
 def test_cpu_offload_moves_t5_clip_and_vae_for_each_use(monkeypatch, i2v_folder, tmp_path):
     pipe = Pipeline.load(i2v_folder, {**TINY, "cpu_offload": True}, task="i2v", device="cpu")

@@ -306,6 +306,27 @@ def test_malformed_alpha_and_colliding_keys_are_named():
         merge_lora_(dit, clash, source="my_lora.safetensors")
 
 
+
+def test_a_stray_alpha_is_ignored_and_one_weight_under_two_layouts_is_an_error():
+    """An alpha without its pair is ignored (LightX2V drops every .alpha key from its unused-key check: pruned
+    or converted files keep them); the same weight reached by two key layouts (Wan's ffn.0 and diffusers'
+    ffn.net.0.proj) was merged twice."""
+    from lightx2v_engine.config import get_preset
+    dit = build_dit(get_preset("tiny"), None, dtype=torch.float32)
+    before = dit.blocks[0].ffn[0].weight.clone()
+    g = torch.Generator().manual_seed(0)
+    pair = {"diffusion_model.blocks.0.ffn.0.lora_up.weight": torch.randn(512, 4, generator=g),
+            "diffusion_model.blocks.0.ffn.0.lora_down.weight": torch.randn(4, 256, generator=g)}
+    assert merge_lora_(dit, {**pair, "diffusion_model.blocks.0.norm3.alpha": torch.tensor(4.0)}) == 1
+    torch.testing.assert_close(dit.blocks[0].ffn[0].weight, before + pair[next(iter(pair))] @ list(pair.values())[1])
+    twice = {**pair, "transformer.blocks.0.ffn.net.0.proj.lora_up.weight": torch.randn(512, 4, generator=g),
+             "transformer.blocks.0.ffn.net.0.proj.lora_down.weight": torch.randn(4, 256, generator=g)}
+    snapshot = dit.blocks[0].ffn[0].weight.clone()
+    with pytest.raises(LoraKeyError, match=r"both update 'blocks\.0\.ffn\.0\.weight'.*merged twice"):
+        merge_lora_(dit, twice, source="two_layouts.safetensors")
+    assert torch.equal(dit.blocks[0].ffn[0].weight, snapshot)
+
+
 @pytest.mark.parametrize("peft_kw", [{}, {"use_rslora": True}, {"alpha_pattern": {"to_q": 2}, "rank_pattern": {"to_q": 2}}],
                          ids=["alpha", "rslora", "patterns"])
 def test_diffusers_saved_lora_keeps_its_alpha(tmp_path, peft_kw):

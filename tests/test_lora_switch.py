@@ -277,3 +277,25 @@ def test_weights_changed_between_sets_are_copied_again(tmp_path):
     sw.set((a,))
     sw.set(())
     assert torch.equal(w, changed)
+
+
+def test_weight_auto_quant_request_loras_are_branches_whether_resident_or_built_per_use(t2v_folder, tmp_path):
+    """weight_auto_quant: the config's LoRAs merge before the quantization; a request LoRA runs as low-rank
+    branches beside the 8-bit linears - on the resident DiT and on one built per use (unload_modules) alike
+    (that one merged it before quantizing, and checked a .diff against the wrong model). Pipeline.random
+    with dit_quantized follows the same order as Pipeline.load."""
+    cfg = {**TINY, "dit_quantized": True, "dit_quant_scheme": "int8-vllm", "weight_auto_quant": True}
+    spec = write_lora(tmp_path / "req.safetensors", _dit(torch.float32), seed=5)
+    latents = []
+    for extra in ({}, {"unload_modules": True}):
+        pipe = Pipeline.load(t2v_folder, {**cfg, **extra}, device="cpu")
+        pipe.set_request_loras([spec])
+        latents.append(pipe.generate("a cat", seed=3).latents)
+    torch.testing.assert_close(latents[1], latents[0], rtol=0, atol=0)
+    diff = tmp_path / "diff.safetensors"
+    save_file({"diffusion_model.blocks.0.self_attn.q.diff": torch.zeros(256, 256)}, str(diff))
+    with pytest.raises(LoraKeyError, match="list the LoRA in the config's lora_configs"):
+        pipe.set_request_loras([LoraSpec(str(diff), 1.0)])
+    rnd = Pipeline.random("tiny", {**TINY, "dit_quantized": True, "dit_quant_scheme": "int8-vllm",
+                                   "lora_configs": [{"path": spec.path, "strength": 1.0}]}, device="cpu", seed=0)
+    assert all(m.lora_down is None for m in rnd.dit.modules() if isinstance(m, QuantLinear))  # merged, then 8-bit

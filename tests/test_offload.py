@@ -778,3 +778,67 @@ def test_a_failed_whole_module_move_leaves_nothing_on_the_device(monkeypatch):
         assert {p.device.type for p in model.parameters()} == {"cpu"}, stream
     monkeypatch.undo()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_failed_refresh_is_retried_and_its_lora_switch_undone(tmp_path, monkeypatch):
+    """Out of memory for the re-sized slots of a LoRA switch (8-bit branches grow the blocks): the call
+    fails with the model as loaded, the offload keeps no half state (the next forward refreshes first; it
+    indexed an empty slot list for good), and the same LoRA again is a new switch that works."""
+    from safetensors.torch import save_file
+    from lightx2v_engine.config import LoraSpec
+    pipe = Pipeline.random("tiny", {**TINY, "cpu_offload": True, "dit_quantized": True,
+                                    "dit_quant_scheme": "int8-vllm"}, device="cpu", seed=3)
+    x = torch.randn(1, 16, 2, 4, 6, generator=torch.Generator().manual_seed(0))
+    ctx = torch.randn(1, 512, pipe.dit.cfg.text_dim, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([700.0])
+    base = pipe.dit(x, t, ctx)
+    w = pipe.dit.blocks[0].self_attn.q
+    g = torch.Generator().manual_seed(2)
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.randn(w.out_features, 4, generator=g),
+               "diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.randn(4, w.in_features, generator=g)},
+              str(tmp_path / "l.safetensors"))
+    spec = (LoraSpec(str(tmp_path / "l.safetensors"), 1.0),)
+    real_empty = torch.empty
+
+    def failing_empty(*a, **k):
+        if k.get("dtype") is torch.uint8 and "device" in k:
+            raise torch.OutOfMemoryError("simulated out of memory for the slots")
+        return real_empty(*a, **k)
+    monkeypatch.setattr(offload_mod.torch, "empty", failing_empty)
+    with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+        pipe.set_request_loras(spec)
+    monkeypatch.setattr(offload_mod.torch, "empty", real_empty)
+    assert pipe._lora_switch.current == () and w.lora_down is None
+    torch.testing.assert_close(pipe.dit(x, t, ctx), base, rtol=0, atol=0)  # (refreshed first)
+    pipe.set_request_loras(spec)
+    with_lora = pipe.dit(x, t, ctx)
+    assert not torch.equal(with_lora, base)
+    pipe.set_request_loras(())
+    torch.testing.assert_close(pipe.dit(x, t, ctx), base, rtol=0, atol=0)
+
+
+def test_a_kept_error_does_not_keep_a_dit_built_per_use(monkeypatch):
+    """unload_modules: the failed forward's frames in a kept traceback (a notebook's last error) held the DiT
+    built for that call, so a retry built a second one beside it."""
+    import gc
+    import weakref
+    from lightx2v_engine import dit as dit_mod
+    pipe = Pipeline.random("tiny", {**TINY, "unload_modules": True}, device="cpu", seed=3)
+    refs = []
+    orig_init, orig_fwd = dit_mod.WanDiT.__init__, dit_mod.WanBlock.forward
+
+    def init(self, *a, **k):
+        orig_init(self, *a, **k)
+        refs.append(weakref.ref(self))
+
+    def fwd(self, *a, **k):
+        raise torch.OutOfMemoryError("simulated")
+    monkeypatch.setattr(dit_mod.WanDiT, "__init__", init)
+    monkeypatch.setattr(dit_mod.WanBlock, "forward", fwd)
+    with pytest.raises(torch.OutOfMemoryError) as kept:
+        pipe.generate("a cat", seed=1)
+    gc.collect()
+    assert len(refs) == 1 and refs[0]() is None, "the DiT outlived its failed call"
+    monkeypatch.setattr(dit_mod.WanBlock, "forward", orig_fwd)
+    assert pipe.generate("a cat", seed=1).frames is not None
+    del kept

@@ -1101,3 +1101,38 @@ def test_slow_image_downloads_hit_their_deadline_outside_the_parsing_slots(tmp_p
         slow.shutdown()
         slow.server_close()
         c.close(app)
+
+
+@pytest.mark.usefixtures("torch_ops")
+def test_lora_dynamic_apply_config_loras_are_the_tasks_default_and_a_request_lora_replaces_them(tmp_path):
+    """lora_dynamic_apply: the config's LoRAs are every task's default; a task's lora_name replaces them (as
+    LightX2V's server, whose worker removes the dynamic LoRAs before registering the request's: here both were
+    merged, e.g. two distill LoRAs at once); a task without one gets them back."""
+    from safetensors.torch import save_file
+    from lightx2v_engine.config import get_preset, parse_run_config
+    from lightx2v_engine.pipeline import Pipeline
+    dim = get_preset("tiny").dim
+    g = torch.Generator().manual_seed(0)
+    for name in ("a", "b"):
+        save_file({"diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.randn(dim, 4, generator=g) * 0.3,
+                   "diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.randn(4, dim, generator=g) * 0.3},
+                  str(tmp_path / f"{name}.safetensors"))
+    size = {"target_video_length": 5, "target_height": 32, "target_width": 48}
+
+    def latents(pipe):
+        return S._run_task(pipe, {"prompt": "a cat", "seed": 1}, lambda: False).latents
+
+    ref = {name: latents(Pipeline.random("tiny", {**size, "lora_configs": [{"path": str(tmp_path / f"{name}.safetensors")}]},
+                                         device="cpu", seed=0)) for name in ("a", "b")}
+    run = parse_run_config({**size, "lora_dynamic_apply": True, "lora_configs": [{"path": "a.safetensors"}]})
+    run2, defaults = S.dynamic_loras(run, str(tmp_path))  # (a relative path: under the model folder)
+    assert run2.lora_configs == () and defaults[0].path == str((tmp_path / "a.safetensors").resolve())
+    pipe = Pipeline.random("tiny", run2, device="cpu", seed=0)
+    pipe.default_request_loras = defaults
+    pipe.set_request_loras(defaults)
+    torch.testing.assert_close(latents(pipe), ref["a"], rtol=0, atol=0)
+    b = S._run_task(pipe, {"prompt": "a cat", "seed": 1, "loras": S.request_loras("b", None, tmp_path)},
+                    lambda: False).latents
+    torch.testing.assert_close(b, ref["b"], rtol=0, atol=0)
+    torch.testing.assert_close(latents(pipe), ref["a"], rtol=0, atol=0)
+    assert S.dynamic_loras(parse_run_config({**size, "lora_configs": [{"path": "x.safetensors"}]}))[1] == ()
