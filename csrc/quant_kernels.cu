@@ -268,7 +268,9 @@ cudaError_t per_token_quant(const PerTokenQuantParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-cudaError_t kernel_image_check(int device) {
+namespace {
+
+cudaError_t query_kernel_images(int device) {
   int prev = 0;
   cudaError_t err = cudaGetDevice(&prev);
   if (err != cudaSuccess) return err;
@@ -279,8 +281,23 @@ cudaError_t kernel_image_check(int device) {
   if (err == cudaSuccess) {
     err = cudaFuncGetAttributes(&attr, per_token_quant_vec_kernel<__half, QuantDType::kINT8, 1, true, true>);
   }
-  if (prev != device) cudaSetDevice(prev);
-  cudaGetLastError();  // (a failed query is not sticky; clear it so the next launch check does not see it)
+  if (prev != device) {
+    const cudaError_t restore = cudaSetDevice(prev);
+    if (err == cudaSuccess) err = restore;
+  }
+  return err;
+}
+
+}  // namespace
+
+cudaError_t kernel_image_check(int device) {
+  // A failed runtime call also becomes the thread's last error, which the next launch check (ours or torch's)
+  // would report as its own: clear it, but only when this query failed and no earlier error was pending (that
+  // one belongs to whoever checks next; a failed query has replaced it, so it is then left in place, still an
+  // error rather than a silent success). A successful query leaves the last error alone.
+  const cudaError_t pending = cudaPeekAtLastError();
+  const cudaError_t err = query_kernel_images(device);
+  if (err != cudaSuccess && pending == cudaSuccess) cudaGetLastError();
   return err;
 }
 

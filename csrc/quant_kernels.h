@@ -47,7 +47,8 @@ cudaError_t per_token_quant(const PerTokenQuantParams& p, cudaStream_t stream);
 // cudaSuccess when this build holds a kernel image (an exact cubin, or PTX the driver can JIT) that runs on
 // CUDA device `device`; else the error (cudaErrorNoKernelImageForDevice / cudaErrorInvalidDeviceFunction, e.g.
 // a 9.0-only build on an sm_80 card). Queries the kernels' attributes: no launch, no stream work; the current
-// device is restored.
+// device is restored, and a failed query's error is cleared from the thread's last error (unless another error
+// was already pending there).
 cudaError_t kernel_image_check(int device);
 
 }  // namespace lx2v

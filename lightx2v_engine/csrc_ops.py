@@ -2,9 +2,11 @@
 
 The extension registers its ops in the ``lightx2v_C`` namespace (``torch.ops.lightx2v_C.*``, CUDA only);
 this module adds their fake (meta) implementations so that ``torch.compile`` can trace them, and records
-why the extension is missing when it is (``csrc_status()``). A missing extension is normal for a
-pure-Python install (CPU torch, ``LX2V_SKIP_CUDA_BUILD=1``); an extension that exists but fails to load
-(ABI mismatch, missing symbol) is reported with a warning, never silently ignored.
+why the extension is missing when it is (``csrc_status()``, with setup.py's record of the build,
+``lightx2v_engine/_build_info.py``). A missing extension is normal for a pure-Python install (CPU torch,
+``LX2V_SKIP_CUDA_BUILD=1``); on a machine with a CUDA GPU it is reported with a warning (unless the build
+was skipped by ``LX2V_SKIP_CUDA_BUILD=1``), and so is an extension that exists but fails to load (ABI
+mismatch, missing symbol): never silently ignored.
 
 Ops:
   per_token_quant_fp8(x [M, K] bf16/fp16) -> (q [M, K] float8_e4m3fn, scale [M, 1] fp32)
@@ -24,6 +26,8 @@ import torch
 
 _EXTENSION = "lightx2v_engine._C"
 _OPS = ("per_token_quant_fp8", "per_token_quant_int8", "per_token_quant_fp8_gelu", "per_token_quant_int8_gelu")
+# the build record's reason for an explicit LX2V_SKIP_CUDA_BUILD=1 (setup.py's SKIP_REASON): no warning
+_SKIP_REASON = "LX2V_SKIP_CUDA_BUILD=1"
 _STATUS: str | None = None
 _AVAILABLE = False
 
@@ -35,6 +39,33 @@ def _fake(qdtype: torch.dtype):
     return fake
 
 
+def _build_record() -> dict | None:
+    """setup.py's record of the extension build, {"status": "built" | "skipped" | "failed", "reason": ...}
+    (lightx2v_engine/_build_info.py, written at build time); None without one (a source checkout that was
+    not installed, or an install by an older setup.py)."""
+    try:
+        record = importlib.import_module("lightx2v_engine._build_info").CSRC_BUILD
+    except (ImportError, AttributeError, SyntaxError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _not_built_status(record: dict | None) -> str:
+    """csrc_status() for a missing extension, from the build record."""
+    build = "build it with a CUDA torch and nvcc: pip install --no-build-isolation -e ."
+    status, reason = (record or {}).get("status"), (record or {}).get("reason", "")
+    if status == "skipped":
+        return f"unavailable: {_EXTENSION} was not built: {reason} (pure-Python install; {build})"
+    if status == "failed":
+        return (f"unavailable: {_EXTENSION} failed to build: {reason} (pure-Python install; rebuild with "
+                f"pip install -v --no-build-isolation -e . to see the compiler output)")
+    if status == "built":
+        return (f"unavailable: {_EXTENSION} was built ({reason}) but is missing from the package (removed, "
+                f"or the package was copied without it; {build})")
+    return (f"unavailable: {_EXTENSION} is not built (and no build record, lightx2v_engine/_build_info.py: a source "
+            f"checkout that was not installed, or an install by an older setup.py; {build})")
+
+
 def _load() -> None:
     global _STATUS, _AVAILABLE
     try:
@@ -43,9 +74,14 @@ def _load() -> None:
         if e.name != _EXTENSION:  # the extension exists but imports something that is missing
             _STATUS = f"unavailable: {_EXTENSION} failed to import: {type(e).__name__}: {e}"
             warnings.warn(f"lightx2v_engine: {_STATUS}", RuntimeWarning, stacklevel=2)
-        else:
-            _STATUS = (f"unavailable: {_EXTENSION} is not built (pure-Python install; build it with a CUDA "
-                       f"torch and nvcc: pip install --no-build-isolation -e .)")
+            return
+        record = _build_record()
+        _STATUS = _not_built_status(record)
+        explicit = record is not None and record.get("status") == "skipped" and record.get("reason") == _SKIP_REASON
+        # (a pure-Python install on a CUDA machine is a failed or unintended build: say so, once per process)
+        if not explicit and torch.cuda.is_available():
+            warnings.warn(f"lightx2v_engine: {_STATUS}; the 8-bit quantization runs its PyTorch path (set "
+                          f"LX2V_DISABLE_CSRC=1 to silence this)", RuntimeWarning, stacklevel=2)
         return
     except ImportError as e:  # built but not loadable (undefined symbol, torch/CUDA ABI mismatch)
         _STATUS = f"unavailable: {_EXTENSION} is built but failed to load: {e}"
