@@ -340,12 +340,29 @@ def _resolve(cfg: AttnConfig, device: torch.device) -> AttnConfig:
     """Before sm90 (A100, L40S, RTX 4090: no warp specialisation, no TMA) a warp-specialised config runs its
     tile plainly with 8 warps and pointer loads: at 4 warps the 128x128 tile spills (ptxas: 23,796 bytes
     of spill stores on sm_80, ~2,700 on sm_89; 8 warps: none, 96 KB of shared memory, within sm_86/89's 99
-    KB). Unmeasured on those GPUs."""
-    return _plain_before_sm90(cfg, torch.cuda.get_device_capability(device) if device.type == "cuda" else None)
+    KB). Unmeasured on those GPUs. The same on a GPU whose blocks get less shared memory than the
+    warp-specialised tiles take (about 165-197 KB: sm_120, RTX 5090 / RTX PRO 6000 Blackwell, has 99 KB; the
+    launch failed there)."""
+    if device.type != "cuda":
+        return cfg
+    return _plain_before_sm90(cfg, torch.cuda.get_device_capability(device), _smem_per_block(device))
 
 
-def _plain_before_sm90(cfg: AttnConfig, capability: tuple[int, int] | None) -> AttnConfig:
-    if cfg.warp_specialize and capability is not None and capability < (9, 0):
+# shared memory the warp-specialised 128x128 tiles need (Triton AOT: 197,024 B on sm_90, 164,036 B on sm_120)
+WS_SMEM_BYTES = 200 * 1024
+
+
+def _smem_per_block(device: torch.device) -> int | None:
+    """The most shared memory one block may opt into on `device` (None where torch does not say)."""
+    try:
+        return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
+    except (RuntimeError, AssertionError, AttributeError):
+        return None
+
+
+def _plain_before_sm90(cfg: AttnConfig, capability: tuple[int, int] | None, smem: int | None = None) -> AttnConfig:
+    small = capability is not None and capability < (9, 0) or smem is not None and smem < WS_SMEM_BYTES
+    if cfg.warp_specialize and small:
         return dataclasses.replace(cfg, warp_specialize=False, num_warps=8, tma=False)
     return cfg
 
@@ -389,7 +406,7 @@ def _check_qkv(q, k, v):
 def mean_pad_ok(cfg: AttnConfig, Lk: int, device: torch.device) -> bool:
     """Whether attention_triton(..., k_mean_padded=True) helps: a warp-specialised config (TMA: sm90 or the
     interpreter) and a ragged last key block."""
-    tma = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0) or \
+    tma = device.type == "cuda" and _resolve(cfg, device).warp_specialize or \
         (device.type == "cpu" and interpreting())
     return cfg.warp_specialize and tma and Lk % cfg.block_n != 0 and Lk > 1
 

@@ -721,6 +721,8 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# decorator wrappers between an engine function and its caller (torch.no_grad's): skipped as the engine's own
+_DECORATOR_FILES = (os.path.join("torch", "utils", "_contextlib.py"),)
 
 
 # older LightX2V's mm_config.mm_type names of the per-channel 8-bit schemes:
@@ -771,7 +773,8 @@ def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
     """warnings.warn attributed to the first caller outside this package (the user's script, test or the
     CLI's entry point), not to the engine's own frames that parse the config."""
     level, frame = 1, sys._getframe(0)
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+    while frame is not None and (os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR)
+                                 or frame.f_code.co_filename.endswith(_DECORATOR_FILES)):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
 

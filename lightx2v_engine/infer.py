@@ -144,7 +144,8 @@ def load_pipeline(args: argparse.Namespace, run_cfg=None):
         from lightx2v_engine.config import get_preset
         made_for = "i2v" if get_preset(preset).is_i2v else "t2v"
         if made_for != args.task:  # (checked before the build)
-            hint = {("tiny", "i2v"): " (use --preset tiny-i2v)", ("tiny-i2v", "t2v"): " (use --preset tiny)"}
+            hint = {("tiny", "i2v"): " (use --preset tiny-i2v)",
+                    ("tiny-i2v", "t2v"): " (add --task i2v for image-to-video, or use --preset tiny)"}
             raise ValueError(f"--task {args.task} does not fit preset {preset!r} ({made_for})"
                              + hint.get((preset, args.task), ""))
         return Pipeline.random(preset, run_cfg, device=args.device)

@@ -1087,6 +1087,14 @@ def build_parser() -> argparse.ArgumentParser:
 def check_options(args, rank: int = 0) -> None:
     """Server options that would otherwise fail late or with a traceback: a ValueError naming the option,
     before the models load. Rank 0 (which writes the results) makes --output_dir and tries writing to it."""
+    per_video = [flag for flag, given in (
+        ("--prompt", args.prompt is not None), ("--negative_prompt", args.negative_prompt is not None),
+        ("--image_path", bool(args.image_path)), ("--seed", args.seed is not None),
+        ("--save_result_path", args.save_result_path != "output.mp4"), ("--save_latents", args.save_latents is not None),
+        ("--last_frame_path", bool(args.last_frame_path)), ("--use_prompt_enhancer", args.use_prompt_enhancer)) if given]
+    if per_video:  # (the CLI's per-video flags were accepted and ignored: a --seed 5 looked like the default seed)
+        raise ValueError(f"{', '.join(per_video)}: per-video settings of the CLI; a server takes them in each "
+                         f"request's JSON (prompt, negative_prompt, image_path, seed, save_result_path)")
     if args.max_queue_size < 1:
         raise ValueError(f"--max_queue_size must be at least 1, got {args.max_queue_size}")
     if not 0 <= args.port <= 65535:

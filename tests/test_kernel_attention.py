@@ -507,3 +507,12 @@ def test_warp_specialised_default_runs_plain_before_sm90(monkeypatch):
         assert (got.warp_specialize, got.num_warps, got.tma) == ((False, 8, False) if plain else (True, 4, True))
     assert A._resolve(cfg, torch.device("cpu")) is cfg
     assert A._resolve(ATTN_CONFIGS["ptr_256x64_w8_s3"], torch.device("cpu")) is ATTN_CONFIGS["ptr_256x64_w8_s3"]
+    # sm_120 (RTX 5090 / RTX PRO 6000 Blackwell): 99 KB of shared memory a block, the ws tiles need ~165 KB
+    from types import SimpleNamespace
+    for cap, smem, plain in (((12, 0), 101376, True), ((9, 0), 232448, False), ((10, 0), 232448, False)):
+        monkeypatch.setattr(A.torch.cuda, "get_device_capability", lambda device=None, cap=cap: cap)
+        monkeypatch.setattr(A.torch.cuda, "get_device_properties",
+                            lambda device=None, smem=smem: SimpleNamespace(shared_memory_per_block_optin=smem))
+        got = A._resolve(cfg, torch.device("cuda", 0))
+        assert got.warp_specialize is not plain
+        assert A.mean_pad_ok(ATTN_CONFIGS["ws_mp_128x128_w4_s2"], 130, torch.device("cuda", 0)) is not plain

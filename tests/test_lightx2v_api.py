@@ -217,8 +217,9 @@ def test_lightx2v_signatures_and_their_checks(folder, tmp_path, monkeypatch):
         pipe.generate(seed=1, prompt="x", task="i2v", return_result_tensor=True)
     with pytest.raises(ValueError, match="video_path .*not supported"):
         pipe.generate(seed=1, prompt="x", video_path="v.mp4", return_result_tensor=True)
-    with pytest.warns(UserWarning, match="not kept"):
+    with pytest.warns(UserWarning, match="not kept") as caught:
         assert pipe.generate(seed=1, prompt="x", task="t2v", sr_ratio=2.0) == {"video": None}
+    assert [w.filename for w in caught if "not kept" in str(w.message)] == [__file__]  # (not torch's no_grad)
 
 
 def test_a_bad_seed_is_refused_before_the_encoders_run(folder, monkeypatch):

@@ -816,6 +816,9 @@ def test_start_options_are_checked_before_loading(tmp_path, capsys, monkeypatch)
                                                                     f"a folder"),
                           (["--lora_dir", str(tmp_path / "afile")], f"--lora_dir {str(tmp_path / 'afile')!r} is not "
                                                                     f"a folder"),
+                          (["--prompt", "a cat", "--seed", "5"], "--prompt, --seed: per-video settings of the CLI; a "
+                           "server takes them in each request's JSON (prompt, negative_prompt, image_path, seed, "
+                           "save_result_path)"),
                           (["--lonely"], "unrecognized arguments ['--lonely']; extra config keys go as --key value "
                                          "pairs")):
         assert S.main(["--random-weights", "--preset", "tiny", "--host", "127.0.0.1", "--port", "0", *argv]) == 2
