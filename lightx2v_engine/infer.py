@@ -27,6 +27,7 @@ from lightx2v_engine.schedulers import MAX_SEED
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TINY_DEFAULTS = TINY_SIZE  # the tiny presets' video size where the config gives none
+DEFAULT_OUTPUT = "output.mp4"  # --save_result_path's default
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "encodes \"\" without this flag and does not read sample_neg_prompt)")
     p.add_argument("--image_path", default=None, help="input image for i2v (\"\" counts as none, as LightX2V's default)")
     p.add_argument("--last_frame_path", default=None, help="LightX2V's FLF2V input: not supported (an error)")
-    p.add_argument("--save_result_path", "--save_video_path", dest="save_result_path", default="output.mp4",
+    p.add_argument("--save_result_path", "--save_video_path", dest="save_result_path", default=DEFAULT_OUTPUT,
                    help="the video: .mp4 (or .m4v, .mov, .mkv); --save_video_path is older LightX2V's name")
     p.add_argument("--seed", type=int, default=None,
                    help="default 42, as LightX2V's (a config's \"seed\" is not used here either: a warning names it)")

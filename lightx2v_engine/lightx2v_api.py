@@ -194,17 +194,13 @@ class LightX2VPipeline:
 
     def _lora_spec(self, item):
         """A {"path", "strength"} entry as a LoraSpec (a relative path: as given, then under model_path)."""
-        from lightx2v_engine.checkpoint import candidate_paths
         from lightx2v_engine.config import LoraSpec, _as
+        from lightx2v_engine.lora import resolve_spec
         if not isinstance(item, dict) or not isinstance(item.get("path"), str) \
                 or set(item) - {"path", "strength", "name"}:
             raise ValueError(f"LightX2VPipeline: a LoRA entry must be {{'path': ..., 'strength': ...}}, got {item!r}")
         strength = _as("lora strength", item.get("strength", 1.0), float)  # (no bool, text or NaN)
-        tried = candidate_paths(item["path"], [self.model_path])
-        found = [c for c in tried if c.is_file()]
-        if not found:
-            raise FileNotFoundError(f"LoRA file not found: {item['path']} (searched {[str(t) for t in tried]})")
-        return LoraSpec(str(found[0].resolve()), strength)
+        return resolve_spec(LoraSpec(item["path"], strength), [self.model_path])
 
     def switch_lora(self, lora_path: str, strength: float = 1.0) -> None:
         """Replaces the switchable LoRA (LightX2V: needs enable_lora(..., lora_dynamic_apply=True)); "" removes

@@ -447,6 +447,13 @@ class _BufferOwner:
     """Holds the page-locking of one kept host buffer (released when this object goes)."""
 
 
+def resolve_spec(spec, search_dirs=()):
+    """spec (config.LoraSpec) with its file's absolute path (as given, then under each of search_dirs): each
+    later read finds it whatever the working directory is by then."""
+    from lightx2v_engine.config import LoraSpec
+    return LoraSpec(str(_find(spec.path, search_dirs).resolve()), spec.strength)
+
+
 def _find(path: str, search_dirs) -> Path:
     tried = candidate_paths(path, search_dirs)
     for cand in tried:

@@ -479,10 +479,9 @@ class Pipeline:
 
     def _checked_request_loras(self, specs: tuple) -> tuple:
         """specs with their files resolved, each read and checked against the DiT's structure (on meta)."""
-        from lightx2v_engine.config import LoraSpec
-        from lightx2v_engine.lora import _find, merge_lora_, read_lora
+        from lightx2v_engine.lora import merge_lora_, read_lora, resolve_spec
         # (absolute: each DiT built reads them again, whatever the working directory is by then)
-        resolved = tuple(LoraSpec(str(_find(spec.path, ()).resolve()), spec.strength) for spec in specs)
+        resolved = tuple(resolve_spec(spec) for spec in specs)
         if resolved == self._request_loras:  # the same LoRAs again (the server's next request): checked before
             return resolved
         skeleton = self.dit_meta()

@@ -915,12 +915,10 @@ def dynamic_loras(run_cfg, model_path=None):
     out: its worker removes the dynamic LoRAs, then registers the request's) and a task without one gets back.
     Their paths are found now (as given, else under the model folder)."""
     import dataclasses
-    from lightx2v_engine.config import LoraSpec
-    from lightx2v_engine.lora import _find
+    from lightx2v_engine.lora import resolve_spec
     if not (run_cfg.lora_dynamic_apply and run_cfg.lora_configs):
         return run_cfg, ()
-    dirs = [model_path] if model_path else []
-    specs = tuple(LoraSpec(str(_find(s.path, dirs).resolve()), s.strength) for s in run_cfg.lora_configs)
+    specs = tuple(resolve_spec(s, [model_path] if model_path else []) for s in run_cfg.lora_configs)
     return dataclasses.replace(run_cfg, lora_configs=()), specs
 
 
@@ -1087,10 +1085,11 @@ def build_parser() -> argparse.ArgumentParser:
 def check_options(args, rank: int = 0) -> None:
     """Server options that would otherwise fail late or with a traceback: a ValueError naming the option,
     before the models load. Rank 0 (which writes the results) makes --output_dir and tries writing to it."""
+    from lightx2v_engine.infer import DEFAULT_OUTPUT
     per_video = [flag for flag, given in (
         ("--prompt", args.prompt is not None), ("--negative_prompt", args.negative_prompt is not None),
         ("--image_path", bool(args.image_path)), ("--seed", args.seed is not None),
-        ("--save_result_path", args.save_result_path != "output.mp4"), ("--save_latents", args.save_latents is not None),
+        ("--save_result_path", args.save_result_path != DEFAULT_OUTPUT), ("--save_latents", args.save_latents is not None),
         ("--last_frame_path", bool(args.last_frame_path)), ("--use_prompt_enhancer", args.use_prompt_enhancer)) if given]
     if per_video:  # (the CLI's per-video flags were accepted and ignored: a --seed 5 looked like the default seed)
         raise ValueError(f"{', '.join(per_video)}: per-video settings of the CLI; a server takes them in each "
