@@ -97,8 +97,28 @@ def run_config_from_args(args: argparse.Namespace):
     overrides.update(getattr(args, "config_overrides", None) or {})  # the server's extra --key value pairs
     args.model_cls = resolve_model_cls(args.model_cls, args.config_json, overrides)
     tiny = args.random_weights and _preset(args).startswith("tiny")
-    return _parallel_if_torchrun(load_run_config(args.config_json, overrides, model_cls=args.model_cls,
-                                                 defaults=TINY_DEFAULTS if tiny else None))
+    flags = {}  # config key -> the flag that set it, for the error messages
+    if shape:
+        flags["target_height"] = flags["target_width"] = "--target_shape" if args.target_shape else "--size"
+    if "target_video_length" in overrides and getattr(args, "num_frames", None) is not None:
+        flags["target_video_length"] = "--num_frames"
+    try:
+        run = load_run_config(args.config_json, overrides, model_cls=args.model_cls,
+                              defaults=TINY_DEFAULTS if tiny else None)
+    except ValueError as e:  # "config key 'target_height' = 65: ..." -> "--target_shape: height 65: ..."
+        raise _name_flag(e, flags) from None
+    return _parallel_if_torchrun(run)
+
+
+def _name_flag(e: ValueError, flags: dict[str, str]) -> ValueError:
+    """A config value error about a key the user set with a flag, reworded to name the flag."""
+    msg = str(e)
+    for key, flag in flags.items():
+        prefix = f"config key {key!r} = "
+        if msg.startswith(prefix):
+            what = {"target_height": "height ", "target_width": "width "}.get(key, "")
+            return ValueError(f"{flag} {what}{msg[len(prefix):]} (config key {key!r})")
+    return e
 
 
 def resolve_model_cls(model_cls: str | None, config_json: str | None, overrides: dict) -> str:

@@ -474,3 +474,17 @@ def test_cli_model_cls_required_for_a_base_config_and_save_video_path(tmp_path, 
     rc = main(["--random-weights", "--preset", "tiny", "--prompt", "a red car", "--quiet",
                "--save_video_path", str(tmp_path / "old.mp4")])
     assert rc == 0 and (tmp_path / "old.mp4").is_file()
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--num_frames", "10"], "--num_frames 10: frame count must be 4k+1"),
+    (["--target_shape", "65", "96"], "--target_shape height 65: must be a positive multiple of 16"),
+    (["--size", "64", "97"], "--size width 97: must be a positive multiple of 16"),
+])
+def test_cli_size_errors_name_the_flag(tmp_path, capsys, flags, expected):
+    """A bad value given with a flag is reported under that flag (it named the config key the flag sets), before
+    any model is built."""
+    rc = main(["--random-weights", "--preset", "tiny", "--prompt", "a red car", "--quiet",
+               "--save_result_path", str(tmp_path / "o.mp4"), *flags])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"error: {expected}" in err, err
