@@ -215,6 +215,9 @@ class RunConfig:
     tae_path: str | None = None
     need_scaled: bool | None = None
     sample_neg_prompt: str | None = None   # negative prompt under CFG when none is given (default: none, "")
+    # LightX2V's: false drops the image branch of an I2V model (no CLIP, no image cross-attention); not
+    # supported here: an I2V pipeline refuses it (Wan2.1's I2V models are trained with it); T2V ignores it
+    use_image_encoder: bool = True
     self_attn_1_type: str = "flash_attn3"   # a name from ATTN_TYPES: sage_* -> the 8-bit kernel, else exact
     cross_attn_1_type: str = "flash_attn3"  # cross-attention is always exact (512/769 keys)
     cross_attn_2_type: str = "flash_attn3"
@@ -280,12 +283,12 @@ _ACCEPTED_IGNORED = {
     "use_prompt_enhancer", "clean_cuda_cache", "rotary_chunk",
     "rotary_chunk_size", "audio_sr", "changing_resolution",
     "resolution_rate", "enable_cfg_parallel", "infer_dtype", "sensitive_layer_dtype", "cpu_offload_activations",
-    "use_image_encoder", "lora_merge_force_fp32", "coefficients", "max_area", "do_mm_calib",
+    "lora_merge_force_fp32", "coefficients", "max_area", "do_mm_calib",
     "use_bfloat16", "warmup", "t5_offload_granularity", "changing_resolution_steps",
     # host-memory layout and device knobs that do not change the computation
     "shared_cpu_weights", "shared_cpu_weight_scope", "shared_cpu_weight_backend", "shared_cpu_weight_strict_numa",
     "shared_cpu_weight_register_chunk_mb", "cpu_offload_layout", "scheduler_coefficient_device", "t5_rms_norm_type",
-    "sub_servers", "use_event_offload", "t5_lazy_load", "offload_use_block_slab",
+    "sub_servers", "use_event_offload", "t5_lazy_load", "offload_use_block_slab", "load_from_rank0",
 }
 # sparse-attention settings (dense exact attention runs; the attention names warn) and feature-caching
 # parameters (no feature caching here): accepted, each group with its note
@@ -300,7 +303,6 @@ _ACCEPTED_IGNORED |= _SPARSE_SETTINGS | _CACHING_PARAMS
 # What the engine does instead, for ignored keys where that is worth saying (appended in the warning).
 _IGNORED_NOTES = {
     "lora_merge_force_fp32": "LoRA merges always run in fp32 here",
-    "use_image_encoder": "I2V always encodes the image with CLIP",
     "use_bfloat16": "the DiT's precision is the 'dtype' key, bf16 by default",
     "warmup": "CUDA graphs are captured on the first call per shape",
     "t5_offload_granularity": "t5_cpu_offload always streams the umT5 block by block",
@@ -317,6 +319,8 @@ _IGNORED_NOTES = {
     **{k: "no feature caching" for k in _CACHING_PARAMS},
     "changing_resolution_steps": "the whole run is at the target resolution",
     "sub_servers": "every model runs in this process",
+    "load_from_rank0": "under torchrun each rank reads the DiT and VAE files itself (the same weights as a "
+                       "broadcast from rank 0); the text/image encoders load on rank 0 only",
     "offload_ratio": "an offloaded DiT streams all of its blocks",
     "seq_parallel": "derived from parallel.seq_p_size",
     "cfg_parallel": "derived from parallel.cfg_p_size",
@@ -327,6 +331,8 @@ _IGNORED_NOTES = {
 _UNSUPPORTED_IF_TRUE = {
     "magcache_calibration": "a MagCache calibration run measures feature-caching ratios; lightx2v-engine has no "
                             "feature caching, so there is nothing to calibrate (set it to false)",
+    "dummy_model": "LightX2V's dummy_model builds models without reading their files; here that is "
+                   "--random-weights with --preset (Pipeline.random); set it to false",
     "enable_dynamic_cfg": "dynamic CFG adds a guidance embedding (guidance_embedding.linear_1/2) to the DiT, which "
                           "lightx2v-engine does not implement; set it to false (cfg_scale then has no effect), or "
                           "use enable_cfg with sample_guide_scale for classifier-free guidance",
@@ -465,7 +471,7 @@ _TYPES = {
     "vae_cpu_offload": bool, "sampler": str, "distill_update": str, "dtype": str, "use_cuda_graph": bool,
     "vae_dtype": str, "lora_strict": bool, "lora_dynamic_apply": bool, "offload_granularity": str, "use_tiling_vae": bool,
     "t5_quantized": bool, "clip_quantized": bool, "use_lightvae": bool, "use_tae": bool, "need_scaled": bool,
-    "unload_modules": bool, "lazy_load": bool, "weight_auto_quant": bool,
+    "unload_modules": bool, "lazy_load": bool, "weight_auto_quant": bool, "use_image_encoder": bool,
 }
 
 
@@ -656,6 +662,10 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
         if unread:  # (as in LightX2V: they are read with dit_quantized only)
             warn_user(f"{source}: {', '.join(unread)} set but dit_quantized is not true: the DiT loads unquantized "
                       f"(set \"dit_quantized\": true to use them)")
+    for enc, name in (("t5", "umT5"), ("clip", "CLIP")):
+        if warn and out.get(f"{enc}_quantized_ckpt") and not out.get(f"{enc}_quantized"):
+            warn_user(f"{source}: {enc}_quantized_ckpt set but {enc}_quantized is not true: the unquantized {name} "
+                      f"loads (set \"{enc}_quantized\": true with {enc}_quant_scheme to use it)")
     if warn and out.get("dit_quantized") and out.get("weight_auto_quant") and out.get("dit_quantized_ckpt"):
         warn_user(f"{source}: weight_auto_quant quantizes the unquantized DiT checkpoint at load: "
                   f"dit_quantized_ckpt ({out['dit_quantized_ckpt']}) is not read")

@@ -191,8 +191,10 @@ def run(args: argparse.Namespace) -> int:
     if args.use_prompt_enhancer:
         raise ValueError("--use_prompt_enhancer is not supported by lightx2v-engine (LightX2V's prompt enhancer "
                          "is a separate LLM); pass the final prompt with --prompt")
-    if args.prompt is None or not args.prompt.strip():
-        raise ValueError("--prompt is required and must not be empty")
+    if (args.prompt is None or not args.prompt.strip()) and args.task == "t2v":
+        raise ValueError("--prompt is required for --task t2v and must not be empty (--task i2v takes none: "
+                         "LightX2V's default prompt \"\")")
+    args.prompt = args.prompt or ""
     args.image_path = args.image_path or None  # ("" is LightX2V's default: no image)
     if args.seed is not None and not 0 <= args.seed < MAX_SEED:
         raise ValueError(f"--seed {args.seed}: must be an integer in [0, 2^64)")

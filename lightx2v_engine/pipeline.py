@@ -68,7 +68,9 @@ class NonFiniteError(RuntimeError):
     """NaN/Inf produced at run time."""
 
 
-SEARCH_SUBDIRS = ("", "original", "distill_models")
+# the folder, then LightX2V's subfolders (utils.find_torch_model_path: its selective downloads keep a
+# component's files in one of them)
+SEARCH_SUBDIRS = ("", "original", "distill_models", "fp8", "int8", "distill_fp8", "distill_int8")
 
 
 def find_file(name: str, model_path: Path, subdirs=SEARCH_SUBDIRS) -> Path:
@@ -330,7 +332,7 @@ class Pipeline:
         if not cfg_json.is_file() and (mp / "transformer" / "config.json").is_file():
             cfg_json = mp / "transformer" / "config.json"
         mcfg = model_config_from_json(cfg_json, preset)
-        _check_task(task, mcfg)
+        _check_task(task, mcfg, run)
         par = _init_parallel(run, mcfg, device)
         dev = par.device if par is not None else _device(device)
         cpu = torch.device("cpu")
@@ -404,6 +406,7 @@ class Pipeline:
         t0 = time.perf_counter()
         run = _run_config(config, "wan2.1_distill", TINY_SIZE if preset.startswith("tiny") else None)
         mcfg = get_preset(preset)
+        _check_task("i2v" if mcfg.is_i2v else "t2v", mcfg, run)
         par = _init_parallel(run, mcfg, device)
         dev = par.device if par is not None else _device(device)
         tiny = preset.startswith("tiny")
@@ -852,8 +855,12 @@ class Pipeline:
                                   "target_width": run.target_width if width is None else width},
                                  warn=False, source="generate()")
         t_frames, h, w = sizes.target_video_length, sizes.target_height, sizes.target_width
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError("prompt is empty: a text prompt is required")
+        prompt = "" if prompt is None else prompt
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        if not prompt.strip() and self.task == "t2v":  # (I2V animates the image: LightX2V's default prompt "")
+            raise ValueError("prompt is empty: text-to-video needs a text prompt (image-to-video takes an empty "
+                             "one, as LightX2V)")
         if self.task == "i2v" and image is None:
             raise ValueError("task i2v needs an image (--image_path)")
         if self.task == "t2v" and image is not None:
@@ -1065,7 +1072,7 @@ def _encoder_file(run: RunConfig, mp: Path, enc: str) -> Path:
         errors = []
         for name in names:
             try:  # (LightX2V's layouts also keep them in folders named after the scheme)
-                return find_file(name, mp, SEARCH_SUBDIRS + (scheme, f"distill_{scheme}"))
+                return find_file(name, mp, tuple(dict.fromkeys(SEARCH_SUBDIRS + (scheme, f"distill_{scheme}"))))
             except FileNotFoundError as e:
                 errors.append(str(e))
         try:
@@ -1116,12 +1123,16 @@ def _release_graph_memory() -> None:
     torch.cuda.empty_cache()
 
 
-def _check_task(task: str, mcfg: ModelConfig) -> None:
+def _check_task(task: str, mcfg: ModelConfig, run: RunConfig) -> None:
     if task not in ("t2v", "i2v"):
         raise ValueError(f"task must be 't2v' or 'i2v', got {task!r}")
     if (task == "i2v") != mcfg.is_i2v:
         raise ValueError(f"task {task!r} does not fit the model in the folder ({mcfg.name}, model_type "
                          f"{mcfg.model_type!r})")
+    if mcfg.is_i2v and not run.use_image_encoder:
+        raise ValueError("config key 'use_image_encoder' = False: LightX2V then drops the CLIP image branch of the "
+                         "I2V model (image cross-attention), which lightx2v-engine does not support: Wan2.1's I2V "
+                         "models run with it (remove the key or set it to true)")
 
 
 def _load_quantized_dit(mcfg: ModelConfig, mp: Path, run: RunConfig, dev: torch.device,

@@ -354,9 +354,12 @@ def check_request(body: dict, *, output_dir: Path, infer_steps: int, task: str,
         if given and not (name in SCHEMA_DEFAULTS and value == SCHEMA_DEFAULTS[name]
                           and type(value) is type(SCHEMA_DEFAULTS[name])):
             raise RequestError(f"{name} is not supported by this server: {why}")
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise RequestError("prompt must be a non-empty string")
+    prompt = body.get("prompt", "")  # (LightX2V's schema default "": an I2V request may send the image alone)
+    prompt = "" if prompt is None else prompt
+    if not isinstance(prompt, str):
+        raise RequestError(f"prompt must be a string, got {type(prompt).__name__}")
+    if not prompt.strip() and task == "t2v":
+        raise RequestError("prompt must be a non-empty string for a t2v server (an i2v server takes an empty one)")
     neg = body.get("negative_prompt")
     if neg is not None and not isinstance(neg, str):
         raise RequestError(f"negative_prompt must be a string, got {type(neg).__name__}")

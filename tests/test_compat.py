@@ -268,7 +268,7 @@ def test_cli_prompt_enhancer_is_not_supported(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------ 4. config keys
 
-@pytest.mark.parametrize("key,value", [("use_image_encoder", True),
+@pytest.mark.parametrize("key,value", [("load_from_rank0", True),
                                        ("lora_merge_force_fp32", False), ("coefficients", [[1.0, 2.0]]),
                                        ("max_area", True), ("do_mm_calib", False), ("use_bfloat16", True),
                                        ("warmup", False)])
@@ -280,7 +280,8 @@ def test_lightx2v_keys_accepted_with_warning(key, value):
         assert "LoRA merges always run in fp32" in str(rec[0].message)
 
 
-@pytest.mark.parametrize("raw", [{"use_31_block": True}, {"use_31_block": None}, {"resize_mode": None}])
+@pytest.mark.parametrize("raw", [{"use_31_block": True}, {"use_31_block": None}, {"resize_mode": None},
+                                 {"use_image_encoder": True}, {"dummy_model": False}])
 def test_lightx2v_keys_at_what_runs_are_silent(raw, recwarn):
     """use_31_block true (LightX2V's default) and resize_mode null are what this engine runs: no warning."""
     assert parse_run_config(raw).ignored_keys == ()
@@ -488,3 +489,44 @@ def test_cli_size_errors_name_the_flag(tmp_path, capsys, flags, expected):
                "--save_result_path", str(tmp_path / "o.mp4"), *flags])
     err = capsys.readouterr().err
     assert rc == 2 and f"error: {expected}" in err, err
+
+
+def test_cli_i2v_runs_without_a_prompt(tmp_path, capsys):
+    """LightX2V's --prompt defaults to "": an I2V run from the image alone works; T2V still needs a prompt."""
+    from PIL import Image
+    Image.new("RGB", (48, 32), (200, 30, 30)).save(tmp_path / "red.png")
+    rc = main(["--random-weights", "--preset", "tiny-i2v", "--task", "i2v", "--image_path", str(tmp_path / "red.png"),
+               "--quiet", "--num_frames", "5", "--save_result_path", str(tmp_path / "o.mp4")])
+    assert rc == 0 and (tmp_path / "o.mp4").is_file(), capsys.readouterr().err
+    rc = main(["--random-weights", "--preset", "tiny", "--quiet", "--save_result_path", str(tmp_path / "t.mp4")])
+    assert rc == 2 and "--prompt is required for --task t2v" in capsys.readouterr().err
+
+
+def test_use_image_encoder_false_is_refused_for_i2v_only():
+    """LightX2V's use_image_encoder false drops an I2V model's image branch (CLIP, image cross-attention): another
+    video, so an I2V pipeline refuses it; a T2V pipeline has no such branch (Wan2.2-style configs set it)."""
+    from lightx2v_engine.pipeline import Pipeline
+    size = {"target_video_length": 5, "target_height": 32, "target_width": 48, "use_image_encoder": False}
+    with pytest.raises(ValueError, match="'use_image_encoder' = False: .*CLIP image branch"):
+        Pipeline.random("tiny-i2v", size, device="cpu")
+    assert Pipeline.random("tiny", size, device="cpu").run_cfg.use_image_encoder is False
+    with pytest.raises(ValueError, match="'dummy_model' = True: .*--random-weights"):
+        parse_run_config({"dummy_model": True})
+
+
+def test_encoder_quantized_ckpt_without_the_flag_warns():
+    with pytest.warns(UserWarning, match="clip_quantized_ckpt set but clip_quantized is not true: the unquantized CLIP"):
+        parse_run_config({"clip_quantized_ckpt": "clip-int8.pth"})
+
+
+def test_files_in_lightx2v_subfolders_are_found(tmp_path):
+    """LightX2V's find_torch_model_path also looks in fp8/, int8/, distill_fp8/, distill_int8/ (selective
+    downloads keep a component there): the VAE and the encoders are found there too."""
+    from lightx2v_engine.pipeline import find_file
+    for sub in ("fp8", "int8", "distill_fp8", "distill_int8"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / f"{sub}.pth").write_bytes(b"x")
+        assert find_file(f"{sub}.pth", tmp_path) == tmp_path / sub / f"{sub}.pth"
+    (tmp_path / "Wan2.1_VAE.pth").write_bytes(b"x")  # the folder itself first
+    (tmp_path / "fp8" / "Wan2.1_VAE.pth").write_bytes(b"x")
+    assert find_file("Wan2.1_VAE.pth", tmp_path) == tmp_path / "Wan2.1_VAE.pth"

@@ -526,3 +526,20 @@ def test_cli_out_of_memory_exit_code_also_for_rank0_only_steps(monkeypatch, caps
     monkeypatch.setattr(infer, "run", run)
     assert main(["--random-weights", "--preset", "tiny", "--prompt", "x", "--save_result_path", "o.mp4"]) == 3
     assert "out of GPU memory" in capsys.readouterr().err
+
+
+def test_i2v_takes_an_empty_prompt_t2v_does_not():
+    """As LightX2V (its CLI, API and server default the prompt to ""), image-to-video runs without a prompt
+    (the image alone); text-to-video still refuses an empty one. An empty prompt is encoded, not skipped:
+    it differs from a real one."""
+    from lightx2v_engine.pipeline import Pipeline
+    size = {"target_video_length": 5, "target_height": 32, "target_width": 48}
+    pipe = Pipeline.random("tiny-i2v", size, device="cpu")
+    img = torch.rand(3, 32, 48) * 2 - 1
+    empty = pipe.generate("", image=img, seed=1).latents
+    assert torch.equal(empty, pipe.generate(None, image=img, seed=1).latents)
+    assert not torch.equal(empty, pipe.generate("a cat", image=img, seed=1).latents)
+    with pytest.raises(ValueError, match="prompt must be a string"):
+        pipe.generate(5, image=img, seed=1)
+    with pytest.raises(ValueError, match="text-to-video needs a text prompt"):
+        Pipeline.random("tiny", size, device="cpu").generate("  ", seed=1)

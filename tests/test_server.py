@@ -108,7 +108,9 @@ def test_t2v_task_end_to_end(t2v_pipe, tmp_path):
 
 @pytest.mark.parametrize("body, status, match", [
     ({"prompt": "x", "promt": "y"}, 400, r"unknown field\(s\) \['promt'\]"),
-    ({"prompt": ""}, 400, "prompt must be a non-empty string"),
+    ({"prompt": ""}, 400, "prompt must be a non-empty string for a t2v server"),
+    ({}, 400, "prompt must be a non-empty string for a t2v server"),
+    ({"prompt": 5}, 400, "prompt must be a string, got int"),
     ({"prompt": "a" * (S.MAX_PROMPT_CHARS + 1)}, 400, "prompt has 65537 characters; this server takes at most"),
     ({"prompt": "x", "negative_prompt": "b" * (S.MAX_PROMPT_CHARS + 1)}, 400, "negative_prompt has 65537"),
     ({"prompt": "x", "infer_steps": 8}, 400, "infer_steps 8: this server's models run 4 steps"),
@@ -292,6 +294,10 @@ def test_i2v_image_as_upload_and_as_base64(tmp_path):
     c = Client(app)
     try:
         assert c.call("POST", "/v1/tasks/video/", {"prompt": "x"})[0] == 400  # no image
+        # the image alone (LightX2V's schema defaults the prompt to ""): accepted by an i2v server
+        code, alone = c.call("POST", "/v1/tasks/video/", {"seed": 1, "image_path": "data:image/png;base64,"
+                                                          + base64.b64encode(png).decode()})
+        assert code == 200 and c.wait(alone["task_id"])["status"] == "completed"
         code, a = c.call("POST", "/v1/tasks/video/", {"prompt": "a cat", "seed": 1,
                                                       "image_path": "data:image/png;base64," + base64.b64encode(png).decode()})
         assert code == 200
