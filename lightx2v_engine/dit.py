@@ -241,6 +241,12 @@ class WanDiT(nn.Module):
             self._ones_cache[key] = torch.ones(batch, 1, self.cfg.dim, device=device)
         return self._ones_cache[key]
 
+    def drop_device_caches(self) -> None:
+        """Forgets the cached RoPE tables and ones tensors (pipeline._to_device calls it when an offloaded
+        DiT goes back to the CPU: they would stay on the GPU). The next forward makes them again."""
+        self._rope_cache.clear()
+        self._ones_cache.clear()
+
     def check_inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                      clip_fea: torch.Tensor | None, y: torch.Tensor | None) -> None:
         """Shape checks with errors that name the tensor, its shape and the expected one (host-side only)."""

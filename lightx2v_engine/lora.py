@@ -363,7 +363,8 @@ class LoraSwitch:
     ``set(specs)`` first restores what the previous set changed - exactly: weights from copies kept in host
     memory when first changed, an 8-bit linear's branches by putting its earlier ones back - then merges
     `specs` in order. The same specs again cost nothing. A failing LoRA (missing file, unmatched keys,
-    wrong shapes) leaves the model as loaded and raises. Host memory: one copy of every weight a LoRA has
+    wrong shapes) leaves the model as loaded and raises; an interrupted restore leaves ``current`` None,
+    and the next ``set()`` restores the rest first. Host memory: one copy of every weight a LoRA has
     changed (a full-model LoRA on 14B bf16: about 27 GB), kept for later switches; for GPU weights it is
     page-locked, so saving and restoring are DMA copies ordered on the current stream (no host sync), and
     a switch from one LoRA to another copies nothing back (the copies are the weights just restored).
@@ -373,7 +374,9 @@ class LoraSwitch:
                  compute_device: torch.device | str | None = None):
         self.model, self.strict, self.search_dirs = model, strict, list(search_dirs)
         self.compute_device = compute_device  # where the merge arithmetic runs (merge_lora_)
-        self.current: tuple = ()
+        # the request LoRAs merged now: () for the model as loaded, None after an interrupted restore (the
+        # weights a mix of loaded and merged; the next set() restores the rest first)
+        self.current: tuple | None = ()
         # name -> ("tensor", module, attribute, host copy) | ("branch", QuantLinear, down, up)
         self._saved: dict[str, tuple] = {}
         self._host: dict[str, tuple] = {}  # name -> (owner of the page-locking, buffer), reused by later switches
@@ -411,15 +414,19 @@ class LoraSwitch:
 
     @torch.no_grad()
     def restore(self) -> None:
-        """The model as loaded (no request LoRA)."""
-        for name, entry in self._saved.items():
+        """The model as loaded (no request LoRA). Interrupted part-way (KeyboardInterrupt, an error), it
+        leaves `current` None, the weights a mix, and `_saved` the entries not yet restored: the next
+        restore() or set() restores those."""
+        self.current = None
+        while self._saved:
+            name, entry = next(iter(self._saved.items()))
             if entry[0] == "tensor":  # the module's tensor now (a re-packed block has new buffer objects)
                 w = getattr(entry[1], entry[2])
                 w.copy_(entry[3], non_blocking=w.is_cuda)
                 self._fresh.add(name)
             else:
                 entry[1].lora_down, entry[1].lora_up = entry[2], entry[3]
-        self._saved.clear()
+            del self._saved[name]  # (after its restore: an interrupted one is done again, which is harmless)
         self.current = ()
 
     def set(self, specs) -> bool:
@@ -428,6 +435,7 @@ class LoraSwitch:
         if specs == self.current:
             return False
         # the previous set's branches go back (restore) or new ones come (_save): either replaces tensors
+        # (branches an interrupted restore put back were counted by the set() it interrupted)
         self.touched_quantized = any(e[0] == "branch" for e in self._saved.values())
         self._fresh.clear()
         self.restore()

@@ -20,6 +20,7 @@ import logging
 import tempfile
 import time
 import traceback
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -597,8 +598,9 @@ class Pipeline:
             except BaseException:
                 # (out of memory for the re-packed blocks' slots) the LoRAs go too: this call failed, and the
                 # model as loaded runs next (the offload retries its refresh at the next forward); the same
-                # specs again are then a new switch, not "nothing to do"
-                if self._lora_switch.current:
+                # specs again are then a new switch, not "nothing to do" (current None: a restore was
+                # interrupted, the weights a mix: restored too)
+                if self._lora_switch.current != ():
                     try:
                         self._lora_switch.set(())
                     except Exception:  # noqa: BLE001 (the first error is the one to report)
@@ -749,8 +751,9 @@ class Pipeline:
             failure = None
             try:
                 with (timings or Timings()).measure("graph capture", self.device):
-                    graphs = DistillGraphs(lambda xx, t: self._velocity(xx, t, *graphs.static_conds()), sampler,
-                                           x, context, neg_context, clip_fea, y, renoise, ts)
+                    # (the velocity holds the pipeline weakly: the set, kept on the pipeline, forms no cycle)
+                    graphs = DistillGraphs(functools.partial(_graph_velocity, weakref.ref(self)), sampler,
+                                           x, context, neg_context, clip_fea, y, renoise, ts, True)
                     graphs.warm_up()
                     graphs.capture()
                 # the RoPE tables the replays read: held by the graphs, whatever the DiT's cache keeps; the
@@ -1083,6 +1086,13 @@ def _encoder_file(run: RunConfig, mp: Path, enc: str) -> Path:
         warn_user(f"{enc}_quantized: {'; '.join(errors)}; the unquantized {fallback} runs instead")
         return fallback
     return find_weights(f"{enc}_original_ckpt", original, default, mp, quantized_globs)
+
+
+def _graph_velocity(pipe_ref, x, t, context, neg_context, clip_fea, y) -> torch.Tensor:
+    """A captured step's velocity (DistillGraphs with pass_conds): Pipeline._velocity of the pipeline that
+    `pipe_ref` (a weak reference) names. The graph set lives on that pipeline, so the pipeline outlives
+    every warm-up and capture that calls this."""
+    return pipe_ref()._velocity(x, t, context, neg_context, clip_fea, y)
 
 
 def _dit_moves_whole(run: RunConfig) -> bool:
