@@ -121,7 +121,9 @@ def test_tiny_dit_8bit_self_attention():
     finally:
         ops.set_backend("auto")
     assert not torch.equal(out8, exact_low)
-    assert rel_l2(out8, ref32) < 0.05, rel_l2(out8, ref32)
+    # the 8-bit attention adds ~6e-4 (CPU fp16) to the exact run's error; a zeroed attention adds ~1.6e-2
+    base, err = rel_l2(exact_low, ref32), rel_l2(out8, ref32)
+    assert err < base + 5e-3, (err, base)
 
 
 @pytest.mark.parametrize("backend", ["torch", "kernels"])

@@ -186,7 +186,7 @@ def test_gpu_check_waits_for_the_extension_build_within_the_budget_only(tmp_path
     assert "compile-ran" in res.stdout and "extension build stopped: no stage of this run needed it" in res.stdout
     assert time.time() - t0 < 60
     t0 = time.time()
-    res = _run(tmp_path, fake, stages="install,quant,summary", GPU_CHECK_BUDGET="35", GPU_CHECK_MIN_STAGE="1")
+    res = _run(tmp_path, fake, stages="install,quant,summary", GPU_CHECK_BUDGET="24", GPU_CHECK_MIN_STAGE="1")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "extension build: stopped after" in res.stdout and time.time() - t0 < 60
 

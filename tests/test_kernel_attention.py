@@ -295,9 +295,8 @@ for name, c in A8.ATTN8_CONFIGS.items():
                   EXP_MODE=c.exp_mode, MAGIC_CVT=c.magic_cvt, INTERP=False, PV_FP8=c.pv_fp8)
     out[f"attn8_{name}"] = build(A8._attn8_fwd_kernel, dict(t8, Lk_pad="i32", VT="*fp8e4nv" if c.pv_fp8 else "*bf16"),
                                  consts, c.num_warps, c.num_stages)
-for name, c in A8.ATTN8_CONFIGS.items():  # sm89 (Ada: fp8 MMA, no TMA): the pointer path of non-WS configs
-    if c.gluon:
-        continue
+for name in (A8.DEFAULT_ATTN8_CONFIG,):  # sm89 (Ada: fp8 MMA, no TMA): the default's pointer path
+    c = A8.ATTN8_CONFIGS[name]
     c = dataclasses.replace(c, warp_specialize=False, num_warps=8) if c.warp_specialize else c  # A8._resolve on sm89
     consts = dict(HEAD_D=128, BLOCK_M=c.block_m, BLOCK_N=c.block_n, USE_TMA=False, WARP_SPEC=False,
                   EXP_MODE=c.exp_mode, MAGIC_CVT=c.magic_cvt, INTERP=False, PV_FP8=c.pv_fp8)
@@ -313,7 +312,7 @@ out["attn8_quant_v"] = build(A8._quant_v_kernel, dict(V="*bf16", VS="*fp32", VT=
 AR = importlib.import_module("lightx2v_engine.kernels.attention_rope")
 ra = dict(Q="*bf16", K="*bf16", V="*bf16", O="*bf16", RQ="*fp32", RK="*fp32", WQ="*fp32", WK="*fp32", COS="*fp32",
           SIN="*fp32", qk_scale="fp32")
-for bm, bn, w, st in ((128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2), (128, 64, 4, 3)):
+for bm, bn, w, st in ((128, 64, 8, 2),):  # the default tile (the others are benchmark options, built there)
     for even in (False, True):
         out[f"attn_rope_{bm}x{bn}_w{w}_s{st}/even={even}"] = build(
             AR._attn_rope_kernel, ra, dict(HEAD_D=128, BLOCK_M=bm, BLOCK_N=bn, EVEN_N=even), w, st)
@@ -326,8 +325,8 @@ print("AOT" + json.dumps(out))
 
 
 def test_kernels_compile_for_sm90():
-    """Compiles every attention config (both EVEN_N variants), the 8-bit attention configs and quantisers,
-    and the norm kernels for sm_90a with Triton's
+    """Compiles every attention config (both EVEN_N variants), the 8-bit attention configs (sm_89: the
+    default) and quantisers, the default norm+RoPE-in-attention tile, and the norm kernels for sm_90a with Triton's
     bundled ptxas: they must build, fit the H100's 227 KB of shared memory, and the warp-specialised configs
     must really be specialised. Runs in a subprocess without TRITON_INTERPRET."""
     import json

@@ -298,4 +298,5 @@ def test_weight_auto_quant_request_loras_are_branches_whether_resident_or_built_
         pipe.set_request_loras([LoraSpec(str(diff), 1.0)])
     rnd = Pipeline.random("tiny", {**TINY, "dit_quantized": True, "dit_quant_scheme": "int8-vllm",
                                    "lora_configs": [{"path": spec.path, "strength": 1.0}]}, device="cpu", seed=0)
-    assert all(m.lora_down is None for m in rnd.dit.modules() if isinstance(m, QuantLinear))  # merged, then 8-bit
+    quant = [m for m in rnd.dit.modules() if isinstance(m, QuantLinear)]
+    assert quant and all(m.lora_down is None for m in quant)  # merged, then 8-bit

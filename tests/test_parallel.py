@@ -2,6 +2,8 @@
 
 Sequence parallel (Ulysses, and "ring" as k/v all-gather) and CFG parallel must give the single-process
 result: the DiT to fp32 rounding (tests/parallel_worker.py), and the whole CLI run to the latents."""
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightx2v_engine import infer
 from lightx2v_engine.config import parse_run_config
 from lightx2v_engine.parallel import ParallelConfig, init_parallel, parse_parallel
 from lightx2v_engine.video import load_latents
@@ -184,7 +187,7 @@ def test_sequence_parallel_fp8_communication(dit_results, world, case, tokens):
         assert "error" not in r, r
         assert r["tokens"] == tokens, (rank, r)
         assert "torch.uint8" in r["moved"], (rank, r)
-        assert 1e-5 < r["rel"] < 2e-2, (rank, r)
+        assert 1e-5 < r["rel"] < 5e-3, (rank, r)  # ~6e-4 measured; zeroed q/k/v rows give 1.6e-2 to 2.8e-2
         plain = res[{"ulysses_fp8": "ulysses_odd_len", "ring_fp8": "ring_three_heads",
                      "ulysses_fp8_kernels": "ulysses_kernels"}[case]]
         assert "torch.uint8" not in plain["moved"], (rank, plain)
@@ -204,8 +207,11 @@ def test_sequence_parallel_on_gpus_with_nccl(tmp_path):
             assert per[case]["rel"] < 1e-4, (rank, case, per[case])  # fp32 (TF32 off by default)
         for case in ("ulysses_kernels", "ring_kernels"):
             assert per[case]["rel"] < 2e-2, (rank, case, per[case])  # bf16: the shard GEMMs round differently
-        for case in ("ulysses_fp8", "ring_fp8", "ulysses_fp8_kernels"):
-            assert "torch.uint8" in per[case]["moved"] and per[case]["rel"] < 3e-2, (rank, case, per[case])
+        for case, plain in (("ulysses_fp8", "ulysses_odd_len"), ("ring_fp8", "ring_three_heads"),
+                            ("ulysses_fp8_kernels", "ulysses_kernels")):
+            # fp8 rows add ~6e-4 (CPU); zeroed q/k/v rows would add 1.6e-2 or more
+            assert "torch.uint8" in per[case]["moved"], (rank, case, per[case])
+            assert per[case]["rel"] < per[plain]["rel"] + 5e-3, (rank, case, per[case], per[plain])
     assert res[0]["vae"]["equal"]
 
 
@@ -258,8 +264,11 @@ def _cli(tmp_path, n, name, config, *extra, random=True):
             "--config_json", str(cfg), "--prompt", "a red fox",
             "--save_result_path", str(tmp_path / f"{name}.mp4"), "--save_latents", str(tmp_path / f"{name}.safetensors"),
             "--quiet", *extra]
-    if n == 1:
-        r = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600)
+    if n == 1:  # in this process (the torch import and the interpreter's kernel compiles are paid once)
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = infer.main(args[2:])
+        r = subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
     else:
         r = torchrun(n, *args)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -321,13 +330,14 @@ def test_lightx2v_api_script_under_torchrun(t2v_folder, tmp_path):
 
 
 def test_cli_vae_parallel_equals_tiled_decode(tmp_path):
-    """vae_parallel: the VAE's tiles decoded on both ranks give the one-process use_tiling_vae video."""
+    """vae_parallel: the VAE's tiles (2 x 1: latents 34 x 8, tiles of 32 rows every 24) decoded on both
+    ranks give the one-process use_tiling_vae video."""
     from lightx2v_engine.video import read_mp4
-    size = {"target_video_length": 5, "target_height": 272, "target_width": 240}
+    size = {"target_video_length": 5, "target_height": 272, "target_width": 64}
     _cli(tmp_path, 1, "one", {**size, "use_tiling_vae": True})
     _cli(tmp_path, 2, "two", {**size, "parallel": {"seq_p_size": 2, "vae_parallel": True}})
     a, b = read_mp4(tmp_path / "one.mp4"), read_mp4(tmp_path / "two.mp4")
-    assert a.shape == (5, 272, 240, 3) and (a == b).all()
+    assert a.shape == (5, 272, 64, 3) and (a == b).all()
 
 
 def test_cli_tiny_decoder_under_torchrun(tmp_path):

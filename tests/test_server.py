@@ -1068,9 +1068,15 @@ def test_slow_image_downloads_hit_their_deadline_outside_the_parsing_slots(tmp_p
     every other create request wait, then a 503)."""
     import http.server
     monkeypatch.setattr(S, "DOWNLOAD_DEADLINE", 2)
+    monkeypatch.setattr(S, "PARSE_WAIT", 0.5)  # a request kept out of the slots gets its 503 within 0.5 s
+    started, lock, downloads = threading.Event(), threading.Lock(), []
 
     class Slow(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
+            with lock:
+                downloads.append(1)
+                if len(downloads) == S.MAX_PARSING:
+                    started.set()
             self.send_response(200)
             self.send_header("Content-Length", "100000")
             self.end_headers()
@@ -1095,13 +1101,13 @@ def test_slow_image_downloads_hit_their_deadline_outside_the_parsing_slots(tmp_p
             c.call("POST", "/v1/tasks/video/", {"prompt": "x", "image_path": url}))) for _ in range(S.MAX_PARSING)]
         for t in threads:
             t.start()
-        time.sleep(0.5)
+        assert started.wait(10)  # every slow download is under way (in the slots, before the fix)
         png = io.BytesIO()
         Image.new("RGB", (64, 48)).save(png, format="PNG")
-        t0 = time.time()
         code, resp = c.call("POST", "/v1/tasks/video/", {"prompt": "x",
                                                           "image_path": base64.b64encode(png.getvalue()).decode()})
-        assert code == 200 and time.time() - t0 < 1.5, (code, resp, time.time() - t0)
+        assert code == 200, (code, resp)
+        assert not results  # (the slow ones still download)
         for t in threads:
             t.join(30)
         assert len(results) == S.MAX_PARSING
