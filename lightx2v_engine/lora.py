@@ -19,7 +19,10 @@ way (it would change nothing).
 """
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -362,7 +365,8 @@ class LoraSwitch:
 
     ``set(specs)`` first restores what the previous set changed - exactly: weights from copies kept in host
     memory when first changed, an 8-bit linear's branches by putting its earlier ones back - then merges
-    `specs` in order. The same specs again cost nothing. A failing LoRA (missing file, unmatched keys,
+    `specs` in order. The same specs again, their files unchanged, cost a stat each (a LoRA file
+    overwritten since its merge is merged again). A failing LoRA (missing file, unmatched keys,
     wrong shapes) leaves the model as loaded and raises; an interrupted restore leaves ``current`` None,
     and the next ``set()`` restores the rest first. Host memory: one copy of every weight a LoRA has
     changed (a full-model LoRA on 14B bf16: about 27 GB), kept for later switches; for GPU weights it is
@@ -377,6 +381,8 @@ class LoraSwitch:
         # the request LoRAs merged now: () for the model as loaded, None after an interrupted restore (the
         # weights a mix of loaded and merged; the next set() restores the rest first)
         self.current: tuple | None = ()
+        # what set() compares: resolve_specs' key of `current` (() for none, None while `current` is None)
+        self._key: tuple | None = ()
         # name -> ("tensor", module, attribute, host copy) | ("branch", QuantLinear, down, up)
         self._saved: dict[str, tuple] = {}
         self._host: dict[str, tuple] = {}  # name -> (owner of the page-locking, buffer), reused by later switches
@@ -417,7 +423,7 @@ class LoraSwitch:
         """The model as loaded (no request LoRA). Interrupted part-way (KeyboardInterrupt, an error), it
         leaves `current` None, the weights a mix, and `_saved` the entries not yet restored: the next
         restore() or set() restores those."""
-        self.current = None
+        self.current = self._key = None
         while self._saved:
             name, entry = next(iter(self._saved.items()))
             if entry[0] == "tensor":  # the module's tensor now (a re-packed block has new buffer objects)
@@ -427,28 +433,44 @@ class LoraSwitch:
             else:
                 entry[1].lora_down, entry[1].lora_up = entry[2], entry[3]
             del self._saved[name]  # (after its restore: an interrupted one is done again, which is harmless)
-        self.current = ()
+        self.current = self._key = ()
 
     def set(self, specs) -> bool:
-        """Makes `specs` (LoraSpec sequence) the request LoRAs. Returns whether the weights changed."""
+        """Makes `specs` (LoraSpec sequence) the request LoRAs. Returns whether the weights changed.
+        Each LoRA is known by its file's absolute path (symbolic links followed, relative paths found as
+        apply_loras_ finds them), its strength and its file's identity from one stat taken before it is
+        read (resolve_specs): the same LoRAs again cost that stat each, and a file overwritten since it was
+        merged (or a link pointed elsewhere) is read and merged again."""
         specs = tuple(specs)
-        if specs == self.current:
-            return False
-        # the previous set's branches go back (restore) or new ones come (_save): either replaces tensors
-        # (branches an interrupted restore put back were counted by the set() it interrupted)
-        self.touched_quantized = any(e[0] == "branch" for e in self._saved.values())
-        self._fresh.clear()
-        self.restore()
         try:
-            apply_loras_(self.model, specs, self.strict, self.search_dirs, self.compute_device,
+            resolved, key = resolve_specs(specs, self.search_dirs)
+        except BaseException:  # (a missing file) as a LoRA that fails to merge: the model as loaded
+            try:
+                self._take_off()
+            finally:
+                self._fresh.clear()
+            raise
+        if key == self._key:  # (touched_quantized still says what the last switch did)
+            return False
+        self._take_off()
+        try:
+            apply_loras_(self.model, resolved, self.strict, self.search_dirs, self.compute_device,
                          before_write=self._save)
         except BaseException:
             self.restore()
             raise
         finally:  # a buffer is known to equal its weight only between this set()'s restore and merge
             self._fresh.clear()
-        self.current = specs
+        self.current, self._key = specs, key
         return True
+
+    def _take_off(self) -> None:
+        """set()'s restore of what the previous set merged."""
+        # the previous set's branches go back (restore) or new ones come (_save): either replaces tensors
+        # (branches an interrupted restore put back were counted by the set() it interrupted)
+        self.touched_quantized = any(e[0] == "branch" for e in self._saved.values())
+        self._fresh.clear()
+        self.restore()
 
 
 class _BufferOwner:
@@ -458,16 +480,47 @@ class _BufferOwner:
 def resolve_spec(spec, search_dirs=()):
     """spec (config.LoraSpec) with its file's absolute path (as given, then under each of search_dirs): each
     later read finds it whatever the working directory is by then."""
+    return resolve_specs((spec,), search_dirs)[0][0]
+
+
+def resolve_specs(specs, search_dirs=()) -> tuple[tuple, tuple]:
+    """(specs with their files' absolute paths (resolve_spec; symbolic links followed), their identity): one
+    (absolute path, strength, (st_dev, st_ino, st_size, st_mtime_ns)) per spec, from one stat of its file
+    taken now, before any read of it. Equal identities: the same files, not written since (a file replaced
+    or overwritten gets a new inode, size or modification time; one rewritten in place to the same size
+    within the file system's timestamp granularity is not told apart). LoraSwitch.set and
+    Pipeline.set_request_loras compare them to skip work, both paths alike."""
     from lightx2v_engine.config import LoraSpec
-    return LoraSpec(str(_find(spec.path, search_dirs).resolve()), spec.strength)
+    resolved, key = [], []
+    for spec in specs:
+        path, st = _find_stat(spec.path, search_dirs)
+        full = str(path.resolve())
+        resolved.append(LoraSpec(full, spec.strength))
+        key.append((full, spec.strength, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)))
+    return tuple(resolved), tuple(key)
 
 
 def _find(path: str, search_dirs) -> Path:
+    return _find_stat(path, search_dirs)[0]
+
+
+def _find_stat(path: str, search_dirs) -> tuple[Path, os.stat_result]:
+    """(the first candidate path that is a file, its stat). The errors Path.is_file takes for "no file" skip a
+    candidate; others (permission denied) are raised."""
     tried = candidate_paths(path, search_dirs)
     for cand in tried:
-        if cand.is_file():
-            return cand
+        try:
+            st = cand.stat()
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP):
+                raise
+            continue
+        except ValueError:  # (an embedded NUL)
+            continue
+        if stat.S_ISREG(st.st_mode):
+            return cand, st
     raise FileNotFoundError(f"LoRA file not found: {path} (searched {[str(t) for t in tried]})")
 
 
-__all__ = ["merge_lora_", "apply_loras_", "read_lora", "plan_lora", "LoraSwitch", "LoraKeyError", "CheckpointError"]
+__all__ = ["merge_lora_", "apply_loras_", "read_lora", "plan_lora", "LoraSwitch", "resolve_specs", "LoraKeyError",
+           "CheckpointError"]

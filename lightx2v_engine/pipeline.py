@@ -58,6 +58,9 @@ CLIP_QUANTIZED_GLOBS = ("*clip*fp8*.pth", "*clip*int8*.pth")
 # captured graph sets kept per Pipeline (one per shape/sampler/ops key, each with its own memory pool): a
 # server taking many sizes would otherwise grow GPU memory with every new one
 MAX_GRAPH_SHAPES = 2
+# shape keys remembered as too big for graphs (Pipeline._graph_skip): the oldest are forgotten beyond this (a
+# server taking arbitrary sizes would otherwise grow the set with each one; a forgotten shape is tried again)
+MAX_GRAPH_SKIP = 64
 # Wan's default negative prompt (shared_config.sample_neg_prompt; its I2V scripts prefix "镜头晃动，"): not a
 # default here (LightX2V encodes the negative prompt given, "" when none); pass it as negative_prompt for Wan's.
 WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
@@ -262,6 +265,9 @@ def _on_own_device(method):
 
 @dataclass
 class Pipeline:
+    """The loaded models and run settings of one Wan2.1 model: generate(), or its stages. Not thread-safe:
+    one call at a time per Pipeline (the server runs every task, its LoRA switch included, on its queue's
+    single worker thread)."""
     model_cfg: ModelConfig
     run_cfg: RunConfig
     dit: WanDiT | None  # None between uses with unload_modules / lazy_load (built per denoising loop)
@@ -273,7 +279,9 @@ class Pipeline:
     load_ms: float = 0.0
     use_cuda_graph: bool = False
     _graphs: dict = field(default_factory=dict, repr=False)
-    _graph_skip: set = field(default_factory=set, repr=False)  # shape keys whose capture ran out of memory
+    # shape keys whose capture ran out of memory (also after the retry without the cached sets), oldest
+    # first (a dict as an ordered set, MAX_GRAPH_SKIP at most)
+    _graph_skip: dict = field(default_factory=dict, repr=False)
     _lora_switch: Any = field(default=None, repr=False)  # lora.LoraSwitch once set_request_loras is used
     parallel: Parallel | None = None  # under torchrun with a `parallel` config section
     tae: tae_mod.TinyDecoder | None = None  # use_tae: decodes instead of the VAE
@@ -281,6 +289,7 @@ class Pipeline:
     # clip, vae, tae; the attribute of that name stays None between uses)
     loaders: dict[str, Callable[[], torch.nn.Module]] = field(default_factory=dict, repr=False)
     _request_loras: tuple = field(default=(), repr=False)  # set_request_loras' specs, for a DiT built per use
+    _request_lora_key: tuple = field(default=(), repr=False)  # their files' identity (lora.resolve_specs)
     # the server's LoRAs for a task without lora_name (lora_dynamic_apply's config LoRAs; server.dynamic_loras)
     default_request_loras: tuple = field(default=(), repr=False)
     dit_meta: Callable[[], WanDiT] | None = field(default=None, repr=False)  # the DiT's structure on `meta`
@@ -481,18 +490,19 @@ class Pipeline:
                    tae=models.get("tae"), loaders=loaders,
                    dit_meta=lambda: _dit_meta(mcfg, run.dit_quant_scheme if run.dit_quantized else None))
 
-    def _checked_request_loras(self, specs: tuple) -> tuple:
-        """specs with their files resolved, each read and checked against the DiT's structure (on meta)."""
-        from lightx2v_engine.lora import merge_lora_, read_lora, resolve_spec
+    def _checked_request_loras(self, specs: tuple) -> tuple[tuple, tuple]:
+        """(specs with their files resolved, their identity: lora.resolve_specs, as the resident DiT's
+        LoraSwitch), each read and checked against the DiT's structure (on meta)."""
+        from lightx2v_engine.lora import merge_lora_, read_lora, resolve_specs
         # (absolute: each DiT built reads them again, whatever the working directory is by then)
-        resolved = tuple(resolve_spec(spec) for spec in specs)
-        if resolved == self._request_loras:  # the same LoRAs again (the server's next request): checked before
-            return resolved
+        resolved, key = resolve_specs(specs)
+        if key == self._request_lora_key:  # the same files, unchanged (the server's next request): checked before
+            return resolved, key
         skeleton = self.dit_meta()
         for spec in resolved:
             merge_lora_(skeleton, read_lora(spec.path), spec.strength, source=spec.path,
                         strict=self.run_cfg.lora_strict, check_only=True)
-        return resolved
+        return resolved, key
 
     @property
     def _run_dtype(self) -> torch.dtype:
@@ -567,18 +577,20 @@ class Pipeline:
         """LoRAs for the following generations, on top of the model as loaded (config LoRAs included):
         `specs` a sequence of config.LoraSpec (absolute paths, or relative to the working directory), ()
         for none. What the previous call merged is restored exactly first (lora.LoraSwitch; the same specs
-        again cost nothing). A failing LoRA raises and leaves the model as loaded. Offloaded blocks reload
-        from the changed host weights; captured CUDA graphs are dropped where 8-bit branch tensors were
-        replaced (bf16 merges write the weights in place, which a replay reads). With a DiT built per use
-        (unload_modules), each LoRA is read and checked against the DiT's structure now (a failing one
-        raises, and the model as loaded runs next) and merged into every DiT built, after the config's."""
+        again, their files unchanged, cost a stat each: a file overwritten since counts as a new LoRA; paths
+        resolve alike with or without unload_modules: lora.resolve_specs). A failing LoRA raises and leaves
+        the model as loaded. Offloaded blocks reload from the changed host weights; captured CUDA graphs are
+        dropped where 8-bit branch tensors were replaced (bf16 merges write the weights in place, which a
+        replay reads). With a DiT built per use (unload_modules), each LoRA is read and checked against the
+        DiT's structure now (a failing one raises, and the model as loaded runs next) and merged into every
+        DiT built, after the config's."""
         from lightx2v_engine.lora import LoraSwitch
         specs = tuple(specs)
         if "dit" in self.loaders:
             try:
-                self._request_loras = self._checked_request_loras(specs)
-            except BaseException:
-                self._request_loras = ()  # as LoraSwitch: after a failure, the model as loaded
+                self._request_loras, self._request_lora_key = self._checked_request_loras(specs)
+            except BaseException:  # as LoraSwitch: after a failure, the model as loaded
+                self._request_loras = self._request_lora_key = ()
                 raise
             return
         if self._lora_switch is None:
@@ -587,29 +599,29 @@ class Pipeline:
             # an offloaded DiT's weights are on the CPU: the merge arithmetic runs on the run device
             self._lora_switch = LoraSwitch(self.dit, strict=self.run_cfg.lora_strict,
                                            compute_device=self.device if self._dit_offloaded() else None)
-        if specs == self._lora_switch.current:
-            return
+        changed = True
         try:
-            self._lora_switch.set(specs)
-        finally:  # also after a failure: the weights went back to the model as loaded
-            try:
-                if self.dit.block_offload is not None:  # re-packs blocks whose branch tensors changed
-                    self.dit.block_offload.refresh()
-            except BaseException:
-                # (out of memory for the re-packed blocks' slots) the LoRAs go too: this call failed, and the
-                # model as loaded runs next (the offload retries its refresh at the next forward); the same
-                # specs again are then a new switch, not "nothing to do" (current None: a restore was
-                # interrupted, the weights a mix: restored too)
-                if self._lora_switch.current != ():
-                    try:
-                        self._lora_switch.set(())
-                    except Exception:  # noqa: BLE001 (the first error is the one to report)
-                        log.exception("restoring the model as loaded after a failed LoRA switch")
-                raise
-            finally:
-                if self._lora_switch.touched_quantized and self._graphs:
-                    self._graphs.clear()
-                    _release_graph_memory()
+            changed = self._lora_switch.set(specs)  # (False: the same LoRAs, their files unchanged)
+        finally:  # also after a failure (changed stays True): the weights went back to the model as loaded
+            if changed:
+                try:
+                    if self.dit.block_offload is not None:  # re-packs blocks whose branch tensors changed
+                        self.dit.block_offload.refresh()
+                except BaseException:
+                    # (out of memory for the re-packed blocks' slots) the LoRAs go too: this call failed, and the
+                    # model as loaded runs next (the offload retries its refresh at the next forward); the same
+                    # specs again are then a new switch, not "nothing to do" (current None: a restore was
+                    # interrupted, the weights a mix: restored too)
+                    if self._lora_switch.current != ():
+                        try:
+                            self._lora_switch.set(())
+                        except Exception:  # noqa: BLE001 (the first error is the one to report)
+                            log.exception("restoring the model as loaded after a failed LoRA switch")
+                    raise
+                finally:
+                    if self._lora_switch.touched_quantized and self._graphs:
+                        self._graphs.clear()
+                        _release_graph_memory()
 
     # ------------------------------------------------------------------ stages
     @_on_own_device
@@ -736,10 +748,10 @@ class Pipeline:
     def _graph_runner(self, x, context, neg_context, clip_fea, y, sampler, renoise, ts, timings=None):
         """The cached graphs of this shape key, their inputs set (a first call captures them: the warm-up and
         capture time is timings' "graph capture"); None runs this call eagerly: the warm-up step or a capture
-        that ended cleanly ran out of memory (this shape stays eager), the warm-up failed otherwise (the
-        model's error, met again eagerly), or the capture failed otherwise - ending it included (graphs are
-        off from then on)."""
-        from lightx2v_engine.cuda_graph import CaptureError, DistillGraphs, _clear_frames
+        that ended cleanly ran out of memory (this shape stays eager; when other shapes' sets were cached,
+        after they were dropped and the capture tried once more without them), the warm-up failed otherwise
+        (the model's error, met again eagerly), or the capture failed otherwise - ending it included (graphs
+        are off from then on)."""
         key = self._graph_key(x, context, neg_context, clip_fea, sampler)
         if key in self._graph_skip:
             return None
@@ -748,32 +760,22 @@ class Pipeline:
             while len(self._graphs) >= MAX_GRAPH_SHAPES:  # the least recently used shape gives its pool back
                 del self._graphs[next(iter(self._graphs))]
                 _release_graph_memory()
-            failure = None
-            try:
-                with (timings or Timings()).measure("graph capture", self.device):
-                    # (the velocity holds the pipeline weakly: the set, kept on the pipeline, forms no cycle)
-                    graphs = DistillGraphs(functools.partial(_graph_velocity, weakref.ref(self)), sampler,
-                                           x, context, neg_context, clip_fea, y, renoise, ts, True)
-                    graphs.warm_up()
-                    graphs.capture()
-                # the RoPE tables the replays read: held by the graphs, whatever the DiT's cache keeps; the
-                # model too (its id is in the key: no other model may take that id while the graphs live)
-                graphs.keepalive = self.dit.rope(self.dit.grid(x.shape), x.device)
-                graphs.dit = self.dit
-            except Exception as e:
-                capturing = isinstance(e, CaptureError)
-                oom = (isinstance(e.__cause__, torch.OutOfMemoryError) and e.ended_cleanly if capturing
-                       else isinstance(e, torch.OutOfMemoryError))
-                failure = (type(e).__name__, str(e), capturing, oom)
-                if log.isEnabledFor(logging.DEBUG):
-                    log.debug("CUDA graph capture failed", exc_info=True)
-                _clear_frames(e)  # (the failed set and its pool are then freed at once, not by a later GC)
-                del e
+            args = (x, context, neg_context, clip_fea, y, sampler, renoise, ts, timings)
+            graphs, failure = self._capture_graphs(*args)
+            if failure is not None and failure[3] and self._graphs:
+                # out of memory while other shapes' sets hold their pools: those go (their shapes capture again
+                # when next used), and this shape is tried once more before it is given up
+                log.warning("%s%s; dropping the %d cached CUDA-graph set(s) of other shapes and trying again",
+                            "" if failure[2] else "CUDA-graph warm-up step: ", failure[1], len(self._graphs))
+                self._graphs.clear()
+                _release_graph_memory()
+                graphs, failure = self._capture_graphs(*args)
             if failure is not None:
                 name, msg, capturing, oom = failure
-                graphs = None
                 if oom:  # (in the warm-up step, or a capture that ended cleanly): this shape stays eager
-                    self._graph_skip.add(key)
+                    self._graph_skip[key] = None
+                    while len(self._graph_skip) > MAX_GRAPH_SKIP:  # the oldest is forgotten (tried again if met)
+                        del self._graph_skip[next(iter(self._graph_skip))]
                     log.warning("%s%s; this shape runs eagerly (not enough GPU memory for its graphs)",
                                 "" if capturing else "CUDA-graph warm-up step: ", msg)
                 elif not capturing:  # the warm-up (an eager step) failed: the eager run meets it again
@@ -792,6 +794,36 @@ class Pipeline:
         self._graphs[key] = graphs  # (re)inserted last: the dict is in least-recently-used order
         graphs.set_inputs(x, context, neg_context, clip_fea, y, renoise)
         return graphs.run_step
+
+    def _capture_graphs(self, x, context, neg_context, clip_fea, y, sampler, renoise, ts, timings):
+        """(a new graph set, warmed up and captured, None), or (None, (the error's type name, its message,
+        whether the capture (not the warm-up step) failed, whether out of memory - in the warm-up step or in a
+        capture that ended cleanly)). The failed set is unreferenced by then (its pool freed at the next
+        _release_graph_memory)."""
+        from lightx2v_engine.cuda_graph import CaptureError, DistillGraphs, _clear_frames
+        graphs = failure = None
+        try:
+            with (timings or Timings()).measure("graph capture", self.device):
+                # (the velocity holds the pipeline weakly: the set, kept on the pipeline, forms no cycle)
+                graphs = DistillGraphs(functools.partial(_graph_velocity, weakref.ref(self)), sampler,
+                                       x, context, neg_context, clip_fea, y, renoise, ts, True)
+                graphs.warm_up()
+                graphs.capture()
+            # the RoPE tables the replays read: held by the graphs, whatever the DiT's cache keeps; the
+            # model too (its id is in the key: no other model may take that id while the graphs live)
+            graphs.keepalive = self.dit.rope(self.dit.grid(x.shape), x.device)
+            graphs.dit = self.dit
+        except Exception as e:
+            graphs = None
+            capturing = isinstance(e, CaptureError)
+            oom = (isinstance(e.__cause__, torch.OutOfMemoryError) and e.ended_cleanly if capturing
+                   else isinstance(e, torch.OutOfMemoryError))
+            failure = (type(e).__name__, str(e), capturing, oom)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("CUDA graph capture failed", exc_info=True)
+            _clear_frames(e)  # (the failed set and its pool are then freed at once, not by a later GC)
+            del e
+        return graphs, failure
 
     @_on_own_device
     def decode(self, latents: torch.Tensor) -> torch.Tensor | None:
@@ -1126,8 +1158,8 @@ def _graphs_on(run: RunConfig, dev: torch.device, par: Parallel | None = None) -
 
 
 def _release_graph_memory() -> None:
-    """Frees the memory pools of dropped graph sets: a set refers to itself through its velocity closure,
-    so only the cycle collector frees it; then the caching allocator gives the blocks back."""
+    """Frees the memory pools of dropped graph sets (a set holds no cycle; the collection catches one that a
+    caller's frames or a kept traceback still reach), then the caching allocator gives the blocks back."""
     gc.collect()
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
