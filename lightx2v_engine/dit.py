@@ -118,7 +118,7 @@ class WanBlock(nn.Module):
         super().__init__()
         d = cfg.dim
         self.eps = cfg.eps
-        self.modulation = nn.Parameter(torch.randn(1, 6, d) / d ** 0.5)
+        self.modulation = nn.Parameter(torch.randn(1, 6, d).mul_(d ** -0.5))  # (on meta, "/" imports torch._dynamo)
         self.self_attn = SelfAttention(d, cfg.num_heads, cfg.eps)
         self.norm3 = nn.LayerNorm(d, eps=cfg.eps, elementwise_affine=True)
         self.cross_attn = CrossAttention(d, cfg.num_heads, cfg.eps, cfg.is_i2v)
@@ -181,7 +181,7 @@ class Head(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.eps = cfg.eps
-        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim ** 0.5)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim).mul_(cfg.dim ** -0.5))
         self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
 
 

@@ -114,12 +114,21 @@ def relative_position_bucket(rel_pos: torch.Tensor, num_buckets: int = 32, max_d
     return buckets + torch.where(dist < max_exact, dist, large)
 
 
+class _Embedding(nn.Embedding):
+    """nn.Embedding whose init skips meta tensors (the models are built on meta, then assigned): torch's
+    normal_ on meta goes through torch._refs, whose first use imports torch._dynamo (~2 s a process)."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class T5RelativeEmbedding(nn.Module):
     """Learned per-head bias for each relative-position bucket: embedding [num_buckets, H]."""
 
     def __init__(self, num_buckets: int, num_heads: int):
         super().__init__()
-        self.embedding = nn.Embedding(num_buckets, num_heads)
+        self.embedding = _Embedding(num_buckets, num_heads)
 
     def forward(self, buckets: torch.Tensor) -> torch.Tensor:
         """buckets [Lq, Lk] (long) -> bias [1, H, Lq, Lk]."""
@@ -205,7 +214,7 @@ class T5Encoder(nn.Module):
     def __init__(self, cfg: T5Config):
         super().__init__()
         self.cfg = cfg
-        self.token_embedding = nn.Embedding(cfg.vocab, cfg.dim)
+        self.token_embedding = _Embedding(cfg.vocab, cfg.dim)
         self.blocks = nn.ModuleList([T5Block(cfg) for _ in range(cfg.num_layers)])
         self.norm = T5RMSNorm(cfg.dim, cfg.eps)
 

@@ -543,3 +543,17 @@ def test_i2v_takes_an_empty_prompt_t2v_does_not():
         pipe.generate(5, image=img, seed=1)
     with pytest.raises(ValueError, match="text-to-video needs a text prompt"):
         Pipeline.random("tiny", size, device="cpu").generate("  ", seed=1)
+
+
+def test_building_and_running_a_pipeline_does_not_import_dynamo():
+    """The models are built on `meta`; there a division by a Python number (the DiT's modulation init) or
+    nn.Embedding's normal_ init (T5) goes through torch._refs, whose first use imports torch._dynamo: ~2 s
+    of every process start (each CLI run, each torchrun rank) for nothing the engine uses."""
+    import subprocess
+    import sys
+    script = ("import sys, torch\nfrom lightx2v_engine.pipeline import Pipeline\n"
+              "p = Pipeline.random('tiny-i2v', {'target_video_length': 5, 'target_height': 32, 'target_width': 48},"
+              " device='cpu')\np.generate('a cat', image=torch.rand(3, 40, 56) * 2 - 1, seed=1)\n"
+              "print('DYNAMO', 'torch._dynamo' in sys.modules)\n")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "DYNAMO False" in res.stdout, res.stdout + res.stderr[-3000:]
