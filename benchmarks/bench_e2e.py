@@ -111,7 +111,7 @@ def loop_runner(model, sampler, x, ctx, clip, y, use_graph: bool):
                 xx = sampler.step(i, xx, model(xx, ts[i:i + 1], ctx, clip, y))
             return xx
         return eager, None
-    graphs = DistillGraphs(lambda xx, t: model(xx, t, graphs.context, graphs.clip_fea, graphs.y), sampler,
+    graphs = DistillGraphs(lambda xx, t, c, _neg, c_img, yy: model(xx, t, c, c_img, yy), sampler,
                            x, ctx, None, clip, y, [], ts)
     graphs.capture()
 

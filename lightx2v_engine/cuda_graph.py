@@ -36,15 +36,13 @@ class DistillGraphs:
     def __init__(self, velocity: Callable[..., torch.Tensor], sampler,
                  x: torch.Tensor, context: torch.Tensor, neg_context: torch.Tensor | None,
                  clip_fea: torch.Tensor | None, y: torch.Tensor | None, renoise: list[torch.Tensor],
-                 timesteps: torch.Tensor, pass_conds: bool = False):
-        """velocity(x, t) -> v reads the conditioning from `static_conds()`; with `pass_conds` it is given
-        them: velocity(x, t, *static_conds()) (a velocity that need not refer to this object, so that the
-        set and its memory pool are freed by reference counting, not left to the cycle collector).
-        x [1, 16, F, h, w]."""
+                 timesteps: torch.Tensor):
+        """velocity(x, t, context, neg_context, clip_fea, y) -> v, called with `static_conds()` (so that it
+        need not refer to this object: the set and its memory pool are freed by reference counting, not
+        left to the cycle collector). x [1, 16, F, h, w]."""
         if not x.is_cuda:
             raise RuntimeError("CUDA graphs need CUDA tensors")
         self.velocity = velocity
-        self.pass_conds = pass_conds
         self.sampler = sampler
         clone = lambda t: None if t is None else t.clone()  # noqa: E731
         self.x = x.clone()
@@ -62,8 +60,7 @@ class DistillGraphs:
         return self.context, self.neg_context, self.clip_fea, self.y
 
     def _body(self, i: int) -> None:
-        conds = self.static_conds() if self.pass_conds else ()
-        v = self.velocity(self.x, self.ts[i:i + 1], *conds)
+        v = self.velocity(self.x, self.ts[i:i + 1], *self.static_conds())
         noise = self.renoise[i] if i < len(self.renoise) else None
         self.x.copy_(self.sampler.step(i, self.x, v, noise))
 

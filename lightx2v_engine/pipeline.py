@@ -806,7 +806,7 @@ class Pipeline:
             with (timings or Timings()).measure("graph capture", self.device):
                 # (the velocity holds the pipeline weakly: the set, kept on the pipeline, forms no cycle)
                 graphs = DistillGraphs(functools.partial(_graph_velocity, weakref.ref(self)), sampler,
-                                       x, context, neg_context, clip_fea, y, renoise, ts, True)
+                                       x, context, neg_context, clip_fea, y, renoise, ts)
                 graphs.warm_up()
                 graphs.capture()
             # the RoPE tables the replays read: held by the graphs, whatever the DiT's cache keeps; the
@@ -1121,7 +1121,7 @@ def _encoder_file(run: RunConfig, mp: Path, enc: str) -> Path:
 
 
 def _graph_velocity(pipe_ref, x, t, context, neg_context, clip_fea, y) -> torch.Tensor:
-    """A captured step's velocity (DistillGraphs with pass_conds): Pipeline._velocity of the pipeline that
+    """A captured step's velocity (DistillGraphs'): Pipeline._velocity of the pipeline that
     `pipe_ref` (a weak reference) names. The graph set lives on that pipeline, so the pipeline outlives
     every warm-up and capture that calls this."""
     return pipe_ref()._velocity(x, t, context, neg_context, clip_fea, y)

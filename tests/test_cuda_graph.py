@@ -380,7 +380,7 @@ def test_capture_alone_warms_up_first(monkeypatch):
     sampler = DistillSampler.from_step_list((1000, 750, 500, 250), 5.0, "deterministic")
     seen = []
 
-    def velocity(x, t):
+    def velocity(x, t, *conds):
         seen.append(1)
         return torch.zeros_like(x)
     g = DistillGraphs(velocity, sampler, torch.randn(1, 16, 1, 2, 2), torch.zeros(1, 4, 8), None, None, None, [],

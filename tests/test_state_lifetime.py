@@ -8,22 +8,13 @@ import pytest
 import torch
 
 from lightx2v_engine import lora as lora_mod
-from lightx2v_engine.config import get_preset
-from lightx2v_engine.loading import build_dit
 from lightx2v_engine.lora import LoraSwitch, merge_lora_, read_lora
 from lightx2v_engine.pipeline import Pipeline, _to_device, offloaded
 
 from test_cuda_graph import _FakeCuda
-from test_lora_switch import TARGETS, same, snapshot, write_lora
+from test_lora_switch import TARGETS, TINY, _dit, same, snapshot, write_lora
 
 pytestmark = pytest.mark.usefixtures("torch_ops")
-
-TINY = {"target_video_length": 5, "target_height": 32, "target_width": 48}
-
-
-def _dit():
-    torch.manual_seed(0)
-    return build_dit(get_preset("tiny"), None, dtype=torch.bfloat16, device="cpu")
 
 
 def _interrupt_restore_at(monkeypatch, n):
