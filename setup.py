@@ -240,7 +240,8 @@ if __name__ == "__main__":  # (setuptools and pip run setup.py as __main__)
             "ftfy",  # Wan's prompt cleaning (curly quotes, mojibake, ...): the same token ids as Wan and LightX2V
         ],
         extras_require={
-            "test": ["pytest>=8", "diffusers==0.42.1", "transformers==5.23.0", "peft==0.21.2"],
+            "test": ["pytest>=8", "diffusers==0.42.1", "transformers==5.23.0", "peft==0.21.2",
+                     "pytest-xdist==3.8.0"],
         },
         entry_points={"console_scripts": ["lightx2v-infer=lightx2v_engine.infer:main"]},
         ext_modules=ext_modules,

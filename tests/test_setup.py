@@ -177,3 +177,25 @@ def test_wheel_carries_the_tuned_files_and_the_build_record(tmp_path):
     exec(record, ns)
     assert ns["CSRC_BUILD"] == {"status": "skipped", "reason": "LX2V_SKIP_CUDA_BUILD=1"}
     assert not (src / "lightx2v_engine" / "_build_info.py").exists()  # (a regular build: the source stays clean)
+
+
+def test_ci_runs_readme_test_command():
+    """.ci/run's last line is README's test command, word for word (CI must run exactly that)."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    block = readme.split("Run the tests", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0].strip()
+    command = block.split(" && ", 1)[1]
+    lines = [x for x in open(os.path.join(ROOT, ".ci", "run")).read().splitlines() if x.strip()]
+    assert lines[-1] == command, (lines[-1], command)
+
+
+def test_auto_worker_count_is_the_usable_cpus_up_to_four(pytestconfig, monkeypatch):
+    """`-n auto` asks tests/conftest.py: one worker per CPU in this process's affinity mask, capped at 4
+    (xdist's own answer is psutil's physical cores); PYTEST_XDIST_AUTO_NUM_WORKERS still decides."""
+    if not pytestconfig.pluginmanager.hasplugin("xdist"):  # a test extra, active under README's command
+        pytest.skip("pytest-xdist is not active in this run")
+    monkeypatch.delenv("PYTEST_XDIST_AUTO_NUM_WORKERS", raising=False)
+    for cpus, expect in ((1, 1), (2, 2), (3, 3), (64, 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)))
+        assert pytestconfig.hook.pytest_xdist_auto_num_workers(config=pytestconfig) == expect
+    monkeypatch.setenv("PYTEST_XDIST_AUTO_NUM_WORKERS", "3")
+    assert pytestconfig.hook.pytest_xdist_auto_num_workers(config=pytestconfig) == 3
