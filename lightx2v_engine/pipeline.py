@@ -345,6 +345,7 @@ class Pipeline:
         _check_task(task, mcfg, run)
         par = _init_parallel(run, mcfg, device)
         dev = par.device if par is not None else _device(device)
+        quant.check_fp8_device(run, dev)  # (before any file is read)
         cpu = torch.device("cpu")
         dit_dev = cpu if run.cpu_offload else dev  # an offloaded DiT is loaded into host memory ...
         lora_dev = dev if run.cpu_offload else None  # ... and its LoRAs merge on the run device
@@ -419,6 +420,7 @@ class Pipeline:
         _check_task("i2v" if mcfg.is_i2v else "t2v", mcfg, run)
         par = _init_parallel(run, mcfg, device)
         dev = par.device if par is not None else _device(device)
+        quant.check_fp8_device(run, dev)  # (before any file is read)
         tiny = preset.startswith("tiny")
 
         def random_dit(request_loras=(), broadcast=True):  # (seeded random weights: the same DiT each time)

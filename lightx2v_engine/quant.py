@@ -50,6 +50,28 @@ def parse_quant_scheme(name: str) -> str:
     return scheme
 
 
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+def check_fp8_device(run, device: torch.device) -> None:
+    """Raises before any weight is read when `run` (a RunConfig) asks for fp8 linears (dit/t5/clip_quantized
+    with an fp8 scheme; weight_auto_quant too) on a CUDA GPU older than sm89: torch._scaled_mm and the Triton
+    fp8 GEMM have no fp8 there, so the first step would fail after every model had loaded. int8 runs."""
+    if device.type != "cuda":
+        return
+    cap = torch.cuda.get_device_capability(device)
+    if cap >= FP8_MIN_CAPABILITY:
+        return
+    for part in ("dit", "t5", "clip"):
+        name = getattr(run, f"{part}_quant_scheme")
+        if getattr(run, f"{part}_quantized") and parse_quant_scheme(name) == "fp8":
+            raise ValueError(
+                f"{part}_quant_scheme {name!r}: fp8 matrix multiplies need a GPU of compute capability 8.9 or "
+                f"newer (Ada, Hopper, Blackwell); {device} is {torch.cuda.get_device_name(device)} "
+                f"(sm{cap[0]}{cap[1]}). Run an int8 checkpoint ({part}_quant_scheme 'int8-vllm', its int8 file) "
+                f"or set {part}_quantized false")
+
+
 def scheme_of_dtype(dtype: torch.dtype) -> str:
     """The scheme stored with 8-bit weights of `dtype`."""
     for scheme, qdtype in _QDTYPE.items():

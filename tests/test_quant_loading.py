@@ -337,3 +337,57 @@ def test_weight_auto_quant_quantizes_the_bf16_checkpoint_at_load(t2v_folder, spe
     plain = Pipeline.load(t2v_folder, size, device="cpu")
     a, b = pipe.generate("a cat", seed=1).latents, plain.generate("a cat", seed=1).latents
     assert 0 < rel_l2(a, b) < 0.1
+
+
+def _gpu_of(monkeypatch, cap):
+    """torch.cuda's capability and name queries as a GPU of compute capability `cap` answers them."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"a sm{cap[0]}{cap[1]} GPU")
+
+
+def test_fp8_on_a_gpu_before_sm89_is_refused_before_loading(monkeypatch):
+    """fp8 linears (torch._scaled_mm, the Triton fp8 GEMM) need sm89+: on an A100 a quantized fp8 DiT or
+    encoder failed in its first matrix multiply, after every model had loaded. Now the config key is named
+    with the GPU and the int8 alternative; int8, bf16, the CPU and sm89+ pass."""
+    from lightx2v_engine.config import parse_run_config
+    from lightx2v_engine.quant import check_fp8_device
+    cuda = torch.device("cuda", 0)
+    fp8_dit = parse_run_config({"dit_quantized": True, "dit_quant_scheme": "fp8-sgl"}, warn=False)
+    _gpu_of(monkeypatch, (8, 0))
+    with pytest.raises(ValueError, match=r"dit_quant_scheme 'fp8-sgl': fp8 .* 8\.9 .*sm80.*'int8-vllm'"):
+        check_fp8_device(fp8_dit, cuda)
+    t5 = parse_run_config({"t5_quantized": True, "t5_quant_scheme": "fp8"}, warn=False)
+    with pytest.raises(ValueError, match=r"t5_quant_scheme 'fp8'.*t5_quantized false"):
+        check_fp8_device(t5, cuda)
+    auto = parse_run_config({"dit_quantized": True, "dit_quant_scheme": "fp8-vllm", "weight_auto_quant": True},
+                            warn=False)
+    with pytest.raises(ValueError, match="dit_quant_scheme"):
+        check_fp8_device(auto, cuda)
+    for run in (parse_run_config({"dit_quantized": True, "dit_quant_scheme": "int8-vllm",
+                                  "clip_quantized": True, "clip_quant_scheme": "int8"}, warn=False),
+                parse_run_config({}, warn=False)):
+        check_fp8_device(run, cuda)
+    check_fp8_device(fp8_dit, torch.device("cpu"))
+    for cap in ((8, 9), (9, 0), (12, 0)):
+        _gpu_of(monkeypatch, cap)
+        check_fp8_device(fp8_dit, cuda)
+
+
+@pytest.mark.parametrize("how", ["load", "random"])
+def test_pipeline_checks_fp8_support_before_reading_weights(how, t2v_folder, monkeypatch):
+    """Pipeline.load / Pipeline.random (and through them the CLI, the LightX2V API and the server) run the
+    check once the device is known, before any weight file is read or model built."""
+    from lightx2v_engine import pipeline as pipeline_mod
+    monkeypatch.setattr(pipeline_mod, "_device", lambda device: torch.device("cuda", 0))
+    _gpu_of(monkeypatch, (8, 6))
+
+    def no_weights(*a, **k):
+        raise AssertionError("a weight file was read or a model built")
+    monkeypatch.setattr(pipeline_mod, "load_dit", no_weights)
+    monkeypatch.setattr(pipeline_mod, "build_dit", no_weights)
+    cfg = {"dit_quantized": True, "dit_quant_scheme": "fp8-sgl", "weight_auto_quant": True}
+    with pytest.raises(ValueError, match=r"sm86"):
+        if how == "load":
+            pipeline_mod.Pipeline.load(t2v_folder, cfg)
+        else:
+            pipeline_mod.Pipeline.random("tiny", cfg)
