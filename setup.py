@@ -1,7 +1,9 @@
 """Build script.
 
 The C++/CUDA extension ``lightx2v_engine._C`` (sources in ``csrc/``) is built only when the installed
-torch has CUDA and an ``nvcc`` of torch's CUDA major version is found (``$CUDA_HOME/bin/nvcc``); a build
+torch has CUDA and an ``nvcc`` of torch's CUDA major version is found (``$CUDA_HOME/bin/nvcc``; without
+CUDA_HOME, torch's guess from the nvcc on PATH, or where that has no CUDA headers the nvcc link's target
+folder or /usr/local/cuda); a build
 that fails anyway leaves a pure-Python install with a warning (``LX2V_REQUIRE_CUDA_BUILD=1`` makes it an
 error instead); ``LX2V_SKIP_CUDA_BUILD=1`` forces a pure-Python install. The outcome (built, skipped or
 failed, and why) is written to the generated ``lightx2v_engine/_build_info.py``, which ``csrc_ops`` reads
@@ -15,6 +17,7 @@ Importing this file (tests) defines its functions without running setup().
 import glob
 import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -110,6 +113,30 @@ def _no_build_reason(torch_cuda: str | None, cuda_home: str | None) -> str | Non
     return None
 
 
+def _cuda_home_fix(env=os.environ, which=shutil.which, default="/usr/local/cuda") -> str | None:
+    """The CUDA folder to build with where torch would guess one without the CUDA headers, else None.
+    Without CUDA_HOME or CUDA_PATH, torch takes the parent of the folder of the nvcc on PATH: /usr/local for a
+    /usr/local/bin/nvcc that links to (or is a script running) /usr/local/cuda-13.0/bin/nvcc, and the build
+    then failed on cuda_runtime_api.h. Then: the link's target folder, else `default`, the first holding
+    bin/nvcc and include/cuda_runtime_api.h (the nvcc version check follows as for any CUDA_HOME)."""
+    if env.get("CUDA_HOME") or env.get("CUDA_PATH"):
+        return None
+    nvcc = which("nvcc")
+    if nvcc is None:
+        return None
+
+    def toolkit(home):
+        return (os.path.isfile(os.path.join(home, "include", "cuda_runtime_api.h"))
+                and os.path.isfile(os.path.join(home, "bin", "nvcc")))
+    guess = os.path.dirname(os.path.dirname(os.path.abspath(nvcc)))
+    if os.path.isfile(os.path.join(guess, "include", "cuda_runtime_api.h")):
+        return None
+    for home in (os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), default):
+        if home != guess and toolkit(home):
+            return home
+    return None
+
+
 def _report(message: str, warn: bool = True) -> None:
     """A build message pip shows: a warning (a recent pip, 26.3 checked, prints a build backend's warnings without
     -v; a print is hidden there) or, for an expected outcome (warn=False), a note on stderr."""
@@ -193,6 +220,11 @@ def _cuda_extensions() -> tuple[list, dict]:
 
     if os.environ.get("LX2V_SKIP_CUDA_BUILD", "0") == "1":
         return skipped(SKIP_REASON, warn=False)
+    home = _cuda_home_fix()
+    if home is not None:  # (before torch.utils.cpp_extension reads it at import)
+        os.environ["CUDA_HOME"] = home
+        messages.append((f"CUDA_HOME unset and the folder of the nvcc on PATH has no CUDA headers: building "
+                         f"with CUDA_HOME={home}", False))
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension

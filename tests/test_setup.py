@@ -199,3 +199,33 @@ def test_auto_worker_count_is_the_usable_cpus_up_to_four(pytestconfig, monkeypat
         assert pytestconfig.hook.pytest_xdist_auto_num_workers(config=pytestconfig) == expect
     monkeypatch.setenv("PYTEST_XDIST_AUTO_NUM_WORKERS", "3")
     assert pytestconfig.hook.pytest_xdist_auto_num_workers(config=pytestconfig) == 3
+
+
+def test_cuda_home_where_torch_would_guess_one_without_headers(tmp_path):
+    """Without CUDA_HOME, torch takes nvcc's parent folder's parent: /usr/local for /usr/local/bin/nvcc, a link
+    or a script running /usr/local/cuda-13.0/bin/nvcc (this project's dev machine: the build failed on
+    cuda_runtime_api.h). setup.py then builds with the link's target folder, else /usr/local/cuda."""
+    setup_mod = _setup()
+
+    def toolkit(home):
+        (home / "bin").mkdir(parents=True)
+        (home / "include").mkdir()
+        (home / "bin" / "nvcc").write_text("#!/bin/sh\n")
+        (home / "include" / "cuda_runtime_api.h").write_text("")
+        return home
+    real = toolkit(tmp_path / "cuda-13.0")
+    default = toolkit(tmp_path / "cuda")
+    (tmp_path / "local" / "bin").mkdir(parents=True)
+    link = tmp_path / "local" / "bin" / "nvcc"
+    link.symlink_to(real / "bin" / "nvcc")
+    fix = lambda env, nvcc: setup_mod._cuda_home_fix(env, lambda name: nvcc, str(default))  # noqa: E731
+    assert fix({}, str(link)) == str(real)
+    link.unlink()
+    link.write_text("#!/bin/sh\nexec cuda-13.0/bin/nvcc \"$@\"\n")  # a wrapper script: the default folder
+    assert fix({}, str(link)) == str(default)
+    assert fix({"CUDA_HOME": "/somewhere"}, str(link)) is None and fix({"CUDA_PATH": "/x"}, str(link)) is None
+    assert fix({}, None) is None
+    assert fix({}, str(real / "bin" / "nvcc")) is None  # torch's guess has the headers
+    (tmp_path / "local" / "include").mkdir()  # a /usr-like layout: headers beside the nvcc's folder
+    (tmp_path / "local" / "include" / "cuda_runtime_api.h").write_text("")
+    assert fix({}, str(link)) is None
