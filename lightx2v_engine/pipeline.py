@@ -751,7 +751,9 @@ class Pipeline:
         """The cached graphs of this shape key, their inputs set (a first call captures them: the warm-up and
         capture time is timings' "graph capture"); None runs this call eagerly: the warm-up step or a capture
         that ended cleanly ran out of memory (this shape stays eager; when other shapes' sets were cached,
-        after they were dropped and the capture tried once more without them), the warm-up failed otherwise
+        after they were dropped and the capture tried once more without them - except for a capture beside
+        a set that itself evicted others: shapes that do not fit together would re-capture at every
+        alternation), the warm-up failed otherwise
         (the model's error, met again eagerly), or the capture failed otherwise - ending it included (graphs
         are off from then on)."""
         key = self._graph_key(x, context, neg_context, clip_fea, sampler)
@@ -764,14 +766,19 @@ class Pipeline:
                 _release_graph_memory()
             args = (x, context, neg_context, clip_fea, y, sampler, renoise, ts, timings)
             graphs, failure = self._capture_graphs(*args)
-            if failure is not None and failure[3] and self._graphs:
+            if failure is not None and failure[3] and self._graphs and not (
+                    failure[2] and any(g.evicted_others for g in self._graphs.values())):
                 # out of memory while other shapes' sets hold their pools: those go (their shapes capture again
-                # when next used), and this shape is tried once more before it is given up
+                # when next used), and this shape is tried once more before it is given up. Not when the
+                # warm-up step fitted and a cached set got its graphs by evicting others: the two do not fit
+                # together, and evicting in turn would capture again at each alternation (this one stays eager)
                 log.warning("%s%s; dropping the %d cached CUDA-graph set(s) of other shapes and trying again",
                             "" if failure[2] else "CUDA-graph warm-up step: ", failure[1], len(self._graphs))
                 self._graphs.clear()
                 _release_graph_memory()
                 graphs, failure = self._capture_graphs(*args)
+                if graphs is not None:
+                    graphs.evicted_others = True
             if failure is not None:
                 name, msg, capturing, oom = failure
                 if oom:  # (in the warm-up step, or a capture that ended cleanly): this shape stays eager
@@ -815,6 +822,7 @@ class Pipeline:
             # model too (its id is in the key: no other model may take that id while the graphs live)
             graphs.keepalive = self.dit.rope(self.dit.grid(x.shape), x.device)
             graphs.dit = self.dit
+            graphs.evicted_others = False  # (set by _graph_runner: captured only once other sets were dropped)
         except Exception as e:
             graphs = None
             capturing = isinstance(e, CaptureError)

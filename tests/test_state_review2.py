@@ -196,3 +196,29 @@ def test_skipped_shapes_are_bounded(monkeypatch):
     assert call(h=2 + n + 1) is None and calls == []  # a remembered one is not tried
     assert call(h=2) is None and len(calls) == 1  # a forgotten one is
     assert len(pipe._graph_skip) == n
+
+
+def test_shapes_that_do_not_fit_together_do_not_evict_each_other_in_turn(monkeypatch, caplog):
+    """A second shape captured by evicting the first; the first asked for again, its capture out of memory
+    beside the second's set: it stays eager (its warm-up step fitted) instead of evicting the second in turn -
+    alternating requests re-captured at every call (a warm-up step and a capture each). A warm-up step out
+    of memory still drops the sets (the eager run needs that memory)."""
+    fake, pipe, call, calls, plan = _graph_case(monkeypatch)
+    assert call(h=6) is not None
+    plan.update(at=3, error=OOM)
+    assert call(h=4) is not None and len(calls) == 8  # evicted h=6, captured on the retry
+    plan.update(at=3)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert call(h=6) is None
+    assert "trying again" not in caplog.text and "this shape runs eagerly" in caplog.text, caplog.text
+    assert len(calls) == 3 and [k[0][3] for k in pipe._graphs] == [4]
+    assert [k[0][3] for k in pipe._graph_skip] == [6]
+    plan.update(at=None)
+    for _ in range(2):  # alternating: the second shape replays, the first runs eagerly, nothing captured
+        assert call(h=4) is not None and calls == []
+        assert call(h=6) is None and calls == []
+    plan.update(at=1)  # a third shape's warm-up step out of memory: the evicting set goes all the same
+    with caplog.at_level("WARNING"):
+        assert call(h=8) is not None
+    assert [k[0][3] for k in pipe._graphs] == [8] and pipe._graphs[next(iter(pipe._graphs))].evicted_others
