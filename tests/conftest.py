@@ -46,12 +46,16 @@ MAX_AUTO_WORKERS = 4
 @pytest.hookimpl(optionalhook=True)  # an xdist hook: a run without xdist knows no such hook
 def pytest_xdist_auto_num_workers(config):
     """`pytest -n auto` (README's test command): one worker per CPU this process may run on, at most
-    MAX_AUTO_WORKERS. xdist's own count asks psutil for *physical* cores, 1 on a 2-vCPU machine that
+    MAX_AUTO_WORKERS; with a CUDA device, 0 (no workers: the tests run in this process, the `last`-marked
+    ones last, and real-shape GPU tests do not share a card's memory; benchmarks/gpu_check.sh asks for its
+    workers by number). xdist's own count asks psutil for *physical* cores, 1 on a 2-vCPU machine that
     exposes one hyperthreaded core, and on a large machine every worker holds a torch and the torchrun tests
     start up to 4 processes each. PYTEST_XDIST_AUTO_NUM_WORKERS still decides when set."""
     env = os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS")
     if env:
         return int(env)
+    if torch.cuda.is_available():
+        return 0
     return max(1, min(len(os.sched_getaffinity(0)), MAX_AUTO_WORKERS))
 
 

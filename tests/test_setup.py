@@ -14,6 +14,7 @@ import warnings
 import zipfile
 
 import pytest
+import torch
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -188,15 +189,18 @@ def test_ci_runs_readme_test_command():
     assert lines[-1] == command, (lines[-1], command)
 
 
-def test_auto_worker_count_is_the_usable_cpus_up_to_four(pytestconfig, monkeypatch):
+def test_auto_worker_count_is_the_usable_cpus_up_to_four_none_with_cuda(pytestconfig, monkeypatch):
     """`-n auto` asks tests/conftest.py: one worker per CPU in this process's affinity mask, capped at 4
-    (xdist's own answer is psutil's physical cores); PYTEST_XDIST_AUTO_NUM_WORKERS still decides."""
+    (xdist's own answer is psutil's physical cores), none with a CUDA device; PYTEST_XDIST_AUTO_NUM_WORKERS
+    still decides."""
     if not pytestconfig.pluginmanager.hasplugin("xdist"):  # a test extra, active under README's command
         pytest.skip("pytest-xdist is not active in this run")
     monkeypatch.delenv("PYTEST_XDIST_AUTO_NUM_WORKERS", raising=False)
     for cpus, expect in ((1, 1), (2, 2), (3, 3), (64, 4)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)))
         assert pytestconfig.hook.pytest_xdist_auto_num_workers(config=pytestconfig) == expect
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a CUDA machine: in this process
+    assert pytestconfig.hook.pytest_xdist_auto_num_workers(config=pytestconfig) == 0
     monkeypatch.setenv("PYTEST_XDIST_AUTO_NUM_WORKERS", "3")
     assert pytestconfig.hook.pytest_xdist_auto_num_workers(config=pytestconfig) == 3
 
