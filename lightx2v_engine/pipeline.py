@@ -293,6 +293,9 @@ class Pipeline:
     # the server's LoRAs for a task without lora_name (lora_dynamic_apply's config LoRAs; server.dynamic_loras)
     default_request_loras: tuple = field(default=(), repr=False)
     dit_meta: Callable[[], WanDiT] | None = field(default=None, repr=False)  # the DiT's structure on `meta`
+    # where a relative request LoRA path is also looked for, after the working directory (the model folder,
+    # as for the config's LoRAs)
+    lora_search_dirs: tuple = ()
 
     def __post_init__(self):
         if self.device.type == "cuda":  # offloaded weights move by DMA from page-locked host memory
@@ -406,7 +409,7 @@ class Pipeline:
         t5, tok, clip = _encoders_on_rank0(par, encoders)
         return cls(mcfg, run, models.get("dit"), t5, tok, models.get("vae"), clip, dev,
                    (time.perf_counter() - t0) * 1e3, use_cuda_graph=_graphs_on(run, dev, par), parallel=par,
-                   tae=models.get("tae"), loaders=loaders,
+                   tae=models.get("tae"), loaders=loaders, lora_search_dirs=(mp,),
                    dit_meta=lambda: _dit_meta(mcfg, run.dit_quant_scheme if run.dit_quantized else None))
 
     @classmethod
@@ -497,7 +500,7 @@ class Pipeline:
         LoraSwitch), each read and checked against the DiT's structure (on meta)."""
         from lightx2v_engine.lora import merge_lora_, read_lora, resolve_specs
         # (absolute: each DiT built reads them again, whatever the working directory is by then)
-        resolved, key = resolve_specs(specs)
+        resolved, key = resolve_specs(specs, self.lora_search_dirs)
         if key == self._request_lora_key:  # the same files, unchanged (the server's next request): checked before
             return resolved, key
         skeleton = self.dit_meta()
@@ -577,7 +580,8 @@ class Pipeline:
     @_on_own_device
     def set_request_loras(self, specs=()) -> None:
         """LoRAs for the following generations, on top of the model as loaded (config LoRAs included):
-        `specs` a sequence of config.LoraSpec (absolute paths, or relative to the working directory), ()
+        `specs` a sequence of config.LoraSpec (absolute paths, or relative to the working directory, else to the
+        model folder of Pipeline.load, as the config's LoRAs), ()
         for none. What the previous call merged is restored exactly first (lora.LoraSwitch; the same specs
         again, their files unchanged, cost a stat each: a file overwritten since counts as a new LoRA; paths
         resolve alike with or without unload_modules: lora.resolve_specs). A failing LoRA raises and leaves
@@ -599,7 +603,7 @@ class Pipeline:
             if not specs:
                 return
             # an offloaded DiT's weights are on the CPU: the merge arithmetic runs on the run device
-            self._lora_switch = LoraSwitch(self.dit, strict=self.run_cfg.lora_strict,
+            self._lora_switch = LoraSwitch(self.dit, strict=self.run_cfg.lora_strict, search_dirs=self.lora_search_dirs,
                                            compute_device=self.device if self._dit_offloaded() else None)
         changed = True
         try:

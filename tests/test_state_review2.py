@@ -222,3 +222,23 @@ def test_shapes_that_do_not_fit_together_do_not_evict_each_other_in_turn(monkeyp
     with caplog.at_level("WARNING"):
         assert call(h=8) is not None
     assert [k[0][3] for k in pipe._graphs] == [8] and pipe._graphs[next(iter(pipe._graphs))].evicted_others
+
+
+@pytest.mark.parametrize("per_use", [False, True], ids=["resident", "unload_modules"])
+def test_relative_request_lora_is_also_looked_for_in_the_model_folder(t2v_folder, tmp_path, monkeypatch, per_use):
+    """A relative request LoRA path not found from the working directory is looked for in Pipeline.load's
+    model folder, as the config's LoRAs are (it was an error: only the working directory was searched);
+    the error for a file in neither names both places."""
+    pipe = Pipeline.load(t2v_folder, {**TINY, **({"unload_modules": True} if per_use else {})}, device="cpu")
+    model = pipe.dit_meta() if per_use else pipe.dit
+    name = f"request_{'per_use' if per_use else 'resident'}.safetensors"
+    write_lora(t2v_folder / name, model, seed=1)
+    monkeypatch.chdir(tmp_path)  # (not the model folder)
+    calls = count_merges(monkeypatch)
+    pipe.set_request_loras([LoraSpec(name, 1.0)])
+    assert len(calls) == 1
+    if per_use:
+        assert [s.path for s in pipe._request_loras] == [str((t2v_folder / name).resolve())]
+    with pytest.raises(FileNotFoundError) as e:
+        pipe.set_request_loras([LoraSpec("absent.safetensors", 1.0)])
+    assert "'absent.safetensors'" in str(e.value) and str(t2v_folder / "absent.safetensors") in str(e.value)
