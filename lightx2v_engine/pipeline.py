@@ -757,9 +757,8 @@ class Pipeline:
         that ended cleanly ran out of memory (this shape stays eager; when other shapes' sets were cached,
         after they were dropped and the capture tried once more without them - except for a capture beside
         a set that itself evicted others: shapes that do not fit together would re-capture at every
-        alternation), the warm-up failed otherwise
-        (the model's error, met again eagerly), or the capture failed otherwise - ending it included (graphs
-        are off from then on)."""
+        alternation), the warm-up failed otherwise (the model's error, met again eagerly), or the capture
+        failed otherwise - ending it included (graphs are off from then on)."""
         key = self._graph_key(x, context, neg_context, clip_fea, sampler)
         if key in self._graph_skip:
             return None
@@ -770,6 +769,7 @@ class Pipeline:
                 _release_graph_memory()
             args = (x, context, neg_context, clip_fea, y, sampler, renoise, ts, timings)
             graphs, failure = self._capture_graphs(*args)
+            evicted = False
             if failure is not None and failure[3] and self._graphs and not (
                     failure[2] and any(g.evicted_others for g in self._graphs.values())):
                 # out of memory while other shapes' sets hold their pools: those go (their shapes capture again
@@ -781,8 +781,7 @@ class Pipeline:
                 self._graphs.clear()
                 _release_graph_memory()
                 graphs, failure = self._capture_graphs(*args)
-                if graphs is not None:
-                    graphs.evicted_others = True
+                evicted = True
             if failure is not None:
                 name, msg, capturing, oom = failure
                 if oom:  # (in the warm-up step, or a capture that ended cleanly): this shape stays eager
@@ -802,6 +801,7 @@ class Pipeline:
                 except RuntimeError:
                     pass
                 return None
+            graphs.evicted_others = evicted  # (captured only once the other sets were dropped)
             key = self._graph_key(x, context, neg_context, clip_fea, sampler)  # (a kernel failing in the
             # warm-up turns itself off, which changes the ops the key names)
         self._graphs[key] = graphs  # (re)inserted last: the dict is in least-recently-used order
@@ -826,7 +826,6 @@ class Pipeline:
             # model too (its id is in the key: no other model may take that id while the graphs live)
             graphs.keepalive = self.dit.rope(self.dit.grid(x.shape), x.device)
             graphs.dit = self.dit
-            graphs.evicted_others = False  # (set by _graph_runner: captured only once other sets were dropped)
         except Exception as e:
             graphs = None
             capturing = isinstance(e, CaptureError)

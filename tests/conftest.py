@@ -4,9 +4,13 @@ import os
 # and OpenMP's threads (inherited by the CLI and torchrun subprocesses the tests start): two workers of two
 # threads each on CI's 2 cores ran the suite in 527-566 s, of one thread each in 479 s. Set before torch
 # loads, which reads it; an OMP_NUM_THREADS already set decides.
+def _usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(
-        1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, _usable_cpus() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 import torch  # noqa: E402
 
@@ -56,7 +60,7 @@ def pytest_xdist_auto_num_workers(config):
         return int(env)
     if torch.cuda.is_available():
         return 0
-    return max(1, min(len(os.sched_getaffinity(0)), MAX_AUTO_WORKERS))
+    return max(1, min(_usable_cpus(), MAX_AUTO_WORKERS))
 
 
 def pytest_runtest_logreport(report):

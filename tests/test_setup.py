@@ -196,6 +196,7 @@ def test_auto_worker_count_is_the_usable_cpus_up_to_four_none_with_cuda(pytestco
     if not pytestconfig.pluginmanager.hasplugin("xdist"):  # a test extra, active under README's command
         pytest.skip("pytest-xdist is not active in this run")
     monkeypatch.delenv("PYTEST_XDIST_AUTO_NUM_WORKERS", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # (also where this runs on a GPU machine)
     for cpus, expect in ((1, 1), (2, 2), (3, 3), (64, 4)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)))
         assert pytestconfig.hook.pytest_xdist_auto_num_workers(config=pytestconfig) == expect
