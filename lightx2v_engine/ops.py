@@ -1,8 +1,8 @@
 """The DiT's hot ops, behind one small layer.
 
 Every function here has a plain-PyTorch reference implementation (``*_ref``). On CUDA tensors the fast
-kernels of ``lightx2v_engine.kernels`` are used when importable; ``set_backend("torch")`` forces the
-references everywhere (the "plain PyTorch reference path" of the benchmarks). The model file only calls
+kernels of ``lightx2v_engine.kernels`` are used when importable and the GPU is sm80 or newer (Triton's
+NVIDIA minimum; older GPUs run the references); ``set_backend("torch")`` forces the references everywhere (the "plain PyTorch reference path" of the benchmarks). The model file only calls
 the functions below, so kernels plug in here without touching it.
 
 Linears are nn.Linear modules in the model; the 8-bit path swaps them for quant.QuantLinear (a module
@@ -55,6 +55,28 @@ def _kernels():
         return None
 
 
+# Triton's NVIDIA backend, and the kernels' bf16 MMAs and asynchronous copies, need compute capability 8.0+
+# (A100 and newer): on older GPUs (V100, T4) the "auto" backend runs the references.
+KERNEL_MIN_CAPABILITY = (8, 0)
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
+def _cuda_capability(device: torch.device) -> tuple[int, int]:
+    """torch.cuda.get_device_capability of a CUDA device, cached per index (no driver call per op)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = tuple(torch.cuda.get_device_capability(index))
+    return _CAPABILITY[index]
+
+
+@torch.compiler.assume_constant_result
+def kernels_capable(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on `device`: a CUDA GPU of KERNEL_MIN_CAPABILITY or newer (any
+    other device: True; there the backend decides, e.g. the interpreter under set_backend("kernels"))."""
+    device = torch.device(device)
+    return device.type != "cuda" or _cuda_capability(device) >= KERNEL_MIN_CAPABILITY
+
+
 def kernel_status() -> str:
     k = _kernels()
     return "available" if k is not None else f"unavailable ({getattr(_kernels, 'reason', '?')})"
@@ -67,7 +89,10 @@ def describe(device: torch.device, attn_8bit: bool = False, seq_parallel: bool =
     head_dim, where given: a model the attention kernels do not take runs the reference attention)."""
     if _BACKEND == "torch" or (_BACKEND == "auto" and device.type != "cuda"):
         return f"ops: PyTorch references on {device}"
-    k = _kernels()
+    k = _kernels()  # (first: a mistyped LX2V_* kernel choice raises on any GPU)
+    if _BACKEND == "auto" and not kernels_capable(device):
+        return (f"ops: PyTorch references on {device} (compute capability %d.%d: the Triton kernels need "
+                f"%d.%d or newer)" % (_cuda_capability(device) + KERNEL_MIN_CAPABILITY))
     if k is None:
         return f"ops: PyTorch references (kernels {kernel_status()})"
     import importlib
@@ -99,8 +124,9 @@ def describe(device: torch.device, attn_8bit: bool = False, seq_parallel: bool =
 
 
 def _fast(t: torch.Tensor, name: str):
-    """The kernel module when `t` is on CUDA, the backend is "auto" and the kernel `name` exists."""
-    if _BACKEND == "torch" or (_BACKEND == "auto" and not t.is_cuda):
+    """The kernel module when the kernel `name` exists and either the backend is "kernels", or it is "auto"
+    and `t` is on a CUDA GPU the kernels run on (kernels_capable)."""
+    if _BACKEND == "torch" or (_BACKEND == "auto" and not (t.is_cuda and kernels_capable(t.device))):
         return None
     k = _kernels()
     if k is None:
@@ -363,7 +389,7 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
 def attention_8bit_available(device: torch.device) -> bool:
     """Whether self_attention(..., attn_8bit=True) runs the 8-bit kernel on `device` (else it is exact)."""
     k = _kernels() if _BACKEND != "torch" else None
-    if k is None or (_BACKEND == "auto" and device.type != "cuda"):
+    if k is None or (_BACKEND == "auto" and not (device.type == "cuda" and kernels_capable(device))):
         return False
     return k.fp8_supported(device)
 

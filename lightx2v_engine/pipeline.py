@@ -308,6 +308,10 @@ class Pipeline:
             self._setup_dit(self.dit)
         elif self.parallel is not None and self.parallel.seq is not None:  # (a DiT built per use: check now)
             self.parallel.seq.check_heads(self.model_cfg.num_heads)
+        if self.device.type == "cuda" and not ops.kernels_capable(self.device):
+            log.warning("%s is compute capability %d.%d: the Triton kernels need %d.%d or newer, so every op runs "
+                        "its PyTorch reference (slower)", self.device,
+                        *torch.cuda.get_device_capability(self.device), *ops.KERNEL_MIN_CAPABILITY)
         if self.run_cfg.attn_8bit and not ops.attention_8bit_available(self.device):
             log.warning("self_attn_1_type %r: the 8-bit attention kernel needs a CUDA GPU of sm89 or newer "
                         "with triton; exact attention runs on %s", self.run_cfg.self_attn_1_type, self.device)

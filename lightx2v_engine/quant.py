@@ -247,11 +247,11 @@ def _gemm_shape_ok(scheme: str, k: int, *ns: int) -> bool:
     return k % align == 0 and all(n % align == 0 for n in ns)
 
 
-def _triton_scaled_gemm():
+def _triton_scaled_gemm(device: torch.device):
     """kernels.fp8_gemm.scaled_gemm, or None where the Triton kernels cannot be imported (no triton: the
-    cuBLAS / torch paths run) or the ops backend is "torch"."""
+    cuBLAS / torch paths run), the ops backend is "torch", or they cannot run on `device` (before sm80)."""
     from lightx2v_engine import ops
-    if ops.get_backend() == "torch" or ops._kernels() is None:
+    if ops.get_backend() == "torch" or ops._kernels() is None or not ops.kernels_capable(device):
         return None
     from lightx2v_engine.kernels.fp8_gemm import scaled_gemm
     return scaled_gemm
@@ -262,7 +262,7 @@ def _gemm_8bit(xq: torch.Tensor, sx: torch.Tensor, weight: torch.Tensor, weight_
     """y = (xq @ weight^T) * sx * weight_scale^T + bias on CUDA (pre-quantized activations)."""
     scheme = scheme_of_dtype(weight.dtype)
     if scheme == "int8":
-        scaled_gemm = _triton_scaled_gemm() if _int8_gemm == "triton" else None
+        scaled_gemm = _triton_scaled_gemm(xq.device) if _int8_gemm == "triton" else None
         if scaled_gemm is not None:
             return scaled_gemm(xq, weight, sx, weight_scale, bias, None, None, out_dtype)
         return _int_mm_scaled(xq, sx, weight, weight_scale, bias, out_dtype)
@@ -446,7 +446,7 @@ def quant_linear_gate_residual(linear: QuantLinear, x: torch.Tensor, residual: t
     linear's output (rounded to x's dtype) goes through the same formula in torch.
     """
     b, l, _ = x.shape
-    scaled_gemm = _triton_scaled_gemm() if x.is_cuda and b == 1 else None
+    scaled_gemm = _triton_scaled_gemm(x.device) if x.is_cuda and b == 1 else None
     if scaled_gemm is not None and residual.stride(-1) == 1 and linear.weight.shape[1] % 16 == 0 \
             and linear.lora_down is None:
         xq, sx = per_token_quant(x.reshape(l, -1), linear.scheme)

@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightx2v_engine.checkpoint import key_mismatch, read_state_dict_file
+from lightx2v_engine.ops import kernels_capable
 
 WAN21_LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                      0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
@@ -136,8 +137,8 @@ def norm_kernel_status() -> str:
 
 def rms_norm_act(x: torch.Tensor, gamma: torch.Tensor, silu: bool, out: torch.Tensor | None = None
                  ) -> torch.Tensor:
-    """rms_norm_act_ref, as one Triton pass on CUDA when x and out are channels-last pixel rows."""
-    if _USE_KERNEL == "kernel" or (_USE_KERNEL == "auto" and x.is_cuda):
+    """rms_norm_act_ref, as one Triton pass on CUDA (sm80+) when x and out are channels-last pixel rows."""
+    if _USE_KERNEL == "kernel" or (_USE_KERNEL == "auto" and x.is_cuda and kernels_capable(x.device)):
         k = _norm_kernel()
         if k is not None and x.dim() == 5 and (out is None or k.supports(out, None)):
             if not k.supports(x, None):  # one copy + one fused pass still beats the 4-pass reference

@@ -61,16 +61,17 @@ def test_a_mistyped_kernel_choice_is_an_error_not_a_silent_slow_path(var, value,
 def test_8bit_gemm_without_triton_uses_the_cublas_path(monkeypatch):
     """quant's int8 GEMM and gated-residual epilogue imported kernels.fp8_gemm unguarded on CUDA: without
     triton an 8-bit DiT failed with ImportError, and the ops backend "torch" did not turn them off."""
+    import torch
     from lightx2v_engine import ops, quant
     from lightx2v_engine.kernels.fp8_gemm import scaled_gemm
-    assert quant._triton_scaled_gemm() is scaled_gemm
+    assert quant._triton_scaled_gemm(torch.device("cpu")) is scaled_gemm
     monkeypatch.setattr(ops, "_kernels", lambda: None)  # (what ops sees when triton cannot be imported)
-    assert quant._triton_scaled_gemm() is None
+    assert quant._triton_scaled_gemm(torch.device("cpu")) is None
     monkeypatch.undo()
     prev = ops.get_backend()
     ops.set_backend("torch")
     try:
-        assert quant._triton_scaled_gemm() is None
+        assert quant._triton_scaled_gemm(torch.device("cpu")) is None
     finally:
         ops.set_backend(prev)
 
@@ -82,3 +83,44 @@ def test_interpreting_reads_triton_interpret_as_triton_does(value, monkeypatch):
     from lightx2v_engine.kernels._util import interpreting
     monkeypatch.setenv("TRITON_INTERPRET", value)
     assert interpreting() == bool(knobs.runtime.interpret)
+
+
+@pytest.mark.parametrize("cap, capable", [((7, 5), False), ((7, 0), False), ((8, 0), True), ((9, 0), True)])
+def test_kernels_not_run_before_sm80(cap, capable, monkeypatch):
+    """Triton's NVIDIA backend needs sm80+: on a V100 / T4 the "auto" backend ran the Triton kernels (every op
+    of the first step failed to compile there) instead of the references. Every dispatch point is checked
+    with torch.cuda's capability query stood in for: ops._fast, the describe() line, 8-bit attention, the
+    int8 GEMM, and the VAE's RMSNorm kernel (through a stand-in CUDA tensor)."""
+    import types
+    import torch
+    from lightx2v_engine import ops, quant, vae
+    monkeypatch.setattr(ops, "_CAPABILITY", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: cap)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    cuda = torch.device("cuda", 0)
+    assert ops.kernels_capable(cuda) is capable
+    assert ops.kernels_capable(torch.device("cpu"))
+    fake = types.SimpleNamespace(is_cuda=True, device=cuda)
+    assert (ops._fast(fake, "modulate") is not None) is capable
+    assert (ops._fast(fake, "rms_norm") is not None) is capable
+    assert (quant._triton_scaled_gemm(cuda) is not None) is capable
+    if not capable:
+        line = ops.describe(cuda)
+        assert line == f"ops: PyTorch references on cuda:0 (compute capability {cap[0]}.{cap[1]}: the Triton " \
+                       f"kernels need 8.0 or newer)"
+        assert not ops.attention_8bit_available(cuda)
+        # the VAE's fused RMSNorm+SiLU: the reference runs for a CUDA tensor on such a GPU
+        monkeypatch.setattr(vae, "_norm_kernel", lambda: pytest.fail("the VAE norm kernel was asked for"))
+        x = torch.randn(1, 4, 2, 3, 3)
+        monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+        monkeypatch.setattr(torch.Tensor, "device", property(lambda self: cuda))
+        got = vae.rms_norm_act(x, torch.ones(4, 1, 1, 1), True)
+        monkeypatch.undo()
+        torch.testing.assert_close(got, vae.rms_norm_act_ref(x, torch.ones(4, 1, 1, 1), True))
+    # "kernels" (the tests' backend) still forces them
+    prev = ops.get_backend()
+    ops.set_backend("kernels")
+    try:
+        assert ops._fast(fake, "modulate") is not None
+    finally:
+        ops.set_backend(prev)
