@@ -400,13 +400,15 @@ class Pipeline:
             t5_path = _encoder_file(run, mp, "t5")
             log.info("umT5 weights: %s", t5_path)
             # offloaded weights are kept on the CPU in the dtype they run in on `dev`
-            enc = {"t5": lambda: t5_mod.load_t5(str(t5_path), device=cpu if run.t5_cpu_offload else dev,
-                                                dtype=_t5_dtype(dev))}
+            enc = {"t5": lambda: _check_encoder_linears(
+                t5_mod.load_t5(str(t5_path), device=cpu if run.t5_cpu_offload else dev, dtype=_t5_dtype(dev)),
+                run, "t5", t5_path, dev)}
             if mcfg.is_i2v:
                 clip_path = _encoder_file(run, mp, "clip")
                 log.info("CLIP weights: %s", clip_path)
-                enc["clip"] = lambda: clip_mod.load_clip(str(clip_path), device=cpu if run.clip_cpu_offload else dev,
-                                                         dtype=_clip_dtype(dev))
+                enc["clip"] = lambda: _check_encoder_linears(
+                    clip_mod.load_clip(str(clip_path), device=cpu if run.clip_cpu_offload else dev,
+                                       dtype=_clip_dtype(dev)), run, "clip", clip_path, dev)
             built, deferred = _build_or_defer(enc, _per_use(run))
             loaders.update(deferred)
             return built.get("t5"), t5_mod.load_tokenizer(str(mp)), built.get("clip")
@@ -1135,6 +1137,30 @@ def _encoder_file(run: RunConfig, mp: Path, enc: str) -> Path:
         warn_user(f"{enc}_quantized: {'; '.join(errors)}; the unquantized {fallback} runs instead")
         return fallback
     return find_weights(f"{enc}_original_ckpt", original, default, mp, quantized_globs)
+
+
+def _check_encoder_linears(model: torch.nn.Module, run: RunConfig, enc: str, path: Path, dev: torch.device):
+    """`model` (the umT5 or CLIP just loaded from `path`) when its 8-bit linears, if any, can run as configured:
+    raises ValueError naming the file when <enc>_quantized's scheme disagrees with the file's 8-bit dtype
+    (as the DiT's loader does), or when they are fp8 and `dev` is a GPU before sm89 (no fp8 GEMM there)."""
+    schemes = sorted({m.scheme for m in model.modules() if isinstance(m, quant.QuantLinear)})
+    if not schemes:
+        return model
+    key = f"{enc}_quant_scheme"
+    if getattr(run, f"{enc}_quantized"):
+        want = quant.parse_quant_scheme(getattr(run, key))
+        if schemes != [want]:
+            raise ValueError(f"{path}: its 8-bit linears are {' and '.join(schemes)}, but {key} is "
+                             f"{getattr(run, key)!r} ({want}); set {key} to the file's scheme (e.g. "
+                             f"'{schemes[0]}-q8f') or name the {want} file in {enc}_quantized_ckpt")
+    else:
+        log.info("%s: its linears are 8-bit (%s) and run so (%s_quantized is false)", path, ", ".join(schemes), enc)
+    if "fp8" in schemes and dev.type == "cuda" and torch.cuda.get_device_capability(dev) < quant.FP8_MIN_CAPABILITY:
+        cap = torch.cuda.get_device_capability(dev)
+        raise ValueError(f"{path}: its linears are fp8, and fp8 matrix multiplies need a GPU of compute capability "
+                         f"8.9 or newer; {dev} is {torch.cuda.get_device_name(dev)} (sm{cap[0]}{cap[1]}). Run the "
+                         f"int8 or the bf16 {enc} file")
+    return model
 
 
 def _graph_velocity(pipe_ref, x, t, context, neg_context, clip_fea, y) -> torch.Tensor:

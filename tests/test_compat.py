@@ -216,6 +216,42 @@ def test_t5_quantized_file_runs_and_bf16_fallback(t2v_folder, tmp_path):
         Pipeline.load(folder, {**cfg, "t5_quantized_ckpt": "nope.pth"}, device="cpu")
 
 
+@pytest.mark.usefixtures("torch_ops")
+def test_quantized_encoder_file_must_match_its_scheme(t2v_folder, tmp_path, monkeypatch):
+    """An int8 umT5 file named by t5_quantized_ckpt under t5_quant_scheme fp8 ran as int8 without a word (the
+    DiT's loader refuses such a file); and an fp8 encoder file on a GPU before sm89 failed at the first
+    prompt's encoding. Both are errors naming the file, raised when the encoder loads."""
+    from lightx2v_engine import pipeline as P
+    from lightx2v_engine.quant import quantize_weight
+    from lightx2v_engine.t5 import QUANT_LINEARS, load_t5
+    folder = tmp_path / "model"
+    shutil.copytree(t2v_folder, folder)
+    sd = torch.load(folder / T5_FILE)
+    for k in list(sd):
+        if any(k.endswith(f".{n}.weight") for n in QUANT_LINEARS):
+            sd[k], sd[k + "_scale"] = quantize_weight(sd[k].float(), "int8")
+    torch.save(sd, folder / "t5-int8.pth")
+    cfg = {**TINY, "t5_quantized": True, "t5_quant_scheme": "fp8-q8f", "t5_quantized_ckpt": "t5-int8.pth"}
+    with pytest.raises(ValueError, match=r"t5-int8.pth: its 8-bit linears are int8, but t5_quant_scheme is "
+                                         r"'fp8-q8f' \(fp8\); set t5_quant_scheme"):
+        Pipeline.load(folder, cfg, device="cpu")
+    Pipeline.load(folder, {**cfg, "t5_quant_scheme": "int8-q8f"}, device="cpu")  # the file's scheme: runs
+    # an fp8 file on an A100 (capability stood in for; the check needs no CUDA tensor)
+    for k in list(sd):
+        if k.endswith("_scale"):
+            w = sd[k[:-len("_scale")]]
+            sd[k[:-len("_scale")]], sd[k] = quantize_weight(w.float() * sd[k].float().reshape(-1, 1), "fp8")
+    torch.save(sd, folder / "t5-fp8.pth")
+    model = load_t5(str(folder / "t5-fp8.pth"))
+    run = quiet_parse({"t5_quantized": True, "t5_quant_scheme": "fp8-q8f"})
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ValueError, match=r"t5-fp8.pth: its linears are fp8.*8.9 or newer; cuda:0 is NVIDIA A100"):
+        P._check_encoder_linears(model, run, "t5", folder / "t5-fp8.pth", torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert P._check_encoder_linears(model, run, "t5", folder / "t5-fp8.pth", torch.device("cuda", 0)) is model
+
+
 def test_light_autoencoder_keys_are_honoured():
     """use_lightvae/use_tae/tae_path/need_scaled are read (tests/test_tae.py runs them), not warned about."""
     with warnings.catch_warnings():
