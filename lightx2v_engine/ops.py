@@ -61,20 +61,26 @@ KERNEL_MIN_CAPABILITY = (8, 0)
 _CAPABILITY: dict[int, tuple[int, int]] = {}
 
 
-def _cuda_capability(device: torch.device) -> tuple[int, int]:
-    """torch.cuda.get_device_capability of a CUDA device, cached per index (no driver call per op)."""
+def _cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    """torch.cuda.get_device_capability of a CUDA device, cached per index (no driver call per op); None
+    under torch.compile for a device not queried before (a pipeline queries its device when it is built)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _CAPABILITY:
-        _CAPABILITY[index] = tuple(torch.cuda.get_device_capability(index))
-    return _CAPABILITY[index]
+    cap = _CAPABILITY.get(index)
+    if cap is None and not torch.compiler.is_compiling():
+        cap = _CAPABILITY[index] = tuple(torch.cuda.get_device_capability(index))
+    return cap
 
 
-@torch.compiler.assume_constant_result
 def kernels_capable(device: torch.device) -> bool:
     """Whether the Triton kernels can run on `device`: a CUDA GPU of KERNEL_MIN_CAPABILITY or newer (any
-    other device: True; there the backend decides, e.g. the interpreter under set_backend("kernels"))."""
-    device = torch.device(device)
-    return device.type != "cuda" or _cuda_capability(device) >= KERNEL_MIN_CAPABILITY
+    other device: True; there the backend decides, e.g. the interpreter under set_backend("kernels")).
+    Traced by torch.compile as a dict lookup (True for a device never queried eagerly)."""
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
+    if device.type != "cuda":
+        return True
+    cap = _cuda_capability(device)
+    return cap is None or cap >= KERNEL_MIN_CAPABILITY
 
 
 def kernel_status() -> str:

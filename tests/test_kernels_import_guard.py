@@ -112,11 +112,20 @@ def test_kernels_not_run_before_sm80(cap, capable, monkeypatch):
         # the VAE's fused RMSNorm+SiLU: the reference runs for a CUDA tensor on such a GPU
         monkeypatch.setattr(vae, "_norm_kernel", lambda: pytest.fail("the VAE norm kernel was asked for"))
         x = torch.randn(1, 4, 2, 3, 3)
-        monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-        monkeypatch.setattr(torch.Tensor, "device", property(lambda self: cuda))
-        got = vae.rms_norm_act(x, torch.ones(4, 1, 1, 1), True)
-        monkeypatch.undo()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+            mp.setattr(torch.Tensor, "device", property(lambda self: cuda))
+            got = vae.rms_norm_act(x, torch.ones(4, 1, 1, 1), True)
         torch.testing.assert_close(got, vae.rms_norm_act_ref(x, torch.ones(4, 1, 1, 1), True))
+    # under torch.compile the check is a lookup of the eager query (no graph break; True where none was made)
+    compiled = torch.compile(lambda x: x + 1 if ops.kernels_capable(cuda) else x - 1, backend="eager",
+                             fullgraph=True)
+    assert compiled(torch.zeros(1)).item() == (1 if capable else -1)
+    torch._dynamo.reset()
+    monkeypatch.setattr(ops, "_CAPABILITY", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: pytest.fail("queried in a trace"))
+    assert compiled(torch.zeros(1)).item() == 1
+    torch._dynamo.reset()
     # "kernels" (the tests' backend) still forces them
     prev = ops.get_backend()
     ops.set_backend("kernels")
