@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import json
 import math
+import numbers
 import os
 import re
 import sys
@@ -445,16 +446,19 @@ def distill_step_list(n: int) -> tuple[int, ...]:
 
 
 def _as(key: str, value: Any, typ: type):
+    """`value` as `typ` (bool, int, float, str): JSON's values, and numpy's scalars from Python callers
+    (np.True_, np.int64, np.float64; a whole float counts as an integer); never a bool as a number."""
     if typ is bool:
-        if not isinstance(value, bool):
+        if not isinstance(value, (bool, _np_bool())):
             raise _err(key, value, "expected true/false")
-        return value
+        return bool(value)
+    number = isinstance(value, numbers.Real) and not isinstance(value, (bool, _np_bool()))
     if typ is int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+        if not (number and (isinstance(value, numbers.Integral) or float(value).is_integer())):
             raise _err(key, value, "expected an integer")
         return int(value)
     if typ is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not number or not math.isfinite(value):
             raise _err(key, value, "expected a finite number")
         return float(value)
     if typ is str:
@@ -462,6 +466,12 @@ def _as(key: str, value: Any, typ: type):
             raise _err(key, value, "expected a string")
         return value
     raise TypeError(typ)
+
+
+def _np_bool() -> type:
+    """numpy's bool scalar type (np.bool_), or bool where numpy is not installed."""
+    np = sys.modules.get("numpy")
+    return np.bool_ if np is not None else bool
 
 
 _TYPES = {
@@ -798,6 +808,30 @@ def with_defaults(raw: dict[str, Any], defaults: dict[str, Any]) -> dict[str, An
     """raw plus each key of `defaults` that raw sets under no spelling (num_frames / size count)."""
     given = set(raw) | {k for alias, keys in _NEW_SPELLINGS.items() if alias in raw for k in keys}
     return {**{k: v for k, v in defaults.items() if k not in given}, **raw}
+
+
+def check_run_config(run: RunConfig, *, model_cls: str | None = None) -> RunConfig:
+    """A RunConfig made in Python, validated as its keys would be from a file (a frozen dataclass does not
+    check its fields: RunConfig(enable_cfg="false") ran CFG, sampler="unpic" the distill sampler): every
+    field goes through parse_run_config as a key. Returns the parsed config (equal to `run` when consistent;
+    e.g. infer_steps follows a distill step list, as from a file)."""
+    raw: dict[str, Any] = {}
+    for f in dataclasses.fields(run):
+        if f.name == "ignored_keys":
+            continue
+        value = getattr(run, f.name)
+        if f.name == "lora_configs" and isinstance(value, (list, tuple)):
+            value = [{"path": os.fspath(s.path) if isinstance(s.path, os.PathLike) else s.path,
+                      "strength": s.strength} if isinstance(s, LoraSpec) else s for s in value]
+        elif f.name == "parallel" and isinstance(value, ParallelConfig):
+            value = dataclasses.asdict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        elif isinstance(value, os.PathLike):  # (a pathlib.Path for a file key)
+            value = os.fspath(value)
+        raw[f.name] = value
+    checked = parse_run_config(raw, model_cls=model_cls, source="RunConfig", warn=False)
+    return dataclasses.replace(checked, ignored_keys=run.ignored_keys)
 
 
 def load_run_config(path: str | Path | None, overrides: dict[str, Any] | None = None, *,

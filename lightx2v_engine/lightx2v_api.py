@@ -157,7 +157,7 @@ class LightX2VPipeline:
         from lightx2v_engine.pipeline import Pipeline
         if self.pipeline is not None:
             raise RuntimeError("LightX2VPipeline.create_generator: already created")
-        from lightx2v_engine.config import _read_json_object, parse_run_config
+        from lightx2v_engine.config import _as, _read_json_object, parse_run_config
         source = "LightX2VPipeline settings"
         if config_json is not None:
             keys = _read_json_object(Path(config_json), "config_json")
@@ -178,7 +178,8 @@ class LightX2VPipeline:
         if isinstance(keys.get("parallel"), dict) and isinstance(self.config.get("parallel"), dict):
             config["parallel"] = {**self.config["parallel"], **keys["parallel"]}
         dynamic = []
-        self._dynamic_lora = config.pop("lora_dynamic_apply", None) is True  # (also from config_json)
+        dynamic_apply = config.pop("lora_dynamic_apply", None)  # (also from config_json)
+        self._dynamic_lora = dynamic_apply is not None and _as("lora_dynamic_apply", dynamic_apply, bool)
         if self._dynamic_lora:  # switchable LoRAs: applied after loading, see switch_lora
             loras = config.pop("lora_configs", None) or []
             if not isinstance(loras, (list, tuple)):
@@ -239,8 +240,12 @@ class LightX2VPipeline:
             if value:
                 raise ValueError(f"LightX2VPipeline.generate: {name} (LightX2V's FLF2V / audio / VACE / other "
                                  f"models' inputs) is not supported by this engine (Wan2.1 t2v / i2v)")
-        if target_shape is not None and not (isinstance(target_shape, (list, tuple)) and len(target_shape) in (0, 2)):
+        if target_shape is not None and not (hasattr(target_shape, "__len__") and not isinstance(target_shape, str)
+                                             and len(target_shape) in (0, 2)):
             raise ValueError(f"LightX2VPipeline.generate: target_shape must be [height, width], got {target_shape!r}")
+        if target_shape is not None and len(target_shape):  # (a list, tuple or array of integers)
+            from lightx2v_engine.config import _as
+            target_shape = [_as("target_shape", v, int) for v in list(target_shape)]
         save = save_result_path is not None and not return_result_tensor
         if not save and not return_result_tensor and getattr(self.pipeline, "is_main", True):
             from lightx2v_engine.config import warn_user

@@ -110,8 +110,13 @@ def parse_parallel(value: Any, source: str = "config", warn: bool = True) -> tup
     for key, v in value.items():
         name = f"parallel.{key}"
         if key in ("seq_p_size", "cfg_p_size", "tensor_p_size"):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{source}: config key {name!r} = {v!r}: expected a positive integer")
+            from lightx2v_engine.config import _as  # (config imports this module)
+            try:
+                v = _as(name, v, int)  # (4.0 as the top-level integer keys take it)
+            except ValueError:
+                v = 0
+            if v < 1:
+                raise ValueError(f"{source}: config key {name!r} = {value[key]!r}: expected a positive integer")
             if key == "tensor_p_size":
                 if v != 1:
                     raise ValueError(f"{source}: config key {name!r} = {v}: tensor parallelism is not supported "

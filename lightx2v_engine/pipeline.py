@@ -34,8 +34,9 @@ from lightx2v_engine import t5 as t5_mod
 from lightx2v_engine import tae as tae_mod
 from lightx2v_engine import vae as vae_mod
 from lightx2v_engine.checkpoint import candidate_paths
-from lightx2v_engine.config import (TINY_SIZE, ModelConfig, RunConfig, check_model_cls, get_preset, load_run_config,
-                                    model_config_from_json, parse_run_config, warn_user, with_defaults)
+from lightx2v_engine.config import (TINY_SIZE, ModelConfig, RunConfig, check_model_cls, check_run_config, get_preset,
+                                    load_run_config, model_config_from_json, parse_run_config, warn_user,
+                                    with_defaults)
 from lightx2v_engine.dit import WanDiT
 from lightx2v_engine.image import i2v_mask, load_image, prepare_i2v_image
 from lightx2v_engine.loading import DTYPES, build_dit, load_dit
@@ -1057,7 +1058,7 @@ def _run_config(config, model_cls: str, defaults: dict | None = None) -> RunConf
     a dict or file does not set (the tiny presets' size)."""
     if isinstance(config, RunConfig):
         check_model_cls(model_cls)
-        return config
+        return check_run_config(config, model_cls=model_cls)
     if isinstance(config, dict):
         return parse_run_config(with_defaults(config, defaults or {}), model_cls=model_cls)
     return load_run_config(config, model_cls=model_cls, defaults=defaults)

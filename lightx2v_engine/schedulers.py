@@ -8,6 +8,7 @@ Latents are [C=16, F, Hl, Wl] (no batch dimension, like LightX2V); every functio
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -300,10 +301,10 @@ MAX_SEED = 2 ** 64  # (exclusive: torch.Generator.manual_seed takes any unsigned
 
 
 def check_seed(seed) -> int:
-    """seed, or a ValueError naming it unless an integer in [0, 2^64)."""
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < MAX_SEED:
+    """seed as an int (numpy's integers too), or a ValueError naming it unless an integer in [0, 2^64)."""
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < MAX_SEED:
         raise ValueError(f"seed must be an integer in [0, 2^64), got {seed!r}")
-    return seed
+    return int(seed)
 
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:

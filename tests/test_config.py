@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from lightx2v_engine.config import (PRESETS, LoraSpec, RunConfig, get_preset, load_run_config, model_config_from_json,
-                                    parse_run_config)
+from lightx2v_engine.config import (PRESETS, LoraSpec, RunConfig, check_run_config, get_preset, load_run_config,
+                                    model_config_from_json, parse_run_config)
+from lightx2v_engine.parallel import ParallelConfig
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.json"))
 
@@ -335,3 +336,61 @@ def test_configs_of_other_wan_versions_and_modes_are_refused_by_name():
         warnings.simplefilter("error")
         parse_run_config({"vae_stride": [4, 8, 8], "patch_size": [1, 2, 2], "num_channels_latents": 16,
                           "boundary": None})
+
+
+# every RunConfig field set to a valid value other than its default (a new field must be added here)
+NON_DEFAULT = dict(
+    infer_steps=3, denoising_step_list=(1000, 667, 333), sample_shift=3.0, enable_cfg=True, sample_guide_scale=4.0,
+    target_video_length=17, target_height=320, target_width=576, text_len=256, seed=7, fps=24.0,
+    lora_configs=(LoraSpec("a.safetensors", 0.5),), dit_original_ckpt="d.safetensors", dit_quantized=True,
+    dit_quantized_ckpt="q.safetensors", dit_quant_scheme="int8-vllm", weight_auto_quant=True, cpu_offload=True,
+    offload_granularity="model", t5_cpu_offload=False, clip_cpu_offload=False, vae_cpu_offload=False,
+    unload_modules=True, lazy_load=True, t5_quantized=True, t5_quant_scheme="int8-q8f", t5_quantized_ckpt="t.pth",
+    clip_quantized=True, clip_quant_scheme="fp8-sgl", clip_quantized_ckpt="c.pth", t5_original_ckpt="t5.pth",
+    clip_original_ckpt="clip.pth", vae_path="v.pth", use_lightvae=True, use_tae=True, tae_path="tae.pth",
+    need_scaled=True, sample_neg_prompt="blurry", use_image_encoder=False, self_attn_1_type="sage_attn2",
+    cross_attn_1_type="torch_sdpa", cross_attn_2_type="flash_attn2", sampler="distill", distill_update="renoise",
+    dtype="fp32", use_cuda_graph=False, vae_dtype="fp32", use_tiling_vae=True, lora_strict=False,
+    lora_dynamic_apply=True,
+    parallel=ParallelConfig(seq_p_size=2, seq_p_attn_type="ring", cfg_p_size=2, vae_parallel=False,
+                            seq_p_quant_scheme="fp8"))
+
+
+def test_a_run_config_made_in_python_is_checked_as_its_keys():
+    """Pipeline.load / Pipeline.random took a RunConfig made in Python unchecked (a frozen dataclass checks
+    nothing): RunConfig(enable_cfg="false") ran CFG, sampler="unpic" the distill sampler. check_run_config
+    parses every field as a key: a valid config comes back equal (every field tried), a bad one is named."""
+    import dataclasses
+    from lightx2v_engine.pipeline import _run_config
+    assert {f.name for f in dataclasses.fields(RunConfig)} - set(NON_DEFAULT) == {"ignored_keys"}
+    for run in (RunConfig(), RunConfig(**NON_DEFAULT), RunConfig(sampler="unipc", infer_steps=8),
+                RunConfig(lora_configs=[LoraSpec(Path("x.safetensors"))], vae_path=Path("v.pth"))):
+        got = _run_config(run, "wan2.1_distill")
+        assert got == dataclasses.replace(run, lora_configs=tuple(LoraSpec(str(s.path), s.strength)
+                                                                  for s in run.lora_configs),
+                                          vae_path=run.vae_path and str(run.vae_path))
+    for bad, key in (({"enable_cfg": "false"}, "enable_cfg"), ({"sampler": "unpic"}, "sampler"),
+                     ({"target_height": 470}, "target_height"), ({"dit_quantized": True}, "dit_quant_scheme"),
+                     ({"lora_configs": ("a.safetensors",)}, r"lora_configs\[0\]")):
+        with pytest.raises(ValueError, match=key):
+            _run_config(RunConfig(**bad), "wan2.1_distill")
+    with pytest.raises(ValueError, match="model_cls"):
+        check_run_config(RunConfig(), model_cls="wan2.2")
+
+
+def test_numpy_numbers_are_taken_as_json_numbers():
+    """A value from numpy (np.int64 from a loop, np.float64 from np.linspace, np.True_ from a comparison) was
+    refused as "expected an integer" / "expected true/false"; LightX2V's Python API takes them."""
+    np = pytest.importorskip("numpy")
+    run = parse_run_config({"target_video_length": np.int64(17), "target_height": np.int32(320),
+                            "target_width": np.float64(576.0), "sample_guide_scale": np.float32(4.5),
+                            "enable_cfg": np.float64(4.5) != 1, "denoising_step_list": list(np.array([1000, 500])),
+                            "parallel": {"seq_p_size": np.int64(2), "cfg_p_size": 2.0}})
+    assert (run.target_video_length, run.target_height, run.target_width, run.sample_guide_scale, run.enable_cfg,
+            run.denoising_step_list, run.parallel.seq_p_size, run.parallel.cfg_p_size) == (
+        17, 320, 576, 4.5, True, (1000, 500), 2, 2)
+    assert type(run.target_height) is int and type(run.enable_cfg) is bool
+    for raw, key in (({"target_height": np.float64(320.5)}, "target_height"), ({"enable_cfg": np.int64(1)}, "enable_cfg"),
+                     ({"infer_steps": np.True_}, "infer_steps"), ({"parallel": {"seq_p_size": 2.5}}, "seq_p_size")):
+        with pytest.raises(ValueError, match=key):
+            parse_run_config(raw)

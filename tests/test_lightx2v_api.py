@@ -228,3 +228,26 @@ def test_a_bad_seed_is_refused_before_the_encoders_run(folder, monkeypatch):
     for seed in (-1, 2 ** 64, 1.5, "42"):
         with pytest.raises(ValueError, match="seed must be an integer"):
             pipe.generate("x", seed=seed)
+
+
+def test_numpy_arguments_and_a_mistyped_dynamic_apply(folder, tmp_path):
+    """A numpy guidance scale made enable_cfg np.True_, refused under a key the caller never passed; numpy
+    sizes, seed and target_shape were refused as non-integers (LightX2V takes them). And a config_json's
+    "lora_dynamic_apply": "true" was popped before validation: dynamic apply silently off."""
+    import json
+    import numpy as np
+    pipe = LightX2VPipeline(task="t2v", model_path=str(folder), model_cls="wan2.1_distill", device="cpu")
+    pipe.create_generator(num_frames=np.int64(5), height=np.int64(32), width=np.float64(48.0),
+                          guidance_scale=np.linspace(1, 5, 3)[1], denoising_step_list=np.array([1000, 500]))
+    run = pipe.pipeline.run_cfg
+    assert (run.enable_cfg, run.sample_guide_scale, run.target_video_length, run.denoising_step_list) == (
+        True, 3.0, 5, (1000, 500))
+    got = pipe.generate(seed=np.int64(3), prompt="x", target_shape=np.array([32, 48]), return_result_tensor=True)
+    ref = pipe.generate(seed=3, prompt="x", target_shape=[32, 48], return_result_tensor=True)
+    torch.testing.assert_close(got["video"], ref["video"], rtol=0, atol=0)
+    cfg = tmp_path / "dyn.json"
+    cfg.write_text(json.dumps({"lora_dynamic_apply": "true", "target_video_length": 5, "target_height": 32,
+                               "target_width": 48}))
+    bad = LightX2VPipeline(task="t2v", model_path=str(folder), model_cls="wan2.1_distill", device="cpu")
+    with pytest.raises(ValueError, match="'lora_dynamic_apply' = 'true': expected true/false"):
+        bad.create_generator(config_json=str(cfg))
