@@ -485,6 +485,32 @@ _TYPES = {
 }
 
 
+# unknown keys with a known place: a key of the parallel section at the top level, a CLI flag or request
+# field in a config, offload spellings whose nearest key by letters is the wrong one
+_PARALLEL_KEYS = ("seq_p_size", "seq_p_attn_type", "cfg_p_size", "tensor_p_size", "vae_parallel", "seq_p_quant_scheme",
+                  "seq_p_fp8_comm", "seq_p_fp4_comm")
+_PLACES = {
+    **{k: f"a key of the \"parallel\" section: {{\"parallel\": {{\"{k}\": ...}}}}" for k in _PARALLEL_KEYS},
+    **{f"{m}_offload": f"did you mean '{m}_cpu_offload'?" for m in ("t5", "clip", "vae")},
+    **{k: "LoRAs go in \"lora_configs\": [{\"path\": ..., \"strength\": ...}]"
+       for k in ("lora_path", "lora_strength", "lora_name", "lora_dir", "loras")},
+    **{k: f"a command-line flag (--{k}) or request field, not a config key"
+       for k in ("prompt", "negative_prompt", "image_path", "last_frame_path", "save_result_path", "model_path",
+                 "config_json", "target_shape", "prompt_enhancer")},
+}
+
+
+def _unknown_key_hint(key: str) -> str:
+    """`key` quoted, with where it belongs or the nearest key: the keys acted on first (a nearest key that is
+    accepted and ignored would turn a typo into a silent no-op), then the others."""
+    if key in _PLACES:
+        return f"{key!r} ({_PLACES[key]})"
+    others = _ACCEPTED_IGNORED | set(_UNSUPPORTED_IF_TRUE) | set(_READ_TOO) | set(_ONLY_VALUES)
+    close = (difflib.get_close_matches(key, sorted(_MAPPED | set(_READ_TOO)), n=1)
+             or difflib.get_close_matches(key, sorted(others), n=1))
+    return f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
 def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, source: str = "config",
                      warn: bool = True) -> RunConfig:
     """Validates a LightX2V-style dict and returns a RunConfig.
@@ -526,12 +552,7 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
         else:
             unknown.append(key)
     if unknown:
-        known = sorted(_MAPPED | _ACCEPTED_IGNORED | set(_UNSUPPORTED_IF_TRUE) | set(_READ_TOO) | set(_ONLY_VALUES))
-        hints = []
-        for k in unknown:
-            close = difflib.get_close_matches(k, known, n=1)
-            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ValueError(f"{source}: unknown config key(s): {', '.join(hints)}")
+        raise ValueError(f"{source}: unknown config key(s): {', '.join(_unknown_key_hint(k) for k in unknown)}")
 
     if raw.get("t5_offload_granularity") not in (None, "model", "block"):
         raise _err("t5_offload_granularity", raw["t5_offload_granularity"], "expected 'model' or 'block'")

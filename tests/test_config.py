@@ -1,5 +1,6 @@
 """LightX2V JSON configs: shipped files parse, keys map, bad values are named."""
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -93,6 +94,15 @@ def test_lightx2v_values_that_ask_for_what_runs():
 def test_unknown_key_is_an_error_with_suggestion():
     with pytest.raises(ValueError, match=r"'target_heigth' \(did you mean 'target_height'\?\)"):
         parse_run_config({"target_heigth": 480})
+    # a known place rather than the nearest spelling: clip_offload was 'cpu_offload' (the whole DiT), a top-level
+    # cfg_p_size 'cfg_scale' (accepted and ignored: a typo turned into a silent no-op)
+    for key, hint in (("clip_offload", "did you mean 'clip_cpu_offload'?"),
+                      ("cfg_p_size", 'a key of the "parallel" section'), ("seq_p_size", 'a key of the "parallel"'),
+                      ("lora_strength", 'LoRAs go in "lora_configs"'), ("image_path", "a command-line flag (--image_path)"),
+                      ("sample_guide_scal", "did you mean 'sample_guide_scale'?"),
+                      ("use_compil", "did you mean 'use_compile'?")):
+        with pytest.raises(ValueError, match=f"'{key}' \\({re.escape(hint)}"):
+            parse_run_config({key: 1})
 
 
 def test_sampler_choice_follows_model_cls():
@@ -394,3 +404,16 @@ def test_numpy_numbers_are_taken_as_json_numbers():
                      ({"infer_steps": np.True_}, "infer_steps"), ({"parallel": {"seq_p_size": 2.5}}, "seq_p_size")):
         with pytest.raises(ValueError, match=key):
             parse_run_config(raw)
+
+
+def test_shipped_configs_say_what_they_run():
+    """configs/tiny/tiny_baseline.json (README: the 8-step CFG baseline) ran the distill sampler without
+    --model_cls (8 steps is not above infer.py's "base model config" threshold); LightX2V's 4090 files set
+    dit/t5/clip_quant_scheme with their *_quantized flags (the T2V copy lacked CLIP's)."""
+    root = Path(__file__).parent.parent / "configs"
+    base = load_run_config(root / "tiny" / "tiny_baseline.json")
+    assert (base.sampler, base.infer_steps, base.enable_cfg) == ("unipc", 8, True)
+    for task in ("t2v", "i2v"):
+        raw = json.loads((root / "distill" / f"wan_{task}_distill_4step_cfg_4090.json").read_text())
+        for part in ("dit", "t5", "clip"):
+            assert raw[f"{part}_quantized"] is True and raw[f"{part}_quant_scheme"] == "fp8-q8f", (task, part)
