@@ -76,6 +76,7 @@ MAX_PROMPT_CHARS = 1 << 16
 MAX_DOWNLOAD = 32 << 20  # image_path URLs
 MAX_SIDE, MAX_FRAMES = 2048, 321  # per-request sizes (720p is 1280 x 720, 81 frames)
 MAX_FINISHED = 1000      # finished tasks kept for status queries (oldest dropped first)
+MAX_RESULT_DEPTH = 16    # folders in a request's save_result_path (a path 1000 folders deep failed after its run)
 MAX_IMAGE_PIXELS = 64_000_000  # input images (decoded in the request thread)
 WAN_720P_TOKENS = 21 * 45 * 80  # request_tokens(81, 720, 1280): the least per-request cap by default
 MAX_DRAIN = 8 << 20      # unread request body read (and dropped) before an early refusal
@@ -156,10 +157,15 @@ class TaskQueue:
         with self._cond:
             if task.task_id in self._tasks:
                 raise RequestError(f"task_id {task.task_id!r} exists already")
+            mine = task.save_result_path
             for other in self._tasks.values():
-                if other.status in ("pending", "processing") and other.save_result_path == task.save_result_path:
-                    raise RequestError(f"save_result_path {task.save_result_path.name!r} belongs to task "
-                                       f"{other.task_id}, which has not finished", HTTPStatus.CONFLICT)
+                theirs = other.save_result_path
+                if other.status in ("pending", "processing") and (
+                        theirs == mine or theirs.is_relative_to(mine) or mine.is_relative_to(theirs)):
+                    # (the same file, or one that the other's would need as a folder: "a.mp4/x" and "a.mp4")
+                    raise RequestError(f"save_result_path {mine.name!r} " + (
+                        "belongs to" if theirs == mine else f"clashes with {theirs.name!r} (one inside the other) of")
+                        + f" task {other.task_id}, which has not finished", HTTPStatus.CONFLICT)
             self._refuse_if_full()
             self._tasks[task.task_id] = task
             self._pending.append(task)
@@ -333,6 +339,50 @@ def _lax_int(value):
     return value
 
 
+def _lax_float(value):
+    """A number field's value as pydantic's lax mode takes it: a decimal string ("0.5", "1e-1") is that
+    number; anything else is returned as it is (and refused by its check)."""
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?([0-9]{1,30}(\.[0-9]{0,30})?|\.[0-9]{1,30})([eE][+-]?[0-9]{1,3})?\s*",
+                                               value):
+        return float(value)
+    return value
+
+
+# pydantic's lax booleans (also what a form sends for Python's True / False)
+_LAX_TRUE, _LAX_FALSE = ("1", "true", "t", "yes", "y", "on"), ("0", "false", "f", "no", "n", "off")
+
+
+def _lax_bool(value):
+    """A boolean field's value as pydantic's lax mode takes it: 0 / 1 and the strings "true", "False", "off",
+    ... are that boolean; anything else is returned as it is (and refused by its check)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _LAX_TRUE + _LAX_FALSE:
+        return value.strip().lower() in _LAX_TRUE
+    return value
+
+
+_LAX_INTS = ("seed", "infer_steps", "target_video_length", "target_fps", "video_duration", "num_fragments")
+
+
+def _lax_fields(body: dict) -> dict:
+    """The request's typed fields converted as LightX2V's pydantic schema (lax mode) converts them."""
+    out = {}
+    for k, v in body.items():
+        if k in _LAX_INTS:
+            v = _lax_int(v)
+        elif k == "target_shape" and isinstance(v, list):
+            v = [_lax_int(x) for x in v]
+        elif k == "lora_strength":
+            v = _lax_float(v)
+        elif k == "use_prompt_enhancer":
+            v = _lax_bool(v)
+        out[k] = v
+    return out
+
+
 def check_request(body: dict, *, output_dir: Path, infer_steps: int, task: str,
                   image_bytes: bytes | None = None, fetched: tuple[bytes, str] | None = None,
                   default_size: tuple[int, int] = (480, 832),
@@ -347,6 +397,7 @@ def check_request(body: dict, *, output_dir: Path, infer_steps: int, task: str,
     unknown = sorted(set(body) - FIELDS)
     if unknown:
         raise RequestError(f"unknown field(s) {[_short(k, 40) for k in unknown]}; accepted: {sorted(FIELDS)}")
+    body = _lax_fields(body)  # ("42", 9.0, "0.5", "false": as LightX2V's schema reads them)
     for name, why in UNSUPPORTED.items():
         value = body.get(name)
         # "not given": null, "", false, [] (0 is a value: 0 == False, so the comparison is by type)
@@ -371,9 +422,6 @@ def check_request(body: dict, *, output_dir: Path, infer_steps: int, task: str,
             text.encode("utf-8")
         except UnicodeEncodeError as e:  # a lone surrogate (JSON "\ud800"): the tokenizer would fail in the task
             raise RequestError(f"{name}: not valid Unicode text ({e.reason} at character {e.start})") from None
-    body = {k: (_lax_int(v) if k in ("seed", "infer_steps", "target_video_length") else
-                [_lax_int(x) for x in v] if k == "target_shape" and isinstance(v, list) else v)
-            for k, v in body.items()}
     steps = body.get("infer_steps")
     if steps is not None and (isinstance(steps, bool) or steps not in (infer_steps, LIGHTX2V_DEFAULT_STEPS)):
         raise RequestError(f"infer_steps {_short(steps)}: this server's models run {infer_steps} steps (set at "
@@ -524,6 +572,12 @@ def result_path(requested: str | None, task_id: str, output_dir: Path) -> Path:
     if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in name):
         raise RequestError(f"save_result_path {_short(requested)!r}: control characters are not allowed")
     try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # (a lone surrogate: no file name a client can be sent back)
+        raise RequestError(f"save_result_path {_short(requested)!r}: not valid Unicode text") from None
+    if len(Path(name).parts) > MAX_RESULT_DEPTH + 1:
+        raise RequestError(f"save_result_path {_short(requested)!r}: more than {MAX_RESULT_DEPTH} folders deep")
+    try:
         path = (output_dir / name).resolve()
     except (OSError, ValueError) as e:
         raise RequestError(f"save_result_path {_short(requested)!r}: not a usable path ({e})") from None
@@ -543,7 +597,8 @@ def content_disposition(name: str) -> str:
     """An attachment header for any file name (RFC 6266): an ASCII fallback without quotes, backslashes or
     control characters, and the UTF-8 name percent-encoded (RFC 5987)."""
     fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in name)
-    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{urllib.parse.quote(name, safe='')}"
+    quoted = urllib.parse.quote(name, safe='', errors="replace")  # (a name with undecodable bytes: "?" for them)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quoted}"
 
 
 def _open_image(data, what: str):
@@ -665,7 +720,7 @@ def parse_multipart(content_type: str, body: bytes) -> tuple[dict, bytes | None]
         except UnicodeDecodeError:
             raise RequestError(f"form field {_short(name, 40)!r}: not UTF-8 text") from None
         if name in ("seed", "infer_steps", "target_video_length", "target_shape", "lora_strength", "video_duration",
-                    "target_fps", "use_prompt_enhancer", "num_fragments", "talk_objects"):
+                    "target_fps", "num_fragments", "talk_objects"):  # (use_prompt_enhancer: text, read laxly)
             try:
                 fields[name] = json.loads(text) if text else None
             except (ValueError, RecursionError):
@@ -704,11 +759,12 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(f"file {path.name!r} is gone", HTTPStatus.NOT_FOUND) from None
         with f:
             size = os.fstat(f.fileno()).st_size  # (the file opened: the path may name another one by now)
+            disposition = content_disposition(path.name)  # (every header made before the status line is sent)
             self._drain()
             self.send_response(HTTPStatus.OK)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(size))
-            self.send_header("Content-Disposition", content_disposition(path.name))
+            self.send_header("Content-Disposition", disposition)
             self.end_headers()
             self._headers_sent = True
             while chunk := f.read(1 << 20):
@@ -774,6 +830,7 @@ class Handler(BaseHTTPRequestHandler):
         if self._headers_sent:  # a started file download: the error cannot be written into it
             self.close_connection = True
             return
+        self._headers_buffer = []  # (a reply whose headers were being made when it failed: not sent with this one)
         try:
             self._send(status, {"detail": detail})
         except (ConnectionError, TimeoutError):
@@ -1087,7 +1144,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_options(args, rank: int = 0) -> None:
     """Server options that would otherwise fail late or with a traceback: a ValueError naming the option,
-    before the models load. Rank 0 (which writes the results) makes --output_dir and tries writing to it."""
+    before the models load. Rank 0 (which writes the results) makes --output_dir and tries writing to it, and
+    checks that the ffmpeg writing the videos exists."""
     from lightx2v_engine.infer import DEFAULT_OUTPUT
     per_video = [flag for flag, given in (
         ("--prompt", args.prompt is not None), ("--negative_prompt", args.negative_prompt is not None),
@@ -1113,6 +1171,11 @@ def check_options(args, rank: int = 0) -> None:
         except OSError as e:
             raise ValueError(f"--output_dir {args.output_dir!r} cannot be created or written "
                              f"({e.strerror or type(e).__name__})") from None
+        from lightx2v_engine.video import VideoWriteError, check_ffmpeg
+        try:  # (every task would fail after its run, when its video is written)
+            check_ffmpeg("server")
+        except VideoWriteError as e:
+            raise ValueError(str(e)) from None
 
 
 def image_sources(args) -> ImageSources:

@@ -121,6 +121,11 @@ def check_video_file(path: str | os.PathLike, what: str) -> None:
     before a run: a bad path or a missing encoder must not cost the generated video)."""
     check_output_file(path, what)
     video_container(path, what)
+    check_ffmpeg(what)
+
+
+def check_ffmpeg(what: str) -> None:
+    """VideoWriteError naming `what` when the ffmpeg that writes videos does not exist or cannot run."""
     exe = _ffmpeg_exe()
     if not os.path.dirname(exe):  # a bare name (IMAGEIO_FFMPEG_EXE=ffmpeg, imageio-ffmpeg's fallback): on PATH
         exe = shutil.which(exe) or exe

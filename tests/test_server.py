@@ -486,8 +486,8 @@ def test_per_request_loras(tmp_path):
             assert code == 400 and match in resp["detail"], resp
         videos = {}
         for name, body in (("lora", {"lora_name": "sub/style", "lora_strength": 0.5}), ("base", {}),
-                           ("broken", {"lora_name": "broken.safetensors"}), ("again", {"lora_name": "sub/style.safetensors",
-                                                                                      "lora_strength": 0.5})):
+                           ("broken", {"lora_name": "broken.safetensors"}),
+                           ("again", {"lora_name": "sub/style.safetensors", "lora_strength": "0.5"})):  # (lax)
             code, created = c.call("POST", "/v1/tasks/video/", {"prompt": "a red car", "seed": 3,
                                                                  "save_result_path": name, **body})
             assert code == 200, created
@@ -605,6 +605,32 @@ def test_a_result_path_through_a_file_is_refused_before_the_task_runs(tmp_path):
         assert ran == [tmp_path.resolve() / "new" / "sub" / "clip.mp4"]
     finally:
         c.close(app)
+
+
+def test_result_paths_that_could_not_be_written_or_sent_are_refused_when_asked(tmp_path):
+    """A path 1000 folders deep was accepted and failed after its run (RecursionError in mkdir); "clip" and
+    "clip.mp4/x" of two live tasks were both accepted (one needs the other's file as a folder); a lone
+    surrogate in the name was written, then its download sent a 200 with a 500 inside its headers."""
+    release = threading.Event()
+    app = S.App(lambda p, path, cancel: (release.wait(10), path.write_bytes(b"v")), output_dir=tmp_path,
+                infer_steps=4, task="t2v")
+    c = Client(app)
+    try:
+        code, resp = c.call("POST", "/v1/tasks/video/", {"prompt": "x", "save_result_path": "a/" * 1000 + "clip"})
+        assert code == 400 and f"more than {S.MAX_RESULT_DEPTH} folders deep" in resp["detail"], resp
+        deep = "a/" * S.MAX_RESULT_DEPTH + "clip"
+        assert c.call("POST", "/v1/tasks/video/", {"prompt": "x", "save_result_path": deep})[0] == 200
+        assert c.call("POST", "/v1/tasks/video/", {"prompt": "x", "save_result_path": "clip.mp4/x"})[0] == 200
+        code, resp = c.call("POST", "/v1/tasks/video/", {"prompt": "x", "save_result_path": "clip"})
+        assert code == 409 and "'clip.mp4' clashes with 'x.mp4' (one inside the other)" in resp["detail"], resp
+        raw = json.dumps({"prompt": "x", "save_result_path": "bad\udc80name"}).encode()
+        code, resp = c.call("POST", "/v1/tasks/video/", raw=raw)
+        assert code == 400 and "not valid Unicode text" in resp["detail"], resp
+    finally:
+        release.set()
+        c.close(app)
+    # a file name that cannot be percent-encoded as UTF-8 still gets a whole reply
+    assert S.content_disposition("bad\udc80.mp4").endswith("filename*=UTF-8''bad%3F.mp4")
 
 
 def test_a_malformed_reply_to_an_image_download_is_a_400(tmp_path):
@@ -829,6 +855,13 @@ def test_start_options_are_checked_before_loading(tmp_path, capsys, monkeypatch)
                                          "pairs")):
         assert S.main(["--random-weights", "--preset", "tiny", "--host", "127.0.0.1", "--port", "0", *argv]) == 2
         assert capsys.readouterr().err == f"error: {message}\n"
+    # no ffmpeg: every task would have failed after its run, when its video is written
+    monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", str(tmp_path / "no-ffmpeg"))
+    assert S.main(["--random-weights", "--preset", "tiny", "--host", "127.0.0.1", "--port", "0",
+                   "--output_dir", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (f"error: server: the ffmpeg executable {str(tmp_path / 'no-ffmpeg')!r} does "
+                                       f"not exist or is not executable (IMAGEIO_FFMPEG_EXE, or the imageio-ffmpeg "
+                                       f"package's binary)\n")
     assert loads == []
 
 
@@ -957,8 +990,8 @@ def test_a_download_sends_the_file_it_opened(tmp_path, monkeypatch):
 
 
 def test_health_lax_integers_and_float_images(tmp_path):
-    """LightX2V's GET /health; integer fields as its pydantic schema takes them ("42", 9.0); a 32-bit float
-    image is a 400 when the request comes (it was a task failing in the worker)."""
+    """LightX2V's GET /health; integer and boolean fields as its pydantic schema takes them ("42", 9.0, "false");
+    a 32-bit float image is a 400 when the request comes (it was a task failing in the worker)."""
     seen = []
     app = S.App(lambda p, path, cancel: seen.append(p), output_dir=tmp_path, infer_steps=4, task="i2v",
                 default_size=(32, 48))
@@ -973,9 +1006,22 @@ def test_health_lax_integers_and_float_images(tmp_path):
         assert code == 200, created
         c.wait(created["task_id"])
         assert seen[0]["seed"] == 42 and seen[0]["num_frames"] == 9
-        for bad in ({"seed": "4.5"}, {"seed": True}, {"target_video_length": 9.5}):
+        for bad in ({"seed": "4.5"}, {"seed": True}, {"target_video_length": 9.5}, {"use_prompt_enhancer": "yes"},
+                    {"use_prompt_enhancer": 1}, {"target_fps": 16.5}, {"target_fps": "24"}):
             code, resp = c.call("POST", "/v1/tasks/video/", {"prompt": "x", "image_path": image, **bad})
             assert code == 400, (bad, resp)
+        # booleans and the schema's defaults as pydantic's lax mode reads them (they were 400s): off, and 16
+        for ok in ({"use_prompt_enhancer": "false"}, {"use_prompt_enhancer": 0}, {"target_fps": 16.0},
+                   {"target_fps": "16", "video_duration": 5.0, "num_fragments": "1"}):
+            code, resp = c.call("POST", "/v1/tasks/video/", {"prompt": "x", "image_path": image, **ok})
+            assert code == 200, (ok, resp)
+        boundary = "lax"  # (requests sends Python's False as the text "False")
+        form = "".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n"
+                       for k, v in (("prompt", "x"), ("image_path", image), ("use_prompt_enhancer", "False"),
+                                    ("target_fps", "16.0"))) + f"--{boundary}--\r\n"
+        code, resp = c.call("POST", "/v1/tasks/video/form", raw=form.encode(),
+                            content_type=f"multipart/form-data; boundary={boundary}")
+        assert code == 200, resp
         tif = io.BytesIO()
         Image.fromarray(np.random.rand(48, 64).astype(np.float32), mode="F").save(tif, format="TIFF")
         code, resp = c.call("POST", "/v1/tasks/video/", {"prompt": "x",
