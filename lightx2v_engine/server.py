@@ -626,21 +626,87 @@ def _is_file(value: str) -> bool:
         return False
 
 
-def _read_within(f, n: int, seconds: float, what: str, status: HTTPStatus = HTTPStatus.REQUEST_TIMEOUT) -> bytes:
+def _read_within(f, n: int, seconds: float, what: str, status: HTTPStatus = HTTPStatus.REQUEST_TIMEOUT,
+                 total: float | None = None) -> bytes:
     """n bytes from the stream f (fewer at its end) within `seconds` in all: read1 returns what has come
     (each read also has its socket's own timeout), so the deadline is checked between arrivals; past it a
-    RequestError with `status` (408: the client's body; a download's: 400)."""
+    RequestError with `status` (408: the client's body; a download's: 400) naming `total` seconds (default
+    `seconds`: the time this read had)."""
     deadline = time.monotonic() + seconds
     parts, got = [], 0
     while got < n:
         if time.monotonic() > deadline:
-            raise RequestError(f"{what}: not received within {seconds:.0f} s ({got} of {n} bytes)", status)
+            raise RequestError(f"{what}: not received within {seconds if total is None else total:.0f} s "
+                               f"({got} of {n} bytes)", status)
         chunk = f.read1(min(n - got, 1 << 16))
         if not chunk:
             break
         parts.append(chunk)
         got += len(chunk)
     return b"".join(parts)
+
+
+class _DownloadDeadline:
+    """Shuts every connection of one download (its redirects' too) once `seconds` have passed since it began:
+    urlopen's timeout is per read, so a server sending its status line and headers a byte at a time held the
+    request for as long as it liked. (DNS and a TLS handshake keep their per-read timeouts only.)"""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.expired, self._socks, self._lock = seconds, False, [], threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self.end = time.monotonic() + seconds
+
+    def add(self, sock) -> None:
+        with self._lock:
+            self._socks.append(sock)
+            if self.expired:
+                self._shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._socks:
+                self._shut(sock)
+
+    @staticmethod
+    def _shut(sock) -> None:
+        import socket
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # (a blocked read returns or fails at once)
+        except OSError:
+            pass
+
+    def opener(self) -> urllib.request.OpenerDirector:
+        """urllib's opener whose HTTP(S) connections are registered with this deadline as they connect."""
+        deadline = self
+
+        class Http(http.client.HTTPConnection):
+            def connect(self):
+                super().connect()
+                deadline.add(self.sock)
+
+        class Https(http.client.HTTPSConnection):
+            def connect(self):
+                super().connect()
+                deadline.add(self.sock)
+
+        class HttpHandler(urllib.request.HTTPHandler):
+            def http_open(self, req):
+                return self.do_open(Http, req)
+
+        class HttpsHandler(urllib.request.HTTPSHandler):
+            def https_open(self, req):
+                return self.do_open(Https, req, context=self._context)
+
+        return urllib.request.build_opener(HttpHandler, HttpsHandler)
+
+    def __enter__(self) -> "_DownloadDeadline":
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
 
 
 def read_image_input(value: str, sources: ImageSources = ImageSources()) -> tuple[bytes, str]:
@@ -655,13 +721,19 @@ def read_image_input(value: str, sources: ImageSources = ImageSources()) -> tupl
         if not sources.urls:
             raise RequestError("image_path: this server does not download URLs (--no_image_urls); send base64 "
                                "data or an image_file upload")
+        deadline = _DownloadDeadline(DOWNLOAD_DEADLINE)
         try:
-            with urllib.request.urlopen(value, timeout=30) as r:
-                data = _read_within(r, MAX_DOWNLOAD + 1, DOWNLOAD_DEADLINE, f"image_path {_short(value)!r}",
-                                    HTTPStatus.BAD_REQUEST)
+            with deadline, deadline.opener().open(value, timeout=30) as r:
+                data = _read_within(r, MAX_DOWNLOAD + 1, max(0.0, deadline.end - time.monotonic()),
+                                    f"image_path {_short(value)!r}", HTTPStatus.BAD_REQUEST, total=DOWNLOAD_DEADLINE)
+                if deadline.expired:  # (cut at the deadline: what came is not the whole image)
+                    raise RequestError(f"image_path {_short(value)!r}: not received within {DOWNLOAD_DEADLINE:.0f} s")
         except (OSError, ValueError, http.client.HTTPException) as e:  # (HTTPException: a malformed reply)
             if isinstance(e, RequestError):
                 raise
+            if deadline.expired:
+                raise RequestError(f"image_path {_short(value)!r}: not received within {DOWNLOAD_DEADLINE:.0f} s "
+                                   f"(its reply did not come in time)") from None
             raise RequestError(f"image_path {_short(value)!r}: download failed ({type(e).__name__}: "
                                f"{_short(e)})") from None
         if len(data) > MAX_DOWNLOAD:

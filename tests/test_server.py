@@ -1164,6 +1164,49 @@ def test_slow_image_downloads_hit_their_deadline_outside_the_parsing_slots(tmp_p
         c.close(app)
 
 
+def test_an_image_download_whose_headers_trickle_is_cut_at_the_deadline(tmp_path, monkeypatch):
+    """The download's deadline covered its body only: a server sending its status line and headers a byte
+    every 0.2 s held the request (and a reading slot) for as long as it liked, each byte within urlopen's
+    per-read timeout. Now the whole download, redirects included, is cut at DOWNLOAD_DEADLINE."""
+    import http.server
+    monkeypatch.setattr(S, "DOWNLOAD_DEADLINE", 2)
+    head = b"HTTP/1.0 200 OK\r\nContent-Type: image/png\r\nX-Pad: " + b"x" * 200 + b"\r\n\r\n"
+
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/hop":  # (a redirect first: the deadline spans both connections)
+                self.send_response(302)
+                self.send_header("Location", "/img.png")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            for i in range(len(head)):
+                try:
+                    self.wfile.write(head[i:i + 1])
+                    self.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.2)
+
+        def log_message(self, *a):
+            pass
+    slow = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=slow.serve_forever, daemon=True).start()
+    app = S.App(lambda p, path, cancel: None, output_dir=tmp_path, infer_steps=4, task="i2v", default_size=(32, 48))
+    c = Client(app)
+    try:
+        t0 = time.monotonic()
+        code, resp = c.call("POST", "/v1/tasks/video/", {"prompt": "x",
+                                                          "image_path": f"http://127.0.0.1:{slow.server_port}/hop"})
+        took = time.monotonic() - t0
+        assert code == 400 and "not received within 2 s" in resp["detail"], resp
+        assert took < 10, took  # (the headers alone take ~45 s to arrive)
+    finally:
+        slow.shutdown()
+        slow.server_close()
+        c.close(app)
+
+
 @pytest.mark.usefixtures("torch_ops")
 def test_lora_dynamic_apply_config_loras_are_the_tasks_default_and_a_request_lora_replaces_them(tmp_path):
     """lora_dynamic_apply: the config's LoRAs are every task's default; a task's lora_name replaces them (as
