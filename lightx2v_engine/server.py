@@ -243,13 +243,14 @@ class TaskQueue:
             return {"stop_status": "do_nothing", "reason": f"task is {task.status}"}
 
     def cancel_all(self) -> dict:
-        with self._cond:
-            ids = [t.task_id for t in self._pending] + ([self.current.task_id] if self.current else [])
+        with self._cond:  # (one snapshot: the worker may clear self.current at any moment after it)
+            pending = [t.task_id for t in self._pending]
+            running = self.current.task_id if self.current is not None else None
+        ids = pending + ([running] if running is not None else [])
         for task_id in ids:
             self.cancel(task_id)
-        running = int(bool(ids) and self.current is not None and ids[-1] == self.current.task_id)
         return {"stop_status": "success" if ids else "do_nothing",
-                "reason": f"cancelled {len(ids) - running} pending task(s)"
+                "reason": f"cancelled {len(pending)} pending task(s)"
                           + (", stopping the running one before its next denoising step" if running else "")}
 
     def close(self, timeout: float | None = STOP_WAIT) -> bool:

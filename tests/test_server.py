@@ -702,8 +702,19 @@ def test_close_cancels_the_pending_tasks_and_stops_the_running_one(tmp_path):
     assert started.wait(10)
     # (DELETE /v1/tasks/all/running's answer: it counted the running task among the cancelled ones, though it
     # may still complete if past its last step)
+    # every read of the running task is under the queue's lock (the worker clears it under the lock: a read
+    # outside it, as cancel_all's second one was, can find None between a check and a use)
+    reads = []
+    unlocked = type(q).__dict__.get("current")
+    assert unlocked is None  # (a plain attribute: stood in for by a property on a subclass)
+    cls = type("Watched", (S.TaskQueue,), {"current": property(
+        lambda self: (reads.append(self._cond._is_owned()), self.__dict__["current"])[1],
+        lambda self, v: self.__dict__.__setitem__("current", v))})
+    q.__class__ = cls
     assert q.cancel_all() == {"stop_status": "success", "reason": "cancelled 2 pending task(s), stopping the "
                                                                   "running one before its next denoising step"}
+    q.__class__ = S.TaskQueue
+    assert reads and all(reads), reads
     t0 = time.time()
     assert q.close(timeout=20) is True
     assert time.time() - t0 < 10 and not q._worker.is_alive()
