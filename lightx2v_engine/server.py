@@ -567,7 +567,9 @@ def list_loras(lora_dir: Path | None) -> list[str]:
 
 
 def result_path(requested: str | None, task_id: str, output_dir: Path) -> Path:
-    """Where a task's video goes: output_dir / (save_result_path or task_id) with .mp4; inside output_dir.
+    """Where a task's video goes: output_dir / (save_result_path or task_id), inside output_dir; ".mp4" is
+    added unless it ends in a video container's extension (.mp4, .m4v, .mov, .mkv: kept, as LightX2V keeps a
+    given suffix).
     Control characters (which would also end up in the download's headers) are refused."""
     name = requested or task_id
     if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in name):
@@ -582,7 +584,8 @@ def result_path(requested: str | None, task_id: str, output_dir: Path) -> Path:
         path = (output_dir / name).resolve()
     except (OSError, ValueError) as e:
         raise RequestError(f"save_result_path {_short(requested)!r}: not a usable path ({e})") from None
-    if path.suffix.lower() != ".mp4":
+    from lightx2v_engine.video import VIDEO_CONTAINERS
+    if path.suffix.lower() not in VIDEO_CONTAINERS:
         path = path.with_name(path.name + ".mp4")
     if not path.is_relative_to(output_dir.resolve()) or path == output_dir.resolve():
         raise RequestError(f"save_result_path {_short(requested)!r} leaves the output folder {output_dir}")
@@ -592,6 +595,14 @@ def result_path(requested: str | None, task_id: str, output_dir: Path) -> Path:
     except ValueError as e:
         raise RequestError(str(e)) from None
     return path
+
+
+_CONTENT_TYPES = {".mp4": "video/mp4", ".m4v": "video/mp4", ".mov": "video/quicktime", ".mkv": "video/x-matroska"}
+
+
+def _content_type(path: Path) -> str:
+    """A download's Content-Type: the video's by its extension, else application/octet-stream."""
+    return _CONTENT_TYPES.get(path.suffix.lower(), "application/octet-stream")
 
 
 def content_disposition(name: str) -> str:
@@ -1024,7 +1035,7 @@ class App:
             if info["status"] != "completed":
                 raise RequestError(f"task {info['task_id']} is {info['status']}"
                                    + (f": {info['error']}" if info["error"] else ""), HTTPStatus.NOT_FOUND)
-            h._file(Path(info["save_result_path"]), "video/mp4")
+            h._file(Path(info["save_result_path"]), _content_type(Path(info["save_result_path"])))
             return HTTPStatus.OK, None
         if m and method == "DELETE" and m.group(2) is None:
             return HTTPStatus.OK, self.queue.cancel(m.group(1))
@@ -1033,7 +1044,7 @@ class App:
             target = _file_inside(self.output_dir, rel)
             if target is None:
                 raise RequestError(f"no file {_short(rel)!r} in the output folder", HTTPStatus.NOT_FOUND)
-            h._file(target, "video/mp4" if target.suffix == ".mp4" else "application/octet-stream")
+            h._file(target, _content_type(target))
             return HTTPStatus.OK, None
         if method == "GET" and path == "/v1/service/status":
             return HTTPStatus.OK, self.queue.service_status()

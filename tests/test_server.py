@@ -607,6 +607,26 @@ def test_a_result_path_through_a_file_is_refused_before_the_task_runs(tmp_path):
         c.close(app)
 
 
+def test_a_result_path_with_a_container_extension_keeps_it(tmp_path):
+    """save_result_path "clip.mkv" wrote clip.mkv.mp4 (LightX2V keeps a given suffix); the CLI's containers
+    are kept now, each downloaded with its own Content-Type, and ".mp4" is added to any other name."""
+    def fake(params, path, cancel):
+        path.write_bytes(path.suffix.encode())
+    app = S.App(fake, output_dir=tmp_path, infer_steps=4, task="t2v")
+    c = Client(app)
+    try:
+        for name, stored, ctype in (("a.mkv", "a.mkv", "video/x-matroska"), ("b.MOV", "b.MOV", "video/quicktime"),
+                                    ("c.m4v", "c.m4v", "video/mp4"), ("d.avi", "d.avi.mp4", "video/mp4"),
+                                    ("e", "e.mp4", "video/mp4")):
+            code, created = c.call("POST", "/v1/tasks/video/", {"prompt": "x", "save_result_path": name})
+            assert code == 200 and created["save_result_path"] == str(tmp_path.resolve() / stored), created
+            assert c.wait(created["task_id"])["status"] == "completed"
+            with urllib.request.urlopen(f"{c.base}/v1/tasks/{created['task_id']}/result", timeout=60) as r:
+                assert r.headers["Content-Type"] == ctype and r.read() == Path(stored).suffix.encode(), name
+    finally:
+        c.close(app)
+
+
 def test_result_paths_that_could_not_be_written_or_sent_are_refused_when_asked(tmp_path):
     """A path 1000 folders deep was accepted and failed after its run (RecursionError in mkdir); "clip" and
     "clip.mp4/x" of two live tasks were both accepted (one needs the other's file as a folder); a lone
