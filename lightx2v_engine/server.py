@@ -86,6 +86,8 @@ MAX_READING = 16         # create requests in progress at once (memory: at most 
 BODY_RATE = 256 << 10    # bytes/s a body must arrive at, on average (a deadline of its own beside the per-read
 BODY_MIN_S = 60          # timeout: a client sending a byte now and then held a slot for good), at least 60 s
 DOWNLOAD_DEADLINE = 60   # seconds an image_path URL's download may take in all
+HEADER_DEADLINE = 60     # seconds a request's line and headers may take in all (each read also has its timeout)
+MAX_CONNECTIONS = 256    # connections served at once (a thread each); more are closed as they come
 STOP_WAIT = 5.0          # seconds a stopping server waits for the running task to stop
 # task ids that would clash with the routes under /v1/tasks/ (queue/status, all/running, video/, image/)
 RESERVED_IDS = ("all", "image", "queue", "video")
@@ -827,6 +829,29 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):  # through logging, not stderr; control characters escaped (a request
         log.info("%s %s", self.address_string(), (fmt % args).translate(_LOG_ESCAPES))  # line forging log lines)
 
+    def handle_one_request(self):
+        """One request, its line and headers within HEADER_DEADLINE in all: a client sending them a byte at
+        a time (each within the per-read timeout) held its thread for as long as it liked."""
+        self._header_timer = threading.Timer(HEADER_DEADLINE, self._cut)
+        self._header_timer.daemon = True
+        self._header_timer.start()
+        try:
+            super().handle_one_request()
+        finally:
+            self._header_timer.cancel()
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()  # (the headers are read: the deadline is over)
+        self._header_timer.cancel()
+        return ok
+
+    def _cut(self) -> None:
+        import socket
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)  # (the blocked read returns; the connection closes)
+        except OSError:
+            pass
+
     def _send(self, status: HTTPStatus, obj) -> None:
         data = json.dumps(obj).encode()
         self._drain()
@@ -1159,6 +1184,29 @@ def serve_worker(pipe) -> None:
 
 class _HTTPServer(ThreadingHTTPServer):
     request_queue_size = 128  # the listen backlog (5 by default: a burst of status polls waited on TCP retries)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request, client_address):
+        """A thread for the connection while fewer than MAX_CONNECTIONS are served; else it is closed at once
+        (a thread each, unbounded before: idle or trickling connections could pile up without limit)."""
+        if not self._slots.acquire(blocking=False):
+            log.warning("%s: closed, %d connections are open (MAX_CONNECTIONS)", client_address[0], MAX_CONNECTIONS)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 def bind(host: str = "0.0.0.0", port: int = 8000) -> ThreadingHTTPServer:

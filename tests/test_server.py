@@ -607,6 +607,53 @@ def test_a_result_path_through_a_file_is_refused_before_the_task_runs(tmp_path):
         c.close(app)
 
 
+def test_trickled_headers_and_too_many_connections_are_cut(tmp_path, monkeypatch):
+    """A request line and headers sent a byte at a time, each within the per-read timeout, held a thread
+    for as long as the client liked (now HEADER_DEADLINE in all); and every connection got a thread, without
+    limit (now MAX_CONNECTIONS; more are closed as they come, and a freed slot serves again)."""
+    import socket
+    monkeypatch.setattr(S, "HEADER_DEADLINE", 1)
+    monkeypatch.setattr(S, "MAX_CONNECTIONS", 3)
+    app = S.App(lambda p, path, cancel: None, output_dir=tmp_path, infer_steps=4, task="t2v")
+    c = Client(app)
+    port = c.httpd.server_port
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            t0 = time.monotonic()
+            closed = False
+            for byte in b"GET /v1/service/status HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"y" * 100:
+                try:
+                    sock.sendall(bytes([byte]))
+                except OSError:
+                    closed = True
+                    break
+                time.sleep(0.1)
+            if not closed:
+                try:
+                    assert sock.recv(100) == b""  # closed by the server, nothing answered
+                except ConnectionResetError:
+                    pass
+            assert time.monotonic() - t0 < 6
+        # a request sent at once is not cut (its headers come within the deadline; the handler takes longer)
+        assert c.call("GET", "/v1/service/status")[0] == 200
+        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+        try:
+            time.sleep(0.3)  # (each accepted and held by a thread waiting for its request line)
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
+                try:  # closed at once, no slot (a reset where the request came before the close)
+                    extra.sendall(b"GET /v1/service/status HTTP/1.1\r\nHost: x\r\n\r\n")
+                    assert extra.recv(100) == b""
+                except ConnectionResetError:
+                    pass
+        finally:
+            for sock in held:
+                sock.close()
+        time.sleep(0.3)
+        assert c.call("GET", "/v1/service/status")[0] == 200  # the slots are free again
+    finally:
+        c.close(app)
+
+
 def test_a_result_path_with_a_container_extension_keeps_it(tmp_path):
     """save_result_path "clip.mkv" wrote clip.mkv.mp4 (LightX2V keeps a given suffix); the CLI's containers
     are kept now, each downloaded with its own Content-Type, and ".mp4" is added to any other name."""
