@@ -2,8 +2,9 @@
 
 Every function here has a plain-PyTorch reference implementation (``*_ref``). On CUDA tensors the fast
 kernels of ``lightx2v_engine.kernels`` are used when importable and the GPU is sm80 or newer (Triton's
-NVIDIA minimum; older GPUs run the references); ``set_backend("torch")`` forces the references everywhere (the "plain PyTorch reference path" of the benchmarks). The model file only calls
-the functions below, so kernels plug in here without touching it.
+NVIDIA minimum; older GPUs run the references); ``set_backend("torch")`` forces the references everywhere
+(the "plain PyTorch reference path" of the benchmarks). The model file only calls the functions below, so
+kernels plug in here without touching it.
 
 Linears are nn.Linear modules in the model; the 8-bit path swaps them for quant.QuantLinear (a module
 swap, gpt-fast style), so they need no entry here.
