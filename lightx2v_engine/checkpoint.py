@@ -83,6 +83,17 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
         if nbytes != e - b:
             raise CheckpointError(f"{path}: corrupt safetensors header: tensor {key!r} has {e - b} bytes, shape "
                                   f"{shape} {info['dtype']} needs {nbytes}")
+    # the tensors tile the data section, as the format requires: two tensors on the same bytes loaded as one
+    pos = 0
+    for b, e, key in sorted((i["data_offsets"][0], i["data_offsets"][1], k) for k, i in header.items()):
+        if b != pos:
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {key!r} starts at byte {b} of the "
+                                  f"data section, expected {pos} ("
+                                  + ("it overlaps the tensor before it)" if b < pos else "a gap before it)"))
+        pos = e
+    if pos != size - start:
+        raise CheckpointError(f"{path}: corrupt safetensors file: its tensors end at byte {pos} of the data "
+                              f"section, which has {size - start} (bytes no tensor holds)")
     return header, start
 
 
@@ -144,6 +155,10 @@ def iter_torch_file(path: Path, log_wrapper: bool = True) -> Iterator[tuple[str,
         obj = obj[wrapper]
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a state dict, got {type(obj).__name__}")
+    # a LoRA's alpha saved as a Python number (kohya's torch files) is one too, not dropped
+    alphas = {k: torch.tensor(float(v)) for k, v in obj.items() if isinstance(k, str) and k.endswith(".alpha")
+              and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    obj.update(alphas)
     keys = [k for k, v in obj.items() if isinstance(v, torch.Tensor)]
     if not keys:
         shown = [str(k)[:40] for k in list(obj)[:8]]
@@ -167,7 +182,8 @@ def resolve_files(path: Path) -> list[Path]:
             return _index_shards(path)
         return [path]
     if path.is_dir():
-        indexes = sorted(path.glob("*.safetensors.index.json"))
+        # (a repository may hold both .safetensors and .bin shards: the former's index first)
+        indexes = sorted(path.glob("*.safetensors.index.json")) or sorted(path.glob("*.index.json"))
         if len(indexes) > 1:
             raise CheckpointError(f"{path}: several shard indexes {[p.name for p in indexes]}: give the one to "
                                   f"load (its path)")
@@ -176,10 +192,10 @@ def resolve_files(path: Path) -> list[Path]:
         files = sorted(path.glob("*.safetensors"))
         if files:
             return files
-        files = sorted(list(path.glob("*.pt")) + list(path.glob("*.pth")))
+        files = sorted(f for suffix in SUFFIXES[1:] for f in path.glob(f"*{suffix}"))
         if files:
             return files
-        raise FileNotFoundError(f"{path}: folder holds no .safetensors/.pt/.pth checkpoint files")
+        raise FileNotFoundError(f"{path}: folder holds no {'/'.join(SUFFIXES)} checkpoint files")
     raise FileNotFoundError(f"checkpoint not found: {path}")
 
 

@@ -40,7 +40,7 @@ def find_dit_checkpoint(model_path: str | Path | None, dit_original_ckpt: str | 
     def attempt(p: Path) -> list[Path] | None:
         tried.append(str(p))
         if p.exists():
-            return resolve_files(p)
+            return resolve_dit_files(p)
         return None
 
     if dit_original_ckpt:
@@ -77,9 +77,29 @@ def find_dit_checkpoint(model_path: str | Path | None, dit_original_ckpt: str | 
 DIT_TOP_NAMES = frozenset(name.split(".")[0] for pair in WAN_TO_DIFFUSERS for name in pair)
 
 
+# a block's parts that only the DiT has (Wan's and diffusers' names): umT5's blocks also hold "ffn" and "norm2"
+_DIT_BLOCK_PARTS = frozenset({"self_attn", "cross_attn", "modulation", "norm3", "attn1", "attn2", "scale_shift_table"})
+
+
 def holds_dit_keys(keys) -> bool:
-    """Whether any key (its DiT prefix stripped) is under one of the DiT's top-level names."""
-    return any(strip_prefix(k).split(".")[0] in DIT_TOP_NAMES for k in keys)
+    """Whether any key (its DiT prefix stripped) is the DiT's: under one of its top-level names other than
+    "blocks", or under a block part only the DiT has (a Wan umT5 .safetensors has blocks.N.attn/ffn too)."""
+    for k in keys:
+        parts = strip_prefix(k).split(".")
+        if parts[0] in DIT_TOP_NAMES - {"blocks"} or (parts[0] == "blocks" and len(parts) > 2
+                                                       and parts[2] in _DIT_BLOCK_PARTS):
+            return True
+    return False
+
+
+def resolve_dit_files(path: Path) -> list[Path]:
+    """checkpoint.resolve_files for a DiT checkpoint: a folder without a shard index gives its .safetensors
+    files less LoRA and non-DiT files (as the model folder's, folder_safetensors), else resolve_files'."""
+    if path.is_dir() and not any(path.glob("*.index.json")):
+        files, _ = folder_safetensors(path)
+        if files:
+            return files
+    return resolve_files(path)
 
 
 def folder_safetensors(folder: Path) -> tuple[list[Path], list[Path]]:
@@ -127,11 +147,14 @@ def _check_fits(cfg: ModelConfig, files: list[Path], expected: dict, qkeys: set[
     CheckpointError naming file, key and what was expected. Returns the key renaming (normalize_keys)."""
     meta = tensor_meta(files)
     scales = [k for k, *_ in meta if k.endswith(".weight_scale")]
-    comfy = [k for k, *_ in meta if k.endswith(".scale_weight") or k == "scaled_fp8"]
+    # ComfyUI's scaled-fp8 files: '*.scale_weight' (older), or '*.comfy_quant' beside one-number
+    # '*.weight_scale' keys (newer; LightX2V's have one scale per output channel)
+    comfy = [k for k, shape, *_ in meta if k.endswith((".scale_weight", ".comfy_quant")) or k == "scaled_fp8"
+             or (k.endswith(".weight_scale") and math.prod(shape) == 1)]
     if comfy:
         raise CheckpointError(
             f"{', '.join(map(str, files))}: a ComfyUI scaled-fp8 checkpoint (one scale per tensor, "
-            f"'*.scale_weight' keys, e.g. {comfy[0]!r}), which lightx2v-engine does not load: use LightX2V's "
+            f"e.g. {comfy[0]!r}), which lightx2v-engine does not load: use LightX2V's "
             f"per-channel fp8 file (the '*_scaled_fp8_e4m3_lightx2v_*.safetensors' beside it in LightX2V's model "
             f"repositories, or tools/convert/converter.py without --comfyui_mode) as dit_quantized_ckpt, or the "
             f"bf16 checkpoint as dit_original_ckpt")
@@ -304,7 +327,7 @@ def load_quantized_dit(cfg: ModelConfig, model_path: str | Path | None, ckpt: st
         found = [cand for cand in tried if cand.exists()]
         if not found:
             raise FileNotFoundError(f"dit_quantized_ckpt not found; searched: {[str(t) for t in tried]}")
-        files = resolve_files(found[0])
+        files = resolve_dit_files(found[0])
         log.info("DiT weights (dit_quantized_ckpt, %s): %s", scheme, ", ".join(map(str, files)))
     else:
         files, skipped = folder_safetensors(Path(model_path)) if model_path is not None else ([], [])

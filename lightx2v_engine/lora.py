@@ -69,8 +69,8 @@ def _target(base: str, suffix: str, params: dict, kohya: dict | None = None) -> 
     """The model parameter name for a LoRA module `base` + `suffix`, trying Wan then diffusers names
     (diffusers' attention-processor LoRAs name '<attn>.processor.to_q' / '.to_out': '<attn>.to_q' /
     '.to_out.0'); `kohya` maps underscored module names (without 'lora_unet_') to dotted ones."""
-    if base.startswith(KOHYA_PREFIX) and kohya is not None:
-        module = kohya.get(base[len(KOHYA_PREFIX):])
+    if base.startswith(KOHYA_PREFIX) and kohya is not None:  # (Wan-Fun's spell it "lora_unet__blocks_0_...")
+        module = kohya.get(base[len(KOHYA_PREFIX):].lstrip("_"))
         return module + suffix if module is not None and module + suffix in params else None
     if ".processor." in base:
         base = base.replace(".processor.", ".")
@@ -205,6 +205,10 @@ def plan_lora(lora: dict[str, torch.Tensor], params: dict[str, torch.Tensor], so
         raise LoraKeyError(f"{source}: {len(clashes)} key(s) collide once their prefixes {LORA_PREFIXES} are "
                            f"stripped, e.g. {' and '.join(map(repr, clashes[0]))}")
     lora = stripped
+    dora = sorted(k for k in lora if k.endswith(".dora_scale"))
+    if dora:  # (an error even where unmatched keys only warn: the pairs alone would merge a different model)
+        raise LoraKeyError(f"{source}: a DoRA adapter ({len(dora)} '.dora_scale' keys, e.g. {dora[0]!r}): DoRA's "
+                           "magnitude re-normalisation is not supported, only plain LoRA")
     for k, v in lora.items():  # an alpha is one number (read with float() at merge time)
         if k.endswith(".alpha") and v.numel() != 1:
             raise LoraKeyError(f"{source}: {k} must hold one number (the LoRA alpha), got shape {tuple(v.shape)}")

@@ -321,3 +321,67 @@ def test_torch_file_holding_itself_does_not_unwrap_for_ever(tmp_path):
     torch.save(d, tmp_path / "loop.pt")
     with pytest.raises(CheckpointError, match=r"loop\.pt: holds no tensors"):
         load_dit(CFG, None, dit_original_ckpt=str(tmp_path / "loop.pt"))
+
+
+@pytest.mark.parametrize("header, data, match", [
+    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+      "b": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, 16, r"'b' starts at byte 0.*overlaps"),
+    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, 24, r"'a' starts at byte 8.*expected 0.*gap"),
+    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, 20, r"end at byte 16.*which has 20"),
+], ids=["overlap", "gap", "trailing"])
+def test_tensors_must_tile_the_data_section(tmp_path, header, data, match):
+    """Two tensors on the same bytes loaded as two equal weights, and gaps or trailing bytes passed the
+    engine's check (then a LoRA's safe_open failed with a message naming no file); the safetensors format
+    requires the tensors to cover the data section exactly."""
+    path = _raw_safetensors(tmp_path / "bad.safetensors", header, data)
+    with pytest.raises(CheckpointError, match=rf"bad\.safetensors: corrupt safetensors .*{match}"):
+        read_safetensors_header(path)
+
+
+def test_checkpoint_folders_of_other_layouts(tmp_path, caplog):
+    """A folder named by dit_original_ckpt holding a LoRA file beside the DiT took the LoRA's keys for the
+    DiT's (the model folder's lookup skips them); a folder of .bin shards with their index was not found; a
+    Wan umT5 .safetensors in the model folder was taken for a DiT shard (its blocks.N.attn keys)."""
+    sd = _state_dict()
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    save_file(sd, str(folder / "wan.safetensors"))
+    save_file(_lora(sd), str(folder / "style_lora.safetensors"))
+    assert _same(load_dit(CFG, None, dit_original_ckpt=str(folder), dtype="fp32"), sd)
+    bins = tmp_path / "bins"
+    bins.mkdir()
+    keys = sorted(sd)
+    shards = {"m-1.bin": keys[: len(keys) // 2], "m-2.bin": keys[len(keys) // 2:]}
+    for name, part in shards.items():
+        torch.save({k: sd[k] for k in part}, bins / name)
+    (bins / "diffusion_pytorch_model.bin.index.json").write_text(
+        json.dumps({"weight_map": {k: name for name, part in shards.items() for k in part}}))
+    assert _same(load_dit(CFG, None, dit_original_ckpt=str(bins), dtype="fp32"), sd)
+    model = tmp_path / "model"
+    model.mkdir()
+    save_file(sd, str(model / "wan2.1_t2v_lightx2v_4step.safetensors"))
+    save_file({"token_embedding.weight": torch.zeros(8, 4), "blocks.0.attn.q.weight": torch.zeros(4, 4),
+               "blocks.0.ffn.fc1.weight": torch.zeros(4, 4), "blocks.0.norm2.weight": torch.zeros(4)},
+              str(model / "models_t5_umt5-xxl-enc-bf16.safetensors"))
+    with caplog.at_level(logging.INFO, logger="lightx2v_engine.loading"):
+        assert [f.name for f in find_dit_checkpoint(model)] == ["wan2.1_t2v_lightx2v_4step.safetensors"]
+    assert "models_t5_umt5-xxl-enc-bf16.safetensors" in caplog.text
+
+
+def test_newer_comfyui_scaled_fp8_files_are_named(tmp_path):
+    """ComfyUI's newer scaled-fp8 files ('*.comfy_quant' beside one-number '*.weight_scale' keys) were taken
+    for LightX2V quantized files: the advice to set dit_quantized led to another error."""
+    sd = _state_dict()
+    comfy = {}
+    for k, v in sd.items():
+        if ".blocks." in f".{k}" and k.endswith(".weight") and v.dim() == 2:
+            comfy["model.diffusion_model." + k] = v.to(torch.float8_e4m3fn)
+            comfy["model.diffusion_model." + k[:-len(".weight")] + ".weight_scale"] = torch.tensor(1.0)
+            comfy["model.diffusion_model." + k[:-len(".weight")] + ".comfy_quant"] = torch.tensor([1], dtype=torch.uint8)
+        else:
+            comfy["model.diffusion_model." + k] = v
+    save_file(comfy, str(tmp_path / "wan_fp8_scaled.safetensors"))
+    for load in (lambda: load_dit(CFG, None, dit_original_ckpt=str(tmp_path / "wan_fp8_scaled.safetensors")),
+                 lambda: load_quantized_dit(CFG, None, str(tmp_path / "wan_fp8_scaled.safetensors"), "fp8-sgl")):
+        with pytest.raises(CheckpointError, match=r"wan_fp8_scaled\.safetensors: a ComfyUI scaled-fp8 checkpoint"):
+            load()

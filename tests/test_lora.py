@@ -425,3 +425,28 @@ def test_bad_tensors_skip_when_lenient_and_are_all_named_when_strict(tmp_path):
     save_file({}, str(tmp_path / "empty.safetensors"))
     with pytest.raises(CheckpointError, match="empty.safetensors: the LoRA file holds no tensors"):
         read_lora(tmp_path / "empty.safetensors")
+
+
+def test_wan_fun_names_torch_alphas_and_dora_scales(tmp_path):
+    """Wan-Fun's kohya names ("lora_unet__blocks_0_...", two underscores) matched nothing; a torch LoRA's
+    alpha saved as a Python number was dropped (scale 1 instead of alpha / rank); a kohya DoRA's
+    '.dora_scale' keys only warned under lora_strict false, and the pairs merged as a plain LoRA."""
+    from lightx2v_engine.lora import read_lora
+    sd = wan_state_dict(diffusers_model(TINY_T2V))
+    model = build_dit(TINY_T2V, None, dtype=torch.float32)
+    wan = make_lora(sd, ["blocks.0.cross_attn.k"], seed=5)
+    fun = {k.replace("diffusion_model.blocks.0.cross_attn.k", "lora_unet__blocks_0_cross_attn_k"): v
+           for k, v in wan.items()}
+    assert _merged(model, sd, fun).keys() == _merged(model, sd, wan).keys() == {"blocks.0.cross_attn.k.weight"}
+    assert torch.equal(_merged(model, sd, fun)["blocks.0.cross_attn.k.weight"],
+                       _merged(model, sd, wan)["blocks.0.cross_attn.k.weight"])
+    torch.save({k: (v.item() if k.endswith(".alpha") else v) for k, v in wan.items()}, tmp_path / "l.pt")
+    read = read_lora(tmp_path / "l.pt")
+    assert read["diffusion_model.blocks.0.cross_attn.k.alpha"].item() == 8.0
+    assert torch.equal(_merged(model, sd, read)["blocks.0.cross_attn.k.weight"],
+                       _merged(model, sd, wan)["blocks.0.cross_attn.k.weight"])
+    dora = {**wan, "diffusion_model.blocks.0.cross_attn.k.dora_scale": torch.ones(1, sd["blocks.0.cross_attn.k.weight"].shape[1])}
+    model.load_state_dict(sd)
+    for strict in (True, False):
+        with pytest.raises(LoraKeyError, match=r"a DoRA adapter \(1 '\.dora_scale' keys"):
+            merge_lora_(model, dora, strict=strict)
