@@ -82,7 +82,7 @@ PRESETS: dict[str, ModelConfig] = {
 def get_preset(name: str) -> ModelConfig:
     try:
         return PRESETS[name]
-    except KeyError:
+    except (KeyError, TypeError):  # (TypeError: an unhashable name)
         raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}") from None
 
 
@@ -683,8 +683,8 @@ def parse_run_config(raw: dict[str, Any], *, model_cls: str | None = None, sourc
                                                     f"{t // 4 * 4 + 1} for I2V with a warning)" if t > 1 else ""))
     if "text_len" in out and not 1 <= out["text_len"] <= 512:
         raise _err("text_len", out["text_len"], "must lie in [1, 512]")
-    if "fps" in out and out["fps"] <= 0:
-        raise _err("fps", out["fps"], "must be > 0")
+    if "fps" in out and not MIN_FPS <= out["fps"] <= MAX_FPS:  # (ffmpeg failed after the run on 1e-6 or 1e12)
+        raise _err("fps", out["fps"], f"the written video's frame rate must lie in [{MIN_FPS}, {MAX_FPS}]")
     if out.get("dit_quantized") and out.get("dit_quant_scheme") is None:
         raise _err("dit_quant_scheme", None, "required when dit_quantized is true")
     if warn and not out.get("dit_quantized"):
@@ -819,6 +819,9 @@ def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
 
+
+# the frame rates a written video may have (ffmpeg takes these in .mp4, .mov and .mkv; 1e-6 rounded to 0)
+MIN_FPS, MAX_FPS = 0.01, 1000.0
 
 # The tiny presets' video size where a config does not give one (a tiny model at Wan's 81 x 480 x 832 is
 # minutes of CPU time for a random-weights smoke test)

@@ -83,8 +83,11 @@ def load_image(img: ImageInput) -> torch.Tensor:
         x = img.detach()
         if x.dim() == 4 and x.shape[0] == 1:
             x = x[0]
-        if x.dim() != 3 or x.shape[0] != 3:
-            raise ValueError(f"image tensor must be [3, H, W] (or [1, 3, H, W]), got shape {tuple(img.shape)}")
+        if x.dim() != 3 or x.shape[0] != 3 or x.numel() == 0:
+            raise ValueError(f"image tensor must be [3, H, W] (or [1, 3, H, W]) with H, W >= 1, got shape "
+                             f"{tuple(img.shape)}")
+        if x.device.type == "meta":
+            raise ValueError("image tensor is on the meta device: it holds no values")
         if x.dtype == torch.uint8:
             return _uint8_chw_to_float(x)
         if not x.is_floating_point():

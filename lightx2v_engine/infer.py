@@ -222,8 +222,12 @@ def run(args: argparse.Namespace) -> int:
         if Path(args.save_latents).suffix != ".safetensors":  # (a safetensors file under a .pt name before)
             raise ValueError(f"--save_latents {args.save_latents!r}: the latents are written as safetensors; give "
                              f"a .safetensors file name")
-        if Path(args.save_latents).resolve() == Path(args.save_result_path).resolve():
+        latents, video = Path(args.save_latents).resolve(), Path(args.save_result_path).resolve()
+        if latents == video:
             raise ValueError("--save_latents and --save_result_path name the same file")
+        if latents in video.parents or video in latents.parents:  # (the second written would fail after the run)
+            raise ValueError(f"--save_latents {args.save_latents!r} and --save_result_path {args.save_result_path!r}: "
+                             f"one lies inside the other (a file cannot also be a folder)")
     run_cfg = run_config_from_args(args)
     seed = args.seed
     if seed is None:
@@ -300,6 +304,12 @@ def main(argv=None) -> int:
         return 128 + (stopped[0] if stopped else signal.SIGINT)
     except torch.cuda.OutOfMemoryError as e:  # (first: rank 0's RankZeroOutOfMemory is a ValueError too)
         print(f"{rank_prefix()}error: out of GPU memory ({str(e).splitlines()[0]})", file=sys.stderr)
+        return 3
+    except (MemoryError, RuntimeError) as e:  # host memory: torch's CPU allocator raises a RuntimeError
+        if not (isinstance(e, MemoryError) or "can't allocate memory" in str(e)):
+            raise
+        print(f"{rank_prefix()}error: out of host memory ({(str(e) or type(e).__name__).splitlines()[0]})",
+              file=sys.stderr)
         return 3
     except user_errors() as e:
         msg = str(e).replace("\n", " ")

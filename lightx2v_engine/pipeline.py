@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import gc
 import logging
+import os
 import tempfile
 import time
 import traceback
@@ -425,8 +426,8 @@ class Pipeline:
         """The same graph with random weights: `preset` names the DiT ("tiny", "tiny-i2v", "wan2.1-t2v-1.3b",
         ...); the tiny presets pair with tiny T5/VAE/CLIP, the real ones with real-size encoders."""
         t0 = time.perf_counter()
+        mcfg = get_preset(preset)  # (first: an unknown or non-string preset is named)
         run = _run_config(config, "wan2.1_distill", TINY_SIZE if preset.startswith("tiny") else None)
-        mcfg = get_preset(preset)
         _check_task("i2v" if mcfg.is_i2v else "t2v", mcfg, run)
         par = _init_parallel(run, mcfg, device)
         dev = par.device if par is not None else _device(device)
@@ -916,6 +917,8 @@ class Pipeline:
         if not prompt.strip() and self.task == "t2v":  # (I2V animates the image: LightX2V's default prompt "")
             raise ValueError("prompt is empty: text-to-video needs a text prompt (image-to-video takes an empty "
                              "one, as LightX2V)")
+        if isinstance(image, (str, os.PathLike)) and not os.fspath(image):
+            image = None  # ("" is no image, as the CLI's --image_path "")
         if self.task == "i2v" and image is None:
             raise ValueError("task i2v needs an image (--image_path)")
         if self.task == "t2v" and image is not None:

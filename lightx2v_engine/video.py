@@ -95,8 +95,10 @@ def _frame_stream(frames: Frames | Iterable[Frames]) -> tuple[tuple[int, int], I
 
 
 # a file name's bytes (ext4 and most others: 255) less what atomic_path's temporary name adds (".", ".",
-# 8 random characters, ".tmp" and the suffix, ".safetensors" at most: 26)
-_MAX_NAME = 255 - 28
+# 8 random characters, ".tmp": 14, and the name's own suffix again), with 2 to spare
+def _max_name(name: str) -> int:
+    return 255 - 16 - len(os.fsencode(Path(name).suffix))
+
 
 
 # extension -> ffmpeg muxer; every one takes H.264 yuv420p
@@ -143,14 +145,17 @@ def check_output_file(path: str | os.PathLike, what: str) -> None:
             raise ValueError(f"{what} {str(path)!r} is a directory: give a file name")
         folder = p.absolute().parent
         while not folder.exists() and folder != folder.parent:  # (a path through a file does not exist either)
+            if os.path.lexists(folder):  # a link to nothing (or a loop of links): mkdir would fail on it
+                raise ValueError(f"{what} {str(path)!r}: {folder} is a symbolic link to nothing "
+                                 f"(-> {os.readlink(folder)!r})")
             folder = folder.parent
     except OSError as e:  # too long a name
         raise ValueError(f"{what} {str(path)[:200]!r}: not a usable path ({e.strerror})") from None
     if not folder.is_dir():
         raise ValueError(f"{what} {str(path)!r}: {folder} is a file, not a folder")
-    if len(os.fsencode(p.name)) > _MAX_NAME:  # (the temporary file beside it has a longer name)
+    if len(os.fsencode(p.name)) > _max_name(p.name):  # (the temporary file beside it has a longer name)
         raise ValueError(f"{what} {str(path)[:200]!r}: the file name has {len(os.fsencode(p.name))} bytes; at most "
-                         f"{_MAX_NAME} (the file system's 255, less the temporary file's additions)")
+                         f"{_max_name(p.name)} (the file system's 255, less the temporary file's additions)")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"{what} {str(path)!r}: the folder {folder} is not writable")
     try:  # (os.access says yes to root everywhere, also on a read-only or special file system: /proc)

@@ -417,3 +417,11 @@ def test_shipped_configs_say_what_they_run():
         raw = json.loads((root / "distill" / f"wan_{task}_distill_4step_cfg_4090.json").read_text())
         for part in ("dit", "t5", "clip"):
             assert raw[f"{part}_quantized"] is True and raw[f"{part}_quant_scheme"] == "fp8-q8f", (task, part)
+
+
+def test_fps_the_video_writer_takes():
+    """fps 1e-6 (rounded to a 0 frame rate) or 1e12 passed the config and failed in ffmpeg after the run."""
+    for fps in (1e-6, 0.005, 1e12, 0):
+        with pytest.raises(ValueError, match=r"'fps' = .*frame rate must lie in \[0.01, 1000.0\]"):
+            parse_run_config({"fps": fps})
+    assert parse_run_config({"fps": 0.01}).fps == 0.01 and parse_run_config({"fps": 1000}).fps == 1000.0

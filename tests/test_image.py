@@ -66,6 +66,11 @@ def test_load_image_file_pil_tensor(tmp_path):
     # tensors: uint8 CHW and float [-1, 1]
     torch.testing.assert_close(load_image(torch.from_numpy(rgb).permute(2, 0, 1)), x)
     torch.testing.assert_close(load_image(x[None] * 0.5), x * 0.5)
+    # an empty or meta tensor: a ValueError naming it (a reduction's RuntimeError before)
+    for bad, match in ((torch.zeros(3, 0, 48), r"with H, W >= 1, got shape \(3, 0, 48\)"),
+                       (torch.zeros(3, 8, 8, device="meta"), "meta device")):
+        with pytest.raises(ValueError, match=match):
+            load_image(bad)
 
 
 def test_load_image_16bit_grey_is_scaled_not_clipped(tmp_path):

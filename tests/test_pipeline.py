@@ -136,6 +136,9 @@ def test_bad_inputs_fail_cleanly(case, t2v_folder, i2v_folder, tmp_path, capsys)
      r"--save_result_path '/proc/x.mp4': (the folder /proc is not writable|cannot write in the folder /proc)"),
     (["--save_result_path", "o.mp4", "--save_latents", "l.pt"], r"--save_latents 'l.pt': .* give a \.safetensors"),
     (["--save_result_path", "o.mp4", "--config_json", "."], r"config file \. is a folder: give the JSON file"),
+    # (one inside the other: the second written failed after the run, and the first was left behind)
+    (["--save_result_path", "lat.safetensors/v.mp4", "--save_latents", "lat.safetensors"], "one lies inside the other"),
+    (["--save_result_path", "out.mp4", "--save_latents", "out.mp4/l.safetensors"], "one lies inside the other"),
 ])
 def test_cli_argument_errors_before_loading(tmp_path, monkeypatch, capsys, args, match):
     """Argument errors are one 'error:' line and exit 2, found before any model loads or any file is written."""
@@ -153,6 +156,34 @@ def test_cli_argument_errors_before_loading(tmp_path, monkeypatch, capsys, args,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken", "tall.png"]
     if "--device" not in args:  # (the device is checked where the models are made)
         assert loads == []
+
+
+def test_cli_output_through_a_dangling_link_and_host_memory_errors(tmp_path, monkeypatch, capsys):
+    """An output folder that is a symbolic link to nothing passed the check and failed after the run
+    (mkdir: File exists); running out of host memory was a traceback and exit 1 (torch's CPU allocator
+    raises a RuntimeError): one line and exit 3, as out of GPU memory."""
+    import lightx2v_engine.infer as infer
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dl").symlink_to(tmp_path / "nowhere")
+    monkeypatch.setattr(infer, "load_pipeline", lambda *a: pytest.fail("loaded before the output check"))
+    for flag, path in (("--save_result_path", "dl/x.mp4"), ("--save_latents", "dl/l.safetensors")):
+        args = ["--save_result_path", "o.mp4", flag, path] if flag == "--save_latents" else [flag, path]
+        assert main(["--random-weights", "--prompt", "a cat", "--quiet", *args]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {flag} '{path}': {tmp_path / 'dl'} is a symbolic link to nothing" in err, err
+    def oom(args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 7680000000000 bytes. Error code 12 (Cannot allocate memory)")
+    monkeypatch.setattr(infer, "run", oom)
+    assert main(["--random-weights", "--prompt", "a cat"]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of host memory ([enforce fail") and err.count("\n") == 1, err
+    monkeypatch.setattr(infer, "run", lambda args: (_ for _ in ()).throw(MemoryError()))
+    assert main(["--random-weights", "--prompt", "a cat"]) == 3
+    assert capsys.readouterr().err == "error: out of host memory (MemoryError)\n"
+    monkeypatch.setattr(infer, "run", lambda args: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # (other errors keep their traceback)
+        main(["--random-weights", "--prompt", "a cat"])
 
 
 def test_cli_random_weights_mistakes_are_named(tmp_path, capsys):
@@ -557,3 +588,15 @@ def test_building_and_running_a_pipeline_does_not_import_dynamo():
               "print('DYNAMO', 'torch._dynamo' in sys.modules)\n")
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert "DYNAMO False" in res.stdout, res.stdout + res.stderr[-3000:]
+
+
+def test_api_inputs_named_as_the_cli_does():
+    """Pipeline.random(None) was an AttributeError; generate(image="") on an I2V pipeline looked for the file
+    "." (the CLI's --image_path "" is no image)."""
+    from lightx2v_engine.pipeline import Pipeline
+    with pytest.raises(ValueError, match="unknown model preset None"):
+        Pipeline.random(None)
+    pipe = Pipeline.random("tiny-i2v", {"target_video_length": 5, "target_height": 32, "target_width": 48},
+                           device="cpu")
+    with pytest.raises(ValueError, match=r"task i2v needs an image"):
+        pipe.generate("a cat", image="")
