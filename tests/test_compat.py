@@ -182,12 +182,10 @@ def test_quantized_encoder_keys(enc):
         quiet_parse({f"{enc}_quantized": True, f"{enc}_quant_scheme": "fp4"})
 
 
-@pytest.mark.usefixtures("torch_ops")
-def test_t5_quantized_file_runs_and_bf16_fallback(t2v_folder, tmp_path):
-    """t5_quantized picks models_t5_umt5-xxl-enc-{fp8,int8}.pth (also in a folder named after the scheme,
-    LightX2V's older layout) and runs it as 8-bit linears; where only the bf16 file is there, it runs with
-    a warning; an explicit t5_quantized_ckpt that is missing is an error naming it."""
-    from lightx2v_engine.quant import QuantLinear, quantize_weight
+def _int8_t5(t2v_folder, tmp_path):
+    """(a copy of the tiny model folder, its umT5 state dict with the block linears quantized to int8 as
+    LightX2V's files hold them)."""
+    from lightx2v_engine.quant import quantize_weight
     from lightx2v_engine.t5 import QUANT_LINEARS
     folder = tmp_path / "model"
     shutil.copytree(t2v_folder, folder)
@@ -195,6 +193,16 @@ def test_t5_quantized_file_runs_and_bf16_fallback(t2v_folder, tmp_path):
     for k in list(sd):
         if any(k.endswith(f".{n}.weight") for n in QUANT_LINEARS):
             sd[k], sd[k + "_scale"] = quantize_weight(sd[k].float(), "int8")
+    return folder, sd
+
+
+@pytest.mark.usefixtures("torch_ops")
+def test_t5_quantized_file_runs_and_bf16_fallback(t2v_folder, tmp_path):
+    """t5_quantized picks models_t5_umt5-xxl-enc-{fp8,int8}.pth (also in a folder named after the scheme,
+    LightX2V's older layout) and runs it as 8-bit linears; where only the bf16 file is there, it runs with
+    a warning; an explicit t5_quantized_ckpt that is missing is an error naming it."""
+    from lightx2v_engine.quant import QuantLinear
+    folder, sd = _int8_t5(t2v_folder, tmp_path)
     (folder / "int8").mkdir()
     torch.save(sd, folder / "int8" / "models_t5_umt5-xxl-enc-int8.pth")
     cfg = {**TINY, "t5_quantized": True, "t5_quant_scheme": "int8-q8f"}
@@ -223,13 +231,8 @@ def test_quantized_encoder_file_must_match_its_scheme(t2v_folder, tmp_path, monk
     prompt's encoding. Both are errors naming the file, raised when the encoder loads."""
     from lightx2v_engine import pipeline as P
     from lightx2v_engine.quant import quantize_weight
-    from lightx2v_engine.t5 import QUANT_LINEARS, load_t5
-    folder = tmp_path / "model"
-    shutil.copytree(t2v_folder, folder)
-    sd = torch.load(folder / T5_FILE)
-    for k in list(sd):
-        if any(k.endswith(f".{n}.weight") for n in QUANT_LINEARS):
-            sd[k], sd[k + "_scale"] = quantize_weight(sd[k].float(), "int8")
+    from lightx2v_engine.t5 import load_t5
+    folder, sd = _int8_t5(t2v_folder, tmp_path)
     torch.save(sd, folder / "t5-int8.pth")
     cfg = {**TINY, "t5_quantized": True, "t5_quant_scheme": "fp8-q8f", "t5_quantized_ckpt": "t5-int8.pth"}
     with pytest.raises(ValueError, match=r"t5-int8.pth: its 8-bit linears are int8, but t5_quant_scheme is "

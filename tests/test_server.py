@@ -1186,36 +1186,50 @@ def test_server_flags_default_to_lightx2v_environment_variables(monkeypatch):
     assert S.build_parser().parse_args([]).port == 8000
 
 
+def _trickle(wfile, data: bytes, pause: float = 0.2) -> None:
+    """Writes `data` a byte at a time, `pause` seconds apart, until done or the reader goes away."""
+    for i in range(len(data)):
+        try:
+            wfile.write(data[i:i + 1])
+            wfile.flush()
+        except OSError:
+            return
+        time.sleep(pause)
+
+
+def _image_server(handler):
+    """A local HTTP server (serving in a thread) whose GETs `handler(request_handler)` answers."""
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            handler(self)
+
+        def log_message(self, *a):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 def test_slow_image_downloads_hit_their_deadline_outside_the_parsing_slots(tmp_path, monkeypatch):
     """An image_path URL served a byte now and then: the download has a deadline of its own (a blocking
     read of 64 KiB never looked at it), and it runs outside the two parsing slots (two such requests made
     every other create request wait, then a 503)."""
-    import http.server
     monkeypatch.setattr(S, "DOWNLOAD_DEADLINE", 2)
     monkeypatch.setattr(S, "PARSE_WAIT", 0.5)  # a request kept out of the slots gets its 503 within 0.5 s
     started, lock, downloads = threading.Event(), threading.Lock(), []
 
-    class Slow(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            with lock:
-                downloads.append(1)
-                if len(downloads) == S.MAX_PARSING:
-                    started.set()
-            self.send_response(200)
-            self.send_header("Content-Length", "100000")
-            self.end_headers()
-            for _ in range(40):
-                try:
-                    self.wfile.write(b"x")
-                    self.wfile.flush()
-                except OSError:
-                    return
-                time.sleep(0.2)
-
-        def log_message(self, *a):
-            pass
-    slow = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
-    threading.Thread(target=slow.serve_forever, daemon=True).start()
+    def slow_body(h):
+        with lock:
+            downloads.append(1)
+            if len(downloads) == S.MAX_PARSING:
+                started.set()
+        h.send_response(200)
+        h.send_header("Content-Length", "100000")
+        h.end_headers()
+        _trickle(h.wfile, b"x" * 40)
+    slow = _image_server(slow_body)
     app = S.App(lambda p, path, cancel: None, output_dir=tmp_path, infer_steps=4, task="i2v", default_size=(32, 48))
     c = Client(app)
     results = []
@@ -1246,30 +1260,18 @@ def test_an_image_download_whose_headers_trickle_is_cut_at_the_deadline(tmp_path
     """The download's deadline covered its body only: a server sending its status line and headers a byte
     every 0.2 s held the request (and a reading slot) for as long as it liked, each byte within urlopen's
     per-read timeout. Now the whole download, redirects included, is cut at DOWNLOAD_DEADLINE."""
-    import http.server
     monkeypatch.setattr(S, "DOWNLOAD_DEADLINE", 2)
     head = b"HTTP/1.0 200 OK\r\nContent-Type: image/png\r\nX-Pad: " + b"x" * 200 + b"\r\n\r\n"
 
-    class Trickle(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path == "/hop":  # (a redirect first: the deadline spans both connections)
-                self.send_response(302)
-                self.send_header("Location", "/img.png")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            for i in range(len(head)):
-                try:
-                    self.wfile.write(head[i:i + 1])
-                    self.wfile.flush()
-                except OSError:
-                    return
-                time.sleep(0.2)
-
-        def log_message(self, *a):
-            pass
-    slow = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
-    threading.Thread(target=slow.serve_forever, daemon=True).start()
+    def trickled_headers(h):
+        if h.path == "/hop":  # (a redirect first: the deadline spans both connections)
+            h.send_response(302)
+            h.send_header("Location", "/img.png")
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
+        _trickle(h.wfile, head)
+    slow = _image_server(trickled_headers)
     app = S.App(lambda p, path, cancel: None, output_dir=tmp_path, infer_steps=4, task="i2v", default_size=(32, 48))
     c = Client(app)
     try:
