@@ -18,6 +18,7 @@ import functools
 import gc
 import json
 import os
+import signal
 import statistics
 import sys
 import time
@@ -584,11 +585,29 @@ def main(argv=None) -> int:
         for k in skipped.get(section, []):
             absent.setdefault(k, f"skipped in this invocation (--skip {section})")
 
+    written = 0
+
     def save():
-        """The summary after every section: a run that dies later keeps what it measured."""
+        """The summary, the whole-video figures and the CSV rows not written yet, after every section (and at a
+        cut): a run that dies later keeps what it measured."""
+        nonlocal written
+        video_figures(summary, [tag for _, tag in presets])
+        new = rows[written:]
+        for r in new:
+            r.update(info)
+        if new:
+            append_csv(str(out / "e2e.csv"), ["what", "impl", "ms", "ratio_vs_reference", *info], new)
+        written = len(rows)
         tmp = out / ".e2e_summary.json.tmp"  # (whole or not at all: a stage cut mid-write left half a file)
         tmp.write_text(json.dumps({"env": info, "figures": summary, "absent": absent}, indent=2))
         os.replace(tmp, out / "e2e_summary.json")
+
+    def cut(signum, frame):
+        """SIGTERM (gpu_check's timeout cutting the stage): what was measured is saved, then the run ends
+        (a cut within a section lost that section's figures, e.g. the 14B bf16 step during its 8-bit part)."""
+        print(f"bench_e2e: stopped by signal {signum}: saving what was measured", flush=True)
+        save()
+        sys.exit(128 + signum)
 
     def section(name: str, fn, *fn_args, produces=()):
         """One section, its time printed; an error is recorded (section_error_<name>, and as the reason its
@@ -614,47 +633,47 @@ def main(argv=None) -> int:
         print(f"bench_e2e: {name} done in {time.perf_counter() - t0:.1f} s", flush=True)
         save()
 
-    attn8 = "dit" not in args.skip and (args.dry_run or ops.attention_8bit_available(device))
-    for preset, tag in presets:
-        if "dit" not in args.skip:
-            section(f"dit_{tag}", bench_dit, preset, args, device, run, rows, summary, tag,
-                    produces=[f"step_ms_{tag}_{v}" for v in ("bf16", "8bit")])
-        if attn8:  # (before the diffusers baseline: a cut 14B stage lost it there, and with it step_ms_14b_8bit)
-            section(f"dit_attn8_{tag}", functools.partial(bench_dit, attn8_only=True), preset, args, device, run,
-                    rows, summary, tag)
-        errors = [summary[k] for k in (f"section_error_dit_8bit_{tag}", f"section_error_dit_8bit_{tag}_attn8")
-                  if k in summary]
-        if errors and f"step_ms_{tag}_8bit" not in summary:  # (bench_dit's 8-bit pass failed inside)
-            absent.setdefault(f"step_ms_{tag}_8bit", "the 8-bit DiT pass failed: " + "; ".join(errors))
-            save()
-        if "diffusers" not in args.skip and not args.dry_run:
-            section(f"diffusers_{tag}", bench_diffusers_dit, preset, args, device, run, rows, summary, tag, absent,
-                    produces=[f"diffusers_step_ms_{tag}_eager"])
-    if "text" not in args.skip:
-        section("text", bench_text, args, device, run, rows, summary)
-    if "vae" not in args.skip:
-        section("vae", bench_vae, args, device, run, rows, summary, absent, produces=skipped["vae"])
-    if "distill" not in args.skip:
-        section("distill", bench_distill_speedup, "tiny" if args.dry_run else names["1.3b"], args, device, run,
-                rows, summary, produces=skipped["distill"])
-    if "dit" not in args.skip and (args.offload or args.dry_run):
+    previous = signal.signal(signal.SIGTERM, cut)
+    try:
+        attn8 = "dit" not in args.skip and (args.dry_run or ops.attention_8bit_available(device))
         for preset, tag in presets:
-            section(f"offload_{tag}", bench_offload, preset, args, device, run, rows, summary, tag)
-    if "dit" not in args.skip and (args.lora_switch or args.dry_run):
-        for preset, tag in presets:
-            section(f"lora_switch_{tag}", bench_lora_switch, preset, args, device, rows, summary, tag)
-    video_figures(summary, [tag for _, tag in presets])
-    for r in rows:
-        r.update(info)
-    append_csv(str(out / "e2e.csv"), ["what", "impl", "ms", "ratio_vs_reference", *info], rows)
-    save()
-    print(f"\nbench_e2e on {info['gpu']} ({info['date']}), {summary['shape']}")
-    for r in rows:
-        print(f"  {r['what']:<16} {r['impl']:<20} {r['ms']:>10.1f} ms")
-    for k, v in summary.items():
-        if isinstance(v, float):
-            print(f"  {k:<40} {v:.4g}")
-    return 0
+            if "dit" not in args.skip:
+                section(f"dit_{tag}", bench_dit, preset, args, device, run, rows, summary, tag,
+                        produces=[f"step_ms_{tag}_{v}" for v in ("bf16", "8bit")])
+            if attn8:  # (before the diffusers baseline: a cut 14B stage lost it there, and with it step_ms_14b_8bit)
+                section(f"dit_attn8_{tag}", functools.partial(bench_dit, attn8_only=True), preset, args, device, run,
+                        rows, summary, tag)
+            errors = [summary[k] for k in (f"section_error_dit_8bit_{tag}", f"section_error_dit_8bit_{tag}_attn8")
+                      if k in summary]
+            if errors and f"step_ms_{tag}_8bit" not in summary:  # (bench_dit's 8-bit pass failed inside)
+                absent.setdefault(f"step_ms_{tag}_8bit", "the 8-bit DiT pass failed: " + "; ".join(errors))
+                save()
+            if "diffusers" not in args.skip and not args.dry_run:
+                section(f"diffusers_{tag}", bench_diffusers_dit, preset, args, device, run, rows, summary, tag, absent,
+                        produces=[f"diffusers_step_ms_{tag}_eager"])
+        if "text" not in args.skip:
+            section("text", bench_text, args, device, run, rows, summary)
+        if "vae" not in args.skip:
+            section("vae", bench_vae, args, device, run, rows, summary, absent, produces=skipped["vae"])
+        if "distill" not in args.skip:
+            section("distill", bench_distill_speedup, "tiny" if args.dry_run else names["1.3b"], args, device, run,
+                    rows, summary, produces=skipped["distill"])
+        if "dit" not in args.skip and (args.offload or args.dry_run):
+            for preset, tag in presets:
+                section(f"offload_{tag}", bench_offload, preset, args, device, run, rows, summary, tag)
+        if "dit" not in args.skip and (args.lora_switch or args.dry_run):
+            for preset, tag in presets:
+                section(f"lora_switch_{tag}", bench_lora_switch, preset, args, device, rows, summary, tag)
+        save()
+        print(f"\nbench_e2e on {info['gpu']} ({info['date']}), {summary['shape']}")
+        for r in rows:
+            print(f"  {r['what']:<16} {r['impl']:<20} {r['ms']:>10.1f} ms")
+        for k, v in summary.items():
+            if isinstance(v, float):
+                print(f"  {k:<40} {v:.4g}")
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -213,16 +213,17 @@ def main(argv=None) -> int:
 
         def int8_rows():
             qi = quant.QuantLinear.from_linear(lin, "int8")
-            record(f"qlinear_int8_{quant._int8_gemm}", k, n, _bench_ms(lambda: qi(x)), flops)
             xi, sxi = quant.per_token_quant(x, "int8")
             record("int_mm_gemm_only", k, n, _bench_ms(lambda: torch._int_mm(xi, qi.weight.t())), flops)
             if fp8_gemm is not None:
                 record("triton_int8_gemm", k, n, _bench_ms(
                     lambda: fp8_gemm.fp8_gemm(xi, qi.weight, sxi, qi.weight_scale, b)), flops)
-                prev = quant._int8_gemm  # (the default, restored: "qlinear_int8" above ran it)
-                quant.set_int8_gemm("triton")
+            # the QuantLinear on each int8 GEMM path (the default, "triton", was timed twice and cuBLAS's never)
+            prev = quant._int8_gemm
+            for gemm in ("cublas", "triton") if fp8_gemm is not None else ("cublas",):
+                quant.set_int8_gemm(gemm)
                 try:
-                    record("qlinear_int8_triton", k, n, _bench_ms(lambda: qi(x)), flops)
+                    record(f"qlinear_int8_{gemm}", k, n, _bench_ms(lambda: qi(x)), flops)
                 finally:
                     quant.set_int8_gemm(prev)
 

@@ -46,7 +46,7 @@ MIN_STAGE=${GPU_CHECK_MIN_STAGE:-30}  # (lowered by the tests only)
 
 # capped NAME CAP LOG TAIL CMD...: CMD under `timeout` at min(CAP, seconds left before the summary's
 # reserve), its output in $OUT/LOG and its last TAIL lines on the terminal; returns CMD's exit code
-# (124: cut at the cap), or 125 when the budget has no room left for the stage.
+# (124 or 137: cut at the cap), or 125 when the budget has no room left for the stage.
 capped() {
   local name=$1 cap=$2 log=$3 tailn=$4
   shift 4
@@ -58,7 +58,8 @@ capped() {
   fi
   timeout -k 10 "$cap" "$@" 2>&1 | tee "$OUT/$log" | tail -n "$tailn"
   local rc=${PIPESTATUS[0]}
-  if (( rc == 124 )); then echo "$name: cut at ${cap} s" | tee -a "$OUT/stages_cut.txt"; fi
+  # (137: still running 10 s after the cut's TERM, so killed; a cut all the same)
+  if (( rc == 124 || rc == 137 )); then echo "$name: cut at ${cap} s" | tee -a "$OUT/stages_cut.txt"; fi
   return "$rc"
 }
 
@@ -83,7 +84,7 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 # The Gluon attention kernel was written without a GPU: its first run is a smoke test in its own process,
 # cut at 90 s. On an error or a hang the kernel is switched off for everything that follows (the benchmarks
 # skip it, its tests skip, the "gluon" backend falls back to the Triton kernel).
-if has kernels || has tests || has e2e; then
+if has kernels || has tests || has e2e || has profile; then
   stage "gluon attention smoke test"
   capped gluon_smoke 90 gluon_smoke.log 1000 $PY benchmarks/gluon_smoke.py
   rc=$?
@@ -113,10 +114,10 @@ elif has kernels; then
   echo "no tuned file from this run (bench_kernels exit code $KRC): the package's defaults stay"
 fi
 
-# the extension before the 8-bit GEMM and end-to-end figures and the tests (their quantization is its
-# kernel); a stage list without them (e.g. install,compile) does not wait for it. The wait counts against
-# the budget: past the time left the build is stopped and those stages run with the fallback.
-if [ -n "${BUILD_PID:-}" ] && { has quant || has e2e || has tests; }; then
+# the extension before the 8-bit GEMM and end-to-end figures, the tests and the profile (their quantization
+# is its kernel); a stage list without them (e.g. install,compile) does not wait for it. The wait counts
+# against the budget: past the time left the build is stopped and those stages run with the fallback.
+if [ -n "${BUILD_PID:-}" ] && { has quant || has e2e || has tests || has profile; }; then
   left=$(( T0 + BUDGET - SUMMARY_RESERVE - $(date +%s) ))
   waited=0
   while kill -0 "$BUILD_PID" 2>/dev/null && (( waited < left )); do sleep 1; waited=$(( waited + 1 )); done

@@ -104,8 +104,9 @@ def merge(out: Path, since: float | None = None) -> dict:
             for k, v in data.get("figures", {}).items():
                 if figures.get(k) is None:
                     figures[k] = v
-            for k, v in data.get("absent", {}).items():
-                absent.setdefault(k, v)
+            for k, v in data.get("absent", {}).items():  # (its own figures' reasons only: the compile run
+                if k.startswith("diffusers_"):             # skips the rest, which the main run may have lost)
+                    absent.setdefault(k, v)
     # bench_quant's ratios left out because the kernel's output disagreed with the library's, or its rows
     # raised: the reason for those figures
     failed = [str(x) for x in (figures.get("quant_checks_failed") or []) + (figures.get("quant_errors") or [])]
@@ -115,6 +116,11 @@ def merge(out: Path, since: float | None = None) -> dict:
         why = [x for x in failed if x.startswith(prefixes)]
         if figures.get(k) is None and why and k not in absent:
             absent[k] = "bench_quant: " + "; ".join(why)[:400]
+    if figures.get("modulate_quant_speedup_vs_two_pass") is None \
+            and figures.get("modulate_quant_speedup_vs_two_pass_torch_ref") is not None:
+        absent.setdefault("modulate_quant_speedup_vs_two_pass", (
+            "the two passes' per_token_quant ran its PyTorch reference, not the engine's csrc kernel "
+            f"({figures.get('two_pass_per_token_quant')}): see modulate_quant_speedup_vs_two_pass_torch_ref"))
     for k in REQUIRED:
         if figures.get(k) is None and k not in absent:
             absent[k] = NOT_IMPLEMENTED.get(k, "not produced in this run (see the logs)")

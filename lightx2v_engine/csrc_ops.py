@@ -108,6 +108,23 @@ else:
     _load()
 
 
+def retry_load() -> bool:
+    """Tries the extension again where it was missing when this module was imported (built since: the GPU
+    check builds it while the kernel benchmarks run); True once it is available. A failed retry keeps the
+    status it had (a build still writing the file must not turn "not built" into "failed to load")."""
+    global _STATUS
+    if _AVAILABLE or os.environ.get("LX2V_DISABLE_CSRC", "0") == "1":
+        return _AVAILABLE
+    before = _STATUS
+    importlib.invalidate_caches()  # (the import system caches folder listings: a new .so is not seen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _load()
+    if not _AVAILABLE:
+        _STATUS = before
+    return _AVAILABLE
+
+
 def csrc_available(device: torch.device | None = None) -> bool:
     """True when torch.ops.lightx2v_C ops are registered; given a device, when they can run there: a CUDA
     device of sm_80 or newer (the kernels use sm_80 instructions) for which the build holds a kernel image

@@ -60,3 +60,26 @@ def test_bindings_compile_against_torch_headers(tmp_path):
                           f"-I{inc}", f"-I{os.path.join(inc, 'torch', 'csrc', 'api', 'include')}", f"-I{cuda_inc[0]}",
                           os.path.join(ROOT, "csrc", "bindings.cpp")], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_retry_load_finds_a_module_built_after_import(tmp_path, monkeypatch):
+    """bench_kernels imports the engine while gpu_check builds the extension: the two-pass baseline of the
+    fused quantization ran the PyTorch fallback for the whole run. retry_load() looks again (the import
+    system's folder cache invalidated); a module that does not load keeps the status it had."""
+    import sys
+    from lightx2v_engine import csrc_ops
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(csrc_ops, "_EXTENSION", "lx2v_late_ext")
+    monkeypatch.setattr(csrc_ops, "_STATUS", "unavailable: not built yet")
+    monkeypatch.setattr(csrc_ops, "_AVAILABLE", False)
+    import importlib
+    with pytest.raises(ImportError):
+        importlib.import_module("lx2v_late_ext")
+    assert csrc_ops.retry_load() is False and csrc_ops.csrc_status() == "unavailable: not built yet"
+    (tmp_path / "lx2v_late_ext.py").write_text("seen = True\n")  # (built now, but registers no op)
+    try:
+        assert csrc_ops.retry_load() is False
+        assert "lx2v_late_ext" in sys.modules  # found despite the cached listing of tmp_path
+        assert csrc_ops.csrc_status() == "unavailable: not built yet"
+    finally:
+        sys.modules.pop("lx2v_late_ext", None)

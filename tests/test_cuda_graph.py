@@ -440,3 +440,33 @@ def test_out_of_memory_whose_capture_failed_to_end_turns_graphs_off(monkeypatch,
     with caplog.at_level("ERROR"):
         assert call() is None
     assert not pipe.use_cuda_graph and not pipe._graph_skip and "denoising step 2" in caplog.text
+
+
+def test_bench_e2e_cut_keeps_what_it_measured(tmp_path, monkeypatch):
+    """gpu_check's timeout cuts a stage with SIGTERM: bench_e2e saved its summary at section ends only, and
+    its CSV rows and whole-video figures only at the very end, so a cut lost the section under way (the 14B
+    bf16 step during its 8-bit part) and every row. Now a cut saves all that was measured, and each
+    section's rows are appended as it ends."""
+    import csv
+    import os
+    import signal
+    bench_e2e = _load("bench_e2e")
+    before = signal.getsignal(signal.SIGTERM)
+
+    def cut(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(bench_e2e, "_bench_dit_8bit", cut)  # (mid-section: after the bf16 figures)
+    with pytest.raises(SystemExit) as e:
+        bench_e2e.main(["--dry-run", "--out", str(tmp_path / "a")])
+    assert e.value.code == 128 + signal.SIGTERM and signal.getsignal(signal.SIGTERM) is before
+    f = json.loads((tmp_path / "a" / "e2e_summary.json").read_text())["figures"]
+    assert f["step_ms_tiny_bf16"] > 0 and f["step_ms_tiny_reference"] > 0
+    monkeypatch.undo()
+    monkeypatch.setattr(bench_e2e, "bench_distill_speedup", cut)  # (after the DiT, text and VAE sections)
+    with pytest.raises(SystemExit):
+        bench_e2e.main(["--dry-run", "--out", str(tmp_path / "b")])
+    f = json.loads((tmp_path / "b" / "e2e_summary.json").read_text())["figures"]
+    assert f["video_s_tiny_bf16"] > 0 and "distill_speedup_vs_50step_cfg" not in f
+    with open(tmp_path / "b" / "e2e.csv", newline="") as fh:
+        impls = [r["impl"] for r in csv.DictReader(fh) if r["what"] == "dit_step_tiny"]
+    assert "bf16_eager" in impls and "reference_eager" in impls

@@ -278,3 +278,53 @@ def test_summary_table_says_when_a_step_figure_is_eager_or_a_variant_was_rejecte
     table = summarize.table(summarize.merge(tmp_path))
     assert "graph_capture_error_bf16_1.3b: RuntimeError: capture failed" in table
     assert "step_8bit_rejected_1.3b: {'8bit_attn8'" in table
+
+
+def test_a_stage_killed_after_its_cut_is_reported_cut(tmp_path):
+    """A benchmark still running 10 s after the cut's TERM is killed: timeout returns 137, which was not
+    counted as a cut (stages_cut.txt and the summary named nothing)."""
+    fake = _fake_python(tmp_path, "  benchmarks/gluon_smoke.py) echo 'gluon smoke: ok'; exit 0;;\n"
+                                  "  benchmarks/bench_kernels.py) trap '' TERM; echo measuring; sleep 60; exit 0;;")
+    res = _run(tmp_path, fake, stages="kernels,summary", GPU_CHECK_BUDGET="28", GPU_CHECK_MIN_STAGE="1")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "bench_kernels: cut at" in (tmp_path / "out" / "stages_cut.txt").read_text(), res.stdout[-3000:]
+    assert "<stage bench_kernels>" in res.stdout
+
+
+def test_the_profile_stage_waits_for_the_extension_build(tmp_path):
+    """profile times the fp8 linears' quantization, the extension's kernel: it ran beside the build, with
+    the fallback (and then the build was stopped as "no stage of this run needed it")."""
+    fake = _fake_python(tmp_path, "  setup.py) sleep 3; echo built; exit 0;;\n"
+                                  "  -m) exit 0;;\n"
+                                  "  benchmarks/gluon_smoke.py) echo 'gluon smoke: ok'; exit 0;;\n"
+                                  "  benchmarks/profile_step.py) echo PROFILED; exit 0;;\n"
+                                  "  -c) echo 'env'; exit 0;;")
+    res = _run(tmp_path, fake, stages="install,profile", GPU_CHECK_BUDGET="120")
+    out = res.stdout
+    assert "extension build exit code: 0" in out and "no stage of this run needed it" not in out, out[-3000:]
+    assert out.index("extension build exit code") < out.index("PROFILED")
+    assert "gluon smoke: ok" in out
+
+
+def test_summary_reasons_come_from_the_right_run(tmp_path):
+    """The compile run's "skipped in this invocation (--skip vae)" reasons were copied onto required figures
+    the main run lost to its cut; the fused quantization's speedup against the two passes' PyTorch
+    reference (the extension not built yet) is not the required figure, and says why it is absent."""
+    summarize = _load_summarize()
+    out = tmp_path / "out"
+    (out / "compile").mkdir(parents=True)
+    (out / "e2e_summary.json").write_text(json.dumps({"env": {"gpu": "H200"}, "figures": {"step_ms_1.3b_bf16": 1.0},
+                                                      "absent": {}}))
+    (out / "compile" / "e2e_summary.json").write_text(json.dumps({
+        "figures": {"diffusers_step_ms_1.3b_compiled": 42.0},
+        "absent": {"vae_decode_ms": "skipped in this invocation (--skip vae)",
+                   "diffusers_step_ms_14b_compiled": "not in --presets"}}))
+    (out / "kernels_summary.json").write_text(json.dumps({
+        "gpu": "H200", "modulate_quant_speedup_vs_two_pass": None, "modulate_quant_speedup_vs_two_pass_torch_ref": 2.9,
+        "two_pass_per_token_quant": "PyTorch reference; csrc unavailable: not built"}))
+    s = summarize.merge(out)
+    assert "--skip vae" not in s["absent"]["vae_decode_ms"], s["absent"]["vae_decode_ms"]
+    assert s["absent"]["diffusers_step_ms_14b_compiled"] == "not in --presets"
+    assert s["figures"]["diffusers_step_ms_1.3b_compiled"] == 42.0
+    why = s["absent"]["modulate_quant_speedup_vs_two_pass"]
+    assert "PyTorch reference" in why and "_torch_ref" in why, why

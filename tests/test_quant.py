@@ -609,6 +609,9 @@ def test_bench_quant_dry_run(tmp_path, monkeypatch):
     rows = (tmp_path / "quant.csv").read_text().splitlines()
     assert rows[0].startswith("gpu,torch,op,M,K,N,ms") and any(",qlinear_fp8," in r for r in rows)
     assert any(",qlinear_fp8_lora_r32," in r for r in rows) and "qlinear_lora_r32_overhead_max" in summary
+    # the QuantLinear on each int8 GEMM path, once per shape (the default path was timed twice, cuBLAS's never)
+    ops_ = [r.split(",")[2] for r in rows[1:]]
+    assert ops_.count("qlinear_int8_cublas") == ops_.count("qlinear_int8_triton") == 2, ops_
     # the GEMM ratios count only after the kernels' outputs agree with _scaled_mm's; rows and summary name
     # the code and the date
     assert summary["quant_checks_failed"] == [] and summary["gemm_fp8_ratio_vs_scaled_mm_min"] > 0
