@@ -246,6 +246,8 @@ class WanDiT(nn.Module):
         DiT goes back to the CPU: they would stay on the GPU). The next forward makes them again."""
         self._rope_cache.clear()
         self._ones_cache.clear()
+        if self.seq_parallel is not None:  # (its shard tables, on the process-wide parallel state)
+            self.seq_parallel.drop_caches()
 
     def check_inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                      clip_fea: torch.Tensor | None, y: torch.Tensor | None) -> None:

@@ -284,6 +284,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv=None) -> int:
+    rc = _main(argv)
+    if rc:  # (under torchrun: this rank leaves at once, so that its peers' collectives fail instead of waiting)
+        from lightx2v_engine.parallel import mark_failed
+        mark_failed()
+    return rc
+
+
+def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     quiet = args.quiet or rank_from_env() > 0  # under torchrun the other ranks log warnings and errors only
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,

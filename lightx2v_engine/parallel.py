@@ -39,6 +39,7 @@ import datetime
 import difflib
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -275,7 +276,7 @@ class SeqParallel:
         device), for the dit.ROPE_SHAPES most recently used (CUDA graphs are off under parallelism)."""
         from lightx2v_engine.dit import ROPE_SHAPES
         from lightx2v_engine.ops import Rope
-        key = (rope.grid, str(rope.cos.device))
+        key = (rope.grid, str(rope.cos.device), rope.cos.shape[-1])  # (the head dim too: one group, any model)
         r = self._rope.pop(key, None)
         if r is None:
             r = Rope(cos=self.shard(rope.cos[None], 1.0)[0], sin=self.shard(rope.sin[None])[0],
@@ -284,6 +285,11 @@ class SeqParallel:
         while len(self._rope) > ROPE_SHAPES:
             del self._rope[next(iter(self._rope))]
         return r
+
+    def drop_caches(self) -> None:
+        """Forgets the shard RoPE tables (WanDiT.drop_device_caches: the DiT going back to the CPU or freed;
+        they lived on the process-wide state, on the GPU, past the DiT)."""
+        self._rope.clear()
 
     def gather(self, x: torch.Tensor, seq_len: int) -> torch.Tensor:
         """x [B, Ls, ...] from every rank -> [B, seq_len, ...]."""
@@ -518,6 +524,12 @@ def init_parallel(pcfg: ParallelConfig, device: torch.device) -> Parallel | None
             state.cfg_group = g
     if created:
         atexit.register(_shutdown)  # (a gloo group left alive at exit aborts the process)
+        previous_hook = sys.excepthook
+
+        def failed_hook(*exc_info):  # an uncaught error: this rank leaves without the exit barrier
+            mark_failed()
+            previous_hook(*exc_info)
+        sys.excepthook = failed_hook
     log.info("parallel: rank %d of %d (cfg branch %d, sequence shard %d of %d, %s%s) on %s", rank, world, c, s, S,
              pcfg.seq_p_attn_type, f", {pcfg.seq_p_quant_scheme} collectives" if pcfg.seq_p_quant_scheme else "",
              device)
@@ -525,20 +537,58 @@ def init_parallel(pcfg: ParallelConfig, device: torch.device) -> Parallel | None
     return state
 
 
+EXIT_BARRIER_S = 60  # seconds a rank waits at exit for its peers
+_FAILED = False
+
+
+def mark_failed() -> None:
+    """This rank ends with an error (the CLI's exit codes 2 and 3; an uncaught exception): at exit it tears its
+    groups down without waiting for its peers, so that one still in a collective with it fails at once."""
+    global _FAILED
+    if dist.is_available() and dist.is_initialized():
+        _FAILED = True
+
+
+def _barrier_within(group, seconds: float) -> bool:
+    """A barrier on `group` that returns within `seconds` on every rank: True when every rank arrived.
+    (monitored_barrier's timeout holds on rank 0 only: a rank > 0 whose rank 0 never came - failed, or
+    waiting in a collective with a failed peer - waited for ever, and torchrun never ended the job.)"""
+    import threading
+    arrived = []
+
+    def wait():
+        try:
+            dist.monitored_barrier(group=group, timeout=datetime.timedelta(seconds=seconds))
+            arrived.append(True)
+        except Exception as e:  # noqa: BLE001 - a peer gone at exit
+            log.warning("parallel: exit barrier failed (%s: %s)", type(e).__name__, e)
+    t = threading.Thread(target=wait, name="lx2v-exit-barrier", daemon=True)
+    t.start()
+    t.join(seconds + 5)
+    return bool(arrived) or not t.is_alive()
+
+
 def _shutdown() -> None:
-    """At exit: every rank reaches this point (a gloo barrier on the control group, at most a minute: a peer
-    that died does not hold the exit longer) before any tears the groups down; one rank destroying its gloo
-    groups while a peer still ran aborted a CPU run once under load ("terminate called without an active
-    exception", not reproduced)."""
+    """At exit: every rank reaches this point (a gloo barrier on the control group, at most EXIT_BARRIER_S on
+    every rank) before any tears the groups down; one rank destroying its gloo groups while a peer still ran
+    aborted a CPU run once under load ("terminate called without an active exception", not reproduced). A
+    rank that failed (mark_failed) tears down at once: a peer waiting for it in a collective then fails
+    instead of waiting out the group's 30-minute timeout. A barrier still waiting at its limit ends the
+    process (exit code 1): destroying the groups under it could block as well."""
     global _STATE
     state, _STATE = _STATE, None
     if not dist.is_initialized():
         return
-    if state is not None and state.control is not None and state.world_size > 1:
-        try:
-            dist.monitored_barrier(group=state.control, timeout=datetime.timedelta(seconds=60))
-        except Exception as e:  # noqa: BLE001 - a peer gone at exit: tear down regardless
-            log.warning("parallel: exit barrier failed (%s: %s); tearing down anyway", type(e).__name__, e)
+    if state is not None and state.control is not None and state.world_size > 1 and not _FAILED:
+        if not _barrier_within(state.control, EXIT_BARRIER_S):
+            log.warning("parallel: a peer did not reach the exit barrier within %d s; exiting without tearing "
+                        "the process groups down", EXIT_BARRIER_S)
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            os._exit(1)
     dist.destroy_process_group()
 
 

@@ -396,6 +396,7 @@ class Pipeline:
                 _check_light_vae(run, vae, vae_path)
                 return vae
             builders["vae"] = load_vae
+        _rank0_decodes_alone(builders, run, par)
         models, loaders = _build_or_defer(builders, _per_use(run))
 
         def encoders():  # (on rank 0 only under multi-GPU: its failure reaches every rank)
@@ -488,6 +489,7 @@ class Pipeline:
                 if run.clip_quantized:
                     clip_mod.quantize_clip_(clip, run.clip_quant_scheme)
                 return clip
+        _rank0_decodes_alone(builders, run, par)
         models, loaders = _build_or_defer(builders, _per_use(run))
         if with_encoders:
             def encoders():
@@ -577,6 +579,10 @@ class Pipeline:
                 _clear_frames(e)
                 raise
         finally:
+            # (caches kept outside the model: the sequence split's RoPE tables; no local holds the model, which
+            # a traceback's frames would keep alive)
+            if hasattr(getattr(self, name), "drop_device_caches"):
+                getattr(self, name).drop_device_caches()
             setattr(self, name, None)
             _release_memory(self.device)
 
@@ -867,8 +873,7 @@ class Pipeline:
 
     def _decode_everywhere(self) -> bool:
         """Multi-GPU with vae_parallel or use_tiling_vae: the VAE's tiles are decoded on all ranks."""
-        par = self.parallel
-        return par is not None and not self._available("tae") and (par.config.vae_parallel or self.run_cfg.use_tiling_vae)
+        return _decodes_everywhere(self.run_cfg, self.parallel)
 
     def _encode(self, prompt, negative_prompt, image, t_frames, h, w, timings):
         """-> (context [1, 512, C], neg_context or None (without CFG), clip_fea, y (I2V, else None), (h, w) of
@@ -972,6 +977,20 @@ def _dit_meta(mcfg: ModelConfig, quant_scheme: str | None) -> WanDiT:
 def _per_use(run: RunConfig) -> bool:
     """Every model built per use: LightX2V's unload_modules, and its lazy_load (which implies it)."""
     return run.unload_modules or run.lazy_load
+
+
+def _decodes_everywhere(run: RunConfig, par: Parallel | None) -> bool:
+    """Multi-GPU with vae_parallel or use_tiling_vae, and no tiny decoder (which runs on rank 0): the VAE's
+    tiles are decoded on all ranks."""
+    return par is not None and not run.use_tae and (par.config.vae_parallel or run.use_tiling_vae)
+
+
+def _rank0_decodes_alone(builders: dict, run: RunConfig, par: Parallel | None) -> None:
+    """Drops the VAE and tiny decoder from a rank > 0's builders where rank 0 alone decodes (and encodes I2V
+    images): each rank held a VAE it never used (about 0.25 GB of GPU memory for Wan's)."""
+    if par is not None and not par.is_main and not _decodes_everywhere(run, par):
+        for name in ("vae", "tae"):
+            builders.pop(name, None)
 
 
 def _build_or_defer(builders: dict[str, Callable[[], torch.nn.Module]], unload: bool

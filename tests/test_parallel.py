@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -690,3 +691,89 @@ def test_server_request_lora_failure_on_one_rank_is_agreed(monkeypatch):
             S._run_parallel_task(pipe, {"prompt": "a", "seed": 1, "loras": ("x.safetensors",)}, lambda: False)
     assert isinstance(agreed[0], OSError) and agreed[1] is None and generated == [] and exits == []
     assert issubclass(RankError, S._errors_every_rank_raises())
+
+
+_ONE_RANK_FAILS = """
+import os, sys, time, torch, torch.distributed as dist
+from lightx2v_engine.parallel import ParallelConfig, init_parallel
+init_parallel(ParallelConfig(seq_p_size=2), torch.device("cpu"))
+if int(os.environ["RANK"]) == int(sys.argv[1]):
+    raise RuntimeError("this rank failed alone")
+t0 = time.time()
+try:
+    dist.all_reduce(torch.ones(1))  # (the survivor's next collective, with the failed rank)
+    print("COLLECTIVE PASSED")
+except Exception as e:
+    print(f"COLLECTIVE FAILED after {time.time() - t0:.0f} s", flush=True)
+    raise
+"""
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_one_rank_failing_ends_the_job(tmp_path, failing):
+    """A rank > 0 waited at the exit barrier for ever (monitored_barrier's timeout holds on rank 0 only)
+    while rank 0 waited for it in its next collective (30 minutes): torchrun never ended the job. A rank
+    that fails now tears its groups down at once, and the peer's collective fails."""
+    script = tmp_path / "fails.py"
+    script.write_text(_ONE_RANK_FAILS)
+    t0 = time.time()
+    r = torchrun(2, str(script), str(failing), timeout=240)
+    took = time.time() - t0
+    assert r.returncode != 0 and "this rank failed alone" in r.stderr, r.stderr[-3000:]
+    assert "COLLECTIVE FAILED" in r.stdout and "COLLECTIVE PASSED" not in r.stdout, r.stdout[-2000:]
+    assert took < 60, took
+
+
+def test_sequence_split_rope_tables_go_with_the_dit(monkeypatch):
+    """The sequence split's shard RoPE tables live on the process-wide parallel state: they stayed on the
+    GPU after an offloaded DiT went back to the CPU or a per-use DiT was freed (its own caches are dropped),
+    and their key ignored the head dim (two models sharing the state could get the other's tables)."""
+    from dit_fixtures import TINY_T2V
+    from lightx2v_engine.dit import WanDiT
+    from lightx2v_engine.loading import build_dit
+    from lightx2v_engine.ops import rope_tables
+    from lightx2v_engine.parallel import SeqParallel
+    sp = object.__new__(SeqParallel)  # (rank 0 of 2, no process group needed for the tables)
+    sp.group, sp.mode, sp.quant, sp.rank, sp.size, sp._rope = None, "ring", None, 0, 2, {}
+    a, b = sp.shard_rope(rope_tables((2, 3, 5), 128)), sp.shard_rope(rope_tables((2, 3, 5), 64))
+    assert a.cos.shape[-1] == 64 and b.cos.shape[-1] == 32 and len(sp._rope) == 2
+    dit = build_dit(TINY_T2V, None, dtype=torch.float32)
+    dit.seq_parallel = sp
+    dit.drop_device_caches()
+    assert sp._rope == {}
+    # a per-use DiT (unload_modules) is asked to drop them when freed
+    from lightx2v_engine.pipeline import Pipeline
+    pipe = Pipeline.random("tiny", {"target_video_length": 5, "target_height": 32, "target_width": 48,
+                                    "unload_modules": True}, device="cpu")
+    dropped = []
+    real = WanDiT.drop_device_caches
+    monkeypatch.setattr(WanDiT, "drop_device_caches", lambda self: (dropped.append(1), real(self)))
+    pipe.generate("a cat", seed=1)
+    assert dropped
+
+
+_RANK0_DECODES = """
+import os, sys, json
+from lightx2v_engine.pipeline import Pipeline
+size = {"target_video_length": 5, "target_height": 32, "target_width": 48}
+for extra in ({"parallel": {"seq_p_size": 2, "vae_parallel": False}},
+              {"use_tae": True, "parallel": {"seq_p_size": 2, "vae_parallel": False}},
+              {"unload_modules": True, "parallel": {"seq_p_size": 2, "vae_parallel": False}}):
+    pipe = Pipeline.random("tiny", {**size, **extra}, device="cpu")
+    out = pipe.generate("a cat", seed=1)
+    held = sorted(n for n in ("vae", "tae") if getattr(pipe, n) is not None or n in pipe.loaders)
+    os.write(1, (json.dumps({"rank": pipe.parallel.rank, "held": held, "frames": out.frames is not None}) + "\\n").encode())
+"""
+
+
+def test_ranks_that_do_not_decode_build_no_vae(tmp_path):
+    """With vae_parallel false, or the tiny decoder (which runs on rank 0 whatever vae_parallel says: the
+    process keeps one parallel config, so false here too), rank 0 alone decodes: every other rank still built
+    and held the VAE / tiny decoder (about 0.25 GB of GPU memory for Wan's VAE)."""
+    script = tmp_path / "rank0.py"
+    script.write_text(_RANK0_DECODES)
+    r = torchrun(2, str(script), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert sorted((d["rank"], tuple(d["held"]), d["frames"]) for d in lines) == [
+        (0, ("tae",), True), (0, ("vae",), True), (0, ("vae",), True), (1, (), False), (1, (), False), (1, (), False)]
