@@ -342,11 +342,13 @@ def _lax_int(value):
     return value
 
 
+_DECIMAL = re.compile(r"\s*[+-]?([0-9]{1,30}(\.[0-9]{0,30})?|\.[0-9]{1,30})([eE][+-]?[0-9]{1,3})?\s*")
+
+
 def _lax_float(value):
     """A number field's value as pydantic's lax mode takes it: a decimal string ("0.5", "1e-1") is that
     number; anything else is returned as it is (and refused by its check)."""
-    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?([0-9]{1,30}(\.[0-9]{0,30})?|\.[0-9]{1,30})([eE][+-]?[0-9]{1,3})?\s*",
-                                               value):
+    if isinstance(value, str) and _DECIMAL.fullmatch(value):
         return float(value)
     return value
 
