@@ -1371,6 +1371,8 @@ def main(argv=None) -> int:
             httpd.server_close()
         where = f" (--host {args.host} --port {args.port})" if httpd is None and rank_from_env() == 0 else ""
         print(f"{rank_prefix()}error: {str(e).replace(chr(10), ' ')}{where}", file=sys.stderr)
+        from lightx2v_engine.parallel import mark_failed
+        mark_failed()  # (under torchrun: this rank leaves at once; its peers' collectives fail, not wait)
         return 2
     if not pipe.is_main:  # multi-GPU: rank 0 serves HTTP, the other ranks follow its tasks (until torchrun
         serve_worker(pipe)  # stops them: the default SIGTERM action, as they wait inside a collective)

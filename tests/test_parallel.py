@@ -777,3 +777,22 @@ def test_ranks_that_do_not_decode_build_no_vae(tmp_path):
     lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert sorted((d["rank"], tuple(d["held"]), d["frames"]) for d in lines) == [
         (0, ("tae",), True), (0, ("vae",), True), (0, ("vae",), True), (1, (), False), (1, (), False), (1, (), False)]
+
+
+def test_a_failed_cli_or_server_start_marks_the_rank_failed(tmp_path, monkeypatch, capsys):
+    """The CLI's exit codes 2 and 3, and a server whose models fail to load, tell parallel.py that this rank
+    failed (it then leaves without waiting for its peers at exit); a clean run does not."""
+    import lightx2v_engine.parallel as par_mod
+    from lightx2v_engine import server
+    marks = []
+    monkeypatch.setattr(par_mod, "mark_failed", lambda: marks.append(1))
+    assert infer.main(["--random-weights", "--prompt", "a cat", "--quiet", "--seed", "-1"]) == 2
+    assert marks == [1]
+    assert server.main(["--random-weights", "--preset", "tiny", "--host", "127.0.0.1", "--port", "0",
+                        "--output_dir", str(tmp_path / "out"), "--model_cls", "wan2.1_distill",
+                        "--config_json", str(tmp_path / "missing.json")]) == 2
+    assert marks == [1, 1]
+    assert infer.main(["--random-weights", "--prompt", "a cat", "--quiet", "--num_frames", "5", "--target_shape",
+                       "32", "48", "--save_result_path", str(tmp_path / "ok.mp4"), "--device", "cpu"]) == 0
+    assert marks == [1, 1]
+    capsys.readouterr()
