@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightx2v_engine.parallel import ParallelConfig
+from lightx2v_engine.parallel import PARALLEL_KEYS, ParallelConfig
 from lightx2v_engine.schedulers import MAX_SEED
 
 
@@ -487,10 +487,8 @@ _TYPES = {
 
 # unknown keys with a known place: a key of the parallel section at the top level, a CLI flag or request
 # field in a config, offload spellings whose nearest key by letters is the wrong one
-_PARALLEL_KEYS = ("seq_p_size", "seq_p_attn_type", "cfg_p_size", "tensor_p_size", "vae_parallel", "seq_p_quant_scheme",
-                  "seq_p_fp8_comm", "seq_p_fp4_comm")
 _PLACES = {
-    **{k: f"a key of the \"parallel\" section: {{\"parallel\": {{\"{k}\": ...}}}}" for k in _PARALLEL_KEYS},
+    **{k: f"a key of the \"parallel\" section: {{\"parallel\": {{\"{k}\": ...}}}}" for k in PARALLEL_KEYS},
     **{f"{m}_offload": f"did you mean '{m}_cpu_offload'?" for m in ("t5", "clip", "vae")},
     **{k: "LoRAs go in \"lora_configs\": [{\"path\": ..., \"strength\": ...}]"
        for k in ("lora_path", "lora_strength", "lora_name", "lora_dir", "loras")},

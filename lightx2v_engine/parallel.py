@@ -94,6 +94,11 @@ _PARALLEL_IGNORED = {
 }
 
 
+# the keys of LightX2V's "parallel" section that this engine reads
+PARALLEL_KEYS = ("seq_p_size", "seq_p_attn_type", "cfg_p_size", "tensor_p_size", "vae_parallel", "seq_p_quant_scheme",
+                 "seq_p_fp8_comm", "seq_p_fp4_comm")
+
+
 def parse_parallel(value: Any, source: str = "config", warn: bool = True) -> tuple[ParallelConfig, list[str]]:
     """The ``parallel`` value (an object, or false/null/{} for none) -> (ParallelConfig, notes on keys that
     are accepted but not acted on). Errors name the key and the value."""
@@ -104,8 +109,6 @@ def parse_parallel(value: Any, source: str = "config", warn: bool = True) -> tup
                          f"{{\"seq_p_size\": 4, \"seq_p_attn_type\": \"ulysses\", \"cfg_p_size\": 2}}")
     if not isinstance(value, dict):
         raise ValueError(f"{source}: config key 'parallel' = {value!r}: expected an object")
-    known = ("seq_p_size", "seq_p_attn_type", "cfg_p_size", "tensor_p_size", "vae_parallel", "seq_p_quant_scheme",
-             "seq_p_fp8_comm", "seq_p_fp4_comm")
     vals, notes = {}, []
     legacy = None  # the scheme LightX2V's older seq_p_fp8_comm / seq_p_fp4_comm flags ask for
     for key, v in value.items():
@@ -157,7 +160,7 @@ def parse_parallel(value: Any, source: str = "config", warn: bool = True) -> tup
         elif key in _PARALLEL_IGNORED:
             notes.append(f"{name} ({_PARALLEL_IGNORED[key]})")
         else:
-            close = difflib.get_close_matches(key, known + tuple(_PARALLEL_IGNORED), n=1)
+            close = difflib.get_close_matches(key, PARALLEL_KEYS + tuple(_PARALLEL_IGNORED), n=1)
             if close:
                 raise ValueError(f"{source}: unknown config key {name!r} (did you mean 'parallel.{close[0]}'?)")
             notes.append(name)

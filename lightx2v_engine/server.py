@@ -48,6 +48,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -662,13 +663,21 @@ def _read_within(f, n: int, seconds: float, what: str, status: HTTPStatus = HTTP
     return b"".join(parts)
 
 
+def _shut_socket(sock) -> None:
+    """Shuts a connection both ways: a read blocked on it returns or fails at once."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 class _DownloadDeadline:
     """Shuts every connection of one download (its redirects' too) once `seconds` have passed since it began:
     urlopen's timeout is per read, so a server sending its status line and headers a byte at a time held the
     request for as long as it liked. (DNS and a TLS handshake keep their per-read timeouts only.)"""
 
     def __init__(self, seconds: float):
-        self.seconds, self.expired, self._socks, self._lock = seconds, False, [], threading.Lock()
+        self.expired, self._socks, self._lock = False, [], threading.Lock()
         self._timer = threading.Timer(seconds, self._expire)
         self._timer.daemon = True
         self.end = time.monotonic() + seconds
@@ -677,21 +686,13 @@ class _DownloadDeadline:
         with self._lock:
             self._socks.append(sock)
             if self.expired:
-                self._shut(sock)
+                _shut_socket(sock)
 
     def _expire(self) -> None:
         with self._lock:
             self.expired = True
             for sock in self._socks:
-                self._shut(sock)
-
-    @staticmethod
-    def _shut(sock) -> None:
-        import socket
-        try:
-            sock.shutdown(socket.SHUT_RDWR)  # (a blocked read returns or fails at once)
-        except OSError:
-            pass
+                _shut_socket(sock)
 
     def opener(self) -> urllib.request.OpenerDirector:
         """urllib's opener whose HTTP(S) connections are registered with this deadline as they connect."""
@@ -848,11 +849,7 @@ class Handler(BaseHTTPRequestHandler):
         return ok
 
     def _cut(self) -> None:
-        import socket
-        try:
-            self.connection.shutdown(socket.SHUT_RDWR)  # (the blocked read returns; the connection closes)
-        except OSError:
-            pass
+        _shut_socket(self.connection)  # (the blocked read returns; the connection closes)
 
     def _send(self, status: HTTPStatus, obj) -> None:
         data = json.dumps(obj).encode()
