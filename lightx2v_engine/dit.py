@@ -285,7 +285,7 @@ class WanDiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 clip_fea: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, 16, F, H, W] latents; t [B] timesteps (float); context [B, Lt, text_dim] T5 features
-        (zero rows beyond the prompt, Lt = 512); I2V: clip_fea [B, 257, 1280], y [B, 20, F, H, W].
+        (zero rows beyond the prompt; fewer than text_len (512) rows are zero-padded to it, as in Wan); I2V: clip_fea [B, 257, 1280], y [B, 20, F, H, W].
         Returns the flow velocity [B, 16, F, H, W] fp32."""
         self.check_inputs(x, t, context, clip_fea, y)
         cfg, dt = self.cfg, self.run_dtype
@@ -301,7 +301,9 @@ class WanDiT(nn.Module):
 
         e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim))          # [B, C] fp32
         e0 = self.time_projection(e).unflatten(1, (6, cfg.dim))                 # [B, 6, C] fp32
-        text = self.text_embedding(context.to(dt))                              # [B, Lt, C]
+        if context.shape[1] < cfg.text_len:  # Wan zero-pads a trimmed context to text_len rows: the zero rows
+            context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))  # still attend (biases)
+        text = self.text_embedding(context.to(dt))                              # [B, text_len, C]
         img = self.img_emb(clip_fea, dt) if cfg.is_i2v else None
         rope = self.rope(grid, x.device)
         ones = self._ones(b, x.device)

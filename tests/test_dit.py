@@ -48,6 +48,23 @@ def test_batch_of_two_equals_two_singles():
     assert rel_l2(both[1:], one) < 1e-5
 
 
+@pytest.mark.parametrize("cfg", [TINY_T2V, TINY_I2V], ids=["t2v", "i2v"])
+def test_trimmed_context_is_padded_to_text_len(cfg):
+    """Wan's WanModel zero-pads the T5 context to text_len before text_embedding, and the zero rows still
+    attend (text_embedding's biases make them non-zero keys and values): a trimmed context (Wan's own T5
+    wrapper returns the prompt's rows only) gave a different velocity (rel L2 0.40 at 7 of 512 rows)."""
+    ref = diffusers_model(cfg)
+    model = build_dit(cfg, None, dtype=torch.float32)
+    model.load_state_dict(wan_state_dict(ref))
+    x, t, ctx, clip, y = inputs(cfg, text_rows=7, text_len=512)
+    with torch.no_grad():
+        full = model(x, t, ctx, clip, y)
+        trimmed = model(x, t, ctx[:, :7], clip, y)
+        expected = diffusers_forward(ref, x, t, ctx, clip, y)
+    assert rel_l2(trimmed, full) < 1e-6
+    assert rel_l2(trimmed, expected) < 1e-4
+
+
 def test_bf16_path_close_to_fp32():
     """The bf16 run keeps the fp32 regions: its error vs fp32 stays at bf16 level."""
     ref = diffusers_model(TINY_T2V)
