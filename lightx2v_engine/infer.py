@@ -313,16 +313,16 @@ def _main(argv=None) -> int:
     except torch.cuda.OutOfMemoryError as e:  # (first: rank 0's RankZeroOutOfMemory is a ValueError too)
         print(f"{rank_prefix()}error: out of GPU memory ({str(e).splitlines()[0]})", file=sys.stderr)
         return 3
+    except user_errors() as e:  # (before RuntimeError: NonFiniteError is one)
+        msg = str(e).replace("\n", " ")
+        print(f"{rank_prefix()}error: {msg}", file=sys.stderr)
+        return 2
     except (MemoryError, RuntimeError) as e:  # host memory: torch's CPU allocator raises a RuntimeError
         if not (isinstance(e, MemoryError) or "can't allocate memory" in str(e)):
             raise
         print(f"{rank_prefix()}error: out of host memory ({(str(e) or type(e).__name__).splitlines()[0]})",
               file=sys.stderr)
         return 3
-    except user_errors() as e:
-        msg = str(e).replace("\n", " ")
-        print(f"{rank_prefix()}error: {msg}", file=sys.stderr)
-        return 2
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -546,6 +546,18 @@ def test_cli_ranks_above_0_do_not_check_what_they_never_write(t2v_folder, tmp_pa
     assert "no-ffmpeg" in capsys.readouterr().err
 
 
+def test_cli_non_finite_values_are_one_error_line(monkeypatch, capsys, tmp_path):
+    """NonFiniteError is a RuntimeError: the host-memory clause (RuntimeError) caught it first and re-raised
+    it, so NaN at run time ended the CLI in a traceback (exit 1, the rank not marked failed), not one
+    "error: ..." line and exit code 2."""
+    from lightx2v_engine.dit import WanDiT
+    monkeypatch.setattr(WanDiT, "forward", lambda self, x, *a, **k: torch.full_like(x, float("nan")))
+    rc = main(["--random-weights", "--preset", "tiny", "--prompt", "a cat", "--quiet", "--num_frames", "5",
+               "--target_shape", "32", "48", "--save_result_path", str(tmp_path / "unused.mp4")])
+    assert rc == 2
+    assert "error: non-finite values (NaN/Inf) in the latents after denoising step 1" in capsys.readouterr().err
+
+
 def test_cli_out_of_memory_exit_code_also_for_rank0_only_steps(monkeypatch, capsys):
     """Rank 0's out of memory in a step it runs alone is a RankZeroOutOfMemory (a ValueError for the other
     ranks' agreement): the CLI still ends it with the out-of-memory exit code 3, not a user error's 2."""
