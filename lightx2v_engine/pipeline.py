@@ -721,7 +721,8 @@ class Pipeline:
             ts = sampler.timestep_tensor(self.device)
             guided = run.enable_cfg and neg_context is not None
             runner = self._graph_runner(x, context, neg_context if guided else None, clip_fea, y, sampler, renoise, ts,
-                                        timings) if self.use_cuda_graph and not self._dit_offloaded() else None  # (_graphs_on)
+                                        timings) if (self.use_cuda_graph and self.device.type == "cuda"
+                                                 and not self._dit_offloaded()) else None  # (_graphs_on)
             for i in range(sampler.num_steps):
                 with timings.measure(f"step {i + 1}", self.device):
                     if runner is not None:
@@ -757,10 +758,12 @@ class Pipeline:
         v = self.dit(b2(x), t.expand(2), torch.cat([context, neg_context], dim=0), b2(clip_fea), b2(y))
         return cfg_combine(v[1:], v[:1], self.run_cfg.sample_guide_scale)
 
-    def _graph_key(self, x, context, neg_context, clip_fea, sampler) -> tuple:
-        """Everything a replay bakes in: shapes, sampler, dtype, the CFG scale, the model object and the ops
-        it runs (backend, kernels and their configs, 8-bit attention, the 8-bit linears' switches)."""
-        return (tuple(x.shape), tuple(context.shape), neg_context is not None, clip_fea is not None,
+    def _graph_key(self, x, context, neg_context, clip_fea, y, sampler) -> tuple:
+        """Everything a replay bakes in: shapes, the inputs' dtypes (the static buffers take the first call's:
+        a later call's would be cast into them), sampler, run dtype, the CFG scale, the model object and the
+        ops it runs (backend, kernels and their configs, 8-bit attention, the 8-bit linears' switches)."""
+        dtypes = tuple(None if t is None else t.dtype for t in (x, context, neg_context, clip_fea, y))
+        return (tuple(x.shape), tuple(context.shape), neg_context is not None, clip_fea is not None, dtypes,
                 sampler, self.dit.run_dtype, self.run_cfg.sample_guide_scale if neg_context is not None else None,
                 id(self.dit), ops.describe(x.device, attn_8bit=self.dit.blocks[0].self_attn.attn_8bit),
                 quant.kernel_choices())
@@ -773,7 +776,7 @@ class Pipeline:
         a set that itself evicted others: shapes that do not fit together would re-capture at every
         alternation), the warm-up failed otherwise (the model's error, met again eagerly), or the capture
         failed otherwise - ending it included (graphs are off from then on)."""
-        key = self._graph_key(x, context, neg_context, clip_fea, sampler)
+        key = self._graph_key(x, context, neg_context, clip_fea, y, sampler)
         if key in self._graph_skip:
             return None
         graphs = self._graphs.pop(key, None)
@@ -816,7 +819,7 @@ class Pipeline:
                     pass
                 return None
             graphs.evicted_others = evicted  # (captured only once the other sets were dropped)
-            key = self._graph_key(x, context, neg_context, clip_fea, sampler)  # (a kernel failing in the
+            key = self._graph_key(x, context, neg_context, clip_fea, y, sampler)  # (a kernel failing in the
             # warm-up turns itself off, which changes the ops the key names)
         self._graphs[key] = graphs  # (re)inserted last: the dict is in least-recently-used order
         graphs.set_inputs(x, context, neg_context, clip_fea, y, renoise)

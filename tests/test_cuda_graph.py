@@ -36,6 +36,29 @@ def test_graph_replay_equals_eager(preset):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["tiny", "tiny-i2v"])
+def test_graph_replay_with_cfg_equals_eager(preset):
+    """The guided loop under replay: the batch-2 context (prompt, negative prompt), the expanded timestep and
+    the guidance scale baked into the captured step. A new scale captures anew (it is in the key)."""
+    import dataclasses
+    size = {"target_video_length": 5, "target_height": 32, "target_width": 48, "enable_cfg": True,
+            "sample_guide_scale": 5.0}
+    pipe = Pipeline.random(preset, size, device="cuda")
+    image = torch.rand(3, 32, 48) * 2 - 1 if preset == "tiny-i2v" else None
+    results = {}
+    for scale in (5.0, 2.0):
+        pipe.run_cfg = dataclasses.replace(pipe.run_cfg, sample_guide_scale=scale)
+        for graphs in (False, True):
+            pipe.use_cuda_graph = graphs
+            results[scale, graphs] = pipe.generate("a dog", negative_prompt="blurry", image=image, seed=5).latents
+    assert len(pipe._graphs) == 2
+    for scale in (5.0, 2.0):
+        eager, graphed = results[scale, False], results[scale, True]
+        assert ((graphed - eager).norm() / eager.norm()).item() <= 1e-6, scale
+    assert not torch.equal(results[5.0, False], results[2.0, False])
+
+
+@pytest.mark.gpu
 def test_graph_replay_renoise_mode():
     cfg = {"target_video_length": 5, "target_height": 32, "target_width": 48, "distill_update": "renoise"}
     pipe = Pipeline.random("tiny", cfg, device="cuda")
@@ -334,6 +357,31 @@ def test_graph_key_follows_the_8bit_linear_switches(monkeypatch):
     monkeypatch.setattr(quant, "_FUSE_INPUT_QUANT", not quant.kernel_choices()[0])
     call()
     assert len(pipe._graphs) == 2 and len({k[-1] for k in pipe._graphs}) == 2  # (MAX_GRAPH_SHAPES: 2 kept)
+
+
+def test_graphs_on_a_cpu_pipeline_run_eagerly():
+    """use_cuda_graph set by hand on a CPU pipeline: the loop tried a capture, and the failed warm-up's
+    clean-up (torch.cuda.synchronize) raised "Torch not compiled with CUDA enabled". Now it runs eagerly."""
+    size = {"target_video_length": 5, "target_height": 32, "target_width": 48}
+    pipe = Pipeline.random("tiny", size, device="cpu")
+    eager = pipe.generate("a dog", seed=5).latents
+    pipe.use_cuda_graph = True
+    assert torch.equal(pipe.generate("a dog", seed=5).latents, eager) and not pipe._graphs
+
+
+def test_graph_key_follows_the_inputs_dtypes(monkeypatch):
+    """The static buffers take the first call's dtypes: a later call with the same shapes in another dtype
+    (fp32 noise after bf16 noise, fp32 CLIP features after fp16) was copied - rounded - into them and
+    replayed, where the eager run computes in its own dtypes. Each dtype set is its own capture."""
+    from lightx2v_engine.schedulers import DistillSampler
+    fake, pipe, call, calls, plan = _graph_case(monkeypatch)
+    sampler = DistillSampler.from_step_list((1000, 750, 500, 250), 5.0, "deterministic")
+    ctx = torch.zeros(1, 512, pipe.model_cfg.text_dim)
+    for dtype in (torch.bfloat16, torch.float32, torch.bfloat16):
+        x = torch.randn(1, 16, 2, 4, 6).to(dtype)
+        assert pipe._graph_runner(x, ctx, None, None, None, sampler, [], sampler.timestep_tensor()) is not None
+    assert len(pipe._graphs) == 2
+    assert {k[4][0] for k in pipe._graphs} == {torch.bfloat16, torch.float32}
 
 
 def test_graph_key_is_taken_after_the_warm_up(monkeypatch):
