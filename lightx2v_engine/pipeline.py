@@ -397,24 +397,27 @@ class Pipeline:
                 return vae
             builders["vae"] = load_vae
         _rank0_decodes_alone(builders, run, par)
+
+        def encoder_files():  # found, and the tokenizer read, before the DiT: a missing one fails in seconds
+            t5_path = _encoder_file(run, mp, "t5")
+            return t5_path, t5_mod.load_tokenizer(str(mp)), _encoder_file(run, mp, "clip") if mcfg.is_i2v else None
+        t5_path, tok, clip_path = _encoders_on_rank0(par, encoder_files, "find the text/image encoders")
         models, loaders = _build_or_defer(builders, _per_use(run))
 
         def encoders():  # (on rank 0 only under multi-GPU: its failure reaches every rank)
-            t5_path = _encoder_file(run, mp, "t5")
             log.info("umT5 weights: %s", t5_path)
             # offloaded weights are kept on the CPU in the dtype they run in on `dev`
             enc = {"t5": lambda: _check_encoder_linears(
                 t5_mod.load_t5(str(t5_path), device=cpu if run.t5_cpu_offload else dev, dtype=_t5_dtype(dev)),
                 run, "t5", t5_path, dev)}
             if mcfg.is_i2v:
-                clip_path = _encoder_file(run, mp, "clip")
                 log.info("CLIP weights: %s", clip_path)
                 enc["clip"] = lambda: _check_encoder_linears(
                     clip_mod.load_clip(str(clip_path), device=cpu if run.clip_cpu_offload else dev,
                                        dtype=_clip_dtype(dev)), run, "clip", clip_path, dev)
             built, deferred = _build_or_defer(enc, _per_use(run))
             loaders.update(deferred)
-            return built.get("t5"), t5_mod.load_tokenizer(str(mp)), built.get("clip")
+            return built.get("t5"), tok, built.get("clip")
         t5, tok, clip = _encoders_on_rank0(par, encoders)
         return cls(mcfg, run, models.get("dit"), t5, tok, models.get("vae"), clip, dev,
                    (time.perf_counter() - t0) * 1e3, use_cuda_graph=_graphs_on(run, dev, par), parallel=par,
@@ -1019,12 +1022,13 @@ def _release_memory(device: torch.device | None) -> None:
         torch.cuda.empty_cache()
 
 
-def _encoders_on_rank0(par: Parallel | None, load: Callable[[], tuple]) -> tuple:
-    """load() -> (t5, tokenizer, clip); under multi-GPU parallelism on global rank 0 only (the others get
-    Nones, or rank 0's failure as an error: no rank waits for a rank 0 that gave up)."""
+def _encoders_on_rank0(par: Parallel | None, load: Callable[[], tuple],
+                       what: str = "load the text/image encoders") -> tuple:
+    """load() -> (t5, tokenizer, clip) or another triple; under multi-GPU parallelism on global rank 0 only
+    (the others get Nones, or rank 0's failure as an error: no rank waits for a rank 0 that gave up)."""
     if par is None:
         return load()
-    return par.on_rank0(load, "load the text/image encoders") or (None, None, None)
+    return par.on_rank0(load, what) or (None, None, None)
 
 
 def _share_from_rank0(par: Parallel, encode: Callable[[], tuple], device: torch.device) -> tuple:

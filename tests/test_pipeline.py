@@ -80,8 +80,8 @@ def test_i2v_end_to_end(i2v_folder, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_vae", "bad_image", "bad_size", "empty_prompt", "no_prompt", "task_mismatch",
-                                  "missing_dit"])
-def test_bad_inputs_fail_cleanly(case, t2v_folder, i2v_folder, tmp_path, capsys):
+                                  "missing_dit", "missing_tokenizer", "missing_t5"])
+def test_bad_inputs_fail_cleanly(case, t2v_folder, i2v_folder, tmp_path, capsys, monkeypatch):
     import shutil
     folder = tmp_path / "model"
     src = i2v_folder if case == "bad_image" else t2v_folder
@@ -91,6 +91,15 @@ def test_bad_inputs_fail_cleanly(case, t2v_folder, i2v_folder, tmp_path, capsys)
         (folder / "Wan2.1_VAE.pth").unlink()
     elif case == "missing_dit":
         (folder / "diffusion_pytorch_model.safetensors").unlink()
+    elif case in ("missing_tokenizer", "missing_t5"):  # found missing before the DiT is read (it was after the
+        # DiT and umT5: minutes at 14B)
+        (folder / ("google/umt5-xxl/tokenizer.json" if case == "missing_tokenizer"
+                   else "models_t5_umt5-xxl-enc-bf16.pth")).unlink()
+        from lightx2v_engine import pipeline as pipeline_mod
+
+        def no_dit(*a, **k):
+            raise AssertionError("the DiT was read first")
+        monkeypatch.setattr(pipeline_mod, "load_dit", no_dit)
     elif case == "bad_image":
         (tmp_path / "bad.png").write_bytes(b"not an image")
         extra, task = ["--image_path", str(tmp_path / "bad.png")], "i2v"
@@ -109,7 +118,8 @@ def test_bad_inputs_fail_cleanly(case, t2v_folder, i2v_folder, tmp_path, capsys)
     assert line, err
     expect = {"missing_vae": "Wan2.1_VAE.pth", "bad_image": "bad.png", "bad_size": "target_height",
               "empty_prompt": "prompt", "no_prompt": "prompt", "task_mismatch": "task",
-              "missing_dit": "diffusion_pytorch_model"}[case]
+              "missing_dit": "diffusion_pytorch_model", "missing_tokenizer": "tokenizer.json",
+              "missing_t5": "models_t5_umt5-xxl-enc-bf16.pth"}[case]
     assert expect in line[0]
     assert not (tmp_path / "out.mp4").exists()
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".mp4" or ".tmp" in p.name]
