@@ -36,12 +36,14 @@ def check_pil_mode(img: Image.Image) -> None:
 
 def _pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB as Wan (`Image.open(...).convert("RGB")`; alpha dropped, EXIF orientation not applied), except
-    16-bit grey (PIL modes I;16*, and I holding values above 255), which convert("RGB") clips to white:
-    scaled to 8 bits (v / 257, rounded) first. 32-bit float images are an error."""
+    16-bit grey (PIL modes I;16*; mode I read from a PNG or a PGM of maxval > 255, which Pillow scales to 16
+    bits; another mode I image when it holds values above 255), which convert("RGB") clips to white: scaled
+    to 8 bits (v / 257, rounded) first. 32-bit float images are an error."""
     check_pil_mode(img)
     if img.mode.startswith("I;16") or img.mode == "I":
         a = np.asarray(img).astype(np.float64)
-        if img.mode.startswith("I;16") or a.max(initial=0) > 255:
+        # (the file's bit depth where known: a dark 16-bit PGM, all values <= 255, was taken as 8-bit)
+        if img.mode.startswith("I;16") or img.format in ("PNG", "PPM") or a.max(initial=0) > 255:
             a = a / 257
         img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
     arr = np.asarray(img.convert("RGB"), dtype=np.uint8)

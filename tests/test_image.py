@@ -1,3 +1,4 @@
+import io
 import numpy as np
 import pytest
 import torch
@@ -90,6 +91,14 @@ def test_load_image_16bit_grey_is_scaled_not_clipped(tmp_path):
     torch.testing.assert_close(load_image(Image.fromarray(small, "I")), load_image(Image.fromarray(small.astype(np.uint8))))
     with pytest.raises(ValueError, match="mode F"):
         load_image(Image.fromarray(np.zeros((4, 4), np.float32), "F"))
+    # a dark 16-bit PGM (maxval 65535, opened as mode I, every value <= 255): 16-bit by its file, not taken
+    # as 8-bit values (up to 257 times too bright, and the whole image jumping when one pixel passed 255)
+    dark = np.array([[100, 255, 0, 7]], dtype=np.uint16)
+    pgm = b"P5 4 1 65535\n" + dark.astype(">u2").tobytes()
+    with Image.open(io.BytesIO(pgm)) as im:
+        assert im.mode == "I" and im.format == "PPM"
+    expected = load_image(Image.fromarray(np.rint(dark / 257).astype(np.uint8)))
+    torch.testing.assert_close(load_image(pgm), expected, rtol=0, atol=0)
 
 
 def test_load_image_errors(tmp_path):
