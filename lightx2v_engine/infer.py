@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
                          f"(Wan2.1 I2V takes one image)")
     # the output paths, the encoder, the config and the image are checked before anything loads (not after
     # minutes of generation)
-    from lightx2v_engine.video import atomic_path, check_output_file, check_video_file
+    from lightx2v_engine.video import atomic_path, check_output_file, check_video_file, save_latents
     if args.save_result_path is None:
         raise ValueError("--save_result_path is required (the video file to write, e.g. output.mp4)")
     writes = rank_from_env() == 0  # (ranks > 0 write nothing: their folders and ffmpeg do not matter; a check
@@ -265,8 +265,10 @@ def run(args: argparse.Namespace) -> int:
         if args.save_latents is None:
             path = out.save(args.save_result_path)
         else:  # both or neither: the latents move into place only once the video is written
-            with atomic_path(args.save_latents, ".safetensors") as tmp:
-                out.save_latents(tmp, prompt=args.prompt, seed=seed, task=args.task, model=pipe.model_cfg.name)
+            with atomic_path(args.save_latents, ".safetensors") as tmp:  # (written into it: a second temporary
+                # file beside it had a name 52 bytes longer than check_output_file allows for)
+                save_latents(out.latents, tmp, dict(prompt=args.prompt, seed=seed, task=args.task,
+                                                    model=pipe.model_cfg.name), atomic=False)
                 path = out.save(args.save_result_path)
     if not args.quiet:
         print(out.timings.table(out.peak_gpu_bytes), file=sys.stderr)

@@ -44,6 +44,9 @@ def video_to_uint8(video: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"video must be [3, T, H, W] or [1, 3, T, H, W], got shape {tuple(video.shape)}")
     if not video.is_floating_point():
         raise ValueError(f"video must be a float tensor in [-1, 1], got dtype {video.dtype}")
+    nans = int(torch.isnan(video).sum())  # (clamp and the uint8 cast would write them as black pixels)
+    if nans:
+        raise ValueError(f"video has {nans} NaN values (of {video.numel()})")
     x = video.to(torch.float32, copy=True).add_(1.0).mul_(0.5).clamp_(0.0, 1.0).mul_(255.0).round_()  # one fp32 copy
     return x.to(torch.uint8).permute(1, 2, 3, 0).contiguous()
 
@@ -319,8 +322,10 @@ def read_mp4(path: str | os.PathLike) -> np.ndarray:
     return np.stack(frames)
 
 
-def save_latents(latents: torch.Tensor, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
-    """Saves a latent tensor to a safetensors file (key "latents"), atomically.
+def save_latents(latents: torch.Tensor, path: str | os.PathLike, metadata: dict[str, Any] | None = None,
+                 *, atomic: bool = True) -> Path:
+    """Saves a latent tensor to a safetensors file (key "latents"), atomically (atomic=False: written at
+    `path` itself, for a caller's own temporary file).
 
     `metadata` values are stored JSON-encoded (anything json.dumps accepts) and restored by `load_latents`.
     """
@@ -333,8 +338,12 @@ def save_latents(latents: torch.Tensor, path: str | os.PathLike, metadata: dict[
         if not isinstance(k, str):
             raise ValueError(f"metadata keys must be str, got {k!r}")
         meta[k] = json.dumps(v)
+    tensors = {"latents": latents.detach().contiguous().cpu()}
+    if not atomic:
+        save_file(tensors, str(path), metadata=meta)
+        return Path(path)
     with atomic_path(path, ".safetensors") as tmp:
-        save_file({"latents": latents.detach().contiguous().cpu()}, str(tmp), metadata=meta)
+        save_file(tensors, str(tmp), metadata=meta)
     return Path(path)
 
 

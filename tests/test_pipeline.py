@@ -45,6 +45,13 @@ def test_t2v_end_to_end_and_determinism(t2v_folder, tmp_path):
     assert torch.equal(lat, load_latents(tmp_path / "b.safetensors")[0])
     assert cli(t2v_folder, tmp_path, "--save_latents", str(tmp_path / "c.safetensors"), "--seed", "8", out="o3.mp4") == 0
     assert not torch.allclose(lat, load_latents(tmp_path / "c.safetensors")[0])
+    # the longest latents name check_output_file accepts is written: the latents went through a second
+    # temporary file beside the first, 52 bytes longer, and failed (ENAMETOOLONG) after the run
+    from lightx2v_engine.video import _max_name
+    name = "l" * (_max_name("x.safetensors") - len(".safetensors")) + ".safetensors"
+    assert cli(t2v_folder, tmp_path, "--save_latents", str(tmp_path / name), "--seed", "7", out="o4.mp4") == 0
+    assert torch.equal(lat, load_latents(tmp_path / name)[0]) and load_latents(tmp_path / name)[1]["seed"] == 7
+    assert sorted(p.name for p in tmp_path.iterdir() if ".tmp" in p.name) == []
 
 
 def test_lora_from_config_changes_output(t2v_folder, tmp_path):

@@ -51,6 +51,10 @@ def test_video_to_uint8_bad():
         video_to_uint8(torch.zeros(2, 3, 2, 8, 8))
     with pytest.raises(ValueError, match="float"):
         video_to_uint8(torch.zeros(3, 2, 8, 8, dtype=torch.uint8))
+    nan = torch.zeros(3, 2, 8, 8)
+    nan[1, 0, 2, :3] = float("nan")  # (written as black pixels before)
+    with pytest.raises(ValueError, match="video has 3 NaN values"):
+        video_to_uint8(nan)
 
 
 # ---------------------------------------------------------------- mp4 round trip
