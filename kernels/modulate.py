@@ -88,8 +88,10 @@ def _modulate_kernel(X, Y, GATE, SHIFT, SCALE, XOUT, OUT, QS,
                 v = (v + 12582912.0) - 12582912.0
             else:
                 v = libdevice.rint(v)
-            v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
-            q = tl.where(v != v, 0.0, v).to(tl.int8)
+            # NaN -> 0 before the clamps (after them the check was folded away on the GPU: max.f32 returned
+            # -127 for NaN, and the compiler knew the result could not be NaN)
+            v = tl.where(v != v, 0.0, v)
+            q = tl.minimum(tl.maximum(v, -QMAX), QMAX).to(tl.int8)
         tl.store(OUT + b * stride_ob + l * stride_ol + cols, q, mask=mask)
         sx = tl.div_rn(amax, tl.full([1], QMAX, tl.float32))
         tl.store(QS + row + tl.arange(0, 1), sx)
