@@ -1,7 +1,7 @@
 """The T2V/I2V pipeline: one function each for encode -> denoise -> decode, and a small Python API.
 
     from lightx2v_engine import Pipeline   # or: from lightx2v_engine.pipeline import Pipeline
-    pipe = Pipeline.load("Wan2.1-T2V-1.3B", "configs/distill/wan21/wan_t2v_distill_model_4step_cfg.json")
+    pipe = Pipeline.load("Wan2.1-T2V-14B", "configs/distill/wan21/wan_t2v_distill_model_4step_cfg.json")
     out = pipe.generate("a cat surfing a wave", seed=42)
     out.save("cat.mp4")
 

@@ -3,7 +3,8 @@
     python -m lightx2v_engine.server --model_path /models/Wan2.1-T2V-1.3B --config_json cfg.json --port 8000
     python -m lightx2v_engine.server --random-weights --preset tiny          # no weights: the tiny preset
 
-Like LightX2V's server it takes the CLI's arguments plus --host, --port, --max_queue_size, --lora_dir,
+Like LightX2V's server it takes the CLI's arguments (the per-video ones - --prompt, --seed, --image_path,
+--save_result_path, ... - are not used, with a warning: each request carries them) plus --host, --port, --max_queue_size, --lora_dir,
 --metric_port, and extra `--key value` pairs as config keys (e.g. --sample_shift 3); --max_request_tokens
 caps a request's work (its DiT tokens, latent frames x H/16 x W/16: by default Wan's 720p x 81 frames,
 75,600, or the default size's if more; a 400 beyond). Like LightX2V's, a
@@ -1248,7 +1249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.prog = "python -m lightx2v_engine.server"
     p.description = ("HTTP server with LightX2V's task API. It takes the CLI's model and config options; the "
                      "CLI's per-video ones (--prompt, --image_path, --seed, --save_result_path, ...) come with each "
-                     "request instead. Extra --key value pairs are config keys.")
+                     "request instead (given here, they are not used: a warning names them). Extra --key value "
+                     "pairs are config keys.")
     p.allow_abbrev = False  # '--config' must not silently mean --config_json (extra pairs are config keys)
     # (defaults from LightX2V's server environment variables where set, as its ServerConfig.from_env)
     p.add_argument("--host", default=os.environ.get("LIGHTX2V_HOST") or "0.0.0.0", help="address to listen on "
@@ -1283,9 +1285,11 @@ def check_options(args, rank: int = 0) -> None:
         ("--image_path", bool(args.image_path)), ("--seed", args.seed is not None),
         ("--save_result_path", args.save_result_path != DEFAULT_OUTPUT), ("--save_latents", args.save_latents is not None),
         ("--last_frame_path", bool(args.last_frame_path)), ("--use_prompt_enhancer", args.use_prompt_enhancer)) if given]
-    if per_video:  # (the CLI's per-video flags were accepted and ignored: a --seed 5 looked like the default seed)
-        raise ValueError(f"{', '.join(per_video)}: per-video settings of the CLI; a server takes them in each "
-                         f"request's JSON (prompt, negative_prompt, image_path, seed, save_result_path)")
+    if per_video:  # (LightX2V's server takes the CLI's arguments: its start scripts may pass them; a warning,
+        # so that a --seed 5 does not look like every request's seed)
+        log.warning("%s: per-video settings of the CLI, not used by the server: each request's JSON carries them "
+                    "(prompt, negative_prompt, image_path, seed - random when not given -, save_result_path)",
+                    ", ".join(per_video))
     if args.max_queue_size < 1:
         raise ValueError(f"--max_queue_size must be at least 1, got {args.max_queue_size}")
     if not 0 <= args.port <= 65535:

@@ -926,9 +926,6 @@ def test_start_options_are_checked_before_loading(tmp_path, capsys, monkeypatch)
                                                                     f"a folder"),
                           (["--lora_dir", str(tmp_path / "afile")], f"--lora_dir {str(tmp_path / 'afile')!r} is not "
                                                                     f"a folder"),
-                          (["--prompt", "a cat", "--seed", "5"], "--prompt, --seed: per-video settings of the CLI; a "
-                           "server takes them in each request's JSON (prompt, negative_prompt, image_path, seed, "
-                           "save_result_path)"),
                           (["--lonely"], "unrecognized arguments ['--lonely']; extra config keys go as --key value "
                                          "pairs")):
         assert S.main(["--random-weights", "--preset", "tiny", "--host", "127.0.0.1", "--port", "0", *argv]) == 2
@@ -941,6 +938,16 @@ def test_start_options_are_checked_before_loading(tmp_path, capsys, monkeypatch)
                                        f"not exist or is not executable (IMAGEIO_FFMPEG_EXE, or the imageio-ffmpeg "
                                        f"package's binary)\n")
     assert loads == []
+
+
+def test_per_video_cli_flags_are_a_warning(tmp_path, caplog):
+    """LightX2V's server takes its CLI's arguments, so its start scripts may pass --prompt or --seed: they
+    were a start-up error here (a drop-in start failed). Now a warning names them as not used."""
+    args = S.build_parser().parse_args(["--random-weights", "--preset", "tiny", "--prompt", "a cat", "--seed", "5",
+                                        "--output_dir", str(tmp_path / "out")])
+    with caplog.at_level("WARNING"):
+        S.check_options(args)
+    assert "--prompt, --seed: per-video settings of the CLI, not used by the server" in caplog.text
 
 
 def test_request_work_is_capped_by_its_tokens(tmp_path):
