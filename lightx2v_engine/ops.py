@@ -159,9 +159,25 @@ def modulate_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps:
     return y.to(out_dtype)
 
 
+def _kernel_layout(x: torch.Tensor, *vecs):
+    """(x, *vecs) in the layout the modulation kernels take, as the references take them: x (and y) with
+    unit stride on C (a copy otherwise), [1, 1, C] vectors of a batch of B expanded (views) to [B, 1, C]."""
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    b = x.shape[0] if x.dim() == 3 else None
+    out = []
+    for v in vecs:
+        if v is not None and v.dim() == 3 and v.shape[0] == 1 and b not in (None, 1) and v.shape[1:] == (1, x.shape[2]):
+            v = v.expand(b, 1, x.shape[2])
+        elif v is not None and v.dim() == 3 and v.shape == x.shape and v.stride(-1) != 1:  # (y)
+            v = v.contiguous()
+        out.append(v)
+    return (x, *out)
+
+
 def modulate(x, shift, scale, eps: float = 1e-6, out_dtype=None):
     k = _fast(x, "modulate")
     if k is not None:
+        x, shift, scale = _kernel_layout(x, shift, scale)
         return k.modulate(x, shift, scale, eps, out_dtype or x.dtype)
     return modulate_ref(x, shift, scale, eps, out_dtype)
 
@@ -179,6 +195,7 @@ def gate_residual_modulate_ref(x: torch.Tensor, y: torch.Tensor, gate: torch.Ten
 def gate_residual_modulate(x, y, gate, shift, scale, eps: float = 1e-6, out_dtype=None):
     k = _fast(x, "gate_residual_modulate")
     if k is not None:
+        x, y, gate, shift, scale = _kernel_layout(x, y, gate, shift, scale)
         return k.gate_residual_modulate(x, y, gate, shift, scale, eps, out_dtype or y.dtype)
     return gate_residual_modulate_ref(x, y, gate, shift, scale, eps, out_dtype)
 
@@ -202,6 +219,7 @@ def modulate_quant(x, shift, scale, eps: float, round_dtype: torch.dtype, scheme
     """The input of an 8-bit linear straight from the modulation: see modulate_quant_ref."""
     k = _fast(x, "modulate_quant")
     if k is not None:
+        x, shift, scale = _kernel_layout(x, shift, scale)
         return k.modulate_quant(x, shift, scale, eps, round_dtype, scheme)
     return modulate_quant_ref(x, shift, scale, eps, round_dtype, scheme)
 
@@ -215,6 +233,7 @@ def gate_residual_modulate_quant_ref(x, y, gate, shift, scale, eps: float, round
 def gate_residual_modulate_quant(x, y, gate, shift, scale, eps: float, round_dtype: torch.dtype, scheme: str):
     k = _fast(x, "gate_residual_modulate_quant")
     if k is not None:
+        x, y, gate, shift, scale = _kernel_layout(x, y, gate, shift, scale)
         return k.gate_residual_modulate_quant(x, y, gate, shift, scale, eps, round_dtype, scheme)
     return gate_residual_modulate_quant_ref(x, y, gate, shift, scale, eps, round_dtype, scheme)
 
@@ -317,7 +336,7 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> to
 def rms_norm(x, weight, eps: float = 1e-6):
     k = _fast(x, "rms_norm")
     if k is not None:
-        return k.rms_norm(x, weight, eps)
+        return k.rms_norm(x if x.stride(-1) == 1 else x.contiguous(), weight.contiguous(), eps)
     return rms_norm_ref(x, weight, eps)
 
 

@@ -280,3 +280,39 @@ def test_modulate_quant_compiles_for_sm90():
         # int8: the product rounded to fp32, then to an integer (cvt.rni), never one FMA rounding both
         assert (v["rni"] > 0) == ("int8" in name), (name, v)
         assert "int8" in name or v["nan_clamps"] > 0, (name, v)  # fp8: a NaN stays NaN through the clamps
+
+
+def test_ops_take_what_the_references_take():
+    """The ops layer on the kernels (backend "kernels", here the interpreter; "auto" on a GPU) takes what the
+    references take: [1, 1, C] vectors shared by a batch of B and an x (or y) without unit stride on C
+    raised ValueError in the kernel wrappers, while the same call on the CPU worked."""
+    from lightx2v_engine import ops
+    torch.manual_seed(0)
+    B, L, C = 2, 5, 64
+    x = torch.randn(B, C, L).transpose(1, 2)            # [B, L, C], stride 1 on L
+    y = torch.randn(B, C, L).transpose(1, 2)
+    mod = torch.randn(1, 6, C)                          # one modulation row for the batch
+    shift, scale, gate = mod[:, 0:1], mod[:, 1:2], mod[:, 2:3]
+    w = torch.rand(2 * C)[::2] + 0.5                    # a strided weight
+    calls = {
+        "modulate": lambda: ops.modulate(x, shift, scale, EPS, torch.float32),
+        "gate_residual_modulate": lambda: ops.gate_residual_modulate(x, y, gate, shift, scale, EPS, torch.float32),
+        "modulate_quant": lambda: ops.modulate_quant(x, shift, scale, EPS, torch.float32, "int8"),
+        "gate_residual_modulate_quant": lambda: ops.gate_residual_modulate_quant(x, y, gate, shift, scale, EPS,
+                                                                               torch.float32, "int8"),
+        "rms_norm": lambda: ops.rms_norm(x.half(), w, EPS),
+    }
+    try:
+        for name, call in calls.items():
+            ops.set_backend("torch")
+            ref = call()
+            ops.set_backend("kernels")
+            out = call()
+            ref, out = (ref, out) if isinstance(ref, tuple) else ((ref,), (out,))
+            for r, o in zip(ref, out):
+                if o.dtype == torch.int8:  # (codes at a rounding tie may differ by one)
+                    assert (o.int() - r.int()).abs().max() <= 1, name
+                else:
+                    torch.testing.assert_close(o.float(), r.float(), rtol=2e-3, atol=2e-3, msg=name)
+    finally:
+        ops.set_backend("auto")
