@@ -224,10 +224,11 @@ def _check_fits(cfg: ModelConfig, files: list[Path], expected: dict, qkeys: set[
 
 
 def build_dit(cfg: ModelConfig, files: list[Path] | None = None, *, dtype: torch.dtype = torch.bfloat16,
-              device: torch.device | str = "cpu", quant_scheme: str | None = None, random_device=None) -> WanDiT:
+              device: torch.device | str = "cpu", quant_scheme: str | None = None, random_device=None,
+              seed: int = 0) -> WanDiT:
     """Builds the DiT on `meta` and assigns the checkpoint's tensors (or random weights when files is None).
 
-    Weights are stored in `dtype` except the fp32 regions (dit.param_dtype). With `quant_scheme`, the
+    Weights are stored in `dtype` except the fp32 regions (dit.param_dtype); random ones are drawn from `seed`. With `quant_scheme`, the
     blocks' linears are QuantLinear and the checkpoint is a LightX2V quantized one (8-bit `weight` +
     fp32 `weight_scale`). Missing, unexpected, mis-shaped or mis-typed keys raise CheckpointError naming
     them before any tensor is read; fp8 weights that are per-row scaled but lack their scale, as they are
@@ -250,7 +251,7 @@ def build_dit(cfg: ModelConfig, files: list[Path] | None = None, *, dtype: torch
     if files is None:
         if qkeys:
             raise ValueError("random weights with quant_scheme: build in bf16, then quant.quantize_dit_")
-        sd = random_state_dict(model, dtype, device, random_device=random_device)
+        sd = random_state_dict(model, dtype, device, seed=seed, random_device=random_device)
     else:
         rename = _check_fits(cfg, files, expected, qkeys, quant_scheme, dtype)
 

@@ -20,7 +20,6 @@ import logging
 import os
 import tempfile
 import time
-import traceback
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from lightx2v_engine.config import (TINY_SIZE, ModelConfig, RunConfig, check_mod
                                     load_run_config, model_config_from_json, parse_run_config, warn_user,
                                     with_defaults)
 from lightx2v_engine.dit import WanDiT
-from lightx2v_engine.image import i2v_mask, load_image, prepare_i2v_image
+from lightx2v_engine.image import i2v_latent_size, i2v_mask, load_image, prepare_i2v_image
 from lightx2v_engine.loading import DTYPES, build_dit, load_dit
 from lightx2v_engine.offload import attach_block_offload, blocks_detached, page_lock_module_
 from lightx2v_engine.parallel import (Parallel, RankError, check_world, decode_tiled, effective_parallel,
@@ -440,7 +439,7 @@ class Pipeline:
 
         def random_dit(request_loras=(), broadcast=True):  # (seeded random weights: the same DiT each time)
             dit = build_dit(mcfg, None, dtype=DTYPES[run.dtype], device=torch.device("cpu") if run.cpu_offload else dev,
-                            random_device=dev)  # (drawn where it runs: offloaded or not, the same weights)
+                            random_device=dev, seed=seed)  # (drawn where it runs: offloaded or not, the same weights)
             if par is not None and broadcast:  # one set of random weights for every rank
                 par.broadcast_module_(dit)
             from lightx2v_engine.lora import apply_loras_
@@ -557,11 +556,12 @@ class Pipeline:
                 else:
                     setattr(self, name, build())
             except BaseException as e:  # noqa: BLE001 (reported to every rank, then raised)
+                setattr(self, name, None)
+                from lightx2v_engine.cuda_graph import _clear_frames
+                _clear_frames(e)  # (the builder's frames would keep the half-built model alive with the error)
                 if not agree:
                     raise
                 error = e
-                setattr(self, name, None)
-                traceback.clear_frames(e.__traceback__)  # (the frames would keep the half-built model alive)
             if agree:
                 try:
                     self.parallel.agree(f"build the {dict(dit='DiT', vae='VAE').get(name, name)}", error)
@@ -705,7 +705,12 @@ class Pipeline:
                 with timings.measure("dit load", self.device):
                     stack.enter_context(self._use("dit", everywhere=True))
             stack.enter_context(offloaded(self.dit, self.device, _dit_moves_whole(self.run_cfg), stream_blocks=False))
-            return self._denoise(noise, context, neg_context, clip_fea, y, seed, timings, progress, generator)
+            try:
+                return self._denoise(noise, context, neg_context, clip_fea, y, seed, timings, progress, generator)
+            except BaseException as e:  # the failed step's activations (GBs at 14B) live in the error's frames:
+                from lightx2v_engine.cuda_graph import _clear_frames  # kept (a notebook's last error), they would
+                _clear_frames(e)  # hold them through a retry
+                raise
 
     def _denoise(self, noise, context, neg_context, clip_fea, y, seed, timings, progress,
                  generator=None) -> torch.Tensor:
@@ -884,6 +889,10 @@ class Pipeline:
     def _encode(self, prompt, negative_prompt, image, t_frames, h, w, timings):
         """-> (context [1, 512, C], neg_context or None (without CFG), clip_fea, y (I2V, else None), (h, w) of
         the video: I2V's follow the image)."""
+        if self.task == "i2v":  # the image read and its size checked first: not after umT5 has run (and,
+            # with unload_modules, been built from its 11 GB file)
+            image = load_image(image)
+            i2v_latent_size(image.shape[1], image.shape[2], h, w)
         with timings.measure("text encode", self.device):
             prompts = [prompt]
             if self.run_cfg.enable_cfg:

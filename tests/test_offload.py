@@ -842,3 +842,45 @@ def test_a_kept_error_does_not_keep_a_dit_built_per_use(monkeypatch):
     monkeypatch.setattr(dit_mod.WanBlock, "forward", orig_fwd)
     assert pipe.generate("a cat", seed=1).frames is not None
     del kept
+
+
+def test_a_kept_error_of_a_failed_build_or_step_holds_no_model_or_activations(monkeypatch):
+    """The frames of a kept error (a notebook's last traceback) held (1) with unload_modules, a DiT whose
+    build failed after it was made (out of memory placing it, a request LoRA file gone): a retry built a
+    second one beside it; (2) on a resident DiT, the failed step's activations (GBs at 14B)."""
+    import gc
+    import weakref
+    from lightx2v_engine import dit as dit_mod, pipeline as pipeline_mod
+    pipe = Pipeline.random("tiny", {**TINY, "unload_modules": True}, device="cpu", seed=3)
+    refs = []
+    orig_init = dit_mod.WanDiT.__init__
+
+    def init(self, *a, **k):
+        orig_init(self, *a, **k)
+        refs.append(weakref.ref(self))
+
+    def place(*a, **k):
+        raise torch.OutOfMemoryError("simulated: out of memory placing the DiT")
+    monkeypatch.setattr(dit_mod.WanDiT, "__init__", init)
+    with monkeypatch.context() as m:
+        m.setattr(pipeline_mod, "_place_dit", place)
+        with pytest.raises(torch.OutOfMemoryError) as kept:
+            pipe.generate("a cat", seed=1)
+    gc.collect()
+    assert len(refs) == 1 and refs[0]() is None, "the DiT of the failed build outlived it"
+    assert pipe.generate("a cat", seed=1).frames is not None
+    del kept
+    # (2) an activation made inside a block, then the block fails
+    pipe = Pipeline.random("tiny", TINY, device="cpu", seed=3)
+    made = []
+
+    def fwd(self, xh, *a, **k):
+        activation = torch.empty(1 << 16)
+        made.append(weakref.ref(activation))
+        raise torch.OutOfMemoryError("simulated: out of memory in a block")
+    monkeypatch.setattr(dit_mod.WanBlock, "forward", fwd)
+    with pytest.raises(torch.OutOfMemoryError) as kept:
+        pipe.generate("a cat", seed=1)
+    gc.collect()
+    assert len(made) == 1 and made[0]() is None, "the failed step's activation outlived it"
+    del kept

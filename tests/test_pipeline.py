@@ -348,6 +348,15 @@ def test_text_len_sets_the_context_rows():
     assert ctx.shape[:2] == (2, 64) and ctx[:, 10:].abs().sum() == 0
 
 
+def test_random_pipeline_seed_draws_every_model():
+    """Pipeline.random(seed=...) drew umT5, the VAE and CLIP from the seed but the DiT from seed 0 always."""
+    from lightx2v_engine.pipeline import Pipeline
+    a, b, a2 = (Pipeline.random("tiny", device="cpu", seed=s) for s in (0, 7, 0))
+    for name in ("dit", "t5", "vae"):
+        wa, wb, wa2 = (next(getattr(p, name).parameters()) for p in (a, b, a2))
+        assert not torch.equal(wa, wb) and torch.equal(wa, wa2), name
+
+
 def test_random_pipeline_honours_dit_quantized_and_lora_configs(tmp_path):
     """Pipeline.random (--random-weights) with dit_quantized quantises its random DiT (8-bit linears), and
     with lora_configs merges them: the same latents as the same LoRA set per request (it was ignored)."""
@@ -586,6 +595,23 @@ def test_cli_out_of_memory_exit_code_also_for_rank0_only_steps(monkeypatch, caps
     monkeypatch.setattr(infer, "run", run)
     assert main(["--random-weights", "--preset", "tiny", "--prompt", "x", "--save_result_path", "o.mp4"]) == 3
     assert "out of GPU memory" in capsys.readouterr().err
+
+
+def test_i2v_image_is_checked_before_the_text_encoder_runs():
+    """A missing image file, or one whose aspect ratio the target area cannot take, failed only after umT5
+    had encoded the prompts (with unload_modules: after building umT5 from its 11 GB file)."""
+    from PIL import Image
+    from lightx2v_engine.pipeline import Pipeline
+    size = {"target_video_length": 5, "target_height": 32, "target_width": 48, "unload_modules": True}
+    pipe = Pipeline.random("tiny-i2v", size, device="cpu")
+    built = []
+    for name, build in list(pipe.loaders.items()):
+        pipe.loaders[name] = lambda name=name, build=build, **k: (built.append(name), build(**k))[1]
+    with pytest.raises(FileNotFoundError, match="image file not found"):
+        pipe.generate("a cat", image="/nonexistent/cat.png", seed=1)
+    with pytest.raises(ValueError, match="too extreme"):
+        pipe.generate("a cat", image=Image.fromarray(np.zeros((300, 10, 3), np.uint8)), seed=1)
+    assert built == []
 
 
 def test_i2v_takes_an_empty_prompt_t2v_does_not():
