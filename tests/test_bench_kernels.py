@@ -254,11 +254,10 @@ def test_summary_and_pick_with_gluon(bench):
                              "attn_cross_best_impl": "triton:ptr"})["LX2V_CROSS_ATTN"] == "triton"
 
 
-def test_csv_files_are_histories(bench, tmp_path):
+def test_csv_files_are_histories(bench, tmp_path, monkeypatch):
     """kernels.csv (like quant.csv and e2e.csv) gains each run's rows; a file with another column set is
     moved aside rather than mixed."""
-    import sys
-    sys.path.insert(0, os.path.dirname(_PATH))
+    monkeypatch.syspath_prepend(os.path.dirname(_PATH))
     from csv_history import append_csv
     row = dict(op="modulate", shape="L8", impl="triton", ms=0.5, ok=True)
     bench.write_outputs([row], {}, dict(gpu="g", commit="c1"), str(tmp_path))

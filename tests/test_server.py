@@ -607,6 +607,13 @@ def test_a_result_path_through_a_file_is_refused_before_the_task_runs(tmp_path):
         c.close(app)
 
 
+def _wait_until(cond, timeout: float = 30.0) -> None:
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, "condition not reached"
+        time.sleep(0.01)
+
+
 def test_trickled_headers_and_too_many_connections_are_cut(tmp_path, monkeypatch):
     """A request line and headers sent a byte at a time, each within the per-read timeout, held a thread
     for as long as the client liked (now HEADER_DEADLINE in all); and every connection got a thread, without
@@ -638,7 +645,8 @@ def test_trickled_headers_and_too_many_connections_are_cut(tmp_path, monkeypatch
         assert c.call("GET", "/v1/service/status")[0] == 200
         held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
         try:
-            time.sleep(0.3)  # (each accepted and held by a thread waiting for its request line)
+            _wait_until(lambda: c.httpd._slots._value == 0)  # (each accepted, held by a thread waiting for its
+            # request line: polled, not a fixed sleep a loaded machine could outlast)
             with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
                 try:  # closed at once, no slot (a reset where the request came before the close)
                     extra.sendall(b"GET /v1/service/status HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -648,7 +656,7 @@ def test_trickled_headers_and_too_many_connections_are_cut(tmp_path, monkeypatch
         finally:
             for sock in held:
                 sock.close()
-        time.sleep(0.3)
+        _wait_until(lambda: c.httpd._slots._value == 3)
         assert c.call("GET", "/v1/service/status")[0] == 200  # the slots are free again
     finally:
         c.close(app)

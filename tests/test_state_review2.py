@@ -3,6 +3,7 @@ alike on the resident and the per-use (unload_modules) paths; an out-of-memory C
 other shapes' cached sets and tries once more before its shape is skipped, and the skip set is bounded."""
 import gc
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -229,11 +230,14 @@ def test_relative_request_lora_is_also_looked_for_in_the_model_folder(t2v_folder
     """A relative request LoRA path not found from the working directory is looked for in Pipeline.load's
     model folder, as the config's LoRAs are (it was an error: only the working directory was searched);
     the error for a file in neither names both places."""
+    import shutil
+    t2v_folder = Path(shutil.copytree(t2v_folder, tmp_path / "model"))  # (the module's folder stays as it was)
     pipe = Pipeline.load(t2v_folder, {**TINY, **({"unload_modules": True} if per_use else {})}, device="cpu")
     model = pipe.dit_meta() if per_use else pipe.dit
     name = f"request_{'per_use' if per_use else 'resident'}.safetensors"
     write_lora(t2v_folder / name, model, seed=1)
-    monkeypatch.chdir(tmp_path)  # (not the model folder)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # (not the model folder)
     calls = count_merges(monkeypatch)
     pipe.set_request_loras([LoraSpec(name, 1.0)])
     assert len(calls) == 1
