@@ -233,10 +233,12 @@ def _quant_rows_kernel(X, MEAN, Y, S, stride_xb, stride_xl, stride_xh, H, L, n_b
         x = tl.where(rmask[:, None], x - mean[None, :], 0.0)
     # NaN-propagating maxima (tl.max lowers to max.f32, which drops NaN, and the int8 cast turns NaN into
     # 0: a NaN in q or k would vanish); with them a NaN row gets a NaN scale and a NaN output, as in PyTorch.
-    # The interpreter's tl.max (numpy) propagates NaN already, and its tl.reduce with a Python combine is slow.
+    # The interpreter's tl.max drops NaN too (np.nanmax), and its tl.reduce with a Python combine is slow: there
+    # a NaN count marks the row (or block).
     if PER_ROW:
         if INTERP:
             amax = _max_nan(tl.max(tl.abs(x), 1), 1e-8)
+            amax = tl.where(tl.sum(tl.where(x != x, 1, 0), 1) > 0, float("nan"), amax)
         else:
             amax = _max_nan(tl.reduce(tl.abs(x), 1, _max_nan), 1e-8)
         y = x * (127.0 / amax)[:, None]
@@ -244,6 +246,7 @@ def _quant_rows_kernel(X, MEAN, Y, S, stride_xb, stride_xl, stride_xh, H, L, n_b
     else:
         if INTERP:
             amax = _max_nan(tl.max(tl.abs(x)), 1e-8)
+            amax = tl.where(tl.sum(tl.where(x != x, 1, 0)) > 0, float("nan"), amax)
         else:
             amax = _max_nan(tl.reduce(tl.abs(x), None, _max_nan), 1e-8)
         y = x * (127.0 / amax)
@@ -600,9 +603,13 @@ def attention_8bit_quantized(quantized: tuple, Lk: int, out: torch.Tensor, confi
     interp = interpreting()
     cfg = _resolve(cfg, q8.device)
     use_tma = _tma_available(q8.device) and (q8.is_cuda or cfg.warp_specialize)
+    def tma_aligned(t):
+        return not (t.data_ptr() % 16 or any((t.stride(i) * t.element_size()) % 16 for i in range(t.dim() - 1)))
+    if use_tma and not cfg.pv_fp8 and not tma_aligned(vt):  # the caller's v (e.g. a view at an odd offset):
+        vt = vt.clone(memory_format=torch.contiguous_format)  # a fresh copy is aligned (the kernel reads it once)
     if use_tma:  # device-side descriptors: Triton 3.6 checks no alignment at run time
         for name, t in (("q8", q8), ("k8", k8), ("v", vt), ("out", out)):
-            if t.data_ptr() % 16 or any((t.stride(i) * t.element_size()) % 16 for i in range(t.dim() - 1)):
+            if not tma_aligned(t):
                 raise ValueError(f"kernels/attention_8bit.py: {name} for TMA needs a 16-byte aligned base and "
                                  f"16-byte multiples as strides (but the last), got strides {t.stride()}")
     if use_tma and q8.is_cuda:

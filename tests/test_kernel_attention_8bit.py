@@ -176,6 +176,34 @@ for per_row in (True, False):
         assert int(nan_max) > 0 and int(plain_max) == 0, (per_row, nan_max, plain_max)
 
 
+def test_quantisation_nan_in_the_interpreter():
+    """The interpreter's tl.max is np.nanmax (it drops NaN, as max.f32 does on the GPU): a NaN in q or k gave
+    finite scales and finite outputs on the CPU, so no CPU test could see NaN propagation. A NaN row of q
+    (a NaN key block of k) now gets a NaN scale, as quantize_qkv_ref."""
+    q, k, v = _qkv(1, 20, 70, 2, torch.float16, "cpu", seed=1)
+    q[0, 3, 1, 5] = float("nan")
+    k[0, 40, 0, 2] = float("nan")
+    _, qs, _, ks, *_ = quantize_qkv(q, k, v, 64)
+    _, qs_ref, _, ks_ref, *_ = quantize_qkv_ref(q, k, v, 64)
+    assert torch.equal(torch.isnan(qs), torch.isnan(qs_ref)) and torch.isnan(qs).sum() == 1
+    assert torch.isnan(ks).any() and torch.equal(torch.isnan(ks), torch.isnan(ks_ref))
+    out = attention_8bit_triton(q, k, v, DEFAULT_ATTN8_CONFIG)
+    assert torch.isnan(out).any()
+
+
+def test_unaligned_v_is_taken_by_the_bf16_pv_config():
+    """The configs that read v unquantised through TMA raised ValueError for a v view at an odd offset (the
+    fp8 ones quantise v into their own buffer); it is copied aligned now, with the result of an aligned v."""
+    q, k, v = _qkv(1, 9, 9, 1, torch.float16, "cpu", seed=2)
+    flat = torch.empty(v.numel() + 1, dtype=v.dtype)
+    flat[1:] = v.flatten()
+    v_odd = flat[1:].view(v.shape)
+    assert v_odd.data_ptr() % 16
+    for config in ("ws_128x128_w4_s2_pv16", "ws_128x128_w4_s2"):
+        torch.testing.assert_close(attention_8bit_triton(q, k, v_odd, config), attention_8bit_triton(q, k, v, config),
+                                   rtol=0, atol=0)
+
+
 def test_self_attention_8bit_and_ops_dispatch():
     q, k, v, wq, wk, rope = self_attn_inputs(2, (3, 5, 7), 3, torch.float16, "cpu")
     out = self_attention(q, k, v, wq, wk, rope.cos, rope.sin, 3, 1e-6, attn_8bit=True)
