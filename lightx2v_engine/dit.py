@@ -200,6 +200,9 @@ class WanDiT(nn.Module):
         self.head = Head(cfg)
         if cfg.is_i2v:
             self.img_emb = MLPProj(cfg.image_dim, d)
+        # rows a shorter context is zero-padded to: Wan's text_len (the pipeline sets a config's text_len, as
+        # LightX2V's DiT sees the text_len rows its encoder padded to)
+        self.context_rows = cfg.text_len
         self._rope_cache: dict[tuple, ops.Rope] = {}
         self._ones_cache: dict[tuple, torch.Tensor] = {}
         # offload.BlockOffload when the blocks stream from host memory (cpu_offload), else None
@@ -285,7 +288,8 @@ class WanDiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 clip_fea: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, 16, F, H, W] latents; t [B] timesteps (float); context [B, Lt, text_dim] T5 features
-        (zero rows beyond the prompt; fewer than text_len (512) rows are zero-padded to it, as in Wan); I2V: clip_fea [B, 257, 1280], y [B, 20, F, H, W].
+        (zero rows beyond the prompt; fewer than context_rows (text_len, 512) rows are zero-padded to it, as in
+        Wan); I2V: clip_fea [B, 257, 1280], y [B, 20, F, H, W].
         Returns the flow velocity [B, 16, F, H, W] fp32."""
         self.check_inputs(x, t, context, clip_fea, y)
         cfg, dt = self.cfg, self.run_dtype
@@ -301,8 +305,8 @@ class WanDiT(nn.Module):
 
         e = self.time_embedding(sinusoidal_embedding(t, cfg.freq_dim))          # [B, C] fp32
         e0 = self.time_projection(e).unflatten(1, (6, cfg.dim))                 # [B, 6, C] fp32
-        if context.shape[1] < cfg.text_len:  # Wan zero-pads a trimmed context to text_len rows: the zero rows
-            context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))  # still attend (biases)
+        if context.shape[1] < self.context_rows:  # Wan zero-pads a trimmed context to text_len rows: the zero
+            context = F.pad(context, (0, 0, 0, self.context_rows - context.shape[1]))  # rows still attend (biases)
         text = self.text_embedding(context.to(dt))                              # [B, text_len, C]
         img = self.img_emb(clip_fea, dt) if cfg.is_i2v else None
         rope = self.rope(grid, x.device)

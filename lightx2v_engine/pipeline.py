@@ -321,8 +321,10 @@ class Pipeline:
                                     dtype=DTYPES[self.run_cfg.dtype], head_dim=self.model_cfg.head_dim))
 
     def _setup_dit(self, dit: WanDiT) -> None:
-        """What every DiT of this pipeline runs with: 8-bit attention as configured, the sequence split."""
+        """What every DiT of this pipeline runs with: 8-bit attention as configured, the context rows of the
+        config's text_len, the sequence split."""
         dit.set_attention_8bit(self.run_cfg.attn_8bit)
+        dit.context_rows = self.run_cfg.text_len
         if self.parallel is not None:
             _attach_parallel(dit, self.parallel)
 

@@ -1285,7 +1285,7 @@ def check_options(args, rank: int = 0) -> None:
         ("--image_path", bool(args.image_path)), ("--seed", args.seed is not None),
         ("--save_result_path", args.save_result_path != DEFAULT_OUTPUT), ("--save_latents", args.save_latents is not None),
         ("--last_frame_path", bool(args.last_frame_path)), ("--use_prompt_enhancer", args.use_prompt_enhancer)) if given]
-    if per_video:  # (LightX2V's server takes the CLI's arguments: its start scripts may pass them; a warning,
+    if per_video and rank == 0:  # (LightX2V's server takes the CLI's arguments: its start scripts may pass them; a warning,
         # so that a --seed 5 does not look like every request's seed)
         log.warning("%s: per-video settings of the CLI, not used by the server: each request's JSON carries them "
                     "(prompt, negative_prompt, image_path, seed - random when not given -, save_result_path)",
@@ -1349,6 +1349,8 @@ def main(argv=None) -> int:
     from lightx2v_engine.infer import load_pipeline, run_config_from_args, user_errors
     args, extra = build_parser().parse_known_args(argv)
     from lightx2v_engine.parallel import rank_from_env, rank_prefix
+    logging.basicConfig(level=logging.INFO if rank_from_env() == 0 else logging.WARNING,
+                        format=rank_prefix() + "%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:  # (checked before the models load)
         args.config_overrides = config_pairs(extra)
         sources = image_sources(args)
@@ -1356,8 +1358,6 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"{rank_prefix()}error: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO if rank_from_env() == 0 else logging.WARNING,
-                        format=rank_prefix() + "%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.captureWarnings(True)  # config warnings through the log (with the rank under torchrun)
     httpd = None
     try:

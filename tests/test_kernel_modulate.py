@@ -298,7 +298,8 @@ def test_ops_take_what_the_references_take():
     y = torch.randn(B, C, L).transpose(1, 2)
     mod = torch.randn(1, 6, C)                          # one modulation row for the batch
     shift, scale, gate = mod[:, 0:1], mod[:, 1:2], mod[:, 2:3]
-    w = torch.rand(2 * C)[::2] + 0.5                    # a strided weight
+    w = torch.rand(2 * C)[::2].add_(0.5)                # a strided weight
+    assert w.stride() == (2,)
     calls = {
         "modulate": lambda: ops.modulate(x, shift, scale, EPS, torch.float32),
         "gate_residual_modulate": lambda: ops.gate_residual_modulate(x, y, gate, shift, scale, EPS, torch.float32),

@@ -344,8 +344,14 @@ def test_text_len_sets_the_context_rows():
     from lightx2v_engine.pipeline import Pipeline
     size = {"target_video_length": 5, "target_height": 32, "target_width": 48}
     assert Pipeline.random("tiny", size, device="cpu").encode_text(["a cat"]).shape[1] == 512
-    ctx = Pipeline.random("tiny", {**size, "text_len": 64}, device="cpu").encode_text(["a cat", "a dog"])
+    short = Pipeline.random("tiny", {**size, "text_len": 64}, device="cpu")
+    ctx = short.encode_text(["a cat", "a dog"])
     assert ctx.shape[:2] == (2, 64) and ctx[:, 10:].abs().sum() == 0
+    # and the DiT attends those 64 rows (the DiT's own zero-padding of a shorter context to 512 rows, Wan's,
+    # must not undo the config's): other latents than text_len 512's, for a prompt shorter than both
+    full = Pipeline.random("tiny", size, device="cpu")
+    assert short.dit.context_rows == 64 and full.dit.context_rows == 512
+    assert not torch.equal(short.generate("a cat", seed=1).latents, full.generate("a cat", seed=1).latents)
 
 
 def test_random_pipeline_seed_draws_every_model():
