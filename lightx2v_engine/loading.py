@@ -33,7 +33,11 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 def find_dit_checkpoint(model_path: str | Path | None, dit_original_ckpt: str | None = None,
                         distill: bool = True) -> list[Path]:
-    """The checkpoint files of the DiT, or FileNotFoundError naming every place searched."""
+    """The checkpoint files of the DiT, or FileNotFoundError naming every place searched. Distill models, as
+    LightX2V's distill runner: {model_path}/distill_model.pt first (before dit_original_ckpt); then
+    dit_original_ckpt; then (older LightX2V layouts, no longer searched by LightX2V, which loads the folder's
+    weights there) distill_models/distill_model.{safetensors,pt} and distill_model.safetensors; then the
+    folder's DiT weights."""
     tried: list[str] = []
     mp = Path(model_path) if model_path is not None else None
 
@@ -43,6 +47,14 @@ def find_dit_checkpoint(model_path: str | Path | None, dit_original_ckpt: str | 
             return resolve_dit_files(p)
         return None
 
+    if distill and mp is not None and (mp / "distill_model.pt").is_file():
+        # LightX2V's distill runner (WanDistillModel._load_ckpt) loads {model_path}/distill_model.pt when it is
+        # there, before anything else: dit_original_ckpt too
+        if dit_original_ckpt:
+            log.warning("%s is there: LightX2V's distill runner loads it before dit_original_ckpt (%s), and so "
+                        "does this engine; remove or rename it to load dit_original_ckpt", mp / "distill_model.pt",
+                        dit_original_ckpt)
+        return resolve_dit_files(mp / "distill_model.pt")
     if dit_original_ckpt:
         for cand in candidate_paths(dit_original_ckpt, [mp]):
             found = attempt(cand)

@@ -158,6 +158,20 @@ def test_pt_checkpoint_and_distill_locations(tmp_path):
     assert not _same_weights(base, sd)
 
 
+def test_distill_model_pt_in_the_folder_comes_before_dit_original_ckpt(tmp_path, caplog):
+    """LightX2V's distill runner loads {model_path}/distill_model.pt when present, before dit_original_ckpt:
+    the engine loaded dit_original_ckpt, another model than LightX2V's for the same folder and config. A
+    warning names both."""
+    sd = wan_state_dict(diffusers_model(TINY_T2V))
+    torch.save(sd, tmp_path / "distill_model.pt")
+    _save_wan(tmp_path, sd={k: v + 1 for k, v in sd.items()})
+    with caplog.at_level("WARNING"):
+        files = find_dit_checkpoint(tmp_path, "diffusion_pytorch_model.safetensors")
+    assert [f.name for f in files] == ["distill_model.pt"] and "before dit_original_ckpt" in caplog.text
+    assert find_dit_checkpoint(tmp_path, "diffusion_pytorch_model.safetensors", distill=False)[0].name == \
+        "diffusion_pytorch_model.safetensors"
+
+
 def test_missing_checkpoint_names_every_place(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         load_dit(TINY_T2V, tmp_path, dtype="fp32")
