@@ -1162,7 +1162,10 @@ def _run_parallel_task(pipe, params: dict, cancelled: Callable[[], bool]):
 
 
 def _exit_now(code: int) -> None:
-    """Exits without the interpreter's shutdown (which would wait on a process group a peer has left)."""
+    """Exits without the interpreter's shutdown (which would wait on a process group a peer has left). A task
+    still writing its video (a forced stop) leaves no temporary file."""
+    from lightx2v_engine.video import remove_temporary_files
+    remove_temporary_files()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -184,6 +184,29 @@ def _process_umask() -> int:
     return umask
 
 
+# the temporary files of the atomic_path blocks under way, and the ffmpeg processes writing videos (any thread):
+# a process that ends with os._exit (the server's forced stop) skips their clean-up, and
+# remove_temporary_files() does it instead
+_LIVE_TEMPORARY: set[Path] = set()
+_LIVE_FFMPEG: set[subprocess.Popen] = set()
+
+
+def remove_temporary_files() -> None:
+    """Kills the ffmpeg processes still writing videos and deletes the temporary files of the atomic_path
+    blocks still under way (before an os._exit)."""
+    for proc in list(_LIVE_FFMPEG):
+        try:
+            proc.kill()
+            proc.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    for p in list(_LIVE_TEMPORARY):
+        try:
+            p.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str) -> Iterator[Path]:
     """Yields a temp path next to `path`; on success moves it to `path`, on any failure deletes it."""
@@ -193,6 +216,7 @@ def atomic_path(path: str | os.PathLike, suffix: str) -> Iterator[Path]:
     try:  # (the temp file's creation too: an interrupt right after it must not leave it behind)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
         tmp_path = Path(tmp)
+        _LIVE_TEMPORARY.add(tmp_path)
         os.close(fd)
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_process_umask())  # mkstemp creates 0600; give the final file normal permissions
@@ -201,6 +225,8 @@ def atomic_path(path: str | os.PathLike, suffix: str) -> Iterator[Path]:
         if tmp_path is not None:
             tmp_path.unlink(missing_ok=True)
         raise
+    finally:
+        _LIVE_TEMPORARY.discard(tmp_path)
 
 
 @contextmanager
@@ -278,6 +304,7 @@ def save_mp4(
         try:
             with _signals_held():  # (an interrupt inside Popen would orphan ffmpeg, which then writes tmp)
                 proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
+                _LIVE_FFMPEG.add(proc)
             for f in stream:
                 proc.stdin.write(np.ascontiguousarray(f).tobytes())
             proc.stdin.close()
@@ -291,6 +318,7 @@ def save_mp4(
                 proc.wait()
             raise
         finally:
+            _LIVE_FFMPEG.discard(proc)
             if proc is not None and proc.stdin and not proc.stdin.closed:
                 try:
                     proc.stdin.close()

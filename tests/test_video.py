@@ -142,6 +142,47 @@ def test_mp4_exception_midway_leaves_no_file(tmp_path):
     assert _files(tmp_path) == ["mid.mp4"]
 
 
+_EXIT_WHILE_WRITING = """
+import os, sys, numpy as np
+from lightx2v_engine import server, video
+def children():  # this process's ffmpeg (its child, found in /proc)
+    for d in os.listdir("/proc"):
+        try:
+            if d.isdigit() and open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1] == str(os.getpid()):
+                yield d
+        except OSError:
+            pass
+def frames():
+    for i in range(40):
+        if i == 3:  # ffmpeg is running, the temporary file exists: the server's forced stop (os._exit)
+            print(*children(), flush=True)
+            server._exit_now(0)
+        yield np.full((16, 16, 3), i, np.uint8)
+video.save_mp4(frames(), sys.argv[1])
+"""
+
+
+def test_a_forced_exit_while_writing_leaves_no_temporary_file_or_ffmpeg(tmp_path):
+    """The server's forced stop (os._exit, when the running task does not stop within 5 s) skipped
+    atomic_path's clean-up: a task writing its video left its .tmp.mp4 file, and ffmpeg ran on."""
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "v.mp4"
+    res = subprocess.run([sys.executable, "-c", _EXIT_WHILE_WRITING, str(out)], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (pid,) = map(int, res.stdout.split())
+    time.sleep(0.5)  # (an orphan that ran on would be writing now)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    try:
+        os.kill(pid, 0)
+        alive = open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
+        alive = False
+    assert not alive, f"ffmpeg {pid} still runs"
+
+
 def test_mp4_bad_params(tmp_path):
     f = _smooth_video(t=1, h=16, w=16)
     with pytest.raises(ValueError, match="crf"):
