@@ -240,11 +240,11 @@ def build_dit(cfg: ModelConfig, files: list[Path] | None = None, *, dtype: torch
               seed: int = 0) -> WanDiT:
     """Builds the DiT on `meta` and assigns the checkpoint's tensors (or random weights when files is None).
 
-    Weights are stored in `dtype` except the fp32 regions (dit.param_dtype); random ones are drawn from `seed`. With `quant_scheme`, the
-    blocks' linears are QuantLinear and the checkpoint is a LightX2V quantized one (8-bit `weight` +
-    fp32 `weight_scale`). Missing, unexpected, mis-shaped or mis-typed keys raise CheckpointError naming
-    them before any tensor is read; fp8 weights that are per-row scaled but lack their scale, as they are
-    read; nothing partially loaded is returned.
+    Weights are stored in `dtype` except the fp32 regions (dit.param_dtype); random ones are drawn from `seed`.
+    With `quant_scheme`, the blocks' linears are QuantLinear and the checkpoint is a LightX2V quantized one
+    (8-bit `weight` + fp32 `weight_scale`). Missing, unexpected, mis-shaped or mis-typed keys raise
+    CheckpointError naming them before any tensor is read; fp8 weights that are per-row scaled but lack their
+    scale, as they are read; nothing partially loaded is returned.
     """
     with torch.device("meta"):
         model = WanDiT(cfg)

@@ -166,7 +166,8 @@ def _kernel_layout(x: torch.Tensor, *vecs):
     b = x.shape[0] if x.dim() == 3 else None
     out = []
     for v in vecs:
-        if v is not None and v.dim() == 3 and v.shape[0] == 1 and b not in (None, 1) and v.shape[1:] == (1, x.shape[2]):
+        if (v is not None and v.dim() == 3 and v.shape[0] == 1 and b not in (None, 1)
+                and v.shape[1:] == (1, x.shape[2])):
             v = v.expand(b, 1, x.shape[2])
         elif v is not None and v.dim() == 3 and v.shape == x.shape and v.stride(-1) != 1:  # (y)
             v = v.contiguous()

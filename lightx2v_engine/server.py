@@ -4,10 +4,10 @@
     python -m lightx2v_engine.server --random-weights --preset tiny          # no weights: the tiny preset
 
 Like LightX2V's server it takes the CLI's arguments (the per-video ones - --prompt, --seed, --image_path,
---save_result_path, ... - are not used, with a warning: each request carries them) plus --host, --port, --max_queue_size, --lora_dir,
---metric_port, and extra `--key value` pairs as config keys (e.g. --sample_shift 3); --max_request_tokens
-caps a request's work (its DiT tokens, latent frames x H/16 x W/16: by default Wan's 720p x 81 frames,
-75,600, or the default size's if more; a 400 beyond). Like LightX2V's, a
+--save_result_path, ... - are not used, with a warning: each request carries them) plus --host, --port,
+--max_queue_size, --lora_dir, --metric_port, and extra `--key value` pairs as config keys (e.g. --sample_shift
+3); --max_request_tokens caps a request's work (its DiT tokens, latent frames x H/16 x W/16: by default Wan's
+720p x 81 frames, 75,600, or the default size's if more; a 400 beyond). Like LightX2V's, a
 request's image_path may name any file on the server or any URL (the server downloads it); a server open to
 others can confine files to --image_dir and refuse URLs with --no_image_urls (base64 data and uploads
 always work).
@@ -1288,8 +1288,8 @@ def check_options(args, rank: int = 0) -> None:
         ("--image_path", bool(args.image_path)), ("--seed", args.seed is not None),
         ("--save_result_path", args.save_result_path != DEFAULT_OUTPUT), ("--save_latents", args.save_latents is not None),
         ("--last_frame_path", bool(args.last_frame_path)), ("--use_prompt_enhancer", args.use_prompt_enhancer)) if given]
-    if per_video and rank == 0:  # (LightX2V's server takes the CLI's arguments: its start scripts may pass them; a warning,
-        # so that a --seed 5 does not look like every request's seed)
+    if per_video and rank == 0:  # (LightX2V's server takes the CLI's arguments: its start scripts may pass
+        # them; a warning, so that a --seed 5 does not look like every request's seed)
         log.warning("%s: per-video settings of the CLI, not used by the server: each request's JSON carries them "
                     "(prompt, negative_prompt, image_path, seed - random when not given -, save_result_path)",
                     ", ".join(per_video))
