@@ -37,6 +37,7 @@ from lightx2v_engine.checkpoint import candidate_paths
 from lightx2v_engine.config import (TINY_SIZE, ModelConfig, RunConfig, check_model_cls, check_run_config, get_preset,
                                     load_run_config, model_config_from_json, parse_run_config, warn_user,
                                     with_defaults)
+from lightx2v_engine.cuda_graph import _clear_frames
 from lightx2v_engine.dit import WanDiT
 from lightx2v_engine.image import i2v_latent_size, i2v_mask, load_image, prepare_i2v_image
 from lightx2v_engine.loading import DTYPES, build_dit, load_dit
@@ -559,7 +560,6 @@ class Pipeline:
                     setattr(self, name, build())
             except BaseException as e:  # noqa: BLE001 (reported to every rank, then raised)
                 setattr(self, name, None)
-                from lightx2v_engine.cuda_graph import _clear_frames
                 _clear_frames(e)  # (the builder's frames would keep the half-built model alive with the error)
                 if not agree:
                     raise
@@ -580,7 +580,6 @@ class Pipeline:
                 # the error's traceback holds the failed forward's frames (self = this model): kept by a
                 # notebook or a caller, it would keep the model alive past the finally below, and a retry would
                 # build a second one (28 GB at 14B)
-                from lightx2v_engine.cuda_graph import _clear_frames
                 _clear_frames(e)
                 raise
         finally:
@@ -710,8 +709,7 @@ class Pipeline:
             try:
                 return self._denoise(noise, context, neg_context, clip_fea, y, seed, timings, progress, generator)
             except BaseException as e:  # the failed step's activations (GBs at 14B) live in the error's frames:
-                from lightx2v_engine.cuda_graph import _clear_frames  # kept (a notebook's last error), they would
-                _clear_frames(e)  # hold them through a retry
+                _clear_frames(e)  # kept (a notebook's last error), they would hold them through a retry
                 raise
 
     def _denoise(self, noise, context, neg_context, clip_fea, y, seed, timings, progress,
@@ -840,7 +838,7 @@ class Pipeline:
         whether the capture (not the warm-up step) failed, whether out of memory - in the warm-up step or in a
         capture that ended cleanly)). The failed set is unreferenced by then (its pool freed at the next
         _release_graph_memory)."""
-        from lightx2v_engine.cuda_graph import CaptureError, DistillGraphs, _clear_frames
+        from lightx2v_engine.cuda_graph import CaptureError, DistillGraphs
         graphs = failure = None
         try:
             with (timings or Timings()).measure("graph capture", self.device):

@@ -103,7 +103,6 @@ def _max_name(name: str) -> int:
     return 255 - 16 - len(os.fsencode(Path(name).suffix))
 
 
-
 # extension -> ffmpeg muxer; every one takes H.264 yuv420p
 VIDEO_CONTAINERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}
 

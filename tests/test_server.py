@@ -26,6 +26,13 @@ from lightx2v_engine.video import read_mp4
 pytestmark = pytest.mark.usefixtures("torch_ops")
 
 
+def _wait_until(cond, timeout: float = 30.0) -> None:
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, "condition not reached"
+        time.sleep(0.01)
+
+
 class Client:
     def __init__(self, app):
         self.httpd = S.serve(app, "127.0.0.1", 0)
@@ -378,10 +385,7 @@ def test_http_edge_cases(tmp_path, monkeypatch):
         assert c.call("GET", "/v1/files/download/a%00b")[0] == 404
         assert c.call("GET", "/v1/files/download/" + "x" * 5000)[0] == 404
         ids = [c.call("POST", "/v1/tasks/video/", {"prompt": f"p{i}"})[1]["task_id"] for i in range(4)]
-        t0 = time.time()
-        while c.call("GET", "/v1/tasks/queue/status")[1]["active_count"]:
-            assert time.time() - t0 < 60
-            time.sleep(0.05)
+        _wait_until(lambda: not c.call("GET", "/v1/tasks/queue/status")[1]["active_count"], 60)
         listing = c.call("GET", "/v1/tasks/")[1]
         kept = list(listing)
         assert kept == ids[-2:] and all(listing[t]["task_id"] == t for t in kept)
@@ -605,13 +609,6 @@ def test_a_result_path_through_a_file_is_refused_before_the_task_runs(tmp_path):
         assert ran == [tmp_path.resolve() / "new" / "sub" / "clip.mp4"]
     finally:
         c.close(app)
-
-
-def _wait_until(cond, timeout: float = 30.0) -> None:
-    t0 = time.monotonic()
-    while not cond():
-        assert time.monotonic() - t0 < timeout, "condition not reached"
-        time.sleep(0.01)
 
 
 def test_trickled_headers_and_too_many_connections_are_cut(tmp_path, monkeypatch):
@@ -843,10 +840,7 @@ def test_sigterm_while_a_task_runs_exits_cleanly(tmp_path):
                 return json.loads(r.read())
         assert call("GET", "/v1/service/metadata")["nproc_per_node"] == 1
         task = call("POST", "/v1/tasks/video/", {"prompt": "a red fox", "seed": 1})["task_id"]
-        t0 = time.time()
-        while call("GET", f"/v1/tasks/{task}/status")["status"] == "pending":
-            assert time.time() - t0 < 30
-            time.sleep(0.02)
+        _wait_until(lambda: call("GET", f"/v1/tasks/{task}/status")["status"] != "pending")
         time.sleep(1)  # (into the denoising steps: the text encoder is done)
         assert call("GET", f"/v1/tasks/{task}/status")["status"] == "processing"
         proc.send_signal(signal.SIGTERM)
